@@ -1,0 +1,114 @@
+#include "autodiff/gradcheck.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "autodiff/tape.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
+
+namespace mmdit {
+
+std::string GradcheckResult::report() const {
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "%s: %lld elements checked; worst %s%s: analytic %.10g, numeric %.10g, "
+                "|diff| %.3g vs tolerance %.3g",
+                ok ? "ok" : "FAILED", static_cast<long long>(checked), name.c_str(),
+                shape_str(index).c_str(), analytic, numeric, std::abs(analytic - numeric),
+                tolerance);
+  return buf;
+}
+
+namespace {
+
+Shape unravel(int64_t flat, const Shape& shape) {
+  Shape idx(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    idx[d] = shape[d] ? flat % shape[d] : 0;
+    flat = shape[d] ? flat / shape[d] : 0;
+  }
+  return idx;
+}
+
+}  // namespace
+
+GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& wrt,
+                          const GradcheckOptions& options) {
+  for (const auto& [name, t] : wrt)
+    MMDIT_CHECK(t.dtype() == DType::f64 && t.is_contiguous(), "gradcheck: '", name,
+                "' must be a contiguous float64 tensor, got ", dtype_name(t.dtype()), " ",
+                shape_str(t.shape()));
+  Rng rng(options.seed);
+  Tensor cotangent;
+  auto scalar_loss = [&](const Tensor& out) {
+    MMDIT_CHECK(out.dtype() == DType::f64, "gradcheck: f must return float64, got ",
+                dtype_name(out.dtype()));
+    if (!cotangent.defined()) cotangent = rng.normal(out.shape(), DType::f64);
+    return raw::sum(raw::mul(out, cotangent)).item();
+  };
+
+  std::vector<Tensor> analytic;
+  {
+    Tape tape;
+    std::vector<Tensor> leaves;
+    for (const auto& [name, t] : wrt) {
+      tape.watch(t);
+      leaves.push_back(t);
+    }
+    Tensor out = f();
+    scalar_loss(out);
+    analytic = tape.gradient(out, leaves, cotangent);
+  }
+
+  GradcheckResult result;
+  for (size_t k = 0; k < wrt.size(); ++k) {
+    const auto& [name, t] = wrt[k];
+    double* p = t.data<double>();
+    const double* g = analytic[k].data<double>();
+    std::vector<int64_t> elements(t.numel());
+    for (int64_t i = 0; i < t.numel(); ++i) elements[i] = i;
+    if (options.sample >= 0 && options.sample < t.numel()) {
+      for (int64_t i = 0; i < options.sample; ++i)
+        std::swap(elements[i], elements[i + rng.next_u64() % (t.numel() - i)]);
+      elements.resize(options.sample);
+    }
+    for (int64_t i : elements) {
+      const double saved = p[i];
+      p[i] = saved + options.eps;
+      const double plus = scalar_loss(f());
+      p[i] = saved - options.eps;
+      const double minus = scalar_loss(f());
+      p[i] = saved;
+      const double numeric = (plus - minus) / (2 * options.eps);
+      const double tolerance = options.atol + options.rtol * std::abs(numeric);
+      const double diff = std::abs(g[i] - numeric);
+      const double ratio = std::isnan(diff) ? INFINITY : diff / tolerance;
+      ++result.checked;
+      if (ratio > 1) result.ok = false;
+      if (ratio >= result.worst_ratio) {
+        result.worst_ratio = ratio;
+        result.name = name;
+        result.index = unravel(i, t.shape());
+        result.analytic = g[i];
+        result.numeric = numeric;
+        result.tolerance = tolerance;
+      }
+    }
+  }
+  return result;
+}
+
+GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                          const std::vector<Tensor>& inputs, const GradcheckOptions& options) {
+  NamedTensors wrt;
+  std::vector<Tensor> copies;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    copies.push_back(raw::clone(inputs[i]));
+    if (is_floating(inputs[i].dtype())) wrt.insert("input" + std::to_string(i), copies.back());
+  }
+  return gradcheck([&] { return f(copies); }, wrt, options);
+}
+
+}  // namespace mmdit

@@ -1,0 +1,162 @@
+#include "autodiff/tape.h"
+
+#include <atomic>
+
+#include "tensor/ops.h"
+
+namespace mmdit {
+namespace {
+
+thread_local Tape* g_active = nullptr;
+thread_local std::string g_scope;
+std::atomic<uint64_t> g_next_tape_id{1};
+
+}  // namespace
+
+void Backward::set_input_grad(size_t i, const Tensor& g) {
+  const Shape& shape = node_.input_shapes[i];
+  input_grads_[i] = g.shape() == shape ? g : raw::sum_to(g, shape);
+}
+
+Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) { g_active = this; }
+Tape::~Tape() { g_active = previous_; }
+Tape* Tape::active() { return g_active; }
+
+int64_t Tape::slot_of(const Tensor& t) const {
+  return t.defined() && t.impl().tape_id == id_ ? t.impl().tape_slot : -1;
+}
+bool Tape::is_on_tape(const Tensor& t) const { return slot_of(t) >= 0; }
+
+void Tape::watch(const Tensor& t) {
+  MMDIT_CHECK(t.defined(), "Tape::watch: undefined tensor");
+  MMDIT_CHECK(is_floating(t.dtype()), "Tape::watch: only float tensors can be differentiated, got ",
+              dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
+  MMDIT_CHECK(!consumed_, "Tape::watch: this tape's gradient() has already run");
+  if (is_on_tape(t)) return;
+  t.impl().tape_id = id_;
+  t.impl().tape_slot = num_values_++;
+}
+
+Tensor Tape::append(Node node, Tensor out) {
+  MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
+  // A view shares its base's TensorImpl only when an op returns its input unchanged (e.g.
+  // contiguous() of a contiguous tensor); give the result its own handle so slots stay unique.
+  for (int64_t in : node.inputs)
+    if (in >= 0 && slot_of(out) == in) out = make_view(out, out.shape(), out.strides(), out.offset());
+  node.output = num_values_++;
+  node.output_shape = out.shape();
+  node.dtype = out.dtype();
+  out.impl().tape_id = id_;
+  out.impl().tape_slot = node.output;
+  nodes_.push_back(std::move(node));
+  return out;
+}
+
+size_t Tape::saved_bytes() const {
+  size_t total = 0;
+  for (const Node& n : nodes_) total += n.saved_bytes;
+  return total;
+}
+
+std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,
+                                   const Tensor& cotangent) {
+  MMDIT_CHECK(!consumed_, "gradient: this tape has already been used; record a new one");
+  MMDIT_CHECK(y.defined(), "gradient: the output is an undefined tensor");
+  MMDIT_CHECK(is_floating(y.dtype()), "gradient: the output must be float, got ",
+              dtype_name(y.dtype()));
+  if (cotangent.defined()) {
+    MMDIT_CHECK(cotangent.shape() == y.shape() && cotangent.dtype() == y.dtype(),
+                "gradient: cotangent ", shape_str(cotangent.shape()), " ",
+                dtype_name(cotangent.dtype()), " does not match the output ",
+                shape_str(y.shape()), " ", dtype_name(y.dtype()));
+  } else {
+    MMDIT_CHECK(y.numel() == 1, "gradient: the output has shape ", shape_str(y.shape()),
+                "; a non-scalar output needs a cotangent");
+  }
+  for (size_t i = 0; i < wrt.size(); ++i)
+    MMDIT_CHECK(is_on_tape(wrt[i]), "gradient: input ", i, " (shape ",
+                shape_str(wrt[i].shape()), ") was neither watched nor computed on this tape");
+  consumed_ = true;
+
+  // Only slots between a wrt tensor and y need gradients.
+  std::vector<bool> needed(num_values_, false);
+  for (const Tensor& w : wrt) needed[slot_of(w)] = true;
+  for (const Node& n : nodes_)
+    for (int64_t in : n.inputs)
+      if (in >= 0 && needed[in]) needed[n.output] = true;
+
+  std::vector<Tensor> grads(num_values_);
+  const int64_t y_slot = slot_of(y);
+  if (y_slot >= 0)
+    grads[y_slot] = cotangent.defined() ? cotangent : full(y.shape(), 1.0, y.dtype());
+  std::vector<bool> keep(num_values_, false);
+  for (const Tensor& w : wrt) keep[slot_of(w)] = true;
+
+  for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) {
+    Node& node = *it;
+    Tensor g = std::move(grads[node.output]);
+    if (keep[node.output]) grads[node.output] = g;
+    std::vector<bool> needs(node.inputs.size());
+    bool any = false;
+    for (size_t i = 0; i < node.inputs.size(); ++i)
+      any |= needs[i] = node.inputs[i] >= 0 && needed[node.inputs[i]];
+    if (g.defined() && any) {
+      Backward ctx(node, g, needs);
+      node.backward(ctx);
+      for (size_t i = 0; i < node.inputs.size(); ++i) {
+        Tensor& gi = ctx.input_grads()[i];
+        if (!gi.defined()) continue;
+        Tensor& acc = grads[node.inputs[i]];
+        acc = acc.defined() ? raw::add(acc, gi) : gi;
+      }
+    }
+    node.saved.clear();
+    node.saved.shrink_to_fit();
+    node.saved_bytes = 0;
+    node.backward = nullptr;
+  }
+
+  std::vector<Tensor> out;
+  for (const Tensor& w : wrt) {
+    Tensor& g = grads[slot_of(w)];
+    out.push_back(g.defined() ? raw::contiguous(g) : zeros(w.shape(), w.dtype()));
+  }
+  return out;
+}
+
+NameScope::NameScope(const std::string& name) : previous_length_(g_scope.size()) {
+  if (!g_scope.empty()) g_scope += '.';
+  g_scope += name;
+}
+NameScope::~NameScope() { g_scope.resize(previous_length_); }
+const std::string& NameScope::current() { return g_scope; }
+
+namespace detail {
+
+bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs) {
+  for (const Tensor& t : inputs)
+    if (tape.is_on_tape(t)) return true;
+  return false;
+}
+
+Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
+               std::span<const Tensor> saved, BackwardFn backward) {
+  Node node;
+  node.op = op;
+  for (const Tensor& t : inputs) {
+    node.inputs.push_back(tape.slot_of(t));
+    node.input_shapes.push_back(t.shape());
+  }
+  node.saved.assign(saved.begin(), saved.end());
+  for (const Tensor& t : saved)
+    if (t.defined()) node.saved_bytes += t.nbytes();
+  node.backward = std::move(backward);
+  node.scope = NameScope::current();
+  return node;
+}
+
+}  // namespace detail
+
+Tensor stop_gradient(const Tensor& x) { return make_view(x, x.shape(), x.strides(), x.offset()); }
+
+}  // namespace mmdit

@@ -1,0 +1,142 @@
+// Tape-based reverse-mode autodiff.
+//
+// A Tape, while alive, is the active tape of its thread. Every differentiable op (autodiff/ops.h)
+// computes its result with the raw kernels and then asks record() to append a Node, but only if
+// one of its inputs is on the active tape: a tensor the user watched, or the result of an op
+// that was itself recorded. With no tape, or no watched input, nothing is recorded and
+// inference pays nothing.
+//
+// Tape::gradient walks the nodes backwards once, calling each node's backward function, which
+// sits next to its forward in ops.cc.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tensor/named_tensors.h"
+#include "tensor/tensor.h"
+
+namespace mmdit {
+
+class Backward;
+using BackwardFn = std::function<void(Backward&)>;
+
+struct Node {
+  const char* op;
+  std::vector<int64_t> inputs;  // value slot of each input; -1 for a constant
+  std::vector<Shape> input_shapes;
+  int64_t output;               // value slot of the result
+  Shape output_shape;
+  DType dtype;
+  std::vector<Tensor> saved;    // what backward reads; released as soon as it has run
+  size_t saved_bytes = 0;
+  BackwardFn backward;
+  std::string scope;            // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"
+};
+
+// What a node's backward function sees: the gradient of its output, the tensors it saved, and
+// where to put the gradient of each input.
+class Backward {
+ public:
+  Backward(const Node& node, const Tensor& grad, const std::vector<bool>& needs)
+      : grad(grad), saved(node.saved), node_(node), needs_(needs), input_grads_(needs.size()) {}
+
+  const Tensor& grad;
+  const std::vector<Tensor>& saved;
+
+  bool needs(size_t input) const { return needs_[input]; }
+  // Sets the gradient of input i to compute() — called only if that input needs one — summed
+  // down to the input's shape, which is the adjoint of broadcasting.
+  template <class Compute>
+  void input(size_t i, Compute&& compute) {
+    if (needs_[i]) set_input_grad(i, compute());
+  }
+  std::vector<Tensor>& input_grads() { return input_grads_; }
+
+ private:
+  void set_input_grad(size_t i, const Tensor& g);
+  const Node& node_;
+  const std::vector<bool>& needs_;
+  std::vector<Tensor> input_grads_;
+};
+
+class Tape {
+ public:
+  Tape();   // becomes this thread's active tape (tapes nest)
+  ~Tape();  // the previous tape becomes active again
+  Tape(const Tape&) = delete;
+  Tape& operator=(const Tape&) = delete;
+
+  static Tape* active();
+
+  // Makes t a leaf of this tape: ops that use it are recorded.
+  void watch(const Tensor& t);
+  bool is_on_tape(const Tensor& t) const;
+
+  // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Tensors on the tape
+  // that y does not depend on get zeros. Consumes the tape: saved tensors are released as
+  // backward goes, so gradient() can run once.
+  std::vector<Tensor> gradient(const Tensor& y, const std::vector<Tensor>& wrt,
+                               const Tensor& cotangent = Tensor());
+
+  const std::vector<Node>& nodes() const { return nodes_; }
+  int64_t num_values() const { return num_values_; }
+  size_t saved_bytes() const;  // held now, for backward
+
+  // Used by record(): appends a node and gives `out` its slot.
+  Tensor append(Node node, Tensor out);
+  int64_t slot_of(const Tensor& t) const;
+
+ private:
+  uint64_t id_;
+  Tape* previous_;
+  int64_t num_values_ = 0;
+  std::vector<Node> nodes_;
+  std::vector<Shape> leaf_shapes_;
+  bool consumed_ = false;
+};
+
+// Names the ops recorded while it is alive (nested scopes join with '.'), so that printed
+// tapes, profiles and anomaly reports say which part of the model an op belongs to.
+class NameScope {
+ public:
+  explicit NameScope(const std::string& name);
+  ~NameScope();
+  static const std::string& current();
+
+ private:
+  size_t previous_length_;
+};
+
+namespace detail {
+bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs);
+Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
+               std::span<const Tensor> saved, BackwardFn backward);
+}  // namespace detail
+
+// Appends the node for `out = op(inputs)` to the active tape if any input is on it, and returns
+// `out` (now with a slot). `saved` are the tensors `backward` will read. Without a tape nothing
+// is allocated: the backward closure is only wrapped when it is kept.
+template <class F>
+Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
+              std::span<const Tensor> saved, F&& backward) {
+  Tape* tape = Tape::active();
+  if (!tape || !detail::any_on_tape(*tape, inputs)) return out;
+  return tape->append(
+      detail::make_node(op, *tape, inputs, saved, BackwardFn(std::forward<F>(backward))),
+      std::move(out));
+}
+template <class F>
+Tensor record(const char* op, Tensor out, std::initializer_list<Tensor> inputs,
+              std::initializer_list<Tensor> saved, F&& backward) {
+  return record(op, std::move(out), std::span<const Tensor>(inputs.begin(), inputs.size()),
+                std::span<const Tensor>(saved.begin(), saved.size()), std::forward<F>(backward));
+}
+
+// A view of x that is never recorded: gradients do not flow through it.
+Tensor stop_gradient(const Tensor& x);
+
+}  // namespace mmdit

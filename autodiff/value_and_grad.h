@@ -1,0 +1,62 @@
+// value_and_grad: the C++ counterpart of eqx.filter_value_and_grad.
+//
+//   auto [loss, grads] = value_and_grad(loss_fn)(model, batch...);
+//
+// loss_fn(model, batch...) returns a scalar Tensor. grads holds one tensor per trainable
+// parameter, under the parameter's name and with its shape. As Equinox partitions a model with
+// is_inexact_array, only float parameters are differentiated: frozen buffers (not returned by
+// named_parameters()), bool tensors and non-tensor fields get no gradient.
+#pragma once
+
+#include <type_traits>
+#include <utility>
+
+#include "autodiff/tape.h"
+
+namespace mmdit {
+
+// The trainable tensors of `model`: its named_parameters() (an nn::Module), the float entries
+// of a NamedTensors, or a single Tensor (named "").
+template <class Model>
+NamedTensors trainable_parameters(Model& model) {
+  NamedTensors candidates;
+  if constexpr (requires { model.named_parameters(); }) {
+    candidates = model.named_parameters();
+  } else if constexpr (std::is_same_v<std::remove_cv_t<Model>, NamedTensors>) {
+    candidates = model;
+  } else {
+    static_assert(std::is_same_v<std::remove_cv_t<Model>, Tensor>,
+                  "value_and_grad: the model must have named_parameters(), or be NamedTensors "
+                  "or a Tensor");
+    candidates.insert("", model);
+  }
+  NamedTensors params;
+  for (const auto& [name, t] : candidates)
+    if (t.defined() && is_floating(t.dtype())) params.insert(name, t);
+  return params;
+}
+
+struct ValueAndGrad {
+  Tensor value;
+  NamedTensors grads;
+};
+
+template <class F>
+auto value_and_grad(F loss_fn) {
+  return [loss_fn](auto& model, auto&&... args) -> ValueAndGrad {
+    const NamedTensors params = trainable_parameters(model);
+    Tape tape;
+    std::vector<Tensor> leaves;
+    for (const auto& [name, t] : params) {
+      tape.watch(t);
+      leaves.push_back(t);
+    }
+    Tensor value = loss_fn(model, std::forward<decltype(args)>(args)...);
+    std::vector<Tensor> grads = tape.gradient(value, leaves);
+    ValueAndGrad result{stop_gradient(value), {}};
+    for (size_t i = 0; i < leaves.size(); ++i) result.grads.insert(params[i].first, grads[i]);
+    return result;
+  };
+}
+
+}  // namespace mmdit

@@ -1,0 +1,120 @@
+// Matrix products through OpenBLAS. A transposed view is handed to gemm as a transpose flag with
+// its leading dimension; only layouts gemm cannot express are copied.
+#include <cblas.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "tensor/ops.h"
+#include "tensor/parallel.h"
+
+namespace mmdit::raw {
+namespace {
+
+struct GemmOperand {
+  bool transposed;
+  int64_t ld;
+};
+
+// How gemm can read a rows x cols matrix with these strides, if it can.
+std::optional<GemmOperand> gemm_layout(int64_t rows, int64_t cols, int64_t row_stride,
+                                       int64_t col_stride) {
+  if ((col_stride == 1 || cols == 1) && (row_stride >= std::max<int64_t>(cols, 1) || rows == 1))
+    return GemmOperand{false, rows == 1 ? std::max<int64_t>(cols, 1) : row_stride};
+  if ((row_stride == 1 || rows == 1) && (col_stride >= std::max<int64_t>(rows, 1) || cols == 1))
+    return GemmOperand{true, cols == 1 ? std::max<int64_t>(rows, 1) : col_stride};
+  return std::nullopt;
+}
+
+std::optional<GemmOperand> gemm_layout(const Tensor& t) {
+  const int64_t n = t.dim();
+  return gemm_layout(t.shape()[n - 2], t.shape()[n - 1], t.strides()[n - 2], t.strides()[n - 1]);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+              k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+}
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double* c, int64_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+              k, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+}
+
+// When b is one matrix shared by the whole batch and a is contiguous, the batched product is a
+// single large gemm: (batch*M, K) @ (K, N).
+bool folds_into_one_gemm(const Tensor& a, const Tensor& b) {
+  for (int64_t i = 0; i < b.dim() - 2; ++i)
+    if (b.strides()[i] != 0 && b.shape()[i] != 1) return false;
+  return a.is_contiguous();
+}
+
+template <class T>
+void matmul_typed(Tensor a, Tensor b, const Tensor& out, const Shape& batch) {
+  const int64_t M = a.shape()[a.dim() - 2], K = a.shape()[a.dim() - 1];
+  const int64_t N = b.shape()[b.dim() - 1];
+  Shape a_shape = batch, b_shape = batch;
+  a_shape.insert(a_shape.end(), {M, K});
+  b_shape.insert(b_shape.end(), {K, N});
+  a = broadcast_to(a, a_shape);
+  b = broadcast_to(b, b_shape);
+  if (!gemm_layout(a)) a = broadcast_to(contiguous(a), a_shape);
+  if (!gemm_layout(b)) b = broadcast_to(contiguous(b), b_shape);
+  const GemmOperand la = *gemm_layout(a), lb = *gemm_layout(b);
+  T* c = out.data<T>();
+  if (K == 0) {
+    std::fill_n(c, out.numel(), T(0));
+    return;
+  }
+  const int64_t batches = shape_numel(batch);
+  if (batches > 1 && folds_into_one_gemm(a, b)) {
+    gemm(false, lb.transposed, batches * M, N, K, a.data<T>(), K, b.data<T>(), lb.ld, c, N);
+    return;
+  }
+  const int64_t nb = static_cast<int64_t>(batch.size());
+  auto offset = [&](const Tensor& t, int64_t index) {
+    int64_t off = 0;
+    for (int64_t d = nb - 1; d >= 0; --d) {
+      off += (index % batch[d]) * t.strides()[d];
+      index /= batch[d];
+    }
+    return off;
+  };
+  const T* pa = a.data<T>();
+  const T* pb = b.data<T>();
+  auto one = [&](int64_t i) {
+    gemm(la.transposed, lb.transposed, M, N, K, pa + offset(a, i), la.ld, pb + offset(b, i),
+         lb.ld, c + i * M * N, N);
+  };
+  // Many small products (attention heads) parallelise better over the batch, each gemm on one
+  // thread, than inside each gemm; big ones are left to OpenBLAS's threads.
+  if (M * N * K < 128 * 128 * 128) parallel_for(batches, 2 * M * N * K, one);
+  else
+    for (int64_t i = 0; i < batches; ++i) one(i);
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  MMDIT_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul: shapes ", shape_str(a.shape()), " and ",
+              shape_str(b.shape()), " are incompatible (both need at least 2 dimensions)");
+  MMDIT_CHECK(is_floating(a.dtype()) && a.dtype() == b.dtype(), "matmul: dtypes ",
+              dtype_name(a.dtype()), " and ", dtype_name(b.dtype()),
+              " are not the same float type");
+  const int64_t M = a.shape()[a.dim() - 2], K = a.shape()[a.dim() - 1];
+  const int64_t K2 = b.shape()[b.dim() - 2], N = b.shape()[b.dim() - 1];
+  MMDIT_CHECK(K == K2, "matmul: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+              " are incompatible");
+  Shape batch = broadcast_shapes(Shape(a.shape().begin(), a.shape().end() - 2),
+                                 Shape(b.shape().begin(), b.shape().end() - 2), "matmul");
+  Shape out_shape = batch;
+  out_shape.insert(out_shape.end(), {M, N});
+  Tensor out = empty(out_shape, a.dtype());
+  if (out.numel() == 0) return out;
+  if (a.dtype() == DType::f32) matmul_typed<float>(a, b, out, batch);
+  else matmul_typed<double>(a, b, out, batch);
+  return out;
+}
+
+}  // namespace mmdit::raw

@@ -1,0 +1,71 @@
+// The raw tensor operations: compute, never record. autodiff/ops.h wraps each differentiable
+// one with its backward; use those in model code.
+#pragma once
+
+#include <vector>
+
+#include "tensor/tensor.h"
+
+namespace mmdit::raw {
+
+// ---- views (no copy) ----
+Tensor reshape(const Tensor& t, Shape shape);  // one -1 allowed; copies only if no view exists
+Tensor permute(const Tensor& t, const std::vector<int64_t>& axes);
+Tensor transpose(const Tensor& t, int64_t a, int64_t b);
+// Python-style slice of one axis: negative start/end count from the end and are clamped.
+Tensor slice(const Tensor& t, int64_t axis, int64_t start, int64_t end, int64_t step = 1);
+Tensor narrow(const Tensor& t, int64_t axis, int64_t start, int64_t length);
+Tensor squeeze(const Tensor& t, int64_t axis);
+Tensor unsqueeze(const Tensor& t, int64_t axis);
+Tensor broadcast_to(const Tensor& t, const Shape& shape);
+
+// ---- copies and conversion ----
+Tensor contiguous(const Tensor& t);  // returns t itself when already contiguous
+Tensor clone(const Tensor& t);       // always a fresh contiguous copy
+Tensor to_dtype(const Tensor& t, DType dtype);
+void copy_into(const Tensor& dst, const Tensor& src);  // src broadcast to dst's shape
+void fill(const Tensor& dst, double value);
+
+Tensor concat(const std::vector<Tensor>& parts, int64_t axis);
+std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, int64_t axis);
+Tensor stack(const std::vector<Tensor>& parts, int64_t axis);
+
+Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);
+
+// ---- elementwise, NumPy broadcasting ----
+enum class BinaryOp { add, sub, mul, div, maximum, minimum };
+enum class UnaryOp { neg, exp, log, sqrt, rsqrt, square, abs, tanh, sigmoid, silu, sin, cos };
+enum class CompareOp { eq, ne, lt, le, gt, ge };
+
+Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b);
+Tensor unary(UnaryOp op, const Tensor& x);
+Tensor compare(CompareOp op, const Tensor& a, const Tensor& b);  // bool result
+
+inline Tensor add(const Tensor& a, const Tensor& b) { return binary(BinaryOp::add, a, b); }
+inline Tensor sub(const Tensor& a, const Tensor& b) { return binary(BinaryOp::sub, a, b); }
+inline Tensor mul(const Tensor& a, const Tensor& b) { return binary(BinaryOp::mul, a, b); }
+inline Tensor div(const Tensor& a, const Tensor& b) { return binary(BinaryOp::div, a, b); }
+Tensor add_scalar(const Tensor& x, double s);
+Tensor mul_scalar(const Tensor& x, double s);
+Tensor pow_scalar(const Tensor& x, double p);
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+Tensor logical_not(const Tensor& x);
+Tensor logical_and(const Tensor& a, const Tensor& b);
+
+// ---- reductions over any axes (empty = all) ----
+Tensor sum(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
+Tensor mean(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
+Tensor max(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
+Tensor var(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);  // biased
+// Sums `g` down to `shape`: the adjoint of broadcast_to(., g.shape()).
+Tensor sum_to(const Tensor& g, const Shape& shape);
+
+Tensor softmax(const Tensor& x, int64_t axis);
+Tensor log_softmax(const Tensor& x, int64_t axis);
+
+// ---- matrix products through OpenBLAS ----
+// (..., M, K) @ (..., K, N) -> (..., M, N); leading dims broadcast. Transposed views are passed
+// to gemm as transpose flags, not copied.
+Tensor matmul(const Tensor& a, const Tensor& b);
+
+}  // namespace mmdit::raw

@@ -1,0 +1,24 @@
+// One threading model for the whole program: OpenMP, the same runtime OpenBLAS's OpenMP build
+// uses, so our kernels and gemm share one pool of threads and never oversubscribe the cores.
+#pragma once
+
+#include <cstdint>
+
+namespace mmdit {
+
+// Threads our kernels and OpenBLAS use (OMP_NUM_THREADS by default).
+int num_threads();
+void set_num_threads(int n);
+
+// Work below this many element-operations runs on the calling thread: forking costs ~1-2 us.
+inline constexpr int64_t kParallelGrain = 32768;
+
+// Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
+template <class Fn>
+void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
+  const bool parallel = n > 1 && n * cost_per_item >= 2 * kParallelGrain;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+}  // namespace mmdit

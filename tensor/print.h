@@ -1,0 +1,14 @@
+#pragma once
+
+#include <ostream>
+#include <string>
+
+#include "tensor/tensor.h"
+
+namespace mmdit {
+
+// NumPy-like text: values with nested brackets (elided past 1000 elements), then dtype and shape.
+std::string to_string(const Tensor& t);
+std::ostream& operator<<(std::ostream& os, const Tensor& t);
+
+}  // namespace mmdit

@@ -1,0 +1,349 @@
+// Highway kernels. This file is compiled once per SIMD target through foreach_target.h; the
+// HWY_ONCE part at the end holds the dispatching entry points declared in simd.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tensor/simd.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "tensor/simd.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace mmdit::simd {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using raw::BinaryOp;
+using raw::UnaryOp;
+
+template <class D>
+using V = hn::Vec<D>;
+
+// Keeps NaN inputs NaN in lanes where a clamped evaluation would have hidden them.
+template <class D>
+HWY_INLINE V<D> KeepNaN(D, V<D> x, V<D> r) {
+  return hn::IfThenElse(hn::Ne(x, x), x, r);
+}
+
+// exp over the whole real line (Highway's Exp is valid up to +104 / +706 only).
+template <class D>
+HWY_INLINE V<D> SafeExp(D d, V<D> x) {
+  using T = hn::TFromD<D>;
+  const T hi = sizeof(T) == 4 ? T(88.7) : T(709.7);
+  const auto inf = hn::Set(d, std::numeric_limits<T>::infinity());
+  V<D> r = hn::Exp(d, hn::Min(x, hn::Set(d, hi)));
+  r = hn::IfThenElse(hn::Gt(x, hn::Set(d, hi)), inf, r);
+  return KeepNaN(d, x, r);
+}
+
+template <class D>
+HWY_INLINE V<D> SafeLog(D d, V<D> x) {
+  using T = hn::TFromD<D>;
+  const auto zero = hn::Zero(d);
+  V<D> r = hn::Log(d, x);
+  r = hn::IfThenElse(hn::Eq(x, zero), hn::Set(d, -std::numeric_limits<T>::infinity()), r);
+  r = hn::IfThenElse(hn::Lt(x, zero), hn::Set(d, std::numeric_limits<T>::quiet_NaN()), r);
+  r = hn::IfThenElse(hn::Eq(x, hn::Set(d, std::numeric_limits<T>::infinity())), x, r);
+  return KeepNaN(d, x, r);
+}
+
+template <class D>
+HWY_INLINE V<D> Sigmoid(D d, V<D> x) {
+  const auto one = hn::Set(d, hn::TFromD<D>(1));
+  return hn::Div(one, hn::Add(one, SafeExp(d, hn::Neg(x))));
+}
+
+template <UnaryOp OP, class D>
+HWY_INLINE V<D> Unary1(D d, V<D> x) {
+  using T = hn::TFromD<D>;
+  if constexpr (OP == UnaryOp::neg) return hn::Neg(x);
+  if constexpr (OP == UnaryOp::exp) return SafeExp(d, x);
+  if constexpr (OP == UnaryOp::log) return SafeLog(d, x);
+  if constexpr (OP == UnaryOp::sqrt) return hn::Sqrt(x);
+  if constexpr (OP == UnaryOp::rsqrt) return hn::Div(hn::Set(d, T(1)), hn::Sqrt(x));
+  if constexpr (OP == UnaryOp::square) return hn::Mul(x, x);
+  if constexpr (OP == UnaryOp::abs) return hn::Abs(x);
+  if constexpr (OP == UnaryOp::tanh) return hn::Tanh(d, x);
+  if constexpr (OP == UnaryOp::sigmoid) return Sigmoid(d, x);
+  if constexpr (OP == UnaryOp::silu) return hn::Mul(x, Sigmoid(d, x));
+  if constexpr (OP == UnaryOp::sin) return hn::Sin(d, x);
+  if constexpr (OP == UnaryOp::cos) return hn::Cos(d, x);
+}
+
+template <BinaryOp OP, class D>
+HWY_INLINE V<D> Binary1(D, V<D> a, V<D> b) {
+  if constexpr (OP == BinaryOp::add) return hn::Add(a, b);
+  if constexpr (OP == BinaryOp::sub) return hn::Sub(a, b);
+  if constexpr (OP == BinaryOp::mul) return hn::Mul(a, b);
+  if constexpr (OP == BinaryOp::div) return hn::Div(a, b);
+  if constexpr (OP == BinaryOp::maximum) return hn::Max(a, b);
+  if constexpr (OP == BinaryOp::minimum) return hn::Min(a, b);
+}
+
+// Applies `body(vector) -> vector` to n contiguous elements; the tail goes through a zero-padded
+// buffer so every element gets the same vector arithmetic.
+template <class T, class Body>
+HWY_INLINE void MapContiguous(const T* x, T* out, int64_t n, Body body) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) hn::StoreU(body(d, hn::LoadU(d, x + i)), d, out + i);
+  if (i < n) {
+    HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)] = {};
+    std::copy(x + i, x + n, buf);
+    hn::Store(body(d, hn::Load(d, buf)), d, buf);
+    std::copy(buf, buf + (n - i), out + i);
+  }
+}
+
+template <UnaryOp OP, class T>
+void UnaryLoop(const T* x, T* out, int64_t n) {
+  MapContiguous(x, out, n, [](auto d, auto v) { return Unary1<OP>(d, v); });
+}
+
+template <class T>
+void UnaryImpl(UnaryOp op, const T* x, T* out, int64_t n) {
+  switch (op) {
+#define MMDIT_UNARY_CASE(name) \
+  case UnaryOp::name: return UnaryLoop<UnaryOp::name>(x, out, n);
+    MMDIT_UNARY_CASE(neg)
+    MMDIT_UNARY_CASE(exp)
+    MMDIT_UNARY_CASE(log)
+    MMDIT_UNARY_CASE(sqrt)
+    MMDIT_UNARY_CASE(rsqrt)
+    MMDIT_UNARY_CASE(square)
+    MMDIT_UNARY_CASE(abs)
+    MMDIT_UNARY_CASE(tanh)
+    MMDIT_UNARY_CASE(sigmoid)
+    MMDIT_UNARY_CASE(silu)
+    MMDIT_UNARY_CASE(sin)
+    MMDIT_UNARY_CASE(cos)
+#undef MMDIT_UNARY_CASE
+  }
+}
+
+template <BinaryOp OP, class T>
+void BinaryLoop(const T* a, int64_t a_step, const T* b, int64_t b_step, T* out, int64_t n) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto load = [&](const T* p, int64_t step, int64_t i) {
+    return step ? hn::LoadU(d, p + i) : hn::Set(d, p[0]);
+  };
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    hn::StoreU(Binary1<OP>(d, load(a, a_step, i), load(b, b_step, i)), d, out + i);
+  if (i < n) {
+    HWY_ALIGN T bufa[HWY_MAX_BYTES / sizeof(T)] = {};
+    HWY_ALIGN T bufb[HWY_MAX_BYTES / sizeof(T)] = {};
+    for (int64_t j = i; j < n; ++j) {
+      bufa[j - i] = a[j * a_step];
+      bufb[j - i] = b[j * b_step];
+    }
+    hn::Store(Binary1<OP>(d, hn::Load(d, bufa), hn::Load(d, bufb)), d, bufa);
+    std::copy(bufa, bufa + (n - i), out + i);
+  }
+}
+
+template <class T>
+void BinaryImpl(BinaryOp op, const T* a, int64_t as, const T* b, int64_t bs, T* out, int64_t n) {
+  switch (op) {
+    case BinaryOp::add: return BinaryLoop<BinaryOp::add>(a, as, b, bs, out, n);
+    case BinaryOp::sub: return BinaryLoop<BinaryOp::sub>(a, as, b, bs, out, n);
+    case BinaryOp::mul: return BinaryLoop<BinaryOp::mul>(a, as, b, bs, out, n);
+    case BinaryOp::div: return BinaryLoop<BinaryOp::div>(a, as, b, bs, out, n);
+    case BinaryOp::maximum: return BinaryLoop<BinaryOp::maximum>(a, as, b, bs, out, n);
+    case BinaryOp::minimum: return BinaryLoop<BinaryOp::minimum>(a, as, b, bs, out, n);
+  }
+}
+
+template <class T>
+void ScaleShiftImpl(const T* x, T scale, T shift, T* out, int64_t n) {
+  MapContiguous(x, out, n, [scale, shift](auto d, auto v) {
+    return hn::MulAdd(v, hn::Set(d, scale), hn::Set(d, shift));
+  });
+}
+
+template <class T>
+void AxpyImpl(T scale, const T* x, T* out, int64_t n) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  const auto s = hn::Set(d, scale);
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    hn::StoreU(hn::MulAdd(hn::LoadU(d, x + i), s, hn::LoadU(d, out + i)), d, out + i);
+  for (; i < n; ++i) out[i] += scale * x[i];
+}
+
+// Sum of f(x[i]) with four independent accumulators (latency hiding, and a pairwise-like
+// accuracy gain over one running sum).
+template <class T, class F>
+HWY_INLINE T SumMapped(const T* x, int64_t n, F f) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 4 * lanes <= n; i += 4 * lanes) {
+    s0 = hn::Add(s0, f(d, hn::LoadU(d, x + i)));
+    s1 = hn::Add(s1, f(d, hn::LoadU(d, x + i + lanes)));
+    s2 = hn::Add(s2, f(d, hn::LoadU(d, x + i + 2 * lanes)));
+    s3 = hn::Add(s3, f(d, hn::LoadU(d, x + i + 3 * lanes)));
+  }
+  for (; i + lanes <= n; i += lanes) s0 = hn::Add(s0, f(d, hn::LoadU(d, x + i)));
+  if (i < n) {
+    HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)] = {};
+    std::copy(x + i, x + n, buf);
+    const auto valid = hn::FirstN(d, static_cast<size_t>(n - i));
+    s1 = hn::Add(s1, hn::IfThenElseZero(valid, f(d, hn::Load(d, buf))));
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
+}
+
+template <class T>
+T SumImpl(const T* x, int64_t n) {
+  return SumMapped(x, n, [](auto, auto v) { return v; });
+}
+
+template <class T>
+T SumSquaredDeviationImpl(const T* x, T mean, int64_t n) {
+  return SumMapped(x, n, [mean](auto d, auto v) {
+    auto c = hn::Sub(v, hn::Set(d, mean));
+    return hn::Mul(c, c);
+  });
+}
+
+template <class T>
+T MaxImpl(const T* x, int64_t n) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto m = hn::Set(d, -std::numeric_limits<T>::infinity());
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) m = hn::Max(m, hn::LoadU(d, x + i));
+  T result = hn::GetLane(hn::MaxOfLanes(d, m));
+  for (; i < n; ++i) result = std::max(result, x[i]);
+  return result;
+}
+
+template <class T>
+void SoftmaxImpl(const T* x, T* out, int64_t n) {
+  const T m = MaxImpl(x, n);
+  MapContiguous(x, out, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
+  const T inv = T(1) / SumImpl(out, n);
+  MapContiguous(out, out, n, [inv](auto d, auto v) { return hn::Mul(v, hn::Set(d, inv)); });
+}
+
+template <class T>
+void LogSoftmaxImpl(const T* x, T* out, int64_t n) {
+  const T m = MaxImpl(x, n);
+  const T s = SumMapped(x, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
+  const T shift = m + std::log(s);
+  MapContiguous(x, out, n, [shift](auto d, auto v) { return hn::Sub(v, hn::Set(d, shift)); });
+}
+
+void BinaryF32(BinaryOp op, const float* a, int64_t as, const float* b, int64_t bs, float* out,
+               int64_t n) {
+  BinaryImpl(op, a, as, b, bs, out, n);
+}
+void BinaryF64(BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs,
+               double* out, int64_t n) {
+  BinaryImpl(op, a, as, b, bs, out, n);
+}
+void UnaryF32(UnaryOp op, const float* x, float* out, int64_t n) { UnaryImpl(op, x, out, n); }
+void UnaryF64(UnaryOp op, const double* x, double* out, int64_t n) { UnaryImpl(op, x, out, n); }
+void ScaleShiftF32(const float* x, float s, float b, float* out, int64_t n) {
+  ScaleShiftImpl(x, s, b, out, n);
+}
+void ScaleShiftF64(const double* x, double s, double b, double* out, int64_t n) {
+  ScaleShiftImpl(x, s, b, out, n);
+}
+float SumF32(const float* x, int64_t n) { return SumImpl(x, n); }
+double SumF64(const double* x, int64_t n) { return SumImpl(x, n); }
+float MaxF32(const float* x, int64_t n) { return MaxImpl(x, n); }
+double MaxF64(const double* x, int64_t n) { return MaxImpl(x, n); }
+float SsdF32(const float* x, float m, int64_t n) { return SumSquaredDeviationImpl(x, m, n); }
+double SsdF64(const double* x, double m, int64_t n) { return SumSquaredDeviationImpl(x, m, n); }
+void SoftmaxF32(const float* x, float* out, int64_t n) { SoftmaxImpl(x, out, n); }
+void SoftmaxF64(const double* x, double* out, int64_t n) { SoftmaxImpl(x, out, n); }
+void LogSoftmaxF32(const float* x, float* out, int64_t n) { LogSoftmaxImpl(x, out, n); }
+void LogSoftmaxF64(const double* x, double* out, int64_t n) { LogSoftmaxImpl(x, out, n); }
+void AxpyF32(float s, const float* x, float* out, int64_t n) { AxpyImpl(s, x, out, n); }
+void AxpyF64(double s, const double* x, double* out, int64_t n) { AxpyImpl(s, x, out, n); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mmdit::simd
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mmdit::simd {
+
+HWY_EXPORT(BinaryF32);
+HWY_EXPORT(BinaryF64);
+HWY_EXPORT(UnaryF32);
+HWY_EXPORT(UnaryF64);
+HWY_EXPORT(ScaleShiftF32);
+HWY_EXPORT(ScaleShiftF64);
+HWY_EXPORT(SumF32);
+HWY_EXPORT(SumF64);
+HWY_EXPORT(MaxF32);
+HWY_EXPORT(MaxF64);
+HWY_EXPORT(SsdF32);
+HWY_EXPORT(SsdF64);
+HWY_EXPORT(SoftmaxF32);
+HWY_EXPORT(SoftmaxF64);
+HWY_EXPORT(LogSoftmaxF32);
+HWY_EXPORT(LogSoftmaxF64);
+HWY_EXPORT(AxpyF32);
+HWY_EXPORT(AxpyF64);
+
+void binary(raw::BinaryOp op, const float* a, int64_t as, const float* b, int64_t bs, float* out,
+            int64_t n) {
+  HWY_DYNAMIC_DISPATCH(BinaryF32)(op, a, as, b, bs, out, n);
+}
+void binary(raw::BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs,
+            double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(BinaryF64)(op, a, as, b, bs, out, n);
+}
+void unary(raw::UnaryOp op, const float* x, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(UnaryF32)(op, x, out, n);
+}
+void unary(raw::UnaryOp op, const double* x, double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(UnaryF64)(op, x, out, n);
+}
+void scale_shift(const float* x, float s, float b, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(ScaleShiftF32)(x, s, b, out, n);
+}
+void scale_shift(const double* x, double s, double b, double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(ScaleShiftF64)(x, s, b, out, n);
+}
+float sum(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumF32)(x, n); }
+double sum(const double* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumF64)(x, n); }
+float max(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxF32)(x, n); }
+double max(const double* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxF64)(x, n); }
+float sum_squared_deviation(const float* x, float m, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(SsdF32)(x, m, n);
+}
+double sum_squared_deviation(const double* x, double m, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(SsdF64)(x, m, n);
+}
+void softmax(const float* x, float* out, int64_t n) { HWY_DYNAMIC_DISPATCH(SoftmaxF32)(x, out, n); }
+void softmax(const double* x, double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(SoftmaxF64)(x, out, n);
+}
+void log_softmax(const float* x, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(LogSoftmaxF32)(x, out, n);
+}
+void log_softmax(const double* x, double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(LogSoftmaxF64)(x, out, n);
+}
+void axpy(float s, const float* x, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AxpyF32)(s, x, out, n);
+}
+void axpy(double s, const double* x, double* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AxpyF64)(s, x, out, n);
+}
+
+}  // namespace mmdit::simd
+#endif  // HWY_ONCE

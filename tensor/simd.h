@@ -1,0 +1,41 @@
+// The SIMD kernels: plain loops over contiguous memory, written once with Highway and compiled
+// for every x86 target; the best one for the running CPU is picked at run time
+// (HWY_DYNAMIC_DISPATCH). Everything above this file deals with shapes and strides and calls
+// these on contiguous rows.
+#pragma once
+
+#include <cstdint>
+
+#include "tensor/ops.h"
+
+namespace mmdit::simd {
+
+// out[i] = a[i * a_step] op b[i * b_step]; steps are 0 (a broadcast scalar) or 1.
+void binary(raw::BinaryOp op, const float* a, int64_t a_step, const float* b, int64_t b_step,
+            float* out, int64_t n);
+void binary(raw::BinaryOp op, const double* a, int64_t a_step, const double* b, int64_t b_step,
+            double* out, int64_t n);
+void unary(raw::UnaryOp op, const float* x, float* out, int64_t n);
+void unary(raw::UnaryOp op, const double* x, double* out, int64_t n);
+// out[i] = x[i] * scale + shift
+void scale_shift(const float* x, float scale, float shift, float* out, int64_t n);
+void scale_shift(const double* x, double scale, double shift, double* out, int64_t n);
+
+float sum(const float* x, int64_t n);
+double sum(const double* x, int64_t n);
+float max(const float* x, int64_t n);
+double max(const double* x, int64_t n);
+// sum((x - mean)^2)
+float sum_squared_deviation(const float* x, float mean, int64_t n);
+double sum_squared_deviation(const double* x, double mean, int64_t n);
+
+void softmax(const float* x, float* out, int64_t n);
+void softmax(const double* x, double* out, int64_t n);
+void log_softmax(const float* x, float* out, int64_t n);
+void log_softmax(const double* x, double* out, int64_t n);
+
+// out[i] += x[i] * scale
+void axpy(float scale, const float* x, float* out, int64_t n);
+void axpy(double scale, const double* x, double* out, int64_t n);
+
+}  // namespace mmdit::simd

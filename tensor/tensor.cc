@@ -1,0 +1,217 @@
+#include "tensor/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+#include "tensor/ops.h"
+
+namespace mmdit {
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& shape) {
+  Shape strides(shape.size());
+  int64_t s = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+int64_t normalize_axis(int64_t axis, int64_t ndim, const char* op) {
+  int64_t a = axis < 0 ? axis + ndim : axis;
+  MMDIT_CHECK(a >= 0 && a < ndim, op, ": axis ", axis, " is out of range for a tensor with ", ndim,
+              " dimensions");
+  return a;
+}
+
+// ---- the caching allocator ----
+namespace {
+
+struct BlockCache {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<void*>> free_blocks;
+  AllocatorStats stats;
+};
+
+BlockCache& cache() {
+  static BlockCache* c = new BlockCache;  // never destroyed: storages may outlive static teardown
+  return *c;
+}
+
+size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+}  // namespace
+
+Storage::Storage(size_t bytes) : bytes_(round_up(bytes == 0 ? 1 : bytes)) {
+  BlockCache& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto it = c.free_blocks.find(bytes_);
+    if (it != c.free_blocks.end() && !it->second.empty()) {
+      data_ = it->second.back();
+      it->second.pop_back();
+      c.stats.cached_bytes -= bytes_;
+    }
+  }
+  if (!data_) {
+    data_ = std::aligned_alloc(64, bytes_);
+    if (!data_) fail("out of memory allocating ", bytes_, " bytes");
+    std::lock_guard<std::mutex> lock(c.mutex);
+    ++c.stats.system_allocs;
+  }
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.stats.live_bytes += bytes_;
+  if (c.stats.live_bytes > c.stats.peak_live_bytes) c.stats.peak_live_bytes = c.stats.live_bytes;
+}
+
+Storage::~Storage() {
+  BlockCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.stats.live_bytes -= bytes_;
+  c.stats.cached_bytes += bytes_;
+  c.free_blocks[bytes_].push_back(data_);
+}
+
+AllocatorStats allocator_stats() {
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return cache().stats;
+}
+
+void release_cached_memory() {
+  BlockCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto& [size, blocks] : c.free_blocks)
+    for (void* p : blocks) std::free(p);
+  c.free_blocks.clear();
+  c.stats.cached_bytes = 0;
+}
+
+// ---- Tensor ----
+int64_t Tensor::size(int64_t axis) const {
+  return shape()[normalize_axis(axis, dim(), "size")];
+}
+
+bool Tensor::is_contiguous() const {
+  int64_t expected = 1;
+  for (size_t i = shape().size(); i-- > 0;) {
+    if (shape()[i] != 1 && strides()[i] != expected) return false;
+    expected *= shape()[i];
+  }
+  return true;
+}
+
+double Tensor::item() const {
+  MMDIT_CHECK(numel() == 1, "item: tensor of shape ", shape_str(shape()),
+              " has ", numel(), " elements, expected 1");
+  switch (dtype()) {
+    case DType::f32: return *data<float>();
+    case DType::f64: return *data<double>();
+    case DType::boolean: return *data<bool>() ? 1.0 : 0.0;
+  }
+  return 0;
+}
+
+template <class T>
+std::vector<T> Tensor::to_vector() const {
+  Tensor c = raw::contiguous(*this);
+  std::vector<T> out(c.numel());
+  auto convert = [&](auto* src) {
+    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<T>(src[i]);
+  };
+  switch (c.dtype()) {
+    case DType::f32: convert(c.data<float>()); break;
+    case DType::f64: convert(c.data<double>()); break;
+    case DType::boolean: convert(c.data<bool>()); break;
+  }
+  return out;
+}
+template std::vector<float> Tensor::to_vector<float>() const;
+template std::vector<double> Tensor::to_vector<double>() const;
+template std::vector<bool> Tensor::to_vector<bool>() const;
+template std::vector<int64_t> Tensor::to_vector<int64_t>() const;
+template std::vector<uint8_t> Tensor::to_vector<uint8_t>() const;
+
+// ---- creation ----
+Tensor empty(const Shape& shape, DType dtype) {
+  for (int64_t d : shape)
+    MMDIT_CHECK(d >= 0, "empty: negative dimension in shape ", shape_str(shape));
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::make_shared<Storage>(shape_numel(shape) * dtype_size(dtype));
+  impl->dtype = dtype;
+  impl->shape = shape;
+  impl->strides = contiguous_strides(shape);
+  return Tensor(std::move(impl));
+}
+
+Tensor full(const Shape& shape, double value, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  raw::fill(t, value);
+  return t;
+}
+Tensor zeros(const Shape& shape, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  std::memset(t.raw_data(), 0, t.nbytes());
+  return t;
+}
+Tensor ones(const Shape& shape, DType dtype) { return full(shape, 1.0, dtype); }
+Tensor scalar(double value, DType dtype) { return full({}, value, dtype); }
+Tensor empty_like(const Tensor& t) { return empty(t.shape(), t.dtype()); }
+Tensor zeros_like(const Tensor& t) { return zeros(t.shape(), t.dtype()); }
+
+Tensor arange(int64_t n, DType dtype) {
+  Tensor t = empty({n}, dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == DType::f32) t.data<float>()[i] = static_cast<float>(i);
+    else if (dtype == DType::f64) t.data<double>()[i] = static_cast<double>(i);
+    else t.data<bool>()[i] = i != 0;
+  }
+  return t;
+}
+
+template <class T>
+Tensor from_vector(const std::vector<T>& values, const Shape& shape) {
+  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape), "from_vector: ",
+              values.size(), " values do not fill shape ", shape_str(shape));
+  Tensor t = empty(shape, dtype_of<T>());
+  std::copy(values.begin(), values.end(), t.data<T>());
+  return t;
+}
+template Tensor from_vector<float>(const std::vector<float>&, const Shape&);
+template Tensor from_vector<double>(const std::vector<double>&, const Shape&);
+template <>
+Tensor from_vector<bool>(const std::vector<bool>& values, const Shape& shape) {
+  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape), "from_vector: ",
+              values.size(), " values do not fill shape ", shape_str(shape));
+  Tensor t = empty(shape, DType::boolean);
+  for (size_t i = 0; i < values.size(); ++i) t.data<bool>()[i] = values[i];
+  return t;
+}
+
+Tensor from_vector(std::initializer_list<float> values, const Shape& shape) {
+  return from_vector(std::vector<float>(values), shape);
+}
+
+Tensor from_vector(const std::vector<double>& values, const Shape& shape, DType dtype) {
+  Tensor t = from_vector(values, shape);
+  return dtype == DType::f64 ? t : raw::to_dtype(t, dtype);
+}
+
+Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, int64_t offset) {
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = base.impl().storage;
+  impl->dtype = base.dtype();
+  impl->shape = shape;
+  impl->strides = strides;
+  impl->offset = offset;
+  return Tensor(std::move(impl));
+}
+
+}  // namespace mmdit
