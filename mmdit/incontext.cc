@@ -1,0 +1,64 @@
+#include "mmdit/incontext.h"
+
+namespace mmdit {
+
+SimpleFinalLayer::SimpleFinalLayer(int64_t dim_in, int64_t dim_out, Rng& rng)
+    : rms_norm(dim_in), linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
+  register_module("rms_norm", rms_norm);
+  register_module("linear_out", linear_out);
+}
+
+InContextMMDiTBlock::InContextMMDiTBlock(std::vector<int64_t> dims, int64_t dim_head,
+                                         int64_t heads, int64_t ff_mult, Rng& rng)
+    : dim_modalities(std::move(dims)), joint_attn(dim_modalities, dim_head, heads, rng) {
+  for (int64_t d : dim_modalities) {
+    attn_norms.emplace_back(d);
+    ff_norms.emplace_back(d);
+    feedforwards.emplace_back(d, ff_mult, rng);
+  }
+  register_module("attn_norms", attn_norms);
+  register_module("ff_norms", ff_norms);
+  register_module("joint_attn", joint_attn);
+  register_module("feedforwards", feedforwards);
+}
+
+std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
+                                                    const Tensor& mask) const {
+  nn::check_modalities(x, dim_modalities, "InContextMMDiTBlock");
+  const size_t M = x.size();
+  std::vector<Tensor> h(M);
+  for (size_t m = 0; m < M; ++m) h[m] = attn_norms[m](x[m]);
+  const std::vector<Tensor> a = joint_attn(h, mask);
+  for (size_t m = 0; m < M; ++m) {
+    x[m] = x[m] + a[m];
+    x[m] = x[m] + feedforwards[m](ff_norms[m](x[m]));
+  }
+  return x;
+}
+
+InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : config(cfg) {
+  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(), "InContextMMDiT: ",
+              config.dim_modalities.size(), " dim_modalities but ", config.dim_outs.size(),
+              " dim_outs");
+  for (int64_t i = 0; i < config.depth; ++i)
+    blocks.emplace_back(config.dim_modalities, config.dim_head, config.heads, config.ff_mult, rng);
+  for (size_t m = 0; m < config.dim_modalities.size(); ++m)
+    final_layers.emplace_back(config.dim_modalities[m], config.dim_outs[m], rng);
+  register_module("blocks", blocks);
+  register_module("final_layers", final_layers);
+}
+
+std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,
+                                               const Tensor& mask) const {
+  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT");
+  std::vector<Tensor> x = xs;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    NameScope scope(str_cat("blocks.", i));
+    x = blocks[i](std::move(x), mask);
+  }
+  std::vector<Tensor> outs;
+  for (size_t m = 0; m < x.size(); ++m) outs.push_back(final_layers[m](x[m]));
+  return outs;
+}
+
+}  // namespace mmdit

@@ -1,0 +1,63 @@
+// MMDiT: joint attention with adaLN-Zero modulation from a timestep conditioning vector
+// (models.md, "MMDiT").
+#pragma once
+
+#include <vector>
+
+#include "nn/attention.h"
+
+namespace mmdit {
+
+// linear_out(LayerNorm(x) * (1 + scale) + shift), shift and scale from adaLN_modulation(silu(c)).
+// Both linears are zero-initialised, so a fresh layer outputs zeros.
+class ModulatedFinalLayer : public nn::Module {
+ public:
+  ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond, Rng& rng);
+  Tensor operator()(const Tensor& x, const Tensor& c) const;
+  int64_t dim_in;
+  nn::Linear adaLN_modulation, linear_out;
+};
+
+class MMDiTBlock : public nn::Module {
+ public:
+  MMDiTBlock(std::vector<int64_t> dim_modalities, int64_t dim_cond, int64_t dim_head,
+             int64_t heads, int64_t ff_mult, Rng& rng);
+  // xs[m]: (S_m, D_m) or (B, S_m, D_m); c: (dim_cond,) or (B, dim_cond).
+  std::vector<Tensor> operator()(std::vector<Tensor> xs, const Tensor& c,
+                                 const Tensor& mask = Tensor()) const;
+
+  std::vector<int64_t> dim_modalities;
+  nn::ModuleList<nn::AdaptiveLayerNorm> attn_layernorms, ff_layernorms;
+  nn::JointAttention joint_attn;
+  nn::ModuleList<nn::FeedForward> feedforwards;
+  nn::Linear to_cond;  // zero-init: every gate starts at 0, so a fresh block is the identity
+};
+
+struct MMDiTConfig {
+  int64_t depth = 1;
+  std::vector<int64_t> dim_modalities;
+  std::vector<int64_t> dim_outs;
+  int64_t dim_cond = 1024;
+  std::vector<int64_t> timestep_embed_dims = {256};  // one per conditioning variable
+  int64_t dim_head = 64;
+  int64_t heads = 8;
+  int64_t ff_mult = 4;
+};
+
+class MMDiT : public nn::Module {
+ public:
+  MMDiT(const MMDiTConfig& config, Rng& rng);
+  // timesteps[c] is () per example or (B,) batched, one per conditioning variable.
+  std::vector<Tensor> operator()(const std::vector<Tensor>& xs,
+                                 const std::vector<Tensor>& timesteps,
+                                 const Tensor& mask = Tensor()) const;
+  // c = sum over conditioning variables of timestep_embeds.c(t_c).
+  Tensor conditioning(const std::vector<Tensor>& timesteps, bool batched, int64_t batch) const;
+
+  MMDiTConfig config;
+  nn::ModuleList<nn::TimestepEmbedding> timestep_embeds;
+  nn::ModuleList<MMDiTBlock> blocks;
+  nn::ModuleList<ModulatedFinalLayer> final_layers;
+};
+
+}  // namespace mmdit

@@ -1,0 +1,93 @@
+#include "nn/attention.h"
+
+namespace mmdit::nn {
+
+bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
+                      const char* who) {
+  MMDIT_CHECK(xs.size() == dims.size(), who, ": expected ", dims.size(), " modalities, got ",
+              xs.size());
+  const bool batched = xs[0].dim() == 3;
+  for (size_t m = 0; m < xs.size(); ++m) {
+    const Tensor& x = xs[m];
+    MMDIT_CHECK(x.dim() == (batched ? 3 : 2), who, ": modality ", m, " has shape ",
+                shape_str(x.shape()), "; expected ", batched ? "(B, S, D)" : "(S, D)",
+                " like modality 0 ", shape_str(xs[0].shape()));
+    MMDIT_CHECK(x.shape().back() == dims[m], who, ": modality ", m, " has feature dim ",
+                x.shape().back(), " (shape ", shape_str(x.shape()), "), expected ", dims[m]);
+    MMDIT_CHECK(!batched || x.shape()[0] == xs[0].shape()[0], who, ": modality ", m,
+                " has batch size ", x.shape()[0], ", modality 0 has ", xs[0].shape()[0]);
+    MMDIT_CHECK(x.dtype() == xs[0].dtype(), who, ": modality ", m, " is ", dtype_name(x.dtype()),
+                ", modality 0 is ", dtype_name(xs[0].dtype()));
+  }
+  return batched;
+}
+
+void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who) {
+  if (!mask.defined()) return;
+  MMDIT_CHECK(mask.dtype() == DType::boolean, who, ": mask must be bool, got ",
+              dtype_name(mask.dtype()));
+  const bool shared = mask.dim() == 2 && mask.shape()[0] == total && mask.shape()[1] == total;
+  const bool per_example = batched && mask.dim() == 3 && mask.shape()[0] == batch &&
+                           mask.shape()[1] == total && mask.shape()[2] == total;
+  MMDIT_CHECK(shared || per_example, who, ": mask has shape ", shape_str(mask.shape()),
+              "; expected (", total, ",", total, ")",
+              batched ? str_cat(" or (", batch, ",", total, ",", total, ")") : std::string(),
+              " for a total sequence length of ", total);
+}
+
+JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int64_t heads,
+                               Rng& rng)
+    : dim_inputs(std::move(dims)), dim_head(dim_head), heads(heads) {
+  MMDIT_CHECK(!dim_inputs.empty(), "JointAttention: no modalities");
+  const int64_t inner = heads * dim_head;
+  for (int64_t d : dim_inputs) {
+    to_qkv.emplace_back(d, 3 * inner, false, rng);
+    to_out.emplace_back(inner, d, false, rng);
+    q_rmsnorms.emplace_back(dim_head);
+    k_rmsnorms.emplace_back(dim_head);
+  }
+  register_module("to_qkv", to_qkv);
+  register_module("to_out", to_out);
+  register_module("q_rmsnorms", q_rmsnorms);
+  register_module("k_rmsnorms", k_rmsnorms);
+}
+
+std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
+                                               const Tensor& mask) const {
+  const bool batched = check_modalities(xs_in, dim_inputs, "JointAttention");
+  std::vector<Tensor> xs;
+  for (const Tensor& x : xs_in) xs.push_back(batched ? x : unsqueeze(x, 0));
+  const int64_t batch = xs[0].shape()[0], inner = heads * dim_head;
+  std::vector<int64_t> lengths;
+  int64_t total = 0;
+  for (const Tensor& x : xs) total += lengths.emplace_back(x.shape()[1]);
+  check_mask(mask, total, batch, batched, "JointAttention");
+
+  std::vector<Tensor> qs, ks, vs;
+  for (size_t m = 0; m < xs.size(); ++m) {
+    NameScope scope(str_cat("modality", m));
+    const int64_t seq = lengths[m];
+    // (B, S, 3I) -> three (B, S, H, d); the I features are head-major.
+    const std::vector<Tensor> qkv = split(to_qkv[m](xs[m]), {inner, inner, inner}, -1);
+    const Shape heads_shape = {batch, seq, heads, dim_head};
+    const RopeTables rope = rope_tables(seq, dim_head, xs[m].dtype());
+    const Tensor cos_t = raw::unsqueeze(rope.cos, 1), sin_t = raw::unsqueeze(rope.sin, 1);
+    qs.push_back(apply_rope(q_rmsnorms[m](reshape(qkv[0], heads_shape)), cos_t, sin_t));
+    ks.push_back(apply_rope(k_rmsnorms[m](reshape(qkv[1], heads_shape)), cos_t, sin_t));
+    vs.push_back(reshape(qkv[2], heads_shape));
+  }
+  // One attention over the concatenated sequence: (B, T, H, d) -> (B, H, T, d).
+  auto joined = [](const std::vector<Tensor>& parts) { return permute(concat(parts, 1), {0, 2, 1, 3}); };
+  const Tensor out = attention(joined(qs), joined(ks), joined(vs), mask);
+  const Tensor merged = reshape(permute(out, {0, 2, 1, 3}), {batch, total, inner});
+
+  std::vector<Tensor> outs;
+  const std::vector<Tensor> per_modality = split(merged, lengths, 1);
+  for (size_t m = 0; m < xs.size(); ++m) {
+    Tensor y = to_out[m](per_modality[m]);
+    outs.push_back(batched ? y : squeeze(y, 0));
+  }
+  return outs;
+}
+
+}  // namespace mmdit::nn

@@ -1,0 +1,31 @@
+// Joint attention over any number of modalities (models.md, "Joint attention").
+#pragma once
+
+#include <vector>
+
+#include "nn/layers.h"
+
+namespace mmdit::nn {
+
+class JointAttention : public Module {
+ public:
+  JointAttention(std::vector<int64_t> dim_inputs, int64_t dim_head, int64_t heads, Rng& rng);
+
+  // xs[m] is (S_m, D_m) or (B, S_m, D_m), all batched or none. mask: bool (total, total) or
+  // (B, total, total), true = attend; undefined = full attention.
+  std::vector<Tensor> operator()(const std::vector<Tensor>& xs, const Tensor& mask = Tensor()) const;
+
+  std::vector<int64_t> dim_inputs;
+  int64_t dim_head, heads;
+  ModuleList<Linear> to_qkv, to_out;
+  ModuleList<MultiHeadRMSNorm> q_rmsnorms, k_rmsnorms;
+};
+
+// Checks a list of modality token tensors against the expected feature sizes and returns
+// whether they are batched; `who` names the caller in errors.
+bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
+                      const char* who);
+// Checks the mask against the total sequence length (and batch size, if batched).
+void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who);
+
+}  // namespace mmdit::nn

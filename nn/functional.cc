@@ -1,0 +1,77 @@
+#include "nn/functional.h"
+
+#include <cfloat>
+#include <cmath>
+
+namespace mmdit::nn {
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  MMDIT_CHECK(x.dim() >= 1 && x.shape().back() == weight.shape()[1], "linear: input ",
+              shape_str(x.shape()), " does not end in the weight's in-features ",
+              weight.shape()[1], " (weight ", shape_str(weight.shape()), ")");
+  Tensor y = x.dim() == 1 ? squeeze(matmul(unsqueeze(x, 0), transpose(weight, 0, 1)), 0)
+                          : matmul(x, transpose(weight, 0, 1));
+  return bias.defined() ? y + bias : y;
+}
+
+Tensor layer_norm(const Tensor& x, double eps) {
+  Tensor centered = x - mean(x, {-1}, true);
+  return centered * rsqrt(mean(square(centered), {-1}, true) + eps);
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& gamma, double eps) {
+  return x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma;
+}
+
+Tensor timestep_embedding(const Tensor& t, int64_t dim, double max_period) {
+  MMDIT_CHECK(t.dim() <= 1, "timestep_embedding: timestep must be () or (B,), got ",
+              shape_str(t.shape()));
+  MMDIT_CHECK(dim >= 1, "timestep_embedding: dim must be positive, got ", dim);
+  const int64_t half = dim / 2;
+  std::vector<double> f(half);
+  for (int64_t j = 0; j < half; ++j) f[j] = std::exp(-std::log(max_period) * j / half);
+  const Tensor freqs = from_vector(f, {half}, t.dtype());
+  const Tensor args = unsqueeze(t, -1) * freqs;
+  std::vector<Tensor> parts = {cos(args), sin(args)};
+  if (dim % 2) {
+    Shape pad = args.shape();
+    pad.back() = 1;
+    parts.push_back(zeros(pad, t.dtype()));
+  }
+  return concat(parts, -1);
+}
+
+Tensor sincos_table(int64_t dim, int64_t length, DType dtype) {
+  return timestep_embedding(raw::to_dtype(arange(length, DType::f64), dtype), dim);
+}
+
+RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
+  MMDIT_CHECK(dim_head % 2 == 0, "rope: dim_head must be even, got ", dim_head);
+  const int64_t half = dim_head / 2;
+  std::vector<double> c(seq * dim_head), s(seq * dim_head);
+  for (int64_t p = 0; p < seq; ++p)
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = p / std::pow(10000.0, 2.0 * j / dim_head);
+      c[p * dim_head + j] = c[p * dim_head + j + half] = std::cos(angle);
+      s[p * dim_head + j] = s[p * dim_head + j + half] = std::sin(angle);
+    }
+  return {from_vector(c, {seq, dim_head}, dtype), from_vector(s, {seq, dim_head}, dtype)};
+}
+
+Tensor apply_rope(const Tensor& x, const Tensor& cos_table, const Tensor& sin_table) {
+  const int64_t half = x.shape().back() / 2;
+  const Tensor rotated = concat({-narrow(x, -1, half, half), narrow(x, -1, 0, half)}, -1);
+  return x * cos_table + rotated * sin_table;
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.shape().back()));
+  Tensor logits = matmul(q, transpose(k, -1, -2)) * scale;
+  if (mask.defined()) {
+    const Tensor m = mask.dim() == 3 ? unsqueeze(mask, 1) : mask;
+    logits = where(m, logits, scalar(-0.7 * FLT_MAX, logits.dtype()));
+  }
+  return matmul(softmax(logits, -1), v);
+}
+
+}  // namespace mmdit::nn

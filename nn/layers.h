@@ -1,0 +1,69 @@
+// The layers of models.md's "Building blocks" table.
+#pragma once
+
+#include "nn/functional.h"
+#include "nn/module.h"
+
+namespace mmdit::nn {
+
+enum class Init { uniform, zeros };
+
+// y = x W^T + b; W (out, in) and b (out,) uniform in +-1/sqrt(in), or zero when asked.
+class Linear : public Module {
+ public:
+  Linear(int64_t in, int64_t out, bool bias, Rng& rng, Init init = Init::uniform);
+  Tensor operator()(const Tensor& x) const { return linear(x, weight, bias); }
+  Tensor weight, bias;  // bias undefined when the layer has none
+};
+
+class RMSNorm : public Module {
+ public:
+  explicit RMSNorm(int64_t dim);
+  Tensor operator()(const Tensor& x) const { return rms_norm(x, gamma); }
+  Tensor gamma;
+};
+
+// One gamma (dim_head,) shared by all heads: RMSNorm over each head's features.
+class MultiHeadRMSNorm : public Module {
+ public:
+  explicit MultiHeadRMSNorm(int64_t dim_head);
+  Tensor operator()(const Tensor& x) const { return rms_norm(x, gamma); }
+  Tensor gamma;
+};
+
+// linear2(silu(linear1(timestep_embedding(t, dim_embed))))
+class TimestepEmbedding : public Module {
+ public:
+  TimestepEmbedding(int64_t dim_embed, int64_t dim_out, Rng& rng);
+  Tensor operator()(const Tensor& t) const;
+  int64_t dim_embed;
+  Linear linear1, linear2;
+};
+
+// Shift and scale for tokens (..., S, D) from a conditioning vector (..., dim_cond): splits
+// m = modulation(silu(cond)) into shift = m[:D], scale = m[D:], each (..., 1, D).
+struct Modulation {
+  Tensor shift, scale;
+};
+Modulation modulation_from(const Linear& to_modulation, const Tensor& cond, int64_t dim);
+// LayerNorm(x) * (1 + scale) + shift
+Tensor modulate(const Tensor& x, const Modulation& m);
+
+// LayerNorm(x) * (1 + scale) + shift with shift, scale from to_modulation (zero-init).
+class AdaptiveLayerNorm : public Module {
+ public:
+  AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng);
+  Tensor operator()(const Tensor& x, const Tensor& cond) const;
+  int64_t dim;
+  Linear to_modulation;
+};
+
+// SwiGLU: linear_out(linear_in(x) * silu(linear_gate(x))), no biases.
+class FeedForward : public Module {
+ public:
+  FeedForward(int64_t dim, int64_t mult, Rng& rng);
+  Tensor operator()(const Tensor& x) const;
+  Linear linear_in, linear_gate, linear_out;
+};
+
+}  // namespace mmdit::nn

@@ -1,0 +1,84 @@
+#include "nn/module.h"
+
+#include <set>
+
+#include "tensor/ops.h"
+
+namespace mmdit::nn {
+
+Tensor Module::register_parameter(const std::string& name, Tensor t) {
+  parameters_.emplace_back(name, t);
+  return t;
+}
+
+Tensor Module::register_buffer(const std::string& name, Tensor t) {
+  buffers_.emplace_back(name, t);
+  return t;
+}
+
+void Module::collect(const std::string& prefix, bool buffers, NamedTensors& out) const {
+  for (const auto& [name, t] : buffers ? buffers_ : parameters_) out.insert(prefix + name, t);
+  for (const auto& [name, child] : children_) child->collect(prefix + name + ".", buffers, out);
+}
+
+NamedTensors Module::named_parameters() const {
+  NamedTensors out;
+  collect("", false, out);
+  return out;
+}
+
+NamedTensors Module::named_buffers() const {
+  NamedTensors out;
+  collect("", true, out);
+  return out;
+}
+
+int64_t Module::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& [name, t] : named_parameters()) n += t.numel();
+  return n;
+}
+
+void Module::to(DType dtype) {
+  auto convert = [dtype](const NamedTensors& tensors) {
+    for (const auto& [name, t] : tensors) {
+      if (t.dtype() == dtype || !is_floating(t.dtype())) continue;
+      Tensor converted = raw::to_dtype(t, dtype);
+      TensorImpl& impl = t.impl();
+      impl.storage = converted.impl().storage;
+      impl.dtype = dtype;
+      impl.strides = converted.strides();
+      impl.offset = converted.offset();
+    }
+  };
+  convert(named_parameters());
+  convert(named_buffers());
+}
+
+DType Module::dtype() const {
+  NamedTensors params = named_parameters();
+  return params.empty() ? DType::f32 : params[0].second.dtype();
+}
+
+void Module::load(const NamedTensors& values, bool buffers) {
+  NamedTensors targets = named_parameters();
+  if (buffers)
+    for (const auto& [name, t] : named_buffers()) targets.insert(name, t);
+  std::set<std::string> used;
+  for (const auto& [name, target] : targets) {
+    MMDIT_CHECK(values.contains(name), "load: missing parameter '", name, "' (shape ",
+                shape_str(target.shape()), ")");
+    const Tensor& v = values.at(name);
+    MMDIT_CHECK(v.shape() == target.shape(), "load: parameter '", name, "' has shape ",
+                shape_str(v.shape()), " but the model expects ", shape_str(target.shape()));
+    MMDIT_CHECK(is_floating(v.dtype()), "load: parameter '", name, "' has dtype ",
+                dtype_name(v.dtype()), ", expected a float tensor");
+    raw::copy_into(target, v);
+    used.insert(name);
+  }
+  for (const auto& [name, v] : values)
+    MMDIT_CHECK(used.count(name), "load: unknown parameter '", name, "' (shape ",
+                shape_str(v.shape()), ") is not in the model");
+}
+
+}  // namespace mmdit::nn

@@ -1,0 +1,503 @@
+// The intent of the reference's model tests, plus float64 gradient checks of every module.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "autodiff/gradcheck.h"
+#include "autodiff/value_and_grad.h"
+#include "mmdit/incontext.h"
+#include "mmdit/mmdit.h"
+
+namespace mmdit {
+namespace {
+
+using ::testing::HasSubstr;
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.shape(), b.shape());
+  const auto x = a.to_vector<double>(), y = b.to_vector<double>();
+  double m = 0;
+  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
+  return m;
+}
+
+double max_abs(const Tensor& a) { return max_abs_diff(a, zeros_like(a)); }
+
+// Gives every parameter (zero-initialised ones included) random values, so that tests about
+// what a trained model does are not trivially satisfied by adaLN-Zero.
+void randomize(nn::Module& m, Rng& rng, double scale = 0.3) {
+  for (const auto& [name, p] : m.named_parameters())
+    raw::copy_into(p, rng.normal(p.shape(), p.dtype(), 0, scale));
+}
+
+MMDiTConfig small_mmdit(std::vector<int64_t> dims, std::vector<int64_t> outs) {
+  MMDiTConfig c;
+  c.depth = 2;
+  c.dim_modalities = std::move(dims);
+  c.dim_outs = std::move(outs);
+  c.dim_cond = 16;
+  c.timestep_embed_dims = {8};
+  c.dim_head = 4;
+  c.heads = 2;
+  c.ff_mult = 2;
+  return c;
+}
+
+InContextMMDiTConfig small_incontext(std::vector<int64_t> dims, std::vector<int64_t> outs) {
+  InContextMMDiTConfig c;
+  c.depth = 2;
+  c.dim_modalities = std::move(dims);
+  c.dim_outs = std::move(outs);
+  c.dim_head = 4;
+  c.heads = 2;
+  c.ff_mult = 2;
+  return c;
+}
+
+// obs rows see everything; action rows see all obs and earlier-or-same actions.
+Tensor obs_full_action_causal(int64_t n_obs, int64_t n_act) {
+  const int64_t total = n_obs + n_act;
+  std::vector<bool> m(total * total, true);
+  for (int64_t i = n_obs; i < total; ++i)
+    for (int64_t j = n_obs; j < total; ++j) m[i * total + j] = j <= i;
+  return from_vector(m, {total, total});
+}
+
+// ---------------------------------------------------------------- module plumbing
+TEST(Module, ParameterNamesMatchTheReference) {
+  Rng rng(0);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  const NamedTensors p = model.named_parameters();
+  for (const char* name :
+       {"timestep_embeds.0.linear1.weight", "timestep_embeds.0.linear2.bias",
+        "blocks.0.attn_layernorms.1.to_modulation.weight", "blocks.1.joint_attn.to_qkv.1.weight",
+        "blocks.0.joint_attn.q_rmsnorms.0.gamma", "blocks.0.joint_attn.to_out.0.weight",
+        "blocks.1.feedforwards.0.linear_gate.weight", "blocks.0.to_cond.bias",
+        "final_layers.1.adaLN_modulation.weight", "final_layers.1.linear_out.bias"})
+    EXPECT_TRUE(p.contains(name)) << name;
+  EXPECT_EQ(p.at("blocks.1.joint_attn.to_qkv.1.weight").shape(), (Shape{24, 8}));
+  EXPECT_EQ(p.at("final_layers.1.linear_out.weight").shape(), (Shape{4, 8}));
+  int64_t count = 0;
+  for (const auto& [name, t] : p) count += t.numel();
+  EXPECT_EQ(model.num_parameters(), count);
+}
+
+TEST(Module, LinearInitIsUniformInInverseSqrtFanIn) {
+  Rng rng(1);
+  nn::Linear lin(100, 400, true, rng);
+  const double bound = 0.1;
+  double lo = 1, hi = -1;
+  for (float v : lin.weight.to_vector<float>()) lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
+  EXPECT_GE(lo, -bound);
+  EXPECT_LE(hi, bound);
+  EXPECT_LT(lo, -0.95 * bound);  // the whole range is used
+  EXPECT_GT(hi, 0.95 * bound);
+  for (float v : lin.bias.to_vector<float>()) EXPECT_LE(std::abs(v), bound);
+}
+
+TEST(Module, ToFloat64ConvertsInPlaceAndKeepsValues) {
+  Rng rng(2);
+  nn::FeedForward ff(8, 2, rng);
+  const std::vector<float> before = ff.linear_in.weight.to_vector<float>();
+  ff.to(DType::f64);
+  EXPECT_EQ(ff.linear_in.weight.dtype(), DType::f64);
+  EXPECT_EQ(ff.named_parameters().at("linear_in.weight").dtype(), DType::f64);
+  const std::vector<double> after = ff.linear_in.weight.to_vector<double>();
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], static_cast<double>(before[i]));
+}
+
+TEST(Module, LoadIsStrict) {
+  Rng rng(3);
+  nn::FeedForward ff(8, 2, rng);
+  NamedTensors values = ff.named_parameters();
+  NamedTensors missing;
+  missing.insert("linear_in.weight", values.at("linear_in.weight"));
+  EXPECT_THAT([&] { ff.load(missing); }, testing::ThrowsMessage<Error>(HasSubstr("missing parameter 'linear_gate.weight'")));
+  NamedTensors extra = ff.named_parameters();
+  extra.insert("linear_in.bias", zeros({16}));
+  EXPECT_THAT([&] { ff.load(extra); }, testing::ThrowsMessage<Error>(HasSubstr("unknown parameter 'linear_in.bias'")));
+  NamedTensors wrong;
+  for (const auto& [n, t] : values) wrong.insert(n, n == "linear_out.weight" ? zeros({8, 8}) : t);
+  EXPECT_THAT([&] { ff.load(wrong); },
+              testing::ThrowsMessage<Error>(HasSubstr("'linear_out.weight' has shape (8,8) but the model expects (8,16)")));
+}
+
+// ---------------------------------------------------------------- shapes and adaLN-Zero
+TEST(MMDiT, OutputShapesForTwoAndThreeModalities) {
+  Rng rng(4);
+  MMDiT two(small_mmdit({16, 8}, {5, 3}), rng);
+  auto out = two({rng.normal({7, 16}), rng.normal({4, 8})}, {scalar(0.5)});
+  EXPECT_EQ(out[0].shape(), (Shape{7, 5}));
+  EXPECT_EQ(out[1].shape(), (Shape{4, 3}));
+  MMDiT three(small_mmdit({16, 8, 12}, {16, 8, 2}), rng);
+  auto out3 = three({rng.normal({2, 7, 16}), rng.normal({2, 4, 8}), rng.normal({2, 3, 12})},
+                    {from_vector({0.1f, 0.9f}, {2})});
+  EXPECT_EQ(out3[2].shape(), (Shape{2, 3, 2}));
+  InContextMMDiT ic(small_incontext({16, 8, 12}, {4, 4, 4}), rng);
+  auto outic = ic({rng.normal({7, 16}), rng.normal({4, 8}), rng.normal({3, 12})});
+  EXPECT_EQ(outic[1].shape(), (Shape{4, 4}));
+}
+
+TEST(MMDiT, FreshBlockIsTheIdentity) {
+  Rng rng(5);
+  MMDiTBlock block({16, 8}, 12, 4, 2, 2, rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8});
+  auto out = block({a, b}, rng.normal({2, 12}));
+  EXPECT_EQ(max_abs_diff(out[0], a), 0.0);
+  EXPECT_EQ(max_abs_diff(out[1], b), 0.0);
+}
+
+TEST(MMDiT, FreshFinalLayersOutputZeros) {
+  Rng rng(6);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  auto out = model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.3)});
+  EXPECT_EQ(max_abs(out[0]), 0.0);
+  EXPECT_EQ(max_abs(out[1]), 0.0);
+  SimpleFinalLayer simple(16, 4, rng);
+  EXPECT_EQ(max_abs(simple(rng.normal({5, 16}))), 0.0);
+  InContextMMDiT ic(small_incontext({16, 8}, {16, 4}), rng);
+  auto outic = ic({rng.normal({5, 16}), rng.normal({3, 8})});
+  EXPECT_EQ(max_abs(outic[1]), 0.0);
+}
+
+TEST(MMDiT, ConditioningChangesTheOutput) {
+  Rng rng(7);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({5, 16}), b = rng.normal({3, 8});
+  auto o1 = model({a, b}, {scalar(0.1)});
+  auto o2 = model({a, b}, {scalar(0.9)});
+  EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-3);
+}
+
+TEST(MMDiT, MultipleConditioningVariables) {
+  Rng rng(8);
+  MMDiTConfig cfg = small_mmdit({16, 8}, {16, 4});
+  cfg.timestep_embed_dims = {8, 6};
+  MMDiT model(cfg, rng);
+  EXPECT_TRUE(model.named_parameters().contains("timestep_embeds.1.linear1.weight"));
+  EXPECT_EQ(model.named_parameters().at("timestep_embeds.1.linear1.weight").shape(), (Shape{16, 6}));
+  randomize(model, rng);
+  const Tensor a = rng.normal({5, 16}), b = rng.normal({3, 8});
+  auto o1 = model({a, b}, {scalar(0.5), scalar(0.1)});
+  auto o2 = model({a, b}, {scalar(0.5), scalar(0.7)});
+  EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-4);
+}
+
+TEST(MMDiT, BatchedEqualsPerExample) {
+  Rng rng(9);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({3, 5, 16}), b = rng.normal({3, 4, 8});
+  const Tensor t = from_vector({0.1f, 0.5f, 0.8f}, {3});
+  const Tensor mask = obs_full_action_causal(5, 4);
+  auto batched = model({a, b}, {t}, mask);
+  for (int64_t i = 0; i < 3; ++i) {
+    auto single = model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)},
+                        {raw::squeeze(raw::narrow(t, 0, i, 1), 0)}, mask);
+    for (int m = 0; m < 2; ++m)
+      EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[m], 0, i, 1), 0), single[m]), 1e-5);
+  }
+  // A per-example mask (B, T, T) equal to the shared one gives the same result.
+  auto per_example = model({a, b}, {t}, raw::contiguous(raw::broadcast_to(mask, {3, 9, 9})));
+  EXPECT_LT(max_abs_diff(per_example[1], batched[1]), 1e-6);
+}
+
+TEST(InContextMMDiT, BatchedEqualsPerExample) {
+  Rng rng(10);
+  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 4, 8});
+  auto batched = model({a, b});
+  for (int64_t i = 0; i < 2; ++i) {
+    auto single = model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)});
+    EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[1], 0, i, 1), 0), single[1]), 1e-5);
+  }
+}
+
+// ---------------------------------------------------------------- masks
+TEST(Masks, CausalActionsDoNotSeeLaterActions) {
+  Rng rng(11);
+  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor obs = rng.normal({5, 16});
+  Tensor act = rng.normal({4, 8});
+  const Tensor mask = obs_full_action_causal(5, 4);
+  auto before = model({obs, act}, mask);
+  Tensor changed = raw::clone(act);
+  raw::copy_into(raw::narrow(changed, 0, 3, 1), rng.normal({1, 8}));  // only the last action
+  auto after = model({obs, changed}, mask);
+  EXPECT_LT(max_abs_diff(raw::narrow(before[1], 0, 0, 3), raw::narrow(after[1], 0, 0, 3)), 1e-6);
+  EXPECT_GT(max_abs_diff(raw::narrow(before[1], 0, 3, 1), raw::narrow(after[1], 0, 3, 1)), 1e-4);
+  // Observations see the actions in this mask, so they do change.
+  EXPECT_GT(max_abs_diff(before[0], after[0]), 1e-5);
+}
+
+TEST(Masks, BlockedModalityIsInvisible) {
+  Rng rng(12);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  std::vector<bool> m(9 * 9, true);
+  for (int i = 0; i < 5; ++i)
+    for (int j = 5; j < 9; ++j) m[i * 9 + j] = false;  // obs cannot see actions
+  const Tensor mask = from_vector(m, {9, 9});
+  const Tensor obs = rng.normal({5, 16});
+  auto o1 = model({obs, rng.normal({4, 8})}, {scalar(0.4)}, mask);
+  auto o2 = model({obs, rng.normal({4, 8})}, {scalar(0.4)}, mask);
+  EXPECT_LT(max_abs_diff(o1[0], o2[0]), 1e-6);
+  EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-4);
+}
+
+TEST(Masks, FullyMaskedRowIsUniformNotNaN) {
+  Rng rng(13);
+  for (DType dtype : {DType::f32, DType::f64}) {
+    const Tensor q = rng.normal({1, 1, 3, 4}, dtype), k = rng.normal({1, 1, 3, 4}, dtype),
+                 v = rng.normal({1, 1, 3, 4}, dtype);
+    std::vector<bool> m(9, true);
+    m[0] = m[1] = m[2] = false;  // row 0 attends to nothing
+    const Tensor out = nn::attention(q, k, v, from_vector(m, {3, 3}));
+    const Tensor mean_v = raw::mean(v, {2});
+    EXPECT_LT(max_abs_diff(raw::narrow(out, 2, 0, 1), raw::unsqueeze(mean_v, 2)), 1e-6);
+  }
+}
+
+// ---------------------------------------------------------------- gradients
+TEST(MMDiT, GradientsReachEveryParameter) {
+  Rng rng(14);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8}), t = from_vector({0.2f, 0.7f}, {2});
+  auto loss_fn = [&](MMDiT& m) {
+    auto out = m({a, b}, {t});
+    return sum(square(out[0])) + sum(square(out[1]));
+  };
+  auto [loss, grads] = value_and_grad(loss_fn)(model);
+  EXPECT_EQ(grads.size(), model.named_parameters().size());
+  for (const auto& [name, g] : grads) EXPECT_GT(max_abs(g), 0.0) << name;
+}
+
+TEST(InContextMMDiT, GradientsReachEveryParameter) {
+  Rng rng(15);
+  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8});
+  auto [loss, grads] = value_and_grad([&](InContextMMDiT& m) {
+    auto out = m({a, b}, obs_full_action_causal(5, 3));
+    return sum(square(out[0])) + sum(square(out[1]));
+  })(model);
+  for (const auto& [name, g] : grads) EXPECT_GT(max_abs(g), 0.0) << name;
+}
+
+// ---------------------------------------------------------------- errors
+TEST(Errors, WrongModalityCount) {
+  Rng rng(16);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  EXPECT_THAT([&] { model({rng.normal({5, 16})}, {scalar(0.5)}); },
+              testing::ThrowsMessage<Error>(HasSubstr("expected 2 modalities, got 1")));
+}
+
+TEST(Errors, WrongFeatureDim) {
+  Rng rng(17);
+  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
+  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 9})}); },
+              testing::ThrowsMessage<Error>(HasSubstr("modality 1 has feature dim 9 (shape (3,9)), expected 8")));
+}
+
+TEST(Errors, WrongMaskShape) {
+  Rng rng(18);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)}, ones({7, 7}, DType::boolean)); },
+              testing::ThrowsMessage<Error>(HasSubstr("mask has shape (7,7); expected (8,8)")));
+  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)}, ones({8, 8})); },
+              testing::ThrowsMessage<Error>(HasSubstr("mask must be bool")));
+}
+
+TEST(Errors, WrongNumberOfTimesteps) {
+  Rng rng(19);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5), scalar(0.1)}); },
+              testing::ThrowsMessage<Error>(HasSubstr("expected 1 timestep(s), one per conditioning variable, got 2")));
+  EXPECT_THAT([&] { model({rng.normal({2, 5, 16}), rng.normal({2, 3, 8})}, {from_vector({0.1f, 0.2f, 0.3f}, {3})}); },
+              testing::ThrowsMessage<Error>(HasSubstr("timestep 0 has shape (3,); expected (2,) for a batch of 2")));
+}
+
+// ---------------------------------------------------------------- RoPE and timestep embedding
+TEST(Rope, IdentityAtPositionZeroAndNormPreserving) {
+  Rng rng(20);
+  const Tensor x = rng.normal({6, 8}, DType::f64);
+  const nn::RopeTables t = nn::rope_tables(6, 8, DType::f64);
+  const Tensor y = nn::apply_rope(x, t.cos, t.sin);
+  EXPECT_LT(max_abs_diff(raw::narrow(y, 0, 0, 1), raw::narrow(x, 0, 0, 1)), 1e-15);
+  const Tensor nx = raw::sum(raw::unary(raw::UnaryOp::square, x), {-1});
+  const Tensor ny = raw::sum(raw::unary(raw::UnaryOp::square, y), {-1});
+  EXPECT_LT(max_abs_diff(nx, ny), 1e-12);
+}
+
+TEST(Rope, ScoresDependOnlyOnRelativePosition) {
+  Rng rng(21);
+  const Tensor q = rng.normal({1, 8}, DType::f64), k = rng.normal({1, 8}, DType::f64);
+  const nn::RopeTables t = nn::rope_tables(12, 8, DType::f64);
+  auto score = [&](int64_t pq, int64_t pk) {
+    const Tensor rq = nn::apply_rope(q, raw::narrow(t.cos, 0, pq, 1), raw::narrow(t.sin, 0, pq, 1));
+    const Tensor rk = nn::apply_rope(k, raw::narrow(t.cos, 0, pk, 1), raw::narrow(t.sin, 0, pk, 1));
+    return raw::sum(raw::mul(rq, rk)).item();
+  };
+  EXPECT_NEAR(score(3, 1), score(7, 5), 1e-12);
+  EXPECT_NEAR(score(0, 4), score(6, 10), 1e-12);
+  EXPECT_GT(std::abs(score(3, 1) - score(3, 2)), 1e-6);
+}
+
+TEST(TimestepEmbedding, CosThenSinLayoutOddDimsAndBounds) {
+  const Tensor t = scalar(0.7, DType::f64);
+  const Tensor e = nn::timestep_embedding(t, 9, 10000);
+  ASSERT_EQ(e.shape(), (Shape{9}));
+  const auto v = e.to_vector<double>();
+  for (int j = 0; j < 4; ++j) {
+    const double f = std::exp(-std::log(10000.0) * j / 4);
+    EXPECT_NEAR(v[j], std::cos(0.7 * f), 1e-15);
+    EXPECT_NEAR(v[4 + j], std::sin(0.7 * f), 1e-15);
+  }
+  EXPECT_EQ(v[8], 0.0);
+  const Tensor batch = nn::timestep_embedding(from_vector(std::vector<double>{0, 1, 100, 1e4}, {4}), 16);
+  EXPECT_EQ(batch.shape(), (Shape{4, 16}));
+  for (double x : batch.to_vector<double>()) EXPECT_LE(std::abs(x), 1.0);
+}
+
+// ---------------------------------------------------------------- float64 gradchecks
+// Every trainable parameter (given random values first) and every float input.
+template <class M, class F>
+void gradcheck_module(M& module, NamedTensors inputs, F forward) {
+  Rng rng(99);
+  module.to(DType::f64);
+  randomize(module, rng);
+  NamedTensors wrt = module.named_parameters();
+  for (const auto& [name, t] : inputs) wrt.insert("input:" + name, t);
+  const GradcheckResult r = gradcheck([&] { return forward(module, inputs); }, wrt);
+  EXPECT_TRUE(r.ok) << r.report();
+}
+
+TEST(Gradcheck, Layers) {
+  Rng rng(30);
+  auto f64 = [&](Shape s) { return rng.normal(s, DType::f64); };
+  {
+    nn::Linear m(5, 3, true, rng);
+    gradcheck_module(m, NamedTensors{}, [&](auto& mod, const NamedTensors&) { return mod(f64({2, 4, 5})); });
+  }
+  {
+    nn::RMSNorm m(6);
+    NamedTensors in;
+    in.insert("x", f64({3, 6}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x")); });
+  }
+  {
+    nn::MultiHeadRMSNorm m(4);
+    NamedTensors in;
+    in.insert("x", f64({2, 3, 4}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x")); });
+  }
+  {
+    nn::TimestepEmbedding m(7, 6, rng);
+    NamedTensors in;
+    in.insert("t", from_vector(std::vector<double>{0.3, 0.8}, {2}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("t")); });
+  }
+  {
+    nn::AdaptiveLayerNorm m(6, 5, rng);
+    NamedTensors in;
+    in.insert("x", f64({2, 3, 6}));
+    in.insert("cond", f64({2, 5}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("cond")); });
+  }
+  {
+    nn::FeedForward m(6, 2, rng);
+    NamedTensors in;
+    in.insert("x", f64({3, 6}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x")); });
+  }
+}
+
+TEST(Gradcheck, JointAttentionWithMask) {
+  Rng rng(31);
+  nn::JointAttention m({6, 4}, 4, 2, rng);
+  NamedTensors in;
+  in.insert("0", rng.normal({2, 3, 6}, DType::f64));
+  in.insert("1", rng.normal({2, 2, 4}, DType::f64));
+  const Tensor mask = obs_full_action_causal(3, 2);
+  gradcheck_module(m, in, [&](auto& mod, const NamedTensors& i) {
+    auto out = mod({i.at("0"), i.at("1")}, mask);
+    return concat({reshape(out[0], {-1}), reshape(out[1], {-1})}, 0);
+  });
+}
+
+TEST(Gradcheck, FinalLayers) {
+  Rng rng(32);
+  {
+    ModulatedFinalLayer m(6, 3, 5, rng);
+    NamedTensors in;
+    in.insert("x", rng.normal({2, 3, 6}, DType::f64));
+    in.insert("c", rng.normal({2, 5}, DType::f64));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("c")); });
+  }
+  {
+    SimpleFinalLayer m(6, 3, rng);
+    NamedTensors in;
+    in.insert("x", rng.normal({3, 6}, DType::f64));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x")); });
+  }
+}
+
+TEST(Gradcheck, MMDiTBlockAndModel) {
+  Rng rng(33);
+  {
+    MMDiTBlock m({6, 4}, 5, 4, 2, 2, rng);
+    NamedTensors in;
+    in.insert("0", rng.normal({2, 3, 6}, DType::f64));
+    in.insert("1", rng.normal({2, 2, 4}, DType::f64));
+    in.insert("c", rng.normal({2, 5}, DType::f64));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) {
+      auto out = mod({i.at("0"), i.at("1")}, i.at("c"));
+      return concat({reshape(out[0], {-1}), reshape(out[1], {-1})}, 0);
+    });
+  }
+  {
+    MMDiTConfig cfg = small_mmdit({6, 4}, {3, 2});
+    cfg.dim_cond = 6;
+    MMDiT m(cfg, rng);
+    NamedTensors in;
+    in.insert("0", rng.normal({2, 3, 6}, DType::f64));
+    in.insert("1", rng.normal({2, 2, 4}, DType::f64));
+    in.insert("t", from_vector(std::vector<double>{0.25, 0.6}, {2}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) {
+      auto out = mod({i.at("0"), i.at("1")}, {i.at("t")}, obs_full_action_causal(3, 2));
+      return concat({reshape(out[0], {-1}), reshape(out[1], {-1})}, 0);
+    });
+  }
+}
+
+TEST(Gradcheck, InContextBlockAndModel) {
+  Rng rng(34);
+  {
+    InContextMMDiTBlock m({6, 4}, 4, 2, 2, rng);
+    NamedTensors in;
+    in.insert("0", rng.normal({3, 6}, DType::f64));
+    in.insert("1", rng.normal({2, 4}, DType::f64));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) {
+      auto out = mod({i.at("0"), i.at("1")});
+      return concat({reshape(out[0], {-1}), reshape(out[1], {-1})}, 0);
+    });
+  }
+  {
+    InContextMMDiT m(small_incontext({6, 4}, {3, 2}), rng);
+    NamedTensors in;
+    in.insert("0", rng.normal({2, 3, 6}, DType::f64));
+    in.insert("1", rng.normal({2, 2, 4}, DType::f64));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) {
+      auto out = mod({i.at("0"), i.at("1")}, obs_full_action_causal(3, 2));
+      return concat({reshape(out[0], {-1}), reshape(out[1], {-1})}, 0);
+    });
+  }
+}
+
+}  // namespace
+}  // namespace mmdit

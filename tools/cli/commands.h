@@ -1,0 +1,10 @@
+// Each subcommand of the `mmdit` program registers itself on the app from its own file.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace mmdit::cli {
+
+void add_parity_command(CLI::App& app);
+
+}  // namespace mmdit::cli

@@ -1,0 +1,24 @@
+// mmdit: the command-line program. Subcommands live one per file in this folder.
+#include <cstdio>
+#include <exception>
+
+#include "tensor/error.h"
+#include "tools/cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mmdit: MMDiT models and flow-matching policies in C++"};
+  app.require_subcommand(1);
+  mmdit::cli::add_parity_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const mmdit::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,286 @@
+#include "train/parity.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+
+#include "autodiff/ops.h"
+#include "mmdit/incontext.h"
+#include "mmdit/mmdit.h"
+#include "tensor/safetensors.h"
+
+namespace mmdit {
+namespace {
+
+using Json = nlohmann::json;
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// Everything a case gives its forward function, already in the run's dtype.
+struct CaseInputs {
+  NamedTensors tensors;  // "input/0", "input/cond", "input/x", "timestep/0", "mask", ...
+  const Tensor& at(const std::string& name) const { return tensors.at(name); }
+  Tensor get(const std::string& name) const {
+    return tensors.contains(name) ? tensors.at(name) : Tensor();
+  }
+  std::vector<Tensor> numbered(const std::string& prefix) const {
+    std::vector<Tensor> out;
+    while (tensors.contains(prefix + std::to_string(out.size())))
+      out.push_back(tensors.at(prefix + std::to_string(out.size())));
+    return out;
+  }
+};
+
+// A runnable case: the module (owning its parameters) and its forward, which returns named
+// outputs ("0", "1", ... or "x").
+struct Runnable {
+  std::unique_ptr<nn::Module> module;
+  std::function<NamedTensors(const CaseInputs&)> forward;
+};
+
+std::vector<int64_t> int_list(const Json& j) {
+  if (j.is_number_integer()) return {j.get<int64_t>()};
+  return j.get<std::vector<int64_t>>();
+}
+
+NamedTensors numbered_outputs(const std::vector<Tensor>& outs) {
+  NamedTensors named;
+  for (size_t i = 0; i < outs.size(); ++i) named.insert(std::to_string(i), outs[i]);
+  return named;
+}
+
+NamedTensors single_output(const Tensor& x) {
+  NamedTensors named;
+  named.insert("x", x);
+  return named;
+}
+
+// Modules without parameters still need a Module to own nothing.
+struct Empty : nn::Module {};
+
+Runnable build(const std::string& kind, const Json& c, Rng& rng) {
+  Runnable r;
+  auto own = [&r](auto module) {
+    auto* raw_ptr = module.get();
+    r.module = std::move(module);
+    return raw_ptr;
+  };
+  if (kind == "timestep_embedding") {
+    own(std::make_unique<Empty>());
+    const int64_t dim = c.at("dim");
+    const double max_period = c.value("max_period", 10000.0);
+    r.forward = [dim, max_period](const CaseInputs& in) {
+      return single_output(nn::timestep_embedding(in.at("timestep/0"), dim, max_period));
+    };
+  } else if (kind == "feedforward") {
+    auto* m = own(std::make_unique<nn::FeedForward>(c.at("dim"), c.at("mult"), rng));
+    r.forward = [m](const CaseInputs& in) { return single_output((*m)(in.at("input/x"))); };
+  } else if (kind == "rms_norm") {
+    auto* m = own(std::make_unique<nn::RMSNorm>(c.at("dim")));
+    r.forward = [m](const CaseInputs& in) { return single_output((*m)(in.at("input/x"))); };
+  } else if (kind == "multihead_rms_norm") {
+    auto* m = own(std::make_unique<nn::MultiHeadRMSNorm>(c.at("dim_head")));
+    r.forward = [m](const CaseInputs& in) { return single_output((*m)(in.at("input/x"))); };
+  } else if (kind == "adaptive_layer_norm") {
+    auto* m = own(std::make_unique<nn::AdaptiveLayerNorm>(c.at("dim"), c.at("dim_cond"), rng));
+    r.forward = [m](const CaseInputs& in) {
+      return single_output((*m)(in.at("input/x"), in.at("input/cond")));
+    };
+  } else if (kind == "modulated_final_layer") {
+    auto* m = own(std::make_unique<ModulatedFinalLayer>(c.at("dim_in"), c.at("dim_out"),
+                                                        c.at("dim_cond"), rng));
+    r.forward = [m](const CaseInputs& in) {
+      return single_output((*m)(in.at("input/x"), in.at("input/cond")));
+    };
+  } else if (kind == "simple_final_layer") {
+    auto* m = own(std::make_unique<SimpleFinalLayer>(c.at("dim_in"), c.at("dim_out"), rng));
+    r.forward = [m](const CaseInputs& in) { return single_output((*m)(in.at("input/x"))); };
+  } else if (kind == "joint_attention") {
+    auto* m = own(std::make_unique<nn::JointAttention>(int_list(c.at("dim_inputs")),
+                                                       c.at("dim_head"), c.at("heads"), rng));
+    r.forward = [m](const CaseInputs& in) {
+      return numbered_outputs((*m)(in.numbered("input/"), in.get("mask")));
+    };
+  } else if (kind == "mmdit_block") {
+    auto* m = own(std::make_unique<MMDiTBlock>(int_list(c.at("dim_modalities")), c.at("dim_cond"),
+                                               c.at("dim_head"), c.at("heads"),
+                                               c.value("ff_mult", 4), rng));
+    r.forward = [m](const CaseInputs& in) {
+      return numbered_outputs((*m)(in.numbered("input/"), in.at("input/cond"), in.get("mask")));
+    };
+  } else if (kind == "incontext_mmdit_block") {
+    auto* m = own(std::make_unique<InContextMMDiTBlock>(int_list(c.at("dim_modalities")),
+                                                        c.at("dim_head"), c.at("heads"),
+                                                        c.value("ff_mult", 4), rng));
+    r.forward = [m](const CaseInputs& in) {
+      return numbered_outputs((*m)(in.numbered("input/"), in.get("mask")));
+    };
+  } else if (kind == "mmdit") {
+    MMDiTConfig cfg;
+    cfg.depth = c.at("depth");
+    cfg.dim_modalities = int_list(c.at("dim_modalities"));
+    cfg.dim_outs = int_list(c.at("dim_outs"));
+    cfg.dim_cond = c.value("dim_cond", 1024);
+    cfg.timestep_embed_dims = int_list(c.value("timestep_embed_dim", Json(256)));
+    cfg.dim_head = c.value("dim_head", 64);
+    cfg.heads = c.value("heads", 8);
+    cfg.ff_mult = c.value("ff_mult", 4);
+    auto* m = own(std::make_unique<MMDiT>(cfg, rng));
+    r.forward = [m](const CaseInputs& in) {
+      return numbered_outputs((*m)(in.numbered("input/"), in.numbered("timestep/"), in.get("mask")));
+    };
+  } else if (kind == "incontext_mmdit") {
+    InContextMMDiTConfig cfg;
+    cfg.depth = c.at("depth");
+    cfg.dim_modalities = int_list(c.at("dim_modalities"));
+    cfg.dim_outs = int_list(c.at("dim_outs"));
+    cfg.dim_head = c.value("dim_head", 64);
+    cfg.heads = c.value("heads", 8);
+    cfg.ff_mult = c.value("ff_mult", 4);
+    auto* m = own(std::make_unique<InContextMMDiT>(cfg, rng));
+    r.forward = [m](const CaseInputs& in) {
+      return numbered_outputs((*m)(in.numbered("input/"), in.get("mask")));
+    };
+  } else {
+    fail("unknown parity kind '", kind, "'");
+  }
+  return r;
+}
+
+ParityRow compare(const std::string& name, const Tensor& actual, const Tensor& expected,
+                  double tolerance) {
+  MMDIT_CHECK(actual.shape() == expected.shape(), "parity: '", name, "' has shape ",
+              shape_str(actual.shape()), " but the case expects ", shape_str(expected.shape()));
+  const std::vector<double> a = actual.to_vector<double>(), e = expected.to_vector<double>();
+  ParityRow row{name, expected.shape()};
+  double max_expected = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double err = std::abs(a[i] - e[i]);
+    row.max_abs_error = std::isnan(err) ? INFINITY : std::max(row.max_abs_error, err);
+    max_expected = std::max(max_expected, std::abs(e[i]));
+  }
+  row.rel_error = max_expected > 0 ? row.max_abs_error / max_expected : row.max_abs_error;
+  row.pass = row.rel_error <= tolerance;
+  return row;
+}
+
+}  // namespace
+
+double default_parity_tolerance(DType dtype) { return dtype == DType::f64 ? 1e-5 : 1e-4; }
+
+bool ParityReport::ok() const {
+  if (rows.empty()) return false;
+  for (const ParityRow& r : rows)
+    if (!r.pass) return false;
+  return true;
+}
+
+std::string ParityReport::table() const {
+  std::string out;
+  char line[512];
+  std::snprintf(line, sizeof line, "%s  (kind %s, %s, tolerance %.1e on the relative error)\n",
+                path.c_str(), kind.c_str(), dtype_name(dtype), tolerance);
+  out += line;
+  std::snprintf(line, sizeof line, "%-64s %-12s %12s %12s  %s\n", "tensor", "shape",
+                "max abs err", "rel err", "result");
+  out += line;
+  int failed = 0;
+  for (const ParityRow& r : rows) {
+    std::snprintf(line, sizeof line, "%-64s %-12s %12.3e %12.3e  %s\n", r.name.c_str(),
+                  shape_str(r.shape).c_str(), r.max_abs_error, r.rel_error, r.pass ? "pass" : "FAIL");
+    out += line;
+    failed += !r.pass;
+  }
+  std::snprintf(line, sizeof line, "%zu tensors, %d failed: %s\n", rows.size(), failed,
+                ok() ? "PASS" : "FAIL");
+  return out + line;
+}
+
+ParityReport run_parity(const std::string& path, DType dtype, std::optional<double> tolerance) {
+  MMDIT_CHECK(is_floating(dtype), "parity: dtype must be f32 or f64");
+  const SafetensorsFile file = load_safetensors(path);
+  auto meta = [&](const std::string& key) {
+    auto it = file.metadata.find(key);
+    MMDIT_CHECK(it != file.metadata.end(), path, ": not a parity case (no '", key,
+                "' in the header's __metadata__)");
+    return it->second;
+  };
+  MMDIT_CHECK(meta("format") == "mmdit-parity/1", path, ": unsupported parity format '",
+              meta("format"), "' (expected mmdit-parity/1)");
+  ParityReport report;
+  report.path = path;
+  report.kind = meta("kind");
+  report.dtype = dtype;
+  report.tolerance = tolerance.value_or(default_parity_tolerance(dtype));
+  Json config;
+  try {
+    config = Json::parse(meta("config"));
+  } catch (const Json::exception& e) {
+    fail(path, ": the config metadata is not valid JSON: ", e.what());
+  }
+
+  NamedTensors params, expected, cotangents;
+  CaseInputs inputs;
+  for (const auto& [name, t] : file.tensors) {
+    if (starts_with(name, "param/")) params.insert(name.substr(6), t);
+    else if (starts_with(name, "expect/")) expected.insert(name.substr(7), t);
+    else if (starts_with(name, "cotangent/")) cotangents.insert(name.substr(10), raw::to_dtype(t, dtype));
+    else if (starts_with(name, "input/") || starts_with(name, "timestep/") || name == "mask")
+      inputs.tensors.insert(name, is_floating(t.dtype()) ? raw::to_dtype(t, dtype) : t);
+    else fail(path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
+  }
+
+  Rng rng(0);
+  Runnable runnable;
+  try {
+    runnable = build(report.kind, config, rng);
+  } catch (const Json::exception& e) {
+    fail(path, ": bad config for kind '", report.kind, "': ", e.what());
+  }
+  runnable.module->to(dtype);
+  runnable.module->load(params);
+
+  // Everything that has an expected gradient is watched.
+  NamedTensors watched;
+  for (const auto& [name, t] : runnable.module->named_parameters()) watched.insert("param/" + name, t);
+  for (const auto& [name, t] : inputs.tensors)
+    if (is_floating(t.dtype())) watched.insert(name, t);
+
+  Tape tape;
+  std::vector<Tensor> leaves;
+  for (const auto& [name, t] : watched) {
+    tape.watch(t);
+    leaves.push_back(t);
+  }
+  const NamedTensors outputs = runnable.forward(inputs);
+  Tensor loss = scalar(0, dtype);
+  for (const auto& [name, out] : outputs) {
+    MMDIT_CHECK(cotangents.contains(name), path, ": no cotangent/", name, " for output ", name);
+    loss = loss + sum(out * cotangents.at(name));
+  }
+  const std::vector<Tensor> grads = tape.gradient(loss, leaves);
+
+  for (const auto& [name, want] : expected) {
+    Tensor actual;
+    if (starts_with(name, "output/")) {
+      actual = outputs.at(name.substr(7));
+    } else if (starts_with(name, "grad/")) {
+      const std::string target = name.substr(5);
+      for (size_t i = 0; i < watched.size(); ++i)
+        if (watched[i].first == target) actual = grads[i];
+      MMDIT_CHECK(actual.defined(), path, ": expected gradient for '", target,
+                  "', which is neither a parameter nor an input of the case");
+    } else {
+      fail(path, ": unknown expectation '", name, "'");
+    }
+    report.rows.push_back(compare(name, actual, want, report.tolerance));
+  }
+  return report;
+}
+
+}  // namespace mmdit
