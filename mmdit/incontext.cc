@@ -8,8 +8,8 @@ SimpleFinalLayer::SimpleFinalLayer(int64_t dim_in, int64_t dim_out, Rng& rng)
   register_module("linear_out", linear_out);
 }
 
-InContextMMDiTBlock::InContextMMDiTBlock(std::vector<int64_t> dims, int64_t dim_head,
-                                         int64_t heads, int64_t ff_mult, Rng& rng)
+InContextMMDiTBlock::InContextMMDiTBlock(std::vector<int64_t> dims, int64_t dim_head, int64_t heads,
+                                         int64_t ff_mult, Rng& rng)
     : dim_modalities(std::move(dims)), joint_attn(dim_modalities, dim_head, heads, rng) {
   for (int64_t d : dim_modalities) {
     attn_norms.emplace_back(d);
@@ -37,9 +37,9 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
 }
 
 InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : config(cfg) {
-  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(), "InContextMMDiT: ",
-              config.dim_modalities.size(), " dim_modalities but ", config.dim_outs.size(),
-              " dim_outs");
+  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(),
+              "InContextMMDiT: ", config.dim_modalities.size(), " dim_modalities but ",
+              config.dim_outs.size(), " dim_outs");
   for (int64_t i = 0; i < config.depth; ++i)
     blocks.emplace_back(config.dim_modalities, config.dim_head, config.heads, config.ff_mult, rng);
   for (size_t m = 0; m < config.dim_modalities.size(); ++m)

@@ -41,7 +41,8 @@ struct InContextMMDiTConfig {
 class InContextMMDiT : public nn::Module {
  public:
   InContextMMDiT(const InContextMMDiTConfig& config, Rng& rng);
-  std::vector<Tensor> operator()(const std::vector<Tensor>& xs, const Tensor& mask = Tensor()) const;
+  std::vector<Tensor> operator()(const std::vector<Tensor>& xs,
+                                 const Tensor& mask = Tensor()) const;
 
   InContextMMDiTConfig config;
   nn::ModuleList<InContextMMDiTBlock> blocks;

@@ -17,12 +17,13 @@ Tensor ModulatedFinalLayer::operator()(const Tensor& x, const Tensor& c) const {
   return linear_out(nn::modulate(x, nn::modulation_from(adaLN_modulation, c, dim_in)));
 }
 
-MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head,
-                       int64_t heads, int64_t ff_mult, Rng& rng)
+MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head, int64_t heads,
+                       int64_t ff_mult, Rng& rng)
     : dim_modalities(std::move(dims)),
       joint_attn(dim_modalities, dim_head, heads, rng),
-      to_cond(dim_cond, 2 * std::accumulate(dim_modalities.begin(), dim_modalities.end(), int64_t{0}),
-              true, rng, nn::Init::zeros) {
+      to_cond(dim_cond,
+              2 * std::accumulate(dim_modalities.begin(), dim_modalities.end(), int64_t{0}), true,
+              rng, nn::Init::zeros) {
   MMDIT_CHECK(dim_modalities.size() >= 2, "MMDiTBlock: needs at least two modalities, got ",
               dim_modalities.size());
   for (int64_t d : dim_modalities) {
@@ -41,11 +42,11 @@ std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& 
                                            const Tensor& mask) const {
   const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock");
   const int64_t dim_cond = to_cond.weight.shape()[1];
-  MMDIT_CHECK(c.dim() == (batched ? 2 : 1) && c.shape().back() == dim_cond &&
-                  (!batched || c.shape()[0] == x[0].shape()[0]),
-              "MMDiTBlock: conditioning has shape ", shape_str(c.shape()), "; expected ",
-              batched ? str_cat("(", x[0].shape()[0], ",", dim_cond, ")")
-                      : str_cat("(", dim_cond, ",)"));
+  MMDIT_CHECK(
+      c.dim() == (batched ? 2 : 1) && c.shape().back() == dim_cond &&
+          (!batched || c.shape()[0] == x[0].shape()[0]),
+      "MMDiTBlock: conditioning has shape ", shape_str(c.shape()), "; expected ",
+      batched ? str_cat("(", x[0].shape()[0], ",", dim_cond, ")") : str_cat("(", dim_cond, ",)"));
   const size_t M = x.size();
   // Gates (..., 1, D_m): attention gates for every modality, then feed-forward gates.
   std::vector<int64_t> sizes(dim_modalities);
@@ -64,11 +65,12 @@ std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& 
 }
 
 MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
-  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(), "MMDiT: ",
-              config.dim_modalities.size(), " dim_modalities but ", config.dim_outs.size(),
-              " dim_outs");
+  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(),
+              "MMDiT: ", config.dim_modalities.size(), " dim_modalities but ",
+              config.dim_outs.size(), " dim_outs");
   MMDIT_CHECK(!config.timestep_embed_dims.empty(), "MMDiT: timestep_embed_dim is empty");
-  for (int64_t ted : config.timestep_embed_dims) timestep_embeds.emplace_back(ted, config.dim_cond, rng);
+  for (int64_t ted : config.timestep_embed_dims)
+    timestep_embeds.emplace_back(ted, config.dim_cond, rng);
   for (int64_t i = 0; i < config.depth; ++i)
     blocks.emplace_back(config.dim_modalities, config.dim_cond, config.dim_head, config.heads,
                         config.ff_mult, rng);

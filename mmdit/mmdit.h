@@ -20,8 +20,8 @@ class ModulatedFinalLayer : public nn::Module {
 
 class MMDiTBlock : public nn::Module {
  public:
-  MMDiTBlock(std::vector<int64_t> dim_modalities, int64_t dim_cond, int64_t dim_head,
-             int64_t heads, int64_t ff_mult, Rng& rng);
+  MMDiTBlock(std::vector<int64_t> dim_modalities, int64_t dim_cond, int64_t dim_head, int64_t heads,
+             int64_t ff_mult, Rng& rng);
   // xs[m]: (S_m, D_m) or (B, S_m, D_m); c: (dim_cond,) or (B, dim_cond).
   std::vector<Tensor> operator()(std::vector<Tensor> xs, const Tensor& c,
                                  const Tensor& mask = Tensor()) const;

@@ -35,8 +35,7 @@ void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, 
               " for a total sequence length of ", total);
 }
 
-JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int64_t heads,
-                               Rng& rng)
+JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int64_t heads, Rng& rng)
     : dim_inputs(std::move(dims)), dim_head(dim_head), heads(heads) {
   MMDIT_CHECK(!dim_inputs.empty(), "JointAttention: no modalities");
   const int64_t inner = heads * dim_head;
@@ -77,7 +76,9 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
     vs.push_back(reshape(qkv[2], heads_shape));
   }
   // One attention over the concatenated sequence: (B, T, H, d) -> (B, H, T, d).
-  auto joined = [](const std::vector<Tensor>& parts) { return permute(concat(parts, 1), {0, 2, 1, 3}); };
+  auto joined = [](const std::vector<Tensor>& parts) {
+    return permute(concat(parts, 1), {0, 2, 1, 3});
+  };
   const Tensor out = attention(joined(qs), joined(ks), joined(vs), mask);
   const Tensor merged = reshape(permute(out, {0, 2, 1, 3}), {batch, total, inner});
 

@@ -13,7 +13,8 @@ class JointAttention : public Module {
 
   // xs[m] is (S_m, D_m) or (B, S_m, D_m), all batched or none. mask: bool (total, total) or
   // (B, total, total), true = attend; undefined = full attention.
-  std::vector<Tensor> operator()(const std::vector<Tensor>& xs, const Tensor& mask = Tensor()) const;
+  std::vector<Tensor> operator()(const std::vector<Tensor>& xs,
+                                 const Tensor& mask = Tensor()) const;
 
   std::vector<int64_t> dim_inputs;
   int64_t dim_head, heads;

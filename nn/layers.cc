@@ -14,7 +14,9 @@ Linear::Linear(int64_t in, int64_t out, bool has_bias, Rng& rng, Init init) {
   if (has_bias) bias = register_parameter("bias", make({out}));
 }
 
-RMSNorm::RMSNorm(int64_t dim) { gamma = register_parameter("gamma", ones({dim})); }
+RMSNorm::RMSNorm(int64_t dim) {
+  gamma = register_parameter("gamma", ones({dim}));
+}
 
 MultiHeadRMSNorm::MultiHeadRMSNorm(int64_t dim_head) {
   gamma = register_parameter("gamma", ones({dim_head}));

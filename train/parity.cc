@@ -8,9 +8,12 @@
 #include <map>
 
 #include "autodiff/ops.h"
+#include "autodiff/value_and_grad.h"
 #include "mmdit/incontext.h"
 #include "mmdit/mmdit.h"
 #include "tensor/safetensors.h"
+#include "train/optim.h"
+#include "train/policy.h"
 
 namespace mmdit {
 namespace {
@@ -132,7 +135,8 @@ Runnable build(const std::string& kind, const Json& c, Rng& rng) {
     cfg.ff_mult = c.value("ff_mult", 4);
     auto* m = own(std::make_unique<MMDiT>(cfg, rng));
     r.forward = [m](const CaseInputs& in) {
-      return numbered_outputs((*m)(in.numbered("input/"), in.numbered("timestep/"), in.get("mask")));
+      return numbered_outputs(
+          (*m)(in.numbered("input/"), in.numbered("timestep/"), in.get("mask")));
     };
   } else if (kind == "incontext_mmdit") {
     InContextMMDiTConfig cfg;
@@ -169,9 +173,103 @@ ParityRow compare(const std::string& name, const Tensor& actual, const Tensor& e
   return row;
 }
 
+PolicyConfig policy_config_from(const Json& c) {
+  PolicyConfig p;
+  p.n_obs_steps = c.at("n_obs_steps");
+  p.state_dim = c.at("state_dim");
+  p.horizon = c.at("horizon");
+  p.act_dim = c.at("act_dim");
+  p.hidden_size = c.at("hidden_size");
+  p.depth = c.at("depth");
+  p.dim_cond = c.at("dim_cond");
+  p.timestep_embed_dim = c.at("timestep_embed_dim");
+  p.dim_head = c.at("dim_head");
+  p.heads = c.at("heads");
+  p.ff_mult = c.value("ff_mult", 4);
+  p.sigma = c.value("sigma", 0.0);
+  p.validate();
+  return p;
+}
+
+Normalizer min_max_from(const NamedTensors& f, DType dtype) {
+  Normalizer n;
+  const Tensor s = raw::to_dtype(f.at("norm/state_min_max"), dtype);
+  const Tensor a = raw::to_dtype(f.at("norm/action_min_max"), dtype);
+  n.state_min = raw::contiguous(raw::squeeze(raw::narrow(s, 0, 0, 1), 0));
+  n.state_max = raw::contiguous(raw::squeeze(raw::narrow(s, 0, 1, 1), 0));
+  n.action_min = raw::contiguous(raw::squeeze(raw::narrow(a, 0, 0, 1), 0));
+  n.action_max = raw::contiguous(raw::squeeze(raw::narrow(a, 0, 1, 1), 0));
+  return n;
+}
+
+// The policy kinds: one training step (loss, gradients, AdamW, EMA) or one Euler sampling run.
+void run_policy_case(const SafetensorsFile& file, const Json& config, ParityReport& report) {
+  const DType dtype = report.dtype;
+  const NamedTensors& f = file.tensors;
+  auto get = [&](const std::string& name) {
+    MMDIT_CHECK(f.contains(name), report.path, ": a '", report.kind, "' case needs '", name, "'");
+    const Tensor& t = f.at(name);
+    return is_floating(t.dtype()) ? raw::to_dtype(t, dtype) : t;
+  };
+  Rng rng(0);
+  BCPolicy policy(policy_config_from(config), rng);
+  policy.to(dtype);
+  NamedTensors state;
+  for (const auto& [name, t] : f) {
+    if (starts_with(name, "param/"))
+      state.insert(name.substr(6), t);
+    else if (starts_with(name, "buffer/"))
+      state.insert(name.substr(7), t);
+  }
+  policy.load(state, /*buffers=*/true);
+  const Normalizer norm = min_max_from(f, dtype);
+  const Tensor obs = norm.normalize_state(get("batch/observation.state"));
+  auto add_rows = [&](const std::string& prefix, const NamedTensors& actual) {
+    for (const auto& [name, want] : f) {
+      if (!starts_with(name, "expect/" + prefix)) continue;
+      const std::string key = name.substr(7 + prefix.size());
+      MMDIT_CHECK(actual.contains(key), report.path, ": expected '", name.substr(7),
+                  "' but the policy has no parameter '", key, "'");
+      report.rows.push_back(compare(name.substr(7), actual.at(key), want, report.tolerance));
+    }
+  };
+
+  if (report.kind == "bc_sample") {
+    const Tensor a = sample_actions(policy, obs, get("noise/a0"), config.at("steps"),
+                                    config.value("max_t", 1.0));
+    report.rows.push_back(
+        compare("actions", norm.unnormalize_action(a), f.at("expect/actions"), report.tolerance));
+    return;
+  }
+
+  AdamWConfig adam;
+  adam.lr = config.at("lr");
+  adam.weight_decay = config.at("weight_decay");
+  adam.b1 = config.at("b1");
+  adam.b2 = config.at("b2");
+  adam.eps = config.at("eps");
+  const Tensor action = norm.normalize_action(get("batch/action"));
+  const Tensor is_pad = get("batch/action_is_pad");
+  const FlowNoise noise{get("noise/x0"), get("noise/t"), Tensor()};
+  auto loss_fn = [&](BCPolicy& p) { return flow_matching_loss(p, obs, action, is_pad, noise); };
+  auto [loss, grads] = value_and_grad(loss_fn)(policy);
+  report.rows.push_back(compare("loss", loss, f.at("expect/loss"), report.tolerance));
+  add_rows("grad/param/", grads);
+
+  const NamedTensors params = policy.named_parameters();
+  EMA ema(params, config.at("ema_decay"));
+  AdamW opt(params, adam);
+  opt.update(params, grads);
+  ema.update(params);
+  add_rows("param_after/", params);
+  add_rows("ema_after/", ema.params());
+}
+
 }  // namespace
 
-double default_parity_tolerance(DType dtype) { return dtype == DType::f64 ? 1e-5 : 1e-4; }
+double default_parity_tolerance(DType dtype) {
+  return dtype == DType::f64 ? 1e-5 : 1e-4;
+}
 
 bool ParityReport::ok() const {
   if (rows.empty()) return false;
@@ -186,13 +284,14 @@ std::string ParityReport::table() const {
   std::snprintf(line, sizeof line, "%s  (kind %s, %s, tolerance %.1e on the relative error)\n",
                 path.c_str(), kind.c_str(), dtype_name(dtype), tolerance);
   out += line;
-  std::snprintf(line, sizeof line, "%-64s %-12s %12s %12s  %s\n", "tensor", "shape",
-                "max abs err", "rel err", "result");
+  std::snprintf(line, sizeof line, "%-64s %-12s %12s %12s  %s\n", "tensor", "shape", "max abs err",
+                "rel err", "result");
   out += line;
   int failed = 0;
   for (const ParityRow& r : rows) {
     std::snprintf(line, sizeof line, "%-64s %-12s %12.3e %12.3e  %s\n", r.name.c_str(),
-                  shape_str(r.shape).c_str(), r.max_abs_error, r.rel_error, r.pass ? "pass" : "FAIL");
+                  shape_str(r.shape).c_str(), r.max_abs_error, r.rel_error,
+                  r.pass ? "pass" : "FAIL");
     out += line;
     failed += !r.pass;
   }
@@ -224,15 +323,28 @@ ParityReport run_parity(const std::string& path, DType dtype, std::optional<doub
     fail(path, ": the config metadata is not valid JSON: ", e.what());
   }
 
+  if (starts_with(report.kind, "bc_")) {
+    try {
+      run_policy_case(file, config, report);
+    } catch (const Json::exception& e) {
+      fail(path, ": bad config for kind '", report.kind, "': ", e.what());
+    }
+    return report;
+  }
+
   NamedTensors params, expected, cotangents;
   CaseInputs inputs;
   for (const auto& [name, t] : file.tensors) {
-    if (starts_with(name, "param/")) params.insert(name.substr(6), t);
-    else if (starts_with(name, "expect/")) expected.insert(name.substr(7), t);
-    else if (starts_with(name, "cotangent/")) cotangents.insert(name.substr(10), raw::to_dtype(t, dtype));
+    if (starts_with(name, "param/"))
+      params.insert(name.substr(6), t);
+    else if (starts_with(name, "expect/"))
+      expected.insert(name.substr(7), t);
+    else if (starts_with(name, "cotangent/"))
+      cotangents.insert(name.substr(10), raw::to_dtype(t, dtype));
     else if (starts_with(name, "input/") || starts_with(name, "timestep/") || name == "mask")
       inputs.tensors.insert(name, is_floating(t.dtype()) ? raw::to_dtype(t, dtype) : t);
-    else fail(path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
+    else
+      fail(path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
   }
 
   Rng rng(0);
@@ -247,7 +359,8 @@ ParityReport run_parity(const std::string& path, DType dtype, std::optional<doub
 
   // Everything that has an expected gradient is watched.
   NamedTensors watched;
-  for (const auto& [name, t] : runnable.module->named_parameters()) watched.insert("param/" + name, t);
+  for (const auto& [name, t] : runnable.module->named_parameters())
+    watched.insert("param/" + name, t);
   for (const auto& [name, t] : inputs.tensors)
     if (is_floating(t.dtype())) watched.insert(name, t);
 

@@ -19,7 +19,8 @@ void add_parity_command(CLI::App& app) {
       "parity", "Check a parity case recorded from the reference: one row per expected tensor");
   cmd->add_option("cases", opts->cases, "parity case files (.safetensors)")->required();
   cmd->add_option("--dtype", opts->dtype, "f32 or f64")->check(CLI::IsMember({"f32", "f64"}));
-  cmd->add_option("--tol", opts->tol, "tolerance on the relative error (default 1e-4 f32, 1e-5 f64)");
+  cmd->add_option("--tol", opts->tol,
+                  "tolerance on the relative error (default 1e-4 f32, 1e-5 f64)");
   cmd->callback([opts] {
     const DType dtype = opts->dtype == "f64" ? DType::f64 : DType::f32;
     bool all_ok = true;

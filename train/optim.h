@@ -1,0 +1,70 @@
+// AdamW as optax computes it, global-norm clipping, a warm-up + cosine schedule, and the EMA of
+// the parameters. Updates are in place, on contiguous parameter memory, outside any tape.
+#pragma once
+
+#include <string>
+
+#include "tensor/named_tensors.h"
+
+namespace mmdit {
+
+struct AdamWConfig {
+  double lr = 1e-4;
+  double b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+// optax.adamw = chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate):
+//   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//   u = m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd p
+//   p = p - lr u
+// The decay stays inside u, not as p (1 - lr wd): in float32, 1 - 1e-4 * 1e-2 rounds to 1 and
+// the decay would vanish.
+class AdamW {
+ public:
+  AdamW(const NamedTensors& params, AdamWConfig config);
+  // Every parameter is updated, including those whose gradient is zero (weight decay still
+  // applies). `lr` overrides config.lr for this step (a schedule).
+  void update(const NamedTensors& params, const NamedTensors& grads, double lr);
+  void update(const NamedTensors& params, const NamedTensors& grads) {
+    update(params, grads, config_.lr);
+  }
+
+  int64_t step() const { return step_; }
+  const NamedTensors& first_moments() const { return m_; }
+  const NamedTensors& second_moments() const { return v_; }
+  // Restores a saved state; names and shapes must match the parameters.
+  void set_state(int64_t step, const NamedTensors& m, const NamedTensors& v);
+  const AdamWConfig& config() const { return config_; }
+
+ private:
+  AdamWConfig config_;
+  int64_t step_ = 0;
+  NamedTensors m_, v_;
+};
+
+// Scales all gradients by min(1, max_norm / global_norm), as optax.clip_by_global_norm; returns
+// the global norm before clipping.
+double clip_by_global_norm(const NamedTensors& grads, double max_norm);
+double global_norm(const NamedTensors& grads);
+
+// Linear warm-up from 0 to peak over warmup_steps, then cosine decay to end_lr at total_steps
+// (optax.warmup_cosine_decay_schedule). With total_steps == 0: constant peak after warm-up.
+double warmup_cosine_lr(int64_t step, double peak, int64_t warmup_steps, int64_t total_steps,
+                        double end_lr = 0.0);
+
+// ema = decay ema + (1 - decay) p, for every trainable parameter (never the buffers).
+class EMA {
+ public:
+  EMA(const NamedTensors& params, double decay);  // starts equal to params (copies)
+  void update(const NamedTensors& params);
+  const NamedTensors& params() const { return ema_; }
+  void set(const NamedTensors& values);  // strict: same names and shapes
+  double decay() const { return decay_; }
+
+ private:
+  double decay_;
+  NamedTensors ema_;
+};
+
+}  // namespace mmdit

@@ -1,0 +1,270 @@
+#include "train/policy.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
+
+#include "nn/functional.h"
+
+namespace mmdit {
+
+using Json = nlohmann::json;
+
+// ---- config ----
+std::string PolicyConfig::to_json() const {
+  Json j = {{"n_obs_steps", n_obs_steps}, {"state_dim", state_dim},
+            {"horizon", horizon},         {"act_dim", act_dim},
+            {"hidden_size", hidden_size}, {"depth", depth},
+            {"dim_cond", dim_cond},       {"timestep_embed_dim", timestep_embed_dim},
+            {"dim_head", dim_head},       {"heads", heads},
+            {"ff_mult", ff_mult},         {"sigma", sigma}};
+  return j.dump();
+}
+
+PolicyConfig PolicyConfig::from_json(const std::string& text) {
+  PolicyConfig c;
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const Json::exception& e) {
+    fail("policy config: not valid JSON: ", e.what());
+  }
+  MMDIT_CHECK(j.is_object(), "policy config: expected a JSON object");
+  for (auto& [key, value] : j.items()) {
+    auto as_int = [&](int64_t& field) {
+      MMDIT_CHECK(value.is_number_integer(), "policy config: '", key, "' must be an integer, got ",
+                  value.dump());
+      field = value.get<int64_t>();
+    };
+    if (key == "n_obs_steps")
+      as_int(c.n_obs_steps);
+    else if (key == "state_dim")
+      as_int(c.state_dim);
+    else if (key == "horizon")
+      as_int(c.horizon);
+    else if (key == "act_dim")
+      as_int(c.act_dim);
+    else if (key == "hidden_size")
+      as_int(c.hidden_size);
+    else if (key == "depth")
+      as_int(c.depth);
+    else if (key == "dim_cond")
+      as_int(c.dim_cond);
+    else if (key == "timestep_embed_dim")
+      as_int(c.timestep_embed_dim);
+    else if (key == "dim_head")
+      as_int(c.dim_head);
+    else if (key == "heads")
+      as_int(c.heads);
+    else if (key == "ff_mult")
+      as_int(c.ff_mult);
+    else if (key == "sigma") {
+      MMDIT_CHECK(value.is_number(), "policy config: 'sigma' must be a number");
+      c.sigma = value.get<double>();
+    } else {
+      fail("policy config: unknown key '", key, "'");
+    }
+  }
+  c.validate();
+  return c;
+}
+
+void PolicyConfig::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    MMDIT_CHECK(v > 0, "policy config: ", name, " must be positive, got ", v);
+  };
+  positive("n_obs_steps", n_obs_steps);
+  positive("state_dim", state_dim);
+  positive("horizon", horizon);
+  positive("act_dim", act_dim);
+  positive("hidden_size", hidden_size);
+  positive("depth", depth);
+  positive("dim_cond", dim_cond);
+  positive("timestep_embed_dim", timestep_embed_dim);
+  positive("dim_head", dim_head);
+  positive("heads", heads);
+  positive("ff_mult", ff_mult);
+  MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
+              dim_head);
+  MMDIT_CHECK(sigma >= 0, "policy config: sigma must be >= 0, got ", sigma);
+}
+
+// ---- normalisation ----
+namespace {
+
+Tensor minmax_to_unit(const Tensor& x, const Tensor& lo, const Tensor& hi) {
+  // 2 (x - min) / (max - min + 1e-8) - 1
+  return raw::add_scalar(
+      raw::mul_scalar(raw::div(raw::sub(x, lo), raw::add_scalar(raw::sub(hi, lo), 1e-8)), 2.0),
+      -1.0);
+}
+
+Json tensor_json(const Tensor& t) {
+  if (!t.defined()) return nullptr;
+  return t.to_vector<double>();
+}
+
+Tensor tensor_from_json(const Json& j, const char* name) {
+  if (j.is_null()) return Tensor();
+  MMDIT_CHECK(j.is_array(), "normalizer: '", name, "' must be an array of numbers");
+  std::vector<double> v;
+  for (const Json& x : j) {
+    MMDIT_CHECK(x.is_number(), "normalizer: '", name, "' must be an array of numbers");
+    v.push_back(x.get<double>());
+  }
+  return from_vector(v, {static_cast<int64_t>(v.size())}, DType::f32);
+}
+
+}  // namespace
+
+Tensor Normalizer::normalize_state(const Tensor& s) const {
+  if (mode == Mode::z_score) return raw::div(raw::sub(s, state_mean), state_std);
+  return minmax_to_unit(s, state_min, state_max);
+}
+
+Tensor Normalizer::normalize_action(const Tensor& a) const {
+  if (mode == Mode::z_score) return raw::div(raw::sub(a, action_mean), action_std);
+  return minmax_to_unit(a, action_min, action_max);
+}
+
+Tensor Normalizer::unnormalize_action(const Tensor& a) const {
+  if (mode == Mode::z_score) return raw::add(raw::mul(a, action_std), action_mean);
+  return raw::add(
+      raw::mul(raw::mul_scalar(raw::add_scalar(a, 1.0), 0.5), raw::sub(action_max, action_min)),
+      action_min);
+}
+
+Normalizer Normalizer::to(DType dtype) const {
+  Normalizer n = *this;
+  for (Tensor* t : {&n.state_min, &n.state_max, &n.state_mean, &n.state_std, &n.action_min,
+                    &n.action_max, &n.action_mean, &n.action_std})
+    if (t->defined()) *t = raw::to_dtype(*t, dtype);
+  return n;
+}
+
+std::string Normalizer::to_json() const {
+  Json j = {{"mode", mode == Mode::z_score ? "z_score" : "min_max"},
+            {"state_min", tensor_json(state_min)},
+            {"state_max", tensor_json(state_max)},
+            {"state_mean", tensor_json(state_mean)},
+            {"state_std", tensor_json(state_std)},
+            {"action_min", tensor_json(action_min)},
+            {"action_max", tensor_json(action_max)},
+            {"action_mean", tensor_json(action_mean)},
+            {"action_std", tensor_json(action_std)}};
+  return j.dump();
+}
+
+Normalizer Normalizer::from_json(const std::string& text) {
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const Json::exception& e) {
+    fail("normalizer: not valid JSON: ", e.what());
+  }
+  MMDIT_CHECK(j.is_object() && j.contains("mode"), "normalizer: expected an object with a 'mode'");
+  Normalizer n;
+  const std::string mode = j.at("mode").get<std::string>();
+  MMDIT_CHECK(mode == "min_max" || mode == "z_score", "normalizer: unknown mode '", mode, "'");
+  n.mode = mode == "z_score" ? Mode::z_score : Mode::min_max;
+  auto get = [&](const char* key) {
+    return j.contains(key) ? tensor_from_json(j[key], key) : Tensor();
+  };
+  n.state_min = get("state_min");
+  n.state_max = get("state_max");
+  n.state_mean = get("state_mean");
+  n.state_std = get("state_std");
+  n.action_min = get("action_min");
+  n.action_max = get("action_max");
+  n.action_mean = get("action_mean");
+  n.action_std = get("action_std");
+  return n;
+}
+
+// ---- the policy ----
+BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
+    : config(cfg),
+      state_encoder(cfg.state_dim, cfg.hidden_size, true, rng),
+      action_encoder(cfg.act_dim, cfg.hidden_size, true, rng),
+      mmdit(
+          [&] {
+            cfg.validate();
+            MMDiTConfig m;
+            m.depth = cfg.depth;
+            m.dim_modalities = {cfg.hidden_size, cfg.hidden_size};
+            m.dim_outs = {cfg.hidden_size, cfg.act_dim};
+            m.dim_cond = cfg.dim_cond;
+            m.timestep_embed_dims = {cfg.timestep_embed_dim};
+            m.dim_head = cfg.dim_head;
+            m.heads = cfg.heads;
+            m.ff_mult = cfg.ff_mult;
+            return m;
+          }(),
+          rng) {
+  register_module("state_encoder", state_encoder);
+  register_module("action_encoder", action_encoder);
+  register_module("mmdit", mmdit);
+  state_pos_embed =
+      register_buffer("state_pos_embed", nn::sincos_table(cfg.hidden_size, cfg.n_obs_steps));
+  action_pos_embed = register_buffer(
+      "action_pos_embed",
+      raw::contiguous(
+          raw::narrow(nn::sincos_table(cfg.hidden_size, 100 + cfg.horizon), 0, 100, cfg.horizon)));
+  const int64_t total = cfg.n_obs_steps + cfg.horizon;
+  std::vector<bool> m(total * total, true);
+  for (int64_t i = cfg.n_obs_steps; i < total; ++i)
+    for (int64_t j = cfg.n_obs_steps; j < total; ++j) m[i * total + j] = j <= i;
+  mask_ = from_vector(m, {total, total});
+}
+
+Tensor BCPolicy::encode_observations(const Tensor& state) const {
+  MMDIT_CHECK(state.dim() == 3 && state.shape()[1] == config.n_obs_steps &&
+                  state.shape()[2] == config.state_dim,
+              "policy: observation has shape ", shape_str(state.shape()), "; expected (B,",
+              config.n_obs_steps, ",", config.state_dim, ")");
+  NameScope scope("state_encoder");
+  return state_encoder(state) + state_pos_embed;
+}
+
+Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const {
+  MMDIT_CHECK(
+      x_t.dim() == 3 && x_t.shape()[1] == config.horizon && x_t.shape()[2] == config.act_dim,
+      "policy: actions have shape ", shape_str(x_t.shape()), "; expected (B,", config.horizon, ",",
+      config.act_dim, ")");
+  Tensor act;
+  {
+    NameScope scope("action_encoder");
+    act = action_encoder(x_t) + action_pos_embed;
+  }
+  NameScope scope("mmdit");
+  return mmdit({obs_tokens, act}, {t}, mask_)[1];
+}
+
+Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
+                          const Tensor& action_is_pad, const FlowNoise& noise) {
+  const Tensor t = reshape(noise.t, {-1, 1, 1});
+  Tensor x_t = t * action + (1.0 - t) * noise.x0;  // t = 0 is noise, t = 1 is data
+  if (policy.config.sigma > 0) x_t = x_t + noise.eps * policy.config.sigma;
+  const Tensor u = action - noise.x0;
+  const Tensor v = policy.velocity(policy.encode_observations(state), x_t, noise.t);
+  const Tensor valid =
+      raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
+  return mean(square(u - v) * valid);
+}
+
+Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
+                      double max_t) {
+  MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
+  const Tensor obs = policy.encode_observations(state);
+  const int64_t batch = a0.shape()[0];
+  Tensor a = a0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const double t_k = k * max_t / steps, t_next = (k + 1) * max_t / steps;
+    const Tensor t = full({batch}, t_k, a.dtype());
+    a = raw::add(a, raw::mul_scalar(policy.velocity(obs, a, t), t_next - t_k));
+  }
+  return a;
+}
+
+}  // namespace mmdit

@@ -1,0 +1,87 @@
+// The flow-matching behaviour-cloning policy (models.md, "The flow-matching behaviour-cloning
+// policy"): observation and action tokens through an MMDiT that predicts the velocity field.
+#pragma once
+
+#include <string>
+
+#include "mmdit/mmdit.h"
+
+namespace mmdit {
+
+struct PolicyConfig {
+  int64_t n_obs_steps = 2;
+  int64_t state_dim = 4;
+  int64_t horizon = 16;
+  int64_t act_dim = 2;
+  int64_t hidden_size = 256;
+  int64_t depth = 8;
+  int64_t dim_cond = 1024;
+  int64_t timestep_embed_dim = 256;
+  int64_t dim_head = 64;
+  int64_t heads = 8;
+  int64_t ff_mult = 4;
+  double sigma = 0;  // std of Gaussian noise added to x_t in training (0 = none)
+
+  std::string to_json() const;
+  static PolicyConfig from_json(const std::string& json);  // unknown keys are an error
+  void validate() const;
+};
+
+// Per-dimension statistics, and the map to the policy's [-1, 1] (min-max) or unit-variance
+// (z-score) coordinates.
+struct Normalizer {
+  enum class Mode { min_max, z_score };
+  Mode mode = Mode::min_max;
+  Tensor state_min, state_max, state_mean, state_std;      // (state_dim,)
+  Tensor action_min, action_max, action_mean, action_std;  // (act_dim,)
+
+  Tensor normalize_state(const Tensor& s) const;
+  Tensor normalize_action(const Tensor& a) const;
+  // min-max: (a + 1) / 2 * (max - min) + min, without the 1e-8 (as the reference).
+  Tensor unnormalize_action(const Tensor& a) const;
+  Normalizer to(DType dtype) const;
+  std::string to_json() const;  // values printed with round-trip precision
+  static Normalizer from_json(const std::string& json);
+};
+
+class BCPolicy : public nn::Module {
+ public:
+  BCPolicy(const PolicyConfig& config, Rng& rng);
+
+  // Observation tokens (B, n_obs, hidden) from normalised states (B, n_obs, state_dim).
+  Tensor encode_observations(const Tensor& state) const;
+  // The velocity v(x_t, t) (B, horizon, act_dim) given the observation tokens, x_t (B, horizon,
+  // act_dim) and t (B,).
+  Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const;
+  // (n_obs + horizon)^2: observation rows see everything; action rows see every observation
+  // and the actions at or before their own position.
+  const Tensor& attention_mask() const { return mask_; }
+
+  PolicyConfig config;
+  nn::Linear state_encoder, action_encoder;
+  Tensor state_pos_embed, action_pos_embed;  // frozen buffers
+  MMDiT mmdit;
+
+ private:
+  Tensor mask_;
+};
+
+// The random draws of one training step, fixed by the caller (the parity cases fix them too).
+struct FlowNoise {
+  Tensor x0;   // (B, horizon, act_dim) standard normal
+  Tensor t;    // (B,)
+  Tensor eps;  // (B, horizon, act_dim), used only when config.sigma > 0
+};
+
+// mean over (B, horizon, act_dim) of (u - v)^2 * valid, u = z - x0, x_t = t z + (1 - t) x0,
+// with states and actions already normalised; padded actions count in the denominator, as in
+// the reference.
+Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
+                          const Tensor& action_is_pad, const FlowNoise& noise);
+
+// Euler integration from noise a0 (normalised space) over t_k = k max_t / steps; observation
+// tokens are computed once. Returns normalised actions (B, horizon, act_dim).
+Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
+                      double max_t = 1.0);
+
+}  // namespace mmdit
