@@ -22,7 +22,9 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
   return m;
 }
 
-double max_abs(const Tensor& a) { return max_abs_diff(a, zeros_like(a)); }
+double max_abs(const Tensor& a) {
+  return max_abs_diff(a, zeros_like(a));
+}
 
 // Gives every parameter (zero-initialised ones included) random values, so that tests about
 // what a trained model does are not trivially satisfied by adaLN-Zero.
@@ -88,7 +90,8 @@ TEST(Module, LinearInitIsUniformInInverseSqrtFanIn) {
   nn::Linear lin(100, 400, true, rng);
   const double bound = 0.1;
   double lo = 1, hi = -1;
-  for (float v : lin.weight.to_vector<float>()) lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
+  for (float v : lin.weight.to_vector<float>())
+    lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
   EXPECT_GE(lo, -bound);
   EXPECT_LE(hi, bound);
   EXPECT_LT(lo, -0.95 * bound);  // the whole range is used
@@ -113,14 +116,17 @@ TEST(Module, LoadIsStrict) {
   NamedTensors values = ff.named_parameters();
   NamedTensors missing;
   missing.insert("linear_in.weight", values.at("linear_in.weight"));
-  EXPECT_THAT([&] { ff.load(missing); }, testing::ThrowsMessage<Error>(HasSubstr("missing parameter 'linear_gate.weight'")));
+  EXPECT_THAT([&] { ff.load(missing); },
+              testing::ThrowsMessage<Error>(HasSubstr("missing parameter 'linear_gate.weight'")));
   NamedTensors extra = ff.named_parameters();
   extra.insert("linear_in.bias", zeros({16}));
-  EXPECT_THAT([&] { ff.load(extra); }, testing::ThrowsMessage<Error>(HasSubstr("unknown parameter 'linear_in.bias'")));
+  EXPECT_THAT([&] { ff.load(extra); },
+              testing::ThrowsMessage<Error>(HasSubstr("unknown parameter 'linear_in.bias'")));
   NamedTensors wrong;
   for (const auto& [n, t] : values) wrong.insert(n, n == "linear_out.weight" ? zeros({8, 8}) : t);
   EXPECT_THAT([&] { ff.load(wrong); },
-              testing::ThrowsMessage<Error>(HasSubstr("'linear_out.weight' has shape (8,8) but the model expects (8,16)")));
+              testing::ThrowsMessage<Error>(
+                  HasSubstr("'linear_out.weight' has shape (8,8) but the model expects (8,16)")));
 }
 
 // ---------------------------------------------------------------- shapes and adaLN-Zero
@@ -177,7 +183,8 @@ TEST(MMDiT, MultipleConditioningVariables) {
   cfg.timestep_embed_dims = {8, 6};
   MMDiT model(cfg, rng);
   EXPECT_TRUE(model.named_parameters().contains("timestep_embeds.1.linear1.weight"));
-  EXPECT_EQ(model.named_parameters().at("timestep_embeds.1.linear1.weight").shape(), (Shape{16, 6}));
+  EXPECT_EQ(model.named_parameters().at("timestep_embeds.1.linear1.weight").shape(),
+            (Shape{16, 6}));
   randomize(model, rng);
   const Tensor a = rng.normal({5, 16}), b = rng.normal({3, 8});
   auto o1 = model({a, b}, {scalar(0.5), scalar(0.1)});
@@ -194,8 +201,9 @@ TEST(MMDiT, BatchedEqualsPerExample) {
   const Tensor mask = obs_full_action_causal(5, 4);
   auto batched = model({a, b}, {t}, mask);
   for (int64_t i = 0; i < 3; ++i) {
-    auto single = model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)},
-                        {raw::squeeze(raw::narrow(t, 0, i, 1), 0)}, mask);
+    auto single =
+        model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)},
+              {raw::squeeze(raw::narrow(t, 0, i, 1), 0)}, mask);
     for (int m = 0; m < 2; ++m)
       EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[m], 0, i, 1), 0), single[m]), 1e-5);
   }
@@ -211,27 +219,38 @@ TEST(InContextMMDiT, BatchedEqualsPerExample) {
   const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 4, 8});
   auto batched = model({a, b});
   for (int64_t i = 0; i < 2; ++i) {
-    auto single = model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)});
+    auto single =
+        model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)});
     EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[1], 0, i, 1), 0), single[1]), 1e-5);
   }
 }
 
 // ---------------------------------------------------------------- masks
+// In one attention layer under the policy's mask, action i reads only the observations and
+// actions 0..i; through a whole model the same holds once observations cannot read actions
+// (otherwise later actions reach earlier ones through the observation tokens of the next block).
 TEST(Masks, CausalActionsDoNotSeeLaterActions) {
   Rng rng(11);
-  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
-  randomize(model, rng);
-  const Tensor obs = rng.normal({5, 16});
-  Tensor act = rng.normal({4, 8});
-  const Tensor mask = obs_full_action_causal(5, 4);
-  auto before = model({obs, act}, mask);
+  nn::JointAttention attn({16, 8}, 4, 2, rng);
+  const Tensor obs = rng.normal({5, 16}), act = rng.normal({4, 8});
   Tensor changed = raw::clone(act);
   raw::copy_into(raw::narrow(changed, 0, 3, 1), rng.normal({1, 8}));  // only the last action
-  auto after = model({obs, changed}, mask);
+  const Tensor mask = obs_full_action_causal(5, 4);
+  auto before = attn({obs, act}, mask), after = attn({obs, changed}, mask);
   EXPECT_LT(max_abs_diff(raw::narrow(before[1], 0, 0, 3), raw::narrow(after[1], 0, 0, 3)), 1e-6);
   EXPECT_GT(max_abs_diff(raw::narrow(before[1], 0, 3, 1), raw::narrow(after[1], 0, 3, 1)), 1e-4);
-  // Observations see the actions in this mask, so they do change.
-  EXPECT_GT(max_abs_diff(before[0], after[0]), 1e-5);
+  EXPECT_GT(max_abs_diff(before[0], after[0]), 1e-5);  // observations see every action
+
+  InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  std::vector<bool> m = obs_full_action_causal(5, 4).to_vector<bool>();
+  for (int i = 0; i < 5; ++i)
+    for (int j = 5; j < 9; ++j) m[i * 9 + j] = false;
+  const Tensor strict = from_vector(m, {9, 9});
+  auto b2 = model({obs, act}, strict), a2 = model({obs, changed}, strict);
+  EXPECT_LT(max_abs_diff(raw::narrow(b2[1], 0, 0, 3), raw::narrow(a2[1], 0, 0, 3)), 1e-6);
+  EXPECT_GT(max_abs_diff(raw::narrow(b2[1], 0, 3, 1), raw::narrow(a2[1], 0, 3, 1)), 1e-4);
+  EXPECT_LT(max_abs_diff(b2[0], a2[0]), 1e-6);
 }
 
 TEST(Masks, BlockedModalityIsInvisible) {
@@ -267,7 +286,8 @@ TEST(MMDiT, GradientsReachEveryParameter) {
   Rng rng(14);
   MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
   randomize(model, rng);
-  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8}), t = from_vector({0.2f, 0.7f}, {2});
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8}),
+               t = from_vector({0.2f, 0.7f}, {2});
   auto loss_fn = [&](MMDiT& m) {
     auto out = m({a, b}, {t});
     return sum(square(out[0])) + sum(square(out[1]));
@@ -293,33 +313,56 @@ TEST(InContextMMDiT, GradientsReachEveryParameter) {
 TEST(Errors, WrongModalityCount) {
   Rng rng(16);
   MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
-  EXPECT_THAT([&] { model({rng.normal({5, 16})}, {scalar(0.5)}); },
-              testing::ThrowsMessage<Error>(HasSubstr("expected 2 modalities, got 1")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({5, 16})}, {scalar(0.5)});
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("expected 2 modalities, got 1")));
 }
 
 TEST(Errors, WrongFeatureDim) {
   Rng rng(17);
   InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);
-  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 9})}); },
-              testing::ThrowsMessage<Error>(HasSubstr("modality 1 has feature dim 9 (shape (3,9)), expected 8")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({5, 16}), rng.normal({3, 9})});
+      },
+      testing::ThrowsMessage<Error>(
+          HasSubstr("modality 1 has feature dim 9 (shape (3,9)), expected 8")));
 }
 
 TEST(Errors, WrongMaskShape) {
   Rng rng(18);
   MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
-  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)}, ones({7, 7}, DType::boolean)); },
-              testing::ThrowsMessage<Error>(HasSubstr("mask has shape (7,7); expected (8,8)")));
-  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)}, ones({8, 8})); },
-              testing::ThrowsMessage<Error>(HasSubstr("mask must be bool")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)},
+              ones({7, 7}, DType::boolean));
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("mask has shape (7,7); expected (8,8)")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5)}, ones({8, 8}));
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("mask must be bool")));
 }
 
 TEST(Errors, WrongNumberOfTimesteps) {
   Rng rng(19);
   MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
-  EXPECT_THAT([&] { model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5), scalar(0.1)}); },
-              testing::ThrowsMessage<Error>(HasSubstr("expected 1 timestep(s), one per conditioning variable, got 2")));
-  EXPECT_THAT([&] { model({rng.normal({2, 5, 16}), rng.normal({2, 3, 8})}, {from_vector({0.1f, 0.2f, 0.3f}, {3})}); },
-              testing::ThrowsMessage<Error>(HasSubstr("timestep 0 has shape (3,); expected (2,) for a batch of 2")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({5, 16}), rng.normal({3, 8})}, {scalar(0.5), scalar(0.1)});
+      },
+      testing::ThrowsMessage<Error>(
+          HasSubstr("expected 1 timestep(s), one per conditioning variable, got 2")));
+  EXPECT_THAT(
+      [&] {
+        model({rng.normal({2, 5, 16}), rng.normal({2, 3, 8})},
+              {from_vector({0.1f, 0.2f, 0.3f}, {3})});
+      },
+      testing::ThrowsMessage<Error>(
+          HasSubstr("timestep 0 has shape (3,); expected (2,) for a batch of 2")));
 }
 
 // ---------------------------------------------------------------- RoPE and timestep embedding
@@ -359,7 +402,8 @@ TEST(TimestepEmbedding, CosThenSinLayoutOddDimsAndBounds) {
     EXPECT_NEAR(v[4 + j], std::sin(0.7 * f), 1e-15);
   }
   EXPECT_EQ(v[8], 0.0);
-  const Tensor batch = nn::timestep_embedding(from_vector(std::vector<double>{0, 1, 100, 1e4}, {4}), 16);
+  const Tensor batch =
+      nn::timestep_embedding(from_vector(std::vector<double>{0, 1, 100, 1e4}, {4}), 16);
   EXPECT_EQ(batch.shape(), (Shape{4, 16}));
   for (double x : batch.to_vector<double>()) EXPECT_LE(std::abs(x), 1.0);
 }
@@ -382,7 +426,9 @@ TEST(Gradcheck, Layers) {
   auto f64 = [&](Shape s) { return rng.normal(s, DType::f64); };
   {
     nn::Linear m(5, 3, true, rng);
-    gradcheck_module(m, NamedTensors{}, [&](auto& mod, const NamedTensors&) { return mod(f64({2, 4, 5})); });
+    NamedTensors in;
+    in.insert("x", f64({2, 4, 5}));
+    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x")); });
   }
   {
     nn::RMSNorm m(6);
@@ -407,7 +453,8 @@ TEST(Gradcheck, Layers) {
     NamedTensors in;
     in.insert("x", f64({2, 3, 6}));
     in.insert("cond", f64({2, 5}));
-    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("cond")); });
+    gradcheck_module(m, in,
+                     [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("cond")); });
   }
   {
     nn::FeedForward m(6, 2, rng);
@@ -437,7 +484,8 @@ TEST(Gradcheck, FinalLayers) {
     NamedTensors in;
     in.insert("x", rng.normal({2, 3, 6}, DType::f64));
     in.insert("c", rng.normal({2, 5}, DType::f64));
-    gradcheck_module(m, in, [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("c")); });
+    gradcheck_module(m, in,
+                     [](auto& mod, const NamedTensors& i) { return mod(i.at("x"), i.at("c")); });
   }
   {
     SimpleFinalLayer m(6, 3, rng);

@@ -253,6 +253,22 @@ Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Ten
   return mean(square(u - v) * valid);
 }
 
+Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
+                       const Tensor& action_is_pad) {
+  const Tensor pred = regress_actions(policy, state);
+  const Tensor valid =
+      raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
+  return mean(square(action - pred) * valid);
+}
+
+Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
+  const int64_t batch = state.shape()[0];
+  const Tensor zero_actions =
+      zeros({batch, policy.config.horizon, policy.config.act_dim}, state.dtype());
+  return policy.velocity(policy.encode_observations(state), zero_actions,
+                         zeros({batch}, state.dtype()));
+}
+
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t) {
   MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);

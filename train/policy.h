@@ -79,6 +79,12 @@ struct FlowNoise {
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                           const Tensor& action_is_pad, const FlowNoise& noise);
 
+// The baseline: the same network regressing the actions directly (x_t = 0, t = 0), trained with
+// plain MSE. With multimodal demonstrations it learns the average of the modes.
+Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
+                       const Tensor& action_is_pad);
+Tensor regress_actions(const BCPolicy& policy, const Tensor& state);
+
 // Euler integration from noise a0 (normalised space) over t_k = k max_t / steps; observation
 // tokens are computed once. Returns normalised actions (B, horizon, act_dim).
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,

@@ -6,5 +6,7 @@
 namespace mmdit::cli {
 
 void add_parity_command(CLI::App& app);
+// demo, train, sample, eval, info
+void add_policy_commands(CLI::App& app);
 
 }  // namespace mmdit::cli

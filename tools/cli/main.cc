@@ -8,6 +8,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"mmdit: MMDiT models and flow-matching policies in C++"};
   app.require_subcommand(1);
+  mmdit::cli::add_policy_commands(app);
   mmdit::cli::add_parity_command(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,312 @@
+#include "train/trainer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+
+#include "autodiff/value_and_grad.h"
+#include "tensor/safetensors.h"
+
+namespace mmdit {
+
+using Json = nlohmann::json;
+
+namespace {
+
+constexpr const char* kCheckpointFormat = "mmdit-checkpoint/1";
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+}  // namespace
+
+// ---- config ----
+std::string TrainConfig::to_json() const {
+  Json j = {{"policy", Json::parse(policy.to_json())},
+            {"steps", steps},
+            {"batch_size", batch_size},
+            {"lr", lr},
+            {"weight_decay", weight_decay},
+            {"b1", b1},
+            {"b2", b2},
+            {"eps", eps},
+            {"ema_decay", ema_decay},
+            {"grad_clip", grad_clip},
+            {"warmup_steps", warmup_steps},
+            {"cosine_decay", cosine_decay},
+            {"normalization", normalization},
+            {"timestep_sampling", timestep_sampling},
+            {"max_t", max_t},
+            {"objective", objective},
+            {"sample_steps", sample_steps},
+            {"seed", seed}};
+  return j.dump(2);
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& defaults) {
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const Json::exception& e) {
+    fail("train config: not valid JSON: ", e.what());
+  }
+  MMDIT_CHECK(j.is_object(), "train config: expected a JSON object");
+  TrainConfig c = defaults;
+  for (auto& [key, value] : j.items()) {
+    auto number = [&](double& field) {
+      MMDIT_CHECK(value.is_number(), "train config: '", key, "' must be a number, got ",
+                  value.dump());
+      field = value.get<double>();
+    };
+    auto integer = [&](int64_t& field) {
+      MMDIT_CHECK(value.is_number_integer(), "train config: '", key, "' must be an integer, got ",
+                  value.dump());
+      field = value.get<int64_t>();
+    };
+    auto text_field = [&](std::string& field) {
+      MMDIT_CHECK(value.is_string(), "train config: '", key, "' must be a string, got ",
+                  value.dump());
+      field = value.get<std::string>();
+    };
+    if (key == "policy") {
+      Json merged = Json::parse(c.policy.to_json());
+      MMDIT_CHECK(value.is_object(), "train config: 'policy' must be an object");
+      merged.update(value);
+      c.policy = PolicyConfig::from_json(merged.dump());
+    } else if (key == "steps")
+      integer(c.steps);
+    else if (key == "batch_size")
+      integer(c.batch_size);
+    else if (key == "lr")
+      number(c.lr);
+    else if (key == "weight_decay")
+      number(c.weight_decay);
+    else if (key == "b1")
+      number(c.b1);
+    else if (key == "b2")
+      number(c.b2);
+    else if (key == "eps")
+      number(c.eps);
+    else if (key == "ema_decay")
+      number(c.ema_decay);
+    else if (key == "grad_clip")
+      number(c.grad_clip);
+    else if (key == "warmup_steps")
+      integer(c.warmup_steps);
+    else if (key == "cosine_decay") {
+      MMDIT_CHECK(value.is_boolean(), "train config: 'cosine_decay' must be true or false");
+      c.cosine_decay = value.get<bool>();
+    } else if (key == "normalization")
+      text_field(c.normalization);
+    else if (key == "timestep_sampling")
+      text_field(c.timestep_sampling);
+    else if (key == "max_t")
+      number(c.max_t);
+    else if (key == "objective")
+      text_field(c.objective);
+    else if (key == "sample_steps")
+      integer(c.sample_steps);
+    else if (key == "seed") {
+      MMDIT_CHECK(value.is_number_unsigned() || value.is_number_integer(),
+                  "train config: 'seed' must be an integer");
+      c.seed = value.get<uint64_t>();
+    } else {
+      fail("train config: unknown key '", key, "'");
+    }
+  }
+  c.validate();
+  return c;
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text) {
+  return from_json(text, TrainConfig{});
+}
+
+void TrainConfig::validate() const {
+  policy.validate();
+  MMDIT_CHECK(steps >= 0, "train config: steps must be >= 0, got ", steps);
+  MMDIT_CHECK(batch_size > 0, "train config: batch_size must be positive, got ", batch_size);
+  MMDIT_CHECK(lr > 0, "train config: lr must be positive, got ", lr);
+  MMDIT_CHECK(weight_decay >= 0, "train config: weight_decay must be >= 0, got ", weight_decay);
+  MMDIT_CHECK(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1, "train config: b1 and b2 must be in [0, 1)");
+  MMDIT_CHECK(eps > 0, "train config: eps must be positive, got ", eps);
+  MMDIT_CHECK(ema_decay >= 0 && ema_decay <= 1, "train config: ema_decay must be in [0, 1], got ",
+              ema_decay);
+  MMDIT_CHECK(grad_clip >= 0, "train config: grad_clip must be >= 0 (0 = off), got ", grad_clip);
+  MMDIT_CHECK(warmup_steps >= 0, "train config: warmup_steps must be >= 0");
+  MMDIT_CHECK(normalization == "min_max" || normalization == "z_score",
+              "train config: normalization must be min_max or z_score, got '", normalization, "'");
+  MMDIT_CHECK(timestep_sampling == "uniform" || timestep_sampling == "logit_normal",
+              "train config: timestep_sampling must be uniform or logit_normal, got '",
+              timestep_sampling, "'");
+  MMDIT_CHECK(objective == "flow" || objective == "mse",
+              "train config: objective must be flow or mse, got '", objective, "'");
+  MMDIT_CHECK(max_t > 0 && max_t <= 1, "train config: max_t must be in (0, 1], got ", max_t);
+  MMDIT_CHECK(sample_steps >= 1, "train config: sample_steps must be >= 1");
+}
+
+Normalizer make_normalizer(const Episodes& data, const std::string& mode) {
+  const NormStats s = compute_stats(data.states), a = compute_stats(data.actions);
+  Normalizer n;
+  n.mode = mode == "z_score" ? Normalizer::Mode::z_score : Normalizer::Mode::min_max;
+  n.state_min = s.min, n.state_max = s.max, n.state_mean = s.mean, n.state_std = s.std;
+  n.action_min = a.min, n.action_max = a.max, n.action_mean = a.mean, n.action_std = a.std;
+  return n;
+}
+
+// ---- trainer ----
+Trainer::Trainer(const TrainConfig& config, const Episodes& data, bool)
+    : config_(config), rng_(config.seed ^ 0x9E3779B97F4A7C15ull) {
+  config_.validate();
+  MMDIT_CHECK(data.state_dim() == config_.policy.state_dim, "train: the data's states have ",
+              data.state_dim(), " dimensions but the policy's state_dim is ",
+              config_.policy.state_dim);
+  MMDIT_CHECK(data.act_dim() == config_.policy.act_dim, "train: the data's actions have ",
+              data.act_dim(), " dimensions but the policy's act_dim is ", config_.policy.act_dim);
+  normalizer_ = make_normalizer(data, config_.normalization);
+  Rng init(config_.seed);
+  policy_ = std::make_unique<BCPolicy>(config_.policy, init);
+  const NamedTensors params = policy_->named_parameters();
+  optimizer_ = std::make_unique<AdamW>(
+      params, AdamWConfig{config_.lr, config_.b1, config_.b2, config_.eps, config_.weight_decay});
+  ema_ = std::make_unique<EMA>(params, config_.ema_decay);
+  sampler_ = std::make_unique<WindowSampler>(data, config_.policy.n_obs_steps,
+                                             config_.policy.horizon, config_.seed);
+}
+
+Trainer::Trainer(const TrainConfig& config, const Episodes& data) : Trainer(config, data, true) {}
+
+Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
+  const Tensor state = normalizer_.normalize_state(batch.state);
+  const Tensor action = normalizer_.normalize_action(batch.action);
+  if (config_.objective == "mse")
+    return regression_loss(policy, state, action, batch.action_is_pad);
+  const int64_t b = action.shape()[0];
+  FlowNoise noise;
+  noise.x0 = rng_.normal(action.shape());
+  if (config_.timestep_sampling == "logit_normal")
+    noise.t = raw::mul_scalar(raw::unary(raw::UnaryOp::sigmoid, rng_.normal({b})), config_.max_t);
+  else
+    noise.t = rng_.uniform({b}, DType::f32, 0, config_.max_t);
+  if (config_.policy.sigma > 0) noise.eps = rng_.normal(action.shape());
+  return flow_matching_loss(policy, state, action, batch.action_is_pad, noise);
+}
+
+StepStats Trainer::train_step() {
+  const Batch batch = sampler_->next(config_.batch_size);
+  auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
+  auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
+  StepStats stats;
+  stats.loss = loss_value.item();
+  stats.grad_norm =
+      config_.grad_clip > 0 ? clip_by_global_norm(grads, config_.grad_clip) : global_norm(grads);
+  stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
+                              config_.cosine_decay ? config_.steps : 0);
+  const NamedTensors params = policy_->named_parameters();
+  optimizer_->update(params, grads, stats.lr);
+  ema_->update(params);
+  return stats;
+}
+
+void Trainer::save_checkpoint(const std::string& path) const {
+  NamedTensors tensors;
+  for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
+  for (const auto& [name, t] : ema_->params()) tensors.insert("ema/" + name, t);
+  for (const auto& [name, t] : optimizer_->first_moments()) tensors.insert("adam_m/" + name, t);
+  for (const auto& [name, t] : optimizer_->second_moments()) tensors.insert("adam_v/" + name, t);
+  for (const auto& [name, t] : policy_->named_buffers()) tensors.insert("buffer/" + name, t);
+  const auto [epoch, offset] = sampler_->position();
+  std::map<std::string, std::string> meta = {
+      {"format", kCheckpointFormat},
+      {"config", config_.to_json()},
+      {"normalizer", normalizer_.to_json()},
+      {"step", std::to_string(step())},
+      {"rng", Json{{"seed", rng_.seed()}, {"counter", rng_.counter()}}.dump()},
+      {"sampler", Json{{"epoch", epoch}, {"offset", offset}}.dump()}};
+  save_safetensors(path, tensors, meta);
+}
+
+namespace {
+
+struct CheckpointFile {
+  SafetensorsFile file;
+  TrainConfig config;
+  int64_t step = 0;
+  std::string path;
+
+  NamedTensors with_prefix(const std::string& prefix) const {
+    NamedTensors out;
+    for (const auto& [name, t] : file.tensors)
+      if (starts_with(name, prefix)) out.insert(name.substr(prefix.size()), t);
+    return out;
+  }
+  const std::string& meta(const std::string& key) const {
+    auto it = file.metadata.find(key);
+    MMDIT_CHECK(it != file.metadata.end(), path, ": not an mmdit checkpoint (no '", key,
+                "' in its metadata)");
+    return it->second;
+  }
+};
+
+CheckpointFile read_checkpoint(const std::string& path) {
+  CheckpointFile c;
+  c.path = path;
+  c.file = load_safetensors(path);
+  MMDIT_CHECK(c.meta("format") == kCheckpointFormat, path, ": checkpoint format '",
+              c.meta("format"), "' is not ", kCheckpointFormat);
+  c.config = TrainConfig::from_json(c.meta("config"));
+  try {
+    c.step = std::stoll(c.meta("step"));
+  } catch (const std::exception&) {
+    fail(path, ": bad step '", c.meta("step"), "' in the checkpoint metadata");
+  }
+  return c;
+}
+
+}  // namespace
+
+std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data) {
+  const CheckpointFile c = read_checkpoint(path);
+  std::unique_ptr<Trainer> t(new Trainer(c.config, data, false));
+  t->normalizer_ = Normalizer::from_json(c.meta("normalizer"));
+  t->policy_->load(c.with_prefix("param/"));
+  t->ema_->set(c.with_prefix("ema/"));
+  t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
+  try {
+    const Json rng = Json::parse(c.meta("rng")), sampler = Json::parse(c.meta("sampler"));
+    t->rng_.set_state(rng.at("seed").get<uint64_t>(), rng.at("counter").get<uint64_t>());
+    t->sampler_->set_position(sampler.at("epoch").get<int64_t>(),
+                              sampler.at("offset").get<int64_t>());
+  } catch (const Json::exception& e) {
+    fail(path, ": bad random state in the checkpoint metadata: ", e.what());
+  }
+  return t;
+}
+
+LoadedPolicy load_policy(const std::string& path, bool use_ema) {
+  const CheckpointFile c = read_checkpoint(path);
+  LoadedPolicy p;
+  p.config = c.config;
+  p.step = c.step;
+  p.normalizer = Normalizer::from_json(c.meta("normalizer"));
+  Rng init(0);
+  p.policy = std::make_unique<BCPolicy>(c.config.policy, init);
+  p.policy->load(c.with_prefix(use_ema ? "ema/" : "param/"));
+  return p;
+}
+
+Tensor LoadedPolicy::act(const Tensor& observations, Rng& rng) const {
+  const Tensor state = normalizer.normalize_state(observations);
+  const int64_t b = observations.shape()[0];
+  Tensor actions;
+  if (config.objective == "mse") {
+    actions = regress_actions(*policy, state);
+  } else {
+    const Tensor a0 = rng.normal({b, config.policy.horizon, config.policy.act_dim});
+    actions = sample_actions(*policy, state, a0, config.sample_steps, config.max_t);
+  }
+  return normalizer.unnormalize_action(actions);
+}
+
+}  // namespace mmdit

@@ -1,0 +1,91 @@
+// Training a BCPolicy by flow matching: the loop of the reference agent, as a few calls a user
+// could make themselves (see examples/train_step.cc):
+//
+//   auto [loss, grads] = value_and_grad(loss_fn)(policy, batch);
+//   optimizer.update(params, grads, lr);
+//   ema.update(params);
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "train/dataset.h"
+#include "train/optim.h"
+#include "train/policy.h"
+
+namespace mmdit {
+
+struct TrainConfig {
+  PolicyConfig policy;
+  int64_t steps = 2000;
+  int64_t batch_size = 64;
+  double lr = 1e-4;
+  double weight_decay = 1e-6;
+  double b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  double ema_decay = 0.999;
+  double grad_clip = 0;  // global-norm clipping; 0 = off
+  int64_t warmup_steps = 0;
+  bool cosine_decay = false;                  // cosine from lr to 0 over `steps` after warm-up
+  std::string normalization = "min_max";      // or "z_score"
+  std::string timestep_sampling = "uniform";  // t ~ U[0, max_t); or "logit_normal"
+  double max_t = 1.0;
+  std::string objective = "flow";  // or "mse": plain regression, the baseline that averages modes
+  int64_t sample_steps = 10;       // Euler steps when acting
+  uint64_t seed = 0;
+
+  std::string to_json() const;
+  // Keys not given keep their defaults; an unknown key is an error naming it.
+  static TrainConfig from_json(const std::string& json, const TrainConfig& defaults);
+  static TrainConfig from_json(const std::string& json);
+  void validate() const;
+};
+
+struct StepStats {
+  double loss = 0, grad_norm = 0, lr = 0;
+};
+
+Normalizer make_normalizer(const Episodes& data, const std::string& mode);
+
+class Trainer {
+ public:
+  Trainer(const TrainConfig& config, const Episodes& data);
+  // Continues a run from its checkpoint: parameters, EMA, optimiser moments and step, random
+  // state and data order are restored, so the losses continue exactly as without the stop.
+  static std::unique_ptr<Trainer> resume(const std::string& checkpoint, const Episodes& data);
+
+  StepStats train_step();
+  int64_t step() const { return optimizer_->step(); }
+  // One safetensors file, written atomically: params, EMA, Adam moments, config, normalisation,
+  // random state.
+  void save_checkpoint(const std::string& path) const;
+
+  const TrainConfig& config() const { return config_; }
+  BCPolicy& policy() { return *policy_; }
+  const Normalizer& normalizer() const { return normalizer_; }
+  const EMA& ema() const { return *ema_; }
+
+ private:
+  Trainer(const TrainConfig& config, const Episodes& data, bool fresh);
+  Tensor loss(BCPolicy& policy, const Batch& batch);
+
+  TrainConfig config_;
+  Normalizer normalizer_;
+  std::unique_ptr<BCPolicy> policy_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<EMA> ema_;
+  std::unique_ptr<WindowSampler> sampler_;
+  Rng rng_;
+};
+
+// A trained policy loaded for inference, with the EMA weights by default.
+struct LoadedPolicy {
+  TrainConfig config;
+  Normalizer normalizer;
+  std::unique_ptr<BCPolicy> policy;
+  int64_t step = 0;
+  // Raw observations (B, n_obs, state_dim) -> raw actions (B, horizon, act_dim).
+  Tensor act(const Tensor& observations, Rng& rng) const;
+};
+LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true);
+
+}  // namespace mmdit
