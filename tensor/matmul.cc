@@ -57,16 +57,16 @@ void matmul_typed(Tensor a, Tensor b, const Tensor& out, const Shape& batch) {
   Shape a_shape = batch, b_shape = batch;
   a_shape.insert(a_shape.end(), {M, K});
   b_shape.insert(b_shape.end(), {K, N});
+  T* c = out.data<T>();
+  if (K == 0) {  // before the layouts: gemm_layout has none for an empty (M, 0) operand
+    std::fill_n(c, out.numel(), T(0));
+    return;
+  }
   a = broadcast_to(a, a_shape);
   b = broadcast_to(b, b_shape);
   if (!gemm_layout(a)) a = broadcast_to(contiguous(a), a_shape);
   if (!gemm_layout(b)) b = broadcast_to(contiguous(b), b_shape);
   const GemmOperand la = *gemm_layout(a), lb = *gemm_layout(b);
-  T* c = out.data<T>();
-  if (K == 0) {
-    std::fill_n(c, out.numel(), T(0));
-    return;
-  }
   const int64_t batches = shape_numel(batch);
   if (batches > 1 && folds_into_one_gemm(a, b)) {
     gemm(false, lb.transposed, batches * M, N, K, a.data<T>(), K, b.data<T>(), lb.ld, c, N);

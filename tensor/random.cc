@@ -1,5 +1,6 @@
 #include "tensor/random.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "tensor/parallel.h"
@@ -71,10 +72,19 @@ Tensor Rng::normal(const Shape& shape, DType dtype, double mean, double stddev) 
 
 Tensor Rng::uniform(const Shape& shape, DType dtype, double low, double high) {
   const uint64_t key = seed_, stream = counter_++;
+  // low + (high - low) * u can round up to high (in double rarely; once stored as float32 for
+  // every u > 1 - 2^-25), so cap at the largest value of the dtype below high: [low, high).
+  double top = std::nextafter(high, -INFINITY);
+  if (dtype == DType::f32) {
+    float f = static_cast<float>(high);
+    if (static_cast<double>(f) >= high) f = std::nextafter(f, -INFINITY);
+    top = f;
+  }
+  top = std::max(top, low);
   return generate(shape, dtype, "uniform", [=](int64_t pair, double* v) {
     const Block b = philox(key, stream, static_cast<uint64_t>(pair));
-    v[0] = low + (high - low) * unit(b.v[0], b.v[1]);
-    v[1] = low + (high - low) * unit(b.v[2], b.v[3]);
+    v[0] = std::min(low + (high - low) * unit(b.v[0], b.v[1]), top);
+    v[1] = std::min(low + (high - low) * unit(b.v[2], b.v[3]), top);
   });
 }
 

@@ -26,14 +26,16 @@ using V = hn::Vec<D>;
 // Keeps NaN inputs NaN in lanes where a clamped evaluation would have hidden them.
 template <class D>
 HWY_INLINE V<D> KeepNaN(D, V<D> x, V<D> r) {
-  return hn::IfThenElse(hn::Ne(x, x), x, r);
+  // Not Ne(x, x): Highway's Ne is an ordered compare (_CMP_NEQ_OQ), false for NaN.
+  return hn::IfThenElse(hn::IsNaN(x), x, r);
 }
 
 // exp over the whole real line (Highway's Exp is valid up to +104 / +706 only).
 template <class D>
 HWY_INLINE V<D> SafeExp(D d, V<D> x) {
   using T = hn::TFromD<D>;
-  const T hi = sizeof(T) == 4 ? T(88.7) : T(709.7);
+  // The largest inputs whose exp is still finite (ln(FLT_MAX), ln(DBL_MAX) rounded down).
+  const T hi = sizeof(T) == 4 ? T(88.72283172607421875) : T(709.782712893384);
   const auto inf = hn::Set(d, std::numeric_limits<T>::infinity());
   V<D> r = hn::Exp(d, hn::Min(x, hn::Set(d, hi)));
   r = hn::IfThenElse(hn::Gt(x, hn::Set(d, hi)), inf, r);
@@ -239,8 +241,11 @@ template <class T>
 void LogSoftmaxImpl(const T* x, T* out, int64_t n) {
   const T m = MaxImpl(x, n);
   const T s = SumMapped(x, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
-  const T shift = m + std::log(s);
-  MapContiguous(x, out, n, [shift](auto d, auto v) { return hn::Sub(v, hn::Set(d, shift)); });
+  // (x - m) - log(s), not x - (m + log(s)): for |m| >> 1 the sum m + log(s) rounds to m.
+  const T log_s = std::log(s);
+  MapContiguous(x, out, n, [m, log_s](auto d, auto v) {
+    return hn::Sub(hn::Sub(v, hn::Set(d, m)), hn::Set(d, log_s));
+  });
 }
 
 void BinaryF32(BinaryOp op, const float* a, int64_t as, const float* b, int64_t bs, float* out,
