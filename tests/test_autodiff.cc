@@ -1,1 +1,408 @@
+// Tape behaviour (autodiff/tape.h, autodiff/value_and_grad.h): what is recorded and when,
+// how gradients accumulate and flow, what is released, and the errors. Gradients are compared
+// with closed forms; the inputs are dyadic rationals wherever the test claims exact equality.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "autodiff/ops.h"
+#include "autodiff/tape.h"
+#include "autodiff/value_and_grad.h"
+#include "tensor/named_tensors.h"
+
+namespace mmdit {
+namespace {
+
+using testing::HasSubstr;
+
+std::vector<double> values(const Tensor& t) {
+  return t.to_vector<double>();
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no mmdit::Error thrown)";
+}
+
+// ---- what gets recorded ----
+
+TEST(AutodiffTape, NothingIsRecordedWithoutATape) {
+  ASSERT_EQ(Tape::active(), nullptr);
+  Tensor x = from_vector({1.f, 2.f, 3.f}, {3});
+  Tensor y = sum(exp(x) * x + 1.0);
+  EXPECT_EQ(y.impl().tape_slot, -1);
+  EXPECT_EQ(y.impl().tape_id, 0u);
+  const double want = std::exp(1) + 2 * std::exp(2) + 3 * std::exp(3) + 3;
+  EXPECT_NEAR(y.item(), want, 1e-6 * want);
+}
+
+TEST(AutodiffTape, NothingIsRecordedWithoutAWatchedInput) {
+  Tape tape;
+  EXPECT_EQ(Tape::active(), &tape);
+  Tensor x = from_vector({1.f, 2.f}, {2}), w = from_vector({3.f, 4.f}, {2});
+  Tensor y = sum(matmul(reshape(x, {1, 2}), reshape(w, {2, 1})) * 2.0);
+  EXPECT_TRUE(tape.nodes().empty());
+  EXPECT_EQ(tape.num_values(), 0);
+  EXPECT_FALSE(tape.is_on_tape(y));
+  EXPECT_EQ(y.item(), 22.0);
+
+  // With one input watched, only the ops that depend on it are recorded.
+  tape.watch(w);
+  EXPECT_EQ(tape.num_values(), 1);
+  Tensor c = exp(x);  // constant: x is not watched
+  EXPECT_FALSE(tape.is_on_tape(c));
+  EXPECT_TRUE(tape.nodes().empty());
+  Tensor d = c * w;
+  EXPECT_TRUE(tape.is_on_tape(d));
+  ASSERT_EQ(tape.nodes().size(), 1u);
+  EXPECT_STREQ(tape.nodes()[0].op, "mul");
+  EXPECT_EQ(tape.nodes()[0].inputs, (std::vector<int64_t>{-1, tape.slot_of(w)}));
+  EXPECT_EQ(tape.nodes()[0].output, tape.slot_of(d));
+  EXPECT_EQ(tape.nodes()[0].output_shape, (Shape{2}));
+  // Comparisons give bool tensors and are never recorded.
+  Tensor m = gt(d, c);
+  EXPECT_FALSE(tape.is_on_tape(m));
+  EXPECT_EQ(tape.nodes().size(), 1u);
+}
+
+TEST(AutodiffTape, TapesNestAndOlderTapesSeeConstants) {
+  Tensor x = from_vector(std::vector<double>{2.0}, {1});
+  Tape outer;
+  outer.watch(x);
+  {
+    Tape inner;
+    EXPECT_EQ(Tape::active(), &inner);
+    Tensor y = x * x;  // x is on the outer tape only: nothing on the inner one
+    EXPECT_TRUE(inner.nodes().empty());
+    EXPECT_FALSE(inner.is_on_tape(y));
+  }
+  EXPECT_EQ(Tape::active(), &outer);
+  EXPECT_TRUE(outer.nodes().empty());  // the op ran while the inner tape was active
+  Tensor z = x * x;
+  EXPECT_EQ(outer.nodes().size(), 1u);
+  EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{4.0});
+}
+
+// ---- gradients ----
+
+TEST(AutodiffGradient, UsesOfOneTensorAccumulate) {
+  // d/dx sum(x*x + x) = 2x + 1, exactly for these dyadic values.
+  for (DType t : {DType::f32, DType::f64}) {
+    const std::vector<double> xs = {-1.5, 0.25, 3.0, 0.0, -0.125};
+    Tensor x = from_vector(xs, {5}, t);
+    Tape tape;
+    tape.watch(x);
+    Tensor y = sum(x * x + x);
+    Tensor g = tape.gradient(y, {x})[0];
+    EXPECT_EQ(g.dtype(), t);
+    std::vector<double> want;
+    for (double v : xs) want.push_back(2 * v + 1);
+    EXPECT_EQ(values(g), want);
+  }
+}
+
+TEST(AutodiffGradient, DiamondAndRepeatedUse) {
+  // y = sum(a * b) with a = exp(x), b = x^3, both from x; and x used again at the end.
+  const std::vector<double> xs = {0.5, -0.25, 1.0};
+  Tensor x = from_vector(xs, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor a = exp(x), b = pow(x, 3.0);
+  Tensor y = sum(a * b) + sum(x);
+  const std::vector<double> g = values(tape.gradient(y, {x})[0]);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const double v = xs[i];
+    EXPECT_NEAR(g[i], std::exp(v) * v * v * v + 3 * std::exp(v) * v * v + 1, 1e-13);
+  }
+}
+
+TEST(AutodiffGradient, ExplicitInputsAndZerosForUnusedOnes) {
+  Tensor a = from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {2, 3});
+  Tensor b = from_vector(std::vector<double>{0.5, -1, 2}, {3});
+  Tensor unused = from_vector(std::vector<double>{7, 8}, {2});
+  Tape tape;
+  tape.watch(a);
+  tape.watch(b);
+  tape.watch(unused);
+  Tensor y = sum(a * b);  // b broadcast over rows
+  const std::vector<Tensor> g = tape.gradient(y, {a, b, unused});
+  ASSERT_EQ(g.size(), 3u);
+  EXPECT_EQ(g[0].shape(), (Shape{2, 3}));
+  EXPECT_EQ(values(g[0]), (std::vector<double>{0.5, -1, 2, 0.5, -1, 2}));
+  EXPECT_EQ(g[1].shape(), (Shape{3}));
+  EXPECT_EQ(values(g[1]), (std::vector<double>{5, 7, 9}));  // column sums of a
+  EXPECT_EQ(g[2].shape(), (Shape{2}));
+  EXPECT_EQ(values(g[2]), (std::vector<double>{0, 0}));
+  EXPECT_EQ(g[2].dtype(), DType::f64);
+}
+
+TEST(AutodiffGradient, WithRespectToAnIntermediate) {
+  Tensor x = from_vector(std::vector<double>{1, -2, 3}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor h = x * 2.0;
+  Tensor y = sum(h * h);
+  const std::vector<Tensor> g = tape.gradient(y, {h, x});
+  EXPECT_EQ(values(g[0]), (std::vector<double>{4, -8, 12}));   // 2h
+  EXPECT_EQ(values(g[1]), (std::vector<double>{8, -16, 24}));  // 8x
+}
+
+TEST(AutodiffGradient, ContiguousOfAContiguousWatchedTensor) {
+  // raw::contiguous returns its input unchanged; the recorded result still gets its own slot,
+  // so the two uses of x accumulate: d/dx sum(contiguous(x) * x) = 2x.
+  Tensor x = from_vector(std::vector<double>{1.5, -2, 0.5}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor c = contiguous(x);
+  EXPECT_NE(tape.slot_of(c), tape.slot_of(x));
+  EXPECT_EQ(tape.slot_of(x), 0);
+  Tensor y = sum(c * x);
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{3, -4, 1}));
+}
+
+TEST(AutodiffGradient, StopGradientBlocksFlow) {
+  Tensor x = from_vector(std::vector<double>{1.5, -2, 4}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor s = stop_gradient(x);
+  EXPECT_FALSE(tape.is_on_tape(s));
+  EXPECT_TRUE(s.shares_storage_with(x));
+  Tensor y = sum(x * s);  // d/dx = s = x, not 2x
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{1.5, -2, 4}));
+}
+
+TEST(AutodiffGradient, StopGradientOnEveryPathGivesZeros) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(exp(stop_gradient(x * 3.0)));
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{0, 0}));
+}
+
+TEST(AutodiffGradient, NonScalarOutputNeedsACotangent) {
+  Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  {
+    Tape tape;
+    tape.watch(x);
+    Tensor y = x * x;
+    EXPECT_THAT(error_of([&] { tape.gradient(y, {x}); }),
+                HasSubstr("gradient: the output has shape (3,); a non-scalar output needs a "
+                          "cotangent"));
+  }
+  {
+    Tape tape;
+    tape.watch(x);
+    Tensor y = x * x;
+    Tensor c = from_vector(std::vector<double>{0.5, -1, 2}, {3});
+    // d sum(c * x^2) / dx = 2 c x
+    EXPECT_EQ(values(tape.gradient(y, {x}, c)[0]), (std::vector<double>{1, -4, 12}));
+  }
+  {
+    Tape tape;
+    tape.watch(x);
+    Tensor y = x * x;
+    EXPECT_THAT(error_of([&] { tape.gradient(y, {x}, zeros({2}, DType::f64)); }),
+                HasSubstr("gradient: cotangent (2,) float64 does not match the output (3,) "
+                          "float64"));
+  }
+}
+
+TEST(AutodiffGradient, ScalarOutputWithCotangentScales) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(x * x);  // shape ()
+  EXPECT_EQ(values(tape.gradient(y, {x}, scalar(3, DType::f64))[0]), (std::vector<double>{6, 12}));
+}
+
+TEST(AutodiffGradient, GradientTwiceThrows) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(x * x);
+  tape.gradient(y, {x});
+  EXPECT_THAT(error_of([&] { tape.gradient(y, {x}); }),
+              HasSubstr("gradient: this tape has already been used"));
+  EXPECT_THAT(error_of([&] { tape.watch(x); }), HasSubstr("gradient() has already run"));
+  EXPECT_THAT(error_of([&] { exp(x); }), HasSubstr("exp: recording on a tape whose gradient()"));
+}
+
+TEST(AutodiffGradient, UnwatchedInputThrows) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tensor never = from_vector(std::vector<double>{3, 4, 5}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(x * x);
+  EXPECT_THAT(error_of([&] {
+                tape.gradient(y, {x, never});
+              }),
+              HasSubstr("gradient: input 1 (shape (3,)) was neither watched nor computed on "
+                        "this tape"));
+}
+
+TEST(AutodiffGradient, WatchRejectsBoolAndUndefined) {
+  Tape tape;
+  EXPECT_THAT(error_of([&] { tape.watch(zeros({2}, DType::boolean)); }),
+              HasSubstr("Tape::watch: only float tensors can be differentiated, got bool"));
+  EXPECT_THAT(error_of([&] { tape.watch(Tensor()); }), HasSubstr("undefined"));
+}
+
+TEST(AutodiffGradient, OutputNotOnTheTapeGivesZeros) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tensor c = from_vector(std::vector<double>{3, 4}, {2});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(c);  // does not depend on x
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{0, 0}));
+}
+
+TEST(AutodiffGradient, SavedTensorsAreReleasedAfterBackward) {
+  const int64_t n = 1000;
+  Tensor x = raw::mul_scalar(arange(n, DType::f64), 1e-3);
+  Tape tape;
+  tape.watch(x);
+  Tensor e = exp(x);  // saves its output: n doubles
+  Tensor y = sum(e);  // saves nothing
+  EXPECT_EQ(tape.saved_bytes(), static_cast<size_t>(n) * 8);
+  ASSERT_EQ(tape.nodes().size(), 2u);
+  EXPECT_EQ(tape.nodes()[0].saved.size(), 1u);
+  Tensor g = tape.gradient(y, {x})[0];
+  EXPECT_EQ(tape.saved_bytes(), 0u);
+  for (const Node& node : tape.nodes()) {
+    EXPECT_TRUE(node.saved.empty());
+    EXPECT_FALSE(node.backward);
+  }
+  EXPECT_EQ(values(g), values(e));  // d/dx sum(exp(x)) = exp(x)
+}
+
+TEST(AutodiffGradient, NameScopesNameNodes) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tape tape;
+  tape.watch(x);
+  EXPECT_EQ(NameScope::current(), "");
+  Tensor y;
+  {
+    NameScope a("a");
+    Tensor h = exp(x);
+    {
+      NameScope b("b");
+      EXPECT_EQ(NameScope::current(), "a.b");
+      h = h * x;
+    }
+    y = sum(h);
+  }
+  Tensor z = y * 2.0;
+  EXPECT_EQ(NameScope::current(), "");
+  ASSERT_EQ(tape.nodes().size(), 4u);
+  EXPECT_EQ(tape.nodes()[0].scope, "a");
+  EXPECT_STREQ(tape.nodes()[1].op, "mul");
+  EXPECT_EQ(tape.nodes()[1].scope, "a.b");
+  EXPECT_EQ(tape.nodes()[2].scope, "a");
+  EXPECT_EQ(tape.nodes()[3].scope, "");
+}
+
+TEST(AutodiffGradient, RecordWithACustomBackward) {
+  // A user op through record(): y = 3x with its backward; inputs that are constants get none.
+  Tensor x = from_vector(std::vector<double>{1, -1}, {2});
+  Tensor k = from_vector(std::vector<double>{10, 20}, {2});
+  Tape tape;
+  tape.watch(x);
+  bool constant_needed = true;
+  Tensor y =
+      record("triple_plus", raw::add(raw::mul_scalar(x, 3), k), {x, k}, {}, [&](Backward& ctx) {
+        constant_needed = ctx.needs(1);
+        ctx.input(0, [&] { return raw::mul_scalar(ctx.grad, 3); });
+        ctx.input(1, [&] { return ctx.grad; });
+      });
+  ASSERT_EQ(tape.nodes().size(), 1u);
+  EXPECT_STREQ(tape.nodes()[0].op, "triple_plus");
+  EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), (std::vector<double>{3, 3}));
+  EXPECT_FALSE(constant_needed);
+}
+
+// ---- value_and_grad ----
+
+TEST(AutodiffValueAndGrad, NamedTensorsWithAFloatParamAndABoolMask) {
+  NamedTensors params;
+  params.insert("w", from_vector({1.f, -2.f, 0.5f, 3.f, -0.25f, 2.f}, {2, 3}));
+  params.insert("mask", from_vector(std::vector<bool>{true, false, true}, {3}));
+  params.insert("b", from_vector(std::vector<double>{0.5, -1.5}, {2}));
+  const Tensor x = from_vector({2.f, 1.f, -1.f}, {3, 1});
+
+  // L = sum over kept columns of w^2 * x^T, plus sum(b^2) (b is float64: its own graph).
+  auto loss_fn = [](const NamedTensors& p, const Tensor& x) {
+    const Tensor& w = p.at("w");
+    Tensor xt = reshape(x, {1, 3});
+    Tensor masked = where(p.at("mask"), w * w * xt, zeros({1}));
+    return sum(masked) + to_dtype(sum(square(p.at("b"))), DType::f32);
+  };
+  auto [value, grads] = value_and_grad(loss_fn)(params, x);
+
+  // Closed forms: dL/dw = 2 w x^T on kept columns, 0 elsewhere; dL/db = 2b.
+  const std::vector<float> w = params.at("w").to_vector<float>();
+  const float xs[3] = {2, 1, -1};
+  const bool keep[3] = {true, false, true};
+  double want_loss = 0.5 * 0.5 + 1.5 * 1.5;
+  std::vector<double> want_gw(6);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j) {
+      const double wij = w[i * 3 + j];
+      if (keep[j]) want_loss += wij * wij * xs[j];
+      want_gw[i * 3 + j] = keep[j] ? 2 * wij * xs[j] : 0.0;
+    }
+  EXPECT_EQ(value.dim(), 0);
+  EXPECT_EQ(value.item(), want_loss);  // dyadic values: exact
+  ASSERT_EQ(grads.size(), 2u);
+  EXPECT_TRUE(grads.contains("w"));
+  EXPECT_TRUE(grads.contains("b"));
+  EXPECT_FALSE(grads.contains("mask"));
+  EXPECT_EQ(grads[0].first, "w");  // parameter order is kept
+  EXPECT_EQ(grads[1].first, "b");
+  EXPECT_EQ(grads.at("w").shape(), (Shape{2, 3}));
+  EXPECT_EQ(grads.at("w").dtype(), DType::f32);
+  EXPECT_EQ(values(grads.at("w")), want_gw);
+  EXPECT_EQ(grads.at("b").shape(), (Shape{2}));
+  EXPECT_EQ(grads.at("b").dtype(), DType::f64);
+  EXPECT_EQ(values(grads.at("b")), (std::vector<double>{1, -3}));
+  // The value is detached, and the parameters are untouched.
+  EXPECT_EQ(value.impl().tape_slot, -1);
+  EXPECT_EQ(params.at("w").to_vector<float>(), w);
+}
+
+TEST(AutodiffValueAndGrad, SingleTensorAndRepeatedCalls) {
+  Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  auto f = [](const Tensor& t) { return mean(t * t); };
+  for (int call = 0; call < 2; ++call) {  // a fresh tape each call
+    auto [value, grads] = value_and_grad(f)(x);
+    EXPECT_NEAR(value.item(), 14.0 / 3, 1e-15);
+    ASSERT_EQ(grads.size(), 1u);
+    EXPECT_EQ(grads[0].first, "");
+    const std::vector<double> g = values(grads.at(""));
+    ASSERT_EQ(g.size(), 3u);
+    for (int i = 0; i < 3; ++i) EXPECT_NEAR(g[i], 2.0 * (i + 1) / 3, 1e-15);
+  }
+  EXPECT_EQ(Tape::active(), nullptr);
+}
+
+TEST(AutodiffValueAndGrad, TrainableParametersSkipNonFloat) {
+  NamedTensors p;
+  p.insert("a", zeros({2}));
+  p.insert("flags", zeros({2}, DType::boolean));
+  p.insert("c", zeros({1}, DType::f64));
+  const NamedTensors t = trainable_parameters(p);
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_EQ(t[0].first, "a");
+  EXPECT_EQ(t[1].first, "c");
+  EXPECT_TRUE(t.at("a").shares_storage_with(p.at("a")));
+}
+
+}  // namespace
+}  // namespace mmdit
