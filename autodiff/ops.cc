@@ -19,7 +19,7 @@ Shape kept_shape(const Shape& shape, std::vector<int64_t> axes, const char* op) 
   if (axes.empty())
     for (int64_t i = 0; i < n; ++i) axes.push_back(i);
   Shape out = shape;
-  for (int64_t a : axes) out[normalize_axis(a, n, op)] = 1;
+  for (int64_t a : axes) out[normalize_axis(a, shape, op)] = 1;
   return out;
 }
 
@@ -294,7 +294,7 @@ Tensor reshape(const Tensor& x, const Shape& shape) {
 Tensor permute(const Tensor& x, const std::vector<int64_t>& axes) {
   Tensor out = raw::permute(x, axes);
   std::vector<int64_t> inverse(axes.size());
-  for (size_t i = 0; i < axes.size(); ++i) inverse[normalize_axis(axes[i], x.dim(), "permute")] = i;
+  for (size_t i = 0; i < axes.size(); ++i) inverse[normalize_axis(axes[i], x.shape(), "permute")] = i;
   return record("permute", out, {x}, {}, [inverse](Backward& ctx) {
     ctx.input(0, [&] { return raw::permute(ctx.grad, inverse); });
   });
@@ -352,7 +352,7 @@ Tensor to_dtype(const Tensor& x, DType dtype) {
 
 Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
   Tensor out = raw::concat(parts, axis);
-  const int64_t ax = normalize_axis(axis, parts[0].dim(), "concat");
+  const int64_t ax = normalize_axis(axis, parts[0].shape(), "concat");
   std::vector<int64_t> lengths;
   for (const Tensor& p : parts) lengths.push_back(p.shape()[ax]);
   return record("concat", out, parts, {}, [ax, lengths](Backward& ctx) {

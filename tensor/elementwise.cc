@@ -27,6 +27,24 @@ const char* binary_name(BinaryOp op) {
   return "?";
 }
 
+const char* unary_name(UnaryOp op) {
+  switch (op) {
+    case UnaryOp::neg: return "neg";
+    case UnaryOp::exp: return "exp";
+    case UnaryOp::log: return "log";
+    case UnaryOp::sqrt: return "sqrt";
+    case UnaryOp::rsqrt: return "rsqrt";
+    case UnaryOp::square: return "square";
+    case UnaryOp::abs: return "abs";
+    case UnaryOp::tanh: return "tanh";
+    case UnaryOp::sigmoid: return "sigmoid";
+    case UnaryOp::silu: return "silu";
+    case UnaryOp::sin: return "sin";
+    case UnaryOp::cos: return "cos";
+  }
+  return "?";
+}
+
 void check_float(const Tensor& t, const char* op) {
   MMDIT_CHECK(is_floating(t.dtype()), op, ": expected a float32 or float64 tensor, got ",
               dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
@@ -147,7 +165,7 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
 }
 
 Tensor unary(UnaryOp op, const Tensor& x) {
-  check_float(x, "unary");
+  check_float(x, unary_name(op));
   Tensor out = empty(x.shape(), x.dtype());
   if (x.dtype() == DType::f32) unary_typed<float>(op, x, out);
   else unary_typed<double>(op, x, out);

@@ -106,8 +106,14 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   const int64_t K2 = b.shape()[b.dim() - 2], N = b.shape()[b.dim() - 1];
   MMDIT_CHECK(K == K2, "matmul: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
               " are incompatible");
-  Shape batch = broadcast_shapes(Shape(a.shape().begin(), a.shape().end() - 2),
-                                 Shape(b.shape().begin(), b.shape().end() - 2), "matmul");
+  Shape batch;
+  try {
+    batch = broadcast_shapes(Shape(a.shape().begin(), a.shape().end() - 2),
+                             Shape(b.shape().begin(), b.shape().end() - 2), "matmul");
+  } catch (const Error&) {
+    fail("matmul: shapes ", shape_str(a.shape()), " and ", shape_str(b.shape()),
+         " are incompatible (their batch dimensions do not broadcast)");
+  }
   Shape out_shape = batch;
   out_shape.insert(out_shape.end(), {M, N});
   Tensor out = empty(out_shape, a.dtype());

@@ -23,7 +23,7 @@ Reduction plan_reduction(const Tensor& x, std::vector<int64_t> axes, bool keepdi
   Reduction r;
   if (axes.empty())
     for (int64_t i = 0; i < x.dim(); ++i) axes.push_back(i);
-  for (int64_t& a : axes) a = normalize_axis(a, x.dim(), op);
+  for (int64_t& a : axes) a = normalize_axis(a, x.shape(), op);
   std::sort(axes.begin(), axes.end());
   MMDIT_CHECK(std::adjacent_find(axes.begin(), axes.end()) == axes.end(), op,
               ": an axis is repeated in the reduction over shape ", shape_str(x.shape()));
@@ -157,7 +157,7 @@ namespace {
 template <bool kLog>
 Tensor softmax_impl(const Tensor& x, int64_t axis, const char* op) {
   check_float(x, op);
-  axis = normalize_axis(axis, x.dim(), op);
+  axis = normalize_axis(axis, x.shape(), op);
   const bool last = axis == x.dim() - 1;
   Tensor moved = last ? contiguous(x) : contiguous(transpose(x, axis, -1));
   Tensor out = empty(moved.shape(), x.dtype());

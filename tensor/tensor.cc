@@ -32,6 +32,14 @@ int64_t normalize_axis(int64_t axis, int64_t ndim, const char* op) {
   return a;
 }
 
+int64_t normalize_axis(int64_t axis, const Shape& shape, const char* op) {
+  const int64_t ndim = static_cast<int64_t>(shape.size());
+  MMDIT_CHECK(axis >= -ndim && axis < ndim, op, ": axis ", axis,
+              " is out of range for a tensor with ", ndim, " dimensions (shape ", shape_str(shape),
+              ")");
+  return axis < 0 ? axis + ndim : axis;
+}
+
 // ---- the caching allocator ----
 namespace {
 
@@ -96,7 +104,7 @@ void release_cached_memory() {
 
 // ---- Tensor ----
 int64_t Tensor::size(int64_t axis) const {
-  return shape()[normalize_axis(axis, dim(), "size")];
+  return shape()[normalize_axis(axis, shape(), "size")];
 }
 
 bool Tensor::is_contiguous() const {

@@ -23,6 +23,8 @@ int64_t shape_numel(const Shape& shape);
 Shape contiguous_strides(const Shape& shape);
 // Resolves a possibly negative axis against `ndim`; `op` names the caller in the error.
 int64_t normalize_axis(int64_t axis, int64_t ndim, const char* op);
+// The same, naming the shape in the error.
+int64_t normalize_axis(int64_t axis, const Shape& shape, const char* op);
 
 // A block of memory, 64-byte aligned. Freed blocks go back to a cache keyed by size so that a
 // training loop, which asks for the same sizes every step, stops calling malloc (and stops
@@ -83,7 +85,7 @@ class Tensor {
   template <class T>
   T* data() const {
     MMDIT_CHECK(dtype_of<T>() == dtype(), "data<", dtype_name(dtype_of<T>()),
-                ">: tensor has dtype ", dtype_name(dtype()));
+                ">: tensor has dtype ", dtype_name(dtype()), " (shape ", shape_str(shape()), ")");
     return static_cast<T*>(impl().storage->data()) + impl().offset;
   }
   void* raw_data() const {

@@ -67,7 +67,7 @@ Tensor permute(const Tensor& t, const std::vector<int64_t>& axes) {
   Shape shape(n), strides(n);
   std::vector<bool> seen(n, false);
   for (int64_t i = 0; i < n; ++i) {
-    int64_t a = normalize_axis(axes[i], n, "permute");
+    int64_t a = normalize_axis(axes[i], t.shape(), "permute");
     MMDIT_CHECK(!seen[a], "permute: axis ", a, " repeated");
     seen[a] = true;
     shape[i] = t.shape()[a];
@@ -79,13 +79,13 @@ Tensor permute(const Tensor& t, const std::vector<int64_t>& axes) {
 Tensor transpose(const Tensor& t, int64_t a, int64_t b) {
   std::vector<int64_t> axes(t.dim());
   for (int64_t i = 0; i < t.dim(); ++i) axes[i] = i;
-  std::swap(axes[normalize_axis(a, t.dim(), "transpose")],
-            axes[normalize_axis(b, t.dim(), "transpose")]);
+  std::swap(axes[normalize_axis(a, t.shape(), "transpose")],
+            axes[normalize_axis(b, t.shape(), "transpose")]);
   return permute(t, axes);
 }
 
 Tensor slice(const Tensor& t, int64_t axis, int64_t start, int64_t end, int64_t step) {
-  axis = normalize_axis(axis, t.dim(), "slice");
+  axis = normalize_axis(axis, t.shape(), "slice");
   MMDIT_CHECK(step > 0, "slice: step must be positive, got ", step);
   const int64_t n = t.shape()[axis];
   auto clamp = [n](int64_t i) { return std::clamp(i < 0 ? i + n : i, int64_t{0}, n); };
@@ -98,14 +98,14 @@ Tensor slice(const Tensor& t, int64_t axis, int64_t start, int64_t end, int64_t 
 }
 
 Tensor narrow(const Tensor& t, int64_t axis, int64_t start, int64_t length) {
-  axis = normalize_axis(axis, t.dim(), "narrow");
+  axis = normalize_axis(axis, t.shape(), "narrow");
   MMDIT_CHECK(start >= 0 && length >= 0 && start + length <= t.shape()[axis], "narrow: [", start,
               ", ", start + length, ") is outside axis ", axis, " of shape ", shape_str(t.shape()));
   return slice(t, axis, start, start + length);
 }
 
 Tensor squeeze(const Tensor& t, int64_t axis) {
-  axis = normalize_axis(axis, t.dim(), "squeeze");
+  axis = normalize_axis(axis, t.shape(), "squeeze");
   MMDIT_CHECK(t.shape()[axis] == 1, "squeeze: axis ", axis, " of shape ", shape_str(t.shape()),
               " has size ", t.shape()[axis], ", not 1");
   Shape shape = t.shape(), strides = t.strides();
@@ -153,7 +153,7 @@ Tensor broadcast_to(const Tensor& t, const Shape& shape) {
 Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
   MMDIT_CHECK(!parts.empty(), "concat: no tensors given");
   const Tensor& first = parts[0];
-  axis = normalize_axis(axis, first.dim(), "concat");
+  axis = normalize_axis(axis, first.shape(), "concat");
   Shape shape = first.shape();
   int64_t total = 0;
   for (const Tensor& p : parts) {
@@ -176,7 +176,7 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 }
 
 std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, int64_t axis) {
-  axis = normalize_axis(axis, t.dim(), "split");
+  axis = normalize_axis(axis, t.shape(), "split");
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
   MMDIT_CHECK(total == t.shape()[axis], "split: sizes add up to ", total, " but axis ", axis,

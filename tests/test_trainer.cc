@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -313,6 +315,45 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_NE(run(mmdit + " train --data " + dir + "/missing.npz --out " + dir + "/x"), 0);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.hdf5 --obs-keys nope --out " + dir + "/x"),
             0);
+  fs::remove_all(dir);
+}
+
+// Ctrl-C during `mmdit train` stops after the current step, saves a checkpoint and exits 130.
+TEST(Cli, InterruptSavesACheckpoint) {
+  const Episodes data = demo_episodes(4);
+  const std::string dir = temp_dir("sigint");
+  save_lerobot_npz(dir + "/demos.npz", data);
+  int out[2];
+  ASSERT_EQ(::pipe(out), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::close(out[0]);
+    ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir + "/demos.npz").c_str(), "--steps",
+            "100000", "--log-every", "1", "--batch-size", "4", "--out", (dir + "/run").c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string seen;
+  char buf[256];
+  while (seen.find("step ") == std::string::npos) {  // wait for the first progress line
+    const ssize_t n = ::read(out[0], buf, sizeof buf);
+    if (n <= 0) break;
+    seen.append(buf, n);
+  }
+  ::kill(pid, SIGINT);
+  while (::read(out[0], buf, sizeof buf) > 0) {
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ::close(out[0]);
+  ASSERT_TRUE(WIFEXITED(status)) << seen;
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  const LoadedPolicy p = load_policy(dir + "/run/checkpoint.safetensors");
+  EXPECT_GE(p.step, 1);
+  EXPECT_LT(p.step, 100000);
   fs::remove_all(dir);
 }
 

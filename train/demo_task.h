@@ -22,13 +22,13 @@ struct DemoTaskConfig {
   double start_jitter = 0.1;                  // starts are uniform in start ± jitter, per axis
   std::array<double, 2> goal = {0.0, 1.0};
   double success_radius = 0.1;  // success once this close to the goal
-  std::array<double, 2> obstacle_center = {0.0, 0.0};
-  double obstacle_radius = 0.35;
+  std::array<double, 2> obstacle_center = {0.0, -0.3};
+  double obstacle_radius = 0.45;
   double max_speed = 0.06;  // per step; longer actions are scaled down to it
   int64_t max_steps = 80;   // the expert needs ~40
   // The expert follows x = side * detour * sin(pi * u), u the progress from start to goal, so
   // it passes the obstacle with detour - obstacle_radius of clearance.
-  double expert_detour = 0.6;
+  double expert_detour = 0.9;
   double expert_lookahead = 0.15;  // how far ahead along the path it steers to
   double expert_noise = 0.1;       // action noise std, as a fraction of max_speed
 };
