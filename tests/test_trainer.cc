@@ -323,6 +323,11 @@ TEST(Cli, InterruptSavesACheckpoint) {
   const Episodes data = demo_episodes(4);
   const std::string dir = temp_dir("sigint");
   save_lerobot_npz(dir + "/demos.npz", data);
+  {
+    std::ofstream cfg(dir + "/config.json");
+    cfg << R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
+               "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2}})";
+  }
   int out[2];
   ASSERT_EQ(::pipe(out), 0);
   const pid_t pid = ::fork();
@@ -331,14 +336,15 @@ TEST(Cli, InterruptSavesACheckpoint) {
     ::dup2(out[1], 1);
     ::close(out[0]);
     ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir + "/demos.npz").c_str(), "--steps",
-            "100000", "--log-every", "1", "--batch-size", "4", "--out", (dir + "/run").c_str(),
+            "100000", "--log-every", "1", "--batch-size", "4", "--config",
+            (dir + "/config.json").c_str(), "--out", (dir + "/run").c_str(),
             static_cast<char*>(nullptr));
     ::_exit(127);
   }
   ::close(out[1]);
   std::string seen;
   char buf[256];
-  while (seen.find("step ") == std::string::npos) {  // wait for the first progress line
+  while (seen.find(" loss ") == std::string::npos) {  // wait for the first progress line
     const ssize_t n = ::read(out[0], buf, sizeof buf);
     if (n <= 0) break;
     seen.append(buf, n);

@@ -273,9 +273,11 @@ void add_demo(CLI::App& app) {
   cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk");
   cmd->add_flag("--baseline", o->baseline,
                 "also train the same network with plain MSE regression and evaluate it");
-  cmd->add_option("--threads", o->threads, "threads");
+  cmd->add_option("--threads", o->threads,
+                  "threads (default 1: the demo's model is so small that a second thread only "
+                  "adds synchronisation)");
   cmd->callback([o] {
-    set_threads(o->threads);
+    set_threads(o->threads > 0 ? o->threads : 1);
     const DemoTask task;
     TrainConfig config = o->flags.apply(demo_config(task));
     const DemoTask::Demos demos = task.generate_demos(o->demos, config.seed);
