@@ -1,6 +1,7 @@
 #include "autodiff/tape.h"
 
 #include <atomic>
+#include <cmath>
 
 #include "tensor/ops.h"
 
@@ -9,7 +10,40 @@ namespace {
 
 thread_local Tape* g_active = nullptr;
 thread_local std::string g_scope;
+thread_local bool g_anomaly = false;
 std::atomic<uint64_t> g_next_tape_id{1};
+
+// The first NaN or Inf of t as "NaN at (1,2)", or "" if every element is finite.
+std::string first_non_finite(const Tensor& t) {
+  if (!is_floating(t.dtype())) return "";
+  const std::vector<double> v = t.to_vector<double>();
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (std::isfinite(v[i])) continue;
+    Shape idx(t.shape().size());
+    int64_t flat = static_cast<int64_t>(i);
+    for (size_t d = idx.size(); d-- > 0;) {
+      idx[d] = flat % t.shape()[d];
+      flat /= t.shape()[d];
+    }
+    return str_cat(std::isnan(v[i]) ? "NaN" : v[i] > 0 ? "+Inf" : "-Inf", " at ", shape_str(idx));
+  }
+  return "";
+}
+
+std::string describe_inputs(const Node& node) {
+  std::string s;
+  for (size_t i = 0; i < node.inputs.size(); ++i) {
+    if (i) s += ", ";
+    s += str_cat(node.inputs[i] >= 0 ? str_cat("%", node.inputs[i]) : std::string("const"), " ",
+                 shape_str(node.input_shapes[i]));
+  }
+  return s;
+}
+
+std::string where_recorded(const Node& node, size_t index) {
+  return str_cat("node ", index, ", recorded in scope '",
+                 node.scope.empty() ? "<root>" : node.scope, "'");
+}
 
 }  // namespace
 
@@ -43,6 +77,12 @@ Tensor Tape::append(Node node, Tensor out) {
   // contiguous() of a contiguous tensor); give the result its own handle so slots stay unique.
   for (int64_t in : node.inputs)
     if (in >= 0 && slot_of(out) == in) out = make_view(out, out.shape(), out.strides(), out.offset());
+  if (g_anomaly) {
+    const std::string bad = first_non_finite(out);
+    MMDIT_CHECK(bad.empty(), "anomaly mode: ", node.op, " (", where_recorded(node, nodes_.size()),
+                ") produced ", bad, " in its output ", shape_str(out.shape()), " ",
+                dtype_name(out.dtype()), "; inputs: ", describe_inputs(node));
+  }
   node.output = num_values_++;
   node.output_shape = out.shape();
   node.dtype = out.dtype();
@@ -106,6 +146,17 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         Tensor& gi = ctx.input_grads()[i];
         if (!gi.defined()) continue;
+        if (g_anomaly) {
+          const std::string bad = first_non_finite(gi);
+          // Every gradient reaching this node was checked when it was made, so the first
+          // non-finite one is pinned on the backward that made it, not on a later consumer.
+          MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",
+                      where_recorded(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1),
+                      ") produced ", bad, " in the gradient of its input ", i, " (",
+                      node.inputs[i] >= 0 ? str_cat("%", node.inputs[i]) : "const", " ",
+                      shape_str(node.input_shapes[i]), "); output %", node.output, " ",
+                      shape_str(node.output_shape), ", inputs: ", describe_inputs(node));
+        }
         Tensor& acc = grads[node.inputs[i]];
         acc = acc.defined() ? raw::add(acc, gi) : gi;
       }
@@ -123,6 +174,11 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
   }
   return out;
 }
+
+void set_anomaly_mode(bool on) { g_anomaly = on; }
+bool anomaly_mode() { return g_anomaly; }
+AnomalyMode::AnomalyMode(bool on) : previous_(g_anomaly) { g_anomaly = on; }
+AnomalyMode::~AnomalyMode() { g_anomaly = previous_; }
 
 NameScope::NameScope(const std::string& name) : previous_length_(g_scope.size()) {
   if (!g_scope.empty()) g_scope += '.';

@@ -111,6 +111,25 @@ class NameScope {
   size_t previous_length_;
 };
 
+// Anomaly mode, for hunting the op that first makes a NaN or Inf. While on (per thread), every
+// recorded op's output is checked in forward, and every input gradient in Tape::gradient, and
+// the first non-finite value throws an Error naming the op, its shapes, its NameScope and its
+// node index. It costs a full pass over each tensor, so it is for debugging; off, the cost is
+// one thread-local bool read per recorded op.
+void set_anomaly_mode(bool on);
+bool anomaly_mode();
+// Turns anomaly mode on (or off) for its lifetime and then restores the previous setting.
+class AnomalyMode {
+ public:
+  explicit AnomalyMode(bool on = true);
+  ~AnomalyMode();
+  AnomalyMode(const AnomalyMode&) = delete;
+  AnomalyMode& operator=(const AnomalyMode&) = delete;
+
+ private:
+  bool previous_;
+};
+
 namespace detail {
 bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs);
 Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,

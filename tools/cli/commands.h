@@ -6,6 +6,7 @@
 namespace mmdit::cli {
 
 void add_parity_command(CLI::App& app);
+void add_inspect_commands(CLI::App& app);
 // demo, train, sample, eval, info
 void add_policy_commands(CLI::App& app);
 

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   mmdit::cli::add_policy_commands(app);
   mmdit::cli::add_parity_command(app);
+  mmdit::cli::add_inspect_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

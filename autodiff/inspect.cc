@@ -1,0 +1,239 @@
+#include "autodiff/inspect.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <set>
+
+namespace mmdit {
+namespace {
+
+const char* short_dtype(DType t) {
+  switch (t) {
+    case DType::f32:
+      return "f32";
+    case DType::f64:
+      return "f64";
+    case DType::boolean:
+      return "bool";
+  }
+  return "?";
+}
+
+std::string value_name(int64_t slot) {
+  return slot >= 0 ? str_cat("%", slot) : "const";
+}
+
+std::string format_bytes(size_t n) {
+  char buf[32];
+  if (n < 1024)
+    std::snprintf(buf, sizeof buf, "%zu B", n);
+  else if (n < 1024 * 1024)
+    std::snprintf(buf, sizeof buf, "%.1f KiB", n / 1024.0);
+  else
+    std::snprintf(buf, sizeof buf, "%.1f MiB", n / (1024.0 * 1024.0));
+  return buf;
+}
+
+std::string pad(const std::string& s, size_t width) {
+  return s.size() >= width ? s : s + std::string(width - s.size(), ' ');
+}
+std::string pad_left(const std::string& s, size_t width) {
+  return s.size() >= width ? s : std::string(width - s.size(), ' ') + s;
+}
+
+// Values that some node reads but no node produced: the watched tensors, with the shape the
+// first reader saw (leaves do not record their own shape).
+std::map<int64_t, Shape> leaves_of(const Tape& tape) {
+  std::set<int64_t> produced;
+  for (const Node& n : tape.nodes()) produced.insert(n.output);
+  std::map<int64_t, Shape> leaves;
+  for (const Node& n : tape.nodes())
+    for (size_t i = 0; i < n.inputs.size(); ++i)
+      if (n.inputs[i] >= 0 && !produced.count(n.inputs[i]))
+        leaves.emplace(n.inputs[i], n.input_shapes[i]);
+  return leaves;
+}
+
+bool backward_has_run(const Tape& tape) {
+  return !tape.nodes().empty() && !tape.nodes().back().backward;
+}
+
+std::string dot_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
+  const std::vector<Node>& nodes = tape.nodes();
+  const std::map<int64_t, Shape> leaves = leaves_of(tape);
+
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"#", "op", "output", "inputs", "saved", "scope"});
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const Node& n = nodes[k];
+    std::string inputs;
+    for (size_t i = 0; i < n.inputs.size(); ++i)
+      inputs += str_cat(i ? ", " : "", value_name(n.inputs[i]), " ", shape_str(n.input_shapes[i]));
+    rows.push_back(
+        {std::to_string(k), n.op,
+         str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
+         format_bytes(n.saved_bytes), n.scope});
+  }
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows)
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+
+  std::string out = str_cat("tape: ", nodes.size(), " nodes, ", tape.num_values(), " values, ",
+                            format_bytes(tape.saved_bytes()), " saved for backward");
+  if (backward_has_run(tape)) out += " (gradient() has run and released them)";
+  std::map<int64_t, std::string> names;
+  for (const auto& [name, t] : leaf_names)
+    if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
+  out += "\nleaves:";
+  size_t line_length = 7;
+  for (const auto& [slot, shape] : leaves) {
+    const auto name = names.find(slot);
+    if (name != names.end()) {
+      out += str_cat("\n  %", slot, " ", shape_str(shape), " ", name->second);
+      continue;
+    }
+    const std::string item = str_cat(" %", slot, " ", shape_str(shape));
+    if (line_length + item.size() > 100) {
+      out += "\n       ";
+      line_length = 7;
+    }
+    out += item;
+    line_length += item.size();
+  }
+  if (leaves.empty()) out += " none";
+  out += "\n";
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t c = 0; c < row.size(); ++c) {
+      // Numbers align right so that digits line up; the last column needs no padding.
+      if (c == 0 || c == 4)
+        line += pad_left(row[c], width[c]);
+      else
+        line += c + 1 == row.size() ? row[c] : pad(row[c], width[c]);
+      if (c + 1 < row.size()) line += c == 2 ? "  <- " : "  ";
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    out += line + "\n";
+  }
+
+  struct OpTotal {
+    int64_t count = 0;
+    size_t saved = 0;
+  };
+  std::map<std::string, OpTotal> by_op;
+  for (const Node& n : nodes) {
+    by_op[n.op].count++;
+    by_op[n.op].saved += n.saved_bytes;
+  }
+  std::vector<std::pair<std::string, OpTotal>> ops(by_op.begin(), by_op.end());
+  // Most frequent first: that is where a model's time and memory usually go.
+  std::stable_sort(ops.begin(), ops.end(),
+                   [](const auto& a, const auto& b) { return a.second.count > b.second.count; });
+  size_t op_width = 0, count_width = 0;
+  for (const auto& [op, t] : ops) {
+    op_width = std::max(op_width, op.size());
+    count_width = std::max(count_width, std::to_string(t.count).size());
+  }
+  out +=
+      str_cat("totals: ", nodes.size(), " nodes, ", tape.num_values(), " values (", leaves.size(),
+              " leaves), ", format_bytes(tape.saved_bytes()), " saved for backward\n");
+  for (const auto& [op, t] : ops)
+    out += str_cat("  ", pad(op, op_width), "  ", pad_left(std::to_string(t.count), count_width),
+                   " x  ", format_bytes(t.saved), "\n");
+  return out;
+}
+
+std::string tape_to_dot(const Tape& tape, bool backward_edges) {
+  const std::vector<Node>& nodes = tape.nodes();
+  std::string out =
+      "digraph tape {\n"
+      "  rankdir=TB;\n"
+      "  node [fontname=\"monospace\", fontsize=10];\n"
+      "  edge [fontname=\"monospace\", fontsize=8];\n";
+  for (const auto& [slot, shape] : leaves_of(tape))
+    out +=
+        str_cat("  v", slot, " [shape=ellipse, label=\"%", slot, "\\n", shape_str(shape), "\"];\n");
+
+  // The scope tree: every dotted prefix of every scope is a potential cluster.
+  std::map<std::string, std::vector<size_t>> direct;  // scope -> its nodes
+  std::map<std::string, std::set<std::string>> children;
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const std::string& scope = nodes[k].scope;
+    direct[scope].push_back(k);
+    std::string child = scope;
+    while (!child.empty()) {
+      const size_t dot = child.rfind('.');
+      const std::string parent = dot == std::string::npos ? "" : child.substr(0, dot);
+      children[parent].insert(child);
+      child = parent;
+    }
+  }
+  int cluster_id = 0;
+  std::function<void(const std::string&, int)> emit = [&](const std::string& scope, int depth) {
+    // A scope with no ops of its own and one child adds nothing but a frame: skip it.
+    const auto d = direct.find(scope);
+    const bool has_nodes = d != direct.end() && !d->second.empty();
+    const size_t n_children = children.count(scope) ? children[scope].size() : 0;
+    const bool framed = !scope.empty() && (has_nodes || n_children > 1);
+    const std::string indent(2 * depth + 2, ' ');
+    if (framed)
+      out += str_cat(indent, "subgraph cluster_", cluster_id++, " {\n", indent, "  label=\"",
+                     dot_escape(scope), "\";\n", indent, "  style=rounded;\n");
+    const std::string inner = framed ? indent + "  " : indent;
+    if (has_nodes)
+      for (size_t k : d->second)
+        out += str_cat(inner, "n", k, " [shape=box, label=\"", dot_escape(nodes[k].op), "\\n%",
+                       nodes[k].output, " ", shape_str(nodes[k].output_shape), " ",
+                       short_dtype(nodes[k].dtype), "\"];\n");
+    if (n_children)
+      for (const std::string& c : children[scope]) emit(c, framed ? depth + 1 : depth);
+    if (framed) out += indent + "}\n";
+  };
+  emit("", 0);
+
+  std::map<int64_t, size_t> producer;
+  for (size_t k = 0; k < nodes.size(); ++k) producer[nodes[k].output] = k;
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const Node& n = nodes[k];
+    for (size_t i = 0; i < n.inputs.size(); ++i) {
+      if (n.inputs[i] < 0) continue;  // constants carry no gradient and would only add clutter
+      const auto p = producer.find(n.inputs[i]);
+      const std::string from =
+          p != producer.end() ? str_cat("n", p->second) : str_cat("v", n.inputs[i]);
+      out += str_cat("  ", from, " -> n", k, " [label=\"%", n.inputs[i], " ",
+                     shape_str(n.input_shapes[i]), "\"];\n");
+      if (backward_edges)
+        out += str_cat("  n", k, " -> ", from,
+                       " [style=dashed, color=red, constraint=false, label=\"d%", n.inputs[i],
+                       "\", fontcolor=red];\n");
+    }
+  }
+  return out + "}\n";
+}
+
+std::vector<std::pair<std::string, double>> gradient_norms(const NamedTensors& grads) {
+  std::vector<std::pair<std::string, double>> norms;
+  for (const auto& [name, g] : grads) {
+    double sq = 0;
+    if (g.defined())
+      for (double v : g.to_vector<double>()) sq += v * v;
+    norms.emplace_back(name, std::sqrt(sq));
+  }
+  return norms;
+}
+
+}  // namespace mmdit

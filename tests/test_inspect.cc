@@ -1,0 +1,277 @@
+// Inspecting the tape (autodiff/inspect.h, anomaly mode in autodiff/tape.h) and the `mmdit
+// inspect` / `mmdit gradcheck` commands.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "autodiff/inspect.h"
+#include "autodiff/ops.h"
+#include "autodiff/value_and_grad.h"
+
+namespace mmdit {
+namespace {
+
+using testing::HasSubstr;
+using testing::Not;
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no mmdit::Error thrown)";
+}
+
+int count(const std::string& s, const std::string& what) {
+  int n = 0;
+  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+// y = sum(tanh(x @ w) * 2), the matmul inside NameScope "layer", with x and w watched.
+struct TinyGraph {
+  Tensor x = full({2, 3}, 0.5, DType::f64), w = full({3, 4}, 0.25, DType::f64);
+  Tape tape;
+  Tensor y;
+  TinyGraph() {
+    tape.watch(x);
+    tape.watch(w);
+    Tensor h;
+    {
+      NameScope scope("layer");
+      h = matmul(x, w);
+    }
+    y = sum(tanh(h) * 2.0);
+  }
+};
+
+TEST(InspectTape, FormatsEveryNodeAndTheTotals) {
+  TinyGraph g;
+  NamedTensors names;
+  names.insert("w", g.w);
+  const std::string want =
+      "tape: 4 nodes, 6 values, 208 B saved for backward\n"
+      "leaves: %0 (2,3)\n"
+      "  %1 (3,4) w\n"
+      "#  op          output        <- inputs              saved  scope\n"
+      "0  matmul      %2 (2,4) f64  <- %0 (2,3), %1 (3,4)  144 B  layer\n"
+      "1  tanh        %3 (2,4) f64  <- %2 (2,4)             64 B\n"
+      "2  mul_scalar  %4 (2,4) f64  <- %3 (2,4)              0 B\n"
+      "3  sum         %5 () f64     <- %4 (2,4)              0 B\n"
+      "totals: 4 nodes, 6 values (2 leaves), 208 B saved for backward\n"
+      "  matmul      1 x  144 B\n"
+      "  mul_scalar  1 x  0 B\n"
+      "  sum         1 x  0 B\n"
+      "  tanh        1 x  64 B\n";
+  EXPECT_EQ(format_tape(g.tape, names), want);
+
+  // After backward the saved tensors are gone, and the listing says so.
+  g.tape.gradient(g.y, {g.x, g.w});
+  const std::string after = format_tape(g.tape);
+  EXPECT_THAT(after, HasSubstr("0 B saved for backward (gradient() has run and released them)"));
+  EXPECT_THAT(after, HasSubstr("leaves: %0 (2,3) %1 (3,4)\n"));
+}
+
+TEST(InspectTape, ConstantInputsAndAnEmptyTape) {
+  Tape tape;
+  EXPECT_EQ(format_tape(tape),
+            "tape: 0 nodes, 0 values, 0 B saved for backward\nleaves: none\n"
+            "#  op  output  <- inputs  saved  scope\n"
+            "totals: 0 nodes, 0 values (0 leaves), 0 B saved for backward\n");
+  Tensor x = full({3}, 1.0, DType::f32);
+  tape.watch(x);
+  Tensor y = x * full({3}, 2.0, DType::f32);
+  EXPECT_THAT(format_tape(tape), HasSubstr("mul  %1 (3,) f32  <- %0 (3,), const (3,)"));
+}
+
+TEST(InspectDot, StructureClustersAndBackwardEdges) {
+  TinyGraph g;
+  const std::string dot = tape_to_dot(g.tape);
+  EXPECT_EQ(dot.rfind("digraph tape {\n", 0), 0u);
+  EXPECT_EQ(dot.substr(dot.size() - 2), "}\n");
+  EXPECT_THAT(dot, HasSubstr("v0 [shape=ellipse, label=\"%0\\n(2,3)\"];"));
+  EXPECT_THAT(dot, HasSubstr("v1 [shape=ellipse, label=\"%1\\n(3,4)\"];"));
+  // The matmul sits in the "layer" cluster; the other ops are outside any cluster.
+  const size_t cluster = dot.find("subgraph cluster_0 {");
+  ASSERT_NE(cluster, std::string::npos);
+  EXPECT_THAT(dot.substr(cluster), HasSubstr("label=\"layer\";"));
+  const size_t matmul = dot.find("n0 [shape=box, label=\"matmul\\n%2 (2,4) f64\"];");
+  ASSERT_NE(matmul, std::string::npos);
+  EXPECT_GT(matmul, cluster);
+  EXPECT_LT(dot.find("n1 [shape=box, label=\"tanh\\n%3 (2,4) f64\"];"), cluster);
+  EXPECT_EQ(count(dot, "subgraph"), 1);
+  for (const char* edge : {"v0 -> n0 [label=\"%0 (2,3)\"];", "v1 -> n0 [label=\"%1 (3,4)\"];",
+                           "n0 -> n1 [label=\"%2 (2,4)\"];", "n1 -> n2 [label=\"%3 (2,4)\"];",
+                           "n2 -> n3 [label=\"%4 (2,4)\"];"})
+    EXPECT_THAT(dot, HasSubstr(edge));
+  EXPECT_EQ(count(dot, " -> "), 5);
+  EXPECT_EQ(count(dot, "dashed"), 0);
+
+  const std::string both = tape_to_dot(g.tape, /*backward_edges=*/true);
+  EXPECT_EQ(count(both, " -> "), 10);
+  EXPECT_EQ(count(both, "style=dashed"), 5);
+  EXPECT_THAT(both, HasSubstr("n0 -> v1 [style=dashed, color=red, constraint=false"));
+
+  if (std::system("command -v dot > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "Graphviz `dot` is not installed; the structure was checked without it";
+  const std::string dir = testing::TempDir();
+  for (const std::string* text : {&dot, &both}) {
+    std::ofstream(dir + "/tape.dot") << *text;
+    ASSERT_EQ(std::system(("dot -Tsvg " + dir + "/tape.dot -o " + dir + "/tape.svg").c_str()), 0);
+    std::ifstream svg(dir + "/tape.svg");
+    const std::string s((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
+    EXPECT_THAT(s, HasSubstr("<svg"));
+    EXPECT_THAT(s, HasSubstr("matmul"));
+  }
+}
+
+TEST(InspectDot, NestedScopesNest) {
+  Tensor x = full({2}, 1.0, DType::f32);
+  Tape tape;
+  tape.watch(x);
+  NameScope a("blocks");
+  Tensor y;
+  {
+    NameScope b("0");
+    y = exp(x);
+    NameScope c("attn");
+    y = y * 3.0;
+    y = y + x;
+  }
+  {
+    NameScope b("1");
+    y = sin(y);
+  }
+  const std::string dot = tape_to_dot(tape);
+  // "blocks" has two children and is a frame of its own; "blocks.0.attn" nests in "blocks.0".
+  EXPECT_EQ(count(dot, "subgraph"), 4);
+  const size_t outer = dot.find("label=\"blocks\";"), zero = dot.find("label=\"blocks.0\";"),
+               attn = dot.find("label=\"blocks.0.attn\";"), one = dot.find("label=\"blocks.1\";");
+  ASSERT_NE(outer, std::string::npos);
+  EXPECT_LT(outer, zero);
+  EXPECT_LT(zero, attn);
+  EXPECT_LT(attn, one);
+}
+
+// ---- anomaly mode ----
+
+TEST(AnomalyMode, NamesTheForwardOpThatMadeANaN) {
+  Tensor x = from_vector({1.0, -1.0}, {2}, DType::f64);
+  Tape tape;
+  tape.watch(x);
+  AnomalyMode anomaly;
+  Tensor y = x * 2.0;
+  const std::string e = error_of([&] {
+    NameScope scope("layer");
+    log(y);
+  });
+  EXPECT_THAT(e, HasSubstr("anomaly mode: log (node 1, recorded in scope 'layer') produced NaN "
+                           "at (1,) in its output (2,) float64; inputs: %1 (2,)"));
+  EXPECT_EQ(tape.nodes().size(), 1u);  // the faulty op is not recorded
+}
+
+TEST(AnomalyMode, NamesTheBackwardThatMadeAnInf) {
+  Tensor x = from_vector({0.0, 4.0}, {2}, DType::f64);
+  Tape tape;
+  tape.watch(x);
+  AnomalyMode anomaly;
+  Tensor y = sum(sqrt(x) * 3.0);  // sqrt(0) = 0 is fine; its derivative 1/(2 sqrt(0)) is not
+  ASSERT_EQ(y.item(), 6.0);
+  const std::string e = error_of([&] { tape.gradient(y, {x}); });
+  EXPECT_THAT(e, HasSubstr("anomaly mode: the backward of sqrt (node 0, recorded in scope "
+                           "'<root>') produced +Inf at (0,) in the gradient of its input 0 "
+                           "(%0 (2,)); output %1 (2,)"));
+}
+
+TEST(AnomalyMode, OffByDefaultAndRestoredByTheGuard) {
+  EXPECT_FALSE(anomaly_mode());
+  {
+    AnomalyMode on;
+    EXPECT_TRUE(anomaly_mode());
+    {
+      AnomalyMode off(false);
+      EXPECT_FALSE(anomaly_mode());
+    }
+    EXPECT_TRUE(anomaly_mode());
+  }
+  EXPECT_FALSE(anomaly_mode());
+  set_anomaly_mode(true);
+  EXPECT_TRUE(anomaly_mode());
+  set_anomaly_mode(false);
+
+  // Off, NaNs and Infs flow through silently, as they would without a tape.
+  Tensor x = from_vector({0.0, -1.0}, {2}, DType::f64);
+  Tape tape;
+  tape.watch(x);
+  Tensor y = sum(sqrt(x) + log(x + 2.0));
+  EXPECT_TRUE(std::isnan(y.item()));
+  const Tensor g = tape.gradient(y, {x})[0];
+  EXPECT_TRUE(std::isinf(g.to_vector<double>()[0]));
+}
+
+TEST(GradientNorms, MatchTheClosedForm) {
+  NamedTensors params;
+  params.insert("w", from_vector({3.0, 4.0}, {2}, DType::f64));
+  params.insert("b", full({2, 2}, 1.0, DType::f64));
+  // d/dw sum(w^2) = 2w, norm 2 * 5; d/db 3 sum(b) = 3, norm 3 * 2.
+  auto [loss, grads] = value_and_grad(
+      [](const NamedTensors& p) { return sum(square(p.at("w"))) + sum(p.at("b")) * 3.0; })(params);
+  const auto norms = gradient_norms(grads);
+  ASSERT_EQ(norms.size(), 2u);
+  EXPECT_EQ(norms[0].first, "w");
+  EXPECT_DOUBLE_EQ(norms[0].second, 10.0);
+  EXPECT_EQ(norms[1].first, "b");
+  EXPECT_DOUBLE_EQ(norms[1].second, 6.0);
+}
+
+// ---- the commands ----
+
+struct Command {
+  int status;
+  std::string output;
+};
+Command run_mmdit(const std::string& args) {
+  Command r{-1, ""};
+  FILE* p = ::popen((std::string(MMDIT_BINARY) + " " + args + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+TEST(InspectCli, GradcheckPassesOnTheTinyMMDiT) {
+  const Command r = run_mmdit("gradcheck --model mmdit");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("gradcheck ok: "));
+  EXPECT_THAT(r.output, HasSubstr("blocks.0.to_cond.weight"));
+  EXPECT_THAT(r.output, Not(HasSubstr("FAILED")));
+  // A tolerance no float can meet makes it fail, with a non-zero status.
+  const Command strict = run_mmdit("gradcheck --model mmdit --sample 2 --atol 0 --rtol 1e-300");
+  EXPECT_NE(strict.status, 0) << strict.output;
+  EXPECT_THAT(strict.output, HasSubstr("FAILED"));
+}
+
+TEST(InspectCli, InspectPrintsThePolicyTape) {
+  const std::string dot = testing::TempDir() + "/policy.dot";
+  const Command r = run_mmdit("inspect --model policy --dot " + dot + " --backward-edges");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, testing::ContainsRegex("tape: [0-9]+ nodes"));
+  EXPECT_THAT(r.output, HasSubstr("mmdit.blocks.0"));
+  EXPECT_TRUE(std::filesystem::exists(dot));
+  EXPECT_NE(run_mmdit("inspect --model nope").status, 0);
+}
+
+}  // namespace
+}  // namespace mmdit
