@@ -99,20 +99,25 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   for (const auto& [name, t] : leaf_names)
     if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
   out += "\nleaves:";
+  // Named leaves get a line each with the names aligned; unnamed ones share wrapped lines.
+  size_t named_width = 0;
+  for (const auto& [slot, shape] : leaves)
+    if (names.count(slot))
+      named_width = std::max(named_width, str_cat("%", slot, " ", shape_str(shape)).size());
   size_t line_length = 7;
   for (const auto& [slot, shape] : leaves) {
+    const std::string item = str_cat("%", slot, " ", shape_str(shape));
     const auto name = names.find(slot);
     if (name != names.end()) {
-      out += str_cat("\n  %", slot, " ", shape_str(shape), " ", name->second);
+      out += str_cat("\n  ", pad(item, named_width), "  ", name->second);
       continue;
     }
-    const std::string item = str_cat(" %", slot, " ", shape_str(shape));
-    if (line_length + item.size() > 100) {
+    if (line_length + item.size() + 1 > 100) {
       out += "\n       ";
       line_length = 7;
     }
-    out += item;
-    line_length += item.size();
+    out += " " + item;
+    line_length += item.size() + 1;
   }
   if (leaves.empty()) out += " none";
   out += "\n";

@@ -61,7 +61,7 @@ TEST(InspectTape, FormatsEveryNodeAndTheTotals) {
   const std::string want =
       "tape: 4 nodes, 6 values, 208 B saved for backward\n"
       "leaves: %0 (2,3)\n"
-      "  %1 (3,4) w\n"
+      "  %1 (3,4)  w\n"
       "#  op          output        <- inputs              saved  scope\n"
       "0  matmul      %2 (2,4) f64  <- %0 (2,3), %1 (3,4)  144 B  layer\n"
       "1  tanh        %3 (2,4) f64  <- %2 (2,4)             64 B\n"
