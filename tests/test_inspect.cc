@@ -270,7 +270,13 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   EXPECT_THAT(r.output, testing::ContainsRegex("tape: [0-9]+ nodes"));
   EXPECT_THAT(r.output, HasSubstr("mmdit.blocks.0"));
   EXPECT_TRUE(std::filesystem::exists(dot));
+  for (const char* model : {"mmdit", "incontext"}) {
+    const Command m = run_mmdit(std::string("inspect --model ") + model + " --depth 2");
+    EXPECT_EQ(m.status, 0) << m.output;
+    EXPECT_THAT(m.output, HasSubstr("blocks.1"));
+  }
   EXPECT_NE(run_mmdit("inspect --model nope").status, 0);
+  EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
 }
 
 }  // namespace
