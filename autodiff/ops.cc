@@ -11,7 +11,9 @@ namespace {
 using raw::BinaryOp;
 using raw::UnaryOp;
 
-Tensor scaled(const Tensor& x, double s) { return raw::mul_scalar(x, s); }
+Tensor scaled(const Tensor& x, double s) {
+  return raw::mul_scalar(x, s);
+}
 
 // The keepdims shape of a reduction of `shape` over `axes` (empty = all).
 Shape kept_shape(const Shape& shape, std::vector<int64_t> axes, const char* op) {
@@ -136,8 +138,9 @@ Tensor abs(const Tensor& x) {
   return record("abs", raw::unary(UnaryOp::abs, x), {x}, {x}, [](Backward& ctx) {
     const Tensor& x = ctx.saved[0];
     const Tensor zero = scalar(0, x.dtype());
-    const Tensor sign = raw::sub(raw::to_dtype(raw::compare(raw::CompareOp::gt, x, zero), x.dtype()),
-                                 raw::to_dtype(raw::compare(raw::CompareOp::lt, x, zero), x.dtype()));
+    const Tensor sign =
+        raw::sub(raw::to_dtype(raw::compare(raw::CompareOp::gt, x, zero), x.dtype()),
+                 raw::to_dtype(raw::compare(raw::CompareOp::lt, x, zero), x.dtype()));
     ctx.input(0, [&] { return raw::mul(ctx.grad, sign); });
   });
 }
@@ -147,7 +150,8 @@ Tensor tanh(const Tensor& x) {
   return record("tanh", out, {x}, {out}, [](Backward& ctx) {  // 1 - tanh^2
     const Tensor& y = ctx.saved[0];
     ctx.input(0, [&] {
-      return raw::mul(ctx.grad, raw::add_scalar(raw::unary(UnaryOp::neg, raw::unary(UnaryOp::square, y)), 1.0));
+      return raw::mul(
+          ctx.grad, raw::add_scalar(raw::unary(UnaryOp::neg, raw::unary(UnaryOp::square, y)), 1.0));
     });
   });
 }
@@ -190,7 +194,8 @@ Tensor cos(const Tensor& x) {
 
 Tensor pow(const Tensor& x, double p) {
   return record("pow", raw::pow_scalar(x, p), {x}, {x}, [p](Backward& ctx) {
-    ctx.input(0, [&] { return raw::mul(ctx.grad, scaled(raw::pow_scalar(ctx.saved[0], p - 1), p)); });
+    ctx.input(0,
+              [&] { return raw::mul(ctx.grad, scaled(raw::pow_scalar(ctx.saved[0], p - 1), p)); });
   });
 }
 
@@ -206,9 +211,10 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
 // ---- reductions ----
 Tensor sum(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
   const Shape kept = kept_shape(x.shape(), axes, "sum");
-  return record("sum", raw::sum(x, axes, keepdims), {x}, {}, [kept, shape = x.shape()](Backward& ctx) {
-    ctx.input(0, [&] { return expand_reduced(ctx.grad, kept, shape); });
-  });
+  return record("sum", raw::sum(x, axes, keepdims), {x}, {},
+                [kept, shape = x.shape()](Backward& ctx) {
+                  ctx.input(0, [&] { return expand_reduced(ctx.grad, kept, shape); });
+                });
 }
 
 Tensor mean(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
@@ -216,7 +222,8 @@ Tensor mean(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
   const double scale = static_cast<double>(shape_numel(kept)) / std::max<int64_t>(x.numel(), 1);
   return record("mean", raw::mean(x, axes, keepdims), {x}, {},
                 [kept, scale, shape = x.shape()](Backward& ctx) {
-                  ctx.input(0, [&] { return expand_reduced(scaled(ctx.grad, scale), kept, shape); });
+                  ctx.input(0,
+                            [&] { return expand_reduced(scaled(ctx.grad, scale), kept, shape); });
                 });
 }
 
@@ -262,7 +269,8 @@ Tensor log_softmax(const Tensor& x, int64_t axis) {
   return record("log_softmax", out, {x}, {out}, [axis](Backward& ctx) {  // g - exp(y) sum(g)
     const Tensor& y = ctx.saved[0];
     ctx.input(0, [&] {
-      return raw::sub(ctx.grad, raw::mul(raw::unary(UnaryOp::exp, y), raw::sum(ctx.grad, {axis}, true)));
+      return raw::sub(ctx.grad,
+                      raw::mul(raw::unary(UnaryOp::exp, y), raw::sum(ctx.grad, {axis}, true)));
     });
   });
 }
@@ -294,7 +302,8 @@ Tensor reshape(const Tensor& x, const Shape& shape) {
 Tensor permute(const Tensor& x, const std::vector<int64_t>& axes) {
   Tensor out = raw::permute(x, axes);
   std::vector<int64_t> inverse(axes.size());
-  for (size_t i = 0; i < axes.size(); ++i) inverse[normalize_axis(axes[i], x.shape(), "permute")] = i;
+  for (size_t i = 0; i < axes.size(); ++i)
+    inverse[normalize_axis(axes[i], x.shape(), "permute")] = i;
   return record("permute", out, {x}, {}, [inverse](Backward& ctx) {
     ctx.input(0, [&] { return raw::permute(ctx.grad, inverse); });
   });
@@ -335,8 +344,9 @@ Tensor unsqueeze(const Tensor& x, int64_t axis) {
 }
 
 Tensor broadcast_to(const Tensor& x, const Shape& shape) {
-  return record("broadcast_to", raw::broadcast_to(x, shape), {x}, {},
-                [](Backward& ctx) { ctx.input(0, [&] { return ctx.grad; }); });  // summed by input()
+  return record("broadcast_to", raw::broadcast_to(x, shape), {x}, {}, [](Backward& ctx) {
+    ctx.input(0, [&] { return ctx.grad; });
+  });  // summed by input()
 }
 
 Tensor contiguous(const Tensor& x) {

@@ -36,11 +36,21 @@ Tensor pow(const Tensor& x, double p);
 // Differentiable in a and b; cond is a bool mask.
 Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
 // Comparisons give bool tensors and no gradient.
-inline Tensor eq(const Tensor& a, const Tensor& b) { return raw::compare(raw::CompareOp::eq, a, b); }
-inline Tensor lt(const Tensor& a, const Tensor& b) { return raw::compare(raw::CompareOp::lt, a, b); }
-inline Tensor le(const Tensor& a, const Tensor& b) { return raw::compare(raw::CompareOp::le, a, b); }
-inline Tensor gt(const Tensor& a, const Tensor& b) { return raw::compare(raw::CompareOp::gt, a, b); }
-inline Tensor ge(const Tensor& a, const Tensor& b) { return raw::compare(raw::CompareOp::ge, a, b); }
+inline Tensor eq(const Tensor& a, const Tensor& b) {
+  return raw::compare(raw::CompareOp::eq, a, b);
+}
+inline Tensor lt(const Tensor& a, const Tensor& b) {
+  return raw::compare(raw::CompareOp::lt, a, b);
+}
+inline Tensor le(const Tensor& a, const Tensor& b) {
+  return raw::compare(raw::CompareOp::le, a, b);
+}
+inline Tensor gt(const Tensor& a, const Tensor& b) {
+  return raw::compare(raw::CompareOp::gt, a, b);
+}
+inline Tensor ge(const Tensor& a, const Tensor& b) {
+  return raw::compare(raw::CompareOp::ge, a, b);
+}
 
 // ---- reductions (empty axes = all) ----
 Tensor sum(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
@@ -69,17 +79,41 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 Tensor stack(const std::vector<Tensor>& parts, int64_t axis);
 
 // ---- operators ----
-inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
-inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
-inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
-inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
-inline Tensor operator-(const Tensor& x) { return neg(x); }
-inline Tensor operator+(const Tensor& a, double s) { return add_scalar(a, s); }
-inline Tensor operator+(double s, const Tensor& a) { return add_scalar(a, s); }
-inline Tensor operator-(const Tensor& a, double s) { return add_scalar(a, -s); }
-inline Tensor operator-(double s, const Tensor& a) { return add_scalar(neg(a), s); }
-inline Tensor operator*(const Tensor& a, double s) { return mul_scalar(a, s); }
-inline Tensor operator*(double s, const Tensor& a) { return mul_scalar(a, s); }
-inline Tensor operator/(const Tensor& a, double s) { return mul_scalar(a, 1.0 / s); }
+inline Tensor operator+(const Tensor& a, const Tensor& b) {
+  return add(a, b);
+}
+inline Tensor operator-(const Tensor& a, const Tensor& b) {
+  return sub(a, b);
+}
+inline Tensor operator*(const Tensor& a, const Tensor& b) {
+  return mul(a, b);
+}
+inline Tensor operator/(const Tensor& a, const Tensor& b) {
+  return div(a, b);
+}
+inline Tensor operator-(const Tensor& x) {
+  return neg(x);
+}
+inline Tensor operator+(const Tensor& a, double s) {
+  return add_scalar(a, s);
+}
+inline Tensor operator+(double s, const Tensor& a) {
+  return add_scalar(a, s);
+}
+inline Tensor operator-(const Tensor& a, double s) {
+  return add_scalar(a, -s);
+}
+inline Tensor operator-(double s, const Tensor& a) {
+  return add_scalar(neg(a), s);
+}
+inline Tensor operator*(const Tensor& a, double s) {
+  return mul_scalar(a, s);
+}
+inline Tensor operator*(double s, const Tensor& a) {
+  return mul_scalar(a, s);
+}
+inline Tensor operator/(const Tensor& a, double s) {
+  return mul_scalar(a, 1.0 / s);
+}
 
 }  // namespace mmdit

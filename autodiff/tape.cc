@@ -52,14 +52,22 @@ void Backward::set_input_grad(size_t i, const Tensor& g) {
   input_grads_[i] = g.shape() == shape ? g : raw::sum_to(g, shape);
 }
 
-Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) { g_active = this; }
-Tape::~Tape() { g_active = previous_; }
-Tape* Tape::active() { return g_active; }
+Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) {
+  g_active = this;
+}
+Tape::~Tape() {
+  g_active = previous_;
+}
+Tape* Tape::active() {
+  return g_active;
+}
 
 int64_t Tape::slot_of(const Tensor& t) const {
   return t.defined() && t.impl().tape_id == id_ ? t.impl().tape_slot : -1;
 }
-bool Tape::is_on_tape(const Tensor& t) const { return slot_of(t) >= 0; }
+bool Tape::is_on_tape(const Tensor& t) const {
+  return slot_of(t) >= 0;
+}
 
 void Tape::watch(const Tensor& t) {
   MMDIT_CHECK(t.defined(), "Tape::watch: undefined tensor");
@@ -76,7 +84,8 @@ Tensor Tape::append(Node node, Tensor out) {
   // A view shares its base's TensorImpl only when an op returns its input unchanged (e.g.
   // contiguous() of a contiguous tensor); give the result its own handle so slots stay unique.
   for (int64_t in : node.inputs)
-    if (in >= 0 && slot_of(out) == in) out = make_view(out, out.shape(), out.strides(), out.offset());
+    if (in >= 0 && slot_of(out) == in)
+      out = make_view(out, out.shape(), out.strides(), out.offset());
   if (g_anomaly) {
     const std::string bad = first_non_finite(out);
     MMDIT_CHECK(bad.empty(), "anomaly mode: ", node.op, " (", where_recorded(node, nodes_.size()),
@@ -107,15 +116,15 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
   if (cotangent.defined()) {
     MMDIT_CHECK(cotangent.shape() == y.shape() && cotangent.dtype() == y.dtype(),
                 "gradient: cotangent ", shape_str(cotangent.shape()), " ",
-                dtype_name(cotangent.dtype()), " does not match the output ",
-                shape_str(y.shape()), " ", dtype_name(y.dtype()));
+                dtype_name(cotangent.dtype()), " does not match the output ", shape_str(y.shape()),
+                " ", dtype_name(y.dtype()));
   } else {
     MMDIT_CHECK(y.numel() == 1, "gradient: the output has shape ", shape_str(y.shape()),
                 "; a non-scalar output needs a cotangent");
   }
   for (size_t i = 0; i < wrt.size(); ++i)
-    MMDIT_CHECK(is_on_tape(wrt[i]), "gradient: input ", i, " (shape ",
-                shape_str(wrt[i].shape()), ") was neither watched nor computed on this tape");
+    MMDIT_CHECK(is_on_tape(wrt[i]), "gradient: input ", i, " (shape ", shape_str(wrt[i].shape()),
+                ") was neither watched nor computed on this tape");
   consumed_ = true;
 
   // Only slots between a wrt tensor and y need gradients.
@@ -175,17 +184,29 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
   return out;
 }
 
-void set_anomaly_mode(bool on) { g_anomaly = on; }
-bool anomaly_mode() { return g_anomaly; }
-AnomalyMode::AnomalyMode(bool on) : previous_(g_anomaly) { g_anomaly = on; }
-AnomalyMode::~AnomalyMode() { g_anomaly = previous_; }
+void set_anomaly_mode(bool on) {
+  g_anomaly = on;
+}
+bool anomaly_mode() {
+  return g_anomaly;
+}
+AnomalyMode::AnomalyMode(bool on) : previous_(g_anomaly) {
+  g_anomaly = on;
+}
+AnomalyMode::~AnomalyMode() {
+  g_anomaly = previous_;
+}
 
 NameScope::NameScope(const std::string& name) : previous_length_(g_scope.size()) {
   if (!g_scope.empty()) g_scope += '.';
   g_scope += name;
 }
-NameScope::~NameScope() { g_scope.resize(previous_length_); }
-const std::string& NameScope::current() { return g_scope; }
+NameScope::~NameScope() {
+  g_scope.resize(previous_length_);
+}
+const std::string& NameScope::current() {
+  return g_scope;
+}
 
 namespace detail {
 
@@ -213,6 +234,8 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
 
 }  // namespace detail
 
-Tensor stop_gradient(const Tensor& x) { return make_view(x, x.shape(), x.strides(), x.offset()); }
+Tensor stop_gradient(const Tensor& x) {
+  return make_view(x, x.shape(), x.strides(), x.offset());
+}
 
 }  // namespace mmdit

@@ -28,13 +28,13 @@ struct Node {
   const char* op;
   std::vector<int64_t> inputs;  // value slot of each input; -1 for a constant
   std::vector<Shape> input_shapes;
-  int64_t output;               // value slot of the result
+  int64_t output;  // value slot of the result
   Shape output_shape;
   DType dtype;
-  std::vector<Tensor> saved;    // what backward reads; released as soon as it has run
+  std::vector<Tensor> saved;  // what backward reads; released as soon as it has run
   size_t saved_bytes = 0;
   BackwardFn backward;
-  std::string scope;            // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"
+  std::string scope;  // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"
 };
 
 // What a node's backward function sees: the gradient of its output, the tensors it saved, and

@@ -30,7 +30,8 @@ int main() {
   const double lr = 0.02;
   for (int step = 0; step <= 2000; ++step) {
     auto [loss, grads] = value_and_grad(loss_fn)(params, x, y);
-    for (auto& [name, p] : params) raw::copy_into(p, raw::sub(p, raw::mul_scalar(grads.at(name), lr)));
+    for (auto& [name, p] : params)
+      raw::copy_into(p, raw::sub(p, raw::mul_scalar(grads.at(name), lr)));
     if (step % 250 == 0) std::printf("step %4d  loss %.6f\n", step, loss.item());
   }
 }

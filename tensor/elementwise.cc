@@ -17,30 +17,48 @@ using detail::plan_rows;
 
 const char* binary_name(BinaryOp op) {
   switch (op) {
-    case BinaryOp::add: return "add";
-    case BinaryOp::sub: return "sub";
-    case BinaryOp::mul: return "mul";
-    case BinaryOp::div: return "div";
-    case BinaryOp::maximum: return "maximum";
-    case BinaryOp::minimum: return "minimum";
+    case BinaryOp::add:
+      return "add";
+    case BinaryOp::sub:
+      return "sub";
+    case BinaryOp::mul:
+      return "mul";
+    case BinaryOp::div:
+      return "div";
+    case BinaryOp::maximum:
+      return "maximum";
+    case BinaryOp::minimum:
+      return "minimum";
   }
   return "?";
 }
 
 const char* unary_name(UnaryOp op) {
   switch (op) {
-    case UnaryOp::neg: return "neg";
-    case UnaryOp::exp: return "exp";
-    case UnaryOp::log: return "log";
-    case UnaryOp::sqrt: return "sqrt";
-    case UnaryOp::rsqrt: return "rsqrt";
-    case UnaryOp::square: return "square";
-    case UnaryOp::abs: return "abs";
-    case UnaryOp::tanh: return "tanh";
-    case UnaryOp::sigmoid: return "sigmoid";
-    case UnaryOp::silu: return "silu";
-    case UnaryOp::sin: return "sin";
-    case UnaryOp::cos: return "cos";
+    case UnaryOp::neg:
+      return "neg";
+    case UnaryOp::exp:
+      return "exp";
+    case UnaryOp::log:
+      return "log";
+    case UnaryOp::sqrt:
+      return "sqrt";
+    case UnaryOp::rsqrt:
+      return "rsqrt";
+    case UnaryOp::square:
+      return "square";
+    case UnaryOp::abs:
+      return "abs";
+    case UnaryOp::tanh:
+      return "tanh";
+    case UnaryOp::sigmoid:
+      return "sigmoid";
+    case UnaryOp::silu:
+      return "silu";
+    case UnaryOp::sin:
+      return "sin";
+    case UnaryOp::cos:
+      return "cos";
   }
   return "?";
 }
@@ -56,7 +74,9 @@ void check_same_dtype(const Tensor& a, const Tensor& b, const char* op) {
               shape_str(b.shape()), ")");
 }
 
-char* base_ptr(const Tensor& t) { return static_cast<char*>(t.raw_data()); }
+char* base_ptr(const Tensor& t) {
+  return static_cast<char*>(t.raw_data());
+}
 
 // A contiguous copy of a strided row, so the SIMD kernels only ever see steps of 0 or 1.
 template <class T>
@@ -71,8 +91,8 @@ template <class T>
 void binary_typed(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out) {
   const Tensor ab = broadcast_to(a, out.shape()), bb = broadcast_to(b, out.shape());
   auto plan = plan_rows<3>(out.shape(), {&out.strides(), &ab.strides(), &bb.strides()});
-  for_each_row<3>(plan, {base_ptr(out), base_ptr(ab), base_ptr(bb)}, {sizeof(T), sizeof(T), sizeof(T)},
-                  [op](auto p, auto s, int64_t n) {
+  for_each_row<3>(plan, {base_ptr(out), base_ptr(ab), base_ptr(bb)},
+                  {sizeof(T), sizeof(T), sizeof(T)}, [op](auto p, auto s, int64_t n) {
                     std::vector<T> ta, tb;
                     const T* pa = gathered(reinterpret_cast<const T*>(p[1]), s[1], n, ta);
                     const T* pb = gathered(reinterpret_cast<const T*>(p[2]), s[2], n, tb);
@@ -84,17 +104,17 @@ void binary_typed(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& o
 template <class T>
 void unary_typed(UnaryOp op, const Tensor& x, const Tensor& out) {
   auto plan = plan_rows<2>(out.shape(), {&out.strides(), &x.strides()});
-  for_each_row<2>(plan, {base_ptr(out), base_ptr(x)}, {sizeof(T), sizeof(T)},
-                  [op](auto p, auto s, int64_t n) {
-                    std::vector<T> tmp;
-                    const T* px = reinterpret_cast<const T*>(p[1]);
-                    if (s[1] == 0) {  // a broadcast row: compute once, then replicate
-                      simd::unary(op, px, reinterpret_cast<T*>(p[0]), 1);
-                      std::fill_n(reinterpret_cast<T*>(p[0]) + 1, n - 1, *reinterpret_cast<T*>(p[0]));
-                      return;
-                    }
-                    simd::unary(op, gathered(px, s[1], n, tmp), reinterpret_cast<T*>(p[0]), n);
-                  });
+  for_each_row<2>(
+      plan, {base_ptr(out), base_ptr(x)}, {sizeof(T), sizeof(T)}, [op](auto p, auto s, int64_t n) {
+        std::vector<T> tmp;
+        const T* px = reinterpret_cast<const T*>(p[1]);
+        if (s[1] == 0) {  // a broadcast row: compute once, then replicate
+          simd::unary(op, px, reinterpret_cast<T*>(p[0]), 1);
+          std::fill_n(reinterpret_cast<T*>(p[0]) + 1, n - 1, *reinterpret_cast<T*>(p[0]));
+          return;
+        }
+        simd::unary(op, gathered(px, s[1], n, tmp), reinterpret_cast<T*>(p[0]), n);
+      });
 }
 
 template <class Dst, class Src>
@@ -117,9 +137,12 @@ void copy_rows(const Tensor& dst, const Tensor& src) {
 template <class Fn>
 void visit_dtype(DType t, Fn&& fn) {
   switch (t) {
-    case DType::f32: return fn(float{});
-    case DType::f64: return fn(double{});
-    case DType::boolean: return fn(bool{});
+    case DType::f32:
+      return fn(float{});
+    case DType::f64:
+      return fn(double{});
+    case DType::boolean:
+      return fn(bool{});
   }
 }
 
@@ -146,7 +169,8 @@ Tensor map_scalar(const char* op, DType out_dtype, Fn fn,
       for (int64_t i = 0; i < n; ++i)
         reinterpret_cast<Out*>(p[0])[i * s[0]] =
             fn(reinterpret_cast<const Ins*>(p[K + 1])[i * s[K + 1]]...);
-    }(std::index_sequence_for<Ins...>{});
+    }
+    (std::index_sequence_for<Ins...>{});
   });
   return out;
 }
@@ -159,21 +183,29 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
   check_float(b, name);
   check_same_dtype(a, b, name);
   Tensor out = empty(broadcast_shapes(a.shape(), b.shape(), name), a.dtype());
-  if (a.dtype() == DType::f32) binary_typed<float>(op, a, b, out);
-  else binary_typed<double>(op, a, b, out);
+  if (a.dtype() == DType::f32)
+    binary_typed<float>(op, a, b, out);
+  else
+    binary_typed<double>(op, a, b, out);
   return out;
 }
 
 Tensor unary(UnaryOp op, const Tensor& x) {
   check_float(x, unary_name(op));
   Tensor out = empty(x.shape(), x.dtype());
-  if (x.dtype() == DType::f32) unary_typed<float>(op, x, out);
-  else unary_typed<double>(op, x, out);
+  if (x.dtype() == DType::f32)
+    unary_typed<float>(op, x, out);
+  else
+    unary_typed<double>(op, x, out);
   return out;
 }
 
-Tensor add_scalar(const Tensor& x, double s) { return add(x, scalar(s, x.dtype())); }
-Tensor mul_scalar(const Tensor& x, double s) { return mul(x, scalar(s, x.dtype())); }
+Tensor add_scalar(const Tensor& x, double s) {
+  return add(x, scalar(s, x.dtype()));
+}
+Tensor mul_scalar(const Tensor& x, double s) {
+  return mul(x, scalar(s, x.dtype()));
+}
 
 Tensor pow_scalar(const Tensor& x, double p) {
   check_float(x, "pow");
@@ -198,17 +230,26 @@ Tensor compare(CompareOp op, const Tensor& a, const Tensor& b) {
   Tensor out;
   visit_dtype(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    out = map_scalar<bool, T, T>("compare", DType::boolean, [op](T x, T y) {
-      switch (op) {
-        case CompareOp::eq: return x == y;
-        case CompareOp::ne: return x != y;
-        case CompareOp::lt: return x < y;
-        case CompareOp::le: return x <= y;
-        case CompareOp::gt: return x > y;
-        case CompareOp::ge: return x >= y;
-      }
-      return false;
-    }, a, b);
+    out = map_scalar<bool, T, T>(
+        "compare", DType::boolean,
+        [op](T x, T y) {
+          switch (op) {
+            case CompareOp::eq:
+              return x == y;
+            case CompareOp::ne:
+              return x != y;
+            case CompareOp::lt:
+              return x < y;
+            case CompareOp::le:
+              return x <= y;
+            case CompareOp::gt:
+              return x > y;
+            case CompareOp::ge:
+              return x >= y;
+          }
+          return false;
+        },
+        a, b);
   });
   return out;
 }
@@ -221,23 +262,25 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
   Tensor out;
   visit_dtype(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    out = map_scalar<T, bool, T, T>("where", a.dtype(), [](bool c, T x, T y) { return c ? x : y; },
-                                    cond, a, b);
+    out = map_scalar<T, bool, T, T>(
+        "where", a.dtype(), [](bool c, T x, T y) { return c ? x : y; }, cond, a, b);
   });
   return out;
 }
 
 Tensor logical_not(const Tensor& x) {
-  MMDIT_CHECK(x.dtype() == DType::boolean, "logical_not: expected bool, got ", dtype_name(x.dtype()));
-  return map_scalar<bool, bool>("logical_not", DType::boolean, [](bool v) { return !v; }, x);
+  MMDIT_CHECK(x.dtype() == DType::boolean, "logical_not: expected bool, got ",
+              dtype_name(x.dtype()));
+  return map_scalar<bool, bool>(
+      "logical_not", DType::boolean, [](bool v) { return !v; }, x);
 }
 
 Tensor logical_and(const Tensor& a, const Tensor& b) {
   MMDIT_CHECK(a.dtype() == DType::boolean && b.dtype() == DType::boolean,
               "logical_and: expected bool tensors, got ", dtype_name(a.dtype()), " and ",
               dtype_name(b.dtype()));
-  return map_scalar<bool, bool, bool>("logical_and", DType::boolean,
-                                      [](bool x, bool y) { return x && y; }, a, b);
+  return map_scalar<bool, bool, bool>(
+      "logical_and", DType::boolean, [](bool x, bool y) { return x && y; }, a, b);
 }
 
 void copy_into(const Tensor& dst, const Tensor& src) {

@@ -40,7 +40,7 @@ template <class... Args>
 }  // namespace mmdit
 
 // Throws mmdit::Error with the concatenated message when `cond` is false.
-#define MMDIT_CHECK(cond, ...)                 \
-  do {                                         \
-    if (!(cond)) ::mmdit::fail(__VA_ARGS__);   \
+#define MMDIT_CHECK(cond, ...)               \
+  do {                                       \
+    if (!(cond)) ::mmdit::fail(__VA_ARGS__); \
   } while (0)

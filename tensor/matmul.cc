@@ -84,12 +84,13 @@ void matmul_typed(Tensor a, Tensor b, const Tensor& out, const Shape& batch) {
   const T* pa = a.data<T>();
   const T* pb = b.data<T>();
   auto one = [&](int64_t i) {
-    gemm(la.transposed, lb.transposed, M, N, K, pa + offset(a, i), la.ld, pb + offset(b, i),
-         lb.ld, c + i * M * N, N);
+    gemm(la.transposed, lb.transposed, M, N, K, pa + offset(a, i), la.ld, pb + offset(b, i), lb.ld,
+         c + i * M * N, N);
   };
   // Many small products (attention heads) parallelise better over the batch, each gemm on one
   // thread, than inside each gemm; big ones are left to OpenBLAS's threads.
-  if (M * N * K < 128 * 128 * 128) parallel_for(batches, 2 * M * N * K, one);
+  if (M * N * K < 128 * 128 * 128)
+    parallel_for(batches, 2 * M * N * K, one);
   else
     for (int64_t i = 0; i < batches; ++i) one(i);
 }
@@ -118,8 +119,10 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   out_shape.insert(out_shape.end(), {M, N});
   Tensor out = empty(out_shape, a.dtype());
   if (out.numel() == 0) return out;
-  if (a.dtype() == DType::f32) matmul_typed<float>(a, b, out, batch);
-  else matmul_typed<double>(a, b, out, batch);
+  if (a.dtype() == DType::f32)
+    matmul_typed<float>(a, b, out, batch);
+  else
+    matmul_typed<double>(a, b, out, batch);
   return out;
 }
 

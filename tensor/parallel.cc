@@ -5,7 +5,9 @@
 
 namespace mmdit {
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  return omp_get_max_threads();
+}
 
 void set_num_threads(int n) {
   if (n < 1) n = 1;

@@ -43,8 +43,11 @@ void print_rec(std::ostringstream& os, const std::vector<double>& values, const 
       print_rec(os, values, shape, axis + 1, offset + i * inner, f, elide, indent);
     }
     if (i + 1 < n) {
-      if (axis + 1 == shape.size()) os << ", ";
-      else os << "," << std::string(shape.size() - axis - 1, '\n') << std::string(indent + axis + 1, ' ');
+      if (axis + 1 == shape.size())
+        os << ", ";
+      else
+        os << "," << std::string(shape.size() - axis - 1, '\n')
+           << std::string(indent + axis + 1, ' ');
     }
   }
   os << "]";
@@ -67,12 +70,16 @@ std::string to_string(const Tensor& t) {
   for (double v : values) f.width = std::max<int>(f.width, static_cast<int>(f.format(v).size()));
   std::ostringstream os;
   os << "tensor(";
-  if (t.dim() == 0) os << f.format(values[0]);
-  else print_rec(os, values, t.shape(), 0, 0, f, t.numel() > kElideAbove, 7);
+  if (t.dim() == 0)
+    os << f.format(values[0]);
+  else
+    print_rec(os, values, t.shape(), 0, 0, f, t.numel() > kElideAbove, 7);
   os << ", dtype=" << dtype_name(t.dtype()) << ", shape=" << shape_str(t.shape()) << ")";
   return os.str();
 }
 
-std::ostream& operator<<(std::ostream& os, const Tensor& t) { return os << to_string(t); }
+std::ostream& operator<<(std::ostream& os, const Tensor& t) {
+  return os << to_string(t);
+}
 
 }  // namespace mmdit

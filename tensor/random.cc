@@ -49,11 +49,14 @@ Tensor generate(const Shape& shape, DType dtype, const char* what, Fill fill) {
       double v[2];
       fill(pair, v);
       out[2 * pair] = static_cast<std::remove_reference_t<decltype(*out)>>(v[0]);
-      if (2 * pair + 1 < n) out[2 * pair + 1] = static_cast<std::remove_reference_t<decltype(*out)>>(v[1]);
+      if (2 * pair + 1 < n)
+        out[2 * pair + 1] = static_cast<std::remove_reference_t<decltype(*out)>>(v[1]);
     });
   };
-  if (dtype == DType::f32) run(t.data<float>());
-  else run(t.data<double>());
+  if (dtype == DType::f32)
+    run(t.data<float>());
+  else
+    run(t.data<double>());
   return t;
 }
 
@@ -93,6 +96,8 @@ uint64_t Rng::next_u64() {
   return uint64_t{b.v[0]} << 32 | b.v[1];
 }
 
-Rng Rng::split() { return Rng(next_u64()); }
+Rng Rng::split() {
+  return Rng(next_u64());
+}
 
 }  // namespace mmdit

@@ -30,10 +30,14 @@ Reduction plan_reduction(const Tensor& x, std::vector<int64_t> axes, bool keepdi
   r.axes = axes;
   for (int64_t i = 0; i < x.dim(); ++i) {
     const bool reduced = std::binary_search(axes.begin(), axes.end(), i);
-    if (reduced) r.inner *= x.shape()[i];
-    else r.kept_shape.push_back(x.shape()[i]);
-    if (!reduced) r.out_shape.push_back(x.shape()[i]);
-    else if (keepdims) r.out_shape.push_back(1);
+    if (reduced)
+      r.inner *= x.shape()[i];
+    else
+      r.kept_shape.push_back(x.shape()[i]);
+    if (!reduced)
+      r.out_shape.push_back(x.shape()[i]);
+    else if (keepdims)
+      r.out_shape.push_back(1);
   }
   return r;
 }
@@ -142,8 +146,10 @@ Tensor sum_to(const Tensor& g, const Shape& shape) {
   const int64_t lead = g.dim() - static_cast<int64_t>(shape.size());
   std::vector<int64_t> axes;
   for (int64_t i = 0; i < g.dim(); ++i) {
-    if (i < lead) axes.push_back(i);
-    else if (shape[i - lead] == 1 && g.shape()[i] != 1) axes.push_back(i);
+    if (i < lead)
+      axes.push_back(i);
+    else if (shape[i - lead] == 1 && g.shape()[i] != 1)
+      axes.push_back(i);
     else
       MMDIT_CHECK(shape[i - lead] == g.shape()[i], "sum_to: cannot reduce ", shape_str(g.shape()),
                   " to ", shape_str(shape));
@@ -167,8 +173,10 @@ Tensor softmax_impl(const Tensor& x, int64_t axis, const char* op) {
     const T* in = moved.data<T>();
     T* o = out.data<T>();
     parallel_for(rows, 4 * n, [&](int64_t r) {
-      if constexpr (kLog) simd::log_softmax(in + r * n, o + r * n, n);
-      else simd::softmax(in + r * n, o + r * n, n);
+      if constexpr (kLog)
+        simd::log_softmax(in + r * n, o + r * n, n);
+      else
+        simd::softmax(in + r * n, o + r * n, n);
     });
     return out;
   });
@@ -177,7 +185,9 @@ Tensor softmax_impl(const Tensor& x, int64_t axis, const char* op) {
 
 }  // namespace
 
-Tensor softmax(const Tensor& x, int64_t axis) { return softmax_impl<false>(x, axis, "softmax"); }
+Tensor softmax(const Tensor& x, int64_t axis) {
+  return softmax_impl<false>(x, axis, "softmax");
+}
 Tensor log_softmax(const Tensor& x, int64_t axis) {
   return softmax_impl<true>(x, axis, "log_softmax");
 }

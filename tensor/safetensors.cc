@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tensor/atomic_file.h"
 #include "tensor/ops.h"
 
 namespace mmdit {
@@ -364,23 +365,6 @@ Tensor convert(const Entry& e, const unsigned char* src, const std::string& what
   return t;
 }
 
-// ---- file helpers ----
-std::string parent_directory(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-// Makes a completed rename durable. Best effort: the new file is already in place, so a failure
-// here must not be reported as a failed save.
-void fsync_directory(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  (void)::fsync(fd);
-  ::close(fd);
-}
-
 }  // namespace
 
 SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what) {
@@ -531,29 +515,7 @@ std::string serialize_safetensors(const NamedTensors& tensors,
 
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  const std::string bytes = serialize_safetensors(tensors, metadata);
-  const std::string tmp = str_cat(path, ".tmp.", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-  if (fd < 0) fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
-  // Removes the temp file and reports the step that failed with its errno `err`.
-  auto abandon = [&](int err, const char* step, const char* suffix) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    fail(path, ": ", step, " '", tmp, "'", suffix, " failed: ", std::strerror(err));
-  };
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) abandon(n < 0 ? errno : EIO, "writing", "");
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) abandon(errno, "fsync of", "");
-  const int rc = ::close(fd);
-  fd = -1;
-  if (rc != 0) abandon(errno, "closing", "");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(errno, "renaming", " to it");
-  fsync_directory(parent_directory(path));
+  write_file_atomically(path, serialize_safetensors(tensors, metadata));
 }
 
 }  // namespace mmdit

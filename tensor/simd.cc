@@ -111,7 +111,8 @@ template <class T>
 void UnaryImpl(UnaryOp op, const T* x, T* out, int64_t n) {
   switch (op) {
 #define MMDIT_UNARY_CASE(name) \
-  case UnaryOp::name: return UnaryLoop<UnaryOp::name>(x, out, n);
+  case UnaryOp::name:          \
+    return UnaryLoop<UnaryOp::name>(x, out, n);
     MMDIT_UNARY_CASE(neg)
     MMDIT_UNARY_CASE(exp)
     MMDIT_UNARY_CASE(log)
@@ -153,12 +154,18 @@ void BinaryLoop(const T* a, int64_t a_step, const T* b, int64_t b_step, T* out, 
 template <class T>
 void BinaryImpl(BinaryOp op, const T* a, int64_t as, const T* b, int64_t bs, T* out, int64_t n) {
   switch (op) {
-    case BinaryOp::add: return BinaryLoop<BinaryOp::add>(a, as, b, bs, out, n);
-    case BinaryOp::sub: return BinaryLoop<BinaryOp::sub>(a, as, b, bs, out, n);
-    case BinaryOp::mul: return BinaryLoop<BinaryOp::mul>(a, as, b, bs, out, n);
-    case BinaryOp::div: return BinaryLoop<BinaryOp::div>(a, as, b, bs, out, n);
-    case BinaryOp::maximum: return BinaryLoop<BinaryOp::maximum>(a, as, b, bs, out, n);
-    case BinaryOp::minimum: return BinaryLoop<BinaryOp::minimum>(a, as, b, bs, out, n);
+    case BinaryOp::add:
+      return BinaryLoop<BinaryOp::add>(a, as, b, bs, out, n);
+    case BinaryOp::sub:
+      return BinaryLoop<BinaryOp::sub>(a, as, b, bs, out, n);
+    case BinaryOp::mul:
+      return BinaryLoop<BinaryOp::mul>(a, as, b, bs, out, n);
+    case BinaryOp::div:
+      return BinaryLoop<BinaryOp::div>(a, as, b, bs, out, n);
+    case BinaryOp::maximum:
+      return BinaryLoop<BinaryOp::maximum>(a, as, b, bs, out, n);
+    case BinaryOp::minimum:
+      return BinaryLoop<BinaryOp::minimum>(a, as, b, bs, out, n);
   }
 }
 
@@ -240,7 +247,8 @@ void SoftmaxImpl(const T* x, T* out, int64_t n) {
 template <class T>
 void LogSoftmaxImpl(const T* x, T* out, int64_t n) {
   const T m = MaxImpl(x, n);
-  const T s = SumMapped(x, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
+  const T s =
+      SumMapped(x, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
   // (x - m) - log(s), not x - (m + log(s)): for |m| >> 1 the sum m + log(s) rounds to m.
   const T log_s = std::log(s);
   MapContiguous(x, out, n, [m, log_s](auto d, auto v) {
@@ -252,30 +260,58 @@ void BinaryF32(BinaryOp op, const float* a, int64_t as, const float* b, int64_t 
                int64_t n) {
   BinaryImpl(op, a, as, b, bs, out, n);
 }
-void BinaryF64(BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs,
-               double* out, int64_t n) {
+void BinaryF64(BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs, double* out,
+               int64_t n) {
   BinaryImpl(op, a, as, b, bs, out, n);
 }
-void UnaryF32(UnaryOp op, const float* x, float* out, int64_t n) { UnaryImpl(op, x, out, n); }
-void UnaryF64(UnaryOp op, const double* x, double* out, int64_t n) { UnaryImpl(op, x, out, n); }
+void UnaryF32(UnaryOp op, const float* x, float* out, int64_t n) {
+  UnaryImpl(op, x, out, n);
+}
+void UnaryF64(UnaryOp op, const double* x, double* out, int64_t n) {
+  UnaryImpl(op, x, out, n);
+}
 void ScaleShiftF32(const float* x, float s, float b, float* out, int64_t n) {
   ScaleShiftImpl(x, s, b, out, n);
 }
 void ScaleShiftF64(const double* x, double s, double b, double* out, int64_t n) {
   ScaleShiftImpl(x, s, b, out, n);
 }
-float SumF32(const float* x, int64_t n) { return SumImpl(x, n); }
-double SumF64(const double* x, int64_t n) { return SumImpl(x, n); }
-float MaxF32(const float* x, int64_t n) { return MaxImpl(x, n); }
-double MaxF64(const double* x, int64_t n) { return MaxImpl(x, n); }
-float SsdF32(const float* x, float m, int64_t n) { return SumSquaredDeviationImpl(x, m, n); }
-double SsdF64(const double* x, double m, int64_t n) { return SumSquaredDeviationImpl(x, m, n); }
-void SoftmaxF32(const float* x, float* out, int64_t n) { SoftmaxImpl(x, out, n); }
-void SoftmaxF64(const double* x, double* out, int64_t n) { SoftmaxImpl(x, out, n); }
-void LogSoftmaxF32(const float* x, float* out, int64_t n) { LogSoftmaxImpl(x, out, n); }
-void LogSoftmaxF64(const double* x, double* out, int64_t n) { LogSoftmaxImpl(x, out, n); }
-void AxpyF32(float s, const float* x, float* out, int64_t n) { AxpyImpl(s, x, out, n); }
-void AxpyF64(double s, const double* x, double* out, int64_t n) { AxpyImpl(s, x, out, n); }
+float SumF32(const float* x, int64_t n) {
+  return SumImpl(x, n);
+}
+double SumF64(const double* x, int64_t n) {
+  return SumImpl(x, n);
+}
+float MaxF32(const float* x, int64_t n) {
+  return MaxImpl(x, n);
+}
+double MaxF64(const double* x, int64_t n) {
+  return MaxImpl(x, n);
+}
+float SsdF32(const float* x, float m, int64_t n) {
+  return SumSquaredDeviationImpl(x, m, n);
+}
+double SsdF64(const double* x, double m, int64_t n) {
+  return SumSquaredDeviationImpl(x, m, n);
+}
+void SoftmaxF32(const float* x, float* out, int64_t n) {
+  SoftmaxImpl(x, out, n);
+}
+void SoftmaxF64(const double* x, double* out, int64_t n) {
+  SoftmaxImpl(x, out, n);
+}
+void LogSoftmaxF32(const float* x, float* out, int64_t n) {
+  LogSoftmaxImpl(x, out, n);
+}
+void LogSoftmaxF64(const double* x, double* out, int64_t n) {
+  LogSoftmaxImpl(x, out, n);
+}
+void AxpyF32(float s, const float* x, float* out, int64_t n) {
+  AxpyImpl(s, x, out, n);
+}
+void AxpyF64(double s, const double* x, double* out, int64_t n) {
+  AxpyImpl(s, x, out, n);
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace mmdit::simd
@@ -307,8 +343,8 @@ void binary(raw::BinaryOp op, const float* a, int64_t as, const float* b, int64_
             int64_t n) {
   HWY_DYNAMIC_DISPATCH(BinaryF32)(op, a, as, b, bs, out, n);
 }
-void binary(raw::BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs,
-            double* out, int64_t n) {
+void binary(raw::BinaryOp op, const double* a, int64_t as, const double* b, int64_t bs, double* out,
+            int64_t n) {
   HWY_DYNAMIC_DISPATCH(BinaryF64)(op, a, as, b, bs, out, n);
 }
 void unary(raw::UnaryOp op, const float* x, float* out, int64_t n) {
@@ -323,17 +359,27 @@ void scale_shift(const float* x, float s, float b, float* out, int64_t n) {
 void scale_shift(const double* x, double s, double b, double* out, int64_t n) {
   HWY_DYNAMIC_DISPATCH(ScaleShiftF64)(x, s, b, out, n);
 }
-float sum(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumF32)(x, n); }
-double sum(const double* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(SumF64)(x, n); }
-float max(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxF32)(x, n); }
-double max(const double* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxF64)(x, n); }
+float sum(const float* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(SumF32)(x, n);
+}
+double sum(const double* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(SumF64)(x, n);
+}
+float max(const float* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(MaxF32)(x, n);
+}
+double max(const double* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(MaxF64)(x, n);
+}
 float sum_squared_deviation(const float* x, float m, int64_t n) {
   return HWY_DYNAMIC_DISPATCH(SsdF32)(x, m, n);
 }
 double sum_squared_deviation(const double* x, double m, int64_t n) {
   return HWY_DYNAMIC_DISPATCH(SsdF64)(x, m, n);
 }
-void softmax(const float* x, float* out, int64_t n) { HWY_DYNAMIC_DISPATCH(SoftmaxF32)(x, out, n); }
+void softmax(const float* x, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(SoftmaxF32)(x, out, n);
+}
 void softmax(const double* x, double* out, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SoftmaxF64)(x, out, n);
 }

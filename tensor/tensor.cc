@@ -54,7 +54,9 @@ BlockCache& cache() {
   return *c;
 }
 
-size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
+size_t round_up(size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
 
 }  // namespace
 
@@ -117,12 +119,15 @@ bool Tensor::is_contiguous() const {
 }
 
 double Tensor::item() const {
-  MMDIT_CHECK(numel() == 1, "item: tensor of shape ", shape_str(shape()),
-              " has ", numel(), " elements, expected 1");
+  MMDIT_CHECK(numel() == 1, "item: tensor of shape ", shape_str(shape()), " has ", numel(),
+              " elements, expected 1");
   switch (dtype()) {
-    case DType::f32: return *data<float>();
-    case DType::f64: return *data<double>();
-    case DType::boolean: return *data<bool>() ? 1.0 : 0.0;
+    case DType::f32:
+      return *data<float>();
+    case DType::f64:
+      return *data<double>();
+    case DType::boolean:
+      return *data<bool>() ? 1.0 : 0.0;
   }
   return 0;
 }
@@ -135,9 +140,15 @@ std::vector<T> Tensor::to_vector() const {
     for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<T>(src[i]);
   };
   switch (c.dtype()) {
-    case DType::f32: convert(c.data<float>()); break;
-    case DType::f64: convert(c.data<double>()); break;
-    case DType::boolean: convert(c.data<bool>()); break;
+    case DType::f32:
+      convert(c.data<float>());
+      break;
+    case DType::f64:
+      convert(c.data<double>());
+      break;
+    case DType::boolean:
+      convert(c.data<bool>());
+      break;
   }
   return out;
 }
@@ -169,25 +180,36 @@ Tensor zeros(const Shape& shape, DType dtype) {
   std::memset(t.raw_data(), 0, t.nbytes());
   return t;
 }
-Tensor ones(const Shape& shape, DType dtype) { return full(shape, 1.0, dtype); }
-Tensor scalar(double value, DType dtype) { return full({}, value, dtype); }
-Tensor empty_like(const Tensor& t) { return empty(t.shape(), t.dtype()); }
-Tensor zeros_like(const Tensor& t) { return zeros(t.shape(), t.dtype()); }
+Tensor ones(const Shape& shape, DType dtype) {
+  return full(shape, 1.0, dtype);
+}
+Tensor scalar(double value, DType dtype) {
+  return full({}, value, dtype);
+}
+Tensor empty_like(const Tensor& t) {
+  return empty(t.shape(), t.dtype());
+}
+Tensor zeros_like(const Tensor& t) {
+  return zeros(t.shape(), t.dtype());
+}
 
 Tensor arange(int64_t n, DType dtype) {
   Tensor t = empty({n}, dtype);
   for (int64_t i = 0; i < n; ++i) {
-    if (dtype == DType::f32) t.data<float>()[i] = static_cast<float>(i);
-    else if (dtype == DType::f64) t.data<double>()[i] = static_cast<double>(i);
-    else t.data<bool>()[i] = i != 0;
+    if (dtype == DType::f32)
+      t.data<float>()[i] = static_cast<float>(i);
+    else if (dtype == DType::f64)
+      t.data<double>()[i] = static_cast<double>(i);
+    else
+      t.data<bool>()[i] = i != 0;
   }
   return t;
 }
 
 template <class T>
 Tensor from_vector(const std::vector<T>& values, const Shape& shape) {
-  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape), "from_vector: ",
-              values.size(), " values do not fill shape ", shape_str(shape));
+  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape),
+              "from_vector: ", values.size(), " values do not fill shape ", shape_str(shape));
   Tensor t = empty(shape, dtype_of<T>());
   std::copy(values.begin(), values.end(), t.data<T>());
   return t;
@@ -196,8 +218,8 @@ template Tensor from_vector<float>(const std::vector<float>&, const Shape&);
 template Tensor from_vector<double>(const std::vector<double>&, const Shape&);
 template <>
 Tensor from_vector<bool>(const std::vector<bool>& values, const Shape& shape) {
-  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape), "from_vector: ",
-              values.size(), " values do not fill shape ", shape_str(shape));
+  MMDIT_CHECK(static_cast<int64_t>(values.size()) == shape_numel(shape),
+              "from_vector: ", values.size(), " values do not fill shape ", shape_str(shape));
   Tensor t = empty(shape, DType::boolean);
   for (size_t i = 0; i < values.size(); ++i) t.data<bool>()[i] = values[i];
   return t;

@@ -44,10 +44,10 @@ class Storage {
 };
 
 struct AllocatorStats {
-  size_t live_bytes = 0;      // held by storages alive now
-  size_t cached_bytes = 0;    // freed, kept for reuse
+  size_t live_bytes = 0;    // held by storages alive now
+  size_t cached_bytes = 0;  // freed, kept for reuse
   size_t peak_live_bytes = 0;
-  size_t system_allocs = 0;   // blocks obtained from the system
+  size_t system_allocs = 0;  // blocks obtained from the system
 };
 AllocatorStats allocator_stats();
 // Gives every cached block back to the system.

@@ -9,7 +9,8 @@ namespace {
 
 // Strides that let `new_shape` view the same elements as (shape, strides) in row-major order,
 // if any exist (the algorithm of PyTorch's computeStride).
-std::optional<Shape> view_strides(const Shape& shape, const Shape& strides, const Shape& new_shape) {
+std::optional<Shape> view_strides(const Shape& shape, const Shape& strides,
+                                  const Shape& new_shape) {
   if (shape.empty() || shape_numel(shape) == 0) return contiguous_strides(new_shape);
   Shape new_strides(new_shape.size());
   int64_t view_d = static_cast<int64_t>(new_shape.size()) - 1;

@@ -17,6 +17,7 @@
 #include <set>
 #include <type_traits>
 
+#include "tensor/atomic_file.h"
 #include "tensor/ops.h"
 
 namespace mmdit {
@@ -427,72 +428,6 @@ std::string read_file(const std::string& path) {
   return bytes;
 }
 
-std::string parent_directory(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-// Best effort: the rename has happened, so a failure here must not report a failed save.
-void fsync_directory(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  (void)::fsync(fd);
-  ::close(fd);
-}
-
-std::string temp_path(const std::string& path) {
-  return str_cat(path, ".tmp.", ::getpid());
-}
-
-// fsyncs the finished temp file and renames it over `path`; removes it on failure.
-void commit_temp(const std::string& tmp, const std::string& path) {
-  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(path, ": cannot reopen temporary file '", tmp, "': ", std::strerror(err));
-  }
-  const int sync_rc = ::fsync(fd);
-  const int sync_err = errno;
-  ::close(fd);
-  if (sync_rc != 0) {
-    ::unlink(tmp.c_str());
-    fail(path, ": fsync of '", tmp, "' failed: ", std::strerror(sync_err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(path, ": renaming '", tmp, "' to it failed: ", std::strerror(err));
-  }
-  fsync_directory(parent_directory(path));
-}
-
-void write_file_atomically(const std::string& path, const std::string& bytes) {
-  const std::string tmp = temp_path(path);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-  if (fd < 0) fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : EIO;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      fail(path, ": writing '", tmp, "' failed: ", std::strerror(err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    fail(path, ": closing '", tmp, "' failed: ", std::strerror(err));
-  }
-  commit_temp(tmp, path);
-}
-
 std::string zip_error_text(int code) {
   zip_error_t error;
   zip_error_init_with_code(&error, code);
@@ -717,7 +652,7 @@ void save_npz_members(const std::string& path,
     write_file_atomically(path, eocd);
     return;
   }
-  const std::string tmp = temp_path(path);
+  const std::string tmp = atomic_temp_path(path);
   int code = 0;
   zip_t* archive = zip_open(tmp.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &code);
   if (!archive) fail(path, ": cannot create temporary archive '", tmp, "': ", zip_error_text(code));
@@ -741,7 +676,7 @@ void save_npz_members(const std::string& path,
   }
   if (zip_close(archive) != 0)
     abandon(str_cat("writing '", tmp, "' failed: ", zip_strerror(archive)));
-  commit_temp(tmp, path);
+  commit_temp_file(tmp, path);
 }
 
 void save_npz(const std::string& path, const NamedTensors& arrays) {

@@ -1,5 +1,7 @@
 #include "train/plots.h"
 
+#include "tensor/atomic_file.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -48,25 +50,6 @@ std::string escape(const std::string& s) {
     }
   }
   return out;
-}
-
-void write_file_atomic(const std::string& path, const std::string& content) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    MMDIT_CHECK(f, "cannot open ", tmp, " for writing: ", std::strerror(errno));
-    f << content;
-    f.close();
-    if (!f) {
-      std::remove(tmp.c_str());
-      fail("cannot write ", tmp);
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    fail("cannot rename ", tmp, " to ", path, ": ", std::strerror(err));
-  }
 }
 
 void text(std::ostringstream& o, double x, double y, const std::string& s, int size,
@@ -232,7 +215,7 @@ void write_loss_curve_svg(const std::string& path,
       o << "<circle cx=\"" << px(sx(x)) << "\" cy=\"" << px(sy(ly))
         << "\" r=\"3\" fill=\"#1f77b4\"/>\n";
   o << "</svg>\n";
-  write_file_atomic(path, o.str());
+  write_file_atomically(path, o.str());
 }
 
 void write_rollouts_svg(const std::string& path, const DemoTaskConfig& task,
@@ -424,7 +407,7 @@ void write_rollouts_svg(const std::string& path, const DemoTaskConfig& task,
        "stroke-dasharray=\"4 3\"/>\n";
   text(o, lx + 36, ly + 4, "start region", 12);
   o << "</svg>\n";
-  write_file_atomic(path, o.str());
+  write_file_atomically(path, o.str());
 }
 
 }  // namespace mmdit

@@ -1,0 +1,72 @@
+#include "tensor/atomic_file.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "tensor/error.h"
+
+namespace mmdit {
+namespace {
+
+std::string parent_directory(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+// Makes a completed rename durable. Best effort: the new file is already in place, so a failure
+// here must not be reported as a failed save.
+void fsync_directory(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  (void)::fsync(fd);
+  ::close(fd);
+}
+
+[[noreturn]] void abandon(const std::string& tmp, const std::string& path, const char* step,
+                          int err) {
+  ::unlink(tmp.c_str());
+  fail(path, ": ", step, " '", tmp, "' failed: ", std::strerror(err));
+}
+
+}  // namespace
+
+std::string atomic_temp_path(const std::string& path) {
+  return str_cat(path, ".tmp.", ::getpid());
+}
+
+void commit_temp_file(const std::string& tmp, const std::string& path) {
+  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) abandon(tmp, path, "reopening", errno);
+  const int sync_rc = ::fsync(fd);
+  const int sync_err = errno;
+  ::close(fd);
+  if (sync_rc != 0) abandon(tmp, path, "fsync of", sync_err);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(tmp, path, "renaming", errno);
+  fsync_directory(parent_directory(path));
+}
+
+void write_file_atomically(const std::string& path, const std::string& bytes) {
+  const std::string tmp = atomic_temp_path(path);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0) fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : EIO;
+      ::close(fd);
+      abandon(tmp, path, "writing", err);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0) abandon(tmp, path, "closing", errno);
+  commit_temp_file(tmp, path);
+}
+
+}  // namespace mmdit

@@ -1,0 +1,17 @@
+// Writing files so that a reader never sees a half-written one: write "<path>.tmp.<pid>", fsync
+// it, rename it over `path`, fsync the directory. On failure the temp file is removed, `path` is
+// left as it was, and an mmdit::Error names the path, the step and the system's reason.
+#pragma once
+
+#include <string>
+
+namespace mmdit {
+
+void write_file_atomically(const std::string& path, const std::string& bytes);
+
+// For writers that produce the temp file themselves (e.g. a zip library): the temp name to use,
+// and the second half of the protocol (fsync, rename, fsync the directory).
+std::string atomic_temp_path(const std::string& path);
+void commit_temp_file(const std::string& tmp, const std::string& path);
+
+}  // namespace mmdit
