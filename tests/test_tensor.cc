@@ -1186,7 +1186,8 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({2, 3, 4}), zeros({3, 4, 5}));
               }),
-              HasSubstr("matmul: shapes (2,3,4) and (3,4,5) are incompatible (their batch dimensions do not broadcast)"));
+              HasSubstr("matmul: shapes (2,3,4) and (3,4,5) are incompatible (their batch "
+                        "dimensions do not broadcast)"));
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({4}), zeros({4, 2}));
               }),
@@ -1205,8 +1206,9 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
                 raw::add(a, zeros({2, 3}, DType::f64));
               }),
               HasSubstr("add: dtypes float32 and float64 differ (shapes (2,3) and (2,3))"));
-  EXPECT_THAT(error_of([&] { raw::sum(x3, {3}); }),
-              HasSubstr("sum: axis 3 is out of range for a tensor with 3 dimensions (shape (2,3,4))"));
+  EXPECT_THAT(
+      error_of([&] { raw::sum(x3, {3}); }),
+      HasSubstr("sum: axis 3 is out of range for a tensor with 3 dimensions (shape (2,3,4))"));
   EXPECT_THAT(error_of([&] { raw::max(x3, {-4}); }),
               HasSubstr("max: axis -4 is out of range for a tensor with 3 dimensions"));
   EXPECT_THAT(error_of([&] {
