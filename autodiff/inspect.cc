@@ -241,4 +241,59 @@ std::vector<std::pair<std::string, double>> gradient_norms(const NamedTensors& g
   return norms;
 }
 
+std::string format_profile(const Tape& tape) {
+  struct Row {
+    std::string op;
+    int64_t count = 0;
+    double forward = 0, backward = 0, gflop_forward = 0, gflop_backward = 0;
+  };
+  std::map<std::string, Row> rows;
+  for (const Node& n : tape.nodes()) {
+    Row& r = rows[n.op];
+    r.op = n.op;
+    ++r.count;
+    r.forward += n.forward_seconds;
+    r.backward += n.backward_seconds;
+    if (std::string(n.op) == "matmul" && n.input_shapes.size() == 2 && !n.input_shapes[0].empty()) {
+      int64_t out = 1;
+      for (int64_t d : n.output_shape) out *= d;
+      const double flop =
+          2.0 * static_cast<double>(out) * static_cast<double>(n.input_shapes[0].back());
+      r.gflop_forward += flop * 1e-9;
+      if (n.backward_seconds > 0) r.gflop_backward += 2 * flop * 1e-9;
+    }
+  }
+  std::vector<Row> sorted;
+  Row total{"total"};
+  for (auto& [op, r] : rows) {
+    sorted.push_back(r);
+    total.count += r.count;
+    total.forward += r.forward;
+    total.backward += r.backward;
+    total.gflop_forward += r.gflop_forward;
+    total.gflop_backward += r.gflop_backward;
+  }
+  std::sort(sorted.begin(), sorted.end(), [](const Row& a, const Row& b) {
+    return a.forward + a.backward > b.forward + b.backward;
+  });
+  sorted.push_back(total);
+  std::string out;
+  char line[256];
+  std::snprintf(line, sizeof line, "%-14s %6s %11s %11s %7s %9s %9s %9s\n", "op", "count", "fwd ms",
+                "bwd ms", "share", "fwd GFLOP", "bwd GFLOP", "GFLOP/s");
+  out += line;
+  const double all = std::max(total.forward + total.backward, 1e-12);
+  for (const Row& r : sorted) {
+    const double t = r.forward + r.backward;
+    const double gflop = r.gflop_forward + r.gflop_backward;
+    std::snprintf(
+        line, sizeof line, "%-14s %6lld %11.3f %11.3f %6.1f%% %9.3f %9.3f %9s\n", r.op.c_str(),
+        static_cast<long long>(r.count), 1e3 * r.forward, 1e3 * r.backward, 100 * t / all,
+        r.gflop_forward, r.gflop_backward,
+        gflop > 0 && t > 0 ? std::to_string(static_cast<int64_t>(gflop / t)).c_str() : "");
+    out += line;
+  }
+  return out;
+}
+
 }  // namespace mmdit

@@ -27,6 +27,11 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names = {});
 // the path the gradient takes.
 std::string tape_to_dot(const Tape& tape, bool backward_edges = false);
 
+// Per op type, from a tape recorded with set_profiling(true) (and, for the backward column,
+// after gradient()): count, forward and backward milliseconds, matrix-product GFLOP (forward
+// 2*M*N*K per product; backward counts the two products of dA and dB), sorted by total time.
+std::string format_profile(const Tape& tape);
+
 // The L2 norm of every gradient, in order: the first thing to look at when a loss explodes or a
 // layer stops learning.
 std::vector<std::pair<std::string, double>> gradient_norms(const NamedTensors& grads);

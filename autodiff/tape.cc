@@ -92,6 +92,11 @@ Tensor Tape::append(Node node, Tensor out) {
                 ") produced ", bad, " in its output ", shape_str(out.shape()), " ",
                 dtype_name(out.dtype()), "; inputs: ", describe_inputs(node));
   }
+  if (profiling_) {
+    const auto now = std::chrono::steady_clock::now();
+    node.forward_seconds = std::chrono::duration<double>(now - last_record_).count();
+    last_record_ = now;
+  }
   node.output = num_values_++;
   node.output_shape = out.shape();
   node.dtype = out.dtype();
@@ -99,6 +104,11 @@ Tensor Tape::append(Node node, Tensor out) {
   out.impl().tape_slot = node.output;
   nodes_.push_back(std::move(node));
   return out;
+}
+
+void Tape::set_profiling(bool on) {
+  profiling_ = on;
+  last_record_ = std::chrono::steady_clock::now();
 }
 
 size_t Tape::saved_bytes() const {
@@ -151,7 +161,12 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
       any |= needs[i] = node.inputs[i] >= 0 && needed[node.inputs[i]];
     if (g.defined() && any) {
       Backward ctx(node, g, needs);
+      const auto started =
+          profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       node.backward(ctx);
+      if (profiling_)
+        node.backward_seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         Tensor& gi = ctx.input_grads()[i];
         if (!gi.defined()) continue;

@@ -10,6 +10,7 @@
 // sits next to its forward in ops.cc.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -35,6 +36,9 @@ struct Node {
   size_t saved_bytes = 0;
   BackwardFn backward;
   std::string scope;  // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"
+  // With Tape::set_profiling(true): wall time since the previous node was recorded (the op's
+  // forward, plus any user code between ops), and of this node's backward.
+  double forward_seconds = 0, backward_seconds = 0;
 };
 
 // What a node's backward function sees: the gradient of its output, the tensors it saved, and
@@ -83,6 +87,9 @@ class Tape {
                                const Tensor& cotangent = Tensor());
 
   const std::vector<Node>& nodes() const { return nodes_; }
+  // Times every node's forward and backward (Node::forward_seconds, backward_seconds).
+  void set_profiling(bool on);
+  bool profiling() const { return profiling_; }
   int64_t num_values() const { return num_values_; }
   size_t saved_bytes() const;  // held now, for backward
 
@@ -97,6 +104,8 @@ class Tape {
   std::vector<Node> nodes_;
   std::vector<Shape> leaf_shapes_;
   bool consumed_ = false;
+  bool profiling_ = false;
+  std::chrono::steady_clock::time_point last_record_;
 };
 
 // Names the ops recorded while it is alive (nested scopes join with '.'), so that printed

@@ -9,11 +9,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 
 #include "autodiff/inspect.h"
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
+#include "tensor/random.h"
 
 namespace mmdit {
 namespace {
@@ -277,6 +279,43 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   }
   EXPECT_NE(run_mmdit("inspect --model nope").status, 0);
   EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
+}
+
+// The profile counts ops by type, times forward and backward, and counts matrix-product FLOPs
+// from the recorded shapes: 2*M*N*K forward, twice that backward (dA and dB).
+TEST(InspectProfile, CountsOpsAndMatmulFlops) {
+  Rng rng(5);
+  const Tensor x = rng.normal({256, 128}), w = rng.normal({128, 512});
+  Tape tape;
+  tape.watch(x);
+  tape.watch(w);
+  tape.set_profiling(true);
+  const Tensor y = sum(tanh(matmul(x, w)));
+  tape.gradient(y, {x, w});
+  for (const Node& n : tape.nodes()) {
+    EXPECT_GE(n.forward_seconds, 0.0);
+    EXPECT_GT(n.backward_seconds, 0.0) << n.op;
+  }
+  const std::string profile = format_profile(tape);
+  std::istringstream lines(profile);
+  std::string line;
+  bool found = false;
+  while (std::getline(lines, line)) {
+    std::istringstream fields(line);
+    std::string op;
+    long long count;
+    double fwd_ms, bwd_ms, fwd_gflop, bwd_gflop;
+    std::string share;
+    fields >> op >> count >> fwd_ms >> bwd_ms >> share >> fwd_gflop >> bwd_gflop;
+    if (op != "matmul") continue;
+    found = true;
+    EXPECT_EQ(count, 1);
+    EXPECT_NEAR(fwd_gflop, 2.0 * 256 * 512 * 128 * 1e-9, 1e-3);  // 0.034
+    EXPECT_NEAR(bwd_gflop, 4.0 * 256 * 512 * 128 * 1e-9, 1e-3);
+  }
+  EXPECT_TRUE(found) << profile;
+  EXPECT_THAT(profile, HasSubstr("tanh"));
+  EXPECT_THAT(profile, HasSubstr("total"));
 }
 
 }  // namespace

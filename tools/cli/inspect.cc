@@ -15,6 +15,7 @@
 #include "autodiff/ops.h"
 #include "mmdit/incontext.h"
 #include "mmdit/mmdit.h"
+#include "tensor/parallel.h"
 #include "tools/cli/commands.h"
 #include "train/policy.h"
 
@@ -141,6 +142,7 @@ void add_inspect(CLI::App& app) {
     ModelOptions model;
     std::string dot;
     bool backward_edges = false;
+    bool profile = false;
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -150,11 +152,24 @@ void add_inspect(CLI::App& app) {
   cmd->add_option("--dot", opts->dot, "also write the graph as Graphviz DOT to this file");
   cmd->add_flag("--backward-edges", opts->backward_edges,
                 "in the DOT file, draw the gradient's path as dashed reverse edges");
+  cmd->add_flag("--profile", opts->profile,
+                "instead of the listing: time and FLOPs per op type of one forward and backward "
+                "pass, sorted by cost (use the size flags for a realistic model)");
   cmd->callback([opts] {
     Built b = build(opts->model, DType::f32);
     const NamedTensors params = b.module->named_parameters();
     Tape tape;
     for (const auto& [name, t] : params) tape.watch(t);
+    if (opts->profile) {
+      tape.set_profiling(true);
+      const Tensor loss = b.loss();
+      std::vector<Tensor> leaves;
+      for (const auto& [name, t] : params) leaves.push_back(t);
+      tape.gradient(loss, leaves);
+      std::printf("one forward and backward pass, %d thread(s):\n", num_threads());
+      std::fputs(format_profile(tape).c_str(), stdout);
+      return;
+    }
     const Tensor loss = b.loss();
     // Before gradient(): it releases the saved tensors the listing reports.
     std::fputs(format_tape(tape, params).c_str(), stdout);
