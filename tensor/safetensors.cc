@@ -18,7 +18,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "tensor/atomic_file.h"
+#include "tensor/bytes.h"
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 
 namespace mmdit {
@@ -76,62 +77,19 @@ const char* file_dtype_name(DType t) {
   fail("safetensors: unknown DType ", static_cast<int>(t));
 }
 
-// ---- little-endian scalars and the 16-bit float formats ----
-template <class T>
-T load_le(const unsigned char* p) {
-  static_assert(sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8);
-  using U = std::conditional_t<
-      sizeof(T) == 1, uint8_t,
-      std::conditional_t<sizeof(T) == 2, uint16_t,
-                         std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
-  U u = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) u = static_cast<U>(u | (static_cast<U>(p[i]) << (8 * i)));
-  return std::bit_cast<T>(u);
-}
-
+// ---- little-endian data ----
 // Copies n little-endian values of T from unaligned bytes.
 template <class T>
 void copy_from_le(const unsigned char* src, T* dst, size_t n) {
   if constexpr (std::endian::native == std::endian::little) {
     if (n) std::memcpy(dst, src, n * sizeof(T));
   } else {
-    for (size_t i = 0; i < n; ++i) dst[i] = load_le<T>(src + i * sizeof(T));
-  }
-}
-
-template <class T>
-void append_le(std::string& out, const T* src, size_t n) {
-  if constexpr (std::endian::native == std::endian::little) {
-    out.append(reinterpret_cast<const char*>(src), n * sizeof(T));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      auto bytes = std::bit_cast<std::array<unsigned char, sizeof(T)>>(src[i]);
-      for (size_t b = sizeof(T); b-- > 0;) out.push_back(static_cast<char>(bytes[b]));
-    }
+    for (size_t i = 0; i < n; ++i) dst[i] = load_scalar<T>(src + i * sizeof(T));
   }
 }
 
 void append_u64_le(std::string& out, uint64_t v) {
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-
-// IEEE binary16 -> binary32, exact for every input (the target has more range and precision).
-float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
-  const uint32_t exponent = (h >> 10) & 0x1F;
-  const uint32_t mantissa = h & 0x3FF;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -magnitude : magnitude;
-  }
-  if (exponent == 0x1F)  // infinity, or NaN with its payload kept
-    return std::bit_cast<float>(sign | 0x7F800000u | (mantissa << 13));
-  return std::bit_cast<float>(sign | ((exponent + (127 - 15)) << 23) | (mantissa << 13));
-}
-
-// bfloat16 is the upper half of a binary32.
-float bfloat16_to_float(uint16_t b) {
-  return std::bit_cast<float>(static_cast<uint32_t>(b) << 16);
 }
 
 // ---- header parsing ----
@@ -279,7 +237,7 @@ template <class Int>
 void integers_to_f64(const unsigned char* src, double* dst, size_t n, const std::string& at,
                      const char* dtype) {
   for (size_t i = 0; i < n; ++i) {
-    const Int v = load_le<Int>(src + i * sizeof(Int));
+    const Int v = load_scalar<Int>(src + i * sizeof(Int));
     if constexpr (sizeof(Int) == 8) {
       uint64_t magnitude = static_cast<uint64_t>(v);
       if constexpr (std::is_signed_v<Int>)
@@ -324,7 +282,7 @@ Tensor convert(const Entry& e, const unsigned char* src, const std::string& what
       float* dst = t.data<float>();
       const bool half = e.dtype->type == FileDType::F16;
       for (size_t i = 0; i < n; ++i) {
-        const uint16_t bits = load_le<uint16_t>(src + 2 * i);
+        const uint16_t bits = load_scalar<uint16_t>(src + 2 * i);
         dst[i] = half ? half_to_float(bits) : bfloat16_to_float(bits);
       }
       return t;
@@ -370,7 +328,7 @@ Tensor convert(const Entry& e, const unsigned char* src, const std::string& what
 SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what) {
   const auto* p = static_cast<const unsigned char*>(bytes);
   if (size < 8) fail(what, ": file is ", size, " bytes, too short for the 8-byte header length");
-  const uint64_t header_len = load_le<uint64_t>(p);
+  const uint64_t header_len = load_scalar<uint64_t>(p);
   if (header_len > kMaxHeaderBytes)
     fail(what, ": header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
   if (header_len > size - 8)
@@ -410,34 +368,7 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
-
-  std::string bytes;
-  try {
-    bytes.resize(static_cast<size_t>(st.st_size));
-  } catch (const std::exception&) {  // bad_alloc, length_error
-    fail(path, ": file of ", st.st_size, " bytes is too large to read into memory");
-  }
-  size_t done = 0;
-  for (;;) {
-    if (done == bytes.size()) bytes.resize(bytes.size() + 4096);  // the file grew meanwhile
-    const ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail(path, ": read failed: ", std::strerror(errno));
-    }
-    if (n == 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bytes.resize(done);
+  const std::string bytes = read_file(path);
   return parse_safetensors(bytes.data(), bytes.size(), path);
 }
 

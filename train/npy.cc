@@ -17,7 +17,8 @@
 #include <set>
 #include <type_traits>
 
-#include "tensor/atomic_file.h"
+#include "tensor/bytes.h"
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 
 namespace mmdit {
@@ -242,33 +243,6 @@ Descr parse_descr(const std::string& text, const std::string& what) {
 }
 
 // ---- byte-order aware scalar loads ----
-template <class T>
-T load_scalar(const unsigned char* p, bool big_endian) {
-  using U = std::conditional_t<
-      sizeof(T) == 1, uint8_t,
-      std::conditional_t<sizeof(T) == 2, uint16_t,
-                         std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
-  U u = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    const size_t shift = big_endian ? 8 * (sizeof(T) - 1 - i) : 8 * i;
-    u = static_cast<U>(u | (static_cast<U>(p[i]) << shift));
-  }
-  return std::bit_cast<T>(u);
-}
-
-// IEEE binary16 -> binary32, exact for every input.
-float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
-  const uint32_t exponent = (h >> 10) & 0x1F;
-  const uint32_t mantissa = h & 0x3FF;
-  if (exponent == 0) {
-    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -magnitude : magnitude;
-  }
-  if (exponent == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (mantissa << 13));
-  return std::bit_cast<float>(sign | ((exponent + (127 - 15)) << 23) | (mantissa << 13));
-}
-
 template <class Int>
 void integers_to_f64(const unsigned char* src, double* dst, size_t n, bool big,
                      const std::string& what, const std::string& descr) {
@@ -389,45 +363,7 @@ std::string npy_header(const char* descr, const Shape& shape) {
   fail("serialize_npy: header for shape ", shape_str(shape), " is too long");
 }
 
-template <class T>
-void append_le(std::string& out, const T* src, size_t n) {
-  if constexpr (std::endian::native == std::endian::little) {
-    out.append(reinterpret_cast<const char*>(src), n * sizeof(T));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      auto bytes = std::bit_cast<std::array<unsigned char, sizeof(T)>>(src[i]);
-      for (size_t b = sizeof(T); b-- > 0;) out.push_back(static_cast<char>(bytes[b]));
-    }
-  }
-}
-
 // ---- files ----
-std::string read_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  for (;;) {
-    if (done == bytes.size()) bytes.resize(bytes.size() + 4096);  // the file grew meanwhile
-    const ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail(path, ": read failed: ", std::strerror(errno));
-    }
-    if (n == 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bytes.resize(done);
-  return bytes;
-}
-
 std::string zip_error_text(int code) {
   zip_error_t error;
   zip_error_init_with_code(&error, code);

@@ -1,6 +1,6 @@
 #include "train/plots.h"
 
-#include "tensor/atomic_file.h"
+#include "tensor/file_io.h"
 
 #include <unistd.h>
 

@@ -1,4 +1,7 @@
-// Writing files so that a reader never sees a half-written one: write "<path>.tmp.<pid>", fsync
+// Whole-file I/O for the project's file formats.
+//
+// read_file: the bytes of a regular file; errors name the path and the system's reason.
+// write_file_atomically: a reader never sees a half-written file: write "<path>.tmp.<pid>", fsync
 // it, rename it over `path`, fsync the directory. On failure the temp file is removed, `path` is
 // left as it was, and an mmdit::Error names the path, the step and the system's reason.
 #pragma once
@@ -7,6 +10,7 @@
 
 namespace mmdit {
 
+std::string read_file(const std::string& path);
 void write_file_atomically(const std::string& path, const std::string& bytes);
 
 // For writers that produce the temp file themselves (e.g. a zip library): the temp name to use,

@@ -1,10 +1,12 @@
-#include "tensor/atomic_file.h"
+#include "tensor/file_io.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <exception>
 
 #include "tensor/error.h"
 
@@ -34,6 +36,37 @@ void fsync_directory(const std::string& dir) {
 }
 
 }  // namespace
+
+std::string read_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  std::string bytes;
+  try {
+    bytes.resize(static_cast<size_t>(st.st_size));
+  } catch (const std::exception&) {  // bad_alloc, length_error
+    fail(path, ": file of ", st.st_size, " bytes is too large to read into memory");
+  }
+  size_t done = 0;
+  for (;;) {
+    if (done == bytes.size()) bytes.resize(bytes.size() + 4096);  // the file grew meanwhile
+    const ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail(path, ": read failed: ", std::strerror(errno));
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  bytes.resize(done);
+  return bytes;
+}
 
 std::string atomic_temp_path(const std::string& path) {
   return str_cat(path, ".tmp.", ::getpid());
