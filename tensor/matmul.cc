@@ -1,8 +1,10 @@
 // Matrix products through OpenBLAS. A transposed view is handed to gemm as a transpose flag with
 // its leading dimension; only layouts gemm cannot express are copied.
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 
 #include "tensor/ops.h"
@@ -10,6 +12,8 @@
 
 namespace mmdit::raw {
 namespace {
+
+std::atomic<int64_t> flops_done{0};
 
 struct GemmOperand {
   bool transposed;
@@ -31,15 +35,44 @@ std::optional<GemmOperand> gemm_layout(const Tensor& t) {
   return gemm_layout(t.shape()[n - 2], t.shape()[n - 1], t.strides()[n - 2], t.strides()[n - 1]);
 }
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
 }
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double* c, int64_t ldc) {
+void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                 const double* b, int64_t ldb, double* c, int64_t ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+}
+
+// C = op(A) op(B), split into one block of rows or columns per thread, each block a
+// single-threaded gemm (OpenBLAS runs single-threaded inside a parallel region). OpenBLAS's own
+// threading synchronises its threads with sched_yield spin loops; on these VMs that cost 4x on
+// the thin products of a policy (18 rows): splitting ourselves keeps one fork-join per product.
+template <class T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T* c, int64_t ldc) {
+  const int threads = omp_get_level() > 0 ? 1 : num_threads();
+  const int64_t work = m * n * k;
+  if (threads == 1 || work < 64 * 64 * 64) {
+    gemm_serial(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    return;
+  }
+  // Split the longer side, in multiples of 16 so that each block keeps whole SIMD tiles.
+  const bool split_rows = m >= n;
+  const int64_t extent = split_rows ? m : n;
+  const int64_t chunk = std::max<int64_t>(16, (extent / threads + 15) / 16 * 16);
+  const int64_t blocks = (extent + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t start = blk * chunk, len = std::min(chunk, extent - start);
+    if (split_rows)
+      gemm_serial(ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b, ldb, c + start * ldc,
+                  ldc);
+    else
+      gemm_serial(ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb, c + start, ldc);
+  }
 }
 
 // When b is one matrix shared by the whole batch and a is contiguous, the batched product is a
@@ -119,11 +152,19 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   out_shape.insert(out_shape.end(), {M, N});
   Tensor out = empty(out_shape, a.dtype());
   if (out.numel() == 0) return out;
+  add_matmul_flops(2 * out.numel() * K);
   if (a.dtype() == DType::f32)
     matmul_typed<float>(a, b, out, batch);
   else
     matmul_typed<double>(a, b, out, batch);
   return out;
+}
+
+int64_t matmul_flops() {
+  return flops_done.load(std::memory_order_relaxed);
+}
+void add_matmul_flops(int64_t flops) {
+  flops_done.fetch_add(flops, std::memory_order_relaxed);
 }
 
 }  // namespace mmdit::raw

@@ -76,4 +76,9 @@ Tensor log_softmax(const Tensor& x, int64_t axis);
 // to gemm as transpose flags, not copied.
 Tensor matmul(const Tensor& a, const Tensor& b);
 
+// Floating-point operations done by matrix products since the program started (2 per
+// multiply-add; fused kernels that multiply matrices add theirs), for benchmarks' GFLOP/s.
+int64_t matmul_flops();
+void add_matmul_flops(int64_t flops);
+
 }  // namespace mmdit::raw

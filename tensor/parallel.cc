@@ -4,6 +4,16 @@
 #include <omp.h>
 
 namespace mmdit {
+namespace {
+
+// Nested parallel regions (a multi-threaded gemm inside one of our loops) would create and
+// destroy threads on each call and oversubscribe the cores; one level of parallelism it is.
+const bool single_level = [] {
+  omp_set_max_active_levels(1);
+  return true;
+}();
+
+}  // namespace
 
 int num_threads() {
   return omp_get_max_threads();

@@ -14,10 +14,15 @@ void set_num_threads(int n);
 inline constexpr int64_t kParallelGrain = 32768;
 
 // Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
+// Small loops never enter an OpenMP construct: even a one-thread team makes a nested level, and a
+// gemm called inside it would start a nested team of fresh threads on every call.
 template <class Fn>
 void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
-  const bool parallel = n > 1 && n * cost_per_item >= 2 * kParallelGrain;
-#pragma omp parallel for schedule(static) if (parallel)
+  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 

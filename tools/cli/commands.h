@@ -2,6 +2,8 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+#include <vector>
 
 namespace mmdit::cli {
 
@@ -9,5 +11,10 @@ void add_parity_command(CLI::App& app);
 void add_inspect_commands(CLI::App& app);
 // demo, train, sample, eval, info
 void add_policy_commands(CLI::App& app);
+void add_bench_command(CLI::App& app);
+
+// The command line as main() received it (bench re-executes itself with it).
+void set_program_args(int argc, char** argv);
+const std::vector<std::string>& program_args();
 
 }  // namespace mmdit::cli

@@ -5,12 +5,26 @@
 #include "tensor/error.h"
 #include "tools/cli/commands.h"
 
+namespace mmdit::cli {
+namespace {
+std::vector<std::string> args;
+}
+void set_program_args(int argc, char** argv) {
+  args.assign(argv, argv + argc);
+}
+const std::vector<std::string>& program_args() {
+  return args;
+}
+}  // namespace mmdit::cli
+
 int main(int argc, char** argv) {
+  mmdit::cli::set_program_args(argc, argv);
   CLI::App app{"mmdit: MMDiT models and flow-matching policies in C++"};
   app.require_subcommand(1);
   mmdit::cli::add_policy_commands(app);
   mmdit::cli::add_parity_command(app);
   mmdit::cli::add_inspect_commands(app);
+  mmdit::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,405 @@
+// `mmdit bench`: the workloads of spec/bench.md, timed the same way every time. Each workload is
+// warmed up, then run --reps times; we print median/min/max ms, the matrix-product GFLOP/s, that
+// as a share of this machine's sgemm throughput measured in the same run (the "roof"), peak
+// resident memory and page faults per repetition, and for training steps the tape's size.
+//
+// OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded. A user's machine does not set it, so
+// unless --keep-coretype is given, bench re-executes itself without it.
+#include <cblas.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "autodiff/gradcheck.h"
+#include "autodiff/ops.h"
+#include "autodiff/value_and_grad.h"
+#include "mmdit/incontext.h"
+#include "tensor/ops.h"
+#include "tensor/parallel.h"
+#include "tools/cli/commands.h"
+#include "train/trainer.h"
+
+namespace mmdit::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// A workload: `setup` builds the model and inputs (untimed) and returns the repetition.
+struct Workload {
+  const char* name;
+  const char* what;
+  bool training;
+};
+
+const Workload kWorkloads[] = {
+    {"policy-train", "BCPolicy (reference agent), batch 64: one full training step", true},
+    {"policy-act", "the same policy, batch 1: sample with 10 Euler steps", false},
+    {"policy-act-b64", "the same policy, batch 64: sample with 10 Euler steps", false},
+    {"incontext-train",
+     "InContextMMDiT depth 12, dims (512, 256), batch 8, 100 + 18 tokens: forward, MSE, "
+     "backward, AdamW",
+     true},
+    {"tiny-gradcheck", "MMDiT depth 2, dims (16, 8), float64: gradcheck of every parameter",
+     false},
+};
+
+// What one repetition leaves behind for the report, besides its time.
+struct TapeStats {
+  int64_t nodes = 0;
+  size_t saved_bytes = 0;
+};
+
+struct Prepared {
+  std::function<void()> rep;
+  std::optional<TapeStats> tape;  // training workloads: the tape of one step
+};
+
+// The reference agent (models.md defaults; spec/bench.md).
+PolicyConfig reference_policy() {
+  PolicyConfig c;
+  c.validate();
+  return c;
+}
+
+// Synthetic demonstrations: the timing does not depend on what the states and actions are.
+Episodes random_episodes(const PolicyConfig& c, Rng& rng) {
+  const int64_t episodes = 8, length = 100;
+  Episodes e;
+  e.states = rng.normal({episodes * length, c.state_dim});
+  e.actions = rng.normal({episodes * length, c.act_dim});
+  for (int64_t i = 0; i <= episodes; ++i) e.episode_starts.push_back(i * length);
+  return e;
+}
+
+TapeStats tape_of(const NamedTensors& params, const std::function<Tensor()>& loss) {
+  Tape tape;
+  for (const auto& [name, t] : params) tape.watch(t);
+  loss();
+  return {static_cast<int64_t>(tape.nodes().size()), tape.saved_bytes()};
+}
+
+Prepared prepare_policy_train() {
+  TrainConfig config;
+  config.policy = reference_policy();
+  config.batch_size = 64;
+  config.steps = 1000000;
+  config.lr = 1e-4;
+  Rng rng(0);
+  const Episodes data = random_episodes(config.policy, rng);
+  auto trainer = std::make_shared<Trainer>(config, data);
+  Prepared p;
+  p.rep = [trainer] { trainer->train_step(); };
+  // The trainer's loss on a batch of the same shapes, recorded once to size the tape.
+  const PolicyConfig& c = config.policy;
+  const Tensor state = rng.normal({64, c.n_obs_steps, c.state_dim});
+  const Tensor action = rng.normal({64, c.horizon, c.act_dim});
+  const Tensor pad = zeros({64, c.horizon}, DType::boolean);
+  const FlowNoise noise{rng.normal({64, c.horizon, c.act_dim}), rng.uniform({64}), Tensor()};
+  BCPolicy& policy = trainer->policy();
+  p.tape = tape_of(policy.named_parameters(),
+                   [&] { return flow_matching_loss(policy, state, action, pad, noise); });
+  return p;
+}
+
+Prepared prepare_policy_act(int64_t batch) {
+  const PolicyConfig c = reference_policy();
+  Rng rng(0);
+  auto policy = std::make_shared<BCPolicy>(c, rng);
+  // A fresh policy has zero-initialised adaLN gates and output layer; random weights make the
+  // work the same as a trained one's (no zeros that a kernel might skip).
+  NamedTensors random;
+  for (const auto& [name, t] : policy->named_parameters())
+    random.insert(name, rng.normal(t.shape(), DType::f32, 0, 0.02));
+  policy->load(random);
+  const Tensor state = rng.uniform({batch, c.n_obs_steps, c.state_dim}, DType::f32, -1, 1);
+  auto rng_shared = std::make_shared<Rng>(1);
+  Prepared p;
+  p.rep = [policy, state, rng_shared, c, batch] {
+    const Tensor a0 = rng_shared->normal({batch, c.horizon, c.act_dim});
+    sample_actions(*policy, state, a0, 10);
+  };
+  return p;
+}
+
+Prepared prepare_incontext_train() {
+  InContextMMDiTConfig c;
+  c.depth = 12;
+  c.dim_modalities = c.dim_outs = {512, 256};
+  c.dim_head = 64;
+  c.heads = 8;
+  c.ff_mult = 4;
+  Rng rng(0);
+  auto model = std::make_shared<InContextMMDiT>(c, rng);
+  const int64_t batch = 8, obs_tokens = 100, action_tokens = 2 + 16;
+  const int64_t total = obs_tokens + action_tokens;
+  const Tensor obs = rng.normal({batch, obs_tokens, 512});
+  const Tensor actions = rng.normal({batch, action_tokens, 256});
+  const Tensor target = rng.normal({batch, action_tokens, 256});
+  // Observations attend to everything; each action token to the observations and the actions at
+  // or before it.
+  Tensor mask = ones({total, total}, DType::boolean);
+  bool* m = mask.data<bool>();
+  for (int64_t i = obs_tokens; i < total; ++i)
+    for (int64_t j = i + 1; j < total; ++j) m[i * total + j] = false;
+  auto optimizer = std::make_shared<AdamW>(model->named_parameters(), AdamWConfig{});
+  auto loss_fn = [obs, actions, target, mask](const InContextMMDiT& net) {
+    const std::vector<Tensor> outs = net({obs, actions}, mask);
+    return mean(square(outs[1] - target));
+  };
+  Prepared p;
+  p.rep = [model, optimizer, loss_fn] {
+    auto [loss, grads] = value_and_grad(loss_fn)(*model);
+    optimizer->update(model->named_parameters(), grads);
+  };
+  p.tape = tape_of(model->named_parameters(), [&] { return loss_fn(*model); });
+  return p;
+}
+
+Prepared prepare_tiny_gradcheck() {
+  MMDiTConfig c;
+  c.depth = 2;
+  c.dim_modalities = c.dim_outs = {16, 8};
+  c.dim_cond = 32;
+  c.timestep_embed_dims = {32};
+  c.heads = 2;
+  c.dim_head = 8;
+  Rng rng(0);
+  auto model = std::make_shared<MMDiT>(c, rng);
+  model->to(DType::f64);
+  NamedTensors random;
+  for (const auto& [name, t] : model->named_parameters())
+    random.insert(name, rng.normal(t.shape(), DType::f64, 0, 0.5));
+  model->load(random);
+  const std::vector<Tensor> xs = {rng.normal({2, 5, 16}, DType::f64),
+                                  rng.normal({2, 3, 8}, DType::f64)};
+  const Tensor t = rng.uniform({2}, DType::f64);
+  Prepared p;
+  p.rep = [model, xs, t] {
+    const auto run = [&] {
+      std::vector<Tensor> flat;
+      for (const Tensor& o : (*model)(xs, {t})) flat.push_back(reshape(o, {-1}));
+      return concat(flat, 0);
+    };
+    const GradcheckResult r = gradcheck(run, model->named_parameters());
+    MMDIT_CHECK(r.ok, "bench tiny-gradcheck: the gradient check failed (worst ratio ",
+                r.worst_ratio, ")");
+  };
+  return p;
+}
+
+Prepared prepare(const std::string& name) {
+  if (name == "policy-train") return prepare_policy_train();
+  if (name == "policy-act") return prepare_policy_act(1);
+  if (name == "policy-act-b64") return prepare_policy_act(64);
+  if (name == "incontext-train") return prepare_incontext_train();
+  return prepare_tiny_gradcheck();
+}
+
+// Peak resident set since the last reset_peak_rss(), in MB (VmHWM).
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024.0;
+}
+
+// Linux resets VmHWM to the current RSS when "5" is written to clear_refs.
+void reset_peak_rss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+}
+
+int64_t page_faults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt + usage.ru_majflt;
+}
+
+// GFLOP/s of one large sgemm on the current threads: the most a matrix-product-bound step can
+// reach on this machine.
+double sgemm_roof_gflops() {
+  const int n = 2048;
+  std::vector<float> a(static_cast<size_t>(n) * n, 0.5f), b(a), c(a.size());
+  std::vector<double> times;
+  for (int rep = 0; rep < 6; ++rep) {
+    const Clock::time_point t0 = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
+                n, 0.0f, c.data(), n);
+    if (rep > 0) times.push_back(seconds_since(t0));  // the first packs buffers, faults pages
+  }
+  std::sort(times.begin(), times.end());
+  return 2.0 * n * n * n / times[times.size() / 2] / 1e9;
+}
+
+struct Result {
+  std::string workload;
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double gflop_per_rep = 0, gflops = 0;
+  double peak_rss_mb = 0;
+  double page_faults_per_rep = 0;
+  int reps = 0;
+  std::optional<TapeStats> tape;
+};
+
+Result run(const Workload& w, int reps, int warmup) {
+  reset_peak_rss();
+  Prepared p = prepare(w.name);
+  for (int i = 0; i < warmup; ++i) p.rep();
+  std::vector<double> ms;
+  const int64_t flops0 = raw::matmul_flops();
+  const int64_t faults0 = page_faults();
+  for (int i = 0; i < reps; ++i) {
+    const Clock::time_point t0 = Clock::now();
+    p.rep();
+    ms.push_back(seconds_since(t0) * 1e3);
+  }
+  Result r;
+  r.workload = w.name;
+  r.reps = reps;
+  r.page_faults_per_rep = static_cast<double>(page_faults() - faults0) / reps;
+  r.gflop_per_rep = static_cast<double>(raw::matmul_flops() - flops0) / reps / 1e9;
+  std::vector<double> sorted = ms;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n = sorted.size();
+  r.median_ms = n % 2 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+  r.min_ms = sorted.front();
+  r.max_ms = sorted.back();
+  r.gflops = r.gflop_per_rep / (r.median_ms / 1e3);
+  r.peak_rss_mb = peak_rss_mb();
+  r.tape = p.tape;
+  return r;
+}
+
+std::string json_line(const Result& r, int threads, double roof, const char* core) {
+  char buf[1024];
+  int len = std::snprintf(
+      buf, sizeof buf,
+      "{\"workload\": \"%s\", \"threads\": %d, \"reps\": %d, \"median_ms\": %.3f, "
+      "\"min_ms\": %.3f, \"max_ms\": %.3f, \"gflop_per_rep\": %.3f, \"gflops\": %.1f, "
+      "\"roof_gflops\": %.1f, \"roof_fraction\": %.3f, \"peak_rss_mb\": %.1f, "
+      "\"page_faults_per_rep\": %.1f, \"openblas_core\": \"%s\"",
+      r.workload.c_str(), threads, r.reps, r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep,
+      r.gflops, roof, r.gflops / roof, r.peak_rss_mb, r.page_faults_per_rep, core);
+  std::string s(buf, static_cast<size_t>(len));
+  if (r.tape) {
+    std::snprintf(buf, sizeof buf, ", \"tape_nodes\": %lld, \"saved_mb\": %.1f",
+                  static_cast<long long>(r.tape->nodes), r.tape->saved_bytes / 1048576.0);
+    s += buf;
+  }
+  return s + "}";
+}
+
+void print_table_row(const Result& r, double roof) {
+  std::printf("%-16s %9.2f %9.2f %9.2f %8.1f %8.1f %6.0f%% %8.0f %8.0f", r.workload.c_str(),
+              r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops, 100 * r.gflops / roof,
+              r.peak_rss_mb, r.page_faults_per_rep);
+  if (r.tape)
+    std::printf(" %6lld %9.1f", static_cast<long long>(r.tape->nodes),
+                r.tape->saved_bytes / 1048576.0);
+  std::printf("\n");
+}
+
+struct Options {
+  std::vector<std::string> workloads;
+  int threads = 0;
+  int reps = 10;
+  int warmup = 2;
+  bool json = false;
+  bool keep_coretype = false;
+};
+
+void run_bench(const Options& o) {
+  if (!o.keep_coretype && std::getenv("OPENBLAS_CORETYPE")) {
+    // Too late for this process: OpenBLAS chose its kernels when it was loaded.
+    if (!o.json)
+      std::fprintf(stderr, "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype "
+                           "keeps it)\n",
+                   std::getenv("OPENBLAS_CORETYPE"));
+    unsetenv("OPENBLAS_CORETYPE");
+    const std::vector<std::string>& args = program_args();
+    std::vector<char*> argv;
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    std::fflush(nullptr);
+    execv("/proc/self/exe", argv.data());
+    std::fprintf(stderr, "bench: could not re-execute; keeping OPENBLAS_CORETYPE\n");
+  }
+  if (o.threads > 0) set_num_threads(o.threads);
+  const int threads = num_threads();
+  const char* core = openblas_get_corename();
+  std::vector<const Workload*> chosen;
+  for (const std::string& name : o.workloads) {
+    if (name == "all") {
+      for (const Workload& w : kWorkloads) chosen.push_back(&w);
+      continue;
+    }
+    const Workload* found = nullptr;
+    for (const Workload& w : kWorkloads)
+      if (name == w.name) found = &w;
+    MMDIT_CHECK(found, "bench: unknown workload '", name,
+                "'; choose policy-train, policy-act, policy-act-b64, incontext-train, "
+                "tiny-gradcheck or all");
+    chosen.push_back(found);
+  }
+  const double roof = sgemm_roof_gflops();
+  if (!o.json) {
+    std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
+                threads, core, o.reps, o.warmup);
+    std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n\n", roof);
+    std::printf("%-16s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
+                "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
+                "saved MB");
+  }
+  for (const Workload* w : chosen) {
+    if (!o.json) {
+      std::fprintf(stderr, "running %s: %s\n", w->name, w->what);
+    }
+    const Result r = run(*w, o.reps, o.warmup);
+    if (o.json)
+      std::printf("%s\n", json_line(r, threads, roof, core).c_str());
+    else
+      print_table_row(r, roof);
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto opts = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Time the spec/bench.md workloads next to this machine's sgemm throughput");
+  cmd->add_option("--workload", opts->workloads,
+                  "policy-train, policy-act, policy-act-b64, incontext-train, tiny-gradcheck or "
+                  "all (repeatable)")
+      ->default_val(std::vector<std::string>{"all"});
+  cmd->add_option("--threads", opts->threads, "threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--json", opts->json, "one JSON object per workload per line");
+  cmd->add_flag("--keep-coretype", opts->keep_coretype,
+                "keep OPENBLAS_CORETYPE from the environment instead of re-running without it");
+  cmd->callback([opts] { run_bench(*opts); });
+}
+
+}  // namespace mmdit::cli
