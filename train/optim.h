@@ -25,7 +25,10 @@ class AdamW {
   AdamW(const NamedTensors& params, AdamWConfig config);
   // Every parameter is updated, including those whose gradient is zero (weight decay still
   // applies). `lr` overrides config.lr for this step (a schedule).
-  void update(const NamedTensors& params, const NamedTensors& grads, double lr);
+  // grad_scale multiplies every gradient first: the factor of global-norm clipping
+  // (clip_scale), applied in the same pass instead of rewriting the gradients.
+  void update(const NamedTensors& params, const NamedTensors& grads, double lr,
+              double grad_scale = 1.0);
   void update(const NamedTensors& params, const NamedTensors& grads) {
     update(params, grads, config_.lr);
   }
@@ -46,7 +49,9 @@ class AdamW {
 // Scales all gradients by min(1, max_norm / global_norm), as optax.clip_by_global_norm; returns
 // the global norm before clipping.
 double clip_by_global_norm(const NamedTensors& grads, double max_norm);
-double global_norm(const NamedTensors& grads);
+double global_norm(const NamedTensors& grads);  // accumulated in float64
+// The factor clip_by_global_norm scales by: min(1, max_norm / norm).
+double clip_scale(double norm, double max_norm);
 
 // Linear warm-up from 0 to peak over warmup_steps, then cosine decay to end_lr at total_steps
 // (optax.warmup_cosine_decay_schedule). With total_steps == 0: constant peak after warm-up.
