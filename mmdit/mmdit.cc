@@ -58,8 +58,8 @@ std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& 
   const std::vector<Tensor> a = joint_attn(h, mask);
   for (size_t m = 0; m < M; ++m) {
     const Tensor &attn_gate = gates[m], &ff_gate = gates[M + m];
-    x[m] = x[m] + attn_gate * a[m];
-    x[m] = x[m] + ff_gate * feedforwards[m](ff_layernorms[m](x[m], c));
+    x[m] = gated_residual(x[m], attn_gate, a[m]);  // x + attn_gate * a
+    x[m] = gated_residual(x[m], ff_gate, feedforwards[m](ff_layernorms[m](x[m], c)));
   }
   return x;
 }

@@ -66,14 +66,18 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   for (size_t m = 0; m < xs.size(); ++m) {
     NameScope scope(str_cat("modality", m));
     const int64_t seq = lengths[m];
-    // (B, S, 3I) -> three (B, S, H, d); the I features are head-major.
-    const std::vector<Tensor> qkv = split(to_qkv[m](xs[m]), {inner, inner, inner}, -1);
+    // to_qkv gives (B, S, 3I), then three (B, S, H, d); the I features are head-major. Each
+    // third is its own product with a block of the weight's rows, so that q, k and v come out
+    // contiguous and no gradient has to be scattered back into a (B, S, 3I) buffer.
+    const Tensor& w_qkv = to_qkv[m].weight;
     const Shape heads_shape = {batch, seq, heads, dim_head};
-    const RopeTables rope = rope_tables(seq, dim_head, xs[m].dtype());
-    const Tensor cos_t = raw::unsqueeze(rope.cos, 1), sin_t = raw::unsqueeze(rope.sin, 1);
-    qs.push_back(apply_rope(q_rmsnorms[m](reshape(qkv[0], heads_shape)), cos_t, sin_t));
-    ks.push_back(apply_rope(k_rmsnorms[m](reshape(qkv[1], heads_shape)), cos_t, sin_t));
-    vs.push_back(reshape(qkv[2], heads_shape));
+    auto project = [&](int64_t part) {
+      return reshape(linear(xs[m], narrow(w_qkv, 0, part * inner, inner)), heads_shape);
+    };
+    const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
+    qs.push_back(rope(q_rmsnorms[m](project(0)), tables.cos, tables.sin));
+    ks.push_back(rope(k_rmsnorms[m](project(1)), tables.cos, tables.sin));
+    vs.push_back(project(2));
   }
   // One attention over the concatenated sequence: (B, T, H, d) -> (B, H, T, d).
   auto joined = [](const std::vector<Tensor>& parts) {

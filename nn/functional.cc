@@ -20,7 +20,7 @@ Tensor layer_norm(const Tensor& x, double eps) {
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& gamma, double eps) {
-  return x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma;
+  return rms_norm_fused(x, gamma, eps);  // x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma
 }
 
 Tensor timestep_embedding(const Tensor& t, int64_t dim, double max_period) {

@@ -1,6 +1,7 @@
 // Stateless building blocks, written with the differentiable ops of autodiff/ops.h.
 #pragma once
 
+#include "autodiff/fused.h"
 #include "autodiff/ops.h"
 
 namespace mmdit::nn {

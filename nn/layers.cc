@@ -40,7 +40,7 @@ Modulation modulation_from(const Linear& to_modulation, const Tensor& cond, int6
 }
 
 Tensor modulate(const Tensor& x, const Modulation& m) {
-  return layer_norm(x) * (1.0 + m.scale) + m.shift;
+  return layer_norm_modulate(x, m.shift, m.scale);  // layer_norm(x) * (1 + scale) + shift
 }
 
 AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
@@ -62,7 +62,7 @@ FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)
 }
 
 Tensor FeedForward::operator()(const Tensor& x) const {
-  return linear_out(linear_in(x) * silu(linear_gate(x)));
+  return linear_out(swiglu(linear_in(x), linear_gate(x)));  // linear_in(x) * silu(linear_gate(x))
 }
 
 }  // namespace mmdit::nn

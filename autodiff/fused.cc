@@ -1,0 +1,385 @@
+// Each fused op: its forward kernel, its backward kernel, then the op that runs the first and
+// records the second. Kernels are plain loops over contiguous rows, parallel across rows.
+#include "autodiff/fused.h"
+
+#include <cmath>
+#include <vector>
+
+#include "tensor/ops.h"
+#include "tensor/parallel.h"
+#include "tensor/simd.h"
+
+namespace mmdit {
+namespace {
+
+void check_floats(const char* op, std::initializer_list<Tensor> ts) {
+  const DType dtype = ts.begin()->dtype();
+  for (const Tensor& t : ts)
+    MMDIT_CHECK(is_floating(t.dtype()) && t.dtype() == dtype, op, ": inputs must share one float ",
+                "dtype, got ", dtype_name(dtype), " and ", dtype_name(t.dtype()));
+}
+
+template <class Fn>
+void by_dtype(DType dtype, Fn&& fn) {
+  if (dtype == DType::f32)
+    fn(float{});
+  else
+    fn(double{});
+}
+
+// x (..., S, D) seen as G groups of S rows; a per-group parameter (..., 1, D) as (G, D).
+struct Groups {
+  int64_t groups, rows_per_group, dim;
+  Shape param_shape;  // x's shape with S replaced by 1
+};
+
+Groups groups_of(const Tensor& x, const char* op) {
+  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()));
+  Groups g;
+  g.dim = x.shape().back();
+  g.rows_per_group = x.dim() >= 2 ? x.shape()[x.dim() - 2] : 1;
+  g.groups = x.numel() / (g.dim * g.rows_per_group);
+  g.param_shape = x.shape();
+  if (x.dim() >= 2) g.param_shape[x.dim() - 2] = 1;
+  return g;
+}
+
+// A (..., 1, D) parameter as a contiguous (G, D) block; `name` for the error.
+Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
+  try {
+    return raw::contiguous(raw::broadcast_to(p, g.param_shape));
+  } catch (const Error&) {
+    fail(op, ": ", name, " has shape ", shape_str(p.shape()), ", which does not broadcast to ",
+         shape_str(g.param_shape));
+  }
+}
+
+// ---- layer_norm_modulate ----
+
+template <class T>
+void layer_norm_modulate_forward(const T* x, const T* shift, const T* scale, T* y, T* xhat,
+                                 T* rstd, const Groups& g, double eps) {
+  const int64_t D = g.dim, S = g.rows_per_group;
+  parallel_for(g.groups * S, 8 * D, [&](int64_t r) {
+    const T* xr = x + r * D;
+    const T* sh = shift + (r / S) * D;
+    const T* sc = scale + (r / S) * D;
+    double sum = 0;
+    for (int64_t i = 0; i < D; ++i) sum += xr[i];
+    const T mean = static_cast<T>(sum / D);
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i] - mean) * (xr[i] - mean);
+    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(ss / D) + eps));
+    rstd[r] = inv;
+    T* xh = xhat + r * D;
+    T* yr = y + r * D;
+    for (int64_t i = 0; i < D; ++i) {
+      xh[i] = (xr[i] - mean) * inv;
+      yr[i] = xh[i] * (1 + sc[i]) + sh[i];
+    }
+  });
+}
+
+// dx = rstd (gx - mean(gx) - xhat mean(gx xhat)), gx = dy (1 + scale); dscale = sum_S dy xhat;
+// dshift = sum_S dy. One task per group, so the sums over its rows need no merging.
+template <class T>
+void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, const T* scale,
+                                  T* dx, T* dshift, T* dscale, const Groups& g) {
+  const int64_t D = g.dim, S = g.rows_per_group;
+  parallel_for(g.groups, 12 * S * D, [&](int64_t grp) {
+    const T* sc = scale + grp * D;
+    T* dsh = dshift + grp * D;
+    T* dsc = dscale + grp * D;
+    for (int64_t i = 0; i < D; ++i) dsh[i] = dsc[i] = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = grp * S + s;
+      const T* dyr = dy + r * D;
+      const T* xh = xhat + r * D;
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t i = 0; i < D; ++i) {
+        const T gx = dyr[i] * (1 + sc[i]);
+        sum_g += gx;
+        sum_gx += static_cast<double>(gx) * xh[i];
+        dsh[i] += dyr[i];
+        dsc[i] += dyr[i] * xh[i];
+      }
+      const T mean_g = static_cast<T>(sum_g / D), mean_gx = static_cast<T>(sum_gx / D);
+      T* dxr = dx + r * D;
+      for (int64_t i = 0; i < D; ++i)
+        dxr[i] = rstd[r] * (dyr[i] * (1 + sc[i]) - mean_g - xh[i] * mean_gx);
+    }
+  });
+}
+
+// ---- rms_norm ----
+
+template <class T>
+void rms_norm_forward(const T* x, const T* gamma, T* y, T* rstd, int64_t rows, int64_t D,
+                      double eps) {
+  parallel_for(rows, 4 * D, [&](int64_t r) {
+    const T* xr = x + r * D;
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(ss / D) + eps));
+    rstd[r] = inv;
+    T* yr = y + r * D;
+    for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * gamma[i];
+  });
+}
+
+// gy = dy gamma; dx = rstd gy - x rstd^3 mean(gy x); dgamma = sum over rows of dy x rstd.
+template <class T>
+void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T* dx,
+                       T* dgamma, int64_t rows, int64_t D) {
+  parallel_for(rows, 6 * D, [&](int64_t r) {
+    const T* dyr = dy + r * D;
+    const T* xr = x + r * D;
+    double dot = 0;
+    for (int64_t i = 0; i < D; ++i) dot += static_cast<double>(dyr[i] * gamma[i]) * xr[i];
+    const T inv = rstd[r];
+    const T k = static_cast<T>(dot / D) * inv * inv * inv;
+    T* dxr = dx + r * D;
+    for (int64_t i = 0; i < D; ++i) dxr[i] = inv * (dyr[i] * gamma[i]) - xr[i] * k;
+  });
+  std::vector<double> acc(static_cast<size_t>(D), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) acc[i] += static_cast<double>(dy[r * D + i]) * x[r * D + i] * rstd[r];
+  for (int64_t i = 0; i < D; ++i) dgamma[i] = static_cast<T>(acc[i]);
+}
+
+// ---- swiglu ----
+
+// The sigmoid comes from the SIMD kernel, a block of it at a time on the stack.
+constexpr int64_t kBlock = 1024;
+
+template <class T>
+void swiglu_forward(const T* a, const T* g, T* y, int64_t n) {
+  parallel_for((n + kBlock - 1) / kBlock, 4 * kBlock, [&](int64_t b) {
+    const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
+    T s[kBlock];
+    simd::unary(raw::UnaryOp::sigmoid, g + begin, s, len);
+    for (int64_t i = 0; i < len; ++i) y[begin + i] = a[begin + i] * (g[begin + i] * s[i]);
+  });
+}
+
+// da = dy silu(g); dg = dy a s (1 + g (1 - s)), s = sigmoid(g).
+template <class T>
+void swiglu_backward(const T* dy, const T* a, const T* g, T* da, T* dg, int64_t n) {
+  parallel_for((n + kBlock - 1) / kBlock, 6 * kBlock, [&](int64_t b) {
+    const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
+    T s[kBlock];
+    simd::unary(raw::UnaryOp::sigmoid, g + begin, s, len);
+    for (int64_t i = 0; i < len; ++i) {
+      const T gi = g[begin + i], d = dy[begin + i];
+      if (da) da[begin + i] = d * (gi * s[i]);
+      if (dg) dg[begin + i] = d * a[begin + i] * (s[i] * (1 + gi * (1 - s[i])));
+    }
+  });
+}
+
+// ---- gated_residual ----
+
+template <class T>
+void gated_residual_forward(const T* x, const T* gate, const T* y, T* out, const Groups& g) {
+  const int64_t D = g.dim, S = g.rows_per_group;
+  parallel_for(g.groups * S, 2 * D, [&](int64_t r) {
+    const T* gt = gate + (r / S) * D;
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = x[r * D + i] + gt[i] * y[r * D + i];
+  });
+}
+
+// dy_in = dy gate; dgate = sum_S dy y (dx is dy itself).
+template <class T>
+void gated_residual_backward(const T* dy, const T* gate, const T* y, T* dy_in, T* dgate,
+                             const Groups& g) {
+  const int64_t D = g.dim, S = g.rows_per_group;
+  parallel_for(g.groups, 4 * S * D, [&](int64_t grp) {
+    const T* gt = gate + grp * D;
+    T* dg = dgate ? dgate + grp * D : nullptr;
+    if (dg)
+      for (int64_t i = 0; i < D; ++i) dg[i] = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = grp * S + s;
+      for (int64_t i = 0; i < D; ++i) {
+        if (dy_in) dy_in[r * D + i] = dy[r * D + i] * gt[i];
+        if (dg) dg[i] += dy[r * D + i] * y[r * D + i];
+      }
+    }
+  });
+}
+
+// ---- rope ----
+
+// out = x cos + rotate_half(x) sin per row of d; with `transposed`, the adjoint:
+// out = x cos + rotate_half^T(x sin), rotate_half^T([a1 | a2]) = [a2 | -a1].
+template <class T>
+void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int64_t S,
+               int64_t H, int64_t d, bool transposed) {
+  const int64_t half = d / 2;
+  parallel_for(rows, 4 * d, [&](int64_t r) {
+    const int64_t s = (r / H) % S;
+    const T* xr = x + r * d;
+    const T* c = cos + s * d;
+    const T* sn = sin + s * d;
+    T* o = out + r * d;
+    if (!transposed) {
+      for (int64_t j = 0; j < half; ++j) o[j] = xr[j] * c[j] + (-xr[j + half]) * sn[j];
+      for (int64_t j = half; j < d; ++j) o[j] = xr[j] * c[j] + xr[j - half] * sn[j];
+    } else {
+      for (int64_t j = 0; j < half; ++j) o[j] = xr[j] * c[j] + xr[j + half] * sn[j + half];
+      for (int64_t j = half; j < d; ++j) o[j] = xr[j] * c[j] - xr[j - half] * sn[j - half];
+    }
+  });
+}
+
+}  // namespace
+
+Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_in, const Tensor& scale_in,
+                           double eps) {
+  const char* op = "layer_norm_modulate";
+  check_floats(op, {x_in, shift_in, scale_in});
+  const Groups g = groups_of(x_in, op);
+  const Tensor x = raw::contiguous(x_in);
+  const Tensor shift = per_group(shift_in, g, op, "shift");
+  const Tensor scale = per_group(scale_in, g, op, "scale");
+  Tensor y = empty(x.shape(), x.dtype()), xhat = empty(x.shape(), x.dtype());
+  Tensor rstd = empty({g.groups * g.rows_per_group}, x.dtype());
+  by_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    layer_norm_modulate_forward(x.data<T>(), shift.data<T>(), scale.data<T>(), y.data<T>(),
+                                xhat.data<T>(), rstd.data<T>(), g, eps);
+  });
+  return record(op, y, {x_in, shift_in, scale_in}, {xhat, rstd, scale}, [g](Backward& ctx) {
+    const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &scale = ctx.saved[2];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dx = empty(xhat.shape(), xhat.dtype());
+    Tensor dshift = empty(g.param_shape, xhat.dtype()), dscale = empty(g.param_shape, xhat.dtype());
+    by_dtype(xhat.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), scale.data<T>(),
+                                   dx.data<T>(), dshift.data<T>(), dscale.data<T>(), g);
+    });
+    ctx.input(0, [&] { return dx; });
+    ctx.input(1, [&] { return dshift; });
+    ctx.input(2, [&] { return dscale; });
+  });
+}
+
+Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
+  const char* op = "rms_norm";
+  check_floats(op, {x_in, gamma});
+  MMDIT_CHECK(x_in.dim() >= 1 && gamma.dim() == 1 && gamma.shape()[0] == x_in.shape().back(), op,
+              ": gamma has shape ", shape_str(gamma.shape()), " for input ",
+              shape_str(x_in.shape()), "; expected (", x_in.dim() ? x_in.shape().back() : 0, ",)");
+  const Tensor x = raw::contiguous(x_in), gm = raw::contiguous(gamma);
+  const int64_t D = x.shape().back(), rows = x.numel() / std::max<int64_t>(D, 1);
+  Tensor y = empty(x.shape(), x.dtype()), rstd = empty({rows}, x.dtype());
+  by_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_forward(x.data<T>(), gm.data<T>(), y.data<T>(), rstd.data<T>(), rows, D, eps);
+  });
+  return record(op, y, {x_in, gamma}, {x, rstd, gm}, [rows, D](Backward& ctx) {
+    const Tensor &x = ctx.saved[0], &rstd = ctx.saved[1], &gamma = ctx.saved[2];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dx = empty(x.shape(), x.dtype()), dgamma = empty({D}, x.dtype());
+    by_dtype(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      rms_norm_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gamma.data<T>(), dx.data<T>(),
+                        dgamma.data<T>(), rows, D);
+    });
+    ctx.input(0, [&] { return dx; });
+    ctx.input(1, [&] { return dgamma; });
+  });
+}
+
+Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
+  const char* op = "swiglu";
+  check_floats(op, {a_in, g_in});
+  MMDIT_CHECK(a_in.shape() == g_in.shape(), op, ": shapes ", shape_str(a_in.shape()), " and ",
+              shape_str(g_in.shape()), " differ");
+  const Tensor a = raw::contiguous(a_in), g = raw::contiguous(g_in);
+  Tensor y = empty(a.shape(), a.dtype());
+  by_dtype(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_forward(a.data<T>(), g.data<T>(), y.data<T>(), a.numel());
+  });
+  return record(op, y, {a_in, g_in}, {a, g}, [](Backward& ctx) {
+    const Tensor &a = ctx.saved[0], &g = ctx.saved[1];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor da = ctx.needs(0) ? empty(a.shape(), a.dtype()) : Tensor();
+    Tensor dg = ctx.needs(1) ? empty(a.shape(), a.dtype()) : Tensor();
+    by_dtype(a.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(),
+                      da.defined() ? da.data<T>() : nullptr, dg.defined() ? dg.data<T>() : nullptr,
+                      a.numel());
+    });
+    ctx.input(0, [&] { return da; });
+    ctx.input(1, [&] { return dg; });
+  });
+}
+
+Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y_in) {
+  const char* op = "gated_residual";
+  check_floats(op, {x_in, gate_in, y_in});
+  MMDIT_CHECK(x_in.shape() == y_in.shape(), op, ": residual ", shape_str(x_in.shape()),
+              " and branch ", shape_str(y_in.shape()), " differ");
+  const Groups g = groups_of(x_in, op);
+  const Tensor x = raw::contiguous(x_in), y = raw::contiguous(y_in);
+  const Tensor gate = per_group(gate_in, g, op, "gate");
+  Tensor out = empty(x.shape(), x.dtype());
+  by_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    gated_residual_forward(x.data<T>(), gate.data<T>(), y.data<T>(), out.data<T>(), g);
+  });
+  return record(op, out, {x_in, gate_in, y_in}, {gate, y}, [g](Backward& ctx) {
+    const Tensor &gate = ctx.saved[0], &y = ctx.saved[1];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dy_in = ctx.needs(2) ? empty(y.shape(), y.dtype()) : Tensor();
+    Tensor dgate = ctx.needs(1) ? empty(g.param_shape, y.dtype()) : Tensor();
+    by_dtype(y.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      gated_residual_backward(dy.data<T>(), gate.data<T>(), y.data<T>(),
+                              dy_in.defined() ? dy_in.data<T>() : nullptr,
+                              dgate.defined() ? dgate.data<T>() : nullptr, g);
+    });
+    ctx.input(0, [&] { return ctx.grad; });
+    ctx.input(1, [&] { return dgate; });
+    ctx.input(2, [&] { return dy_in; });
+  });
+}
+
+Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
+  const char* op = "rope";
+  check_floats(op, {x_in, cos_in, sin_in});
+  MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] % 2 == 0, op, ": input has shape ",
+              shape_str(x_in.shape()), "; expected (B, S, H, d) with d even");
+  const int64_t S = x_in.shape()[1], H = x_in.shape()[2], d = x_in.shape()[3];
+  MMDIT_CHECK(cos_in.shape() == Shape({S, d}) && sin_in.shape() == Shape({S, d}), op,
+              ": tables have shapes ", shape_str(cos_in.shape()), " and ",
+              shape_str(sin_in.shape()), "; expected (", S, ",", d, ") for input ",
+              shape_str(x_in.shape()));
+  const Tensor x = raw::contiguous(x_in);
+  const Tensor c = raw::contiguous(cos_in), s = raw::contiguous(sin_in);
+  const int64_t rows = x.numel() / d;
+  Tensor y = empty(x.shape(), x.dtype());
+  by_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    rope_rows(x.data<T>(), c.data<T>(), s.data<T>(), y.data<T>(), rows, S, H, d, false);
+  });
+  // The tables are constants: only x gets a gradient.
+  return record(op, y, {x_in}, {c, s}, [rows, S, H, d](Backward& ctx) {
+    const Tensor &c = ctx.saved[0], &s = ctx.saved[1];
+    ctx.input(0, [&] {
+      const Tensor dy = raw::contiguous(ctx.grad);
+      Tensor dx = empty(dy.shape(), dy.dtype());
+      by_dtype(dy.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        rope_rows(dy.data<T>(), c.data<T>(), s.data<T>(), dx.data<T>(), rows, S, H, d, true);
+      });
+      return dx;
+    });
+  });
+}
+
+}  // namespace mmdit

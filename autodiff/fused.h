@@ -1,0 +1,33 @@
+// Fused ops: a few elementwise steps of the models done in one pass over memory, and recorded as
+// one tape node whose backward kernel sits right under its forward kernel (fused.cc). Each is
+// exactly a composition of the plain ops, given in its comment; tests/test_fused.cc checks both
+// the values against that composition and the gradients against central differences.
+//
+// Why: a LayerNorm written with plain ops is ten nodes, each reading and writing the whole
+// activation and saving a copy for backward. Fused, it is one read, one write and one saved
+// tensor (see docs/autodiff.md, "Fused kernels").
+#pragma once
+
+#include "autodiff/tape.h"
+
+namespace mmdit {
+
+// layer_norm(x) * (1 + scale) + shift, the normalisation over the last axis without affine and
+// with the biased variance. x: (..., S, D); shift, scale: broadcastable to (..., 1, D).
+Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale,
+                           double eps = 1e-5);
+
+// x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma; gamma: (D,).
+Tensor rms_norm_fused(const Tensor& x, const Tensor& gamma, double eps = 1e-6);
+
+// a * silu(g), the gated activation of SwiGLU; a and g have one shape.
+Tensor swiglu(const Tensor& a, const Tensor& g);
+
+// x + gate * y: an adaLN-Zero residual. x, y: (..., S, D); gate: broadcastable to (..., 1, D).
+Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y);
+
+// Rotary embedding x * cos + rotate_half(x) * sin, rotate_half([x1 | x2]) = [-x2 | x1].
+// x: (B, S, H, d); cos, sin: (S, d) constant tables (no gradient).
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
+
+}  // namespace mmdit
