@@ -1,0 +1,165 @@
+// The fused ops against their definitions: values equal the composition of plain ops (in
+// float64, to rounding), gradients pass central differences, and the parallel paths (large
+// inputs on two threads) agree with one thread.
+#include <gtest/gtest.h>
+
+#include <cfloat>
+
+#include "autodiff/fused.h"
+#include "autodiff/gradcheck.h"
+#include "autodiff/ops.h"
+#include "nn/functional.h"
+#include "tensor/parallel.h"
+#include "tensor/random.h"
+
+namespace mmdit {
+namespace {
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.shape(), b.shape());
+  return raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(a, b))).item();
+}
+
+// The plain-op definitions the fused ops must equal.
+Tensor reference_layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  return nn::layer_norm(x) * (1.0 + scale) + shift;
+}
+Tensor reference_rms_norm(const Tensor& x, const Tensor& gamma) {
+  return x * rsqrt(mean(square(x), {-1}, true) + 1e-6) * gamma;
+}
+Tensor reference_swiglu(const Tensor& a, const Tensor& g) {
+  return a * silu(g);
+}
+Tensor reference_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) {
+  return x + gate * y;
+}
+Tensor reference_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  return nn::apply_rope(x, unsqueeze(cos, 1), unsqueeze(sin, 1));
+}
+
+void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                      const std::vector<Tensor>& inputs) {
+  const GradcheckResult r = gradcheck(f, inputs);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_GT(r.checked, 0);
+}
+
+TEST(Fused, LayerNormModulateMatchesDefinitionAndGradients) {
+  Rng rng(1);
+  for (const Shape& mod_shape : {Shape{3, 1, 6}, Shape{6}, Shape{1, 6}}) {
+    const Tensor x = rng.normal({3, 4, 6}, DType::f64, 0.5, 2.0);
+    const Tensor shift = rng.normal(mod_shape, DType::f64), scale = rng.normal(mod_shape, DType::f64);
+    EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift, scale),
+                           reference_layer_norm_modulate(x, shift, scale)),
+              1e-12);
+    expect_gradcheck([](const std::vector<Tensor>& in) {
+      return layer_norm_modulate(in[0], in[1], in[2]);
+    }, {x, shift, scale});
+  }
+  // Unbatched (S, D) tokens with (1, D) parameters.
+  const Tensor x = rng.normal({5, 8}, DType::f64);
+  const Tensor shift = rng.normal({1, 8}, DType::f64), scale = rng.normal({1, 8}, DType::f64);
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift, scale),
+                         reference_layer_norm_modulate(x, shift, scale)),
+            1e-12);
+}
+
+TEST(Fused, RmsNormMatchesDefinitionAndGradients) {
+  Rng rng(2);
+  const Tensor x = rng.normal({2, 3, 2, 8}, DType::f64), gamma = rng.normal({8}, DType::f64);
+  EXPECT_LT(max_abs_diff(rms_norm_fused(x, gamma), reference_rms_norm(x, gamma)), 1e-12);
+  expect_gradcheck([](const std::vector<Tensor>& in) { return rms_norm_fused(in[0], in[1]); },
+                   {x, gamma});
+  // A non-contiguous input (a transposed view) gives the same values.
+  const Tensor xt = transpose(rng.normal({8, 5}, DType::f64), 0, 1);
+  EXPECT_LT(max_abs_diff(rms_norm_fused(xt, gamma), reference_rms_norm(xt, gamma)), 1e-12);
+}
+
+TEST(Fused, SwigluMatchesDefinitionAndGradients) {
+  Rng rng(3);
+  // 2500 elements: more than one of the kernel's 1024-element blocks.
+  const Tensor a = rng.normal({50, 50}, DType::f64), g = rng.normal({50, 50}, DType::f64, 0, 3);
+  EXPECT_LT(max_abs_diff(swiglu(a, g), reference_swiglu(a, g)), 1e-12);
+  expect_gradcheck([](const std::vector<Tensor>& in) { return swiglu(in[0], in[1]); },
+                   {rng.normal({3, 7}, DType::f64), rng.normal({3, 7}, DType::f64, 0, 3)});
+}
+
+TEST(Fused, GatedResidualMatchesDefinitionAndGradients) {
+  Rng rng(4);
+  const Tensor x = rng.normal({2, 3, 5}, DType::f64), y = rng.normal({2, 3, 5}, DType::f64);
+  for (const Shape& gate_shape : {Shape{2, 1, 5}, Shape{5}}) {
+    const Tensor gate = rng.normal(gate_shape, DType::f64);
+    EXPECT_LT(max_abs_diff(gated_residual(x, gate, y), reference_gated_residual(x, gate, y)),
+              1e-14);
+    expect_gradcheck([](const std::vector<Tensor>& in) {
+      return gated_residual(in[0], in[1], in[2]);
+    }, {x, gate, y});
+  }
+}
+
+TEST(Fused, RopeMatchesDefinitionAndGradients) {
+  Rng rng(5);
+  const nn::RopeTables t = nn::rope_tables(4, 6, DType::f64);
+  const Tensor x = rng.normal({2, 4, 3, 6}, DType::f64);
+  EXPECT_LT(max_abs_diff(rope(x, t.cos, t.sin), reference_rope(x, t.cos, t.sin)), 1e-14);
+  expect_gradcheck([t](const std::vector<Tensor>& in) { return rope(in[0], t.cos, t.sin); }, {x});
+}
+
+TEST(Fused, Float32AgreesWithTheComposition) {
+  Rng rng(6);
+  const Tensor x = rng.normal({4, 16, 64}), shift = rng.normal({4, 1, 64}),
+               scale = rng.normal({4, 1, 64});
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift, scale),
+                         reference_layer_norm_modulate(x, shift, scale)),
+            1e-5);
+  const Tensor gamma = rng.normal({64});
+  EXPECT_LT(max_abs_diff(rms_norm_fused(x, gamma), reference_rms_norm(x, gamma)), 1e-5);
+  EXPECT_LT(max_abs_diff(swiglu(x, shift * x), reference_swiglu(x, shift * x)), 1e-5);
+}
+
+// Big enough for the kernels' parallel paths: two threads give what one gives, bit for bit.
+TEST(Fused, ThreadCountDoesNotChangeResults) {
+  Rng rng(7);
+  const Tensor x = rng.normal({16, 64, 256}), shift = rng.normal({16, 1, 256}),
+               scale = rng.normal({16, 1, 256}), gamma = rng.normal({256});
+  auto run = [&] {
+    Tape tape;
+    tape.watch(x), tape.watch(shift), tape.watch(scale), tape.watch(gamma);
+    const Tensor y = gated_residual(x, scale, swiglu(layer_norm_modulate(x, shift, scale),
+                                                     rms_norm_fused(x, gamma)));
+    std::vector<Tensor> out = tape.gradient(sum(y), {x, shift, scale, gamma});
+    out.push_back(y);
+    return out;
+  };
+  const int threads = num_threads();
+  set_num_threads(1);
+  const std::vector<Tensor> one = run();
+  set_num_threads(2);
+  const std::vector<Tensor> two = run();
+  set_num_threads(threads);
+  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0) << i;
+}
+
+TEST(Fused, BadShapesAreErrors) {
+  Rng rng(8);
+  const Tensor x = rng.normal({2, 3, 4});
+  EXPECT_THROW(
+      {
+        try {
+          layer_norm_modulate(x, rng.normal({3, 1, 4}), rng.normal({2, 1, 4}));
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("shift has shape (3,1,4)"), std::string::npos)
+              << e.what();
+          throw;
+        }
+      },
+      Error);
+  EXPECT_THROW(rms_norm_fused(x, rng.normal({3})), Error);
+  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 5})), Error);
+  EXPECT_THROW(gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4})), Error);
+  EXPECT_THROW(rope(x, rng.normal({3, 4}), rng.normal({3, 4})), Error);
+  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 4}, DType::f64)), Error);
+}
+
+}  // namespace
+}  // namespace mmdit
