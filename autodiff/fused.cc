@@ -232,7 +232,58 @@ void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int
   });
 }
 
+// ---- linear ----
+
+template <class T>
+void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
+  parallel_for(rows, out, [&](int64_t r) {
+    for (int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
+  });
+}
+
 }  // namespace
+
+Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  const char* op = "linear";
+  check_floats(op, {x, weight});
+  MMDIT_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.shape().back() == weight.shape()[1], op,
+              ": input ", shape_str(x.shape()), " does not end in the weight's in-features ",
+              weight.dim() == 2 ? weight.shape()[1] : -1, " (weight ", shape_str(weight.shape()),
+              ")");
+  const int64_t in = weight.shape()[1], out = weight.shape()[0];
+  MMDIT_CHECK(!bias.defined() || (bias.dtype() == x.dtype() && bias.shape() == Shape({out})), op,
+              ": bias has shape ", bias.defined() ? shape_str(bias.shape()) : "", " and dtype ",
+              bias.defined() ? dtype_name(bias.dtype()) : "", "; expected (", out, ",) ",
+              dtype_name(x.dtype()));
+  // (..., in) as rows: a view when x is contiguous.
+  const Tensor x2 = raw::reshape(x, {-1, in});
+  Tensor y = raw::matmul(x2, raw::transpose(weight, 0, 1));
+  if (bias.defined()) {
+    const Tensor b = raw::contiguous(bias);
+    by_dtype(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      add_bias_rows(y.data<T>(), b.data<T>(), y.shape()[0], out);
+    });
+  }
+  Shape out_shape = x.shape();
+  out_shape.back() = out;
+  y = raw::reshape(y, out_shape);
+  std::vector<Tensor> inputs = {x, weight};
+  if (bias.defined()) inputs.push_back(bias);
+  const Tensor saved[] = {x2, weight};
+  return record(op, y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [in, out](Backward& ctx) {
+    const Tensor &x2 = ctx.saved[0], &weight = ctx.saved[1];
+    const Tensor dy = raw::reshape(ctx.grad, {-1, out});
+    ctx.input(0, [&] {
+      Shape shape = ctx.grad.shape();
+      shape.back() = in;
+      return raw::reshape(raw::matmul(dy, weight), shape);
+    });
+    ctx.input(1, [&] { return raw::matmul(raw::transpose(dy, 0, 1), x2); });
+    if (ctx.input_grads().size() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
+  });
+}
 
 Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_in, const Tensor& scale_in,
                            double eps) {

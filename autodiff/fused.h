@@ -12,6 +12,11 @@
 
 namespace mmdit {
 
+// x W^T + b over the last axis, as matmul(x, transpose(W)) + b; W: (out, in), b: (out,) or
+// undefined. One node: the bias is added in the product's output, and its gradient is the column
+// sums of the output's gradient.
+Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+
 // layer_norm(x) * (1 + scale) + shift, the normalisation over the last axis without affine and
 // with the biased variance. x: (..., S, D); shift, scale: broadcastable to (..., 1, D).
 Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale,

@@ -6,12 +6,7 @@
 namespace mmdit::nn {
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  MMDIT_CHECK(x.dim() >= 1 && x.shape().back() == weight.shape()[1], "linear: input ",
-              shape_str(x.shape()), " does not end in the weight's in-features ", weight.shape()[1],
-              " (weight ", shape_str(weight.shape()), ")");
-  Tensor y = x.dim() == 1 ? squeeze(matmul(unsqueeze(x, 0), transpose(weight, 0, 1)), 0)
-                          : matmul(x, transpose(weight, 0, 1));
-  return bias.defined() ? y + bias : y;
+  return linear_fused(x, weight, bias);  // matmul(x, transpose(weight, 0, 1)) + bias
 }
 
 Tensor layer_norm(const Tensor& x, double eps) {

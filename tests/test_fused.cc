@@ -44,6 +44,29 @@ void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f
   EXPECT_GT(r.checked, 0);
 }
 
+TEST(Fused, LinearMatchesDefinitionAndGradients) {
+  Rng rng(9);
+  const Tensor w = rng.normal({5, 4}, DType::f64), b = rng.normal({5}, DType::f64);
+  for (const Shape& x_shape : {Shape{4}, Shape{3, 4}, Shape{2, 3, 4}}) {
+    const Tensor x = rng.normal(x_shape, DType::f64);
+    const Tensor expected = x.dim() == 1
+                                ? squeeze(matmul(unsqueeze(x, 0), transpose(w, 0, 1)), 0) + b
+                                : matmul(x, transpose(w, 0, 1)) + b;
+    EXPECT_LT(max_abs_diff(linear_fused(x, w, b), expected), 1e-13);
+    expect_gradcheck([](const std::vector<Tensor>& in) {
+      return linear_fused(in[0], in[1], in[2]);
+    }, {x, w, b});
+    expect_gradcheck([](const std::vector<Tensor>& in) { return linear_fused(in[0], in[1]); },
+                     {x, w});
+  }
+  // A transposed (non-contiguous) input and a row block of a weight, as JointAttention uses.
+  const Tensor xt = transpose(rng.normal({4, 3}, DType::f64), 0, 1);
+  const Tensor w_block = narrow(rng.normal({10, 4}, DType::f64), 0, 5, 5);
+  EXPECT_LT(max_abs_diff(linear_fused(xt, w_block), matmul(xt, transpose(w_block, 0, 1))), 1e-13);
+  EXPECT_THROW(linear_fused(rng.normal({3, 5}), rng.normal({5, 4})), Error);
+  EXPECT_THROW(linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4})), Error);
+}
+
 TEST(Fused, LayerNormModulateMatchesDefinitionAndGradients) {
   Rng rng(1);
   for (const Shape& mod_shape : {Shape{3, 1, 6}, Shape{6}, Shape{1, 6}}) {
