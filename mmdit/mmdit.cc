@@ -47,19 +47,35 @@ std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& 
           (!batched || c.shape()[0] == x[0].shape()[0]),
       "MMDiTBlock: conditioning has shape ", shape_str(c.shape()), "; expected ",
       batched ? str_cat("(", x[0].shape()[0], ",", dim_cond, ")") : str_cat("(", dim_cond, ",)"));
-  const size_t M = x.size();
+  return forward(std::move(x), condition(c), mask);
+}
+
+BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
+  const size_t M = dim_modalities.size();
+  BlockConditioning cond;
   // Gates (..., 1, D_m): attention gates for every modality, then feed-forward gates.
   std::vector<int64_t> sizes(dim_modalities);
   sizes.insert(sizes.end(), dim_modalities.begin(), dim_modalities.end());
   const std::vector<Tensor> gates = split(unsqueeze(to_cond(silu(c)), -2), sizes, -1);
+  cond.attn_gates.assign(gates.begin(), gates.begin() + M);
+  cond.ff_gates.assign(gates.begin() + M, gates.end());
+  for (size_t m = 0; m < M; ++m) {
+    cond.attn.push_back(attn_layernorms[m].modulation(c));
+    cond.ff.push_back(ff_layernorms[m].modulation(c));
+  }
+  return cond;
+}
 
+std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockConditioning& cond,
+                                        const Tensor& mask) const {
+  const size_t M = x.size();
   std::vector<Tensor> h(M);
-  for (size_t m = 0; m < M; ++m) h[m] = attn_layernorms[m](x[m], c);
+  for (size_t m = 0; m < M; ++m) h[m] = nn::modulate(x[m], cond.attn[m]);
   const std::vector<Tensor> a = joint_attn(h, mask);
   for (size_t m = 0; m < M; ++m) {
-    const Tensor &attn_gate = gates[m], &ff_gate = gates[M + m];
-    x[m] = gated_residual(x[m], attn_gate, a[m]);  // x + attn_gate * a
-    x[m] = gated_residual(x[m], ff_gate, feedforwards[m](ff_layernorms[m](x[m], c)));
+    x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
+    const Tensor ff = feedforwards[m](nn::modulate(x[m], cond.ff[m]));
+    x[m] = gated_residual(x[m], cond.ff_gates[m], ff);  // x + ff_gate * ff
   }
   return x;
 }
@@ -114,6 +130,43 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
   for (size_t m = 0; m < x.size(); ++m) {
     NameScope scope(str_cat("final_layers.", m));
     outs.push_back(final_layers[m](x[m], c));
+  }
+  return outs;
+}
+
+MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
+  MMDIT_CHECK(!timesteps.empty() && timesteps[0].dim() == 1, "MMDiT::condition: timesteps must "
+              "be batched, (B,) each; got ", timesteps.empty() ? std::string("none")
+                                                                : shape_str(timesteps[0].shape()));
+  const Tensor c = conditioning(timesteps, true, timesteps[0].shape()[0]);
+  MMDiTConditioning cond;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    NameScope scope(str_cat("blocks.", i));
+    cond.blocks.push_back(blocks[i].condition(c));
+  }
+  for (size_t m = 0; m < final_layers.size(); ++m) {
+    NameScope scope(str_cat("final_layers.", m));
+    cond.final_layers.push_back(
+        nn::modulation_from(final_layers[m].adaLN_modulation, c, final_layers[m].dim_in));
+  }
+  return cond;
+}
+
+std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
+                                   const Tensor& mask) const {
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
+  MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
+  MMDIT_CHECK(cond.blocks.size() == blocks.size(), "MMDiT::forward: conditioning for ",
+              cond.blocks.size(), " blocks, the model has ", blocks.size());
+  std::vector<Tensor> x = xs;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    NameScope scope(str_cat("blocks.", i));
+    x = blocks[i].forward(std::move(x), cond.blocks[i], mask);
+  }
+  std::vector<Tensor> outs;
+  for (size_t m = 0; m < x.size(); ++m) {
+    NameScope scope(str_cat("final_layers.", m));
+    outs.push_back(final_layers[m].linear_out(nn::modulate(x[m], cond.final_layers[m])));
   }
   return outs;
 }

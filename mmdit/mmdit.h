@@ -18,6 +18,13 @@ class ModulatedFinalLayer : public nn::Module {
   nn::Linear adaLN_modulation, linear_out;
 };
 
+// What a block takes from the conditioning vector c: per modality, the shift and scale of both
+// adaptive LayerNorms and the two residual gates, each (..., 1, D_m).
+struct BlockConditioning {
+  std::vector<nn::Modulation> attn, ff;
+  std::vector<Tensor> attn_gates, ff_gates;
+};
+
 class MMDiTBlock : public nn::Module {
  public:
   MMDiTBlock(std::vector<int64_t> dim_modalities, int64_t dim_cond, int64_t dim_head, int64_t heads,
@@ -25,6 +32,10 @@ class MMDiTBlock : public nn::Module {
   // xs[m]: (S_m, D_m) or (B, S_m, D_m); c: (dim_cond,) or (B, dim_cond).
   std::vector<Tensor> operator()(std::vector<Tensor> xs, const Tensor& c,
                                  const Tensor& mask = Tensor()) const;
+  BlockConditioning condition(const Tensor& c) const;
+  // The block given its conditioning, which may have batch 1 for a batch of tokens.
+  std::vector<Tensor> forward(std::vector<Tensor> xs, const BlockConditioning& cond,
+                              const Tensor& mask = Tensor()) const;
 
   std::vector<int64_t> dim_modalities;
   nn::ModuleList<nn::AdaptiveLayerNorm> attn_layernorms, ff_layernorms;
@@ -44,6 +55,13 @@ struct MMDiTConfig {
   int64_t ff_mult = 4;
 };
 
+// Everything MMDiT derives from its timesteps: it depends on them alone, so a sampler computes
+// it once per step for the whole batch, and with frozen weights once per schedule.
+struct MMDiTConditioning {
+  std::vector<BlockConditioning> blocks;
+  std::vector<nn::Modulation> final_layers;
+};
+
 class MMDiT : public nn::Module {
  public:
   MMDiT(const MMDiTConfig& config, Rng& rng);
@@ -53,6 +71,11 @@ class MMDiT : public nn::Module {
                                  const Tensor& mask = Tensor()) const;
   // c = sum over conditioning variables of timestep_embeds.c(t_c).
   Tensor conditioning(const std::vector<Tensor>& timesteps, bool batched, int64_t batch) const;
+  // The blocks' and final layers' modulations for batched timesteps (B,) each; B may be 1 for
+  // any batch of tokens.
+  MMDiTConditioning condition(const std::vector<Tensor>& timesteps) const;
+  std::vector<Tensor> forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
+                              const Tensor& mask = Tensor()) const;
 
   MMDiTConfig config;
   nn::ModuleList<nn::TimestepEmbedding> timestep_embeds;

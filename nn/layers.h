@@ -54,6 +54,9 @@ class AdaptiveLayerNorm : public Module {
  public:
   AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng);
   Tensor operator()(const Tensor& x, const Tensor& cond) const;
+  Modulation modulation(const Tensor& cond) const {
+    return modulation_from(to_modulation, cond, dim);
+  }
   int64_t dim;
   Linear to_modulation;
 };

@@ -241,6 +241,21 @@ Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Ten
   return mmdit({obs_tokens, act}, {t}, mask_)[1];
 }
 
+Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
+                          const MMDiTConditioning& time) const {
+  MMDIT_CHECK(
+      x_t.dim() == 3 && x_t.shape()[1] == config.horizon && x_t.shape()[2] == config.act_dim,
+      "policy: actions have shape ", shape_str(x_t.shape()), "; expected (B,", config.horizon, ",",
+      config.act_dim, ")");
+  Tensor act;
+  {
+    NameScope scope("action_encoder");
+    act = action_encoder(x_t) + action_pos_embed;
+  }
+  NameScope scope("mmdit");
+  return mmdit.forward({obs_tokens, act}, time, mask_)[1];
+}
+
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                           const Tensor& action_is_pad, const FlowNoise& noise) {
   const Tensor t = reshape(noise.t, {-1, 1, 1});
@@ -271,14 +286,25 @@ Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
 
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t) {
+  return EulerSampler(policy, steps, max_t)(state, a0);
+}
+
+EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t)
+    : policy_(policy), max_t_(max_t) {
   MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
-  const Tensor obs = policy.encode_observations(state);
-  const int64_t batch = a0.shape()[0];
+  const DType dtype = policy.action_encoder.weight.dtype();
+  // One timestep for the whole batch: every example is at the same t_k.
+  for (int64_t k = 0; k < steps; ++k)
+    schedule_.push_back(policy.mmdit.condition({full({1}, k * max_t / steps, dtype)}));
+}
+
+Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
+  const int64_t steps = this->steps();
+  const Tensor obs = policy_.encode_observations(state);
   Tensor a = a0;
   for (int64_t k = 0; k < steps; ++k) {
-    const double t_k = k * max_t / steps, t_next = (k + 1) * max_t / steps;
-    const Tensor t = full({batch}, t_k, a.dtype());
-    a = raw::add(a, raw::mul_scalar(policy.velocity(obs, a, t), t_next - t_k));
+    const double t_k = k * max_t_ / steps, t_next = (k + 1) * max_t_ / steps;
+    a = raw::add(a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), t_next - t_k));
   }
   return a;
 }

@@ -53,6 +53,9 @@ class BCPolicy : public nn::Module {
   // The velocity v(x_t, t) (B, horizon, act_dim) given the observation tokens, x_t (B, horizon,
   // act_dim) and t (B,).
   Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const;
+  // The same, with the time conditioning already computed (mmdit.condition({t})).
+  Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t,
+                  const MMDiTConditioning& time) const;
   // (n_obs + horizon)^2: observation rows see everything; action rows see every observation
   // and the actions at or before their own position.
   const Tensor& attention_mask() const { return mask_; }
@@ -89,5 +92,21 @@ Tensor regress_actions(const BCPolicy& policy, const Tensor& state);
 // tokens are computed once. Returns normalised actions (B, horizon, act_dim).
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t = 1.0);
+
+// sample_actions for a policy whose weights no longer change (deployment): the time
+// conditioning of every step of the schedule (timestep embedding, every adaLN modulation and
+// gate) is the same for all calls and all examples, so it is computed once, here. Each call then
+// runs only the token path. Keeps a reference to the policy.
+class EulerSampler {
+ public:
+  EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0);
+  Tensor operator()(const Tensor& state, const Tensor& a0) const;
+  int64_t steps() const { return static_cast<int64_t>(schedule_.size()); }
+
+ private:
+  const BCPolicy& policy_;
+  double max_t_;
+  std::vector<MMDiTConditioning> schedule_;
+};
 
 }  // namespace mmdit
