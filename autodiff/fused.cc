@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "autodiff/ops.h"
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
 #include "tensor/simd.h"
@@ -56,20 +57,21 @@ Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* n
 
 // ---- layer_norm_modulate ----
 
+// ss holds [shift | scale] per group: (G, 2D).
 template <class T>
-void layer_norm_modulate_forward(const T* x, const T* shift, const T* scale, T* y, T* xhat,
-                                 T* rstd, const Groups& g, double eps) {
+void layer_norm_modulate_forward(const T* x, const T* ss, T* y, T* xhat, T* rstd, const Groups& g,
+                                 double eps) {
   const int64_t D = g.dim, S = g.rows_per_group;
   parallel_for(g.groups * S, 8 * D, [&](int64_t r) {
     const T* xr = x + r * D;
-    const T* sh = shift + (r / S) * D;
-    const T* sc = scale + (r / S) * D;
+    const T* sh = ss + (r / S) * 2 * D;
+    const T* sc = sh + D;
     double sum = 0;
     for (int64_t i = 0; i < D; ++i) sum += xr[i];
     const T mean = static_cast<T>(sum / D);
-    double ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i] - mean) * (xr[i] - mean);
-    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(ss / D) + eps));
+    double sq = 0;
+    for (int64_t i = 0; i < D; ++i) sq += static_cast<double>(xr[i] - mean) * (xr[i] - mean);
+    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(sq / D) + eps));
     rstd[r] = inv;
     T* xh = xhat + r * D;
     T* yr = y + r * D;
@@ -81,15 +83,16 @@ void layer_norm_modulate_forward(const T* x, const T* shift, const T* scale, T* 
 }
 
 // dx = rstd (gx - mean(gx) - xhat mean(gx xhat)), gx = dy (1 + scale); dscale = sum_S dy xhat;
-// dshift = sum_S dy. One task per group, so the sums over its rows need no merging.
+// dshift = sum_S dy, into dss laid out like ss. One task per group, so the sums over its rows
+// need no merging.
 template <class T>
-void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, const T* scale,
-                                  T* dx, T* dshift, T* dscale, const Groups& g) {
+void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, const T* ss, T* dx,
+                                  T* dss, const Groups& g) {
   const int64_t D = g.dim, S = g.rows_per_group;
   parallel_for(g.groups, 12 * S * D, [&](int64_t grp) {
-    const T* sc = scale + grp * D;
-    T* dsh = dshift + grp * D;
-    T* dsc = dscale + grp * D;
+    const T* sc = ss + grp * 2 * D + D;
+    T* dsh = dss + grp * 2 * D;
+    T* dsc = dsh + D;
     for (int64_t i = 0; i < D; ++i) dsh[i] = dsc[i] = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t r = grp * S + s;
@@ -285,35 +288,41 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   });
 }
 
-Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_in, const Tensor& scale_in,
-                           double eps) {
+Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {
   const char* op = "layer_norm_modulate";
-  check_floats(op, {x_in, shift_in, scale_in});
-  const Groups g = groups_of(x_in, op);
+  check_floats(op, {x_in, shift_scale_in});
+  Groups g = groups_of(x_in, op);
+  g.param_shape.back() = 2 * g.dim;
   const Tensor x = raw::contiguous(x_in);
-  const Tensor shift = per_group(shift_in, g, op, "shift");
-  const Tensor scale = per_group(scale_in, g, op, "scale");
+  const Tensor ss = per_group(shift_scale_in, g, op, "shift_scale");
   Tensor y = empty(x.shape(), x.dtype()), xhat = empty(x.shape(), x.dtype());
   Tensor rstd = empty({g.groups * g.rows_per_group}, x.dtype());
   by_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    layer_norm_modulate_forward(x.data<T>(), shift.data<T>(), scale.data<T>(), y.data<T>(),
-                                xhat.data<T>(), rstd.data<T>(), g, eps);
+    layer_norm_modulate_forward(x.data<T>(), ss.data<T>(), y.data<T>(), xhat.data<T>(),
+                                rstd.data<T>(), g, eps);
   });
-  return record(op, y, {x_in, shift_in, scale_in}, {xhat, rstd, scale}, [g](Backward& ctx) {
-    const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &scale = ctx.saved[2];
+  return record(op, y, {x_in, shift_scale_in}, {xhat, rstd, ss}, [g](Backward& ctx) {
+    const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &ss = ctx.saved[2];
     const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor dx = empty(xhat.shape(), xhat.dtype());
-    Tensor dshift = empty(g.param_shape, xhat.dtype()), dscale = empty(g.param_shape, xhat.dtype());
+    Tensor dx = empty(xhat.shape(), xhat.dtype()), dss = empty(g.param_shape, xhat.dtype());
     by_dtype(xhat.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), scale.data<T>(),
-                                   dx.data<T>(), dshift.data<T>(), dscale.data<T>(), g);
+      layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), ss.data<T>(),
+                                   dx.data<T>(), dss.data<T>(), g);
     });
     ctx.input(0, [&] { return dx; });
-    ctx.input(1, [&] { return dshift; });
-    ctx.input(2, [&] { return dscale; });
+    ctx.input(1, [&] { return dss; });
   });
+}
+
+Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps) {
+  const char* op = "layer_norm_modulate";
+  check_floats(op, {x, shift, scale});
+  const Groups g = groups_of(x, op);
+  per_group(shift, g, op, "shift"), per_group(scale, g, op, "scale");  // errors that name them
+  return layer_norm_modulate(x, concat({broadcast_to(shift, g.param_shape),
+                                        broadcast_to(scale, g.param_shape)}, -1), eps);
 }
 
 Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {

@@ -21,6 +21,9 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias = 
 // with the biased variance. x: (..., S, D); shift, scale: broadcastable to (..., 1, D).
 Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale,
                            double eps = 1e-5);
+// The same with shift and scale packed as the modulation linear gives them: shift_scale
+// broadcastable to (..., 1, 2D), shift first.
+Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift_scale, double eps = 1e-5);
 
 // x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma; gamma: (D,).
 Tensor rms_norm_fused(const Tensor& x, const Tensor& gamma, double eps = 1e-6);

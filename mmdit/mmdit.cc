@@ -14,7 +14,7 @@ ModulatedFinalLayer::ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_
 }
 
 Tensor ModulatedFinalLayer::operator()(const Tensor& x, const Tensor& c) const {
-  return linear_out(nn::modulate(x, nn::modulation_from(adaLN_modulation, c, dim_in)));
+  return linear_out(nn::modulate(x, nn::modulation_from(adaLN_modulation, silu(c))));
 }
 
 MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head, int64_t heads,
@@ -56,12 +56,13 @@ BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
   // Gates (..., 1, D_m): attention gates for every modality, then feed-forward gates.
   std::vector<int64_t> sizes(dim_modalities);
   sizes.insert(sizes.end(), dim_modalities.begin(), dim_modalities.end());
-  const std::vector<Tensor> gates = split(unsqueeze(to_cond(silu(c)), -2), sizes, -1);
+  const Tensor silu_c = silu(c);
+  const std::vector<Tensor> gates = split(unsqueeze(to_cond(silu_c), -2), sizes, -1);
   cond.attn_gates.assign(gates.begin(), gates.begin() + M);
   cond.ff_gates.assign(gates.begin() + M, gates.end());
   for (size_t m = 0; m < M; ++m) {
-    cond.attn.push_back(attn_layernorms[m].modulation(c));
-    cond.ff.push_back(ff_layernorms[m].modulation(c));
+    cond.attn.push_back(attn_layernorms[m].modulation(silu_c));
+    cond.ff.push_back(ff_layernorms[m].modulation(silu_c));
   }
   return cond;
 }
@@ -146,8 +147,7 @@ MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
   }
   for (size_t m = 0; m < final_layers.size(); ++m) {
     NameScope scope(str_cat("final_layers.", m));
-    cond.final_layers.push_back(
-        nn::modulation_from(final_layers[m].adaLN_modulation, c, final_layers[m].dim_in));
+    cond.final_layers.push_back(nn::modulation_from(final_layers[m].adaLN_modulation, silu(c)));
   }
   return cond;
 }

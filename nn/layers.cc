@@ -34,13 +34,12 @@ Tensor TimestepEmbedding::operator()(const Tensor& t) const {
   return linear2(silu(linear1(timestep_embedding(t, dim_embed))));
 }
 
-Modulation modulation_from(const Linear& to_modulation, const Tensor& cond, int64_t dim) {
-  const Tensor m = unsqueeze(to_modulation(silu(cond)), -2);
-  return {narrow(m, -1, 0, dim), narrow(m, -1, dim, dim)};
+Modulation modulation_from(const Linear& to_modulation, const Tensor& silu_cond) {
+  return {unsqueeze(to_modulation(silu_cond), -2)};
 }
 
 Tensor modulate(const Tensor& x, const Modulation& m) {
-  return layer_norm_modulate(x, m.shift, m.scale);  // layer_norm(x) * (1 + scale) + shift
+  return layer_norm_modulate(x, m.shift_scale);  // layer_norm(x) * (1 + scale) + shift
 }
 
 AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
@@ -49,7 +48,7 @@ AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
 }
 
 Tensor AdaptiveLayerNorm::operator()(const Tensor& x, const Tensor& cond) const {
-  return modulate(x, modulation_from(to_modulation, cond, dim));
+  return modulate(x, modulation_from(to_modulation, silu(cond)));
 }
 
 FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)

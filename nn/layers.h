@@ -40,12 +40,14 @@ class TimestepEmbedding : public Module {
   Linear linear1, linear2;
 };
 
-// Shift and scale for tokens (..., S, D) from a conditioning vector (..., dim_cond): splits
-// m = modulation(silu(cond)) into shift = m[:D], scale = m[D:], each (..., 1, D).
+// Shift and scale for tokens (..., S, D), packed as the modulation linear makes them:
+// shift_scale = to_modulation(silu(cond)) with a token axis, (..., 1, 2D), shift = [:D] and
+// scale = [D:].
 struct Modulation {
-  Tensor shift, scale;
+  Tensor shift_scale;
 };
-Modulation modulation_from(const Linear& to_modulation, const Tensor& cond, int64_t dim);
+// From silu(cond), which a block computes once for all its modulations.
+Modulation modulation_from(const Linear& to_modulation, const Tensor& silu_cond);
 // LayerNorm(x) * (1 + scale) + shift
 Tensor modulate(const Tensor& x, const Modulation& m);
 
@@ -54,8 +56,8 @@ class AdaptiveLayerNorm : public Module {
  public:
   AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng);
   Tensor operator()(const Tensor& x, const Tensor& cond) const;
-  Modulation modulation(const Tensor& cond) const {
-    return modulation_from(to_modulation, cond, dim);
+  Modulation modulation(const Tensor& silu_cond) const {
+    return modulation_from(to_modulation, silu_cond);
   }
   int64_t dim;
   Linear to_modulation;

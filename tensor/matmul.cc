@@ -4,11 +4,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <optional>
 
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
+#include "tensor/simd.h"
 
 namespace mmdit::raw {
 namespace {
@@ -50,9 +52,30 @@ void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double
 // single-threaded gemm (OpenBLAS runs single-threaded inside a parallel region). OpenBLAS's own
 // threading synchronises its threads with sched_yield spin loops; on these VMs that cost 4x on
 // the thin products of a policy (18 rows): splitting ourselves keeps one fork-join per product.
+// Up to this many rows, x W^T runs on our kernel (simd::gemm_nt) instead of OpenBLAS.
+int64_t skinny_rows() {
+  static const int64_t rows = std::getenv("SKINNY") ? std::atoi(std::getenv("SKINNY")) : 16;
+  return rows;
+}
+
+bool gemm_skinny(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (ta || !tb || m > skinny_rows()) return false;
+  const int64_t block = 64;
+  parallel_for((n + block - 1) / block, 2 * m * block * k, [&](int64_t i) {
+    simd::gemm_nt(a, lda, b, ldb, c, ldc, m, i * block, std::min(n, (i + 1) * block), k);
+  });
+  return true;
+}
+bool gemm_skinny(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*,
+                 int64_t, double*, int64_t) {
+  return false;
+}
+
 template <class T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
           const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if (gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
   const int threads = omp_get_level() > 0 ? 1 : num_threads();
   const int64_t work = m * n * k;
   if (threads == 1 || work < 64 * 64 * 64) {

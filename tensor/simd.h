@@ -42,6 +42,11 @@ void softmax(const double* x, double* out, int64_t n);
 void log_softmax(const float* x, float* out, int64_t n);
 void log_softmax(const double* x, double* out, int64_t n);
 
+// y[i * ldy + j] = sum_k x[i * ldx + k] * w[j * ldw + k] for i < m, j in [n_begin, n_end): a
+// product x W^T with few rows, W read once without packing (simd_gemm.cc).
+void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
+             int64_t m, int64_t n_begin, int64_t n_end, int64_t k);
+
 // out[i] += x[i] * scale
 void axpy(float scale, const float* x, float* out, int64_t n);
 void axpy(double scale, const double* x, double* out, int64_t n);
