@@ -76,13 +76,32 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   const std::vector<Node>& nodes = tape.nodes();
   const std::map<int64_t, Shape> leaves = leaves_of(tape);
 
+  std::map<int64_t, std::string> names;
+  for (const auto& [name, t] : leaf_names)
+    if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
+  // Named leaves (parameters) appear by name where they are used, without the dotted prefix
+  // they share with the node's scope: blocks.0.to_cond.weight in scope blocks.0 is to_cond.weight.
+  auto value = [&](int64_t slot, const std::string& scope) {
+    const auto found = names.find(slot);
+    if (found == names.end()) return value_name(slot);
+    const std::string& name = found->second;
+    size_t common = 0;
+    for (size_t i = 0; i < name.size() && i < scope.size() && name[i] == scope[i]; ++i)
+      if (name[i] == '.') common = i + 1;
+    if (name.size() > scope.size() && name.compare(0, scope.size(), scope) == 0 &&
+        name[scope.size()] == '.')
+      common = scope.size() + 1;
+    return name.substr(common);
+  };
+
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"#", "op", "output", "inputs", "saved", "scope"});
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
     std::string inputs;
     for (size_t i = 0; i < n.inputs.size(); ++i)
-      inputs += str_cat(i ? ", " : "", value_name(n.inputs[i]), " ", shape_str(n.input_shapes[i]));
+      inputs += str_cat(i ? ", " : "", value(n.inputs[i], n.scope), " ",
+                        shape_str(n.input_shapes[i]));
     rows.push_back(
         {std::to_string(k), n.op,
          str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
@@ -95,23 +114,15 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   std::string out = str_cat("tape: ", nodes.size(), " nodes, ", tape.num_values(), " values, ",
                             format_bytes(tape.saved_bytes()), " saved for backward");
   if (backward_has_run(tape)) out += " (gradient() has run and released them)";
-  std::map<int64_t, std::string> names;
-  for (const auto& [name, t] : leaf_names)
-    if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
   out += "\nleaves:";
-  // Named leaves get a line each with the names aligned; unnamed ones share wrapped lines.
-  size_t named_width = 0;
-  for (const auto& [slot, shape] : leaves)
-    if (names.count(slot))
-      named_width = std::max(named_width, str_cat("%", slot, " ", shape_str(shape)).size());
-  size_t line_length = 7;
+  // Unnamed leaves are listed, wrapped; named ones are only counted.
+  size_t line_length = 7, named = 0;
   for (const auto& [slot, shape] : leaves) {
-    const std::string item = str_cat("%", slot, " ", shape_str(shape));
-    const auto name = names.find(slot);
-    if (name != names.end()) {
-      out += str_cat("\n  ", pad(item, named_width), "  ", name->second);
+    if (names.count(slot)) {
+      ++named;
       continue;
     }
+    const std::string item = str_cat("%", slot, " ", shape_str(shape));
     if (line_length + item.size() + 1 > 100) {
       out += "\n       ";
       line_length = 7;
@@ -119,6 +130,9 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
     out += " " + item;
     line_length += item.size() + 1;
   }
+  if (named > 0)
+    out += str_cat(line_length > 7 ? ";" : "", " ", named, named == 1 ? " parameter" : " parameters",
+                   ", shown by name (relative to the node's scope)");
   if (leaves.empty()) out += " none";
   out += "\n";
   for (const auto& row : rows) {
@@ -156,9 +170,17 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   out +=
       str_cat("totals: ", nodes.size(), " nodes, ", tape.num_values(), " values (", leaves.size(),
               " leaves), ", format_bytes(tape.saved_bytes()), " saved for backward\n");
-  for (const auto& [op, t] : ops)
-    out += str_cat("  ", pad(op, op_width), "  ", pad_left(std::to_string(t.count), count_width),
-                   " x  ", format_bytes(t.saved), "\n");
+  // Several per line: a model has a few dozen op types.
+  std::string line;
+  for (const auto& [op, t] : ops) {
+    const std::string item = str_cat(op, " ", t.count, " x ", format_bytes(t.saved));
+    if (!line.empty() && line.size() + item.size() + 2 > 100) {
+      out += line + "\n";
+      line.clear();
+    }
+    line += line.empty() ? "  " + item : ", " + item;
+  }
+  if (!line.empty()) out += line + "\n";
   return out;
 }
 

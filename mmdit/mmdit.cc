@@ -61,7 +61,11 @@ BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
   cond.attn_gates.assign(gates.begin(), gates.begin() + M);
   cond.ff_gates.assign(gates.begin() + M, gates.end());
   for (size_t m = 0; m < M; ++m) {
-    cond.attn.push_back(attn_layernorms[m].modulation(silu_c));
+    {
+      NameScope scope(str_cat("attn_layernorms.", m));
+      cond.attn.push_back(attn_layernorms[m].modulation(silu_c));
+    }
+    NameScope scope(str_cat("ff_layernorms.", m));
     cond.ff.push_back(ff_layernorms[m].modulation(silu_c));
   }
   return cond;
@@ -72,10 +76,19 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
   const size_t M = x.size();
   std::vector<Tensor> h(M);
   for (size_t m = 0; m < M; ++m) h[m] = nn::modulate(x[m], cond.attn[m]);
-  const std::vector<Tensor> a = joint_attn(h, mask);
+  std::vector<Tensor> a;
+  {
+    NameScope scope("joint_attn");
+    a = joint_attn(h, mask);
+  }
   for (size_t m = 0; m < M; ++m) {
     x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
-    const Tensor ff = feedforwards[m](nn::modulate(x[m], cond.ff[m]));
+    const Tensor h_ff = nn::modulate(x[m], cond.ff[m]);
+    Tensor ff;
+    {
+      NameScope scope(str_cat("feedforwards.", m));
+      ff = feedforwards[m](h_ff);
+    }
     x[m] = gated_residual(x[m], cond.ff_gates[m], ff);  // x + ff_gate * ff
   }
   return x;

@@ -62,18 +62,14 @@ TEST(InspectTape, FormatsEveryNodeAndTheTotals) {
   names.insert("w", g.w);
   const std::string want =
       "tape: 4 nodes, 6 values, 208 B saved for backward\n"
-      "leaves: %0 (2,3)\n"
-      "  %1 (3,4)  w\n"
-      "#  op          output        <- inputs              saved  scope\n"
-      "0  matmul      %2 (2,4) f64  <- %0 (2,3), %1 (3,4)  144 B  layer\n"
-      "1  tanh        %3 (2,4) f64  <- %2 (2,4)             64 B\n"
-      "2  mul_scalar  %4 (2,4) f64  <- %3 (2,4)              0 B\n"
-      "3  sum         %5 () f64     <- %4 (2,4)              0 B\n"
+      "leaves: %0 (2,3); 1 parameter, shown by name (relative to the node's scope)\n"
+      "#  op          output        <- inputs             saved  scope\n"
+      "0  matmul      %2 (2,4) f64  <- %0 (2,3), w (3,4)  144 B  layer\n"
+      "1  tanh        %3 (2,4) f64  <- %2 (2,4)            64 B\n"
+      "2  mul_scalar  %4 (2,4) f64  <- %3 (2,4)             0 B\n"
+      "3  sum         %5 () f64     <- %4 (2,4)             0 B\n"
       "totals: 4 nodes, 6 values (2 leaves), 208 B saved for backward\n"
-      "  matmul      1 x  144 B\n"
-      "  mul_scalar  1 x  0 B\n"
-      "  sum         1 x  0 B\n"
-      "  tanh        1 x  64 B\n";
+      "  matmul 1 x 144 B, mul_scalar 1 x 0 B, sum 1 x 0 B, tanh 1 x 64 B\n";
   EXPECT_EQ(format_tape(g.tape, names), want);
 
   // After backward the saved tensors are gone, and the listing says so.
