@@ -2,6 +2,7 @@
 // records the second. Kernels are plain loops over contiguous rows, parallel across rows.
 #include "autodiff/fused.h"
 
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -244,7 +245,115 @@ void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
   });
 }
 
+// ---- attention ----
+
+struct AttentionShape {
+  int64_t B, T, H, d;
+  int64_t row() const { return H * d; }  // stride between tokens in (B, T, H, d)
+};
+
+// P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
+template <class T>
+void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride,
+                       T* probs, T* out, const AttentionShape& s) {
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
+  const T masked = static_cast<T>(-0.7 * FLT_MAX);
+  const int64_t n = s.T, ld = s.row();
+  parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
+    const int64_t b = bh / s.H, h = bh % s.H;
+    const int64_t offset = b * n * ld + h * s.d;
+    T* p = probs + bh * n * n;
+    raw::gemm(false, true, n, n, s.d, q + offset, ld, k + offset, ld, p, n);
+    const bool* m = mask ? mask + b * mask_stride : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      T* row = p + i * n;
+      for (int64_t j = 0; j < n; ++j) row[j] = !m || m[i * n + j] ? row[j] * scale : masked;
+      simd::softmax(row, row, n);
+    }
+    raw::gemm(false, false, n, s.d, n, p, n, v + offset, ld, out + offset, ld);
+  });
+}
+
+// dP = dO v^T, dv = P^T dO, dS = scale P (dP - rowsum(dP P)) (0 where masked), dq = dS k,
+// dk = dS^T q; per (b, h), on a scratch T x T block.
+template <class T>
+void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs,
+                        const bool* mask, int64_t mask_stride, T* dq, T* dk, T* dv,
+                        const AttentionShape& s) {
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
+  const int64_t n = s.T, ld = s.row();
+  parallel_for(s.B * s.H, 10 * n * n * s.d, [&](int64_t bh) {
+    const int64_t b = bh / s.H, h = bh % s.H;
+    const int64_t offset = b * n * ld + h * s.d;
+    const T* p = probs + bh * n * n;
+    std::vector<T> ds(static_cast<size_t>(n * n));
+    raw::gemm(false, true, n, n, s.d, dout + offset, ld, v + offset, ld, ds.data(), n);
+    raw::gemm(true, false, n, s.d, n, p, n, dout + offset, ld, dv + offset, ld);
+    const bool* m = mask ? mask + b * mask_stride : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      T* row = ds.data() + i * n;
+      const T* pr = p + i * n;
+      T dot = 0;
+      for (int64_t j = 0; j < n; ++j) dot += row[j] * pr[j];
+      for (int64_t j = 0; j < n; ++j)
+        row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
+    }
+    raw::gemm(false, false, n, s.d, n, ds.data(), n, k + offset, ld, dq + offset, ld);
+    raw::gemm(true, false, n, s.d, n, ds.data(), n, q + offset, ld, dk + offset, ld);
+  });
+}
+
 }  // namespace
+
+Tensor attention_fused(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                       const Tensor& mask_in) {
+  const char* op = "attention";
+  check_floats(op, {q_in, k_in, v_in});
+  MMDIT_CHECK(q_in.dim() == 4 && k_in.shape() == q_in.shape() && v_in.shape() == q_in.shape(), op,
+              ": q, k, v have shapes ", shape_str(q_in.shape()), ", ", shape_str(k_in.shape()),
+              ", ", shape_str(v_in.shape()), "; expected one (B, T, H, d) shape");
+  const AttentionShape s{q_in.shape()[0], q_in.shape()[1], q_in.shape()[2], q_in.shape()[3]};
+  Tensor mask;
+  int64_t mask_stride = 0;
+  if (mask_in.defined()) {
+    MMDIT_CHECK(mask_in.dtype() == DType::boolean &&
+                    ((mask_in.dim() == 2 && mask_in.shape() == Shape({s.T, s.T})) ||
+                     (mask_in.dim() == 3 && mask_in.shape() == Shape({s.B, s.T, s.T}))),
+                op, ": mask has shape ", shape_str(mask_in.shape()), " and dtype ",
+                dtype_name(mask_in.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B,
+                ",", s.T, ",", s.T, ")");
+    mask = raw::contiguous(mask_in);
+    mask_stride = mask.dim() == 3 ? s.T * s.T : 0;
+  }
+  const Tensor q = raw::contiguous(q_in), k = raw::contiguous(k_in), v = raw::contiguous(v_in);
+  Tensor out = empty(q.shape(), q.dtype()), probs = empty({s.B, s.H, s.T, s.T}, q.dtype());
+  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
+  by_dtype(q.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    attention_forward(q.data<T>(), k.data<T>(), v.data<T>(), m, mask_stride, probs.data<T>(),
+                      out.data<T>(), s);
+  });
+  const Tensor saved[] = {q, k, v, probs, mask};
+  const Tensor inputs[] = {q_in, k_in, v_in};
+  return record(op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [s, mask_stride](Backward& ctx) {
+                  const Tensor &q = ctx.saved[0], &k = ctx.saved[1], &v = ctx.saved[2];
+                  const Tensor &probs = ctx.saved[3], &mask = ctx.saved[4];
+                  const Tensor dout = raw::contiguous(ctx.grad);
+                  Tensor dq = empty(q.shape(), q.dtype()), dk = empty(q.shape(), q.dtype()),
+                         dv = empty(q.shape(), q.dtype());
+                  by_dtype(q.dtype(), [&](auto tag) {
+                    using T = decltype(tag);
+                    attention_backward(dout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
+                                       probs.data<T>(),
+                                       mask.defined() ? mask.data<bool>() : nullptr, mask_stride,
+                                       dq.data<T>(), dk.data<T>(), dv.data<T>(), s);
+                  });
+                  ctx.input(0, [&] { return dq; });
+                  ctx.input(1, [&] { return dk; });
+                  ctx.input(2, [&] { return dv; });
+                });
+}
 
 Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const char* op = "linear";

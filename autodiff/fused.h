@@ -38,4 +38,11 @@ Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y);
 // x: (B, S, H, d); cos, sin: (S, d) constant tables (no gradient).
 Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
 
+// softmax(q k^T / sqrt(d), masked) v for every head, as nn::attention, but with q, k, v and the
+// result in token-major (B, T, H, d) layout, so that no permuted copies are made. mask: bool
+// (T, T) or (B, T, T), true = may attend, or undefined. Masked logits are -0.7 FLT_MAX, as in the
+// reference (a fully masked row is uniform) and get no gradient. Saves the probabilities
+// (B, H, T, T) for backward.
+Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask);
+
 }  // namespace mmdit

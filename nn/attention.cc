@@ -79,12 +79,10 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
     ks.push_back(rope(k_rmsnorms[m](project(1)), tables.cos, tables.sin));
     vs.push_back(project(2));
   }
-  // One attention over the concatenated sequence: (B, T, H, d) -> (B, H, T, d).
-  auto joined = [](const std::vector<Tensor>& parts) {
-    return permute(concat(parts, 1), {0, 2, 1, 3});
-  };
-  const Tensor out = attention(joined(qs), joined(ks), joined(vs), mask);
-  const Tensor merged = reshape(permute(out, {0, 2, 1, 3}), {batch, total, inner});
+  // One attention over the concatenated sequence, kept token-major (B, T, H, d) throughout:
+  // nn::attention(q, k, v, mask) on the (B, H, T, d) views, without the permuted copies.
+  const Tensor out = attention_fused(concat(qs, 1), concat(ks, 1), concat(vs, 1), mask);
+  const Tensor merged = reshape(out, {batch, total, inner});
 
   std::vector<Tensor> outs;
   const std::vector<Tensor> per_modality = split(merged, lengths, 1);

@@ -183,6 +183,17 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  add_matmul_flops(2 * m * n * k);
+  gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+}
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double* c, int64_t ldc) {
+  add_matmul_flops(2 * m * n * k);
+  gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+}
+
 int64_t matmul_flops() {
   return flops_done.load(std::memory_order_relaxed);
 }

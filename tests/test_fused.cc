@@ -128,6 +128,37 @@ TEST(Fused, RopeMatchesDefinitionAndGradients) {
   expect_gradcheck([t](const std::vector<Tensor>& in) { return rope(in[0], t.cos, t.sin); }, {x});
 }
 
+// nn::attention works on (B, H, T, d); the fused op on (B, T, H, d).
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
+  return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask),
+                 {0, 2, 1, 3});
+}
+
+TEST(Fused, AttentionMatchesDefinitionAndGradients) {
+  Rng rng(10);
+  const int64_t B = 2, T = 5, H = 3, d = 4;
+  // Causal, and row 0 fully masked: it must come out uniform, with no gradient through it.
+  Tensor causal = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j) causal.data<bool>()[i * T + j] = i > 0 && j <= i;
+  Tensor per_example = ones({B, T, T}, DType::boolean);
+  per_example.data<bool>()[T * T + 2] = false;
+  for (const Tensor& mask : {Tensor(), causal, per_example}) {
+    const Tensor q = rng.normal({B, T, H, d}, DType::f64), k = rng.normal({B, T, H, d}, DType::f64),
+                 v = rng.normal({B, T, H, d}, DType::f64);
+    EXPECT_LT(max_abs_diff(attention_fused(q, k, v, mask), reference_attention(q, k, v, mask)),
+              1e-13);
+    expect_gradcheck([mask](const std::vector<Tensor>& in) {
+      return attention_fused(in[0], in[1], in[2], mask);
+    }, {q, k, v});
+  }
+  const Tensor q = rng.normal({B, T, H, d});
+  EXPECT_THROW(attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor()), Error);
+  EXPECT_THROW(attention_fused(q, q, q, ones({T, T + 1}, DType::boolean)), Error);
+  EXPECT_THROW(attention_fused(q, q, q, ones({T, T})), Error);  // a float mask
+}
+
 TEST(Fused, Float32AgreesWithTheComposition) {
   Rng rng(6);
   const Tensor x = rng.normal({4, 16, 64}), shift = rng.normal({4, 1, 64}),
