@@ -276,14 +276,8 @@ std::string format_profile(const Tape& tape) {
     ++r.count;
     r.forward += n.forward_seconds;
     r.backward += n.backward_seconds;
-    if (std::string(n.op) == "matmul" && n.input_shapes.size() == 2 && !n.input_shapes[0].empty()) {
-      int64_t out = 1;
-      for (int64_t d : n.output_shape) out *= d;
-      const double flop =
-          2.0 * static_cast<double>(out) * static_cast<double>(n.input_shapes[0].back());
-      r.gflop_forward += flop * 1e-9;
-      if (n.backward_seconds > 0) r.gflop_backward += 2 * flop * 1e-9;
-    }
+    r.gflop_forward += static_cast<double>(n.forward_flops) * 1e-9;
+    r.gflop_backward += static_cast<double>(n.backward_flops) * 1e-9;
   }
   std::vector<Row> sorted;
   Row total{"total"};
@@ -301,15 +295,17 @@ std::string format_profile(const Tape& tape) {
   sorted.push_back(total);
   std::string out;
   char line[256];
-  std::snprintf(line, sizeof line, "%-14s %6s %11s %11s %7s %9s %9s %9s\n", "op", "count", "fwd ms",
-                "bwd ms", "share", "fwd GFLOP", "bwd GFLOP", "GFLOP/s");
+  int op_width = 14;
+  for (const Row& r : sorted) op_width = std::max(op_width, static_cast<int>(r.op.size()));
+  std::snprintf(line, sizeof line, "%-*s %6s %11s %11s %7s %9s %9s %9s\n", op_width, "op", "count",
+                "fwd ms", "bwd ms", "share", "fwd GFLOP", "bwd GFLOP", "GFLOP/s");
   out += line;
   const double all = std::max(total.forward + total.backward, 1e-12);
   for (const Row& r : sorted) {
     const double t = r.forward + r.backward;
     const double gflop = r.gflop_forward + r.gflop_backward;
     std::snprintf(
-        line, sizeof line, "%-14s %6lld %11.3f %11.3f %6.1f%% %9.3f %9.3f %9s\n", r.op.c_str(),
+        line, sizeof line, "%-*s %6lld %11.3f %11.3f %6.1f%% %9.3f %9.3f %9s\n", op_width, r.op.c_str(),
         static_cast<long long>(r.count), 1e3 * r.forward, 1e3 * r.backward, 100 * t / all,
         r.gflop_forward, r.gflop_backward,
         gflop > 0 && t > 0 ? std::to_string(static_cast<int64_t>(gflop / t)).c_str() : "");

@@ -96,6 +96,9 @@ Tensor Tape::append(Node node, Tensor out) {
     const auto now = std::chrono::steady_clock::now();
     node.forward_seconds = std::chrono::duration<double>(now - last_record_).count();
     last_record_ = now;
+    const int64_t flops = raw::matmul_flops();
+    node.forward_flops = flops - last_flops_;
+    last_flops_ = flops;
   }
   node.output = num_values_++;
   node.output_shape = out.shape();
@@ -109,6 +112,7 @@ Tensor Tape::append(Node node, Tensor out) {
 void Tape::set_profiling(bool on) {
   profiling_ = on;
   last_record_ = std::chrono::steady_clock::now();
+  last_flops_ = raw::matmul_flops();
 }
 
 size_t Tape::saved_bytes() const {
@@ -163,10 +167,13 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
       Backward ctx(node, g, needs);
       const auto started =
           profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
+      const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
       node.backward(ctx);
-      if (profiling_)
+      if (profiling_) {
         node.backward_seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+        node.backward_flops = raw::matmul_flops() - flops_before;
+      }
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         Tensor& gi = ctx.input_grads()[i];
         if (!gi.defined()) continue;

@@ -39,6 +39,8 @@ struct Node {
   // With Tape::set_profiling(true): wall time since the previous node was recorded (the op's
   // forward, plus any user code between ops), and of this node's backward.
   double forward_seconds = 0, backward_seconds = 0;
+  // With profiling: the matrix-product FLOPs done in those spans (raw::matmul_flops()).
+  int64_t forward_flops = 0, backward_flops = 0;
 };
 
 // What a node's backward function sees: the gradient of its output, the tensors it saved, and
@@ -106,6 +108,7 @@ class Tape {
   bool consumed_ = false;
   bool profiling_ = false;
   std::chrono::steady_clock::time_point last_record_;
+  int64_t last_flops_ = 0;
 };
 
 // Names the ops recorded while it is alive (nested scopes join with '.'), so that printed
