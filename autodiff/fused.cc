@@ -145,16 +145,41 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
     T* dxr = dx + r * D;
     for (int64_t i = 0; i < D; ++i) dxr[i] = inv * (dyr[i] * gamma[i]) - xr[i] * k;
   });
-  std::vector<double> acc(static_cast<size_t>(D), 0.0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < D; ++i) acc[i] += static_cast<double>(dy[r * D + i]) * x[r * D + i] * rstd[r];
-  for (int64_t i = 0; i < D; ++i) dgamma[i] = static_cast<T>(acc[i]);
+  // dgamma: partial sums over blocks of rows, then the blocks in order (the same bits on any
+  // number of threads).
+  const int64_t block = 256, blocks = (rows + block - 1) / block;
+  std::vector<double> partial(static_cast<size_t>(blocks * D), 0.0);
+  parallel_for(blocks, 2 * block * D, [&](int64_t b) {
+    double* acc = partial.data() + b * D;
+    for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r)
+      for (int64_t i = 0; i < D; ++i) acc[i] += static_cast<double>(dy[r * D + i] * x[r * D + i]) * rstd[r];
+  });
+  for (int64_t i = 0; i < D; ++i) {
+    double sum = 0;
+    for (int64_t b = 0; b < blocks; ++b) sum += partial[b * D + i];
+    dgamma[i] = static_cast<T>(sum);
+  }
 }
 
 // ---- swiglu ----
 
-// The sigmoid comes from the SIMD kernel, a block of it at a time on the stack.
+// The sigmoid comes from the SIMD kernel, a block of it at a time on the stack; the rest of each
+// block is a plain loop, compiled for AVX-512 and AVX2 too (MMDIT_SIMD_CLONES).
 constexpr int64_t kBlock = 1024;
+
+template <class T>
+inline void swiglu_block_impl(const T* __restrict a, const T* __restrict g, const T* __restrict s,
+                              T* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] * (g[i] * s[i]);
+}
+MMDIT_SIMD_CLONES void swiglu_block(const float* a, const float* g, const float* s, float* y,
+                                    int64_t n) {
+  swiglu_block_impl(a, g, s, y, n);
+}
+MMDIT_SIMD_CLONES void swiglu_block(const double* a, const double* g, const double* s, double* y,
+                                    int64_t n) {
+  swiglu_block_impl(a, g, s, y, n);
+}
 
 template <class T>
 void swiglu_forward(const T* a, const T* g, T* y, int64_t n) {
@@ -162,22 +187,36 @@ void swiglu_forward(const T* a, const T* g, T* y, int64_t n) {
     const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
     T s[kBlock];
     simd::unary(raw::UnaryOp::sigmoid, g + begin, s, len);
-    for (int64_t i = 0; i < len; ++i) y[begin + i] = a[begin + i] * (g[begin + i] * s[i]);
+    swiglu_block(a + begin, g + begin, s, y + begin, len);
   });
 }
 
 // da = dy silu(g); dg = dy a s (1 + g (1 - s)), s = sigmoid(g).
+template <class T>
+inline void swiglu_backward_block_impl(const T* __restrict dy, const T* __restrict a,
+                                       const T* __restrict g, const T* __restrict s,
+                                       T* __restrict da, T* __restrict dg, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    da[i] = dy[i] * (g[i] * s[i]);
+    dg[i] = dy[i] * a[i] * (s[i] * (1 + g[i] * (1 - s[i])));
+  }
+}
+MMDIT_SIMD_CLONES void swiglu_backward_block(const float* dy, const float* a, const float* g,
+                                             const float* s, float* da, float* dg, int64_t n) {
+  swiglu_backward_block_impl(dy, a, g, s, da, dg, n);
+}
+MMDIT_SIMD_CLONES void swiglu_backward_block(const double* dy, const double* a, const double* g,
+                                             const double* s, double* da, double* dg, int64_t n) {
+  swiglu_backward_block_impl(dy, a, g, s, da, dg, n);
+}
+
 template <class T>
 void swiglu_backward(const T* dy, const T* a, const T* g, T* da, T* dg, int64_t n) {
   parallel_for((n + kBlock - 1) / kBlock, 6 * kBlock, [&](int64_t b) {
     const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
     T s[kBlock];
     simd::unary(raw::UnaryOp::sigmoid, g + begin, s, len);
-    for (int64_t i = 0; i < len; ++i) {
-      const T gi = g[begin + i], d = dy[begin + i];
-      if (da) da[begin + i] = d * (gi * s[i]);
-      if (dg) dg[begin + i] = d * a[begin + i] * (s[i] * (1 + gi * (1 - s[i])));
-    }
+    swiglu_backward_block(dy + begin, a + begin, g + begin, s, da + begin, dg + begin, len);
   });
 }
 
@@ -475,12 +514,10 @@ Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
   return record(op, y, {a_in, g_in}, {a, g}, [](Backward& ctx) {
     const Tensor &a = ctx.saved[0], &g = ctx.saved[1];
     const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor da = ctx.needs(0) ? empty(a.shape(), a.dtype()) : Tensor();
-    Tensor dg = ctx.needs(1) ? empty(a.shape(), a.dtype()) : Tensor();
+    Tensor da = empty(a.shape(), a.dtype()), dg = empty(a.shape(), a.dtype());
     by_dtype(a.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(),
-                      da.defined() ? da.data<T>() : nullptr, dg.defined() ? dg.data<T>() : nullptr,
+      swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(), da.data<T>(), dg.data<T>(),
                       a.numel());
     });
     ctx.input(0, [&] { return da; });
