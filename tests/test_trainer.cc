@@ -125,6 +125,37 @@ TEST(EMA, ClosedForm) {
   EXPECT_FLOAT_EQ(ema.params().at("p").to_vector<float>()[1], 0.9f * 2);
 }
 
+// The fused pass (clip scale and EMA inside AdamW::update) against the three separate calls,
+// bit for bit, on tensors large enough to be split into parallel chunks.
+TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
+  Rng rng(3);
+  auto make = [&](uint64_t seed) {
+    Rng r(seed);
+    NamedTensors t;
+    t.insert("w", r.normal({300, 200}));
+    t.insert("b", r.normal({7}));
+    return t;
+  };
+  NamedTensors p1 = make(1), p2 = make(1);
+  AdamW opt1(p1, {1e-2, 0.9, 0.999, 1e-8, 0.01}), opt2(p2, {1e-2, 0.9, 0.999, 1e-8, 0.01});
+  EMA ema1(p1, 0.99), ema2(p2, 0.99);
+  for (int step = 0; step < 3; ++step) {
+    NamedTensors g1 = make(10 + step), g2 = make(10 + step);
+    const double norm = global_norm(g1);
+    EXPECT_NEAR(norm, clip_by_global_norm(g2, 1.0), 1e-9 * norm);
+    opt1.update(p1, g1, 1e-2, clip_scale(norm, 1.0), &ema1);
+    opt2.update(p2, g2, 1e-2);
+    ema2.update(p2);
+  }
+  for (const char* name : {"w", "b"}) {
+    EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(p1.at(name), p2.at(name)))).item(), 0);
+    EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs,
+                                  raw::sub(ema1.params().at(name), ema2.params().at(name))))
+                  .item(),
+              0);
+  }
+}
+
 TEST(Normalizer, MinMaxRoundTripAndJson) {
   const Episodes data = demo_episodes();
   const Normalizer n = make_normalizer(data, "min_max");

@@ -67,11 +67,23 @@ MMDIT_SIMD_CLONES void adamw_chunk(double* p, const double* g, double* m, double
   adamw_chunk_impl(p, g, m, v, n, b1, b2, eps, wd, rate, bc1, bc2, gs);
 }
 
+template <class T>
+inline void ema_chunk_impl(T* __restrict ema, const T* __restrict p, int64_t n, T d) {
+  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + (1 - d) * p[i];
+}
+MMDIT_SIMD_CLONES void ema_chunk(float* ema, const float* p, int64_t n, float d) {
+  ema_chunk_impl(ema, p, n, d);
+}
+MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double d) {
+  ema_chunk_impl(ema, p, n, d);
+}
+
 // g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
 // is exact).
+// With `ema`, each chunk's new parameters also go into the EMA while they are in cache.
 template <class T>
 void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
-                  int64_t step, double grad_scale) {
+                  int64_t step, double grad_scale, T* ema, double ema_decay) {
   const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
   const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
   const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
@@ -80,6 +92,7 @@ void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c,
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
     adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate,
                 bc1, bc2, gs);
+    if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
   });
 }
 
@@ -120,11 +133,6 @@ void scale_in_place(T* x, int64_t n, double scale) {
 }
 
 template <class T>
-void ema_chunk(T* __restrict ema, const T* __restrict p, int64_t n, T d) {
-  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + (1 - d) * p[i];
-}
-
-template <class T>
 void ema_kernel(T* ema, const T* p, int64_t n, double decay) {
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
     ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(decay));
@@ -141,20 +149,28 @@ AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
 }
 
 void AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                   double grad_scale) {
+                   double grad_scale, EMA* ema) {
   check_same_layout(params, grads, "AdamW::update");
   check_same_layout(params, m_, "AdamW::update (optimiser state)");
+  if (ema) check_same_layout(params, ema->params(), "AdamW::update (EMA)");
   ++step_;
   for (const auto& [name, p] : params) {
     const Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
     Tensor &m = m_.at(name), &v = v_.at(name);
     if (m.dtype() != p.dtype()) m = raw::to_dtype(m, p.dtype()), v = raw::to_dtype(v, p.dtype());
+    // The EMA's tensor is updated in place, so it must already have the parameter's dtype.
+    Tensor e = ema ? ema->params().at(name) : Tensor();
+    MMDIT_CHECK(!e.defined() || (e.dtype() == p.dtype() && e.is_contiguous()), "AdamW::update: ",
+                "the EMA of '", name, "' is ", e.defined() ? dtype_name(e.dtype()) : "",
+                ", the parameter ", dtype_name(p.dtype()));
     if (p.dtype() == DType::f32)
       adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(),
-                   config_, lr, step_, grad_scale);
+                   config_, lr, step_, grad_scale, e.defined() ? e.data<float>() : nullptr,
+                   ema ? ema->decay() : 0.0);
     else
       adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(), v.data<double>(),
-                   p.numel(), config_, lr, step_, grad_scale);
+                   p.numel(), config_, lr, step_, grad_scale,
+                   e.defined() ? e.data<double>() : nullptr, ema ? ema->decay() : 0.0);
   }
 }
 

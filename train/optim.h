@@ -20,15 +20,18 @@ struct AdamWConfig {
 //   p = p - lr u
 // The decay stays inside u, not as p (1 - lr wd): in float32, 1 - 1e-4 * 1e-2 rounds to 1 and
 // the decay would vanish.
+class EMA;
+
 class AdamW {
  public:
   AdamW(const NamedTensors& params, AdamWConfig config);
   // Every parameter is updated, including those whose gradient is zero (weight decay still
   // applies). `lr` overrides config.lr for this step (a schedule).
   // grad_scale multiplies every gradient first: the factor of global-norm clipping
-  // (clip_scale), applied in the same pass instead of rewriting the gradients.
+  // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
+  // EMA is advanced in the same pass too, as ema->update(params) after this call would.
   void update(const NamedTensors& params, const NamedTensors& grads, double lr,
-              double grad_scale = 1.0);
+              double grad_scale = 1.0, EMA* ema = nullptr);
   void update(const NamedTensors& params, const NamedTensors& grads) {
     update(params, grads, config_.lr);
   }

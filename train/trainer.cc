@@ -206,8 +206,7 @@ StepStats Trainer::train_step() {
   // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients.
   const double grad_scale =
       config_.grad_clip > 0 ? clip_scale(stats.grad_norm, config_.grad_clip) : 1.0;
-  optimizer_->update(params, grads, stats.lr, grad_scale);
-  ema_->update(params);
+  optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
   return stats;
 }
 
