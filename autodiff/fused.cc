@@ -67,12 +67,9 @@ void layer_norm_modulate_forward(const T* x, const T* ss, T* y, T* xhat, T* rstd
     const T* xr = x + r * D;
     const T* sh = ss + (r / S) * 2 * D;
     const T* sc = sh + D;
-    double sum = 0;
-    for (int64_t i = 0; i < D; ++i) sum += xr[i];
-    const T mean = static_cast<T>(sum / D);
-    double sq = 0;
-    for (int64_t i = 0; i < D; ++i) sq += static_cast<double>(xr[i] - mean) * (xr[i] - mean);
-    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(sq / D) + eps));
+    const T mean = simd::sum(xr, D) / static_cast<T>(D);
+    const T var = simd::sum_squared_deviation(xr, mean, D) / static_cast<T>(D);
+    const T inv = static_cast<T>(1.0 / std::sqrt(var + eps));
     rstd[r] = inv;
     T* xh = xhat + r * D;
     T* yr = y + r * D;
@@ -94,23 +91,21 @@ void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, con
     const T* sc = ss + grp * 2 * D + D;
     T* dsh = dss + grp * 2 * D;
     T* dsc = dsh + D;
+    std::vector<T> gx(static_cast<size_t>(D));
     for (int64_t i = 0; i < D; ++i) dsh[i] = dsc[i] = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t r = grp * S + s;
       const T* dyr = dy + r * D;
       const T* xh = xhat + r * D;
-      double sum_g = 0, sum_gx = 0;
       for (int64_t i = 0; i < D; ++i) {
-        const T gx = dyr[i] * (1 + sc[i]);
-        sum_g += gx;
-        sum_gx += static_cast<double>(gx) * xh[i];
+        gx[i] = dyr[i] * (1 + sc[i]);
         dsh[i] += dyr[i];
         dsc[i] += dyr[i] * xh[i];
       }
-      const T mean_g = static_cast<T>(sum_g / D), mean_gx = static_cast<T>(sum_gx / D);
+      const T mean_g = simd::sum(gx.data(), D) / static_cast<T>(D);
+      const T mean_gx = simd::dot(gx.data(), xh, D) / static_cast<T>(D);
       T* dxr = dx + r * D;
-      for (int64_t i = 0; i < D; ++i)
-        dxr[i] = rstd[r] * (dyr[i] * (1 + sc[i]) - mean_g - xh[i] * mean_gx);
+      for (int64_t i = 0; i < D; ++i) dxr[i] = rstd[r] * (gx[i] - mean_g - xh[i] * mean_gx);
     }
   });
 }
@@ -122,9 +117,8 @@ void rms_norm_forward(const T* x, const T* gamma, T* y, T* rstd, int64_t rows, i
                       double eps) {
   parallel_for(rows, 4 * D, [&](int64_t r) {
     const T* xr = x + r * D;
-    double ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const T inv = static_cast<T>(1.0 / std::sqrt(static_cast<T>(ss / D) + eps));
+    const T mean_square = simd::sum_squared_deviation(xr, T(0), D) / static_cast<T>(D);
+    const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
     rstd[r] = inv;
     T* yr = y + r * D;
     for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * gamma[i];
@@ -138,12 +132,11 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
   parallel_for(rows, 6 * D, [&](int64_t r) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
-    double dot = 0;
-    for (int64_t i = 0; i < D; ++i) dot += static_cast<double>(dyr[i] * gamma[i]) * xr[i];
-    const T inv = rstd[r];
-    const T k = static_cast<T>(dot / D) * inv * inv * inv;
     T* dxr = dx + r * D;
-    for (int64_t i = 0; i < D; ++i) dxr[i] = inv * (dyr[i] * gamma[i]) - xr[i] * k;
+    for (int64_t i = 0; i < D; ++i) dxr[i] = dyr[i] * gamma[i];  // gy, first
+    const T inv = rstd[r];
+    const T k = simd::dot(dxr, xr, D) / static_cast<T>(D) * inv * inv * inv;
+    for (int64_t i = 0; i < D; ++i) dxr[i] = inv * dxr[i] - xr[i] * k;
   });
   // dgamma: partial sums over blocks of rows, then the blocks in order (the same bits on any
   // number of threads).
@@ -286,9 +279,12 @@ void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
 
 // ---- attention ----
 
+// Where q, k, v and the output live: token and batch strides, so that the same kernels read
+// three (B, T, H, d) tensors or one packed (B, T, 3, H, d) tensor.
 struct AttentionShape {
   int64_t B, T, H, d;
-  int64_t row() const { return H * d; }  // stride between tokens in (B, T, H, d)
+  int64_t in_token, in_batch;    // q, k, v and their gradients
+  int64_t out_token, out_batch;  // the output and its gradient
 };
 
 // P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
@@ -297,19 +293,19 @@ void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int
                        T* probs, T* out, const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
   const T masked = static_cast<T>(-0.7 * FLT_MAX);
-  const int64_t n = s.T, ld = s.row();
+  const int64_t n = s.T, ld = s.in_token;
   parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
     const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t offset = b * n * ld + h * s.d;
+    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
     T* p = probs + bh * n * n;
-    raw::gemm(false, true, n, n, s.d, q + offset, ld, k + offset, ld, p, n);
+    raw::gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
     const bool* m = mask ? mask + b * mask_stride : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       T* row = p + i * n;
       for (int64_t j = 0; j < n; ++j) row[j] = !m || m[i * n + j] ? row[j] * scale : masked;
       simd::softmax(row, row, n);
     }
-    raw::gemm(false, false, n, s.d, n, p, n, v + offset, ld, out + offset, ld);
+    raw::gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
   });
 }
 
@@ -320,14 +316,14 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
                         const bool* mask, int64_t mask_stride, T* dq, T* dk, T* dv,
                         const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const int64_t n = s.T, ld = s.row();
+  const int64_t n = s.T, ld = s.in_token;
   parallel_for(s.B * s.H, 10 * n * n * s.d, [&](int64_t bh) {
     const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t offset = b * n * ld + h * s.d;
+    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
     const T* p = probs + bh * n * n;
     std::vector<T> ds(static_cast<size_t>(n * n));
-    raw::gemm(false, true, n, n, s.d, dout + offset, ld, v + offset, ld, ds.data(), n);
-    raw::gemm(true, false, n, s.d, n, p, n, dout + offset, ld, dv + offset, ld);
+    raw::gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
+    raw::gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
     const bool* m = mask ? mask + b * mask_stride : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       T* row = ds.data() + i * n;
@@ -337,9 +333,98 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
       for (int64_t j = 0; j < n; ++j)
         row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
     }
-    raw::gemm(false, false, n, s.d, n, ds.data(), n, k + offset, ld, dq + offset, ld);
-    raw::gemm(true, false, n, s.d, n, ds.data(), n, q + offset, ld, dk + offset, ld);
+    raw::gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
+    raw::gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
   });
+}
+
+// The mask as a contiguous bool tensor (or undefined) and its per-example stride.
+std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionShape& s,
+                                          const char* op) {
+  if (!mask.defined()) return {Tensor(), 0};
+  MMDIT_CHECK(mask.dtype() == DType::boolean &&
+                  ((mask.dim() == 2 && mask.shape() == Shape({s.T, s.T})) ||
+                   (mask.dim() == 3 && mask.shape() == Shape({s.B, s.T, s.T}))),
+              op, ": mask has shape ", shape_str(mask.shape()), " and dtype ",
+              dtype_name(mask.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B, ",",
+              s.T, ",", s.T, ")");
+  return {raw::contiguous(mask), mask.dim() == 3 ? s.T * s.T : 0};
+}
+
+// ---- qk_norm_rope ----
+
+// Rows of d in (B, S, 3, H, d): part 0 (q) and 1 (k) become rope(rms_norm(x) * gamma), part 2 (v)
+// is copied. rstd gets one entry per q and k row.
+template <class T>
+void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, const T* sin, T* y,
+                          T* rstd, int64_t B, int64_t S, int64_t H, int64_t d, double eps) {
+  const int64_t half = d / 2;
+  parallel_for(B * S * 3 * H, 6 * d, [&](int64_t r) {
+    const int64_t part = (r / H) % 3, s = (r / (3 * H)) % S;
+    const T* xr = x + r * d;
+    T* yr = y + r * d;
+    if (part == 2) {
+      for (int64_t j = 0; j < d; ++j) yr[j] = xr[j];
+      return;
+    }
+    const T* gamma = part == 0 ? gq : gk;
+    const T mean_square = simd::sum_squared_deviation(xr, T(0), d) / static_cast<T>(d);
+    const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
+    rstd[(r / (3 * H)) * 2 * H + part * H + r % H] = inv;
+    const T* c = cos + s * d;
+    const T* sn = sin + s * d;
+    for (int64_t j = 0; j < half; ++j) {
+      const T lo = xr[j] * inv * gamma[j], hi = xr[j + half] * inv * gamma[j + half];
+      yr[j] = lo * c[j] + (-hi) * sn[j];
+      yr[j + half] = hi * c[j + half] + lo * sn[j + half];
+    }
+  });
+}
+
+// dz = rope^T(dy); then the rms_norm backward: dx = rstd (dz gamma) - x rstd^3 mean(dz gamma x),
+// dgamma = sum over rows of dz x rstd. v rows pass dy through.
+template <class T>
+void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, const T* gk,
+                           const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B,
+                           int64_t S, int64_t H, int64_t d) {
+  const int64_t half = d / 2, rows = B * S * 3 * H;
+  // Per block of rows, partial gamma gradients (q then k), summed in order after.
+  const int64_t block = 3 * H * 16, blocks = (rows + block - 1) / block;
+  std::vector<double> partial(static_cast<size_t>(blocks * 2 * d), 0.0);
+  parallel_for(blocks, 8 * block * d, [&](int64_t blk) {
+    double* acc = partial.data() + blk * 2 * d;
+    std::vector<T> dz(static_cast<size_t>(d));
+    for (int64_t r = blk * block; r < std::min(rows, (blk + 1) * block); ++r) {
+      const int64_t part = (r / H) % 3, s = (r / (3 * H)) % S;
+      const T* dyr = dy + r * d;
+      T* dxr = dx + r * d;
+      if (part == 2) {
+        for (int64_t j = 0; j < d; ++j) dxr[j] = dyr[j];
+        continue;
+      }
+      const T* c = cos + s * d;
+      const T* sn = sin + s * d;
+      for (int64_t j = 0; j < half; ++j) {
+        dz[j] = dyr[j] * c[j] + dyr[j + half] * sn[j + half];
+        dz[j + half] = dyr[j + half] * c[j + half] - dyr[j] * sn[j];
+      }
+      const T* gamma = part == 0 ? gq : gk;
+      const T* xr = x + r * d;
+      const T inv = rstd[(r / (3 * H)) * 2 * H + part * H + r % H];
+      double* ag = acc + part * d;
+      for (int64_t j = 0; j < d; ++j) {
+        ag[j] += static_cast<double>(dz[j] * xr[j]) * inv;
+        dz[j] *= gamma[j];
+      }
+      const T k3 = simd::dot(dz.data(), xr, d) / static_cast<T>(d) * inv * inv * inv;
+      for (int64_t j = 0; j < d; ++j) dxr[j] = inv * dz[j] - xr[j] * k3;
+    }
+  });
+  for (int64_t j = 0; j < 2 * d; ++j) {
+    double sum = 0;
+    for (int64_t b = 0; b < blocks; ++b) sum += partial[b * 2 * d + j];
+    (j < d ? dgq[j] : dgk[j - d]) = static_cast<T>(sum);
+  }
 }
 
 }  // namespace
@@ -351,21 +436,12 @@ Tensor attention_fused(const Tensor& q_in, const Tensor& k_in, const Tensor& v_i
   MMDIT_CHECK(q_in.dim() == 4 && k_in.shape() == q_in.shape() && v_in.shape() == q_in.shape(), op,
               ": q, k, v have shapes ", shape_str(q_in.shape()), ", ", shape_str(k_in.shape()),
               ", ", shape_str(v_in.shape()), "; expected one (B, T, H, d) shape");
-  const AttentionShape s{q_in.shape()[0], q_in.shape()[1], q_in.shape()[2], q_in.shape()[3]};
-  Tensor mask;
-  int64_t mask_stride = 0;
-  if (mask_in.defined()) {
-    MMDIT_CHECK(mask_in.dtype() == DType::boolean &&
-                    ((mask_in.dim() == 2 && mask_in.shape() == Shape({s.T, s.T})) ||
-                     (mask_in.dim() == 3 && mask_in.shape() == Shape({s.B, s.T, s.T}))),
-                op, ": mask has shape ", shape_str(mask_in.shape()), " and dtype ",
-                dtype_name(mask_in.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B,
-                ",", s.T, ",", s.T, ")");
-    mask = raw::contiguous(mask_in);
-    mask_stride = mask.dim() == 3 ? s.T * s.T : 0;
-  }
+  const int64_t B = q_in.shape()[0], T_ = q_in.shape()[1], H = q_in.shape()[2],
+                d = q_in.shape()[3];
+  const AttentionShape s{B, T_, H, d, H * d, T_ * H * d, H * d, T_ * H * d};
+  const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
   const Tensor q = raw::contiguous(q_in), k = raw::contiguous(k_in), v = raw::contiguous(v_in);
-  Tensor out = empty(q.shape(), q.dtype()), probs = empty({s.B, s.H, s.T, s.T}, q.dtype());
+  Tensor out = empty(q.shape(), q.dtype()), probs = empty({B, H, T_, T_}, q.dtype());
   const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
   by_dtype(q.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -391,6 +467,91 @@ Tensor attention_fused(const Tensor& q_in, const Tensor& k_in, const Tensor& v_i
                   ctx.input(0, [&] { return dq; });
                   ctx.input(1, [&] { return dk; });
                   ctx.input(2, [&] { return dv; });
+                });
+}
+
+Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in) {
+  const char* op = "attention";
+  check_floats(op, {qkv_in});
+  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3, op, ": packed qkv has shape ",
+              shape_str(qkv_in.shape()), "; expected (B, T, 3, H, d)");
+  const int64_t B = qkv_in.shape()[0], T_ = qkv_in.shape()[1], H = qkv_in.shape()[3],
+                d = qkv_in.shape()[4], hd = H * d;
+  const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
+  const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
+  const Tensor qkv = raw::contiguous(qkv_in);
+  Tensor out = empty({B, T_, H, d}, qkv.dtype()), probs = empty({B, H, T_, T_}, qkv.dtype());
+  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
+  by_dtype(qkv.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = qkv.data<T>();
+    attention_forward(base, base + hd, base + 2 * hd, m, mask_stride, probs.data<T>(),
+                      out.data<T>(), s);
+  });
+  const Tensor saved[] = {qkv, probs, mask};
+  const Tensor inputs[] = {qkv_in};
+  return record(op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [s, mask_stride, hd](Backward& ctx) {
+                  const Tensor &qkv = ctx.saved[0], &probs = ctx.saved[1], &mask = ctx.saved[2];
+                  ctx.input(0, [&] {
+                    const Tensor dout = raw::contiguous(ctx.grad);
+                    Tensor dqkv = empty(qkv.shape(), qkv.dtype());
+                    by_dtype(qkv.dtype(), [&](auto tag) {
+                      using T = decltype(tag);
+                      const T* base = qkv.data<T>();
+                      T* dbase = dqkv.data<T>();
+                      attention_backward(dout.data<T>(), base, base + hd, base + 2 * hd,
+                                         probs.data<T>(),
+                                         mask.defined() ? mask.data<bool>() : nullptr,
+                                         mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
+                    });
+                    return dqkv;
+                  });
+                });
+}
+
+Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& gamma_k,
+                    const Tensor& cos_in, const Tensor& sin_in, double eps) {
+  const char* op = "qk_norm_rope";
+  check_floats(op, {qkv_in, gamma_q, gamma_k, cos_in, sin_in});
+  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] % 2 == 0, op,
+              ": packed qkv has shape ", shape_str(qkv_in.shape()),
+              "; expected (B, S, 3, H, d) with d even");
+  const int64_t B = qkv_in.shape()[0], S = qkv_in.shape()[1], H = qkv_in.shape()[3],
+                d = qkv_in.shape()[4];
+  MMDIT_CHECK(gamma_q.shape() == Shape({d}) && gamma_k.shape() == Shape({d}), op,
+              ": gammas have shapes ", shape_str(gamma_q.shape()), " and ",
+              shape_str(gamma_k.shape()), "; expected (", d, ",)");
+  MMDIT_CHECK(cos_in.shape() == Shape({S, d}) && sin_in.shape() == Shape({S, d}), op,
+              ": tables have shapes ", shape_str(cos_in.shape()), " and ",
+              shape_str(sin_in.shape()), "; expected (", S, ",", d, ")");
+  const Tensor x = raw::contiguous(qkv_in), gq = raw::contiguous(gamma_q),
+               gk = raw::contiguous(gamma_k), c = raw::contiguous(cos_in),
+               sn = raw::contiguous(sin_in);
+  Tensor y = empty(x.shape(), x.dtype()), rstd = empty({B * S * 2 * H}, x.dtype());
+  by_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    qk_norm_rope_forward(x.data<T>(), gq.data<T>(), gk.data<T>(), c.data<T>(), sn.data<T>(),
+                         y.data<T>(), rstd.data<T>(), B, S, H, d, eps);
+  });
+  const Tensor saved[] = {x, rstd, gq, gk, c, sn};
+  const Tensor inputs[] = {qkv_in, gamma_q, gamma_k};
+  return record(op, y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [B, S, H, d](Backward& ctx) {
+                  const Tensor &x = ctx.saved[0], &rstd = ctx.saved[1], &gq = ctx.saved[2],
+                               &gk = ctx.saved[3], &c = ctx.saved[4], &sn = ctx.saved[5];
+                  const Tensor dy = raw::contiguous(ctx.grad);
+                  Tensor dx = empty(x.shape(), x.dtype()), dgq = empty({d}, x.dtype()),
+                         dgk = empty({d}, x.dtype());
+                  by_dtype(x.dtype(), [&](auto tag) {
+                    using T = decltype(tag);
+                    qk_norm_rope_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(),
+                                          gq.data<T>(), gk.data<T>(), c.data<T>(), sn.data<T>(),
+                                          dx.data<T>(), dgq.data<T>(), dgk.data<T>(), B, S, H, d);
+                  });
+                  ctx.input(0, [&] { return dx; });
+                  ctx.input(1, [&] { return dgq; });
+                  ctx.input(2, [&] { return dgk; });
                 });
 }
 

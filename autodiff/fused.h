@@ -44,5 +44,14 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
 // reference (a fully masked row is uniform) and get no gradient. Saves the probabilities
 // (B, H, T, T) for backward.
 Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask);
+// The same with q, k, v packed as one projection makes them: qkv (B, T, 3, H, d), q = [:, :, 0],
+// k = [:, :, 1], v = [:, :, 2]; the result is (B, T, H, d).
+Tensor attention_packed(const Tensor& qkv, const Tensor& mask);
+
+// On packed qkv (B, S, 3, H, d): q and k become rope(rms_norm(., gamma_q or gamma_k)) (the
+// QK-RMSNorm and rotary embedding of joint attention), v is passed through. cos, sin: (S, d)
+// constant tables.
+Tensor qk_norm_rope(const Tensor& qkv, const Tensor& gamma_q, const Tensor& gamma_k,
+                    const Tensor& cos, const Tensor& sin, double eps = 1e-6);
 
 }  // namespace mmdit

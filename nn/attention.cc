@@ -62,26 +62,20 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   for (const Tensor& x : xs) total += lengths.emplace_back(x.shape()[1]);
   check_mask(mask, total, batch, batched, "JointAttention");
 
-  std::vector<Tensor> qs, ks, vs;
+  // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features,
+  // then QK-RMSNorm and the rotary embedding on q and k in one pass.
+  std::vector<Tensor> packed;
   for (size_t m = 0; m < xs.size(); ++m) {
     NameScope scope(str_cat("modality", m));
     const int64_t seq = lengths[m];
-    // to_qkv gives (B, S, 3I), then three (B, S, H, d); the I features are head-major. Each
-    // third is its own product with a block of the weight's rows, so that q, k and v come out
-    // contiguous and no gradient has to be scattered back into a (B, S, 3I) buffer.
-    const Tensor& w_qkv = to_qkv[m].weight;
-    const Shape heads_shape = {batch, seq, heads, dim_head};
-    auto project = [&](int64_t part) {
-      return reshape(linear(xs[m], narrow(w_qkv, 0, part * inner, inner)), heads_shape);
-    };
+    const Tensor qkv = reshape(to_qkv[m](xs[m]), {batch, seq, 3, heads, dim_head});
     const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
-    qs.push_back(rope(q_rmsnorms[m](project(0)), tables.cos, tables.sin));
-    ks.push_back(rope(k_rmsnorms[m](project(1)), tables.cos, tables.sin));
-    vs.push_back(project(2));
+    packed.push_back(qk_norm_rope(qkv, q_rmsnorms[m].gamma, k_rmsnorms[m].gamma, tables.cos,
+                                  tables.sin));
   }
-  // One attention over the concatenated sequence, kept token-major (B, T, H, d) throughout:
-  // nn::attention(q, k, v, mask) on the (B, H, T, d) views, without the permuted copies.
-  const Tensor out = attention_fused(concat(qs, 1), concat(ks, 1), concat(vs, 1), mask);
+  // One attention over the concatenated sequence, token-major throughout: nn::attention(q, k, v,
+  // mask) on the (B, H, T, d) views, without the permuted copies.
+  const Tensor out = attention_packed(concat(packed, 1), mask);
   const Tensor merged = reshape(out, {batch, total, inner});
 
   std::vector<Tensor> outs;

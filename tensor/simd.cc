@@ -225,6 +225,22 @@ T SumSquaredDeviationImpl(const T* x, T mean, int64_t n) {
 }
 
 template <class T>
+T DotImpl(const T* a, const T* b, int64_t n) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  auto acc0 = hn::Zero(d), acc1 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    acc0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), acc0);
+    acc1 = hn::MulAdd(hn::LoadU(d, a + i + lanes), hn::LoadU(d, b + i + lanes), acc1);
+  }
+  for (; i + lanes <= n; i += lanes) acc0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), acc0);
+  T sum = hn::GetLane(hn::SumOfLanes(d, hn::Add(acc0, acc1)));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <class T>
 T MaxImpl(const T* x, int64_t n) {
   const hn::ScalableTag<T> d;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
@@ -282,6 +298,12 @@ float SumF32(const float* x, int64_t n) {
 double SumF64(const double* x, int64_t n) {
   return SumImpl(x, n);
 }
+float DotF32(const float* a, const float* b, int64_t n) {
+  return DotImpl(a, b, n);
+}
+double DotF64(const double* a, const double* b, int64_t n) {
+  return DotImpl(a, b, n);
+}
 float MaxF32(const float* x, int64_t n) {
   return MaxImpl(x, n);
 }
@@ -328,6 +350,8 @@ HWY_EXPORT(ScaleShiftF32);
 HWY_EXPORT(ScaleShiftF64);
 HWY_EXPORT(SumF32);
 HWY_EXPORT(SumF64);
+HWY_EXPORT(DotF32);
+HWY_EXPORT(DotF64);
 HWY_EXPORT(MaxF32);
 HWY_EXPORT(MaxF64);
 HWY_EXPORT(SsdF32);
@@ -364,6 +388,12 @@ float sum(const float* x, int64_t n) {
 }
 double sum(const double* x, int64_t n) {
   return HWY_DYNAMIC_DISPATCH(SumF64)(x, n);
+}
+float dot(const float* a, const float* b, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(DotF32)(a, b, n);
+}
+double dot(const double* a, const double* b, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(DotF64)(a, b, n);
 }
 float max(const float* x, int64_t n) {
   return HWY_DYNAMIC_DISPATCH(MaxF32)(x, n);

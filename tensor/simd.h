@@ -31,6 +31,8 @@ void scale_shift(const double* x, double scale, double shift, double* out, int64
 
 float sum(const float* x, int64_t n);
 double sum(const double* x, int64_t n);
+float dot(const float* a, const float* b, int64_t n);
+double dot(const double* a, const double* b, int64_t n);
 float max(const float* x, int64_t n);
 double max(const double* x, int64_t n);
 // sum((x - mean)^2)

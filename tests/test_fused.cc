@@ -159,6 +159,45 @@ TEST(Fused, AttentionMatchesDefinitionAndGradients) {
   EXPECT_THROW(attention_fused(q, q, q, ones({T, T})), Error);  // a float mask
 }
 
+// Packed (B, T, 3, H, d) q/k/v give what the three separate tensors give.
+TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
+  Rng rng(11);
+  const int64_t B = 2, T = 4, H = 2, d = 4;
+  Tensor causal = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = i + 1; j < T; ++j) causal.data<bool>()[i * T + j] = false;
+  for (const Tensor& mask : {Tensor(), causal}) {
+    const Tensor qkv = rng.normal({B, T, 3, H, d}, DType::f64);
+    auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
+    EXPECT_LT(max_abs_diff(attention_packed(qkv, mask),
+                           reference_attention(part(0), part(1), part(2), mask)),
+              1e-13);
+    expect_gradcheck([mask](const std::vector<Tensor>& in) {
+      return attention_packed(in[0], mask);
+    }, {qkv});
+  }
+  EXPECT_THROW(attention_packed(rng.normal({B, T, 2, H, d}), Tensor()), Error);
+}
+
+TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
+  Rng rng(12);
+  const int64_t B = 2, S = 3, H = 2, d = 6;
+  const nn::RopeTables t = nn::rope_tables(S, d, DType::f64);
+  const Tensor qkv = rng.normal({B, S, 3, H, d}, DType::f64);
+  const Tensor gq = rng.normal({d}, DType::f64), gk = rng.normal({d}, DType::f64);
+  auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
+  const Tensor expected =
+      stack({reference_rope(reference_rms_norm(part(0), gq), t.cos, t.sin),
+             reference_rope(reference_rms_norm(part(1), gk), t.cos, t.sin), part(2)},
+            2);
+  EXPECT_LT(max_abs_diff(qk_norm_rope(qkv, gq, gk, t.cos, t.sin), expected), 1e-13);
+  expect_gradcheck([t](const std::vector<Tensor>& in) {
+    return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
+  }, {qkv, gq, gk});
+  EXPECT_THROW(qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin), Error);
+  EXPECT_THROW(qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64)), Error);
+}
+
 TEST(Fused, Float32AgreesWithTheComposition) {
   Rng rng(6);
   const Tensor x = rng.normal({4, 16, 64}), shift = rng.normal({4, 1, 64}),

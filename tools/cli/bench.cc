@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "autodiff/gradcheck.h"
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
@@ -324,6 +326,10 @@ void print_table_row(const Result& r, double roof) {
   std::printf("\n");
 }
 
+struct Options;
+std::string run_in_child(const Workload& w, const Options& o, int threads);
+Result result_from_json(const std::string& line);
+
 struct Options {
   std::vector<std::string> workloads;
   int threads = 0;
@@ -374,18 +380,64 @@ void run_bench(const Options& o) {
     std::printf("%-16s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
                 "saved MB");
-  }
-  for (const Workload* w : chosen) {
-    if (!o.json) {
-      std::fprintf(stderr, "running %s: %s\n", w->name, w->what);
-    }
-    const Result r = run(*w, o.reps, o.warmup);
-    if (o.json)
-      std::printf("%s\n", json_line(r, threads, roof, core).c_str());
-    else
-      print_table_row(r, roof);
     std::fflush(stdout);
   }
+  for (const Workload* w : chosen) {
+    if (!o.json) std::fprintf(stderr, "running %s: %s\n", w->name, w->what);
+    if (chosen.size() == 1) {
+      const Result r = run(*w, o.reps, o.warmup);
+      if (o.json)
+        std::printf("%s\n", json_line(r, threads, roof, core).c_str());
+      else
+        print_table_row(r, roof);
+    } else {
+      // One process per workload: no workload inherits another's heap, caches or peak RSS.
+      const std::string line = run_in_child(*w, o, threads);
+      if (o.json)
+        std::printf("%s\n", line.c_str());
+      else
+        print_table_row(result_from_json(line), roof);
+    }
+    std::fflush(stdout);
+  }
+}
+
+std::string run_in_child(const Workload& w, const Options& o, int threads) {
+  char exe[4096];
+  const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  MMDIT_CHECK(len > 0, "bench: cannot find this program's path (/proc/self/exe)");
+  exe[len] = 0;
+  const std::string command =
+      str_cat("'", exe, "' bench --keep-coretype --json --workload ", w.name, " --reps ", o.reps,
+              " --warmup ", o.warmup, " --threads ", threads);
+  FILE* pipe = popen(command.c_str(), "r");
+  MMDIT_CHECK(pipe, "bench: cannot start ", command);
+  std::string out;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, pipe)) out += buf;
+  const int status = pclose(pipe);
+  MMDIT_CHECK(status == 0 && !out.empty(), "bench: workload ", w.name, " failed (exit status ",
+              status, ")");
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+Result result_from_json(const std::string& line) {
+  const nlohmann::json j = nlohmann::json::parse(line);
+  Result r;
+  r.workload = j.at("workload").get<std::string>();
+  r.reps = j.at("reps").get<int>();
+  r.median_ms = j.at("median_ms").get<double>();
+  r.min_ms = j.at("min_ms").get<double>();
+  r.max_ms = j.at("max_ms").get<double>();
+  r.gflop_per_rep = j.at("gflop_per_rep").get<double>();
+  r.gflops = j.at("gflops").get<double>();
+  r.peak_rss_mb = j.at("peak_rss_mb").get<double>();
+  r.page_faults_per_rep = j.at("page_faults_per_rep").get<double>();
+  if (j.contains("tape_nodes"))
+    r.tape = TapeStats{j.at("tape_nodes").get<int64_t>(),
+                       static_cast<size_t>(j.at("saved_mb").get<double>() * 1048576.0)};
+  return r;
 }
 
 }  // namespace
