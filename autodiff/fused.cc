@@ -2,6 +2,7 @@
 // records the second. Kernels are plain loops over contiguous rows, parallel across rows.
 #include "autodiff/fused.h"
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <vector>
@@ -353,31 +354,33 @@ std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionSha
 
 // ---- qk_norm_rope ----
 
-// Rows of d in (B, S, 3, H, d): part 0 (q) and 1 (k) become rope(rms_norm(x) * gamma), part 2 (v)
-// is copied. rstd gets one entry per q and k row.
+// One token's rows in (B, S, 3, H, d): the H rows of part 0 (q) and 1 (k) become
+// rope(rms_norm(x) * gamma), part 2 (v) is copied. rstd gets one entry per q and k row.
 template <class T>
 void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, const T* sin, T* y,
                           T* rstd, int64_t B, int64_t S, int64_t H, int64_t d, double eps) {
   const int64_t half = d / 2;
-  parallel_for(B * S * 3 * H, 6 * d, [&](int64_t r) {
-    const int64_t part = (r / H) % 3, s = (r / (3 * H)) % S;
-    const T* xr = x + r * d;
-    T* yr = y + r * d;
-    if (part == 2) {
-      for (int64_t j = 0; j < d; ++j) yr[j] = xr[j];
-      return;
+  parallel_for(B * S, 18 * H * d, [&](int64_t token) {
+    const T* c = cos + (token % S) * d;
+    const T* sn = sin + (token % S) * d;
+    for (int64_t part = 0; part < 2; ++part) {
+      const T* gamma = part == 0 ? gq : gk;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row = (token * 3 + part) * H + h;
+        const T* xr = x + row * d;
+        T* yr = y + row * d;
+        const T mean_square = simd::sum_squared_deviation(xr, T(0), d) / static_cast<T>(d);
+        const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
+        rstd[(token * 2 + part) * H + h] = inv;
+        for (int64_t j = 0; j < half; ++j) {
+          const T lo = xr[j] * inv * gamma[j], hi = xr[j + half] * inv * gamma[j + half];
+          yr[j] = lo * c[j] + (-hi) * sn[j];
+          yr[j + half] = hi * c[j + half] + lo * sn[j + half];
+        }
+      }
     }
-    const T* gamma = part == 0 ? gq : gk;
-    const T mean_square = simd::sum_squared_deviation(xr, T(0), d) / static_cast<T>(d);
-    const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
-    rstd[(r / (3 * H)) * 2 * H + part * H + r % H] = inv;
-    const T* c = cos + s * d;
-    const T* sn = sin + s * d;
-    for (int64_t j = 0; j < half; ++j) {
-      const T lo = xr[j] * inv * gamma[j], hi = xr[j + half] * inv * gamma[j + half];
-      yr[j] = lo * c[j] + (-hi) * sn[j];
-      yr[j + half] = hi * c[j + half] + lo * sn[j + half];
-    }
+    const int64_t v = (token * 3 + 2) * H * d;
+    std::copy(x + v, x + v + H * d, y + v);
   });
 }
 
@@ -387,37 +390,39 @@ template <class T>
 void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, const T* gk,
                            const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B,
                            int64_t S, int64_t H, int64_t d) {
-  const int64_t half = d / 2, rows = B * S * 3 * H;
-  // Per block of rows, partial gamma gradients (q then k), summed in order after.
-  const int64_t block = 3 * H * 16, blocks = (rows + block - 1) / block;
-  std::vector<double> partial(static_cast<size_t>(blocks * 2 * d), 0.0);
-  parallel_for(blocks, 8 * block * d, [&](int64_t blk) {
-    double* acc = partial.data() + blk * 2 * d;
+  const int64_t half = d / 2, tokens = B * S;
+  // Per block of tokens, partial gamma gradients (q then k), summed in block order after: the
+  // same bits on any number of threads.
+  const int64_t block = 16, blocks = (tokens + block - 1) / block;
+  std::vector<T> partial(static_cast<size_t>(blocks * 2 * d), T(0));
+  parallel_for(blocks, 30 * block * H * d, [&](int64_t blk) {
     std::vector<T> dz(static_cast<size_t>(d));
-    for (int64_t r = blk * block; r < std::min(rows, (blk + 1) * block); ++r) {
-      const int64_t part = (r / H) % 3, s = (r / (3 * H)) % S;
-      const T* dyr = dy + r * d;
-      T* dxr = dx + r * d;
-      if (part == 2) {
-        for (int64_t j = 0; j < d; ++j) dxr[j] = dyr[j];
-        continue;
+    for (int64_t token = blk * block; token < std::min(tokens, (blk + 1) * block); ++token) {
+      const T* c = cos + (token % S) * d;
+      const T* sn = sin + (token % S) * d;
+      for (int64_t part = 0; part < 2; ++part) {
+        const T* gamma = part == 0 ? gq : gk;
+        T* ag = partial.data() + (blk * 2 + part) * d;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t row = (token * 3 + part) * H + h;
+          const T* dyr = dy + row * d;
+          const T* xr = x + row * d;
+          T* dxr = dx + row * d;
+          for (int64_t j = 0; j < half; ++j) {
+            dz[j] = dyr[j] * c[j] + dyr[j + half] * sn[j + half];
+            dz[j + half] = dyr[j + half] * c[j + half] - dyr[j] * sn[j];
+          }
+          const T inv = rstd[(token * 2 + part) * H + h];
+          for (int64_t j = 0; j < d; ++j) {
+            ag[j] += dz[j] * xr[j] * inv;
+            dz[j] *= gamma[j];
+          }
+          const T k3 = simd::dot(dz.data(), xr, d) / static_cast<T>(d) * inv * inv * inv;
+          for (int64_t j = 0; j < d; ++j) dxr[j] = inv * dz[j] - xr[j] * k3;
+        }
       }
-      const T* c = cos + s * d;
-      const T* sn = sin + s * d;
-      for (int64_t j = 0; j < half; ++j) {
-        dz[j] = dyr[j] * c[j] + dyr[j + half] * sn[j + half];
-        dz[j + half] = dyr[j + half] * c[j + half] - dyr[j] * sn[j];
-      }
-      const T* gamma = part == 0 ? gq : gk;
-      const T* xr = x + r * d;
-      const T inv = rstd[(r / (3 * H)) * 2 * H + part * H + r % H];
-      double* ag = acc + part * d;
-      for (int64_t j = 0; j < d; ++j) {
-        ag[j] += static_cast<double>(dz[j] * xr[j]) * inv;
-        dz[j] *= gamma[j];
-      }
-      const T k3 = simd::dot(dz.data(), xr, d) / static_cast<T>(d) * inv * inv * inv;
-      for (int64_t j = 0; j < d; ++j) dxr[j] = inv * dz[j] - xr[j] * k3;
+      const int64_t v = (token * 3 + 2) * H * d;
+      std::copy(dy + v, dy + v + H * d, dx + v);
     }
   });
   for (int64_t j = 0; j < 2 * d; ++j) {
