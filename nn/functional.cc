@@ -2,6 +2,9 @@
 
 #include <cfloat>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace mmdit::nn {
 
@@ -40,8 +43,9 @@ Tensor sincos_table(int64_t dim, int64_t length, DType dtype) {
   return timestep_embedding(raw::to_dtype(arange(length, DType::f64), dtype), dim);
 }
 
-RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
-  MMDIT_CHECK(dim_head % 2 == 0, "rope: dim_head must be even, got ", dim_head);
+namespace {
+
+RopeTables compute_rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
   const int64_t half = dim_head / 2;
   std::vector<double> c(seq * dim_head), s(seq * dim_head);
   for (int64_t p = 0; p < seq; ++p)
@@ -51,6 +55,21 @@ RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
       s[p * dim_head + j] = s[p * dim_head + j + half] = std::sin(angle);
     }
   return {from_vector(c, {seq, dim_head}, dtype), from_vector(s, {seq, dim_head}, dtype)};
+}
+
+}  // namespace
+
+RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
+  MMDIT_CHECK(dim_head % 2 == 0, "rope: dim_head must be even, got ", dim_head);
+  // Every block of every forward asks for the same few tables: keep them (a sampler's 10 Euler
+  // steps would otherwise spend a tenth of their serial time in pow, cos and sin).
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, DType>, RopeTables> cache;
+  const auto key = std::make_tuple(seq, dim_head, dtype);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto found = cache.find(key); found != cache.end()) return found->second;
+  if (cache.size() >= 64) cache.clear();
+  return cache.emplace(key, compute_rope_tables(seq, dim_head, dtype)).first->second;
 }
 
 Tensor apply_rope(const Tensor& x, const Tensor& cos_table, const Tensor& sin_table) {

@@ -25,6 +25,7 @@ Tensor sincos_table(int64_t dim, int64_t length, DType dtype = DType::f32);
 struct RopeTables {
   Tensor cos, sin;
 };
+// Computed once per (seq, dim_head, dtype) and shared: read them, never write to them.
 RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype);
 // x * cos + rotate_half(x) * sin, rotate_half([x1 | x2]) = [-x2 | x1]. x is (..., seq, dim_head)
 // after the tables are broadcast to it.
