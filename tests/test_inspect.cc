@@ -277,8 +277,25 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
 }
 
-// The profile counts ops by type, times forward and backward, and counts matrix-product FLOPs
-// from the recorded shapes: 2*M*N*K forward, twice that backward (dA and dB).
+// `mmdit bench --json` prints one object per workload with the keys issue #5 names (the
+// numbers themselves are timings: only their presence and sanity are checked).
+TEST(BenchCli, JsonLineHasTheRequiredKeys) {
+  const Command r =
+      run_mmdit("bench --workload policy-act --reps 1 --warmup 0 --threads 1 --json --keep-coretype");
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const char* key : {"\"workload\": \"policy-act\"", "\"threads\": 1", "\"median_ms\": ",
+                          "\"gflops\": ", "\"roof_gflops\": ", "\"peak_rss_mb\": ",
+                          "\"openblas_core\": "})
+    EXPECT_THAT(r.output, HasSubstr(key));
+  // 10 Euler steps of the reference policy at batch 1: 3.8 GFLOP of products, counted.
+  EXPECT_THAT(r.output, HasSubstr("\"gflop_per_rep\": 3.8"));
+  const Command bad = run_mmdit("bench --workload nope");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_THAT(bad.output, HasSubstr("unknown workload 'nope'"));
+}
+
+// The profile counts ops by type, times forward and backward, and counts the matrix-product
+// FLOPs each node did: 2*M*N*K forward, twice that backward (dA and dB).
 TEST(InspectProfile, CountsOpsAndMatmulFlops) {
   Rng rng(5);
   const Tensor x = rng.normal({256, 128}), w = rng.normal({128, 512});
