@@ -143,7 +143,7 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
     NamedTensors g1 = make(10 + step), g2 = make(10 + step);
     const double norm = global_norm(g1);
     EXPECT_NEAR(norm, clip_by_global_norm(g2, 1.0), 1e-9 * norm);
-    opt1.update(p1, g1, 1e-2, clip_scale(norm, 1.0), &ema1);
+    EXPECT_EQ(opt1.update(p1, g1, 1e-2, clip_scale(norm, 1.0), &ema1), norm);
     opt2.update(p2, g2, 1e-2);
     ema2.update(p2);
   }

@@ -78,24 +78,6 @@ MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double
   ema_chunk_impl(ema, p, n, d);
 }
 
-// g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
-// is exact).
-// With `ema`, each chunk's new parameters also go into the EMA while they are in cache.
-template <class T>
-void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
-                  int64_t step, double grad_scale, T* ema, double ema_decay) {
-  const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
-  const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
-  const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
-  const T bc2 = static_cast<T>(1 - std::pow(c.b2, static_cast<double>(step)));
-  const T gs = static_cast<T>(grad_scale);
-  for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate,
-                bc1, bc2, gs);
-    if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
-  });
-}
-
 template <class T>
 double sum_of_squares_chunk(const T* __restrict x, int64_t n) {
   double acc[8] = {};
@@ -106,6 +88,30 @@ double sum_of_squares_chunk(const T* __restrict x, int64_t n) {
   double s = 0;
   for (double a : acc) s += a;
   return s;
+}
+
+// g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
+// is exact).
+// With `ema`, each chunk's new parameters also go into the EMA while they are in cache.
+// Returns the sum of squares of g (before scaling), read again while each chunk is in cache.
+template <class T>
+double adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
+                    int64_t step, double grad_scale, T* ema, double ema_decay) {
+  const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
+  const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
+  const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
+  const T bc2 = static_cast<T>(1 - std::pow(c.b2, static_cast<double>(step)));
+  const T gs = static_cast<T>(grad_scale);
+  std::vector<double> squares(static_cast<size_t>((n + kChunk - 1) / kChunk));
+  for_each_chunk(n, [&](int64_t begin, int64_t end) {
+    squares[static_cast<size_t>(begin / kChunk)] = sum_of_squares_chunk(g + begin, end - begin);
+    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate,
+                bc1, bc2, gs);
+    if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
+  });
+  double sum = 0;
+  for (double sq : squares) sum += sq;
+  return sum;
 }
 
 template <class T>
@@ -148,12 +154,13 @@ AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
                 "' must be a contiguous float tensor");
 }
 
-void AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                   double grad_scale, EMA* ema) {
+double AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
+                     double grad_scale, EMA* ema) {
   check_same_layout(params, grads, "AdamW::update");
   check_same_layout(params, m_, "AdamW::update (optimiser state)");
   if (ema) check_same_layout(params, ema->params(), "AdamW::update (EMA)");
   ++step_;
+  double squares = 0;
   for (const auto& [name, p] : params) {
     const Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
     Tensor &m = m_.at(name), &v = v_.at(name);
@@ -164,14 +171,15 @@ void AdamW::update(const NamedTensors& params, const NamedTensors& grads, double
                 "the EMA of '", name, "' is ", e.defined() ? dtype_name(e.dtype()) : "",
                 ", the parameter ", dtype_name(p.dtype()));
     if (p.dtype() == DType::f32)
-      adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(),
-                   config_, lr, step_, grad_scale, e.defined() ? e.data<float>() : nullptr,
-                   ema ? ema->decay() : 0.0);
+      squares += adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(),
+                              v.data<float>(), p.numel(), config_, lr, step_, grad_scale,
+                              e.defined() ? e.data<float>() : nullptr, ema ? ema->decay() : 0.0);
     else
-      adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(), v.data<double>(),
-                   p.numel(), config_, lr, step_, grad_scale,
-                   e.defined() ? e.data<double>() : nullptr, ema ? ema->decay() : 0.0);
+      squares += adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(),
+                              v.data<double>(), p.numel(), config_, lr, step_, grad_scale,
+                              e.defined() ? e.data<double>() : nullptr, ema ? ema->decay() : 0.0);
   }
+  return std::sqrt(squares);
 }
 
 void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v) {

@@ -29,11 +29,12 @@ class AdamW {
   // applies). `lr` overrides config.lr for this step (a schedule).
   // grad_scale multiplies every gradient first: the factor of global-norm clipping
   // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
-  // EMA is advanced in the same pass too, as ema->update(params) after this call would.
-  void update(const NamedTensors& params, const NamedTensors& grads, double lr,
-              double grad_scale = 1.0, EMA* ema = nullptr);
-  void update(const NamedTensors& params, const NamedTensors& grads) {
-    update(params, grads, config_.lr);
+  // EMA is advanced in the same pass too, as ema->update(params) after this call would. Returns
+  // global_norm(grads) of the gradients as given (before grad_scale), read in the same pass.
+  double update(const NamedTensors& params, const NamedTensors& grads, double lr,
+                double grad_scale = 1.0, EMA* ema = nullptr);
+  double update(const NamedTensors& params, const NamedTensors& grads) {
+    return update(params, grads, config_.lr);
   }
 
   int64_t step() const { return step_; }

@@ -199,14 +199,18 @@ StepStats Trainer::train_step() {
   auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
   StepStats stats;
   stats.loss = loss_value.item();
-  stats.grad_norm = global_norm(grads);
   stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
                               config_.cosine_decay ? config_.steps : 0);
   const NamedTensors params = policy_->named_parameters();
-  // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients.
-  const double grad_scale =
-      config_.grad_clip > 0 ? clip_scale(stats.grad_norm, config_.grad_clip) : 1.0;
-  optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
+  // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients;
+  // it needs the norm first. Without clipping, the norm for the log comes from that pass too.
+  double grad_scale = 1.0;
+  if (config_.grad_clip > 0) {
+    stats.grad_norm = global_norm(grads);
+    grad_scale = clip_scale(stats.grad_norm, config_.grad_clip);
+  }
+  const double norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
+  if (config_.grad_clip <= 0) stats.grad_norm = norm;
   return stats;
 }
 
