@@ -128,8 +128,8 @@ void rms_norm_forward(const T* x, const T* gamma, T* y, T* rstd, int64_t rows, i
 
 // gy = dy gamma; dx = rstd gy - x rstd^3 mean(gy x); dgamma = sum over rows of dy x rstd.
 template <class T>
-void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T* dx,
-                       T* dgamma, int64_t rows, int64_t D) {
+void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T* dx, T* dgamma,
+                       int64_t rows, int64_t D) {
   parallel_for(rows, 6 * D, [&](int64_t r) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
@@ -146,7 +146,8 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
   parallel_for(blocks, 2 * block * D, [&](int64_t b) {
     double* acc = partial.data() + b * D;
     for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r)
-      for (int64_t i = 0; i < D; ++i) acc[i] += static_cast<double>(dy[r * D + i] * x[r * D + i]) * rstd[r];
+      for (int64_t i = 0; i < D; ++i)
+        acc[i] += static_cast<double>(dy[r * D + i] * x[r * D + i]) * rstd[r];
   });
   for (int64_t i = 0; i < D; ++i) {
     double sum = 0;
@@ -250,8 +251,8 @@ void gated_residual_backward(const T* dy, const T* gate, const T* y, T* dy_in, T
 // out = x cos + rotate_half(x) sin per row of d; with `transposed`, the adjoint:
 // out = x cos + rotate_half^T(x sin), rotate_half^T([a1 | a2]) = [a2 | -a1].
 template <class T>
-void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int64_t S,
-               int64_t H, int64_t d, bool transposed) {
+void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int64_t S, int64_t H,
+               int64_t d, bool transposed) {
   const int64_t half = d / 2;
   parallel_for(rows, 4 * d, [&](int64_t r) {
     const int64_t s = (r / H) % S;
@@ -347,8 +348,8 @@ std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionSha
                   ((mask.dim() == 2 && mask.shape() == Shape({s.T, s.T})) ||
                    (mask.dim() == 3 && mask.shape() == Shape({s.B, s.T, s.T}))),
               op, ": mask has shape ", shape_str(mask.shape()), " and dtype ",
-              dtype_name(mask.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B, ",",
-              s.T, ",", s.T, ")");
+              dtype_name(mask.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B, ",", s.T,
+              ",", s.T, ")");
   return {raw::contiguous(mask), mask.dim() == 3 ? s.T * s.T : 0};
 }
 
@@ -388,8 +389,8 @@ void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, co
 // dgamma = sum over rows of dz x rstd. v rows pass dy through.
 template <class T>
 void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, const T* gk,
-                           const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B,
-                           int64_t S, int64_t H, int64_t d) {
+                           const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B, int64_t S,
+                           int64_t H, int64_t d) {
   const int64_t half = d / 2, tokens = B * S;
   // Per block of tokens, partial gamma gradients (q then k), summed in block order after: the
   // same bits on any number of threads.
@@ -441,8 +442,7 @@ Tensor attention_fused(const Tensor& q_in, const Tensor& k_in, const Tensor& v_i
   MMDIT_CHECK(q_in.dim() == 4 && k_in.shape() == q_in.shape() && v_in.shape() == q_in.shape(), op,
               ": q, k, v have shapes ", shape_str(q_in.shape()), ", ", shape_str(k_in.shape()),
               ", ", shape_str(v_in.shape()), "; expected one (B, T, H, d) shape");
-  const int64_t B = q_in.shape()[0], T_ = q_in.shape()[1], H = q_in.shape()[2],
-                d = q_in.shape()[3];
+  const int64_t B = q_in.shape()[0], T_ = q_in.shape()[1], H = q_in.shape()[2], d = q_in.shape()[3];
   const AttentionShape s{B, T_, H, d, H * d, T_ * H * d, H * d, T_ * H * d};
   const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
   const Tensor q = raw::contiguous(q_in), k = raw::contiguous(k_in), v = raw::contiguous(v_in);
@@ -507,8 +507,8 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in) {
                       T* dbase = dqkv.data<T>();
                       attention_backward(dout.data<T>(), base, base + hd, base + 2 * hd,
                                          probs.data<T>(),
-                                         mask.defined() ? mask.data<bool>() : nullptr,
-                                         mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
+                                         mask.defined() ? mask.data<bool>() : nullptr, mask_stride,
+                                         dbase, dbase + hd, dbase + 2 * hd, s);
                     });
                     return dqkv;
                   });
@@ -550,9 +550,9 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                          dgk = empty({d}, x.dtype());
                   by_dtype(x.dtype(), [&](auto tag) {
                     using T = decltype(tag);
-                    qk_norm_rope_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(),
-                                          gq.data<T>(), gk.data<T>(), c.data<T>(), sn.data<T>(),
-                                          dx.data<T>(), dgq.data<T>(), dgk.data<T>(), B, S, H, d);
+                    qk_norm_rope_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gq.data<T>(),
+                                          gk.data<T>(), c.data<T>(), sn.data<T>(), dx.data<T>(),
+                                          dgq.data<T>(), dgk.data<T>(), B, S, H, d);
                   });
                   ctx.input(0, [&] { return dx; });
                   ctx.input(1, [&] { return dgq; });
@@ -590,16 +590,16 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const Tensor saved[] = {x2, weight};
   return record(op, y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
                 [in, out](Backward& ctx) {
-    const Tensor &x2 = ctx.saved[0], &weight = ctx.saved[1];
-    const Tensor dy = raw::reshape(ctx.grad, {-1, out});
-    ctx.input(0, [&] {
-      Shape shape = ctx.grad.shape();
-      shape.back() = in;
-      return raw::reshape(raw::matmul(dy, weight), shape);
-    });
-    ctx.input(1, [&] { return raw::matmul(raw::transpose(dy, 0, 1), x2); });
-    if (ctx.input_grads().size() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
-  });
+                  const Tensor &x2 = ctx.saved[0], &weight = ctx.saved[1];
+                  const Tensor dy = raw::reshape(ctx.grad, {-1, out});
+                  ctx.input(0, [&] {
+                    Shape shape = ctx.grad.shape();
+                    shape.back() = in;
+                    return raw::reshape(raw::matmul(dy, weight), shape);
+                  });
+                  ctx.input(1, [&] { return raw::matmul(raw::transpose(dy, 0, 1), x2); });
+                  if (ctx.input_grads().size() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
+                });
 }
 
 Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {
@@ -635,8 +635,8 @@ Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& s
   check_floats(op, {x, shift, scale});
   const Groups g = groups_of(x, op);
   per_group(shift, g, op, "shift"), per_group(scale, g, op, "scale");  // errors that name them
-  return layer_norm_modulate(x, concat({broadcast_to(shift, g.param_shape),
-                                        broadcast_to(scale, g.param_shape)}, -1), eps);
+  return layer_norm_modulate(
+      x, concat({broadcast_to(shift, g.param_shape), broadcast_to(scale, g.param_shape)}, -1), eps);
 }
 
 Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {

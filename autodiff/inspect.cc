@@ -100,8 +100,8 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
     const Node& n = nodes[k];
     std::string inputs;
     for (size_t i = 0; i < n.inputs.size(); ++i)
-      inputs += str_cat(i ? ", " : "", value(n.inputs[i], n.scope), " ",
-                        shape_str(n.input_shapes[i]));
+      inputs +=
+          str_cat(i ? ", " : "", value(n.inputs[i], n.scope), " ", shape_str(n.input_shapes[i]));
     rows.push_back(
         {std::to_string(k), n.op,
          str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
@@ -131,8 +131,9 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
     line_length += item.size() + 1;
   }
   if (named > 0)
-    out += str_cat(line_length > 7 ? ";" : "", " ", named, named == 1 ? " parameter" : " parameters",
-                   ", shown by name (relative to the node's scope)");
+    out +=
+        str_cat(line_length > 7 ? ";" : "", " ", named, named == 1 ? " parameter" : " parameters",
+                ", shown by name (relative to the node's scope)");
   if (leaves.empty()) out += " none";
   out += "\n";
   for (const auto& row : rows) {
@@ -305,9 +306,9 @@ std::string format_profile(const Tape& tape) {
     const double t = r.forward + r.backward;
     const double gflop = r.gflop_forward + r.gflop_backward;
     std::snprintf(
-        line, sizeof line, "%-*s %6lld %11.3f %11.3f %6.1f%% %9.3f %9.3f %9s\n", op_width, r.op.c_str(),
-        static_cast<long long>(r.count), 1e3 * r.forward, 1e3 * r.backward, 100 * t / all,
-        r.gflop_forward, r.gflop_backward,
+        line, sizeof line, "%-*s %6lld %11.3f %11.3f %6.1f%% %9.3f %9.3f %9s\n", op_width,
+        r.op.c_str(), static_cast<long long>(r.count), 1e3 * r.forward, 1e3 * r.backward,
+        100 * t / all, r.gflop_forward, r.gflop_backward,
         gflop > 0 && t > 0 ? std::to_string(static_cast<int64_t>(gflop / t)).c_str() : "");
     out += line;
   }

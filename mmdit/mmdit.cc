@@ -149,9 +149,10 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
 }
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
-  MMDIT_CHECK(!timesteps.empty() && timesteps[0].dim() == 1, "MMDiT::condition: timesteps must "
-              "be batched, (B,) each; got ", timesteps.empty() ? std::string("none")
-                                                                : shape_str(timesteps[0].shape()));
+  MMDIT_CHECK(!timesteps.empty() && timesteps[0].dim() == 1,
+              "MMDiT::condition: timesteps must "
+              "be batched, (B,) each; got ",
+              timesteps.empty() ? std::string("none") : shape_str(timesteps[0].shape()));
   const Tensor c = conditioning(timesteps, true, timesteps[0].shape()[0]);
   MMDiTConditioning cond;
   for (size_t i = 0; i < blocks.size(); ++i) {

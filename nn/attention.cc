@@ -70,8 +70,8 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
     const int64_t seq = lengths[m];
     const Tensor qkv = reshape(to_qkv[m](xs[m]), {batch, seq, 3, heads, dim_head});
     const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
-    packed.push_back(qk_norm_rope(qkv, q_rmsnorms[m].gamma, k_rmsnorms[m].gamma, tables.cos,
-                                  tables.sin));
+    packed.push_back(
+        qk_norm_rope(qkv, q_rmsnorms[m].gamma, k_rmsnorms[m].gamma, tables.cos, tables.sin));
   }
   // One attention over the concatenated sequence, token-major throughout: nn::attention(q, k, v,
   // mask) on the (B, H, T, d) views, without the permuted copies.

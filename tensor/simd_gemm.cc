@@ -52,10 +52,14 @@ template <int MR>
 HWY_INLINE void TileRows(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
                          int64_t ldy, int64_t K, int64_t nr) {
   switch (nr) {
-    case 4: return Tile<MR, 4>(x, ldx, w, ldw, y, ldy, K);
-    case 3: return Tile<MR, 3>(x, ldx, w, ldw, y, ldy, K);
-    case 2: return Tile<MR, 2>(x, ldx, w, ldw, y, ldy, K);
-    default: return Tile<MR, 1>(x, ldx, w, ldw, y, ldy, K);
+    case 4:
+      return Tile<MR, 4>(x, ldx, w, ldw, y, ldy, K);
+    case 3:
+      return Tile<MR, 3>(x, ldx, w, ldw, y, ldy, K);
+    case 2:
+      return Tile<MR, 2>(x, ldx, w, ldw, y, ldy, K);
+    default:
+      return Tile<MR, 1>(x, ldx, w, ldw, y, ldy, K);
   }
 }
 
@@ -68,10 +72,18 @@ void GemmNTF32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* 
       const float* wt = w + n * ldw;
       float* yt = y + m * ldy + n;
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: TileRows<4>(xt, ldx, wt, ldw, yt, ldy, K, nr); break;
-        case 3: TileRows<3>(xt, ldx, wt, ldw, yt, ldy, K, nr); break;
-        case 2: TileRows<2>(xt, ldx, wt, ldw, yt, ldy, K, nr); break;
-        default: TileRows<1>(xt, ldx, wt, ldw, yt, ldy, K, nr); break;
+        case 4:
+          TileRows<4>(xt, ldx, wt, ldw, yt, ldy, K, nr);
+          break;
+        case 3:
+          TileRows<3>(xt, ldx, wt, ldw, yt, ldy, K, nr);
+          break;
+        case 2:
+          TileRows<2>(xt, ldx, wt, ldw, yt, ldy, K, nr);
+          break;
+        default:
+          TileRows<1>(xt, ldx, wt, ldw, yt, ldy, K, nr);
+          break;
       }
     }
   }

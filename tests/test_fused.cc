@@ -53,9 +53,8 @@ TEST(Fused, LinearMatchesDefinitionAndGradients) {
                                 ? squeeze(matmul(unsqueeze(x, 0), transpose(w, 0, 1)), 0) + b
                                 : matmul(x, transpose(w, 0, 1)) + b;
     EXPECT_LT(max_abs_diff(linear_fused(x, w, b), expected), 1e-13);
-    expect_gradcheck([](const std::vector<Tensor>& in) {
-      return linear_fused(in[0], in[1], in[2]);
-    }, {x, w, b});
+    expect_gradcheck(
+        [](const std::vector<Tensor>& in) { return linear_fused(in[0], in[1], in[2]); }, {x, w, b});
     expect_gradcheck([](const std::vector<Tensor>& in) { return linear_fused(in[0], in[1]); },
                      {x, w});
   }
@@ -71,13 +70,14 @@ TEST(Fused, LayerNormModulateMatchesDefinitionAndGradients) {
   Rng rng(1);
   for (const Shape& mod_shape : {Shape{3, 1, 6}, Shape{6}, Shape{1, 6}}) {
     const Tensor x = rng.normal({3, 4, 6}, DType::f64, 0.5, 2.0);
-    const Tensor shift = rng.normal(mod_shape, DType::f64), scale = rng.normal(mod_shape, DType::f64);
+    const Tensor shift = rng.normal(mod_shape, DType::f64),
+                 scale = rng.normal(mod_shape, DType::f64);
     EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift, scale),
                            reference_layer_norm_modulate(x, shift, scale)),
               1e-12);
-    expect_gradcheck([](const std::vector<Tensor>& in) {
-      return layer_norm_modulate(in[0], in[1], in[2]);
-    }, {x, shift, scale});
+    expect_gradcheck(
+        [](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1], in[2]); },
+        {x, shift, scale});
   }
   // Unbatched (S, D) tokens with (1, D) parameters.
   const Tensor x = rng.normal({5, 8}, DType::f64);
@@ -114,9 +114,9 @@ TEST(Fused, GatedResidualMatchesDefinitionAndGradients) {
     const Tensor gate = rng.normal(gate_shape, DType::f64);
     EXPECT_LT(max_abs_diff(gated_residual(x, gate, y), reference_gated_residual(x, gate, y)),
               1e-14);
-    expect_gradcheck([](const std::vector<Tensor>& in) {
-      return gated_residual(in[0], in[1], in[2]);
-    }, {x, gate, y});
+    expect_gradcheck(
+        [](const std::vector<Tensor>& in) { return gated_residual(in[0], in[1], in[2]); },
+        {x, gate, y});
   }
 }
 
@@ -131,8 +131,7 @@ TEST(Fused, RopeMatchesDefinitionAndGradients) {
 // nn::attention works on (B, H, T, d); the fused op on (B, T, H, d).
 Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
-  return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask),
-                 {0, 2, 1, 3});
+  return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask), {0, 2, 1, 3});
 }
 
 TEST(Fused, AttentionMatchesDefinitionAndGradients) {
@@ -149,9 +148,11 @@ TEST(Fused, AttentionMatchesDefinitionAndGradients) {
                  v = rng.normal({B, T, H, d}, DType::f64);
     EXPECT_LT(max_abs_diff(attention_fused(q, k, v, mask), reference_attention(q, k, v, mask)),
               1e-13);
-    expect_gradcheck([mask](const std::vector<Tensor>& in) {
-      return attention_fused(in[0], in[1], in[2], mask);
-    }, {q, k, v});
+    expect_gradcheck(
+        [mask](const std::vector<Tensor>& in) {
+          return attention_fused(in[0], in[1], in[2], mask);
+        },
+        {q, k, v});
   }
   const Tensor q = rng.normal({B, T, H, d});
   EXPECT_THROW(attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor()), Error);
@@ -172,9 +173,8 @@ TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
     EXPECT_LT(max_abs_diff(attention_packed(qkv, mask),
                            reference_attention(part(0), part(1), part(2), mask)),
               1e-13);
-    expect_gradcheck([mask](const std::vector<Tensor>& in) {
-      return attention_packed(in[0], mask);
-    }, {qkv});
+    expect_gradcheck(
+        [mask](const std::vector<Tensor>& in) { return attention_packed(in[0], mask); }, {qkv});
   }
   EXPECT_THROW(attention_packed(rng.normal({B, T, 2, H, d}), Tensor()), Error);
 }
@@ -191,9 +191,11 @@ TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
              reference_rope(reference_rms_norm(part(1), gk), t.cos, t.sin), part(2)},
             2);
   EXPECT_LT(max_abs_diff(qk_norm_rope(qkv, gq, gk, t.cos, t.sin), expected), 1e-13);
-  expect_gradcheck([t](const std::vector<Tensor>& in) {
-    return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
-  }, {qkv, gq, gk});
+  expect_gradcheck(
+      [t](const std::vector<Tensor>& in) {
+        return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
+      },
+      {qkv, gq, gk});
   EXPECT_THROW(qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin), Error);
   EXPECT_THROW(qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64)), Error);
 }
@@ -218,8 +220,8 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
   auto run = [&] {
     Tape tape;
     tape.watch(x), tape.watch(shift), tape.watch(scale), tape.watch(gamma);
-    const Tensor y = gated_residual(x, scale, swiglu(layer_norm_modulate(x, shift, scale),
-                                                     rms_norm_fused(x, gamma)));
+    const Tensor y = gated_residual(
+        x, scale, swiglu(layer_norm_modulate(x, shift, scale), rms_norm_fused(x, gamma)));
     std::vector<Tensor> out = tape.gradient(sum(y), {x, shift, scale, gamma});
     out.push_back(y);
     return out;

@@ -280,12 +280,12 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
 // `mmdit bench --json` prints one object per workload with the keys issue #5 names (the
 // numbers themselves are timings: only their presence and sanity are checked).
 TEST(BenchCli, JsonLineHasTheRequiredKeys) {
-  const Command r =
-      run_mmdit("bench --workload policy-act --reps 1 --warmup 0 --threads 1 --json --keep-coretype");
+  const Command r = run_mmdit(
+      "bench --workload policy-act --reps 1 --warmup 0 --threads 1 --json --keep-coretype");
   ASSERT_EQ(r.status, 0) << r.output;
-  for (const char* key : {"\"workload\": \"policy-act\"", "\"threads\": 1", "\"median_ms\": ",
-                          "\"gflops\": ", "\"roof_gflops\": ", "\"peak_rss_mb\": ",
-                          "\"openblas_core\": "})
+  for (const char* key :
+       {"\"workload\": \"policy-act\"", "\"threads\": 1", "\"median_ms\": ", "\"gflops\": ",
+        "\"roof_gflops\": ", "\"peak_rss_mb\": ", "\"openblas_core\": "})
     EXPECT_THAT(r.output, HasSubstr(key));
   // 10 Euler steps of the reference policy at batch 1: 3.8 GFLOP of products, counted.
   EXPECT_THAT(r.output, HasSubstr("\"gflop_per_rep\": 3.8"));

@@ -1035,6 +1035,29 @@ TEST(TensorMatmul, BatchedBroadcastAndStridedOperands) {
   }
 }
 
+// x W^T with at most 16 rows runs on simd::gemm_nt, not OpenBLAS: every row count of its 4 x 4
+// tiles, column counts with partial tiles and blocks, and K with a SIMD tail, against float64.
+TEST(TensorMatmul, FewRowsTimesTransposedWeight) {
+  Rng rng(21);
+  for (int64_t m : {1, 2, 3, 4, 5, 7, 16})
+    for (int64_t n : {1, 6, 67, 130})
+      for (int64_t k : {1, 15, 16, 37, 256}) {
+        const Tensor x = rng.normal({m, k}), w = rng.normal({n, k});
+        const Tensor got = raw::matmul(x, raw::transpose(w, 0, 1));
+        const Tensor want = raw::matmul(raw::to_dtype(x, DType::f64),
+                                        raw::transpose(raw::to_dtype(w, DType::f64), 0, 1));
+        const Tensor err = raw::sub(raw::to_dtype(got, DType::f64), want);
+        EXPECT_LT(raw::max(raw::unary(raw::UnaryOp::abs, err)).item(), 2e-5 * std::sqrt(k))
+            << m << "x" << k << " @ (" << n << "x" << k << ")^T";
+      }
+  // A strided input (every other row of a bigger matrix) and a row block of a weight.
+  const Tensor x = raw::slice(rng.normal({8, 40}), 0, 0, 8, 2);
+  const Tensor w = raw::narrow(rng.normal({30, 40}), 0, 10, 9);
+  const Tensor got = raw::matmul(x, raw::transpose(w, 0, 1));
+  const Tensor want = raw::matmul(raw::contiguous(x), raw::contiguous(raw::transpose(w, 0, 1)));
+  EXPECT_LT(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(got, want))).item(), 1e-5);
+}
+
 TEST(TensorMatmul, EmptyInnerDimensionGivesZeros) {
   for (DType t : {DType::f32, DType::f64}) {
     Tensor c = raw::matmul(zeros({3, 0}, t), zeros({0, 4}, t));

@@ -148,7 +148,8 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
     ema2.update(p2);
   }
   for (const char* name : {"w", "b"}) {
-    EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(p1.at(name), p2.at(name)))).item(), 0);
+    EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(p1.at(name), p2.at(name)))).item(),
+              0);
     EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs,
                                   raw::sub(ema1.params().at(name), ema2.params().at(name))))
                   .item(),

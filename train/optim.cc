@@ -105,8 +105,8 @@ double adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& 
   std::vector<double> squares(static_cast<size_t>((n + kChunk - 1) / kChunk));
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
     squares[static_cast<size_t>(begin / kChunk)] = sum_of_squares_chunk(g + begin, end - begin);
-    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate,
-                bc1, bc2, gs);
+    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate, bc1,
+                bc2, gs);
     if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
   });
   double sum = 0;
@@ -167,12 +167,13 @@ double AdamW::update(const NamedTensors& params, const NamedTensors& grads, doub
     if (m.dtype() != p.dtype()) m = raw::to_dtype(m, p.dtype()), v = raw::to_dtype(v, p.dtype());
     // The EMA's tensor is updated in place, so it must already have the parameter's dtype.
     Tensor e = ema ? ema->params().at(name) : Tensor();
-    MMDIT_CHECK(!e.defined() || (e.dtype() == p.dtype() && e.is_contiguous()), "AdamW::update: ",
-                "the EMA of '", name, "' is ", e.defined() ? dtype_name(e.dtype()) : "",
-                ", the parameter ", dtype_name(p.dtype()));
+    MMDIT_CHECK(!e.defined() || (e.dtype() == p.dtype() && e.is_contiguous()),
+                "AdamW::update: ", "the EMA of '", name, "' is ",
+                e.defined() ? dtype_name(e.dtype()) : "", ", the parameter ",
+                dtype_name(p.dtype()));
     if (p.dtype() == DType::f32)
-      squares += adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(),
-                              v.data<float>(), p.numel(), config_, lr, step_, grad_scale,
+      squares += adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(),
+                              p.numel(), config_, lr, step_, grad_scale,
                               e.defined() ? e.data<float>() : nullptr, ema ? ema->decay() : 0.0);
     else
       squares += adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(),

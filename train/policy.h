@@ -54,8 +54,7 @@ class BCPolicy : public nn::Module {
   // act_dim) and t (B,).
   Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const;
   // The same, with the time conditioning already computed (mmdit.condition({t})).
-  Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t,
-                  const MMDiTConditioning& time) const;
+  Tensor velocity(const Tensor& obs_tokens, const Tensor& x_t, const MMDiTConditioning& time) const;
   // (n_obs + horizon)^2: observation rows see everything; action rows see every observation
   // and the actions at or before their own position.
   const Tensor& attention_mask() const { return mask_; }

@@ -56,8 +56,7 @@ const Workload kWorkloads[] = {
      "InContextMMDiT depth 12, dims (512, 256), batch 8, 100 + 18 tokens: forward, MSE, "
      "backward, AdamW",
      true},
-    {"tiny-gradcheck", "MMDiT depth 2, dims (16, 8), float64: gradcheck of every parameter",
-     false},
+    {"tiny-gradcheck", "MMDiT depth 2, dims (16, 8), float64: gradcheck of every parameter", false},
 };
 
 // What one repetition leaves behind for the report, besides its time.
@@ -247,8 +246,8 @@ double sgemm_roof_gflops() {
   std::vector<double> times;
   for (int rep = 0; rep < 6; ++rep) {
     const Clock::time_point t0 = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
-                n, 0.0f, c.data(), n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
+                0.0f, c.data(), n);
     if (rep > 0) times.push_back(seconds_since(t0));  // the first packs buffers, faults pages
   }
   std::sort(times.begin(), times.end());
@@ -345,8 +344,9 @@ void run_bench(const Options& o) {
   if (!o.keep_coretype && std::getenv("OPENBLAS_CORETYPE")) {
     // Too late for this process: OpenBLAS chose its kernels when it was loaded.
     if (!o.json)
-      std::fprintf(stderr, "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype "
-                           "keeps it)\n",
+      std::fprintf(stderr,
+                   "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype "
+                   "keeps it)\n",
                    std::getenv("OPENBLAS_CORETYPE"));
     unsetenv("OPENBLAS_CORETYPE");
     const std::vector<std::string>& args = program_args();
