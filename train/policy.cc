@@ -227,31 +227,24 @@ Tensor BCPolicy::encode_observations(const Tensor& state) const {
   return state_encoder(state) + state_pos_embed;
 }
 
-Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const {
+Tensor BCPolicy::action_tokens(const Tensor& x_t) const {
   MMDIT_CHECK(
       x_t.dim() == 3 && x_t.shape()[1] == config.horizon && x_t.shape()[2] == config.act_dim,
       "policy: actions have shape ", shape_str(x_t.shape()), "; expected (B,", config.horizon, ",",
       config.act_dim, ")");
-  Tensor act;
-  {
-    NameScope scope("action_encoder");
-    act = action_encoder(x_t) + action_pos_embed;
-  }
+  NameScope scope("action_encoder");
+  return action_encoder(x_t) + action_pos_embed;
+}
+
+Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const {
+  const Tensor act = action_tokens(x_t);
   NameScope scope("mmdit");
   return mmdit({obs_tokens, act}, {t}, mask_)[1];
 }
 
 Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
                           const MMDiTConditioning& time) const {
-  MMDIT_CHECK(
-      x_t.dim() == 3 && x_t.shape()[1] == config.horizon && x_t.shape()[2] == config.act_dim,
-      "policy: actions have shape ", shape_str(x_t.shape()), "; expected (B,", config.horizon, ",",
-      config.act_dim, ")");
-  Tensor act;
-  {
-    NameScope scope("action_encoder");
-    act = action_encoder(x_t) + action_pos_embed;
-  }
+  const Tensor act = action_tokens(x_t);
   NameScope scope("mmdit");
   return mmdit.forward({obs_tokens, act}, time, mask_)[1];
 }

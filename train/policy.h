@@ -65,6 +65,7 @@ class BCPolicy : public nn::Module {
   MMDiT mmdit;
 
  private:
+  Tensor action_tokens(const Tensor& x_t) const;  // checked, encoded, position-embedded
   Tensor mask_;
 };
 

@@ -87,6 +87,14 @@ Episodes random_episodes(const PolicyConfig& c, Rng& rng) {
   return e;
 }
 
+// Every parameter drawn from N(0, std^2), zero-initialised ones included.
+void randomize(nn::Module& module, Rng& rng, DType dtype, double std) {
+  NamedTensors random;
+  for (const auto& [name, t] : module.named_parameters())
+    random.insert(name, rng.normal(t.shape(), dtype, 0, std));
+  module.load(random);
+}
+
 TapeStats tape_of(const NamedTensors& params, const std::function<Tensor()>& loss) {
   Tape tape;
   for (const auto& [name, t] : params) tape.watch(t);
@@ -123,10 +131,7 @@ Prepared prepare_policy_act(int64_t batch) {
   auto policy = std::make_shared<BCPolicy>(c, rng);
   // A fresh policy has zero-initialised adaLN gates and output layer; random weights make the
   // work the same as a trained one's (no zeros that a kernel might skip).
-  NamedTensors random;
-  for (const auto& [name, t] : policy->named_parameters())
-    random.insert(name, rng.normal(t.shape(), DType::f32, 0, 0.02));
-  policy->load(random);
+  randomize(*policy, rng, DType::f32, 0.02);
   const Tensor state = rng.uniform({batch, c.n_obs_steps, c.state_dim}, DType::f32, -1, 1);
   auto rng_shared = std::make_shared<Rng>(1);
   // A deployed controller: weights frozen, so the schedule's time conditioning is computed once.
@@ -186,10 +191,7 @@ Prepared prepare_tiny_gradcheck() {
   model->to(DType::f64);
   // Random weights in place of the zero-initialised ones; larger than 0.2 and the finite
   // differences themselves lose accuracy (third derivatives grow), not the gradients.
-  NamedTensors random;
-  for (const auto& [name, t] : model->named_parameters())
-    random.insert(name, rng.normal(t.shape(), DType::f64, 0, 0.2));
-  model->load(random);
+  randomize(*model, rng, DType::f64, 0.2);
   const std::vector<Tensor> xs = {rng.normal({2, 5, 16}, DType::f64),
                                   rng.normal({2, 3, 8}, DType::f64)};
   const Tensor t = rng.uniform({2}, DType::f64);
