@@ -12,24 +12,17 @@
 #include "autodiff/tape.h"
 #include "autodiff/value_and_grad.h"
 #include "tensor/named_tensors.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
+
+using test::error_of;
 
 using testing::HasSubstr;
 
 std::vector<double> values(const Tensor& t) {
   return t.to_vector<double>();
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no mmdit::Error thrown)";
 }
 
 // ---- what gets recorded ----

@@ -11,14 +11,12 @@
 #include "nn/functional.h"
 #include "tensor/parallel.h"
 #include "tensor/random.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.shape(), b.shape());
-  return raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(a, b))).item();
-}
+using test::max_abs_diff;
 
 // The plain-op definitions the fused ops must equal.
 Tensor reference_layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {

@@ -16,22 +16,15 @@
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
 #include "tensor/random.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
+using test::error_of;
+
 using testing::HasSubstr;
 using testing::Not;
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no mmdit::Error thrown)";
-}
 
 int count(const std::string& s, const std::string& what) {
   int n = 0;

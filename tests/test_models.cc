@@ -8,19 +8,14 @@
 #include "autodiff/value_and_grad.h"
 #include "mmdit/incontext.h"
 #include "mmdit/mmdit.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
-using ::testing::HasSubstr;
+using test::max_abs_diff;
 
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.shape(), b.shape());
-  const auto x = a.to_vector<double>(), y = b.to_vector<double>();
-  double m = 0;
-  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
-  return m;
-}
+using ::testing::HasSubstr;
 
 double max_abs(const Tensor& a) {
   return max_abs_diff(a, zeros_like(a));

@@ -20,55 +20,19 @@
 #include <vector>
 
 #include "tensor/ops.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
+using test::le_bytes;
+using test::TempDir;
+
 namespace fs = std::filesystem;
-
-// A fresh directory under the test temp dir, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::path(::testing::TempDir()) / "safetensors_test_XXXXXX").string();
-    char* made = ::mkdtemp(pattern.data());
-    if (!made) throw std::runtime_error("mkdtemp failed for " + pattern);
-    path_ = made;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(path_)) names.push_back(e.path().filename());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
- private:
-  fs::path path_;
-};
 
 // ---- building files by hand ----
 void append_u64(std::string& out, uint64_t v) {
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-
-template <class T>
-std::string le_bytes(const std::vector<T>& values) {
-  std::string out;
-  for (T v : values) {
-    using U = std::conditional_t<
-        sizeof(T) == 1, uint8_t,
-        std::conditional_t<sizeof(T) == 2, uint16_t,
-                           std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>>;
-    const U u = std::bit_cast<U>(v);
-    for (size_t i = 0; i < sizeof(T); ++i) out.push_back(static_cast<char>((u >> (8 * i)) & 0xFF));
-  }
-  return out;
 }
 
 std::string make_file(const std::string& header, const std::string& data = "") {

@@ -19,9 +19,12 @@
 #include "tensor/print.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
+
+using test::error_of;
 
 using testing::HasSubstr;
 
@@ -1189,16 +1192,6 @@ TEST(TensorPrint, LargeTensorsAreElided) {
 }
 
 // ---- errors ----
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no mmdit::Error thrown)";
-}
 
 TEST(TensorErrors, MessagesNameTheOpAndShapes) {
   const Tensor a = zeros({2, 3}), x3 = zeros({2, 3, 4});

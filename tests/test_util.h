@@ -1,0 +1,78 @@
+// Helpers shared by the test files.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tensor/bytes.h"
+#include "tensor/error.h"
+#include "tensor/tensor.h"
+
+namespace mmdit::test {
+
+// The message of the mmdit::Error that f throws, or a marker saying it threw none.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no mmdit::Error thrown)";
+}
+
+// max |a - b| over the elements, in float64; a and b must have one shape.
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.shape(), b.shape());
+  const auto x = a.to_vector<double>(), y = b.to_vector<double>();
+  double m = 0;
+  for (size_t i = 0; i < x.size() && i < y.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
+  return m;
+}
+
+// The values as little-endian bytes, as files store them.
+template <class T>
+std::string le_bytes(const std::vector<T>& values) {
+  std::string out;
+  append_le(out, values.data(), values.size());
+  return out;
+}
+
+// A fresh directory under the test temp dir, removed with everything in it at scope exit.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "mmdit_test") {
+    std::string pattern =
+        (std::filesystem::path(::testing::TempDir()) / (prefix + "_XXXXXX")).string();
+    char* made = ::mkdtemp(pattern.data());
+    if (!made) throw std::runtime_error("mkdtemp failed for " + pattern);
+    path_ = made;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(path_))
+      names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+}  // namespace mmdit::test
