@@ -48,13 +48,18 @@ Groups groups_of(const Tensor& x, const char* op) {
 }
 
 // A (..., 1, D) parameter as a contiguous (G, D) block; `name` for the error.
-Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
+void check_per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
   try {
-    return raw::contiguous(raw::broadcast_to(p, g.param_shape));
+    raw::broadcast_to(p, g.param_shape);
   } catch (const Error&) {
     fail(op, ": ", name, " has shape ", shape_str(p.shape()), ", which does not broadcast to ",
          shape_str(g.param_shape));
   }
+}
+
+Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
+  check_per_group(p, g, op, name);
+  return raw::contiguous(raw::broadcast_to(p, g.param_shape));
 }
 
 // ---- layer_norm_modulate ----
@@ -435,44 +440,14 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
 
 }  // namespace
 
-Tensor attention_fused(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                       const Tensor& mask_in) {
-  const char* op = "attention";
-  check_floats(op, {q_in, k_in, v_in});
-  MMDIT_CHECK(q_in.dim() == 4 && k_in.shape() == q_in.shape() && v_in.shape() == q_in.shape(), op,
-              ": q, k, v have shapes ", shape_str(q_in.shape()), ", ", shape_str(k_in.shape()),
-              ", ", shape_str(v_in.shape()), "; expected one (B, T, H, d) shape");
-  const int64_t B = q_in.shape()[0], T_ = q_in.shape()[1], H = q_in.shape()[2], d = q_in.shape()[3];
-  const AttentionShape s{B, T_, H, d, H * d, T_ * H * d, H * d, T_ * H * d};
-  const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
-  const Tensor q = raw::contiguous(q_in), k = raw::contiguous(k_in), v = raw::contiguous(v_in);
-  Tensor out = empty(q.shape(), q.dtype()), probs = empty({B, H, T_, T_}, q.dtype());
-  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
-  by_dtype(q.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    attention_forward(q.data<T>(), k.data<T>(), v.data<T>(), m, mask_stride, probs.data<T>(),
-                      out.data<T>(), s);
-  });
-  const Tensor saved[] = {q, k, v, probs, mask};
-  const Tensor inputs[] = {q_in, k_in, v_in};
-  return record(op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
-                [s, mask_stride](Backward& ctx) {
-                  const Tensor &q = ctx.saved[0], &k = ctx.saved[1], &v = ctx.saved[2];
-                  const Tensor &probs = ctx.saved[3], &mask = ctx.saved[4];
-                  const Tensor dout = raw::contiguous(ctx.grad);
-                  Tensor dq = empty(q.shape(), q.dtype()), dk = empty(q.shape(), q.dtype()),
-                         dv = empty(q.shape(), q.dtype());
-                  by_dtype(q.dtype(), [&](auto tag) {
-                    using T = decltype(tag);
-                    attention_backward(dout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(),
-                                       probs.data<T>(),
-                                       mask.defined() ? mask.data<bool>() : nullptr, mask_stride,
-                                       dq.data<T>(), dk.data<T>(), dv.data<T>(), s);
-                  });
-                  ctx.input(0, [&] { return dq; });
-                  ctx.input(1, [&] { return dk; });
-                  ctx.input(2, [&] { return dv; });
-                });
+Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  check_floats("attention", {q, k, v});
+  MMDIT_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape(),
+              "attention: q, k, v have shapes ", shape_str(q.shape()), ", ", shape_str(k.shape()),
+              ", ", shape_str(v.shape()), "; expected one (B, T, H, d) shape");
+  // For callers with q, k, v apart (the models project them packed): one packed copy, then the
+  // same kernels.
+  return attention_packed(stack({q, k, v}, 2), mask);
 }
 
 Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in) {
@@ -634,7 +609,8 @@ Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& s
   const char* op = "layer_norm_modulate";
   check_floats(op, {x, shift, scale});
   const Groups g = groups_of(x, op);
-  per_group(shift, g, op, "shift"), per_group(scale, g, op, "scale");  // errors that name them
+  check_per_group(shift, g, op, "shift");
+  check_per_group(scale, g, op, "scale");
   return layer_norm_modulate(
       x, concat({broadcast_to(shift, g.param_shape), broadcast_to(scale, g.param_shape)}, -1), eps);
 }

@@ -158,27 +158,29 @@ void add_inspect(CLI::App& app) {
   cmd->callback([opts] {
     Built b = build(opts->model, DType::f32);
     const NamedTensors params = b.module->named_parameters();
+    std::vector<Tensor> leaves;
+    for (const auto& [name, t] : params) leaves.push_back(t);
     if (opts->profile) {
-      // The first pass faults in fresh pages and fills the allocator's cache; profile the next.
-      Tape warmup;
-      for (const auto& [name, t] : params) warmup.watch(t);
-      const Tensor loss = b.loss();
-      std::vector<Tensor> leaves;
-      for (const auto& [name, t] : params) leaves.push_back(t);
-      warmup.gradient(loss, leaves);
-    }
-    Tape tape;
-    for (const auto& [name, t] : params) tape.watch(t);
-    if (opts->profile) {
+      // One forward and backward pass on `tape`, every parameter watched.
+      auto step = [&](Tape& tape) {
+        for (const Tensor& t : leaves) tape.watch(t);
+        const Tensor loss = b.loss();
+        tape.gradient(loss, leaves);
+      };
+      {
+        // The first pass faults in fresh pages and fills the allocator's cache; profile the next.
+        Tape warmup;
+        step(warmup);
+      }
+      Tape tape;
       tape.set_profiling(true);
-      const Tensor loss = b.loss();
-      std::vector<Tensor> leaves;
-      for (const auto& [name, t] : params) leaves.push_back(t);
-      tape.gradient(loss, leaves);
+      step(tape);
       std::printf("one forward and backward pass, %d thread(s):\n", num_threads());
       std::fputs(format_profile(tape).c_str(), stdout);
       return;
     }
+    Tape tape;
+    for (const Tensor& t : leaves) tape.watch(t);
     const Tensor loss = b.loss();
     // Before gradient(): it releases the saved tensors the listing reports.
     std::fputs(format_tape(tape, params).c_str(), stdout);
