@@ -9,6 +9,7 @@
 
 #include "autodiff/ops.h"
 #include "tensor/ops.h"
+#include "tensor/packed_weight.h"
 #include "tensor/parallel.h"
 #include "tensor/simd.h"
 
@@ -549,7 +550,11 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
               dtype_name(x.dtype()));
   // (..., in) as rows: a view when x is contiguous.
   const Tensor x2 = raw::reshape(x, {-1, in});
-  Tensor y = raw::matmul(x2, raw::transpose(weight, 0, 1));
+  // A frozen model (UseFrozenWeights, as EulerSampler sets) multiplies by its packed copy.
+  FrozenWeights* frozen = frozen_weights();
+  Tensor y = frozen && x.dtype() == DType::f32 && weight.dtype() == DType::f32
+                 ? raw::matmul_packed(x2, frozen->get(weight))
+                 : raw::matmul(x2, raw::transpose(weight, 0, 1));
   if (bias.defined()) {
     const Tensor b = raw::contiguous(bias);
     by_dtype(x.dtype(), [&](auto tag) {

@@ -51,6 +51,24 @@ void log_softmax(const double* x, double* out, int64_t n);
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
              int64_t m, int64_t n_begin, int64_t n_end, int64_t k);
 
+// y = x W^T for W packed in panels of 16 output columns (tensor/packed_weight.h), writing output
+// columns [16 * panel_begin, min(16 * panel_end, n)) of all m rows (packed_gemm.cc).
+void gemm_packed_f32(const float* x, int64_t ldx, int64_t m, const float* panels, int64_t k,
+                     float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end);
+// bfloat16 panels widened to float32 in registers; x stays float32.
+void gemm_packed_bf16(const float* x, int64_t ldx, int64_t m, const uint16_t* panels, int64_t k,
+                      float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end);
+// Whether the CPU has AVX-512 BF16 (vdpbf16ps), which the two functions below need.
+bool has_avx512_bf16();
+// x (m, k) float32 rounded to bfloat16 rows of ld_out >= k elements, zero-padded.
+void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out,
+                  int64_t ld_out);
+// The bfloat16 panels times bfloat16 inputs xb (rows of ldxb >= k rounded up to even),
+// products summed in float32 by vdpbf16ps.
+void gemm_packed_bf16_dot(const uint16_t* xb, int64_t ldxb, int64_t m, const uint16_t* panels,
+                          int64_t k, float* y, int64_t ldy, int64_t n, int64_t panel_begin,
+                          int64_t panel_end);
+
 // out[i] += x[i] * scale
 void axpy(float scale, const float* x, float* out, int64_t n);
 void axpy(double scale, const double* x, double* out, int64_t n);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "mmdit/mmdit.h"
+#include "tensor/packed_weight.h"
 
 namespace mmdit {
 
@@ -99,7 +100,10 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 // runs only the token path. Keeps a reference to the policy.
 class EulerSampler {
  public:
-  EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0);
+  // precision: the token path's weights are packed (tensor/packed_weight.h) at this precision
+  // on the first call; bf16 halves the bytes each step streams, at some accuracy (README).
+  EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0,
+               WeightPrecision precision = WeightPrecision::f32);
   Tensor operator()(const Tensor& state, const Tensor& a0) const;
   int64_t steps() const { return static_cast<int64_t>(schedule_.size()); }
 
@@ -107,6 +111,7 @@ class EulerSampler {
   const BCPolicy& policy_;
   double max_t_;
   std::vector<MMDiTConditioning> schedule_;
+  std::unique_ptr<FrozenWeights> frozen_;
 };
 
 }  // namespace mmdit

@@ -52,6 +52,8 @@ const Workload kWorkloads[] = {
     {"policy-train", "BCPolicy (reference agent), batch 64: one full training step", true},
     {"policy-act", "the same policy, batch 1: sample with 10 Euler steps", false},
     {"policy-act-b64", "the same policy, batch 64: sample with 10 Euler steps", false},
+    {"policy-act-bf16", "policy-act with the sampler's weights packed as bfloat16", false},
+    {"policy-act-b64-bf16", "policy-act-b64 with the sampler's weights packed as bfloat16", false},
     {"incontext-train",
      "InContextMMDiT depth 12, dims (512, 256), batch 8, 100 + 18 tokens: forward, MSE, "
      "backward, AdamW",
@@ -125,7 +127,7 @@ Prepared prepare_policy_train() {
   return p;
 }
 
-Prepared prepare_policy_act(int64_t batch) {
+Prepared prepare_policy_act(int64_t batch, WeightPrecision precision) {
   const PolicyConfig c = reference_policy();
   Rng rng(0);
   auto policy = std::make_shared<BCPolicy>(c, rng);
@@ -135,7 +137,7 @@ Prepared prepare_policy_act(int64_t batch) {
   const Tensor state = rng.uniform({batch, c.n_obs_steps, c.state_dim}, DType::f32, -1, 1);
   auto rng_shared = std::make_shared<Rng>(1);
   // A deployed controller: weights frozen, so the schedule's time conditioning is computed once.
-  auto sampler = std::make_shared<EulerSampler>(*policy, 10);
+  auto sampler = std::make_shared<EulerSampler>(*policy, 10, 1.0, precision);
   Prepared p;
   p.rep = [policy, sampler, state, rng_shared, c, batch] {
     const Tensor a0 = rng_shared->normal({batch, c.horizon, c.act_dim});
@@ -211,8 +213,10 @@ Prepared prepare_tiny_gradcheck() {
 
 Prepared prepare(const std::string& name) {
   if (name == "policy-train") return prepare_policy_train();
-  if (name == "policy-act") return prepare_policy_act(1);
-  if (name == "policy-act-b64") return prepare_policy_act(64);
+  if (name == "policy-act") return prepare_policy_act(1, WeightPrecision::f32);
+  if (name == "policy-act-b64") return prepare_policy_act(64, WeightPrecision::f32);
+  if (name == "policy-act-bf16") return prepare_policy_act(1, WeightPrecision::bf16);
+  if (name == "policy-act-b64-bf16") return prepare_policy_act(64, WeightPrecision::bf16);
   if (name == "incontext-train") return prepare_incontext_train();
   return prepare_tiny_gradcheck();
 }
@@ -320,7 +324,7 @@ std::string json_line(const Result& r, int threads, double roof, const char* cor
 
 void print_table_row(const Result& r, double roof) {
   if (r.roof_gflops > 0) roof = r.roof_gflops;
-  std::printf("%-16s %9.2f %9.2f %9.2f %8.1f %8.1f %6.0f%% %8.0f %8.0f", r.workload.c_str(),
+  std::printf("%-19s %9.2f %9.2f %9.2f %8.1f %8.1f %6.0f%% %8.0f %8.0f", r.workload.c_str(),
               r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops, 100 * r.gflops / roof,
               r.peak_rss_mb, r.page_faults_per_rep);
   if (r.tape)
@@ -371,9 +375,9 @@ void run_bench(const Options& o) {
     const Workload* found = nullptr;
     for (const Workload& w : kWorkloads)
       if (name == w.name) found = &w;
-    MMDIT_CHECK(found, "bench: unknown workload '", name,
-                "'; choose policy-train, policy-act, policy-act-b64, incontext-train, "
-                "tiny-gradcheck or all");
+    std::string names;
+    for (const Workload& w : kWorkloads) names += str_cat(w.name, ", ");
+    MMDIT_CHECK(found, "bench: unknown workload '", name, "'; choose ", names, "or all");
     chosen.push_back(found);
   }
   const double roof = sgemm_roof_gflops();
@@ -381,7 +385,7 @@ void run_bench(const Options& o) {
     std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
                 threads, core, o.reps, o.warmup);
     std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n\n", roof);
-    std::printf("%-16s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
+    std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
                 "saved MB");
     std::fflush(stdout);
@@ -452,8 +456,8 @@ void add_bench_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "bench", "Time the spec/bench.md workloads next to this machine's sgemm throughput");
   cmd->add_option("--workload", opts->workloads,
-                  "policy-train, policy-act, policy-act-b64, incontext-train, tiny-gradcheck or "
-                  "all (repeatable)")
+                  "policy-train, policy-act, policy-act-b64, policy-act-bf16, "
+                  "policy-act-b64-bf16, incontext-train, tiny-gradcheck or all (repeatable)")
       ->default_val(std::vector<std::string>{"all"});
   cmd->add_option("--threads", opts->threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(CLI::PositiveNumber);

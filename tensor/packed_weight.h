@@ -1,0 +1,93 @@
+// A weight frozen for inference, repacked once for the products y = x W^T that sampling runs
+// at every Euler step. At batch 1 these products have 2-16 rows, so each weight element is used
+// a handful of times per read: the step is bound by how fast the weights stream from memory
+// (84 MB of float32 per step for the reference policy) and by a kernel that keeps its
+// accumulators in registers. The packed layout serves both: 16 output columns of W^T side by
+// side, so the kernel broadcasts one input value and multiply-adds a whole row of outputs, with
+// no horizontal sums; bfloat16 halves the bytes and, on CPUs with AVX-512 BF16, doubles the
+// multiply-adds per instruction (vdpbf16ps).
+#pragma once
+
+#include <hwy/aligned_allocator.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "tensor/tensor.h"
+
+namespace mmdit {
+
+enum class WeightPrecision {
+  f32,   // exact: the same products as the unpacked path, summed in another order
+  bf16,  // weights rounded to bfloat16; inputs too where the CPU has AVX-512 BF16
+};
+const char* precision_name(WeightPrecision p);
+WeightPrecision parse_precision(const std::string& name);  // "f32" | "bf16", else throws
+
+class PackedWeight {
+ public:
+  // weight: (out, in) float32, the layout nn::Linear keeps.
+  PackedWeight(const Tensor& weight, WeightPrecision precision);
+
+  int64_t out_features() const { return out_; }
+  int64_t in_features() const { return in_; }
+  WeightPrecision precision() const { return precision_; }
+  size_t bytes() const;
+
+  // y (rows, out) = x (rows, in) W^T, both row-major float32 with row strides ldx, ldy.
+  void multiply(const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy) const;
+
+  // Which kernel multiply() runs on this CPU, e.g. "avx512-bf16 dot products".
+  std::string kernel_name() const;
+
+ private:
+  int64_t out_, in_;
+  WeightPrecision precision_;
+  hwy::AlignedFreeUniquePtr<float[]> f32_;      // [panel][k][16]
+  hwy::AlignedFreeUniquePtr<uint16_t[]> bf16_;  // [panel][k / 2][16][2]
+};
+
+// Rounds to the nearest bfloat16, ties to even (NaN stays NaN).
+uint16_t to_bf16(float x);
+float from_bf16(uint16_t b);
+
+// Packed copies of the weights a forward pass multiplies by, made the first time each is used
+// and kept while this object lives. It assumes the weights do not change meanwhile: it is for
+// a frozen model (EulerSampler makes one).
+class FrozenWeights {
+ public:
+  explicit FrozenWeights(WeightPrecision precision) : precision_(precision) {}
+  WeightPrecision precision() const { return precision_; }
+  // The packed form of `weight` (out, in) float32, packed now if this is its first use.
+  const PackedWeight& get(const Tensor& weight);
+  size_t bytes() const;
+
+ private:
+  WeightPrecision precision_;
+  mutable std::mutex mutex_;
+  std::unordered_map<const void*, std::unique_ptr<PackedWeight>> packed_;
+};
+
+// While alive, linear layers on this thread multiply float32 inputs by `weights`' packed copies.
+class UseFrozenWeights {
+ public:
+  explicit UseFrozenWeights(FrozenWeights& weights);
+  ~UseFrozenWeights();
+  UseFrozenWeights(const UseFrozenWeights&) = delete;
+  UseFrozenWeights& operator=(const UseFrozenWeights&) = delete;
+
+ private:
+  FrozenWeights* previous_;
+};
+
+// The FrozenWeights in use on this thread, or null.
+FrozenWeights* frozen_weights();
+
+namespace raw {
+// x (..., in) float32 times the packed weight's W^T: (..., out).
+Tensor matmul_packed(const Tensor& x, const PackedWeight& weight);
+}  // namespace raw
+
+}  // namespace mmdit

@@ -1,0 +1,228 @@
+// Packed inference weights (tensor/packed_weight.h): products against a float64 sum of the same
+// (rounded) values, the documented panel layout, bfloat16 rounding, the FrozenWeights routing of
+// linear layers, and the sampler that uses them.
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <limits>
+
+#include "nn/functional.h"
+#include "tensor/packed_weight.h"
+#include "tensor/parallel.h"
+#include "tensor/random.h"
+#include "tensor/simd.h"
+#include "tests/test_util.h"
+#include "train/policy.h"
+
+namespace mmdit {
+namespace {
+
+using test::error_of;
+
+float round_bf16(float x) {
+  return from_bf16(to_bf16(x));
+}
+
+// y = x W^T in float64 from the values the kernel multiplies, and the scale of each output's
+// terms (sum |x w|) that float32 accumulation error is proportional to.
+struct Reference {
+  std::vector<double> y, scale;
+};
+Reference reference_product(const Tensor& x, const Tensor& w, bool round_x, bool round_w) {
+  const int64_t M = x.shape()[0], K = x.shape()[1], N = w.shape()[0];
+  const auto xv = x.to_vector<float>(), wv = w.to_vector<float>();
+  Reference r{std::vector<double>(M * N, 0.0), std::vector<double>(M * N, 0.0)};
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t k = 0; k < K; ++k) {
+        const double a = round_x ? round_bf16(xv[i * K + k]) : xv[i * K + k];
+        const double b = round_w ? round_bf16(wv[j * K + k]) : wv[j * K + k];
+        r.y[i * N + j] += a * b;
+        r.scale[i * N + j] += std::abs(a * b);
+      }
+  return r;
+}
+
+void expect_close(const std::vector<float>& y, const Reference& r, int64_t K,
+                  const std::string& where) {
+  ASSERT_EQ(y.size(), r.y.size()) << where;
+  for (size_t i = 0; i < y.size(); ++i) {
+    // float32 summation of K terms: a few ulps of sum |terms| per term, bounded loosely.
+    const double tol = 4.0 * K * std::numeric_limits<float>::epsilon() * r.scale[i] + 1e-30;
+    ASSERT_NEAR(y[i], r.y[i], tol) << where << " element " << i;
+  }
+}
+
+// M x N x K cases: ragged panels (N % 16), odd K (bfloat16 pairs), rows past one register tile.
+const std::vector<std::array<int64_t, 3>> kShapes = {
+    {1, 1, 1}, {2, 17, 3}, {3, 101, 7}, {9, 50, 33}, {16, 96, 256}, {19, 48, 64}, {64, 40, 130}};
+
+TEST(PackedWeight, Float32EqualsTheExactProduct) {
+  Rng rng(1);
+  for (const auto& [M, N, K] : kShapes) {
+    const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
+    const PackedWeight packed(w, WeightPrecision::f32);
+    const Tensor y = raw::matmul_packed(x, packed);
+    ASSERT_EQ(y.shape(), Shape({M, N}));
+    expect_close(y.to_vector<float>(), reference_product(x, w, false, false), K,
+                 "f32 " + shape_str({M, N, K}));
+  }
+}
+
+TEST(PackedWeight, Bfloat16EqualsTheProductOfRoundedValues) {
+  Rng rng(2);
+  // With AVX-512 BF16 the inputs are rounded too (vdpbf16ps); otherwise they stay float32.
+  const bool rounds_inputs = simd::has_avx512_bf16();
+  for (const auto& [M, N, K] : kShapes) {
+    const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
+    const PackedWeight packed(w, WeightPrecision::bf16);
+    expect_close(raw::matmul_packed(x, packed).to_vector<float>(),
+                 reference_product(x, w, rounds_inputs, true), K, "bf16 " + shape_str({M, N, K}));
+  }
+}
+
+// The widening kernel (the path for CPUs without AVX-512 BF16), called directly on panels built
+// here from the layout packed_gemm.cc documents, so the layout is checked too.
+TEST(PackedWeight, WideningKernelFollowsTheDocumentedLayout) {
+  Rng rng(3);
+  for (const auto& [M, N, K] : kShapes) {
+    const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
+    const auto wv = w.to_vector<float>();
+    const int64_t panels = (N + 15) / 16, pairs = (K + 1) / 2;
+    std::vector<uint16_t> packed(static_cast<size_t>(panels * pairs * 32), 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k)
+        packed[((n / 16) * pairs + k / 2) * 32 + (n % 16) * 2 + k % 2] = to_bf16(wv[n * K + k]);
+    std::vector<float> y(static_cast<size_t>(M * N), -1.0f);
+    simd::gemm_packed_bf16(x.data<float>(), K, M, packed.data(), K, y.data(), N, N, 0, panels);
+    expect_close(y, reference_product(x, w, false, true), K, "widening " + shape_str({M, N, K}));
+  }
+}
+
+TEST(PackedWeight, SameBitsOnOneAndTwoThreads) {
+  Rng rng(4);
+  const Tensor x = rng.normal({16, 256}), w = rng.normal({1536, 256});
+  const int threads = num_threads();
+  for (WeightPrecision p : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    const PackedWeight packed(w, p);
+    set_num_threads(1);
+    const auto one = raw::matmul_packed(x, packed).to_vector<float>();
+    set_num_threads(2);
+    const auto two = raw::matmul_packed(x, packed).to_vector<float>();
+    EXPECT_EQ(one, two) << precision_name(p);
+  }
+  set_num_threads(threads);
+}
+
+TEST(PackedWeight, KeepsLeadingDimensionsAndCountsFlops) {
+  Rng rng(5);
+  const Tensor x = rng.normal({2, 3, 8}), w = rng.normal({5, 8});
+  const PackedWeight packed(w, WeightPrecision::f32);
+  const int64_t flops0 = raw::matmul_flops();
+  const Tensor y = raw::matmul_packed(x, packed);
+  EXPECT_EQ(raw::matmul_flops() - flops0, 2 * 6 * 5 * 8);
+  EXPECT_EQ(y.shape(), Shape({2, 3, 5}));
+  EXPECT_LT(test::max_abs_diff(y, raw::matmul(x, raw::transpose(w, 0, 1))), 1e-5);
+}
+
+TEST(PackedWeight, BadInputsNameWhatIsWrong) {
+  Rng rng(6);
+  EXPECT_NE(error_of([&] {
+              PackedWeight(rng.normal({4, 8}, DType::f64), WeightPrecision::f32);
+            }).find("expected a float32 weight (out, in), got float64 (4,8)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              PackedWeight(rng.normal({4}), WeightPrecision::f32);
+            }).find("got float32 (4,)"),
+            std::string::npos);
+  const PackedWeight packed(rng.normal({4, 8}), WeightPrecision::bf16);
+  EXPECT_NE(error_of([&] {
+              raw::matmul_packed(rng.normal({3, 7}), packed);
+            }).find("input float32 (3,7) does not end in the packed weight's in-features 8"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              parse_precision("fp8");
+            }).find("unknown weight precision 'fp8' (expected f32 or bf16)"),
+            std::string::npos);
+}
+
+TEST(Bfloat16, RoundsToNearestTiesToEven) {
+  EXPECT_EQ(to_bf16(1.0f), 0x3F80);
+  // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+  EXPECT_EQ(to_bf16(1.0f + 0x1p-8f), 0x3F80);
+  // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: even is 1 + 2^-6.
+  EXPECT_EQ(to_bf16(1.0f + 3 * 0x1p-8f), 0x3F82);
+  EXPECT_EQ(to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3F81);  // above halfway: up
+  EXPECT_EQ(to_bf16(-2.0f), 0xC000);
+  EXPECT_EQ(from_bf16(to_bf16(std::numeric_limits<float>::infinity())),
+            std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(from_bf16(to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  // The largest float rounds past bfloat16's largest finite value, to infinity.
+  EXPECT_TRUE(std::isinf(from_bf16(to_bf16(std::numeric_limits<float>::max()))));
+  // 8 significant bits: a relative error of at most half an ulp, 2^-8, for normal values.
+  Rng rng(7);
+  for (float v : rng.normal({1000}).to_vector<float>())
+    EXPECT_LE(std::abs(round_bf16(v) - v), std::abs(v) * 0x1p-8f);
+}
+
+TEST(FrozenWeights, LinearLayersUseThePackedCopyOnlyInsideTheScope) {
+  Rng rng(8);
+  const Tensor x = rng.normal({4, 32}), w = rng.normal({24, 32}), b = rng.normal({24});
+  const Tensor plain = nn::linear(x, w, b);
+  FrozenWeights frozen(WeightPrecision::bf16);
+  EXPECT_EQ(frozen.bytes(), 0u);
+  Tensor packed;
+  {
+    const UseFrozenWeights use(frozen);
+    EXPECT_EQ(frozen_weights(), &frozen);
+    packed = nn::linear(x, w, b);
+  }
+  EXPECT_EQ(frozen_weights(), nullptr);
+  // Packed on first use, as bfloat16, the 24 outputs padded to two panels of 16.
+  EXPECT_EQ(frozen.bytes(), 32u * 32u * 2u);
+  // The bfloat16 result differs from float32 by the rounding, and no more.
+  const double diff = test::max_abs_diff(packed, plain);
+  EXPECT_GT(diff, 0.0);
+  EXPECT_LT(diff, 32 * 6.0 * 0x1p-8);
+  // Outside the scope the layer is the float32 product again.
+  EXPECT_EQ(nn::linear(x, w, b).to_vector<float>(), plain.to_vector<float>());
+}
+
+TEST(FrozenWeights, SamplerInFloat32MatchesTheUnpackedEulerLoop) {
+  PolicyConfig c;
+  c.n_obs_steps = 2;
+  c.state_dim = 3;
+  c.horizon = 5;
+  c.act_dim = 2;
+  c.hidden_size = 32;
+  c.depth = 2;
+  c.dim_cond = 48;
+  c.timestep_embed_dim = 16;
+  c.dim_head = 8;
+  c.heads = 2;
+  c.validate();
+  Rng rng(9);
+  BCPolicy policy(c, rng);
+  for (auto& [name, p] : policy.named_parameters()) {
+    const Tensor r = rng.normal(p.shape(), p.dtype(), 0, 0.2);
+    std::copy(r.data<float>(), r.data<float>() + r.numel(), p.data<float>());
+  }
+  const Tensor state = rng.normal({3, 2, 3}), a0 = rng.normal({3, 5, 2});
+  const int64_t steps = 4;
+  const Tensor obs = policy.encode_observations(state);
+  Tensor a = a0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const Tensor t = full({3}, static_cast<double>(k) / steps);
+    a = a + policy.velocity(obs, a, t) * (1.0 / steps);
+  }
+  const Tensor f32 = EulerSampler(policy, steps, 1.0, WeightPrecision::f32)(state, a0);
+  const Tensor bf16 = EulerSampler(policy, steps, 1.0, WeightPrecision::bf16)(state, a0);
+  EXPECT_LT(test::max_abs_diff(f32, a), 1e-5);
+  const double bf16_diff = test::max_abs_diff(bf16, a);
+  EXPECT_GT(bf16_diff, 0.0);
+  EXPECT_LT(bf16_diff, 0.05);
+}
+
+}  // namespace
+}  // namespace mmdit
