@@ -361,6 +361,28 @@ std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionSha
 
 // ---- qk_norm_rope ----
 
+// y = rope(x * inv * gamma) for one row of 2 * half values.
+template <class T>
+[[gnu::always_inline]] inline void scaled_rope_row_impl(const T* __restrict x, T inv,
+                                                        const T* __restrict gamma,
+                                                        const T* __restrict c,
+                                                        const T* __restrict sn, T* __restrict y,
+                                                        int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    const T lo = x[j] * inv * gamma[j], hi = x[j + half] * inv * gamma[j + half];
+    y[j] = lo * c[j] + (-hi) * sn[j];
+    y[j + half] = hi * c[j + half] + lo * sn[j + half];
+  }
+}
+MMDIT_SIMD_CLONES void scaled_rope_row(const float* x, float inv, const float* gamma,
+                                       const float* c, const float* sn, float* y, int64_t half) {
+  scaled_rope_row_impl(x, inv, gamma, c, sn, y, half);
+}
+MMDIT_SIMD_CLONES void scaled_rope_row(const double* x, double inv, const double* gamma,
+                                       const double* c, const double* sn, double* y, int64_t half) {
+  scaled_rope_row_impl(x, inv, gamma, c, sn, y, half);
+}
+
 // One token's rows in (B, S, 3, H, d): the H rows of part 0 (q) and 1 (k) become
 // rope(rms_norm(x) * gamma), part 2 (v) is copied. rstd gets one entry per q and k row.
 template <class T>
@@ -379,11 +401,7 @@ void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, co
         const T mean_square = simd::sum_squared_deviation(xr, T(0), d) / static_cast<T>(d);
         const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
         rstd[(token * 2 + part) * H + h] = inv;
-        for (int64_t j = 0; j < half; ++j) {
-          const T lo = xr[j] * inv * gamma[j], hi = xr[j + half] * inv * gamma[j + half];
-          yr[j] = lo * c[j] + (-hi) * sn[j];
-          yr[j + half] = hi * c[j + half] + lo * sn[j + half];
-        }
+        scaled_rope_row(xr, inv, gamma, c, sn, yr, half);
       }
     }
     const int64_t v = (token * 3 + 2) * H * d;
