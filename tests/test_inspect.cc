@@ -282,6 +282,15 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
     EXPECT_THAT(r.output, HasSubstr(key));
   // 10 Euler steps of the reference policy at batch 1: 3.8 GFLOP of products, counted.
   EXPECT_THAT(r.output, HasSubstr("\"gflop_per_rep\": 3.8"));
+  // A bfloat16 workload also reports how far its actions are from the float32 sampler's.
+  const Command bf16 = run_mmdit(
+      "bench --workload policy-act-bf16 --reps 1 --warmup 0 --threads 1 --json --keep-coretype");
+  ASSERT_EQ(bf16.status, 0) << bf16.output;
+  const size_t at = bf16.output.find("\"rel_rms_diff_vs_f32\": ");
+  ASSERT_NE(at, std::string::npos) << bf16.output;
+  const double rel_rms = std::stod(bf16.output.substr(at + 23));
+  EXPECT_GT(rel_rms, 0.0);
+  EXPECT_LT(rel_rms, 0.01);
   const Command bad = run_mmdit("bench --workload nope");
   EXPECT_NE(bad.status, 0);
   EXPECT_THAT(bad.output, HasSubstr("unknown workload 'nope'"));

@@ -289,7 +289,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   return t;
 }
 
-LoadedPolicy load_policy(const std::string& path, bool use_ema) {
+LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
   const CheckpointFile c = read_checkpoint(path);
   LoadedPolicy p;
   p.config = c.config;
@@ -298,6 +298,9 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema) {
   Rng init(0);
   p.policy = std::make_unique<BCPolicy>(c.config.policy, init);
   p.policy->load(c.with_prefix(use_ema ? "ema/" : "param/"));
+  if (c.config.objective != "mse")
+    p.sampler =
+        std::make_unique<EulerSampler>(*p.policy, c.config.sample_steps, c.config.max_t, weights);
   return p;
 }
 
@@ -309,7 +312,7 @@ Tensor LoadedPolicy::act(const Tensor& observations, Rng& rng) const {
     actions = regress_actions(*policy, state);
   } else {
     const Tensor a0 = rng.normal({b, config.policy.horizon, config.policy.act_dim});
-    actions = sample_actions(*policy, state, a0, config.sample_steps, config.max_t);
+    actions = (*sampler)(state, a0);
   }
   return normalizer.unnormalize_action(actions);
 }

@@ -83,9 +83,12 @@ struct LoadedPolicy {
   Normalizer normalizer;
   std::unique_ptr<BCPolicy> policy;
   int64_t step = 0;
+  // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
+  std::unique_ptr<EulerSampler> sampler;
   // Raw observations (B, n_obs, state_dim) -> raw actions (B, horizon, act_dim).
   Tensor act(const Tensor& observations, Rng& rng) const;
 };
-LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true);
+LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
+                         WeightPrecision weights = WeightPrecision::f32);
 
 }  // namespace mmdit

@@ -67,9 +67,15 @@ struct TapeStats {
   size_t saved_bytes = 0;
 };
 
+// How far reduced-precision results are from float32 ones on the same inputs.
+struct Accuracy {
+  double max_abs_diff = 0, rel_rms = 0;  // rel_rms: rms(difference) / rms(float32 result)
+};
+
 struct Prepared {
   std::function<void()> rep;
-  std::optional<TapeStats> tape;  // training workloads: the tape of one step
+  std::optional<TapeStats> tape;     // training workloads: the tape of one step
+  std::optional<Accuracy> accuracy;  // bf16 workloads, against the float32 sampler
 };
 
 // The reference agent (models.md defaults; spec/bench.md).
@@ -139,6 +145,20 @@ Prepared prepare_policy_act(int64_t batch, WeightPrecision precision) {
   // A deployed controller: weights frozen, so the schedule's time conditioning is computed once.
   auto sampler = std::make_shared<EulerSampler>(*policy, 10, 1.0, precision);
   Prepared p;
+  if (precision != WeightPrecision::f32) {
+    const Tensor a0 = Rng(2).normal({batch, c.horizon, c.act_dim});
+    const auto reduced = (*sampler)(state, a0).to_vector<double>();
+    const auto exact = EulerSampler(*policy, 10)(state, a0).to_vector<double>();
+    Accuracy a;
+    double diff2 = 0, exact2 = 0;
+    for (size_t i = 0; i < exact.size(); ++i) {
+      a.max_abs_diff = std::max(a.max_abs_diff, std::abs(reduced[i] - exact[i]));
+      diff2 += (reduced[i] - exact[i]) * (reduced[i] - exact[i]);
+      exact2 += exact[i] * exact[i];
+    }
+    a.rel_rms = std::sqrt(diff2 / exact2);
+    p.accuracy = a;
+  }
   p.rep = [policy, sampler, state, rng_shared, c, batch] {
     const Tensor a0 = rng_shared->normal({batch, c.horizon, c.act_dim});
     (*sampler)(state, a0);
@@ -269,6 +289,7 @@ struct Result {
   double roof_gflops = 0;  // set when the workload ran in a child process with its own roof
   int reps = 0;
   std::optional<TapeStats> tape;
+  std::optional<Accuracy> accuracy;
 };
 
 Result run(const Workload& w, int reps, int warmup) {
@@ -300,6 +321,7 @@ Result run(const Workload& w, int reps, int warmup) {
   r.gflops = r.gflop_per_rep / (r.median_ms / 1e3);
   r.peak_rss_mb = peak_rss_mb();
   r.tape = p.tape;
+  r.accuracy = p.accuracy;
   return r;
 }
 
@@ -319,6 +341,11 @@ std::string json_line(const Result& r, int threads, double roof, const char* cor
                   static_cast<long long>(r.tape->nodes), r.tape->saved_bytes / 1048576.0);
     s += buf;
   }
+  if (r.accuracy) {
+    std::snprintf(buf, sizeof buf, ", \"max_abs_diff_vs_f32\": %.3g, \"rel_rms_diff_vs_f32\": %.3g",
+                  r.accuracy->max_abs_diff, r.accuracy->rel_rms);
+    s += buf;
+  }
   return s + "}";
 }
 
@@ -330,6 +357,9 @@ void print_table_row(const Result& r, double roof) {
   if (r.tape)
     std::printf(" %6lld %9.1f", static_cast<long long>(r.tape->nodes),
                 r.tape->saved_bytes / 1048576.0);
+  if (r.accuracy)
+    std::printf("  (actions vs float32: max |diff| %.2g, relative rms %.2g)",
+                r.accuracy->max_abs_diff, r.accuracy->rel_rms);
   std::printf("\n");
 }
 
@@ -443,6 +473,9 @@ Result result_from_json(const std::string& line) {
   r.peak_rss_mb = j.at("peak_rss_mb").get<double>();
   r.roof_gflops = j.at("roof_gflops").get<double>();
   r.page_faults_per_rep = j.at("page_faults_per_rep").get<double>();
+  if (j.contains("max_abs_diff_vs_f32"))
+    r.accuracy = Accuracy{j.at("max_abs_diff_vs_f32").get<double>(),
+                          j.at("rel_rms_diff_vs_f32").get<double>()};
   if (j.contains("tape_nodes"))
     r.tape = TapeStats{j.at("tape_nodes").get<int64_t>(),
                        static_cast<size_t>(j.at("saved_mb").get<double>() * 1048576.0)};
