@@ -295,6 +295,29 @@ struct AttentionShape {
   int64_t out_token, out_batch;  // the output and its gradient
 };
 
+// C (m x n) = op(A) op(B) for one head's products. The policy's sequences are 18 tokens: a
+// product is then about 20k multiply-adds, less than a gemm call's fixed cost, and attention
+// took 25 of policy-train's ~370 ms at 40 GFLOP/s. Up to 32 x 32 x 64 they run on register-tile
+// kernels instead.
+constexpr int64_t kSmallHeadWork = 32 * 32 * 64;
+
+void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (m * n * k > kSmallHeadWork || (ta && tb)) {
+    raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    return;
+  }
+  raw::add_matmul_flops(2 * m * n * k);
+  if (tb)
+    simd::gemm_nt(a, lda, b, ldb, c, ldc, m, 0, n, k);
+  else
+    simd::gemm_small_nn(ta, a, lda, b, ldb, c, ldc, m, n, k);
+}
+void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+               const double* b, int64_t ldb, double* c, int64_t ldc) {
+  raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+}
+
 // P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
 template <class T>
 void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride,
@@ -306,14 +329,14 @@ void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int
     const int64_t b = bh / s.H, h = bh % s.H;
     const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
     T* p = probs + bh * n * n;
-    raw::gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
+    head_gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
     const bool* m = mask ? mask + b * mask_stride : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       T* row = p + i * n;
       for (int64_t j = 0; j < n; ++j) row[j] = !m || m[i * n + j] ? row[j] * scale : masked;
       simd::softmax(row, row, n);
     }
-    raw::gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
+    head_gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
   });
 }
 
@@ -330,8 +353,8 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
     const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
     const T* p = probs + bh * n * n;
     std::vector<T> ds(static_cast<size_t>(n * n));
-    raw::gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
-    raw::gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
+    head_gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
+    head_gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
     const bool* m = mask ? mask + b * mask_stride : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       T* row = ds.data() + i * n;
@@ -341,8 +364,8 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
       for (int64_t j = 0; j < n; ++j)
         row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
     }
-    raw::gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
-    raw::gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
+    head_gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
+    head_gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
   });
 }
 

@@ -51,6 +51,11 @@ void log_softmax(const double* x, double* out, int64_t n);
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
              int64_t m, int64_t n_begin, int64_t n_end, int64_t k);
 
+// c (m x n) = op(a) b, op(a) = a (m x k, rows of lda) or, with ta, a^T (a is k x m); b is k x n
+// with rows of ldb. For products too small for a gemm call's fixed cost (simd_gemm.cc).
+void gemm_small_nn(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, int64_t m, int64_t n, int64_t k);
+
 // y = x W^T for W packed in panels of 16 output columns (tensor/packed_weight.h), writing output
 // columns [16 * panel_begin, min(16 * panel_end, n)) of all m rows (packed_gemm.cc).
 void gemm_packed_f32(const float* x, int64_t ldx, int64_t m, const float* panels, int64_t k,
@@ -61,8 +66,7 @@ void gemm_packed_bf16(const float* x, int64_t ldx, int64_t m, const uint16_t* pa
 // Whether the CPU has AVX-512 BF16 (vdpbf16ps), which the two functions below need.
 bool has_avx512_bf16();
 // x (m, k) float32 rounded to bfloat16 rows of ld_out >= k elements, zero-padded.
-void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out,
-                  int64_t ld_out);
+void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out, int64_t ld_out);
 // The bfloat16 panels times bfloat16 inputs xb (rows of ldxb >= k rounded up to even),
 // products summed in float32 by vdpbf16ps.
 void gemm_packed_bf16_dot(const uint16_t* xb, int64_t ldxb, int64_t m, const uint16_t* panels,

@@ -89,6 +89,53 @@ void GemmNTF32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* 
   }
 }
 
+// c (m x n) = op(a) b with b's rows contiguous, for the small per-head products of attention:
+// a tile of MR rows x 4 vectors of c stays in registers while l runs over the inner dimension;
+// each step broadcasts op(a)[i][l] and multiply-adds row l of b.
+template <int MR>
+HWY_INLINE void RowsTimesMatrix(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                float* c, int64_t ldc, int64_t n, int64_t k) {
+  const hn::ScalableTag<float> d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  for (int64_t col = 0; col < n; col += 4 * L) {
+    const int64_t width = std::min<int64_t>(4 * L, n - col);
+    const int64_t full = width / L;  // whole vectors; then at most one partial
+    const size_t rest = static_cast<size_t>(width - full * L);
+    hn::Vec<decltype(d)> acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 4; ++v) acc[i][v] = hn::Zero(d);
+    for (int64_t l = 0; l < k; ++l) {
+      const float* bl = b + l * ldb + col;
+      hn::Vec<decltype(d)> bv[4];
+      for (int v = 0; v < 4; ++v)
+        bv[v] = v < full            ? hn::LoadU(d, bl + v * L)
+                : v == full && rest ? hn::MaskedLoad(hn::FirstN(d, rest), d, bl + v * L)
+                                    : hn::Zero(d);
+      for (int i = 0; i < MR; ++i) {
+        const auto ai = hn::Set(d, ta ? a[l * lda + i] : a[i * lda + l]);
+        for (int v = 0; v < 4; ++v) acc[i][v] = hn::MulAdd(ai, bv[v], acc[i][v]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < 4; ++v) {
+        float* ci = c + i * ldc + col + v * L;
+        if (v < full)
+          hn::StoreU(acc[i][v], d, ci);
+        else if (v == full && rest)
+          hn::BlendedStore(acc[i][v], hn::FirstN(d, rest), d, ci);
+      }
+  }
+}
+
+void GemmSmallNNF32(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                    int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  // Row r of op(a) starts at a + r (a transposed: its column r) or at a + r * lda.
+  const auto row = [&](int64_t r) { return ta ? a + r : a + r * lda; };
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) RowsTimesMatrix<4>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
+  for (; i < m; ++i) RowsTimesMatrix<1>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mmdit::simd
 HWY_AFTER_NAMESPACE();
@@ -97,6 +144,12 @@ HWY_AFTER_NAMESPACE();
 namespace mmdit::simd {
 
 HWY_EXPORT(GemmNTF32);
+HWY_EXPORT(GemmSmallNNF32);
+
+void gemm_small_nn(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  HWY_DYNAMIC_DISPATCH(GemmSmallNNF32)(ta, a, lda, b, ldb, c, ldc, m, n, k);
+}
 
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
              int64_t m, int64_t n_begin, int64_t n_end, int64_t k) {

@@ -177,6 +177,31 @@ TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
   EXPECT_THROW(attention_packed(rng.normal({B, T, 2, H, d}), Tensor()), Error);
 }
 
+// float32 attention runs its per-head products on register-tile kernels up to 32 x 32 x 64
+// (simd::gemm_nt, simd::gemm_small_nn) and on gemm above: both against the float64 result, values
+// and the gradients of q, k and v.
+TEST(Fused, Float32AttentionMatchesFloat64OnBothProductPaths) {
+  Rng rng(13);
+  for (const int64_t T : {18, 7, 40}) {  // the policy's 18 tokens, a ragged size, gemm's side
+    const int64_t B = 2, H = 3, d = 64;
+    Tensor causal = ones({T, T}, DType::boolean);
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = i + 1; j < T; ++j) causal.data<bool>()[i * T + j] = false;
+    const Tensor qkv64 = rng.normal({B, T, 3, H, d}, DType::f64, 0, 0.3);
+    const Tensor dy64 = rng.normal({B, T, H, d}, DType::f64);
+    const auto run = [&](const Tensor& qkv, const Tensor& dy) {
+      Tape tape;
+      tape.watch(qkv);
+      const Tensor y = attention_packed(qkv, causal);
+      return std::pair{y, tape.gradient(sum(y * dy), {qkv})[0]};
+    };
+    const auto [y64, g64] = run(qkv64, dy64);
+    const auto [y32, g32] = run(to_dtype(qkv64, DType::f32), to_dtype(dy64, DType::f32));
+    EXPECT_LT(max_abs_diff(y32, y64), 2e-6) << T;
+    EXPECT_LT(max_abs_diff(g32, g64), 2e-5) << T;
+  }
+}
+
 TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
   Rng rng(12);
   const int64_t B = 2, S = 3, H = 2, d = 6;
