@@ -63,6 +63,134 @@ Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* n
   return raw::contiguous(raw::broadcast_to(p, g.param_shape));
 }
 
+// ---- row kernels ----
+// The per-row loops of the kernels below, compiled for AVX-512 and AVX2 too (MMDIT_SIMD_CLONES):
+// inside the templates they were baseline SSE2.
+
+// xhat = (x - mean) inv; y = xhat (1 + scale) + shift
+template <class T>
+[[gnu::always_inline]] inline void normalize_modulate_row_impl(const T* __restrict x, T mean, T inv,
+                                                               const T* __restrict shift,
+                                                               const T* __restrict scale,
+                                                               T* __restrict xhat, T* __restrict y,
+                                                               int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    xhat[i] = (x[i] - mean) * inv;
+    y[i] = xhat[i] * (1 + scale[i]) + shift[i];
+  }
+}
+MMDIT_SIMD_CLONES void normalize_modulate_row(const float* x, float mean, float inv,
+                                              const float* shift, const float* scale, float* xhat,
+                                              float* y, int64_t n) {
+  normalize_modulate_row_impl(x, mean, inv, shift, scale, xhat, y, n);
+}
+MMDIT_SIMD_CLONES void normalize_modulate_row(const double* x, double mean, double inv,
+                                              const double* shift, const double* scale,
+                                              double* xhat, double* y, int64_t n) {
+  normalize_modulate_row_impl(x, mean, inv, shift, scale, xhat, y, n);
+}
+
+// gx = dy (1 + scale); dshift += dy; dscale += dy xhat
+template <class T>
+[[gnu::always_inline]] inline void modulate_backward_row_impl(
+    const T* __restrict dy, const T* __restrict scale, const T* __restrict xhat, T* __restrict gx,
+    T* __restrict dshift, T* __restrict dscale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    gx[i] = dy[i] * (1 + scale[i]);
+    dshift[i] += dy[i];
+    dscale[i] += dy[i] * xhat[i];
+  }
+}
+MMDIT_SIMD_CLONES void modulate_backward_row(const float* dy, const float* scale, const float* xhat,
+                                             float* gx, float* dshift, float* dscale, int64_t n) {
+  modulate_backward_row_impl(dy, scale, xhat, gx, dshift, dscale, n);
+}
+MMDIT_SIMD_CLONES void modulate_backward_row(const double* dy, const double* scale,
+                                             const double* xhat, double* gx, double* dshift,
+                                             double* dscale, int64_t n) {
+  modulate_backward_row_impl(dy, scale, xhat, gx, dshift, dscale, n);
+}
+
+// out = a g - b k - c (c may be 0): the dx of LayerNorm (a = gx, b = xhat) and of RMSNorm.
+template <class T>
+[[gnu::always_inline]] inline void norm_dx_row_impl(const T* __restrict a, T g,
+                                                    const T* __restrict b, T k, T c,
+                                                    T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * g - b[i] * k - c;
+}
+MMDIT_SIMD_CLONES void norm_dx_row(const float* a, float g, const float* b, float k, float c,
+                                   float* out, int64_t n) {
+  norm_dx_row_impl(a, g, b, k, c, out, n);
+}
+MMDIT_SIMD_CLONES void norm_dx_row(const double* a, double g, const double* b, double k, double c,
+                                   double* out, int64_t n) {
+  norm_dx_row_impl(a, g, b, k, c, out, n);
+}
+
+// out = x + gate y
+template <class T>
+[[gnu::always_inline]] inline void gated_sum_row_impl(const T* __restrict x,
+                                                      const T* __restrict gate,
+                                                      const T* __restrict y, T* __restrict out,
+                                                      int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + gate[i] * y[i];
+}
+MMDIT_SIMD_CLONES void gated_sum_row(const float* x, const float* gate, const float* y, float* out,
+                                     int64_t n) {
+  gated_sum_row_impl(x, gate, y, out, n);
+}
+MMDIT_SIMD_CLONES void gated_sum_row(const double* x, const double* gate, const double* y,
+                                     double* out, int64_t n) {
+  gated_sum_row_impl(x, gate, y, out, n);
+}
+
+// dy_in = dy gate (if wanted); dgate += dy y (if wanted)
+template <class T>
+[[gnu::always_inline]] inline void gated_backward_row_impl(const T* __restrict dy,
+                                                           const T* __restrict gate,
+                                                           const T* __restrict y,
+                                                           T* __restrict dy_in, T* __restrict dgate,
+                                                           int64_t n) {
+  if (dy_in)
+    for (int64_t i = 0; i < n; ++i) dy_in[i] = dy[i] * gate[i];
+  if (dgate)
+    for (int64_t i = 0; i < n; ++i) dgate[i] += dy[i] * y[i];
+}
+MMDIT_SIMD_CLONES void gated_backward_row(const float* dy, const float* gate, const float* y,
+                                          float* dy_in, float* dgate, int64_t n) {
+  gated_backward_row_impl(dy, gate, y, dy_in, dgate, n);
+}
+MMDIT_SIMD_CLONES void gated_backward_row(const double* dy, const double* gate, const double* y,
+                                          double* dy_in, double* dgate, int64_t n) {
+  gated_backward_row_impl(dy, gate, y, dy_in, dgate, n);
+}
+
+// The rotary embedding's adjoint and the RMSNorm gamma's gradient for one row of 2 * half:
+// dz = rope^T(dy); dgamma += dz x inv; then dz *= gamma.
+template <class T>
+[[gnu::always_inline]] inline void rope_backward_row_impl(
+    const T* __restrict dy, const T* __restrict c, const T* __restrict sn, const T* __restrict x,
+    T inv, const T* __restrict gamma, T* __restrict dz, T* __restrict dgamma, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    dz[j] = dy[j] * c[j] + dy[j + half] * sn[j + half];
+    dz[j + half] = dy[j + half] * c[j + half] - dy[j] * sn[j];
+  }
+  for (int64_t j = 0; j < 2 * half; ++j) {
+    dgamma[j] += dz[j] * x[j] * inv;
+    dz[j] *= gamma[j];
+  }
+}
+MMDIT_SIMD_CLONES void rope_backward_row(const float* dy, const float* c, const float* sn,
+                                         const float* x, float inv, const float* gamma, float* dz,
+                                         float* dgamma, int64_t half) {
+  rope_backward_row_impl(dy, c, sn, x, inv, gamma, dz, dgamma, half);
+}
+MMDIT_SIMD_CLONES void rope_backward_row(const double* dy, const double* c, const double* sn,
+                                         const double* x, double inv, const double* gamma,
+                                         double* dz, double* dgamma, int64_t half) {
+  rope_backward_row_impl(dy, c, sn, x, inv, gamma, dz, dgamma, half);
+}
+
 // ---- layer_norm_modulate ----
 
 // ss holds [shift | scale] per group: (G, 2D).
@@ -78,12 +206,7 @@ void layer_norm_modulate_forward(const T* x, const T* ss, T* y, T* xhat, T* rstd
     const T var = simd::sum_squared_deviation(xr, mean, D) / static_cast<T>(D);
     const T inv = static_cast<T>(1.0 / std::sqrt(var + eps));
     rstd[r] = inv;
-    T* xh = xhat + r * D;
-    T* yr = y + r * D;
-    for (int64_t i = 0; i < D; ++i) {
-      xh[i] = (xr[i] - mean) * inv;
-      yr[i] = xh[i] * (1 + sc[i]) + sh[i];
-    }
+    normalize_modulate_row(xr, mean, inv, sh, sc, xhat + r * D, y + r * D, D);
   });
 }
 
@@ -104,15 +227,11 @@ void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, con
       const int64_t r = grp * S + s;
       const T* dyr = dy + r * D;
       const T* xh = xhat + r * D;
-      for (int64_t i = 0; i < D; ++i) {
-        gx[i] = dyr[i] * (1 + sc[i]);
-        dsh[i] += dyr[i];
-        dsc[i] += dyr[i] * xh[i];
-      }
+      modulate_backward_row(dyr, sc, xh, gx.data(), dsh, dsc, D);
       const T mean_g = simd::sum(gx.data(), D) / static_cast<T>(D);
       const T mean_gx = simd::dot(gx.data(), xh, D) / static_cast<T>(D);
-      T* dxr = dx + r * D;
-      for (int64_t i = 0; i < D; ++i) dxr[i] = rstd[r] * (gx[i] - mean_g - xh[i] * mean_gx);
+      // rstd (gx - mean_g - xhat mean_gx)
+      norm_dx_row(gx.data(), rstd[r], xh, rstd[r] * mean_gx, rstd[r] * mean_g, dx + r * D, D);
     }
   });
 }
@@ -143,7 +262,7 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
     for (int64_t i = 0; i < D; ++i) dxr[i] = dyr[i] * gamma[i];  // gy, first
     const T inv = rstd[r];
     const T k = simd::dot(dxr, xr, D) / static_cast<T>(D) * inv * inv * inv;
-    for (int64_t i = 0; i < D; ++i) dxr[i] = inv * dxr[i] - xr[i] * k;
+    norm_dx_row(dxr, inv, xr, k, T(0), dxr, D);
   });
   // dgamma: partial sums over blocks of rows, then the blocks in order (the same bits on any
   // number of threads).
@@ -227,8 +346,7 @@ template <class T>
 void gated_residual_forward(const T* x, const T* gate, const T* y, T* out, const Groups& g) {
   const int64_t D = g.dim, S = g.rows_per_group;
   parallel_for(g.groups * S, 2 * D, [&](int64_t r) {
-    const T* gt = gate + (r / S) * D;
-    for (int64_t i = 0; i < D; ++i) out[r * D + i] = x[r * D + i] + gt[i] * y[r * D + i];
+    gated_sum_row(x + r * D, gate + (r / S) * D, y + r * D, out + r * D, D);
   });
 }
 
@@ -244,10 +362,7 @@ void gated_residual_backward(const T* dy, const T* gate, const T* y, T* dy_in, T
       for (int64_t i = 0; i < D; ++i) dg[i] = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t r = grp * S + s;
-      for (int64_t i = 0; i < D; ++i) {
-        if (dy_in) dy_in[r * D + i] = dy[r * D + i] * gt[i];
-        if (dg) dg[i] += dy[r * D + i] * y[r * D + i];
-      }
+      gated_backward_row(dy + r * D, gt, y + r * D, dy_in ? dy_in + r * D : nullptr, dg, D);
     }
   });
 }
@@ -456,17 +571,10 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
           const T* dyr = dy + row * d;
           const T* xr = x + row * d;
           T* dxr = dx + row * d;
-          for (int64_t j = 0; j < half; ++j) {
-            dz[j] = dyr[j] * c[j] + dyr[j + half] * sn[j + half];
-            dz[j + half] = dyr[j + half] * c[j + half] - dyr[j] * sn[j];
-          }
           const T inv = rstd[(token * 2 + part) * H + h];
-          for (int64_t j = 0; j < d; ++j) {
-            ag[j] += dz[j] * xr[j] * inv;
-            dz[j] *= gamma[j];
-          }
+          rope_backward_row(dyr, c, sn, xr, inv, gamma, dz.data(), ag, half);
           const T k3 = simd::dot(dz.data(), xr, d) / static_cast<T>(d) * inv * inv * inv;
-          for (int64_t j = 0; j < d; ++j) dxr[j] = inv * dz[j] - xr[j] * k3;
+          norm_dx_row(dz.data(), inv, xr, k3, T(0), dxr, d);
         }
       }
       const int64_t v = (token * 3 + 2) * H * d;
