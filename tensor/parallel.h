@@ -16,11 +16,12 @@ void set_num_threads(int n);
 inline constexpr int64_t kParallelGrain = 131072;
 
 // Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
-// Small loops never enter an OpenMP construct: even a one-thread team makes a nested level, and a
-// gemm called inside it would start a nested team of fresh threads on every call.
+// Small loops, and every loop on one thread, never enter an OpenMP construct: even a one-thread
+// team makes a nested level (a gemm called inside it would start a nested team of fresh threads
+// on every call), and libgomp ends each region with a futex system call (~2 us on these VMs).
 template <class Fn>
 void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
-  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain) {
+  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain || num_threads() == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
