@@ -81,11 +81,10 @@ size_t PackedWeight::bytes() const {
              : panels * static_cast<size_t>((in_ + 1) / 2) * 2 * kPanel * sizeof(uint16_t);
 }
 
-std::string PackedWeight::kernel_name() const {
-  if (precision_ == WeightPrecision::f32) return "float32 panels";
-  return simd::has_avx512_bf16()
-             ? "bfloat16 panels, AVX-512 BF16 dot products (inputs rounded to bfloat16)"
-             : "bfloat16 panels widened to float32";
+std::string packed_kernel_name(WeightPrecision precision) {
+  if (precision == WeightPrecision::f32) return "float32 panels";
+  return simd::has_avx512_bf16() ? "bfloat16 vdpbf16ps, inputs rounded too"
+                                 : "bfloat16 widened to float32";
 }
 
 void PackedWeight::multiply(const float* x, int64_t ldx, int64_t rows, float* y,

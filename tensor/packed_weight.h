@@ -39,15 +39,15 @@ class PackedWeight {
   // y (rows, out) = x (rows, in) W^T, both row-major float32 with row strides ldx, ldy.
   void multiply(const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy) const;
 
-  // Which kernel multiply() runs on this CPU, e.g. "avx512-bf16 dot products".
-  std::string kernel_name() const;
-
  private:
   int64_t out_, in_;
   WeightPrecision precision_;
   hwy::AlignedFreeUniquePtr<float[]> f32_;      // [panel][k][16]
   hwy::AlignedFreeUniquePtr<uint16_t[]> bf16_;  // [panel][k / 2][16][2]
 };
+
+// Which kernel packed products of this precision run on this CPU, for reports.
+std::string packed_kernel_name(WeightPrecision precision);
 
 // Rounds to the nearest bfloat16, ties to even (NaN stays NaN).
 uint16_t to_bf16(float x);

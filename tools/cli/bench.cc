@@ -358,8 +358,9 @@ void print_table_row(const Result& r, double roof) {
     std::printf(" %6lld %9.1f", static_cast<long long>(r.tape->nodes),
                 r.tape->saved_bytes / 1048576.0);
   if (r.accuracy)
-    std::printf("  (actions vs float32: max |diff| %.2g, relative rms %.2g)",
-                r.accuracy->max_abs_diff, r.accuracy->rel_rms);
+    std::printf("  (%s; actions vs float32: max |diff| %.2g, relative rms %.2g)",
+                packed_kernel_name(WeightPrecision::bf16).c_str(), r.accuracy->max_abs_diff,
+                r.accuracy->rel_rms);
   std::printf("\n");
 }
 
