@@ -279,12 +279,14 @@ Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
 
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t) {
-  return EulerSampler(policy, steps, max_t)(state, a0);
+  return EulerSampler(policy, steps, max_t, std::nullopt)(state, a0);
 }
 
 EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
-                           WeightPrecision precision)
-    : policy_(policy), max_t_(max_t), frozen_(std::make_unique<FrozenWeights>(precision)) {
+                           std::optional<WeightPrecision> packed)
+    : policy_(policy),
+      max_t_(max_t),
+      frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
   MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
   const DType dtype = policy.action_encoder.weight.dtype();
   // One timestep for the whole batch: every example is at the same t_k.
@@ -294,7 +296,8 @@ EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
 
 Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
   const int64_t steps = this->steps();
-  const UseFrozenWeights frozen(*frozen_);
+  std::optional<UseFrozenWeights> frozen;
+  if (frozen_) frozen.emplace(*frozen_);
   const Tensor obs = policy_.encode_observations(state);
   Tensor a = a0;
   for (int64_t k = 0; k < steps; ++k) {

@@ -2,6 +2,7 @@
 // policy"): observation and action tokens through an MMDiT that predicts the velocity field.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "mmdit/mmdit.h"
@@ -100,10 +101,11 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 // runs only the token path. Keeps a reference to the policy.
 class EulerSampler {
  public:
-  // precision: the token path's weights are packed (tensor/packed_weight.h) at this precision
-  // on the first call; bf16 halves the bytes each step streams, at some accuracy (README).
+  // packed: the token path's weights are packed (tensor/packed_weight.h) at this precision on
+  // the first call, which pays from the second call on; bf16 halves the bytes each step
+  // streams, at some accuracy (README). nullopt: the plain products, for a single call.
   EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0,
-               WeightPrecision precision = WeightPrecision::f32);
+               std::optional<WeightPrecision> packed = WeightPrecision::f32);
   Tensor operator()(const Tensor& state, const Tensor& a0) const;
   int64_t steps() const { return static_cast<int64_t>(schedule_.size()); }
 
@@ -111,7 +113,7 @@ class EulerSampler {
   const BCPolicy& policy_;
   double max_t_;
   std::vector<MMDiTConditioning> schedule_;
-  std::unique_ptr<FrozenWeights> frozen_;
+  std::unique_ptr<FrozenWeights> frozen_;  // null when not packed
 };
 
 }  // namespace mmdit
