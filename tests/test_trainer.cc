@@ -13,7 +13,9 @@
 #include <fstream>
 
 #include "tensor/safetensors.h"
+#include "tests/test_util.h"
 #include "train/demo_task.h"
+#include "train/npy.h"
 #include "train/trainer.h"
 
 namespace mmdit {
@@ -344,6 +346,18 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_EQ(run(mmdit + " info " + out + "/checkpoint.safetensors"), 0);
   EXPECT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95"), 0);
   EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1"), 0);
+  // bfloat16 sampler weights: the same noise gives actions within bfloat16's precision.
+  for (const char* w : {"f32", "bf16"})
+    ASSERT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95 --seed 3" +
+                  " --weights " + w + " --out-npy " + dir + "/a_" + w + ".npy"),
+              0)
+        << w;
+  const Tensor a32 = load_npy(dir + "/a_f32.npy"), a16 = load_npy(dir + "/a_bf16.npy");
+  EXPECT_EQ(a32.shape(), (Shape{1, 4, 2}));
+  EXPECT_LT(test::max_abs_diff(a32, a16), 0.05);
+  EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95" +
+                " --weights fp8"),
+            0);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/missing.npz --out " + dir + "/x"), 0);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.hdf5 --obs-keys nope --out " + dir + "/x"),
             0);
