@@ -17,6 +17,15 @@ namespace mmdit::simd {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// The first n < Lanes(d) values at p, the other lanes zero. (Highway 1.0.3's MaskedLoad is a full
+// load on SSE4, which can read past the end of the array: a crash the all-targets test found.)
+template <class D>
+HWY_INLINE hn::Vec<D> LoadFirst(D d, const float* p, size_t n) {
+  HWY_ALIGN float buf[hn::MaxLanes(D())] = {};
+  for (size_t i = 0; i < n; ++i) buf[i] = p[i];
+  return hn::Load(d, buf);
+}
+
 // y[i][j] = dot(x row i, w row j) for an MR x NR tile.
 template <int MR, int NR>
 HWY_INLINE void Tile(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
@@ -36,11 +45,11 @@ HWY_INLINE void Tile(const float* x, int64_t ldx, const float* w, int64_t ldw, f
     }
   }
   if (k < K) {
-    const auto mask = hn::FirstN(d, static_cast<size_t>(K - k));
+    const auto rest = static_cast<size_t>(K - k);
     hn::Vec<decltype(d)> wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = hn::MaskedLoad(mask, d, w + j * ldw + k);
+    for (int j = 0; j < NR; ++j) wv[j] = LoadFirst(d, w + j * ldw + k, rest);
     for (int i = 0; i < MR; ++i) {
-      const auto xv = hn::MaskedLoad(mask, d, x + i * ldx + k);
+      const auto xv = LoadFirst(d, x + i * ldx + k, rest);
       for (int j = 0; j < NR; ++j) acc[i][j] = hn::MulAdd(xv, wv[j], acc[i][j]);
     }
   }
@@ -109,7 +118,7 @@ HWY_INLINE void RowsTimesMatrix(bool ta, const float* a, int64_t lda, const floa
       hn::Vec<decltype(d)> bv[4];
       for (int v = 0; v < 4; ++v)
         bv[v] = v < full            ? hn::LoadU(d, bl + v * L)
-                : v == full && rest ? hn::MaskedLoad(hn::FirstN(d, rest), d, bl + v * L)
+                : v == full && rest ? LoadFirst(d, bl + v * L, rest)
                                     : hn::Zero(d);
       for (int i = 0; i < MR; ++i) {
         const auto ai = hn::Set(d, ta ? a[l * lda + i] : a[i * lda + l]);

@@ -2,6 +2,7 @@
 // (rounded) values, the documented panel layout, bfloat16 rounding, the FrozenWeights routing of
 // linear layers, and the sampler that uses them.
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <bit>
 #include <cmath>
@@ -98,6 +99,47 @@ TEST(PackedWeight, WideningKernelFollowsTheDocumentedLayout) {
     simd::gemm_packed_bf16(x.data<float>(), K, M, packed.data(), K, y.data(), N, N, 0, panels);
     expect_close(y, reference_product(x, w, false, true), K, "widening " + shape_str({M, N, K}));
   }
+}
+
+// The kernels are compiled for every x86 target Highway supports and picked at run time; a user's
+// CPU may run one that this machine would not choose. Each target this CPU can run is forced in
+// turn and held to the same float64 reference.
+TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
+  Rng rng(10);
+  const int64_t M = 19, N = 101, K = 33;
+  const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
+  const Reference exact = reference_product(x, w, false, false);
+  const Reference rounded_w = reference_product(x, w, false, true);
+  const PackedWeight f32(w, WeightPrecision::f32);
+  const auto wv = w.to_vector<float>();
+  const int64_t panels = (N + 15) / 16, pairs = (K + 1) / 2;
+  std::vector<uint16_t> bf16(static_cast<size_t>(panels * pairs * 32), 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      bf16[((n / 16) * pairs + k / 2) * 32 + (n % 16) * 2 + k % 2] = to_bf16(wv[n * K + k]);
+  int tested = 0;
+  for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    const std::string name = hwy::TargetName(target);
+    expect_close(raw::matmul_packed(x, f32).to_vector<float>(), exact, K, "f32 on " + name);
+    std::vector<float> y(static_cast<size_t>(M * N));
+    simd::gemm_packed_bf16(x.data<float>(), K, M, bf16.data(), K, y.data(), N, N, 0, panels);
+    expect_close(y, rounded_w, K, "widening bf16 on " + name);
+    // Attention's small per-head kernels: x w^T, and x^T-free x (w^T)^T through gemm_small_nn.
+    simd::gemm_nt(x.data<float>(), K, w.data<float>(), K, y.data(), N, M, 0, N, K);
+    expect_close(y, exact, K, "gemm_nt on " + name);
+    const Tensor wt = raw::contiguous(raw::transpose(w, 0, 1));  // (K, N)
+    simd::gemm_small_nn(false, x.data<float>(), K, wt.data<float>(), N, y.data(), N, M, N, K);
+    expect_close(y, exact, K, "gemm_small_nn on " + name);
+    const Tensor xt = raw::contiguous(raw::transpose(x, 0, 1));  // (K, M): op(a) = a^T
+    simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, y.data(), N, M, N, K);
+    expect_close(y, exact, K, "gemm_small_nn transposed on " + name);
+    ++tested;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+  EXPECT_GE(tested, 2);  // at least AVX2 and one other on any x86-64 CPU this project targets
 }
 
 TEST(PackedWeight, SameBitsOnOneAndTwoThreads) {
