@@ -72,16 +72,23 @@ BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
 }
 
 std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockConditioning& cond,
-                                        const Tensor& mask) const {
+                                        const Tensor& mask,
+                                        const std::vector<bool>& outputs) const {
   const size_t M = x.size();
+  MMDIT_CHECK(outputs.empty() || outputs.size() == M, "MMDiTBlock: outputs names ", outputs.size(),
+              " modalities, the block has ", M);
   std::vector<Tensor> h(M);
   for (size_t m = 0; m < M; ++m) h[m] = nn::modulate(x[m], cond.attn[m]);
   std::vector<Tensor> a;
   {
     NameScope scope("joint_attn");
-    a = joint_attn(h, mask);
+    a = joint_attn(h, mask, outputs);
   }
   for (size_t m = 0; m < M; ++m) {
+    if (!outputs.empty() && !outputs[m]) {
+      x[m] = Tensor();
+      continue;
+    }
     x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
     const Tensor h_ff = nn::modulate(x[m], cond.ff[m]);
     Tensor ff;
@@ -167,18 +174,25 @@ MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
 }
 
 std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
-                                   const Tensor& mask) const {
+                                   const Tensor& mask, const std::vector<bool>& outputs) const {
   const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
   MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
   MMDIT_CHECK(cond.blocks.size() == blocks.size(), "MMDiT::forward: conditioning for ",
               cond.blocks.size(), " blocks, the model has ", blocks.size());
+  MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "MMDiT::forward: outputs names ",
+              outputs.size(), " modalities, the model has ", xs.size());
   std::vector<Tensor> x = xs;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));
-    x = blocks[i].forward(std::move(x), cond.blocks[i], mask);
+    const bool last = i + 1 == blocks.size();
+    x = blocks[i].forward(std::move(x), cond.blocks[i], mask, last ? outputs : std::vector<bool>{});
   }
   std::vector<Tensor> outs;
   for (size_t m = 0; m < x.size(); ++m) {
+    if (!outputs.empty() && !outputs[m]) {
+      outs.emplace_back();
+      continue;
+    }
     NameScope scope(str_cat("final_layers.", m));
     outs.push_back(final_layers[m].linear_out(nn::modulate(x[m], cond.final_layers[m])));
   }

@@ -33,9 +33,12 @@ class MMDiTBlock : public nn::Module {
   std::vector<Tensor> operator()(std::vector<Tensor> xs, const Tensor& c,
                                  const Tensor& mask = Tensor()) const;
   BlockConditioning condition(const Tensor& c) const;
-  // The block given its conditioning, which may have batch 1 for a batch of tokens.
+  // The block given its conditioning, which may have batch 1 for a batch of tokens. outputs:
+  // which modalities the caller reads (empty: all); the others come back undefined, without the
+  // work only they need (their attention output projection, residuals and feed-forward).
   std::vector<Tensor> forward(std::vector<Tensor> xs, const BlockConditioning& cond,
-                              const Tensor& mask = Tensor()) const;
+                              const Tensor& mask = Tensor(),
+                              const std::vector<bool>& outputs = {}) const;
 
   std::vector<int64_t> dim_modalities;
   nn::ModuleList<nn::AdaptiveLayerNorm> attn_layernorms, ff_layernorms;
@@ -74,8 +77,12 @@ class MMDiT : public nn::Module {
   // The blocks' and final layers' modulations for batched timesteps (B,) each; B may be 1 for
   // any batch of tokens.
   MMDiTConditioning condition(const std::vector<Tensor>& timesteps) const;
+  // outputs: which modalities' outputs the caller reads (empty: all). The last block and the
+  // final layers skip the work only the others need, as XLA drops dead code under jit; the
+  // others come back undefined.
   std::vector<Tensor> forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
-                              const Tensor& mask = Tensor()) const;
+                              const Tensor& mask = Tensor(),
+                              const std::vector<bool>& outputs = {}) const;
 
   MMDiTConfig config;
   nn::ModuleList<nn::TimestepEmbedding> timestep_embeds;

@@ -51,8 +51,8 @@ JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int6
   register_module("k_rmsnorms", k_rmsnorms);
 }
 
-std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
-                                               const Tensor& mask) const {
+std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in, const Tensor& mask,
+                                               const std::vector<bool>& outputs) const {
   const bool batched = check_modalities(xs_in, dim_inputs, "JointAttention");
   std::vector<Tensor> xs;
   for (const Tensor& x : xs_in) xs.push_back(batched ? x : unsqueeze(x, 0));
@@ -81,6 +81,10 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   std::vector<Tensor> outs;
   const std::vector<Tensor> per_modality = split(merged, lengths, 1);
   for (size_t m = 0; m < xs.size(); ++m) {
+    if (!outputs.empty() && !outputs.at(m)) {
+      outs.emplace_back();
+      continue;
+    }
     Tensor y = to_out[m](per_modality[m]);
     outs.push_back(batched ? y : squeeze(y, 0));
   }

@@ -12,9 +12,10 @@ class JointAttention : public Module {
   JointAttention(std::vector<int64_t> dim_inputs, int64_t dim_head, int64_t heads, Rng& rng);
 
   // xs[m] is (S_m, D_m) or (B, S_m, D_m), all batched or none. mask: bool (total, total) or
-  // (B, total, total), true = attend; undefined = full attention.
-  std::vector<Tensor> operator()(const std::vector<Tensor>& xs,
-                                 const Tensor& mask = Tensor()) const;
+  // (B, total, total), true = attend; undefined = full attention. outputs: which modalities'
+  // outputs the caller reads (empty: all); the others come back undefined, without their to_out.
+  std::vector<Tensor> operator()(const std::vector<Tensor>& xs, const Tensor& mask = Tensor(),
+                                 const std::vector<bool>& outputs = {}) const;
 
   std::vector<int64_t> dim_inputs;
   int64_t dim_head, heads;

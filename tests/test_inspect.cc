@@ -280,8 +280,17 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
        {"\"workload\": \"policy-act\"", "\"threads\": 1", "\"median_ms\": ", "\"gflops\": ",
         "\"roof_gflops\": ", "\"peak_rss_mb\": ", "\"openblas_core\": "})
     EXPECT_THAT(r.output, HasSubstr(key));
-  // 10 Euler steps of the reference policy at batch 1: 3.8 GFLOP of products, counted.
-  EXPECT_THAT(r.output, HasSubstr("\"gflop_per_rep\": 3.8"));
+  // 10 Euler steps of the reference policy at batch 1 (hidden 256, 8 blocks, 8 heads of 64,
+  // ff_mult 4; 2 observation and 16 action tokens), the products counted as they ran: per block
+  // and token, to_qkv, to_out and the three feed-forward products; attention's q k^T and p v per
+  // head; the last block skips the observation tokens' to_out and feed-forward (unread); the
+  // action encoder and the action final layer.
+  const double per_token = 2.0 * (256 * 1536 + 512 * 256 + 3 * 256 * 1024);
+  const double step = 18 * 8 * per_token - 2 * 2.0 * (512 * 256 + 3 * 256 * 1024) +
+                      8 * 8 * 2 * (2.0 * 18 * 18 * 64) + 16 * 2.0 * 2 * 256 + 16 * 2.0 * 256 * 2;
+  const size_t gflop_at = r.output.find("\"gflop_per_rep\": ");
+  ASSERT_NE(gflop_at, std::string::npos);
+  EXPECT_NEAR(std::stod(r.output.substr(gflop_at + 17)), 10 * step / 1e9, 6e-4);
   // A bfloat16 workload also reports how far its actions are from the float32 sampler's.
   const Command bf16 = run_mmdit(
       "bench --workload policy-act-bf16 --reps 1 --warmup 0 --threads 1 --json --keep-coretype");

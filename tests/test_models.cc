@@ -207,6 +207,27 @@ TEST(MMDiT, BatchedEqualsPerExample) {
   EXPECT_LT(max_abs_diff(per_example[1], batched[1]), 1e-6);
 }
 
+// Reading only some outputs skips the rest of the last block and the final layers for the
+// others; what is read is the same, bit for bit.
+TEST(MMDiT, ForwardComputesOnlyTheOutputsAskedFor) {
+  Rng rng(19);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 4, 8});
+  const MMDiTConditioning cond = model.condition({from_vector({0.2f, 0.7f}, {2})});
+  const Tensor mask = obs_full_action_causal(5, 4);
+  const auto all = model.forward({a, b}, cond, mask);
+  int64_t flops0 = raw::matmul_flops();
+  const auto second = model.forward({a, b}, cond, mask, {false, true});
+  const int64_t fewer = raw::matmul_flops() - flops0;
+  EXPECT_FALSE(second[0].defined());
+  EXPECT_EQ(second[1].to_vector<float>(), all[1].to_vector<float>());
+  flops0 = raw::matmul_flops();
+  model.forward({a, b}, cond, mask);
+  EXPECT_LT(fewer, raw::matmul_flops() - flops0);  // the skipped products were not run
+  EXPECT_THROW(model.forward({a, b}, cond, mask, {true}), Error);
+}
+
 TEST(InContextMMDiT, BatchedEqualsPerExample) {
   Rng rng(10);
   InContextMMDiT model(small_incontext({16, 8}, {16, 4}), rng);

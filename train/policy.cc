@@ -246,7 +246,8 @@ Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
                           const MMDiTConditioning& time) const {
   const Tensor act = action_tokens(x_t);
   NameScope scope("mmdit");
-  return mmdit.forward({obs_tokens, act}, time, mask_)[1];
+  // Only the action tokens' output is read: the last block skips the observation tokens' rest.
+  return mmdit.forward({obs_tokens, act}, time, mask_, {false, true})[1];
 }
 
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
