@@ -253,8 +253,57 @@ T MaxImpl(const T* x, int64_t n) {
   return result;
 }
 
+// A row of at most 4 vectors (attention over the policy's 18 tokens) in one pass: loaded once,
+// the max, exps, sum and scaling in registers. The four passes over memory of the general case,
+// each with its own tail, took 3% of policy-act.
+template <class T>
+void SoftmaxShort(const T* x, T* out, int64_t n) {
+  const hn::ScalableTag<T> d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  const int64_t count = (n + lanes - 1) / lanes;
+  const auto lowest = hn::Set(d, -std::numeric_limits<T>::infinity());
+  V<decltype(d)> v[4];
+  auto m = lowest;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t rest = std::min(lanes, n - k * lanes);
+    if (rest == lanes) {
+      v[k] = hn::LoadU(d, x + k * lanes);
+    } else {
+      HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)];
+      std::fill(buf, buf + lanes, -std::numeric_limits<T>::infinity());
+      std::copy(x + k * lanes, x + n, buf);
+      v[k] = hn::Load(d, buf);
+    }
+    m = hn::Max(m, v[k]);
+  }
+  const T row_max = hn::GetLane(hn::MaxOfLanes(d, m));
+  const auto mv = hn::Set(d, row_max);
+  auto sum = hn::Zero(d);
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t rest = std::min(lanes, n - k * lanes);
+    v[k] = SafeExp(d, hn::Sub(v[k], mv));
+    // Padding lanes hold -inf - max: exp gives 0, unless max is itself -inf or NaN.
+    if (rest < lanes) v[k] = hn::IfThenElseZero(hn::FirstN(d, static_cast<size_t>(rest)), v[k]);
+    sum = hn::Add(sum, v[k]);
+  }
+  const auto inv = hn::Set(d, T(1) / hn::GetLane(hn::SumOfLanes(d, sum)));
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t rest = std::min(lanes, n - k * lanes);
+    const auto r = hn::Mul(v[k], inv);
+    if (rest == lanes) {
+      hn::StoreU(r, d, out + k * lanes);
+    } else {
+      HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)];
+      hn::Store(r, d, buf);
+      std::copy(buf, buf + rest, out + k * lanes);
+    }
+  }
+}
+
 template <class T>
 void SoftmaxImpl(const T* x, T* out, int64_t n) {
+  if (n > 0 && n <= 4 * static_cast<int64_t>(hn::Lanes(hn::ScalableTag<T>())))
+    return SoftmaxShort(x, out, n);
   const T m = MaxImpl(x, n);
   MapContiguous(x, out, n, [m](auto d, auto v) { return SafeExp(d, hn::Sub(v, hn::Set(d, m))); });
   const T inv = T(1) / SumImpl(out, n);

@@ -864,6 +864,26 @@ TEST(TensorSoftmax, EveryAxisMatchesNaive) {
   }
 }
 
+// Rows of up to four vectors take a one-pass path (simd.cc: SoftmaxShort), longer rows the
+// general one; lengths on both sides of the boundary for either dtype and vector width.
+TEST(TensorSoftmax, ShortAndLongRowsMatchNaive) {
+  for (DType t : {DType::f32, DType::f64}) {
+    const double tol = t == DType::f32 ? 1e-6 : 1e-14;
+    for (int64_t n : {1, 7, 16, 18, 31, 32, 33, 64, 65, 130}) {
+      SCOPED_TRACE(str_cat(dtype_name(t), " n=", n));
+      const Tensor x = uniform_tensor({2, n}, t, 92 + n, -8, 8);
+      const Tensor sm = raw::softmax(x, -1);
+      for (int64_t r = 0; r < 2; ++r) {
+        double m = -kInf, s = 0;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, at(x, {r, j}));
+        for (int64_t j = 0; j < n; ++j) s += std::exp(at(x, {r, j}) - m);
+        for (int64_t j = 0; j < n; ++j)
+          EXPECT_NEAR(at(sm, {r, j}), std::exp(at(x, {r, j}) - m) / s, tol) << r << "," << j;
+      }
+    }
+  }
+}
+
 TEST(TensorSoftmax, MaskedEntriesGiveNoNaN) {
   const double masked = -0.7 * FLT_MAX;
   for (DType t : {DType::f32, DType::f64}) {
