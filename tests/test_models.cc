@@ -21,12 +21,7 @@ double max_abs(const Tensor& a) {
   return max_abs_diff(a, zeros_like(a));
 }
 
-// Gives every parameter (zero-initialised ones included) random values, so that tests about
-// what a trained model does are not trivially satisfied by adaLN-Zero.
-void randomize(nn::Module& m, Rng& rng, double scale = 0.3) {
-  for (const auto& [name, p] : m.named_parameters())
-    raw::copy_into(p, rng.normal(p.shape(), p.dtype(), 0, scale));
-}
+using test::randomize;
 
 MMDiTConfig small_mmdit(std::vector<int64_t> dims, std::vector<int64_t> outs) {
   MMDiTConfig c;

@@ -55,6 +55,19 @@ void expect_close(const std::vector<float>& y, const Reference& r, int64_t K,
   }
 }
 
+// W (N, K) packed by hand from the bfloat16 layout packed_gemm.cc documents:
+// panel[k / 2][c][e] = W[16 p + c][2 (k / 2) + e], zero-padded.
+std::vector<uint16_t> pack_bf16_by_hand(const Tensor& w) {
+  const int64_t N = w.shape()[0], K = w.shape()[1];
+  const auto wv = w.to_vector<float>();
+  const int64_t pairs = (K + 1) / 2;
+  std::vector<uint16_t> packed(static_cast<size_t>((N + 15) / 16 * pairs * 32), 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      packed[((n / 16) * pairs + k / 2) * 32 + (n % 16) * 2 + k % 2] = to_bf16(wv[n * K + k]);
+  return packed;
+}
+
 // M x N x K cases: ragged panels (N % 16), odd K (bfloat16 pairs), rows past one register tile.
 const std::vector<std::array<int64_t, 3>> kShapes = {
     {1, 1, 1}, {2, 17, 3}, {3, 101, 7}, {9, 50, 33}, {16, 96, 256}, {19, 48, 64}, {64, 40, 130}};
@@ -89,12 +102,8 @@ TEST(PackedWeight, WideningKernelFollowsTheDocumentedLayout) {
   Rng rng(3);
   for (const auto& [M, N, K] : kShapes) {
     const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
-    const auto wv = w.to_vector<float>();
-    const int64_t panels = (N + 15) / 16, pairs = (K + 1) / 2;
-    std::vector<uint16_t> packed(static_cast<size_t>(panels * pairs * 32), 0);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k)
-        packed[((n / 16) * pairs + k / 2) * 32 + (n % 16) * 2 + k % 2] = to_bf16(wv[n * K + k]);
+    const std::vector<uint16_t> packed = pack_bf16_by_hand(w);
+    const int64_t panels = (N + 15) / 16;
     std::vector<float> y(static_cast<size_t>(M * N), -1.0f);
     simd::gemm_packed_bf16(x.data<float>(), K, M, packed.data(), K, y.data(), N, N, 0, panels);
     expect_close(y, reference_product(x, w, false, true), K, "widening " + shape_str({M, N, K}));
@@ -111,12 +120,8 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
   const Reference exact = reference_product(x, w, false, false);
   const Reference rounded_w = reference_product(x, w, false, true);
   const PackedWeight f32(w, WeightPrecision::f32);
-  const auto wv = w.to_vector<float>();
-  const int64_t panels = (N + 15) / 16, pairs = (K + 1) / 2;
-  std::vector<uint16_t> bf16(static_cast<size_t>(panels * pairs * 32), 0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k)
-      bf16[((n / 16) * pairs + k / 2) * 32 + (n % 16) * 2 + k % 2] = to_bf16(wv[n * K + k]);
+  const std::vector<uint16_t> bf16 = pack_bf16_by_hand(w);
+  const int64_t panels = (N + 15) / 16;
   int tested = 0;
   for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
     hwy::SetSupportedTargetsForTest(target);
@@ -246,10 +251,7 @@ TEST(FrozenWeights, SamplerInFloat32MatchesTheUnpackedEulerLoop) {
   c.validate();
   Rng rng(9);
   BCPolicy policy(c, rng);
-  for (auto& [name, p] : policy.named_parameters()) {
-    const Tensor r = rng.normal(p.shape(), p.dtype(), 0, 0.2);
-    std::copy(r.data<float>(), r.data<float>() + r.numel(), p.data<float>());
-  }
+  test::randomize(policy, rng, 0.2);
   const Tensor state = rng.normal({3, 2, 3}), a0 = rng.normal({3, 5, 2});
   const int64_t steps = 4;
   const Tensor obs = policy.encode_observations(state);

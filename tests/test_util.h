@@ -11,8 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "nn/module.h"
 #include "tensor/bytes.h"
 #include "tensor/error.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
 #include "tensor/tensor.h"
 
 namespace mmdit::test {
@@ -35,6 +38,13 @@ inline double max_abs_diff(const Tensor& a, const Tensor& b) {
   double m = 0;
   for (size_t i = 0; i < x.size() && i < y.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
   return m;
+}
+
+// Gives every parameter (zero-initialised ones included) values from N(0, scale^2), so that
+// tests about what a trained model does are not trivially satisfied by adaLN-Zero.
+inline void randomize(nn::Module& m, Rng& rng, double scale = 0.3) {
+  for (const auto& [name, p] : m.named_parameters())
+    raw::copy_into(p, rng.normal(p.shape(), p.dtype(), 0, scale));
 }
 
 // The values as little-endian bytes, as files store them.
