@@ -291,6 +291,17 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   const size_t gflop_at = r.output.find("\"gflop_per_rep\": ");
   ASSERT_NE(gflop_at, std::string::npos);
   EXPECT_NEAR(std::stod(r.output.substr(gflop_at + 17)), 10 * step / 1e9, 6e-4);
+  // The weights those products read: each packed weight once per step, in panels of 16 output
+  // columns (the action final layer's 2 outputs take a whole panel), plus the observation
+  // encoder's 4 x 256 (packed too, though it runs once per call).
+  const double weight_floats = 16 * (256 * 1536 + 512 * 256 + 3 * 256 * 1024) -
+                               (512 * 256 + 3 * 256 * 1024) + 256 * 2 + 16 * 256 + 256 * 4;
+  const size_t mb_at = r.output.find("\"weight_mb_per_rep\": ");
+  ASSERT_NE(mb_at, std::string::npos) << r.output;
+  EXPECT_NEAR(std::stod(r.output.substr(mb_at + 21)), 10 * 4 * weight_floats / 1e6, 1e-3);
+  const size_t roof_at = r.output.find("\"memory_roof_gbps\": ");
+  ASSERT_NE(roof_at, std::string::npos) << r.output;
+  EXPECT_GT(std::stod(r.output.substr(roof_at + 20)), 0.0);
   // A bfloat16 workload also reports how far its actions are from the float32 sampler's.
   const Command bf16 = run_mmdit(
       "bench --workload policy-act-bf16 --reps 1 --warmup 0 --threads 1 --json --keep-coretype");
@@ -300,6 +311,9 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   const double rel_rms = std::stod(bf16.output.substr(at + 23));
   EXPECT_GT(rel_rms, 0.0);
   EXPECT_LT(rel_rms, 0.01);
+  const size_t bf16_mb_at = bf16.output.find("\"weight_mb_per_rep\": ");
+  ASSERT_NE(bf16_mb_at, std::string::npos) << bf16.output;
+  EXPECT_NEAR(std::stod(bf16.output.substr(bf16_mb_at + 21)), 10 * 2 * weight_floats / 1e6, 1e-3);
   const Command bad = run_mmdit("bench --workload nope");
   EXPECT_NE(bad.status, 0);
   EXPECT_THAT(bad.output, HasSubstr("unknown workload 'nope'"));

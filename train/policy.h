@@ -108,6 +108,9 @@ class EulerSampler {
                std::optional<WeightPrecision> packed = WeightPrecision::f32);
   Tensor operator()(const Tensor& state, const Tensor& a0) const;
   int64_t steps() const { return static_cast<int64_t>(schedule_.size()); }
+  // Bytes of the packed weights one Euler step reads, once the first call has packed them (0
+  // before, and when not packed): at batch 1 the memory traffic that bounds a call.
+  size_t packed_bytes() const { return frozen_ ? frozen_->bytes() : 0; }
 
  private:
   const BCPolicy& policy_;

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "mmdit/incontext.h"
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
+#include "tensor/simd.h"
 #include "tools/cli/commands.h"
 #include "train/trainer.h"
 
@@ -74,8 +76,9 @@ struct Accuracy {
 
 struct Prepared {
   std::function<void()> rep;
-  std::optional<TapeStats> tape;     // training workloads: the tape of one step
-  std::optional<Accuracy> accuracy;  // bf16 workloads, against the float32 sampler
+  std::optional<TapeStats> tape;                 // training workloads: the tape of one step
+  std::optional<Accuracy> accuracy;              // bf16 workloads, against the float32 sampler
+  std::function<double()> weight_bytes_per_rep;  // sampling: packed weights read, after the reps
 };
 
 // The reference agent (models.md defaults; spec/bench.md).
@@ -169,6 +172,9 @@ Prepared prepare_policy_act(int64_t batch, WeightPrecision precision) {
   p.rep = [policy, sampler, state, rng_shared, c, batch] {
     const Tensor a0 = rng_shared->normal({batch, c.horizon, c.act_dim});
     (*sampler)(state, a0);
+  };
+  p.weight_bytes_per_rep = [sampler] {
+    return static_cast<double>(sampler->packed_bytes()) * static_cast<double>(sampler->steps());
   };
   return p;
 }
@@ -271,6 +277,28 @@ int64_t page_faults() {
   return usage.ru_minflt + usage.ru_majflt;
 }
 
+// GB/s at which the current threads read a buffer far larger than the caches: the most a step
+// that streams its weights from memory (sampling at batch 1) can get.
+double memory_roof_gbps() {
+  const int64_t n = int64_t{64} << 20;  // 256 MB of floats
+  const Tensor buffer = full({n}, 1.0, DType::f32);
+  const float* data = buffer.data<float>();
+  const int64_t chunk = int64_t{1} << 20, chunks = n / chunk;
+  std::vector<float> sums(static_cast<size_t>(chunks));
+  std::vector<double> times;
+  for (int rep = 0; rep < 6; ++rep) {
+    const Clock::time_point t0 = Clock::now();
+    parallel_for(chunks, 2 * kParallelGrain, [&](int64_t i) {
+      sums[static_cast<size_t>(i)] = simd::sum(data + i * chunk, chunk);
+    });
+    if (rep > 0) times.push_back(seconds_since(t0));
+  }
+  MMDIT_CHECK(std::accumulate(sums.begin(), sums.end(), 0.0) == static_cast<double>(n),
+              "bench: the memory read check summed wrongly");
+  std::sort(times.begin(), times.end());
+  return static_cast<double>(n) * sizeof(float) / times[times.size() / 2] / 1e9;
+}
+
 // GFLOP/s of one large sgemm on the current threads: the most a matrix-product-bound step can
 // reach on this machine.
 double sgemm_roof_gflops() {
@@ -293,7 +321,9 @@ struct Result {
   double gflop_per_rep = 0, gflops = 0;
   double peak_rss_mb = 0;
   double page_faults_per_rep = 0;
-  double roof_gflops = 0;  // set when the workload ran in a child process with its own roof
+  double roof_gflops = 0;        // set when the workload ran in a child process with its own roof
+  double memory_roof_gbps = 0;   // likewise
+  double weight_mb_per_rep = 0;  // sampling workloads: packed weights read per repetition
   int reps = 0;
   std::optional<TapeStats> tape;
   std::optional<Accuracy> accuracy;
@@ -329,10 +359,18 @@ Result run(const Workload& w, int reps, int warmup) {
   r.peak_rss_mb = peak_rss_mb();
   r.tape = p.tape;
   r.accuracy = p.accuracy;
+  if (p.weight_bytes_per_rep) r.weight_mb_per_rep = p.weight_bytes_per_rep() / 1e6;
   return r;
 }
 
-std::string json_line(const Result& r, int threads, double roof, const char* core) {
+// The time a sampling workload would take if it did nothing but read its weights once per
+// Euler step at the memory roof.
+double memory_floor_ms(const Result& r, double memory_roof) {
+  return r.weight_mb_per_rep / 1e3 / memory_roof * 1e3;
+}
+
+std::string json_line(const Result& r, int threads, double roof, double memory_roof,
+                      const char* core) {
   char buf[1024];
   int len = std::snprintf(
       buf, sizeof buf,
@@ -343,6 +381,13 @@ std::string json_line(const Result& r, int threads, double roof, const char* cor
       r.workload.c_str(), threads, r.reps, r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep,
       r.gflops, roof, r.gflops / roof, r.peak_rss_mb, r.page_faults_per_rep, core);
   std::string s(buf, static_cast<size_t>(len));
+  std::snprintf(buf, sizeof buf, ", \"memory_roof_gbps\": %.1f", memory_roof);
+  s += buf;
+  if (r.weight_mb_per_rep > 0) {
+    std::snprintf(buf, sizeof buf, ", \"weight_mb_per_rep\": %.3f, \"memory_floor_ms\": %.2f",
+                  r.weight_mb_per_rep, memory_floor_ms(r, memory_roof));
+    s += buf;
+  }
   if (r.tape) {
     std::snprintf(buf, sizeof buf, ", \"tape_nodes\": %lld, \"saved_mb\": %.1f",
                   static_cast<long long>(r.tape->nodes), r.tape->saved_bytes / 1048576.0);
@@ -356,8 +401,9 @@ std::string json_line(const Result& r, int threads, double roof, const char* cor
   return s + "}";
 }
 
-void print_table_row(const Result& r, double roof) {
+void print_table_row(const Result& r, double roof, double memory_roof) {
   if (r.roof_gflops > 0) roof = r.roof_gflops;
+  if (r.memory_roof_gbps > 0) memory_roof = r.memory_roof_gbps;
   std::printf("%-19s %9.2f %9.2f %9.2f %8.1f %8.1f %6.0f%% %8.0f %8.0f", r.workload.c_str(),
               r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops, 100 * r.gflops / roof,
               r.peak_rss_mb, r.page_faults_per_rep);
@@ -368,6 +414,9 @@ void print_table_row(const Result& r, double roof) {
     std::printf("  (%s; actions vs float32: max |diff| %.2g, relative rms %.2g)",
                 packed_kernel_name(WeightPrecision::bf16).c_str(), r.accuracy->max_abs_diff,
                 r.accuracy->rel_rms);
+  if (r.weight_mb_per_rep > 0)
+    std::printf("  (reads %.0f MB of weights: %.1f ms at the memory roof)", r.weight_mb_per_rep,
+                memory_floor_ms(r, memory_roof));
   std::printf("\n");
 }
 
@@ -419,10 +468,12 @@ void run_bench(const Options& o) {
     chosen.push_back(found);
   }
   const double roof = sgemm_roof_gflops();
+  const double memory_roof = memory_roof_gbps();
   if (!o.json) {
     std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
                 threads, core, o.reps, o.warmup);
-    std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n\n", roof);
+    std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n", roof);
+    std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
                 "saved MB");
@@ -433,16 +484,16 @@ void run_bench(const Options& o) {
     if (chosen.size() == 1) {
       const Result r = run(*w, o.reps, o.warmup);
       if (o.json)
-        std::printf("%s\n", json_line(r, threads, roof, core).c_str());
+        std::printf("%s\n", json_line(r, threads, roof, memory_roof, core).c_str());
       else
-        print_table_row(r, roof);
+        print_table_row(r, roof, memory_roof);
     } else {
       // One process per workload: no workload inherits another's heap, caches or peak RSS.
       const std::string line = run_in_child(*w, o, threads);
       if (o.json)
         std::printf("%s\n", line.c_str());
       else
-        print_table_row(result_from_json(line), roof);
+        print_table_row(result_from_json(line), roof, memory_roof);
     }
     std::fflush(stdout);
   }
@@ -481,6 +532,9 @@ Result result_from_json(const std::string& line) {
   r.peak_rss_mb = j.at("peak_rss_mb").get<double>();
   r.roof_gflops = j.at("roof_gflops").get<double>();
   r.page_faults_per_rep = j.at("page_faults_per_rep").get<double>();
+  r.memory_roof_gbps = j.at("memory_roof_gbps").get<double>();
+  if (j.contains("weight_mb_per_rep"))
+    r.weight_mb_per_rep = j.at("weight_mb_per_rep").get<double>();
   if (j.contains("max_abs_diff_vs_f32"))
     r.accuracy = Accuracy{j.at("max_abs_diff_vs_f32").get<double>(),
                           j.at("rel_rms_diff_vs_f32").get<double>()};
