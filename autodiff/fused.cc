@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "autodiff/ops.h"
@@ -685,25 +686,34 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                 });
 }
 
-Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+namespace {
+
+void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const char* op = "linear";
   check_floats(op, {x, weight});
   MMDIT_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.shape().back() == weight.shape()[1], op,
               ": input ", shape_str(x.shape()), " does not end in the weight's in-features ",
               weight.dim() == 2 ? weight.shape()[1] : -1, " (weight ", shape_str(weight.shape()),
               ")");
-  const int64_t in = weight.shape()[1], out = weight.shape()[0];
+  const int64_t out = weight.shape()[0];
   MMDIT_CHECK(!bias.defined() || (bias.dtype() == x.dtype() && bias.shape() == Shape({out})), op,
               ": bias has shape ", bias.defined() ? shape_str(bias.shape()) : "", " and dtype ",
               bias.defined() ? dtype_name(bias.dtype()) : "", "; expected (", out, ",) ",
               dtype_name(x.dtype()));
-  // (..., in) as rows: a view when x is contiguous.
-  const Tensor x2 = raw::reshape(x, {-1, in});
-  // A frozen model (UseFrozenWeights, as EulerSampler sets) multiplies by its packed copy.
+}
+
+// The frozen model's packed copy of the weight (UseFrozenWeights, as EulerSampler sets), if any.
+const PackedWeight* packed_for(const Tensor& x, const Tensor& weight) {
   FrozenWeights* frozen = frozen_weights();
-  Tensor y = frozen && x.dtype() == DType::f32 && weight.dtype() == DType::f32
-                 ? raw::matmul_packed(x2, frozen->get(weight))
-                 : raw::matmul(x2, raw::transpose(weight, 0, 1));
+  return frozen && x.dtype() == DType::f32 && weight.dtype() == DType::f32 ? &frozen->get(weight)
+                                                                           : nullptr;
+}
+
+// linear_fused given the product y = x2 W^T of x's rows x2: the bias, the output's shape and the
+// tape node.
+Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, const Tensor& bias,
+                     Tensor y) {
+  const int64_t in = weight.shape()[1], out = weight.shape()[0];
   if (bias.defined()) {
     const Tensor b = raw::contiguous(bias);
     by_dtype(x.dtype(), [&](auto tag) {
@@ -717,7 +727,7 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   std::vector<Tensor> inputs = {x, weight};
   if (bias.defined()) inputs.push_back(bias);
   const Tensor saved[] = {x2, weight};
-  return record(op, y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+  return record("linear", y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
                 [in, out](Backward& ctx) {
                   const Tensor &x2 = ctx.saved[0], &weight = ctx.saved[1];
                   const Tensor dy = raw::reshape(ctx.grad, {-1, out});
@@ -729,6 +739,60 @@ Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
                   ctx.input(1, [&] { return raw::matmul(raw::transpose(dy, 0, 1), x2); });
                   if (ctx.input_grads().size() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
                 });
+}
+
+}  // namespace
+
+Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_linear(x, weight, bias);
+  // (..., in) as rows: a view when x is contiguous.
+  const Tensor x2 = raw::reshape(x, {-1, weight.shape()[1]});
+  const PackedWeight* packed = packed_for(x, weight);
+  Tensor y =
+      packed ? raw::matmul_packed(x2, *packed) : raw::matmul(x2, raw::transpose(weight, 0, 1));
+  return finish_linear(x, x2, weight, bias, std::move(y));
+}
+
+std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
+                                      const std::vector<Tensor>& weights,
+                                      const std::vector<Tensor>& biases,
+                                      const std::vector<std::string>& scopes) {
+  const size_t n = xs.size();
+  MMDIT_CHECK(weights.size() == n && biases.size() == n && (scopes.empty() || scopes.size() == n),
+              "linear_each: ", n, " inputs, ", weights.size(), " weights, ", biases.size(),
+              " biases and ", scopes.size(), " scopes");
+  std::vector<Tensor> ys(n);
+  const auto scoped = [&](size_t i, auto&& f) {
+    if (scopes.empty()) return f();
+    NameScope scope(scopes[i]);
+    return f();
+  };
+  // A packed product waits here (n: none) for a partner to multiply with.
+  size_t waiting = n;
+  for (size_t i = 0; i < n; ++i) {
+    if (!xs[i].defined()) continue;
+    check_linear(xs[i], weights[i], biases[i]);
+    const PackedWeight* packed = packed_for(xs[i], weights[i]);
+    if (!packed) {
+      ys[i] = scoped(i, [&] { return linear_fused(xs[i], weights[i], biases[i]); });
+      continue;
+    }
+    if (waiting == n) {
+      waiting = i;
+      continue;
+    }
+    const size_t j = waiting;
+    waiting = n;
+    const Tensor xj = raw::reshape(xs[j], {-1, weights[j].shape()[1]});
+    const Tensor xi = raw::reshape(xs[i], {-1, weights[i].shape()[1]});
+    auto [yj, yi] = raw::matmul_packed_pair(xj, *packed_for(xs[j], weights[j]), xi, *packed);
+    ys[j] = scoped(j, [&] { return finish_linear(xs[j], xj, weights[j], biases[j], yj); });
+    ys[i] = scoped(i, [&] { return finish_linear(xs[i], xi, weights[i], biases[i], yi); });
+  }
+  if (waiting != n)
+    ys[waiting] = scoped(
+        waiting, [&] { return linear_fused(xs[waiting], weights[waiting], biases[waiting]); });
+  return ys;
 }
 
 Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {

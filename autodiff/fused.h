@@ -16,6 +16,14 @@ namespace mmdit {
 // undefined. One node: the bias is added in the product's output, and its gradient is the column
 // sums of the output's gradient.
 Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+// linear_fused(xs[i], weights[i], biases[i]) for independent inputs, such as one per modality,
+// each recorded under NameScope(scopes[i]) when scopes are given; an undefined xs[i] gives an
+// undefined output. A frozen model multiplies them two at a time (raw::matmul_packed_pair): at
+// batch 1 one modality's compute-bound product hides the other's memory-bound one.
+std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
+                                      const std::vector<Tensor>& weights,
+                                      const std::vector<Tensor>& biases,
+                                      const std::vector<std::string>& scopes = {});
 
 // layer_norm(x) * (1 + scale) + shift, the normalisation over the last axis without affine and
 // with the biased variance. x: (..., S, D); shift, scale: broadcastable to (..., 1, D).

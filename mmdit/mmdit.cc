@@ -84,20 +84,18 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
     NameScope scope("joint_attn");
     a = joint_attn(h, mask, outputs);
   }
+  std::vector<Tensor> h_ff(M);
   for (size_t m = 0; m < M; ++m) {
     if (!outputs.empty() && !outputs[m]) {
       x[m] = Tensor();
       continue;
     }
     x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
-    const Tensor h_ff = nn::modulate(x[m], cond.ff[m]);
-    Tensor ff;
-    {
-      NameScope scope(str_cat("feedforwards.", m));
-      ff = feedforwards[m](h_ff);
-    }
-    x[m] = gated_residual(x[m], cond.ff_gates[m], ff);  // x + ff_gate * ff
+    h_ff[m] = nn::modulate(x[m], cond.ff[m]);
   }
+  const std::vector<Tensor> ff = nn::feedforward_each(feedforwards, h_ff, "feedforwards.");
+  for (size_t m = 0; m < M; ++m)
+    if (x[m].defined()) x[m] = gated_residual(x[m], cond.ff_gates[m], ff[m]);  // x + ff_gate * ff
   return x;
 }
 

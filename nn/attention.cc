@@ -64,11 +64,12 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
 
   // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features,
   // then QK-RMSNorm and the rotary embedding on q and k in one pass.
+  const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "modality");
   std::vector<Tensor> packed;
   for (size_t m = 0; m < xs.size(); ++m) {
     NameScope scope(str_cat("modality", m));
     const int64_t seq = lengths[m];
-    const Tensor qkv = reshape(to_qkv[m](xs[m]), {batch, seq, 3, heads, dim_head});
+    const Tensor qkv = reshape(qkvs[m], {batch, seq, 3, heads, dim_head});
     const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
     packed.push_back(
         qk_norm_rope(qkv, q_rmsnorms[m].gamma, k_rmsnorms[m].gamma, tables.cos, tables.sin));
@@ -78,16 +79,13 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   const Tensor out = attention_packed(concat(packed, 1), mask);
   const Tensor merged = reshape(out, {batch, total, inner});
 
-  std::vector<Tensor> outs;
-  const std::vector<Tensor> per_modality = split(merged, lengths, 1);
-  for (size_t m = 0; m < xs.size(); ++m) {
-    if (!outputs.empty() && !outputs.at(m)) {
-      outs.emplace_back();
-      continue;
-    }
-    Tensor y = to_out[m](per_modality[m]);
-    outs.push_back(batched ? y : squeeze(y, 0));
-  }
+  std::vector<Tensor> per_modality = split(merged, lengths, 1);
+  for (size_t m = 0; m < xs.size(); ++m)
+    if (!outputs.empty() && !outputs.at(m)) per_modality[m] = Tensor();
+  std::vector<Tensor> outs = linear_each(to_out, per_modality);
+  if (!batched)
+    for (Tensor& y : outs)
+      if (y.defined()) y = squeeze(y, 0);
   return outs;
 }
 

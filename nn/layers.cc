@@ -1,6 +1,9 @@
 #include "nn/layers.h"
 
 #include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
 
 namespace mmdit::nn {
 
@@ -62,6 +65,48 @@ FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)
 
 Tensor FeedForward::operator()(const Tensor& x) const {
   return linear_out(swiglu(linear_in(x), linear_gate(x)));  // linear_in(x) * silu(linear_gate(x))
+}
+
+std::vector<Tensor> linear_each(const std::vector<const Linear*>& layers,
+                                const std::vector<Tensor>& xs, const std::string& scope) {
+  MMDIT_CHECK(layers.size() == xs.size(), "linear_each: ", layers.size(), " layers for ", xs.size(),
+              " inputs");
+  std::vector<Tensor> weights, biases;
+  std::vector<std::string> scopes;
+  for (size_t m = 0; m < layers.size(); ++m) {
+    weights.push_back(layers[m]->weight);
+    biases.push_back(layers[m]->bias);
+    if (!scope.empty()) scopes.push_back(str_cat(scope, m));
+  }
+  return linear_fused_each(xs, weights, biases, scopes);
+}
+
+std::vector<Tensor> linear_each(const ModuleList<Linear>& layers, const std::vector<Tensor>& xs,
+                                const std::string& scope) {
+  std::vector<const Linear*> list;
+  for (size_t m = 0; m < layers.size(); ++m) list.push_back(&layers[m]);
+  return linear_each(list, xs, scope);
+}
+
+std::vector<Tensor> feedforward_each(const ModuleList<FeedForward>& feedforwards,
+                                     const std::vector<Tensor>& xs, const std::string& scope) {
+  const size_t M = feedforwards.size();
+  MMDIT_CHECK(xs.size() == M, "feedforward_each: ", M, " feed-forwards for ", xs.size(), " inputs");
+  const auto layers = [&](Linear FeedForward::*layer) {
+    std::vector<const Linear*> list;
+    for (size_t m = 0; m < M; ++m) list.push_back(&(feedforwards[m].*layer));
+    return list;
+  };
+  const std::vector<Tensor> in = linear_each(layers(&FeedForward::linear_in), xs, scope);
+  const std::vector<Tensor> gate = linear_each(layers(&FeedForward::linear_gate), xs, scope);
+  std::vector<Tensor> hidden(M);
+  for (size_t m = 0; m < M; ++m) {
+    if (!xs[m].defined()) continue;
+    std::optional<NameScope> named;
+    if (!scope.empty()) named.emplace(str_cat(scope, m));
+    hidden[m] = swiglu(in[m], gate[m]);
+  }
+  return linear_each(layers(&FeedForward::linear_out), hidden, scope);
 }
 
 }  // namespace mmdit::nn

@@ -71,4 +71,16 @@ class FeedForward : public Module {
   Linear linear_in, linear_gate, linear_out;
 };
 
+// The layers of the modalities, each applied to its own modality: layers[m](xs[m]), undefined
+// where xs[m] is (an output nobody reads), each under NameScope(scope + m) when a scope is given.
+// The same values as the loop; a frozen model multiplies two modalities' inputs together
+// (autodiff/fused.h: linear_fused_each).
+std::vector<Tensor> linear_each(const std::vector<const Linear*>& layers,
+                                const std::vector<Tensor>& xs, const std::string& scope = "");
+std::vector<Tensor> linear_each(const ModuleList<Linear>& layers, const std::vector<Tensor>& xs,
+                                const std::string& scope = "");
+// feedforwards[m](xs[m]) likewise, one stage at a time across the modalities.
+std::vector<Tensor> feedforward_each(const ModuleList<FeedForward>& feedforwards,
+                                     const std::vector<Tensor>& xs, const std::string& scope = "");
+
 }  // namespace mmdit::nn

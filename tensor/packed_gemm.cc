@@ -59,7 +59,7 @@ HWY_INLINE void StoreTile(hn::Vec<DF> (&acc)[MR][NV], float* y, int64_t ldy, int
 
 template <int MR, int NV>
 HWY_INLINE void TileF32(const float* x, int64_t ldx, const float* panels, int64_t K, float* y,
-                        int64_t ldy, int64_t valid_cols) {
+                        int64_t ldy, int64_t valid_cols, PrefetchLines ahead) {
   const DF d;
   const int64_t panel_size = 16 * K;
   hn::Vec<DF> acc[MR][NV];
@@ -68,6 +68,7 @@ HWY_INLINE void TileF32(const float* x, int64_t ldx, const float* panels, int64_
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t p = 0; p < NV * kLanes / 16; ++p)
       hwy::Prefetch(panels + p * panel_size + 16 * (k + kPrefetchSteps));
+    ahead.step();
     hn::Vec<DF> w[NV];
     for (int v = 0; v < NV; ++v) w[v] = hn::LoadU(d, panels + VectorOffset(v, panel_size) + 16 * k);
     for (int i = 0; i < MR; ++i) {
@@ -82,7 +83,7 @@ HWY_INLINE void TileF32(const float* x, int64_t ldx, const float* panels, int64_
 // half W[.][2p + 1]; a bfloat16 is the top 16 bits of a float32.
 template <int MR, int NV>
 HWY_INLINE void TileBF16(const float* x, int64_t ldx, const uint16_t* panels, int64_t K, float* y,
-                         int64_t ldy, int64_t valid_cols) {
+                         int64_t ldy, int64_t valid_cols, PrefetchLines ahead) {
   const DF d;
   const hn::RebindToUnsigned<DF> du;
   const int64_t pairs = (K + 1) / 2, panel_size = 32 * pairs;
@@ -93,6 +94,7 @@ HWY_INLINE void TileBF16(const float* x, int64_t ldx, const uint16_t* panels, in
   for (int64_t p = 0; p < pairs; ++p) {
     for (int64_t q = 0; q < NV * kLanes / 16; ++q)
       hwy::Prefetch(panels + q * panel_size + 32 * (p + kPrefetchSteps));
+    ahead.step();
     hn::Vec<DF> even[NV], odd[NV];
     for (int v = 0; v < NV; ++v) {
       const uint16_t* line =
@@ -128,42 +130,52 @@ HWY_INLINE void DispatchTile(int64_t mr, int64_t nv, Args... args) {
 template <int MR, int NV>
 struct RunF32 {
   static void Run(const float* x, int64_t ldx, const float* panels, int64_t K, float* y,
-                  int64_t ldy, int64_t valid_cols) {
-    TileF32<MR, NV>(x, ldx, panels, K, y, ldy, valid_cols);
+                  int64_t ldy, int64_t valid_cols, PrefetchLines ahead) {
+    TileF32<MR, NV>(x, ldx, panels, K, y, ldy, valid_cols, ahead);
   }
 };
 template <int MR, int NV>
 struct RunBF16 {
   static void Run(const float* x, int64_t ldx, const uint16_t* panels, int64_t K, float* y,
-                  int64_t ldy, int64_t valid_cols) {
-    TileBF16<MR, NV>(x, ldx, panels, K, y, ldy, valid_cols);
+                  int64_t ldy, int64_t valid_cols, PrefetchLines ahead) {
+    TileBF16<MR, NV>(x, ldx, panels, K, y, ldy, valid_cols, ahead);
   }
 };
 
 // Output columns [16 * panel_begin, min(16 * panel_end, N)) of all M rows.
 template <template <int, int> class Tile, class W>
 void GemmPacked(const float* x, int64_t ldx, int64_t M, const W* panels, int64_t panel_size,
-                int64_t K, float* y, int64_t ldy, int64_t N, int64_t panel_begin,
-                int64_t panel_end) {
-  for (int64_t p = panel_begin; p < panel_end; p += kPanelsPerTile) {
+                int64_t steps, int64_t K, float* y, int64_t ldy, int64_t N, int64_t panel_begin,
+                int64_t panel_end, PrefetchSpan ahead) {
+  const int64_t groups = (panel_end - panel_begin + kPanelsPerTile - 1) / kPanelsPerTile;
+  int64_t group = 0;
+  for (int64_t p = panel_begin; p < panel_end; p += kPanelsPerTile, ++group) {
     const int64_t tile_panels = std::min(kPanelsPerTile, panel_end - p);
     const int64_t nv = tile_panels * 16 / kLanes;
     const int64_t valid_cols = std::min(N, 16 * (p + tile_panels)) - 16 * p;
-    for (int64_t m = 0; m < M; m += kRowsPerTile)
-      DispatchTile<Tile, kRowsPerTile, kMaxVectors>(std::min(kRowsPerTile, M - m), nv, x + m * ldx,
-                                                    ldx, panels + p * panel_size, K,
-                                                    y + m * ldy + 16 * p, ldy, valid_cols);
+    for (int64_t m = 0; m < M; m += kRowsPerTile) {
+      // The last row tile reads its panels from cache, leaving the memory free for `ahead`.
+      const bool last = m + kRowsPerTile >= M;
+      DispatchTile<Tile, kRowsPerTile, kMaxVectors>(
+          std::min(kRowsPerTile, M - m), nv, x + m * ldx, ldx, panels + p * panel_size, K,
+          y + m * ldy + 16 * p, ldy, valid_cols,
+          last ? ahead.share(group, groups, steps) : PrefetchLines{});
+    }
   }
 }
 
 void GemmPackedF32(const float* x, int64_t ldx, int64_t M, const float* panels, int64_t K, float* y,
-                   int64_t ldy, int64_t N, int64_t panel_begin, int64_t panel_end) {
-  GemmPacked<RunF32>(x, ldx, M, panels, 16 * K, K, y, ldy, N, panel_begin, panel_end);
+                   int64_t ldy, int64_t N, int64_t panel_begin, int64_t panel_end,
+                   PrefetchSpan ahead) {
+  GemmPacked<RunF32>(x, ldx, M, panels, 16 * K, K, K, y, ldy, N, panel_begin, panel_end, ahead);
 }
 
 void GemmPackedBF16(const float* x, int64_t ldx, int64_t M, const uint16_t* panels, int64_t K,
-                    float* y, int64_t ldy, int64_t N, int64_t panel_begin, int64_t panel_end) {
-  GemmPacked<RunBF16>(x, ldx, M, panels, 32 * ((K + 1) / 2), K, y, ldy, N, panel_begin, panel_end);
+                    float* y, int64_t ldy, int64_t N, int64_t panel_begin, int64_t panel_end,
+                    PrefetchSpan ahead) {
+  const int64_t pairs = (K + 1) / 2;
+  GemmPacked<RunBF16>(x, ldx, M, panels, 32 * pairs, pairs, K, y, ldy, N, panel_begin, panel_end,
+                      ahead);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -182,13 +194,17 @@ HWY_EXPORT(GemmPackedF32);
 HWY_EXPORT(GemmPackedBF16);
 
 void gemm_packed_f32(const float* x, int64_t ldx, int64_t m, const float* panels, int64_t k,
-                     float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end) {
-  HWY_DYNAMIC_DISPATCH(GemmPackedF32)(x, ldx, m, panels, k, y, ldy, n, panel_begin, panel_end);
+                     float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end,
+                     PrefetchSpan ahead) {
+  HWY_DYNAMIC_DISPATCH(GemmPackedF32)
+  (x, ldx, m, panels, k, y, ldy, n, panel_begin, panel_end, ahead);
 }
 
 void gemm_packed_bf16(const float* x, int64_t ldx, int64_t m, const uint16_t* panels, int64_t k,
-                      float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end) {
-  HWY_DYNAMIC_DISPATCH(GemmPackedBF16)(x, ldx, m, panels, k, y, ldy, n, panel_begin, panel_end);
+                      float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end,
+                      PrefetchSpan ahead) {
+  HWY_DYNAMIC_DISPATCH(GemmPackedBF16)
+  (x, ldx, m, panels, k, y, ldy, n, panel_begin, panel_end, ahead);
 }
 
 // AVX-512 BF16's vdpbf16ps: Highway 1.0.3 (Debian 12) does not emit it, so this one kernel uses
@@ -205,7 +221,8 @@ namespace {
 
 template <int MR, int NP>
 MMDIT_TARGET_BF16 inline void TileDot(const uint16_t* xb, int64_t ldxb, const uint16_t* panels,
-                                      int64_t pairs, float* y, int64_t ldy, int64_t valid_cols) {
+                                      int64_t pairs, float* y, int64_t ldy, int64_t valid_cols,
+                                      PrefetchLines ahead) {
   const int64_t panel_size = 32 * pairs;
   __m512 acc[MR][NP];
   for (int i = 0; i < MR; ++i)
@@ -215,6 +232,7 @@ MMDIT_TARGET_BF16 inline void TileDot(const uint16_t* xb, int64_t ldxb, const ui
       _mm_prefetch(
           reinterpret_cast<const char*>(panels + j * panel_size + 32 * (p + kPrefetchSteps)),
           _MM_HINT_T0);
+    ahead.step();
     __m512bh w[NP];
     for (int j = 0; j < NP; ++j)
       w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panels + j * panel_size + 32 * p));
@@ -241,14 +259,15 @@ constexpr int64_t kDotRows = 8, kDotPanels = 3;
 template <int MR>
 MMDIT_TARGET_BF16 void dispatch_dot(int64_t mr, int64_t np, const uint16_t* xb, int64_t ldxb,
                                     const uint16_t* panels, int64_t pairs, float* y, int64_t ldy,
-                                    int64_t valid_cols) {
+                                    int64_t valid_cols, PrefetchLines ahead) {
   if (mr != MR) {
-    if constexpr (MR > 1) dispatch_dot<MR - 1>(mr, np, xb, ldxb, panels, pairs, y, ldy, valid_cols);
+    if constexpr (MR > 1)
+      dispatch_dot<MR - 1>(mr, np, xb, ldxb, panels, pairs, y, ldy, valid_cols, ahead);
     return;
   }
-  if (np == 3) return TileDot<MR, 3>(xb, ldxb, panels, pairs, y, ldy, valid_cols);
-  if (np == 2) return TileDot<MR, 2>(xb, ldxb, panels, pairs, y, ldy, valid_cols);
-  TileDot<MR, 1>(xb, ldxb, panels, pairs, y, ldy, valid_cols);
+  if (np == 3) return TileDot<MR, 3>(xb, ldxb, panels, pairs, y, ldy, valid_cols, ahead);
+  if (np == 2) return TileDot<MR, 2>(xb, ldxb, panels, pairs, y, ldy, valid_cols, ahead);
+  TileDot<MR, 1>(xb, ldxb, panels, pairs, y, ldy, valid_cols, ahead);
 }
 
 }  // namespace
@@ -274,14 +293,19 @@ MMDIT_TARGET_BF16 void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int6
 MMDIT_TARGET_BF16 void gemm_packed_bf16_dot(const uint16_t* xb, int64_t ldxb, int64_t m,
                                             const uint16_t* panels, int64_t k, float* y,
                                             int64_t ldy, int64_t n, int64_t panel_begin,
-                                            int64_t panel_end) {
+                                            int64_t panel_end, PrefetchSpan ahead) {
   const int64_t pairs = (k + 1) / 2;
-  for (int64_t p = panel_begin; p < panel_end; p += kDotPanels) {
+  const int64_t groups = (panel_end - panel_begin + kDotPanels - 1) / kDotPanels;
+  int64_t group = 0;
+  for (int64_t p = panel_begin; p < panel_end; p += kDotPanels, ++group) {
     const int64_t np = std::min(kDotPanels, panel_end - p);
     const int64_t valid_cols = std::min(n, 16 * (p + np)) - 16 * p;
-    for (int64_t i = 0; i < m; i += kDotRows)
+    for (int64_t i = 0; i < m; i += kDotRows) {
+      const bool last = i + kDotRows >= m;
       dispatch_dot<kDotRows>(std::min(kDotRows, m - i), np, xb + i * ldxb, ldxb,
-                             panels + p * 32 * pairs, pairs, y + i * ldy + 16 * p, ldy, valid_cols);
+                             panels + p * 32 * pairs, pairs, y + i * ldy + 16 * p, ldy, valid_cols,
+                             last ? ahead.share(group, groups, pairs) : PrefetchLines{});
+    }
   }
 }
 #else
@@ -292,7 +316,7 @@ void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
   MMDIT_CHECK(false, "to_bf16_rows: built without AVX-512 BF16 support");
 }
 void gemm_packed_bf16_dot(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, float*,
-                          int64_t, int64_t, int64_t, int64_t) {
+                          int64_t, int64_t, int64_t, int64_t, PrefetchSpan) {
   MMDIT_CHECK(false, "gemm_packed_bf16_dot: built without AVX-512 BF16 support");
 }
 #endif

@@ -2,6 +2,7 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "tensor/ops.h"
@@ -87,40 +88,96 @@ std::string packed_kernel_name(WeightPrecision precision) {
                                  : "bfloat16 widened to float32";
 }
 
+// Three panels (48 columns) per work item: one AVX-512 register tile.
+constexpr int64_t kPanelsPerItem = 3;
+
+int64_t PackedWeight::items() const {
+  return (panels_for(out_) + kPanelsPerItem - 1) / kPanelsPerItem;
+}
+
+int64_t PackedWeight::item_cost(int64_t rows) const {
+  return 2 * rows * kPanelsPerItem * kPanel * in_;
+}
+
+size_t PackedWeight::panel_bytes() const {
+  return bytes() / static_cast<size_t>(panels_for(out_));
+}
+
+PackedWeight::Input PackedWeight::input(const float* x, int64_t ldx, int64_t rows) const {
+  Input in{x, ldx, rows, {}, nullptr, 0};
+  if (precision_ == WeightPrecision::bf16 && simd::has_avx512_bf16()) {
+    in.ldxb = (in_ + 1) / 2 * 2;
+    // Through the caching allocator: no page faults for a buffer reused every step.
+    in.buffer = empty({(rows * in.ldxb + 1) / 2}, DType::f32);
+    auto* xb = static_cast<uint16_t*>(in.buffer.raw_data());
+    in.xb = xb;
+    parallel_for(rows, 4 * in_, [&](int64_t r) {
+      simd::to_bf16_rows(x + r * ldx, ldx, 1, in_, xb + r * in.ldxb, in.ldxb);
+    });
+  }
+  return in;
+}
+
+void PackedWeight::multiply_items(const Input& in, int64_t first, int64_t last, float* y,
+                                  int64_t ldy, simd::PrefetchSpan ahead) const {
+  const int64_t begin = first * kPanelsPerItem,
+                end = std::min(panels_for(out_), last * kPanelsPerItem);
+  if (begin >= end) return;
+  if (precision_ == WeightPrecision::f32)
+    simd::gemm_packed_f32(in.x, in.ldx, in.rows, f32_.get(), in_, y, ldy, out_, begin, end, ahead);
+  else if (in.xb != nullptr)
+    simd::gemm_packed_bf16_dot(in.xb, in.ldxb, in.rows, bf16_.get(), in_, y, ldy, out_, begin, end,
+                               ahead);
+  else
+    simd::gemm_packed_bf16(in.x, in.ldx, in.rows, bf16_.get(), in_, y, ldy, out_, begin, end,
+                           ahead);
+}
+
 void PackedWeight::multiply(const float* x, int64_t ldx, int64_t rows, float* y,
                             int64_t ldy) const {
   if (rows <= 0) return;
-  const int64_t panels = panels_for(out_);
-  // Three panels (48 columns) per work item: one AVX-512 register tile.
-  const int64_t per_item = 3, items = (panels + per_item - 1) / per_item;
-  const int64_t cost = 2 * rows * per_item * kPanel * in_;
-  const auto columns = [&](int64_t i) {
-    return std::pair{i * per_item, std::min(panels, (i + 1) * per_item)};
-  };
-  if (precision_ == WeightPrecision::f32) {
-    parallel_for(items, cost, [&](int64_t i) {
-      const auto [begin, end] = columns(i);
-      simd::gemm_packed_f32(x, ldx, rows, f32_.get(), in_, y, ldy, out_, begin, end);
-    });
-  } else if (simd::has_avx512_bf16()) {
-    const int64_t ldxb = (in_ + 1) / 2 * 2;
-    // Through the caching allocator: no page faults for a buffer reused every step.
-    const Tensor buffer = empty({(rows * ldxb + 1) / 2}, DType::f32);
-    auto* xb = static_cast<uint16_t*>(buffer.raw_data());
-    parallel_for(rows, 4 * in_, [&](int64_t r) {
-      simd::to_bf16_rows(x + r * ldx, ldx, 1, in_, xb + r * ldxb, ldxb);
-    });
-    parallel_for(items, cost, [&](int64_t i) {
-      const auto [begin, end] = columns(i);
-      simd::gemm_packed_bf16_dot(xb, ldxb, rows, bf16_.get(), in_, y, ldy, out_, begin, end);
-    });
-  } else {
-    parallel_for(items, cost, [&](int64_t i) {
-      const auto [begin, end] = columns(i);
-      simd::gemm_packed_bf16(x, ldx, rows, bf16_.get(), in_, y, ldy, out_, begin, end);
-    });
-  }
+  const Input in = input(x, ldx, rows);
+  parallel_for(items(), item_cost(rows),
+               [&](int64_t i) { multiply_items(in, i, i + 1, y, ldy, {}); });
   raw::add_matmul_flops(2 * rows * out_ * in_);
+}
+
+void PackedWeight::multiply_pair(const PackedWeight& wide, const float* x_wide, int64_t ld_wide,
+                                 int64_t rows_wide, float* y_wide, int64_t ldy_wide,
+                                 const PackedWeight& narrow, const float* x_narrow,
+                                 int64_t ld_narrow, int64_t rows_narrow, float* y_narrow,
+                                 int64_t ldy_narrow) {
+  if (rows_wide <= 0 || rows_narrow <= 0) {
+    wide.multiply(x_wide, ld_wide, rows_wide, y_wide, ldy_wide);
+    narrow.multiply(x_narrow, ld_narrow, rows_narrow, y_narrow, ldy_narrow);
+    return;
+  }
+  const Input a = wide.input(x_wide, ld_wide, rows_wide);
+  const Input b = narrow.input(x_narrow, ld_narrow, rows_narrow);
+  const int64_t items = wide.items(), items_b = narrow.items();
+  const auto* bytes_b = static_cast<const char*>(narrow.data());
+  const size_t panel_bytes_b = narrow.panel_bytes();
+  const int64_t panels_b = panels_for(narrow.out_);
+  // Item i of the wide product is followed by its share of the narrow one, whose weights it
+  // fetched into L2 while its last row tile computed from cache.
+  parallel_for(items, wide.item_cost(rows_wide) + narrow.item_cost(rows_narrow) * items_b / items,
+               [&](int64_t i) {
+                 const int64_t first = items_b * i / items, last = items_b * (i + 1) / items;
+                 const int64_t p0 = first * kPanelsPerItem,
+                               p1 = std::min(panels_b, last * kPanelsPerItem);
+                 const simd::PrefetchSpan ahead{
+                     bytes_b + p0 * panel_bytes_b,
+                     p1 > p0 ? static_cast<int64_t>((p1 - p0) * panel_bytes_b / 64) : 0};
+                 wide.multiply_items(a, i, i + 1, y_wide, ldy_wide, ahead);
+                 narrow.multiply_items(b, first, last, y_narrow, ldy_narrow, {});
+               });
+  raw::add_matmul_flops(2 * rows_wide * wide.out_ * wide.in_ +
+                        2 * rows_narrow * narrow.out_ * narrow.in_);
+}
+
+const void* PackedWeight::data() const {
+  return precision_ == WeightPrecision::f32 ? static_cast<const void*>(f32_.get())
+                                            : static_cast<const void*>(bf16_.get());
 }
 
 const PackedWeight& FrozenWeights::get(const Tensor& weight) {
@@ -171,6 +228,43 @@ Tensor matmul_packed(const Tensor& x, const PackedWeight& weight) {
   Tensor y = empty(out_shape, DType::f32);
   weight.multiply(x2.data<float>(), weight.in_features(), rows, y.data<float>(),
                   weight.out_features());
+  return y;
+}
+
+std::array<Tensor, 2> matmul_packed_pair(const Tensor& x0, const PackedWeight& w0, const Tensor& x1,
+                                         const PackedWeight& w1) {
+  const auto rows = [](const Tensor& x, const PackedWeight& w) {
+    return x.numel() / std::max<int64_t>(1, w.in_features());
+  };
+  const int64_t rows0 = rows(x0, w0), rows1 = rows(x1, w1);
+  // Only a product of one register tile of rows is memory-bound, and only one of more rows has
+  // a last row tile that computes from cache while the other's weights stream in.
+  const bool pair0_wide = rows0 > simd::kPackedTileRows && rows1 <= simd::kPackedTileRows;
+  const bool pair1_wide = rows1 > simd::kPackedTileRows && rows0 <= simd::kPackedTileRows;
+  if (!pair0_wide && !pair1_wide) return {matmul_packed(x0, w0), matmul_packed(x1, w1)};
+  const auto check = [](const Tensor& x, const PackedWeight& w) {
+    MMDIT_CHECK(x.dtype() == DType::f32 && x.dim() >= 1 && x.shape().back() == w.in_features(),
+                "matmul_packed_pair: input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
+                " does not end in the packed weight's in-features ", w.in_features());
+  };
+  check(x0, w0);
+  check(x1, w1);
+  const auto output = [](const Tensor& x, const PackedWeight& w) {
+    Shape shape = x.shape();
+    shape.back() = w.out_features();
+    return empty(shape, DType::f32);
+  };
+  const Tensor a0 = contiguous(reshape(x0, {-1, w0.in_features()}));
+  const Tensor a1 = contiguous(reshape(x1, {-1, w1.in_features()}));
+  std::array<Tensor, 2> y = {output(x0, w0), output(x1, w1)};
+  const int wide = pair0_wide ? 0 : 1;
+  const Tensor* a[] = {&a0, &a1};
+  const PackedWeight* w[] = {&w0, &w1};
+  const int64_t r[] = {rows0, rows1};
+  PackedWeight::multiply_pair(*w[wide], a[wide]->data<float>(), w[wide]->in_features(), r[wide],
+                              y[wide].data<float>(), w[wide]->out_features(), *w[1 - wide],
+                              a[1 - wide]->data<float>(), w[1 - wide]->in_features(), r[1 - wide],
+                              y[1 - wide].data<float>(), w[1 - wide]->out_features());
   return y;
 }
 }  // namespace raw

@@ -10,11 +10,13 @@
 
 #include <hwy/aligned_allocator.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
 
+#include "tensor/simd.h"
 #include "tensor/tensor.h"
 
 namespace mmdit {
@@ -39,7 +41,30 @@ class PackedWeight {
   // y (rows, out) = x (rows, in) W^T, both row-major float32 with row strides ldx, ldy.
   void multiply(const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy) const;
 
+  // Two independent products in one pass, the same values as two multiply calls: a wide one
+  // (many rows, bound by its multiply-adds) and a narrow one (a few rows, bound by the memory
+  // that streams its weights), whose reads the first hides (packed_weight.cc).
+  static void multiply_pair(const PackedWeight& wide, const float* x_wide, int64_t ld_wide,
+                            int64_t rows_wide, float* y_wide, int64_t ldy_wide,
+                            const PackedWeight& narrow, const float* x_narrow, int64_t ld_narrow,
+                            int64_t rows_narrow, float* y_narrow, int64_t ldy_narrow);
+  const void* data() const;  // the panels, bytes() long
+
  private:
+  struct Input {  // x, and its bfloat16 copy for the vdpbf16ps kernel
+    const float* x;
+    int64_t ldx, rows;
+    Tensor buffer;
+    const uint16_t* xb;
+    int64_t ldxb;
+  };
+  Input input(const float* x, int64_t ldx, int64_t rows) const;
+  int64_t items() const;  // units of parallel work, a few panels each
+  int64_t item_cost(int64_t rows) const;
+  size_t panel_bytes() const;
+  void multiply_items(const Input& in, int64_t first, int64_t last, float* y, int64_t ldy,
+                      simd::PrefetchSpan ahead) const;
+
   int64_t out_, in_;
   WeightPrecision precision_;
   hwy::AlignedFreeUniquePtr<float[]> f32_;      // [panel][k][16]
@@ -88,6 +113,11 @@ FrozenWeights* frozen_weights();
 namespace raw {
 // x (..., in) float32 times the packed weight's W^T: (..., out).
 Tensor matmul_packed(const Tensor& x, const PackedWeight& weight);
+// Two independent products, the same values as two matmul_packed calls. When one has at most a
+// register tile of rows (memory-bound) and the other more (compute-bound), they run together
+// (PackedWeight::multiply_pair); otherwise one after the other.
+std::array<Tensor, 2> matmul_packed_pair(const Tensor& x0, const PackedWeight& w0, const Tensor& x1,
+                                         const PackedWeight& w1);
 }  // namespace raw
 
 }  // namespace mmdit

@@ -56,13 +56,39 @@ void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
 void gemm_small_nn(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                    int64_t ldc, int64_t m, int64_t n, int64_t k);
 
+// Rows of one register tile of the packed kernels (at most; 4 on CPUs without AVX-512).
+constexpr int64_t kPackedTileRows = 8;
+// Memory that a packed product fetches into the L2 cache while its last row tile computes from
+// cache, when the memory would otherwise be idle (PackedWeight::multiply). Empty by default.
+struct PrefetchLines {
+  const char* next = nullptr;
+  int64_t per_step = 0, left = 0;  // cache lines per k step, and in all
+  void step() {
+    if (left <= 0) return;
+    for (int64_t i = 0; i < per_step; ++i, next += 64) __builtin_prefetch(next, 0, 2);
+    left -= per_step;
+  }
+};
+struct PrefetchSpan {
+  const char* begin = nullptr;
+  int64_t lines = 0;
+  // Part i of n, spread over `steps` k steps.
+  PrefetchLines share(int64_t i, int64_t n, int64_t steps) const {
+    if (lines <= 0) return {};
+    const int64_t from = lines * i / n, to = lines * (i + 1) / n;
+    return {begin + 64 * from, (to - from + steps - 1) / steps, to - from};
+  }
+};
+
 // y = x W^T for W packed in panels of 16 output columns (tensor/packed_weight.h), writing output
 // columns [16 * panel_begin, min(16 * panel_end, n)) of all m rows (packed_gemm.cc).
 void gemm_packed_f32(const float* x, int64_t ldx, int64_t m, const float* panels, int64_t k,
-                     float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end);
+                     float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end,
+                     PrefetchSpan ahead = {});
 // bfloat16 panels widened to float32 in registers; x stays float32.
 void gemm_packed_bf16(const float* x, int64_t ldx, int64_t m, const uint16_t* panels, int64_t k,
-                      float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end);
+                      float* y, int64_t ldy, int64_t n, int64_t panel_begin, int64_t panel_end,
+                      PrefetchSpan ahead = {});
 // Whether the CPU has AVX-512 BF16 (vdpbf16ps), which the two functions below need.
 bool has_avx512_bf16();
 // x (m, k) float32 rounded to bfloat16 rows of ld_out >= k elements, zero-padded.
@@ -71,7 +97,7 @@ void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* o
 // products summed in float32 by vdpbf16ps.
 void gemm_packed_bf16_dot(const uint16_t* xb, int64_t ldxb, int64_t m, const uint16_t* panels,
                           int64_t k, float* y, int64_t ldy, int64_t n, int64_t panel_begin,
-                          int64_t panel_end);
+                          int64_t panel_end, PrefetchSpan ahead = {});
 
 // out[i] += x[i] * scale
 void axpy(float scale, const float* x, float* out, int64_t n);

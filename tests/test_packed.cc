@@ -1,13 +1,16 @@
 // Packed inference weights (tensor/packed_weight.h): products against a float64 sum of the same
 // (rounded) values, the documented panel layout, bfloat16 rounding, the FrozenWeights routing of
 // linear layers, and the sampler that uses them.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <optional>
 
+#include "autodiff/fused.h"
 #include "nn/functional.h"
 #include "tensor/packed_weight.h"
 #include "tensor/parallel.h"
@@ -160,6 +163,81 @@ TEST(PackedWeight, SameBitsOnOneAndTwoThreads) {
     EXPECT_EQ(one, two) << precision_name(p);
   }
   set_num_threads(threads);
+}
+
+// Two products run together give each the bits it has alone, whichever is wide, on 1 and 2
+// threads, and count the same FLOPs; products that do not pair (both wide, both narrow) too.
+TEST(PackedWeight, PairGivesTheBitsOfTwoProducts) {
+  struct Case {
+    int64_t rows0, out0, in0, rows1, out1, in1;
+  };
+  const std::vector<Case> cases = {{16, 1536, 256, 2, 256, 512}, {2, 96, 64, 16, 1024, 256},
+                                   {9, 50, 33, 1, 101, 7},       {3, 17, 130, 20, 48, 3},
+                                   {16, 64, 32, 12, 40, 32},     {2, 64, 32, 5, 40, 32}};
+  Rng rng(6);
+  const int threads = num_threads();
+  for (WeightPrecision p : {WeightPrecision::f32, WeightPrecision::bf16})
+    for (const Case& c : cases)
+      for (int t : {1, 2}) {
+        set_num_threads(t);
+        const Tensor x0 = rng.normal({c.rows0, c.in0}), w0 = rng.normal({c.out0, c.in0});
+        const Tensor x1 = rng.normal({1, c.rows1, c.in1}), w1 = rng.normal({c.out1, c.in1});
+        const PackedWeight p0(w0, p), p1(w1, p);
+        // Kept alive: the caching allocator would hand their blocks, values and all, to the pair.
+        const Tensor alone0 = raw::matmul_packed(x0, p0), alone1 = raw::matmul_packed(x1, p1);
+        const int64_t flops0 = raw::matmul_flops();
+        const auto [y0, y1] = raw::matmul_packed_pair(x0, p0, x1, p1);
+        const std::string where =
+            str_cat(precision_name(p), " ", c.rows0, "x", c.out0, "x", c.in0, " with ", c.rows1,
+                    "x", c.out1, "x", c.in1, " on ", t, " thread(s)");
+        EXPECT_EQ(raw::matmul_flops() - flops0,
+                  2 * (c.rows0 * c.out0 * c.in0 + c.rows1 * c.out1 * c.in1))
+            << where;
+        EXPECT_EQ(y0.shape(), Shape({c.rows0, c.out0})) << where;
+        EXPECT_EQ(y1.shape(), Shape({1, c.rows1, c.out1})) << where;
+        EXPECT_EQ(y0.to_vector<float>(), alone0.to_vector<float>()) << where;
+        EXPECT_EQ(y1.to_vector<float>(), alone1.to_vector<float>()) << where;
+      }
+  set_num_threads(threads);
+  const PackedWeight w(rng.normal({8, 4}), WeightPrecision::f32);
+  EXPECT_THAT(error_of([&] {
+                raw::matmul_packed_pair(rng.normal({16, 4}), w, rng.normal({2, 5}), w);
+              }),
+              ::testing::HasSubstr("(2,5) does not end in the packed weight's in-features 4"));
+}
+
+// linear_fused_each: the loop's values, scopes and undefined outputs, packed or not.
+TEST(FrozenWeights, LinearEachEqualsTheLoop) {
+  Rng rng(10);
+  const std::vector<Tensor> xs = {rng.normal({1, 2, 32}), Tensor(), rng.normal({1, 16, 24}),
+                                  rng.normal({3, 8})};
+  const std::vector<Tensor> ws = {rng.normal({48, 32}), rng.normal({8, 8}), rng.normal({40, 24}),
+                                  rng.normal({16, 8})};
+  const std::vector<Tensor> bs = {rng.normal({48}), Tensor(), Tensor(), rng.normal({16})};
+  for (std::optional<WeightPrecision> p : std::initializer_list<std::optional<WeightPrecision>>{
+           std::nullopt, WeightPrecision::f32, WeightPrecision::bf16}) {
+    FrozenWeights frozen(p.value_or(WeightPrecision::f32));
+    std::optional<UseFrozenWeights> use;
+    if (p) use.emplace(frozen);
+    const std::vector<Tensor> ys = linear_fused_each(xs, ws, bs);
+    ASSERT_EQ(ys.size(), 4u);
+    EXPECT_FALSE(ys[1].defined());
+    for (size_t i : {0, 2, 3})
+      EXPECT_EQ(ys[i].to_vector<float>(), linear_fused(xs[i], ws[i], bs[i]).to_vector<float>())
+          << (p ? precision_name(*p) : "plain") << " input " << i;
+  }
+  // On a tape, each product is its own node under its own scope, with its gradient.
+  Tape tape;
+  Tensor x0 = xs[0], w2 = ws[2];
+  tape.watch(x0);
+  tape.watch(w2);
+  const std::vector<Tensor> ys = linear_fused_each(
+      {x0, Tensor(), xs[2], xs[3]}, {ws[0], ws[1], w2, ws[3]}, bs, {"m0", "m1", "m2", "m3"});
+  ASSERT_EQ(tape.nodes().size(), 2u);
+  EXPECT_EQ(tape.nodes()[0].scope, "m0");
+  EXPECT_EQ(tape.nodes()[1].scope, "m2");
+  EXPECT_THAT(error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
+              ::testing::HasSubstr("linear_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
 }
 
 TEST(PackedWeight, KeepsLeadingDimensionsAndCountsFlops) {
