@@ -1,7 +1,8 @@
 // `mmdit bench`: the workloads of spec/bench.md, timed the same way every time. Each workload is
 // warmed up, then run --reps times; we print median/min/max ms, the matrix-product GFLOP/s, that
 // as a share of this machine's sgemm throughput measured in the same run (the "roof"), peak
-// resident memory and page faults per repetition, and for training steps the tape's size.
+// resident memory and page faults per repetition, for training steps the tape's size, and for
+// sampling the weights a call reads next to the memory bandwidth measured the same way.
 //
 // OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded. A user's machine does not set it, so
 // unless --keep-coretype is given, bench re-executes itself without it.
@@ -549,7 +550,8 @@ Result result_from_json(const std::string& line) {
 void add_bench_command(CLI::App& app) {
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
-      "bench", "Time the spec/bench.md workloads next to this machine's sgemm throughput");
+      "bench",
+      "Time the spec/bench.md workloads next to this machine's sgemm and memory throughput");
   cmd->add_option("--workload", opts->workloads,
                   "policy-train, policy-act, policy-act-b64, policy-act-bf16, "
                   "policy-act-b64-bf16, incontext-train, tiny-gradcheck or all (repeatable)")
