@@ -485,6 +485,96 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
   });
 }
 
+// Long sequences: the T x T probabilities of every head would be the largest thing a step keeps
+// (B H T^2 values: 2 GB for 8 heads of 4096 tokens at batch 4). Here the queries go in blocks of
+// kQueryBlock rows through a per-thread R x T scratch, and only each row's max and sum of
+// exponentials are saved; backward recomputes the block's probabilities from them (one more
+// q k^T product), as FlashAttention does.
+constexpr int64_t kQueryBlock = 64;
+
+// Rows of P = softmax(mask ? scale q k^T : -0.7 FLT_MAX) for one block of queries, in place of
+// the raw products in p (rows x n). The forward pass stores each row's max and sum of
+// exponentials; backward passes them back in and gets the same P.
+template <class T>
+void block_probabilities(T* p, int64_t rows, int64_t n, const bool* mask, T scale, T* row_max,
+                         T* row_sum, bool stats_known) {
+  const T masked = static_cast<T>(-0.7 * FLT_MAX);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = p + i * n;
+    for (int64_t j = 0; j < n; ++j) row[j] = !mask || mask[i * n + j] ? row[j] * scale : masked;
+    if (!stats_known) row_max[i] = simd::max(row, n);
+    simd::scale_shift(row, T(1), -row_max[i], row, n);
+    simd::unary(raw::UnaryOp::exp, row, row, n);
+    if (!stats_known) row_sum[i] = simd::sum(row, n);
+    simd::scale_shift(row, T(1) / row_sum[i], T(0), row, n);
+  }
+}
+template <class T>
+void block_probabilities(T* p, int64_t rows, int64_t n, const bool* mask, T scale, const T* row_max,
+                         const T* row_sum) {
+  // Only read when the statistics are known.
+  block_probabilities(p, rows, n, mask, scale, const_cast<T*>(row_max), const_cast<T*>(row_sum),
+                      true);
+}
+
+template <class T>
+void attention_forward_blocked(const T* q, const T* k, const T* v, const bool* mask,
+                               int64_t mask_stride, T* row_max, T* row_sum, T* out,
+                               const AttentionShape& s) {
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
+  const int64_t n = s.T, ld = s.in_token;
+  parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
+    const int64_t b = bh / s.H, h = bh % s.H;
+    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
+    std::vector<T> p(static_cast<size_t>(kQueryBlock * n));
+    for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, n - r0);
+      head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
+      block_probabilities(p.data(), rows, n, mask ? mask + b * mask_stride + r0 * n : nullptr,
+                          scale, row_max + bh * n + r0, row_sum + bh * n + r0, false);
+      head_gemm(false, false, rows, s.d, n, p.data(), n, v + in, ld, out + o + r0 * s.out_token,
+                s.out_token);
+    }
+  });
+}
+
+// attention_backward block by block: dq for the block's rows, dk and dv summed over blocks.
+template <class T>
+void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* v, const T* row_max,
+                                const T* row_sum, const bool* mask, int64_t mask_stride, T* dq,
+                                T* dk, T* dv, const AttentionShape& s) {
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
+  const int64_t n = s.T, ld = s.in_token;
+  parallel_for(s.B * s.H, 12 * n * n * s.d, [&](int64_t bh) {
+    const int64_t b = bh / s.H, h = bh % s.H;
+    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
+    std::vector<T> p(static_cast<size_t>(kQueryBlock * n)), ds(p.size());
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < s.d; ++j) dk[in + t * ld + j] = dv[in + t * ld + j] = T(0);
+    for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, n - r0);
+      const bool* m = mask ? mask + b * mask_stride + r0 * n : nullptr;
+      const T* dout_block = dout + o + r0 * s.out_token;
+      head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
+      block_probabilities(p.data(), rows, n, m, scale, row_max + bh * n + r0,
+                          row_sum + bh * n + r0);
+      head_gemm(false, true, rows, n, s.d, dout_block, s.out_token, v + in, ld, ds.data(), n);
+      raw::gemm(true, false, n, s.d, rows, p.data(), n, dout_block, s.out_token, dv + in, ld,
+                /*accumulate=*/true);
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = ds.data() + i * n;
+        const T* pr = p.data() + i * n;
+        const T dot = simd::dot(row, pr, n);
+        for (int64_t j = 0; j < n; ++j)
+          row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
+      }
+      head_gemm(false, false, rows, s.d, n, ds.data(), n, k + in, ld, dq + in + r0 * ld, ld);
+      raw::gemm(true, false, n, s.d, rows, ds.data(), n, q + in + r0 * ld, ld, dk + in, ld,
+                /*accumulate=*/true);
+    }
+  });
+}
+
 // The mask as a contiguous bool tensor (or undefined) and its per-example stride.
 std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionShape& s,
                                           const char* op) {
@@ -591,6 +681,48 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
 
 }  // namespace
 
+namespace {
+
+// attention_packed for long sequences: saves each row's max and sum of exponentials instead of
+// the probabilities.
+Tensor attention_blocked(const Tensor& qkv_in, const Tensor& qkv, const Tensor& mask,
+                         int64_t mask_stride, const AttentionShape& s) {
+  const int64_t hd = s.H * s.d;
+  Tensor out = empty({s.B, s.T, s.H, s.d}, qkv.dtype());
+  Tensor row_max = empty({s.B, s.H, s.T}, qkv.dtype()),
+         row_sum = empty({s.B, s.H, s.T}, qkv.dtype());
+  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
+  by_dtype(qkv.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = qkv.data<T>();
+    attention_forward_blocked(base, base + hd, base + 2 * hd, m, mask_stride, row_max.data<T>(),
+                              row_sum.data<T>(), out.data<T>(), s);
+  });
+  const Tensor saved[] = {qkv, row_max, row_sum, mask};
+  const Tensor inputs[] = {qkv_in};
+  return record("attention", out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [s, mask_stride, hd](Backward& ctx) {
+                  const Tensor &qkv = ctx.saved[0], &row_max = ctx.saved[1],
+                               &row_sum = ctx.saved[2], &mask = ctx.saved[3];
+                  ctx.input(0, [&] {
+                    const Tensor dout = raw::contiguous(ctx.grad);
+                    Tensor dqkv = empty(qkv.shape(), qkv.dtype());
+                    by_dtype(qkv.dtype(), [&](auto tag) {
+                      using T = decltype(tag);
+                      const T* base = qkv.data<T>();
+                      T* dbase = dqkv.data<T>();
+                      attention_backward_blocked(dout.data<T>(), base, base + hd, base + 2 * hd,
+                                                 row_max.data<T>(), row_sum.data<T>(),
+                                                 mask.defined() ? mask.data<bool>() : nullptr,
+                                                 mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
+                    });
+                    return dqkv;
+                  });
+                });
+}
+
+}  // namespace
+
 Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   check_floats("attention", {q, k, v});
   MMDIT_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape(),
@@ -601,7 +733,7 @@ Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const 
   return attention_packed(stack({q, k, v}, 2), mask);
 }
 
-Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in) {
+Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blocked_from) {
   const char* op = "attention";
   check_floats(op, {qkv_in});
   MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3, op, ": packed qkv has shape ",
@@ -611,6 +743,7 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in) {
   const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
   const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
   const Tensor qkv = raw::contiguous(qkv_in);
+  if (T_ >= blocked_from) return attention_blocked(qkv_in, qkv, mask, mask_stride, s);
   Tensor out = empty({B, T_, H, d}, qkv.dtype()), probs = empty({B, H, T_, T_}, qkv.dtype());
   const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
   by_dtype(qkv.dtype(), [&](auto tag) {

@@ -50,11 +50,15 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
 // result in token-major (B, T, H, d) layout, so that no permuted copies are made. mask: bool
 // (T, T) or (B, T, T), true = may attend, or undefined. Masked logits are -0.7 FLT_MAX, as in the
 // reference (a fully masked row is uniform) and get no gradient. Saves the probabilities
-// (B, H, T, T) for backward.
+// (B, H, T, T) for backward, up to sequences of kBlockedAttentionFrom tokens (below).
 Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask);
 // The same with q, k, v packed as one projection makes them: qkv (B, T, 3, H, d), q = [:, :, 0],
-// k = [:, :, 1], v = [:, :, 2]; the result is (B, T, H, d).
-Tensor attention_packed(const Tensor& qkv, const Tensor& mask);
+// k = [:, :, 1], v = [:, :, 2]; the result is (B, T, H, d). Sequences of at least `blocked_from`
+// tokens go through blocks of queries and save only each row's max and sum of exponentials
+// (O(B H T) instead of O(B H T^2)); backward then recomputes the probabilities.
+constexpr int64_t kBlockedAttentionFrom = 512;
+Tensor attention_packed(const Tensor& qkv, const Tensor& mask,
+                        int64_t blocked_from = kBlockedAttentionFrom);
 
 // On packed qkv (B, S, 3, H, d): q and k become rope(rms_norm(., gamma_q or gamma_k)) (the
 // QK-RMSNorm and rotary embedding of joint attention), v is passed through. cos, sin: (S, d)

@@ -37,14 +37,14 @@ std::optional<GemmOperand> gemm_layout(const Tensor& t) {
 }
 
 void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+              k, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
 }
 void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double* c, int64_t ldc) {
+                 const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+              k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
 }
 
 // Up to this many rows, x W^T runs on our kernel (simd::gemm_nt) instead of OpenBLAS.
@@ -71,12 +71,12 @@ bool gemm_skinny(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, 
 // 152 ms), and inside one of our parallel regions it stays on the calling thread.
 template <class T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T* c, int64_t ldc) {
-  if (gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
+          int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
+  if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
   const int threads = omp_get_level() > 0 ? 1 : num_threads();
   const int64_t work = m * n * k;
   if (threads == 1 || work < 64 * 64 * 64) {
-    gemm_serial(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    gemm_serial(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
     return;
   }
   // Split the longer side, in multiples of 16 so that each block keeps whole SIMD tiles.
@@ -89,9 +89,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
     const int64_t start = blk * chunk, len = std::min(chunk, extent - start);
     if (split_rows)
       gemm_serial(ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b, ldb, c + start * ldc,
-                  ldc);
+                  ldc, accumulate);
     else
-      gemm_serial(ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb, c + start, ldc);
+      gemm_serial(ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb, c + start, ldc,
+                  accumulate);
   }
 }
 
@@ -181,14 +182,14 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
 }
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
-  gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+  gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double* c, int64_t ldc) {
+          const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
-  gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+  gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 int64_t matmul_flops() {

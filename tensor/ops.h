@@ -76,12 +76,13 @@ Tensor log_softmax(const Tensor& x, int64_t axis);
 // to gemm as transpose flags, not copied.
 Tensor matmul(const Tensor& a, const Tensor& b);
 
-// C = op(A) op(B) on row-major memory with leading dimensions, for fused kernels; counted in
-// matmul_flops(). Inside a parallel region it runs on the calling thread.
+// C = op(A) op(B), or C += op(A) op(B) with `accumulate`, on row-major memory with leading
+// dimensions, for fused kernels; counted in matmul_flops(). Inside a parallel region it runs on
+// the calling thread.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float* c, int64_t ldc);
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate = false);
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double* c, int64_t ldc);
+          const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate = false);
 
 // Floating-point operations done by matrix products since the program started (2 per
 // multiply-add; fused kernels that multiply matrices add theirs), for benchmarks' GFLOP/s.

@@ -202,6 +202,65 @@ TEST(Fused, Float32AttentionMatchesFloat64OnBothProductPaths) {
   }
 }
 
+// Long sequences go through blocks of 64 queries and save only each row's max and sum of
+// exponentials. Forced here from 1 token (blocked_from) on 70 tokens: two blocks, the second
+// ragged; masks as above, including a fully masked row and a per-example mask.
+TEST(Fused, BlockedAttentionMatchesDefinitionAndGradients) {
+  Rng rng(14);
+  const int64_t B = 2, T = 70, H = 2, d = 4;
+  Tensor causal = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j) causal.data<bool>()[i * T + j] = i > 0 && j <= i;
+  Tensor per_example = ones({B, T, T}, DType::boolean);
+  for (int64_t j = 0; j < T; j += 3) per_example.data<bool>()[T * T + 65 * T + j] = false;
+  for (const Tensor& mask : {Tensor(), causal, per_example}) {
+    const Tensor qkv = rng.normal({B, T, 3, H, d}, DType::f64);
+    auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
+    EXPECT_LT(max_abs_diff(attention_packed(qkv, mask, 1),
+                           reference_attention(part(0), part(1), part(2), mask)),
+              1e-13);
+    // Gradients: blocked against the probabilities-saving path, both float64.
+    const Tensor dy = rng.normal({B, T, H, d}, DType::f64);
+    const auto gradient = [&](int64_t blocked_from) {
+      Tape tape;
+      tape.watch(qkv);
+      const Tensor y = attention_packed(qkv, mask, blocked_from);
+      return tape.gradient(sum(y * dy), {qkv})[0];
+    };
+    EXPECT_LT(max_abs_diff(gradient(1), gradient(kBlockedAttentionFrom)), 1e-12);
+  }
+  // Central differences on a smaller case: one block and a ragged second one.
+  const Tensor small = rng.normal({1, 66, 3, 1, 4}, DType::f64);
+  Tensor causal66 = ones({66, 66}, DType::boolean);
+  for (int64_t i = 0; i < 66; ++i)
+    for (int64_t j = i + 1; j < 66; ++j) causal66.data<bool>()[i * 66 + j] = false;
+  expect_gradcheck(
+      [causal66](const std::vector<Tensor>& in) { return attention_packed(in[0], causal66, 1); },
+      {small});
+}
+
+// At the default threshold a long sequence saves its input and two numbers per row and head, not
+// the B H T^2 probabilities; float32 against float64 as for the short path.
+TEST(Fused, LongSequenceAttentionSavesNoProbabilities) {
+  Rng rng(15);
+  const int64_t B = 1, T = kBlockedAttentionFrom + 88, H = 2, d = 16;
+  const Tensor qkv64 = rng.normal({B, T, 3, H, d}, DType::f64, 0, 0.3);
+  const Tensor dy64 = rng.normal({B, T, H, d}, DType::f64);
+  const auto run = [&](const Tensor& qkv, const Tensor& dy, size_t* saved) {
+    Tape tape;
+    tape.watch(qkv);
+    const Tensor y = attention_packed(qkv, Tensor());
+    if (saved) *saved = tape.saved_bytes();
+    return std::pair{y, tape.gradient(sum(y * dy), {qkv})[0]};
+  };
+  size_t saved = 0;
+  const auto [y64, g64] = run(qkv64, dy64, nullptr);
+  const auto [y32, g32] = run(to_dtype(qkv64, DType::f32), to_dtype(dy64, DType::f32), &saved);
+  EXPECT_EQ(saved, static_cast<size_t>(B * T * 3 * H * d + 2 * B * H * T) * sizeof(float));
+  EXPECT_LT(max_abs_diff(y32, y64), 2e-6);
+  EXPECT_LT(max_abs_diff(g32, g64), 2e-5);
+}
+
 TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
   Rng rng(12);
   const int64_t B = 2, S = 3, H = 2, d = 6;

@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -1035,6 +1037,32 @@ TEST(TensorMatmul, EveryTransposeCombination) {
       }
     }
   }
+}
+
+// raw::gemm with accumulate adds op(A) op(B) to C: against a float64 sum, on the serial path and
+// on the one split over threads (and its transposed operands), with C's leading dimension wider
+// than its rows.
+TEST(TensorMatmul, GemmAccumulatesIntoC) {
+  Rng rng(31);
+  for (const auto [m, n, k] : {std::array<int64_t, 3>{7, 5, 3}, {130, 96, 72}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        const auto a = rng.normal({m * k}).to_vector<float>();
+        const auto b = rng.normal({k * n}).to_vector<float>();
+        const int64_t ldc = n + 3;
+        std::vector<float> c = rng.normal({m * ldc}).to_vector<float>();
+        std::vector<double> want(c.begin(), c.end());
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t p = 0; p < k; ++p)
+              want[i * ldc + j] += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
+                                   (tb ? b[j * k + p] : b[p * n + j]);
+        raw::gemm(ta, tb, m, n, k, a.data(), ta ? m : k, b.data(), tb ? k : n, c.data(), ldc,
+                  /*accumulate=*/true);
+        for (size_t i = 0; i < c.size(); ++i)
+          ASSERT_NEAR(c[i], want[i], 1e-4)
+              << m << "x" << n << "x" << k << " " << ta << tb << " " << i;
+      }
 }
 
 TEST(TensorMatmul, BatchedBroadcastAndStridedOperands) {
