@@ -681,48 +681,6 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
 
 }  // namespace
 
-namespace {
-
-// attention_packed for long sequences: saves each row's max and sum of exponentials instead of
-// the probabilities.
-Tensor attention_blocked(const Tensor& qkv_in, const Tensor& qkv, const Tensor& mask,
-                         int64_t mask_stride, const AttentionShape& s) {
-  const int64_t hd = s.H * s.d;
-  Tensor out = empty({s.B, s.T, s.H, s.d}, qkv.dtype());
-  Tensor row_max = empty({s.B, s.H, s.T}, qkv.dtype()),
-         row_sum = empty({s.B, s.H, s.T}, qkv.dtype());
-  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
-  by_dtype(qkv.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* base = qkv.data<T>();
-    attention_forward_blocked(base, base + hd, base + 2 * hd, m, mask_stride, row_max.data<T>(),
-                              row_sum.data<T>(), out.data<T>(), s);
-  });
-  const Tensor saved[] = {qkv, row_max, row_sum, mask};
-  const Tensor inputs[] = {qkv_in};
-  return record("attention", out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
-                [s, mask_stride, hd](Backward& ctx) {
-                  const Tensor &qkv = ctx.saved[0], &row_max = ctx.saved[1],
-                               &row_sum = ctx.saved[2], &mask = ctx.saved[3];
-                  ctx.input(0, [&] {
-                    const Tensor dout = raw::contiguous(ctx.grad);
-                    Tensor dqkv = empty(qkv.shape(), qkv.dtype());
-                    by_dtype(qkv.dtype(), [&](auto tag) {
-                      using T = decltype(tag);
-                      const T* base = qkv.data<T>();
-                      T* dbase = dqkv.data<T>();
-                      attention_backward_blocked(dout.data<T>(), base, base + hd, base + 2 * hd,
-                                                 row_max.data<T>(), row_sum.data<T>(),
-                                                 mask.defined() ? mask.data<bool>() : nullptr,
-                                                 mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
-                    });
-                    return dqkv;
-                  });
-                });
-}
-
-}  // namespace
-
 Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   check_floats("attention", {q, k, v});
   MMDIT_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape(),
@@ -743,35 +701,52 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
   const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
   const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
   const Tensor qkv = raw::contiguous(qkv_in);
-  if (T_ >= blocked_from) return attention_blocked(qkv_in, qkv, mask, mask_stride, s);
-  Tensor out = empty({B, T_, H, d}, qkv.dtype()), probs = empty({B, H, T_, T_}, qkv.dtype());
+  // Saved for backward: the probabilities, or for long sequences each row's max and sum of
+  // exponentials, from which backward recomputes them.
+  const bool blocked = T_ >= blocked_from;
+  std::vector<Tensor> saved = {qkv, mask};
+  if (blocked) {
+    saved.push_back(empty({B, H, T_}, qkv.dtype()));
+    saved.push_back(empty({B, H, T_}, qkv.dtype()));
+  } else {
+    saved.push_back(empty({B, H, T_, T_}, qkv.dtype()));
+  }
+  Tensor out = empty({B, T_, H, d}, qkv.dtype());
   const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
   by_dtype(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* base = qkv.data<T>();
-    attention_forward(base, base + hd, base + 2 * hd, m, mask_stride, probs.data<T>(),
-                      out.data<T>(), s);
+    if (blocked)
+      attention_forward_blocked(base, base + hd, base + 2 * hd, m, mask_stride, saved[2].data<T>(),
+                                saved[3].data<T>(), out.data<T>(), s);
+    else
+      attention_forward(base, base + hd, base + 2 * hd, m, mask_stride, saved[2].data<T>(),
+                        out.data<T>(), s);
   });
-  const Tensor saved[] = {qkv, probs, mask};
   const Tensor inputs[] = {qkv_in};
-  return record(op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
-                [s, mask_stride, hd](Backward& ctx) {
-                  const Tensor &qkv = ctx.saved[0], &probs = ctx.saved[1], &mask = ctx.saved[2];
-                  ctx.input(0, [&] {
-                    const Tensor dout = raw::contiguous(ctx.grad);
-                    Tensor dqkv = empty(qkv.shape(), qkv.dtype());
-                    by_dtype(qkv.dtype(), [&](auto tag) {
-                      using T = decltype(tag);
-                      const T* base = qkv.data<T>();
-                      T* dbase = dqkv.data<T>();
-                      attention_backward(dout.data<T>(), base, base + hd, base + 2 * hd,
-                                         probs.data<T>(),
-                                         mask.defined() ? mask.data<bool>() : nullptr, mask_stride,
-                                         dbase, dbase + hd, dbase + 2 * hd, s);
-                    });
-                    return dqkv;
-                  });
-                });
+  return record(
+      op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+      [s, mask_stride, hd, blocked](Backward& ctx) {
+        const Tensor &qkv = ctx.saved[0], &mask = ctx.saved[1];
+        ctx.input(0, [&] {
+          const Tensor dout = raw::contiguous(ctx.grad);
+          Tensor dqkv = empty(qkv.shape(), qkv.dtype());
+          by_dtype(qkv.dtype(), [&](auto tag) {
+            using T = decltype(tag);
+            const T *base = qkv.data<T>(), *dy = dout.data<T>();
+            const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
+            T* dbase = dqkv.data<T>();
+            if (blocked)
+              attention_backward_blocked(dy, base, base + hd, base + 2 * hd, ctx.saved[2].data<T>(),
+                                         ctx.saved[3].data<T>(), m, mask_stride, dbase, dbase + hd,
+                                         dbase + 2 * hd, s);
+            else
+              attention_backward(dy, base, base + hd, base + 2 * hd, ctx.saved[2].data<T>(), m,
+                                 mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
+          });
+          return dqkv;
+        });
+      });
 }
 
 Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& gamma_k,

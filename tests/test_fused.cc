@@ -132,13 +132,20 @@ Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, co
   return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask), {0, 2, 1, 3});
 }
 
+// Token i may attend to tokens j <= i; with first_row_masked, token 0 to none (its row must come
+// out uniform, with no gradient through it).
+Tensor causal_mask(int64_t T, bool first_row_masked = false) {
+  Tensor mask = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j)
+      mask.data<bool>()[i * T + j] = j <= i && !(first_row_masked && i == 0);
+  return mask;
+}
+
 TEST(Fused, AttentionMatchesDefinitionAndGradients) {
   Rng rng(10);
   const int64_t B = 2, T = 5, H = 3, d = 4;
-  // Causal, and row 0 fully masked: it must come out uniform, with no gradient through it.
-  Tensor causal = ones({T, T}, DType::boolean);
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = 0; j < T; ++j) causal.data<bool>()[i * T + j] = i > 0 && j <= i;
+  const Tensor causal = causal_mask(T, /*first_row_masked=*/true);
   Tensor per_example = ones({B, T, T}, DType::boolean);
   per_example.data<bool>()[T * T + 2] = false;
   for (const Tensor& mask : {Tensor(), causal, per_example}) {
@@ -162,9 +169,7 @@ TEST(Fused, AttentionMatchesDefinitionAndGradients) {
 TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
   Rng rng(11);
   const int64_t B = 2, T = 4, H = 2, d = 4;
-  Tensor causal = ones({T, T}, DType::boolean);
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = i + 1; j < T; ++j) causal.data<bool>()[i * T + j] = false;
+  const Tensor causal = causal_mask(T);
   for (const Tensor& mask : {Tensor(), causal}) {
     const Tensor qkv = rng.normal({B, T, 3, H, d}, DType::f64);
     auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
@@ -184,9 +189,7 @@ TEST(Fused, Float32AttentionMatchesFloat64OnBothProductPaths) {
   Rng rng(13);
   for (const int64_t T : {18, 7, 40}) {  // the policy's 18 tokens, a ragged size, gemm's side
     const int64_t B = 2, H = 3, d = 64;
-    Tensor causal = ones({T, T}, DType::boolean);
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t j = i + 1; j < T; ++j) causal.data<bool>()[i * T + j] = false;
+    const Tensor causal = causal_mask(T);
     const Tensor qkv64 = rng.normal({B, T, 3, H, d}, DType::f64, 0, 0.3);
     const Tensor dy64 = rng.normal({B, T, H, d}, DType::f64);
     const auto run = [&](const Tensor& qkv, const Tensor& dy) {
@@ -208,9 +211,7 @@ TEST(Fused, Float32AttentionMatchesFloat64OnBothProductPaths) {
 TEST(Fused, BlockedAttentionMatchesDefinitionAndGradients) {
   Rng rng(14);
   const int64_t B = 2, T = 70, H = 2, d = 4;
-  Tensor causal = ones({T, T}, DType::boolean);
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = 0; j < T; ++j) causal.data<bool>()[i * T + j] = i > 0 && j <= i;
+  const Tensor causal = causal_mask(T, /*first_row_masked=*/true);
   Tensor per_example = ones({B, T, T}, DType::boolean);
   for (int64_t j = 0; j < T; j += 3) per_example.data<bool>()[T * T + 65 * T + j] = false;
   for (const Tensor& mask : {Tensor(), causal, per_example}) {
@@ -231,9 +232,7 @@ TEST(Fused, BlockedAttentionMatchesDefinitionAndGradients) {
   }
   // Central differences on a smaller case: one block and a ragged second one.
   const Tensor small = rng.normal({1, 66, 3, 1, 4}, DType::f64);
-  Tensor causal66 = ones({66, 66}, DType::boolean);
-  for (int64_t i = 0; i < 66; ++i)
-    for (int64_t j = i + 1; j < 66; ++j) causal66.data<bool>()[i * 66 + j] = false;
+  const Tensor causal66 = causal_mask(66);
   expect_gradcheck(
       [causal66](const std::vector<Tensor>& in) { return attention_packed(in[0], causal66, 1); },
       {small});
