@@ -12,6 +12,7 @@
 
 #include "autodiff/fused.h"
 #include "nn/functional.h"
+#include "nn/layers.h"
 #include "tensor/packed_weight.h"
 #include "tensor/parallel.h"
 #include "tensor/random.h"
@@ -238,6 +239,17 @@ TEST(FrozenWeights, LinearEachEqualsTheLoop) {
   EXPECT_EQ(tape.nodes()[1].scope, "m2");
   EXPECT_THAT(error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
               ::testing::HasSubstr("linear_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
+  const nn::Linear layer(8, 16, true, rng);
+  EXPECT_THAT(error_of([&] {
+                nn::linear_each({&layer}, {xs[3], xs[3]});
+              }),
+              ::testing::HasSubstr("linear_each: 1 layers for 2 inputs"));
+  // A modality's input that does not fit its layer is named as linear names it.
+  EXPECT_THAT(
+      error_of([&] {
+        nn::linear_each({&layer, &layer}, {xs[3], xs[0]});
+      }),
+      ::testing::HasSubstr("linear: input (1,2,32) does not end in the weight's in-features 8"));
 }
 
 TEST(PackedWeight, KeepsLeadingDimensionsAndCountsFlops) {
