@@ -434,12 +434,31 @@ void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* 
   raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
+// A row of logits q k^T: scaled, or -0.7 FLT_MAX where the mask (when there is one) forbids.
+template <class T>
+void mask_and_scale(T* row, int64_t n, const bool* mask_row, T scale) {
+  const T masked = static_cast<T>(-0.7 * FLT_MAX);
+  for (int64_t j = 0; j < n; ++j) row[j] = !mask_row || mask_row[j] ? row[j] * scale : masked;
+}
+
+// Rows of dP (rows x n, in place) become dS = scale P (dP - rowsum(dP P)), 0 where masked.
+template <class T>
+void softmax_backward_rows(T* ds, const T* p, int64_t rows, int64_t n, const bool* mask, T scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = ds + i * n;
+    const T* pr = p + i * n;
+    T dot = 0;
+    for (int64_t j = 0; j < n; ++j) dot += row[j] * pr[j];
+    for (int64_t j = 0; j < n; ++j)
+      row[j] = !mask || mask[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
+  }
+}
+
 // P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
 template <class T>
 void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride,
                        T* probs, T* out, const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const T masked = static_cast<T>(-0.7 * FLT_MAX);
   const int64_t n = s.T, ld = s.in_token;
   parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
     const int64_t b = bh / s.H, h = bh % s.H;
@@ -448,9 +467,8 @@ void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int
     head_gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
     const bool* m = mask ? mask + b * mask_stride : nullptr;
     for (int64_t i = 0; i < n; ++i) {
-      T* row = p + i * n;
-      for (int64_t j = 0; j < n; ++j) row[j] = !m || m[i * n + j] ? row[j] * scale : masked;
-      simd::softmax(row, row, n);
+      mask_and_scale(p + i * n, n, m ? m + i * n : nullptr, scale);
+      simd::softmax(p + i * n, p + i * n, n);
     }
     head_gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
   });
@@ -471,15 +489,7 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
     std::vector<T> ds(static_cast<size_t>(n * n));
     head_gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
     head_gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
-    const bool* m = mask ? mask + b * mask_stride : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      T* row = ds.data() + i * n;
-      const T* pr = p + i * n;
-      T dot = 0;
-      for (int64_t j = 0; j < n; ++j) dot += row[j] * pr[j];
-      for (int64_t j = 0; j < n; ++j)
-        row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
-    }
+    softmax_backward_rows(ds.data(), p, n, n, mask ? mask + b * mask_stride : nullptr, scale);
     head_gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
     head_gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
   });
@@ -493,28 +503,31 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
 constexpr int64_t kQueryBlock = 64;
 
 // Rows of P = softmax(mask ? scale q k^T : -0.7 FLT_MAX) for one block of queries, in place of
-// the raw products in p (rows x n). The forward pass stores each row's max and sum of
-// exponentials; backward passes them back in and gets the same P.
+// the raw products in p (rows x n), with each row's max and sum of exponentials; backward
+// recomputes the same P from those (block_probabilities_again).
 template <class T>
 void block_probabilities(T* p, int64_t rows, int64_t n, const bool* mask, T scale, T* row_max,
-                         T* row_sum, bool stats_known) {
-  const T masked = static_cast<T>(-0.7 * FLT_MAX);
+                         T* row_sum) {
   for (int64_t i = 0; i < rows; ++i) {
     T* row = p + i * n;
-    for (int64_t j = 0; j < n; ++j) row[j] = !mask || mask[i * n + j] ? row[j] * scale : masked;
-    if (!stats_known) row_max[i] = simd::max(row, n);
+    mask_and_scale(row, n, mask ? mask + i * n : nullptr, scale);
+    row_max[i] = simd::max(row, n);
     simd::scale_shift(row, T(1), -row_max[i], row, n);
     simd::unary(raw::UnaryOp::exp, row, row, n);
-    if (!stats_known) row_sum[i] = simd::sum(row, n);
+    row_sum[i] = simd::sum(row, n);
     simd::scale_shift(row, T(1) / row_sum[i], T(0), row, n);
   }
 }
 template <class T>
-void block_probabilities(T* p, int64_t rows, int64_t n, const bool* mask, T scale, const T* row_max,
-                         const T* row_sum) {
-  // Only read when the statistics are known.
-  block_probabilities(p, rows, n, mask, scale, const_cast<T*>(row_max), const_cast<T*>(row_sum),
-                      true);
+void block_probabilities_again(T* p, int64_t rows, int64_t n, const bool* mask, T scale,
+                               const T* row_max, const T* row_sum) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = p + i * n;
+    mask_and_scale(row, n, mask ? mask + i * n : nullptr, scale);
+    simd::scale_shift(row, T(1), -row_max[i], row, n);
+    simd::unary(raw::UnaryOp::exp, row, row, n);
+    simd::scale_shift(row, T(1) / row_sum[i], T(0), row, n);
+  }
 }
 
 template <class T>
@@ -531,7 +544,7 @@ void attention_forward_blocked(const T* q, const T* k, const T* v, const bool* m
       const int64_t rows = std::min(kQueryBlock, n - r0);
       head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
       block_probabilities(p.data(), rows, n, mask ? mask + b * mask_stride + r0 * n : nullptr,
-                          scale, row_max + bh * n + r0, row_sum + bh * n + r0, false);
+                          scale, row_max + bh * n + r0, row_sum + bh * n + r0);
       head_gemm(false, false, rows, s.d, n, p.data(), n, v + in, ld, out + o + r0 * s.out_token,
                 s.out_token);
     }
@@ -556,18 +569,12 @@ void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* 
       const bool* m = mask ? mask + b * mask_stride + r0 * n : nullptr;
       const T* dout_block = dout + o + r0 * s.out_token;
       head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
-      block_probabilities(p.data(), rows, n, m, scale, row_max + bh * n + r0,
-                          row_sum + bh * n + r0);
+      block_probabilities_again(p.data(), rows, n, m, scale, row_max + bh * n + r0,
+                                row_sum + bh * n + r0);
       head_gemm(false, true, rows, n, s.d, dout_block, s.out_token, v + in, ld, ds.data(), n);
       raw::gemm(true, false, n, s.d, rows, p.data(), n, dout_block, s.out_token, dv + in, ld,
                 /*accumulate=*/true);
-      for (int64_t i = 0; i < rows; ++i) {
-        T* row = ds.data() + i * n;
-        const T* pr = p.data() + i * n;
-        const T dot = simd::dot(row, pr, n);
-        for (int64_t j = 0; j < n; ++j)
-          row[j] = !m || m[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
-      }
+      softmax_backward_rows(ds.data(), p.data(), rows, n, m, scale);
       head_gemm(false, false, rows, s.d, n, ds.data(), n, k + in, ld, dq + in + r0 * ld, ld);
       raw::gemm(true, false, n, s.d, rows, ds.data(), n, q + in + r0 * ld, ld, dk + in, ld,
                 /*accumulate=*/true);
@@ -851,14 +858,21 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
 
 }  // namespace
 
-Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  check_linear(x, weight, bias);
+namespace {
+// linear_fused after its checks, multiplying by `packed` when given.
+Tensor checked_linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      const PackedWeight* packed) {
   // (..., in) as rows: a view when x is contiguous.
   const Tensor x2 = raw::reshape(x, {-1, weight.shape()[1]});
-  const PackedWeight* packed = packed_for(x, weight);
   Tensor y =
       packed ? raw::matmul_packed(x2, *packed) : raw::matmul(x2, raw::transpose(weight, 0, 1));
   return finish_linear(x, x2, weight, bias, std::move(y));
+}
+}  // namespace
+
+Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_linear(x, weight, bias);
+  return checked_linear(x, weight, bias, packed_for(x, weight));
 }
 
 std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
@@ -877,29 +891,32 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
   };
   // A packed product waits here (n: none) for a partner to multiply with.
   size_t waiting = n;
+  const PackedWeight* waiting_packed = nullptr;
   for (size_t i = 0; i < n; ++i) {
     if (!xs[i].defined()) continue;
     check_linear(xs[i], weights[i], biases[i]);
     const PackedWeight* packed = packed_for(xs[i], weights[i]);
     if (!packed) {
-      ys[i] = scoped(i, [&] { return linear_fused(xs[i], weights[i], biases[i]); });
+      ys[i] = scoped(i, [&] { return checked_linear(xs[i], weights[i], biases[i], nullptr); });
       continue;
     }
     if (waiting == n) {
       waiting = i;
+      waiting_packed = packed;
       continue;
     }
     const size_t j = waiting;
     waiting = n;
     const Tensor xj = raw::reshape(xs[j], {-1, weights[j].shape()[1]});
     const Tensor xi = raw::reshape(xs[i], {-1, weights[i].shape()[1]});
-    auto [yj, yi] = raw::matmul_packed_pair(xj, *packed_for(xs[j], weights[j]), xi, *packed);
+    auto [yj, yi] = raw::matmul_packed_pair(xj, *waiting_packed, xi, *packed);
     ys[j] = scoped(j, [&] { return finish_linear(xs[j], xj, weights[j], biases[j], yj); });
     ys[i] = scoped(i, [&] { return finish_linear(xs[i], xi, weights[i], biases[i], yi); });
   }
   if (waiting != n)
-    ys[waiting] = scoped(
-        waiting, [&] { return linear_fused(xs[waiting], weights[waiting], biases[waiting]); });
+    ys[waiting] = scoped(waiting, [&] {
+      return checked_linear(xs[waiting], weights[waiting], biases[waiting], waiting_packed);
+    });
   return ys;
 }
 

@@ -217,55 +217,55 @@ FrozenWeights* frozen_weights() {
 }
 
 namespace raw {
-Tensor matmul_packed(const Tensor& x, const PackedWeight& weight) {
+namespace {
+// x (..., in) as contiguous rows, and the output (..., out) they will be multiplied into.
+struct PackedOperand {
+  const PackedWeight& weight;
+  Tensor rows, y;
+  int64_t count() const { return rows.shape()[0]; }
+  void multiply() const {
+    weight.multiply(rows.data<float>(), weight.in_features(), count(), y.data<float>(),
+                    weight.out_features());
+  }
+};
+PackedOperand packed_operand(const Tensor& x, const PackedWeight& weight, const char* who) {
   MMDIT_CHECK(x.dtype() == DType::f32 && x.dim() >= 1 && x.shape().back() == weight.in_features(),
-              "matmul_packed: input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
+              who, ": input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
               " does not end in the packed weight's in-features ", weight.in_features());
-  const Tensor x2 = contiguous(reshape(x, {-1, weight.in_features()}));
-  const int64_t rows = x2.shape()[0];
   Shape out_shape = x.shape();
   out_shape.back() = weight.out_features();
-  Tensor y = empty(out_shape, DType::f32);
-  weight.multiply(x2.data<float>(), weight.in_features(), rows, y.data<float>(),
-                  weight.out_features());
-  return y;
+  return {weight, contiguous(reshape(x, {-1, weight.in_features()})), empty(out_shape, DType::f32)};
+}
+}  // namespace
+
+Tensor matmul_packed(const Tensor& x, const PackedWeight& weight) {
+  const PackedOperand operand = packed_operand(x, weight, "matmul_packed");
+  operand.multiply();
+  return operand.y;
 }
 
 std::array<Tensor, 2> matmul_packed_pair(const Tensor& x0, const PackedWeight& w0, const Tensor& x1,
                                          const PackedWeight& w1) {
-  const auto rows = [](const Tensor& x, const PackedWeight& w) {
-    return x.numel() / std::max<int64_t>(1, w.in_features());
-  };
-  const int64_t rows0 = rows(x0, w0), rows1 = rows(x1, w1);
+  const PackedOperand a = packed_operand(x0, w0, "matmul_packed_pair");
+  const PackedOperand b = packed_operand(x1, w1, "matmul_packed_pair");
   // Only a product of one register tile of rows is memory-bound, and only one of more rows has
   // a last row tile that computes from cache while the other's weights stream in.
-  const bool pair0_wide = rows0 > simd::kPackedTileRows && rows1 <= simd::kPackedTileRows;
-  const bool pair1_wide = rows1 > simd::kPackedTileRows && rows0 <= simd::kPackedTileRows;
-  if (!pair0_wide && !pair1_wide) return {matmul_packed(x0, w0), matmul_packed(x1, w1)};
-  const auto check = [](const Tensor& x, const PackedWeight& w) {
-    MMDIT_CHECK(x.dtype() == DType::f32 && x.dim() >= 1 && x.shape().back() == w.in_features(),
-                "matmul_packed_pair: input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
-                " does not end in the packed weight's in-features ", w.in_features());
+  const auto wide_with = [](const PackedOperand& wide, const PackedOperand& narrow) {
+    return wide.count() > simd::kPackedTileRows && narrow.count() <= simd::kPackedTileRows;
   };
-  check(x0, w0);
-  check(x1, w1);
-  const auto output = [](const Tensor& x, const PackedWeight& w) {
-    Shape shape = x.shape();
-    shape.back() = w.out_features();
-    return empty(shape, DType::f32);
-  };
-  const Tensor a0 = contiguous(reshape(x0, {-1, w0.in_features()}));
-  const Tensor a1 = contiguous(reshape(x1, {-1, w1.in_features()}));
-  std::array<Tensor, 2> y = {output(x0, w0), output(x1, w1)};
-  const int wide = pair0_wide ? 0 : 1;
-  const Tensor* a[] = {&a0, &a1};
-  const PackedWeight* w[] = {&w0, &w1};
-  const int64_t r[] = {rows0, rows1};
-  PackedWeight::multiply_pair(*w[wide], a[wide]->data<float>(), w[wide]->in_features(), r[wide],
-                              y[wide].data<float>(), w[wide]->out_features(), *w[1 - wide],
-                              a[1 - wide]->data<float>(), w[1 - wide]->in_features(), r[1 - wide],
-                              y[1 - wide].data<float>(), w[1 - wide]->out_features());
-  return y;
+  if (wide_with(a, b) || wide_with(b, a)) {
+    const PackedOperand& wide = wide_with(a, b) ? a : b;
+    const PackedOperand& narrow = wide_with(a, b) ? b : a;
+    PackedWeight::multiply_pair(wide.weight, wide.rows.data<float>(), wide.weight.in_features(),
+                                wide.count(), wide.y.data<float>(), wide.weight.out_features(),
+                                narrow.weight, narrow.rows.data<float>(),
+                                narrow.weight.in_features(), narrow.count(), narrow.y.data<float>(),
+                                narrow.weight.out_features());
+  } else {
+    a.multiply();
+    b.multiply();
+  }
+  return {a.y, b.y};
 }
 }  // namespace raw
 

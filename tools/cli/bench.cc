@@ -367,7 +367,7 @@ Result run(const Workload& w, int reps, int warmup) {
 // The time a sampling workload would take if it did nothing but read its weights once per
 // Euler step at the memory roof.
 double memory_floor_ms(const Result& r, double memory_roof) {
-  return r.weight_mb_per_rep / 1e3 / memory_roof * 1e3;
+  return r.weight_mb_per_rep / memory_roof;  // MB / (GB/s) = ms
 }
 
 std::string json_line(const Result& r, int threads, double roof, double memory_roof,
