@@ -15,6 +15,7 @@
 #include "autodiff/inspect.h"
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
+#include "tensor/blas_core.h"
 #include "tensor/random.h"
 #include "tests/test_util.h"
 
@@ -230,9 +231,10 @@ struct Command {
   int status;
   std::string output;
 };
-Command run_mmdit(const std::string& args) {
+// env_prefix runs the program under `env`, e.g. "env -u OPENBLAS_CORETYPE ".
+Command run_mmdit(const std::string& args, const std::string& env_prefix = "") {
   Command r{-1, ""};
-  FILE* p = ::popen((std::string(MMDIT_BINARY) + " " + args + " 2>&1").c_str(), "r");
+  FILE* p = ::popen((env_prefix + MMDIT_BINARY + " " + args + " 2>&1").c_str(), "r");
   if (!p) return r;
   char buf[4096];
   size_t n;
@@ -317,6 +319,22 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   const Command bad = run_mmdit("bench --workload nope");
   EXPECT_NE(bad.status, 0);
   EXPECT_THAT(bad.output, HasSubstr("unknown workload 'nope'"));
+}
+
+// With OPENBLAS_CORETYPE unset, mmdit runs on the widest kernels this CPU can use, whether
+// OpenBLAS detected them itself or mmdit started again with them (and says which it detected).
+TEST(BenchCli, RunsOnTheWidestOpenBlasKernelsTheCpuHas) {
+  const Command r = run_mmdit("bench --workload policy-act --reps 1 --warmup 0 --threads 1 --json",
+                              "env -u OPENBLAS_CORETYPE -u MMDIT_OPENBLAS_DETECTED_CORE ");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const size_t at = r.output.find("\"openblas_core\": \"");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const std::string core = r.output.substr(at + 18, r.output.find('"', at + 18) - at - 18);
+  const mmdit::CpuFeatures cpu = mmdit::cpu_features();
+  EXPECT_EQ(mmdit::better_openblas_core(core, cpu), "") << r.output;
+  if (r.output.find("openblas_core_detected") != std::string::npos) {
+    EXPECT_THAT(r.output, HasSubstr("this OpenBLAS does not know the CPU")) << r.output;
+  }
 }
 
 // The profile counts ops by type, times forward and backward, and counts the matrix-product

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor/blas_core.h"
 #include "tensor/named_tensors.h"
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
@@ -1379,3 +1380,29 @@ TEST(TensorAllocator, CachedBlocksAreReused) {
 
 }  // namespace
 }  // namespace mmdit
+
+// Debian 12's OpenBLAS runs its SSE3 Prescott kernels on CPUs newer than itself; mmdit starts
+// again with the widest core the CPU can run, and leaves a core that already uses them alone.
+TEST(BlasCore, ChoosesTheWidestKernelsTheCpuRuns) {
+  const mmdit::CpuFeatures none{};
+  const mmdit::CpuFeatures avx2{.avx2_fma = true};
+  const mmdit::CpuFeatures avx512{.avx2_fma = true, .avx512 = true};
+  const mmdit::CpuFeatures bf16{.avx2_fma = true, .avx512 = true, .avx512_bf16 = true};
+  EXPECT_EQ(mmdit::better_openblas_core("Prescott", bf16), "Cooperlake");
+  EXPECT_EQ(mmdit::better_openblas_core("Prescott", avx512), "SkylakeX");
+  EXPECT_EQ(mmdit::better_openblas_core("Haswell", bf16), "Cooperlake");
+  EXPECT_EQ(mmdit::better_openblas_core("Nehalem", avx2), "Haswell");
+  EXPECT_EQ(mmdit::better_openblas_core("Prescott", none), "");
+  EXPECT_EQ(mmdit::better_openblas_core("Haswell", avx2), "");
+  EXPECT_EQ(mmdit::better_openblas_core("Zen", avx2), "");
+  for (const char* core : {"SkylakeX", "Cooperlake", "SapphireRapids"})
+    EXPECT_EQ(mmdit::better_openblas_core(core, bf16), "") << core;
+  // This machine: a CPU that reports AVX-512 also reports AVX2 and FMA.
+  const mmdit::CpuFeatures here = mmdit::cpu_features();
+  if (here.avx512) {
+    EXPECT_TRUE(here.avx2_fma);
+  }
+  if (here.avx512_bf16) {
+    EXPECT_TRUE(here.avx512);
+  }
+}

@@ -5,7 +5,8 @@
 // sampling the weights a call reads next to the memory bandwidth measured the same way.
 //
 // OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded. A user's machine does not set it, so
-// unless --keep-coretype is given, bench re-executes itself without it.
+// unless --keep-coretype is given, bench re-executes itself without it, and runs on the core
+// OpenBLAS detects, or the one mmdit chooses when that detection falls short (main.cc).
 #include <cblas.h>
 #include <malloc.h>
 #include <sys/resource.h>
@@ -29,6 +30,7 @@
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
 #include "mmdit/incontext.h"
+#include "tensor/blas_core.h"
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
 #include "tensor/simd.h"
@@ -384,6 +386,8 @@ std::string json_line(const Result& r, int threads, double roof, double memory_r
   std::string s(buf, static_cast<size_t>(len));
   std::snprintf(buf, sizeof buf, ", \"memory_roof_gbps\": %.1f", memory_roof);
   s += buf;
+  if (const char* detected = std::getenv(kDetectedCoreVariable))
+    s += str_cat(", \"openblas_core_detected\": \"", detected, "\"");
   if (r.weight_mb_per_rep > 0) {
     std::snprintf(buf, sizeof buf, ", \"weight_mb_per_rep\": %.3f, \"memory_floor_ms\": %.2f",
                   r.weight_mb_per_rep, memory_floor_ms(r, memory_roof));
@@ -435,25 +439,22 @@ struct Options {
 };
 
 void run_bench(const Options& o) {
-  if (!o.keep_coretype && std::getenv("OPENBLAS_CORETYPE")) {
+  const char* user_core = std::getenv("OPENBLAS_CORETYPE");
+  const char* detected_core = std::getenv(kDetectedCoreVariable);
+  if (!o.keep_coretype && user_core && !detected_core) {
     // Too late for this process: OpenBLAS chose its kernels when it was loaded.
     if (!o.json)
       std::fprintf(stderr,
-                   "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype "
-                   "keeps it)\n",
-                   std::getenv("OPENBLAS_CORETYPE"));
+                   "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype keeps it)\n",
+                   user_core);
     unsetenv("OPENBLAS_CORETYPE");
-    const std::vector<std::string>& args = program_args();
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    std::fflush(nullptr);
-    execv("/proc/self/exe", argv.data());
+    reexecute_self();
     std::fprintf(stderr, "bench: could not re-execute; keeping OPENBLAS_CORETYPE\n");
   }
   if (o.threads > 0) set_num_threads(o.threads);
   const int threads = num_threads();
-  const char* core = openblas_get_corename();
+  const std::string core_name = openblas_core();
+  const char* core = core_name.c_str();
   std::vector<const Workload*> chosen;
   for (const std::string& name : o.workloads) {
     if (name == "all") {
@@ -471,8 +472,11 @@ void run_bench(const Options& o) {
   const double roof = sgemm_roof_gflops();
   const double memory_roof = memory_roof_gbps();
   if (!o.json) {
-    std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
-                threads, core, o.reps, o.warmup);
+    std::printf(
+        "mmdit bench: %d thread(s), OpenBLAS core %s%s%s, float32, %d reps after %d "
+        "warm-up\n",
+        threads, core, detected_core ? " (OpenBLAS detected " : "",
+        detected_core ? str_cat(detected_core, ")").c_str() : "", o.reps, o.warmup);
     std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n", roof);
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",

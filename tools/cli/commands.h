@@ -13,8 +13,16 @@ void add_inspect_commands(CLI::App& app);
 void add_policy_commands(CLI::App& app);
 void add_bench_command(CLI::App& app);
 
-// The command line as main() received it (bench re-executes itself with it).
+// The command line as main() received it.
 void set_program_args(int argc, char** argv);
 const std::vector<std::string>& program_args();
+
+// Starts this program again with the same command line and the environment as it is now, so
+// that OpenBLAS is loaded afresh and reads OPENBLAS_CORETYPE. Returns only if that failed.
+void reexecute_self();
+
+// Set, next to OPENBLAS_CORETYPE, when mmdit chose the core because OpenBLAS's own choice left
+// out vector instructions this CPU has (see tensor/blas_core.h); holds OpenBLAS's own choice.
+inline constexpr const char* kDetectedCoreVariable = "MMDIT_OPENBLAS_DETECTED_CORE";
 
 }  // namespace mmdit::cli
