@@ -12,6 +12,8 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 #include "tensor/simd.h"
 
@@ -217,6 +219,20 @@ bool has_avx512_bf16() {
   return has;
 }
 
+bool use_bf16_dot_kernel() {
+  static const bool use = [] {
+    if (!has_avx512_bf16()) return false;
+    if (const char* choice = std::getenv("MMDIT_BF16_KERNEL")) {
+      const std::string_view c = choice;
+      MMDIT_CHECK(c == "dot" || c == "widen", "MMDIT_BF16_KERNEL must be 'dot' or 'widen', not '",
+                  c, "'");
+      return c == "dot";
+    }
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return use;
+}
+
 namespace {
 
 template <int MR, int NP>
@@ -310,6 +326,9 @@ MMDIT_TARGET_BF16 void gemm_packed_bf16_dot(const uint16_t* xb, int64_t ldxb, in
 }
 #else
 bool has_avx512_bf16() {
+  return false;
+}
+bool use_bf16_dot_kernel() {
   return false;
 }
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {

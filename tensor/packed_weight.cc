@@ -84,8 +84,8 @@ size_t PackedWeight::bytes() const {
 
 std::string packed_kernel_name(WeightPrecision precision) {
   if (precision == WeightPrecision::f32) return "float32 panels";
-  return simd::has_avx512_bf16() ? "bfloat16 vdpbf16ps, inputs rounded too"
-                                 : "bfloat16 widened to float32";
+  return simd::use_bf16_dot_kernel() ? "bfloat16 vdpbf16ps, inputs rounded too"
+                                     : "bfloat16 widened to float32";
 }
 
 // Three panels (48 columns) per work item: one AVX-512 register tile.
@@ -105,7 +105,7 @@ size_t PackedWeight::panel_bytes() const {
 
 PackedWeight::Input PackedWeight::input(const float* x, int64_t ldx, int64_t rows) const {
   Input in{x, ldx, rows, {}, nullptr, 0};
-  if (precision_ == WeightPrecision::bf16 && simd::has_avx512_bf16()) {
+  if (precision_ == WeightPrecision::bf16 && simd::use_bf16_dot_kernel()) {
     in.ldxb = (in_ + 1) / 2 * 2;
     // Through the caching allocator: no page faults for a buffer reused every step.
     in.buffer = empty({(rows * in.ldxb + 1) / 2}, DType::f32);

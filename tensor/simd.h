@@ -91,6 +91,12 @@ void gemm_packed_bf16(const float* x, int64_t ldx, int64_t m, const uint16_t* pa
                       PrefetchSpan ahead = {});
 // Whether the CPU has AVX-512 BF16 (vdpbf16ps), which the two functions below need.
 bool has_avx512_bf16();
+// Whether packed bfloat16 products run on vdpbf16ps rather than widening to float32. AMD's Zen 4
+// and 5 execute vdpbf16ps at the rate of an FMA, twice the multiply-adds; Intel's Sapphire and
+// Emerald Rapids at half that rate, where widening is faster (one Euler step's products on 2
+// threads, family 6 model 207: 1.44 ms widened, 2.35 ms with vdpbf16ps) and keeps the inputs
+// float32. MMDIT_BF16_KERNEL=dot or =widen overrides the choice.
+bool use_bf16_dot_kernel();
 // x (m, k) float32 rounded to bfloat16 rows of ld_out >= k elements, zero-padded.
 void to_bf16_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out, int64_t ld_out);
 // The bfloat16 panels times bfloat16 inputs xb (rows of ldxb >= k rounded up to even),

@@ -90,8 +90,8 @@ TEST(PackedWeight, Float32EqualsTheExactProduct) {
 
 TEST(PackedWeight, Bfloat16EqualsTheProductOfRoundedValues) {
   Rng rng(2);
-  // With AVX-512 BF16 the inputs are rounded too (vdpbf16ps); otherwise they stay float32.
-  const bool rounds_inputs = simd::has_avx512_bf16();
+  // With vdpbf16ps the inputs are rounded too; widened, they stay float32.
+  const bool rounds_inputs = simd::use_bf16_dot_kernel();
   for (const auto& [M, N, K] : kShapes) {
     const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
     const PackedWeight packed(w, WeightPrecision::bf16);
@@ -111,6 +111,23 @@ TEST(PackedWeight, WideningKernelFollowsTheDocumentedLayout) {
     std::vector<float> y(static_cast<size_t>(M * N), -1.0f);
     simd::gemm_packed_bf16(x.data<float>(), K, M, packed.data(), K, y.data(), N, N, 0, panels);
     expect_close(y, reference_product(x, w, false, true), K, "widening " + shape_str({M, N, K}));
+  }
+}
+
+// The vdpbf16ps kernel, called directly: on CPUs where widening is the default it runs only
+// when MMDIT_BF16_KERNEL=dot asks for it, so it is checked here whatever the default.
+TEST(PackedWeight, DotKernelEqualsTheProductOfRoundedValues) {
+  if (!simd::has_avx512_bf16()) GTEST_SKIP() << "this CPU has no AVX-512 BF16";
+  Rng rng(4);
+  for (const auto& [M, N, K] : kShapes) {
+    const Tensor x = rng.normal({M, K}), w = rng.normal({N, K});
+    const std::vector<uint16_t> packed = pack_bf16_by_hand(w);
+    const int64_t ldxb = (K + 1) / 2 * 2, panels = (N + 15) / 16;
+    std::vector<uint16_t> xb(static_cast<size_t>(M * ldxb));
+    simd::to_bf16_rows(x.data<float>(), K, M, K, xb.data(), ldxb);
+    std::vector<float> y(static_cast<size_t>(M * N), -1.0f);
+    simd::gemm_packed_bf16_dot(xb.data(), ldxb, M, packed.data(), K, y.data(), N, N, 0, panels);
+    expect_close(y, reference_product(x, w, true, true), K, "dot " + shape_str({M, N, K}));
   }
 }
 
