@@ -5,11 +5,13 @@
 
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
+#include "tensor/blas_core.h"
 #include "tensor/random.h"
 
 using namespace mmdit;
 
-int main() {
+int main(int, char** argv) {
+  mmdit::use_the_best_openblas_core(argv);  // before OpenBLAS does any work
   Rng rng(0);
   const int64_t hidden = 64, n = 256;
   NamedTensors params;

@@ -12,6 +12,7 @@
 #include "autodiff/ops.h"
 #include "mmdit/incontext.h"
 #include "nn/layers.h"
+#include "tensor/blas_core.h"
 
 using namespace mmdit;
 
@@ -41,7 +42,8 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-int main() {
+int main(int, char** argv) {
+  mmdit::use_the_best_openblas_core(argv);  // before OpenBLAS does any work
   const auto start = std::chrono::steady_clock::now();
 
   // Configuration

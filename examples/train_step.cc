@@ -7,13 +7,15 @@
 #include <cstdio>
 
 #include "autodiff/value_and_grad.h"
+#include "tensor/blas_core.h"
 #include "tensor/print.h"
 #include "train/demo_task.h"
 #include "train/trainer.h"
 
 using namespace mmdit;
 
-int main() {
+int main(int, char** argv) {
+  mmdit::use_the_best_openblas_core(argv);  // before OpenBLAS does any work
   const auto start = std::chrono::steady_clock::now();
 
   // Demonstrations: 100 episodes of the expert passing the obstacle left or right.

@@ -1,9 +1,12 @@
 #include "tensor/blas_core.h"
 
 #include <cblas.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
+#include <cstdlib>
 #include <string_view>
 
 namespace mmdit {
@@ -42,6 +45,25 @@ std::string better_openblas_core(const std::string& chosen, const CpuFeatures& c
   if (one_of(kAvx2Cores, chosen)) return "";
   if (cpu.avx2_fma) return "Haswell";
   return "";
+}
+
+void use_the_best_openblas_core(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE")) return;  // the user's choice
+  const std::string detected = openblas_core();
+  const std::string better = better_openblas_core(detected, cpu_features());
+  if (better.empty()) return;
+  std::fprintf(stderr,
+               "%s: this OpenBLAS does not know the CPU and chose its %s kernels; running with "
+               "OPENBLAS_CORETYPE=%s (set OPENBLAS_CORETYPE to choose another)\n",
+               argv[0], detected.c_str(), better.c_str());
+  setenv("OPENBLAS_CORETYPE", better.c_str(), 1);
+  setenv(kDetectedCoreVariable, detected.c_str(), 1);
+  std::fflush(nullptr);
+  execv("/proc/self/exe", argv);
+  std::fprintf(stderr, "%s: could not start again; keeping the %s kernels\n", argv[0],
+               detected.c_str());
+  unsetenv("OPENBLAS_CORETYPE");
+  unsetenv(kDetectedCoreVariable);
 }
 
 }  // namespace mmdit

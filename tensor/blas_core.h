@@ -24,4 +24,11 @@ std::string openblas_core();
 // vector instructions this CPU has; empty when its choice is already the best it can make.
 std::string better_openblas_core(const std::string& chosen, const CpuFeatures& cpu);
 
+// Call first thing in main(): when OPENBLAS_CORETYPE is unset and better_openblas_core() names
+// a core, says so on stderr and starts the program again (same argv) with that core, recording
+// OpenBLAS's own choice in kDetectedCoreVariable. Returns when there is nothing to do, or when
+// the program could not be started again (it then runs on as it is).
+void use_the_best_openblas_core(char** argv);
+inline constexpr const char* kDetectedCoreVariable = "MMDIT_OPENBLAS_DETECTED_CORE";
+
 }  // namespace mmdit

@@ -2,7 +2,6 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <exception>
 
 #include "tensor/blas_core.h"
@@ -28,31 +27,11 @@ void reexecute_self() {
   execv("/proc/self/exe", argv.data());
 }
 
-namespace {
-
-// A core the user set is theirs to keep; otherwise run on the kernels this CPU can use.
-void use_the_best_openblas_core() {
-  if (std::getenv("OPENBLAS_CORETYPE")) return;
-  const std::string detected = openblas_core();
-  const std::string better = better_openblas_core(detected, cpu_features());
-  if (better.empty()) return;
-  std::fprintf(stderr,
-               "mmdit: this OpenBLAS does not know the CPU and chose its %s kernels; running with "
-               "OPENBLAS_CORETYPE=%s (set OPENBLAS_CORETYPE to choose another)\n",
-               detected.c_str(), better.c_str());
-  setenv("OPENBLAS_CORETYPE", better.c_str(), 1);
-  setenv(kDetectedCoreVariable, detected.c_str(), 1);
-  reexecute_self();
-  std::fprintf(stderr, "mmdit: could not re-execute; keeping the %s kernels\n", detected.c_str());
-  unsetenv("OPENBLAS_CORETYPE");
-}
-
-}  // namespace
 }  // namespace mmdit::cli
 
 int main(int argc, char** argv) {
   mmdit::cli::set_program_args(argc, argv);
-  mmdit::cli::use_the_best_openblas_core();
+  mmdit::use_the_best_openblas_core(argv);
   CLI::App app{"mmdit: MMDiT models and flow-matching policies in C++"};
   app.require_subcommand(1);
   mmdit::cli::add_policy_commands(app);
