@@ -253,6 +253,32 @@ T MaxImpl(const T* x, int64_t n) {
   return result;
 }
 
+// The first `count` lanes from/to memory, the other lanes of the load set to `fill`. AVX2 and
+// AVX-512 mask the access itself; Highway 1.0.3's SSE4 MaskedLoad reads the whole vector, so
+// there the lanes go through a buffer.
+template <class D>
+HWY_INLINE V<D> LoadFirst(D d, const hn::TFromD<D>* p, int64_t count, hn::TFromD<D> fill) {
+#if HWY_TARGET <= HWY_AVX2
+  const auto mask = hn::FirstN(d, static_cast<size_t>(count));
+  return hn::IfThenElse(mask, hn::MaskedLoad(mask, d, p), hn::Set(d, fill));
+#else
+  HWY_ALIGN hn::TFromD<D> buf[HWY_MAX_BYTES / sizeof(hn::TFromD<D>)];
+  std::fill(buf, buf + hn::Lanes(d), fill);
+  std::copy(p, p + count, buf);
+  return hn::Load(d, buf);
+#endif
+}
+template <class D>
+HWY_INLINE void StoreFirst(D d, V<D> v, hn::TFromD<D>* p, int64_t count) {
+#if HWY_TARGET <= HWY_AVX2
+  hn::BlendedStore(v, hn::FirstN(d, static_cast<size_t>(count)), d, p);
+#else
+  HWY_ALIGN hn::TFromD<D> buf[HWY_MAX_BYTES / sizeof(hn::TFromD<D>)];
+  hn::Store(v, d, buf);
+  std::copy(buf, buf + count, p);
+#endif
+}
+
 // A row of at most 4 vectors (attention over the policy's 18 tokens) in one pass: loaded once,
 // the max, exps, sum and scaling in registers. The four passes over memory of the general case,
 // each with its own tail, took 3% of policy-act.
@@ -266,14 +292,8 @@ void SoftmaxShort(const T* x, T* out, int64_t n) {
   auto m = lowest;
   for (int64_t k = 0; k < count; ++k) {
     const int64_t rest = std::min(lanes, n - k * lanes);
-    if (rest == lanes) {
-      v[k] = hn::LoadU(d, x + k * lanes);
-    } else {
-      HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)];
-      std::fill(buf, buf + lanes, -std::numeric_limits<T>::infinity());
-      std::copy(x + k * lanes, x + n, buf);
-      v[k] = hn::Load(d, buf);
-    }
+    v[k] = rest == lanes ? hn::LoadU(d, x + k * lanes)
+                         : LoadFirst(d, x + k * lanes, rest, -std::numeric_limits<T>::infinity());
     m = hn::Max(m, v[k]);
   }
   const T row_max = hn::GetLane(hn::MaxOfLanes(d, m));
@@ -290,13 +310,10 @@ void SoftmaxShort(const T* x, T* out, int64_t n) {
   for (int64_t k = 0; k < count; ++k) {
     const int64_t rest = std::min(lanes, n - k * lanes);
     const auto r = hn::Mul(v[k], inv);
-    if (rest == lanes) {
+    if (rest == lanes)
       hn::StoreU(r, d, out + k * lanes);
-    } else {
-      HWY_ALIGN T buf[HWY_MAX_BYTES / sizeof(T)];
-      hn::Store(r, d, buf);
-      std::copy(buf, buf + rest, out + k * lanes);
-    }
+    else
+      StoreFirst(d, r, out + k * lanes, rest);
   }
 }
 
