@@ -1,7 +1,12 @@
 // Micro-benchmark of the tensor layer in float32 on the current thread count:
 //   - elementwise throughput (GB/s of memory traffic the op must do at least) for add, mul with
 //     a broadcast row, exp, silu, a full sum and row softmax, on 1e4, 1e6 and 1e7 elements;
-//   - matmul GFLOP/s of mmdit::raw::matmul next to a direct cblas_sgemm on the same shapes.
+//   - matmul GFLOP/s of mmdit::raw::matmul next to a direct cblas_sgemm on the same shapes;
+//   - the packed products of one Euler step of the reference policy at batch 1 (8 blocks; per
+//     block qkv, out and the three feed-forward weights of each modality; 16 action rows, 2
+//     observation rows), run as the sampler runs them (pairs), each modality alone, and one by
+//     one, in float32 and bfloat16, with their weights streamed (8 blocks) and cache-resident
+//     (one block's weights 8 times): whether a step is bound by memory or by arithmetic.
 // Every figure is the median of >= 10 timed samples after a warm-up; "mmdit/blas" is our
 // speed relative to the direct gemm call (1.00 = the same).
 //
@@ -18,7 +23,9 @@
 #include <thread>
 #include <vector>
 
+#include "tensor/blas_core.h"
 #include "tensor/ops.h"
+#include "tensor/packed_weight.h"
 #include "tensor/parallel.h"
 #include "tensor/random.h"
 
@@ -134,9 +141,66 @@ void run_matmul(Rng& rng) {
   }
 }
 
+void run_sampling_products(Rng& rng) {
+  std::printf(
+      "\npacked products of one Euler step at batch 1 (GB/s = weight bytes / median time)\n");
+  std::printf("%-10s %-10s %-16s %12s %9s\n", "weights", "blocks", "run", "median", "GB/s");
+  struct Shape2 {
+    int64_t out, in;
+  };
+  const Shape2 shapes[] = {{1536, 256}, {256, 512}, {1024, 256}, {1024, 256}, {256, 1024}};
+  const int64_t action_rows = 16, obs_rows = 2, blocks = 8;
+  for (WeightPrecision precision : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    std::vector<std::unique_ptr<PackedWeight>> action, obs;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (const Shape2& s : shapes) {
+        action.push_back(std::make_unique<PackedWeight>(rng.normal({s.out, s.in}), precision));
+        obs.push_back(std::make_unique<PackedWeight>(rng.normal({s.out, s.in}), precision));
+      }
+    const std::vector<float> xa(action_rows * 1024, 0.1f), xo(obs_rows * 1024, 0.1f);
+    std::vector<float> ya(action_rows * 1536), yo(obs_rows * 1536);
+    for (const int64_t distinct : {blocks, int64_t{1}}) {
+      double bytes = 0;
+      for (int64_t i = 0; i < distinct * 5; ++i) bytes += action[i]->bytes() + obs[i]->bytes();
+      bytes *= static_cast<double>(blocks / distinct);
+      const auto step = [&](bool with_action, bool with_obs, bool paired) {
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t s = 0; s < 5; ++s) {
+            const size_t i = static_cast<size_t>((b % distinct) * 5 + s);
+            const Shape2 sh = shapes[s];
+            if (paired) {
+              PackedWeight::multiply_pair(*action[i], xa.data(), sh.in, action_rows, ya.data(),
+                                          sh.out, *obs[i], xo.data(), sh.in, obs_rows, yo.data(),
+                                          sh.out);
+              continue;
+            }
+            if (with_action) action[i]->multiply(xa.data(), sh.in, action_rows, ya.data(), sh.out);
+            if (with_obs) obs[i]->multiply(xo.data(), sh.in, obs_rows, yo.data(), sh.out);
+          }
+      };
+      struct Run {
+        const char* name;
+        bool action, obs, paired;
+        double share;  // of the step's weight bytes
+      };
+      const Run runs[] = {{"pairs", true, true, true, 1.0},
+                          {"one by one", true, true, false, 1.0},
+                          {"action alone", true, false, false, 0.5},
+                          {"obs alone", false, true, false, 0.5}};
+      for (const Run& r : runs) {
+        const double t = median_seconds([&] { step(r.action, r.obs, r.paired); });
+        std::printf("%-10s %-10s %-16s %12s %9.1f\n", precision_name(precision),
+                    distinct == blocks ? "8 (stream)" : "1 (cache)", r.name, human_time(t).c_str(),
+                    r.share * bytes / t / 1e9);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  mmdit::use_the_best_openblas_core(argv);
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--threads" && i + 1 < argc) {
@@ -164,6 +228,7 @@ int main(int argc, char** argv) {
   mmdit::Rng rng(0);
   run_elementwise(rng);
   run_matmul(rng);
+  run_sampling_products(rng);
   std::printf("\ntotal %.1f s\n", seconds_since(t0));
   return 0;
 }
