@@ -51,7 +51,7 @@ void use_the_best_openblas_core(char** argv) {
   if (std::getenv("OPENBLAS_CORETYPE")) return;  // the user's choice
   const std::string detected = openblas_core();
   const std::string better = better_openblas_core(detected, cpu_features());
-  if (better.empty()) return;
+  if (better.empty() || argv == nullptr || argv[0] == nullptr) return;
   std::fprintf(stderr,
                "%s: this OpenBLAS does not know the CPU and chose its %s kernels; running with "
                "OPENBLAS_CORETYPE=%s (set OPENBLAS_CORETYPE to choose another)\n",

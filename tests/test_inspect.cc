@@ -335,6 +335,14 @@ TEST(BenchCli, RunsOnTheWidestOpenBlasKernelsTheCpuHas) {
   if (r.output.find("openblas_core_detected") != std::string::npos) {
     EXPECT_THAT(r.output, HasSubstr("this OpenBLAS does not know the CPU")) << r.output;
   }
+  // A core the user sets is kept, and nothing is said about it.
+  const Command kept = run_mmdit(
+      "bench --workload policy-act --reps 1 --warmup 0 --threads 1 --json --keep-coretype",
+      "env -u MMDIT_OPENBLAS_DETECTED_CORE OPENBLAS_CORETYPE=Haswell ");
+  ASSERT_EQ(kept.status, 0) << kept.output;
+  EXPECT_THAT(kept.output, HasSubstr("\"openblas_core\": \"Haswell\""));
+  EXPECT_THAT(kept.output, Not(HasSubstr("openblas_core_detected")));
+  EXPECT_THAT(kept.output, Not(HasSubstr("does not know the CPU")));
 }
 
 // The profile counts ops by type, times forward and backward, and counts the matrix-product
