@@ -47,6 +47,11 @@ std::string better_openblas_core(const std::string& chosen, const CpuFeatures& c
   return "";
 }
 
+void restart_program(char** argv) {
+  std::fflush(nullptr);
+  execv("/proc/self/exe", argv);
+}
+
 void use_the_best_openblas_core(char** argv) {
   if (std::getenv("OPENBLAS_CORETYPE")) return;  // the user's choice
   const std::string detected = openblas_core();
@@ -58,8 +63,7 @@ void use_the_best_openblas_core(char** argv) {
                argv[0], detected.c_str(), better.c_str());
   setenv("OPENBLAS_CORETYPE", better.c_str(), 1);
   setenv(kDetectedCoreVariable, detected.c_str(), 1);
-  std::fflush(nullptr);
-  execv("/proc/self/exe", argv);
+  restart_program(argv);
   std::fprintf(stderr, "%s: could not start again; keeping the %s kernels\n", argv[0],
                detected.c_str());
   unsetenv("OPENBLAS_CORETYPE");

@@ -31,4 +31,8 @@ std::string better_openblas_core(const std::string& chosen, const CpuFeatures& c
 void use_the_best_openblas_core(char** argv);
 inline constexpr const char* kDetectedCoreVariable = "MMDIT_OPENBLAS_DETECTED_CORE";
 
+// Replaces this process with the same program run with argv (null-terminated) and the
+// environment as it is now, so that OpenBLAS is loaded afresh. Returns only if that failed.
+void restart_program(char** argv);
+
 }  // namespace mmdit

@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "tensor/simd.h"
+#include "tensor/simd_tail-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mmdit::simd {
@@ -253,32 +254,6 @@ T MaxImpl(const T* x, int64_t n) {
   return result;
 }
 
-// The first `count` lanes from/to memory, the other lanes of the load set to `fill`. AVX2 and
-// AVX-512 mask the access itself; Highway 1.0.3's SSE4 MaskedLoad reads the whole vector, so
-// there the lanes go through a buffer.
-template <class D>
-HWY_INLINE V<D> LoadFirst(D d, const hn::TFromD<D>* p, int64_t count, hn::TFromD<D> fill) {
-#if HWY_TARGET <= HWY_AVX2
-  const auto mask = hn::FirstN(d, static_cast<size_t>(count));
-  return hn::IfThenElse(mask, hn::MaskedLoad(mask, d, p), hn::Set(d, fill));
-#else
-  HWY_ALIGN hn::TFromD<D> buf[HWY_MAX_BYTES / sizeof(hn::TFromD<D>)];
-  std::fill(buf, buf + hn::Lanes(d), fill);
-  std::copy(p, p + count, buf);
-  return hn::Load(d, buf);
-#endif
-}
-template <class D>
-HWY_INLINE void StoreFirst(D d, V<D> v, hn::TFromD<D>* p, int64_t count) {
-#if HWY_TARGET <= HWY_AVX2
-  hn::BlendedStore(v, hn::FirstN(d, static_cast<size_t>(count)), d, p);
-#else
-  HWY_ALIGN hn::TFromD<D> buf[HWY_MAX_BYTES / sizeof(hn::TFromD<D>)];
-  hn::Store(v, d, buf);
-  std::copy(buf, buf + count, p);
-#endif
-}
-
 // A row of at most 4 vectors (attention over the policy's 18 tokens) in one pass: loaded once,
 // the max, exps, sum and scaling in registers. The four passes over memory of the general case,
 // each with its own tail, took 3% of policy-act.
@@ -313,7 +288,7 @@ void SoftmaxShort(const T* x, T* out, int64_t n) {
     if (rest == lanes)
       hn::StoreU(r, d, out + k * lanes);
     else
-      StoreFirst(d, r, out + k * lanes, rest);
+      hn::BlendedStore(r, hn::FirstN(d, static_cast<size_t>(rest)), d, out + k * lanes);
   }
 }
 

@@ -11,20 +11,12 @@
 #include <algorithm>
 
 #include "tensor/simd.h"
+#include "tensor/simd_tail-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mmdit::simd {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// The first n < Lanes(d) values at p, the other lanes zero. (Highway 1.0.3's MaskedLoad is a full
-// load on SSE4, which can read past the end of the array: a crash the all-targets test found.)
-template <class D>
-HWY_INLINE hn::Vec<D> LoadFirst(D d, const float* p, size_t n) {
-  HWY_ALIGN float buf[hn::MaxLanes(D())] = {};
-  for (size_t i = 0; i < n; ++i) buf[i] = p[i];
-  return hn::Load(d, buf);
-}
 
 // y[i][j] = dot(x row i, w row j) for an MR x NR tile.
 template <int MR, int NR>
@@ -45,11 +37,11 @@ HWY_INLINE void Tile(const float* x, int64_t ldx, const float* w, int64_t ldw, f
     }
   }
   if (k < K) {
-    const auto rest = static_cast<size_t>(K - k);
+    const int64_t rest = K - k;
     hn::Vec<decltype(d)> wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = LoadFirst(d, w + j * ldw + k, rest);
+    for (int j = 0; j < NR; ++j) wv[j] = LoadFirst(d, w + j * ldw + k, rest, 0.0f);
     for (int i = 0; i < MR; ++i) {
-      const auto xv = LoadFirst(d, x + i * ldx + k, rest);
+      const auto xv = LoadFirst(d, x + i * ldx + k, rest, 0.0f);
       for (int j = 0; j < NR; ++j) acc[i][j] = hn::MulAdd(xv, wv[j], acc[i][j]);
     }
   }
@@ -118,7 +110,7 @@ HWY_INLINE void RowsTimesMatrix(bool ta, const float* a, int64_t lda, const floa
       hn::Vec<decltype(d)> bv[4];
       for (int v = 0; v < 4; ++v)
         bv[v] = v < full            ? hn::LoadU(d, bl + v * L)
-                : v == full && rest ? LoadFirst(d, bl + v * L, rest)
+                : v == full && rest ? LoadFirst(d, bl + v * L, static_cast<int64_t>(rest), 0.0f)
                                     : hn::Zero(d);
       for (int i = 0; i < MR; ++i) {
         const auto ai = hn::Set(d, ta ? a[l * lda + i] : a[i * lda + l]);

@@ -161,6 +161,17 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
     const Tensor xt = raw::contiguous(raw::transpose(x, 0, 1));  // (K, M): op(a) = a^T
     simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, y.data(), N, M, N, K);
     expect_close(y, exact, K, "gemm_small_nn transposed on " + name);
+    // Short softmax rows end in a partial vector, loaded and stored lane-masked.
+    for (const int64_t n : {5, 18}) {
+      const std::vector<float> row = rng.normal({n}).to_vector<float>();
+      std::vector<float> p(static_cast<size_t>(n) + 1, -1.0f);  // one guard value past the row
+      simd::softmax(row.data(), p.data(), n);
+      double sum = 0;
+      for (const float v : row) sum += std::exp(static_cast<double>(v));
+      for (int64_t j = 0; j < n; ++j)
+        EXPECT_NEAR(p[j], std::exp(static_cast<double>(row[j])) / sum, 1e-6) << name << " n=" << n;
+      EXPECT_EQ(p[n], -1.0f) << "softmax wrote past its row on " << name;
+    }
     ++tested;
   }
   hwy::SetSupportedTargetsForTest(0);

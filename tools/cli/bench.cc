@@ -6,7 +6,8 @@
 //
 // OpenBLAS reads OPENBLAS_CORETYPE once, when it is loaded. A user's machine does not set it, so
 // unless --keep-coretype is given, bench re-executes itself without it, and runs on the core
-// OpenBLAS detects, or the one mmdit chooses when that detection falls short (main.cc).
+// OpenBLAS detects, or the one mmdit chooses when that detection falls short
+// (tensor/blas_core.h).
 #include <cblas.h>
 #include <malloc.h>
 #include <sys/resource.h>
@@ -455,6 +456,8 @@ void run_bench(const Options& o) {
   const int threads = num_threads();
   const std::string core_name = openblas_core();
   const char* core = core_name.c_str();
+  const std::string core_label =
+      detected_core ? str_cat(core_name, " (OpenBLAS detected ", detected_core, ")") : core_name;
   std::vector<const Workload*> chosen;
   for (const std::string& name : o.workloads) {
     if (name == "all") {
@@ -472,11 +475,8 @@ void run_bench(const Options& o) {
   const double roof = sgemm_roof_gflops();
   const double memory_roof = memory_roof_gbps();
   if (!o.json) {
-    std::printf(
-        "mmdit bench: %d thread(s), OpenBLAS core %s%s%s, float32, %d reps after %d "
-        "warm-up\n",
-        threads, core, detected_core ? " (OpenBLAS detected " : "",
-        detected_core ? str_cat(detected_core, ")").c_str() : "", o.reps, o.warmup);
+    std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
+                threads, core_label.c_str(), o.reps, o.warmup);
     std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n", roof);
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",

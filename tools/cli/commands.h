@@ -21,8 +21,4 @@ const std::vector<std::string>& program_args();
 // that OpenBLAS is loaded afresh and reads OPENBLAS_CORETYPE. Returns only if that failed.
 void reexecute_self();
 
-// Set, next to OPENBLAS_CORETYPE, when mmdit chose the core because OpenBLAS's own choice left
-// out vector instructions this CPU has (see tensor/blas_core.h); holds OpenBLAS's own choice.
-inline constexpr const char* kDetectedCoreVariable = "MMDIT_OPENBLAS_DETECTED_CORE";
-
 }  // namespace mmdit::cli

@@ -1,6 +1,4 @@
 // mmdit: the command-line program. Subcommands live one per file in this folder.
-#include <unistd.h>
-
 #include <cstdio>
 #include <exception>
 
@@ -23,8 +21,7 @@ void reexecute_self() {
   std::vector<char*> argv;
   for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
-  std::fflush(nullptr);
-  execv("/proc/self/exe", argv.data());
+  restart_program(argv.data());
 }
 
 }  // namespace mmdit::cli
