@@ -50,7 +50,7 @@ struct AllocatorStats {
   size_t system_allocs = 0;  // blocks obtained from the system
 };
 AllocatorStats allocator_stats();
-// Gives every cached block back to the system.
+// Gives every cached block back to malloc.
 void release_cached_memory();
 
 struct TensorImpl {

@@ -280,8 +280,14 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   ASSERT_EQ(r.status, 0) << r.output;
   for (const char* key :
        {"\"workload\": \"policy-act\"", "\"threads\": 1", "\"median_ms\": ", "\"gflops\": ",
-        "\"roof_gflops\": ", "\"peak_rss_mb\": ", "\"openblas_core\": "})
+        "\"roof_gflops\": ", "\"peak_rss_mb\": ", "\"openblas_core\": ", "\"allocator\": "})
     EXPECT_THAT(r.output, HasSubstr(key));
+#ifdef MMDIT_WITH_TCMALLOC
+  // The build linked the programs with tcmalloc (CMakeLists.txt): mmdit must really run on it.
+  EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"tcmalloc (gperftools"));
+#else
+  EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"glibc malloc\""));
+#endif
   // 10 Euler steps of the reference policy at batch 1 (hidden 256, 8 blocks, 8 heads of 64,
   // ff_mult 4; 2 observation and 16 action tokens), the products counted as they ran: per block
   // and token, to_qkv, to_out and the three feed-forward products; attention's q k^T and p v per

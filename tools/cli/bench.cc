@@ -9,6 +9,7 @@
 // OpenBLAS detects, or the one mmdit chooses when that detection falls short
 // (tensor/blas_core.h).
 #include <cblas.h>
+#include <dlfcn.h>
 #include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -303,6 +304,28 @@ double memory_roof_gbps() {
   return static_cast<double>(n) * sizeof(float) / times[times.size() / 2] / 1e9;
 }
 
+// The malloc this process runs on: tcmalloc when the build linked it (CMakeLists.txt) or it was
+// preloaded, else the C library's. Small-tensor work depends on it (README).
+std::string allocator_name() {
+  using Version = const char* (*)(int*, int*, const char**);
+  const auto version = reinterpret_cast<Version>(dlsym(RTLD_DEFAULT, "tc_version"));
+  if (!version) return "glibc malloc";
+  int major = 0, minor = 0;
+  const char* patch = nullptr;
+  return str_cat("tcmalloc (", version(&major, &minor, &patch), ")");
+}
+
+// Hands the memory freed so far back to the system, so that a workload's peak RSS counts only
+// what it holds itself: glibc keeps freed blocks until malloc_trim, tcmalloc until asked.
+void release_free_memory() {
+  release_cached_memory();
+  malloc_trim(0);
+  using Release = void (*)();
+  if (const auto release =
+          reinterpret_cast<Release>(dlsym(RTLD_DEFAULT, "MallocExtension_ReleaseFreeMemory")))
+    release();
+}
+
 // GFLOP/s of one large sgemm on the current threads: the most a matrix-product-bound step can
 // reach on this machine.
 double sgemm_roof_gflops() {
@@ -334,9 +357,8 @@ struct Result {
 };
 
 Result run(const Workload& w, int reps, int warmup) {
-  // The previous workload's blocks would otherwise stay in the allocator's cache and count.
-  release_cached_memory();
-  malloc_trim(0);
+  // The previous workload's blocks, and the roof measurements' buffers, would otherwise count.
+  release_free_memory();
   reset_peak_rss();
   Prepared p = prepare(w.name);
   for (int i = 0; i < warmup; ++i) p.rep();
@@ -374,7 +396,7 @@ double memory_floor_ms(const Result& r, double memory_roof) {
 }
 
 std::string json_line(const Result& r, int threads, double roof, double memory_roof,
-                      const char* core) {
+                      const char* core, const std::string& allocator) {
   char buf[1024];
   int len = std::snprintf(
       buf, sizeof buf,
@@ -387,6 +409,7 @@ std::string json_line(const Result& r, int threads, double roof, double memory_r
   std::string s(buf, static_cast<size_t>(len));
   std::snprintf(buf, sizeof buf, ", \"memory_roof_gbps\": %.1f", memory_roof);
   s += buf;
+  s += str_cat(", \"allocator\": \"", allocator, "\"");
   if (const char* detected = std::getenv(kDetectedCoreVariable))
     s += str_cat(", \"openblas_core_detected\": \"", detected, "\"");
   if (r.weight_mb_per_rep > 0) {
@@ -458,6 +481,7 @@ void run_bench(const Options& o) {
   const char* core = core_name.c_str();
   const std::string core_label =
       detected_core ? str_cat(core_name, " (OpenBLAS detected ", detected_core, ")") : core_name;
+  const std::string allocator = allocator_name();
   std::vector<const Workload*> chosen;
   for (const std::string& name : o.workloads) {
     if (name == "all") {
@@ -475,8 +499,10 @@ void run_bench(const Options& o) {
   const double roof = sgemm_roof_gflops();
   const double memory_roof = memory_roof_gbps();
   if (!o.json) {
-    std::printf("mmdit bench: %d thread(s), OpenBLAS core %s, float32, %d reps after %d warm-up\n",
-                threads, core_label.c_str(), o.reps, o.warmup);
+    std::printf(
+        "mmdit bench: %d thread(s), OpenBLAS core %s, %s, float32, %d reps after %d "
+        "warm-up\n",
+        threads, core_label.c_str(), allocator.c_str(), o.reps, o.warmup);
     std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n", roof);
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
@@ -489,7 +515,7 @@ void run_bench(const Options& o) {
     if (chosen.size() == 1) {
       const Result r = run(*w, o.reps, o.warmup);
       if (o.json)
-        std::printf("%s\n", json_line(r, threads, roof, memory_roof, core).c_str());
+        std::printf("%s\n", json_line(r, threads, roof, memory_roof, core, allocator).c_str());
       else
         print_table_row(r, roof, memory_roof);
     } else {
