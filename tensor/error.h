@@ -1,10 +1,13 @@
 // The one exception type of the project, and helpers that build its messages.
 #pragma once
 
+#include <charconv>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace mmdit {
@@ -25,11 +28,32 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   return s + ")";
 }
 
+namespace detail {
+// Strings and integers are appended directly: names built on hot paths (NameScope's
+// "blocks.3") would otherwise each pay for an ostringstream and its locale. Everything else
+// (floating point, enums, char types) is formatted by operator<< as before.
+template <class T>
+void append(std::string& s, const T& value) {
+  if constexpr (std::is_pointer_v<T> && std::is_convertible_v<T, std::string_view>) {
+    s += value ? std::string_view(value) : std::string_view("(null)");
+  } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    s += std::string_view(value);  // strings, and literals (arrays)
+  } else if constexpr (std::is_integral_v<T> && sizeof(T) > 1 && !std::is_same_v<T, bool>) {
+    char buf[24];
+    s.append(buf, std::to_chars(buf, buf + sizeof buf, value).ptr);
+  } else {
+    std::ostringstream os;
+    os << value;
+    s += os.str();
+  }
+}
+}  // namespace detail
+
 template <class... Args>
 std::string str_cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
 }
 
 template <class... Args>

@@ -62,6 +62,10 @@ size_t round_up(size_t bytes) {
 
 Storage::Storage(size_t bytes) : bytes_(round_up(bytes == 0 ? 1 : bytes)) {
   BlockCache& c = cache();
+  const auto count_live = [&] {
+    c.stats.live_bytes += bytes_;
+    c.stats.peak_live_bytes = std::max(c.stats.peak_live_bytes, c.stats.live_bytes);
+  };
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     auto it = c.free_blocks.find(bytes_);
@@ -69,17 +73,15 @@ Storage::Storage(size_t bytes) : bytes_(round_up(bytes == 0 ? 1 : bytes)) {
       data_ = it->second.back();
       it->second.pop_back();
       c.stats.cached_bytes -= bytes_;
+      count_live();
+      return;
     }
   }
-  if (!data_) {
-    data_ = std::aligned_alloc(64, bytes_);
-    if (!data_) fail("out of memory allocating ", bytes_, " bytes");
-    std::lock_guard<std::mutex> lock(c.mutex);
-    ++c.stats.system_allocs;
-  }
+  data_ = std::aligned_alloc(64, bytes_);  // outside the lock: the system may take its time
+  if (!data_) fail("out of memory allocating ", bytes_, " bytes");
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.stats.live_bytes += bytes_;
-  if (c.stats.live_bytes > c.stats.peak_live_bytes) c.stats.peak_live_bytes = c.stats.live_bytes;
+  ++c.stats.system_allocs;
+  count_live();
 }
 
 Storage::~Storage() {

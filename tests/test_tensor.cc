@@ -1378,9 +1378,6 @@ TEST(TensorAllocator, CachedBlocksAreReused) {
   EXPECT_EQ(allocator_stats().system_allocs, before + 1);
 }
 
-}  // namespace
-}  // namespace mmdit
-
 // Debian 12's OpenBLAS runs its SSE3 Prescott kernels on CPUs newer than itself; mmdit starts
 // again with the widest core the CPU can run, and leaves a core that already uses them alone.
 TEST(BlasCore, ChoosesTheWidestKernelsTheCpuRuns) {
@@ -1406,3 +1403,23 @@ TEST(BlasCore, ChoosesTheWidestKernelsTheCpuRuns) {
     EXPECT_TRUE(here.avx512);
   }
 }
+
+// ---- messages ----
+
+TEST(StrCat, FormatsEveryArgumentAsOperatorShiftDoes) {
+  const std::string name = "blocks";
+  const char* scope = "attn";
+  const uint8_t byte = 65;  // a char type: printed as the character, as ostream does
+  std::ostringstream expected;
+  expected << name << "." << 3 << scope << ' ' << -7L << " " << 2.5 << " " << 1e-300 << " " << true
+           << " " << byte << " " << int64_t{1} - (int64_t{1} << 62) << " "
+           << uint64_t{18446744073709551615u} << std::string_view("|");
+  EXPECT_EQ(str_cat(name, ".", 3, scope, ' ', -7L, " ", 2.5, " ", 1e-300, " ", true, " ", byte, " ",
+                    int64_t{1} - (int64_t{1} << 62), " ", uint64_t{18446744073709551615u},
+                    std::string_view("|")),
+            expected.str());
+  EXPECT_EQ(str_cat("x", static_cast<const char*>(nullptr), 0), "x(null)0");
+}
+
+}  // namespace
+}  // namespace mmdit
