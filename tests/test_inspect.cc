@@ -286,7 +286,7 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   // The build linked the programs with tcmalloc (CMakeLists.txt): mmdit must really run on it.
   EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"tcmalloc (gperftools"));
 #else
-  EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"glibc malloc\""));
+  EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"system malloc\""));
 #endif
   // 10 Euler steps of the reference policy at batch 1 (hidden 256, 8 blocks, 8 heads of 64,
   // ff_mult 4; 2 observation and 16 action tokens), the products counted as they ran: per block

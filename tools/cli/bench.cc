@@ -305,11 +305,11 @@ double memory_roof_gbps() {
 }
 
 // The malloc this process runs on: tcmalloc when the build linked it (CMakeLists.txt) or it was
-// preloaded, else the C library's. Small-tensor work depends on it (README).
+// preloaded, else the C library's (or a sanitizer's). Small-tensor work depends on it (README).
 std::string allocator_name() {
   using Version = const char* (*)(int*, int*, const char**);
   const auto version = reinterpret_cast<Version>(dlsym(RTLD_DEFAULT, "tc_version"));
-  if (!version) return "glibc malloc";
+  if (!version) return "system malloc";
   int major = 0, minor = 0;
   const char* patch = nullptr;
   return str_cat("tcmalloc (", version(&major, &minor, &patch), ")");
