@@ -51,12 +51,8 @@ Groups groups_of(const Tensor& x, const char* op) {
 
 // A (..., 1, D) parameter as a contiguous (G, D) block; `name` for the error.
 void check_per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
-  try {
-    raw::broadcast_to(p, g.param_shape);
-  } catch (const Error&) {
-    fail(op, ": ", name, " has shape ", shape_str(p.shape()), ", which does not broadcast to ",
-         shape_str(g.param_shape));
-  }
+  MMDIT_CHECK(raw::broadcasts_to(p.shape(), g.param_shape), op, ": ", name, " has shape ",
+              shape_str(p.shape()), ", which does not broadcast to ", shape_str(g.param_shape));
 }
 
 Tensor per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {

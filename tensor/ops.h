@@ -18,6 +18,8 @@ Tensor narrow(const Tensor& t, int64_t axis, int64_t start, int64_t length);
 Tensor squeeze(const Tensor& t, int64_t axis);
 Tensor unsqueeze(const Tensor& t, int64_t axis);
 Tensor broadcast_to(const Tensor& t, const Shape& shape);
+// Whether broadcast_to(t, to) would succeed for t of shape `from`, without making the view.
+bool broadcasts_to(const Shape& from, const Shape& to);
 
 // ---- copies and conversion ----
 Tensor contiguous(const Tensor& t);  // returns t itself when already contiguous

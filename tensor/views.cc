@@ -137,17 +137,21 @@ Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
   return out;
 }
 
+bool broadcasts_to(const Shape& from, const Shape& to) {
+  if (from.size() > to.size()) return false;
+  const size_t lead = to.size() - from.size();
+  for (size_t i = 0; i < from.size(); ++i)
+    if (from[i] != to[lead + i] && from[i] != 1) return false;
+  return true;
+}
+
 Tensor broadcast_to(const Tensor& t, const Shape& shape) {
-  MMDIT_CHECK(shape.size() >= t.shape().size(), "broadcast_to: cannot broadcast ",
+  MMDIT_CHECK(broadcasts_to(t.shape(), shape), "broadcast_to: cannot broadcast ",
               shape_str(t.shape()), " to ", shape_str(shape));
   const size_t lead = shape.size() - t.shape().size();
   Shape strides(shape.size(), 0);
-  for (size_t i = 0; i < t.shape().size(); ++i) {
-    int64_t d = t.shape()[i];
-    MMDIT_CHECK(d == shape[lead + i] || d == 1, "broadcast_to: cannot broadcast ",
-                shape_str(t.shape()), " to ", shape_str(shape));
-    strides[lead + i] = d == 1 && shape[lead + i] != 1 ? 0 : t.strides()[i];
-  }
+  for (size_t i = 0; i < t.shape().size(); ++i)
+    strides[lead + i] = t.shape()[i] == 1 && shape[lead + i] != 1 ? 0 : t.strides()[i];
   return make_view(t, shape, strides, t.offset());
 }
 

@@ -1315,6 +1315,14 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
               }),
               HasSubstr("broadcast_to: cannot broadcast (3,) to (2,4)"));
   EXPECT_THAT(error_of([&] {
+                raw::broadcast_to(zeros({2, 3, 4}), {3, 4});
+              }),
+              HasSubstr("broadcast_to: cannot broadcast (2,3,4) to (3,4)"));
+  EXPECT_TRUE(raw::broadcasts_to({3, 1}, {2, 3, 4}));
+  EXPECT_TRUE(raw::broadcasts_to({}, {2}));
+  EXPECT_FALSE(raw::broadcasts_to({3}, {2, 4}));
+  EXPECT_FALSE(raw::broadcasts_to({2, 3, 4}, {3, 4}));
+  EXPECT_THAT(error_of([&] {
                 raw::concat({a, zeros({3, 4})}, 0);
               }),
               HasSubstr("concat: shapes (2,3) and (3,4) differ outside axis 0"));
