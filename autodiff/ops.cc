@@ -373,7 +373,7 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 }
 
 std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t axis) {
-  raw::split(x, sizes, axis);  // validates
+  axis = raw::split_axis(x.shape(), sizes, axis);
   std::vector<Tensor> out;
   int64_t at = 0;
   for (int64_t s : sizes) {

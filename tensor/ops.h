@@ -30,6 +30,8 @@ void fill(const Tensor& dst, double value);
 
 Tensor concat(const std::vector<Tensor>& parts, int64_t axis);
 std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, int64_t axis);
+// The axis split() cuts (normalized), after checking that `sizes` add up to its extent.
+int64_t split_axis(const Shape& shape, const std::vector<int64_t>& sizes, int64_t axis);
 Tensor stack(const std::vector<Tensor>& parts, int64_t axis);
 
 Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);

@@ -180,12 +180,17 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
   return out;
 }
 
-std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, int64_t axis) {
-  axis = normalize_axis(axis, t.shape(), "split");
+int64_t split_axis(const Shape& shape, const std::vector<int64_t>& sizes, int64_t axis) {
+  axis = normalize_axis(axis, shape, "split");
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
-  MMDIT_CHECK(total == t.shape()[axis], "split: sizes add up to ", total, " but axis ", axis,
-              " of shape ", shape_str(t.shape()), " has ", t.shape()[axis]);
+  MMDIT_CHECK(total == shape[axis], "split: sizes add up to ", total, " but axis ", axis,
+              " of shape ", shape_str(shape), " has ", shape[axis]);
+  return axis;
+}
+
+std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, int64_t axis) {
+  axis = split_axis(t.shape(), sizes, axis);
   std::vector<Tensor> out;
   int64_t at = 0;
   for (int64_t s : sizes) {

@@ -241,6 +241,19 @@ TEST(AutodiffGradient, UnwatchedInputThrows) {
                         "this tape"));
 }
 
+TEST(AutodiffOps, SplitChecksItsSizes) {
+  const Tensor x = zeros({2, 3});
+  EXPECT_THAT(error_of([&] {
+                split(x, {1, 1}, -1);
+              }),
+              HasSubstr("split: sizes add up to 2 but axis 1 of shape (2,3) has 3"));
+  EXPECT_THAT(error_of([&] { split(x, {1, 3}, 2); }), HasSubstr("split: axis 2 is out of range"));
+  EXPECT_THROW(split(x, {4, -1}, 1), Error);  // adds up, but a part would pass the end
+  const std::vector<Tensor> parts = split(x, {1, 2}, 1);
+  ASSERT_EQ(parts.size(), 2u);
+  EXPECT_EQ(parts[1].shape(), Shape({2, 2}));
+}
+
 TEST(AutodiffGradient, WatchRejectsBoolAndUndefined) {
   Tape tape;
   EXPECT_THAT(error_of([&] { tape.watch(zeros({2}, DType::boolean)); }),
