@@ -45,6 +45,20 @@ std::string where_recorded(const Node& node, size_t index) {
                  node.scope.empty() ? "<root>" : node.scope, "'");
 }
 
+// acc += g. In place when nothing else can see acc (no other handle to it or to its memory), as
+// PyTorch's InputBuffer does: an input used k times otherwise costs k - 1 fresh tensors.
+void accumulate(Tensor& acc, const Tensor& g) {
+  if (!acc.defined()) {
+    acc = g;
+    return;
+  }
+  const bool sole_owner = acc.impl_ptr().use_count() == 1 && acc.impl().storage.use_count() == 1;
+  if (sole_owner && acc.is_contiguous() && acc.shape() == g.shape() && acc.dtype() == g.dtype())
+    raw::add_into(acc, g);
+  else
+    acc = raw::add(acc, g);
+}
+
 }  // namespace
 
 void Backward::set_input_grad(size_t i, const Tensor& g) {
@@ -188,8 +202,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
                       shape_str(node.input_shapes[i]), "); output %", node.output, " ",
                       shape_str(node.output_shape), ", inputs: ", describe_inputs(node));
         }
-        Tensor& acc = grads[node.inputs[i]];
-        acc = acc.defined() ? raw::add(acc, gi) : gi;
+        accumulate(grads[node.inputs[i]], gi);
       }
     }
     node.saved.clear();

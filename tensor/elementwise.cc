@@ -190,6 +190,24 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
   return out;
 }
 
+void add_into(const Tensor& dst, const Tensor& x) {
+  check_float(dst, "add_into");
+  check_same_dtype(dst, x, "add_into");
+  for (int64_t d = 0; d < dst.dim(); ++d)
+    MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, "add_into: the destination ",
+                shape_str(dst.shape()), " is a broadcast view (axis ", d,
+                " has stride 0), so its elements are not distinct");
+  MMDIT_CHECK(broadcasts_to(x.shape(), dst.shape()), "add_into: cannot add ", shape_str(x.shape()),
+              " into ", shape_str(dst.shape()));
+  // binary_typed writes rows of contiguous elements; a strided view takes the copying way.
+  if (!dst.is_contiguous()) return copy_into(dst, binary(BinaryOp::add, dst, x));
+  // Each output element is read and written at the same position: dst may be the first operand.
+  if (dst.dtype() == DType::f32)
+    binary_typed<float>(BinaryOp::add, dst, x, dst);
+  else
+    binary_typed<double>(BinaryOp::add, dst, x, dst);
+}
+
 Tensor unary(UnaryOp op, const Tensor& x) {
   check_float(x, unary_name(op));
   Tensor out = empty(x.shape(), x.dtype());

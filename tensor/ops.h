@@ -42,6 +42,9 @@ enum class UnaryOp { neg, exp, log, sqrt, rsqrt, square, abs, tanh, sigmoid, sil
 enum class CompareOp { eq, ne, lt, le, gt, ge };
 
 Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b);
+// dst += x in place, x broadcast to dst's shape. dst is a float tensor or a view of one whose
+// elements are all distinct (no broadcast axis); same dtype as x.
+void add_into(const Tensor& dst, const Tensor& x);
 Tensor unary(UnaryOp op, const Tensor& x);
 Tensor compare(CompareOp op, const Tensor& a, const Tensor& b);  // bool result
 

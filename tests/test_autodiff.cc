@@ -117,6 +117,35 @@ TEST(AutodiffGradient, DiamondAndRepeatedUse) {
   }
 }
 
+TEST(AutodiffGradient, AccumulatingInPlaceNeverWritesIntoAnotherGradient) {
+  // Gradients are summed in place when nothing else holds the running sum. Here the first
+  // contribution to du is a view of dr (reshape's backward reshapes its incoming gradient), and
+  // dr is returned to the caller: adding du's second term into that view would change dr.
+  Tensor u = from_vector(std::vector<double>{1, -2, 3, 0.5}, {4});
+  const Tensor c = from_vector(std::vector<double>{1, 2, 3, 4}, {2, 2});
+  Tape tape;
+  tape.watch(u);
+  Tensor m = u * 3.0;             // recorded first, so its backward runs last
+  Tensor r = reshape(u, {2, 2});  // its backward runs before and hands du a view of dr
+  Tensor y = sum(m) + sum(r * c);
+  const std::vector<Tensor> g = tape.gradient(y, {r, u});
+  EXPECT_EQ(values(g[0]), (std::vector<double>{1, 2, 3, 4}));
+  EXPECT_EQ(values(g[1]), (std::vector<double>{4, 5, 6, 7}));
+}
+
+TEST(AutodiffGradient, AccumulatingInPlaceLeavesTheCotangentAlone) {
+  // add's backward passes its incoming gradient through: the caller's cotangent becomes the
+  // first term of dx's sum, and must not be the one the second term is added into.
+  Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  Tensor cot = from_vector(std::vector<double>{0.5, -1, 2}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor y = x + x * 2.0;
+  const Tensor dx = tape.gradient(y, {x}, cot)[0];
+  EXPECT_EQ(values(dx), (std::vector<double>{1.5, -3, 6}));
+  EXPECT_EQ(values(cot), (std::vector<double>{0.5, -1, 2}));
+}
+
 TEST(AutodiffGradient, ExplicitInputsAndZerosForUnusedOnes) {
   Tensor a = from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {2, 3});
   Tensor b = from_vector(std::vector<double>{0.5, -1, 2}, {3});

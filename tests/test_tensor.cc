@@ -440,6 +440,41 @@ TEST(TensorBinary, NonContiguousInputs) {
   }
 }
 
+TEST(TensorBinary, AddIntoAddsInPlace) {
+  for (DType t : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(t));
+    // Contiguous, with x broadcast; long enough for SIMD body, tail and parallel chunks.
+    Tensor dst = uniform_tensor({3, 100003}, t, 27, -2, 2);
+    const Tensor x = uniform_tensor({100003}, t, 28, -2, 2);
+    const Tensor want = raw::add(dst, x);
+    const void* storage = dst.raw_data();
+    raw::add_into(dst, x);
+    EXPECT_EQ(dst.raw_data(), storage);
+    EXPECT_EQ(dst.to_vector<double>(), want.to_vector<double>());
+    // A strided view: only its elements change.
+    Tensor base = uniform_tensor({4, 6}, t, 29, -2, 2);
+    const std::vector<double> before = base.to_vector<double>();
+    raw::add_into(raw::slice(base, 1, 1, 6, 2), full({4, 3}, 0.5, t));
+    const std::vector<double> after = base.to_vector<double>();
+    for (size_t i = 0; i < after.size(); ++i) {
+      const double sum = before[i] + (i % 6 % 2 == 1 ? 0.5 : 0.0);
+      EXPECT_EQ(after[i], t == DType::f32 ? static_cast<double>(static_cast<float>(sum)) : sum)
+          << "element " << i;
+    }
+  }
+  EXPECT_THAT(
+      error_of([] {
+        raw::add_into(raw::broadcast_to(zeros({1, 3}), {2, 3}), zeros({2, 3}));
+      }),
+      HasSubstr("add_into: the destination (2,3) is a broadcast view (axis 0 has stride 0)"));
+  EXPECT_THAT(error_of([] {
+                raw::add_into(zeros({2, 3}), zeros({3, 2}));
+              }),
+              HasSubstr("add_into: cannot add (3,2) into (2,3)"));
+  EXPECT_THAT(error_of([] { raw::add_into(zeros({2}), zeros({2}, DType::f64)); }),
+              HasSubstr("add_into: dtypes float32 and float64 differ"));
+}
+
 TEST(TensorBinary, ScalarHelpersAndPow) {
   Tensor x = uniform_tensor({3, 7}, DType::f64, 26, 0.1, 3);
   EXPECT_TRUE(matches(
