@@ -14,10 +14,9 @@
 
 #include "tensor/dtype.h"
 #include "tensor/error.h"
+#include "tensor/shape.h"
 
 namespace mmdit {
-
-using Shape = std::vector<int64_t>;
 
 int64_t shape_numel(const Shape& shape);
 Shape contiguous_strides(const Shape& shape);

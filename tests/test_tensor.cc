@@ -112,6 +112,85 @@ std::vector<double> values(const Tensor& t) {
 
 // ---- creation, dtypes, alignment ----
 
+// ---- Shape ----
+
+// Shape keeps up to kInline values in place and the rest on the heap; every edit, on either side
+// of that limit and across it, must leave the same values a std::vector would hold.
+TEST(ShapeSmallVector, BehavesAsAStdVectorAcrossTheInlineLimit) {
+  std::mt19937_64 rng(1);
+  for (int trial = 0; trial < 200; ++trial) {
+    Shape shape;
+    std::vector<int64_t> want;
+    for (int step = 0; step < 40; ++step) {
+      const int64_t value = static_cast<int64_t>(rng() % 1000);
+      const size_t at = want.empty() ? 0 : rng() % (want.size() + 1);
+      switch (rng() % 6) {
+        case 0:
+        case 1:
+          shape.push_back(value);
+          want.push_back(value);
+          break;
+        case 2:
+          shape.insert(shape.begin() + at, value);
+          want.insert(want.begin() + static_cast<std::ptrdiff_t>(at), value);
+          break;
+        case 3:
+          if (!want.empty()) {
+            const size_t i = at % want.size();
+            shape.erase(shape.begin() + i);
+            want.erase(want.begin() + static_cast<std::ptrdiff_t>(i));
+          }
+          break;
+        case 4: {
+          const size_t n = rng() % (2 * Shape::kInline + 2);
+          shape.resize(n, value);
+          want.resize(n, value);
+          break;
+        }
+        default:
+          if (!want.empty()) {
+            shape.pop_back();
+            want.pop_back();
+          }
+      }
+      ASSERT_EQ(std::vector<int64_t>(shape), want) << "trial " << trial << " step " << step;
+      ASSERT_EQ(shape.size(), want.size());
+      ASSERT_EQ(shape.empty(), want.empty());
+      if (!want.empty()) {
+        ASSERT_EQ(shape.front(), want.front());
+        ASSERT_EQ(shape.back(), want.back());
+      }
+      const Shape copy = shape;  // copies keep their values apart from the original
+      Shape moved = Shape(copy);
+      ASSERT_EQ(moved, shape);
+      if (!moved.empty()) moved[0] += 1;
+      ASSERT_EQ(std::vector<int64_t>(copy), want);
+      ASSERT_EQ(moved == shape, want.empty());
+    }
+  }
+}
+
+TEST(ShapeSmallVector, ConstructionAndComparison) {
+  EXPECT_EQ(Shape(3), (Shape{0, 0, 0}));
+  EXPECT_EQ(Shape(2, 7), (Shape{7, 7}));
+  const std::vector<int64_t> long_dims = {1, 2, 3, 4, 5, 6, 7, 8};
+  const Shape from_vector_dims = long_dims;
+  EXPECT_EQ(std::vector<int64_t>(from_vector_dims), long_dims);
+  EXPECT_EQ(Shape(long_dims.begin() + 2, long_dims.end()), (Shape{3, 4, 5, 6, 7, 8}));
+  EXPECT_FALSE((Shape{1, 2}) == (Shape{1, 2, 3}));
+  EXPECT_FALSE((Shape{1, 2}) == (Shape{1, 3}));
+  EXPECT_EQ(shape_str(Shape{}), "()");
+  Shape s = {1, 2};
+  s.insert(s.end(), {3, 4});
+  s.insert(s.begin(), {0});
+  EXPECT_EQ(s, (Shape{0, 1, 2, 3, 4}));
+  // A tensor with more dimensions than fit in place.
+  const Tensor t = zeros({1, 2, 1, 2, 1, 2, 1, 2});
+  EXPECT_EQ(t.numel(), 16);
+  EXPECT_EQ(raw::reshape(t, {16}).shape(), (Shape{16}));
+  EXPECT_EQ(t.strides(), (Shape{16, 8, 8, 4, 4, 2, 2, 1}));
+}
+
 TEST(TensorCreation, ZerosOnesFullScalar) {
   Tensor z = zeros({2, 3});
   EXPECT_EQ(z.dtype(), DType::f32);
