@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <iterator>
+#include <utility>
 #include <vector>
 
 namespace mmdit {
@@ -35,7 +36,30 @@ class Shape {
     for (; first != last; ++first) push_back(static_cast<int64_t>(*first));
   }
   Shape(const std::vector<int64_t>& values) : Shape(values.begin(), values.end()) {}  // NOLINT
-  operator std::vector<int64_t>() const { return {begin(), end()}; }                  // NOLINT
+  Shape(const Shape& other) { *this = other; }
+  Shape(Shape&& other) noexcept { *this = std::move(other); }
+  Shape& operator=(const Shape& other) {
+    if (other.heap_.empty()) {  // the common case: no std::vector to copy
+      std::copy(other.inline_.begin(), other.inline_.begin() + other.size_, inline_.begin());
+      heap_.clear();
+    } else {
+      heap_ = other.heap_;
+    }
+    size_ = other.size_;
+    return *this;
+  }
+  Shape& operator=(Shape&& other) noexcept {  // leaves `other` empty
+    if (this != &other) {
+      inline_ = other.inline_;
+      heap_ = std::move(other.heap_);
+      size_ = other.size_;
+      other.heap_.clear();
+      other.size_ = 0;
+    }
+    return *this;
+  }
+  ~Shape() = default;
+  operator std::vector<int64_t>() const { return {begin(), end()}; }  // NOLINT
 
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
@@ -68,6 +92,10 @@ class Shape {
     size_ = n;
   }
   void push_back(int64_t value) {
+    if (size_ < kInline && heap_.empty()) {
+      inline_[size_++] = value;
+      return;
+    }
     resize(size_ + 1);
     back() = value;
   }

@@ -161,8 +161,15 @@ TEST(ShapeSmallVector, BehavesAsAStdVectorAcrossTheInlineLimit) {
         ASSERT_EQ(shape.back(), want.back());
       }
       const Shape copy = shape;  // copies keep their values apart from the original
-      Shape moved = Shape(copy);
+      Shape source = copy;
+      Shape moved = std::move(source);
       ASSERT_EQ(moved, shape);
+      ASSERT_TRUE(source.empty());  // NOLINT(bugprone-use-after-move): moving leaves it empty
+      source.push_back(value);
+      ASSERT_EQ(source, Shape{value});
+      Shape assigned = {1, 2, 3, 4, 5, 6, 7, 8};
+      assigned = copy;
+      ASSERT_EQ(assigned, shape);
       if (!moved.empty()) moved[0] += 1;
       ASSERT_EQ(std::vector<int64_t>(copy), want);
       ASSERT_EQ(moved == shape, want.empty());
