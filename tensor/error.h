@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "tensor/shape.h"
+
 namespace mmdit {
 
 class Error : public std::runtime_error {
@@ -18,7 +20,7 @@ class Error : public std::runtime_error {
 };
 
 // Formats a shape the way error messages and printing show it: (3,4), (5,) or ().
-inline std::string shape_str(const std::vector<int64_t>& shape) {
+inline std::string shape_str(const Shape& shape) {
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
     if (i) s += ",";
