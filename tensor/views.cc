@@ -148,6 +148,7 @@ bool broadcasts_to(const Shape& from, const Shape& to) {
 Tensor broadcast_to(const Tensor& t, const Shape& shape) {
   MMDIT_CHECK(broadcasts_to(t.shape(), shape), "broadcast_to: cannot broadcast ",
               shape_str(t.shape()), " to ", shape_str(shape));
+  if (t.shape() == shape) return t;  // every elementwise op asks this of its same-shape operands
   const size_t lead = shape.size() - t.shape().size();
   Shape strides(shape.size(), 0);
   for (size_t i = 0; i < t.shape().size(); ++i)

@@ -190,6 +190,18 @@ TEST(AutodiffGradient, ContiguousOfAContiguousWatchedTensor) {
   EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{3, -4, 1}));
 }
 
+TEST(AutodiffGradient, BroadcastToItsOwnShape) {
+  // raw::broadcast_to returns a same-shape input itself, as raw::contiguous does: recorded, the
+  // result still gets its own slot and both uses of x count.
+  Tensor x = from_vector(std::vector<double>{1.5, -2, 0.5}, {3});
+  Tape tape;
+  tape.watch(x);
+  Tensor b = broadcast_to(x, {3});
+  EXPECT_NE(tape.slot_of(b), tape.slot_of(x));
+  Tensor y = sum(b * x);
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{3, -4, 1}));
+}
+
 TEST(AutodiffGradient, StopGradientBlocksFlow) {
   Tensor x = from_vector(std::vector<double>{1.5, -2, 4}, {3});
   Tape tape;
