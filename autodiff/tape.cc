@@ -52,8 +52,9 @@ void accumulate(Tensor& acc, const Tensor& g) {
     acc = g;
     return;
   }
+  // Both terms already have the input's shape (Backward::input sums each down to it).
   const bool sole_owner = acc.impl_ptr().use_count() == 1 && acc.impl().storage.use_count() == 1;
-  if (sole_owner && acc.is_contiguous() && acc.shape() == g.shape() && acc.dtype() == g.dtype())
+  if (sole_owner && acc.is_contiguous())
     raw::add_into(acc, g);
   else
     acc = raw::add(acc, g);

@@ -59,7 +59,8 @@ class Shape {
     return *this;
   }
   ~Shape() = default;
-  operator std::vector<int64_t>() const { return {begin(), end()}; }  // NOLINT
+  // Explicit, so that no call quietly copies a shape onto the heap.
+  explicit operator std::vector<int64_t>() const { return {begin(), end()}; }
 
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
