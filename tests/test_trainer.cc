@@ -175,6 +175,21 @@ TEST(Normalizer, MinMaxRoundTripAndJson) {
   EXPECT_NEAR(raw::mean(zs, {0}).to_vector<float>()[1], 0.0, 1e-4);
 }
 
+// A constant dimension (an unused gripper) has std 0: z-score maps it to 0, not 0/0, and back.
+TEST(Normalizer, ZScoreKeepsAConstantDimensionFinite) {
+  Episodes data = demo_episodes();
+  const int64_t frames = data.actions.shape()[0];
+  raw::copy_into(raw::narrow(data.states, 1, 1, 1), full({frames, 1}, 0.25));
+  raw::copy_into(raw::narrow(data.actions, 1, 0, 1), full({frames, 1}, -3.0));
+  const Normalizer z = make_normalizer(data, "z_score");
+  EXPECT_EQ(z.state_std.to_vector<float>()[1], 0.0f);
+  const Tensor s = z.normalize_state(data.states), a = z.normalize_action(data.actions);
+  EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::narrow(s, 1, 1, 1))).item(), 0.0);
+  EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::narrow(a, 1, 0, 1))).item(), 0.0);
+  const Tensor back = z.unnormalize_action(a);
+  EXPECT_LT(test::max_abs_diff(back, data.actions), 1e-5);
+}
+
 // ---------------------------------------------------------------- configs
 TEST(TrainConfig, JsonRoundTripAndErrors) {
   TrainConfig c = tiny_config(demo_episodes());
@@ -278,6 +293,53 @@ TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   fs::remove_all(dir);
 }
 
+// A learning rate of 1e30 blows the parameters up in one step, and the next loss is not
+// finite: that step throws, naming itself, before it touches the parameters.
+TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.lr = 1e30;
+  c.warmup_steps = 0;
+  c.cosine_decay = false;
+  c.grad_clip = 0;
+  Trainer t(c, data);
+  t.train_step();
+  const std::vector<float> after_one =
+      t.policy().named_parameters().at("state_encoder.weight").to_vector<float>();
+  EXPECT_THAT([&] { t.train_step(); },
+              testing::ThrowsMessage<Error>(HasSubstr("training step 2: the loss is ")));
+  EXPECT_EQ(t.step(), 1);
+  EXPECT_EQ(t.policy().named_parameters().at("state_encoder.weight").to_vector<float>(), after_one);
+}
+
+TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {
+  const Episodes data = demo_episodes();
+  Trainer t(tiny_config(data), data);
+  const std::string dir = temp_dir("act");
+  t.save_checkpoint(dir + "/c.safetensors");
+  const LoadedPolicy p = load_policy(dir + "/c.safetensors");
+  Rng rng(0);
+  EXPECT_THAT([&] { p.act(zeros({4}), rng); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr("act: observations have shape (4,); the policy takes (B, 2, 2)")));
+  EXPECT_THAT(
+      [&] {
+        p.act(zeros({0, 2, 2}), rng);
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("shape (0,2,2)")));
+  EXPECT_THAT(
+      [&] {
+        p.act(zeros({1, 2, 2}, DType::boolean), rng);
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("act: observations are bool")));
+  Tensor obs = zeros({2, 2, 2});
+  obs.data<float>()[6] = INFINITY;
+  EXPECT_THAT([&] { p.act(obs, rng); },
+              testing::ThrowsMessage<Error>(HasSubstr("act: observation (1, 1, 0) is inf")));
+  EXPECT_EQ(p.act(zeros({2, 2, 2}, DType::f64), rng).shape(), (Shape{2, 4, 2}));
+  fs::remove_all(dir);
+}
+
 // ---------------------------------------------------------------- the CLI on files a test writes
 void write_robomimic(const std::string& path, const Episodes& data) {
   const hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -339,13 +401,39 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
     EXPECT_EQ(rows, 6);
   }
   const std::string out = dir + "/run_demos.npz";
+  // A resumed run keeps its config; only --steps may raise the total.
+  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --resume " + out +
+                "/checkpoint.safetensors --lr 0.1 --out " + out),
+            0);
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 6);
   ASSERT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --resume " + out +
                 "/checkpoint.safetensors --steps 10 --out " + out),
             0);
-  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 6);  // --steps is ignored on resume
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
+  {
+    std::ifstream csv(out + "/metrics.csv");
+    std::string line;
+    std::getline(csv, line);
+    std::vector<int64_t> steps;
+    while (std::getline(csv, line)) steps.push_back(std::stoll(line));
+    EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
+  }
+  // A new run does not silently replace a run's checkpoint.
+  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
+                "/config.json --steps 2 --out " + out),
+            0);
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
+  ASSERT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
+                "/config.json --steps 2 --overwrite --out " + out),
+            0);
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 2);
+  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --log-every 0 --out " + dir + "/y"),
+            0);
   EXPECT_EQ(run(mmdit + " info " + out + "/checkpoint.safetensors"), 0);
   EXPECT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95"), 0);
   EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1"), 0);
+  EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1abc,0,-0.95"), 0);
+  EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,nan,0,-0.95"), 0);
   // bfloat16 sampler weights: the same noise gives actions within bfloat16's precision.
   for (const char* w : {"f32", "bf16"})
     ASSERT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95 --seed 3" +
@@ -364,10 +452,14 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   fs::remove_all(dir);
 }
 
-// Ctrl-C during `mmdit train` stops after the current step, saves a checkpoint and exits 130.
-TEST(Cli, InterruptSavesACheckpoint) {
+// Ctrl-C or SIGTERM during `mmdit train` stops after the current step, saves a checkpoint and
+// exits with 128 + the signal's number, as a shell reports a process the signal killed.
+class CliStopSignal : public testing::TestWithParam<int> {};
+
+TEST_P(CliStopSignal, SavesACheckpoint) {
+  const int signal = GetParam();
   const Episodes data = demo_episodes(4);
-  const std::string dir = temp_dir("sigint");
+  const std::string dir = temp_dir("signal" + std::to_string(signal));
   save_lerobot_npz(dir + "/demos.npz", data);
   {
     std::ofstream cfg(dir + "/config.json");
@@ -395,19 +487,24 @@ TEST(Cli, InterruptSavesACheckpoint) {
     if (n <= 0) break;
     seen.append(buf, n);
   }
-  ::kill(pid, SIGINT);
+  ::kill(pid, signal);
   while (::read(out[0], buf, sizeof buf) > 0) {
   }
   int status = 0;
   ::waitpid(pid, &status, 0);
   ::close(out[0]);
   ASSERT_TRUE(WIFEXITED(status)) << seen;
-  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_EQ(WEXITSTATUS(status), 128 + signal);
   const LoadedPolicy p = load_policy(dir + "/run/checkpoint.safetensors");
   EXPECT_GE(p.step, 1);
   EXPECT_LT(p.step, 100000);
   fs::remove_all(dir);
 }
+
+INSTANTIATE_TEST_SUITE_P(IntAndTerm, CliStopSignal, testing::Values(SIGINT, SIGTERM),
+                         [](const testing::TestParamInfo<int>& info) {
+                           return std::string(info.param == SIGINT ? "SIGINT" : "SIGTERM");
+                         });
 
 }  // namespace
 }  // namespace mmdit

@@ -93,6 +93,12 @@ void PolicyConfig::validate() const {
 // ---- normalisation ----
 namespace {
 
+// (x - mean) / (std + 1e-8): the 1e-8, as LeRobot's, keeps a constant dimension (an unused
+// gripper, a fixed height) at 0 instead of 0/0.
+Tensor standardize(const Tensor& x, const Tensor& mean, const Tensor& std) {
+  return raw::div(raw::sub(x, mean), raw::add_scalar(std, 1e-8));
+}
+
 Tensor minmax_to_unit(const Tensor& x, const Tensor& lo, const Tensor& hi) {
   // 2 (x - min) / (max - min + 1e-8) - 1
   return raw::add_scalar(
@@ -119,17 +125,18 @@ Tensor tensor_from_json(const Json& j, const char* name) {
 }  // namespace
 
 Tensor Normalizer::normalize_state(const Tensor& s) const {
-  if (mode == Mode::z_score) return raw::div(raw::sub(s, state_mean), state_std);
+  if (mode == Mode::z_score) return standardize(s, state_mean, state_std);
   return minmax_to_unit(s, state_min, state_max);
 }
 
 Tensor Normalizer::normalize_action(const Tensor& a) const {
-  if (mode == Mode::z_score) return raw::div(raw::sub(a, action_mean), action_std);
+  if (mode == Mode::z_score) return standardize(a, action_mean, action_std);
   return minmax_to_unit(a, action_min, action_max);
 }
 
 Tensor Normalizer::unnormalize_action(const Tensor& a) const {
-  if (mode == Mode::z_score) return raw::add(raw::mul(a, action_std), action_mean);
+  if (mode == Mode::z_score)
+    return raw::add(raw::mul(a, raw::add_scalar(action_std, 1e-8)), action_mean);
   return raw::add(
       raw::mul(raw::mul_scalar(raw::add_scalar(a, 1.0), 0.5), raw::sub(action_max, action_min)),
       action_min);

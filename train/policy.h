@@ -37,9 +37,11 @@ struct Normalizer {
   Tensor state_min, state_max, state_mean, state_std;      // (state_dim,)
   Tensor action_min, action_max, action_mean, action_std;  // (act_dim,)
 
+  // min-max: 2 (x - min) / (max - min + 1e-8) - 1; z-score: (x - mean) / (std + 1e-8).
   Tensor normalize_state(const Tensor& s) const;
   Tensor normalize_action(const Tensor& a) const;
-  // min-max: (a + 1) / 2 * (max - min) + min, without the 1e-8 (as the reference).
+  // min-max: (a + 1) / 2 * (max - min) + min, without the 1e-8 (as the reference); z-score:
+  // a * (std + 1e-8) + mean, the exact inverse.
   Tensor unnormalize_action(const Tensor& a) const;
   Normalizer to(DType dtype) const;
   std::string to_json() const;  // values printed with round-trip precision

@@ -156,7 +156,7 @@ Normalizer make_normalizer(const Episodes& data, const std::string& mode) {
 }
 
 // ---- trainer ----
-Trainer::Trainer(const TrainConfig& config, const Episodes& data, bool)
+Trainer::Trainer(const TrainConfig& config, const Episodes& data)
     : config_(config), rng_(config.seed ^ 0x9E3779B97F4A7C15ull) {
   config_.validate();
   MMDIT_CHECK(data.state_dim() == config_.policy.state_dim, "train: the data's states have ",
@@ -174,8 +174,6 @@ Trainer::Trainer(const TrainConfig& config, const Episodes& data, bool)
   sampler_ = std::make_unique<WindowSampler>(data, config_.policy.n_obs_steps,
                                              config_.policy.horizon, config_.seed);
 }
-
-Trainer::Trainer(const TrainConfig& config, const Episodes& data) : Trainer(config, data, true) {}
 
 Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
   const Tensor state = normalizer_.normalize_state(batch.state);
@@ -199,6 +197,8 @@ StepStats Trainer::train_step() {
   auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
   StepStats stats;
   stats.loss = loss_value.item();
+  MMDIT_CHECK(std::isfinite(stats.loss), "training step ", step() + 1, ": the loss is ", stats.loss,
+              "; stopped before updating the parameters");
   stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
                               config_.cosine_decay ? config_.steps : 0);
   const NamedTensors params = policy_->named_parameters();
@@ -207,9 +207,15 @@ StepStats Trainer::train_step() {
   double grad_scale = 1.0;
   if (config_.grad_clip > 0) {
     stats.grad_norm = global_norm(grads);
+    MMDIT_CHECK(std::isfinite(stats.grad_norm), "training step ", step() + 1,
+                ": the gradients' global norm is ", stats.grad_norm,
+                "; stopped before updating the parameters");
     grad_scale = clip_scale(stats.grad_norm, config_.grad_clip);
   }
   const double norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
+  // Without clipping the norm comes out of the update's own pass, so it is known only after it.
+  MMDIT_CHECK(std::isfinite(norm), "training step ", step(), ": the gradients' global norm is ",
+              norm, "; the parameters now hold non-finite values");
   if (config_.grad_clip <= 0) stats.grad_norm = norm;
   return stats;
 }
@@ -271,9 +277,16 @@ CheckpointFile read_checkpoint(const std::string& path) {
 
 }  // namespace
 
-std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data) {
+std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
+                                         std::optional<int64_t> steps) {
   const CheckpointFile c = read_checkpoint(path);
-  std::unique_ptr<Trainer> t(new Trainer(c.config, data, false));
+  TrainConfig config = c.config;
+  if (steps) {
+    MMDIT_CHECK(*steps >= c.step, "resume: ", path, " is at step ", c.step,
+                "; cannot train to step ", *steps);
+    config.steps = *steps;
+  }
+  auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = Normalizer::from_json(c.meta("normalizer"));
   t->policy_->load(c.with_prefix("param/"));
   t->ema_->set(c.with_prefix("ema/"));
@@ -304,9 +317,26 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   return p;
 }
 
-Tensor LoadedPolicy::act(const Tensor& observations, Rng& rng) const {
+Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
+  const PolicyConfig& pc = config.policy;
+  const Shape& shape = observations_in.shape();
+  MMDIT_CHECK(observations_in.dim() == 3 && shape[0] >= 1 && shape[1] == pc.n_obs_steps &&
+                  shape[2] == pc.state_dim,
+              "act: observations have shape ", shape_str(shape), "; the policy takes (B, ",
+              pc.n_obs_steps, ", ", pc.state_dim, "), B >= 1: the last ", pc.n_obs_steps,
+              " states of each example, oldest first");
+  MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
+              dtype_name(observations_in.dtype()), "; expected float32 or float64");
+  const Tensor observations = raw::to_dtype(observations_in, DType::f32);
+  const std::vector<float> values = observations.to_vector<float>();
+  for (size_t i = 0; i < values.size(); ++i) {
+    const int64_t k = static_cast<int64_t>(i);
+    MMDIT_CHECK(std::isfinite(values[i]), "act: observation (", k / (pc.n_obs_steps * pc.state_dim),
+                ", ", k / pc.state_dim % pc.n_obs_steps, ", ", k % pc.state_dim, ") is ",
+                values[i]);
+  }
   const Tensor state = normalizer.normalize_state(observations);
-  const int64_t b = observations.shape()[0];
+  const int64_t b = shape[0];
   Tensor actions;
   if (config.objective == "mse") {
     actions = regress_actions(*policy, state);

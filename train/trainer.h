@@ -7,6 +7,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "train/dataset.h"
@@ -51,8 +52,14 @@ class Trainer {
   Trainer(const TrainConfig& config, const Episodes& data);
   // Continues a run from its checkpoint: parameters, EMA, optimiser moments and step, random
   // state and data order are restored, so the losses continue exactly as without the stop.
-  static std::unique_ptr<Trainer> resume(const std::string& checkpoint, const Episodes& data);
+  // `steps` raises the run's total to train further (with cosine decay, the schedule then
+  // stretches over the new total from the current step on).
+  static std::unique_ptr<Trainer> resume(const std::string& checkpoint, const Episodes& data,
+                                         std::optional<int64_t> steps = std::nullopt);
 
+  // Throws, naming the step, when the loss or the gradients are not finite. A non-finite loss,
+  // or norm when clipping, is caught before the update; without clipping the norm comes out of
+  // the update itself, and after that throw the parameters are not worth saving.
   StepStats train_step();
   int64_t step() const { return optimizer_->step(); }
   // One safetensors file, written atomically: params, EMA, Adam moments, config, normalisation,
@@ -65,7 +72,6 @@ class Trainer {
   const EMA& ema() const { return *ema_; }
 
  private:
-  Trainer(const TrainConfig& config, const Episodes& data, bool fresh);
   Tensor loss(BCPolicy& policy, const Batch& batch);
 
   TrainConfig config_;
@@ -85,7 +91,9 @@ struct LoadedPolicy {
   int64_t step = 0;
   // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
   std::unique_ptr<EulerSampler> sampler;
-  // Raw observations (B, n_obs, state_dim) -> raw actions (B, horizon, act_dim).
+  // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
+  // The chunk starts at the oldest observation, as the training windows do: action
+  // n_obs_steps - 1 is the one for the newest observation, the first to execute.
   Tensor act(const Tensor& observations, Rng& rng) const;
 };
 LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,

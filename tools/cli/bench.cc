@@ -587,11 +587,9 @@ void add_bench_command(CLI::App& app) {
                   "policy-act-b64-bf16, incontext-train, tiny-gradcheck or all (repeatable)")
       ->default_val(std::vector<std::string>{"all"});
   cmd->add_option("--threads", opts->threads, "threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")
-      ->check(CLI::NonNegativeNumber);
+      ->check(positive());
+  cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")->check(positive());
+  cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")->check(non_negative());
   cmd->add_flag("--json", opts->json, "one JSON object per workload per line");
   cmd->add_flag("--keep-coretype", opts->keep_coretype,
                 "keep OPENBLAS_CORETYPE from the environment instead of re-running without it");

@@ -13,6 +13,13 @@ void add_inspect_commands(CLI::App& app);
 void add_policy_commands(CLI::App& app);
 void add_bench_command(CLI::App& app);
 
+// Checks for numeric options. CLI11's PositiveNumber reports a 0 as "Value 0 not in range
+// 0.000000 to
+// 179769313486231570814527423731704356798070567525844996598917476803157260780028538..."; these say
+// "--threads: must be a positive number, got 0".
+const CLI::Validator& positive();
+const CLI::Validator& non_negative();
+
 // The command line as main() received it.
 void set_program_args(int argc, char** argv);
 const std::vector<std::string>& program_args();

@@ -39,18 +39,17 @@ struct ModelOptions {
 void add_model_options(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model", o.model, "mmdit, incontext or policy")
       ->check(CLI::IsMember({"mmdit", "incontext", "policy"}));
-  cmd->add_option("--depth", o.depth, "number of blocks")->check(CLI::PositiveNumber);
+  cmd->add_option("--depth", o.depth, "number of blocks")->check(positive());
   cmd->add_option("--dim", o.dim, "width of the first modality (policy: hidden size)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   cmd->add_option("--dim2", o.dim2, "width of the second modality (mmdit, incontext)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--heads", o.heads, "attention heads")->check(CLI::PositiveNumber);
+      ->check(positive());
+  cmd->add_option("--heads", o.heads, "attention heads")->check(positive());
   cmd->add_option("--dim-head", o.dim_head, "width of one head (even: rotary embedding)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--ff-mult", o.ff_mult, "feed-forward expansion")->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", o.batch, "batch size")->check(CLI::PositiveNumber);
-  cmd->add_option("--tokens", o.tokens, "tokens per modality (policy: horizon)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
+  cmd->add_option("--ff-mult", o.ff_mult, "feed-forward expansion")->check(positive());
+  cmd->add_option("--batch", o.batch, "batch size")->check(positive());
+  cmd->add_option("--tokens", o.tokens, "tokens per modality (policy: horizon)")->check(positive());
   cmd->add_option("--seed", o.seed, "seed for the parameters and the inputs");
 }
 

@@ -1,5 +1,6 @@
 // mmdit: the command-line program. Subcommands live one per file in this folder.
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 
 #include "tensor/blas_core.h"
@@ -15,6 +16,31 @@ void set_program_args(int argc, char** argv) {
 }
 const std::vector<std::string>& program_args() {
   return args;
+}
+
+namespace {
+CLI::Validator number_check(const char* name, bool (*accept)(double), const char* requirement) {
+  return CLI::Validator(
+      [accept, requirement](std::string& value) {
+        char* end = nullptr;
+        const double x = std::strtod(value.c_str(), &end);
+        if (end == value.c_str() || *end != '\0' || !accept(x))
+          return std::string("must be ") + requirement + ", got " + value;
+        return std::string();
+      },
+      name);
+}
+}  // namespace
+
+const CLI::Validator& positive() {
+  static const CLI::Validator check = number_check(
+      "POSITIVE", [](double x) { return x > 0; }, "a positive number");
+  return check;
+}
+const CLI::Validator& non_negative() {
+  static const CLI::Validator check = number_check(
+      "NONNEGATIVE", [](double x) { return x >= 0; }, "a number >= 0");
+  return check;
 }
 
 void reexecute_self() {

@@ -1,11 +1,13 @@
 // mmdit train | sample | eval | info | demo: the policy's life cycle from the command line.
+#include <sys/stat.h>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <optional>
 #include <sstream>
 
+#include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "tensor/print.h"
 #include "tools/cli/commands.h"
@@ -18,14 +20,6 @@
 namespace mmdit::cli {
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  MMDIT_CHECK(in.good(), "cannot read ", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // The flags every training command shares; they override the config file.
 struct TrainFlags {
   std::string config_file;
@@ -35,15 +29,32 @@ struct TrainFlags {
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--config", config_file, "training config (JSON; keys of TrainConfig)");
-    cmd->add_option("--steps", steps, "training steps");
-    cmd->add_option("--batch-size", batch_size, "batch size");
-    cmd->add_option("--lr", lr, "peak learning rate");
+    cmd->add_option("--steps", steps, "training steps (in all, counting any already done)")
+        ->check(non_negative());
+    cmd->add_option("--batch-size", batch_size, "batch size")->check(positive());
+    cmd->add_option("--lr", lr, "peak learning rate")->check(positive());
     cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
   }
+  // Reads and checks the config file, so that a mistake in it shows before a long data load.
+  void read_config_file() {
+    if (config_file.empty()) return;
+    config_json = read_file(config_file);
+    try {
+      TrainConfig::from_json(config_json);
+    } catch (const Error& e) {
+      fail(config_file, ": ", e.what());
+    }
+  }
   TrainConfig apply(TrainConfig c) const {
-    if (!config_file.empty()) c = TrainConfig::from_json(read_file(config_file), c);
+    if (!config_json.empty()) {
+      try {
+        c = TrainConfig::from_json(config_json, c);
+      } catch (const Error& e) {
+        fail(config_file, ": ", e.what());
+      }
+    }
     if (steps) c.steps = *steps;
     if (batch_size) c.batch_size = *batch_size;
     if (lr) c.lr = *lr;
@@ -52,7 +63,53 @@ struct TrainFlags {
     c.validate();
     return c;
   }
+  // A resumed run keeps its checkpoint's config; only the number of steps may grow.
+  void check_resumable() const {
+    const char* given = !config_file.empty() ? "--config"
+                        : batch_size         ? "--batch-size"
+                        : lr                 ? "--lr"
+                        : seed               ? "--seed"
+                        : !objective.empty() ? "--objective"
+                                             : nullptr;
+    MMDIT_CHECK(!given, "train: ", given,
+                " cannot be combined with --resume: a resumed run keeps the config in its "
+                "checkpoint (only --steps may change, to train further)");
+  }
+
+ private:
+  std::string config_json;
 };
+
+// Fails now, instead of after a long evaluation, when the directory `path` goes in is missing.
+void check_output_directory(const std::string& path, const char* flag) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return;
+  const std::string dir = slash == 0 ? "/" : path.substr(0, slash);
+  struct stat st;
+  MMDIT_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), flag, " ", path,
+              ": the directory ", dir, " does not exist");
+}
+
+// "0.5,-1,2e-3": every token a whole finite number.
+std::vector<float> parse_numbers(const std::string& text, const char* flag) {
+  std::vector<float> values;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    std::string_view token(text.data() + begin, end - begin);
+    while (!token.empty() && token.front() == ' ') token.remove_prefix(1);
+    while (!token.empty() && token.back() == ' ') token.remove_suffix(1);
+    if (!token.empty() && token.front() == '+') token.remove_prefix(1);
+    float value = 0;
+    const auto [ptr, ec] = std::from_chars(token.data(), token.data() + token.size(), value);
+    MMDIT_CHECK(ec == std::errc() && ptr == token.data() + token.size() && std::isfinite(value),
+                flag, ": '", std::string(token), "' (number ", values.size() + 1,
+                ") is not a finite number");
+    values.push_back(value);
+    if (end == text.size()) return values;
+    begin = end + 1;
+  }
+}
 
 void set_threads(int threads) {
   if (threads > 0) set_num_threads(threads);
@@ -104,6 +161,7 @@ void add_train(CLI::App& app) {
     std::string data, out = "runs/train", resume, obs_keys = "state";
     int64_t log_every = 100, checkpoint_every = 1000;
     int threads = 0;
+    bool overwrite = false;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("train", "Train a flow-matching policy on demonstrations");
@@ -113,13 +171,28 @@ void add_train(CLI::App& app) {
   cmd->add_option("--obs-keys", o->obs_keys,
                   "HDF5 observation keys, comma-separated (default: state)");
   cmd->add_option("--out", o->out, "output directory (checkpoint, metrics.csv, loss.svg)");
-  cmd->add_option("--resume", o->resume, "continue from this checkpoint");
-  cmd->add_option("--log-every", o->log_every, "progress line every N steps");
+  cmd->add_option("--resume", o->resume,
+                  "continue from this checkpoint, with its config (--steps may raise the total)");
+  cmd->add_flag("--overwrite", o->overwrite,
+                "start a new run even if --out already holds a checkpoint");
+  cmd->add_option("--log-every", o->log_every, "progress line every N steps")->check(positive());
   cmd->add_option("--checkpoint-every", o->checkpoint_every,
-                  "checkpoint every N steps (0: end only)");
-  cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)");
+                  "checkpoint every N steps (0: end only)")
+      ->check(non_negative());
+  cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(positive());
   cmd->callback([o] {
     set_threads(o->threads);
+    const std::string ckpt = checkpoint_path(o->out);
+    struct stat st;
+    if (!o->resume.empty()) {
+      o->flags.check_resumable();
+    } else {
+      MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
+                  " already holds a run's checkpoint: continue it with --resume ", ckpt,
+                  ", or pass --overwrite to start a new run there");
+      o->flags.read_config_file();
+    }
     std::vector<std::string> keys;
     std::stringstream ss(o->obs_keys);
     for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
@@ -129,7 +202,7 @@ void add_train(CLI::App& app) {
                 (long long)data.state_dim(), (long long)data.act_dim());
     std::unique_ptr<Trainer> trainer;
     if (!o->resume.empty()) {
-      trainer = Trainer::resume(o->resume, data);
+      trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
     } else {
       TrainConfig defaults;
@@ -139,12 +212,11 @@ void add_train(CLI::App& app) {
     }
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
     make_directory(o->out);
-    {
-      std::ofstream cfg(o->out + "/config.json");
-      cfg << trainer->config().to_json() << "\n";
-    }
-    const LoopResult r = run_training(*trainer, {o->out, o->log_every, o->checkpoint_every, false});
-    if (r.interrupted) throw CLI::RuntimeError(130);
+    write_file_atomically(o->out + "/config.json", trainer->config().to_json() + "\n");
+    const LoopResult r = run_training(
+        *trainer,
+        {.out_dir = o->out, .log_every = o->log_every, .checkpoint_every = o->checkpoint_every});
+    if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
   });
 }
 
@@ -173,6 +245,7 @@ void add_sample(CLI::App& app) {
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
+    if (!o->out_npy.empty()) check_output_directory(o->out_npy, "--out-npy");
     const LoadedPolicy policy =
         load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
     const PolicyConfig& pc = policy.config.policy;
@@ -181,15 +254,7 @@ void add_sample(CLI::App& app) {
       obs = raw::to_dtype(load_npy(o->obs_npy), DType::f32);
     } else {
       MMDIT_CHECK(!o->obs.empty(), "sample: give --obs or --obs-npy");
-      std::vector<float> v;
-      std::stringstream ss(o->obs);
-      for (std::string x; std::getline(ss, x, ',');) {
-        try {
-          v.push_back(std::stof(x));
-        } catch (const std::exception&) {
-          fail("sample: --obs: '", x, "' is not a number");
-        }
-      }
+      const std::vector<float> v = parse_numbers(o->obs, "sample: --obs");
       MMDIT_CHECK(
           static_cast<int64_t>(v.size()) == pc.n_obs_steps * pc.state_dim, "sample: --obs has ",
           v.size(),
@@ -197,7 +262,13 @@ void add_sample(CLI::App& app) {
       obs = from_vector(v, {1, pc.n_obs_steps, pc.state_dim});
     }
     Rng rng(o->seed);
-    const Tensor actions = policy.act(obs, rng);
+    Tensor actions;
+    try {
+      actions = policy.act(obs, rng);
+    } catch (const Error& e) {
+      if (o->obs_npy.empty()) throw;
+      fail(o->obs_npy, ": ", e.what());
+    }
     if (!o->out_npy.empty())
       save_npy(o->out_npy, actions);
     else
@@ -215,14 +286,16 @@ void add_eval(CLI::App& app) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("eval", "Closed-loop evaluation on the built-in demo task");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint (.safetensors)")->required();
-  cmd->add_option("--episodes", o->episodes, "episodes to run");
-  cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk");
+  cmd->add_option("--episodes", o->episodes, "episodes to run")->check(positive());
+  cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk")
+      ->check(positive());
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise");
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
-  cmd->add_option("--threads", o->threads, "threads");
+  cmd->add_option("--threads", o->threads, "threads")->check(positive());
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
     set_threads(o->threads);
+    if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     const DemoTask task;
     MMDIT_CHECK(policy.config.policy.state_dim == task.state_dim() &&
@@ -237,6 +310,25 @@ void add_eval(CLI::App& app) {
   });
 }
 
+// The module a parameter is counted under: state_encoder, mmdit.blocks.3, mmdit.final_layers.1,
+// mmdit.timestep_embeds.0, ... (the first name component, and inside mmdit the second, and the
+// index of the lists).
+std::string module_group(const std::string& name) {
+  std::vector<std::string> parts;
+  std::istringstream in(name);
+  for (std::string part; std::getline(in, part, '.');) parts.push_back(part);
+  size_t keep = 1;
+  if (parts[0] == "mmdit" && parts.size() > 1) {
+    const bool list =
+        parts[1] == "blocks" || parts[1] == "final_layers" || parts[1] == "timestep_embeds";
+    keep = list ? 3 : 2;
+  }
+  keep = std::min(keep, parts.size() - 1);  // never the parameter's own name
+  std::string group = parts[0];
+  for (size_t i = 1; i < keep; ++i) group += "." + parts[i];
+  return group;
+}
+
 void add_info(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand("info", "Describe a checkpoint: config, parameters, step");
@@ -248,15 +340,7 @@ void add_info(CLI::App& app) {
     std::map<std::string, int64_t> groups;
     std::vector<std::string> order;
     for (const auto& [name, t] : p.policy->named_parameters()) {
-      // Group by module: mmdit.blocks.3.*, mmdit.timestep_embeds.0.*, state_encoder.*, ...
-      std::string group = name.substr(0, name.find('.'));
-      if (group == "mmdit") {
-        const size_t second = name.find('.', 6);
-        group = name.substr(0, second);
-        if (group == "mmdit.blocks" || group == "mmdit.final_layers" ||
-            group == "mmdit.timestep_embeds")
-          group = name.substr(0, name.find('.', second + 1));
-      }
+      const std::string group = module_group(name);
       if (!groups.count(group)) order.push_back(group);
       groups[group] += t.numel();
     }
@@ -280,18 +364,25 @@ void add_demo(CLI::App& app) {
       "demo", "Generate expert demonstrations of the 2-D obstacle task, train, evaluate");
   o->flags.add_to(cmd);
   cmd->add_option("--out", o->out, "output directory");
-  cmd->add_option("--demos", o->demos, "expert episodes to generate");
-  cmd->add_option("--eval-episodes", o->eval_episodes, "closed-loop evaluation episodes");
-  cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk");
+  cmd->add_option("--demos", o->demos, "expert episodes to generate")->check(positive());
+  cmd->add_option("--eval-episodes", o->eval_episodes, "closed-loop evaluation episodes")
+      ->check(positive());
+  cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk")
+      ->check(positive());
   cmd->add_flag("--baseline", o->baseline,
                 "also train the same network with plain MSE regression and evaluate it");
   cmd->add_option("--threads", o->threads,
                   "threads (default 1: the demo's model is so small that a second thread only "
-                  "adds synchronisation)");
+                  "adds synchronisation)")
+      ->check(positive());
   cmd->callback([o] {
     set_threads(o->threads > 0 ? o->threads : 1);
+    o->flags.read_config_file();
     const DemoTask task;
     TrainConfig config = o->flags.apply(demo_config(task));
+    MMDIT_CHECK(!o->baseline || config.objective == "flow",
+                "demo: --baseline trains the MSE baseline next to the flow policy; with "
+                "--objective mse there is nothing to compare (drop one of the two)");
     const DemoTask::Demos demos = task.generate_demos(o->demos, config.seed);
     const Episodes data{demos.states, demos.actions, demos.episode_starts};
     make_directory(o->out);
@@ -307,13 +398,16 @@ void add_demo(CLI::App& app) {
       std::printf("\n== %s ==\n", label);
       Trainer trainer(cfg, data);
       std::printf("policy: %lld parameters\n", (long long)trainer.policy().num_parameters());
-      const LoopResult r = run_training(trainer, {dir, 500, 0, false});
-      if (r.interrupted) throw CLI::RuntimeError(130);
+      const LoopResult r = run_training(trainer, {.out_dir = dir, .log_every = 500});
+      if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
       const LoadedPolicy policy = load_policy(checkpoint_path(dir));
       const auto result = evaluate_policy(task, policy, o->eval_episodes, o->n_action_steps, 1000);
       write_rollouts_svg(dir + "/rollouts.svg", task.config(), demos, result.trajectories,
                          result.succeeded, std::string(label) + ": closed-loop rollouts");
-      std::printf("plots: %s/loss.svg, %s/rollouts.svg\n", dir.c_str(), dir.c_str());
+      if (r.losses.empty())
+        std::printf("plot: %s/rollouts.svg\n", dir.c_str());
+      else
+        std::printf("plots: %s/loss.svg, %s/rollouts.svg\n", dir.c_str(), dir.c_str());
       return result;
     };
     DemoTask::EvalResult baseline;

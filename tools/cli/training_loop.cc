@@ -4,32 +4,57 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cinttypes>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 
+#include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "train/plots.h"
 
 namespace mmdit::cli {
 namespace {
 
-std::atomic<bool> g_interrupted{false};
+// SIGINT (Ctrl-C) and SIGTERM (what schedulers and `docker stop` send) both stop the loop after
+// the current step, which then saves a checkpoint.
+std::atomic<int> g_stop_signal{0};
 
-extern "C" void on_sigint(int) {
-  g_interrupted = true;
+extern "C" void on_stop_signal(int signal) {
+  g_stop_signal = signal;
 }
 
-// Appends to the metrics CSV; a resumed run continues the same file.
+// metrics.csv, one row per step. A fresh run starts it anew. A resumed run keeps the rows up to
+// its checkpoint's step, dropping any that a run which stopped after its last checkpoint wrote,
+// and appends; the rows it keeps are also the start of the loss curve.
 class MetricsCsv {
  public:
-  explicit MetricsCsv(const std::string& path) : path_(path) {
+  static constexpr const char* kHeader = "step,loss,grad_norm,lr,steps_per_s";
+
+  MetricsCsv(const std::string& path, int64_t resumed_step,
+             std::vector<std::pair<int64_t, double>>& losses) {
+    std::string kept = std::string(kHeader) + "\n";
     struct stat st;
-    const bool exists = ::stat(path.c_str(), &st) == 0 && st.st_size > 0;
+    if (resumed_step > 0 && ::stat(path.c_str(), &st) == 0) {
+      std::istringstream in(read_file(path));
+      std::string line;
+      std::getline(in, line);
+      MMDIT_CHECK(line == kHeader, path, ": not a metrics file of this program (first line '", line,
+                  "'); move it away to resume into this directory");
+      while (std::getline(in, line)) {
+        int64_t step = 0;
+        double loss = 0;
+        if (std::sscanf(line.c_str(), "%" SCNd64 ",%lf", &step, &loss) != 2 || step > resumed_step)
+          continue;  // a row cut short by a kill, or past the checkpoint
+        losses.emplace_back(step, loss);
+        kept += line + "\n";
+      }
+    }
+    write_file_atomically(path, kept);
     out_.open(path, std::ios::app);
     MMDIT_CHECK(out_.good(), "cannot write ", path, ": ", std::strerror(errno));
-    if (!exists) out_ << "step,loss,grad_norm,lr,steps_per_s\n";
   }
   void row(int64_t step, const StepStats& s, double rate) {
     out_ << step << ',' << s.loss << ',' << s.grad_norm << ',' << s.lr << ',' << rate << '\n';
@@ -37,8 +62,28 @@ class MetricsCsv {
   void flush() { out_.flush(); }
 
  private:
-  std::string path_;
   std::ofstream out_;
+};
+
+// Installs the stop handlers for its lifetime and puts the previous ones back, also when a step
+// throws.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    previous_int_ = std::signal(SIGINT, on_stop_signal);
+    previous_term_ = std::signal(SIGTERM, on_stop_signal);
+  }
+  ~StopSignals() {
+    std::signal(SIGINT, previous_int_);
+    std::signal(SIGTERM, previous_term_);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  void (*previous_int_)(int);
+  void (*previous_term_)(int);
 };
 
 }  // namespace
@@ -73,14 +118,19 @@ std::string format_duration(double seconds) {
 
 LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   make_directory(options.out_dir);
-  MetricsCsv csv(options.out_dir + "/metrics.csv");
-  const std::string ckpt = checkpoint_path(options.out_dir);
-  g_interrupted = false;
-  auto previous = std::signal(SIGINT, on_sigint);
-
-  LoopResult result;
-  const int64_t total = trainer.config().steps;
   const int64_t first = trainer.step();
+  LoopResult result;
+  MetricsCsv csv(options.out_dir + "/metrics.csv", first, result.losses);
+  const std::string ckpt = checkpoint_path(options.out_dir);
+  int64_t saved_step = -1;  // the step of the checkpoint this run last wrote
+  auto save = [&] {
+    csv.flush();
+    trainer.save_checkpoint(ckpt);
+    saved_step = trainer.step();
+  };
+  const StopSignals stop_signals;
+
+  const int64_t total = trainer.config().steps;
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto window_start = start;
@@ -89,8 +139,16 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   if (!options.quiet)
     std::printf("training %lld steps (from step %lld) on %d thread(s); Ctrl-C saves a checkpoint\n",
                 (long long)total, (long long)first, num_threads());
-  while (trainer.step() < total && !g_interrupted) {
-    const StepStats s = trainer.train_step();
+  while (trainer.step() < total && g_stop_signal == 0) {
+    StepStats s;
+    try {
+      s = trainer.train_step();
+    } catch (const Error& e) {
+      csv.flush();
+      fail(e.what(), saved_step >= 0 ? str_cat("; the checkpoint of step ", saved_step, " in ",
+                                               ckpt, " is kept")
+                                     : std::string("; this run wrote no checkpoint"));
+    }
     const int64_t step = trainer.step();
     ++window_steps;
     window_loss += s.loss;
@@ -98,7 +156,8 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double rate = (step - first) / std::max(elapsed, 1e-9);
     csv.row(step, s, rate);
-    if (step % options.log_every == 0 || step == total) {
+    // The first step's line shows at once that training runs, and at what loss it starts.
+    if (step % options.log_every == 0 || step == total || step == first + 1) {
       const double window = std::chrono::duration<double>(Clock::now() - window_start).count();
       if (!options.quiet)
         std::printf("step %6lld/%lld  loss %.5f  grad norm %.3f  lr %.2e  %.1f steps/s  ETA %s\n",
@@ -111,17 +170,15 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
       window_steps = 0;
       window_loss = 0;
     }
-    if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0)
-      trainer.save_checkpoint(ckpt);
+    if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0) save();
   }
-  std::signal(SIGINT, previous);
-  result.interrupted = g_interrupted;
+  result.stop_signal = g_stop_signal;
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  csv.flush();
-  trainer.save_checkpoint(ckpt);
-  if (result.interrupted)
-    std::printf("interrupted at step %lld: checkpoint saved to %s (continue with --resume %s)\n",
-                (long long)trainer.step(), ckpt.c_str(), ckpt.c_str());
+  if (saved_step != trainer.step()) save();
+  if (result.stop_signal != 0)
+    std::printf("stopped by %s at step %lld: checkpoint saved to %s (continue with --resume %s)\n",
+                result.stop_signal == SIGTERM ? "SIGTERM" : "Ctrl-C", (long long)trainer.step(),
+                ckpt.c_str(), ckpt.c_str());
   else if (!options.quiet)
     std::printf("trained to step %lld in %s; checkpoint: %s\n", (long long)trainer.step(),
                 format_duration(result.seconds).c_str(), ckpt.c_str());

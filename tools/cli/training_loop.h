@@ -1,5 +1,5 @@
 // The loop around Trainer::train_step shared by `mmdit train` and `mmdit demo`: progress lines,
-// metrics CSV, periodic and Ctrl-C checkpoints, the loss curve.
+// metrics CSV, periodic and Ctrl-C/SIGTERM checkpoints, the loss curve.
 #pragma once
 
 #include <string>
@@ -13,17 +13,20 @@ namespace mmdit::cli {
 struct LoopOptions {
   std::string out_dir;  // checkpoint.safetensors, metrics.csv, loss.svg go here
   int64_t log_every = 100;
-  int64_t checkpoint_every = 0;  // 0: only at the end (and on Ctrl-C)
+  int64_t checkpoint_every = 0;  // 0: only at the end (and on Ctrl-C or SIGTERM)
   bool quiet = false;
 };
 
 struct LoopResult {
-  bool interrupted = false;
+  int stop_signal = 0;  // SIGINT or SIGTERM if one stopped the run early, else 0
+  // (step, loss) from the first step on: a resumed run's earlier steps come from metrics.csv.
   std::vector<std::pair<int64_t, double>> losses;
-  double seconds = 0;
+  double seconds = 0;  // this run's
 };
 
-// Trains until config().steps; Ctrl-C stops after the current step and saves a checkpoint.
+// Trains until config().steps and saves a checkpoint. Ctrl-C or SIGTERM stops it after the
+// current step, and saves too. A step that throws (a non-finite loss) stops it without saving,
+// so the last checkpoint stays as it was; the error says which that is.
 LoopResult run_training(Trainer& trainer, const LoopOptions& options);
 
 std::string checkpoint_path(const std::string& out_dir);
