@@ -49,7 +49,7 @@ Groups groups_of(const Tensor& x, const char* op) {
   return g;
 }
 
-// A (..., 1, D) parameter as a contiguous (G, D) block; `name` for the error.
+// Checks that the (..., 1, D) parameter `name` broadcasts to the groups' (G, 1, D) shape.
 void check_per_group(const Tensor& p, const Groups& g, const char* op, const char* name) {
   MMDIT_CHECK(raw::broadcasts_to(p.shape(), g.param_shape), op, ": ", name, " has shape ",
               shape_str(p.shape()), ", which does not broadcast to ", shape_str(g.param_shape));
@@ -109,10 +109,10 @@ MMDIT_SIMD_CLONES void modulate_backward_row(const double* dy, const double* sca
 }
 
 // out = a g - b k - c (c may be 0): the dx of LayerNorm (a = gx, b = xhat) and of RMSNorm.
+// out may be a (RMSNorm's backward works in place), so neither is restrict.
 template <class T>
-[[gnu::always_inline]] inline void norm_dx_row_impl(const T* __restrict a, T g,
-                                                    const T* __restrict b, T k, T c,
-                                                    T* __restrict out, int64_t n) {
+[[gnu::always_inline]] inline void norm_dx_row_impl(const T* a, T g, const T* __restrict b, T k,
+                                                    T c, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] * g - b[i] * k - c;
 }
 MMDIT_SIMD_CLONES void norm_dx_row(const float* a, float g, const float* b, float k, float c,
@@ -697,8 +697,9 @@ Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const 
 Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blocked_from) {
   const char* op = "attention";
   check_floats(op, {qkv_in});
-  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3, op, ": packed qkv has shape ",
-              shape_str(qkv_in.shape()), "; expected (B, T, 3, H, d)");
+  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0, op,
+              ": packed qkv has shape ", shape_str(qkv_in.shape()),
+              "; expected (B, T, 3, H, d) with d > 0");
   const int64_t B = qkv_in.shape()[0], T_ = qkv_in.shape()[1], H = qkv_in.shape()[3],
                 d = qkv_in.shape()[4], hd = H * d;
   const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
@@ -756,9 +757,10 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                     const Tensor& cos_in, const Tensor& sin_in, double eps) {
   const char* op = "qk_norm_rope";
   check_floats(op, {qkv_in, gamma_q, gamma_k, cos_in, sin_in});
-  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] % 2 == 0, op,
-              ": packed qkv has shape ", shape_str(qkv_in.shape()),
-              "; expected (B, S, 3, H, d) with d even");
+  MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0 &&
+                  qkv_in.shape()[4] % 2 == 0,
+              op, ": packed qkv has shape ", shape_str(qkv_in.shape()),
+              "; expected (B, S, 3, H, d) with d even and positive");
   const int64_t B = qkv_in.shape()[0], S = qkv_in.shape()[1], H = qkv_in.shape()[3],
                 d = qkv_in.shape()[4];
   MMDIT_CHECK(gamma_q.shape() == Shape({d}) && gamma_k.shape() == Shape({d}), op,
@@ -1039,8 +1041,9 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y
 Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
   const char* op = "rope";
   check_floats(op, {x_in, cos_in, sin_in});
-  MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] % 2 == 0, op, ": input has shape ",
-              shape_str(x_in.shape()), "; expected (B, S, H, d) with d even");
+  MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] > 0 && x_in.shape()[3] % 2 == 0, op,
+              ": input has shape ", shape_str(x_in.shape()),
+              "; expected (B, S, H, d) with d even and positive");
   const int64_t S = x_in.shape()[1], H = x_in.shape()[2], d = x_in.shape()[3];
   MMDIT_CHECK(cos_in.shape() == Shape({S, d}) && sin_in.shape() == Shape({S, d}), op,
               ": tables have shapes ", shape_str(cos_in.shape()), " and ",

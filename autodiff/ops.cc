@@ -16,7 +16,7 @@ Tensor scaled(const Tensor& x, double s) {
 }
 
 // The keepdims shape of a reduction of `shape` over `axes` (empty = all).
-Shape kept_shape(const Shape& shape, std::vector<int64_t> axes, const char* op) {
+Shape keepdims_shape(const Shape& shape, std::vector<int64_t> axes, const char* op) {
   const int64_t n = static_cast<int64_t>(shape.size());
   if (axes.empty())
     for (int64_t i = 0; i < n; ++i) axes.push_back(i);
@@ -210,7 +210,7 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
 
 // ---- reductions ----
 Tensor sum(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
-  const Shape kept = kept_shape(x.shape(), axes, "sum");
+  const Shape kept = keepdims_shape(x.shape(), axes, "sum");
   return record("sum", raw::sum(x, axes, keepdims), {x}, {},
                 [kept, shape = x.shape()](Backward& ctx) {
                   ctx.input(0, [&] { return expand_reduced(ctx.grad, kept, shape); });
@@ -218,7 +218,7 @@ Tensor sum(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
 }
 
 Tensor mean(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
-  const Shape kept = kept_shape(x.shape(), axes, "mean");
+  const Shape kept = keepdims_shape(x.shape(), axes, "mean");
   const double scale = static_cast<double>(shape_numel(kept)) / std::max<int64_t>(x.numel(), 1);
   return record("mean", raw::mean(x, axes, keepdims), {x}, {},
                 [kept, scale, shape = x.shape()](Backward& ctx) {
@@ -228,7 +228,7 @@ Tensor mean(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
 }
 
 Tensor max(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
-  const Shape kept = kept_shape(x.shape(), axes, "max");
+  const Shape kept = keepdims_shape(x.shape(), axes, "max");
   Tensor out = raw::max(x, axes, keepdims);
   return record("max", out, {x}, {x, out}, [kept, axes](Backward& ctx) {
     const Tensor &x = ctx.saved[0], &out = ctx.saved[1];
@@ -242,7 +242,7 @@ Tensor max(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
 }
 
 Tensor var(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
-  const Shape kept = kept_shape(x.shape(), axes, "var");
+  const Shape kept = keepdims_shape(x.shape(), axes, "var");
   const int64_t n = x.numel() / std::max<int64_t>(shape_numel(kept), 1);
   return record("var", raw::var(x, axes, keepdims), {x}, {x}, [kept, axes, n](Backward& ctx) {
     const Tensor& x = ctx.saved[0];  // d var = 2 (x - mean) / n

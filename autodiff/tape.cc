@@ -1,7 +1,10 @@
 #include "autodiff/tape.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "tensor/ops.h"
 
@@ -71,6 +74,11 @@ Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) {
   g_active = this;
 }
 Tape::~Tape() {
+  if (g_active != this) {
+    // Tapes nest like scopes; another order would leave the active tape pointing at a dead one.
+    std::fprintf(stderr, "mmdit: a Tape ended while a tape it encloses was still active\n");
+    std::abort();
+  }
   g_active = previous_;
 }
 Tape* Tape::active() {
@@ -90,6 +98,11 @@ void Tape::watch(const Tensor& t) {
               dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
   MMDIT_CHECK(!consumed_, "Tape::watch: this tape's gradient() has already run");
   if (is_on_tape(t)) return;
+  for (const Tape* outer = previous_; outer; outer = outer->previous_)
+    MMDIT_CHECK(t.impl().tape_id != outer->id_, "Tape::watch: the tensor of shape ",
+                shape_str(t.shape()),
+                " is already on an enclosing tape; a nested tape cannot take it over (its ops "
+                "would no longer be recorded there)");
   t.impl().tape_id = id_;
   t.impl().tape_slot = num_values_++;
 }
@@ -212,10 +225,21 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     node.backward = nullptr;
   }
 
+  // Backwards that pass their gradient through (add, contiguous, the gated residual's x) can hand
+  // one tensor to several inputs, or hand on the caller's cotangent: every returned gradient
+  // gets memory of its own, so scaling one in place (clip_by_global_norm) changes no other.
   std::vector<Tensor> out;
   for (const Tensor& w : wrt) {
-    Tensor& g = grads[slot_of(w)];
-    out.push_back(g.defined() ? raw::contiguous(g) : zeros(w.shape(), w.dtype()));
+    const Tensor& g = grads[slot_of(w)];
+    if (!g.defined()) {
+      out.push_back(zeros(w.shape(), w.dtype()));
+      continue;
+    }
+    Tensor own = raw::contiguous(g);
+    const bool shared = (cotangent.defined() && own.shares_storage_with(cotangent)) ||
+                        std::any_of(out.begin(), out.end(),
+                                    [&](const Tensor& o) { return own.shares_storage_with(o); });
+    out.push_back(shared ? raw::clone(own) : std::move(own));
   }
   return out;
 }

@@ -7,7 +7,7 @@
 // inference pays nothing.
 //
 // Tape::gradient walks the nodes backwards once, calling each node's backward function, which
-// sits next to its forward in ops.cc.
+// sits next to its forward (ops.cc, and fused.cc for the fused ops).
 #pragma once
 
 #include <chrono>
@@ -155,7 +155,9 @@ template <class F>
 Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
               std::span<const Tensor> saved, F&& backward) {
   Tape* tape = Tape::active();
-  if (!tape || !detail::any_on_tape(*tape, inputs)) return out;
+  // A bool result (to_dtype(x, boolean)) has no gradient: recorded, the way back would turn the
+  // incoming gradient into bools and back into ones.
+  if (!tape || !is_floating(out.dtype()) || !detail::any_on_tape(*tape, inputs)) return out;
   return tape->append(
       detail::make_node(op, *tape, inputs, saved, BackwardFn(std::forward<F>(backward))),
       std::move(out));

@@ -4,8 +4,8 @@ namespace mmdit::nn {
 
 bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
                       const char* who) {
-  MMDIT_CHECK(xs.size() == dims.size(), who, ": expected ", dims.size(), " modalities, got ",
-              xs.size());
+  MMDIT_CHECK(!xs.empty() && xs.size() == dims.size(), who, ": expected ", dims.size(),
+              " modalities, got ", xs.size());
   const bool batched = xs[0].dim() == 3;
   for (size_t m = 0; m < xs.size(); ++m) {
     const Tensor& x = xs[m];
@@ -61,6 +61,8 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   int64_t total = 0;
   for (const Tensor& x : xs) total += lengths.emplace_back(x.shape()[1]);
   check_mask(mask, total, batch, batched, "JointAttention");
+  MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "JointAttention: outputs names ",
+              outputs.size(), " modalities; there are ", xs.size());
 
   // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features,
   // then QK-RMSNorm and the rotary embedding on q and k in one pass.
@@ -81,7 +83,7 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
 
   std::vector<Tensor> per_modality = split(merged, lengths, 1);
   for (size_t m = 0; m < xs.size(); ++m)
-    if (!outputs.empty() && !outputs.at(m)) per_modality[m] = Tensor();
+    if (!outputs.empty() && !outputs[m]) per_modality[m] = Tensor();
   std::vector<Tensor> outs = linear_each(to_out, per_modality);
   if (!batched)
     for (Tensor& y : outs)

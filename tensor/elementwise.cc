@@ -302,7 +302,12 @@ Tensor logical_and(const Tensor& a, const Tensor& b) {
 }
 
 void copy_into(const Tensor& dst, const Tensor& src) {
-  const Tensor s = broadcast_to(src, dst.shape());
+  for (int64_t d = 0; d < dst.dim(); ++d)
+    MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, "copy_into: the destination ",
+                shape_str(dst.shape()), " is a broadcast view (axis ", d,
+                " has stride 0), so its elements are not distinct");
+  // Overlapping rows would be read after they are written (and memcpy'd onto themselves).
+  const Tensor s = broadcast_to(src.shares_storage_with(dst) ? clone(src) : src, dst.shape());
   visit_dtype(dst.dtype(), [&](auto dtag) {
     visit_dtype(s.dtype(), [&](auto stag) { copy_rows<decltype(dtag), decltype(stag)>(dst, s); });
   });

@@ -70,8 +70,8 @@ bool gemm_skinny(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, 
 // than OpenBLAS's own threading on every bench workload (policy-act at batch 1: 94 against
 // 152 ms), and inside one of our parallel regions it stays on the calling thread.
 template <class T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
+void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
   if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
   const int threads = omp_get_level() > 0 ? 1 : num_threads();
   const int64_t work = m * n * k;
@@ -123,7 +123,8 @@ void matmul_typed(Tensor a, Tensor b, const Tensor& out, const Shape& batch) {
   const GemmOperand la = *gemm_layout(a), lb = *gemm_layout(b);
   const int64_t batches = shape_numel(batch);
   if (batches > 1 && folds_into_one_gemm(a, b)) {
-    gemm(false, lb.transposed, batches * M, N, K, a.data<T>(), K, b.data<T>(), lb.ld, c, N);
+    threaded_gemm(false, lb.transposed, batches * M, N, K, a.data<T>(), K, b.data<T>(), lb.ld, c,
+                  N);
     return;
   }
   const int64_t nb = static_cast<int64_t>(batch.size());
@@ -138,8 +139,8 @@ void matmul_typed(Tensor a, Tensor b, const Tensor& out, const Shape& batch) {
   const T* pa = a.data<T>();
   const T* pb = b.data<T>();
   auto one = [&](int64_t i) {
-    gemm(la.transposed, lb.transposed, M, N, K, pa + offset(a, i), la.ld, pb + offset(b, i), lb.ld,
-         c + i * M * N, N);
+    threaded_gemm(la.transposed, lb.transposed, M, N, K, pa + offset(a, i), la.ld,
+                  pb + offset(b, i), lb.ld, c + i * M * N, N);
   };
   // Many small products (attention heads) parallelise better over the batch, each gemm on one
   // thread, than inside each gemm; big ones are left to OpenBLAS's threads.
@@ -184,12 +185,12 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
-  gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  threaded_gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
-  gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  threaded_gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 int64_t matmul_flops() {

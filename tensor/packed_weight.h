@@ -23,7 +23,8 @@ namespace mmdit {
 
 enum class WeightPrecision {
   f32,   // exact: the same products as the unpacked path, summed in another order
-  bf16,  // weights rounded to bfloat16; inputs too where the CPU has AVX-512 BF16
+  bf16,  // weights rounded to bfloat16; inputs too where the kernel uses vdpbf16ps (AMD Zen 4/5,
+         // or MMDIT_BF16_KERNEL=dot; simd.h)
 };
 const char* precision_name(WeightPrecision p);
 WeightPrecision parse_precision(const std::string& name);  // "f32" | "bf16", else throws

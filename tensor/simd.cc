@@ -247,10 +247,21 @@ T MaxImpl(const T* x, int64_t n) {
   const hn::ScalableTag<T> d;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
   auto m = hn::Set(d, -std::numeric_limits<T>::infinity());
+  // x86's max returns its second operand when either is NaN, so a NaN would be dropped by the
+  // next load in its lane: it is tracked apart, as NumPy's max propagates it.
+  auto nan = hn::FirstN(d, 0);
   int64_t i = 0;
-  for (; i + lanes <= n; i += lanes) m = hn::Max(m, hn::LoadU(d, x + i));
+  for (; i + lanes <= n; i += lanes) {
+    const auto v = hn::LoadU(d, x + i);
+    nan = hn::Or(nan, hn::IsNaN(v));
+    m = hn::Max(m, v);
+  }
   T result = hn::GetLane(hn::MaxOfLanes(d, m));
-  for (; i < n; ++i) result = std::max(result, x[i]);
+  if (!hn::AllFalse(d, nan)) return std::numeric_limits<T>::quiet_NaN();
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return x[i];
+    result = std::max(result, x[i]);
+  }
   return result;
 }
 

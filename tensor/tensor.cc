@@ -78,7 +78,15 @@ Storage::Storage(size_t bytes) : bytes_(round_up(bytes == 0 ? 1 : bytes)) {
     }
   }
   data_ = std::aligned_alloc(64, bytes_);  // outside the lock: the system may take its time
-  if (!data_) fail("out of memory allocating ", bytes_, " bytes");
+  if (!data_) {
+    // Blocks of other sizes may hold what is missing, as PyTorch's allocator retries too.
+    const size_t cached = allocator_stats().cached_bytes;
+    release_cached_memory();
+    data_ = std::aligned_alloc(64, bytes_);
+    if (!data_)
+      fail("out of memory allocating ", bytes_, " bytes (after returning ", cached,
+           " cached bytes to the system)");
+  }
   std::lock_guard<std::mutex> lock(c.mutex);
   ++c.stats.system_allocs;
   count_live();

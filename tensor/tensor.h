@@ -118,8 +118,10 @@ Tensor full(const Shape& shape, double value, DType dtype = DType::f32);
 Tensor scalar(double value, DType dtype = DType::f32);  // shape ()
 Tensor arange(int64_t n, DType dtype = DType::f32);
 // Copies `values` (row-major) into a new tensor of `shape`.
-template <class T>
+template <class T>  // float, double or bool
 Tensor from_vector(const std::vector<T>& values, const Shape& shape);
+template <>
+Tensor from_vector<bool>(const std::vector<bool>& values, const Shape& shape);
 Tensor from_vector(std::initializer_list<float> values, const Shape& shape);
 Tensor from_vector(const std::vector<double>& values, const Shape& shape, DType dtype);
 Tensor empty_like(const Tensor& t);

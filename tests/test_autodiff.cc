@@ -84,7 +84,52 @@ TEST(AutodiffTape, TapesNestAndOlderTapesSeeConstants) {
   EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{4.0});
 }
 
+TEST(AutodiffTape, ANestedTapeCannotTakeOverAWatchedTensor) {
+  Tensor x = from_vector(std::vector<double>{2.0}, {1});
+  Tape outer;
+  outer.watch(x);
+  {
+    Tape inner;
+    EXPECT_THAT([&] { inner.watch(x); },
+                testing::ThrowsMessage<Error>(HasSubstr("already on an enclosing tape")));
+  }
+  Tensor z = x * x;  // still recorded on the outer tape
+  EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{4.0});
+}
+
 // ---- gradients ----
+
+TEST(AutodiffGradient, ABoolRoundTripCarriesNoGradient) {
+  // y = sum(float(bool(x)) * x): bool(x) is a constant mask, so dy/dx = float(x != 0).
+  Tensor x = from_vector(std::vector<double>{0, 1.5, -2, 0}, {4});
+  Tape tape;
+  tape.watch(x);
+  const Tensor mask = to_dtype(to_dtype(x, DType::boolean), DType::f64);
+  EXPECT_FALSE(tape.is_on_tape(mask));
+  const Tensor g = tape.gradient(sum(mask * x), {x})[0];
+  EXPECT_EQ(values(g), (std::vector<double>{0, 1, 1, 0}));
+}
+
+TEST(AutodiffGradient, ReturnedGradientsNeverShareMemory) {
+  // add's backward hands the same tensor to both inputs, and the cotangent on: each returned
+  // gradient must still be the caller's own to scale in place.
+  Tensor a = from_vector(std::vector<double>{1, 2}, {2});
+  Tensor b = from_vector(std::vector<double>{0.5, -1}, {2});
+  Tensor cot = from_vector(std::vector<double>{3, 4}, {2});
+  Tape tape;
+  tape.watch(a);
+  tape.watch(b);
+  std::vector<Tensor> g = tape.gradient(a + b, {a, b, a}, cot);
+  EXPECT_FALSE(g[0].shares_storage_with(g[1]));
+  EXPECT_FALSE(g[0].shares_storage_with(g[2]));
+  EXPECT_FALSE(g[0].shares_storage_with(cot));
+  EXPECT_FALSE(g[1].shares_storage_with(cot));
+  raw::copy_into(g[0], raw::mul_scalar(g[0], 0.5));
+  EXPECT_EQ(values(g[0]), (std::vector<double>{1.5, 2}));
+  EXPECT_EQ(values(g[1]), (std::vector<double>{3, 4}));
+  EXPECT_EQ(values(g[2]), (std::vector<double>{3, 4}));
+  EXPECT_EQ(values(cot), (std::vector<double>{3, 4}));
+}
 
 TEST(AutodiffGradient, UsesOfOneTensorAccumulate) {
   // d/dx sum(x*x + x) = 2x + 1, exactly for these dyadic values.

@@ -64,6 +64,26 @@ TEST(Fused, LinearMatchesDefinitionAndGradients) {
   EXPECT_THROW(linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4})), Error);
 }
 
+// Two modalities' linears in one call, one with a bias and one without: each output is its own
+// linear, and gradients reach every input and parameter.
+TEST(Fused, LinearEachMatchesTheSeparateLinearsAndGradients) {
+  Rng rng(11);
+  const Tensor x0 = rng.normal({2, 3, 4}, DType::f64), x1 = rng.normal({2, 5, 6}, DType::f64);
+  const Tensor w0 = rng.normal({7, 4}, DType::f64), w1 = rng.normal({3, 6}, DType::f64);
+  const Tensor b0 = rng.normal({7}, DType::f64);
+  const std::vector<Tensor> ys = linear_fused_each({x0, x1}, {w0, w1}, {b0, Tensor()});
+  EXPECT_LT(max_abs_diff(ys[0], linear_fused(x0, w0, b0)), 1e-14);
+  EXPECT_LT(max_abs_diff(ys[1], linear_fused(x1, w1)), 1e-14);
+  EXPECT_FALSE(linear_fused_each({Tensor(), x1}, {w0, w1}, {b0, Tensor()})[0].defined());
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) {
+        const std::vector<Tensor> y =
+            linear_fused_each({in[0], in[1]}, {in[2], in[3]}, {in[4], Tensor()});
+        return concat({reshape(y[0], {-1}), reshape(y[1], {-1})}, 0);
+      },
+      {x0, x1, w0, w1, b0});
+}
+
 TEST(Fused, LayerNormModulateMatchesDefinitionAndGradients) {
   Rng rng(1);
   for (const Shape& mod_shape : {Shape{3, 1, 6}, Shape{6}, Shape{1, 6}}) {
@@ -76,6 +96,20 @@ TEST(Fused, LayerNormModulateMatchesDefinitionAndGradients) {
     expect_gradcheck(
         [](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1], in[2]); },
         {x, shift, scale});
+  }
+  // The packed form the models use, shift and scale from one modulation linear; a (1, 1, 2D)
+  // one serves a batch of 3, as the sampler's batch-1 conditioning does.
+  for (const Shape& packed_shape : {Shape{3, 1, 12}, Shape{1, 1, 12}, Shape{12}}) {
+    SCOPED_TRACE(shape_str(packed_shape));
+    const Tensor x = rng.normal({3, 4, 6}, DType::f64, 0.5, 2.0);
+    const Tensor shift_scale = rng.normal(packed_shape, DType::f64);
+    EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift_scale),
+                           reference_layer_norm_modulate(x, narrow(shift_scale, -1, 0, 6),
+                                                         narrow(shift_scale, -1, 6, 6))),
+              1e-12);
+    expect_gradcheck(
+        [](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1]); },
+        {x, shift_scale});
   }
   // Unbatched (S, D) tokens with (1, D) parameters.
   const Tensor x = rng.normal({5, 8}, DType::f64);

@@ -526,6 +526,24 @@ TEST(TensorBinary, NonContiguousInputs) {
   }
 }
 
+// Copying a tensor onto a shifted view of itself reads every element before any is written;
+// a broadcast destination has no distinct elements to copy into.
+TEST(TensorCopy, CopyIntoAnOverlappingViewAndIntoABroadcastView) {
+  Tensor x = from_vector(std::vector<double>{0, 1, 2, 3, 4, 5, 6, 7}, {8});
+  raw::copy_into(raw::narrow(x, 0, 1, 7), raw::narrow(x, 0, 0, 7));
+  EXPECT_EQ(x.to_vector<double>(), (std::vector<double>{0, 0, 1, 2, 3, 4, 5, 6}));
+  Tensor y = from_vector(std::vector<double>{0, 1, 2, 3, 4, 5, 6, 7}, {8});
+  raw::copy_into(raw::narrow(y, 0, 0, 7), raw::narrow(y, 0, 1, 7));
+  EXPECT_EQ(y.to_vector<double>(), (std::vector<double>{1, 2, 3, 4, 5, 6, 7, 7}));
+  raw::copy_into(y, y);
+  EXPECT_EQ(y.to_vector<double>(), (std::vector<double>{1, 2, 3, 4, 5, 6, 7, 7}));
+  EXPECT_THAT(
+      error_of([] {
+        raw::copy_into(raw::broadcast_to(zeros({1, 3}), {2, 3}), ones({2, 3}));
+      }),
+      HasSubstr("copy_into: the destination (2,3) is a broadcast view (axis 0 has stride 0)"));
+}
+
 TEST(TensorBinary, AddIntoAddsInPlace) {
   for (DType t : {DType::f32, DType::f64}) {
     SCOPED_TRACE(dtype_name(t));
@@ -922,6 +940,22 @@ TEST(TensorReduce, LargeTensorsParallelPath) {
       }
     }
   }
+}
+
+// A NaN anywhere, in a full vector or in the tail, makes the max NaN (NumPy's rule), whichever
+// values come after it in its lane.
+TEST(TensorReduce, MaxPropagatesNaNFromAnyPosition) {
+  for (DType t : {DType::f32, DType::f64})
+    for (int64_t n : {1, 7, 16, 37, 100})
+      for (int64_t at = 0; at < n; at += 3) {
+        std::vector<double> v(n);
+        for (int64_t i = 0; i < n; ++i) v[i] = std::sin(1.0 + i);
+        v[at] = std::nan("");
+        EXPECT_TRUE(std::isnan(raw::max(from_vector(v, {n}, t)).item()))
+            << dtype_name(t) << " n " << n << " NaN at " << at;
+        v[at] = 5.0;
+        EXPECT_EQ(raw::max(from_vector(v, {n}, t)).item(), 5.0);
+      }
 }
 
 TEST(TensorReduce, SumTo) {

@@ -100,7 +100,8 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 // sample_actions for a policy whose weights no longer change (deployment): the time
 // conditioning of every step of the schedule (timestep embedding, every adaLN modulation and
 // gate) is the same for all calls and all examples, so it is computed once, here. Each call then
-// runs only the token path. Keeps a reference to the policy.
+// runs only the token path. Keeps a reference to the policy. It keeps the conditioning and the
+// packed copies of the weights it first saw: after policy.load(...), make a new sampler.
 class EulerSampler {
  public:
   // packed: the token path's weights are packed (tensor/packed_weight.h) at this precision on
