@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cfloat>
+#include <functional>
 
 #include "autodiff/fused.h"
 #include "autodiff/gradcheck.h"
@@ -325,6 +326,49 @@ TEST(Fused, Float32AgreesWithTheComposition) {
   const Tensor gamma = rng.normal({64});
   EXPECT_LT(max_abs_diff(rms_norm_fused(x, gamma), reference_rms_norm(x, gamma)), 1e-5);
   EXPECT_LT(max_abs_diff(swiglu(x, shift * x), reference_swiglu(x, shift * x)), 1e-5);
+}
+
+// The float32 backward kernels have SIMD loops of their own, which the float64 gradchecks never
+// run: their gradients must agree with float64's on the same inputs and cotangent.
+TEST(Fused, Float32GradientsAgreeWithFloat64) {
+  using Fn = std::function<Tensor(const std::vector<Tensor>&)>;
+  const auto gradients = [](const Fn& f, std::vector<Tensor> inputs, DType dtype, uint64_t seed) {
+    for (Tensor& x : inputs) x = raw::to_dtype(x, dtype);
+    Tape tape;
+    for (const Tensor& x : inputs) tape.watch(x);
+    const Tensor y = f(inputs);
+    Rng rng(seed);
+    return tape.gradient(y, inputs, raw::to_dtype(rng.normal(y.shape(), DType::f64), dtype));
+  };
+  const auto expect_agreement = [&](const char* name, const Fn& f,
+                                    const std::vector<Tensor>& inputs) {
+    const std::vector<Tensor> g64 = gradients(f, inputs, DType::f64, 99);
+    const std::vector<Tensor> g32 = gradients(f, inputs, DType::f32, 99);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const double scale = raw::max(raw::unary(raw::UnaryOp::abs, g64[i])).item();
+      EXPECT_LT(max_abs_diff(raw::to_dtype(g32[i], DType::f64), g64[i]), 2e-5 * scale)
+          << name << ", input " << i;
+    }
+  };
+  Rng rng(12);
+  const Tensor x = rng.normal({4, 16, 64}, DType::f64, 0.3, 1.5);
+  expect_agreement("layer_norm_modulate",
+                   [](const auto& in) { return layer_norm_modulate(in[0], in[1]); },
+                   {x, rng.normal({4, 1, 128}, DType::f64)});
+  expect_agreement("rms_norm", [](const auto& in) { return rms_norm_fused(in[0], in[1]); },
+                   {x, rng.normal({64}, DType::f64)});
+  expect_agreement("swiglu", [](const auto& in) { return swiglu(in[0], in[1]); },
+                   {x, rng.normal({4, 16, 64}, DType::f64)});
+  expect_agreement("gated_residual",
+                   [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
+                   {x, rng.normal({4, 1, 64}, DType::f64), rng.normal({4, 16, 64}, DType::f64)});
+  expect_agreement("qk_norm_rope",
+                   [](const auto& in) {
+                     const nn::RopeTables t = nn::rope_tables(6, 16, in[0].dtype());
+                     return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
+                   },
+                   {rng.normal({2, 6, 3, 4, 16}, DType::f64), rng.normal({16}, DType::f64),
+                    rng.normal({16}, DType::f64)});
 }
 
 // Big enough for the kernels' parallel paths: two threads give what one gives, bit for bit.
