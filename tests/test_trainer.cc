@@ -429,6 +429,11 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 2);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --log-every 0 --out " + dir + "/y"),
             0);
+  // Diverging (lr 1e30 makes the second loss non-finite) stops without writing a checkpoint.
+  EXPECT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
+                "/config.json --lr 1e30 --steps 5 --out " + dir + "/diverged"),
+            1 << 8);
+  EXPECT_FALSE(fs::exists(dir + "/diverged/checkpoint.safetensors"));
   EXPECT_EQ(run(mmdit + " info " + out + "/checkpoint.safetensors"), 0);
   EXPECT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95"), 0);
   EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1"), 0);

@@ -145,9 +145,12 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
       s = trainer.train_step();
     } catch (const Error& e) {
       csv.flush();
-      fail(e.what(), saved_step >= 0 ? str_cat("; the checkpoint of step ", saved_step, " in ",
-                                               ckpt, " is kept")
-                                     : std::string("; this run wrote no checkpoint"));
+      const std::string kept =
+          saved_step >= 0
+              ? str_cat("; the checkpoint of step ", saved_step, " in ", ckpt, " is kept")
+          : first > 0 ? str_cat("; this run saved nothing after resuming at step ", first)
+                      : std::string("; this run wrote no checkpoint");
+      fail(e.what(), kept);
     }
     const int64_t step = trainer.step();
     ++window_steps;
