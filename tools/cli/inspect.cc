@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -15,6 +14,7 @@
 #include "autodiff/ops.h"
 #include "mmdit/incontext.h"
 #include "mmdit/mmdit.h"
+#include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "tools/cli/commands.h"
 #include "train/policy.h"
@@ -184,10 +184,7 @@ void add_inspect(CLI::App& app) {
     // Before gradient(): it releases the saved tensors the listing reports.
     std::fputs(format_tape(tape, params).c_str(), stdout);
     if (!opts->dot.empty()) {
-      std::ofstream f(opts->dot);
-      MMDIT_CHECK(f, "inspect: cannot write ", opts->dot);
-      f << tape_to_dot(tape, opts->backward_edges);
-      MMDIT_CHECK(f.good(), "inspect: failed writing ", opts->dot);
+      write_file_atomically(opts->dot, tape_to_dot(tape, opts->backward_edges));
       std::printf("wrote %s\n", opts->dot.c_str());
     }
     std::printf("loss %.6g over %lld parameters in %zu tensors\n", loss.item(),
