@@ -24,14 +24,6 @@ void check_floats(const char* op, std::initializer_list<Tensor> ts) {
                 "dtype, got ", dtype_name(dtype), " and ", dtype_name(t.dtype()));
 }
 
-template <class Fn>
-void by_dtype(DType dtype, Fn&& fn) {
-  if (dtype == DType::f32)
-    fn(float{});
-  else
-    fn(double{});
-}
-
 // x (..., S, D) seen as G groups of S rows; a per-group parameter (..., 1, D) as (G, D).
 struct Groups {
   int64_t groups, rows_per_group, dim;
@@ -717,7 +709,7 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
   }
   Tensor out = empty({B, T_, H, d}, qkv.dtype());
   const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
-  by_dtype(qkv.dtype(), [&](auto tag) {
+  visit_float_dtype(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* base = qkv.data<T>();
     if (blocked)
@@ -735,7 +727,7 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
         ctx.input(0, [&] {
           const Tensor dout = raw::contiguous(ctx.grad);
           Tensor dqkv = empty(qkv.shape(), qkv.dtype());
-          by_dtype(qkv.dtype(), [&](auto tag) {
+          visit_float_dtype(qkv.dtype(), [&](auto tag) {
             using T = decltype(tag);
             const T *base = qkv.data<T>(), *dy = dout.data<T>();
             const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
@@ -773,7 +765,7 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                gk = raw::contiguous(gamma_k), c = raw::contiguous(cos_in),
                sn = raw::contiguous(sin_in);
   Tensor y = empty(x.shape(), x.dtype()), rstd = empty({B * S * 2 * H}, x.dtype());
-  by_dtype(x.dtype(), [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     qk_norm_rope_forward(x.data<T>(), gq.data<T>(), gk.data<T>(), c.data<T>(), sn.data<T>(),
                          y.data<T>(), rstd.data<T>(), B, S, H, d, eps);
@@ -787,7 +779,7 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                   const Tensor dy = raw::contiguous(ctx.grad);
                   Tensor dx = empty(x.shape(), x.dtype()), dgq = empty({d}, x.dtype()),
                          dgk = empty({d}, x.dtype());
-                  by_dtype(x.dtype(), [&](auto tag) {
+                  visit_float_dtype(x.dtype(), [&](auto tag) {
                     using T = decltype(tag);
                     qk_norm_rope_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gq.data<T>(),
                                           gk.data<T>(), c.data<T>(), sn.data<T>(), dx.data<T>(),
@@ -829,7 +821,7 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
   const int64_t in = weight.shape()[1], out = weight.shape()[0];
   if (bias.defined()) {
     const Tensor b = raw::contiguous(bias);
-    by_dtype(x.dtype(), [&](auto tag) {
+    visit_float_dtype(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       add_bias_rows(y.data<T>(), b.data<T>(), y.shape()[0], out);
     });
@@ -927,7 +919,7 @@ Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, dou
   const Tensor ss = per_group(shift_scale_in, g, op, "shift_scale");
   Tensor y = empty(x.shape(), x.dtype()), xhat = empty(x.shape(), x.dtype());
   Tensor rstd = empty({g.groups * g.rows_per_group}, x.dtype());
-  by_dtype(x.dtype(), [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     layer_norm_modulate_forward(x.data<T>(), ss.data<T>(), y.data<T>(), xhat.data<T>(),
                                 rstd.data<T>(), g, eps);
@@ -936,7 +928,7 @@ Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, dou
     const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &ss = ctx.saved[2];
     const Tensor dy = raw::contiguous(ctx.grad);
     Tensor dx = empty(xhat.shape(), xhat.dtype()), dss = empty(g.param_shape, xhat.dtype());
-    by_dtype(xhat.dtype(), [&](auto tag) {
+    visit_float_dtype(xhat.dtype(), [&](auto tag) {
       using T = decltype(tag);
       layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), ss.data<T>(),
                                    dx.data<T>(), dss.data<T>(), g);
@@ -965,7 +957,7 @@ Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
   const Tensor x = raw::contiguous(x_in), gm = raw::contiguous(gamma);
   const int64_t D = x.shape().back(), rows = x.numel() / std::max<int64_t>(D, 1);
   Tensor y = empty(x.shape(), x.dtype()), rstd = empty({rows}, x.dtype());
-  by_dtype(x.dtype(), [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     rms_norm_forward(x.data<T>(), gm.data<T>(), y.data<T>(), rstd.data<T>(), rows, D, eps);
   });
@@ -973,7 +965,7 @@ Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
     const Tensor &x = ctx.saved[0], &rstd = ctx.saved[1], &gamma = ctx.saved[2];
     const Tensor dy = raw::contiguous(ctx.grad);
     Tensor dx = empty(x.shape(), x.dtype()), dgamma = empty({D}, x.dtype());
-    by_dtype(x.dtype(), [&](auto tag) {
+    visit_float_dtype(x.dtype(), [&](auto tag) {
       using T = decltype(tag);
       rms_norm_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gamma.data<T>(), dx.data<T>(),
                         dgamma.data<T>(), rows, D);
@@ -990,7 +982,7 @@ Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
               shape_str(g_in.shape()), " differ");
   const Tensor a = raw::contiguous(a_in), g = raw::contiguous(g_in);
   Tensor y = empty(a.shape(), a.dtype());
-  by_dtype(a.dtype(), [&](auto tag) {
+  visit_float_dtype(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
     swiglu_forward(a.data<T>(), g.data<T>(), y.data<T>(), a.numel());
   });
@@ -998,7 +990,7 @@ Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
     const Tensor &a = ctx.saved[0], &g = ctx.saved[1];
     const Tensor dy = raw::contiguous(ctx.grad);
     Tensor da = empty(a.shape(), a.dtype()), dg = empty(a.shape(), a.dtype());
-    by_dtype(a.dtype(), [&](auto tag) {
+    visit_float_dtype(a.dtype(), [&](auto tag) {
       using T = decltype(tag);
       swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(), da.data<T>(), dg.data<T>(),
                       a.numel());
@@ -1017,7 +1009,7 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y
   const Tensor x = raw::contiguous(x_in), y = raw::contiguous(y_in);
   const Tensor gate = per_group(gate_in, g, op, "gate");
   Tensor out = empty(x.shape(), x.dtype());
-  by_dtype(x.dtype(), [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     gated_residual_forward(x.data<T>(), gate.data<T>(), y.data<T>(), out.data<T>(), g);
   });
@@ -1026,7 +1018,7 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y
     const Tensor dy = raw::contiguous(ctx.grad);
     Tensor dy_in = ctx.needs(2) ? empty(y.shape(), y.dtype()) : Tensor();
     Tensor dgate = ctx.needs(1) ? empty(g.param_shape, y.dtype()) : Tensor();
-    by_dtype(y.dtype(), [&](auto tag) {
+    visit_float_dtype(y.dtype(), [&](auto tag) {
       using T = decltype(tag);
       gated_residual_backward(dy.data<T>(), gate.data<T>(), y.data<T>(),
                               dy_in.defined() ? dy_in.data<T>() : nullptr,
@@ -1053,7 +1045,7 @@ Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
   const Tensor c = raw::contiguous(cos_in), s = raw::contiguous(sin_in);
   const int64_t rows = x.numel() / d;
   Tensor y = empty(x.shape(), x.dtype());
-  by_dtype(x.dtype(), [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     rope_rows(x.data<T>(), c.data<T>(), s.data<T>(), y.data<T>(), rows, S, H, d, false);
   });
@@ -1063,7 +1055,7 @@ Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
     ctx.input(0, [&] {
       const Tensor dy = raw::contiguous(ctx.grad);
       Tensor dx = empty(dy.shape(), dy.dtype());
-      by_dtype(dy.dtype(), [&](auto tag) {
+      visit_float_dtype(dy.dtype(), [&](auto tag) {
         using T = decltype(tag);
         rope_rows(dy.data<T>(), c.data<T>(), s.data<T>(), dx.data<T>(), rows, S, H, d, true);
       });

@@ -53,4 +53,25 @@ constexpr DType dtype_of<bool>() {
   return DType::boolean;
 }
 
+// A kernel written once as a template runs for a runtime dtype through these: fn is called with a
+// value of the element type (float{}, double{} or bool{}) and reads the type off it.
+template <class Fn>
+decltype(auto) visit_dtype(DType t, Fn&& fn) {
+  switch (t) {
+    case DType::f32:
+      return fn(float{});
+    case DType::f64:
+      return fn(double{});
+    case DType::boolean:
+      break;
+  }
+  return fn(bool{});
+}
+// The same for the float types; the caller has checked that t is one.
+template <class Fn>
+decltype(auto) visit_float_dtype(DType t, Fn&& fn) {
+  if (t == DType::f32) return fn(float{});
+  return fn(double{});
+}
+
 }  // namespace mmdit

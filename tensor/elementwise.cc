@@ -63,11 +63,6 @@ const char* unary_name(UnaryOp op) {
   return "?";
 }
 
-void check_float(const Tensor& t, const char* op) {
-  MMDIT_CHECK(is_floating(t.dtype()), op, ": expected a float32 or float64 tensor, got ",
-              dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
-}
-
 void check_same_dtype(const Tensor& a, const Tensor& b, const char* op) {
   MMDIT_CHECK(a.dtype() == b.dtype(), op, ": dtypes ", dtype_name(a.dtype()), " and ",
               dtype_name(b.dtype()), " differ (shapes ", shape_str(a.shape()), " and ",
@@ -132,18 +127,6 @@ void copy_rows(const Tensor& dst, const Tensor& src) {
                     }
                     for (int64_t i = 0; i < n; ++i) d[i * s[0]] = static_cast<Dst>(x[i * s[1]]);
                   });
-}
-
-template <class Fn>
-void visit_dtype(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32:
-      return fn(float{});
-    case DType::f64:
-      return fn(double{});
-    case DType::boolean:
-      return fn(bool{});
-  }
 }
 
 // out[i] = fn(a[i], b[i], ...) for the mask-like ops (compare, where, logical); these are cheap

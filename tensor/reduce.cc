@@ -87,22 +87,12 @@ Tensor sum_leading(const Tensor& x, const Reduction& r) {
   return out;
 }
 
-void check_float(const Tensor& x, const char* op) {
-  MMDIT_CHECK(is_floating(x.dtype()), op, ": expected a float tensor, got ", dtype_name(x.dtype()),
-              " of shape ", shape_str(x.shape()));
-}
-
-template <class Fn>
-Tensor by_float_type(const Tensor& x, Fn fn) {
-  return x.dtype() == DType::f32 ? fn(float{}) : fn(double{});
-}
-
 }  // namespace
 
 Tensor sum(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
   check_float(x, "sum");
   Reduction r = plan_reduction(x, std::move(axes), keepdims, "sum");
-  return by_float_type(x, [&](auto tag) {
+  return visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     if (reduces_leading(x, r)) return sum_leading<T>(x, r);
     return reduce_rows<T>(x, r, [](const T* p, int64_t n) { return simd::sum(p, n); });
@@ -120,7 +110,7 @@ Tensor max(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
   check_float(x, "max");
   Reduction r = plan_reduction(x, std::move(axes), keepdims, "max");
   MMDIT_CHECK(r.inner > 0, "max: reducing shape ", shape_str(x.shape()), " over no elements");
-  return by_float_type(x, [&](auto tag) {
+  return visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     return reduce_rows<T>(x, r, [](const T* p, int64_t n) { return simd::max(p, n); });
   });
@@ -130,7 +120,7 @@ Tensor var(const Tensor& x, std::vector<int64_t> axes, bool keepdims) {
   check_float(x, "var");
   Reduction r = plan_reduction(x, std::move(axes), keepdims, "var");
   MMDIT_CHECK(r.inner > 0, "var: reducing shape ", shape_str(x.shape()), " over no elements");
-  return by_float_type(x, [&](auto tag) {
+  return visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     return reduce_rows<T>(x, r, [](const T* p, int64_t n) {
       const T m = simd::sum(p, n) / static_cast<T>(n);
@@ -168,7 +158,7 @@ Tensor softmax_impl(const Tensor& x, int64_t axis, const char* op) {
   Tensor moved = last ? contiguous(x) : contiguous(transpose(x, axis, -1));
   Tensor out = empty(moved.shape(), x.dtype());
   const int64_t n = moved.shape().back(), rows = n == 0 ? 0 : moved.numel() / n;
-  by_float_type(x, [&](auto tag) {
+  visit_float_dtype(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* in = moved.data<T>();
     T* o = out.data<T>();

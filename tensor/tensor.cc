@@ -114,6 +114,11 @@ void release_cached_memory() {
   c.stats.cached_bytes = 0;
 }
 
+void check_float(const Tensor& t, const char* op) {
+  MMDIT_CHECK(is_floating(t.dtype()), op, ": expected a float32 or float64 tensor, got ",
+              dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
+}
+
 // ---- Tensor ----
 int64_t Tensor::size(int64_t axis) const {
   return shape()[normalize_axis(axis, shape(), "size")];

@@ -118,6 +118,9 @@ Tensor full(const Shape& shape, double value, DType dtype = DType::f32);
 Tensor scalar(double value, DType dtype = DType::f32);  // shape ()
 Tensor arange(int64_t n, DType dtype = DType::f32);
 // Copies `values` (row-major) into a new tensor of `shape`.
+// Throws unless t is float32 or float64, naming op, the dtype and t's shape.
+void check_float(const Tensor& t, const char* op);
+
 template <class T>  // float, double or bool
 Tensor from_vector(const std::vector<T>& values, const Shape& shape);
 template <>
