@@ -1,7 +1,8 @@
 // Fused ops: a few elementwise steps of the models done in one pass over memory, and recorded as
-// one tape node whose backward kernel sits right under its forward kernel (fused.cc). Each is
-// exactly a composition of the plain ops, given in its comment; tests/test_fused.cc checks both
-// the values against that composition and the gradients against central differences.
+// one tape node whose backward kernel sits right under its forward kernel (fused.cc, and
+// fused_attention.cc for attention). Each is exactly a composition of the plain ops, given in its
+// comment; tests/test_fused.cc checks both the values against that composition and the
+// gradients against central differences.
 //
 // Why: a LayerNorm written with plain ops is ten nodes, each reading and writing the whole
 // activation and saving a copy for backward. Fused, it is one read, one write and one saved

@@ -7,7 +7,7 @@
 // inference pays nothing.
 //
 // Tape::gradient walks the nodes backwards once, calling each node's backward function, which
-// sits next to its forward (ops.cc, and fused.cc for the fused ops).
+// sits next to its forward (ops.cc; fused.cc and fused_attention.cc for the fused ops).
 #pragma once
 
 #include <chrono>
