@@ -71,7 +71,7 @@ class Backward {
 
 class Tape {
  public:
-  Tape();   // becomes this thread's active tape (tapes nest)
+  Tape();   // becomes this thread's active tape (tapes nest like scopes; only the active records)
   ~Tape();  // the previous tape becomes active again
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
