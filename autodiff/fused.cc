@@ -4,6 +4,7 @@
 #include "autodiff/fused.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -632,9 +633,10 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
     waiting = n;
     const Tensor xj = raw::reshape(xs[j], {-1, weights[j].shape()[1]});
     const Tensor xi = raw::reshape(xs[i], {-1, weights[i].shape()[1]});
-    auto [yj, yi] = raw::matmul_packed_pair(xj, *waiting_packed, xi, *packed);
-    ys[j] = scoped(j, [&] { return finish_linear(xs[j], xj, weights[j], biases[j], yj); });
-    ys[i] = scoped(i, [&] { return finish_linear(xs[i], xi, weights[i], biases[i], yi); });
+    // Not a structured binding: Clang before 16 cannot capture one in the lambdas below.
+    const std::array<Tensor, 2> y = raw::matmul_packed_pair(xj, *waiting_packed, xi, *packed);
+    ys[j] = scoped(j, [&] { return finish_linear(xs[j], xj, weights[j], biases[j], y[0]); });
+    ys[i] = scoped(i, [&] { return finish_linear(xs[i], xi, weights[i], biases[i], y[1]); });
   }
   if (waiting != n)
     ys[waiting] = scoped(waiting, [&] {

@@ -233,7 +233,10 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
   const int64_t B = qkv_in.shape()[0], T_ = qkv_in.shape()[1], H = qkv_in.shape()[3],
                 d = qkv_in.shape()[4], hd = H * d;
   const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
-  const auto [mask, mask_stride] = attention_mask(mask_in, s, op);
+  // Not a structured binding: Clang before 16 cannot capture one in the backward closure.
+  const auto mask_and_stride = attention_mask(mask_in, s, op);
+  const Tensor& mask = mask_and_stride.first;
+  const int64_t mask_stride = mask_and_stride.second;
   const Tensor qkv = raw::contiguous(qkv_in);
   // Saved for backward: the probabilities, or for long sequences each row's max and sum of
   // exponentials, from which backward recomputes them.

@@ -40,8 +40,8 @@ struct PyValue {
   int64_t integer = 0;
   bool negative_or_huge = false;  // an integer that is < 0 or does not fit in int64
   bool boolean = false;
-  std::vector<PyValue> items;                            // tuple/list elements
-  std::vector<std::pair<std::string, PyValue>> entries;  // dict entries (string keys only)
+  std::vector<PyValue> items;     // tuple/list elements, or a dict's values
+  std::vector<std::string> keys;  // a dict's keys (strings only), one per value in items
 };
 
 std::string printable(std::string_view s, size_t limit = 80) {
@@ -126,9 +126,10 @@ class LiteralParser {
       if (key.kind != PyValue::Kind::string) error("dict keys must be strings");
       if (!eat(':')) error("expected ':' after a dict key");
       PyValue item = value(depth + 1);
-      for (const auto& [k, unused] : v.entries)
+      for (const std::string& k : v.keys)
         if (k == key.text) error(str_cat("duplicate key '", printable(k), "'"));
-      v.entries.emplace_back(key.text, std::move(item));
+      v.keys.push_back(key.text);
+      v.items.push_back(std::move(item));
       if (eat('}')) break;
       if (!eat(',')) error("expected ',' or '}' in the dict");
     }
@@ -410,7 +411,9 @@ Tensor parse_npy(const void* bytes, size_t size, const std::string& what) {
   if (dict.kind != PyValue::Kind::dict)
     fail(what, ": bad header: expected a dict, got \"", printable(header), "\"");
   const PyValue *descr = nullptr, *fortran = nullptr, *shape_value = nullptr;
-  for (const auto& [key, value] : dict.entries) {
+  for (size_t i = 0; i < dict.keys.size(); ++i) {
+    const std::string& key = dict.keys[i];
+    const PyValue& value = dict.items[i];
     if (key == "descr")
       descr = &value;
     else if (key == "fortran_order")

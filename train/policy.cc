@@ -31,7 +31,10 @@ PolicyConfig PolicyConfig::from_json(const std::string& text) {
     fail("policy config: not valid JSON: ", e.what());
   }
   MMDIT_CHECK(j.is_object(), "policy config: expected a JSON object");
-  for (auto& [key, value] : j.items()) {
+  for (auto& item : j.items()) {
+    // Named, not a structured binding: Clang before 16 cannot capture one in the lambdas below.
+    const std::string& key = item.key();
+    const Json& value = item.value();
     auto as_int = [&](int64_t& field) {
       MMDIT_CHECK(value.is_number_integer(), "policy config: '", key, "' must be an integer, got ",
                   value.dump());

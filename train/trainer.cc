@@ -53,7 +53,10 @@ TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& d
   }
   MMDIT_CHECK(j.is_object(), "train config: expected a JSON object");
   TrainConfig c = defaults;
-  for (auto& [key, value] : j.items()) {
+  for (auto& item : j.items()) {
+    // Named, not a structured binding: Clang before 16 cannot capture one in the lambdas below.
+    const std::string& key = item.key();
+    const Json& value = item.value();
     auto number = [&](double& field) {
       MMDIT_CHECK(value.is_number(), "train config: '", key, "' must be a number, got ",
                   value.dump());
