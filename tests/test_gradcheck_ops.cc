@@ -159,9 +159,9 @@ void add_unary_cases(std::vector<Case>& cases) {
       {"mul_scalar", [](const Tensor& x) { return mul_scalar(x, -2.5); }, any_values},
   };
   // pow through each of its paths: generic std::pow, square, sqrt, rsqrt.
-  for (const auto& [p, name] : std::vector<std::pair<double, std::string>>{
+  for (const auto& [exponent, name] : std::vector<std::pair<double, std::string>>{
            {3.0, "3"}, {2.5, "2p5"}, {2.0, "2"}, {0.5, "0p5"}, {-0.5, "m0p5"}, {-1.5, "m1p5"}})
-    ops.push_back({"pow_" + name, [p](const Tensor& x) { return pow(x, p); }, positive});
+    ops.push_back({"pow_" + name, [p = exponent](const Tensor& x) { return pow(x, p); }, positive});
 
   uint64_t seed = 2000;
   for (const UnaryOp& op : ops) {
@@ -197,7 +197,9 @@ void add_reduction_cases(std::vector<Case>& cases) {
   const std::vector<std::vector<int64_t>> axis_sets = {{0},    {1},    {2},    {-1},
                                                        {0, 2}, {1, 2}, {0, 1}, {}};
   uint64_t seed = 3000;
-  for (const auto& [name, op] : ops) {
+  for (const auto& [name, reduce] : ops) {
+    const Reduce op =
+        reduce;  // a copy the lambdas can capture (Clang < 16 cannot capture a binding)
     for (const auto& axes : axis_sets) {
       for (bool keepdims : {false, true}) {
         cases.push_back({str_cat(name, "_", axes_name(axes), keepdims ? "_keepdims" : ""),
