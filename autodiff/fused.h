@@ -6,7 +6,7 @@
 //
 // Why: a LayerNorm written with plain ops is ten nodes, each reading and writing the whole
 // activation and saving a copy for backward. Fused, it is one read, one write and one saved
-// tensor (see docs/autodiff.md, "Fused kernels").
+// tensor (see docs/autodiff.md, section 5).
 #pragma once
 
 #include "autodiff/tape.h"
