@@ -2,9 +2,9 @@
 # ctest install.find_package: installs this build into a temporary prefix, then configures,
 # builds and runs a project outside the tree that finds it with find_package(mmdit) and links
 # mmdit::train, as README "Deploying a checkpoint in C++" tells a user to.
-# Usage: test_install.sh BUILD_DIR
+# Usage: test_install.sh BUILD_DIR C_COMPILER CXX_COMPILER
 set -euo pipefail
-build_dir=$1
+build_dir=$1 c_compiler=$2 cxx_compiler=$3
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cmake --install "$build_dir" --prefix "$work/prefix" > "$work/install.log"
@@ -36,6 +36,6 @@ int main() {
 }
 CPP
 cmake -S "$work/app" -B "$work/app/build" -DCMAKE_PREFIX_PATH="$work/prefix" \
-  -DCMAKE_BUILD_TYPE=Release > "$work/configure.log" || { cat "$work/configure.log"; exit 1; }
+  -DCMAKE_C_COMPILER="$c_compiler" -DCMAKE_CXX_COMPILER="$cxx_compiler" -DCMAKE_BUILD_TYPE=Release > "$work/configure.log" || { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/app/build" > "$work/build.log" || { cat "$work/build.log"; exit 1; }
 "$work/app/build/my_robot"
