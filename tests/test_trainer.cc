@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
@@ -287,6 +288,23 @@ TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   EXPECT_EQ(actions.shape(), (Shape{1, 4, 2}));
   EXPECT_THAT([&] { load_policy(dir + "/missing.safetensors"); },
               testing::ThrowsMessage<Error>(HasSubstr("missing.safetensors")));
+  // A config that does not describe the tensors (here, one edited by hand) is refused before a
+  // model of its size is built.
+  for (const auto& [edit, message] :
+       std::vector<std::pair<std::function<void(TrainConfig&)>, std::string>>{
+           {[](TrainConfig& k) { k.policy.hidden_size = 200000; }, "hidden_size and state_dim"},
+           {[](TrainConfig& k) { k.policy.heads = 1000; }, "heads and dim_head"},
+           {[](TrainConfig& k) { k.policy.ff_mult = 64; }, "ff_mult"},
+           {[](TrainConfig& k) { k.policy.horizon = 100000; }, "horizon"},
+           {[](TrainConfig& k) { k.policy.depth = 40; }, "depth 40 does not match"}}) {
+    TrainConfig edited = TrainConfig::from_json(f.metadata.at("config"));
+    edit(edited);
+    std::map<std::string, std::string> meta = f.metadata;
+    meta["config"] = edited.to_json();
+    save_safetensors(dir + "/edited.safetensors", f.tensors, meta);
+    EXPECT_THAT([&] { load_policy(dir + "/edited.safetensors"); },
+                testing::ThrowsMessage<Error>(HasSubstr(message)));
+  }
   save_safetensors(dir + "/other.safetensors", f.tensors, {{"format", "something-else"}});
   EXPECT_THAT([&] { load_policy(dir + "/other.safetensors"); },
               testing::ThrowsMessage<Error>(HasSubstr("is not mmdit-checkpoint/1")));

@@ -269,12 +269,47 @@ CheckpointFile read_checkpoint(const std::string& path) {
   c.file = load_safetensors(path);
   MMDIT_CHECK(c.meta("format") == kCheckpointFormat, path, ": checkpoint format '",
               c.meta("format"), "' is not ", kCheckpointFormat);
-  c.config = TrainConfig::from_json(c.meta("config"));
+  try {
+    c.config = TrainConfig::from_json(c.meta("config"));
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
   try {
     c.step = std::stoll(c.meta("step"));
   } catch (const std::exception&) {
     fail(path, ": bad step '", c.meta("step"), "' in the checkpoint metadata");
   }
+  // The model is built from the config before the parameters are read into it: a config that
+  // does not describe these tensors (a corrupt or hand-edited file) fails here, on the tensors
+  // each size setting shapes, not after allocating a model of whatever size it claims. Sizes
+  // are compared as doubles, so an absurd product cannot overflow.
+  const PolicyConfig& pc = c.config.policy;
+  const auto expect = [&](const std::string& name, std::initializer_list<double> shape,
+                          const char* settings) {
+    MMDIT_CHECK(c.file.tensors.contains(name), path, ": the config describes a policy with '", name,
+                "', which the checkpoint does not hold");
+    const Shape& got = c.file.tensors.at(name).shape();
+    bool same = got.size() == shape.size();
+    for (size_t i = 0; same && i < got.size(); ++i)
+      same = static_cast<double>(got[i]) == shape.begin()[i];
+    MMDIT_CHECK(same, path, ": '", name, "' has shape ", shape_str(got),
+                ", which does not match the config's ", settings);
+  };
+  const double hidden = static_cast<double>(pc.hidden_size);
+  expect("param/state_encoder.weight", {hidden, double(pc.state_dim)}, "hidden_size and state_dim");
+  expect("param/action_encoder.weight", {hidden, double(pc.act_dim)}, "hidden_size and act_dim");
+  expect("buffer/state_pos_embed", {double(pc.n_obs_steps), hidden}, "n_obs_steps");
+  expect("buffer/action_pos_embed", {double(pc.horizon), hidden}, "horizon");
+  expect("param/mmdit.timestep_embeds.0.linear1.weight",
+         {double(pc.dim_cond), double(pc.timestep_embed_dim)}, "dim_cond and timestep_embed_dim");
+  expect("param/mmdit.blocks.0.joint_attn.to_qkv.0.weight",
+         {3.0 * double(pc.heads) * double(pc.dim_head), hidden}, "heads and dim_head");
+  expect("param/mmdit.blocks.0.feedforwards.0.linear_in.weight",
+         {double(pc.ff_mult) * hidden, hidden}, "ff_mult");
+  MMDIT_CHECK(
+      c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth - 1, ".to_cond.weight")) &&
+          !c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth, ".to_cond.weight")),
+      path, ": the config's depth ", pc.depth, " does not match the checkpoint's blocks");
   return c;
 }
 
