@@ -12,8 +12,7 @@
 #include "train/trainer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const std::string path =
-      "/tmp/mmdit_fuzz_" + std::to_string(::getpid()) + ".safetensors";
+  static const std::string path = "/tmp/mmdit_fuzz_" + std::to_string(::getpid()) + ".safetensors";
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (!f) return 0;
   std::fwrite(data, 1, size, f);
