@@ -21,19 +21,6 @@ std::string GradcheckResult::report() const {
   return buf;
 }
 
-namespace {
-
-Shape unravel(int64_t flat, const Shape& shape) {
-  Shape idx(shape.size());
-  for (size_t d = shape.size(); d-- > 0;) {
-    idx[d] = shape[d] ? flat % shape[d] : 0;
-    flat = shape[d] ? flat / shape[d] : 0;
-  }
-  return idx;
-}
-
-}  // namespace
-
 GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& wrt,
                           const GradcheckOptions& options) {
   for (const auto& [name, t] : wrt)
@@ -90,7 +77,7 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
       if (ratio >= result.worst_ratio) {
         result.worst_ratio = ratio;
         result.name = name;
-        result.index = unravel(i, t.shape());
+        result.index = unravel_index(i, t.shape());
         result.analytic = g[i];
         result.numeric = numeric;
         result.tolerance = tolerance;

@@ -17,20 +17,14 @@ thread_local bool g_anomaly = false;
 std::atomic<uint64_t> g_next_tape_id{1};
 
 // The first NaN or Inf of t as "NaN at (1,2)", or "" if every element is finite.
-std::string first_non_finite(const Tensor& t) {
-  if (!is_floating(t.dtype())) return "";
-  const std::vector<double> v = t.to_vector<double>();
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (std::isfinite(v[i])) continue;
-    Shape idx(t.shape().size());
-    int64_t flat = static_cast<int64_t>(i);
-    for (size_t d = idx.size(); d-- > 0;) {
-      idx[d] = flat % t.shape()[d];
-      flat /= t.shape()[d];
-    }
-    return str_cat(std::isnan(v[i]) ? "NaN" : v[i] > 0 ? "+Inf" : "-Inf", " at ", shape_str(idx));
-  }
-  return "";
+// "NaN at (1,2)", or "" when every element is finite.
+std::string describe_non_finite(const Tensor& t) {
+  const std::optional<NonFinite> bad = first_non_finite(t);
+  if (!bad) return "";
+  return str_cat(std::isnan(bad->value) ? "NaN"
+                 : bad->value > 0       ? "+Inf"
+                                        : "-Inf",
+                 " at ", shape_str(bad->index));
 }
 
 std::string describe_inputs(const Node& node) {
@@ -115,7 +109,7 @@ Tensor Tape::append(Node node, Tensor out) {
     if (in >= 0 && slot_of(out) == in)
       out = make_view(out, out.shape(), out.strides(), out.offset());
   if (g_anomaly) {
-    const std::string bad = first_non_finite(out);
+    const std::string bad = describe_non_finite(out);
     MMDIT_CHECK(bad.empty(), "anomaly mode: ", node.op, " (", where_recorded(node, nodes_.size()),
                 ") produced ", bad, " in its output ", shape_str(out.shape()), " ",
                 dtype_name(out.dtype()), "; inputs: ", describe_inputs(node));
@@ -206,7 +200,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
         Tensor& gi = ctx.input_grads()[i];
         if (!gi.defined()) continue;
         if (g_anomaly) {
-          const std::string bad = first_non_finite(gi);
+          const std::string bad = describe_non_finite(gi);
           // Every gradient reaching this node was checked when it was made, so the first
           // non-finite one is pinned on the backward that made it, not on a later consumer.
           MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",

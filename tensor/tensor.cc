@@ -1,5 +1,6 @@
 #include "tensor/tensor.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -117,6 +118,24 @@ void release_cached_memory() {
 void check_float(const Tensor& t, const char* op) {
   MMDIT_CHECK(is_floating(t.dtype()), op, ": expected a float32 or float64 tensor, got ",
               dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
+}
+
+Shape unravel_index(int64_t flat, const Shape& shape) {
+  Shape index(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    index[d] = shape[d] ? flat % shape[d] : 0;
+    flat = shape[d] ? flat / shape[d] : 0;
+  }
+  return index;
+}
+
+std::optional<NonFinite> first_non_finite(const Tensor& t) {
+  if (!is_floating(t.dtype())) return std::nullopt;
+  const std::vector<double> v = t.to_vector<double>();
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(v[i]))
+      return NonFinite{unravel_index(static_cast<int64_t>(i), t.shape()), v[i]};
+  return std::nullopt;
 }
 
 // ---- Tensor ----

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -117,10 +118,20 @@ Tensor ones(const Shape& shape, DType dtype = DType::f32);
 Tensor full(const Shape& shape, double value, DType dtype = DType::f32);
 Tensor scalar(double value, DType dtype = DType::f32);  // shape ()
 Tensor arange(int64_t n, DType dtype = DType::f32);
-// Copies `values` (row-major) into a new tensor of `shape`.
 // Throws unless t is float32 or float64, naming op, the dtype and t's shape.
 void check_float(const Tensor& t, const char* op);
 
+// The multi-index of element `flat` of a C-order array of `shape`.
+Shape unravel_index(int64_t flat, const Shape& shape);
+// The first NaN or infinity of a float tensor in C order (none for other dtypes): where it is and
+// what it is, for error messages.
+struct NonFinite {
+  Shape index;
+  double value;
+};
+std::optional<NonFinite> first_non_finite(const Tensor& t);
+
+// Copies `values` (row-major) into a new tensor of `shape`.
 template <class T>  // float, double or bool
 Tensor from_vector(const std::vector<T>& values, const Shape& shape);
 template <>

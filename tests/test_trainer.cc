@@ -419,14 +419,13 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
     EXPECT_EQ(rows, 6);
   }
   const std::string out = dir + "/run_demos.npz";
+  const auto train = [&](const std::string& args) {
+    return run(mmdit + " train --data " + dir + "/demos.npz " + args);
+  };
   // A resumed run keeps its config; only --steps may raise the total.
-  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --resume " + out +
-                "/checkpoint.safetensors --lr 0.1 --out " + out),
-            0);
+  EXPECT_NE(train("--resume " + out + "/checkpoint.safetensors --lr 0.1 --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 6);
-  ASSERT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --resume " + out +
-                "/checkpoint.safetensors --steps 10 --out " + out),
-            0);
+  ASSERT_EQ(train("--resume " + out + "/checkpoint.safetensors --steps 10 --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
   {
     std::ifstream csv(out + "/metrics.csv");
@@ -437,20 +436,15 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
     EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   }
   // A new run does not silently replace a run's checkpoint.
-  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
-                "/config.json --steps 2 --out " + out),
-            0);
+  EXPECT_NE(train("--config " + dir + "/config.json --steps 2 --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
-  ASSERT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
-                "/config.json --steps 2 --overwrite --out " + out),
-            0);
+  ASSERT_EQ(train("--config " + dir + "/config.json --steps 2 --overwrite --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 2);
-  EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.npz --log-every 0 --out " + dir + "/y"),
-            0);
+  EXPECT_NE(train("--log-every 0 --out " + dir + "/y"), 0);
   // Diverging (lr 1e30 makes the second loss non-finite) stops without writing a checkpoint.
-  EXPECT_EQ(run(mmdit + " train --data " + dir + "/demos.npz --config " + dir +
-                "/config.json --lr 1e30 --steps 5 --out " + dir + "/diverged"),
-            1 << 8);
+  EXPECT_EQ(
+      train("--config " + dir + "/config.json --lr 1e30 --steps 5 --out " + dir + "/diverged"),
+      1 << 8);
   EXPECT_FALSE(fs::exists(dir + "/diverged/checkpoint.safetensors"));
   EXPECT_EQ(run(mmdit + " info " + out + "/checkpoint.safetensors"), 0);
   EXPECT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95"), 0);

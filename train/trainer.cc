@@ -366,13 +366,9 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
               dtype_name(observations_in.dtype()), "; expected float32 or float64");
   const Tensor observations = raw::to_dtype(observations_in, DType::f32);
-  const std::vector<float> values = observations.to_vector<float>();
-  for (size_t i = 0; i < values.size(); ++i) {
-    const int64_t k = static_cast<int64_t>(i);
-    MMDIT_CHECK(std::isfinite(values[i]), "act: observation (", k / (pc.n_obs_steps * pc.state_dim),
-                ", ", k / pc.state_dim % pc.n_obs_steps, ", ", k % pc.state_dim, ") is ",
-                values[i]);
-  }
+  if (const std::optional<NonFinite> bad = first_non_finite(observations))
+    fail("act: observation (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2], ") is ",
+         static_cast<float>(bad->value));
   const Tensor state = normalizer.normalize_state(observations);
   const int64_t b = shape[0];
   Tensor actions;
