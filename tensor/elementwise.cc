@@ -63,6 +63,15 @@ const char* unary_name(UnaryOp op) {
   return "?";
 }
 
+// A destination written in place must not be a broadcast view: its rows would race on the same
+// memory and the result would depend on the order.
+void check_distinct_elements(const Tensor& dst, const char* op) {
+  for (int64_t d = 0; d < dst.dim(); ++d)
+    MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, op, ": the destination ",
+                shape_str(dst.shape()), " is a broadcast view (axis ", d,
+                " has stride 0), so its elements are not distinct");
+}
+
 void check_same_dtype(const Tensor& a, const Tensor& b, const char* op) {
   MMDIT_CHECK(a.dtype() == b.dtype(), op, ": dtypes ", dtype_name(a.dtype()), " and ",
               dtype_name(b.dtype()), " differ (shapes ", shape_str(a.shape()), " and ",
@@ -176,10 +185,7 @@ Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
 void add_into(const Tensor& dst, const Tensor& x) {
   check_float(dst, "add_into");
   check_same_dtype(dst, x, "add_into");
-  for (int64_t d = 0; d < dst.dim(); ++d)
-    MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, "add_into: the destination ",
-                shape_str(dst.shape()), " is a broadcast view (axis ", d,
-                " has stride 0), so its elements are not distinct");
+  check_distinct_elements(dst, "add_into");
   MMDIT_CHECK(broadcasts_to(x.shape(), dst.shape()), "add_into: cannot add ", shape_str(x.shape()),
               " into ", shape_str(dst.shape()));
   // binary_typed writes rows of contiguous elements; a strided view takes the copying way.
@@ -285,10 +291,7 @@ Tensor logical_and(const Tensor& a, const Tensor& b) {
 }
 
 void copy_into(const Tensor& dst, const Tensor& src) {
-  for (int64_t d = 0; d < dst.dim(); ++d)
-    MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, "copy_into: the destination ",
-                shape_str(dst.shape()), " is a broadcast view (axis ", d,
-                " has stride 0), so its elements are not distinct");
+  check_distinct_elements(dst, "copy_into");
   // Overlapping rows would be read after they are written (and memcpy'd onto themselves).
   const Tensor s = broadcast_to(src.shares_storage_with(dst) ? clone(src) : src, dst.shape());
   visit_dtype(dst.dtype(), [&](auto dtag) {
