@@ -2,7 +2,6 @@
 // kernels over token-major q, k, v (three tensors, or one packed projection), with the
 // probabilities saved for short sequences and recomputed from per-row statistics for long ones.
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -51,29 +50,9 @@ void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* 
   raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
-// A row of logits q k^T: scaled, or -0.7 FLT_MAX where the mask (when there is one) forbids.
-template <class T>
-void mask_and_scale(T* row, int64_t n, const bool* mask_row, T scale) {
-  const T masked = static_cast<T>(-0.7 * FLT_MAX);
-  for (int64_t j = 0; j < n; ++j) row[j] = !mask_row || mask_row[j] ? row[j] * scale : masked;
-}
-
-// Rows of dP (rows x n, in place) become dS = scale P (dP - rowsum(dP P)), 0 where masked.
-template <class T>
-void softmax_backward_rows(T* ds, const T* p, int64_t rows, int64_t n, const bool* mask, T scale) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* row = ds + i * n;
-    const T* pr = p + i * n;
-    T dot = 0;
-    for (int64_t j = 0; j < n; ++j) dot += row[j] * pr[j];
-    for (int64_t j = 0; j < n; ++j)
-      row[j] = !mask || mask[i * n + j] ? scale * (pr[j] * (row[j] - dot)) : T(0);
-  }
-}
-
 // P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
 template <class T>
-void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int64_t mask_stride,
+void attention_forward(const T* q, const T* k, const T* v, const T* allowed, int64_t mask_stride,
                        T* probs, T* out, const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
   const int64_t n = s.T, ld = s.in_token;
@@ -82,11 +61,10 @@ void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int
     const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
     T* p = probs + bh * n * n;
     head_gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
-    const bool* m = mask ? mask + b * mask_stride : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      mask_and_scale(p + i * n, n, m ? m + i * n : nullptr, scale);
-      simd::softmax(p + i * n, p + i * n, n);
-    }
+    const T* a = allowed ? allowed + b * mask_stride : nullptr;
+    T row_max, row_sum;
+    for (int64_t i = 0; i < n; ++i)
+      simd::attention_softmax(p + i * n, n, a ? a + i * n : nullptr, scale, &row_max, &row_sum);
     head_gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
   });
 }
@@ -95,7 +73,7 @@ void attention_forward(const T* q, const T* k, const T* v, const bool* mask, int
 // dk = dS^T q; per (b, h), on a scratch T x T block.
 template <class T>
 void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs,
-                        const bool* mask, int64_t mask_stride, T* dq, T* dk, T* dv,
+                        const T* allowed, int64_t mask_stride, T* dq, T* dk, T* dv,
                         const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
   const int64_t n = s.T, ld = s.in_token;
@@ -106,7 +84,10 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
     std::vector<T> ds(static_cast<size_t>(n * n));
     head_gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
     head_gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
-    softmax_backward_rows(ds.data(), p, n, n, mask ? mask + b * mask_stride : nullptr, scale);
+    const T* a = allowed ? allowed + b * mask_stride : nullptr;
+    for (int64_t i = 0; i < n; ++i)
+      simd::attention_softmax_backward(ds.data() + i * n, p + i * n, n, a ? a + i * n : nullptr,
+                                       scale);
     head_gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
     head_gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
   });
@@ -119,36 +100,8 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
 // q k^T product), as FlashAttention does.
 constexpr int64_t kQueryBlock = 64;
 
-// Rows of P = softmax(mask ? scale q k^T : -0.7 FLT_MAX) for one block of queries, in place of
-// the raw products in p (rows x n), with each row's max and sum of exponentials; backward
-// recomputes the same P from those (block_probabilities_again).
 template <class T>
-void block_probabilities(T* p, int64_t rows, int64_t n, const bool* mask, T scale, T* row_max,
-                         T* row_sum) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* row = p + i * n;
-    mask_and_scale(row, n, mask ? mask + i * n : nullptr, scale);
-    row_max[i] = simd::max(row, n);
-    simd::scale_shift(row, T(1), -row_max[i], row, n);
-    simd::unary(raw::UnaryOp::exp, row, row, n);
-    row_sum[i] = simd::sum(row, n);
-    simd::scale_shift(row, T(1) / row_sum[i], T(0), row, n);
-  }
-}
-template <class T>
-void block_probabilities_again(T* p, int64_t rows, int64_t n, const bool* mask, T scale,
-                               const T* row_max, const T* row_sum) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T* row = p + i * n;
-    mask_and_scale(row, n, mask ? mask + i * n : nullptr, scale);
-    simd::scale_shift(row, T(1), -row_max[i], row, n);
-    simd::unary(raw::UnaryOp::exp, row, row, n);
-    simd::scale_shift(row, T(1) / row_sum[i], T(0), row, n);
-  }
-}
-
-template <class T>
-void attention_forward_blocked(const T* q, const T* k, const T* v, const bool* mask,
+void attention_forward_blocked(const T* q, const T* k, const T* v, const T* allowed,
                                int64_t mask_stride, T* row_max, T* row_sum, T* out,
                                const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
@@ -160,8 +113,10 @@ void attention_forward_blocked(const T* q, const T* k, const T* v, const bool* m
     for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, n - r0);
       head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
-      block_probabilities(p.data(), rows, n, mask ? mask + b * mask_stride + r0 * n : nullptr,
-                          scale, row_max + bh * n + r0, row_sum + bh * n + r0);
+      const T* a = allowed ? allowed + b * mask_stride + r0 * n : nullptr;
+      for (int64_t i = 0; i < rows; ++i)
+        simd::attention_softmax(p.data() + i * n, n, a ? a + i * n : nullptr, scale,
+                                row_max + bh * n + r0 + i, row_sum + bh * n + r0 + i);
       head_gemm(false, false, rows, s.d, n, p.data(), n, v + in, ld, out + o + r0 * s.out_token,
                 s.out_token);
     }
@@ -171,7 +126,7 @@ void attention_forward_blocked(const T* q, const T* k, const T* v, const bool* m
 // attention_backward block by block: dq for the block's rows, dk and dv summed over blocks.
 template <class T>
 void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* v, const T* row_max,
-                                const T* row_sum, const bool* mask, int64_t mask_stride, T* dq,
+                                const T* row_sum, const T* allowed, int64_t mask_stride, T* dq,
                                 T* dk, T* dv, const AttentionShape& s) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
   const int64_t n = s.T, ld = s.in_token;
@@ -183,15 +138,18 @@ void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* 
       for (int64_t j = 0; j < s.d; ++j) dk[in + t * ld + j] = dv[in + t * ld + j] = T(0);
     for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, n - r0);
-      const bool* m = mask ? mask + b * mask_stride + r0 * n : nullptr;
+      const T* a = allowed ? allowed + b * mask_stride + r0 * n : nullptr;
       const T* dout_block = dout + o + r0 * s.out_token;
       head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
-      block_probabilities_again(p.data(), rows, n, m, scale, row_max + bh * n + r0,
-                                row_sum + bh * n + r0);
+      for (int64_t i = 0; i < rows; ++i)
+        simd::attention_softmax_again(p.data() + i * n, n, a ? a + i * n : nullptr, scale,
+                                      row_max[bh * n + r0 + i], row_sum[bh * n + r0 + i]);
       head_gemm(false, true, rows, n, s.d, dout_block, s.out_token, v + in, ld, ds.data(), n);
       raw::gemm(true, false, n, s.d, rows, p.data(), n, dout_block, s.out_token, dv + in, ld,
                 /*accumulate=*/true);
-      softmax_backward_rows(ds.data(), p.data(), rows, n, m, scale);
+      for (int64_t i = 0; i < rows; ++i)
+        simd::attention_softmax_backward(ds.data() + i * n, p.data() + i * n, n,
+                                         a ? a + i * n : nullptr, scale);
       head_gemm(false, false, rows, s.d, n, ds.data(), n, k + in, ld, dq + in + r0 * ld, ld);
       raw::gemm(true, false, n, s.d, rows, ds.data(), n, q + in + r0 * ld, ld, dk + in, ld,
                 /*accumulate=*/true);
@@ -199,8 +157,9 @@ void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* 
   });
 }
 
-// The mask as a contiguous bool tensor (or undefined) and its per-example stride.
-std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionShape& s,
+// The mask as 1 (may attend) and 0 in the kernels' dtype (or undefined), and its per-example
+// stride: the row kernels then select with a vector compare.
+std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionShape& s, DType dtype,
                                           const char* op) {
   if (!mask.defined()) return {Tensor(), 0};
   MMDIT_CHECK(mask.dtype() == DType::boolean &&
@@ -209,7 +168,7 @@ std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionSha
               op, ": mask has shape ", shape_str(mask.shape()), " and dtype ",
               dtype_name(mask.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B, ",", s.T,
               ",", s.T, ")");
-  return {raw::contiguous(mask), mask.dim() == 3 ? s.T * s.T : 0};
+  return {raw::to_dtype(raw::contiguous(mask), dtype), mask.dim() == 3 ? s.T * s.T : 0};
 }
 
 }  // namespace
@@ -234,7 +193,7 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
                 d = qkv_in.shape()[4], hd = H * d;
   const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
   // Not a structured binding: Clang before 16 cannot capture one in the backward closure.
-  const auto mask_and_stride = attention_mask(mask_in, s, op);
+  const auto mask_and_stride = attention_mask(mask_in, s, qkv_in.dtype(), op);
   const Tensor& mask = mask_and_stride.first;
   const int64_t mask_stride = mask_and_stride.second;
   const Tensor qkv = raw::contiguous(qkv_in);
@@ -249,10 +208,10 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
     saved.push_back(empty({B, H, T_, T_}, qkv.dtype()));
   }
   Tensor out = empty({B, T_, H, d}, qkv.dtype());
-  const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
   visit_float_dtype(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* base = qkv.data<T>();
+    const T* m = mask.defined() ? mask.data<T>() : nullptr;
     if (blocked)
       attention_forward_blocked(base, base + hd, base + 2 * hd, m, mask_stride, saved[2].data<T>(),
                                 saved[3].data<T>(), out.data<T>(), s);
@@ -271,7 +230,7 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
           visit_float_dtype(qkv.dtype(), [&](auto tag) {
             using T = decltype(tag);
             const T *base = qkv.data<T>(), *dy = dout.data<T>();
-            const bool* m = mask.defined() ? mask.data<bool>() : nullptr;
+            const T* m = mask.defined() ? mask.data<T>() : nullptr;
             T* dbase = dqkv.data<T>();
             if (blocked)
               attention_backward_blocked(dy, base, base + hd, base + 2 * hd, ctx.saved[2].data<T>(),

@@ -46,6 +46,25 @@ void softmax(const double* x, double* out, int64_t n);
 void log_softmax(const float* x, float* out, int64_t n);
 void log_softmax(const double* x, double* out, int64_t n);
 
+// Attention's rows (simd_attention.cc). A row of logits becomes probabilities in place:
+// x[j] = scale x[j] where allowed[j] != 0 (allowed null: everywhere), else -0.7 FLT_MAX as in the
+// reference; then softmax. The row's max and sum of exponentials come back through max_out and
+// sum_out, and attention_softmax_again recomputes the same probabilities from them.
+void attention_softmax(float* x, int64_t n, const float* allowed, float scale, float* max_out,
+                       float* sum_out);
+void attention_softmax(double* x, int64_t n, const double* allowed, double scale, double* max_out,
+                       double* sum_out);
+void attention_softmax_again(float* x, int64_t n, const float* allowed, float scale, float row_max,
+                             float row_sum);
+void attention_softmax_again(double* x, int64_t n, const double* allowed, double scale,
+                             double row_max, double row_sum);
+// dP into dS in place, given the probabilities p: ds[j] = scale p[j] (ds[j] - dot(ds, p)) where
+// allowed[j] != 0, else 0.
+void attention_softmax_backward(float* ds, const float* p, int64_t n, const float* allowed,
+                                float scale);
+void attention_softmax_backward(double* ds, const double* p, int64_t n, const double* allowed,
+                                double scale);
+
 // y[i * ldy + j] = sum_k x[i * ldx + k] * w[j * ldw + k] for i < m, j in [n_begin, n_end): a
 // product x W^T with few rows, W read once without packing (simd_gemm.cc).
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,

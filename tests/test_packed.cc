@@ -6,6 +6,7 @@
 #include <hwy/targets.h>
 
 #include <bit>
+#include <cfloat>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -177,6 +178,68 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
   hwy::SetSupportedTargetsForTest(0);
   hwy::GetChosenTarget().Update(hwy::SupportedTargets());
   EXPECT_GE(tested, 2);  // at least AVX2 and one other on any x86-64 CPU this project targets
+}
+
+// Attention's row kernels (simd_attention.cc) on every target, against the definition in float64:
+// p = softmax(allowed ? scale x : -0.7 FLT_MAX), the same p again from the row's max and sum,
+// and dS = scale p (dP - dot(dP, p)), 0 where masked. Rows end in partial vectors, one of them
+// fully masked (uniform); nothing may be written past the row.
+TEST(AttentionRows, EveryCompiledTargetMatchesTheDefinition) {
+  Rng rng(11);
+  const float scale = 0.125f;
+  int tested = 0;
+  for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    const std::string name = hwy::TargetName(target);
+    for (const int64_t n : {5, 18, 37}) {
+      for (const int pattern : {0, 1, 2}) {  // every other allowed, none allowed, no mask
+        const std::vector<float> logits = rng.normal({n}, DType::f32, 0, 4).to_vector<float>();
+        const std::vector<float> dp = rng.normal({n}).to_vector<float>();
+        std::vector<float> allowed(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) allowed[j] = pattern == 0 ? static_cast<float>(j % 2) : 0;
+        const float* mask = pattern == 2 ? nullptr : allowed.data();
+        std::vector<double> expected(static_cast<size_t>(n));
+        double row_max = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          expected[j] = !mask || mask[j] != 0 ? scale * static_cast<double>(logits[j])
+                                              : -0.7 * static_cast<double>(FLT_MAX);
+          row_max = std::max(row_max, expected[j]);
+        }
+        for (double& e : expected) sum += e = std::exp(e - row_max);
+        for (double& e : expected) e /= sum;
+        std::vector<float> p(logits);
+        p.push_back(-1.0f);  // guard
+        float got_max = 0, got_sum = 0;
+        simd::attention_softmax(p.data(), n, mask, scale, &got_max, &got_sum);
+        std::vector<float> again(logits);
+        again.push_back(-1.0f);
+        simd::attention_softmax_again(again.data(), n, mask, scale, got_max, got_sum);
+        double dot = 0;
+        for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(dp[j]) * expected[j];
+        std::vector<float> ds(dp);
+        ds.push_back(-1.0f);
+        simd::attention_softmax_backward(ds.data(), p.data(), n, mask, scale);
+        const std::string where =
+            name + " n=" + std::to_string(n) + " pattern " + std::to_string(pattern);
+        EXPECT_FLOAT_EQ(got_max, static_cast<float>(row_max)) << where;
+        for (int64_t j = 0; j < n; ++j) {
+          EXPECT_NEAR(p[j], expected[j], 1e-6) << where << " j=" << j;
+          EXPECT_EQ(again[j], p[j]) << where << " j=" << j;
+          const double ds_expected =
+              !mask || mask[j] != 0 ? scale * expected[j] * (dp[j] - dot) : 0.0;
+          EXPECT_NEAR(ds[j], ds_expected, 1e-6) << where << " j=" << j;
+        }
+        EXPECT_EQ(p[n], -1.0f) << where;
+        EXPECT_EQ(again[n], -1.0f) << where;
+        EXPECT_EQ(ds[n], -1.0f) << where;
+      }
+    }
+    ++tested;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+  EXPECT_GE(tested, 2);
 }
 
 TEST(PackedWeight, SameBitsOnOneAndTwoThreads) {

@@ -10,7 +10,10 @@
 // Every figure is the median of >= 10 timed samples after a warm-up; "mmdit/blas" is our
 // speed relative to the direct gemm call (1.00 = the same).
 //
-//   microbench [--threads N]
+//   - the fused attention op, forward and forward + backward, at the policy's and the in-context
+//     model's shapes.
+//
+//   microbench [--threads N] [--only elementwise|matmul|sampling|attention]
 #include <cblas.h>
 
 #include <algorithm>
@@ -23,6 +26,8 @@
 #include <thread>
 #include <vector>
 
+#include "autodiff/fused.h"
+#include "autodiff/tape.h"
 #include "tensor/blas_core.h"
 #include "tensor/ops.h"
 #include "tensor/packed_weight.h"
@@ -197,18 +202,58 @@ void run_sampling_products(Rng& rng) {
   }
 }
 
+// The fused attention op at the benchmark workloads' shapes: the policy's 2 + 16 tokens at
+// batch 64 (observation rows see everything, action rows all observations and earlier actions)
+// and the in-context model's 100 + 18 at batch 8. GFLOP/s counts the head products: 4 T^2 d per
+// head forward, 8 T^2 d backward.
+void run_attention(Rng& rng) {
+  std::printf("\nattention, float32, packed qkv (B, T, 3, H, d), block-causal mask\n");
+  std::printf("%-34s %12s %9s %12s %9s\n", "shape", "forward", "GFLOP/s", "fwd + bwd", "GFLOP/s");
+  struct Case {
+    const char* name;
+    int64_t B, T, H, d, context;
+  };
+  const Case cases[] = {{"policy    B 64, T 2 + 16, H 8, d 64", 64, 18, 8, 64, 2},
+                        {"incontext B 8, T 100 + 18, H 8, d 64", 8, 118, 8, 64, 100}};
+  for (const Case& c : cases) {
+    std::vector<bool> allowed(static_cast<size_t>(c.T * c.T));
+    for (int64_t i = 0; i < c.T; ++i)
+      for (int64_t j = 0; j < c.T; ++j)
+        allowed[static_cast<size_t>(i * c.T + j)] = i < c.context || j <= i;
+    const Tensor mask = from_vector<bool>(allowed, {c.T, c.T});
+    const Tensor qkv = rng.normal({c.B, c.T, 3, c.H, c.d});
+    const Tensor cotangent = rng.normal({c.B, c.T, c.H, c.d});
+    const double forward = median_seconds([&] { attention_packed(qkv, mask); });
+    const double both = median_seconds([&] {
+      Tape tape;
+      tape.watch(qkv);
+      const Tensor out = attention_packed(qkv, mask);
+      tape.gradient(out, {qkv}, cotangent);
+    });
+    const double head_flops = static_cast<double>(c.B * c.H * c.T * c.T * c.d);
+    std::printf("%-34s %12s %9.1f %12s %9.1f\n", c.name, human_time(forward).c_str(),
+                4 * head_flops / forward / 1e9, human_time(both).c_str(),
+                12 * head_flops / both / 1e9);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   mmdit::use_the_best_openblas_core(argv);
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--threads" && i + 1 < argc) {
       mmdit::set_num_threads(std::atoi(argv[++i]));
     } else if (arg.rfind("--threads=", 0) == 0) {
       mmdit::set_num_threads(std::atoi(arg.c_str() + std::strlen("--threads=")));
+    } else if (arg == "--only" && i + 1 < argc) {
+      only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--threads N] [--only elementwise|matmul|sampling|attention]\n",
+                   argv[0]);
       return arg == "--help" || arg == "-h" ? 0 : 2;
     }
   }
@@ -226,9 +271,10 @@ int main(int argc, char** argv) {
                 load, cores);
   const Clock::time_point t0 = Clock::now();
   mmdit::Rng rng(0);
-  run_elementwise(rng);
-  run_matmul(rng);
-  run_sampling_products(rng);
+  if (only.empty() || only == "elementwise") run_elementwise(rng);
+  if (only.empty() || only == "matmul") run_matmul(rng);
+  if (only.empty() || only == "sampling") run_sampling_products(rng);
+  if (only.empty() || only == "attention") run_attention(rng);
   std::printf("\ntotal %.1f s\n", seconds_since(t0));
   return 0;
 }
