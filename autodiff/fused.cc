@@ -410,12 +410,45 @@ MMDIT_SIMD_CLONES void scaled_rope_row(const double* x, double inv, const double
   scaled_rope_row_impl(x, inv, gamma, c, sn, y, half);
 }
 
+}  // namespace
+
+template <class T>
+T detail::qk_norm_rope_row(const T* x, const T* gamma, const T* cos, const T* sin, T* y, int64_t d,
+                           double eps) {
+  const T mean_square = simd::sum_squared_deviation(x, T(0), d) / static_cast<T>(d);
+  const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
+  scaled_rope_row(x, inv, gamma, cos, sin, y, d / 2);
+  return inv;
+}
+
+// dz = rope^T(dy); then the rms_norm backward: dx = inv (dz gamma) - x inv^3 mean(dz gamma x),
+// dgamma += dz x inv.
+template <class T>
+void detail::qk_norm_rope_row_backward(const T* dy, const T* x, T inv, const T* gamma, const T* cos,
+                                       const T* sin, T* dz, T* dgamma, T* dx, int64_t d) {
+  rope_backward_row(dy, cos, sin, x, inv, gamma, dz, dgamma, d / 2);
+  const T k3 = simd::dot(dz, x, d) / static_cast<T>(d) * inv * inv * inv;
+  norm_dx_row(dz, inv, x, k3, T(0), dx, d);
+}
+
+template float detail::qk_norm_rope_row(const float*, const float*, const float*, const float*,
+                                        float*, int64_t, double);
+template double detail::qk_norm_rope_row(const double*, const double*, const double*, const double*,
+                                         double*, int64_t, double);
+template void detail::qk_norm_rope_row_backward(const float*, const float*, float, const float*,
+                                                const float*, const float*, float*, float*, float*,
+                                                int64_t);
+template void detail::qk_norm_rope_row_backward(const double*, const double*, double, const double*,
+                                                const double*, const double*, double*, double*,
+                                                double*, int64_t);
+
+namespace {
+
 // One token's rows in (B, S, 3, H, d): the H rows of part 0 (q) and 1 (k) become
 // rope(rms_norm(x) * gamma), part 2 (v) is copied. rstd gets one entry per q and k row.
 template <class T>
 void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, const T* sin, T* y,
                           T* rstd, int64_t B, int64_t S, int64_t H, int64_t d, double eps) {
-  const int64_t half = d / 2;
   parallel_for(B * S, 18 * H * d, [&](int64_t token) {
     const T* c = cos + (token % S) * d;
     const T* sn = sin + (token % S) * d;
@@ -423,12 +456,8 @@ void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, co
       const T* gamma = part == 0 ? gq : gk;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row = (token * 3 + part) * H + h;
-        const T* xr = x + row * d;
-        T* yr = y + row * d;
-        const T mean_square = simd::sum_squared_deviation(xr, T(0), d) / static_cast<T>(d);
-        const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
-        rstd[(token * 2 + part) * H + h] = inv;
-        scaled_rope_row(xr, inv, gamma, c, sn, yr, half);
+        rstd[(token * 2 + part) * H + h] =
+            detail::qk_norm_rope_row(x + row * d, gamma, c, sn, y + row * d, d, eps);
       }
     }
     const int64_t v = (token * 3 + 2) * H * d;
@@ -436,13 +465,12 @@ void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, co
   });
 }
 
-// dz = rope^T(dy); then the rms_norm backward: dx = rstd (dz gamma) - x rstd^3 mean(dz gamma x),
-// dgamma = sum over rows of dz x rstd. v rows pass dy through.
+// qk_norm_rope_row_backward on every q and k row; v rows pass dy through.
 template <class T>
 void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, const T* gk,
                            const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B, int64_t S,
                            int64_t H, int64_t d) {
-  const int64_t half = d / 2, tokens = B * S;
+  const int64_t tokens = B * S;
   // Per block of tokens, partial gamma gradients (q then k), summed in block order after: the
   // same bits on any number of threads.
   const int64_t block = 16, blocks = (tokens + block - 1) / block;
@@ -457,13 +485,9 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
         T* ag = partial.data() + (blk * 2 + part) * d;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t row = (token * 3 + part) * H + h;
-          const T* dyr = dy + row * d;
-          const T* xr = x + row * d;
-          T* dxr = dx + row * d;
-          const T inv = rstd[(token * 2 + part) * H + h];
-          rope_backward_row(dyr, c, sn, xr, inv, gamma, dz.data(), ag, half);
-          const T k3 = simd::dot(dz.data(), xr, d) / static_cast<T>(d) * inv * inv * inv;
-          norm_dx_row(dz.data(), inv, xr, k3, T(0), dxr, d);
+          detail::qk_norm_rope_row_backward(dy + row * d, x + row * d,
+                                            rstd[(token * 2 + part) * H + h], gamma, c, sn,
+                                            dz.data(), ag, dx + row * d, d);
         }
       }
       const int64_t v = (token * 3 + 2) * H * d;

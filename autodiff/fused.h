@@ -61,6 +61,19 @@ constexpr int64_t kBlockedAttentionFrom = 512;
 Tensor attention_packed(const Tensor& qkv, const Tensor& mask,
                         int64_t blocked_from = kBlockedAttentionFrom);
 
+// Joint attention's core as one op. Per modality m, qkv[m] (B, S_m, 3, H, d) packed as its to_qkv
+// projection makes it; q and k get QK-RMSNorm (gamma_q[m], gamma_k[m]: (d,)) and the rotary
+// embedding of positions 0..S_m-1 (cos[m], sin[m]: (S_m, d)); then one attention over all the
+// modalities' tokens in order. Returns (B, T, H, d), T = sum S_m: the values of
+//   attention_packed(concat({qk_norm_rope(qkv[m], gamma_q[m], gamma_k[m], cos[m], sin[m])}, 1),
+//                    mask)
+// without writing the normalised q, k, v or their concatenation to memory: each head gathers
+// and normalises its rows into a scratch that stays in cache, in forward and again in backward.
+Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<Tensor>& gamma_q,
+                             const std::vector<Tensor>& gamma_k, const std::vector<Tensor>& cos,
+                             const std::vector<Tensor>& sin, const Tensor& mask, double eps = 1e-6,
+                             int64_t blocked_from = kBlockedAttentionFrom);
+
 // On packed qkv (B, S, 3, H, d): q and k become rope(rms_norm(., gamma_q or gamma_k)) (the
 // QK-RMSNorm and rotary embedding of joint attention), v is passed through. cos, sin: (S, d)
 // constant tables.

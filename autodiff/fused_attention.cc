@@ -19,14 +19,6 @@ using detail::check_floats;
 
 // ---- attention ----
 
-// Where q, k, v and the output live: token and batch strides, so that the same kernels read
-// three (B, T, H, d) tensors or one packed (B, T, 3, H, d) tensor.
-struct AttentionShape {
-  int64_t B, T, H, d;
-  int64_t in_token, in_batch;    // q, k, v and their gradients
-  int64_t out_token, out_batch;  // the output and its gradient
-};
-
 // C (m x n) = op(A) op(B) for one head's products. The policy's sequences are 18 tokens: a
 // product is then about 20k multiply-adds, less than a gemm call's fixed cost, and attention
 // took 25 of policy-train's ~370 ms at 40 GFLOP/s. Up to 32 x 32 x 64 they run on register-tile
@@ -50,125 +42,250 @@ void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* 
   raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
-// P[b, h] = softmax(mask ? scale q k^T : -0.7 FLT_MAX) and out[b, :, h] = P[b, h] v[b, :, h].
+// One head: its n query, key and value rows of d values, `ld` apart (q, k, v and their
+// gradients), and its output rows, `ld_out` apart (the output and its gradient). allowed: the
+// head's n x n mask as 1/0, or null.
 template <class T>
-void attention_forward(const T* q, const T* k, const T* v, const T* allowed, int64_t mask_stride,
-                       T* probs, T* out, const AttentionShape& s) {
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const int64_t n = s.T, ld = s.in_token;
-  parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
-    const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
-    T* p = probs + bh * n * n;
-    head_gemm(false, true, n, n, s.d, q + in, ld, k + in, ld, p, n);
-    const T* a = allowed ? allowed + b * mask_stride : nullptr;
-    T row_max, row_sum;
-    for (int64_t i = 0; i < n; ++i)
-      simd::attention_softmax(p + i * n, n, a ? a + i * n : nullptr, scale, &row_max, &row_sum);
-    head_gemm(false, false, n, s.d, n, p, n, v + in, ld, out + o, s.out_token);
-  });
+struct Head {
+  const T *q, *k, *v;
+  int64_t ld;
+  const T* allowed;
+  int64_t n, d;
+  int64_t ld_out;
+  T scale() const { return static_cast<T>(1.0 / std::sqrt(static_cast<double>(d))); }
+  const T* allowed_row(int64_t i) const { return allowed ? allowed + i * n : nullptr; }
+};
+
+// The gradients of one head's q, k, v rows, `ld` apart.
+template <class T>
+struct HeadGrads {
+  T *dq, *dk, *dv;
+  int64_t ld;
+};
+
+// P = softmax(allowed ? scale q k^T : -0.7 FLT_MAX) into p (n x n), out = P v.
+template <class T>
+void head_forward(const Head<T>& h, T* p, T* out) {
+  const int64_t n = h.n;
+  head_gemm(false, true, n, n, h.d, h.q, h.ld, h.k, h.ld, p, n);
+  T row_max, row_sum;
+  for (int64_t i = 0; i < n; ++i)
+    simd::attention_softmax(p + i * n, n, h.allowed_row(i), h.scale(), &row_max, &row_sum);
+  head_gemm(false, false, n, h.d, n, p, n, h.v, h.ld, out, h.ld_out);
 }
 
 // dP = dO v^T, dv = P^T dO, dS = scale P (dP - rowsum(dP P)) (0 where masked), dq = dS k,
-// dk = dS^T q; per (b, h), on a scratch T x T block.
+// dk = dS^T q; ds is n x n scratch.
 template <class T>
-void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs,
-                        const T* allowed, int64_t mask_stride, T* dq, T* dk, T* dv,
-                        const AttentionShape& s) {
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const int64_t n = s.T, ld = s.in_token;
-  parallel_for(s.B * s.H, 10 * n * n * s.d, [&](int64_t bh) {
-    const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
-    const T* p = probs + bh * n * n;
-    std::vector<T> ds(static_cast<size_t>(n * n));
-    head_gemm(false, true, n, n, s.d, dout + o, s.out_token, v + in, ld, ds.data(), n);
-    head_gemm(true, false, n, s.d, n, p, n, dout + o, s.out_token, dv + in, ld);
-    const T* a = allowed ? allowed + b * mask_stride : nullptr;
-    for (int64_t i = 0; i < n; ++i)
-      simd::attention_softmax_backward(ds.data() + i * n, p + i * n, n, a ? a + i * n : nullptr,
-                                       scale);
-    head_gemm(false, false, n, s.d, n, ds.data(), n, k + in, ld, dq + in, ld);
-    head_gemm(true, false, n, s.d, n, ds.data(), n, q + in, ld, dk + in, ld);
-  });
+void head_backward(const Head<T>& h, const T* dout, const T* p, T* ds, const HeadGrads<T>& g) {
+  const int64_t n = h.n, d = h.d;
+  head_gemm(false, true, n, n, d, dout, h.ld_out, h.v, h.ld, ds, n);
+  head_gemm(true, false, n, d, n, p, n, dout, h.ld_out, g.dv, g.ld);
+  for (int64_t i = 0; i < n; ++i)
+    simd::attention_softmax_backward(ds + i * n, p + i * n, n, h.allowed_row(i), h.scale());
+  head_gemm(false, false, n, d, n, ds, n, h.k, h.ld, g.dq, g.ld);
+  head_gemm(true, false, n, d, n, ds, n, h.q, h.ld, g.dk, g.ld);
 }
 
 // Long sequences: the T x T probabilities of every head would be the largest thing a step keeps
 // (B H T^2 values: 2 GB for 8 heads of 4096 tokens at batch 4). Here the queries go in blocks of
-// kQueryBlock rows through a per-thread R x T scratch, and only each row's max and sum of
+// kQueryBlock rows through a kQueryBlock x T scratch, and only each row's max and sum of
 // exponentials are saved; backward recomputes the block's probabilities from them (one more
 // q k^T product), as FlashAttention does.
 constexpr int64_t kQueryBlock = 64;
 
 template <class T>
-void attention_forward_blocked(const T* q, const T* k, const T* v, const T* allowed,
-                               int64_t mask_stride, T* row_max, T* row_sum, T* out,
-                               const AttentionShape& s) {
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const int64_t n = s.T, ld = s.in_token;
-  parallel_for(s.B * s.H, 4 * n * n * s.d, [&](int64_t bh) {
-    const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
-    std::vector<T> p(static_cast<size_t>(kQueryBlock * n));
-    for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
-      const int64_t rows = std::min(kQueryBlock, n - r0);
-      head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
-      const T* a = allowed ? allowed + b * mask_stride + r0 * n : nullptr;
-      for (int64_t i = 0; i < rows; ++i)
-        simd::attention_softmax(p.data() + i * n, n, a ? a + i * n : nullptr, scale,
-                                row_max + bh * n + r0 + i, row_sum + bh * n + r0 + i);
-      head_gemm(false, false, rows, s.d, n, p.data(), n, v + in, ld, out + o + r0 * s.out_token,
-                s.out_token);
-    }
-  });
+void head_forward_blocked(const Head<T>& h, T* row_max, T* row_sum, T* p, T* out) {
+  const int64_t n = h.n;
+  for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, n - r0);
+    head_gemm(false, true, rows, n, h.d, h.q + r0 * h.ld, h.ld, h.k, h.ld, p, n);
+    for (int64_t i = 0; i < rows; ++i)
+      simd::attention_softmax(p + i * n, n, h.allowed_row(r0 + i), h.scale(), row_max + r0 + i,
+                              row_sum + r0 + i);
+    head_gemm(false, false, rows, h.d, n, p, n, h.v, h.ld, out + r0 * h.ld_out, h.ld_out);
+  }
 }
 
-// attention_backward block by block: dq for the block's rows, dk and dv summed over blocks.
+// head_backward block by block: dq for the block's rows, dk and dv summed over blocks. p and ds
+// are kQueryBlock x n scratch.
 template <class T>
-void attention_backward_blocked(const T* dout, const T* q, const T* k, const T* v, const T* row_max,
-                                const T* row_sum, const T* allowed, int64_t mask_stride, T* dq,
-                                T* dk, T* dv, const AttentionShape& s) {
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const int64_t n = s.T, ld = s.in_token;
-  parallel_for(s.B * s.H, 12 * n * n * s.d, [&](int64_t bh) {
-    const int64_t b = bh / s.H, h = bh % s.H;
-    const int64_t in = b * s.in_batch + h * s.d, o = b * s.out_batch + h * s.d;
-    std::vector<T> p(static_cast<size_t>(kQueryBlock * n)), ds(p.size());
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < s.d; ++j) dk[in + t * ld + j] = dv[in + t * ld + j] = T(0);
-    for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
-      const int64_t rows = std::min(kQueryBlock, n - r0);
-      const T* a = allowed ? allowed + b * mask_stride + r0 * n : nullptr;
-      const T* dout_block = dout + o + r0 * s.out_token;
-      head_gemm(false, true, rows, n, s.d, q + in + r0 * ld, ld, k + in, ld, p.data(), n);
-      for (int64_t i = 0; i < rows; ++i)
-        simd::attention_softmax_again(p.data() + i * n, n, a ? a + i * n : nullptr, scale,
-                                      row_max[bh * n + r0 + i], row_sum[bh * n + r0 + i]);
-      head_gemm(false, true, rows, n, s.d, dout_block, s.out_token, v + in, ld, ds.data(), n);
-      raw::gemm(true, false, n, s.d, rows, p.data(), n, dout_block, s.out_token, dv + in, ld,
-                /*accumulate=*/true);
-      for (int64_t i = 0; i < rows; ++i)
-        simd::attention_softmax_backward(ds.data() + i * n, p.data() + i * n, n,
-                                         a ? a + i * n : nullptr, scale);
-      head_gemm(false, false, rows, s.d, n, ds.data(), n, k + in, ld, dq + in + r0 * ld, ld);
-      raw::gemm(true, false, n, s.d, rows, ds.data(), n, q + in + r0 * ld, ld, dk + in, ld,
-                /*accumulate=*/true);
-    }
-  });
+void head_backward_blocked(const Head<T>& h, const T* dout, const T* row_max, const T* row_sum,
+                           T* p, T* ds, const HeadGrads<T>& g) {
+  const int64_t n = h.n, d = h.d;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < d; ++j) g.dk[t * g.ld + j] = g.dv[t * g.ld + j] = T(0);
+  for (int64_t r0 = 0; r0 < n; r0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, n - r0);
+    const T* dout_block = dout + r0 * h.ld_out;
+    head_gemm(false, true, rows, n, d, h.q + r0 * h.ld, h.ld, h.k, h.ld, p, n);
+    for (int64_t i = 0; i < rows; ++i)
+      simd::attention_softmax_again(p + i * n, n, h.allowed_row(r0 + i), h.scale(), row_max[r0 + i],
+                                    row_sum[r0 + i]);
+    head_gemm(false, true, rows, n, d, dout_block, h.ld_out, h.v, h.ld, ds, n);
+    raw::gemm(true, false, n, d, rows, p, n, dout_block, h.ld_out, g.dv, g.ld,
+              /*accumulate=*/true);
+    for (int64_t i = 0; i < rows; ++i)
+      simd::attention_softmax_backward(ds + i * n, p + i * n, n, h.allowed_row(r0 + i), h.scale());
+    head_gemm(false, false, rows, d, n, ds, n, h.k, h.ld, g.dq + r0 * g.ld, g.ld);
+    raw::gemm(true, false, n, d, rows, ds, n, h.q + r0 * h.ld, h.ld, g.dk, g.ld,
+              /*accumulate=*/true);
+  }
+}
+
+// Per-thread scratch that outlives the call: a head's blocks are too large to allocate per head
+// from the small-object caches, and too small to be worth a page-faulting allocation each.
+template <class T>
+T* scratch(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
+}
+
+// What forward keeps for backward: the probabilities (B, H, n, n), or for long sequences each
+// row's max and sum of exponentials, (B, H, n) each.
+struct AttentionStats {
+  bool blocked;
+  Tensor probs, row_max, row_sum;
+};
+
+AttentionStats attention_stats(int64_t B, int64_t H, int64_t n, int64_t blocked_from, DType dtype) {
+  if (n < blocked_from) return {false, empty({B, H, n, n}, dtype), Tensor(), Tensor()};
+  return {true, Tensor(), empty({B, H, n}, dtype), empty({B, H, n}, dtype)};
+}
+
+// Head bh (b H + h) of a forward: its output rows, and its stats into `stats`.
+template <class T>
+void forward_head(const Head<T>& h, int64_t bh, const AttentionStats& stats, T* out) {
+  const int64_t n = h.n;
+  if (!stats.blocked) return head_forward(h, stats.probs.data<T>() + bh * n * n, out);
+  thread_local std::vector<T> p;
+  head_forward_blocked(h, stats.row_max.data<T>() + bh * n, stats.row_sum.data<T>() + bh * n,
+                       scratch(p, kQueryBlock * n), out);
+}
+
+template <class T>
+void backward_head(const Head<T>& h, int64_t bh, const AttentionStats& stats, const T* dout,
+                   const HeadGrads<T>& g) {
+  const int64_t n = h.n;
+  thread_local std::vector<T> p, ds;
+  if (!stats.blocked)
+    return head_backward(h, dout, stats.probs.data<T>() + bh * n * n, scratch(ds, n * n), g);
+  head_backward_blocked(h, dout, stats.row_max.data<T>() + bh * n, stats.row_sum.data<T>() + bh * n,
+                        scratch(p, kQueryBlock * n), scratch(ds, kQueryBlock * n), g);
 }
 
 // The mask as 1 (may attend) and 0 in the kernels' dtype (or undefined), and its per-example
 // stride: the row kernels then select with a vector compare.
-std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, const AttentionShape& s, DType dtype,
+std::pair<Tensor, int64_t> attention_mask(const Tensor& mask, int64_t B, int64_t T, DType dtype,
                                           const char* op) {
   if (!mask.defined()) return {Tensor(), 0};
-  MMDIT_CHECK(mask.dtype() == DType::boolean &&
-                  ((mask.dim() == 2 && mask.shape() == Shape({s.T, s.T})) ||
-                   (mask.dim() == 3 && mask.shape() == Shape({s.B, s.T, s.T}))),
-              op, ": mask has shape ", shape_str(mask.shape()), " and dtype ",
-              dtype_name(mask.dtype()), "; expected bool (", s.T, ",", s.T, ") or (", s.B, ",", s.T,
-              ",", s.T, ")");
-  return {raw::to_dtype(raw::contiguous(mask), dtype), mask.dim() == 3 ? s.T * s.T : 0};
+  MMDIT_CHECK(
+      mask.dtype() == DType::boolean && ((mask.dim() == 2 && mask.shape() == Shape({T, T})) ||
+                                         (mask.dim() == 3 && mask.shape() == Shape({B, T, T}))),
+      op, ": mask has shape ", shape_str(mask.shape()), " and dtype ", dtype_name(mask.dtype()),
+      "; expected bool (", T, ",", T, ") or (", B, ",", T, ",", T, ")");
+  return {raw::to_dtype(raw::contiguous(mask), dtype), mask.dim() == 3 ? T * T : 0};
+}
+
+template <class T>
+const T* allowed_of(const Tensor& allowed, int64_t stride, int64_t b) {
+  return allowed.defined() ? allowed.data<T>() + b * stride : nullptr;
+}
+
+// ---- joint attention ----
+
+// Per-head partial sums (heads, ...) summed over heads in order, in double.
+Tensor sum_heads(const Tensor& partial) {
+  const int64_t heads = partial.shape()[0], size = partial.numel() / heads;
+  Tensor total = empty({size}, partial.dtype());
+  visit_float_dtype(partial.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = partial.data<T>();
+    for (int64_t j = 0; j < size; ++j) {
+      double sum = 0;
+      for (int64_t h = 0; h < heads; ++h) sum += p[h * size + j];
+      total.data<T>()[j] = static_cast<T>(sum);
+    }
+  });
+  return total;
+}
+
+// Joint attention's inputs, contiguous, per modality m: qkv (B, S_m, 3, H, d), the gammas (d,)
+// and the rotary tables (S_m, d); modality m's tokens are [start[m], start[m + 1]) of the joint
+// sequence of T.
+struct JointInputs {
+  std::vector<Tensor> qkv, gamma_q, gamma_k, cos, sin;
+  std::vector<int64_t> start;
+  int64_t B, H, d, T;
+  double eps;
+
+  size_t modalities() const { return qkv.size(); }
+  // qkv..., gamma_q..., gamma_k..., cos..., sin..., for the tape's saved list and back.
+  std::vector<Tensor> tensors() const {
+    std::vector<Tensor> all;
+    for (const auto* group : {&qkv, &gamma_q, &gamma_k, &cos, &sin})
+      all.insert(all.end(), group->begin(), group->end());
+    return all;
+  }
+  JointInputs with_tensors(std::span<const Tensor> all) const {
+    JointInputs in = *this;
+    const size_t M = modalities();
+    size_t i = 0;
+    for (auto* group : {&in.qkv, &in.gamma_q, &in.gamma_k, &in.cos, &in.sin})
+      for (size_t m = 0; m < M; ++m) (*group)[m] = all[i++];
+    return in;
+  }
+};
+
+// Head (b, h)'s rows of every modality in sequence order into three T x d blocks: q and k
+// normalised and rotated (QK-RMSNorm, then the rotary embedding of the token's position in its
+// modality), v copied. inv (2 T: q then k), when given, gets each q and k row's 1 / rms.
+template <class T>
+void gather_head(const JointInputs& in, int64_t b, int64_t h, T* rows, T* inv) {
+  const int64_t hd = in.H * in.d, d = in.d, n = in.T;
+  for (size_t m = 0; m < in.modalities(); ++m) {
+    const int64_t S = in.start[m + 1] - in.start[m];
+    const T* x = in.qkv[m].data<T>() + b * S * 3 * hd + h * d;
+    const T *gq = in.gamma_q[m].data<T>(), *gk = in.gamma_k[m].data<T>();
+    for (int64_t s = 0; s < S; ++s, x += 3 * hd) {
+      const int64_t t = in.start[m] + s;
+      const T *c = in.cos[m].data<T>() + s * d, *sn = in.sin[m].data<T>() + s * d;
+      const T inv_q = detail::qk_norm_rope_row(x, gq, c, sn, rows + t * d, d, in.eps);
+      const T inv_k = detail::qk_norm_rope_row(x + hd, gk, c, sn, rows + (n + t) * d, d, in.eps);
+      std::copy(x + 2 * hd, x + 2 * hd + d, rows + (2 * n + t) * d);
+      if (inv) {
+        inv[t] = inv_q;
+        inv[n + t] = inv_k;
+      }
+    }
+  }
+}
+
+// The gradients of head (b, h)'s gathered rows (three T x d blocks) back through the rotation and
+// normalisation into dqkv[m]; the gammas' gradients are added to dgamma (per modality, q's d
+// values then k's).
+template <class T>
+void scatter_head_grads(const JointInputs& in, int64_t b, int64_t h, const T* grads, const T* inv,
+                        const std::vector<Tensor>& dqkv, T* dgamma) {
+  const int64_t hd = in.H * in.d, d = in.d, n = in.T;
+  thread_local std::vector<T> dz_buffer;
+  T* dz = scratch(dz_buffer, d);
+  for (size_t m = 0; m < in.modalities(); ++m) {
+    const int64_t S = in.start[m + 1] - in.start[m];
+    const int64_t offset = b * S * 3 * hd + h * d;
+    const T* x = in.qkv[m].data<T>() + offset;
+    T* dx = dqkv[m].data<T>() + offset;
+    const T *gq = in.gamma_q[m].data<T>(), *gk = in.gamma_k[m].data<T>();
+    T *dgq = dgamma + 2 * m * d, *dgk = dgq + d;
+    for (int64_t s = 0; s < S; ++s, x += 3 * hd, dx += 3 * hd) {
+      const int64_t t = in.start[m] + s;
+      const T *c = in.cos[m].data<T>() + s * d, *sn = in.sin[m].data<T>() + s * d;
+      detail::qk_norm_rope_row_backward(grads + t * d, x, inv[t], gq, c, sn, dz, dgq, dx, d);
+      detail::qk_norm_rope_row_backward(grads + (n + t) * d, x + hd, inv[n + t], gk, c, sn, dz, dgk,
+                                        dx + hd, d);
+      std::copy(grads + (2 * n + t) * d, grads + (2 * n + t + 1) * d, dx + 2 * hd);
+    }
+  }
 }
 
 }  // namespace
@@ -189,59 +306,165 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
   MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0, op,
               ": packed qkv has shape ", shape_str(qkv_in.shape()),
               "; expected (B, T, 3, H, d) with d > 0");
-  const int64_t B = qkv_in.shape()[0], T_ = qkv_in.shape()[1], H = qkv_in.shape()[3],
+  const int64_t B = qkv_in.shape()[0], n = qkv_in.shape()[1], H = qkv_in.shape()[3],
                 d = qkv_in.shape()[4], hd = H * d;
-  const AttentionShape s{B, T_, H, d, 3 * hd, T_ * 3 * hd, hd, T_ * hd};
   // Not a structured binding: Clang before 16 cannot capture one in the backward closure.
-  const auto mask_and_stride = attention_mask(mask_in, s, qkv_in.dtype(), op);
-  const Tensor& mask = mask_and_stride.first;
+  const auto mask_and_stride = attention_mask(mask_in, B, n, qkv_in.dtype(), op);
+  const Tensor& allowed = mask_and_stride.first;
   const int64_t mask_stride = mask_and_stride.second;
   const Tensor qkv = raw::contiguous(qkv_in);
-  // Saved for backward: the probabilities, or for long sequences each row's max and sum of
-  // exponentials, from which backward recomputes them.
-  const bool blocked = T_ >= blocked_from;
-  std::vector<Tensor> saved = {qkv, mask};
-  if (blocked) {
-    saved.push_back(empty({B, H, T_}, qkv.dtype()));
-    saved.push_back(empty({B, H, T_}, qkv.dtype()));
-  } else {
-    saved.push_back(empty({B, H, T_, T_}, qkv.dtype()));
-  }
-  Tensor out = empty({B, T_, H, d}, qkv.dtype());
+  const AttentionStats stats = attention_stats(B, H, n, blocked_from, qkv.dtype());
+  // Head bh's rows in the packed qkv (B, n, 3, H, d) and in the output (B, n, H, d).
+  const auto head_of = [=](const auto* base, int64_t bh) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
+    const int64_t b = bh / H, in = b * n * 3 * hd + (bh % H) * d;
+    return Head<T>{base + in,
+                   base + in + hd,
+                   base + in + 2 * hd,
+                   3 * hd,
+                   allowed_of<T>(allowed, mask_stride, b),
+                   n,
+                   d,
+                   hd};
+  };
+  const auto out_offset = [=](int64_t bh) { return (bh / H) * n * hd + (bh % H) * d; };
+  Tensor out = empty({B, n, H, d}, qkv.dtype());
   visit_float_dtype(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* base = qkv.data<T>();
-    const T* m = mask.defined() ? mask.data<T>() : nullptr;
-    if (blocked)
-      attention_forward_blocked(base, base + hd, base + 2 * hd, m, mask_stride, saved[2].data<T>(),
-                                saved[3].data<T>(), out.data<T>(), s);
-    else
-      attention_forward(base, base + hd, base + 2 * hd, m, mask_stride, saved[2].data<T>(),
-                        out.data<T>(), s);
+    parallel_for(B * H, 4 * n * n * d, [&](int64_t bh) {
+      forward_head(head_of(qkv.data<T>(), bh), bh, stats, out.data<T>() + out_offset(bh));
+    });
   });
   const Tensor inputs[] = {qkv_in};
+  const Tensor saved[] = {qkv, allowed, stats.probs, stats.row_max, stats.row_sum};
+  return record(op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
+                [=, blocked = stats.blocked](Backward& ctx) {
+                  ctx.input(0, [&] {
+                    const Tensor& qkv = ctx.saved[0];
+                    const AttentionStats stats{blocked, ctx.saved[2], ctx.saved[3], ctx.saved[4]};
+                    const Tensor dout = raw::contiguous(ctx.grad);
+                    Tensor dqkv = empty(qkv.shape(), qkv.dtype());
+                    visit_float_dtype(qkv.dtype(), [&](auto tag) {
+                      using T = decltype(tag);
+                      parallel_for(B * H, (stats.blocked ? 12 : 10) * n * n * d, [&](int64_t bh) {
+                        const Head<T> h = head_of(qkv.data<T>(), bh);
+                        T* dbase = dqkv.data<T>() + (h.q - qkv.data<T>());
+                        backward_head(h, bh, stats, dout.data<T>() + out_offset(bh),
+                                      HeadGrads<T>{dbase, dbase + hd, dbase + 2 * hd, 3 * hd});
+                      });
+                    });
+                    return dqkv;
+                  });
+                });
+}
+
+Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<Tensor>& gamma_q,
+                             const std::vector<Tensor>& gamma_k, const std::vector<Tensor>& cos,
+                             const std::vector<Tensor>& sin, const Tensor& mask, double eps,
+                             int64_t blocked_from) {
+  const char* op = "joint_attention";
+  const size_t M = qkv.size();
+  MMDIT_CHECK(
+      M >= 1 && gamma_q.size() == M && gamma_k.size() == M && cos.size() == M && sin.size() == M,
+      op, ": ", M, " qkv tensors, ", gamma_q.size(), " and ", gamma_k.size(), " gammas, ",
+      cos.size(), " and ", sin.size(), " rotary tables; expected one of each", " per modality");
+  MMDIT_CHECK(qkv[0].dim() == 5 && qkv[0].shape()[2] == 3 && qkv[0].shape()[4] > 0 &&
+                  qkv[0].shape()[4] % 2 == 0,
+              op, ": packed qkv of modality 0 has shape ", shape_str(qkv[0].shape()),
+              "; expected (B, S, 3, H, d) with d even and positive");
+  JointInputs in{{}, {}, {}, {}, {}, {0}, qkv[0].shape()[0], qkv[0].shape()[3], qkv[0].shape()[4],
+                 0,  eps};
+  for (size_t m = 0; m < M; ++m) {
+    check_floats(op, {qkv[0], qkv[m], gamma_q[m], gamma_k[m], cos[m], sin[m]});
+    const Shape& shape = qkv[m].shape();
+    MMDIT_CHECK(shape.size() == 5 && shape[0] == in.B && shape[2] == 3 && shape[3] == in.H &&
+                    shape[4] == in.d,
+                op, ": packed qkv of modality ", m, " has shape ", shape_str(shape), "; expected (",
+                in.B, ", S, 3, ", in.H, ", ", in.d, ") as modality 0");
+    const int64_t S = shape[1];
+    MMDIT_CHECK(gamma_q[m].shape() == Shape({in.d}) && gamma_k[m].shape() == Shape({in.d}), op,
+                ": gammas of modality ", m, " have shapes ", shape_str(gamma_q[m].shape()), " and ",
+                shape_str(gamma_k[m].shape()), "; expected (", in.d, ",)");
+    MMDIT_CHECK(cos[m].shape() == Shape({S, in.d}) && sin[m].shape() == Shape({S, in.d}), op,
+                ": rotary tables of modality ", m, " have shapes ", shape_str(cos[m].shape()),
+                " and ", shape_str(sin[m].shape()), "; expected (", S, ",", in.d, ")");
+    in.qkv.push_back(raw::contiguous(qkv[m]));
+    in.gamma_q.push_back(raw::contiguous(gamma_q[m]));
+    in.gamma_k.push_back(raw::contiguous(gamma_k[m]));
+    in.cos.push_back(raw::contiguous(cos[m]));
+    in.sin.push_back(raw::contiguous(sin[m]));
+    in.start.push_back(in.start.back() + S);
+  }
+  const int64_t B = in.B, H = in.H, d = in.d, n = in.T = in.start.back(), hd = H * d;
+  const DType dtype = qkv[0].dtype();
+  const auto mask_and_stride = attention_mask(mask, B, n, dtype, op);
+  const Tensor& allowed = mask_and_stride.first;
+  const int64_t mask_stride = mask_and_stride.second;
+  const AttentionStats stats = attention_stats(B, H, n, blocked_from, dtype);
+  // Head bh's gathered rows: q, k, v blocks of n x d in `rows`; its output rows in (B, n, H, d).
+  const auto head_of = [=](const auto* rows, int64_t bh) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(rows)>>;
+    return Head<T>{
+        rows, rows + n * d, rows + 2 * n * d, d, allowed_of<T>(allowed, mask_stride, bh / H), n, d,
+        hd};
+  };
+  const auto out_offset = [=](int64_t bh) { return (bh / H) * n * hd + (bh % H) * d; };
+  Tensor out = empty({B, n, H, d}, dtype);
+  visit_float_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    parallel_for(B * H, 4 * n * n * d + 20 * n * d, [&](int64_t bh) {
+      thread_local std::vector<T> rows_buffer;
+      T* rows = scratch(rows_buffer, 3 * n * d);
+      gather_head(in, bh / H, bh % H, rows, static_cast<T*>(nullptr));
+      forward_head(head_of(rows, bh), bh, stats, out.data<T>() + out_offset(bh));
+    });
+  });
+
+  std::vector<Tensor> inputs = qkv;
+  inputs.insert(inputs.end(), gamma_q.begin(), gamma_q.end());
+  inputs.insert(inputs.end(), gamma_k.begin(), gamma_k.end());
+  std::vector<Tensor> saved = {allowed, stats.probs, stats.row_max, stats.row_sum};
+  const std::vector<Tensor> in_tensors = in.tensors();
+  saved.insert(saved.end(), in_tensors.begin(), in_tensors.end());
+  // The closure keeps the shapes; the tensors come back through ctx.saved.
+  JointInputs shapes = in.with_tensors(std::vector<Tensor>(in_tensors.size()));
   return record(
       op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
-      [s, mask_stride, hd, blocked](Backward& ctx) {
-        const Tensor &qkv = ctx.saved[0], &mask = ctx.saved[1];
-        ctx.input(0, [&] {
-          const Tensor dout = raw::contiguous(ctx.grad);
-          Tensor dqkv = empty(qkv.shape(), qkv.dtype());
-          visit_float_dtype(qkv.dtype(), [&](auto tag) {
-            using T = decltype(tag);
-            const T *base = qkv.data<T>(), *dy = dout.data<T>();
-            const T* m = mask.defined() ? mask.data<T>() : nullptr;
-            T* dbase = dqkv.data<T>();
-            if (blocked)
-              attention_backward_blocked(dy, base, base + hd, base + 2 * hd, ctx.saved[2].data<T>(),
-                                         ctx.saved[3].data<T>(), m, mask_stride, dbase, dbase + hd,
-                                         dbase + 2 * hd, s);
-            else
-              attention_backward(dy, base, base + hd, base + 2 * hd, ctx.saved[2].data<T>(), m,
-                                 mask_stride, dbase, dbase + hd, dbase + 2 * hd, s);
+      [=, blocked = stats.blocked](Backward& ctx) {
+        const JointInputs in = shapes.with_tensors(std::span(ctx.saved).subspan(4));
+        const AttentionStats stats{blocked, ctx.saved[1], ctx.saved[2], ctx.saved[3]};
+        const Tensor dout = raw::contiguous(ctx.grad);
+        std::vector<Tensor> dqkv;
+        for (const Tensor& x : in.qkv) dqkv.push_back(empty(x.shape(), dtype));
+        // Each head's gamma gradients apart, summed in head order after: the same bits on any
+        // number of threads.
+        Tensor dgamma_heads = zeros({B * H, static_cast<int64_t>(M), 2, d}, dtype);
+        visit_float_dtype(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          parallel_for(B * H, (blocked ? 12 : 10) * n * n * d + 40 * n * d, [&](int64_t bh) {
+            thread_local std::vector<T> rows_buffer, grads_buffer, inv_buffer;
+            T* rows = scratch(rows_buffer, 3 * n * d);
+            T* grads = scratch(grads_buffer, 3 * n * d);
+            T* inv = scratch(inv_buffer, 2 * n);
+            gather_head(in, bh / H, bh % H, rows, inv);
+            backward_head(head_of(static_cast<const T*>(rows), bh), bh, stats,
+                          dout.data<T>() + out_offset(bh),
+                          HeadGrads<T>{grads, grads + n * d, grads + 2 * n * d, d});
+            scatter_head_grads(in, bh / H, bh % H, static_cast<const T*>(grads),
+                               static_cast<const T*>(inv), dqkv,
+                               dgamma_heads.data<T>() + bh * static_cast<int64_t>(M) * 2 * d);
           });
-          return dqkv;
         });
+        // (M, 2, d): per modality the gradients of gamma_q, then of gamma_k.
+        const Tensor dgamma =
+            raw::reshape(sum_heads(dgamma_heads), {2 * static_cast<int64_t>(M), d});
+        for (size_t m = 0; m < M; ++m) {
+          const int64_t i = static_cast<int64_t>(m);
+          ctx.input(m, [&] { return dqkv[m]; });
+          ctx.input(M + m, [&] { return raw::reshape(raw::narrow(dgamma, 0, 2 * i, 1), {d}); });
+          ctx.input(2 * M + m,
+                    [&] { return raw::reshape(raw::narrow(dgamma, 0, 2 * i + 1, 1), {d}); });
+        }
       });
 }
 

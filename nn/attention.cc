@@ -64,21 +64,21 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "JointAttention: outputs names ",
               outputs.size(), " modalities; there are ", xs.size());
 
-  // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features,
-  // then QK-RMSNorm and the rotary embedding on q and k in one pass.
+  // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features;
+  // then QK-RMSNorm and the rotary embedding on q and k, and one attention over the modalities'
+  // tokens in order, token-major throughout, in one op (autodiff/fused.h).
   const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "modality");
-  std::vector<Tensor> packed;
+  std::vector<Tensor> packed, gammas_q, gammas_k, cos, sin;
   for (size_t m = 0; m < xs.size(); ++m) {
-    NameScope scope(str_cat("modality", m));
     const int64_t seq = lengths[m];
-    const Tensor qkv = reshape(qkvs[m], {batch, seq, 3, heads, dim_head});
+    packed.push_back(reshape(qkvs[m], {batch, seq, 3, heads, dim_head}));
+    gammas_q.push_back(q_rmsnorms[m].gamma);
+    gammas_k.push_back(k_rmsnorms[m].gamma);
     const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
-    packed.push_back(
-        qk_norm_rope(qkv, q_rmsnorms[m].gamma, k_rmsnorms[m].gamma, tables.cos, tables.sin));
+    cos.push_back(tables.cos);
+    sin.push_back(tables.sin);
   }
-  // One attention over the concatenated sequence, token-major throughout: nn::attention(q, k, v,
-  // mask) on the (B, H, T, d) views, without the permuted copies.
-  const Tensor out = attention_packed(concat(packed, 1), mask);
+  const Tensor out = joint_attention_fused(packed, gammas_q, gammas_k, cos, sin, mask);
   const Tensor merged = reshape(out, {batch, total, inner});
 
   std::vector<Tensor> per_modality = split(merged, lengths, 1);

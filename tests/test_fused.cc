@@ -316,6 +316,101 @@ TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
   EXPECT_THROW(qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64)), Error);
 }
 
+// Joint attention's fused core against what it replaces: qk_norm_rope per modality, concat, then
+// attention_packed; on both the saved-probabilities and the blocked path, with no mask, a
+// block-causal mask with a fully masked row, and a per-example mask; gradients of every qkv and
+// gamma.
+TEST(Fused, JointAttentionMatchesTheCompositionAndGradients) {
+  Rng rng(16);
+  const int64_t B = 2, H = 2, d = 6;
+  const std::vector<int64_t> lengths = {3, 5};
+  const int64_t T = 8;
+  std::vector<Tensor> qkv, gq, gk, cos, sin;
+  for (const int64_t S : lengths) {
+    qkv.push_back(rng.normal({B, S, 3, H, d}, DType::f64));
+    gq.push_back(rng.normal({d}, DType::f64));
+    gk.push_back(rng.normal({d}, DType::f64));
+    const nn::RopeTables t = nn::rope_tables(S, d, DType::f64);
+    cos.push_back(t.cos);
+    sin.push_back(t.sin);
+  }
+  const auto composition = [&](const std::vector<Tensor>& in, const Tensor& mask) {
+    std::vector<Tensor> parts;
+    for (size_t m = 0; m < lengths.size(); ++m)
+      parts.push_back(qk_norm_rope(in[m], in[2 + m], in[4 + m], cos[m], sin[m]));
+    return attention_packed(concat(parts, 1), mask);
+  };
+  const auto fused = [&](const std::vector<Tensor>& in, const Tensor& mask, int64_t blocked_from) {
+    return joint_attention_fused({in[0], in[1]}, {in[2], in[3]}, {in[4], in[5]}, cos, sin, mask,
+                                 1e-6, blocked_from);
+  };
+  const std::vector<Tensor> inputs = {qkv[0], qkv[1], gq[0], gq[1], gk[0], gk[1]};
+  const auto gradients = [&](const auto& f, const Tensor& dy) {
+    Tape tape;
+    for (const Tensor& x : inputs) tape.watch(x);
+    return tape.gradient(sum(f(inputs) * dy), inputs);
+  };
+  Tensor per_example = ones({B, T, T}, DType::boolean);
+  for (int64_t j = 0; j < T; j += 3) per_example.data<bool>()[T * T + 6 * T + j] = false;
+  for (const Tensor& mask : {Tensor(), causal_mask(T, /*first_row_masked=*/true), per_example}) {
+    const Tensor expected = composition(inputs, mask);
+    const Tensor dy = rng.normal(expected.shape(), DType::f64);
+    const std::vector<Tensor> expected_grads =
+        gradients([&](const auto& in) { return composition(in, mask); }, dy);
+    for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom}) {
+      EXPECT_LT(max_abs_diff(fused(inputs, mask, blocked_from), expected), 1e-13);
+      const std::vector<Tensor> grads =
+          gradients([&](const auto& in) { return fused(in, mask, blocked_from); }, dy);
+      for (size_t i = 0; i < inputs.size(); ++i)
+        EXPECT_LT(max_abs_diff(grads[i], expected_grads[i]), 1e-12)
+            << "input " << i << ", blocked from " << blocked_from;
+    }
+  }
+  const Tensor causal = causal_mask(T);
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return fused(in, causal, 512); }, inputs);
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return fused(in, causal, 1); }, inputs);
+}
+
+TEST(Fused, JointAttentionBadInputsAreErrors) {
+  Rng rng(17);
+  const int64_t B = 2, H = 2, d = 4;
+  const nn::RopeTables t3 = nn::rope_tables(3, d, DType::f32),
+                       t5 = nn::rope_tables(5, d, DType::f32);
+  const Tensor q3 = rng.normal({B, 3, 3, H, d}), q5 = rng.normal({B, 5, 3, H, d});
+  const Tensor g = rng.normal({d});
+  const auto message = [](const auto& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] {
+              joint_attention_fused({q3, rng.normal({B, 5, 3, H + 1, d})}, {g, g}, {g, g},
+                                    {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor());
+            }).find("packed qkv of modality 1 has shape (2,5,3,3,4)"),
+            std::string::npos);
+  EXPECT_NE(message([&] {
+              joint_attention_fused({q3, q5}, {g, g}, {g, g}, {t3.cos, t3.cos}, {t3.sin, t5.sin},
+                                    Tensor());
+            }).find("rotary tables of modality 1"),
+            std::string::npos);
+  EXPECT_NE(
+      message([&] {
+        joint_attention_fused({q3, q5}, {g}, {g, g}, {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor());
+      }).find("expected one of each per modality"),
+      std::string::npos);
+  EXPECT_NE(message([&] {
+              joint_attention_fused({q3, q5}, {g, g}, {g, g}, {t3.cos, t5.cos}, {t3.sin, t5.sin},
+                                    ones({7, 7}, DType::boolean));
+            }).find("mask has shape (7,7)"),
+            std::string::npos);
+  EXPECT_THROW(joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
+                                     {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor()),
+               Error);
+}
+
 TEST(Fused, Float32AgreesWithTheComposition) {
   Rng rng(6);
   const Tensor x = rng.normal({4, 16, 64}), shift = rng.normal({4, 1, 64}),
@@ -362,6 +457,16 @@ TEST(Fused, Float32GradientsAgreeWithFloat64) {
   expect_agreement("gated_residual",
                    [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
                    {x, rng.normal({4, 1, 64}, DType::f64), rng.normal({4, 16, 64}, DType::f64)});
+  expect_agreement(
+      "joint_attention",
+      [](const auto& in) {
+        const nn::RopeTables a = nn::rope_tables(2, 16, in[0].dtype()),
+                             b = nn::rope_tables(16, 16, in[0].dtype());
+        return joint_attention_fused({in[0], in[1]}, {in[2], in[3]}, {in[2], in[3]}, {a.cos, b.cos},
+                                     {a.sin, b.sin}, Tensor());
+      },
+      {rng.normal({3, 2, 3, 4, 16}, DType::f64), rng.normal({3, 16, 3, 4, 16}, DType::f64),
+       rng.normal({16}, DType::f64), rng.normal({16}, DType::f64)});
   expect_agreement("qk_norm_rope",
                    [](const auto& in) {
                      const nn::RopeTables t = nn::rope_tables(6, 16, in[0].dtype());
