@@ -10,8 +10,8 @@
 // Every figure is the median of >= 10 timed samples after a warm-up; "mmdit/blas" is our
 // speed relative to the direct gemm call (1.00 = the same).
 //
-//   - the fused attention op, forward and forward + backward, at the policy's and the in-context
-//     model's shapes.
+//   - the models' fused joint attention, forward and forward + backward, at the policy's and the
+//     in-context model's shapes.
 //
 //   microbench [--threads N] [--only elementwise|matmul|sampling|attention]
 #include <cblas.h>
@@ -202,35 +202,43 @@ void run_sampling_products(Rng& rng) {
   }
 }
 
-// The fused attention op at the benchmark workloads' shapes: the policy's 2 + 16 tokens at
-// batch 64 (observation rows see everything, action rows all observations and earlier actions)
-// and the in-context model's 100 + 18 at batch 8. GFLOP/s counts the head products: 4 T^2 d per
-// head forward, 8 T^2 d backward.
+// The models' fused joint attention (QK-RMSNorm, rotary embedding and attention over two
+// modalities) at the benchmark workloads' shapes: the policy's 2 observation + 16 action tokens
+// at batch 64 (observation rows see everything, action rows all observations and earlier
+// actions), and the in-context model's 100 + 18 at batch 8. GFLOP/s counts the head products:
+// 4 T^2 d per head forward, 8 T^2 d backward.
 void run_attention(Rng& rng) {
-  std::printf("\nattention, float32, packed qkv (B, T, 3, H, d), block-causal mask\n");
+  std::printf("\njoint attention, float32, two modalities, block-causal mask\n");
   std::printf("%-34s %12s %9s %12s %9s\n", "shape", "forward", "GFLOP/s", "fwd + bwd", "GFLOP/s");
   struct Case {
     const char* name;
-    int64_t B, T, H, d, context;
+    int64_t B, context, actions, H, d;
   };
-  const Case cases[] = {{"policy    B 64, T 2 + 16, H 8, d 64", 64, 18, 8, 64, 2},
-                        {"incontext B 8, T 100 + 18, H 8, d 64", 8, 118, 8, 64, 100}};
+  const Case cases[] = {{"policy    B 64, T 2 + 16, H 8, d 64", 64, 2, 16, 8, 64},
+                        {"incontext B 8, T 100 + 18, H 8, d 64", 8, 100, 18, 8, 64}};
   for (const Case& c : cases) {
-    std::vector<bool> allowed(static_cast<size_t>(c.T * c.T));
-    for (int64_t i = 0; i < c.T; ++i)
-      for (int64_t j = 0; j < c.T; ++j)
-        allowed[static_cast<size_t>(i * c.T + j)] = i < c.context || j <= i;
-    const Tensor mask = from_vector<bool>(allowed, {c.T, c.T});
-    const Tensor qkv = rng.normal({c.B, c.T, 3, c.H, c.d});
-    const Tensor cotangent = rng.normal({c.B, c.T, c.H, c.d});
-    const double forward = median_seconds([&] { attention_packed(qkv, mask); });
+    const int64_t T = c.context + c.actions;
+    std::vector<bool> allowed(static_cast<size_t>(T * T));
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = 0; j < T; ++j)
+        allowed[static_cast<size_t>(i * T + j)] = i < c.context || j <= i;
+    const Tensor mask = from_vector<bool>(allowed, {T, T});
+    std::vector<Tensor> qkv, gamma, cos, sin;
+    for (const int64_t S : {c.context, c.actions}) {
+      qkv.push_back(rng.normal({c.B, S, 3, c.H, c.d}));
+      gamma.push_back(rng.normal({c.d}));
+      cos.push_back(rng.normal({S, c.d}));
+      sin.push_back(rng.normal({S, c.d}));
+    }
+    const Tensor cotangent = rng.normal({c.B, T, c.H, c.d});
+    const auto attention = [&] { return joint_attention_fused(qkv, gamma, gamma, cos, sin, mask); };
+    const double forward = median_seconds([&] { attention(); });
     const double both = median_seconds([&] {
       Tape tape;
-      tape.watch(qkv);
-      const Tensor out = attention_packed(qkv, mask);
-      tape.gradient(out, {qkv}, cotangent);
+      for (const Tensor& x : qkv) tape.watch(x);
+      tape.gradient(attention(), qkv, cotangent);
     });
-    const double head_flops = static_cast<double>(c.B * c.H * c.T * c.T * c.d);
+    const double head_flops = static_cast<double>(c.B * c.H * T * T * c.d);
     std::printf("%-34s %12s %9.1f %12s %9.1f\n", c.name, human_time(forward).c_str(),
                 4 * head_flops / forward / 1e9, human_time(both).c_str(),
                 12 * head_flops / both / 1e9);
