@@ -490,13 +490,31 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     out.push_back(y);
     return out;
   };
+  // Joint attention: heads in parallel, the gammas' gradients summed over heads after.
+  const std::vector<Tensor> qkv = {rng.normal({4, 6, 3, 4, 32}), rng.normal({4, 10, 3, 4, 32})};
+  const std::vector<Tensor> gq = {rng.normal({32}), rng.normal({32})},
+                            gk = {rng.normal({32}), rng.normal({32})};
+  const nn::RopeTables t6 = nn::rope_tables(6, 32, DType::f32),
+                       t10 = nn::rope_tables(10, 32, DType::f32);
+  auto run_attention = [&] {
+    Tape tape;
+    for (const Tensor& x : {qkv[0], qkv[1], gq[0], gq[1], gk[0], gk[1]}) tape.watch(x);
+    const Tensor y =
+        joint_attention_fused(qkv, gq, gk, {t6.cos, t10.cos}, {t6.sin, t10.sin}, causal_mask(16));
+    std::vector<Tensor> out =
+        tape.gradient(sum(y * y), {qkv[0], qkv[1], gq[0], gq[1], gk[0], gk[1]});
+    out.push_back(y);
+    return out;
+  };
   const int threads = num_threads();
   set_num_threads(1);
-  const std::vector<Tensor> one = run();
+  const std::vector<Tensor> one = run(), attention_one = run_attention();
   set_num_threads(2);
-  const std::vector<Tensor> two = run();
+  const std::vector<Tensor> two = run(), attention_two = run_attention();
   set_num_threads(threads);
   for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0) << i;
+  for (size_t i = 0; i < attention_one.size(); ++i)
+    EXPECT_EQ(max_abs_diff(attention_one[i], attention_two[i]), 0.0) << "joint attention " << i;
 }
 
 TEST(Fused, BadShapesAreErrors) {
