@@ -70,6 +70,7 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "modality");
   std::vector<Tensor> packed, gammas_q, gammas_k, cos, sin;
   for (size_t m = 0; m < xs.size(); ++m) {
+    NameScope scope(str_cat("modality", m));
     const int64_t seq = lengths[m];
     packed.push_back(reshape(qkvs[m], {batch, seq, 3, heads, dim_head}));
     gammas_q.push_back(q_rmsnorms[m].gamma);
