@@ -239,25 +239,20 @@ struct JointInputs {
 
 // Head (b, h)'s rows of every modality in sequence order into three T x d blocks: q and k
 // normalised and rotated (QK-RMSNorm, then the rotary embedding of the token's position in its
-// modality), v copied. inv (2 T: q then k), when given, gets each q and k row's 1 / rms.
+// modality), v copied. inv (2 T: q then k) gets each q and k row's 1 / rms.
 template <class T>
 void gather_head(const JointInputs& in, int64_t b, int64_t h, T* rows, T* inv) {
   const int64_t hd = in.H * in.d, d = in.d, n = in.T;
   for (size_t m = 0; m < in.modalities(); ++m) {
-    const int64_t S = in.start[m + 1] - in.start[m];
+    const int64_t S = in.start[m + 1] - in.start[m], t = in.start[m];
     const T* x = in.qkv[m].data<T>() + b * S * 3 * hd + h * d;
-    const T *gq = in.gamma_q[m].data<T>(), *gk = in.gamma_k[m].data<T>();
-    for (int64_t s = 0; s < S; ++s, x += 3 * hd) {
-      const int64_t t = in.start[m] + s;
-      const T *c = in.cos[m].data<T>() + s * d, *sn = in.sin[m].data<T>() + s * d;
-      const T inv_q = detail::qk_norm_rope_row(x, gq, c, sn, rows + t * d, d, in.eps);
-      const T inv_k = detail::qk_norm_rope_row(x + hd, gk, c, sn, rows + (n + t) * d, d, in.eps);
-      std::copy(x + 2 * hd, x + 2 * hd + d, rows + (2 * n + t) * d);
-      if (inv) {
-        inv[t] = inv_q;
-        inv[n + t] = inv_k;
-      }
-    }
+    const T *c = in.cos[m].data<T>(), *sn = in.sin[m].data<T>();
+    simd::qk_norm_rope_rows(x, 3 * hd, S, d, in.gamma_q[m].data<T>(), c, sn, in.eps, rows + t * d,
+                            inv + t);
+    simd::qk_norm_rope_rows(x + hd, 3 * hd, S, d, in.gamma_k[m].data<T>(), c, sn, in.eps,
+                            rows + (n + t) * d, inv + n + t);
+    for (int64_t s = 0; s < S; ++s)
+      std::copy_n(x + s * 3 * hd + 2 * hd, d, rows + (2 * n + t + s) * d);
   }
 }
 
@@ -271,20 +266,18 @@ void scatter_head_grads(const JointInputs& in, int64_t b, int64_t h, const T* gr
   thread_local std::vector<T> dz_buffer;
   T* dz = scratch(dz_buffer, d);
   for (size_t m = 0; m < in.modalities(); ++m) {
-    const int64_t S = in.start[m + 1] - in.start[m];
+    const int64_t S = in.start[m + 1] - in.start[m], t = in.start[m];
     const int64_t offset = b * S * 3 * hd + h * d;
     const T* x = in.qkv[m].data<T>() + offset;
     T* dx = dqkv[m].data<T>() + offset;
-    const T *gq = in.gamma_q[m].data<T>(), *gk = in.gamma_k[m].data<T>();
-    T *dgq = dgamma + 2 * m * d, *dgk = dgq + d;
-    for (int64_t s = 0; s < S; ++s, x += 3 * hd, dx += 3 * hd) {
-      const int64_t t = in.start[m] + s;
-      const T *c = in.cos[m].data<T>() + s * d, *sn = in.sin[m].data<T>() + s * d;
-      detail::qk_norm_rope_row_backward(grads + t * d, x, inv[t], gq, c, sn, dz, dgq, dx, d);
-      detail::qk_norm_rope_row_backward(grads + (n + t) * d, x + hd, inv[n + t], gk, c, sn, dz, dgk,
-                                        dx + hd, d);
-      std::copy(grads + (2 * n + t) * d, grads + (2 * n + t + 1) * d, dx + 2 * hd);
-    }
+    const T *c = in.cos[m].data<T>(), *sn = in.sin[m].data<T>();
+    T* dgq = dgamma + 2 * m * d;
+    simd::qk_norm_rope_rows_backward(grads + t * d, x, 3 * hd, S, d, inv + t,
+                                     in.gamma_q[m].data<T>(), c, sn, dz, dgq, dx);
+    simd::qk_norm_rope_rows_backward(grads + (n + t) * d, x + hd, 3 * hd, S, d, inv + n + t,
+                                     in.gamma_k[m].data<T>(), c, sn, dz, dgq + d, dx + hd);
+    for (int64_t s = 0; s < S; ++s)
+      std::copy_n(grads + (2 * n + t + s) * d, d, dx + s * 3 * hd + 2 * hd);
   }
 }
 
@@ -413,9 +406,9 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
   visit_float_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     parallel_for(B * H, 4 * n * n * d + 20 * n * d, [&](int64_t bh) {
-      thread_local std::vector<T> rows_buffer;
+      thread_local std::vector<T> rows_buffer, inv_buffer;
       T* rows = scratch(rows_buffer, 3 * n * d);
-      gather_head(in, bh / H, bh % H, rows, static_cast<T*>(nullptr));
+      gather_head(in, bh / H, bh % H, rows, scratch(inv_buffer, 2 * n));
       forward_head(head_of(rows, bh), bh, stats, out.data<T>() + out_offset(bh));
     });
   });

@@ -65,6 +65,23 @@ void attention_softmax_backward(float* ds, const float* p, int64_t n, const floa
 void attention_softmax_backward(double* ds, const double* p, int64_t n, const double* allowed,
                                 double scale);
 
+// QK-RMSNorm and the rotary embedding of `rows` rows of d values (d even), row r read at
+// x + r ld and written at y + r d: y = rope(x inv gamma), inv[r] = 1 / sqrt(mean(x^2) + eps),
+// with row r's cos and sin at cos + r d, sin + r d (simd_attention.cc).
+void qk_norm_rope_rows(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, float* inv);
+void qk_norm_rope_rows(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, double* inv);
+// Its backward: from dy (rows d apart), the rows x and their inv, dx (rows ld apart) and
+// dgamma += the gamma gradient of every row; dz is scratch of d values.
+void qk_norm_rope_rows_backward(const float* dy, const float* x, int64_t ld, int64_t rows,
+                                int64_t d, const float* inv, const float* gamma, const float* cos,
+                                const float* sin, float* dz, float* dgamma, float* dx);
+void qk_norm_rope_rows_backward(const double* dy, const double* x, int64_t ld, int64_t rows,
+                                int64_t d, const double* inv, const double* gamma,
+                                const double* cos, const double* sin, double* dz, double* dgamma,
+                                double* dx);
+
 // y[i * ldy + j] = sum_k x[i * ldx + k] * w[j * ldw + k] for i < m, j in [n_begin, n_end): a
 // product x W^T with few rows, W read once without packing (simd_gemm.cc).
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,

@@ -1,6 +1,8 @@
 // Attention's row kernels: the masked, scaled softmax of a row of logits and its backward, one
-// pass each over a row that sits in L1. As separate steps (a scalar mask-and-scale loop, then a
-// softmax) they took 55% of the in-context model's attention forward (microbench).
+// pass each over a row that sits in L1 (as separate steps, a scalar mask-and-scale loop and then
+// a softmax took 55% of the in-context model's attention forward, microbench); and QK-RMSNorm
+// with the rotary embedding over a head's rows, forward and backward, one call for all of them
+// (per row, the calls and dispatches cost more than the arithmetic of 64 values).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "tensor/simd_attention.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -9,6 +11,7 @@
 #include <hwy/highway.h>
 
 #include <cfloat>
+#include <cmath>
 #include <limits>
 
 #include "tensor/simd.h"
@@ -115,6 +118,102 @@ void AttentionSoftmaxBackwardImpl(T* ds, const T* p, int64_t n, const T* allowed
   });
 }
 
+// Rows r < rows of d values at x + r ld: y row r (d apart) = rope(x * inv * gamma), inv[r] =
+// 1 / sqrt(mean(x^2) + eps), with row r's cos and sin at cos + r d, sin + r d.
+template <class T>
+void QkNormRopeRowsImpl(const T* x, int64_t ld, int64_t rows, int64_t d, const T* gamma,
+                        const T* cos, const T* sin, double eps, T* y, T* inv) {
+  const hn::ScalableTag<T> dt;
+  const int64_t half = d / 2;
+  for (int64_t r = 0; r < rows; ++r, x += ld, y += d, cos += d, sin += d) {
+    auto squares = hn::Zero(dt);
+    ForVectors(dt, d, [&](int64_t j, int64_t count) {
+      const auto v = Load(dt, x + j, count, T(0));
+      squares = hn::MulAdd(v, v, squares);
+    });
+    const T mean_square = hn::GetLane(hn::SumOfLanes(dt, squares)) / static_cast<T>(d);
+    const T row_inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
+    inv[r] = row_inv;
+    const auto inv_v = hn::Set(dt, row_inv);
+    ForVectors(dt, half, [&](int64_t j, int64_t count) {
+      const auto lo =
+          hn::Mul(hn::Mul(Load(dt, x + j, count, T(0)), inv_v), Load(dt, gamma + j, count, T(0)));
+      const auto hi = hn::Mul(hn::Mul(Load(dt, x + half + j, count, T(0)), inv_v),
+                              Load(dt, gamma + half + j, count, T(0)));
+      Store(dt,
+            hn::MulAdd(lo, Load(dt, cos + j, count, T(0)),
+                       hn::Neg(hn::Mul(hi, Load(dt, sin + j, count, T(0))))),
+            y + j, count);
+      Store(dt,
+            hn::MulAdd(hi, Load(dt, cos + half + j, count, T(0)),
+                       hn::Mul(lo, Load(dt, sin + half + j, count, T(0)))),
+            y + half + j, count);
+    });
+  }
+}
+
+// Its backward for the same rows: dz = rope^T(dy); dgamma += dz x inv; dz *= gamma; then
+// dx (rows ld apart) = inv dz - x inv^3 mean(dz x). dy rows are d apart; dz is d scratch.
+template <class T>
+void QkNormRopeRowsBackwardImpl(const T* dy, const T* x, int64_t ld, int64_t rows, int64_t d,
+                                const T* inv, const T* gamma, const T* cos, const T* sin, T* dz,
+                                T* dgamma, T* dx) {
+  const hn::ScalableTag<T> dt;
+  const int64_t half = d / 2;
+  for (int64_t r = 0; r < rows; ++r, dy += d, x += ld, dx += ld, cos += d, sin += d) {
+    const auto inv_v = hn::Set(dt, inv[r]);
+    ForVectors(dt, half, [&](int64_t j, int64_t count) {
+      const auto dy_lo = Load(dt, dy + j, count, T(0)),
+                 dy_hi = Load(dt, dy + half + j, count, T(0));
+      Store(dt,
+            hn::MulAdd(dy_lo, Load(dt, cos + j, count, T(0)),
+                       hn::Mul(dy_hi, Load(dt, sin + half + j, count, T(0)))),
+            dz + j, count);
+      Store(dt,
+            hn::Sub(hn::Mul(dy_hi, Load(dt, cos + half + j, count, T(0))),
+                    hn::Mul(dy_lo, Load(dt, sin + j, count, T(0)))),
+            dz + half + j, count);
+    });
+    auto dot = hn::Zero(dt);
+    ForVectors(dt, d, [&](int64_t j, int64_t count) {
+      const auto z = Load(dt, dz + j, count, T(0)), xv = Load(dt, x + j, count, T(0));
+      Store(dt, hn::MulAdd(hn::Mul(z, xv), inv_v, Load(dt, dgamma + j, count, T(0))), dgamma + j,
+            count);
+      const auto zg = hn::Mul(z, Load(dt, gamma + j, count, T(0)));
+      Store(dt, zg, dz + j, count);
+      dot = hn::MulAdd(zg, xv, dot);
+    });
+    const T row_inv = inv[r];
+    const auto k3 = hn::Set(
+        dt, hn::GetLane(hn::SumOfLanes(dt, dot)) / static_cast<T>(d) * row_inv * row_inv * row_inv);
+    ForVectors(dt, d, [&](int64_t j, int64_t count) {
+      Store(dt,
+            hn::Sub(hn::Mul(Load(dt, dz + j, count, T(0)), inv_v),
+                    hn::Mul(Load(dt, x + j, count, T(0)), k3)),
+            dx + j, count);
+    });
+  }
+}
+
+void QkNormRopeRowsF32(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, float* inv) {
+  QkNormRopeRowsImpl(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+}
+void QkNormRopeRowsF64(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, double* inv) {
+  QkNormRopeRowsImpl(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+}
+void QkNormRopeRowsBackwardF32(const float* dy, const float* x, int64_t ld, int64_t rows, int64_t d,
+                               const float* inv, const float* gamma, const float* cos,
+                               const float* sin, float* dz, float* dgamma, float* dx) {
+  QkNormRopeRowsBackwardImpl(dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+}
+void QkNormRopeRowsBackwardF64(const double* dy, const double* x, int64_t ld, int64_t rows,
+                               int64_t d, const double* inv, const double* gamma, const double* cos,
+                               const double* sin, double* dz, double* dgamma, double* dx) {
+  QkNormRopeRowsBackwardImpl(dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+}
+
 void AttentionSoftmaxF32(float* x, int64_t n, const float* allowed, float scale, float* max_out,
                          float* sum_out) {
   AttentionSoftmaxImpl(x, n, allowed, scale, max_out, sum_out);
@@ -153,6 +252,32 @@ HWY_EXPORT(AttentionSoftmaxAgainF32);
 HWY_EXPORT(AttentionSoftmaxAgainF64);
 HWY_EXPORT(AttentionSoftmaxBackwardF32);
 HWY_EXPORT(AttentionSoftmaxBackwardF64);
+HWY_EXPORT(QkNormRopeRowsF32);
+HWY_EXPORT(QkNormRopeRowsF64);
+HWY_EXPORT(QkNormRopeRowsBackwardF32);
+HWY_EXPORT(QkNormRopeRowsBackwardF64);
+
+void qk_norm_rope_rows(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, float* inv) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF32)(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+}
+void qk_norm_rope_rows(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, double* inv) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF64)(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+}
+void qk_norm_rope_rows_backward(const float* dy, const float* x, int64_t ld, int64_t rows,
+                                int64_t d, const float* inv, const float* gamma, const float* cos,
+                                const float* sin, float* dz, float* dgamma, float* dx) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsBackwardF32)
+  (dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+}
+void qk_norm_rope_rows_backward(const double* dy, const double* x, int64_t ld, int64_t rows,
+                                int64_t d, const double* inv, const double* gamma,
+                                const double* cos, const double* sin, double* dz, double* dgamma,
+                                double* dx) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsBackwardF64)
+  (dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+}
 
 void attention_softmax(float* x, int64_t n, const float* allowed, float scale, float* max_out,
                        float* sum_out) {

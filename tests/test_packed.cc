@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "autodiff/fused.h"
+#include "autodiff/fused_checks.h"
 #include "nn/functional.h"
 #include "nn/layers.h"
 #include "tensor/packed_weight.h"
@@ -234,6 +235,40 @@ TEST(AttentionRows, EveryCompiledTargetMatchesTheDefinition) {
         EXPECT_EQ(again[n], -1.0f) << where;
         EXPECT_EQ(ds[n], -1.0f) << where;
       }
+    }
+    // QK-RMSNorm with the rotary embedding over rows ld apart, forward and backward, against
+    // the per-row kernels of qk_norm_rope (autodiff/fused.cc), d with and without partial vectors.
+    for (const int64_t d : {6, 40, 64}) {
+      const int64_t rows = 3, ld = 3 * d;
+      const std::vector<float> x = rng.normal({rows * ld}).to_vector<float>();
+      const std::vector<float> dy = rng.normal({rows * d}).to_vector<float>();
+      const std::vector<float> gamma = rng.normal({d}).to_vector<float>();
+      const std::vector<float> cos = rng.normal({rows * d}).to_vector<float>();
+      const std::vector<float> sin = rng.normal({rows * d}).to_vector<float>();
+      std::vector<float> y(rows * d + 1, -1.0f), inv(rows), dx(rows * ld, -1.0f), dgamma(d, 0.5f),
+          dz(d);
+      simd::qk_norm_rope_rows(x.data(), ld, rows, d, gamma.data(), cos.data(), sin.data(), 1e-6,
+                              y.data(), inv.data());
+      simd::qk_norm_rope_rows_backward(dy.data(), x.data(), ld, rows, d, inv.data(), gamma.data(),
+                                       cos.data(), sin.data(), dz.data(), dgamma.data(), dx.data());
+      std::vector<float> y_row(d), dx_row(d), dgamma_rows(d, 0.5f);
+      const std::string where = name + " d=" + std::to_string(d);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float row_inv =
+            detail::qk_norm_rope_row(x.data() + r * ld, gamma.data(), cos.data() + r * d,
+                                     sin.data() + r * d, y_row.data(), d, 1e-6);
+        EXPECT_FLOAT_EQ(inv[r], row_inv) << where;
+        detail::qk_norm_rope_row_backward(dy.data() + r * d, x.data() + r * ld, row_inv,
+                                          gamma.data(), cos.data() + r * d, sin.data() + r * d,
+                                          dz.data(), dgamma_rows.data(), dx_row.data(), d);
+        for (int64_t j = 0; j < d; ++j) {
+          EXPECT_NEAR(y[r * d + j], y_row[j], 1e-5) << where << " row " << r << " j=" << j;
+          EXPECT_NEAR(dx[r * ld + j], dx_row[j], 1e-5) << where << " row " << r << " j=" << j;
+        }
+        for (int64_t j = d; j < ld; ++j) EXPECT_EQ(dx[r * ld + j], -1.0f) << where;
+      }
+      for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dgamma[j], dgamma_rows[j], 1e-5) << where;
+      EXPECT_EQ(y[rows * d], -1.0f) << where;
     }
     ++tested;
   }
