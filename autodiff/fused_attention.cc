@@ -311,14 +311,14 @@ Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blo
   const auto head_of = [=](const auto* base, int64_t bh) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
     const int64_t b = bh / H, in = b * n * 3 * hd + (bh % H) * d;
-    return Head<T>{base + in,
-                   base + in + hd,
-                   base + in + 2 * hd,
-                   3 * hd,
-                   allowed_of<T>(allowed, mask_stride, b),
-                   n,
-                   d,
-                   hd};
+    return Head<T>{.q = base + in,
+                   .k = base + in + hd,
+                   .v = base + in + 2 * hd,
+                   .ld = 3 * hd,
+                   .allowed = allowed_of<T>(allowed, mask_stride, b),
+                   .n = n,
+                   .d = d,
+                   .ld_out = hd};
   };
   const auto out_offset = [=](int64_t bh) { return (bh / H) * n * hd + (bh % H) * d; };
   Tensor out = empty({B, n, H, d}, qkv.dtype());
@@ -397,9 +397,14 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
   // Head bh's gathered rows: q, k, v blocks of n x d in `rows`; its output rows in (B, n, H, d).
   const auto head_of = [=](const auto* rows, int64_t bh) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(rows)>>;
-    return Head<T>{
-        rows, rows + n * d, rows + 2 * n * d, d, allowed_of<T>(allowed, mask_stride, bh / H), n, d,
-        hd};
+    return Head<T>{.q = rows,
+                   .k = rows + n * d,
+                   .v = rows + 2 * n * d,
+                   .ld = d,
+                   .allowed = allowed_of<T>(allowed, mask_stride, bh / H),
+                   .n = n,
+                   .d = d,
+                   .ld_out = hd};
   };
   const auto out_offset = [=](int64_t bh) { return (bh / H) * n * hd + (bh % H) * d; };
   Tensor out = empty({B, n, H, d}, dtype);
