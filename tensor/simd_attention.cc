@@ -10,6 +10,7 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/highway.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <limits>
@@ -22,7 +23,7 @@ namespace mmdit::simd {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Calls body(d, i, count) for vectors of the row [0, n): count == Lanes(d) but for the last.
+// Calls body(i, count) for the vectors of a row [0, n): count == Lanes(d) but for the last.
 template <class D, class Body>
 HWY_INLINE void ForVectors(D d, int64_t n, Body body) {
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
