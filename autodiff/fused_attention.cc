@@ -214,7 +214,7 @@ Tensor sum_heads(const Tensor& partial) {
 // and the rotary tables (S_m, d); modality m's tokens are [start[m], start[m + 1]) of the joint
 // sequence of T.
 struct JointInputs {
-  std::vector<Tensor> qkv, gamma_q, gamma_k, cos, sin;
+  std::vector<Tensor> qkv = {}, gamma_q = {}, gamma_k = {}, cos = {}, sin = {};
   std::vector<int64_t> start;
   int64_t B, H, d, T;
   double eps;
@@ -360,13 +360,17 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
   MMDIT_CHECK(
       M >= 1 && gamma_q.size() == M && gamma_k.size() == M && cos.size() == M && sin.size() == M,
       op, ": ", M, " qkv tensors, ", gamma_q.size(), " and ", gamma_k.size(), " gammas, ",
-      cos.size(), " and ", sin.size(), " rotary tables; expected one of each", " per modality");
+      cos.size(), " and ", sin.size(), " rotary tables; expected one of each per modality");
   MMDIT_CHECK(qkv[0].dim() == 5 && qkv[0].shape()[2] == 3 && qkv[0].shape()[4] > 0 &&
                   qkv[0].shape()[4] % 2 == 0,
               op, ": packed qkv of modality 0 has shape ", shape_str(qkv[0].shape()),
               "; expected (B, S, 3, H, d) with d even and positive");
-  JointInputs in{{}, {}, {}, {}, {}, {0}, qkv[0].shape()[0], qkv[0].shape()[3], qkv[0].shape()[4],
-                 0,  eps};
+  JointInputs in{.start = {0},
+                 .B = qkv[0].shape()[0],
+                 .H = qkv[0].shape()[3],
+                 .d = qkv[0].shape()[4],
+                 .T = 0,
+                 .eps = eps};
   for (size_t m = 0; m < M; ++m) {
     check_floats(op, {qkv[0], qkv[m], gamma_q[m], gamma_k[m], cos[m], sin[m]});
     const Shape& shape = qkv[m].shape();
