@@ -151,32 +151,6 @@ MMDIT_SIMD_CLONES void gated_backward_row(const double* dy, const double* gate, 
   gated_backward_row_impl(dy, gate, y, dy_in, dgate, n);
 }
 
-// The rotary embedding's adjoint and the RMSNorm gamma's gradient for one row of 2 * half:
-// dz = rope^T(dy); dgamma += dz x inv; then dz *= gamma.
-template <class T>
-[[gnu::always_inline]] inline void rope_backward_row_impl(
-    const T* __restrict dy, const T* __restrict c, const T* __restrict sn, const T* __restrict x,
-    T inv, const T* __restrict gamma, T* __restrict dz, T* __restrict dgamma, int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
-    dz[j] = dy[j] * c[j] + dy[j + half] * sn[j + half];
-    dz[j + half] = dy[j + half] * c[j + half] - dy[j] * sn[j];
-  }
-  for (int64_t j = 0; j < 2 * half; ++j) {
-    dgamma[j] += dz[j] * x[j] * inv;
-    dz[j] *= gamma[j];
-  }
-}
-MMDIT_SIMD_CLONES void rope_backward_row(const float* dy, const float* c, const float* sn,
-                                         const float* x, float inv, const float* gamma, float* dz,
-                                         float* dgamma, int64_t half) {
-  rope_backward_row_impl(dy, c, sn, x, inv, gamma, dz, dgamma, half);
-}
-MMDIT_SIMD_CLONES void rope_backward_row(const double* dy, const double* c, const double* sn,
-                                         const double* x, double inv, const double* gamma,
-                                         double* dz, double* dgamma, int64_t half) {
-  rope_backward_row_impl(dy, c, sn, x, inv, gamma, dz, dgamma, half);
-}
-
 // ---- layer_norm_modulate ----
 
 // ss holds [shift | scale] per group: (G, 2D).
@@ -260,11 +234,7 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
       for (int64_t i = 0; i < D; ++i)
         acc[i] += static_cast<double>(dy[r * D + i] * x[r * D + i]) * rstd[r];
   });
-  for (int64_t i = 0; i < D; ++i) {
-    double sum = 0;
-    for (int64_t b = 0; b < blocks; ++b) sum += partial[b * D + i];
-    dgamma[i] = static_cast<T>(sum);
-  }
+  detail::sum_in_order(partial.data(), blocks, D, dgamma);
 }
 
 // ---- swiglu ----
@@ -392,117 +362,49 @@ void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
 
 // ---- qk_norm_rope ----
 
-// y = rope(x * inv * gamma) for one row of 2 * half values.
-template <class T>
-[[gnu::always_inline]] inline void scaled_rope_row_impl(const T* __restrict x, T inv,
-                                                        const T* __restrict gamma,
-                                                        const T* __restrict c,
-                                                        const T* __restrict sn, T* __restrict y,
-                                                        int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
-    const T lo = x[j] * inv * gamma[j], hi = x[j + half] * inv * gamma[j + half];
-    y[j] = lo * c[j] + (-hi) * sn[j];
-    y[j + half] = hi * c[j + half] + lo * sn[j + half];
-  }
-}
-MMDIT_SIMD_CLONES void scaled_rope_row(const float* x, float inv, const float* gamma,
-                                       const float* c, const float* sn, float* y, int64_t half) {
-  scaled_rope_row_impl(x, inv, gamma, c, sn, y, half);
-}
-MMDIT_SIMD_CLONES void scaled_rope_row(const double* x, double inv, const double* gamma,
-                                       const double* c, const double* sn, double* y, int64_t half) {
-  scaled_rope_row_impl(x, inv, gamma, c, sn, y, half);
-}
-
-}  // namespace
-
-template <class T>
-T detail::qk_norm_rope_row(const T* x, const T* gamma, const T* cos, const T* sin, T* y, int64_t d,
-                           double eps) {
-  const T mean_square = simd::sum_squared_deviation(x, T(0), d) / static_cast<T>(d);
-  const T inv = static_cast<T>(1.0 / std::sqrt(mean_square + eps));
-  scaled_rope_row(x, inv, gamma, cos, sin, y, d / 2);
-  return inv;
-}
-
-// dz = rope^T(dy); then the rms_norm backward: dx = inv (dz gamma) - x inv^3 mean(dz gamma x),
-// dgamma += dz x inv.
-template <class T>
-void detail::qk_norm_rope_row_backward(const T* dy, const T* x, T inv, const T* gamma, const T* cos,
-                                       const T* sin, T* dz, T* dgamma, T* dx, int64_t d) {
-  rope_backward_row(dy, cos, sin, x, inv, gamma, dz, dgamma, d / 2);
-  const T k3 = simd::dot(dz, x, d) / static_cast<T>(d) * inv * inv * inv;
-  norm_dx_row(dz, inv, x, k3, T(0), dx, d);
-}
-
-template float detail::qk_norm_rope_row(const float*, const float*, const float*, const float*,
-                                        float*, int64_t, double);
-template double detail::qk_norm_rope_row(const double*, const double*, const double*, const double*,
-                                         double*, int64_t, double);
-template void detail::qk_norm_rope_row_backward(const float*, const float*, float, const float*,
-                                                const float*, const float*, float*, float*, float*,
-                                                int64_t);
-template void detail::qk_norm_rope_row_backward(const double*, const double*, double, const double*,
-                                                const double*, const double*, double*, double*,
-                                                double*, int64_t);
-
-namespace {
-
-// One token's rows in (B, S, 3, H, d): the H rows of part 0 (q) and 1 (k) become
-// rope(rms_norm(x) * gamma), part 2 (v) is copied. rstd gets one entry per q and k row.
+// One task per (b, part, h) of (B, S, 3, H, d): the S rows of a q (part 0) or k (part 1) head
+// become rope(rms_norm(x) * gamma) in one call of the row kernel joint attention uses too, and
+// rstd (B, 2, H, S) gets their 1 / rms; a v head (part 2) is copied.
 template <class T>
 void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, const T* sin, T* y,
                           T* rstd, int64_t B, int64_t S, int64_t H, int64_t d, double eps) {
-  parallel_for(B * S, 18 * H * d, [&](int64_t token) {
-    const T* c = cos + (token % S) * d;
-    const T* sn = sin + (token % S) * d;
-    for (int64_t part = 0; part < 2; ++part) {
-      const T* gamma = part == 0 ? gq : gk;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t row = (token * 3 + part) * H + h;
-        rstd[(token * 2 + part) * H + h] =
-            detail::qk_norm_rope_row(x + row * d, gamma, c, sn, y + row * d, d, eps);
-      }
+  const int64_t ld = 3 * H * d;
+  parallel_for(B * 3 * H, 18 * S * d, [&](int64_t task) {
+    const int64_t b = task / (3 * H), part = task / H % 3, h = task % H;
+    const int64_t offset = b * S * ld + part * H * d + h * d;
+    if (part == 2) {
+      for (int64_t s = 0; s < S; ++s) std::copy_n(x + offset + s * ld, d, y + offset + s * ld);
+      return;
     }
-    const int64_t v = (token * 3 + 2) * H * d;
-    std::copy(x + v, x + v + H * d, y + v);
+    simd::qk_norm_rope_rows(x + offset, ld, S, d, part == 0 ? gq : gk, cos, sin, eps, y + offset,
+                            ld, rstd + ((b * 2 + part) * H + h) * S);
   });
 }
 
-// qk_norm_rope_row_backward on every q and k row; v rows pass dy through.
+// The row kernel's backward on every q and k head; v heads pass dy through.
 template <class T>
 void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, const T* gk,
                            const T* cos, const T* sin, T* dx, T* dgq, T* dgk, int64_t B, int64_t S,
                            int64_t H, int64_t d) {
-  const int64_t tokens = B * S;
-  // Per block of tokens, partial gamma gradients (q then k), summed in block order after: the
-  // same bits on any number of threads.
-  const int64_t block = 16, blocks = (tokens + block - 1) / block;
-  std::vector<T> partial(static_cast<size_t>(blocks * 2 * d), T(0));
-  parallel_for(blocks, 30 * block * H * d, [&](int64_t blk) {
-    std::vector<T> dz(static_cast<size_t>(d));
-    for (int64_t token = blk * block; token < std::min(tokens, (blk + 1) * block); ++token) {
-      const T* c = cos + (token % S) * d;
-      const T* sn = sin + (token % S) * d;
-      for (int64_t part = 0; part < 2; ++part) {
-        const T* gamma = part == 0 ? gq : gk;
-        T* ag = partial.data() + (blk * 2 + part) * d;
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t row = (token * 3 + part) * H + h;
-          detail::qk_norm_rope_row_backward(dy + row * d, x + row * d,
-                                            rstd[(token * 2 + part) * H + h], gamma, c, sn,
-                                            dz.data(), ag, dx + row * d, d);
-        }
-      }
-      const int64_t v = (token * 3 + 2) * H * d;
-      std::copy(dy + v, dy + v + H * d, dx + v);
+  const int64_t ld = 3 * H * d, heads = B * H;
+  // Each q or k head's gamma gradient apart, (2, B H, d), summed in order after: the same bits on
+  // any number of threads.
+  std::vector<T> partial(static_cast<size_t>(2 * heads * d), T(0));
+  parallel_for(B * 3 * H, 30 * S * d, [&](int64_t task) {
+    const int64_t b = task / (3 * H), part = task / H % 3, h = task % H;
+    const int64_t offset = b * S * ld + part * H * d + h * d;
+    if (part == 2) {
+      for (int64_t s = 0; s < S; ++s) std::copy_n(dy + offset + s * ld, d, dx + offset + s * ld);
+      return;
     }
+    std::vector<T> dz(static_cast<size_t>(d));
+    simd::qk_norm_rope_rows_backward(dy + offset, ld, x + offset, ld, S, d,
+                                     rstd + ((b * 2 + part) * H + h) * S, part == 0 ? gq : gk, cos,
+                                     sin, dz.data(),
+                                     partial.data() + (part * heads + b * H + h) * d, dx + offset);
   });
-  for (int64_t j = 0; j < 2 * d; ++j) {
-    double sum = 0;
-    for (int64_t b = 0; b < blocks; ++b) sum += partial[b * 2 * d + j];
-    (j < d ? dgq[j] : dgk[j - d]) = static_cast<T>(sum);
-  }
+  detail::sum_in_order(partial.data(), heads, d, dgq);
+  detail::sum_in_order(partial.data() + heads * d, heads, d, dgk);
 }
 
 }  // namespace

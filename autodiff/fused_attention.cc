@@ -194,22 +194,6 @@ const T* allowed_of(const Tensor& allowed, int64_t stride, int64_t b) {
 
 // ---- joint attention ----
 
-// Per-head partial sums (heads, ...) summed over heads in order, in double.
-Tensor sum_heads(const Tensor& partial) {
-  const int64_t heads = partial.shape()[0], size = partial.numel() / heads;
-  Tensor total = empty({size}, partial.dtype());
-  visit_float_dtype(partial.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = partial.data<T>();
-    for (int64_t j = 0; j < size; ++j) {
-      double sum = 0;
-      for (int64_t h = 0; h < heads; ++h) sum += p[h * size + j];
-      total.data<T>()[j] = static_cast<T>(sum);
-    }
-  });
-  return total;
-}
-
 // Joint attention's inputs, contiguous, per modality m: qkv (B, S_m, 3, H, d), the gammas (d,)
 // and the rotary tables (S_m, d); modality m's tokens are [start[m], start[m + 1]) of the joint
 // sequence of T.
@@ -248,9 +232,9 @@ void gather_head(const JointInputs& in, int64_t b, int64_t h, T* rows, T* inv) {
     const T* x = in.qkv[m].data<T>() + b * S * 3 * hd + h * d;
     const T *c = in.cos[m].data<T>(), *sn = in.sin[m].data<T>();
     simd::qk_norm_rope_rows(x, 3 * hd, S, d, in.gamma_q[m].data<T>(), c, sn, in.eps, rows + t * d,
-                            inv + t);
+                            d, inv + t);
     simd::qk_norm_rope_rows(x + hd, 3 * hd, S, d, in.gamma_k[m].data<T>(), c, sn, in.eps,
-                            rows + (n + t) * d, inv + n + t);
+                            rows + (n + t) * d, d, inv + n + t);
     for (int64_t s = 0; s < S; ++s)
       std::copy_n(x + s * 3 * hd + 2 * hd, d, rows + (2 * n + t + s) * d);
   }
@@ -272,9 +256,9 @@ void scatter_head_grads(const JointInputs& in, int64_t b, int64_t h, const T* gr
     T* dx = dqkv[m].data<T>() + offset;
     const T *c = in.cos[m].data<T>(), *sn = in.sin[m].data<T>();
     T* dgq = dgamma + 2 * m * d;
-    simd::qk_norm_rope_rows_backward(grads + t * d, x, 3 * hd, S, d, inv + t,
+    simd::qk_norm_rope_rows_backward(grads + t * d, d, x, 3 * hd, S, d, inv + t,
                                      in.gamma_q[m].data<T>(), c, sn, dz, dgq, dx);
-    simd::qk_norm_rope_rows_backward(grads + (n + t) * d, x + hd, 3 * hd, S, d, inv + n + t,
+    simd::qk_norm_rope_rows_backward(grads + (n + t) * d, d, x + hd, 3 * hd, S, d, inv + n + t,
                                      in.gamma_k[m].data<T>(), c, sn, dz, dgq + d, dx + hd);
     for (int64_t s = 0; s < S; ++s)
       std::copy_n(grads + (2 * n + t + s) * d, d, dx + s * 3 * hd + 2 * hd);
@@ -440,7 +424,10 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
         for (const Tensor& x : in.qkv) dqkv.push_back(empty(x.shape(), dtype));
         // Each head's gamma gradients apart, summed in head order after: the same bits on any
         // number of threads.
-        Tensor dgamma_heads = zeros({B * H, static_cast<int64_t>(M), 2, d}, dtype);
+        const int64_t gammas = 2 * static_cast<int64_t>(M);
+        Tensor dgamma_heads = zeros({B * H, gammas, d}, dtype);
+        // (2 M, d): per modality the gradients of gamma_q, then of gamma_k.
+        Tensor dgamma = empty({gammas, d}, dtype);
         visit_float_dtype(dtype, [&](auto tag) {
           using T = decltype(tag);
           parallel_for(B * H, (blocked ? 12 : 10) * n * n * d + 40 * n * d, [&](int64_t bh) {
@@ -454,12 +441,10 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
                           HeadGrads<T>{grads, grads + n * d, grads + 2 * n * d, d});
             scatter_head_grads(in, bh / H, bh % H, static_cast<const T*>(grads),
                                static_cast<const T*>(inv), dqkv,
-                               dgamma_heads.data<T>() + bh * static_cast<int64_t>(M) * 2 * d);
+                               dgamma_heads.data<T>() + bh * gammas * d);
           });
+          detail::sum_in_order(dgamma_heads.data<T>(), B * H, gammas * d, dgamma.data<T>());
         });
-        // (M, 2, d): per modality the gradients of gamma_q, then of gamma_k.
-        const Tensor dgamma =
-            raw::reshape(sum_heads(dgamma_heads), {2 * static_cast<int64_t>(M), d});
         for (size_t m = 0; m < M; ++m) {
           const int64_t i = static_cast<int64_t>(m);
           ctx.input(m, [&] { return dqkv[m]; });

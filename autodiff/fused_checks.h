@@ -1,6 +1,5 @@
 // What the fused ops of fused.cc and fused_attention.cc share: the checks every one makes first,
-// and the row kernels of QK-RMSNorm with the rotary embedding, which joint attention applies to
-// each head's rows inside its own op.
+// and the in-order sum of per-block partial results.
 #pragma once
 
 #include <initializer_list>
@@ -17,15 +16,15 @@ inline void check_floats(const char* op, std::initializer_list<Tensor> ts) {
                 "dtype, got ", dtype_name(dtype), " and ", dtype_name(t.dtype()));
 }
 
-// One q or k row of d values: y = rope(x * inv * gamma) with inv = 1 / sqrt(mean(x^2) + eps) and
-// the position's cos, sin rows; returns inv.
-template <class T>
-T qk_norm_rope_row(const T* x, const T* gamma, const T* cos, const T* sin, T* y, int64_t d,
-                   double eps);
-// Its backward: dx from dy, the row x and its inv; dgamma += the row's gamma gradient. dz is
-// scratch of d values.
-template <class T>
-void qk_norm_rope_row_backward(const T* dy, const T* x, T inv, const T* gamma, const T* cos,
-                               const T* sin, T* dz, T* dgamma, T* dx, int64_t d);
+// out[j] = the sum over blocks b < blocks of partial[b * size + j], in block order and in double:
+// partial results of parallel work summed so that any number of threads gives the same bits.
+template <class P, class T>
+void sum_in_order(const P* partial, int64_t blocks, int64_t size, T* out) {
+  for (int64_t j = 0; j < size; ++j) {
+    double sum = 0;
+    for (int64_t b = 0; b < blocks; ++b) sum += partial[b * size + j];
+    out[j] = static_cast<T>(sum);
+  }
+}
 
 }  // namespace mmdit::detail

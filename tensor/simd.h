@@ -66,19 +66,22 @@ void attention_softmax_backward(double* ds, const double* p, int64_t n, const do
                                 double scale);
 
 // QK-RMSNorm and the rotary embedding of `rows` rows of d values (d even), row r read at
-// x + r ld and written at y + r d: y = rope(x inv gamma), inv[r] = 1 / sqrt(mean(x^2) + eps),
+// x + r ld_x and written at y + r ld_y: y = rope(x inv gamma), inv[r] = 1 / sqrt(mean(x^2) + eps),
 // with row r's cos and sin at cos + r d, sin + r d (simd_attention.cc).
-void qk_norm_rope_rows(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
-                       const float* cos, const float* sin, double eps, float* y, float* inv);
-void qk_norm_rope_rows(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
-                       const double* cos, const double* sin, double eps, double* y, double* inv);
-// Its backward: from dy (rows d apart), the rows x and their inv, dx (rows ld apart) and
-// dgamma += the gamma gradient of every row; dz is scratch of d values.
-void qk_norm_rope_rows_backward(const float* dy, const float* x, int64_t ld, int64_t rows,
-                                int64_t d, const float* inv, const float* gamma, const float* cos,
-                                const float* sin, float* dz, float* dgamma, float* dx);
-void qk_norm_rope_rows_backward(const double* dy, const double* x, int64_t ld, int64_t rows,
-                                int64_t d, const double* inv, const double* gamma,
+void qk_norm_rope_rows(const float* x, int64_t ld_x, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, int64_t ld_y,
+                       float* inv);
+void qk_norm_rope_rows(const double* x, int64_t ld_x, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, int64_t ld_y,
+                       double* inv);
+// Its backward: from dy (rows ld_dy apart), the rows x and their inv, dx (rows ld_x apart, as x)
+// and dgamma += the gamma gradient of every row; dz is scratch of d values.
+void qk_norm_rope_rows_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x,
+                                int64_t rows, int64_t d, const float* inv, const float* gamma,
+                                const float* cos, const float* sin, float* dz, float* dgamma,
+                                float* dx);
+void qk_norm_rope_rows_backward(const double* dy, int64_t ld_dy, const double* x, int64_t ld_x,
+                                int64_t rows, int64_t d, const double* inv, const double* gamma,
                                 const double* cos, const double* sin, double* dz, double* dgamma,
                                 double* dx);
 

@@ -119,14 +119,14 @@ void AttentionSoftmaxBackwardImpl(T* ds, const T* p, int64_t n, const T* allowed
   });
 }
 
-// Rows r < rows of d values at x + r ld: y row r (d apart) = rope(x * inv * gamma), inv[r] =
-// 1 / sqrt(mean(x^2) + eps), with row r's cos and sin at cos + r d, sin + r d.
+// Rows r < rows of d values at x + r ld_x: y row r (ld_y apart) = rope(x * inv * gamma),
+// inv[r] = 1 / sqrt(mean(x^2) + eps), with row r's cos and sin at cos + r d, sin + r d.
 template <class T>
-void QkNormRopeRowsImpl(const T* x, int64_t ld, int64_t rows, int64_t d, const T* gamma,
-                        const T* cos, const T* sin, double eps, T* y, T* inv) {
+void QkNormRopeRowsImpl(const T* x, int64_t ld_x, int64_t rows, int64_t d, const T* gamma,
+                        const T* cos, const T* sin, double eps, T* y, int64_t ld_y, T* inv) {
   const hn::ScalableTag<T> dt;
   const int64_t half = d / 2;
-  for (int64_t r = 0; r < rows; ++r, x += ld, y += d, cos += d, sin += d) {
+  for (int64_t r = 0; r < rows; ++r, x += ld_x, y += ld_y, cos += d, sin += d) {
     auto squares = hn::Zero(dt);
     ForVectors(dt, d, [&](int64_t j, int64_t count) {
       const auto v = Load(dt, x + j, count, T(0));
@@ -154,14 +154,14 @@ void QkNormRopeRowsImpl(const T* x, int64_t ld, int64_t rows, int64_t d, const T
 }
 
 // Its backward for the same rows: dz = rope^T(dy); dgamma += dz x inv; dz *= gamma; then
-// dx (rows ld apart) = inv dz - x inv^3 mean(dz x). dy rows are d apart; dz is d scratch.
+// dx (rows ld_x apart, as x) = inv dz - x inv^3 mean(dz x). dz is d scratch.
 template <class T>
-void QkNormRopeRowsBackwardImpl(const T* dy, const T* x, int64_t ld, int64_t rows, int64_t d,
-                                const T* inv, const T* gamma, const T* cos, const T* sin, T* dz,
-                                T* dgamma, T* dx) {
+void QkNormRopeRowsBackwardImpl(const T* dy, int64_t ld_dy, const T* x, int64_t ld_x, int64_t rows,
+                                int64_t d, const T* inv, const T* gamma, const T* cos, const T* sin,
+                                T* dz, T* dgamma, T* dx) {
   const hn::ScalableTag<T> dt;
   const int64_t half = d / 2;
-  for (int64_t r = 0; r < rows; ++r, dy += d, x += ld, dx += ld, cos += d, sin += d) {
+  for (int64_t r = 0; r < rows; ++r, dy += ld_dy, x += ld_x, dx += ld_x, cos += d, sin += d) {
     const auto inv_v = hn::Set(dt, inv[r]);
     ForVectors(dt, half, [&](int64_t j, int64_t count) {
       const auto dy_lo = Load(dt, dy + j, count, T(0)),
@@ -196,23 +196,27 @@ void QkNormRopeRowsBackwardImpl(const T* dy, const T* x, int64_t ld, int64_t row
   }
 }
 
-void QkNormRopeRowsF32(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
-                       const float* cos, const float* sin, double eps, float* y, float* inv) {
-  QkNormRopeRowsImpl(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+void QkNormRopeRowsF32(const float* x, int64_t ld_x, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, int64_t ld_y,
+                       float* inv) {
+  QkNormRopeRowsImpl(x, ld_x, rows, d, gamma, cos, sin, eps, y, ld_y, inv);
 }
-void QkNormRopeRowsF64(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
-                       const double* cos, const double* sin, double eps, double* y, double* inv) {
-  QkNormRopeRowsImpl(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+void QkNormRopeRowsF64(const double* x, int64_t ld_x, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, int64_t ld_y,
+                       double* inv) {
+  QkNormRopeRowsImpl(x, ld_x, rows, d, gamma, cos, sin, eps, y, ld_y, inv);
 }
-void QkNormRopeRowsBackwardF32(const float* dy, const float* x, int64_t ld, int64_t rows, int64_t d,
-                               const float* inv, const float* gamma, const float* cos,
-                               const float* sin, float* dz, float* dgamma, float* dx) {
-  QkNormRopeRowsBackwardImpl(dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+void QkNormRopeRowsBackwardF32(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x,
+                               int64_t rows, int64_t d, const float* inv, const float* gamma,
+                               const float* cos, const float* sin, float* dz, float* dgamma,
+                               float* dx) {
+  QkNormRopeRowsBackwardImpl(dy, ld_dy, x, ld_x, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
 }
-void QkNormRopeRowsBackwardF64(const double* dy, const double* x, int64_t ld, int64_t rows,
-                               int64_t d, const double* inv, const double* gamma, const double* cos,
-                               const double* sin, double* dz, double* dgamma, double* dx) {
-  QkNormRopeRowsBackwardImpl(dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+void QkNormRopeRowsBackwardF64(const double* dy, int64_t ld_dy, const double* x, int64_t ld_x,
+                               int64_t rows, int64_t d, const double* inv, const double* gamma,
+                               const double* cos, const double* sin, double* dz, double* dgamma,
+                               double* dx) {
+  QkNormRopeRowsBackwardImpl(dy, ld_dy, x, ld_x, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
 }
 
 void AttentionSoftmaxF32(float* x, int64_t n, const float* allowed, float scale, float* max_out,
@@ -258,26 +262,29 @@ HWY_EXPORT(QkNormRopeRowsF64);
 HWY_EXPORT(QkNormRopeRowsBackwardF32);
 HWY_EXPORT(QkNormRopeRowsBackwardF64);
 
-void qk_norm_rope_rows(const float* x, int64_t ld, int64_t rows, int64_t d, const float* gamma,
-                       const float* cos, const float* sin, double eps, float* y, float* inv) {
-  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF32)(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+void qk_norm_rope_rows(const float* x, int64_t ld_x, int64_t rows, int64_t d, const float* gamma,
+                       const float* cos, const float* sin, double eps, float* y, int64_t ld_y,
+                       float* inv) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF32)(x, ld_x, rows, d, gamma, cos, sin, eps, y, ld_y, inv);
 }
-void qk_norm_rope_rows(const double* x, int64_t ld, int64_t rows, int64_t d, const double* gamma,
-                       const double* cos, const double* sin, double eps, double* y, double* inv) {
-  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF64)(x, ld, rows, d, gamma, cos, sin, eps, y, inv);
+void qk_norm_rope_rows(const double* x, int64_t ld_x, int64_t rows, int64_t d, const double* gamma,
+                       const double* cos, const double* sin, double eps, double* y, int64_t ld_y,
+                       double* inv) {
+  HWY_DYNAMIC_DISPATCH(QkNormRopeRowsF64)(x, ld_x, rows, d, gamma, cos, sin, eps, y, ld_y, inv);
 }
-void qk_norm_rope_rows_backward(const float* dy, const float* x, int64_t ld, int64_t rows,
-                                int64_t d, const float* inv, const float* gamma, const float* cos,
-                                const float* sin, float* dz, float* dgamma, float* dx) {
+void qk_norm_rope_rows_backward(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x,
+                                int64_t rows, int64_t d, const float* inv, const float* gamma,
+                                const float* cos, const float* sin, float* dz, float* dgamma,
+                                float* dx) {
   HWY_DYNAMIC_DISPATCH(QkNormRopeRowsBackwardF32)
-  (dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+  (dy, ld_dy, x, ld_x, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
 }
-void qk_norm_rope_rows_backward(const double* dy, const double* x, int64_t ld, int64_t rows,
-                                int64_t d, const double* inv, const double* gamma,
+void qk_norm_rope_rows_backward(const double* dy, int64_t ld_dy, const double* x, int64_t ld_x,
+                                int64_t rows, int64_t d, const double* inv, const double* gamma,
                                 const double* cos, const double* sin, double* dz, double* dgamma,
                                 double* dx) {
   HWY_DYNAMIC_DISPATCH(QkNormRopeRowsBackwardF64)
-  (dy, x, ld, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
+  (dy, ld_dy, x, ld_x, rows, d, inv, gamma, cos, sin, dz, dgamma, dx);
 }
 
 void attention_softmax(float* x, int64_t n, const float* allowed, float scale, float* max_out,

@@ -12,7 +12,6 @@
 #include <optional>
 
 #include "autodiff/fused.h"
-#include "autodiff/fused_checks.h"
 #include "nn/functional.h"
 #include "nn/layers.h"
 #include "tensor/packed_weight.h"
@@ -236,39 +235,59 @@ TEST(AttentionRows, EveryCompiledTargetMatchesTheDefinition) {
         EXPECT_EQ(ds[n], -1.0f) << where;
       }
     }
-    // QK-RMSNorm with the rotary embedding over rows ld apart, forward and backward, against
-    // the per-row kernels of qk_norm_rope (autodiff/fused.cc), d with and without partial vectors.
+    // QK-RMSNorm with the rotary embedding over strided rows, forward and backward, against the
+    // closed form in float64: z = x inv gamma, inv = 1 / sqrt(mean(x^2) + eps); y = z cos +
+    // rotate_half(z) sin; dz = rope^T(dy), dgamma = sum of dz x inv, dx = inv (dz gamma) - x
+    // inv^3 mean(dz gamma x). d with and without partial vectors; nothing written between rows.
     for (const int64_t d : {6, 40, 64}) {
-      const int64_t rows = 3, ld = 3 * d;
-      const std::vector<float> x = rng.normal({rows * ld}).to_vector<float>();
-      const std::vector<float> dy = rng.normal({rows * d}).to_vector<float>();
+      const int64_t rows = 3, half = d / 2, ld_x = 3 * d, ld_y = 2 * d, ld_dy = d + 2;
+      const double eps = 1e-6;
+      const std::vector<float> x = rng.normal({rows * ld_x}).to_vector<float>();
+      const std::vector<float> dy = rng.normal({rows * ld_dy}).to_vector<float>();
       const std::vector<float> gamma = rng.normal({d}).to_vector<float>();
       const std::vector<float> cos = rng.normal({rows * d}).to_vector<float>();
       const std::vector<float> sin = rng.normal({rows * d}).to_vector<float>();
-      std::vector<float> y(rows * d + 1, -1.0f), inv(rows), dx(rows * ld, -1.0f), dgamma(d, 0.5f),
+      std::vector<float> y(rows * ld_y, -1.0f), inv(rows), dx(rows * ld_x, -1.0f), dgamma(d, 0.5f),
           dz(d);
-      simd::qk_norm_rope_rows(x.data(), ld, rows, d, gamma.data(), cos.data(), sin.data(), 1e-6,
-                              y.data(), inv.data());
-      simd::qk_norm_rope_rows_backward(dy.data(), x.data(), ld, rows, d, inv.data(), gamma.data(),
-                                       cos.data(), sin.data(), dz.data(), dgamma.data(), dx.data());
-      std::vector<float> y_row(d), dx_row(d), dgamma_rows(d, 0.5f);
+      simd::qk_norm_rope_rows(x.data(), ld_x, rows, d, gamma.data(), cos.data(), sin.data(), eps,
+                              y.data(), ld_y, inv.data());
+      simd::qk_norm_rope_rows_backward(dy.data(), ld_dy, x.data(), ld_x, rows, d, inv.data(),
+                                       gamma.data(), cos.data(), sin.data(), dz.data(),
+                                       dgamma.data(), dx.data());
+      std::vector<double> dgamma_expected(d, 0.5);
       const std::string where = name + " d=" + std::to_string(d);
       for (int64_t r = 0; r < rows; ++r) {
-        const float row_inv =
-            detail::qk_norm_rope_row(x.data() + r * ld, gamma.data(), cos.data() + r * d,
-                                     sin.data() + r * d, y_row.data(), d, 1e-6);
-        EXPECT_FLOAT_EQ(inv[r], row_inv) << where;
-        detail::qk_norm_rope_row_backward(dy.data() + r * d, x.data() + r * ld, row_inv,
-                                          gamma.data(), cos.data() + r * d, sin.data() + r * d,
-                                          dz.data(), dgamma_rows.data(), dx_row.data(), d);
-        for (int64_t j = 0; j < d; ++j) {
-          EXPECT_NEAR(y[r * d + j], y_row[j], 1e-5) << where << " row " << r << " j=" << j;
-          EXPECT_NEAR(dx[r * ld + j], dx_row[j], 1e-5) << where << " row " << r << " j=" << j;
+        const float* xr = x.data() + r * ld_x;
+        const float *c = cos.data() + r * d, *sn = sin.data() + r * d, *g = dy.data() + r * ld_dy;
+        double mean_square = 0;
+        for (int64_t j = 0; j < d; ++j) mean_square += double(xr[j]) * xr[j] / d;
+        const double row_inv = 1 / std::sqrt(mean_square + eps);
+        EXPECT_NEAR(inv[r], row_inv, 1e-6 * row_inv) << where;
+        std::vector<double> z(d), dzg(d);
+        for (int64_t j = 0; j < d; ++j) z[j] = xr[j] * row_inv * gamma[j];
+        double dot = 0;
+        for (int64_t j = 0; j < half; ++j) {
+          EXPECT_NEAR(y[r * ld_y + j], z[j] * c[j] - z[j + half] * sn[j], 1e-5) << where;
+          EXPECT_NEAR(y[r * ld_y + half + j], z[j + half] * c[j + half] + z[j] * sn[j + half], 1e-5)
+              << where;
+          const double lo = double(g[j]) * c[j] + double(g[j + half]) * sn[j + half];
+          const double hi = double(g[j + half]) * c[j + half] - double(g[j]) * sn[j];
+          dzg[j] = lo;
+          dzg[j + half] = hi;
         }
-        for (int64_t j = d; j < ld; ++j) EXPECT_EQ(dx[r * ld + j], -1.0f) << where;
+        for (int64_t j = 0; j < d; ++j) {
+          dgamma_expected[j] += dzg[j] * xr[j] * row_inv;
+          dzg[j] *= gamma[j];
+          dot += dzg[j] * xr[j];
+        }
+        const double k3 = dot / d * row_inv * row_inv * row_inv;
+        for (int64_t j = 0; j < d; ++j)
+          EXPECT_NEAR(dx[r * ld_x + j], row_inv * dzg[j] - xr[j] * k3, 1e-5)
+              << where << " row " << r << " j=" << j;
+        for (int64_t j = d; j < ld_x; ++j) EXPECT_EQ(dx[r * ld_x + j], -1.0f) << where;
+        for (int64_t j = d; j < ld_y; ++j) EXPECT_EQ(y[r * ld_y + j], -1.0f) << where;
       }
-      for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dgamma[j], dgamma_rows[j], 1e-5) << where;
-      EXPECT_EQ(y[rows * d], -1.0f) << where;
+      for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dgamma[j], dgamma_expected[j], 1e-5) << where;
     }
     ++tested;
   }
