@@ -501,18 +501,19 @@ WORKLOADS = {"policy-train": prepare_policy_train,
              "policy-act-b64": functools.partial(prepare_policy_act, 64),
              "incontext-train": prepare_incontext_train}
 
-# The two traps of our speed issue. (a) OpenMP workers that spin after a parallel region hold the
-# cores OpenBLAS's threads need: make them sleep. (b) glibc returns large freed blocks to the
-# kernel (mmap above a dynamic threshold, trimming the heap top), so every step page-faults its
-# activations in again: keep everything below 4 GiB on the heap and never trim. glibc 2.36 takes
-# these variables above the 32 MiB mallopt() cap (checked by where a 1 GiB block lands).
-TRAP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
-                 "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# The second trap of our speed issue: glibc returns large freed blocks to the kernel (mmap above a
+# dynamic threshold, trimming the heap top), so every step page-faults its activations in again.
+# Keep everything below 4 GiB on the heap and never trim. glibc 2.36 takes these variables above
+# the 32 MiB mallopt() cap (checked by where a 1 GiB block lands). The first trap, OpenMP workers
+# spinning on the cores OpenBLAS's own threads need, needs no setting here: Debian's PyTorch and
+# OpenBLAS's OpenMP build share one libgomp pool, whose default (spin briefly, then sleep) was the
+# fastest on a quiet machine (policy-act 256 ms; OMP_WAIT_POLICY=PASSIVE 342 ms, 2 threads).
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 
 def benchmark_environment(args):
     env = dict(os.environ)
-    for name, value in TRAP_SETTINGS.items():
+    for name, value in MALLOC_SETTINGS.items():
         env.setdefault(name, value)
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(args.threads)
     if not args.keep_coretype:
@@ -571,8 +572,8 @@ def run_workload(name, args):
                 peak_rss_mb=usage.ru_maxrss / 1024,  # the process's peak, hence one per process
                 page_faults_per_rep=(usage.ru_minflt - faults_before) / args.reps,
                 torch_version=torch.__version__, blas=blas, openblas_core=core,
-                env={k: os.environ.get(k, "") for k in [*TRAP_SETTINGS, "OMP_NUM_THREADS",
-                                                       "OPENBLAS_NUM_THREADS",
+                env={k: os.environ.get(k, "") for k in [*MALLOC_SETTINGS, "OMP_WAIT_POLICY",
+                                                       "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                        "OPENBLAS_CORETYPE"]})
 
 
