@@ -13,6 +13,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensor/blas_core.h"
@@ -1221,6 +1222,32 @@ TEST(TensorMatmul, GemmAccumulatesIntoC) {
       }
 }
 
+// raw::gemm into a C whose leading dimension is wider than its rows, from operands whose leading
+// dimensions are wider than theirs, against a float64 sum; C's padding must stay as it was.
+template <class T>
+void check_gemm_padded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Rng& rng) {
+  const int64_t lda = (ta ? m : k) + 5, ldb = (tb ? k : n) + 3, ldc = n + 7;
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  const auto a = rng.normal({(ta ? k : m) * lda}, dtype).template to_vector<T>();
+  const auto b = rng.normal({(tb ? n : k) * ldb}, dtype).template to_vector<T>();
+  const T sentinel = T(12345);
+  std::vector<T> c(static_cast<size_t>(m * ldc), sentinel);
+  raw::gemm(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc);
+  const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-12;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double want = 0;
+      for (int64_t p = 0; p < k; ++p)
+        want += static_cast<double>(ta ? a[p * lda + i] : a[i * lda + p]) *
+                static_cast<double>(tb ? b[j * ldb + p] : b[p * ldb + j]);
+      ASSERT_NEAR(c[i * ldc + j], want, tol * std::sqrt(static_cast<double>(k)))
+          << m << "x" << n << "x" << k << " a^T=" << ta << " b^T=" << tb << " at " << i << ","
+          << j;
+    }
+    for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(c[i * ldc + j], sentinel) << "padding of row " << i;
+  }
+}
+
 TEST(TensorMatmul, BatchedBroadcastAndStridedOperands) {
   for (DType t : {DType::f32, DType::f64}) {
     SCOPED_TRACE(dtype_name(t));
@@ -1284,6 +1311,23 @@ class TensorThreadCount : public testing::Test {
   void TearDown() override { set_num_threads(saved_); }
   int saved_ = num_threads();
 };
+
+// Both ways of splitting a product across threads (by columns: 40 x 300; by rows: 300 x 40), with
+// every transpose flag, on 1 and 2 threads.
+TEST_F(TensorThreadCount, GemmWithPaddedLeadingDimensions) {
+  Rng rng(47);
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    SCOPED_TRACE(str_cat(threads, " thread(s)"));
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        check_gemm_padded<float>(ta, tb, 40, 300, 260, rng);
+        check_gemm_padded<double>(ta, tb, 40, 300, 260, rng);
+        check_gemm_padded<float>(ta, tb, 300, 40, 260, rng);
+        check_gemm_padded<double>(ta, tb, 300, 40, 260, rng);
+      }
+  }
+}
 
 TEST_F(TensorThreadCount, RngIsReproducibleAndThreadIndependent) {
   Rng a(42), b(42), c(43);
