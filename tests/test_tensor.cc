@@ -1241,8 +1241,7 @@ void check_gemm_padded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Rng& r
         want += static_cast<double>(ta ? a[p * lda + i] : a[i * lda + p]) *
                 static_cast<double>(tb ? b[j * ldb + p] : b[p * ldb + j]);
       ASSERT_NEAR(c[i * ldc + j], want, tol * std::sqrt(static_cast<double>(k)))
-          << m << "x" << n << "x" << k << " a^T=" << ta << " b^T=" << tb << " at " << i << ","
-          << j;
+          << m << "x" << n << "x" << k << " a^T=" << ta << " b^T=" << tb << " at " << i << "," << j;
     }
     for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(c[i * ldc + j], sentinel) << "padding of row " << i;
   }
