@@ -22,7 +22,10 @@ WORKLOADS = ["policy-train", "policy-act", "policy-act-b64", "incontext-train"]
 
 def run_json(command):
     """One JSON object per workload, keyed by workload; stderr (progress, re-runs) passes through."""
-    output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+    run = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if run.returncode != 0:
+        sys.exit(f"side_by_side: {' '.join(command)} exited with {run.returncode}")
+    output = run.stdout
     results = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     return {r["workload"]: r for r in results}
 

@@ -23,11 +23,15 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+except ImportError as missing:
+    sys.exit(f"torch_bench: {missing.name} is not installed for {sys.executable}; on Debian: "
+             "apt-get install -y python3-torch, then run with /usr/bin/python3")
 
 MASKED_LOGIT = -0.7 * torch.finfo(torch.float32).max  # the reference's constant (models.md)
 
