@@ -362,22 +362,36 @@ void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
 
 // ---- qk_norm_rope ----
 
-// One task per (b, part, h) of (B, S, 3, H, d): the S rows of a q (part 0) or k (part 1) head
-// become rope(rms_norm(x) * gamma) in one call of the row kernel joint attention uses too, and
-// rstd (B, 2, H, S) gets their 1 / rms; a v head (part 2) is copied.
+// Task (b, part, h) of the qk_norm_rope kernels, one per head of (B, S, 3, H, d): part 0 is q,
+// 1 is k, 2 is v. offset: the head's first value in the packed tensor; stats: its S entries of
+// rstd (B, 2, H, S), for q and k heads.
+struct QkvHeadTask {
+  int64_t b, part, h, offset, stats;
+  QkvHeadTask(int64_t task, int64_t S, int64_t H, int64_t d)
+      : b(task / (3 * H)),
+        part(task / H % 3),
+        h(task % H),
+        offset(b * S * 3 * H * d + part * H * d + h * d),
+        stats(((b * 2 + part) * H + h) * S) {}
+};
+
+// Copies a v head's S rows of d values, `ld` apart, unchanged (forward) or its gradient (backward).
+template <class T>
+void copy_head_rows(const T* from, T* to, int64_t S, int64_t d, int64_t ld) {
+  for (int64_t s = 0; s < S; ++s) std::copy_n(from + s * ld, d, to + s * ld);
+}
+
+// One task per head: the S rows of a q or k head become rope(rms_norm(x) * gamma) in one call of
+// the row kernel joint attention uses too, and rstd gets their 1 / rms; a v head is copied.
 template <class T>
 void qk_norm_rope_forward(const T* x, const T* gq, const T* gk, const T* cos, const T* sin, T* y,
                           T* rstd, int64_t B, int64_t S, int64_t H, int64_t d, double eps) {
   const int64_t ld = 3 * H * d;
   parallel_for(B * 3 * H, 18 * S * d, [&](int64_t task) {
-    const int64_t b = task / (3 * H), part = task / H % 3, h = task % H;
-    const int64_t offset = b * S * ld + part * H * d + h * d;
-    if (part == 2) {
-      for (int64_t s = 0; s < S; ++s) std::copy_n(x + offset + s * ld, d, y + offset + s * ld);
-      return;
-    }
-    simd::qk_norm_rope_rows(x + offset, ld, S, d, part == 0 ? gq : gk, cos, sin, eps, y + offset,
-                            ld, rstd + ((b * 2 + part) * H + h) * S);
+    const QkvHeadTask t(task, S, H, d);
+    if (t.part == 2) return copy_head_rows(x + t.offset, y + t.offset, S, d, ld);
+    simd::qk_norm_rope_rows(x + t.offset, ld, S, d, t.part == 0 ? gq : gk, cos, sin, eps,
+                            y + t.offset, ld, rstd + t.stats);
   });
 }
 
@@ -391,17 +405,13 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
   // any number of threads.
   std::vector<T> partial(static_cast<size_t>(2 * heads * d), T(0));
   parallel_for(B * 3 * H, 30 * S * d, [&](int64_t task) {
-    const int64_t b = task / (3 * H), part = task / H % 3, h = task % H;
-    const int64_t offset = b * S * ld + part * H * d + h * d;
-    if (part == 2) {
-      for (int64_t s = 0; s < S; ++s) std::copy_n(dy + offset + s * ld, d, dx + offset + s * ld);
-      return;
-    }
-    std::vector<T> dz(static_cast<size_t>(d));
-    simd::qk_norm_rope_rows_backward(dy + offset, ld, x + offset, ld, S, d,
-                                     rstd + ((b * 2 + part) * H + h) * S, part == 0 ? gq : gk, cos,
-                                     sin, dz.data(),
-                                     partial.data() + (part * heads + b * H + h) * d, dx + offset);
+    const QkvHeadTask t(task, S, H, d);
+    if (t.part == 2) return copy_head_rows(dy + t.offset, dx + t.offset, S, d, ld);
+    thread_local std::vector<T> dz;
+    if (static_cast<int64_t>(dz.size()) < d) dz.resize(static_cast<size_t>(d));
+    simd::qk_norm_rope_rows_backward(
+        dy + t.offset, ld, x + t.offset, ld, S, d, rstd + t.stats, t.part == 0 ? gq : gk, cos, sin,
+        dz.data(), partial.data() + (t.part * heads + t.b * H + t.h) * d, dx + t.offset);
   });
   detail::sum_in_order(partial.data(), heads, d, dgq);
   detail::sum_in_order(partial.data() + heads * d, heads, d, dgk);
