@@ -117,6 +117,24 @@ TEST(Optim, GlobalNormClippingAndSchedule) {
   EXPECT_DOUBLE_EQ(warmup_cosine_lr(500, 2.0, 0, 0), 2.0);
 }
 
+// Sizes that leave a tail after the 8-wide loop and span several parallel chunks, in both
+// dtypes, against a plain long-double sum.
+TEST(Optim, GlobalNormMatchesPlainSum) {
+  Rng rng(5);
+  NamedTensors g;
+  g.insert("one", rng.normal({1}));
+  g.insert("tail", rng.normal({7, 3}));
+  g.insert("chunks", rng.normal({16384 * 3 + 5}));
+  g.insert("f64", rng.normal({1001}, DType::f64));
+  long double expected = 0;
+  for (const auto& [name, t] : g) {
+    const Tensor d = raw::to_dtype(t, DType::f64);
+    for (double x : d.to_vector<double>()) expected += static_cast<long double>(x) * x;
+  }
+  const double norm = global_norm(g);
+  EXPECT_NEAR(norm, std::sqrt(static_cast<double>(expected)), 1e-13 * norm);
+}
+
 TEST(EMA, ClosedForm) {
   Tensor p = from_vector({1.0f, 2.0f}, {2});
   NamedTensors params;

@@ -79,7 +79,7 @@ MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double
 }
 
 template <class T>
-double sum_of_squares_chunk(const T* __restrict x, int64_t n) {
+inline double sum_of_squares_chunk_impl(const T* __restrict x, int64_t n) {
   double acc[8] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -88,6 +88,12 @@ double sum_of_squares_chunk(const T* __restrict x, int64_t n) {
   double s = 0;
   for (double a : acc) s += a;
   return s;
+}
+MMDIT_SIMD_CLONES double sum_of_squares_chunk(const float* x, int64_t n) {
+  return sum_of_squares_chunk_impl(x, n);
+}
+MMDIT_SIMD_CLONES double sum_of_squares_chunk(const double* x, int64_t n) {
+  return sum_of_squares_chunk_impl(x, n);
 }
 
 // g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
