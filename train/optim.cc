@@ -80,10 +80,12 @@ MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double
 
 template <class T>
 inline double sum_of_squares_chunk_impl(const T* __restrict x, int64_t n) {
-  double acc[8] = {};
+  // Four vectors of eight doubles: one chain of dependent adds would wait on its latency.
+  constexpr int kLanes = 32;
+  double acc[kLanes] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(x[i + j]) * x[i + j];
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(x[i + j]) * x[i + j];
   for (; i < n; ++i) acc[0] += static_cast<double>(x[i]) * x[i];
   double s = 0;
   for (double a : acc) s += a;
