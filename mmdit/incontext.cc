@@ -27,19 +27,39 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
   nn::check_modalities(x, dim_modalities, "InContextMMDiTBlock");
   const size_t M = x.size();
   std::vector<Tensor> h(M);
-  for (size_t m = 0; m < M; ++m) h[m] = attn_norms[m](x[m]);
-  const std::vector<Tensor> a = joint_attn(h, mask);
+  for (size_t m = 0; m < M; ++m) {
+    NameScope scope(str_cat("attn_norms.", m));
+    h[m] = attn_norms[m](x[m]);
+  }
+  std::vector<Tensor> a;
+  {
+    NameScope scope("joint_attn");
+    a = joint_attn(h, mask);
+  }
   for (size_t m = 0; m < M; ++m) {
     x[m] = x[m] + a[m];
+    NameScope scope(str_cat("feedforwards.", m));
     x[m] = x[m] + feedforwards[m](ff_norms[m](x[m]));
   }
   return x;
 }
 
+void InContextMMDiTConfig::validate() const {
+  const char* who = "InContextMMDiT config";
+  check_positive(who, "depth", depth);
+  MMDIT_CHECK(!dim_modalities.empty(), who, ": dim_modalities is empty");
+  check_positive(who, "dim_modalities", dim_modalities);
+  MMDIT_CHECK(dim_outs.size() == dim_modalities.size(), who, ": ", dim_modalities.size(),
+              " dim_modalities but ", dim_outs.size(), " dim_outs");
+  check_positive(who, "dim_outs", dim_outs);
+  check_positive(who, "dim_head", dim_head);
+  MMDIT_CHECK(dim_head % 2 == 0, who, ": dim_head must be even (RoPE), got ", dim_head);
+  check_positive(who, "heads", heads);
+  check_positive(who, "ff_mult", ff_mult);
+}
+
 InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : config(cfg) {
-  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(),
-              "InContextMMDiT: ", config.dim_modalities.size(), " dim_modalities but ",
-              config.dim_outs.size(), " dim_outs");
+  config.validate();
   for (int64_t i = 0; i < config.depth; ++i)
     blocks.emplace_back(config.dim_modalities, config.dim_head, config.heads, config.ff_mult, rng);
   for (size_t m = 0; m < config.dim_modalities.size(); ++m)
@@ -57,7 +77,10 @@ std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,
     x = blocks[i](std::move(x), mask);
   }
   std::vector<Tensor> outs;
-  for (size_t m = 0; m < x.size(); ++m) outs.push_back(final_layers[m](x[m]));
+  for (size_t m = 0; m < x.size(); ++m) {
+    NameScope scope(str_cat("final_layers.", m));
+    outs.push_back(final_layers[m](x[m]));
+  }
   return outs;
 }
 

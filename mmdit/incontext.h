@@ -36,6 +36,8 @@ struct InContextMMDiTConfig {
   int64_t dim_head = 64;
   int64_t heads = 8;
   int64_t ff_mult = 4;
+  // Throws an error naming the first field out of range; the constructor calls it.
+  void validate() const;
 };
 
 class InContextMMDiT : public nn::Module {

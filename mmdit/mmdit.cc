@@ -6,15 +6,22 @@ namespace mmdit {
 
 ModulatedFinalLayer::ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond,
                                          Rng& rng)
-    : dim_in(dim_in),
-      adaLN_modulation(dim_cond, 2 * dim_in, true, rng, nn::Init::zeros),
+    : adaLN_modulation(dim_cond, 2 * dim_in, true, rng, nn::Init::zeros),
       linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
   register_module("adaLN_modulation", adaLN_modulation);
   register_module("linear_out", linear_out);
 }
 
 Tensor ModulatedFinalLayer::operator()(const Tensor& x, const Tensor& c) const {
-  return linear_out(nn::modulate(x, nn::modulation_from(adaLN_modulation, silu(c))));
+  return forward(x, modulation(silu(c)));
+}
+
+nn::Modulation ModulatedFinalLayer::modulation(const Tensor& silu_c) const {
+  return nn::modulation_from(adaLN_modulation, silu_c);
+}
+
+Tensor ModulatedFinalLayer::forward(const Tensor& x, const nn::Modulation& modulation) const {
+  return linear_out(nn::modulate(x, modulation));
 }
 
 MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head, int64_t heads,
@@ -74,11 +81,20 @@ BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
 std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockConditioning& cond,
                                         const Tensor& mask,
                                         const std::vector<bool>& outputs) const {
+  nn::check_modalities(x, dim_modalities, "MMDiTBlock");
   const size_t M = x.size();
+  MMDIT_CHECK(cond.attn.size() == M && cond.ff.size() == M && cond.attn_gates.size() == M &&
+                  cond.ff_gates.size() == M,
+              "MMDiTBlock: conditioning for ", cond.attn.size(), ", ", cond.ff.size(), ", ",
+              cond.attn_gates.size(), " and ", cond.ff_gates.size(),
+              " modalities (attn, ff, attn_gates, ff_gates), the block has ", M);
   MMDIT_CHECK(outputs.empty() || outputs.size() == M, "MMDiTBlock: outputs names ", outputs.size(),
               " modalities, the block has ", M);
   std::vector<Tensor> h(M);
-  for (size_t m = 0; m < M; ++m) h[m] = nn::modulate(x[m], cond.attn[m]);
+  for (size_t m = 0; m < M; ++m) {
+    NameScope scope(str_cat("attn_layernorms.", m));
+    h[m] = nn::modulate(x[m], cond.attn[m]);
+  }
   std::vector<Tensor> a;
   {
     NameScope scope("joint_attn");
@@ -91,6 +107,7 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
       continue;
     }
     x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
+    NameScope scope(str_cat("ff_layernorms.", m));
     h_ff[m] = nn::modulate(x[m], cond.ff[m]);
   }
   const std::vector<Tensor> ff = nn::feedforward_each(feedforwards, h_ff, "feedforwards.");
@@ -99,11 +116,26 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
   return x;
 }
 
+void MMDiTConfig::validate() const {
+  const char* who = "MMDiT config";
+  check_positive(who, "depth", depth);
+  MMDIT_CHECK(dim_modalities.size() >= 2, who,
+              ": dim_modalities needs at least two modalities, got ", dim_modalities.size());
+  check_positive(who, "dim_modalities", dim_modalities);
+  MMDIT_CHECK(dim_outs.size() == dim_modalities.size(), who, ": ", dim_modalities.size(),
+              " dim_modalities but ", dim_outs.size(), " dim_outs");
+  check_positive(who, "dim_outs", dim_outs);
+  check_positive(who, "dim_cond", dim_cond);
+  MMDIT_CHECK(!timestep_embed_dims.empty(), who, ": timestep_embed_dim is empty");
+  check_positive(who, "timestep_embed_dim", timestep_embed_dims);
+  check_positive(who, "dim_head", dim_head);
+  MMDIT_CHECK(dim_head % 2 == 0, who, ": dim_head must be even (RoPE), got ", dim_head);
+  check_positive(who, "heads", heads);
+  check_positive(who, "ff_mult", ff_mult);
+}
+
 MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
-  MMDIT_CHECK(config.dim_outs.size() == config.dim_modalities.size(),
-              "MMDiT: ", config.dim_modalities.size(), " dim_modalities but ",
-              config.dim_outs.size(), " dim_outs");
-  MMDIT_CHECK(!config.timestep_embed_dims.empty(), "MMDiT: timestep_embed_dim is empty");
+  config.validate();
   for (int64_t ted : config.timestep_embed_dims)
     timestep_embeds.emplace_back(ted, config.dim_cond, rng);
   for (int64_t i = 0; i < config.depth; ++i)
@@ -116,18 +148,16 @@ MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
   register_module("final_layers", final_layers);
 }
 
-Tensor MMDiT::conditioning(const std::vector<Tensor>& timesteps, bool batched,
-                           int64_t batch) const {
+Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
   MMDIT_CHECK(timesteps.size() == timestep_embeds.size(), "MMDiT: expected ",
               timestep_embeds.size(), " timestep(s), one per conditioning variable, got ",
               timesteps.size());
   Tensor c;
   for (size_t i = 0; i < timesteps.size(); ++i) {
-    Tensor t = timesteps[i];
-    if (batched && t.dim() == 0) t = broadcast_to(t, {batch});
-    MMDIT_CHECK(batched ? (t.dim() == 1 && t.shape()[0] == batch) : t.dim() == 0,
-                "MMDiT: timestep ", i, " has shape ", shape_str(t.shape()), "; expected ",
-                batched ? str_cat("(", batch, ",) for a batch of ", batch) : std::string("()"));
+    const Tensor& t = timesteps[i];
+    MMDIT_CHECK(t.dim() == 1 && t.shape()[0] == timesteps[0].shape()[0], "MMDiT: timestep ", i,
+                " has shape ", shape_str(t.shape()), "; expected (", timesteps[0].shape()[0],
+                ",) like timestep 0");
     NameScope scope(str_cat("timestep_embeds.", i));
     Tensor e = timestep_embeds[i](t);
     c = c.defined() ? c + e : e;
@@ -139,34 +169,37 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
                                       const std::vector<Tensor>& timesteps,
                                       const Tensor& mask) const {
   const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
-  const Tensor c = conditioning(timesteps, batched, batched ? xs[0].shape()[0] : 1);
-  std::vector<Tensor> x = xs;
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    NameScope scope(str_cat("blocks.", i));
-    x = blocks[i](std::move(x), c, mask);
+  const int64_t batch = batched ? xs[0].shape()[0] : 1;
+  std::vector<Tensor> x, t;
+  for (const Tensor& xm : xs) x.push_back(batched ? xm : unsqueeze(xm, 0));
+  for (size_t i = 0; i < timesteps.size(); ++i) {
+    const Tensor& ti = timesteps[i];
+    MMDIT_CHECK(ti.dim() == 0 || (batched && ti.dim() == 1 && ti.shape()[0] == batch),
+                "MMDiT: timestep ", i, " has shape ", shape_str(ti.shape()), "; expected ",
+                batched ? str_cat("() or (", batch, ",) for a batch of ", batch)
+                        : std::string("() for one example"));
+    t.push_back(ti.dim() == 0 ? broadcast_to(ti, {batch}) : ti);
   }
-  std::vector<Tensor> outs;
-  for (size_t m = 0; m < x.size(); ++m) {
-    NameScope scope(str_cat("final_layers.", m));
-    outs.push_back(final_layers[m](x[m], c));
-  }
+  std::vector<Tensor> outs = forward(x, condition(t), mask);
+  if (!batched)
+    for (Tensor& o : outs) o = squeeze(o, 0);
   return outs;
 }
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
   MMDIT_CHECK(!timesteps.empty() && timesteps[0].dim() == 1,
-              "MMDiT::condition: timesteps must "
-              "be batched, (B,) each; got ",
+              "MMDiT::condition: timesteps must be batched, (B,) each; got ",
               timesteps.empty() ? std::string("none") : shape_str(timesteps[0].shape()));
-  const Tensor c = conditioning(timesteps, true, timesteps[0].shape()[0]);
+  const Tensor c = embed_timesteps(timesteps);
   MMDiTConditioning cond;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));
     cond.blocks.push_back(blocks[i].condition(c));
   }
+  const Tensor silu_c = silu(c);
   for (size_t m = 0; m < final_layers.size(); ++m) {
     NameScope scope(str_cat("final_layers.", m));
-    cond.final_layers.push_back(nn::modulation_from(final_layers[m].adaLN_modulation, silu(c)));
+    cond.final_layers.push_back(final_layers[m].modulation(silu_c));
   }
   return cond;
 }
@@ -175,8 +208,11 @@ std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTCon
                                    const Tensor& mask, const std::vector<bool>& outputs) const {
   const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
   MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
-  MMDIT_CHECK(cond.blocks.size() == blocks.size(), "MMDiT::forward: conditioning for ",
-              cond.blocks.size(), " blocks, the model has ", blocks.size());
+  MMDIT_CHECK(
+      cond.blocks.size() == blocks.size() && cond.final_layers.size() == final_layers.size(),
+      "MMDiT::forward: conditioning for ", cond.blocks.size(), " blocks and ",
+      cond.final_layers.size(), " final layers, the model has ", blocks.size(), " and ",
+      final_layers.size());
   MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "MMDiT::forward: outputs names ",
               outputs.size(), " modalities, the model has ", xs.size());
   std::vector<Tensor> x = xs;
@@ -192,7 +228,7 @@ std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTCon
       continue;
     }
     NameScope scope(str_cat("final_layers.", m));
-    outs.push_back(final_layers[m].linear_out(nn::modulate(x[m], cond.final_layers[m])));
+    outs.push_back(final_layers[m].forward(x[m], cond.final_layers[m]));
   }
   return outs;
 }

@@ -14,7 +14,10 @@ class ModulatedFinalLayer : public nn::Module {
  public:
   ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond, Rng& rng);
   Tensor operator()(const Tensor& x, const Tensor& c) const;
-  int64_t dim_in;
+  // shift and scale from adaLN_modulation(silu(c)).
+  nn::Modulation modulation(const Tensor& silu_c) const;
+  // The layer given its modulation.
+  Tensor forward(const Tensor& x, const nn::Modulation& modulation) const;
   nn::Linear adaLN_modulation, linear_out;
 };
 
@@ -33,7 +36,8 @@ class MMDiTBlock : public nn::Module {
   std::vector<Tensor> operator()(std::vector<Tensor> xs, const Tensor& c,
                                  const Tensor& mask = Tensor()) const;
   BlockConditioning condition(const Tensor& c) const;
-  // The block given its conditioning, which may have batch 1 for a batch of tokens. outputs:
+  // The block given its conditioning (one entry per modality in each list), which may have batch
+  // 1 for a batch of tokens. outputs:
   // which modalities the caller reads (empty: all); the others come back undefined, without the
   // work only they need (their attention output projection, residuals and feed-forward).
   std::vector<Tensor> forward(std::vector<Tensor> xs, const BlockConditioning& cond,
@@ -49,13 +53,15 @@ class MMDiTBlock : public nn::Module {
 
 struct MMDiTConfig {
   int64_t depth = 1;
-  std::vector<int64_t> dim_modalities;
+  std::vector<int64_t> dim_modalities;  // at least two
   std::vector<int64_t> dim_outs;
   int64_t dim_cond = 1024;
   std::vector<int64_t> timestep_embed_dims = {256};  // one per conditioning variable
-  int64_t dim_head = 64;
+  int64_t dim_head = 64;                             // even: RoPE rotates pairs of features
   int64_t heads = 8;
   int64_t ff_mult = 4;
+  // Throws an error naming the first field out of range; the MMDiT constructor calls it.
+  void validate() const;
 };
 
 // Everything MMDiT derives from its timesteps: it depends on them alone, so a sampler computes
@@ -68,12 +74,14 @@ struct MMDiTConditioning {
 class MMDiT : public nn::Module {
  public:
   MMDiT(const MMDiTConfig& config, Rng& rng);
-  // timesteps[c] is () per example or (B,) batched, one per conditioning variable.
+  // timesteps[c] is () per example or (B,) batched, one per conditioning variable; with batched
+  // tokens a () timestep is shared by the whole batch. forward(xs, condition(timesteps), mask),
+  // one example being a batch of one.
   std::vector<Tensor> operator()(const std::vector<Tensor>& xs,
                                  const std::vector<Tensor>& timesteps,
                                  const Tensor& mask = Tensor()) const;
-  // c = sum over conditioning variables of timestep_embeds.c(t_c).
-  Tensor conditioning(const std::vector<Tensor>& timesteps, bool batched, int64_t batch) const;
+  // c = sum over conditioning variables of timestep_embeds.c(t_c), for timesteps (B,) each.
+  Tensor embed_timesteps(const std::vector<Tensor>& timesteps) const;
   // The blocks' and final layers' modulations for batched timesteps (B,) each; B may be 1 for
   // any batch of tokens.
   MMDiTConditioning condition(const std::vector<Tensor>& timesteps) const;

@@ -6,6 +6,8 @@ bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>&
                       const char* who) {
   MMDIT_CHECK(!xs.empty() && xs.size() == dims.size(), who, ": expected ", dims.size(),
               " modalities, got ", xs.size());
+  MMDIT_CHECK(xs[0].dim() == 2 || xs[0].dim() == 3, who, ": modality 0 has shape ",
+              shape_str(xs[0].shape()), "; expected (S, D) or (B, S, D)");
   const bool batched = xs[0].dim() == 3;
   for (size_t m = 0; m < xs.size(); ++m) {
     const Tensor& x = xs[m];
@@ -38,6 +40,10 @@ void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, 
 JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int64_t heads, Rng& rng)
     : dim_inputs(std::move(dims)), dim_head(dim_head), heads(heads) {
   MMDIT_CHECK(!dim_inputs.empty(), "JointAttention: no modalities");
+  check_positive("JointAttention", "dim_inputs", dim_inputs);
+  check_positive("JointAttention", "heads", heads);
+  check_positive("JointAttention", "dim_head", dim_head);
+  MMDIT_CHECK(dim_head % 2 == 0, "JointAttention: dim_head must be even (RoPE), got ", dim_head);
   const int64_t inner = heads * dim_head;
   for (int64_t d : dim_inputs) {
     to_qkv.emplace_back(d, 3 * inner, false, rng);
@@ -67,10 +73,10 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features;
   // then QK-RMSNorm and the rotary embedding on q and k, and one attention over the modalities'
   // tokens in order, token-major throughout, in one op (autodiff/fused.h).
-  const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "modality");
+  const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "to_qkv.");
   std::vector<Tensor> packed, gammas_q, gammas_k, cos, sin;
   for (size_t m = 0; m < xs.size(); ++m) {
-    NameScope scope(str_cat("modality", m));
+    NameScope scope(str_cat("to_qkv.", m));
     const int64_t seq = lengths[m];
     packed.push_back(reshape(qkvs[m], {batch, seq, 3, heads, dim_head}));
     gammas_q.push_back(q_rmsnorms[m].gamma);
@@ -85,7 +91,7 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   std::vector<Tensor> per_modality = split(merged, lengths, 1);
   for (size_t m = 0; m < xs.size(); ++m)
     if (!outputs.empty() && !outputs[m]) per_modality[m] = Tensor();
-  std::vector<Tensor> outs = linear_each(to_out, per_modality);
+  std::vector<Tensor> outs = linear_each(to_out, per_modality, "to_out.");
   if (!batched)
     for (Tensor& y : outs)
       if (y.defined()) y = squeeze(y, 0);

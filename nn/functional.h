@@ -1,4 +1,7 @@
-// Stateless building blocks, written with the differentiable ops of autodiff/ops.h.
+// Stateless building blocks. linear and rms_norm are the fused ops the layers run; layer_norm,
+// apply_rope and attention are the spec's formulas composed from the plain ops of
+// autodiff/ops.h, which the models run fused instead (layer_norm_modulate and
+// joint_attention_fused in autodiff/fused.h) and which the tests hold those fused ops to.
 #pragma once
 
 #include "autodiff/fused.h"
@@ -6,11 +9,9 @@
 
 namespace mmdit::nn {
 
-// x W^T + b over the last axis; W is (out, in). The transpose is a view gemm reads with a flag.
+// x W^T + b over the last axis; W is (out, in).
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
 
-// (x - mean) / sqrt(var + eps) over the last axis (biased variance, no affine).
-Tensor layer_norm(const Tensor& x, double eps = 1e-5);
 // x / sqrt(mean(x^2) + eps) * gamma over the last axis.
 Tensor rms_norm(const Tensor& x, const Tensor& gamma, double eps = 1e-6);
 
@@ -27,10 +28,14 @@ struct RopeTables {
 };
 // Computed once per (seq, dim_head, dtype) and shared: read them, never write to them.
 RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype);
+
+// ---- The plain compositions (not run by the models; see the top of this file) ----
+
+// (x - mean) / sqrt(var + eps) over the last axis (biased variance, no affine).
+Tensor layer_norm(const Tensor& x, double eps = 1e-5);
 // x * cos + rotate_half(x) * sin, rotate_half([x1 | x2]) = [-x2 | x1]. x is (..., seq, dim_head)
 // after the tables are broadcast to it.
 Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin);
-
 // softmax(q k^T / sqrt(d), masked) v for q, k, v of shape (B, H, T, d). mask: bool (T, T) or
 // (B, T, T), true = may attend; undefined = attend everywhere. Masked logits become
 // -0.7 * FLT_MAX, as in the reference, so a fully masked row is uniform rather than NaN.

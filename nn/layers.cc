@@ -46,7 +46,7 @@ Tensor modulate(const Tensor& x, const Modulation& m) {
 }
 
 AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
-    : dim(dim), to_modulation(dim_cond, 2 * dim, true, rng, Init::zeros) {
+    : to_modulation(dim_cond, 2 * dim, true, rng, Init::zeros) {
   register_module("to_modulation", to_modulation);
 }
 
@@ -67,18 +67,35 @@ Tensor FeedForward::operator()(const Tensor& x) const {
   return linear_out(swiglu(linear_in(x), linear_gate(x)));  // linear_in(x) * silu(linear_gate(x))
 }
 
-std::vector<Tensor> linear_each(const std::vector<const Linear*>& layers,
-                                const std::vector<Tensor>& xs, const std::string& scope) {
+namespace {
+
+// scopes: one NameScope per modality, or none.
+std::vector<Tensor> linear_each_scoped(const std::vector<const Linear*>& layers,
+                                       const std::vector<Tensor>& xs,
+                                       const std::vector<std::string>& scopes) {
   MMDIT_CHECK(layers.size() == xs.size(), "linear_each: ", layers.size(), " layers for ", xs.size(),
               " inputs");
   std::vector<Tensor> weights, biases;
-  std::vector<std::string> scopes;
-  for (size_t m = 0; m < layers.size(); ++m) {
-    weights.push_back(layers[m]->weight);
-    biases.push_back(layers[m]->bias);
-    if (!scope.empty()) scopes.push_back(str_cat(scope, m));
+  for (const Linear* layer : layers) {
+    weights.push_back(layer->weight);
+    biases.push_back(layer->bias);
   }
   return linear_fused_each(xs, weights, biases, scopes);
+}
+
+std::vector<std::string> scopes_of(const std::string& prefix, size_t count,
+                                   const std::string& suffix = "") {
+  std::vector<std::string> scopes;
+  if (!prefix.empty())
+    for (size_t m = 0; m < count; ++m) scopes.push_back(str_cat(prefix, m, suffix));
+  return scopes;
+}
+
+}  // namespace
+
+std::vector<Tensor> linear_each(const std::vector<const Linear*>& layers,
+                                const std::vector<Tensor>& xs, const std::string& scope) {
+  return linear_each_scoped(layers, xs, scopes_of(scope, layers.size()));
 }
 
 std::vector<Tensor> linear_each(const ModuleList<Linear>& layers, const std::vector<Tensor>& xs,
@@ -97,8 +114,10 @@ std::vector<Tensor> feedforward_each(const ModuleList<FeedForward>& feedforwards
     for (size_t m = 0; m < M; ++m) list.push_back(&(feedforwards[m].*layer));
     return list;
   };
-  const std::vector<Tensor> in = linear_each(layers(&FeedForward::linear_in), xs, scope);
-  const std::vector<Tensor> gate = linear_each(layers(&FeedForward::linear_gate), xs, scope);
+  const std::vector<Tensor> in =
+      linear_each_scoped(layers(&FeedForward::linear_in), xs, scopes_of(scope, M, ".linear_in"));
+  const std::vector<Tensor> gate = linear_each_scoped(layers(&FeedForward::linear_gate), xs,
+                                                      scopes_of(scope, M, ".linear_gate"));
   std::vector<Tensor> hidden(M);
   for (size_t m = 0; m < M; ++m) {
     if (!xs[m].defined()) continue;
@@ -106,7 +125,8 @@ std::vector<Tensor> feedforward_each(const ModuleList<FeedForward>& feedforwards
     if (!scope.empty()) named.emplace(str_cat(scope, m));
     hidden[m] = swiglu(in[m], gate[m]);
   }
-  return linear_each(layers(&FeedForward::linear_out), hidden, scope);
+  return linear_each_scoped(layers(&FeedForward::linear_out), hidden,
+                            scopes_of(scope, M, ".linear_out"));
 }
 
 }  // namespace mmdit::nn

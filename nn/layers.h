@@ -59,7 +59,6 @@ class AdaptiveLayerNorm : public Module {
   Modulation modulation(const Tensor& silu_cond) const {
     return modulation_from(to_modulation, silu_cond);
   }
-  int64_t dim;
   Linear to_modulation;
 };
 

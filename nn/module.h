@@ -65,7 +65,8 @@ class ModuleList : public Module {
   M& emplace_back(Args&&... args) {
     return push_back(std::make_unique<M>(std::forward<Args>(args)...));
   }
-  M& operator[](size_t i) const { return *items_.at(i); }
+  M& operator[](size_t i) { return *items_.at(i); }
+  const M& operator[](size_t i) const { return *items_.at(i); }
   size_t size() const { return items_.size(); }
 
  private:

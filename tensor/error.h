@@ -63,6 +63,16 @@ template <class... Args>
   throw Error(str_cat(args...));
 }
 
+// For configurations: "<who>: <field> must be positive, got <value>", and for a list the
+// entry's index too.
+inline void check_positive(const char* who, const char* field, int64_t value) {
+  if (value <= 0) fail(who, ": ", field, " must be positive, got ", value);
+}
+inline void check_positive(const char* who, const char* field, const std::vector<int64_t>& values) {
+  for (size_t i = 0; i < values.size(); ++i)
+    if (values[i] <= 0) fail(who, ": ", field, "[", i, "] must be positive, got ", values[i]);
+}
+
 }  // namespace mmdit
 
 // Throws mmdit::Error with the concatenated message when `cond` is false.

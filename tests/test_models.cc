@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 
 #include "autodiff/gradcheck.h"
 #include "autodiff/value_and_grad.h"
@@ -70,9 +71,31 @@ TEST(Module, ParameterNamesMatchTheReference) {
     EXPECT_TRUE(p.contains(name)) << name;
   EXPECT_EQ(p.at("blocks.1.joint_attn.to_qkv.1.weight").shape(), (Shape{24, 8}));
   EXPECT_EQ(p.at("final_layers.1.linear_out.weight").shape(), (Shape{4, 8}));
-  int64_t count = 0;
-  for (const auto& [name, t] : p) count += t.numel();
-  EXPECT_EQ(model.num_parameters(), count);
+}
+
+// The count from models.md's tables, module by module, for small_mmdit({16, 8}, {16, 4}).
+TEST(Module, ParameterCountFollowsTheSpec) {
+  Rng rng(0);
+  const MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
+  MMDiT model(c, rng);
+  auto linear = [](int64_t in, int64_t out, bool bias = true) {
+    return in * out + (bias ? out : 0);
+  };
+  const int64_t C = c.dim_cond, inner = c.heads * c.dim_head, sum_d = 16 + 8;
+  int64_t expected = linear(c.timestep_embed_dims[0], C) + linear(C, C);  // TimestepEmbedding
+  for (int64_t i = 0; i < c.depth; ++i) {
+    for (int64_t D : c.dim_modalities) {
+      expected += 2 * linear(C, 2 * D);                                   // two adaLN
+      expected += linear(D, 3 * inner, false) + linear(inner, D, false);  // to_qkv, to_out
+      expected += 2 * c.dim_head;                                         // q, k RMSNorm
+      expected += 2 * linear(D, c.ff_mult * D, false) + linear(c.ff_mult * D, D, false);  // SwiGLU
+    }
+    expected += linear(C, 2 * sum_d);  // to_cond
+  }
+  for (size_t m = 0; m < 2; ++m)
+    expected += linear(C, 2 * c.dim_modalities[m]) + linear(c.dim_modalities[m], c.dim_outs[m]);
+  EXPECT_EQ(expected, 11844);
+  EXPECT_EQ(model.num_parameters(), expected);
 }
 
 TEST(Module, LinearInitIsUniformInInverseSqrtFanIn) {
@@ -86,7 +109,13 @@ TEST(Module, LinearInitIsUniformInInverseSqrtFanIn) {
   EXPECT_LE(hi, bound);
   EXPECT_LT(lo, -0.95 * bound);  // the whole range is used
   EXPECT_GT(hi, 0.95 * bound);
-  for (float v : lin.bias.to_vector<float>()) EXPECT_LE(std::abs(v), bound);
+  double bias_lo = 1, bias_hi = -1;
+  for (float v : lin.bias.to_vector<float>())
+    bias_lo = std::min<double>(bias_lo, v), bias_hi = std::max<double>(bias_hi, v);
+  EXPECT_GE(bias_lo, -bound);
+  EXPECT_LE(bias_hi, bound);
+  EXPECT_LT(bias_lo, -0.5 * bound);  // drawn from the same range, not zero
+  EXPECT_GT(bias_hi, 0.5 * bound);
 }
 
 TEST(Module, ToFloat64ConvertsInPlaceAndKeepsValues) {
@@ -179,7 +208,18 @@ TEST(MMDiT, MultipleConditioningVariables) {
   const Tensor a = rng.normal({5, 16}), b = rng.normal({3, 8});
   auto o1 = model({a, b}, {scalar(0.5), scalar(0.1)});
   auto o2 = model({a, b}, {scalar(0.5), scalar(0.7)});
+  auto o3 = model({a, b}, {scalar(0.2), scalar(0.1)});
   EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-4);
+  EXPECT_GT(max_abs_diff(o1[1], o3[1]), 1e-4);
+  // c = sum_c linear2(silu(linear1(timestep_embedding(t_c)))), each written out from the weights.
+  const Tensor t0 = from_vector({0.5f, 0.3f}, {2}), t1 = from_vector({0.1f, 0.9f}, {2});
+  auto embed = [&](size_t i, const Tensor& t) {
+    const nn::TimestepEmbedding& e = model.timestep_embeds[i];
+    const Tensor h = nn::linear(nn::timestep_embedding(t, cfg.timestep_embed_dims[i]),
+                                e.linear1.weight, e.linear1.bias);
+    return nn::linear(silu(h), e.linear2.weight, e.linear2.bias);
+  };
+  EXPECT_LT(max_abs_diff(model.embed_timesteps({t0, t1}), embed(0, t0) + embed(1, t1)), 1e-6);
 }
 
 TEST(MMDiT, BatchedEqualsPerExample) {
@@ -232,7 +272,8 @@ TEST(InContextMMDiT, BatchedEqualsPerExample) {
   for (int64_t i = 0; i < 2; ++i) {
     auto single =
         model({raw::squeeze(raw::narrow(a, 0, i, 1), 0), raw::squeeze(raw::narrow(b, 0, i, 1), 0)});
-    EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[1], 0, i, 1), 0), single[1]), 1e-5);
+    for (int m = 0; m < 2; ++m)
+      EXPECT_LT(max_abs_diff(raw::squeeze(raw::narrow(batched[m], 0, i, 1), 0), single[m]), 1e-5);
   }
 }
 
@@ -279,6 +320,36 @@ TEST(Masks, BlockedModalityIsInvisible) {
   EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-4);
 }
 
+// The models' path: a query row with every key masked reads the plain mean of v over all the
+// modalities' tokens (v is neither normalised nor rotated), then to_out; in both dtypes, on the
+// path that saves probabilities and on the blocked one (from kBlockedAttentionFrom tokens).
+TEST(Masks, FullyMaskedRowReadsTheMeanOfV) {
+  Rng rng(13);
+  nn::JointAttention attn({16, 8}, 4, 2, rng);
+  randomize(attn, rng);
+  const int64_t inner = 8;
+  for (DType dtype : {DType::f32, DType::f64}) {
+    attn.to(dtype);
+    static_assert(300 + 260 >= kBlockedAttentionFrom);
+    for (const auto& [S0, S1] : {std::pair<int64_t, int64_t>{5, 4}, {300, 260}}) {
+      const Tensor x0 = rng.normal({S0, 16}, dtype), x1 = rng.normal({S1, 8}, dtype);
+      const int64_t total = S0 + S1, row = S0 + 2;  // an action token
+      Tensor mask = ones({total, total}, DType::boolean);
+      for (int64_t j = 0; j < total; ++j) mask.data<bool>()[row * total + j] = false;
+      const auto out = attn({x0, x1}, mask);
+      auto values = [&](size_t m, const Tensor& x) {
+        return narrow(nn::linear(x, attn.to_qkv[m].weight), -1, 2 * inner, inner);
+      };
+      const Tensor mean_v = mean(concat({values(0, x0), values(1, x1)}, 0), {0});
+      const Tensor expected = nn::linear(mean_v, attn.to_out[1].weight);
+      const Tensor got = raw::squeeze(raw::narrow(out[1], 0, 2, 1), 0);
+      EXPECT_LT(max_abs_diff(got, expected), dtype == DType::f32 ? 1e-5 : 1e-12)
+          << dtype_name(dtype) << ", " << total << " tokens";
+    }
+  }
+}
+
+// The same property of the plain composition the fused attention is tested against.
 TEST(Masks, FullyMaskedRowIsUniformNotNaN) {
   Rng rng(13);
   for (DType dtype : {DType::f32, DType::f64}) {
@@ -317,6 +388,7 @@ TEST(InContextMMDiT, GradientsReachEveryParameter) {
     auto out = m({a, b}, obs_full_action_causal(5, 3));
     return sum(square(out[0])) + sum(square(out[1]));
   })(model);
+  EXPECT_EQ(grads.size(), model.named_parameters().size());
   for (const auto& [name, g] : grads) EXPECT_GT(max_abs(g), 0.0) << name;
 }
 
@@ -373,10 +445,80 @@ TEST(Errors, WrongNumberOfTimesteps) {
               {from_vector({0.1f, 0.2f, 0.3f}, {3})});
       },
       testing::ThrowsMessage<Error>(
-          HasSubstr("timestep 0 has shape (3,); expected (2,) for a batch of 2")));
+          HasSubstr("timestep 0 has shape (3,); expected () or (2,) for a batch of 2")));
+}
+
+// A conditioning built for one model, given to another: an error, not a read past a vector.
+TEST(Errors, ConditioningOfAnotherModel) {
+  Rng rng(22);
+  MMDiT two(small_mmdit({16, 8}, {16, 4}), rng), three(small_mmdit({16, 8, 4}, {16, 4, 4}), rng);
+  const Tensor t = from_vector({0.3f}, {1});
+  const std::vector<Tensor> xs = {rng.normal({1, 5, 16}), rng.normal({1, 3, 8}),
+                                  rng.normal({1, 2, 4})};
+  EXPECT_THAT([&] { three.forward(xs, two.condition({t})); },
+              testing::ThrowsMessage<Error>(HasSubstr(
+                  "conditioning for 2 blocks and 2 final layers, the model has 2 and 3")));
+  MMDiTConditioning mixed = three.condition({t});
+  mixed.blocks = two.condition({t}).blocks;
+  EXPECT_THAT([&] { three.forward(xs, mixed); },
+              testing::ThrowsMessage<Error>(HasSubstr(
+                  "MMDiTBlock: conditioning for 2, 2, 2 and 2 modalities (attn, ff, attn_gates, "
+                  "ff_gates), the block has 3")));
+  EXPECT_THAT([&] { three.blocks[0].forward(xs, mixed.blocks[0]); },
+              testing::ThrowsMessage<Error>(HasSubstr("the block has 3")));
+}
+
+// Each field out of range is named before anything is built.
+TEST(Errors, ModelConfigFieldsAreNamed) {
+  Rng rng(23);
+  const std::vector<std::pair<std::function<void(MMDiTConfig&)>, std::string>> mmdit_cases = {
+      {[](MMDiTConfig& c) { c.depth = -3; }, "MMDiT config: depth must be positive, got -3"},
+      {[](MMDiTConfig& c) { c.dim_head = 5; }, "MMDiT config: dim_head must be even (RoPE), got 5"},
+      {[](MMDiTConfig& c) { c.heads = 0; }, "MMDiT config: heads must be positive, got 0"},
+      {[](MMDiTConfig& c) {
+         c.timestep_embed_dims = {8, 0};
+       },
+       "MMDiT config: timestep_embed_dim[1] must be positive, got 0"},
+      {[](MMDiTConfig& c) { c.dim_modalities = {16}, c.dim_outs = {16}; },
+       "MMDiT config: dim_modalities needs at least two modalities, got 1"},
+      {[](MMDiTConfig& c) {
+         c.dim_outs = {16, -4};
+       },
+       "MMDiT config: dim_outs[1] must be positive, got -4"},
+      {[](MMDiTConfig& c) { c.dim_cond = 0; }, "MMDiT config: dim_cond must be positive, got 0"},
+      {[](MMDiTConfig& c) { c.ff_mult = 0; }, "MMDiT config: ff_mult must be positive, got 0"}};
+  for (const auto& [change, message] : mmdit_cases) {
+    MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
+    change(c);
+    EXPECT_THAT([&] { MMDiT(c, rng); }, testing::ThrowsMessage<Error>(HasSubstr(message)));
+  }
+  const std::vector<std::pair<std::function<void(InContextMMDiTConfig&)>, std::string>>
+      incontext_cases = {{[](InContextMMDiTConfig& c) { c.depth = 0; },
+                          "InContextMMDiT config: depth must be positive, got 0"},
+                         {[](InContextMMDiTConfig& c) { c.dim_head = 3; },
+                          "InContextMMDiT config: dim_head must be even (RoPE), got 3"},
+                         {[](InContextMMDiTConfig& c) {
+                            c.dim_modalities = {16, 0};
+                          },
+                          "InContextMMDiT config: dim_modalities[1] must be positive, got 0"}};
+  for (const auto& [change, message] : incontext_cases) {
+    InContextMMDiTConfig c = small_incontext({16, 8}, {16, 4});
+    change(c);
+    EXPECT_THAT([&] { InContextMMDiT(c, rng); }, testing::ThrowsMessage<Error>(HasSubstr(message)));
+  }
+  EXPECT_THAT(
+      [&] {
+        nn::JointAttention({16, 8}, 4, -2, rng);
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("JointAttention: heads must be positive")));
+  EXPECT_THAT(
+      [&] { nn::check_modalities({rng.normal({8})}, {8}, "MMDiT"); },
+      testing::ThrowsMessage<Error>(HasSubstr("modality 0 has shape (8,); expected (S, D) or")));
 }
 
 // ---------------------------------------------------------------- RoPE and timestep embedding
+// nn::apply_rope is the plain composition; the models' fused rotation is held to it in
+// test_fused.cc, with these tables.
 TEST(Rope, IdentityAtPositionZeroAndNormPreserving) {
   Rng rng(20);
   const Tensor x = rng.normal({6, 8}, DType::f64);
