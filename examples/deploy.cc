@@ -69,19 +69,7 @@ std::string train_small_policy(const DemoTask& task) {
   return path;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  mmdit::use_the_best_openblas_core(argv);  // before OpenBLAS does any work
-  std::string checkpoint;
-  WeightPrecision weights = WeightPrecision::f32;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--bf16")
-      weights = WeightPrecision::bf16;
-    else
-      checkpoint = arg;
-  }
+void run_controller(std::string checkpoint, WeightPrecision weights) {
   const DemoTask task;
   if (checkpoint.empty()) checkpoint = train_small_policy(task);
 
@@ -146,4 +134,35 @@ int main(int argc, char** argv) {
   std::printf("%d of %d episodes reached the goal\n", successes, episodes);
   std::printf("act(): %zu calls, median %.2f ms, max %.2f ms\n", latencies_ms.size(),
               latencies_ms[latencies_ms.size() / 2], latencies_ms.back());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mmdit::use_the_best_openblas_core(argv);  // before OpenBLAS does any work
+  const char* usage = "usage: deploy [CHECKPOINT] [--bf16]\n";
+  std::string checkpoint;
+  WeightPrecision weights = WeightPrecision::f32;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::printf("%s", usage);
+      return 0;
+    }
+    if (arg == "--bf16") {
+      weights = WeightPrecision::bf16;
+    } else if (arg.starts_with("-") || !checkpoint.empty()) {
+      std::fprintf(stderr, "deploy: unexpected argument '%s'\n%s", arg.c_str(), usage);
+      return 2;
+    } else {
+      checkpoint = arg;
+    }
+  }
+  // A controller reports a bad checkpoint and exits cleanly instead of aborting.
+  try {
+    run_controller(checkpoint, weights);
+  } catch (const mmdit::Error& e) {
+    std::fprintf(stderr, "deploy: %s\n", e.what());
+    return 1;
+  }
 }

@@ -329,8 +329,11 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
   const auto* p = static_cast<const unsigned char*>(bytes);
   if (size < 8) fail(what, ": file is ", size, " bytes, too short for the 8-byte header length");
   const uint64_t header_len = load_scalar<uint64_t>(p);
+  // Any other file read as one (an .npz, a JSON config, an SVG) gives a huge length: say what the
+  // file is not, not just that the length is out of range.
   if (header_len > kMaxHeaderBytes)
-    fail(what, ": header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+    fail(what, ": not a safetensors file: its first 8 bytes give a header length of ", header_len,
+         ", which exceeds the limit of ", kMaxHeaderBytes, " bytes");
   if (header_len > size - 8)
     fail(what, ": header length ", header_len, " exceeds the ", size - 8,
          " bytes that follow it (file truncated?)");

@@ -358,7 +358,12 @@ TEST(Safetensors, RejectsBadFraming) {
   expect_parse_error(too_long + "{}", "header length 100 exceeds the 2 bytes that follow it");
   std::string huge;
   append_u64(huge, 100'000'001);
-  expect_parse_error(huge + "{}", "header length 100000001 exceeds the limit of 100000000 bytes");
+  expect_parse_error(huge + "{}",
+                     "not a safetensors file: its first 8 bytes give a header length "
+                     "of 100000001, which exceeds the limit of 100000000 bytes");
+  // What a zip (.npz) or a JSON file gives when read as safetensors.
+  expect_parse_error(std::string("PK\x03\x04\x14\x00\x00\x00\x00\x00", 10) + std::string(64, 'x'),
+                     "not a safetensors file: its first 8 bytes give a header length");
   std::string max;
   append_u64(max, UINT64_MAX);
   expect_parse_error(max + "{}", "exceeds the limit");

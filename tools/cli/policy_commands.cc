@@ -29,10 +29,13 @@ struct TrainFlags {
 
   void add_to(CLI::App* cmd) {
     cmd->add_option("--config", config_file, "training config (JSON; keys of TrainConfig)");
-    cmd->add_option("--steps", steps, "training steps (in all, counting any already done)")
+    cmd->add_option("--steps", steps,
+                    "training steps (in all, counting any already done; default: the config's, "
+                    "else 2000, or 3000 for demo)")
         ->check(non_negative());
-    cmd->add_option("--batch-size", batch_size, "batch size")->check(positive());
-    cmd->add_option("--lr", lr, "peak learning rate")->check(positive());
+    cmd->add_option("--batch-size", batch_size, "batch size (default: the config's, else 64)")
+        ->check(positive());
+    cmd->add_option("--lr", lr, "peak learning rate (default: the config's)")->check(positive());
     cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
@@ -143,6 +146,10 @@ TrainConfig demo_config(const DemoTask& task) {
 
 DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& policy,
                                      int64_t episodes, int64_t n_action_steps, uint64_t seed) {
+  const PolicyConfig& pc = policy.config.policy;
+  const int64_t most = pc.horizon - pc.n_obs_steps + 1;
+  MMDIT_CHECK(n_action_steps <= most, "--n-action-steps ", n_action_steps,
+              " exceeds the actions a chunk holds from now on: horizon - n_obs_steps + 1 = ", most);
   Rng rng(seed + 1);
   auto act = [&](const Tensor& obs) { return policy.act(obs, rng); };
   return task.evaluate(act, episodes, policy.config.policy.n_obs_steps, n_action_steps, seed);
@@ -168,31 +175,42 @@ void add_train(CLI::App& app) {
   o->flags.add_to(cmd);
   cmd->add_option("--data", o->data, "demonstrations: LeRobot-style .npz or robomimic .hdf5")
       ->required();
-  cmd->add_option("--obs-keys", o->obs_keys,
-                  "HDF5 observation keys, comma-separated (default: state)");
-  cmd->add_option("--out", o->out, "output directory (checkpoint, metrics.csv, loss.svg)");
+  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
+      ->capture_default_str();
+  cmd->add_option("--out", o->out,
+                  "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
+      ->capture_default_str();
   cmd->add_option("--resume", o->resume,
                   "continue from this checkpoint, with its config (--steps may raise the total)");
   cmd->add_flag("--overwrite", o->overwrite,
                 "start a new run even if --out already holds a checkpoint");
-  cmd->add_option("--log-every", o->log_every, "progress line every N steps")->check(positive());
+  cmd->add_option("--log-every", o->log_every, "progress line every N steps")
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_option("--checkpoint-every", o->checkpoint_every,
                   "checkpoint every N steps (0: end only)")
-      ->check(non_negative());
+      ->check(non_negative())
+      ->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(positive());
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
     set_threads(o->threads);
     const std::string ckpt = checkpoint_path(o->out);
     struct stat st;
     if (!o->resume.empty()) {
       o->flags.check_resumable();
+      MMDIT_CHECK(!o->overwrite,
+                  "train: --overwrite starts a new run; it cannot be combined with "
+                  "--resume, which continues one");
     } else {
       MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
                   " already holds a run's checkpoint: continue it with --resume ", ckpt,
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
+    MMDIT_CHECK(!cmd->count("--obs-keys") || !o->data.ends_with(".npz"),
+                "train: --obs-keys selects HDF5 observation groups; ", o->data,
+                " is an .npz, whose observations are 'observation.state'");
     std::vector<std::string> keys;
     std::stringstream ss(o->obs_keys);
     for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
@@ -204,6 +222,14 @@ void add_train(CLI::App& app) {
     if (!o->resume.empty()) {
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
+      if (trainer->step() >= trainer->config().steps) {
+        std::printf(
+            "the run is already at step %lld of %lld: pass --steps N (more than %lld) to "
+            "train further\n",
+            (long long)trainer->step(), (long long)trainer->config().steps,
+            (long long)trainer->step());
+        return;
+      }
     } else {
       TrainConfig defaults;
       defaults.policy.state_dim = data.state_dim();
@@ -211,8 +237,6 @@ void add_train(CLI::App& app) {
       trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
     }
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
-    make_directory(o->out);
-    write_file_atomically(o->out + "/config.json", trainer->config().to_json() + "\n");
     const LoopResult r = run_training(
         *trainer,
         {.out_dir = o->out, .log_every = o->log_every, .checkpoint_every = o->checkpoint_every});
@@ -241,7 +265,7 @@ void add_sample(CLI::App& app) {
                   "one observation history: n_obs*state_dim comma-separated numbers");
   cmd->add_option("--obs-npy", o->obs_npy, "observations (B, n_obs, state_dim) as .npy");
   cmd->add_option("--out-npy", o->out_npy, "write the actions (B, horizon, act_dim) here");
-  cmd->add_option("--seed", o->seed, "noise seed");
+  cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
@@ -250,6 +274,7 @@ void add_sample(CLI::App& app) {
         load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
     const PolicyConfig& pc = policy.config.policy;
     Tensor obs;
+    MMDIT_CHECK(o->obs.empty() || o->obs_npy.empty(), "sample: give --obs or --obs-npy, not both");
     if (!o->obs_npy.empty()) {
       obs = raw::to_dtype(load_npy(o->obs_npy), DType::f32);
     } else {
@@ -286,10 +311,14 @@ void add_eval(CLI::App& app) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("eval", "Closed-loop evaluation on the built-in demo task");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint (.safetensors)")->required();
-  cmd->add_option("--episodes", o->episodes, "episodes to run")->check(positive());
+  cmd->add_option("--episodes", o->episodes, "episodes to run")
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk")
-      ->check(positive());
-  cmd->add_option("--seed", o->seed, "seed of the start positions and noise");
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
+      ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_option("--threads", o->threads, "threads")->check(positive());
   add_weights_option(cmd, o->weights);
@@ -363,12 +392,16 @@ void add_demo(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "demo", "Generate expert demonstrations of the 2-D obstacle task, train, evaluate");
   o->flags.add_to(cmd);
-  cmd->add_option("--out", o->out, "output directory");
-  cmd->add_option("--demos", o->demos, "expert episodes to generate")->check(positive());
+  cmd->add_option("--out", o->out, "output directory")->capture_default_str();
+  cmd->add_option("--demos", o->demos, "expert episodes to generate")
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_option("--eval-episodes", o->eval_episodes, "closed-loop evaluation episodes")
-      ->check(positive());
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_option("--n-action-steps", o->n_action_steps, "actions executed per chunk")
-      ->check(positive());
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_flag("--baseline", o->baseline,
                 "also train the same network with plain MSE regression and evaluate it");
   cmd->add_option("--threads", o->threads,

@@ -118,6 +118,8 @@ std::string format_duration(double seconds) {
 
 LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   make_directory(options.out_dir);
+  // The run's whole config, to read, edit and pass back with --config.
+  write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
   const int64_t first = trainer.step();
   LoopResult result;
   MetricsCsv csv(options.out_dir + "/metrics.csv", first, result.losses);
