@@ -193,25 +193,35 @@ Normalizer Normalizer::from_json(const std::string& text) {
 }
 
 // ---- the policy ----
+namespace {
+
+// The first member is initialised from this, so a bad config is reported by the field it names
+// before any layer is built with it.
+const PolicyConfig& validated(const PolicyConfig& c) {
+  c.validate();
+  return c;
+}
+
+MMDiTConfig mmdit_config(const PolicyConfig& c) {
+  MMDiTConfig m;
+  m.depth = c.depth;
+  m.dim_modalities = {c.hidden_size, c.hidden_size};
+  m.dim_outs = {c.hidden_size, c.act_dim};
+  m.dim_cond = c.dim_cond;
+  m.timestep_embed_dims = {c.timestep_embed_dim};
+  m.dim_head = c.dim_head;
+  m.heads = c.heads;
+  m.ff_mult = c.ff_mult;
+  return m;
+}
+
+}  // namespace
+
 BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
-    : config(cfg),
-      state_encoder(cfg.state_dim, cfg.hidden_size, true, rng),
-      action_encoder(cfg.act_dim, cfg.hidden_size, true, rng),
-      mmdit(
-          [&] {
-            cfg.validate();
-            MMDiTConfig m;
-            m.depth = cfg.depth;
-            m.dim_modalities = {cfg.hidden_size, cfg.hidden_size};
-            m.dim_outs = {cfg.hidden_size, cfg.act_dim};
-            m.dim_cond = cfg.dim_cond;
-            m.timestep_embed_dims = {cfg.timestep_embed_dim};
-            m.dim_head = cfg.dim_head;
-            m.heads = cfg.heads;
-            m.ff_mult = cfg.ff_mult;
-            return m;
-          }(),
-          rng) {
+    : config(validated(cfg)),
+      state_encoder(config.state_dim, config.hidden_size, true, rng),
+      action_encoder(config.act_dim, config.hidden_size, true, rng),
+      mmdit(mmdit_config(config), rng) {
   register_module("state_encoder", state_encoder);
   register_module("action_encoder", action_encoder);
   register_module("mmdit", mmdit);
