@@ -43,5 +43,87 @@ TEST(BCPolicy, RejectsABadConfigByTheFieldBeforeBuildingLayers) {
   }
 }
 
+// ---------------------------------------------------------------- loss inputs
+// A batch of B = 2 for tiny_policy() (horizon 5, act_dim 2, n_obs 2, state_dim 3), and the
+// draws of a step; each test below breaks one of them.
+struct LossInputs {
+  Tensor state = zeros({2, 2, 3}), action = zeros({2, 5, 2});
+  Tensor is_pad = zeros({2, 5}, DType::boolean);
+  FlowNoise noise{zeros({2, 5, 2}), full({2}, 0.5), Tensor()};
+};
+
+std::string flow_error(const BCPolicy& policy, const LossInputs& in) {
+  return test::error_of(
+      [&] { flow_matching_loss(policy, in.state, in.action, in.is_pad, in.noise); });
+}
+
+std::string regression_error(const BCPolicy& policy, const LossInputs& in) {
+  return test::error_of([&] { regression_loss(policy, in.state, in.action, in.is_pad); });
+}
+
+TEST(FlowMatchingLoss, RejectsInputsThatWouldBroadcastByName) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  const LossInputs good;
+  EXPECT_EQ(flow_error(policy, good), "(no mmdit::Error thrown)");
+  EXPECT_EQ(regression_error(policy, good), "(no mmdit::Error thrown)");
+
+  LossInputs in = good;
+  in.action = zeros({2, 5, 3});
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: action is float32 (2,5,3); expected (B, horizon, act_dim) = (B,5,2)");
+  EXPECT_EQ(regression_error(policy, in),
+            "regression_loss: action is float32 (2,5,3); expected (B, horizon, act_dim) = (B,5,2)");
+
+  in = good;
+  in.state = zeros({1, 2, 3});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: state is float32 (1,2,3); expected (B, n_obs_steps, state_dim) = "
+            "(2,2,3), B as the action's");
+
+  in = good;
+  in.is_pad = zeros({5}, DType::boolean);
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: action_is_pad is bool (5,); expected bool (B, horizon) = (2,5)");
+  EXPECT_EQ(regression_error(policy, in),
+            "regression_loss: action_is_pad is bool (5,); expected bool (B, horizon) = (2,5)");
+  in.is_pad = zeros({2, 5});
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: action_is_pad is float32 (2,5); expected bool (B, horizon) = (2,5)");
+
+  in = good;
+  in.noise.x0 = zeros({1, 5, 2});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.x0 is float32 (1,5,2); expected the action's shape (2,5,2)");
+
+  in = good;
+  in.noise.t = full({1}, 0.5);
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: noise.t is float32 (1,); expected (B,) = (2,), one time per example");
+  in.noise.t = Tensor();
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.t is undefined; expected (B,) = (2,), one time per example");
+}
+
+TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
+  PolicyConfig c = tiny_policy();
+  c.sigma = 0.1;
+  Rng rng(0);
+  const BCPolicy policy(c, rng);
+  LossInputs in;
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.eps (sigma > 0) is undefined; expected the action's shape "
+            "(2,5,2)");
+  in.noise.eps = zeros({1, 5, 2});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.eps (sigma > 0) is float32 (1,5,2); expected the action's "
+            "shape (2,5,2)");
+  in.noise.eps = zeros({2, 5, 2});
+  EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
+}
+
 }  // namespace
 }  // namespace mmdit

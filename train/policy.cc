@@ -270,11 +270,53 @@ Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
   return mmdit.forward({obs_tokens, act}, time, mask_, {false, true})[1];
 }
 
+namespace {
+
+// "is f32 (2,5,2)" or "is undefined", for the messages below.
+std::string described(const Tensor& t) {
+  if (!t.defined()) return "is undefined";
+  return str_cat("is ", dtype_name(t.dtype()), " ", shape_str(t.shape()));
+}
+
+// The checks both losses share. Without them a pad mask of shape (horizon,) or a state batch of
+// 1 broadcasts against the batch, and the loss silently means something else.
+void check_batch(const char* loss, const BCPolicy& policy, const Tensor& state,
+                 const Tensor& action, const Tensor& action_is_pad) {
+  const PolicyConfig& c = policy.config;
+  MMDIT_CHECK(action.defined() && action.dim() == 3 && action.shape()[1] == c.horizon &&
+                  action.shape()[2] == c.act_dim,
+              loss, ": action ", described(action), "; expected (B, horizon, act_dim) = (B,",
+              c.horizon, ",", c.act_dim, ")");
+  const int64_t b = action.shape()[0];
+  MMDIT_CHECK(state.defined() && state.shape() == Shape({b, c.n_obs_steps, c.state_dim}), loss,
+              ": state ", described(state), "; expected (B, n_obs_steps, state_dim) = (", b, ",",
+              c.n_obs_steps, ",", c.state_dim, "), B as the action's");
+  MMDIT_CHECK(action_is_pad.defined() && action_is_pad.dtype() == DType::boolean &&
+                  action_is_pad.shape() == Shape({b, c.horizon}),
+              loss, ": action_is_pad ", described(action_is_pad),
+              "; expected bool (B, horizon) = (", b, ",", c.horizon, ")");
+}
+
+void check_like_action(const char* name, const Tensor& t, const Tensor& action) {
+  MMDIT_CHECK(t.defined() && t.shape() == action.shape(), "flow_matching_loss: ", name, " ",
+              described(t), "; expected the action's shape ", shape_str(action.shape()));
+}
+
+}  // namespace
+
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                           const Tensor& action_is_pad, const FlowNoise& noise) {
+  check_batch("flow_matching_loss", policy, state, action, action_is_pad);
+  const int64_t b = action.shape()[0];
+  check_like_action("noise.x0", noise.x0, action);
+  MMDIT_CHECK(noise.t.defined() && noise.t.shape() == Shape({b}), "flow_matching_loss: noise.t ",
+              described(noise.t), "; expected (B,) = (", b, ",), one time per example");
+  const double sigma = policy.config.sigma;
+  // eps is read only when the config adds noise: a caller with sigma = 0 need not draw it.
+  if (sigma > 0) check_like_action("noise.eps (sigma > 0)", noise.eps, action);
   const Tensor t = reshape(noise.t, {-1, 1, 1});
   Tensor x_t = t * action + (1.0 - t) * noise.x0;  // t = 0 is noise, t = 1 is data
-  if (policy.config.sigma > 0) x_t = x_t + noise.eps * policy.config.sigma;
+  if (sigma > 0) x_t = x_t + noise.eps * sigma;
   const Tensor u = action - noise.x0;
   const Tensor v = policy.velocity(policy.encode_observations(state), x_t, noise.t);
   const Tensor valid =
@@ -284,6 +326,7 @@ Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Ten
 
 Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                        const Tensor& action_is_pad) {
+  check_batch("regression_loss", policy, state, action, action_is_pad);
   const Tensor pred = regress_actions(policy, state);
   const Tensor valid =
       raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
