@@ -125,5 +125,48 @@ TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
   EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
 }
 
+// ---------------------------------------------------------------- normaliser
+TEST(Normalizer, FromJsonRejectsAModeThatIsNotAString) {
+  EXPECT_THAT([] { Normalizer::from_json(R"({"mode": 3})"); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr(R"(normalizer: 'mode' must be "min_max" or "z_score", got 3)")));
+}
+
+// state_dim 2, act_dim 2. Each case breaks one array of a good normaliser.
+TEST(Normalizer, ValidateNamesTheArrayThatIsWrong) {
+  const std::string min_max =
+      R"("state_min": [0, -1], "state_max": [1, 1], "action_min": [0, 0], "action_max": [2, 3])";
+  const std::string z_score =
+      R"("state_mean": [0, 1], "state_std": [1, 0], "action_mean": [0, 0], "action_std": [1, 2])";
+  auto error = [](const std::string& json) {
+    return test::error_of([&] { Normalizer::from_json(json).validate(2, 2); });
+  };
+  EXPECT_EQ(error(R"({"mode": "min_max", )" + min_max + "}"), "(no mmdit::Error thrown)");
+  EXPECT_EQ(error(R"({"mode": "z_score", )" + z_score + "}"), "(no mmdit::Error thrown)");
+  for (const auto& [json, message] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"mode": "min_max", "state_min": [0], "state_max": [1, 1],
+                "action_min": [0, 0], "action_max": [2, 3]})",
+            "normalizer: 'state_min' is float32 (1,); expected (state_dim,) = (2,)"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0], "action_max": [2, 3, 4]})",
+            "normalizer: 'action_max' is float32 (3,); expected (act_dim,) = (2,)"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0]})",
+            "normalizer: 'action_max' is missing; min_max mode needs it"},
+           {R"({"mode": "z_score", )" + min_max + "}",
+            "normalizer: 'state_mean' is missing; z_score mode needs it"},
+           // 1e39 is beyond float32's range: the array the policy would use holds inf.
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1e39],
+                "action_min": [0, 0], "action_max": [2, 3]})",
+            "normalizer: 'state_max'[1] is inf"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0.5], "action_max": [2, 0.25]})",
+            "normalizer: 'action_max'[1] = 0.25 is below 'action_min'[1] = 0.5"},
+           {R"({"mode": "z_score", "state_mean": [0, 1], "state_std": [1, 0],
+                "action_mean": [0, 0], "action_std": [1, -0.5]})",
+            "normalizer: 'action_std'[1] is -0.5; a standard deviation is >= 0"}})
+    EXPECT_EQ(error(json), message) << json;
+}
+
 }  // namespace
 }  // namespace mmdit

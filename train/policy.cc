@@ -175,6 +175,8 @@ Normalizer Normalizer::from_json(const std::string& text) {
   }
   MMDIT_CHECK(j.is_object() && j.contains("mode"), "normalizer: expected an object with a 'mode'");
   Normalizer n;
+  MMDIT_CHECK(j.at("mode").is_string(),
+              "normalizer: 'mode' must be \"min_max\" or \"z_score\", got ", j.at("mode").dump());
   const std::string mode = j.at("mode").get<std::string>();
   MMDIT_CHECK(mode == "min_max" || mode == "z_score", "normalizer: unknown mode '", mode, "'");
   n.mode = mode == "z_score" ? Mode::z_score : Mode::min_max;
@@ -190,6 +192,44 @@ Normalizer Normalizer::from_json(const std::string& text) {
   n.action_mean = get("action_mean");
   n.action_std = get("action_std");
   return n;
+}
+
+void Normalizer::validate(int64_t state_dim, int64_t act_dim) const {
+  const bool z_score = mode == Mode::z_score;
+  auto check = [&](const char* name, const Tensor& t, const char* dim_name, int64_t n) {
+    MMDIT_CHECK(t.defined(), "normalizer: '", name, "' is missing; ",
+                z_score ? "z_score" : "min_max", " mode needs it");
+    MMDIT_CHECK(is_floating(t.dtype()) && t.shape() == Shape({n}), "normalizer: '", name, "' is ",
+                dtype_name(t.dtype()), " ", shape_str(t.shape()), "; expected (", dim_name,
+                ",) = (", n, ",)");
+    if (const std::optional<NonFinite> bad = first_non_finite(t))
+      fail("normalizer: '", name, "'[", bad->index[0], "] is ", bad->value);
+    return t.to_vector<double>();
+  };
+  auto check_std = [&](const char* name, const Tensor& t, const char* dim_name, int64_t n) {
+    const std::vector<double> sd = check(name, t, dim_name, n);
+    for (int64_t i = 0; i < n; ++i)
+      MMDIT_CHECK(sd[i] >= 0, "normalizer: '", name, "'[", i, "] is ", sd[i],
+                  "; a standard deviation is >= 0");
+  };
+  // max == min is a constant dimension, which the 1e-8 in the map keeps finite.
+  auto check_range = [&](const char* min_name, const Tensor& lo, const char* max_name,
+                         const Tensor& hi, const char* dim_name, int64_t n) {
+    const std::vector<double> a = check(min_name, lo, dim_name, n);
+    const std::vector<double> b = check(max_name, hi, dim_name, n);
+    for (int64_t i = 0; i < n; ++i)
+      MMDIT_CHECK(b[i] >= a[i], "normalizer: '", max_name, "'[", i, "] = ", b[i], " is below '",
+                  min_name, "'[", i, "] = ", a[i]);
+  };
+  if (z_score) {
+    check("state_mean", state_mean, "state_dim", state_dim);
+    check_std("state_std", state_std, "state_dim", state_dim);
+    check("action_mean", action_mean, "act_dim", act_dim);
+    check_std("action_std", action_std, "act_dim", act_dim);
+  } else {
+    check_range("state_min", state_min, "state_max", state_max, "state_dim", state_dim);
+    check_range("action_min", action_min, "action_max", action_max, "act_dim", act_dim);
+  }
 }
 
 // ---- the policy ----

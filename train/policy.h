@@ -43,6 +43,10 @@ struct Normalizer {
   // min-max: (a + 1) / 2 * (max - min) + min, without the 1e-8 (as the reference); z-score:
   // a * (std + 1e-8) + mean, the exact inverse.
   Tensor unnormalize_action(const Tensor& a) const;
+  // Throws, naming the array, unless the arrays the mode uses are present, float, of length
+  // state_dim or act_dim, finite, with max >= min (min-max) or std >= 0 (z-score). A length-1
+  // array would otherwise broadcast over every dimension, and a missing one fail at first use.
+  void validate(int64_t state_dim, int64_t act_dim) const;
   Normalizer to(DType dtype) const;
   std::string to_json() const;  // values printed with round-trip precision
   static Normalizer from_json(const std::string& json);
