@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
+#include <sstream>
 
 #include "tests/test_util.h"
 #include "train/policy.h"
@@ -166,6 +168,103 @@ TEST(Normalizer, ValidateNamesTheArrayThatIsWrong) {
                 "action_mean": [0, 0], "action_std": [1, -0.5]})",
             "normalizer: 'action_std'[1] is -0.5; a standard deviation is >= 0"}})
     EXPECT_EQ(error(json), message) << json;
+}
+
+// ---------------------------------------------------------------- flow matching and sampling
+// A float64 policy with every weight random: adaLN-Zero would otherwise make the velocity 0 and
+// the loss and sampler trivially equal to anything that ignores it.
+std::unique_ptr<BCPolicy> random_f64_policy(const PolicyConfig& c, Rng& rng) {
+  auto policy = std::make_unique<BCPolicy>(c, rng);
+  policy->to(DType::f64);
+  test::randomize(*policy, rng, 0.3);
+  return policy;
+}
+
+// models.md: x_t = t z + (1 - t) x0, plus sigma eps when sigma > 0; u = z - x0; the loss is the
+// mean over (B, horizon, act_dim) of (u - v)^2 for unpadded actions, padded ones counting in the
+// denominator. Here x_t and the mean are written out as loops.
+TEST(FlowMatchingLoss, WithSigmaIsTheMeanOverTheNoisedInterpolation) {
+  PolicyConfig c = tiny_policy();
+  c.sigma = 0.25;
+  Rng rng(3);
+  const auto policy = random_f64_policy(c, rng);
+  const int64_t b = 2, h = c.horizon, a = c.act_dim;
+  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
+  const Tensor z = rng.normal({b, h, a}, DType::f64);
+  const FlowNoise noise{rng.normal({b, h, a}, DType::f64),
+                        from_vector(std::vector<double>{0.3, 0.8}, {b}, DType::f64),
+                        rng.normal({b, h, a}, DType::f64)};
+  std::vector<bool> pad(b * h, false);
+  pad[h - 1] = pad[2 * h - 2] = pad[2 * h - 1] = true;  // the ends of both chunks
+  const Tensor is_pad = from_vector(pad, {b, h});
+
+  const std::vector<double> zv = z.to_vector<double>(), x0 = noise.x0.to_vector<double>(),
+                            eps = noise.eps.to_vector<double>(), tv = noise.t.to_vector<double>();
+  std::vector<double> x_t(b * h * a);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h * a; ++j) {
+      const int64_t e = i * h * a + j;
+      x_t[e] = tv[i] * zv[e] + (1 - tv[i]) * x0[e] + c.sigma * eps[e];
+    }
+  const std::vector<double> v =
+      policy->velocity(policy->encode_observations(state), from_vector(x_t, {b, h, a}), noise.t)
+          .to_vector<double>();
+  double want = 0;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      for (int64_t k = 0; k < a; ++k) {
+        const int64_t e = (i * h + j) * a + k;
+        const double r = zv[e] - x0[e] - v[e];
+        if (!pad[i * h + j]) want += r * r;
+      }
+  want /= static_cast<double>(b * h * a);
+
+  const double got = flow_matching_loss(*policy, state, z, is_pad, noise).item();
+  EXPECT_NEAR(got, want, 1e-12 * want);
+  // eps enters: the same draws without it give a loss a million times the tolerance away.
+  FlowNoise no_eps = noise;
+  no_eps.eps = zeros({b, h, a}, DType::f64);
+  EXPECT_GT(std::abs(flow_matching_loss(*policy, state, z, is_pad, no_eps).item() - want),
+            1e-6 * want);
+}
+
+// models.md: a = a0; a += v(a, t_k) (t_{k+1} - t_k) with t_k = k max_t / steps, written out
+// here with the policy's velocity at max_t = 0.5.
+TEST(EulerSampler, WithMaxTIsTheEulerLoopOverKMaxTOverSteps) {
+  Rng rng(5);
+  const PolicyConfig c = tiny_policy();
+  const auto policy = random_f64_policy(c, rng);
+  const int64_t b = 2, steps = 3;
+  const double max_t = 0.5;
+  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
+  const Tensor a0 = rng.normal({b, c.horizon, c.act_dim}, DType::f64);
+  const Tensor obs = policy->encode_observations(state);
+  Tensor a = a0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const double t_k = k * max_t / steps, t_next = (k + 1) * max_t / steps;
+    a = a + policy->velocity(obs, a, full({b}, t_k, DType::f64)) * (t_next - t_k);
+  }
+  EXPECT_LT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, max_t), a), 1e-12);
+  EXPECT_LT(test::max_abs_diff(EulerSampler(*policy, steps, max_t, std::nullopt)(state, a0), a),
+            1e-12);
+  // max_t matters: the loop moved away from a0, and the full-length schedule ends elsewhere.
+  EXPECT_GT(test::max_abs_diff(a, a0), 0.1);
+  EXPECT_GT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0), a), 0.1);
+}
+
+TEST(EulerSampler, RejectsAMaxTThatIsNotFiniteAndPositive) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  for (const double max_t : std::vector<double>{0.0, -0.5, NAN, INFINITY}) {
+    std::ostringstream shown;
+    shown << max_t;
+    EXPECT_EQ(test::error_of([&] { EulerSampler(policy, 4, max_t); }),
+              "sample: max_t must be finite and > 0, got " + shown.str());
+    EXPECT_EQ(test::error_of([&] {
+                sample_actions(policy, zeros({1, 2, 3}), zeros({1, 5, 2}), 4, max_t);
+              }),
+              "sample: max_t must be finite and > 0, got " + shown.str());
+  }
 }
 
 }  // namespace

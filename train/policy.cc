@@ -388,26 +388,27 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 
 EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
                            std::optional<WeightPrecision> packed)
-    : policy_(policy),
-      max_t_(max_t),
-      frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
+    : policy_(policy), frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
   MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
+  MMDIT_CHECK(std::isfinite(max_t) && max_t > 0, "sample: max_t must be finite and > 0, got ",
+              max_t);
+  // t_k = k max_t / steps (linspace(0, max_t, steps + 1)): the one grid both each step's time
+  // and its width t_{k+1} - t_k are read from.
+  for (int64_t k = 0; k <= steps; ++k) times_.push_back(k * max_t / steps);
   const DType dtype = policy.action_encoder.weight.dtype();
   // One timestep for the whole batch: every example is at the same t_k.
   for (int64_t k = 0; k < steps; ++k)
-    schedule_.push_back(policy.mmdit.condition({full({1}, k * max_t / steps, dtype)}));
+    schedule_.push_back(policy.mmdit.condition({full({1}, times_[k], dtype)}));
 }
 
 Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
-  const int64_t steps = this->steps();
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
   const Tensor obs = policy_.encode_observations(state);
   Tensor a = a0;
-  for (int64_t k = 0; k < steps; ++k) {
-    const double t_k = k * max_t_ / steps, t_next = (k + 1) * max_t_ / steps;
-    a = raw::add(a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), t_next - t_k));
-  }
+  for (int64_t k = 0; k < steps(); ++k)
+    a = raw::add(
+        a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), times_[k + 1] - times_[k]));
   return a;
 }
 

@@ -96,8 +96,8 @@ Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor
                        const Tensor& action_is_pad);
 Tensor regress_actions(const BCPolicy& policy, const Tensor& state);
 
-// Euler integration from noise a0 (normalised space) over t_k = k max_t / steps; observation
-// tokens are computed once. Returns normalised actions (B, horizon, act_dim).
+// Euler integration from noise a0 (normalised space) over t_k = k max_t / steps, max_t finite
+// and > 0; observation tokens are computed once. Returns normalised actions (B, horizon, act_dim).
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t = 1.0);
 
@@ -121,9 +121,9 @@ class EulerSampler {
 
  private:
   const BCPolicy& policy_;
-  double max_t_;
-  std::vector<MMDiTConditioning> schedule_;
-  std::unique_ptr<FrozenWeights> frozen_;  // null when not packed
+  std::vector<double> times_;                // t_0 = 0, ..., t_steps = max_t
+  std::vector<MMDiTConditioning> schedule_;  // the conditioning at t_0 .. t_{steps-1}
+  std::unique_ptr<FrozenWeights> frozen_;    // null when not packed
 };
 
 }  // namespace mmdit
