@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <sstream>
@@ -265,6 +266,58 @@ TEST(EulerSampler, RejectsAMaxTThatIsNotFiniteAndPositive) {
               }),
               "sample: max_t must be finite and > 0, got " + shown.str());
   }
+}
+
+// ---------------------------------------------------------------- position buffers
+// models.md: sincos(d, L)[p] = timestep_embedding(p, d) = [cos(p f), sin(p f)], cos first,
+// f_j = exp(-ln(10000) j / half), half = d / 2; the state rows at p = 0 .. n_obs - 1, the action
+// rows at p = 100 .. 100 + horizon - 1. Written out in float64.
+std::vector<double> hand_table(int64_t dim, int64_t first, int64_t length) {
+  const int64_t half = dim / 2;
+  std::vector<double> out(length * dim, 0.0);
+  for (int64_t r = 0; r < length; ++r)
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = static_cast<double>(first + r) * std::exp(-std::log(10000.0) * j / half);
+      out[r * dim + j] = std::cos(angle);
+      out[r * dim + half + j] = std::sin(angle);
+    }
+  return out;
+}
+
+// max over the elements of |got - want| / bound(want).
+template <class Bound>
+double worst(const Tensor& got, const std::vector<double>& want, Bound bound) {
+  const std::vector<double> g = got.to_vector<double>();
+  EXPECT_EQ(g.size(), want.size());
+  double w = 0;
+  for (size_t i = 0; i < g.size() && i < want.size(); ++i)
+    w = std::max(w, std::abs(g[i] - want[i]) / bound(want[i]));
+  return w;
+}
+
+TEST(BCPolicy, PositionBuffersAreTheFloat64TableRoundedOnce) {
+  PolicyConfig c = tiny_policy();
+  c.hidden_size = 32;
+  c.horizon = 16;
+  Rng rng(0);
+  BCPolicy policy(c, rng);
+  const std::vector<double> state = hand_table(32, 0, c.n_obs_steps);
+  const std::vector<double> action = hand_table(32, 100, c.horizon);
+  // float32: within half an ulp of the exact value, |x| 2^-24 (plus float64's own rounding).
+  const auto half_ulp_f32 = [](double x) { return std::ldexp(std::abs(x), -24) + 1e-15; };
+  EXPECT_EQ(policy.state_pos_embed.dtype(), DType::f32);
+  EXPECT_LE(worst(policy.state_pos_embed, state, half_ulp_f32), 1.0);
+  EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
+  // float64: the table itself, not the float32 one widened.
+  policy.to(DType::f64);
+  const auto absolute = [](double) { return 1.0; };
+  const NamedTensors buffers = policy.named_buffers();
+  EXPECT_EQ(buffers.at("state_pos_embed").dtype(), DType::f64);
+  EXPECT_LE(worst(buffers.at("state_pos_embed"), state, absolute), 1e-15);
+  EXPECT_LE(worst(buffers.at("action_pos_embed"), action, absolute), 1e-15);
+  // And back: float32 again is the table rounded once, whatever the policy was before.
+  policy.to(DType::f32);
+  EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
 }
 
 }  // namespace

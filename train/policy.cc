@@ -242,6 +242,24 @@ const PolicyConfig& validated(const PolicyConfig& c) {
   return c;
 }
 
+// Rows first .. first + length - 1 of sincos(dim, first + length), computed in float64 and
+// rounded once to `dtype`. models.md "Precision": our float64 path computes everything in
+// float64, and a float32 table widened afterwards would keep float32's error (a few 1e-6 at the
+// action positions).
+Tensor position_table(int64_t dim, int64_t first, int64_t length, DType dtype) {
+  const Tensor table = nn::sincos_table(dim, first + length, DType::f64);
+  return raw::to_dtype(raw::contiguous(raw::narrow(table, 0, first, length)), dtype);
+}
+
+// models.md: state_pos_embed = sincos(hidden, n_obs_steps), action_pos_embed =
+// sincos(hidden, 100 + horizon)[100:].
+Tensor state_positions(const PolicyConfig& c, DType dtype) {
+  return position_table(c.hidden_size, 0, c.n_obs_steps, dtype);
+}
+Tensor action_positions(const PolicyConfig& c, DType dtype) {
+  return position_table(c.hidden_size, 100, c.horizon, dtype);
+}
+
 MMDiTConfig mmdit_config(const PolicyConfig& c) {
   MMDiTConfig m;
   m.depth = c.depth;
@@ -265,17 +283,19 @@ BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
   register_module("state_encoder", state_encoder);
   register_module("action_encoder", action_encoder);
   register_module("mmdit", mmdit);
-  state_pos_embed =
-      register_buffer("state_pos_embed", nn::sincos_table(cfg.hidden_size, cfg.n_obs_steps));
-  action_pos_embed = register_buffer(
-      "action_pos_embed",
-      raw::contiguous(
-          raw::narrow(nn::sincos_table(cfg.hidden_size, 100 + cfg.horizon), 0, 100, cfg.horizon)));
+  state_pos_embed = register_buffer("state_pos_embed", state_positions(config, DType::f32));
+  action_pos_embed = register_buffer("action_pos_embed", action_positions(config, DType::f32));
   const int64_t total = cfg.n_obs_steps + cfg.horizon;
   std::vector<bool> m(total * total, true);
   for (int64_t i = cfg.n_obs_steps; i < total; ++i)
     for (int64_t j = cfg.n_obs_steps; j < total; ++j) m[i * total + j] = j <= i;
   mask_ = from_vector(m, {total, total});
+}
+
+void BCPolicy::to(DType dtype) {
+  nn::Module::to(dtype);
+  raw::copy_into(state_pos_embed, state_positions(config, dtype));
+  raw::copy_into(action_pos_embed, action_positions(config, dtype));
 }
 
 Tensor BCPolicy::encode_observations(const Tensor& state) const {
