@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <sstream>
 
+#include "tensor/safetensors.h"
 #include "tests/test_util.h"
+#include "train/parity.h"
 #include "train/policy.h"
 
 namespace mmdit {
@@ -318,6 +321,63 @@ TEST(BCPolicy, PositionBuffersAreTheFloat64TableRoundedOnce) {
   // And back: float32 again is the table rounded once, whatever the policy was before.
   policy.to(DType::f32);
   EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
+}
+
+// ---------------------------------------------------------------- parity cases
+const ParityRow* row_named(const ParityReport& report, const std::string& name) {
+  for (const ParityRow& r : report.rows)
+    if (r.name == name) return &r;
+  return nullptr;
+}
+
+// The buffers the policy builds, compared with the case's before the case's replace them: the
+// reference computes its tables in float32 (within a few 1e-6 of exact), the pure_f64 cases in
+// float64.
+TEST(PolicyParity, ComparesThePolicysOwnPositionBuffers) {
+  const std::string data = MMDIT_TEST_DATA;
+  for (const std::string kind : {"bc_train_step", "bc_sample"}) {
+    struct Run {
+      std::string path;
+      DType dtype;
+      std::optional<double> tolerance;
+      double bound;
+    };
+    for (const Run& run :
+         {Run{data + "/" + kind + ".safetensors", DType::f32, {}, 1e-5},
+          Run{data + "/" + kind + ".safetensors", DType::f64, {}, 1e-5},
+          Run{data + "/pure_f64/" + kind + ".safetensors", DType::f64, 1e-9, 1e-14}}) {
+      const ParityReport report = run_parity(run.path, run.dtype, run.tolerance);
+      EXPECT_TRUE(report.ok()) << report.table();
+      for (const std::string buffer : {"state_pos_embed", "action_pos_embed"}) {
+        const ParityRow* row = row_named(report, "buffer/" + buffer);
+        ASSERT_NE(row, nullptr) << run.path << " has no row for " << buffer;
+        EXPECT_TRUE(row->pass) << report.table();
+        EXPECT_LT(row->rel_error, run.bound) << run.path << " " << buffer;
+      }
+    }
+  }
+}
+
+// A case whose action buffer has its rows at positions 0.. instead of 100..: the row compares it
+// with the policy's own table and fails by the difference, about 1.
+TEST(PolicyParity, ABufferThatDiffersFromThePolicysFailsItsRow) {
+  const SafetensorsFile f =
+      load_safetensors(std::string(MMDIT_TEST_DATA) + "/bc_sample.safetensors");
+  NamedTensors tensors = f.tensors;
+  const Shape shape = tensors.at("buffer/action_pos_embed").shape();
+  tensors.at("buffer/action_pos_embed") =
+      from_vector(hand_table(shape[1], 0, shape[0]), shape, DType::f64);
+  test::TempDir dir;
+  save_safetensors(dir.file("case.safetensors"), tensors, f.metadata);
+  const ParityReport report = run_parity(dir.file("case.safetensors"), DType::f64);
+  EXPECT_FALSE(report.ok());
+  const ParityRow* action = row_named(report, "buffer/action_pos_embed");
+  ASSERT_NE(action, nullptr) << report.table();
+  EXPECT_FALSE(action->pass);
+  EXPECT_GT(action->rel_error, 0.5);
+  const ParityRow* state = row_named(report, "buffer/state_pos_embed");
+  ASSERT_NE(state, nullptr) << report.table();
+  EXPECT_TRUE(state->pass);
 }
 
 }  // namespace
