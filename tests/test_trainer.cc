@@ -329,6 +329,27 @@ TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   fs::remove_all(dir);
 }
 
+// A checkpoint whose normaliser does not fit its policy (here one array of length 1, which would
+// broadcast over every action dimension) is refused on load and on resume, naming the file and
+// the array.
+TEST(Checkpoint, RefusesANormalizerThatDoesNotFitThePolicy) {
+  const Episodes data = demo_episodes();
+  Trainer t(tiny_config(data), data);
+  test::TempDir dir;
+  t.save_checkpoint(dir.file("c.safetensors"));
+  const SafetensorsFile f = load_safetensors(dir.file("c.safetensors"));
+  Normalizer bad = Normalizer::from_json(f.metadata.at("normalizer"));
+  bad.action_min = raw::contiguous(raw::narrow(bad.action_min, 0, 0, 1));
+  std::map<std::string, std::string> meta = f.metadata;
+  meta["normalizer"] = bad.to_json();
+  const std::string path = dir.file("bad.safetensors");
+  save_safetensors(path, f.tensors, meta);
+  const std::string message =
+      path + ": normalizer: 'action_min' is float32 (1,); expected (act_dim,) = (2,)";
+  EXPECT_EQ(test::error_of([&] { load_policy(path); }), message);
+  EXPECT_EQ(test::error_of([&] { Trainer::resume(path, data); }), message);
+}
+
 // A learning rate of 1e30 blows the parameters up in one step, and the next loss is not
 // finite: that step throws, naming itself, before it touches the parameters.
 TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {

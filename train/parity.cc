@@ -221,6 +221,13 @@ void run_policy_case(const SafetensorsFile& file, const Json& config, ParityRepo
     else if (starts_with(name, "buffer/"))
       state.insert(name.substr(7), t);
   }
+  // The rows below run on the file's buffers (the reference's, computed in float32): without
+  // these rows, taken before the file's replace ours, nothing would check the tables we build.
+  for (const auto& [name, ours] : policy.named_buffers()) {
+    const std::string key = "buffer/" + name;
+    MMDIT_CHECK(f.contains(key), report.path, ": a '", report.kind, "' case needs '", key, "'");
+    report.rows.push_back(compare(key, ours, f.at(key), report.tolerance));
+  }
   policy.load(state, /*buffers=*/true);
   const Normalizer norm = min_max_from(f, dtype);
   const Tensor obs = norm.normalize_state(get("batch/observation.state"));

@@ -175,6 +175,8 @@ Normalizer Normalizer::from_json(const std::string& text) {
   }
   MMDIT_CHECK(j.is_object() && j.contains("mode"), "normalizer: expected an object with a 'mode'");
   Normalizer n;
+  MMDIT_CHECK(j.at("mode").is_string(),
+              "normalizer: 'mode' must be \"min_max\" or \"z_score\", got ", j.at("mode").dump());
   const std::string mode = j.at("mode").get<std::string>();
   MMDIT_CHECK(mode == "min_max" || mode == "z_score", "normalizer: unknown mode '", mode, "'");
   n.mode = mode == "z_score" ? Mode::z_score : Mode::min_max;
@@ -192,40 +194,108 @@ Normalizer Normalizer::from_json(const std::string& text) {
   return n;
 }
 
+void Normalizer::validate(int64_t state_dim, int64_t act_dim) const {
+  const bool z_score = mode == Mode::z_score;
+  auto check = [&](const char* name, const Tensor& t, const char* dim_name, int64_t n) {
+    MMDIT_CHECK(t.defined(), "normalizer: '", name, "' is missing; ",
+                z_score ? "z_score" : "min_max", " mode needs it");
+    MMDIT_CHECK(is_floating(t.dtype()) && t.shape() == Shape({n}), "normalizer: '", name, "' is ",
+                dtype_name(t.dtype()), " ", shape_str(t.shape()), "; expected (", dim_name,
+                ",) = (", n, ",)");
+    if (const std::optional<NonFinite> bad = first_non_finite(t))
+      fail("normalizer: '", name, "'[", bad->index[0], "] is ", bad->value);
+    return t.to_vector<double>();
+  };
+  auto check_std = [&](const char* name, const Tensor& t, const char* dim_name, int64_t n) {
+    const std::vector<double> sd = check(name, t, dim_name, n);
+    for (int64_t i = 0; i < n; ++i)
+      MMDIT_CHECK(sd[i] >= 0, "normalizer: '", name, "'[", i, "] is ", sd[i],
+                  "; a standard deviation is >= 0");
+  };
+  // max == min is a constant dimension, which the 1e-8 in the map keeps finite.
+  auto check_range = [&](const char* min_name, const Tensor& lo, const char* max_name,
+                         const Tensor& hi, const char* dim_name, int64_t n) {
+    const std::vector<double> a = check(min_name, lo, dim_name, n);
+    const std::vector<double> b = check(max_name, hi, dim_name, n);
+    for (int64_t i = 0; i < n; ++i)
+      MMDIT_CHECK(b[i] >= a[i], "normalizer: '", max_name, "'[", i, "] = ", b[i], " is below '",
+                  min_name, "'[", i, "] = ", a[i]);
+  };
+  if (z_score) {
+    check("state_mean", state_mean, "state_dim", state_dim);
+    check_std("state_std", state_std, "state_dim", state_dim);
+    check("action_mean", action_mean, "act_dim", act_dim);
+    check_std("action_std", action_std, "act_dim", act_dim);
+  } else {
+    check_range("state_min", state_min, "state_max", state_max, "state_dim", state_dim);
+    check_range("action_min", action_min, "action_max", action_max, "act_dim", act_dim);
+  }
+}
+
 // ---- the policy ----
+namespace {
+
+// The first member is initialised from this, so a bad config is reported by the field it names
+// before any layer is built with it.
+const PolicyConfig& validated(const PolicyConfig& c) {
+  c.validate();
+  return c;
+}
+
+// Rows first .. first + length - 1 of sincos(dim, first + length), computed in float64 and
+// rounded once to `dtype`. models.md "Precision": our float64 path computes everything in
+// float64, and a float32 table widened afterwards would keep float32's error (a few 1e-6 at the
+// action positions).
+Tensor position_table(int64_t dim, int64_t first, int64_t length, DType dtype) {
+  const Tensor table = nn::sincos_table(dim, first + length, DType::f64);
+  return raw::to_dtype(raw::contiguous(raw::narrow(table, 0, first, length)), dtype);
+}
+
+// models.md: state_pos_embed = sincos(hidden, n_obs_steps), action_pos_embed =
+// sincos(hidden, 100 + horizon)[100:].
+Tensor state_positions(const PolicyConfig& c, DType dtype) {
+  return position_table(c.hidden_size, 0, c.n_obs_steps, dtype);
+}
+Tensor action_positions(const PolicyConfig& c, DType dtype) {
+  return position_table(c.hidden_size, 100, c.horizon, dtype);
+}
+
+MMDiTConfig mmdit_config(const PolicyConfig& c) {
+  MMDiTConfig m;
+  m.depth = c.depth;
+  m.dim_modalities = {c.hidden_size, c.hidden_size};
+  m.dim_outs = {c.hidden_size, c.act_dim};
+  m.dim_cond = c.dim_cond;
+  m.timestep_embed_dims = {c.timestep_embed_dim};
+  m.dim_head = c.dim_head;
+  m.heads = c.heads;
+  m.ff_mult = c.ff_mult;
+  return m;
+}
+
+}  // namespace
+
 BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
-    : config(cfg),
-      state_encoder(cfg.state_dim, cfg.hidden_size, true, rng),
-      action_encoder(cfg.act_dim, cfg.hidden_size, true, rng),
-      mmdit(
-          [&] {
-            cfg.validate();
-            MMDiTConfig m;
-            m.depth = cfg.depth;
-            m.dim_modalities = {cfg.hidden_size, cfg.hidden_size};
-            m.dim_outs = {cfg.hidden_size, cfg.act_dim};
-            m.dim_cond = cfg.dim_cond;
-            m.timestep_embed_dims = {cfg.timestep_embed_dim};
-            m.dim_head = cfg.dim_head;
-            m.heads = cfg.heads;
-            m.ff_mult = cfg.ff_mult;
-            return m;
-          }(),
-          rng) {
+    : config(validated(cfg)),
+      state_encoder(config.state_dim, config.hidden_size, true, rng),
+      action_encoder(config.act_dim, config.hidden_size, true, rng),
+      mmdit(mmdit_config(config), rng) {
   register_module("state_encoder", state_encoder);
   register_module("action_encoder", action_encoder);
   register_module("mmdit", mmdit);
-  state_pos_embed =
-      register_buffer("state_pos_embed", nn::sincos_table(cfg.hidden_size, cfg.n_obs_steps));
-  action_pos_embed = register_buffer(
-      "action_pos_embed",
-      raw::contiguous(
-          raw::narrow(nn::sincos_table(cfg.hidden_size, 100 + cfg.horizon), 0, 100, cfg.horizon)));
+  state_pos_embed = register_buffer("state_pos_embed", state_positions(config, DType::f32));
+  action_pos_embed = register_buffer("action_pos_embed", action_positions(config, DType::f32));
   const int64_t total = cfg.n_obs_steps + cfg.horizon;
   std::vector<bool> m(total * total, true);
   for (int64_t i = cfg.n_obs_steps; i < total; ++i)
     for (int64_t j = cfg.n_obs_steps; j < total; ++j) m[i * total + j] = j <= i;
   mask_ = from_vector(m, {total, total});
+}
+
+void BCPolicy::to(DType dtype) {
+  nn::Module::to(dtype);
+  raw::copy_into(state_pos_embed, state_positions(config, dtype));
+  raw::copy_into(action_pos_embed, action_positions(config, dtype));
 }
 
 Tensor BCPolicy::encode_observations(const Tensor& state) const {
@@ -260,11 +330,53 @@ Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
   return mmdit.forward({obs_tokens, act}, time, mask_, {false, true})[1];
 }
 
+namespace {
+
+// "is f32 (2,5,2)" or "is undefined", for the messages below.
+std::string described(const Tensor& t) {
+  if (!t.defined()) return "is undefined";
+  return str_cat("is ", dtype_name(t.dtype()), " ", shape_str(t.shape()));
+}
+
+// The checks both losses share. Without them a pad mask of shape (horizon,) or a state batch of
+// 1 broadcasts against the batch, and the loss silently means something else.
+void check_batch(const char* loss, const BCPolicy& policy, const Tensor& state,
+                 const Tensor& action, const Tensor& action_is_pad) {
+  const PolicyConfig& c = policy.config;
+  MMDIT_CHECK(action.defined() && action.dim() == 3 && action.shape()[1] == c.horizon &&
+                  action.shape()[2] == c.act_dim,
+              loss, ": action ", described(action), "; expected (B, horizon, act_dim) = (B,",
+              c.horizon, ",", c.act_dim, ")");
+  const int64_t b = action.shape()[0];
+  MMDIT_CHECK(state.defined() && state.shape() == Shape({b, c.n_obs_steps, c.state_dim}), loss,
+              ": state ", described(state), "; expected (B, n_obs_steps, state_dim) = (", b, ",",
+              c.n_obs_steps, ",", c.state_dim, "), B as the action's");
+  MMDIT_CHECK(action_is_pad.defined() && action_is_pad.dtype() == DType::boolean &&
+                  action_is_pad.shape() == Shape({b, c.horizon}),
+              loss, ": action_is_pad ", described(action_is_pad),
+              "; expected bool (B, horizon) = (", b, ",", c.horizon, ")");
+}
+
+void check_like_action(const char* name, const Tensor& t, const Tensor& action) {
+  MMDIT_CHECK(t.defined() && t.shape() == action.shape(), "flow_matching_loss: ", name, " ",
+              described(t), "; expected the action's shape ", shape_str(action.shape()));
+}
+
+}  // namespace
+
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                           const Tensor& action_is_pad, const FlowNoise& noise) {
+  check_batch("flow_matching_loss", policy, state, action, action_is_pad);
+  const int64_t b = action.shape()[0];
+  check_like_action("noise.x0", noise.x0, action);
+  MMDIT_CHECK(noise.t.defined() && noise.t.shape() == Shape({b}), "flow_matching_loss: noise.t ",
+              described(noise.t), "; expected (B,) = (", b, ",), one time per example");
+  const double sigma = policy.config.sigma;
+  // eps is read only when the config adds noise: a caller with sigma = 0 need not draw it.
+  if (sigma > 0) check_like_action("noise.eps (sigma > 0)", noise.eps, action);
   const Tensor t = reshape(noise.t, {-1, 1, 1});
   Tensor x_t = t * action + (1.0 - t) * noise.x0;  // t = 0 is noise, t = 1 is data
-  if (policy.config.sigma > 0) x_t = x_t + noise.eps * policy.config.sigma;
+  if (sigma > 0) x_t = x_t + noise.eps * sigma;
   const Tensor u = action - noise.x0;
   const Tensor v = policy.velocity(policy.encode_observations(state), x_t, noise.t);
   const Tensor valid =
@@ -274,6 +386,7 @@ Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Ten
 
 Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                        const Tensor& action_is_pad) {
+  check_batch("regression_loss", policy, state, action, action_is_pad);
   const Tensor pred = regress_actions(policy, state);
   const Tensor valid =
       raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
@@ -295,26 +408,27 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 
 EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
                            std::optional<WeightPrecision> packed)
-    : policy_(policy),
-      max_t_(max_t),
-      frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
+    : policy_(policy), frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
   MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
+  MMDIT_CHECK(std::isfinite(max_t) && max_t > 0, "sample: max_t must be finite and > 0, got ",
+              max_t);
+  // t_k = k max_t / steps (linspace(0, max_t, steps + 1)): the one grid both each step's time
+  // and its width t_{k+1} - t_k are read from.
+  for (int64_t k = 0; k <= steps; ++k) times_.push_back(k * max_t / steps);
   const DType dtype = policy.action_encoder.weight.dtype();
   // One timestep for the whole batch: every example is at the same t_k.
   for (int64_t k = 0; k < steps; ++k)
-    schedule_.push_back(policy.mmdit.condition({full({1}, k * max_t / steps, dtype)}));
+    schedule_.push_back(policy.mmdit.condition({full({1}, times_[k], dtype)}));
 }
 
 Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
-  const int64_t steps = this->steps();
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
   const Tensor obs = policy_.encode_observations(state);
   Tensor a = a0;
-  for (int64_t k = 0; k < steps; ++k) {
-    const double t_k = k * max_t_ / steps, t_next = (k + 1) * max_t_ / steps;
-    a = raw::add(a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), t_next - t_k));
-  }
+  for (int64_t k = 0; k < steps(); ++k)
+    a = raw::add(
+        a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), times_[k + 1] - times_[k]));
   return a;
 }
 

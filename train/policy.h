@@ -43,6 +43,10 @@ struct Normalizer {
   // min-max: (a + 1) / 2 * (max - min) + min, without the 1e-8 (as the reference); z-score:
   // a * (std + 1e-8) + mean, the exact inverse.
   Tensor unnormalize_action(const Tensor& a) const;
+  // Throws, naming the array, unless the arrays the mode uses are present, float, of length
+  // state_dim or act_dim, finite, with max >= min (min-max) or std >= 0 (z-score). A length-1
+  // array would otherwise broadcast over every dimension, and a missing one fail at first use.
+  void validate(int64_t state_dim, int64_t act_dim) const;
   Normalizer to(DType dtype) const;
   std::string to_json() const;  // values printed with round-trip precision
   static Normalizer from_json(const std::string& json);
@@ -51,6 +55,12 @@ struct Normalizer {
 class BCPolicy : public nn::Module {
  public:
   BCPolicy(const PolicyConfig& config, Rng& rng);
+
+  // nn::Module::to, then the position buffers recomputed in float64 and rounded to `dtype`: a
+  // float64 policy's tables are exact, not float32's widened (models.md "Precision"). Values
+  // loaded into the buffers before are replaced, so convert first, then load. Module::to is not
+  // virtual: called through an nn::Module&, it only widens the float32 tables (error a few 1e-6).
+  void to(DType dtype);
 
   // Observation tokens (B, n_obs, hidden) from normalised states (B, n_obs, state_dim).
   Tensor encode_observations(const Tensor& state) const;
@@ -92,8 +102,8 @@ Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor
                        const Tensor& action_is_pad);
 Tensor regress_actions(const BCPolicy& policy, const Tensor& state);
 
-// Euler integration from noise a0 (normalised space) over t_k = k max_t / steps; observation
-// tokens are computed once. Returns normalised actions (B, horizon, act_dim).
+// Euler integration from noise a0 (normalised space) over t_k = k max_t / steps, max_t finite
+// and > 0; observation tokens are computed once. Returns normalised actions (B, horizon, act_dim).
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t = 1.0);
 
@@ -117,9 +127,9 @@ class EulerSampler {
 
  private:
   const BCPolicy& policy_;
-  double max_t_;
-  std::vector<MMDiTConditioning> schedule_;
-  std::unique_ptr<FrozenWeights> frozen_;  // null when not packed
+  std::vector<double> times_;                // t_0 = 0, ..., t_steps = max_t
+  std::vector<MMDiTConditioning> schedule_;  // the conditioning at t_0 .. t_{steps-1}
+  std::unique_ptr<FrozenWeights> frozen_;    // null when not packed
 };
 
 }  // namespace mmdit

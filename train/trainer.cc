@@ -246,6 +246,7 @@ namespace {
 struct CheckpointFile {
   SafetensorsFile file;
   TrainConfig config;
+  Normalizer normalizer;  // validated against the config's state_dim and act_dim
   int64_t step = 0;
   std::string path;
 
@@ -271,6 +272,13 @@ CheckpointFile read_checkpoint(const std::string& path) {
               c.meta("format"), "' is not ", kCheckpointFormat);
   try {
     c.config = TrainConfig::from_json(c.meta("config"));
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
+  const std::string& normalizer = c.meta("normalizer");
+  try {
+    c.normalizer = Normalizer::from_json(normalizer);
+    c.normalizer.validate(c.config.policy.state_dim, c.config.policy.act_dim);
   } catch (const Error& e) {
     fail(path, ": ", e.what());
   }
@@ -325,7 +333,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     config.steps = *steps;
   }
   auto t = std::make_unique<Trainer>(config, data);
-  t->normalizer_ = Normalizer::from_json(c.meta("normalizer"));
+  t->normalizer_ = c.normalizer;
   t->policy_->load(c.with_prefix("param/"));
   t->ema_->set(c.with_prefix("ema/"));
   t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
@@ -345,7 +353,7 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   LoadedPolicy p;
   p.config = c.config;
   p.step = c.step;
-  p.normalizer = Normalizer::from_json(c.meta("normalizer"));
+  p.normalizer = c.normalizer;
   Rng init(0);
   p.policy = std::make_unique<BCPolicy>(c.config.policy, init);
   p.policy->load(c.with_prefix(use_ema ? "ema/" : "param/"));

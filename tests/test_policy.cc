@@ -1,0 +1,384 @@
+// The behaviour-cloning policy (train/policy.h): its config and inputs checked by name, its
+// normaliser, its position buffers and sampler against tables and loops written out here.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <sstream>
+
+#include "tensor/safetensors.h"
+#include "tests/test_util.h"
+#include "train/parity.h"
+#include "train/policy.h"
+
+namespace mmdit {
+namespace {
+
+using ::testing::HasSubstr;
+
+PolicyConfig tiny_policy() {
+  PolicyConfig c;
+  c.n_obs_steps = 2;
+  c.state_dim = 3;
+  c.horizon = 5;
+  c.act_dim = 2;
+  c.hidden_size = 16;
+  c.depth = 2;
+  c.dim_cond = 24;
+  c.timestep_embed_dim = 8;
+  c.dim_head = 8;
+  c.heads = 2;
+  c.ff_mult = 2;
+  return c;
+}
+
+// ---------------------------------------------------------------- config
+TEST(BCPolicy, RejectsABadConfigByTheFieldBeforeBuildingLayers) {
+  for (const auto& [field, set] : std::vector<std::pair<std::string, void (*)(PolicyConfig&)>>{
+           {"state_dim", [](PolicyConfig& c) { c.state_dim = 0; }},
+           {"act_dim", [](PolicyConfig& c) { c.act_dim = 0; }},
+           {"hidden_size", [](PolicyConfig& c) { c.hidden_size = 0; }}}) {
+    PolicyConfig c = tiny_policy();
+    set(c);
+    Rng rng(0);
+    EXPECT_EQ(test::error_of([&] { BCPolicy p(c, rng); }),
+              "policy config: " + field + " must be positive, got 0");
+  }
+}
+
+// ---------------------------------------------------------------- loss inputs
+// A batch of B = 2 for tiny_policy() (horizon 5, act_dim 2, n_obs 2, state_dim 3), and the
+// draws of a step; each test below breaks one of them.
+struct LossInputs {
+  Tensor state = zeros({2, 2, 3}), action = zeros({2, 5, 2});
+  Tensor is_pad = zeros({2, 5}, DType::boolean);
+  FlowNoise noise{zeros({2, 5, 2}), full({2}, 0.5), Tensor()};
+};
+
+std::string flow_error(const BCPolicy& policy, const LossInputs& in) {
+  return test::error_of(
+      [&] { flow_matching_loss(policy, in.state, in.action, in.is_pad, in.noise); });
+}
+
+std::string regression_error(const BCPolicy& policy, const LossInputs& in) {
+  return test::error_of([&] { regression_loss(policy, in.state, in.action, in.is_pad); });
+}
+
+TEST(FlowMatchingLoss, RejectsInputsThatWouldBroadcastByName) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  const LossInputs good;
+  EXPECT_EQ(flow_error(policy, good), "(no mmdit::Error thrown)");
+  EXPECT_EQ(regression_error(policy, good), "(no mmdit::Error thrown)");
+
+  LossInputs in = good;
+  in.action = zeros({2, 5, 3});
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: action is float32 (2,5,3); expected (B, horizon, act_dim) = (B,5,2)");
+  EXPECT_EQ(regression_error(policy, in),
+            "regression_loss: action is float32 (2,5,3); expected (B, horizon, act_dim) = (B,5,2)");
+
+  in = good;
+  in.state = zeros({1, 2, 3});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: state is float32 (1,2,3); expected (B, n_obs_steps, state_dim) = "
+            "(2,2,3), B as the action's");
+
+  in = good;
+  in.is_pad = zeros({5}, DType::boolean);
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: action_is_pad is bool (5,); expected bool (B, horizon) = (2,5)");
+  EXPECT_EQ(regression_error(policy, in),
+            "regression_loss: action_is_pad is bool (5,); expected bool (B, horizon) = (2,5)");
+  in.is_pad = zeros({2, 5});
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: action_is_pad is float32 (2,5); expected bool (B, horizon) = (2,5)");
+
+  in = good;
+  in.noise.x0 = zeros({1, 5, 2});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.x0 is float32 (1,5,2); expected the action's shape (2,5,2)");
+
+  in = good;
+  in.noise.t = full({1}, 0.5);
+  EXPECT_EQ(
+      flow_error(policy, in),
+      "flow_matching_loss: noise.t is float32 (1,); expected (B,) = (2,), one time per example");
+  in.noise.t = Tensor();
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.t is undefined; expected (B,) = (2,), one time per example");
+}
+
+TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
+  PolicyConfig c = tiny_policy();
+  c.sigma = 0.1;
+  Rng rng(0);
+  const BCPolicy policy(c, rng);
+  LossInputs in;
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.eps (sigma > 0) is undefined; expected the action's shape "
+            "(2,5,2)");
+  in.noise.eps = zeros({1, 5, 2});
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.eps (sigma > 0) is float32 (1,5,2); expected the action's "
+            "shape (2,5,2)");
+  in.noise.eps = zeros({2, 5, 2});
+  EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
+}
+
+// ---------------------------------------------------------------- normaliser
+TEST(Normalizer, FromJsonRejectsAModeThatIsNotAString) {
+  EXPECT_THAT([] { Normalizer::from_json(R"({"mode": 3})"); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr(R"(normalizer: 'mode' must be "min_max" or "z_score", got 3)")));
+}
+
+// state_dim 2, act_dim 2. Each case breaks one array of a good normaliser.
+TEST(Normalizer, ValidateNamesTheArrayThatIsWrong) {
+  const std::string min_max =
+      R"("state_min": [0, -1], "state_max": [1, 1], "action_min": [0, 0], "action_max": [2, 3])";
+  const std::string z_score =
+      R"("state_mean": [0, 1], "state_std": [1, 0], "action_mean": [0, 0], "action_std": [1, 2])";
+  auto error = [](const std::string& json) {
+    return test::error_of([&] { Normalizer::from_json(json).validate(2, 2); });
+  };
+  EXPECT_EQ(error(R"({"mode": "min_max", )" + min_max + "}"), "(no mmdit::Error thrown)");
+  EXPECT_EQ(error(R"({"mode": "z_score", )" + z_score + "}"), "(no mmdit::Error thrown)");
+  for (const auto& [json, message] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"mode": "min_max", "state_min": [0], "state_max": [1, 1],
+                "action_min": [0, 0], "action_max": [2, 3]})",
+            "normalizer: 'state_min' is float32 (1,); expected (state_dim,) = (2,)"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0], "action_max": [2, 3, 4]})",
+            "normalizer: 'action_max' is float32 (3,); expected (act_dim,) = (2,)"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0]})",
+            "normalizer: 'action_max' is missing; min_max mode needs it"},
+           {R"({"mode": "z_score", )" + min_max + "}",
+            "normalizer: 'state_mean' is missing; z_score mode needs it"},
+           // 1e39 is beyond float32's range: the array the policy would use holds inf.
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1e39],
+                "action_min": [0, 0], "action_max": [2, 3]})",
+            "normalizer: 'state_max'[1] is inf"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0.5], "action_max": [2, 0.25]})",
+            "normalizer: 'action_max'[1] = 0.25 is below 'action_min'[1] = 0.5"},
+           {R"({"mode": "z_score", "state_mean": [0, 1], "state_std": [1, 0],
+                "action_mean": [0, 0], "action_std": [1, -0.5]})",
+            "normalizer: 'action_std'[1] is -0.5; a standard deviation is >= 0"}})
+    EXPECT_EQ(error(json), message) << json;
+}
+
+// ---------------------------------------------------------------- flow matching and sampling
+// A float64 policy with every weight random: adaLN-Zero would otherwise make the velocity 0 and
+// the loss and sampler trivially equal to anything that ignores it.
+std::unique_ptr<BCPolicy> random_f64_policy(const PolicyConfig& c, Rng& rng) {
+  auto policy = std::make_unique<BCPolicy>(c, rng);
+  policy->to(DType::f64);
+  test::randomize(*policy, rng, 0.3);
+  return policy;
+}
+
+// models.md: x_t = t z + (1 - t) x0, plus sigma eps when sigma > 0; u = z - x0; the loss is the
+// mean over (B, horizon, act_dim) of (u - v)^2 for unpadded actions, padded ones counting in the
+// denominator. Here x_t and the mean are written out as loops.
+TEST(FlowMatchingLoss, WithSigmaIsTheMeanOverTheNoisedInterpolation) {
+  PolicyConfig c = tiny_policy();
+  c.sigma = 0.25;
+  Rng rng(3);
+  const auto policy = random_f64_policy(c, rng);
+  const int64_t b = 2, h = c.horizon, a = c.act_dim;
+  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
+  const Tensor z = rng.normal({b, h, a}, DType::f64);
+  const FlowNoise noise{rng.normal({b, h, a}, DType::f64),
+                        from_vector(std::vector<double>{0.3, 0.8}, {b}, DType::f64),
+                        rng.normal({b, h, a}, DType::f64)};
+  std::vector<bool> pad(b * h, false);
+  pad[h - 1] = pad[2 * h - 2] = pad[2 * h - 1] = true;  // the ends of both chunks
+  const Tensor is_pad = from_vector(pad, {b, h});
+
+  const std::vector<double> zv = z.to_vector<double>(), x0 = noise.x0.to_vector<double>(),
+                            eps = noise.eps.to_vector<double>(), tv = noise.t.to_vector<double>();
+  std::vector<double> x_t(b * h * a);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h * a; ++j) {
+      const int64_t e = i * h * a + j;
+      x_t[e] = tv[i] * zv[e] + (1 - tv[i]) * x0[e] + c.sigma * eps[e];
+    }
+  const std::vector<double> v =
+      policy->velocity(policy->encode_observations(state), from_vector(x_t, {b, h, a}), noise.t)
+          .to_vector<double>();
+  double want = 0;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      for (int64_t k = 0; k < a; ++k) {
+        const int64_t e = (i * h + j) * a + k;
+        const double r = zv[e] - x0[e] - v[e];
+        if (!pad[i * h + j]) want += r * r;
+      }
+  want /= static_cast<double>(b * h * a);
+
+  const double got = flow_matching_loss(*policy, state, z, is_pad, noise).item();
+  EXPECT_NEAR(got, want, 1e-12 * want);
+  // eps enters: the same draws without it give a loss a million times the tolerance away.
+  FlowNoise no_eps = noise;
+  no_eps.eps = zeros({b, h, a}, DType::f64);
+  EXPECT_GT(std::abs(flow_matching_loss(*policy, state, z, is_pad, no_eps).item() - want),
+            1e-6 * want);
+}
+
+// models.md: a = a0; a += v(a, t_k) (t_{k+1} - t_k) with t_k = k max_t / steps, written out
+// here with the policy's velocity at max_t = 0.5.
+TEST(EulerSampler, WithMaxTIsTheEulerLoopOverKMaxTOverSteps) {
+  Rng rng(5);
+  const PolicyConfig c = tiny_policy();
+  const auto policy = random_f64_policy(c, rng);
+  const int64_t b = 2, steps = 3;
+  const double max_t = 0.5;
+  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
+  const Tensor a0 = rng.normal({b, c.horizon, c.act_dim}, DType::f64);
+  const Tensor obs = policy->encode_observations(state);
+  Tensor a = a0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const double t_k = k * max_t / steps, t_next = (k + 1) * max_t / steps;
+    a = a + policy->velocity(obs, a, full({b}, t_k, DType::f64)) * (t_next - t_k);
+  }
+  EXPECT_LT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, max_t), a), 1e-12);
+  EXPECT_LT(test::max_abs_diff(EulerSampler(*policy, steps, max_t, std::nullopt)(state, a0), a),
+            1e-12);
+  // max_t matters: the loop moved away from a0, and the full-length schedule ends elsewhere.
+  EXPECT_GT(test::max_abs_diff(a, a0), 0.1);
+  EXPECT_GT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0), a), 0.1);
+}
+
+TEST(EulerSampler, RejectsAMaxTThatIsNotFiniteAndPositive) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  for (const double max_t : std::vector<double>{0.0, -0.5, NAN, INFINITY}) {
+    std::ostringstream shown;
+    shown << max_t;
+    EXPECT_EQ(test::error_of([&] { EulerSampler(policy, 4, max_t); }),
+              "sample: max_t must be finite and > 0, got " + shown.str());
+    EXPECT_EQ(test::error_of([&] {
+                sample_actions(policy, zeros({1, 2, 3}), zeros({1, 5, 2}), 4, max_t);
+              }),
+              "sample: max_t must be finite and > 0, got " + shown.str());
+  }
+}
+
+// ---------------------------------------------------------------- position buffers
+// models.md: sincos(d, L)[p] = timestep_embedding(p, d) = [cos(p f), sin(p f)], cos first,
+// f_j = exp(-ln(10000) j / half), half = d / 2; the state rows at p = 0 .. n_obs - 1, the action
+// rows at p = 100 .. 100 + horizon - 1. Written out in float64.
+std::vector<double> hand_table(int64_t dim, int64_t first, int64_t length) {
+  const int64_t half = dim / 2;
+  std::vector<double> out(length * dim, 0.0);
+  for (int64_t r = 0; r < length; ++r)
+    for (int64_t j = 0; j < half; ++j) {
+      const double angle = static_cast<double>(first + r) * std::exp(-std::log(10000.0) * j / half);
+      out[r * dim + j] = std::cos(angle);
+      out[r * dim + half + j] = std::sin(angle);
+    }
+  return out;
+}
+
+// max over the elements of |got - want| / bound(want).
+template <class Bound>
+double worst(const Tensor& got, const std::vector<double>& want, Bound bound) {
+  const std::vector<double> g = got.to_vector<double>();
+  EXPECT_EQ(g.size(), want.size());
+  double w = 0;
+  for (size_t i = 0; i < g.size() && i < want.size(); ++i)
+    w = std::max(w, std::abs(g[i] - want[i]) / bound(want[i]));
+  return w;
+}
+
+TEST(BCPolicy, PositionBuffersAreTheFloat64TableRoundedOnce) {
+  PolicyConfig c = tiny_policy();
+  c.hidden_size = 32;
+  c.horizon = 16;
+  Rng rng(0);
+  BCPolicy policy(c, rng);
+  const std::vector<double> state = hand_table(32, 0, c.n_obs_steps);
+  const std::vector<double> action = hand_table(32, 100, c.horizon);
+  // float32: within half an ulp of the exact value, |x| 2^-24 (plus float64's own rounding).
+  const auto half_ulp_f32 = [](double x) { return std::ldexp(std::abs(x), -24) + 1e-15; };
+  EXPECT_EQ(policy.state_pos_embed.dtype(), DType::f32);
+  EXPECT_LE(worst(policy.state_pos_embed, state, half_ulp_f32), 1.0);
+  EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
+  // float64: the table itself, not the float32 one widened.
+  policy.to(DType::f64);
+  const auto absolute = [](double) { return 1.0; };
+  const NamedTensors buffers = policy.named_buffers();
+  EXPECT_EQ(buffers.at("state_pos_embed").dtype(), DType::f64);
+  EXPECT_LE(worst(buffers.at("state_pos_embed"), state, absolute), 1e-15);
+  EXPECT_LE(worst(buffers.at("action_pos_embed"), action, absolute), 1e-15);
+  // And back: float32 again is the table rounded once, whatever the policy was before.
+  policy.to(DType::f32);
+  EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
+}
+
+// ---------------------------------------------------------------- parity cases
+const ParityRow* row_named(const ParityReport& report, const std::string& name) {
+  for (const ParityRow& r : report.rows)
+    if (r.name == name) return &r;
+  return nullptr;
+}
+
+// The buffers the policy builds, compared with the case's before the case's replace them: the
+// reference computes its tables in float32 (within a few 1e-6 of exact), the pure_f64 cases in
+// float64.
+TEST(PolicyParity, ComparesThePolicysOwnPositionBuffers) {
+  const std::string data = MMDIT_TEST_DATA;
+  for (const std::string kind : {"bc_train_step", "bc_sample"}) {
+    struct Run {
+      std::string path;
+      DType dtype;
+      std::optional<double> tolerance;
+      double bound;
+    };
+    for (const Run& run :
+         {Run{data + "/" + kind + ".safetensors", DType::f32, {}, 1e-5},
+          Run{data + "/" + kind + ".safetensors", DType::f64, {}, 1e-5},
+          Run{data + "/pure_f64/" + kind + ".safetensors", DType::f64, 1e-9, 1e-14}}) {
+      const ParityReport report = run_parity(run.path, run.dtype, run.tolerance);
+      EXPECT_TRUE(report.ok()) << report.table();
+      for (const std::string buffer : {"state_pos_embed", "action_pos_embed"}) {
+        const ParityRow* row = row_named(report, "buffer/" + buffer);
+        ASSERT_NE(row, nullptr) << run.path << " has no row for " << buffer;
+        EXPECT_TRUE(row->pass) << report.table();
+        EXPECT_LT(row->rel_error, run.bound) << run.path << " " << buffer;
+      }
+    }
+  }
+}
+
+// A case whose action buffer has its rows at positions 0.. instead of 100..: the row compares it
+// with the policy's own table and fails by the difference, about 1.
+TEST(PolicyParity, ABufferThatDiffersFromThePolicysFailsItsRow) {
+  const SafetensorsFile f =
+      load_safetensors(std::string(MMDIT_TEST_DATA) + "/bc_sample.safetensors");
+  NamedTensors tensors = f.tensors;
+  const Shape shape = tensors.at("buffer/action_pos_embed").shape();
+  tensors.at("buffer/action_pos_embed") =
+      from_vector(hand_table(shape[1], 0, shape[0]), shape, DType::f64);
+  test::TempDir dir;
+  save_safetensors(dir.file("case.safetensors"), tensors, f.metadata);
+  const ParityReport report = run_parity(dir.file("case.safetensors"), DType::f64);
+  EXPECT_FALSE(report.ok());
+  const ParityRow* action = row_named(report, "buffer/action_pos_embed");
+  ASSERT_NE(action, nullptr) << report.table();
+  EXPECT_FALSE(action->pass);
+  EXPECT_GT(action->rel_error, 0.5);
+  const ParityRow* state = row_named(report, "buffer/state_pos_embed");
+  ASSERT_NE(state, nullptr) << report.table();
+  EXPECT_TRUE(state->pass);
+}
+
+}  // namespace
+}  // namespace mmdit
