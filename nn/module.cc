@@ -40,7 +40,7 @@ int64_t Module::num_parameters() const {
 }
 
 void Module::to(DType dtype) {
-  auto convert = [dtype](const NamedTensors& tensors) {
+  auto convert = [dtype](const std::vector<std::pair<std::string, Tensor>>& tensors) {
     for (const auto& [name, t] : tensors) {
       if (t.dtype() == dtype || !is_floating(t.dtype())) continue;
       Tensor converted = raw::to_dtype(t, dtype);
@@ -51,8 +51,9 @@ void Module::to(DType dtype) {
       impl.offset = converted.offset();
     }
   };
-  convert(named_parameters());
-  convert(named_buffers());
+  convert(parameters_);
+  convert(buffers_);
+  for (const auto& [name, child] : children_) child->to(dtype);  // a child may override to()
 }
 
 DType Module::dtype() const {

@@ -29,8 +29,9 @@ class Module {
   int64_t num_parameters() const;
   const std::vector<std::pair<std::string, Module*>>& children() const { return children_; }
 
-  // Converts every parameter and buffer to `dtype`, in place.
-  void to(DType dtype);
+  // Converts every parameter and buffer to `dtype`, in place, through each child's to(): a
+  // module whose buffers are computed (BCPolicy's position tables) recomputes them.
+  virtual void to(DType dtype);
   DType dtype() const;
   // Copies values into the parameters (and buffers, if `buffers` is true). Strict: a missing,
   // unknown or mis-shaped name is an error naming it.

@@ -321,6 +321,13 @@ TEST(BCPolicy, PositionBuffersAreTheFloat64TableRoundedOnce) {
   // And back: float32 again is the table rounded once, whatever the policy was before.
   policy.to(DType::f32);
   EXPECT_LE(worst(policy.action_pos_embed, action, half_ulp_f32), 1.0);
+  // The same through a module that holds the policy, as a user's wrapper would.
+  struct Holder : nn::Module {
+    BCPolicy& policy;
+    explicit Holder(BCPolicy& p) : policy(p) { register_module("policy", policy); }
+  } holder(policy);
+  static_cast<nn::Module&>(holder).to(DType::f64);
+  EXPECT_LE(worst(policy.action_pos_embed, action, absolute), 1e-15);
 }
 
 // ---------------------------------------------------------------- parity cases

@@ -58,9 +58,8 @@ class BCPolicy : public nn::Module {
 
   // nn::Module::to, then the position buffers recomputed in float64 and rounded to `dtype`: a
   // float64 policy's tables are exact, not float32's widened (models.md "Precision"). Values
-  // loaded into the buffers before are replaced, so convert first, then load. Module::to is not
-  // virtual: called through an nn::Module&, it only widens the float32 tables (error a few 1e-6).
-  void to(DType dtype);
+  // loaded into the buffers before are replaced, so convert first, then load.
+  void to(DType dtype) override;
 
   // Observation tokens (B, n_obs, hidden) from normalised states (B, n_obs, state_dim).
   Tensor encode_observations(const Tensor& state) const;
