@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "tensor/ops.h"
+#include "tensor/simd.h"
 
 namespace mmdit {
 
@@ -129,13 +130,52 @@ Shape unravel_index(int64_t flat, const Shape& shape) {
   return index;
 }
 
+namespace {
+
+// x * 0 is 0 for a finite x and NaN otherwise, so a block's products sum to 0 exactly when all
+// of it is finite: a loop that vectorises, at memory speed on checkpoints of 10^8 numbers.
+template <class T>
+inline bool block_is_finite_impl(const T* __restrict x, int64_t n) {
+  T acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * T(0);
+  for (; i < n; ++i) acc[0] += x[i] * T(0);
+  T sum = 0;
+  for (T a : acc) sum += a;
+  return sum == 0;
+}
+MMDIT_SIMD_CLONES bool block_is_finite(const float* x, int64_t n) {
+  return block_is_finite_impl(x, n);
+}
+MMDIT_SIMD_CLONES bool block_is_finite(const double* x, int64_t n) {
+  return block_is_finite_impl(x, n);
+}
+
+template <class T>
+std::optional<int64_t> first_non_finite_index(const T* x, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    if (block_is_finite(x + begin, end - begin)) continue;
+    for (int64_t i = begin; i < end; ++i)
+      if (!std::isfinite(x[i])) return i;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 std::optional<NonFinite> first_non_finite(const Tensor& t) {
   if (!is_floating(t.dtype())) return std::nullopt;
-  const std::vector<double> v = t.to_vector<double>();
-  for (size_t i = 0; i < v.size(); ++i)
-    if (!std::isfinite(v[i]))
-      return NonFinite{unravel_index(static_cast<int64_t>(i), t.shape()), v[i]};
-  return std::nullopt;
+  const Tensor c = raw::contiguous(t);
+  const std::optional<int64_t> i = c.dtype() == DType::f32
+                                       ? first_non_finite_index(c.data<float>(), c.numel())
+                                       : first_non_finite_index(c.data<double>(), c.numel());
+  if (!i) return std::nullopt;
+  const double value =
+      c.dtype() == DType::f32 ? static_cast<double>(c.data<float>()[*i]) : c.data<double>()[*i];
+  return NonFinite{unravel_index(*i, t.shape()), value};
 }
 
 // ---- Tensor ----

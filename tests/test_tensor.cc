@@ -287,6 +287,33 @@ TEST(TensorCreation, DataIs64ByteAligned) {
 
 // ---- views ----
 
+// Every position of a few sizes (one block, a ragged block after full ones), NaN and both
+// infinities, both dtypes and a strided view: the index of the first, against a plain loop.
+TEST(TensorCreation, FirstNonFiniteFindsTheFirstOne) {
+  for (DType dtype : {DType::f32, DType::f64}) {
+    for (int64_t n : {1, 17, 4096 * 2 + 33}) {
+      for (int64_t at : {int64_t{0}, n / 2, n - 1}) {
+        for (double bad : {std::nan(""), double{INFINITY}, -double{INFINITY}}) {
+          std::vector<double> v(static_cast<size_t>(n), 1.5);
+          v[static_cast<size_t>(at)] = bad;
+          if (at + 1 < n) v[static_cast<size_t>(n - 1)] = bad;  // a later one does not count
+          const auto found = first_non_finite(from_vector(v, {n}, dtype));
+          ASSERT_TRUE(found.has_value()) << dtype_name(dtype) << " n " << n << " at " << at;
+          EXPECT_EQ(found->index, (Shape{at}));
+          EXPECT_EQ(std::isnan(found->value), std::isnan(bad));
+        }
+      }
+      EXPECT_FALSE(first_non_finite(full({n}, 1e30, dtype)).has_value());
+    }
+  }
+  Tensor m = zeros({3, 4}, DType::f64);
+  m.data<double>()[1 * 4 + 2] = INFINITY;  // (1, 2), at (2, 1) of the transpose
+  const auto found = first_non_finite(raw::transpose(m, 0, 1));
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(found->index, (Shape{2, 1}));
+  EXPECT_FALSE(first_non_finite(ones({3}, DType::boolean)).has_value());
+}
+
 TEST(TensorViews, ReshapeIsAViewAndInfersMinusOne) {
   Tensor x = arange(24);
   Tensor r = raw::reshape(x, {2, 3, 4});

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <functional>
 
+#include "tensor/file_io.h"
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/demo_task.h"
@@ -224,6 +225,9 @@ TEST(TrainConfig, JsonRoundTripAndErrors) {
               testing::ThrowsMessage<Error>(HasSubstr("not valid JSON")));
   EXPECT_THAT([] { TrainConfig::from_json(R"({"normalization": "l2"})"); },
               testing::ThrowsMessage<Error>(HasSubstr("normalization must be min_max or z_score")));
+  EXPECT_THAT([] { TrainConfig::from_json(R"({"sample_steps": 1000000000000})"); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr("sample_steps must be in [1, 10000], got 1000000000000")));
 }
 
 TEST(Trainer, RejectsDataOfTheWrongShape) {
@@ -348,6 +352,98 @@ TEST(Checkpoint, RefusesANormalizerThatDoesNotFitThePolicy) {
       path + ": normalizer: 'action_min' is float32 (1,); expected (act_dim,) = (2,)";
   EXPECT_EQ(test::error_of([&] { load_policy(path); }), message);
   EXPECT_EQ(test::error_of([&] { Trainer::resume(path, data); }), message);
+}
+
+// A diverged state never replaces the last good checkpoint, and a file with non-finite numbers,
+// a negative second moment or a malformed step is refused naming the file and the tensor.
+TEST(Checkpoint, RefusesNonFiniteStateOnSaveAndLoad) {
+  const Episodes data = demo_episodes();
+  Trainer t(tiny_config(data), data);
+  test::TempDir dir;
+  const std::string good = dir.file("c.safetensors");
+  t.save_checkpoint(good);
+  const std::string before = read_file(good);
+  Tensor w = t.policy().named_parameters().at("state_encoder.weight");
+  w.data<float>()[3] = NAN;
+  EXPECT_THAT([&] { t.save_checkpoint(good); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr(good + ": not saved (the previous file, if any, is kept): tensor "
+                                   "'param/state_encoder.weight' holds nan at (1,1)")));
+  EXPECT_EQ(read_file(good), before);
+
+  const SafetensorsFile f = load_safetensors(good);
+  auto variant = [&](const std::string& name, auto change) {
+    NamedTensors tensors = f.tensors;
+    std::map<std::string, std::string> meta = f.metadata;
+    change(tensors, meta);
+    const std::string path = dir.file(name);
+    save_safetensors(path, tensors, meta);
+    return path;
+  };
+  const std::string nan_ema = variant("nan_ema.safetensors", [](NamedTensors& t, auto&) {
+    Tensor e = raw::clone(t.at("ema/action_encoder.bias"));
+    e.data<float>()[0] = INFINITY;
+    t.at("ema/action_encoder.bias") = e;
+  });
+  EXPECT_EQ(test::error_of([&] { load_policy(nan_ema); }),
+            nan_ema + ": EMA parameter 'action_encoder.bias' holds inf at (0,)");
+  EXPECT_NO_THROW(load_policy(nan_ema, /*use_ema=*/false));  // the raw parameters are fine
+  EXPECT_THAT([&] { Trainer::resume(nan_ema, data); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr(nan_ema + ": tensor 'ema/action_encoder.bias' holds inf")));
+  const std::string negative_v = variant("neg_v.safetensors", [](NamedTensors& t, auto&) {
+    t.at("adam_v/state_encoder.bias") = full(t.at("adam_v/state_encoder.bias").shape(), -1.0);
+  });
+  EXPECT_EQ(test::error_of([&] { Trainer::resume(negative_v, data); }),
+            negative_v + ": second moment 'adam_v/state_encoder.bias' holds a negative value");
+  const std::string bad_step =
+      variant("step.safetensors",
+              [](NamedTensors&, std::map<std::string, std::string>& m) { m["step"] = "5abc"; });
+  EXPECT_EQ(test::error_of([&] { load_policy(bad_step); }),
+            bad_step + ": bad step '5abc' in the checkpoint metadata");
+  const std::string missing = variant("missing.safetensors", [](NamedTensors& t, auto&) {
+    NamedTensors kept;
+    for (const auto& [name, x] : t)
+      if (name != "ema/action_encoder.bias") kept.insert(name, x);
+    t = kept;
+  });
+  EXPECT_THAT([&] { load_policy(missing); },
+              testing::ThrowsMessage<Error>(HasSubstr(
+                  missing + ": tensors 'ema/*': load: missing parameter 'action_encoder.bias'")));
+}
+
+// The checkpoint records the size of the data it was trained on; resuming on other data is
+// refused instead of continuing on a different permutation.
+TEST(Checkpoint, ResumeRefusesOtherData) {
+  const Episodes data = demo_episodes(6), other = demo_episodes(5);
+  Trainer t(tiny_config(data), data);
+  t.train_step();
+  test::TempDir dir;
+  const std::string path = dir.file("c.safetensors");
+  t.save_checkpoint(path);
+  EXPECT_THAT(
+      [&] { Trainer::resume(path, other); },
+      testing::ThrowsMessage<Error>(HasSubstr(str_cat(
+          path, " was trained on ", data.num_frames(), " frames in 6 episodes; this data has ",
+          other.num_frames(), " in 5: resume with the run's own data"))));
+  EXPECT_EQ(Trainer::resume(path, data)->step(), 1);
+}
+
+// A policy whose weights overflow returns an error, never NaN actions to a robot.
+TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
+  const Episodes data = demo_episodes();
+  Trainer t(tiny_config(data), data);
+  test::TempDir dir;
+  t.save_checkpoint(dir.file("c.safetensors"));
+  const LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  const Tensor w = p.policy->named_parameters().at("mmdit.final_layers.1.linear_out.bias");
+  raw::copy_into(w, full(w.shape(), 3e38));
+  Rng rng(0);
+  EXPECT_THAT(
+      [&] {
+        p.act(zeros({1, 2, 2}), rng);
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("act: the policy's action (0, 0, 0) is ")));
 }
 
 // A learning rate of 1e30 blows the parameters up in one step, and the next loss is not

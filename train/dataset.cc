@@ -453,6 +453,7 @@ WindowSampler::WindowSampler(const Episodes& episodes, int64_t n_obs_steps, int6
               kMaxWindow, "], got ", horizon);
   validate_episodes(episodes, "WindowSampler");
   num_frames_ = episodes.num_frames();
+  num_episodes_ = episodes.num_episodes();
   state_dim_ = episodes.state_dim();
   act_dim_ = episodes.act_dim();
   states_ = raw::contiguous(raw::to_dtype(episodes.states, DType::f32)).to_vector<float>();

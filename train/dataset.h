@@ -79,6 +79,7 @@ class WindowSampler {
   WindowSampler(const Episodes& episodes, int64_t n_obs_steps, int64_t horizon, uint64_t seed);
 
   int64_t num_samples() const { return num_frames_; }  // = total frames N
+  int64_t num_episodes() const { return num_episodes_; }
   int64_t n_obs_steps() const { return n_obs_; }
   int64_t horizon() const { return horizon_; }
 
@@ -106,7 +107,7 @@ class WindowSampler {
 
   int64_t n_obs_, horizon_;
   uint64_t seed_;
-  int64_t num_frames_ = 0, state_dim_ = 0, act_dim_ = 0;
+  int64_t num_frames_ = 0, num_episodes_ = 0, state_dim_ = 0, act_dim_ = 0;
   std::vector<float> states_, actions_;           // row-major (N, dim)
   std::vector<int64_t> frame_begin_, frame_end_;  // per frame: its episode's [begin, end)
   int64_t epoch_ = 0, offset_ = 0;

@@ -2,7 +2,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <charconv>
 #include <cmath>
+#include <functional>
 
 #include "autodiff/value_and_grad.h"
 #include "tensor/safetensors.h"
@@ -146,7 +148,9 @@ void TrainConfig::validate() const {
   MMDIT_CHECK(objective == "flow" || objective == "mse",
               "train config: objective must be flow or mse, got '", objective, "'");
   MMDIT_CHECK(max_t > 0 && max_t <= 1, "train config: max_t must be in (0, 1], got ", max_t);
-  MMDIT_CHECK(sample_steps >= 1, "train config: sample_steps must be >= 1");
+  // The sampler precomputes every step's conditioning: a hand-edited 10^12 would exhaust memory.
+  MMDIT_CHECK(sample_steps >= 1 && sample_steps <= 10000,
+              "train config: sample_steps must be in [1, 10000], got ", sample_steps);
 }
 
 Normalizer make_normalizer(const Episodes& data, const std::string& mode) {
@@ -223,6 +227,18 @@ StepStats Trainer::train_step() {
   return stats;
 }
 
+namespace {
+
+// A checkpoint is a run's fallback, so a diverged state must never replace the last good one;
+// and a file whose numbers are not finite is refused when it is read.
+void check_finite(const NamedTensors& tensors, const std::string& path, const char* when) {
+  for (const auto& [name, t] : tensors)
+    if (const std::optional<NonFinite> bad = first_non_finite(t))
+      fail(path, ": ", when, " '", name, "' holds ", bad->value, " at ", shape_str(bad->index));
+}
+
+}  // namespace
+
 void Trainer::save_checkpoint(const std::string& path) const {
   NamedTensors tensors;
   for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
@@ -237,7 +253,12 @@ void Trainer::save_checkpoint(const std::string& path) const {
       {"normalizer", normalizer_.to_json()},
       {"step", std::to_string(step())},
       {"rng", Json{{"seed", rng_.seed()}, {"counter", rng_.counter()}}.dump()},
-      {"sampler", Json{{"epoch", epoch}, {"offset", offset}}.dump()}};
+      {"sampler", Json{{"epoch", epoch},
+                       {"offset", offset},
+                       {"frames", sampler_->num_samples()},
+                       {"episodes", sampler_->num_episodes()}}
+                      .dump()}};
+  check_finite(tensors, path, "not saved (the previous file, if any, is kept): tensor");
   save_safetensors(path, tensors, meta);
 }
 
@@ -282,11 +303,10 @@ CheckpointFile read_checkpoint(const std::string& path) {
   } catch (const Error& e) {
     fail(path, ": ", e.what());
   }
-  try {
-    c.step = std::stoll(c.meta("step"));
-  } catch (const std::exception&) {
-    fail(path, ": bad step '", c.meta("step"), "' in the checkpoint metadata");
-  }
+  const std::string& step = c.meta("step");
+  const auto [end, error] = std::from_chars(step.data(), step.data() + step.size(), c.step);
+  MMDIT_CHECK(error == std::errc() && end == step.data() + step.size() && c.step >= 0, path,
+              ": bad step '", step, "' in the checkpoint metadata");
   // The model is built from the config before the parameters are read into it: a config that
   // does not describe these tensors (a corrupt or hand-edited file) fails here, on the tensors
   // each size setting shapes, not after allocating a model of whatever size it claims. Sizes
@@ -332,18 +352,43 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
                 "; cannot train to step ", *steps);
     config.steps = *steps;
   }
+  check_finite(c.file.tensors, path, "tensor");
+  for (const auto& [name, v] : c.with_prefix("adam_v/"))
+    MMDIT_CHECK(v.numel() == 0 || raw::max(raw::mul_scalar(v, -1.0)).item() <= 0, path,
+                ": second moment 'adam_v/", name, "' holds a negative value");
   auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = c.normalizer;
-  t->policy_->load(c.with_prefix("param/"));
-  t->ema_->set(c.with_prefix("ema/"));
-  t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
+  auto load = [&](const char* prefix, const std::function<void(const NamedTensors&)>& into) {
+    try {
+      into(c.with_prefix(prefix));
+    } catch (const Error& e) {
+      fail(path, ": tensors '", prefix, "*': ", e.what());
+    }
+  };
+  load("param/", [&](const NamedTensors& v) { t->policy_->load(v); });
+  load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
+  const NamedTensors m = c.with_prefix("adam_m/");
+  load("adam_v/", [&](const NamedTensors& v) { t->optimizer_->set_state(c.step, m, v); });
+  Json sampler;
   try {
-    const Json rng = Json::parse(c.meta("rng")), sampler = Json::parse(c.meta("sampler"));
+    const Json rng = Json::parse(c.meta("rng"));
+    sampler = Json::parse(c.meta("sampler"));
     t->rng_.set_state(rng.at("seed").get<uint64_t>(), rng.at("counter").get<uint64_t>());
+    // Older checkpoints do not record the data's size.
+    if (sampler.contains("frames"))
+      MMDIT_CHECK(sampler.at("frames").get<int64_t>() == t->sampler_->num_samples() &&
+                      sampler.at("episodes").get<int64_t>() == t->sampler_->num_episodes(),
+                  path, " was trained on ", sampler.at("frames").get<int64_t>(), " frames in ",
+                  sampler.at("episodes").get<int64_t>(), " episodes; this data has ",
+                  t->sampler_->num_samples(), " in ", t->sampler_->num_episodes(),
+                  ": resume with the run's own data, or start a new run");
     t->sampler_->set_position(sampler.at("epoch").get<int64_t>(),
                               sampler.at("offset").get<int64_t>());
   } catch (const Json::exception& e) {
     fail(path, ": bad random state in the checkpoint metadata: ", e.what());
+  } catch (const Error& e) {
+    if (starts_with(e.what(), path)) throw;
+    fail(path, ": ", e.what());
   }
   return t;
 }
@@ -356,7 +401,14 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   p.normalizer = c.normalizer;
   Rng init(0);
   p.policy = std::make_unique<BCPolicy>(c.config.policy, init);
-  p.policy->load(c.with_prefix(use_ema ? "ema/" : "param/"));
+  const char* prefix = use_ema ? "ema/" : "param/";
+  const NamedTensors weights_in_file = c.with_prefix(prefix);
+  check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");
+  try {
+    p.policy->load(weights_in_file);
+  } catch (const Error& e) {
+    fail(path, ": tensors '", prefix, "*': ", e.what());
+  }
   if (c.config.objective != "mse")
     p.sampler =
         std::make_unique<EulerSampler>(*p.policy, c.config.sample_steps, c.config.max_t, weights);
@@ -386,6 +438,10 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
     const Tensor a0 = rng.normal({b, config.policy.horizon, config.policy.act_dim});
     actions = (*sampler)(state, a0);
   }
+  // A robot must not receive NaN commands: a policy whose weights or inputs overflow says so.
+  if (const std::optional<NonFinite> bad = first_non_finite(actions))
+    fail("act: the policy's action (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2],
+         ") is ", bad->value, "; the observations may be far outside the training data's range");
   return normalizer.unnormalize_action(actions);
 }
 
