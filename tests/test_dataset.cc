@@ -836,6 +836,52 @@ TEST(Robomimic, LoadsDemosInNumericOrderAndConcatenatesObsKeys) {
   expect_error([&] { load_episodes(h5); }, {"demo_0", "no observation key 'state'", "'pos'"});
 }
 
+// What an interrupted writer leaves: a dataset created but never written, and a chunked one
+// with only its first chunk written. HDF5 would read both as zeros.
+TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
+  TempDir dir;
+  const std::string unwritten = dir.file("unwritten.hdf5");
+  {
+    H5Writer w(unwritten);
+    w.group("data");
+    w.group("data/demo_0");
+    w.group("data/demo_0/obs");
+    w.dataset("data/demo_0/obs/pos", 4, 2, std::vector<double>(8, 1.0));
+    w.dataset("data/demo_0/actions", 4, 3, {});
+  }
+  expect_error([&] { load_robomimic_hdf5(unwritten, {"pos"}); },
+               {unwritten, "'data/demo_0/actions' holds no stored data (never written"});
+
+  const std::string partial = dir.file("partial.hdf5");
+  {
+    H5Writer w(partial);
+    w.group("data");
+    w.group("data/demo_0");
+    w.group("data/demo_0/obs");
+    w.dataset("data/demo_0/obs/pos", 4, 2, std::vector<double>(8, 1.0));
+  }
+  {
+    const hid_t file = H5Fopen(partial.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    const hsize_t dims[2] = {4, 3}, chunk[2] = {2, 3}, start[2] = {0, 0}, count[2] = {2, 3};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    const hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(plist, 2, chunk);
+    const hid_t set = H5Dcreate2(file, "data/demo_0/actions", H5T_IEEE_F32LE, space, H5P_DEFAULT,
+                                 plist, H5P_DEFAULT);
+    const hid_t rows = H5Screate_simple(2, count, nullptr);
+    H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, count, nullptr);
+    const std::vector<float> first(6, 2.0f);
+    H5Dwrite(set, H5T_NATIVE_FLOAT, rows, space, H5P_DEFAULT, first.data());
+    H5Sclose(rows);
+    H5Dclose(set);
+    H5Pclose(plist);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  expect_error([&] { load_robomimic_hdf5(partial, {"pos"}); },
+               {partial, "'data/demo_0/actions' is only partly stored"});
+}
+
 TEST(Robomimic, RejectsBadFiles) {
   TempDir dir;
   const std::string missing_key = dir.file("missing_key.hdf5");

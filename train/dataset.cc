@@ -142,6 +142,30 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
   if (H5Tget_class(type.get()) != H5T_FLOAT)
     fail(what, ": '", label, "' is not floating point; expected float32 or float64");
 
+  // HDF5 reads storage that was never written as the fill value (zeros), so a file an
+  // interrupted writer left would load as demonstrations of zeros; and a corrupt header can
+  // declare any extent, which would be allocated before the read fails. What is stored must
+  // cover what is declared.
+  if (dims[0] * dims[1] > 0) {
+    H5D_space_status_t status;
+    if (H5Dget_space_status(dataset.get(), &status) < 0)
+      fail(what, ": cannot read the storage of '", label, "'");
+    if (status == H5D_SPACE_STATUS_NOT_ALLOCATED)
+      fail(what, ": '", label, "' holds no stored data (never written; is the file complete?)");
+    if (status == H5D_SPACE_STATUS_PART_ALLOCATED)
+      fail(what, ": '", label,
+           "' is only partly stored (some of its chunks were never written; is the file "
+           "complete?)");
+    const double declared = static_cast<double>(dims[0]) * static_cast<double>(dims[1]) *
+                            static_cast<double>(H5Tget_size(type.get()));
+    const double stored = static_cast<double>(H5Dget_storage_size(dataset.get()));
+    H5Handle plist(H5Dget_create_plist(dataset.get()), H5Pclose);
+    const bool filtered = plist.valid() && H5Pget_nfilters(plist.get()) > 0;
+    // Compression (deflate at most about 1000:1) may store less than it declares.
+    if (filtered ? declared > 2048 * stored + (1 << 20) : declared > stored)
+      fail(what, ": '", label, "' declares shape (", dims[0], ", ", dims[1], "), ", declared,
+           " bytes, but stores ", stored, " (corrupt?)");
+  }
   Matrix m;
   // A chunked dataset may declare any extent without storing it; refuse absurd ones up front.
   constexpr hsize_t kMaxElements = hsize_t{1} << 34;
