@@ -146,7 +146,7 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
   // interrupted writer left would load as demonstrations of zeros; and a corrupt header can
   // declare any extent, which would be allocated before the read fails. What is stored must
   // cover what is declared.
-  if (dims[0] * dims[1] > 0) {
+  if (dims[0] > 0 && dims[1] > 0) {
     H5D_space_status_t status;
     if (H5Dget_space_status(dataset.get(), &status) < 0)
       fail(what, ": cannot read the storage of '", label, "'");
@@ -156,15 +156,19 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
       fail(what, ": '", label,
            "' is only partly stored (some of its chunks were never written; is the file "
            "complete?)");
-    const double declared = static_cast<double>(dims[0]) * static_cast<double>(dims[1]) *
-                            static_cast<double>(H5Tget_size(type.get()));
-    const double stored = static_cast<double>(H5Dget_storage_size(dataset.get()));
+    const size_t element = H5Tget_size(type.get());
+    const double declared =
+        static_cast<double>(dims[0]) * static_cast<double>(dims[1]) * static_cast<double>(element);
+    const hsize_t stored = H5Dget_storage_size(dataset.get());
     H5Handle plist(H5Dget_create_plist(dataset.get()), H5Pclose);
     const bool filtered = plist.valid() && H5Pget_nfilters(plist.get()) > 0;
     // Compression (deflate at most about 1000:1) may store less than it declares.
-    if (filtered ? declared > 2048 * stored + (1 << 20) : declared > stored)
-      fail(what, ": '", label, "' declares shape (", dims[0], ", ", dims[1], "), ", declared,
-           " bytes, but stores ", stored, " (corrupt?)");
+    const double bound =
+        filtered ? 2048.0 * static_cast<double>(stored) + (1 << 20) : static_cast<double>(stored);
+    if (declared > bound)
+      fail(what, ": '", label, "' declares shape (", dims[0], ", ", dims[1], ") of ", element,
+           "-byte numbers but stores ", stored, " bytes", filtered ? " compressed" : "",
+           " (corrupt?)");
   }
   Matrix m;
   // A chunked dataset may declare any extent without storing it; refuse absurd ones up front.
