@@ -482,6 +482,17 @@ TEST(Npz, RejectsBadArchives) {
        {"bad.npy", npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", "1234")}},
       ZIP_CM_STORE);
   expect_error([&] { load_npz(broken); }, {broken, "array 'bad'", "needs 12 bytes"});
+
+  // Python's zipfile writes a repeated member name; libzip refuses to create one, so rename the
+  // second member in the bytes (local header and central directory alike).
+  const std::string twice = dir.file("twice.npz");
+  write_zip(twice, {{"a.npy", serialize_npy(zeros({1}))}, {"b.npy", serialize_npy(zeros({1}))}},
+            ZIP_CM_STORE);
+  std::string bytes = read_bytes(twice);
+  for (size_t at = bytes.find("b.npy"); at != std::string::npos; at = bytes.find("b.npy", at))
+    bytes[at] = 'a';
+  write_bytes(twice, bytes);
+  expect_error([&] { load_npz(twice); }, {twice, "two members with the same name"});
 }
 
 TEST(Npz, TruncatedAndCorruptedArchivesRaiseErrors) {

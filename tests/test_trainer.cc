@@ -570,11 +570,26 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
     while (std::getline(csv, line)) steps.push_back(std::stoll(line));
     EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   }
+  // Without --out a resumed run goes on in its own directory, and never over another run's.
+  const std::string other = dir + "/run_demos.hdf5";
+  EXPECT_NE(train("--resume " + out + "/checkpoint.safetensors --steps 12 --out " + other), 0);
+  EXPECT_EQ(load_policy(other + "/checkpoint.safetensors").step, 6);
+  ASSERT_EQ(train("--resume " + out + "/checkpoint.safetensors --steps 12"), 0);
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 12);
   // A new run does not silently replace a run's checkpoint.
   EXPECT_NE(train("--config " + dir + "/config.json --steps 2 --out " + out), 0);
-  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
+  EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 12);
   ASSERT_EQ(train("--config " + dir + "/config.json --steps 2 --overwrite --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 2);
+  // --overwrite removes the old run's checkpoint first: a new run that dies before its first
+  // save leaves no checkpoint beside its own config.json and metrics.
+  const std::string replaced = dir + "/replaced";
+  ASSERT_EQ(train("--config " + dir + "/config.json --steps 2 --out " + replaced), 0);
+  EXPECT_EQ(
+      train("--config " + dir + "/config.json --lr 1e30 --steps 5 --overwrite --out " + replaced),
+      1 << 8);
+  EXPECT_FALSE(fs::exists(replaced + "/checkpoint.safetensors"));
+  EXPECT_THAT(read_file(replaced + "/config.json"), HasSubstr("1e+30"));
   EXPECT_NE(train("--log-every 0 --out " + dir + "/y"), 0);
   // Diverging (lr 1e30 makes the second loss non-finite) stops without writing a checkpoint.
   EXPECT_EQ(

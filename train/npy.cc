@@ -526,6 +526,7 @@ NamedTensors load_npz(const std::string& path) {
   ZipPtr archive(zip_open(path.c_str(), ZIP_RDONLY | ZIP_CHECKCONS, &code));
   if (!archive) {
     if (code == ZIP_ER_NOZIP) fail(path, ": not an .npz file (not a zip archive, or truncated)");
+    if (code == ZIP_ER_EXISTS) fail(path, ": the archive holds two members with the same name");
     fail(path, ": cannot open as an .npz (zip) archive: ", zip_error_text(code));
   }
   const zip_int64_t count = zip_get_num_entries(archive.get(), 0);

@@ -191,7 +191,16 @@ PolicyConfig policy_config_from(const Json& c) {
   return p;
 }
 
-Normalizer min_max_from(const NamedTensors& f, DType dtype) {
+// The case's (2, dim) arrays of minima and maxima, checked against the policy's sizes.
+Normalizer min_max_from(const NamedTensors& f, DType dtype, const PolicyConfig& pc,
+                        const std::string& path) {
+  for (const auto& [name, dim] :
+       {std::pair<const char*, int64_t>{"norm/state_min_max", pc.state_dim},
+        {"norm/action_min_max", pc.act_dim}}) {
+    MMDIT_CHECK(f.contains(name), path, ": the case needs '", name, "'");
+    MMDIT_CHECK(f.at(name).shape() == (Shape{2, dim}), path, ": '", name, "' has shape ",
+                shape_str(f.at(name).shape()), "; expected (2, ", dim, ")");
+  }
   Normalizer n;
   const Tensor s = raw::to_dtype(f.at("norm/state_min_max"), dtype);
   const Tensor a = raw::to_dtype(f.at("norm/action_min_max"), dtype);
@@ -229,7 +238,7 @@ void run_policy_case(const SafetensorsFile& file, const Json& config, ParityRepo
     report.rows.push_back(compare(key, ours, f.at(key), report.tolerance));
   }
   policy.load(state, /*buffers=*/true);
-  const Normalizer norm = min_max_from(f, dtype);
+  const Normalizer norm = min_max_from(f, dtype, policy.config, report.path);
   const Tensor obs = norm.normalize_state(get("batch/observation.state"));
   auto add_rows = [&](const std::string& prefix, const NamedTensors& actual) {
     for (const auto& [name, want] : f) {

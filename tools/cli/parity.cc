@@ -25,7 +25,13 @@ void add_parity_command(CLI::App& app) {
     const DType dtype = opts->dtype == "f64" ? DType::f64 : DType::f32;
     bool all_ok = true;
     for (const std::string& path : opts->cases) {
-      const ParityReport report = run_parity(path, dtype, opts->tol);
+      ParityReport report;
+      try {
+        report = run_parity(path, dtype, opts->tol);
+      } catch (const Error& e) {
+        if (std::string(e.what()).starts_with(path)) throw;
+        fail(path, ": ", e.what());
+      }
       std::fputs(report.table().c_str(), stdout);
       all_ok &= report.ok();
     }

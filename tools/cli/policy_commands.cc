@@ -83,14 +83,29 @@ struct TrainFlags {
   std::string config_json;
 };
 
+// "runs/a/x.npy" -> "runs/a"; "x.npy" -> "."; "/x" -> "/".
+std::string directory_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string lowercase_extension(const std::string& path) {
+  const size_t dot = path.find_last_of('.'), slash = path.find_last_of('/');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return "";
+  std::string ext = path.substr(dot);
+  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return ext;
+}
+
 // Fails now, instead of after a long evaluation, when the directory `path` goes in is missing.
 void check_output_directory(const std::string& path, const char* flag) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return;
-  const std::string dir = slash == 0 ? "/" : path.substr(0, slash);
+  if (path.find('/') == std::string::npos) return;
+  const std::string dir = directory_of(path);
   struct stat st;
-  MMDIT_CHECK(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), flag, " ", path,
-              ": the directory ", dir, " does not exist");
+  MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
+              " does not exist");
+  MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
 }
 
 // "0.5,-1,2e-3": every token a whole finite number.
@@ -181,7 +196,8 @@ void add_train(CLI::App& app) {
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
       ->capture_default_str();
   cmd->add_option("--resume", o->resume,
-                  "continue from this checkpoint, with its config (--steps may raise the total)");
+                  "continue from this checkpoint, with its config, into its directory unless --out is "
+                  "given (--steps may raise the total)");
   cmd->add_flag("--overwrite", o->overwrite,
                 "start a new run even if --out already holds a checkpoint");
   cmd->add_option("--log-every", o->log_every, "progress line every N steps")
@@ -195,20 +211,32 @@ void add_train(CLI::App& app) {
       ->check(positive());
   cmd->callback([o, cmd] {
     set_threads(o->threads);
-    const std::string ckpt = checkpoint_path(o->out);
     struct stat st;
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(!o->overwrite,
                   "train: --overwrite starts a new run; it cannot be combined with "
                   "--resume, which continues one");
+      // A resumed run goes on next to its checkpoint, never over another run's.
+      const std::string own_dir = directory_of(o->resume);
+      if (!cmd->count("--out")) o->out = own_dir;
+      const std::string ckpt = checkpoint_path(o->out);
+      struct stat resumed;
+      MMDIT_CHECK(::stat(ckpt.c_str(), &st) != 0 ||
+                      (::stat(o->resume.c_str(), &resumed) == 0 && st.st_dev == resumed.st_dev &&
+                       st.st_ino == resumed.st_ino),
+                  "train: ", o->out,
+                  " holds another run's checkpoint; resume into the run's own "
+                  "directory (",
+                  own_dir, ", the default) or an --out without a checkpoint");
     } else {
+      const std::string ckpt = checkpoint_path(o->out);
       MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
                   " already holds a run's checkpoint: continue it with --resume ", ckpt,
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
-    MMDIT_CHECK(!cmd->count("--obs-keys") || !o->data.ends_with(".npz"),
+    MMDIT_CHECK(!cmd->count("--obs-keys") || lowercase_extension(o->data) != ".npz",
                 "train: --obs-keys selects HDF5 observation groups; ", o->data,
                 " is an .npz, whose observations are 'observation.state'");
     std::vector<std::string> keys;
@@ -237,6 +265,12 @@ void add_train(CLI::App& app) {
       trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
     }
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
+    if (o->overwrite) {
+      // The directory describes one run: the old run's checkpoint and curve go before the new
+      // run writes its config and metrics next to them.
+      for (const char* name : {"checkpoint.safetensors", "loss.svg", "rollouts.svg"})
+        std::remove((o->out + "/" + name).c_str());
+    }
     const LoopResult r = run_training(
         *trainer,
         {.out_dir = o->out, .log_every = o->log_every, .checkpoint_every = o->checkpoint_every});
@@ -276,7 +310,10 @@ void add_sample(CLI::App& app) {
     Tensor obs;
     MMDIT_CHECK(o->obs.empty() || o->obs_npy.empty(), "sample: give --obs or --obs-npy, not both");
     if (!o->obs_npy.empty()) {
-      obs = raw::to_dtype(load_npy(o->obs_npy), DType::f32);
+      const Tensor loaded = load_npy(o->obs_npy);
+      MMDIT_CHECK(loaded.dtype() != DType::boolean, o->obs_npy,
+                  ": observations are bool; expected numbers");
+      obs = raw::to_dtype(loaded, DType::f32);
     } else {
       MMDIT_CHECK(!o->obs.empty(), "sample: give --obs or --obs-npy");
       const std::vector<float> v = parse_numbers(o->obs, "sample: --obs");

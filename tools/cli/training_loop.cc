@@ -22,7 +22,14 @@ namespace {
 // the current step, which then saves a checkpoint.
 std::atomic<int> g_stop_signal{0};
 
+// A second signal, when a step or a save takes long, stops the program at once (the default
+// action): the last checkpoint on disk is kept.
 extern "C" void on_stop_signal(int signal) {
+  if (g_stop_signal != 0) {
+    std::signal(signal, SIG_DFL);
+    std::raise(signal);
+    return;
+  }
   g_stop_signal = signal;
 }
 
@@ -34,7 +41,8 @@ class MetricsCsv {
   static constexpr const char* kHeader = "step,loss,grad_norm,lr,steps_per_s";
 
   MetricsCsv(const std::string& path, int64_t resumed_step,
-             std::vector<std::pair<int64_t, double>>& losses) {
+             std::vector<std::pair<int64_t, double>>& losses)
+      : path_(path) {
     std::string kept = std::string(kHeader) + "\n";
     struct stat st;
     if (resumed_step > 0 && ::stat(path.c_str(), &st) == 0) {
@@ -59,10 +67,21 @@ class MetricsCsv {
   void row(int64_t step, const StepStats& s, double rate) {
     out_ << step << ',' << s.loss << ',' << s.grad_norm << ',' << s.lr << ',' << rate << '\n';
   }
-  void flush() { out_.flush(); }
+  // Training goes on when the disk fills, and the checkpoint's own save reports it; a dropped
+  // row is said once.
+  void flush() {
+    out_.flush();
+    if (!out_.good() && !warned_) {
+      std::fprintf(stderr, "warning: cannot write %s (%s); its rows are being lost\n",
+                   path_.c_str(), std::strerror(errno));
+      warned_ = true;
+    }
+  }
 
  private:
+  std::string path_;
   std::ofstream out_;
+  bool warned_ = false;
 };
 
 // Installs the stop handlers for its lifetime and puts the previous ones back, also when a step
