@@ -895,6 +895,12 @@ TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
 
 TEST(Robomimic, RejectsBadFiles) {
   TempDir dir;
+  // HDF5's own reason reaches the message (its printing to stderr is off).
+  const std::string truncated = dir.file("truncated.hdf5");
+  write_robomimic(truncated, {{0, 2}});
+  write_bytes(truncated, read_bytes(truncated).substr(0, 3000));
+  expect_error([&] { load_robomimic_hdf5(truncated, {"pos"}); },
+               {truncated, "cannot open the HDF5 file (HDF5: truncated file"});
   const std::string missing_key = dir.file("missing_key.hdf5");
   write_robomimic(missing_key, {{0, 2}, {1, 2}, {2, 3, /*with_vel=*/false}});
   expect_error(

@@ -103,6 +103,20 @@ std::vector<std::string> link_names(hid_t group) {
   return names;
 }
 
+// What HDF5's error stack says about the last failed call, innermost cause last ("unable to
+// lock file, errno = 11, ..."): its automatic printing is off, so messages carry it instead.
+std::string hdf5_cause() {
+  std::string cause;
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_DOWNWARD,
+      [](unsigned, const H5E_error2_t* e, void* out) -> herr_t {
+        if (e->desc && *e->desc) *static_cast<std::string*>(out) = e->desc;
+        return 0;
+      },
+      &cause);
+  return cause.empty() ? std::string() : " (HDF5: " + cause + ")";
+}
+
 // Opens `name` in `loc` as a group; `label` is its path for messages.
 H5Handle open_group(hid_t loc, const std::string& name, const std::string& what,
                     const std::string& label) {
@@ -185,7 +199,7 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
   }
   if (!m.values.empty() &&
       H5Dread(dataset.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, m.values.data()) < 0)
-    fail(what, ": cannot read '", label, "'");
+    fail(what, ": cannot read '", label, "'", hdf5_cause());
   for (size_t i = 0; i < m.values.size(); ++i)
     if (!std::isfinite(m.values[i]))
       fail(what, ": '", label, "'[", i / static_cast<size_t>(std::max<int64_t>(m.cols, 1)), ", ",
@@ -350,7 +364,7 @@ Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::str
   if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
   if (H5Fis_hdf5(path.c_str()) <= 0) fail(path, ": not an HDF5 file");
   H5Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  if (!file.valid()) fail(path, ": cannot open the HDF5 file (corrupt?)");
+  if (!file.valid()) fail(path, ": cannot open the HDF5 file", hdf5_cause());
 
   if (!link_exists(file.get(), "data"))
     fail(path, ": no 'data' group (top-level members: ", quoted_list(link_names(file.get())), ")");
