@@ -1,10 +1,13 @@
 #include "tensor/file_io.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 #include <exception>
 
@@ -81,6 +84,24 @@ void commit_temp_file(const std::string& tmp, const std::string& path) {
   if (sync_rc != 0) abandon(tmp, path, "fsync of", sync_err);
   if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(tmp, path, "renaming", errno);
   fsync_directory(parent_directory(path));
+}
+
+void remove_stale_temp_files(const std::string& path) {
+  const std::string dir = parent_directory(path);
+  const size_t slash = path.find_last_of('/');
+  const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
+  DIR* listing = ::opendir(dir.c_str());
+  if (!listing) return;
+  while (const dirent* entry = ::readdir(listing)) {
+    const std::string name = entry->d_name;
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+    pid_t pid = 0;
+    const char* digits = name.data() + prefix.size();
+    const auto [end, ec] = std::from_chars(digits, name.data() + name.size(), pid);
+    if (ec != std::errc() || end != name.data() + name.size() || pid <= 0) continue;
+    if (::kill(pid, 0) != 0 && errno == ESRCH) ::unlink((dir + "/" + name).c_str());
+  }
+  ::closedir(listing);
 }
 
 void write_file_atomically(const std::string& path, const std::string& bytes) {

@@ -17,5 +17,8 @@ void write_file_atomically(const std::string& path, const std::string& bytes);
 // and the second half of the protocol (fsync, rename, fsync the directory).
 std::string atomic_temp_path(const std::string& path);
 void commit_temp_file(const std::string& tmp, const std::string& path);
+// A process killed mid-write (SIGKILL, the OOM killer) leaves its "<path>.tmp.<pid>" behind, as
+// large as a checkpoint: removes those of `path` whose process no longer runs. Best effort.
+void remove_stale_temp_files(const std::string& path);
 
 }  // namespace mmdit

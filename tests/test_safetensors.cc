@@ -1,6 +1,7 @@
 #include "tensor/safetensors.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 #include "tests/test_util.h"
 
@@ -634,6 +636,27 @@ TEST(Safetensors, FailedSaveLeavesOldFileUntouched) {
   EXPECT_EQ(fs::file_size(path), before);
   EXPECT_EQ(load_safetensors(path).tensors.at("a").to_vector<float>(), (std::vector<float>{1, 2}));
   EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model.safetensors", "target"}));
+}
+
+// A killed writer's temp file goes; a live process's (ours) stays, and so do other names.
+TEST(Safetensors, StaleTempFilesOfDeadWritersAreRemoved) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);  // reaped: its pid names no process now
+  for (const std::string& name :
+       {"model.safetensors.tmp." + std::to_string(child),
+        "model.safetensors.tmp." + std::to_string(getpid()),
+        std::string("model.safetensors.tmp.notapid"), "other.tmp." + std::to_string(child)})
+    std::ofstream(dir.file(name)) << "partial";
+  remove_stale_temp_files(path);
+  EXPECT_EQ(dir.entries(),
+            (std::vector<std::string>{"model.safetensors.tmp." + std::to_string(getpid()),
+                                      "model.safetensors.tmp.notapid",
+                                      "other.tmp." + std::to_string(child)}));
 }
 
 // ---- the reference implementation's output ----

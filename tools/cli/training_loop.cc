@@ -137,6 +137,8 @@ std::string format_duration(double seconds) {
 
 LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   make_directory(options.out_dir);
+  for (const char* name : {"checkpoint.safetensors", "config.json", "metrics.csv", "loss.svg"})
+    remove_stale_temp_files(options.out_dir + "/" + name);
   // The run's whole config, to read, edit and pass back with --config.
   write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
   const int64_t first = trainer.step();
