@@ -161,6 +161,29 @@ TEST(Fused, RopeMatchesDefinitionAndGradients) {
   expect_gradcheck([t](const std::vector<Tensor>& in) { return rope(in[0], t.cos, t.sin); }, {x});
 }
 
+// nn::rope_tables repeats each half (cos[j] == cos[j + d/2]), so with them a kernel reading the
+// wrong half of a table gives the right numbers. The ops take any (S, d) tables: random ones have
+// no such symmetry.
+TEST(Fused, RopeAndQkNormRopeWithAsymmetricTables) {
+  Rng rng(21);
+  const int64_t S = 4, d = 6;
+  const Tensor c = rng.normal({S, d}, DType::f64), s = rng.normal({S, d}, DType::f64);
+  const Tensor x = rng.normal({2, S, 3, d}, DType::f64);
+  EXPECT_LT(max_abs_diff(rope(x, c, s), reference_rope(x, c, s)), 1e-14);
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return rope(in[0], c, s); }, {x});
+
+  const Tensor qkv = rng.normal({2, S, 3, 2, d}, DType::f64);
+  const Tensor gq = rng.normal({d}, DType::f64), gk = rng.normal({d}, DType::f64);
+  auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
+  const Tensor expected = stack({reference_rope(reference_rms_norm(part(0), gq), c, s),
+                                 reference_rope(reference_rms_norm(part(1), gk), c, s), part(2)},
+                                2);
+  EXPECT_LT(max_abs_diff(qk_norm_rope(qkv, gq, gk, c, s), expected), 1e-13);
+  expect_gradcheck(
+      [&](const std::vector<Tensor>& in) { return qk_norm_rope(in[0], in[1], in[2], c, s); },
+      {qkv, gq, gk});
+}
+
 // nn::attention works on (B, H, T, d); the fused op on (B, T, H, d).
 Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
@@ -330,9 +353,9 @@ TEST(Fused, JointAttentionMatchesTheCompositionAndGradients) {
     qkv.push_back(rng.normal({B, S, 3, H, d}, DType::f64));
     gq.push_back(rng.normal({d}, DType::f64));
     gk.push_back(rng.normal({d}, DType::f64));
-    const nn::RopeTables t = nn::rope_tables(S, d, DType::f64);
-    cos.push_back(t.cos);
-    sin.push_back(t.sin);
+    // Random tables: the models' halves-repeating ones would hide a half-swapped index.
+    cos.push_back(rng.normal({S, d}, DType::f64));
+    sin.push_back(rng.normal({S, d}, DType::f64));
   }
   const auto composition = [&](const std::vector<Tensor>& in, const Tensor& mask) {
     std::vector<Tensor> parts;
