@@ -43,6 +43,26 @@ void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f
   EXPECT_GT(r.checked, 0);
 }
 
+// The tape's gradients of sum(f(inputs) * dy) with respect to every input.
+std::vector<Tensor> gradients_of(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                 const std::vector<Tensor>& inputs, const Tensor& dy) {
+  Tape tape;
+  for (const Tensor& x : inputs) tape.watch(x);
+  return tape.gradient(sum(f(inputs) * dy), inputs);
+}
+
+// The fused op's gradients against the tape's gradients of its plain-op definition, input by
+// input, on the same cotangent.
+void expect_same_gradients(const char* name,
+                           const std::function<Tensor(const std::vector<Tensor>&)>& fused,
+                           const std::function<Tensor(const std::vector<Tensor>&)>& definition,
+                           const std::vector<Tensor>& inputs, const Tensor& dy, double tolerance) {
+  const std::vector<Tensor> got = gradients_of(fused, inputs, dy);
+  const std::vector<Tensor> expected = gradients_of(definition, inputs, dy);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i], expected[i]), tolerance) << name << ": gradient of input " << i;
+}
+
 TEST(Fused, LinearMatchesDefinitionAndGradients) {
   Rng rng(9);
   const Tensor w = rng.normal({5, 4}, DType::f64), b = rng.normal({5}, DType::f64);
@@ -151,6 +171,87 @@ TEST(Fused, GatedResidualMatchesDefinitionAndGradients) {
         [](const std::vector<Tensor>& in) { return gated_residual(in[0], in[1], in[2]); },
         {x, gate, y});
   }
+}
+
+// rms_norm sums dgamma in blocks of 256 rows, then the blocks in order: 600 rows make three
+// blocks, the last one ragged.
+TEST(Fused, RmsNormGradientsOverSeveralRowBlocks) {
+  Rng rng(22);
+  const Tensor x = rng.normal({600, 5}, DType::f64), gamma = rng.normal({5}, DType::f64);
+  expect_same_gradients(
+      "rms_norm", [](const auto& in) { return rms_norm_fused(in[0], in[1]); },
+      [](const auto& in) { return reference_rms_norm(in[0], in[1]); }, {x, gamma},
+      rng.normal({600, 5}, DType::f64), 1e-12);
+}
+
+// swiglu's backward runs in blocks of 1024 elements: 2500 make three, the last one ragged.
+TEST(Fused, SwigluGradientsOverSeveralBlocks) {
+  Rng rng(23);
+  const Tensor a = rng.normal({50, 50}, DType::f64), g = rng.normal({50, 50}, DType::f64, 0, 3);
+  expect_same_gradients(
+      "swiglu", [](const auto& in) { return swiglu(in[0], in[1]); },
+      [](const auto& in) { return reference_swiglu(in[0], in[1]); }, {a, g},
+      rng.normal({50, 50}, DType::f64), 1e-12);
+}
+
+// gated_residual computes only the gradients the tape asks for: with the gate constant, and with
+// only the gate watched, against the closed forms d/dx = dy, d/dy = dy gate, d/dgate = sum_S dy y.
+TEST(Fused, GatedResidualGradientsOfSomeInputs) {
+  Rng rng(24);
+  const Tensor x = rng.normal({2, 3, 5}, DType::f64), y = rng.normal({2, 3, 5}, DType::f64);
+  const Tensor dy = rng.normal({2, 3, 5}, DType::f64);
+  for (const Shape& gate_shape : {Shape{2, 1, 5}, Shape{5}}) {
+    SCOPED_TRACE("gate " + shape_str(gate_shape));
+    const Tensor gate = rng.normal(gate_shape, DType::f64);
+    {
+      Tape tape;
+      tape.watch(x), tape.watch(y);
+      const std::vector<Tensor> g = tape.gradient(sum(gated_residual(x, gate, y) * dy), {x, y});
+      EXPECT_EQ(max_abs_diff(g[0], dy), 0.0) << "d/dx with the gate constant";
+      EXPECT_LT(max_abs_diff(g[1], raw::mul(dy, gate)), 1e-15) << "d/dy with the gate constant";
+    }
+    {
+      Tape tape;
+      tape.watch(gate);
+      const Tensor g = tape.gradient(sum(gated_residual(x, gate, y) * dy), {gate})[0];
+      const Tensor expected = gate_shape.size() == 3 ? raw::sum(raw::mul(dy, y), {1}, true)
+                                                     : raw::sum(raw::mul(dy, y), {0, 1}, false);
+      EXPECT_LT(max_abs_diff(g, expected), 1e-14) << "d/dgate with x and y constant";
+    }
+  }
+}
+
+// Unbatched (S, D) tokens with (1, D) parameters, and one (D,) token with a (2D,) shift_scale.
+TEST(Fused, LayerNormModulateGradientsOnUnbatchedInputs) {
+  Rng rng(25);
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1], in[2]); },
+      {rng.normal({5, 8}, DType::f64), rng.normal({1, 8}, DType::f64),
+       rng.normal({1, 8}, DType::f64)});
+  const Tensor x = rng.normal({8}, DType::f64), shift_scale = rng.normal({16}, DType::f64);
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift_scale),
+                         reference_layer_norm_modulate(x, narrow(shift_scale, 0, 0, 8),
+                                                       narrow(shift_scale, 0, 8, 8))),
+            1e-12);
+  expect_gradcheck([](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1]); },
+                   {x, shift_scale});
+}
+
+// linear_fused reads a transposed input and a row block of a weight (as JointAttention does)
+// through views: their gradients must land on the right elements of the underlying tensors.
+TEST(Fused, LinearGradientsThroughNonContiguousInputs) {
+  Rng rng(26);
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) {
+        return linear_fused(transpose(in[0], 0, 1), narrow(in[1], 0, 5, 5));
+      },
+      {rng.normal({4, 3}, DType::f64), rng.normal({10, 4}, DType::f64)});
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) {
+        return linear_fused(transpose(in[0], 0, 1), narrow(in[1], 0, 5, 5), in[2]);
+      },
+      {rng.normal({4, 3}, DType::f64), rng.normal({10, 4}, DType::f64),
+       rng.normal({5}, DType::f64)});
 }
 
 TEST(Fused, RopeMatchesDefinitionAndGradients) {
