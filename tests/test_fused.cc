@@ -36,6 +36,16 @@ Tensor reference_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return nn::apply_rope(x, unsqueeze(cos, 1), unsqueeze(sin, 1));
 }
 
+// Token i may attend to tokens j <= i; with first_row_masked, token 0 to none (its row must come
+// out uniform, with no gradient through it).
+Tensor causal_mask(int64_t T, bool first_row_masked = false) {
+  Tensor mask = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j)
+      mask.data<bool>()[i * T + j] = j <= i && !(first_row_masked && i == 0);
+  return mask;
+}
+
 void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
                       const std::vector<Tensor>& inputs) {
   const GradcheckResult r = gradcheck(f, inputs);
@@ -254,6 +264,63 @@ TEST(Fused, LinearGradientsThroughNonContiguousInputs) {
        rng.normal({5}, DType::f64)});
 }
 
+// Every test above passes the default eps, which the references also default to: an op that
+// ignored its eps argument would pass them. At eps 0.5 on inputs of scale 0.05 the outputs differ
+// from the default-eps ones by O(1).
+TEST(Fused, NonDefaultEpsMatchesTheComposition) {
+  Rng rng(27);
+  const double eps = 0.5;
+  const Tensor x = rng.normal({3, 4, 6}, DType::f64, 0, 0.05);
+  const Tensor shift = rng.normal({3, 1, 6}, DType::f64), scale = rng.normal({3, 1, 6}, DType::f64);
+  const Tensor gamma = rng.normal({6}, DType::f64);
+  const auto ln_definition = [eps](const std::vector<Tensor>& in) {
+    return nn::layer_norm(in[0], eps) * (1.0 + in[2]) + in[1];
+  };
+  const auto rms_definition = [eps](const Tensor& x, const Tensor& gamma) {
+    return x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma;
+  };
+  const Tensor ln = layer_norm_modulate(x, shift, scale, eps);
+  EXPECT_GT(max_abs_diff(ln, layer_norm_modulate(x, shift, scale)), 0.1) << "eps has no effect";
+  EXPECT_LT(max_abs_diff(ln, ln_definition({x, shift, scale})), 1e-13) << "layer_norm_modulate";
+  expect_same_gradients(
+      "layer_norm_modulate",
+      [eps](const auto& in) { return layer_norm_modulate(in[0], in[1], in[2], eps); },
+      ln_definition, {x, shift, scale}, rng.normal({3, 4, 6}, DType::f64), 1e-12);
+
+  const Tensor rms = rms_norm_fused(x, gamma, eps);
+  EXPECT_GT(max_abs_diff(rms, rms_norm_fused(x, gamma)), 0.1) << "eps has no effect";
+  EXPECT_LT(max_abs_diff(rms, rms_definition(x, gamma)), 1e-13) << "rms_norm";
+  expect_same_gradients(
+      "rms_norm", [eps](const auto& in) { return rms_norm_fused(in[0], in[1], eps); },
+      [&](const auto& in) { return rms_definition(in[0], in[1]); }, {x, gamma},
+      rng.normal({3, 4, 6}, DType::f64), 1e-12);
+
+  // qk_norm_rope and joint attention on (B, S, 3, H, d) = (2, 4, 3, 2, 6) and (2, 3, 3, 2, 6).
+  const std::vector<Tensor> qkv = {rng.normal({2, 4, 3, 2, 6}, DType::f64, 0, 0.05),
+                                   rng.normal({2, 3, 3, 2, 6}, DType::f64, 0, 0.05)};
+  const std::vector<Tensor> gq = {rng.normal({6}, DType::f64), rng.normal({6}, DType::f64)},
+                            gk = {rng.normal({6}, DType::f64), rng.normal({6}, DType::f64)};
+  const std::vector<Tensor> cos = {rng.normal({4, 6}, DType::f64), rng.normal({3, 6}, DType::f64)},
+                            sin = {rng.normal({4, 6}, DType::f64), rng.normal({3, 6}, DType::f64)};
+  std::vector<Tensor> parts;
+  for (size_t m = 0; m < 2; ++m) {
+    auto part = [&](int64_t i) { return squeeze(narrow(qkv[m], 2, i, 1), 2); };
+    parts.push_back(stack({reference_rope(rms_definition(part(0), gq[m]), cos[m], sin[m]),
+                           reference_rope(rms_definition(part(1), gk[m]), cos[m], sin[m]), part(2)},
+                          2));
+    const Tensor got = qk_norm_rope(qkv[m], gq[m], gk[m], cos[m], sin[m], eps);
+    EXPECT_GT(max_abs_diff(got, qk_norm_rope(qkv[m], gq[m], gk[m], cos[m], sin[m])), 0.1)
+        << "eps has no effect";
+    EXPECT_LT(max_abs_diff(got, parts[m]), 1e-13) << "qk_norm_rope, modality " << m;
+  }
+  const Tensor causal = causal_mask(7);
+  for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom})
+    EXPECT_LT(max_abs_diff(joint_attention_fused(qkv, gq, gk, cos, sin, causal, eps, blocked_from),
+                           attention_packed(concat(parts, 1), causal)),
+              1e-13)
+        << "joint attention, blocked from " << blocked_from;
+}
+
 TEST(Fused, RopeMatchesDefinitionAndGradients) {
   Rng rng(5);
   const nn::RopeTables t = nn::rope_tables(4, 6, DType::f64);
@@ -289,16 +356,6 @@ TEST(Fused, RopeAndQkNormRopeWithAsymmetricTables) {
 Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
   return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask), {0, 2, 1, 3});
-}
-
-// Token i may attend to tokens j <= i; with first_row_masked, token 0 to none (its row must come
-// out uniform, with no gradient through it).
-Tensor causal_mask(int64_t T, bool first_row_masked = false) {
-  Tensor mask = ones({T, T}, DType::boolean);
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = 0; j < T; ++j)
-      mask.data<bool>()[i * T + j] = j <= i && !(first_row_masked && i == 0);
-  return mask;
 }
 
 TEST(Fused, AttentionMatchesDefinitionAndGradients) {
