@@ -602,6 +602,22 @@ TEST(Fused, Float32AgreesWithTheComposition) {
   const Tensor gamma = rng.normal({64});
   EXPECT_LT(max_abs_diff(rms_norm_fused(x, gamma), reference_rms_norm(x, gamma)), 1e-5);
   EXPECT_LT(max_abs_diff(swiglu(x, shift * x), reference_swiglu(x, shift * x)), 1e-5);
+  // D = 37 is no multiple of any vector width: the kernels' remainder iterations run.
+  const Tensor x37 = rng.normal({3, 5, 37}), shift_scale37 = rng.normal({3, 1, 74});
+  const Tensor shift37 = narrow(shift_scale37, -1, 0, 37),
+               scale37 = narrow(shift_scale37, -1, 37, 37);
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x37, shift_scale37),
+                         reference_layer_norm_modulate(x37, shift37, scale37)),
+            1e-5)
+      << "layer_norm_modulate, D = 37";
+  const Tensor gamma37 = rng.normal({37});
+  EXPECT_LT(max_abs_diff(rms_norm_fused(x37, gamma37), reference_rms_norm(x37, gamma37)), 1e-5)
+      << "rms_norm, D = 37";
+  const Tensor y37 = rng.normal({3, 5, 37});
+  EXPECT_LT(
+      max_abs_diff(gated_residual(x37, scale37, y37), reference_gated_residual(x37, scale37, y37)),
+      1e-5)
+      << "gated_residual, D = 37";
 }
 
 // The float32 backward kernels have SIMD loops of their own, which the float64 gradchecks never
@@ -638,6 +654,16 @@ TEST(Fused, Float32GradientsAgreeWithFloat64) {
   expect_agreement("gated_residual",
                    [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
                    {x, rng.normal({4, 1, 64}, DType::f64), rng.normal({4, 16, 64}, DType::f64)});
+  // D = 37 is no multiple of any vector width: the kernels' remainder iterations run.
+  const Tensor x37 = rng.normal({3, 5, 37}, DType::f64, 0.3, 1.5);
+  expect_agreement("layer_norm_modulate, D = 37",
+                   [](const auto& in) { return layer_norm_modulate(in[0], in[1]); },
+                   {x37, rng.normal({3, 1, 74}, DType::f64)});
+  expect_agreement("rms_norm, D = 37", [](const auto& in) { return rms_norm_fused(in[0], in[1]); },
+                   {x37, rng.normal({37}, DType::f64)});
+  expect_agreement("gated_residual, D = 37",
+                   [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
+                   {x37, rng.normal({3, 1, 37}, DType::f64), rng.normal({3, 5, 37}, DType::f64)});
   expect_agreement(
       "joint_attention",
       [](const auto& in) {
