@@ -382,6 +382,13 @@ TEST(FrozenWeights, LinearEachEqualsTheLoop) {
   ASSERT_EQ(tape.nodes().size(), 2u);
   EXPECT_EQ(tape.nodes()[0].scope, "m0");
   EXPECT_EQ(tape.nodes()[1].scope, "m2");
+  // Closed forms of the gradient of sum(y0) + sum(y2): every token row of dx0 is the column sums
+  // of ws[0], and every one of dw2's 40 rows is the column sums of xs[2] over its 16 tokens.
+  const std::vector<Tensor> g = tape.gradient(sum(ys[0]) + sum(ys[2]), {x0, w2});
+  EXPECT_LT(test::max_abs_diff(g[0], raw::broadcast_to(raw::sum(ws[0], {0}), {1, 2, 32})), 1e-5)
+      << "d/dx0";
+  EXPECT_LT(test::max_abs_diff(g[1], raw::broadcast_to(raw::sum(xs[2], {0, 1}), {40, 24})), 1e-4)
+      << "d/dw2";
   EXPECT_THAT(error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
               ::testing::HasSubstr("linear_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
   const nn::Linear layer(8, 16, true, rng);

@@ -1454,7 +1454,8 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({4}), zeros({4, 2}));
               }),
-              HasSubstr("matmul: shapes (4,) and (4,2) are incompatible"));
+              HasSubstr("matmul: shapes (4,) and (4,2) are incompatible (both need at least 2 "
+                        "dimensions)"));
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({2, 2}), zeros({2, 2}, DType::f64));
               }),
