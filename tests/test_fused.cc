@@ -720,15 +720,66 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     out.push_back(y);
     return out;
   };
+  // The value and the gradients of sum(f(inputs) * dy) (the value last).
+  const auto value_and_gradients = [](const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                      const std::vector<Tensor>& inputs, const Tensor& dy) {
+    Tape tape;
+    for (const Tensor& x : inputs) tape.watch(x);
+    const Tensor y = f(inputs);
+    std::vector<Tensor> out = tape.gradient(sum(y * dy), inputs);
+    out.push_back(y);
+    return out;
+  };
+  // Packed attention on 70 tokens, blocked (per-thread scratch) and saving probabilities.
+  const Tensor qkv70 = rng.normal({2, 70, 3, 2, 8}), dy70 = rng.normal({2, 70, 2, 8});
+  const Tensor causal70 = causal_mask(70);
+  const auto run_packed = [&](int64_t blocked_from) {
+    return value_and_gradients(
+        [&](const auto& in) { return attention_packed(in[0], causal70, blocked_from); }, {qkv70},
+        dy70);
+  };
+  // qk_norm_rope: heads in parallel, the gammas' gradients summed over heads after; random
+  // tables.
+  const Tensor qkv6 = rng.normal({2, 6, 3, 4, 32}), dy6 = rng.normal({2, 6, 3, 4, 32});
+  const Tensor gq6 = rng.normal({32}), gk6 = rng.normal({32});
+  const Tensor cos6 = rng.normal({6, 32}), sin6 = rng.normal({6, 32});
+  const auto run_qk = [&] {
+    return value_and_gradients(
+        [&](const auto& in) { return qk_norm_rope(in[0], in[1], in[2], cos6, sin6); },
+        {qkv6, gq6, gk6}, dy6);
+  };
+  const Tensor x_rope = rng.normal({8, 64, 4, 32}), dy_rope = rng.normal({8, 64, 4, 32});
+  const Tensor cos64 = rng.normal({64, 32}), sin64 = rng.normal({64, 32});
+  const auto run_rope = [&] {
+    return value_and_gradients([&](const auto& in) { return rope(in[0], cos64, sin64); }, {x_rope},
+                               dy_rope);
+  };
+  const Tensor x_lin = rng.normal({64, 256}), w_lin = rng.normal({512, 256}),
+               b_lin = rng.normal({512}), dy_lin = rng.normal({64, 512});
+  const auto run_linear = [&] {
+    return value_and_gradients([](const auto& in) { return linear_fused(in[0], in[1], in[2]); },
+                               {x_lin, w_lin, b_lin}, dy_lin);
+  };
+  const std::vector<std::pair<const char*, std::function<std::vector<Tensor>()>>> cases = {
+      {"norms, swiglu and gated residual", run},
+      {"joint attention", run_attention},
+      {"attention_packed blocked from 1", [&] { return run_packed(1); }},
+      {"attention_packed blocked from 512", [&] { return run_packed(512); }},
+      {"qk_norm_rope", run_qk},
+      {"rope", run_rope},
+      {"linear_fused", run_linear}};
   const int threads = num_threads();
-  set_num_threads(1);
-  const std::vector<Tensor> one = run(), attention_one = run_attention();
-  set_num_threads(2);
-  const std::vector<Tensor> two = run(), attention_two = run_attention();
-  set_num_threads(threads);
-  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0) << i;
-  for (size_t i = 0; i < attention_one.size(); ++i)
-    EXPECT_EQ(max_abs_diff(attention_one[i], attention_two[i]), 0.0) << "joint attention " << i;
+  for (const auto& [name, f] : cases) {
+    set_num_threads(1);
+    const std::vector<Tensor> one = f();
+    set_num_threads(2);
+    const std::vector<Tensor> two = f();
+    set_num_threads(threads);
+    ASSERT_EQ(one.size(), two.size()) << name;
+    for (size_t i = 0; i < one.size(); ++i)
+      EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0)
+          << name << ": " << (i + 1 == one.size() ? "value" : str_cat("gradient ", i));
+  }
 }
 
 TEST(Fused, BadShapesAreErrors) {
