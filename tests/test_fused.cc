@@ -1,6 +1,7 @@
 // The fused ops against their definitions: values equal the composition of plain ops (in
 // float64, to rounding), gradients pass central differences, and the parallel paths (large
 // inputs on two threads) agree with one thread.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cfloat>
@@ -17,7 +18,9 @@
 namespace mmdit {
 namespace {
 
+using test::error_of;
 using test::max_abs_diff;
+using testing::HasSubstr;
 
 // The plain-op definitions the fused ops must equal.
 Tensor reference_layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
@@ -97,8 +100,15 @@ TEST(Fused, LinearMatchesDefinitionAndGradients) {
   const Tensor xt = transpose(rng.normal({4, 3}, DType::f64), 0, 1);
   const Tensor w_block = narrow(rng.normal({10, 4}, DType::f64), 0, 5, 5);
   EXPECT_LT(max_abs_diff(linear_fused(xt, w_block), matmul(xt, transpose(w_block, 0, 1))), 1e-13);
-  EXPECT_THROW(linear_fused(rng.normal({3, 5}), rng.normal({5, 4})), Error);
-  EXPECT_THROW(linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4})), Error);
+  EXPECT_THAT(error_of([&] {
+                linear_fused(rng.normal({3, 5}), rng.normal({5, 4}));
+              }),
+              HasSubstr("linear: input (3,5) does not end in the weight's in-features 4 (weight "
+                        "(5,4))"));
+  EXPECT_THAT(error_of([&] {
+                linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4}));
+              }),
+              HasSubstr("linear: bias has shape (4,) and dtype float32; expected (5,) float32"));
 }
 
 // Two modalities' linears in one call, one with a bias and one without: each output is its own
@@ -383,9 +393,21 @@ TEST(Fused, AttentionMatchesDefinitionAndGradients) {
         {q, k, v});
   }
   const Tensor q = rng.normal({B, T, H, d});
-  EXPECT_THROW(attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor()), Error);
-  EXPECT_THROW(attention_fused(q, q, q, ones({T, T + 1}, DType::boolean)), Error);
-  EXPECT_THROW(attention_fused(q, q, q, ones({T, T})), Error);  // a float mask
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor());
+              }),
+              HasSubstr("attention: q, k, v have shapes (2,5,3,4), (2,5,3,4), (2,5,3,2); expected "
+                        "one (B, T, H, d) shape"));
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, q, ones({T, T + 1}, DType::boolean));
+              }),
+              HasSubstr("attention: mask has shape (5,6) and dtype bool; expected bool (5,5) or "
+                        "(2,5,5)"));
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, q, ones({T, T}));
+              }),  // a float mask
+              HasSubstr("attention: mask has shape (5,5) and dtype float32; expected bool (5,5) or "
+                        "(2,5,5)"));
 }
 
 // Packed (B, T, 3, H, d) q/k/v give what the three separate tensors give.
@@ -402,7 +424,16 @@ TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
     expect_gradcheck(
         [mask](const std::vector<Tensor>& in) { return attention_packed(in[0], mask); }, {qkv});
   }
-  EXPECT_THROW(attention_packed(rng.normal({B, T, 2, H, d}), Tensor()), Error);
+  EXPECT_THAT(error_of([&] {
+                attention_packed(rng.normal({B, T, 2, H, d}), Tensor());
+              }),
+              HasSubstr("attention: packed qkv has shape (2,4,2,2,4); expected (B, T, 3, H, d) "
+                        "with d > 0"));
+  EXPECT_THAT(error_of([&] {
+                attention_packed(zeros({1, 2, 3, 1, 0}), Tensor());
+              }),
+              HasSubstr("attention: packed qkv has shape (1,2,3,1,0); expected (B, T, 3, H, d) "
+                        "with d > 0"));
 }
 
 // float32 attention runs its per-head products on register-tile kernels up to 32 x 32 x 64
@@ -500,8 +531,13 @@ TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
         return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
       },
       {qkv, gq, gk});
-  EXPECT_THROW(qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin), Error);
-  EXPECT_THROW(qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64)), Error);
+  EXPECT_THAT(
+      error_of([&] { qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin); }),
+      HasSubstr("qk_norm_rope: gammas have shapes (6,) and (7,); expected (6,)"));
+  EXPECT_THAT(error_of([&] {
+                qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64));
+              }),
+              HasSubstr("qk_norm_rope: tables have shapes (3,6) and (4,6); expected (3,6)"));
 }
 
 // Joint attention's fused core against what it replaces: qk_norm_rope per modality, concat, then
@@ -594,9 +630,18 @@ TEST(Fused, JointAttentionBadInputsAreErrors) {
                                     ones({7, 7}, DType::boolean));
             }).find("mask has shape (7,7)"),
             std::string::npos);
-  EXPECT_THROW(joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
-                                     {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor()),
-               Error);
+  EXPECT_THAT(message([&] {
+                joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
+                                      {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor());
+              }),
+              HasSubstr("joint_attention: inputs must share one float dtype, got float32 and "
+                        "float64"));
+  EXPECT_THAT(message([&] {
+                joint_attention_fused({q3, q5}, {rng.normal({3}), g}, {g, g}, {t3.cos, t5.cos},
+                                      {t3.sin, t5.sin}, Tensor());
+              }),
+              HasSubstr("joint_attention: gammas of modality 0 have shapes (3,) and (4,); "
+                        "expected (4,)"));
 }
 
 TEST(Fused, Float32AgreesWithTheComposition) {
@@ -796,11 +841,40 @@ TEST(Fused, BadShapesAreErrors) {
         }
       },
       Error);
-  EXPECT_THROW(rms_norm_fused(x, rng.normal({3})), Error);
-  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 5})), Error);
-  EXPECT_THROW(gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4})), Error);
-  EXPECT_THROW(rope(x, rng.normal({3, 4}), rng.normal({3, 4})), Error);
-  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 4}, DType::f64)), Error);
+  EXPECT_THAT(error_of([&] { rms_norm_fused(x, rng.normal({3})); }),
+              HasSubstr("rms_norm: gamma has shape (3,) for input (2,3,4); expected (4,)"));
+  EXPECT_THAT(error_of([&] {
+                swiglu(x, rng.normal({2, 3, 5}));
+              }),
+              HasSubstr("swiglu: shapes (2,3,4) and (2,3,5) differ"));
+  EXPECT_THAT(error_of([&] {
+                swiglu(x, rng.normal({2, 3, 4}, DType::f64));
+              }),
+              HasSubstr("swiglu: inputs must share one float dtype, got float32 and float64"));
+  EXPECT_THAT(error_of([&] {
+                gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4}));
+              }),
+              HasSubstr("gated_residual: residual (2,3,4) and branch (2,4,4) differ"));
+  EXPECT_THAT(error_of([&] {
+                gated_residual(x, rng.normal({3, 1, 4}), rng.normal({2, 3, 4}));
+              }),
+              HasSubstr("gated_residual: gate has shape (3,1,4), which does not broadcast to "
+                        "(2,1,4)"));
+  EXPECT_THAT(error_of([&] {
+                rope(x, rng.normal({3, 4}), rng.normal({3, 4}));
+              }),
+              HasSubstr("rope: input has shape (2,3,4); expected (B, S, H, d) with d even and "
+                        "positive"));
+  EXPECT_THAT(error_of([&] {
+                rope(rng.normal({1, 2, 1, 3}), rng.normal({2, 3}), rng.normal({2, 3}));
+              }),
+              HasSubstr("rope: input has shape (1,2,1,3); expected (B, S, H, d) with d even and "
+                        "positive"));
+  EXPECT_THAT(error_of([&] {
+                rope(rng.normal({2, 3, 1, 4}), rng.normal({5, 4}), rng.normal({3, 4}));
+              }),
+              HasSubstr("rope: tables have shapes (5,4) and (3,4); expected (3,4) for input "
+                        "(2,3,1,4)"));
 }
 
 }  // namespace

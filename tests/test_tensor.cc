@@ -1641,6 +1641,26 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
                 raw::stack({a, zeros({3, 2})}, 0);
               }),
               HasSubstr("stack: shapes (2,3) and (3,2) differ"));
+  // The axis ranges name the positions the new axis may take, not the input's rank.
+  EXPECT_THAT(
+      error_of([] {
+        raw::unsqueeze(zeros({2, 3, 4}), 4);
+      }),
+      HasSubstr("unsqueeze: axis 4 is out of range [-4, 3] for unsqueeze of shape (2,3,4)"));
+  EXPECT_THAT(
+      error_of([] {
+        raw::unsqueeze(zeros({2, 3, 4}), -5);
+      }),
+      HasSubstr("unsqueeze: axis -5 is out of range [-4, 3] for unsqueeze of shape (2,3,4)"));
+  EXPECT_THAT(
+      error_of([&] {
+        raw::stack({a, a}, 3);
+      }),
+      HasSubstr("stack: axis 3 is out of range [-3, 2] for stacking tensors of shape (2,3)"));
+  EXPECT_THAT(error_of([&] {
+                raw::split(a, {4, -1}, 1);
+              }),
+              HasSubstr("split: size -1 (part 1) is negative"));
   EXPECT_THAT(error_of([&] { raw::narrow(a, 1, 2, 2); }),
               HasSubstr("narrow: [2, 4) is outside axis 1 of shape (2,3)"));
   EXPECT_THAT(error_of([&] { raw::slice(a, 0, 0, 2, 0); }),
