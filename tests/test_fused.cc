@@ -784,10 +784,10 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
         dy70);
   };
   // qk_norm_rope: heads in parallel, the gammas' gradients summed over heads after; random
-  // tables.
-  const Tensor qkv6 = rng.normal({2, 6, 3, 4, 32}), dy6 = rng.normal({2, 6, 3, 4, 32});
+  // tables. 24 tokens: fewer would leave each of the 24 head tasks too small to split.
+  const Tensor qkv6 = rng.normal({2, 24, 3, 4, 32}), dy6 = rng.normal({2, 24, 3, 4, 32});
   const Tensor gq6 = rng.normal({32}), gk6 = rng.normal({32});
-  const Tensor cos6 = rng.normal({6, 32}), sin6 = rng.normal({6, 32});
+  const Tensor cos6 = rng.normal({24, 32}), sin6 = rng.normal({24, 32});
   const auto run_qk = [&] {
     return value_and_gradients(
         [&](const auto& in) { return qk_norm_rope(in[0], in[1], in[2], cos6, sin6); },
@@ -799,8 +799,9 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     return value_and_gradients([&](const auto& in) { return rope(in[0], cos64, sin64); }, {x_rope},
                                dy_rope);
   };
-  const Tensor x_lin = rng.normal({64, 256}), w_lin = rng.normal({512, 256}),
-               b_lin = rng.normal({512}), dy_lin = rng.normal({64, 512});
+  // 520 x 512 outputs: enough for the bias rows, not just the product, to split.
+  const Tensor x_lin = rng.normal({520, 256}), w_lin = rng.normal({512, 256}),
+               b_lin = rng.normal({512}), dy_lin = rng.normal({520, 512});
   const auto run_linear = [&] {
     return value_and_gradients([](const auto& in) { return linear_fused(in[0], in[1], in[2]); },
                                {x_lin, w_lin, b_lin}, dy_lin);
