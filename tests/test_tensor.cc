@@ -3,6 +3,7 @@
 // strides (never through the library's own copy or broadcast machinery).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <array>
 
@@ -1209,6 +1210,73 @@ TEST(TensorSoftmax, LargeLogitsKeepTheirLogSumExp) {
         raw::softmax(x, -1), {2, 5},
         [&](const Shape& i) { return std::exp(static_cast<double>(i[1]) - lse); }, tol, tol));
   }
+}
+
+// ---- every compiled SIMD target ----
+
+// The kernels of tensor/simd.cc are compiled for every x86 target Highway supports and picked at
+// run time, so the other tests run only the one this machine picks. Each target this CPU can run
+// is forced in turn (the pattern of test_packed.cc) and held to the naive loops above: every
+// unary op, the binary ops with a step-1 and a step-0 (broadcast) operand, sum, mean, max and
+// var of a row, max's NaN rule, and softmax and log_softmax. The lengths leave every tail length
+// of 4-, 8- and 16-lane vectors, and 130 takes softmax's long-row path.
+TEST(TensorSimdTargets, EveryCompiledTargetMatchesTheNaiveLoops) {
+  int tested = 0;
+  for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    SCOPED_TRACE(hwy::TargetName(target));
+    for (DType t : {DType::f32, DType::f64})
+      for (int64_t n : {1, 3, 5, 7, 9, 17, 33, 63, 130}) {
+        SCOPED_TRACE(str_cat(dtype_name(t), " n=", n));
+        for (const UnaryCase& c : kUnaryCases) {
+          const Tensor x = uniform_tensor({n}, t, 500 + n, c.lo, c.hi);
+          EXPECT_TRUE(matches(
+              raw::unary(c.op, x), {n}, [&](const Shape& i) { return c.ref(at(x, i)); },
+              unary_rtol(t), unary_atol(t)))
+              << c.name;
+        }
+        const Tensor a = uniform_tensor({2, n}, t, 600 + n, -2, 2);
+        check_binary(a, uniform_tensor({2, n}, t, 700 + n, 0.5, 2), {2, n});
+        check_binary(a, uniform_tensor({}, t, 800 + n, 0.5, 2), {2, n});
+        check_binary(uniform_tensor({1}, t, 900 + n, -2, 2),
+                     uniform_tensor({2, n}, t, 1000 + n, 0.5, 2), {2, n});
+        for (Red kind : {Red::sum, Red::mean, Red::max, Red::var}) {
+          const double rtol = t == DType::f32 ? 2e-6 : 1e-13, atol = t == DType::f32 ? 2e-5 : 1e-13;
+          EXPECT_TRUE(matches(reduce(kind, a, {1}, false), {2}, naive_reduce(a, {1}, false, kind),
+                              rtol, atol))
+              << red_name(kind);
+        }
+        std::vector<double> v(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) v[i] = std::sin(1.0 + i);
+        for (int64_t pos = 0; pos < n; ++pos) {
+          const double kept = v[pos];
+          v[pos] = std::nan("");
+          EXPECT_TRUE(std::isnan(raw::max(from_vector(v, {n}, t)).item())) << "NaN at " << pos;
+          v[pos] = kept;
+        }
+        const Tensor x = uniform_tensor({2, n}, t, 1100 + n, -8, 8);
+        const std::vector<double> xv = x.to_vector<double>();
+        const std::vector<double> sm = raw::softmax(x, -1).to_vector<double>();
+        const std::vector<double> lsm = raw::log_softmax(x, -1).to_vector<double>();
+        const double tol = t == DType::f32 ? 1e-6 : 1e-14;
+        for (int64_t r = 0; r < 2; ++r) {
+          double m = -kInf, s = 0;
+          for (int64_t j = 0; j < n; ++j) m = std::max(m, xv[r * n + j]);
+          for (int64_t j = 0; j < n; ++j) s += std::exp(xv[r * n + j] - m);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t i = r * n + j;
+            EXPECT_NEAR(sm[i], std::exp(xv[i] - m) / s, tol) << "softmax " << r << "," << j;
+            EXPECT_NEAR(lsm[i], xv[i] - m - std::log(s), 10 * tol)
+                << "log_softmax " << r << "," << j;
+          }
+        }
+      }
+    ++tested;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+  EXPECT_GE(tested, 2);  // at least AVX2 and one other on any x86-64 CPU this project targets
 }
 
 // ---- matmul ----
