@@ -23,6 +23,7 @@
 #include "tensor/parallel.h"
 #include "tensor/print.h"
 #include "tensor/random.h"
+#include "tensor/simd.h"
 #include "tensor/tensor.h"
 #include "tests/test_util.h"
 
@@ -1214,11 +1215,46 @@ TEST(TensorSoftmax, LargeLogitsKeepTheirLogSumExp) {
 
 // ---- every compiled SIMD target ----
 
+// The row kernels the fused ops call directly (no raw op reaches them on a chosen target):
+// dot, sum_squared_deviation, axpy and scale_shift against double loops, on every tail length;
+// axpy and scale_shift must write nothing past the row.
+template <class T>
+void simd_row_kernels() {
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  for (int64_t n : {1, 3, 5, 7, 9, 17, 33, 63, 130}) {
+    SCOPED_TRACE(str_cat(dtype_name(dtype), " n=", n));
+    const std::vector<T> a = uniform_tensor({n}, dtype, 1200 + n, -2, 2).template to_vector<T>();
+    const std::vector<T> b = uniform_tensor({n}, dtype, 1300 + n, -2, 2).template to_vector<T>();
+    double dot = 0, ssd = 0;
+    const T mean = T(0.25);
+    for (int64_t i = 0; i < n; ++i) {
+      dot += static_cast<double>(a[i]) * b[i];
+      ssd += (static_cast<double>(a[i]) - mean) * (static_cast<double>(a[i]) - mean);
+    }
+    EXPECT_NEAR(simd::dot(a.data(), b.data(), n), dot, tol * n) << "dot";
+    EXPECT_NEAR(simd::sum_squared_deviation(a.data(), mean, n), ssd, tol * n)
+        << "sum_squared_deviation";
+    std::vector<T> out(b);
+    out.push_back(T(-1));  // guard
+    simd::axpy(T(0.75), a.data(), out.data(), n);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_NEAR(out[i], b[i] + 0.75 * static_cast<double>(a[i]), tol) << "axpy " << i;
+    EXPECT_EQ(out[n], T(-1)) << "axpy wrote past its row";
+    out.assign(static_cast<size_t>(n) + 1, T(-1));
+    simd::scale_shift(a.data(), T(1.5), T(-0.5), out.data(), n);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_NEAR(out[i], 1.5 * static_cast<double>(a[i]) - 0.5, tol) << "scale_shift " << i;
+    EXPECT_EQ(out[n], T(-1)) << "scale_shift wrote past its row";
+  }
+}
+
 // The kernels of tensor/simd.cc are compiled for every x86 target Highway supports and picked at
 // run time, so the other tests run only the one this machine picks. Each target this CPU can run
 // is forced in turn (the pattern of test_packed.cc) and held to the naive loops above: every
 // unary op, the binary ops with a step-1 and a step-0 (broadcast) operand, sum, mean, max and
-// var of a row, max's NaN rule, and softmax and log_softmax. The lengths leave every tail length
+// var of a row, max's NaN rule, softmax and log_softmax, and (simd_row_kernels) the kernels
+// only the fused ops call. The lengths leave every tail length
 // of 4-, 8- and 16-lane vectors, and 130 takes softmax's long-row path.
 TEST(TensorSimdTargets, EveryCompiledTargetMatchesTheNaiveLoops) {
   int tested = 0;
@@ -1272,6 +1308,8 @@ TEST(TensorSimdTargets, EveryCompiledTargetMatchesTheNaiveLoops) {
           }
         }
       }
+    simd_row_kernels<float>();
+    simd_row_kernels<double>();
     ++tested;
   }
   hwy::SetSupportedTargetsForTest(0);
