@@ -365,7 +365,7 @@ TEST(InspectProfile, CountsOpsAndMatmulFlops) {
   int matmuls = 0;
   for (const Node& n : tape.nodes()) {
     // 256 x 128 x 512 takes microseconds; the cheap ops may round to no time at all.
-    if (n.op == "matmul") {
+    if (std::string(n.op) == "matmul") {
       ++matmuls;
       EXPECT_GT(n.forward_seconds, 0.0) << "matmul node";
     }
