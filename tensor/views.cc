@@ -116,6 +116,10 @@ Tensor squeeze(const Tensor& t, int64_t axis) {
 }
 
 Tensor unsqueeze(const Tensor& t, int64_t axis) {
+  // The new axis may go anywhere in the result's dim() + 1 positions.
+  MMDIT_CHECK(axis >= -(t.dim() + 1) && axis <= t.dim(), "unsqueeze: axis ", axis,
+              " is out of range [", -(t.dim() + 1), ", ", t.dim(), "] for unsqueeze of shape ",
+              shape_str(t.shape()));
   axis = normalize_axis(axis, t.dim() + 1, "unsqueeze");
   Shape shape = t.shape(), strides = t.strides();
   int64_t stride = axis < t.dim() ? t.strides()[axis] * t.shape()[axis] : 1;
@@ -184,7 +188,10 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
 int64_t split_axis(const Shape& shape, const std::vector<int64_t>& sizes, int64_t axis) {
   axis = normalize_axis(axis, shape, "split");
   int64_t total = 0;
-  for (int64_t s : sizes) total += s;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    MMDIT_CHECK(sizes[i] >= 0, "split: size ", sizes[i], " (part ", i, ") is negative");
+    total += sizes[i];
+  }
   MMDIT_CHECK(total == shape[axis], "split: sizes add up to ", total, " but axis ", axis,
               " of shape ", shape_str(shape), " has ", shape[axis]);
   return axis;
@@ -203,7 +210,11 @@ std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, in
 
 Tensor stack(const std::vector<Tensor>& parts, int64_t axis) {
   MMDIT_CHECK(!parts.empty(), "stack: no tensors given");
-  axis = normalize_axis(axis, parts[0].dim() + 1, "stack");
+  const int64_t dim = parts[0].dim();
+  MMDIT_CHECK(axis >= -(dim + 1) && axis <= dim, "stack: axis ", axis, " is out of range [",
+              -(dim + 1), ", ", dim, "] for stacking tensors of shape ",
+              shape_str(parts[0].shape()));
+  axis = normalize_axis(axis, dim + 1, "stack");
   std::vector<Tensor> expanded;
   for (const Tensor& p : parts) {
     MMDIT_CHECK(p.shape() == parts[0].shape(), "stack: shapes ", shape_str(parts[0].shape()),

@@ -334,10 +334,30 @@ TEST(AutodiffOps, SplitChecksItsSizes) {
               }),
               HasSubstr("split: sizes add up to 2 but axis 1 of shape (2,3) has 3"));
   EXPECT_THAT(error_of([&] { split(x, {1, 3}, 2); }), HasSubstr("split: axis 2 is out of range"));
-  EXPECT_THROW(split(x, {4, -1}, 1), Error);  // adds up, but a part would pass the end
+  // Adds up, but a part would pass the end: the negative size is named, not the narrow it makes.
+  EXPECT_THAT(error_of([&] {
+                split(x, {4, -1}, 1);
+              }),
+              HasSubstr("split: size -1 (part 1) is negative"));
   const std::vector<Tensor> parts = split(x, {1, 2}, 1);
   ASSERT_EQ(parts.size(), 2u);
   EXPECT_EQ(parts[1].shape(), Shape({2, 2}));
+}
+
+// The autodiff stack names its own inputs' shapes, as raw::stack does, not those of the
+// unsqueezed parts it concatenates.
+TEST(AutodiffOps, StackChecksShapesAndAxis) {
+  EXPECT_THAT(error_of([] {
+                stack({zeros({2, 3}), zeros({3, 2})}, 0);
+              }),
+              HasSubstr("stack: shapes (2,3) and (3,2) differ"));
+  EXPECT_THAT(
+      error_of([] {
+        stack({zeros({2, 3}), zeros({2, 3})}, 3);
+      }),
+      HasSubstr("stack: axis 3 is out of range [-3, 2] for stacking tensors of shape (2,3)"));
+  EXPECT_EQ(stack({zeros({2, 3}), zeros({2, 3})}, -3).shape(), Shape({2, 2, 3}));
+  EXPECT_EQ(stack({zeros({2, 3}), zeros({2, 3})}, 2).shape(), Shape({2, 3, 2}));
 }
 
 TEST(AutodiffGradient, WatchRejectsBoolAndUndefined) {

@@ -1,6 +1,7 @@
 // The fused ops against their definitions: values equal the composition of plain ops (in
 // float64, to rounding), gradients pass central differences, and the parallel paths (large
 // inputs on two threads) agree with one thread.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cfloat>
@@ -17,7 +18,9 @@
 namespace mmdit {
 namespace {
 
+using test::error_of;
 using test::max_abs_diff;
+using testing::HasSubstr;
 
 // The plain-op definitions the fused ops must equal.
 Tensor reference_layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
@@ -36,11 +39,47 @@ Tensor reference_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return nn::apply_rope(x, unsqueeze(cos, 1), unsqueeze(sin, 1));
 }
 
+// Token i may attend to tokens j <= i; with first_row_masked, token 0 to none (its row must come
+// out uniform, with no gradient through it).
+Tensor causal_mask(int64_t T, bool first_row_masked = false) {
+  Tensor mask = ones({T, T}, DType::boolean);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < T; ++j)
+      mask.data<bool>()[i * T + j] = j <= i && !(first_row_masked && i == 0);
+  return mask;
+}
+
+// Central differences on every element of every float input (or `options.sample` of each): a
+// gradcheck that silently covered fewer elements fails the count.
 void expect_gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
-                      const std::vector<Tensor>& inputs) {
-  const GradcheckResult r = gradcheck(f, inputs);
+                      const std::vector<Tensor>& inputs, const GradcheckOptions& options = {}) {
+  int64_t elements = 0;
+  for (const Tensor& t : inputs)
+    if (is_floating(t.dtype()))
+      elements += options.sample < 0 ? t.numel() : std::min(options.sample, t.numel());
+  const GradcheckResult r = gradcheck(f, inputs, options);
   EXPECT_TRUE(r.ok) << r.report();
-  EXPECT_GT(r.checked, 0);
+  EXPECT_EQ(r.checked, elements) << r.report();
+}
+
+// The tape's gradients of sum(f(inputs) * dy) with respect to every input.
+std::vector<Tensor> gradients_of(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                 const std::vector<Tensor>& inputs, const Tensor& dy) {
+  Tape tape;
+  for (const Tensor& x : inputs) tape.watch(x);
+  return tape.gradient(sum(f(inputs) * dy), inputs);
+}
+
+// The fused op's gradients against the tape's gradients of its plain-op definition, input by
+// input, on the same cotangent.
+void expect_same_gradients(const char* name,
+                           const std::function<Tensor(const std::vector<Tensor>&)>& fused,
+                           const std::function<Tensor(const std::vector<Tensor>&)>& definition,
+                           const std::vector<Tensor>& inputs, const Tensor& dy, double tolerance) {
+  const std::vector<Tensor> got = gradients_of(fused, inputs, dy);
+  const std::vector<Tensor> expected = gradients_of(definition, inputs, dy);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_LT(max_abs_diff(got[i], expected[i]), tolerance) << name << ": gradient of input " << i;
 }
 
 TEST(Fused, LinearMatchesDefinitionAndGradients) {
@@ -61,8 +100,15 @@ TEST(Fused, LinearMatchesDefinitionAndGradients) {
   const Tensor xt = transpose(rng.normal({4, 3}, DType::f64), 0, 1);
   const Tensor w_block = narrow(rng.normal({10, 4}, DType::f64), 0, 5, 5);
   EXPECT_LT(max_abs_diff(linear_fused(xt, w_block), matmul(xt, transpose(w_block, 0, 1))), 1e-13);
-  EXPECT_THROW(linear_fused(rng.normal({3, 5}), rng.normal({5, 4})), Error);
-  EXPECT_THROW(linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4})), Error);
+  EXPECT_THAT(error_of([&] {
+                linear_fused(rng.normal({3, 5}), rng.normal({5, 4}));
+              }),
+              HasSubstr("linear: input (3,5) does not end in the weight's in-features 4 (weight "
+                        "(5,4))"));
+  EXPECT_THAT(error_of([&] {
+                linear_fused(rng.normal({3, 4}), rng.normal({5, 4}), rng.normal({4}));
+              }),
+              HasSubstr("linear: bias has shape (4,) and dtype float32; expected (5,) float32"));
 }
 
 // Two modalities' linears in one call, one with a bias and one without: each output is its own
@@ -73,8 +119,9 @@ TEST(Fused, LinearEachMatchesTheSeparateLinearsAndGradients) {
   const Tensor w0 = rng.normal({7, 4}, DType::f64), w1 = rng.normal({3, 6}, DType::f64);
   const Tensor b0 = rng.normal({7}, DType::f64);
   const std::vector<Tensor> ys = linear_fused_each({x0, x1}, {w0, w1}, {b0, Tensor()});
-  EXPECT_LT(max_abs_diff(ys[0], linear_fused(x0, w0, b0)), 1e-14);
-  EXPECT_LT(max_abs_diff(ys[1], linear_fused(x1, w1)), 1e-14);
+  // Against the definition, not linear_fused: both run the same checked_linear.
+  EXPECT_LT(max_abs_diff(ys[0], matmul(x0, transpose(w0, 0, 1)) + b0), 1e-13);
+  EXPECT_LT(max_abs_diff(ys[1], matmul(x1, transpose(w1, 0, 1))), 1e-13);
   EXPECT_FALSE(linear_fused_each({Tensor(), x1}, {w0, w1}, {b0, Tensor()})[0].defined());
   expect_gradcheck(
       [](const std::vector<Tensor>& in) {
@@ -153,6 +200,144 @@ TEST(Fused, GatedResidualMatchesDefinitionAndGradients) {
   }
 }
 
+// rms_norm sums dgamma in blocks of 256 rows, then the blocks in order: 600 rows make three
+// blocks, the last one ragged.
+TEST(Fused, RmsNormGradientsOverSeveralRowBlocks) {
+  Rng rng(22);
+  const Tensor x = rng.normal({600, 5}, DType::f64), gamma = rng.normal({5}, DType::f64);
+  expect_same_gradients(
+      "rms_norm", [](const auto& in) { return rms_norm_fused(in[0], in[1]); },
+      [](const auto& in) { return reference_rms_norm(in[0], in[1]); }, {x, gamma},
+      rng.normal({600, 5}, DType::f64), 1e-12);
+}
+
+// swiglu's backward runs in blocks of 1024 elements: 2500 make three, the last one ragged.
+TEST(Fused, SwigluGradientsOverSeveralBlocks) {
+  Rng rng(23);
+  const Tensor a = rng.normal({50, 50}, DType::f64), g = rng.normal({50, 50}, DType::f64, 0, 3);
+  expect_same_gradients(
+      "swiglu", [](const auto& in) { return swiglu(in[0], in[1]); },
+      [](const auto& in) { return reference_swiglu(in[0], in[1]); }, {a, g},
+      rng.normal({50, 50}, DType::f64), 1e-12);
+}
+
+// gated_residual computes only the gradients the tape asks for: with the gate constant, and with
+// only the gate watched, against the closed forms d/dx = dy, d/dy = dy gate, d/dgate = sum_S dy y.
+TEST(Fused, GatedResidualGradientsOfSomeInputs) {
+  Rng rng(24);
+  const Tensor x = rng.normal({2, 3, 5}, DType::f64), y = rng.normal({2, 3, 5}, DType::f64);
+  const Tensor dy = rng.normal({2, 3, 5}, DType::f64);
+  for (const Shape& gate_shape : {Shape{2, 1, 5}, Shape{5}}) {
+    SCOPED_TRACE("gate " + shape_str(gate_shape));
+    const Tensor gate = rng.normal(gate_shape, DType::f64);
+    {
+      Tape tape;
+      tape.watch(x), tape.watch(y);
+      const std::vector<Tensor> g = tape.gradient(sum(gated_residual(x, gate, y) * dy), {x, y});
+      EXPECT_EQ(max_abs_diff(g[0], dy), 0.0) << "d/dx with the gate constant";
+      EXPECT_LT(max_abs_diff(g[1], raw::mul(dy, gate)), 1e-15) << "d/dy with the gate constant";
+    }
+    {
+      Tape tape;
+      tape.watch(gate);
+      const Tensor g = tape.gradient(sum(gated_residual(x, gate, y) * dy), {gate})[0];
+      const Tensor expected = gate_shape.size() == 3 ? raw::sum(raw::mul(dy, y), {1}, true)
+                                                     : raw::sum(raw::mul(dy, y), {0, 1}, false);
+      EXPECT_LT(max_abs_diff(g, expected), 1e-14) << "d/dgate with x and y constant";
+    }
+  }
+}
+
+// Unbatched (S, D) tokens with (1, D) parameters, and one (D,) token with a (2D,) shift_scale.
+TEST(Fused, LayerNormModulateGradientsOnUnbatchedInputs) {
+  Rng rng(25);
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1], in[2]); },
+      {rng.normal({5, 8}, DType::f64), rng.normal({1, 8}, DType::f64),
+       rng.normal({1, 8}, DType::f64)});
+  const Tensor x = rng.normal({8}, DType::f64), shift_scale = rng.normal({16}, DType::f64);
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x, shift_scale),
+                         reference_layer_norm_modulate(x, narrow(shift_scale, 0, 0, 8),
+                                                       narrow(shift_scale, 0, 8, 8))),
+            1e-12);
+  expect_gradcheck([](const std::vector<Tensor>& in) { return layer_norm_modulate(in[0], in[1]); },
+                   {x, shift_scale});
+}
+
+// linear_fused reads a transposed input and a row block of a weight (as JointAttention does)
+// through views: their gradients must land on the right elements of the underlying tensors.
+TEST(Fused, LinearGradientsThroughNonContiguousInputs) {
+  Rng rng(26);
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) {
+        return linear_fused(transpose(in[0], 0, 1), narrow(in[1], 0, 5, 5));
+      },
+      {rng.normal({4, 3}, DType::f64), rng.normal({10, 4}, DType::f64)});
+  expect_gradcheck(
+      [](const std::vector<Tensor>& in) {
+        return linear_fused(transpose(in[0], 0, 1), narrow(in[1], 0, 5, 5), in[2]);
+      },
+      {rng.normal({4, 3}, DType::f64), rng.normal({10, 4}, DType::f64),
+       rng.normal({5}, DType::f64)});
+}
+
+// Every test above passes the default eps, which the references also default to: an op that
+// ignored its eps argument would pass them. At eps 0.5 on inputs of scale 0.05 the outputs differ
+// from the default-eps ones by O(1).
+TEST(Fused, NonDefaultEpsMatchesTheComposition) {
+  Rng rng(27);
+  const double eps = 0.5;
+  const Tensor x = rng.normal({3, 4, 6}, DType::f64, 0, 0.05);
+  const Tensor shift = rng.normal({3, 1, 6}, DType::f64), scale = rng.normal({3, 1, 6}, DType::f64);
+  const Tensor gamma = rng.normal({6}, DType::f64);
+  const auto ln_definition = [eps](const std::vector<Tensor>& in) {
+    return nn::layer_norm(in[0], eps) * (1.0 + in[2]) + in[1];
+  };
+  const auto rms_definition = [eps](const Tensor& x, const Tensor& gamma) {
+    return x * rsqrt(mean(square(x), {-1}, true) + eps) * gamma;
+  };
+  const Tensor ln = layer_norm_modulate(x, shift, scale, eps);
+  EXPECT_GT(max_abs_diff(ln, layer_norm_modulate(x, shift, scale)), 0.1) << "eps has no effect";
+  EXPECT_LT(max_abs_diff(ln, ln_definition({x, shift, scale})), 1e-13) << "layer_norm_modulate";
+  expect_same_gradients(
+      "layer_norm_modulate",
+      [eps](const auto& in) { return layer_norm_modulate(in[0], in[1], in[2], eps); },
+      ln_definition, {x, shift, scale}, rng.normal({3, 4, 6}, DType::f64), 1e-12);
+
+  const Tensor rms = rms_norm_fused(x, gamma, eps);
+  EXPECT_GT(max_abs_diff(rms, rms_norm_fused(x, gamma)), 0.1) << "eps has no effect";
+  EXPECT_LT(max_abs_diff(rms, rms_definition(x, gamma)), 1e-13) << "rms_norm";
+  expect_same_gradients(
+      "rms_norm", [eps](const auto& in) { return rms_norm_fused(in[0], in[1], eps); },
+      [&](const auto& in) { return rms_definition(in[0], in[1]); }, {x, gamma},
+      rng.normal({3, 4, 6}, DType::f64), 1e-12);
+
+  // qk_norm_rope and joint attention on (B, S, 3, H, d) = (2, 4, 3, 2, 6) and (2, 3, 3, 2, 6).
+  const std::vector<Tensor> qkv = {rng.normal({2, 4, 3, 2, 6}, DType::f64, 0, 0.05),
+                                   rng.normal({2, 3, 3, 2, 6}, DType::f64, 0, 0.05)};
+  const std::vector<Tensor> gq = {rng.normal({6}, DType::f64), rng.normal({6}, DType::f64)},
+                            gk = {rng.normal({6}, DType::f64), rng.normal({6}, DType::f64)};
+  const std::vector<Tensor> cos = {rng.normal({4, 6}, DType::f64), rng.normal({3, 6}, DType::f64)},
+                            sin = {rng.normal({4, 6}, DType::f64), rng.normal({3, 6}, DType::f64)};
+  std::vector<Tensor> parts;
+  for (size_t m = 0; m < 2; ++m) {
+    auto part = [&](int64_t i) { return squeeze(narrow(qkv[m], 2, i, 1), 2); };
+    parts.push_back(stack({reference_rope(rms_definition(part(0), gq[m]), cos[m], sin[m]),
+                           reference_rope(rms_definition(part(1), gk[m]), cos[m], sin[m]), part(2)},
+                          2));
+    const Tensor got = qk_norm_rope(qkv[m], gq[m], gk[m], cos[m], sin[m], eps);
+    EXPECT_GT(max_abs_diff(got, qk_norm_rope(qkv[m], gq[m], gk[m], cos[m], sin[m])), 0.1)
+        << "eps has no effect";
+    EXPECT_LT(max_abs_diff(got, parts[m]), 1e-13) << "qk_norm_rope, modality " << m;
+  }
+  const Tensor causal = causal_mask(7);
+  for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom})
+    EXPECT_LT(max_abs_diff(joint_attention_fused(qkv, gq, gk, cos, sin, causal, eps, blocked_from),
+                           attention_packed(concat(parts, 1), causal)),
+              1e-13)
+        << "joint attention, blocked from " << blocked_from;
+}
+
 TEST(Fused, RopeMatchesDefinitionAndGradients) {
   Rng rng(5);
   const nn::RopeTables t = nn::rope_tables(4, 6, DType::f64);
@@ -161,20 +346,33 @@ TEST(Fused, RopeMatchesDefinitionAndGradients) {
   expect_gradcheck([t](const std::vector<Tensor>& in) { return rope(in[0], t.cos, t.sin); }, {x});
 }
 
+// nn::rope_tables repeats each half (cos[j] == cos[j + d/2]), so with them a kernel reading the
+// wrong half of a table gives the right numbers. The ops take any (S, d) tables: random ones have
+// no such symmetry.
+TEST(Fused, RopeAndQkNormRopeWithAsymmetricTables) {
+  Rng rng(21);
+  const int64_t S = 4, d = 6;
+  const Tensor c = rng.normal({S, d}, DType::f64), s = rng.normal({S, d}, DType::f64);
+  const Tensor x = rng.normal({2, S, 3, d}, DType::f64);
+  EXPECT_LT(max_abs_diff(rope(x, c, s), reference_rope(x, c, s)), 1e-14);
+  expect_gradcheck([&](const std::vector<Tensor>& in) { return rope(in[0], c, s); }, {x});
+
+  const Tensor qkv = rng.normal({2, S, 3, 2, d}, DType::f64);
+  const Tensor gq = rng.normal({d}, DType::f64), gk = rng.normal({d}, DType::f64);
+  auto part = [&](int64_t i) { return squeeze(narrow(qkv, 2, i, 1), 2); };
+  const Tensor expected = stack({reference_rope(reference_rms_norm(part(0), gq), c, s),
+                                 reference_rope(reference_rms_norm(part(1), gk), c, s), part(2)},
+                                2);
+  EXPECT_LT(max_abs_diff(qk_norm_rope(qkv, gq, gk, c, s), expected), 1e-13);
+  expect_gradcheck(
+      [&](const std::vector<Tensor>& in) { return qk_norm_rope(in[0], in[1], in[2], c, s); },
+      {qkv, gq, gk});
+}
+
 // nn::attention works on (B, H, T, d); the fused op on (B, T, H, d).
 Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
   auto heads_first = [](const Tensor& t) { return permute(t, {0, 2, 1, 3}); };
   return permute(nn::attention(heads_first(q), heads_first(k), heads_first(v), mask), {0, 2, 1, 3});
-}
-
-// Token i may attend to tokens j <= i; with first_row_masked, token 0 to none (its row must come
-// out uniform, with no gradient through it).
-Tensor causal_mask(int64_t T, bool first_row_masked = false) {
-  Tensor mask = ones({T, T}, DType::boolean);
-  for (int64_t i = 0; i < T; ++i)
-    for (int64_t j = 0; j < T; ++j)
-      mask.data<bool>()[i * T + j] = j <= i && !(first_row_masked && i == 0);
-  return mask;
 }
 
 TEST(Fused, AttentionMatchesDefinitionAndGradients) {
@@ -195,9 +393,21 @@ TEST(Fused, AttentionMatchesDefinitionAndGradients) {
         {q, k, v});
   }
   const Tensor q = rng.normal({B, T, H, d});
-  EXPECT_THROW(attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor()), Error);
-  EXPECT_THROW(attention_fused(q, q, q, ones({T, T + 1}, DType::boolean)), Error);
-  EXPECT_THROW(attention_fused(q, q, q, ones({T, T})), Error);  // a float mask
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, rng.normal({B, T, H, 2}), Tensor());
+              }),
+              HasSubstr("attention: q, k, v have shapes (2,5,3,4), (2,5,3,4), (2,5,3,2); expected "
+                        "one (B, T, H, d) shape"));
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, q, ones({T, T + 1}, DType::boolean));
+              }),
+              HasSubstr("attention: mask has shape (5,6) and dtype bool; expected bool (5,5) or "
+                        "(2,5,5)"));
+  EXPECT_THAT(error_of([&] {
+                attention_fused(q, q, q, ones({T, T}));
+              }),  // a float mask
+              HasSubstr("attention: mask has shape (5,5) and dtype float32; expected bool (5,5) or "
+                        "(2,5,5)"));
 }
 
 // Packed (B, T, 3, H, d) q/k/v give what the three separate tensors give.
@@ -214,7 +424,16 @@ TEST(Fused, PackedAttentionMatchesSeparateAndGradients) {
     expect_gradcheck(
         [mask](const std::vector<Tensor>& in) { return attention_packed(in[0], mask); }, {qkv});
   }
-  EXPECT_THROW(attention_packed(rng.normal({B, T, 2, H, d}), Tensor()), Error);
+  EXPECT_THAT(error_of([&] {
+                attention_packed(rng.normal({B, T, 2, H, d}), Tensor());
+              }),
+              HasSubstr("attention: packed qkv has shape (2,4,2,2,4); expected (B, T, 3, H, d) "
+                        "with d > 0"));
+  EXPECT_THAT(error_of([&] {
+                attention_packed(zeros({1, 2, 3, 1, 0}), Tensor());
+              }),
+              HasSubstr("attention: packed qkv has shape (1,2,3,1,0); expected (B, T, 3, H, d) "
+                        "with d > 0"));
 }
 
 // float32 attention runs its per-head products on register-tile kernels up to 32 x 32 x 64
@@ -312,8 +531,13 @@ TEST(Fused, QkNormRopeMatchesDefinitionAndGradients) {
         return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
       },
       {qkv, gq, gk});
-  EXPECT_THROW(qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin), Error);
-  EXPECT_THROW(qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64)), Error);
+  EXPECT_THAT(
+      error_of([&] { qk_norm_rope(qkv, gq, rng.normal({d + 1}, DType::f64), t.cos, t.sin); }),
+      HasSubstr("qk_norm_rope: gammas have shapes (6,) and (7,); expected (6,)"));
+  EXPECT_THAT(error_of([&] {
+                qk_norm_rope(qkv, gq, gk, t.cos, rng.normal({S + 1, d}, DType::f64));
+              }),
+              HasSubstr("qk_norm_rope: tables have shapes (3,6) and (4,6); expected (3,6)"));
 }
 
 // Joint attention's fused core against what it replaces: qk_norm_rope per modality, concat, then
@@ -330,9 +554,9 @@ TEST(Fused, JointAttentionMatchesTheCompositionAndGradients) {
     qkv.push_back(rng.normal({B, S, 3, H, d}, DType::f64));
     gq.push_back(rng.normal({d}, DType::f64));
     gk.push_back(rng.normal({d}, DType::f64));
-    const nn::RopeTables t = nn::rope_tables(S, d, DType::f64);
-    cos.push_back(t.cos);
-    sin.push_back(t.sin);
+    // Random tables: the models' halves-repeating ones would hide a half-swapped index.
+    cos.push_back(rng.normal({S, d}, DType::f64));
+    sin.push_back(rng.normal({S, d}, DType::f64));
   }
   const auto composition = [&](const std::vector<Tensor>& in, const Tensor& mask) {
     std::vector<Tensor> parts;
@@ -406,9 +630,18 @@ TEST(Fused, JointAttentionBadInputsAreErrors) {
                                     ones({7, 7}, DType::boolean));
             }).find("mask has shape (7,7)"),
             std::string::npos);
-  EXPECT_THROW(joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
-                                     {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor()),
-               Error);
+  EXPECT_THAT(message([&] {
+                joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
+                                      {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor());
+              }),
+              HasSubstr("joint_attention: inputs must share one float dtype, got float32 and "
+                        "float64"));
+  EXPECT_THAT(message([&] {
+                joint_attention_fused({q3, q5}, {rng.normal({3}), g}, {g, g}, {t3.cos, t5.cos},
+                                      {t3.sin, t5.sin}, Tensor());
+              }),
+              HasSubstr("joint_attention: gammas of modality 0 have shapes (3,) and (4,); "
+                        "expected (4,)"));
 }
 
 TEST(Fused, Float32AgreesWithTheComposition) {
@@ -421,6 +654,22 @@ TEST(Fused, Float32AgreesWithTheComposition) {
   const Tensor gamma = rng.normal({64});
   EXPECT_LT(max_abs_diff(rms_norm_fused(x, gamma), reference_rms_norm(x, gamma)), 1e-5);
   EXPECT_LT(max_abs_diff(swiglu(x, shift * x), reference_swiglu(x, shift * x)), 1e-5);
+  // D = 37 is no multiple of any vector width: the kernels' remainder iterations run.
+  const Tensor x37 = rng.normal({3, 5, 37}), shift_scale37 = rng.normal({3, 1, 74});
+  const Tensor shift37 = narrow(shift_scale37, -1, 0, 37),
+               scale37 = narrow(shift_scale37, -1, 37, 37);
+  EXPECT_LT(max_abs_diff(layer_norm_modulate(x37, shift_scale37),
+                         reference_layer_norm_modulate(x37, shift37, scale37)),
+            1e-5)
+      << "layer_norm_modulate, D = 37";
+  const Tensor gamma37 = rng.normal({37});
+  EXPECT_LT(max_abs_diff(rms_norm_fused(x37, gamma37), reference_rms_norm(x37, gamma37)), 1e-5)
+      << "rms_norm, D = 37";
+  const Tensor y37 = rng.normal({3, 5, 37});
+  EXPECT_LT(
+      max_abs_diff(gated_residual(x37, scale37, y37), reference_gated_residual(x37, scale37, y37)),
+      1e-5)
+      << "gated_residual, D = 37";
 }
 
 // The float32 backward kernels have SIMD loops of their own, which the float64 gradchecks never
@@ -457,6 +706,16 @@ TEST(Fused, Float32GradientsAgreeWithFloat64) {
   expect_agreement("gated_residual",
                    [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
                    {x, rng.normal({4, 1, 64}, DType::f64), rng.normal({4, 16, 64}, DType::f64)});
+  // D = 37 is no multiple of any vector width: the kernels' remainder iterations run.
+  const Tensor x37 = rng.normal({3, 5, 37}, DType::f64, 0.3, 1.5);
+  expect_agreement("layer_norm_modulate, D = 37",
+                   [](const auto& in) { return layer_norm_modulate(in[0], in[1]); },
+                   {x37, rng.normal({3, 1, 74}, DType::f64)});
+  expect_agreement("rms_norm, D = 37", [](const auto& in) { return rms_norm_fused(in[0], in[1]); },
+                   {x37, rng.normal({37}, DType::f64)});
+  expect_agreement("gated_residual, D = 37",
+                   [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
+                   {x37, rng.normal({3, 1, 37}, DType::f64), rng.normal({3, 5, 37}, DType::f64)});
   expect_agreement(
       "joint_attention",
       [](const auto& in) {
@@ -506,15 +765,67 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     out.push_back(y);
     return out;
   };
+  // The value and the gradients of sum(f(inputs) * dy) (the value last).
+  const auto value_and_gradients = [](const std::function<Tensor(const std::vector<Tensor>&)>& f,
+                                      const std::vector<Tensor>& inputs, const Tensor& dy) {
+    Tape tape;
+    for (const Tensor& x : inputs) tape.watch(x);
+    const Tensor y = f(inputs);
+    std::vector<Tensor> out = tape.gradient(sum(y * dy), inputs);
+    out.push_back(y);
+    return out;
+  };
+  // Packed attention on 70 tokens, blocked (per-thread scratch) and saving probabilities.
+  const Tensor qkv70 = rng.normal({2, 70, 3, 2, 8}), dy70 = rng.normal({2, 70, 2, 8});
+  const Tensor causal70 = causal_mask(70);
+  const auto run_packed = [&](int64_t blocked_from) {
+    return value_and_gradients(
+        [&](const auto& in) { return attention_packed(in[0], causal70, blocked_from); }, {qkv70},
+        dy70);
+  };
+  // qk_norm_rope: heads in parallel, the gammas' gradients summed over heads after; random
+  // tables. 24 tokens: fewer would leave each of the 24 head tasks too small to split.
+  const Tensor qkv6 = rng.normal({2, 24, 3, 4, 32}), dy6 = rng.normal({2, 24, 3, 4, 32});
+  const Tensor gq6 = rng.normal({32}), gk6 = rng.normal({32});
+  const Tensor cos6 = rng.normal({24, 32}), sin6 = rng.normal({24, 32});
+  const auto run_qk = [&] {
+    return value_and_gradients(
+        [&](const auto& in) { return qk_norm_rope(in[0], in[1], in[2], cos6, sin6); },
+        {qkv6, gq6, gk6}, dy6);
+  };
+  const Tensor x_rope = rng.normal({8, 64, 4, 32}), dy_rope = rng.normal({8, 64, 4, 32});
+  const Tensor cos64 = rng.normal({64, 32}), sin64 = rng.normal({64, 32});
+  const auto run_rope = [&] {
+    return value_and_gradients([&](const auto& in) { return rope(in[0], cos64, sin64); }, {x_rope},
+                               dy_rope);
+  };
+  // 520 x 512 outputs: enough for the bias rows, not just the product, to split.
+  const Tensor x_lin = rng.normal({520, 256}), w_lin = rng.normal({512, 256}),
+               b_lin = rng.normal({512}), dy_lin = rng.normal({520, 512});
+  const auto run_linear = [&] {
+    return value_and_gradients([](const auto& in) { return linear_fused(in[0], in[1], in[2]); },
+                               {x_lin, w_lin, b_lin}, dy_lin);
+  };
+  const std::vector<std::pair<const char*, std::function<std::vector<Tensor>()>>> cases = {
+      {"norms, swiglu and gated residual", run},
+      {"joint attention", run_attention},
+      {"attention_packed blocked from 1", [&] { return run_packed(1); }},
+      {"attention_packed blocked from 512", [&] { return run_packed(512); }},
+      {"qk_norm_rope", run_qk},
+      {"rope", run_rope},
+      {"linear_fused", run_linear}};
   const int threads = num_threads();
-  set_num_threads(1);
-  const std::vector<Tensor> one = run(), attention_one = run_attention();
-  set_num_threads(2);
-  const std::vector<Tensor> two = run(), attention_two = run_attention();
-  set_num_threads(threads);
-  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0) << i;
-  for (size_t i = 0; i < attention_one.size(); ++i)
-    EXPECT_EQ(max_abs_diff(attention_one[i], attention_two[i]), 0.0) << "joint attention " << i;
+  for (const auto& [name, f] : cases) {
+    set_num_threads(1);
+    const std::vector<Tensor> one = f();
+    set_num_threads(2);
+    const std::vector<Tensor> two = f();
+    set_num_threads(threads);
+    ASSERT_EQ(one.size(), two.size()) << name;
+    for (size_t i = 0; i < one.size(); ++i)
+      EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0)
+          << name << ": " << (i + 1 == one.size() ? "value" : str_cat("gradient ", i));
+  }
 }
 
 TEST(Fused, BadShapesAreErrors) {
@@ -531,11 +842,40 @@ TEST(Fused, BadShapesAreErrors) {
         }
       },
       Error);
-  EXPECT_THROW(rms_norm_fused(x, rng.normal({3})), Error);
-  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 5})), Error);
-  EXPECT_THROW(gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4})), Error);
-  EXPECT_THROW(rope(x, rng.normal({3, 4}), rng.normal({3, 4})), Error);
-  EXPECT_THROW(swiglu(x, rng.normal({2, 3, 4}, DType::f64)), Error);
+  EXPECT_THAT(error_of([&] { rms_norm_fused(x, rng.normal({3})); }),
+              HasSubstr("rms_norm: gamma has shape (3,) for input (2,3,4); expected (4,)"));
+  EXPECT_THAT(error_of([&] {
+                swiglu(x, rng.normal({2, 3, 5}));
+              }),
+              HasSubstr("swiglu: shapes (2,3,4) and (2,3,5) differ"));
+  EXPECT_THAT(error_of([&] {
+                swiglu(x, rng.normal({2, 3, 4}, DType::f64));
+              }),
+              HasSubstr("swiglu: inputs must share one float dtype, got float32 and float64"));
+  EXPECT_THAT(error_of([&] {
+                gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4}));
+              }),
+              HasSubstr("gated_residual: residual (2,3,4) and branch (2,4,4) differ"));
+  EXPECT_THAT(error_of([&] {
+                gated_residual(x, rng.normal({3, 1, 4}), rng.normal({2, 3, 4}));
+              }),
+              HasSubstr("gated_residual: gate has shape (3,1,4), which does not broadcast to "
+                        "(2,1,4)"));
+  EXPECT_THAT(error_of([&] {
+                rope(x, rng.normal({3, 4}), rng.normal({3, 4}));
+              }),
+              HasSubstr("rope: input has shape (2,3,4); expected (B, S, H, d) with d even and "
+                        "positive"));
+  EXPECT_THAT(error_of([&] {
+                rope(rng.normal({1, 2, 1, 3}), rng.normal({2, 3}), rng.normal({2, 3}));
+              }),
+              HasSubstr("rope: input has shape (1,2,1,3); expected (B, S, H, d) with d even and "
+                        "positive"));
+  EXPECT_THAT(error_of([&] {
+                rope(rng.normal({2, 3, 1, 4}), rng.normal({5, 4}), rng.normal({3, 4}));
+              }),
+              HasSubstr("rope: tables have shapes (5,4) and (3,4); expected (3,4) for input "
+                        "(2,3,1,4)"));
 }
 
 }  // namespace

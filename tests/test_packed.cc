@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "autodiff/fused.h"
 #include "nn/functional.h"
@@ -180,115 +181,129 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
   EXPECT_GE(tested, 2);  // at least AVX2 and one other on any x86-64 CPU this project targets
 }
 
+// The checks of AttentionRows (below) on the target in use, in float32 or float64; tight for
+// values of order 1, loose for sums over a row.
+template <class T>
+void check_attention_rows(const std::string& name, Rng& rng) {
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  const double tight = std::is_same_v<T, float> ? 1e-6 : 1e-14;
+  const double loose = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  const T scale = T(0.125);
+  for (const int64_t n : {5, 18, 37}) {
+    for (const int pattern : {0, 1, 2}) {  // every other allowed, none allowed, no mask
+      const std::vector<T> logits = rng.normal({n}, dtype, 0, 4).template to_vector<T>();
+      const std::vector<T> dp = rng.normal({n}, dtype).template to_vector<T>();
+      std::vector<T> allowed(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) allowed[j] = pattern == 0 ? static_cast<T>(j % 2) : 0;
+      const T* mask = pattern == 2 ? nullptr : allowed.data();
+      std::vector<double> expected(static_cast<size_t>(n));
+      double row_max = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        expected[j] = !mask || mask[j] != 0 ? scale * static_cast<double>(logits[j])
+                                            : -0.7 * static_cast<double>(FLT_MAX);
+        row_max = std::max(row_max, expected[j]);
+      }
+      for (double& e : expected) sum += e = std::exp(e - row_max);
+      for (double& e : expected) e /= sum;
+      std::vector<T> p(logits);
+      p.push_back(T(-1));  // guard
+      T got_max = 0, got_sum = 0;
+      simd::attention_softmax(p.data(), n, mask, scale, &got_max, &got_sum);
+      std::vector<T> again(logits);
+      again.push_back(T(-1));
+      simd::attention_softmax_again(again.data(), n, mask, scale, got_max, got_sum);
+      double dot = 0;
+      for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(dp[j]) * expected[j];
+      std::vector<T> ds(dp);
+      ds.push_back(T(-1));
+      simd::attention_softmax_backward(ds.data(), p.data(), n, mask, scale);
+      const std::string where =
+          name + " n=" + std::to_string(n) + " pattern " + std::to_string(pattern);
+      if constexpr (std::is_same_v<T, float>)
+        EXPECT_FLOAT_EQ(got_max, static_cast<float>(row_max)) << where;
+      else
+        EXPECT_DOUBLE_EQ(got_max, row_max) << where;
+      for (int64_t j = 0; j < n; ++j) {
+        EXPECT_NEAR(p[j], expected[j], tight) << where << " j=" << j;
+        EXPECT_EQ(again[j], p[j]) << where << " j=" << j;
+        const double ds_expected =
+            !mask || mask[j] != 0 ? scale * expected[j] * (dp[j] - dot) : 0.0;
+        EXPECT_NEAR(ds[j], ds_expected, tight) << where << " j=" << j;
+      }
+      EXPECT_EQ(p[n], T(-1)) << where;
+      EXPECT_EQ(again[n], T(-1)) << where;
+      EXPECT_EQ(ds[n], T(-1)) << where;
+    }
+  }
+  // QK-RMSNorm with the rotary embedding over strided rows, forward and backward, against the
+  // closed form in float64: z = x inv gamma, inv = 1 / sqrt(mean(x^2) + eps); y = z cos +
+  // rotate_half(z) sin; dz = rope^T(dy), dgamma = sum of dz x inv, dx = inv (dz gamma) - x
+  // inv^3 mean(dz gamma x). d with and without partial vectors; nothing written between rows.
+  for (const int64_t d : {6, 40, 64}) {
+    const int64_t rows = 3, half = d / 2, ld_x = 3 * d, ld_y = 2 * d, ld_dy = d + 2;
+    const double eps = 1e-6;
+    const std::vector<T> x = rng.normal({rows * ld_x}, dtype).template to_vector<T>();
+    const std::vector<T> dy = rng.normal({rows * ld_dy}, dtype).template to_vector<T>();
+    const std::vector<T> gamma = rng.normal({d}, dtype).template to_vector<T>();
+    const std::vector<T> cos = rng.normal({rows * d}, dtype).template to_vector<T>();
+    const std::vector<T> sin = rng.normal({rows * d}, dtype).template to_vector<T>();
+    std::vector<T> y(rows * ld_y, T(-1)), inv(rows), dx(rows * ld_x, T(-1)), dgamma(d, 0.5f), dz(d);
+    simd::qk_norm_rope_rows(x.data(), ld_x, rows, d, gamma.data(), cos.data(), sin.data(), eps,
+                            y.data(), ld_y, inv.data());
+    simd::qk_norm_rope_rows_backward(dy.data(), ld_dy, x.data(), ld_x, rows, d, inv.data(),
+                                     gamma.data(), cos.data(), sin.data(), dz.data(), dgamma.data(),
+                                     dx.data());
+    std::vector<double> dgamma_expected(d, 0.5);
+    const std::string where = name + " d=" + std::to_string(d);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x.data() + r * ld_x;
+      const T *c = cos.data() + r * d, *sn = sin.data() + r * d, *g = dy.data() + r * ld_dy;
+      double mean_square = 0;
+      for (int64_t j = 0; j < d; ++j) mean_square += double(xr[j]) * xr[j] / d;
+      const double row_inv = 1 / std::sqrt(mean_square + eps);
+      EXPECT_NEAR(inv[r], row_inv, tight * row_inv) << where;
+      std::vector<double> z(d), dzg(d);
+      for (int64_t j = 0; j < d; ++j) z[j] = xr[j] * row_inv * gamma[j];
+      double dot = 0;
+      for (int64_t j = 0; j < half; ++j) {
+        EXPECT_NEAR(y[r * ld_y + j], z[j] * c[j] - z[j + half] * sn[j], loose) << where;
+        EXPECT_NEAR(y[r * ld_y + half + j], z[j + half] * c[j + half] + z[j] * sn[j + half], loose)
+            << where;
+        const double lo = double(g[j]) * c[j] + double(g[j + half]) * sn[j + half];
+        const double hi = double(g[j + half]) * c[j + half] - double(g[j]) * sn[j];
+        dzg[j] = lo;
+        dzg[j + half] = hi;
+      }
+      for (int64_t j = 0; j < d; ++j) {
+        dgamma_expected[j] += dzg[j] * xr[j] * row_inv;
+        dzg[j] *= gamma[j];
+        dot += dzg[j] * xr[j];
+      }
+      const double k3 = dot / d * row_inv * row_inv * row_inv;
+      for (int64_t j = 0; j < d; ++j)
+        EXPECT_NEAR(dx[r * ld_x + j], row_inv * dzg[j] - xr[j] * k3, loose)
+            << where << " row " << r << " j=" << j;
+      for (int64_t j = d; j < ld_x; ++j) EXPECT_EQ(dx[r * ld_x + j], T(-1)) << where;
+      for (int64_t j = d; j < ld_y; ++j) EXPECT_EQ(y[r * ld_y + j], T(-1)) << where;
+    }
+    for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dgamma[j], dgamma_expected[j], loose) << where;
+  }
+}
+
 // Attention's row kernels (simd_attention.cc) on every target, against the definition in float64:
 // p = softmax(allowed ? scale x : -0.7 FLT_MAX), the same p again from the row's max and sum,
 // and dS = scale p (dP - dot(dP, p)), 0 where masked. Rows end in partial vectors, one of them
 // fully masked (uniform); nothing may be written past the row.
+// Both float32 and float64 kernels.
 TEST(AttentionRows, EveryCompiledTargetMatchesTheDefinition) {
   Rng rng(11);
-  const float scale = 0.125f;
   int tested = 0;
   for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
     hwy::SetSupportedTargetsForTest(target);
     hwy::GetChosenTarget().Update(hwy::SupportedTargets());
     const std::string name = hwy::TargetName(target);
-    for (const int64_t n : {5, 18, 37}) {
-      for (const int pattern : {0, 1, 2}) {  // every other allowed, none allowed, no mask
-        const std::vector<float> logits = rng.normal({n}, DType::f32, 0, 4).to_vector<float>();
-        const std::vector<float> dp = rng.normal({n}).to_vector<float>();
-        std::vector<float> allowed(static_cast<size_t>(n));
-        for (int64_t j = 0; j < n; ++j) allowed[j] = pattern == 0 ? static_cast<float>(j % 2) : 0;
-        const float* mask = pattern == 2 ? nullptr : allowed.data();
-        std::vector<double> expected(static_cast<size_t>(n));
-        double row_max = -INFINITY, sum = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          expected[j] = !mask || mask[j] != 0 ? scale * static_cast<double>(logits[j])
-                                              : -0.7 * static_cast<double>(FLT_MAX);
-          row_max = std::max(row_max, expected[j]);
-        }
-        for (double& e : expected) sum += e = std::exp(e - row_max);
-        for (double& e : expected) e /= sum;
-        std::vector<float> p(logits);
-        p.push_back(-1.0f);  // guard
-        float got_max = 0, got_sum = 0;
-        simd::attention_softmax(p.data(), n, mask, scale, &got_max, &got_sum);
-        std::vector<float> again(logits);
-        again.push_back(-1.0f);
-        simd::attention_softmax_again(again.data(), n, mask, scale, got_max, got_sum);
-        double dot = 0;
-        for (int64_t j = 0; j < n; ++j) dot += static_cast<double>(dp[j]) * expected[j];
-        std::vector<float> ds(dp);
-        ds.push_back(-1.0f);
-        simd::attention_softmax_backward(ds.data(), p.data(), n, mask, scale);
-        const std::string where =
-            name + " n=" + std::to_string(n) + " pattern " + std::to_string(pattern);
-        EXPECT_FLOAT_EQ(got_max, static_cast<float>(row_max)) << where;
-        for (int64_t j = 0; j < n; ++j) {
-          EXPECT_NEAR(p[j], expected[j], 1e-6) << where << " j=" << j;
-          EXPECT_EQ(again[j], p[j]) << where << " j=" << j;
-          const double ds_expected =
-              !mask || mask[j] != 0 ? scale * expected[j] * (dp[j] - dot) : 0.0;
-          EXPECT_NEAR(ds[j], ds_expected, 1e-6) << where << " j=" << j;
-        }
-        EXPECT_EQ(p[n], -1.0f) << where;
-        EXPECT_EQ(again[n], -1.0f) << where;
-        EXPECT_EQ(ds[n], -1.0f) << where;
-      }
-    }
-    // QK-RMSNorm with the rotary embedding over strided rows, forward and backward, against the
-    // closed form in float64: z = x inv gamma, inv = 1 / sqrt(mean(x^2) + eps); y = z cos +
-    // rotate_half(z) sin; dz = rope^T(dy), dgamma = sum of dz x inv, dx = inv (dz gamma) - x
-    // inv^3 mean(dz gamma x). d with and without partial vectors; nothing written between rows.
-    for (const int64_t d : {6, 40, 64}) {
-      const int64_t rows = 3, half = d / 2, ld_x = 3 * d, ld_y = 2 * d, ld_dy = d + 2;
-      const double eps = 1e-6;
-      const std::vector<float> x = rng.normal({rows * ld_x}).to_vector<float>();
-      const std::vector<float> dy = rng.normal({rows * ld_dy}).to_vector<float>();
-      const std::vector<float> gamma = rng.normal({d}).to_vector<float>();
-      const std::vector<float> cos = rng.normal({rows * d}).to_vector<float>();
-      const std::vector<float> sin = rng.normal({rows * d}).to_vector<float>();
-      std::vector<float> y(rows * ld_y, -1.0f), inv(rows), dx(rows * ld_x, -1.0f), dgamma(d, 0.5f),
-          dz(d);
-      simd::qk_norm_rope_rows(x.data(), ld_x, rows, d, gamma.data(), cos.data(), sin.data(), eps,
-                              y.data(), ld_y, inv.data());
-      simd::qk_norm_rope_rows_backward(dy.data(), ld_dy, x.data(), ld_x, rows, d, inv.data(),
-                                       gamma.data(), cos.data(), sin.data(), dz.data(),
-                                       dgamma.data(), dx.data());
-      std::vector<double> dgamma_expected(d, 0.5);
-      const std::string where = name + " d=" + std::to_string(d);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x.data() + r * ld_x;
-        const float *c = cos.data() + r * d, *sn = sin.data() + r * d, *g = dy.data() + r * ld_dy;
-        double mean_square = 0;
-        for (int64_t j = 0; j < d; ++j) mean_square += double(xr[j]) * xr[j] / d;
-        const double row_inv = 1 / std::sqrt(mean_square + eps);
-        EXPECT_NEAR(inv[r], row_inv, 1e-6 * row_inv) << where;
-        std::vector<double> z(d), dzg(d);
-        for (int64_t j = 0; j < d; ++j) z[j] = xr[j] * row_inv * gamma[j];
-        double dot = 0;
-        for (int64_t j = 0; j < half; ++j) {
-          EXPECT_NEAR(y[r * ld_y + j], z[j] * c[j] - z[j + half] * sn[j], 1e-5) << where;
-          EXPECT_NEAR(y[r * ld_y + half + j], z[j + half] * c[j + half] + z[j] * sn[j + half], 1e-5)
-              << where;
-          const double lo = double(g[j]) * c[j] + double(g[j + half]) * sn[j + half];
-          const double hi = double(g[j + half]) * c[j + half] - double(g[j]) * sn[j];
-          dzg[j] = lo;
-          dzg[j + half] = hi;
-        }
-        for (int64_t j = 0; j < d; ++j) {
-          dgamma_expected[j] += dzg[j] * xr[j] * row_inv;
-          dzg[j] *= gamma[j];
-          dot += dzg[j] * xr[j];
-        }
-        const double k3 = dot / d * row_inv * row_inv * row_inv;
-        for (int64_t j = 0; j < d; ++j)
-          EXPECT_NEAR(dx[r * ld_x + j], row_inv * dzg[j] - xr[j] * k3, 1e-5)
-              << where << " row " << r << " j=" << j;
-        for (int64_t j = d; j < ld_x; ++j) EXPECT_EQ(dx[r * ld_x + j], -1.0f) << where;
-        for (int64_t j = d; j < ld_y; ++j) EXPECT_EQ(y[r * ld_y + j], -1.0f) << where;
-      }
-      for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dgamma[j], dgamma_expected[j], 1e-5) << where;
-    }
+    check_attention_rows<float>(name + " float32", rng);
+    check_attention_rows<double>(name + " float64", rng);
     ++tested;
   }
   hwy::SetSupportedTargetsForTest(0);
@@ -382,6 +397,13 @@ TEST(FrozenWeights, LinearEachEqualsTheLoop) {
   ASSERT_EQ(tape.nodes().size(), 2u);
   EXPECT_EQ(tape.nodes()[0].scope, "m0");
   EXPECT_EQ(tape.nodes()[1].scope, "m2");
+  // Closed forms of the gradient of sum(y0) + sum(y2): every token row of dx0 is the column sums
+  // of ws[0], and every one of dw2's 40 rows is the column sums of xs[2] over its 16 tokens.
+  const std::vector<Tensor> g = tape.gradient(sum(ys[0]) + sum(ys[2]), {x0, w2});
+  EXPECT_LT(test::max_abs_diff(g[0], raw::broadcast_to(raw::sum(ws[0], {0}), {1, 2, 32})), 1e-5)
+      << "d/dx0";
+  EXPECT_LT(test::max_abs_diff(g[1], raw::broadcast_to(raw::sum(xs[2], {0, 1}), {40, 24})), 1e-4)
+      << "d/dw2";
   EXPECT_THAT(error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
               ::testing::HasSubstr("linear_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
   const nn::Linear layer(8, 16, true, rng);

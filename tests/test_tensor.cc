@@ -3,6 +3,7 @@
 // strides (never through the library's own copy or broadcast machinery).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <array>
 
@@ -22,6 +23,7 @@
 #include "tensor/parallel.h"
 #include "tensor/print.h"
 #include "tensor/random.h"
+#include "tensor/simd.h"
 #include "tensor/tensor.h"
 #include "tests/test_util.h"
 
@@ -35,6 +37,14 @@ using testing::HasSubstr;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // ---- helpers: independent reads of tensors and naive references ----
+
+// For tests that run on one thread and on two: ctest sets OMP_NUM_THREADS=1, so the parallel
+// paths run only where a test asks for two threads itself. Restores the thread count after.
+class TensorThreadCount : public testing::Test {
+ protected:
+  void TearDown() override { set_num_threads(saved_); }
+  int saved_ = num_threads();
+};
 
 // Uniform values in [lo, hi) from std::mt19937_64 (not the library's Rng).
 Tensor uniform_tensor(const Shape& shape, DType dtype, uint64_t seed, double lo = -1,
@@ -515,24 +525,32 @@ void check_binary(const Tensor& a, const Tensor& b, const Shape& expected_shape)
   }
 }
 
-TEST(TensorBinary, BroadcastingShapes) {
-  for (DType t : {DType::f32, DType::f64}) {
-    SCOPED_TRACE(dtype_name(t));
-    // b is kept away from 0 so div is well defined.
-    auto A = [&](const Shape& s, uint64_t seed) { return uniform_tensor(s, t, seed, -2, 2); };
-    auto B = [&](const Shape& s, uint64_t seed) { return uniform_tensor(s, t, seed, 0.5, 2); };
-    check_binary(A({2, 3}, 1), B({2, 3}, 2), {2, 3});
-    check_binary(A({3, 1}, 3), B({1, 4}, 4), {3, 4});
-    check_binary(A({2, 3, 4}, 5), B({4}, 6), {2, 3, 4});
-    check_binary(A({4}, 7), B({2, 3, 4}, 8), {2, 3, 4});
-    check_binary(A({2, 3, 4}, 9), B({3, 1}, 10), {2, 3, 4});
-    check_binary(A({2, 3}, 11), B({}, 12), {2, 3});
-    check_binary(A({}, 13), B({2, 3}, 14), {2, 3});
-    check_binary(A({}, 15), B({}, 16), {});
-    // Long rows (SIMD body plus tail; more than one parallel chunk).
-    check_binary(A({3, 40001}, 17), B({40001}, 18), {3, 40001});
-    check_binary(A({200003}, 19), B({200003}, 20), {200003});
-  }
+TEST_F(TensorThreadCount, BinaryBroadcastingShapes) {
+  for (int threads : {1, 2})
+    for (DType t : {DType::f32, DType::f64}) {
+      set_num_threads(threads);
+      SCOPED_TRACE(str_cat(dtype_name(t), ", ", threads, " thread(s)"));
+      // b is kept away from 0 so div is well defined.
+      // Other values on each thread count, so that a stale result from the last pass (the
+      // allocator reuses blocks) cannot stand in for work a thread left undone.
+      auto A = [&](const Shape& s, uint64_t seed) {
+        return uniform_tensor(s, t, seed + 1000 * threads, -2, 2);
+      };
+      auto B = [&](const Shape& s, uint64_t seed) {
+        return uniform_tensor(s, t, seed + 1000 * threads, 0.5, 2);
+      };
+      check_binary(A({2, 3}, 1), B({2, 3}, 2), {2, 3});
+      check_binary(A({3, 1}, 3), B({1, 4}, 4), {3, 4});
+      check_binary(A({2, 3, 4}, 5), B({4}, 6), {2, 3, 4});
+      check_binary(A({4}, 7), B({2, 3, 4}, 8), {2, 3, 4});
+      check_binary(A({2, 3, 4}, 9), B({3, 1}, 10), {2, 3, 4});
+      check_binary(A({2, 3}, 11), B({}, 12), {2, 3});
+      check_binary(A({}, 13), B({2, 3}, 14), {2, 3});
+      check_binary(A({}, 15), B({}, 16), {});
+      // Long rows (SIMD body plus tail); 8 x 40001 elements are enough to split over two threads.
+      check_binary(A({8, 40001}, 17), B({40001}, 18), {8, 40001});
+      check_binary(A({200003}, 19), B({200003}, 20), {200003});
+    }
 }
 
 TEST(TensorBinary, NonContiguousInputs) {
@@ -572,28 +590,37 @@ TEST(TensorCopy, CopyIntoAnOverlappingViewAndIntoABroadcastView) {
       HasSubstr("copy_into: the destination (2,3) is a broadcast view (axis 0 has stride 0)"));
 }
 
-TEST(TensorBinary, AddIntoAddsInPlace) {
-  for (DType t : {DType::f32, DType::f64}) {
-    SCOPED_TRACE(dtype_name(t));
-    // Contiguous, with x broadcast; long enough for SIMD body, tail and parallel chunks.
-    Tensor dst = uniform_tensor({3, 100003}, t, 27, -2, 2);
-    const Tensor x = uniform_tensor({100003}, t, 28, -2, 2);
-    const Tensor want = raw::add(dst, x);
-    const void* storage = dst.raw_data();
-    raw::add_into(dst, x);
-    EXPECT_EQ(dst.raw_data(), storage);
-    EXPECT_EQ(dst.to_vector<double>(), want.to_vector<double>());
-    // A strided view: only its elements change.
-    Tensor base = uniform_tensor({4, 6}, t, 29, -2, 2);
-    const std::vector<double> before = base.to_vector<double>();
-    raw::add_into(raw::slice(base, 1, 1, 6, 2), full({4, 3}, 0.5, t));
-    const std::vector<double> after = base.to_vector<double>();
-    for (size_t i = 0; i < after.size(); ++i) {
-      const double sum = before[i] + (i % 6 % 2 == 1 ? 0.5 : 0.0);
-      EXPECT_EQ(after[i], t == DType::f32 ? static_cast<double>(static_cast<float>(sum)) : sum)
-          << "element " << i;
+TEST_F(TensorThreadCount, BinaryAddIntoAddsInPlace) {
+  for (int threads : {1, 2})
+    for (DType t : {DType::f32, DType::f64}) {
+      set_num_threads(threads);
+      SCOPED_TRACE(str_cat(dtype_name(t), ", ", threads, " thread(s)"));
+      // Contiguous, with x broadcast; long enough for SIMD body, tail and (on two threads)
+      // parallel chunks.
+      Tensor dst = uniform_tensor({3, 100003}, t, 27, -2, 2);
+      const Tensor x = uniform_tensor({100003}, t, 28, -2, 2);
+      // The sums in a plain loop, rounded to the dtype (exact IEEE addition).
+      const std::vector<double> d0 = dst.to_vector<double>(), xv = x.to_vector<double>();
+      std::vector<double> want(d0.size());
+      for (size_t i = 0; i < d0.size(); ++i) {
+        const double sum = d0[i] + xv[i % xv.size()];
+        want[i] = t == DType::f32 ? static_cast<double>(static_cast<float>(sum)) : sum;
+      }
+      const void* storage = dst.raw_data();
+      raw::add_into(dst, x);
+      EXPECT_EQ(dst.raw_data(), storage);
+      EXPECT_EQ(dst.to_vector<double>(), want);
+      // A strided view: only its elements change.
+      Tensor base = uniform_tensor({4, 6}, t, 29, -2, 2);
+      const std::vector<double> before = base.to_vector<double>();
+      raw::add_into(raw::slice(base, 1, 1, 6, 2), full({4, 3}, 0.5, t));
+      const std::vector<double> after = base.to_vector<double>();
+      for (size_t i = 0; i < after.size(); ++i) {
+        const double sum = before[i] + (i % 6 % 2 == 1 ? 0.5 : 0.0);
+        EXPECT_EQ(after[i], t == DType::f32 ? static_cast<double>(static_cast<float>(sum)) : sum)
+            << "element " << i;
+      }
     }
-  }
   EXPECT_THAT(
       error_of([] {
         raw::add_into(raw::broadcast_to(zeros({1, 3}), {2, 3}), zeros({2, 3}));
@@ -605,6 +632,48 @@ TEST(TensorBinary, AddIntoAddsInPlace) {
               HasSubstr("add_into: cannot add (3,2) into (2,3)"));
   EXPECT_THAT(error_of([] { raw::add_into(zeros({2}), zeros({2}, DType::f64)); }),
               HasSubstr("add_into: dtypes float32 and float64 differ"));
+}
+
+// A row longer than 4 * kParallelGrain = 524288 elements is cut into chunks (on two threads,
+// split between them); each chunk starts `begin * inner_stride` into its operands. A strided
+// (step 2) and a broadcast (step 0) operand of 600001 elements, against plain loops over the
+// doubles.
+TEST_F(TensorThreadCount, LongStridedRowsAreCutIntoChunksCorrectly) {
+  const int64_t n = 600001;
+  static_assert(600001 > 4 * kParallelGrain);
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    SCOPED_TRACE(str_cat(threads, " thread(s)"));
+    const Tensor a = uniform_tensor({n}, DType::f64, 301, -2, 2);
+    const Tensor bs = uniform_tensor({2 * n}, DType::f64, 302, -2, 2);
+    const std::vector<double> av = a.to_vector<double>(), bsv = bs.to_vector<double>();
+    const Tensor strided = raw::slice(bs, 0, 0, 2 * n, 2);
+    const Tensor broadcast = raw::broadcast_to(full({}, 0.75, DType::f64), {n});
+    for (const Tensor& b : {strided, broadcast}) {
+      const bool step0 = b.strides()[0] == 0;
+      SCOPED_TRACE(step0 ? "broadcast operand" : "strided operand");
+      const auto b_at = [&](int64_t i) { return step0 ? 0.75 : bsv[2 * i]; };
+      const std::vector<double> sum = raw::add(a, b).to_vector<double>();
+      const std::vector<double> exp = raw::unary(raw::UnaryOp::exp, b).to_vector<double>();
+      const std::vector<double> copy = raw::contiguous(b).to_vector<double>();
+      ASSERT_EQ(sum.size(), static_cast<size_t>(n));
+      ASSERT_EQ(exp.size(), static_cast<size_t>(n));
+      ASSERT_EQ(copy.size(), static_cast<size_t>(n));
+      int64_t bad_sum = 0, bad_exp = 0, bad_copy = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (sum[i] != av[i] + b_at(i) && bad_sum++ == 0)
+          ADD_FAILURE() << "add: element " << i << " is " << sum[i] << ", expected "
+                        << av[i] + b_at(i);
+        if (std::abs(exp[i] - std::exp(b_at(i))) > 1e-14 * std::exp(b_at(i)) && bad_exp++ == 0)
+          ADD_FAILURE() << "exp: element " << i << " is " << exp[i] << ", expected "
+                        << std::exp(b_at(i));
+        if (copy[i] != b_at(i) && bad_copy++ == 0)
+          ADD_FAILURE() << "contiguous: element " << i << " is " << copy[i] << ", expected "
+                        << b_at(i);
+      }
+      EXPECT_EQ(bad_sum + bad_exp + bad_copy, 0);
+    }
+  }
 }
 
 TEST(TensorBinary, ScalarHelpersAndPow) {
@@ -687,23 +756,26 @@ TEST(TensorUnary, NonContiguousAndBroadcastInputs) {
   }
 }
 
-TEST(TensorUnary, PowScalar) {
-  for (DType t : {DType::f32, DType::f64}) {
-    for (double p : {3.0, 2.0, 0.5, -0.5, 1.7, -1.0, 0.0}) {
-      for (int64_t n : {1, 17, 100003}) {
-        SCOPED_TRACE(str_cat(dtype_name(t), " p=", p, " n=", n));
-        Tensor x = uniform_tensor({n}, t, 200 + n, 0.05, 4);
-        EXPECT_TRUE(matches(
-            raw::pow_scalar(x, p), {n}, [&](const Shape& i) { return std::pow(at(x, i), p); },
-            unary_rtol(t), unary_atol(t)));
+// n = 100003 splits over two threads when the test sets two.
+TEST_F(TensorThreadCount, UnaryPowScalar) {
+  for (int threads : {1, 2})
+    for (DType t : {DType::f32, DType::f64}) {
+      set_num_threads(threads);
+      for (double p : {3.0, 2.0, 0.5, -0.5, 1.7, -1.0, 0.0}) {
+        for (int64_t n : {1, 17, 100003}) {
+          SCOPED_TRACE(str_cat(dtype_name(t), " p=", p, " n=", n, ", ", threads, " thread(s)"));
+          Tensor x = uniform_tensor({n}, t, 200 + n, 0.05, 4);
+          EXPECT_TRUE(matches(
+              raw::pow_scalar(x, p), {n}, [&](const Shape& i) { return std::pow(at(x, i), p); },
+              unary_rtol(t), unary_atol(t)));
+        }
       }
+      // Non-contiguous input.
+      Tensor x = raw::transpose(uniform_tensor({3, 5}, t, 41, 0.05, 4), 0, 1);
+      EXPECT_TRUE(matches(
+          raw::pow_scalar(x, 3.0), {5, 3}, [&](const Shape& i) { return std::pow(at(x, i), 3.0); },
+          unary_rtol(t), unary_atol(t)));
     }
-    // Non-contiguous input.
-    Tensor x = raw::transpose(uniform_tensor({3, 5}, t, 41, 0.05, 4), 0, 1);
-    EXPECT_TRUE(matches(
-        raw::pow_scalar(x, 3.0), {5, 3}, [&](const Shape& i) { return std::pow(at(x, i), 3.0); },
-        unary_rtol(t), unary_atol(t)));
-  }
 }
 
 // Every element of op(full(17, v)): 17 exercises both the SIMD body and the padded tail.
@@ -936,34 +1008,38 @@ TEST(TensorReduce, EveryAxisSetOf3DTensor) {
   }
 }
 
-TEST(TensorReduce, LargeTensorsParallelPath) {
+TEST_F(TensorThreadCount, ReduceLargeTensorsParallelPath) {
   // Integer values: every partial sum is exact in float32 (all below 2^24), so sum and max must
-  // match the naive double loop exactly, whatever the order of accumulation. (1000,1000) over
-  // axis 1 and (100,10000) over axis 0 run on several threads.
-  for (const Shape& shape : {Shape{1000, 1000}, Shape{100, 10000}}) {
-    const int64_t size = shape_numel(shape);
-    std::vector<float> ints(size);
-    for (int64_t i = 0; i < size; ++i) ints[i] = static_cast<float>((i * 7919) % 13 - 6);
-    Tensor xi = from_vector(ints, shape);
-    for (const auto& axes : std::vector<std::vector<int64_t>>{{0}, {1}, {}}) {
-      SCOPED_TRACE(str_cat(shape_str(shape), " axes ", shape_str(axes)));
-      EXPECT_TRUE(matches(raw::sum(xi, axes), reduced_shape(shape, axes, false),
-                          naive_reduce(xi, axes, false, Red::sum), 0, 0));
-      EXPECT_TRUE(matches(raw::max(xi, axes), reduced_shape(shape, axes, false),
-                          naive_reduce(xi, axes, false, Red::max), 0, 0));
-    }
-  }
-  const int64_t n = 1000;
-  // Random values for mean and var, in both dtypes, over a non-contiguous view as well.
-  for (DType t : {DType::f32, DType::f64}) {
-    Tensor x = uniform_tensor({n, n}, t, 72, -1, 3);
-    const double tol = t == DType::f32 ? 2e-5 : 1e-12;
-    for (const Tensor& v : {x, raw::transpose(x, 0, 1)}) {
+  // match the naive double loop exactly, whatever the order of accumulation. On two threads
+  // (1000,1000) over axis 1 and (100,10000) over axis 0 run on both.
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    SCOPED_TRACE(str_cat(threads, " thread(s)"));
+    for (const Shape& shape : {Shape{1000, 1000}, Shape{100, 10000}}) {
+      const int64_t size = shape_numel(shape);
+      std::vector<float> ints(size);
+      for (int64_t i = 0; i < size; ++i) ints[i] = static_cast<float>((i * 7919) % 13 - 6);
+      Tensor xi = from_vector(ints, shape);
       for (const auto& axes : std::vector<std::vector<int64_t>>{{0}, {1}, {}}) {
-        for (Red kind : {Red::sum, Red::mean, Red::max, Red::var}) {
-          SCOPED_TRACE(str_cat(red_name(kind), " ", dtype_name(t), " ", shape_str(axes)));
-          EXPECT_TRUE(matches(reduce(kind, v, axes, true), reduced_shape({n, n}, axes, true),
-                              naive_reduce(v, axes, true, kind), tol, tol));
+        SCOPED_TRACE(str_cat(shape_str(shape), " axes ", shape_str(axes)));
+        EXPECT_TRUE(matches(raw::sum(xi, axes), reduced_shape(shape, axes, false),
+                            naive_reduce(xi, axes, false, Red::sum), 0, 0));
+        EXPECT_TRUE(matches(raw::max(xi, axes), reduced_shape(shape, axes, false),
+                            naive_reduce(xi, axes, false, Red::max), 0, 0));
+      }
+    }
+    const int64_t n = 1000;
+    // Random values for mean and var, in both dtypes, over a non-contiguous view as well.
+    for (DType t : {DType::f32, DType::f64}) {
+      Tensor x = uniform_tensor({n, n}, t, 72, -1, 3);
+      const double tol = t == DType::f32 ? 2e-5 : 1e-12;
+      for (const Tensor& v : {x, raw::transpose(x, 0, 1)}) {
+        for (const auto& axes : std::vector<std::vector<int64_t>>{{0}, {1}, {}}) {
+          for (Red kind : {Red::sum, Red::mean, Red::max, Red::var}) {
+            SCOPED_TRACE(str_cat(red_name(kind), " ", dtype_name(t), " ", shape_str(axes)));
+            EXPECT_TRUE(matches(reduce(kind, v, axes, true), reduced_shape({n, n}, axes, true),
+                                naive_reduce(v, axes, true, kind), tol, tol));
+          }
         }
       }
     }
@@ -1070,6 +1146,37 @@ TEST(TensorSoftmax, ShortAndLongRowsMatchNaive) {
   }
 }
 
+// 2000 rows of 130: on two threads the rows are split between them.
+TEST_F(TensorThreadCount, SoftmaxManyRowsMatchNaive) {
+  for (int threads : {1, 2})
+    for (DType t : {DType::f32, DType::f64}) {
+      set_num_threads(threads);
+      SCOPED_TRACE(str_cat(dtype_name(t), ", ", threads, " thread(s)"));
+      const double tol = t == DType::f32 ? 1e-6 : 1e-14;
+      const int64_t rows = 2000, n = 130;
+      const Tensor x = uniform_tensor({rows, n}, t, 93, -8, 8);
+      const std::vector<double> xv = x.to_vector<double>();
+      const std::vector<double> sm = raw::softmax(x, -1).to_vector<double>();
+      const std::vector<double> lsm = raw::log_softmax(x, -1).to_vector<double>();
+      int64_t bad = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        double m = -kInf, s = 0;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, xv[r * n + j]);
+        for (int64_t j = 0; j < n; ++j) s += std::exp(xv[r * n + j] - m);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = r * n + j;
+          const double want = std::exp(xv[i] - m) / s, want_log = xv[i] - m - std::log(s);
+          if ((std::abs(sm[i] - want) > tol || std::abs(lsm[i] - want_log) > 10 * tol) &&
+              bad++ == 0)
+            ADD_FAILURE() << "row " << r << ", column " << j << ": softmax " << sm[i]
+                          << ", log_softmax " << lsm[i] << "; expected " << want << " and "
+                          << want_log;
+        }
+      }
+      EXPECT_EQ(bad, 0);
+    }
+}
+
 TEST(TensorSoftmax, MaskedEntriesGiveNoNaN) {
   const double masked = -0.7 * FLT_MAX;
   for (DType t : {DType::f32, DType::f64}) {
@@ -1131,6 +1238,110 @@ TEST(TensorSoftmax, LargeLogitsKeepTheirLogSumExp) {
         raw::softmax(x, -1), {2, 5},
         [&](const Shape& i) { return std::exp(static_cast<double>(i[1]) - lse); }, tol, tol));
   }
+}
+
+// ---- every compiled SIMD target ----
+
+// The row kernels the fused ops call directly (no raw op reaches them on a chosen target):
+// dot, sum_squared_deviation, axpy and scale_shift against double loops, on every tail length;
+// axpy and scale_shift must write nothing past the row.
+template <class T>
+void simd_row_kernels() {
+  const DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::f64;
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  for (int64_t n : {1, 3, 5, 7, 9, 17, 33, 63, 130}) {
+    SCOPED_TRACE(str_cat(dtype_name(dtype), " n=", n));
+    const std::vector<T> a = uniform_tensor({n}, dtype, 1200 + n, -2, 2).template to_vector<T>();
+    const std::vector<T> b = uniform_tensor({n}, dtype, 1300 + n, -2, 2).template to_vector<T>();
+    double dot = 0, ssd = 0;
+    const T mean = T(0.25);
+    for (int64_t i = 0; i < n; ++i) {
+      dot += static_cast<double>(a[i]) * b[i];
+      ssd += (static_cast<double>(a[i]) - mean) * (static_cast<double>(a[i]) - mean);
+    }
+    EXPECT_NEAR(simd::dot(a.data(), b.data(), n), dot, tol * n) << "dot";
+    EXPECT_NEAR(simd::sum_squared_deviation(a.data(), mean, n), ssd, tol * n)
+        << "sum_squared_deviation";
+    std::vector<T> out(b);
+    out.push_back(T(-1));  // guard
+    simd::axpy(T(0.75), a.data(), out.data(), n);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_NEAR(out[i], b[i] + 0.75 * static_cast<double>(a[i]), tol) << "axpy " << i;
+    EXPECT_EQ(out[n], T(-1)) << "axpy wrote past its row";
+    out.assign(static_cast<size_t>(n) + 1, T(-1));
+    simd::scale_shift(a.data(), T(1.5), T(-0.5), out.data(), n);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_NEAR(out[i], 1.5 * static_cast<double>(a[i]) - 0.5, tol) << "scale_shift " << i;
+    EXPECT_EQ(out[n], T(-1)) << "scale_shift wrote past its row";
+  }
+}
+
+// The kernels of tensor/simd.cc are compiled for every x86 target Highway supports and picked at
+// run time, so the other tests run only the one this machine picks. Each target this CPU can run
+// is forced in turn (the pattern of test_packed.cc) and held to the naive loops above: every
+// unary op, the binary ops with a step-1 and a step-0 (broadcast) operand, sum, mean, max and
+// var of a row, max's NaN rule, softmax and log_softmax, and (simd_row_kernels) the kernels
+// only the fused ops call. The lengths leave every tail length
+// of 4-, 8- and 16-lane vectors, and 130 takes softmax's long-row path.
+TEST(TensorSimdTargets, EveryCompiledTargetMatchesTheNaiveLoops) {
+  int tested = 0;
+  for (const int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+    SCOPED_TRACE(hwy::TargetName(target));
+    for (DType t : {DType::f32, DType::f64})
+      for (int64_t n : {1, 3, 5, 7, 9, 17, 33, 63, 130}) {
+        SCOPED_TRACE(str_cat(dtype_name(t), " n=", n));
+        for (const UnaryCase& c : kUnaryCases) {
+          const Tensor x = uniform_tensor({n}, t, 500 + n, c.lo, c.hi);
+          EXPECT_TRUE(matches(
+              raw::unary(c.op, x), {n}, [&](const Shape& i) { return c.ref(at(x, i)); },
+              unary_rtol(t), unary_atol(t)))
+              << c.name;
+        }
+        const Tensor a = uniform_tensor({2, n}, t, 600 + n, -2, 2);
+        check_binary(a, uniform_tensor({2, n}, t, 700 + n, 0.5, 2), {2, n});
+        check_binary(a, uniform_tensor({}, t, 800 + n, 0.5, 2), {2, n});
+        check_binary(uniform_tensor({1}, t, 900 + n, -2, 2),
+                     uniform_tensor({2, n}, t, 1000 + n, 0.5, 2), {2, n});
+        for (Red kind : {Red::sum, Red::mean, Red::max, Red::var}) {
+          const double rtol = t == DType::f32 ? 2e-6 : 1e-13, atol = t == DType::f32 ? 2e-5 : 1e-13;
+          EXPECT_TRUE(matches(reduce(kind, a, {1}, false), {2}, naive_reduce(a, {1}, false, kind),
+                              rtol, atol))
+              << red_name(kind);
+        }
+        std::vector<double> v(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) v[i] = std::sin(1.0 + i);
+        for (int64_t pos = 0; pos < n; ++pos) {
+          const double kept = v[pos];
+          v[pos] = std::nan("");
+          EXPECT_TRUE(std::isnan(raw::max(from_vector(v, {n}, t)).item())) << "NaN at " << pos;
+          v[pos] = kept;
+        }
+        const Tensor x = uniform_tensor({2, n}, t, 1100 + n, -8, 8);
+        const std::vector<double> xv = x.to_vector<double>();
+        const std::vector<double> sm = raw::softmax(x, -1).to_vector<double>();
+        const std::vector<double> lsm = raw::log_softmax(x, -1).to_vector<double>();
+        const double tol = t == DType::f32 ? 1e-6 : 1e-14;
+        for (int64_t r = 0; r < 2; ++r) {
+          double m = -kInf, s = 0;
+          for (int64_t j = 0; j < n; ++j) m = std::max(m, xv[r * n + j]);
+          for (int64_t j = 0; j < n; ++j) s += std::exp(xv[r * n + j] - m);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t i = r * n + j;
+            EXPECT_NEAR(sm[i], std::exp(xv[i] - m) / s, tol) << "softmax " << r << "," << j;
+            EXPECT_NEAR(lsm[i], xv[i] - m - std::log(s), 10 * tol)
+                << "log_softmax " << r << "," << j;
+          }
+        }
+      }
+    simd_row_kernels<float>();
+    simd_row_kernels<double>();
+    ++tested;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  hwy::GetChosenTarget().Update(hwy::SupportedTargets());
+  EXPECT_GE(tested, 2);  // at least AVX2 and one other on any x86-64 CPU this project targets
 }
 
 // ---- matmul ----
@@ -1224,29 +1435,31 @@ TEST(TensorMatmul, EveryTransposeCombination) {
 }
 
 // raw::gemm with accumulate adds op(A) op(B) to C: against a float64 sum, on the serial path and
-// on the one split over threads (and its transposed operands), with C's leading dimension wider
-// than its rows.
-TEST(TensorMatmul, GemmAccumulatesIntoC) {
+// (130 x 96 x 72 on two threads) on the one split over threads, with its transposed operands and
+// C's leading dimension wider than its rows.
+TEST_F(TensorThreadCount, GemmAccumulatesIntoC) {
   Rng rng(31);
-  for (const auto [m, n, k] : {std::array<int64_t, 3>{7, 5, 3}, {130, 96, 72}})
-    for (bool ta : {false, true})
-      for (bool tb : {false, true}) {
-        const auto a = rng.normal({m * k}).to_vector<float>();
-        const auto b = rng.normal({k * n}).to_vector<float>();
-        const int64_t ldc = n + 3;
-        std::vector<float> c = rng.normal({m * ldc}).to_vector<float>();
-        std::vector<double> want(c.begin(), c.end());
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t p = 0; p < k; ++p)
-              want[i * ldc + j] += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
-                                   (tb ? b[j * k + p] : b[p * n + j]);
-        raw::gemm(ta, tb, m, n, k, a.data(), ta ? m : k, b.data(), tb ? k : n, c.data(), ldc,
-                  /*accumulate=*/true);
-        for (size_t i = 0; i < c.size(); ++i)
-          ASSERT_NEAR(c[i], want[i], 1e-4)
-              << m << "x" << n << "x" << k << " " << ta << tb << " " << i;
-      }
+  for (int threads : {1, 2})
+    for (const auto [m, n, k] : {std::array<int64_t, 3>{7, 5, 3}, {130, 96, 72}})
+      for (bool ta : {false, true})
+        for (bool tb : {false, true}) {
+          set_num_threads(threads);
+          const auto a = rng.normal({m * k}).to_vector<float>();
+          const auto b = rng.normal({k * n}).to_vector<float>();
+          const int64_t ldc = n + 3;
+          std::vector<float> c = rng.normal({m * ldc}).to_vector<float>();
+          std::vector<double> want(c.begin(), c.end());
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j)
+              for (int64_t p = 0; p < k; ++p)
+                want[i * ldc + j] += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
+                                     (tb ? b[j * k + p] : b[p * n + j]);
+          raw::gemm(ta, tb, m, n, k, a.data(), ta ? m : k, b.data(), tb ? k : n, c.data(), ldc,
+                    /*accumulate=*/true);
+          for (size_t i = 0; i < c.size(); ++i)
+            ASSERT_NEAR(c[i], want[i], 1e-4) << m << "x" << n << "x" << k << " " << ta << tb << " "
+                                             << i << ", " << threads << " thread(s)";
+        }
 }
 
 // raw::gemm into a C whose leading dimension is wider than its rows, from operands whose leading
@@ -1274,25 +1487,32 @@ void check_gemm_padded(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Rng& r
   }
 }
 
-TEST(TensorMatmul, BatchedBroadcastAndStridedOperands) {
-  for (DType t : {DType::f32, DType::f64}) {
-    SCOPED_TRACE(dtype_name(t));
-    check_matmul(uniform_tensor({2, 3, 4, 5}, t, 21), uniform_tensor({5, 6}, t, 22));
-    check_matmul(uniform_tensor({4, 5}, t, 23), uniform_tensor({2, 5, 6}, t, 24));
-    check_matmul(uniform_tensor({2, 1, 3, 4}, t, 25), uniform_tensor({1, 5, 4, 6}, t, 26));
-    check_matmul(uniform_tensor({3, 4, 5}, t, 27), uniform_tensor({3, 5, 2}, t, 28));
-    // Many small products: the batch-parallel path.
-    check_matmul(uniform_tensor({16, 24, 32}, t, 29), uniform_tensor({16, 32, 20}, t, 30));
-    // Operands gemm cannot read directly: stepped slices, a broadcast row.
-    Tensor a_step = raw::slice(uniform_tensor({6, 10}, t, 31), 1, 0, 10, 2);  // (6,5)
-    Tensor b_step = raw::slice(uniform_tensor({10, 4}, t, 32), 0, 1, 10, 2);  // (5,4)
-    check_matmul(a_step, b_step);
-    check_matmul(raw::broadcast_to(uniform_tensor({1, 5}, t, 33), {3, 5}), b_step);
-    // A sliced batch (offset and batch stride not the contiguous ones).
-    Tensor batch = raw::slice(uniform_tensor({5, 3, 4}, t, 34), 0, 1, 5, 2);  // (2,3,4)
-    check_matmul(batch, uniform_tensor({4, 2}, t, 35));
-    check_matmul(raw::transpose(batch, -1, -2), uniform_tensor({2, 3, 2}, t, 36));
-  }
+TEST_F(TensorThreadCount, MatmulBatchedBroadcastAndStridedOperands) {
+  for (int threads : {1, 2})
+    for (DType t : {DType::f32, DType::f64}) {
+      set_num_threads(threads);
+      SCOPED_TRACE(str_cat(dtype_name(t), ", ", threads, " thread(s)"));
+      // Other values on each thread count: a stale result from the last pass (the allocator
+      // reuses blocks) cannot stand in for a product a thread left undone.
+      const uint64_t s0 = 1000 * threads;
+      check_matmul(uniform_tensor({2, 3, 4, 5}, t, s0 + 21), uniform_tensor({5, 6}, t, s0 + 22));
+      check_matmul(uniform_tensor({4, 5}, t, s0 + 23), uniform_tensor({2, 5, 6}, t, s0 + 24));
+      check_matmul(uniform_tensor({2, 1, 3, 4}, t, s0 + 25),
+                   uniform_tensor({1, 5, 4, 6}, t, s0 + 26));
+      check_matmul(uniform_tensor({3, 4, 5}, t, s0 + 27), uniform_tensor({3, 5, 2}, t, s0 + 28));
+      // Many small products: on two threads the batch-parallel path, each gemm inside the region.
+      check_matmul(uniform_tensor({16, 24, 32}, t, s0 + 29),
+                   uniform_tensor({16, 32, 20}, t, s0 + 30));
+      // Operands gemm cannot read directly: stepped slices, a broadcast row.
+      Tensor a_step = raw::slice(uniform_tensor({6, 10}, t, s0 + 31), 1, 0, 10, 2);  // (6,5)
+      Tensor b_step = raw::slice(uniform_tensor({10, 4}, t, s0 + 32), 0, 1, 10, 2);  // (5,4)
+      check_matmul(a_step, b_step);
+      check_matmul(raw::broadcast_to(uniform_tensor({1, 5}, t, s0 + 33), {3, 5}), b_step);
+      // A sliced batch (offset and batch stride not the contiguous ones).
+      Tensor batch = raw::slice(uniform_tensor({5, 3, 4}, t, s0 + 34), 0, 1, 5, 2);  // (2,3,4)
+      check_matmul(batch, uniform_tensor({4, 2}, t, s0 + 35));
+      check_matmul(raw::transpose(batch, -1, -2), uniform_tensor({2, 3, 2}, t, s0 + 36));
+    }
 }
 
 // x W^T with at most 16 rows runs on simd::gemm_nt, not OpenBLAS: every row count of its 4 x 4
@@ -1331,12 +1551,6 @@ TEST(TensorMatmul, EmptyInnerDimensionGivesZeros) {
 }
 
 // ---- Rng ----
-
-class TensorThreadCount : public testing::Test {
- protected:
-  void TearDown() override { set_num_threads(saved_); }
-  int saved_ = num_threads();
-};
 
 // Both ways of splitting a product across threads (by columns: 40 x 300; by rows: 300 x 40), with
 // every transpose flag, on 1 and 2 threads.
@@ -1481,7 +1695,8 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({4}), zeros({4, 2}));
               }),
-              HasSubstr("matmul: shapes (4,) and (4,2) are incompatible"));
+              HasSubstr("matmul: shapes (4,) and (4,2) are incompatible (both need at least 2 "
+                        "dimensions)"));
   EXPECT_THAT(error_of([] {
                 raw::matmul(zeros({2, 2}), zeros({2, 2}, DType::f64));
               }),
@@ -1559,6 +1774,26 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
                 raw::stack({a, zeros({3, 2})}, 0);
               }),
               HasSubstr("stack: shapes (2,3) and (3,2) differ"));
+  // The axis ranges name the positions the new axis may take, not the input's rank.
+  EXPECT_THAT(
+      error_of([] {
+        raw::unsqueeze(zeros({2, 3, 4}), 4);
+      }),
+      HasSubstr("unsqueeze: axis 4 is out of range [-4, 3] for unsqueeze of shape (2,3,4)"));
+  EXPECT_THAT(
+      error_of([] {
+        raw::unsqueeze(zeros({2, 3, 4}), -5);
+      }),
+      HasSubstr("unsqueeze: axis -5 is out of range [-4, 3] for unsqueeze of shape (2,3,4)"));
+  EXPECT_THAT(
+      error_of([&] {
+        raw::stack({a, a}, 3);
+      }),
+      HasSubstr("stack: axis 3 is out of range [-3, 2] for stacking tensors of shape (2,3)"));
+  EXPECT_THAT(error_of([&] {
+                raw::split(a, {4, -1}, 1);
+              }),
+              HasSubstr("split: size -1 (part 1) is negative"));
   EXPECT_THAT(error_of([&] { raw::narrow(a, 1, 2, 2); }),
               HasSubstr("narrow: [2, 4) is outside axis 1 of shape (2,3)"));
   EXPECT_THAT(error_of([&] { raw::slice(a, 0, 0, 2, 0); }),
