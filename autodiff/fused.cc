@@ -422,7 +422,11 @@ void qk_norm_rope_backward(const T* dy, const T* x, const T* rstd, const T* gq, 
 Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& gamma_k,
                     const Tensor& cos_in, const Tensor& sin_in, double eps) {
   const char* op = "qk_norm_rope";
-  check_floats(op, {qkv_in, gamma_q, gamma_k, cos_in, sin_in});
+  check_floats(op, {{"qkv", qkv_in},
+                    {"gamma_q", gamma_q},
+                    {"gamma_k", gamma_k},
+                    {"cos", cos_in},
+                    {"sin", sin_in}});
   MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0 &&
                   qkv_in.shape()[4] % 2 == 0,
               op, ": packed qkv has shape ", shape_str(qkv_in.shape()),
@@ -469,7 +473,7 @@ namespace {
 
 void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const char* op = "linear";
-  check_floats(op, {x, weight});
+  check_floats(op, {{"x", x}, {"weight", weight}});
   MMDIT_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.shape().back() == weight.shape()[1], op,
               ": input ", shape_str(x.shape()), " does not end in the weight's in-features ",
               weight.dim() == 2 ? weight.shape()[1] : -1, " (weight ", shape_str(weight.shape()),
@@ -587,7 +591,7 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
 
 Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {
   const char* op = "layer_norm_modulate";
-  check_floats(op, {x_in, shift_scale_in});
+  check_floats(op, {{"x", x_in}, {"shift_scale", shift_scale_in}});
   Groups g = groups_of(x_in, op);
   g.param_shape.back() = 2 * g.dim;
   const Tensor x = raw::contiguous(x_in);
@@ -615,7 +619,7 @@ Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, dou
 
 Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps) {
   const char* op = "layer_norm_modulate";
-  check_floats(op, {x, shift, scale});
+  check_floats(op, {{"x", x}, {"shift", shift}, {"scale", scale}});
   const Groups g = groups_of(x, op);
   check_per_group(shift, g, op, "shift");
   check_per_group(scale, g, op, "scale");
@@ -625,7 +629,7 @@ Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& s
 
 Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
   const char* op = "rms_norm";
-  check_floats(op, {x_in, gamma});
+  check_floats(op, {{"x", x_in}, {"gamma", gamma}});
   MMDIT_CHECK(x_in.dim() >= 1 && gamma.dim() == 1 && gamma.shape()[0] == x_in.shape().back(), op,
               ": gamma has shape ", shape_str(gamma.shape()), " for input ",
               shape_str(x_in.shape()), "; expected (", x_in.dim() ? x_in.shape().back() : 0, ",)");
@@ -652,7 +656,7 @@ Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
 
 Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
   const char* op = "swiglu";
-  check_floats(op, {a_in, g_in});
+  check_floats(op, {{"a", a_in}, {"g", g_in}});
   MMDIT_CHECK(a_in.shape() == g_in.shape(), op, ": shapes ", shape_str(a_in.shape()), " and ",
               shape_str(g_in.shape()), " differ");
   const Tensor a = raw::contiguous(a_in), g = raw::contiguous(g_in);
@@ -677,7 +681,7 @@ Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
 
 Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y_in) {
   const char* op = "gated_residual";
-  check_floats(op, {x_in, gate_in, y_in});
+  check_floats(op, {{"x", x_in}, {"gate", gate_in}, {"y", y_in}});
   MMDIT_CHECK(x_in.shape() == y_in.shape(), op, ": residual ", shape_str(x_in.shape()),
               " and branch ", shape_str(y_in.shape()), " differ");
   const Groups g = groups_of(x_in, op);
@@ -707,7 +711,7 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y
 
 Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
   const char* op = "rope";
-  check_floats(op, {x_in, cos_in, sin_in});
+  check_floats(op, {{"x", x_in}, {"cos", cos_in}, {"sin", sin_in}});
   MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] > 0 && x_in.shape()[3] % 2 == 0, op,
               ": input has shape ", shape_str(x_in.shape()),
               "; expected (B, S, H, d) with d even and positive");

@@ -268,7 +268,7 @@ void scatter_head_grads(const JointInputs& in, int64_t b, int64_t h, const T* gr
 }  // namespace
 
 Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
-  check_floats("attention", {q, k, v});
+  check_floats("attention", {{"q", q}, {"k", k}, {"v", v}});
   MMDIT_CHECK(q.dim() == 4 && k.shape() == q.shape() && v.shape() == q.shape(),
               "attention: q, k, v have shapes ", shape_str(q.shape()), ", ", shape_str(k.shape()),
               ", ", shape_str(v.shape()), "; expected one (B, T, H, d) shape");
@@ -279,7 +279,7 @@ Tensor attention_fused(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 Tensor attention_packed(const Tensor& qkv_in, const Tensor& mask_in, int64_t blocked_from) {
   const char* op = "attention";
-  check_floats(op, {qkv_in});
+  check_floats(op, {{"qkv", qkv_in}});
   MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0, op,
               ": packed qkv has shape ", shape_str(qkv_in.shape()),
               "; expected (B, T, 3, H, d) with d > 0");
@@ -356,7 +356,13 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
                  .T = 0,
                  .eps = eps};
   for (size_t m = 0; m < M; ++m) {
-    check_floats(op, {qkv[0], qkv[m], gamma_q[m], gamma_k[m], cos[m], sin[m]});
+    const std::string i = str_cat("[", m, "]");
+    check_floats(op, {{"qkv[0]", qkv[0]},
+                      {"qkv" + i, qkv[m]},
+                      {"gamma_q" + i, gamma_q[m]},
+                      {"gamma_k" + i, gamma_k[m]},
+                      {"cos" + i, cos[m]},
+                      {"sin" + i, sin[m]}});
     const Shape& shape = qkv[m].shape();
     MMDIT_CHECK(shape.size() == 5 && shape[0] == in.B && shape[2] == 3 && shape[3] == in.H &&
                     shape[4] == in.d,

@@ -3,17 +3,25 @@
 #pragma once
 
 #include <initializer_list>
+#include <string_view>
 
 #include "tensor/tensor.h"
 
 namespace mmdit::detail {
 
-// Every input a float tensor, all of one dtype.
-inline void check_floats(const char* op, std::initializer_list<Tensor> ts) {
-  const DType dtype = ts.begin()->dtype();
-  for (const Tensor& t : ts)
-    MMDIT_CHECK(is_floating(t.dtype()) && t.dtype() == dtype, op, ": inputs must share one float ",
-                "dtype, got ", dtype_name(dtype), " and ", dtype_name(t.dtype()));
+struct NamedInput {
+  std::string_view name;  // as the op's signature names it
+  const Tensor& tensor;
+};
+
+// Every input a float tensor, all of one dtype; an error names the two inputs that differ.
+inline void check_floats(const char* op, std::initializer_list<NamedInput> inputs) {
+  const NamedInput& first = *inputs.begin();
+  const DType dtype = first.tensor.dtype();
+  for (const NamedInput& in : inputs)
+    MMDIT_CHECK(is_floating(in.tensor.dtype()) && in.tensor.dtype() == dtype, op,
+                ": inputs must share one float dtype, got ", dtype_name(dtype), " (", first.name,
+                ") and ", dtype_name(in.tensor.dtype()), " (", in.name, ")");
 }
 
 // out[j] = the sum over blocks b < blocks of partial[b * size + j], in block order and in double:

@@ -171,13 +171,6 @@ void BinaryImpl(BinaryOp op, const T* a, int64_t as, const T* b, int64_t bs, T* 
 }
 
 template <class T>
-void ScaleShiftImpl(const T* x, T scale, T shift, T* out, int64_t n) {
-  MapContiguous(x, out, n, [scale, shift](auto d, auto v) {
-    return hn::MulAdd(v, hn::Set(d, scale), hn::Set(d, shift));
-  });
-}
-
-template <class T>
 void AxpyImpl(T scale, const T* x, T* out, int64_t n) {
   const hn::ScalableTag<T> d;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
@@ -339,12 +332,6 @@ void UnaryF32(UnaryOp op, const float* x, float* out, int64_t n) {
 void UnaryF64(UnaryOp op, const double* x, double* out, int64_t n) {
   UnaryImpl(op, x, out, n);
 }
-void ScaleShiftF32(const float* x, float s, float b, float* out, int64_t n) {
-  ScaleShiftImpl(x, s, b, out, n);
-}
-void ScaleShiftF64(const double* x, double s, double b, double* out, int64_t n) {
-  ScaleShiftImpl(x, s, b, out, n);
-}
 float SumF32(const float* x, int64_t n) {
   return SumImpl(x, n);
 }
@@ -399,8 +386,6 @@ HWY_EXPORT(BinaryF32);
 HWY_EXPORT(BinaryF64);
 HWY_EXPORT(UnaryF32);
 HWY_EXPORT(UnaryF64);
-HWY_EXPORT(ScaleShiftF32);
-HWY_EXPORT(ScaleShiftF64);
 HWY_EXPORT(SumF32);
 HWY_EXPORT(SumF64);
 HWY_EXPORT(DotF32);
@@ -429,12 +414,6 @@ void unary(raw::UnaryOp op, const float* x, float* out, int64_t n) {
 }
 void unary(raw::UnaryOp op, const double* x, double* out, int64_t n) {
   HWY_DYNAMIC_DISPATCH(UnaryF64)(op, x, out, n);
-}
-void scale_shift(const float* x, float s, float b, float* out, int64_t n) {
-  HWY_DYNAMIC_DISPATCH(ScaleShiftF32)(x, s, b, out, n);
-}
-void scale_shift(const double* x, double s, double b, double* out, int64_t n) {
-  HWY_DYNAMIC_DISPATCH(ScaleShiftF64)(x, s, b, out, n);
 }
 float sum(const float* x, int64_t n) {
   return HWY_DYNAMIC_DISPATCH(SumF32)(x, n);

@@ -27,9 +27,6 @@ void binary(raw::BinaryOp op, const double* a, int64_t a_step, const double* b, 
             double* out, int64_t n);
 void unary(raw::UnaryOp op, const float* x, float* out, int64_t n);
 void unary(raw::UnaryOp op, const double* x, double* out, int64_t n);
-// out[i] = x[i] * scale + shift
-void scale_shift(const float* x, float scale, float shift, float* out, int64_t n);
-void scale_shift(const double* x, double scale, double shift, double* out, int64_t n);
 
 float sum(const float* x, int64_t n);
 double sum(const double* x, int64_t n);

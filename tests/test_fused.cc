@@ -634,8 +634,8 @@ TEST(Fused, JointAttentionBadInputsAreErrors) {
                 joint_attention_fused({q3, to_dtype(q5, DType::f64)}, {g, g}, {g, g},
                                       {t3.cos, t5.cos}, {t3.sin, t5.sin}, Tensor());
               }),
-              HasSubstr("joint_attention: inputs must share one float dtype, got float32 and "
-                        "float64"));
+              HasSubstr("joint_attention: inputs must share one float dtype, got float32 "
+                        "(qkv[0]) and float64 (qkv[1])"));
   EXPECT_THAT(message([&] {
                 joint_attention_fused({q3, q5}, {rng.normal({3}), g}, {g, g}, {t3.cos, t5.cos},
                                       {t3.sin, t5.sin}, Tensor());
@@ -848,10 +848,11 @@ TEST(Fused, BadShapesAreErrors) {
                 swiglu(x, rng.normal({2, 3, 5}));
               }),
               HasSubstr("swiglu: shapes (2,3,4) and (2,3,5) differ"));
-  EXPECT_THAT(error_of([&] {
-                swiglu(x, rng.normal({2, 3, 4}, DType::f64));
-              }),
-              HasSubstr("swiglu: inputs must share one float dtype, got float32 and float64"));
+  EXPECT_THAT(
+      error_of([&] {
+        swiglu(x, rng.normal({2, 3, 4}, DType::f64));
+      }),
+      HasSubstr("swiglu: inputs must share one float dtype, got float32 (a) and float64 (g)"));
   EXPECT_THAT(error_of([&] {
                 gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4}));
               }),
