@@ -37,9 +37,9 @@ class MMDiTBlock : public nn::Module {
                                  const Tensor& mask = Tensor()) const;
   BlockConditioning condition(const Tensor& c) const;
   // The block given its conditioning (one entry per modality in each list), which may have batch
-  // 1 for a batch of tokens. outputs:
-  // which modalities the caller reads (empty: all); the others come back undefined, without the
-  // work only they need (their attention output projection, residuals and feed-forward).
+  // 1 for a batch of tokens. outputs: which modalities the caller reads (empty: all); the others
+  // come back undefined, without the work only they need (their attention output projection,
+  // residuals and feed-forward).
   std::vector<Tensor> forward(std::vector<Tensor> xs, const BlockConditioning& cond,
                               const Tensor& mask = Tensor(),
                               const std::vector<bool>& outputs = {}) const;

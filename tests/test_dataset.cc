@@ -851,13 +851,16 @@ TEST(Robomimic, LoadsDemosInNumericOrderAndConcatenatesObsKeys) {
 // with only its first chunk written. HDF5 would read both as zeros.
 TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
   TempDir dir;
-  const std::string unwritten = dir.file("unwritten.hdf5");
-  {
-    H5Writer w(unwritten);
+  auto one_demo_without_actions = [](H5Writer& w) {
     w.group("data");
     w.group("data/demo_0");
     w.group("data/demo_0/obs");
     w.dataset("data/demo_0/obs/pos", 4, 2, std::vector<double>(8, 1.0));
+  };
+  const std::string unwritten = dir.file("unwritten.hdf5");
+  {
+    H5Writer w(unwritten);
+    one_demo_without_actions(w);
     w.dataset("data/demo_0/actions", 4, 3, {});
   }
   expect_error([&] { load_robomimic_hdf5(unwritten, {"pos"}); },
@@ -866,10 +869,7 @@ TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
   const std::string partial = dir.file("partial.hdf5");
   {
     H5Writer w(partial);
-    w.group("data");
-    w.group("data/demo_0");
-    w.group("data/demo_0/obs");
-    w.dataset("data/demo_0/obs/pos", 4, 2, std::vector<double>(8, 1.0));
+    one_demo_without_actions(w);
   }
   {
     const hid_t file = H5Fopen(partial.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
