@@ -64,6 +64,13 @@ Episodes demo_episodes(int64_t n = 6) {
   return Episodes{d.states, d.actions, d.episode_starts};
 }
 
+// The checkpoint of an untrained tiny policy on `data`, saved as dir/c.safetensors.
+std::string fresh_checkpoint(const Episodes& data, const test::TempDir& dir) {
+  const std::string path = dir.file("c.safetensors");
+  Trainer(tiny_config(data), data).save_checkpoint(path);
+  return path;
+}
+
 // ---------------------------------------------------------------- optimiser arithmetic
 TEST(AdamW, MatchesTheOptaxFormulaInFloat64) {
   Tensor p = from_vector(std::vector<double>{0.5, -1.0, 2.0}, {3});
@@ -338,10 +345,8 @@ TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
 // the array.
 TEST(Checkpoint, RefusesANormalizerThatDoesNotFitThePolicy) {
   const Episodes data = demo_episodes();
-  Trainer t(tiny_config(data), data);
   test::TempDir dir;
-  t.save_checkpoint(dir.file("c.safetensors"));
-  const SafetensorsFile f = load_safetensors(dir.file("c.safetensors"));
+  const SafetensorsFile f = load_safetensors(fresh_checkpoint(data, dir));
   Normalizer bad = Normalizer::from_json(f.metadata.at("normalizer"));
   bad.action_min = raw::contiguous(raw::narrow(bad.action_min, 0, 0, 1));
   std::map<std::string, std::string> meta = f.metadata;
@@ -432,10 +437,8 @@ TEST(Checkpoint, ResumeRefusesOtherData) {
 // A policy whose weights overflow returns an error, never NaN actions to a robot.
 TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
   const Episodes data = demo_episodes();
-  Trainer t(tiny_config(data), data);
   test::TempDir dir;
-  t.save_checkpoint(dir.file("c.safetensors"));
-  const LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  const LoadedPolicy p = load_policy(fresh_checkpoint(data, dir));
   const Tensor w = p.policy->named_parameters().at("mmdit.final_layers.1.linear_out.bias");
   raw::copy_into(w, full(w.shape(), 3e38));
   Rng rng(0);

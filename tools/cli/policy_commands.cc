@@ -195,9 +195,10 @@ void add_train(CLI::App& app) {
   cmd->add_option("--out", o->out,
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
       ->capture_default_str();
-  cmd->add_option("--resume", o->resume,
-                  "continue from this checkpoint, with its config, into its directory unless --out is "
-                  "given (--steps may raise the total)");
+  cmd->add_option(
+      "--resume", o->resume,
+      "continue from this checkpoint, with its config, into its directory unless --out is "
+      "given (--steps may raise the total)");
   cmd->add_flag("--overwrite", o->overwrite,
                 "start a new run even if --out already holds a checkpoint");
   cmd->add_option("--log-every", o->log_every, "progress line every N steps")
