@@ -7,11 +7,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <thread>
 
 #include "tensor/file_io.h"
 #include "tensor/safetensors.h"
@@ -624,51 +626,88 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
 
 // Ctrl-C or SIGTERM during `mmdit train` stops after the current step, saves a checkpoint and
 // exits with 128 + the signal's number, as a shell reports a process the signal killed.
-class CliStopSignal : public testing::TestWithParam<int> {};
+class CliStopSignal : public testing::TestWithParam<int> {
+ protected:
+  // Starts `mmdit train` for 100000 steps and returns once it has printed its first progress
+  // line, so that its stop handlers are in place.
+  pid_t start_training(const std::string& policy_json = kTinyPolicy, const char* batch = "4") {
+    const Episodes data = demo_episodes(4);
+    dir_ = temp_dir("signal" + std::to_string(GetParam()) + "_" +
+                    testing::UnitTest::GetInstance()->current_test_info()->name());
+    save_lerobot_npz(dir_ + "/demos.npz", data);
+    {
+      std::ofstream cfg(dir_ + "/config.json");
+      cfg << R"({"policy": )" << policy_json << "}";
+    }
+    int out[2];
+    EXPECT_EQ(::pipe(out), 0);
+    const pid_t pid = ::fork();
+    EXPECT_GE(pid, 0);
+    if (pid == 0) {
+      ::dup2(out[1], 1);
+      ::close(out[0]);
+      ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir_ + "/demos.npz").c_str(), "--steps",
+              "100000", "--log-every", "1", "--batch-size", batch, "--config",
+              (dir_ + "/config.json").c_str(), "--out", (dir_ + "/run").c_str(),
+              static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(out[1]);
+    output_ = out[0];
+    char buf[256];
+    while (seen_.find(" loss ") == std::string::npos) {
+      const ssize_t n = ::read(output_, buf, sizeof buf);
+      if (n <= 0) break;
+      seen_.append(buf, n);
+    }
+    return pid;
+  }
+  int wait_for(pid_t pid) {
+    char buf[256];
+    while (::read(output_, buf, sizeof buf) > 0) {
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ::close(output_);
+    return status;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  static constexpr const char* kTinyPolicy =
+      R"({"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16, "timestep_embed_dim": 8,
+          "dim_head": 8, "heads": 2, "ff_mult": 2})";
+
+  std::string dir_, seen_;
+  int output_ = -1;
+};
 
 TEST_P(CliStopSignal, SavesACheckpoint) {
   const int signal = GetParam();
-  const Episodes data = demo_episodes(4);
-  const std::string dir = temp_dir("signal" + std::to_string(signal));
-  save_lerobot_npz(dir + "/demos.npz", data);
-  {
-    std::ofstream cfg(dir + "/config.json");
-    cfg << R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
-               "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2}})";
-  }
-  int out[2];
-  ASSERT_EQ(::pipe(out), 0);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::dup2(out[1], 1);
-    ::close(out[0]);
-    ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir + "/demos.npz").c_str(), "--steps",
-            "100000", "--log-every", "1", "--batch-size", "4", "--config",
-            (dir + "/config.json").c_str(), "--out", (dir + "/run").c_str(),
-            static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  ::close(out[1]);
-  std::string seen;
-  char buf[256];
-  while (seen.find(" loss ") == std::string::npos) {  // wait for the first progress line
-    const ssize_t n = ::read(out[0], buf, sizeof buf);
-    if (n <= 0) break;
-    seen.append(buf, n);
-  }
+  const pid_t pid = start_training();
   ::kill(pid, signal);
-  while (::read(out[0], buf, sizeof buf) > 0) {
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ::close(out[0]);
-  ASSERT_TRUE(WIFEXITED(status)) << seen;
+  const int status = wait_for(pid);
+  ASSERT_TRUE(WIFEXITED(status)) << seen_;
   EXPECT_EQ(WEXITSTATUS(status), 128 + signal);
-  const LoadedPolicy p = load_policy(dir + "/run/checkpoint.safetensors");
+  const LoadedPolicy p = load_policy(dir_ + "/run/checkpoint.safetensors");
   EXPECT_GE(p.step, 1);
   EXPECT_LT(p.step, 100000);
-  fs::remove_all(dir);
+}
+
+// A second signal, while the first still waits for the step to end, stops the program at once
+// (the signal's default action), as a user pressing Ctrl-C again expects. The policy is big
+// enough for a step (or the save after it) to take far longer than the 30 ms between the
+// signals; two signals sent together would be merged into one by the kernel.
+TEST_P(CliStopSignal, ASecondSignalStopsAtOnce) {
+  const int signal = GetParam();
+  const pid_t pid = start_training(R"({"horizon": 16, "hidden_size": 256, "depth": 4,
+      "dim_cond": 256, "timestep_embed_dim": 64, "dim_head": 32, "heads": 8, "ff_mult": 4})",
+                                   "64");
+  ::kill(pid, signal);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  ::kill(pid, signal);
+  const int status = wait_for(pid);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "exit status " << WEXITSTATUS(status) << "\n" << seen_;
+  EXPECT_EQ(WTERMSIG(status), signal);
 }
 
 INSTANTIATE_TEST_SUITE_P(IntAndTerm, CliStopSignal, testing::Values(SIGINT, SIGTERM),
