@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -15,13 +16,6 @@
 
 namespace mmdit {
 namespace {
-
-std::string parent_directory(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
 
 // Makes a completed rename durable. Best effort: the new file is already in place, so a failure
 // here must not be reported as a failed save.
@@ -84,6 +78,21 @@ void commit_temp_file(const std::string& tmp, const std::string& path) {
   if (sync_rc != 0) abandon(tmp, path, "fsync of", sync_err);
   if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(tmp, path, "renaming", errno);
   fsync_directory(parent_directory(path));
+}
+
+std::string parent_directory(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::string lowercase_extension(const std::string& path) {
+  const size_t dot = path.find_last_of('.'), slash = path.find_last_of('/');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return "";
+  std::string ext = path.substr(dot);
+  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return ext;
 }
 
 void remove_stale_temp_files(const std::string& path) {

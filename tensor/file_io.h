@@ -21,4 +21,9 @@ void commit_temp_file(const std::string& tmp, const std::string& path);
 // large as a checkpoint: removes those of `path` whose process no longer runs. Best effort.
 void remove_stale_temp_files(const std::string& path);
 
+// "runs/a/x.npy" -> "runs/a", "x.npy" -> ".", "/x" -> "/".
+std::string parent_directory(const std::string& path);
+// ".npz" for "runs/Demos.NPZ"; "" when the file name has no dot.
+std::string lowercase_extension(const std::string& path);
+
 }  // namespace mmdit

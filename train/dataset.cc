@@ -4,7 +4,6 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -13,6 +12,7 @@
 #include <numeric>
 #include <set>
 
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 #include "tensor/random.h"
 #include "train/npy.h"
@@ -437,12 +437,7 @@ Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::str
 }
 
 Episodes load_episodes(const std::string& path, const std::vector<std::string>& obs_keys) {
-  const size_t slash = path.find_last_of('/');
-  const size_t dot = path.find_last_of('.');
-  std::string ext;
-  if (dot != std::string::npos && (slash == std::string::npos || dot > slash))
-    ext = path.substr(dot);
-  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const std::string ext = lowercase_extension(path);
   if (ext == ".npz") return load_lerobot_npz(path);
   if (ext == ".hdf5" || ext == ".h5") return load_robomimic_hdf5(path, obs_keys);
   fail(path, ": unknown dataset format '", ext.empty() ? "(no extension)" : ext,

@@ -74,20 +74,18 @@ PolicyConfig PolicyConfig::from_json(const std::string& text) {
 }
 
 void PolicyConfig::validate() const {
-  auto positive = [](const char* name, int64_t v) {
-    MMDIT_CHECK(v > 0, "policy config: ", name, " must be positive, got ", v);
-  };
-  positive("n_obs_steps", n_obs_steps);
-  positive("state_dim", state_dim);
-  positive("horizon", horizon);
-  positive("act_dim", act_dim);
-  positive("hidden_size", hidden_size);
-  positive("depth", depth);
-  positive("dim_cond", dim_cond);
-  positive("timestep_embed_dim", timestep_embed_dim);
-  positive("dim_head", dim_head);
-  positive("heads", heads);
-  positive("ff_mult", ff_mult);
+  const char* who = "policy config";
+  check_positive(who, "n_obs_steps", n_obs_steps);
+  check_positive(who, "state_dim", state_dim);
+  check_positive(who, "horizon", horizon);
+  check_positive(who, "act_dim", act_dim);
+  check_positive(who, "hidden_size", hidden_size);
+  check_positive(who, "depth", depth);
+  check_positive(who, "dim_cond", dim_cond);
+  check_positive(who, "timestep_embed_dim", timestep_embed_dim);
+  check_positive(who, "dim_head", dim_head);
+  check_positive(who, "heads", heads);
+  check_positive(who, "ff_mult", ff_mult);
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
   MMDIT_CHECK(sigma >= 0, "policy config: sigma must be >= 0, got ", sigma);

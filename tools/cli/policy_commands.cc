@@ -83,25 +83,10 @@ struct TrainFlags {
   std::string config_json;
 };
 
-// "runs/a/x.npy" -> "runs/a"; "x.npy" -> "."; "/x" -> "/".
-std::string directory_of(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-std::string lowercase_extension(const std::string& path) {
-  const size_t dot = path.find_last_of('.'), slash = path.find_last_of('/');
-  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return "";
-  std::string ext = path.substr(dot);
-  for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return ext;
-}
-
 // Fails now, instead of after a long evaluation, when the directory `path` goes in is missing.
 void check_output_directory(const std::string& path, const char* flag) {
   if (path.find('/') == std::string::npos) return;
-  const std::string dir = directory_of(path);
+  const std::string dir = parent_directory(path);
   struct stat st;
   MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
               " does not exist");
@@ -219,7 +204,7 @@ void add_train(CLI::App& app) {
                   "train: --overwrite starts a new run; it cannot be combined with "
                   "--resume, which continues one");
       // A resumed run goes on next to its checkpoint, never over another run's.
-      const std::string own_dir = directory_of(o->resume);
+      const std::string own_dir = parent_directory(o->resume);
       if (!cmd->count("--out")) o->out = own_dir;
       const std::string ckpt = checkpoint_path(o->out);
       struct stat resumed;
