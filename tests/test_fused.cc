@@ -4,6 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cblas.h>
+
 #include <cfloat>
 #include <functional>
 
@@ -11,6 +13,7 @@
 #include "autodiff/gradcheck.h"
 #include "autodiff/ops.h"
 #include "nn/functional.h"
+#include "tensor/blas_core.h"
 #include "tensor/parallel.h"
 #include "tensor/random.h"
 #include "tests/test_util.h"
@@ -736,6 +739,28 @@ TEST(Fused, Float32GradientsAgreeWithFloat64) {
 }
 
 // Big enough for the kernels' parallel paths: two threads give what one gives, bit for bit.
+// Whether OpenBLAS gives the same bits for an (m, k) x (k, n) product computed whole and as two
+// blocks of rows, and as two blocks of columns (as matmul splits it across threads). Its AVX-512
+// and SSE kernels do; its Haswell kernels, which it also runs on AMD Zen, do not: there an
+// element's rounding depends on the size of the block it is computed in.
+bool openblas_splits_exactly(int m, int n, int k) {
+  Rng rng(11);
+  const Tensor a = rng.normal({m, k}), b = rng.normal({k, n});
+  const Tensor whole = zeros({m, n}), by_rows = zeros({m, n}), by_columns = zeros({m, n});
+  const float *pa = a.data<float>(), *pb = b.data<float>();
+  const auto gemm = [&](int rows, int cols, const float* x, const float* y, float* c) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, k, 1.0f, x, k, y, n, 0.0f,
+                c, n);
+  };
+  gemm(m, n, pa, pb, whole.data<float>());
+  const int half_m = m / 2 / 16 * 16, half_n = n / 2 / 16 * 16;
+  gemm(half_m, n, pa, pb, by_rows.data<float>());
+  gemm(m - half_m, n, pa + half_m * k, pb, by_rows.data<float>() + half_m * n);
+  gemm(m, half_n, pa, pb, by_columns.data<float>());
+  gemm(m, n - half_n, pa, pb + half_n, by_columns.data<float>() + half_n);
+  return max_abs_diff(whole, by_rows) == 0.0 && max_abs_diff(whole, by_columns) == 0.0;
+}
+
 TEST(Fused, ThreadCountDoesNotChangeResults) {
   Rng rng(7);
   const Tensor x = rng.normal({16, 64, 256}), shift = rng.normal({16, 1, 256}),
@@ -814,6 +839,14 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
       {"qk_norm_rope", run_qk},
       {"rope", run_rope},
       {"linear_fused", run_linear}};
+  // Our kernels split at fixed boundaries, so one and two threads give the same bits. The
+  // product's blocks are OpenBLAS's: the same bits only where its kernels are split-invariant,
+  // otherwise equal to float32 rounding (4e-5 of values up to 80 with the Haswell kernels).
+  const bool exact_products = openblas_splits_exactly(520, 512, 256);
+  if (!exact_products)
+    std::printf("OpenBLAS core %s rounds a product's blocks differently from the whole: "
+                "linear_fused checked to float32 rounding\n",
+                openblas_core().c_str());
   const int threads = num_threads();
   for (const auto& [name, f] : cases) {
     set_num_threads(1);
@@ -822,9 +855,12 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     const std::vector<Tensor> two = f();
     set_num_threads(threads);
     ASSERT_EQ(one.size(), two.size()) << name;
-    for (size_t i = 0; i < one.size(); ++i)
-      EXPECT_EQ(max_abs_diff(one[i], two[i]), 0.0)
+    const bool rounding_allowed = !exact_products && std::string(name) == "linear_fused";
+    for (size_t i = 0; i < one.size(); ++i) {
+      const double tolerance = rounding_allowed ? 1e-6 * max_abs_diff(one[i], zeros_like(one[i])) : 0.0;
+      EXPECT_LE(max_abs_diff(one[i], two[i]), tolerance)
           << name << ": " << (i + 1 == one.size() ? "value" : str_cat("gradient ", i));
+    }
   }
 }
 
