@@ -749,8 +749,8 @@ bool openblas_splits_exactly(int m, int n, int k) {
   const Tensor whole = zeros({m, n}), by_rows = zeros({m, n}), by_columns = zeros({m, n});
   const float *pa = a.data<float>(), *pb = b.data<float>();
   const auto gemm = [&](int rows, int cols, const float* x, const float* y, float* c) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, k, 1.0f, x, k, y, n, 0.0f,
-                c, n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, k, 1.0f, x, k, y, n, 0.0f, c,
+                n);
   };
   gemm(m, n, pa, pb, whole.data<float>());
   const int half_m = m / 2 / 16 * 16, half_n = n / 2 / 16 * 16;
@@ -844,9 +844,10 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
   // otherwise equal to float32 rounding (4e-5 of values up to 80 with the Haswell kernels).
   const bool exact_products = openblas_splits_exactly(520, 512, 256);
   if (!exact_products)
-    std::printf("OpenBLAS core %s rounds a product's blocks differently from the whole: "
-                "linear_fused checked to float32 rounding\n",
-                openblas_core().c_str());
+    std::printf(
+        "OpenBLAS core %s rounds a product's blocks differently from the whole: "
+        "linear_fused checked to float32 rounding\n",
+        openblas_core().c_str());
   const int threads = num_threads();
   for (const auto& [name, f] : cases) {
     set_num_threads(1);
@@ -857,7 +858,8 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
     ASSERT_EQ(one.size(), two.size()) << name;
     const bool rounding_allowed = !exact_products && std::string(name) == "linear_fused";
     for (size_t i = 0; i < one.size(); ++i) {
-      const double tolerance = rounding_allowed ? 1e-6 * max_abs_diff(one[i], zeros_like(one[i])) : 0.0;
+      const double tolerance =
+          rounding_allowed ? 1e-6 * max_abs_diff(one[i], zeros_like(one[i])) : 0.0;
       EXPECT_LE(max_abs_diff(one[i], two[i]), tolerance)
           << name << ": " << (i + 1 == one.size() ? "value" : str_cat("gradient ", i));
     }
