@@ -10,6 +10,11 @@ namespace mmdit {
 int num_threads();
 void set_num_threads(int n);
 
+// How the OpenBLAS loaded in this process runs its threads: "OpenMP" (libopenblas0-openmp, the
+// build this project installs), "pthreads" or "sequential". Only an OpenMP build shares our
+// pool; any other runs on one thread, and products are split across threads by matmul alone.
+const char* openblas_threading();
+
 // A loop is split only when each of two threads gets at least this many element-operations;
 // less runs on the calling thread. A fork and join costs
 // 3-5 us on these VMs (measured with an empty region); at 32768 the sampler at batch 1 opened

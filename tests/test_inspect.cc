@@ -288,6 +288,9 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
 #else
   EXPECT_THAT(r.output, HasSubstr("\"allocator\": \"system malloc\""));
 #endif
+  // The project's build links OpenBLAS's OpenMP build (CMakeLists.txt's RUNPATH), whatever
+  // Debian's libopenblas.so.0 alternative points to.
+  EXPECT_THAT(r.output, HasSubstr("\"openblas_threading\": \"OpenMP\""));
   // 10 Euler steps of the reference policy at batch 1 (hidden 256, 8 blocks, 8 heads of 64,
   // ff_mult 4; 2 observation and 16 action tokens), the products counted as they ran: per block
   // and token, to_qkv, to_out and the three feed-forward products; attention's q k^T and p v per

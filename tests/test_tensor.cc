@@ -1,6 +1,7 @@
 // Tests of the tensor layer (tensor/*.h) against independent truths: closed forms, values
 // written out by hand, and naive loops in double that read the operands through their raw
 // strides (never through the library's own copy or broadcast machinery).
+#include <cblas.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
@@ -522,6 +523,19 @@ void check_binary(const Tensor& a, const Tensor& b, const Shape& expected_shape)
         0, 0))
         << "op " << static_cast<int>(op) << " " << shape_str(a.shape()) << " with "
         << shape_str(b.shape());
+  }
+}
+
+// OpenBLAS's OpenMP build shares our threads; a pthreads build (another alternative of the same
+// library, which a program may load instead) must stay on one thread, or its own pool runs beside
+// ours inside every split product.
+TEST_F(TensorThreadCount, OpenBLASRunsInOurPoolOrOnOneThread) {
+  const int mode = openblas_get_parallel();
+  EXPECT_STREQ(openblas_threading(), mode == 0 ? "sequential" : mode == 1 ? "pthreads" : "OpenMP");
+  for (const int n : {2, 1, 3}) {
+    set_num_threads(n);
+    EXPECT_EQ(num_threads(), n);
+    EXPECT_EQ(openblas_get_num_threads(), mode == 2 ? n : 1) << openblas_threading() << ", " << n;
   }
 }
 

@@ -409,7 +409,8 @@ std::string json_line(const Result& r, int threads, double roof, double memory_r
   std::string s(buf, static_cast<size_t>(len));
   std::snprintf(buf, sizeof buf, ", \"memory_roof_gbps\": %.1f", memory_roof);
   s += buf;
-  s += str_cat(", \"allocator\": \"", allocator, "\"");
+  s += str_cat(", \"allocator\": \"", allocator, "\", \"openblas_threading\": \"",
+               openblas_threading(), "\"");
   if (const char* detected = std::getenv(kDetectedCoreVariable))
     s += str_cat(", \"openblas_core_detected\": \"", detected, "\"");
   if (r.weight_mb_per_rep > 0) {
@@ -480,7 +481,8 @@ void run_bench(const Options& o) {
   const std::string core_name = openblas_core();
   const char* core = core_name.c_str();
   const std::string core_label =
-      detected_core ? str_cat(core_name, " (OpenBLAS detected ", detected_core, ")") : core_name;
+      str_cat(core_name, " (", openblas_threading(), " build",
+              detected_core ? str_cat("; OpenBLAS detected ", detected_core) : std::string(), ")");
   const std::string allocator = allocator_name();
   std::vector<const Workload*> chosen;
   for (const std::string& name : o.workloads) {
