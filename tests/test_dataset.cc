@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zip.h>
 
@@ -891,6 +892,33 @@ TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
   }
   expect_error([&] { load_robomimic_hdf5(partial, {"pos"}); },
                {partial, "'data/demo_0/actions' is only partly stored"});
+}
+
+// tests/data/robomimic_wild_address.hdf5 is a 10 KB robomimic file (two demos of obs/pos,
+// obs/vel and actions) with 8 bytes at offset 704 set to 0xff, as fuzz_hdf5_dataset found it:
+// Debian 12's libhdf5 1.10.8 reads through that address and faults inside H5Fopen's callers.
+// What cannot be caught in-process must at least name the file; a libhdf5 that refuses the
+// file instead must do it through an mmdit::Error.
+TEST(RobomimicDeathTest, AFileThatCrashesLibhdf5NamesTheFile) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string path = std::string(MMDIT_TEST_DATA) + "/robomimic_wild_address.hdf5";
+  // Killed by the signal, or exit 1 when AddressSanitizer's handler takes the fault after ours.
+  const auto crashed_or_refused = [](int status) {
+    return !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+  };
+  EXPECT_EXIT(
+      {
+        try {
+          load_episodes(path, {"pos", "vel"});
+        } catch (const Error& e) {
+          std::fprintf(stderr, "refused: %s\n", e.what());
+          std::exit(3);
+        }
+        std::exit(0);
+      },
+      crashed_or_refused,
+      "(mmdit: the HDF5 library crashed reading .*/robomimic_wild_address.hdf5: the file is "
+      "malformed|refused: .*/robomimic_wild_address.hdf5)");
 }
 
 TEST(Robomimic, RejectsBadFiles) {

@@ -2,10 +2,13 @@
 
 #include <hdf5.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <limits>
 #include <new>
@@ -102,6 +105,46 @@ std::vector<std::string> link_names(hid_t group) {
   }
   return names;
 }
+
+// libhdf5 (1.10 in Debian 12) trusts some addresses in a file: one flipped address in a 10 KB
+// robomimic file makes it read through a wild pointer (SIGSEGV in H5F__accum_read, found by
+// tools/fuzz/fuzz_hdf5_dataset). Nothing is recoverable in the process after that, but instead
+// of a bare "Segmentation fault" the program says which file did it. While an object of this
+// class lives, a fault writes that message and hands the signal back to the handler it
+// replaced (the default, or a sanitizer's), which then ends the process. HDF5's serial build is
+// not thread-safe, so one file at a time is read anyway; the message is static for the handler.
+class FileFaultMessage {
+ public:
+  explicit FileFaultMessage(const std::string& path) {
+    const std::string text =
+        str_cat("mmdit: the HDF5 library crashed reading ", path, ": the file is malformed\n");
+    length_ = std::min(text.size(), sizeof message_);
+    std::memcpy(message_, text.data(), length_);
+    struct sigaction action {};
+    action.sa_handler = &FileFaultMessage::on_fault;
+    sigemptyset(&action.sa_mask);
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &action, &replaced_[i]);
+  }
+  ~FileFaultMessage() {
+    for (size_t i = 0; i < kSignals.size(); ++i) sigaction(kSignals[i], &replaced_[i], nullptr);
+  }
+  FileFaultMessage(const FileFaultMessage&) = delete;
+  FileFaultMessage& operator=(const FileFaultMessage&) = delete;
+
+ private:
+  static constexpr std::array<int, 3> kSignals = {SIGSEGV, SIGBUS, SIGFPE};
+
+  // Returning re-runs the faulting instruction, which now goes to the replaced handler.
+  static void on_fault(int signal) {
+    [[maybe_unused]] const ssize_t written = ::write(STDERR_FILENO, message_, length_);
+    for (size_t i = 0; i < kSignals.size(); ++i)
+      if (kSignals[i] == signal) sigaction(signal, &replaced_[i], nullptr);
+  }
+
+  static inline char message_[4096];
+  static inline size_t length_ = 0;
+  static inline struct sigaction replaced_[kSignals.size()] = {};
+};
 
 // What HDF5's error stack says about the last failed call, innermost cause last ("unable to
 // lock file, errno = 11, ..."): its automatic printing is off, so messages carry it instead.
@@ -362,6 +405,7 @@ Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::str
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) fail(path, ": cannot open: ", std::strerror(errno));
   if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  const FileFaultMessage fault_message(path);
   if (H5Fis_hdf5(path.c_str()) <= 0) fail(path, ": not an HDF5 file");
   H5Handle file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   if (!file.valid()) fail(path, ": cannot open the HDF5 file", hdf5_cause());
