@@ -188,6 +188,43 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
   }
 }
 
+// A gradient that is not finite, or an EMA of another dtype, is refused before anything changes:
+// parameters, moments, step and EMA stay as they were, and the message names the tensor.
+TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
+  NamedTensors params;
+  params.insert("a", from_vector({1.0f, -2.0f, 3.0f}, {3}));
+  params.insert("b", from_vector({0.5f, 0.25f}, {2}));
+  AdamW opt(params, {0.1, 0.9, 0.999, 1e-8, 0.01});
+  EMA ema(params, 0.9);
+  NamedTensors good;
+  good.insert("a", from_vector({0.1f, 0.2f, 0.3f}, {3}));
+  good.insert("b", from_vector({-0.1f, 0.4f}, {2}));
+  opt.update(params, good, 0.1, 1.0, &ema);  // moments and EMA no longer trivial
+  auto snapshot = [&] {
+    std::vector<std::vector<float>> s;
+    const NamedTensors& p = params;
+    for (const NamedTensors* t : {&p, &opt.first_moments(), &opt.second_moments(), &ema.params()})
+      for (const auto& [name, x] : *t) s.push_back(x.to_vector<float>());
+    return s;
+  };
+  const auto before = snapshot();
+  NamedTensors bad;
+  bad.insert("a", from_vector({0.1f, 0.2f, 0.3f}, {3}));
+  bad.insert("b", from_vector({-0.1f, NAN}, {2}));
+  EXPECT_EQ(test::error_of([&] { opt.update(params, bad, 0.1, 1.0, &ema); }),
+            "AdamW::update: the gradient of 'b' holds nan at (1,); nothing was updated");
+  EXPECT_EQ(opt.step(), 1);
+  EXPECT_EQ(snapshot(), before);
+  NamedTensors mixed;
+  mixed.insert("a", params.at("a"));
+  mixed.insert("b", raw::to_dtype(params.at("b"), DType::f64));
+  EMA other(mixed, 0.9);
+  EXPECT_EQ(test::error_of([&] { opt.update(params, good, 0.1, 1.0, &other); }),
+            "AdamW::update: the EMA of 'b' is float64, the parameter float32");
+  EXPECT_EQ(opt.step(), 1);
+  EXPECT_EQ(snapshot(), before);
+}
+
 TEST(Normalizer, MinMaxRoundTripAndJson) {
   const Episodes data = demo_episodes();
   const Normalizer n = make_normalizer(data, "min_max");
@@ -464,10 +501,56 @@ TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
   t.train_step();
   const std::vector<float> after_one =
       t.policy().named_parameters().at("state_encoder.weight").to_vector<float>();
+  test::TempDir dir;
+  t.save_checkpoint(dir.file("before.safetensors"));
   EXPECT_THAT([&] { t.train_step(); },
               testing::ThrowsMessage<Error>(HasSubstr("training step 2: the loss is ")));
   EXPECT_EQ(t.step(), 1);
   EXPECT_EQ(t.policy().named_parameters().at("state_encoder.weight").to_vector<float>(), after_one);
+  // The batch and noise drawn for the failed step are given back too: a checkpoint saved now is
+  // the one of step 1, random state and data order included.
+  t.save_checkpoint(dir.file("after.safetensors"));
+  EXPECT_TRUE(read_file(dir.file("after.safetensors")) ==
+              read_file(dir.file("before.safetensors")));
+}
+
+// A finite loss whose gradients overflow: the time embedding's hidden units at 3.4e38 with the
+// next layer's weights scaled down keep the forward finite, while the gradient of that layer's
+// weights (3.4e38 times the conditioning's gradient, made large) is inf. With or without
+// clipping, the step throws naming itself and the tensor, and the trainer is left exactly as it
+// was: a checkpoint saved after the throw is byte for byte the one saved before.
+TEST(Trainer, NonFiniteGradientStopsBeforeTheUpdate) {
+  const Episodes data = demo_episodes();
+  for (const double clip : {0.0, 1.0}) {
+    SCOPED_TRACE(clip);
+    TrainConfig c = tiny_config(data);
+    c.lr = 1e-2;
+    c.warmup_steps = 0;
+    c.grad_clip = clip;
+    Trainer t(c, data);
+    for (int i = 0; i < 5; ++i) t.train_step();
+    const NamedTensors p = t.policy().named_parameters();
+    const Tensor bias = p.at("mmdit.timestep_embeds.0.linear1.bias");
+    raw::copy_into(bias, full(bias.shape(), 3.4e38));
+    auto scale = [&](const char* name, double s) {
+      raw::copy_into(p.at(name), raw::mul_scalar(p.at(name), s));
+    };
+    scale("mmdit.timestep_embeds.0.linear2.weight", 1 / 3.4e38);
+    scale("mmdit.blocks.0.to_cond.weight", 1000);
+    scale("mmdit.final_layers.1.adaLN_modulation.weight", 1000);
+    test::TempDir dir;
+    t.save_checkpoint(dir.file("before.safetensors"));
+    EXPECT_THAT([&] { t.train_step(); },
+                testing::ThrowsMessage<Error>(testing::AllOf(
+                    testing::StartsWith(
+                        "training step 6: the gradient of 'mmdit.timestep_embeds.0.linear2.weight' "
+                        "holds inf at "),
+                    testing::EndsWith("; nothing was updated"))));
+    EXPECT_EQ(t.step(), 5);
+    t.save_checkpoint(dir.file("after.safetensors"));
+    EXPECT_TRUE(read_file(dir.file("after.safetensors")) ==
+                read_file(dir.file("before.safetensors")));
+  }
 }
 
 TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {

@@ -101,25 +101,19 @@ MMDIT_SIMD_CLONES double sum_of_squares_chunk(const double* x, int64_t n) {
 // g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
 // is exact).
 // With `ema`, each chunk's new parameters also go into the EMA while they are in cache.
-// Returns the sum of squares of g (before scaling), read again while each chunk is in cache.
 template <class T>
-double adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
-                    int64_t step, double grad_scale, T* ema, double ema_decay) {
+void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
+                  int64_t step, double grad_scale, T* ema, double ema_decay) {
   const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
   const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
   const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
   const T bc2 = static_cast<T>(1 - std::pow(c.b2, static_cast<double>(step)));
   const T gs = static_cast<T>(grad_scale);
-  std::vector<double> squares(static_cast<size_t>((n + kChunk - 1) / kChunk));
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    squares[static_cast<size_t>(begin / kChunk)] = sum_of_squares_chunk(g + begin, end - begin);
     adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate, bc1,
                 bc2, gs);
     if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
   });
-  double sum = 0;
-  for (double sq : squares) sum += sq;
-  return sum;
 }
 
 template <class T>
@@ -164,29 +158,54 @@ AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
 
 double AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
                      double grad_scale, EMA* ema) {
+  // Everything is checked, and the gradients' norm read, before anything changes: a throw leaves
+  // the parameters, moments, step and EMA as they were.
   check_same_layout(params, grads, "AdamW::update");
   check_same_layout(params, m_, "AdamW::update (optimiser state)");
   if (ema) check_same_layout(params, ema->params(), "AdamW::update (EMA)");
-  ++step_;
+  struct Item {
+    Tensor p, g, e;
+  };
+  std::vector<Item> items;
+  items.reserve(params.size());
   double squares = 0;
   for (const auto& [name, p] : params) {
-    const Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
-    Tensor &m = m_.at(name), &v = v_.at(name);
-    if (m.dtype() != p.dtype()) m = raw::to_dtype(m, p.dtype()), v = raw::to_dtype(v, p.dtype());
+    MMDIT_CHECK(p.is_contiguous() && is_floating(p.dtype()), "AdamW::update: parameter '", name,
+                "' must be a contiguous float tensor");
     // The EMA's tensor is updated in place, so it must already have the parameter's dtype.
     Tensor e = ema ? ema->params().at(name) : Tensor();
     MMDIT_CHECK(!e.defined() || (e.dtype() == p.dtype() && e.is_contiguous()),
                 "AdamW::update: ", "the EMA of '", name, "' is ",
                 e.defined() ? dtype_name(e.dtype()) : "", ", the parameter ",
                 dtype_name(p.dtype()));
-    if (p.dtype() == DType::f32)
-      squares += adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(),
-                              p.numel(), config_, lr, step_, grad_scale,
-                              e.defined() ? e.data<float>() : nullptr, ema ? ema->decay() : 0.0);
+    Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
+    squares += p.dtype() == DType::f32 ? sum_of_squares(g.data<float>(), g.numel())
+                                       : sum_of_squares(g.data<double>(), g.numel());
+    items.push_back({p, std::move(g), std::move(e)});
+  }
+  if (!std::isfinite(squares)) {
+    for (const auto& [name, g] : grads)
+      if (const std::optional<NonFinite> bad = first_non_finite(g))
+        fail("AdamW::update: the gradient of '", name, "' holds ", bad->value, " at ",
+             shape_str(bad->index), "; nothing was updated");
+    fail("AdamW::update: the gradients' global norm overflows; nothing was updated");
+  }
+  ++step_;
+  size_t i = 0;
+  for (const auto& [name, unused] : params) {
+    const Item& it = items[i++];
+    Tensor &m = m_.at(name), &v = v_.at(name);
+    if (m.dtype() != it.p.dtype())
+      m = raw::to_dtype(m, it.p.dtype()), v = raw::to_dtype(v, it.p.dtype());
+    const double decay = ema ? ema->decay() : 0.0;
+    if (it.p.dtype() == DType::f32)
+      adamw_kernel(it.p.data<float>(), it.g.data<float>(), m.data<float>(), v.data<float>(),
+                   it.p.numel(), config_, lr, step_, grad_scale,
+                   it.e.defined() ? it.e.data<float>() : nullptr, decay);
     else
-      squares += adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(),
-                              v.data<double>(), p.numel(), config_, lr, step_, grad_scale,
-                              e.defined() ? e.data<double>() : nullptr, ema ? ema->decay() : 0.0);
+      adamw_kernel(it.p.data<double>(), it.g.data<double>(), m.data<double>(), v.data<double>(),
+                   it.p.numel(), config_, lr, step_, grad_scale,
+                   it.e.defined() ? it.e.data<double>() : nullptr, decay);
   }
   return std::sqrt(squares);
 }

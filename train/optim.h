@@ -30,7 +30,10 @@ class AdamW {
   // grad_scale multiplies every gradient first: the factor of global-norm clipping
   // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
   // EMA is advanced in the same pass too, as ema->update(params) after this call would. Returns
-  // global_norm(grads) of the gradients as given (before grad_scale), read in the same pass.
+  // global_norm(grads) of the gradients as given (before grad_scale). Everything is checked, and
+  // that norm read, before anything changes: when a gradient is not finite (or the names, shapes
+  // or dtypes do not fit), it throws naming the tensor, and parameters, moments, step and EMA
+  // are left as they were.
   double update(const NamedTensors& params, const NamedTensors& grads, double lr,
                 double grad_scale = 1.0, EMA* ema = nullptr);
   double update(const NamedTensors& params, const NamedTensors& grads) {

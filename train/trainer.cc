@@ -199,32 +199,39 @@ Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
 }
 
 StepStats Trainer::train_step() {
-  const Batch batch = sampler_->next(config_.batch_size);
-  auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
-  auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
-  StepStats stats;
-  stats.loss = loss_value.item();
-  MMDIT_CHECK(std::isfinite(stats.loss), "training step ", step() + 1, ": the loss is ", stats.loss,
-              "; stopped before updating the parameters");
-  stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
-                              config_.cosine_decay ? config_.steps : 0);
-  const NamedTensors params = policy_->named_parameters();
-  // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients;
-  // it needs the norm first. Without clipping, the norm for the log comes from that pass too.
-  double grad_scale = 1.0;
-  if (config_.grad_clip > 0) {
-    stats.grad_norm = global_norm(grads);
-    MMDIT_CHECK(std::isfinite(stats.grad_norm), "training step ", step() + 1,
-                ": the gradients' global norm is ", stats.grad_norm,
-                "; stopped before updating the parameters");
-    grad_scale = clip_scale(stats.grad_norm, config_.grad_clip);
+  // A step that throws leaves the trainer as it was, the random state and data order included:
+  // a checkpoint saved after the throw is the one of the step before.
+  const uint64_t rng_seed = rng_.seed(), rng_counter = rng_.counter();
+  const auto [epoch, offset] = sampler_->position();
+  try {
+    const Batch batch = sampler_->next(config_.batch_size);
+    auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
+    auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
+    StepStats stats;
+    stats.loss = loss_value.item();
+    MMDIT_CHECK(std::isfinite(stats.loss), "training step ", step() + 1, ": the loss is ",
+                stats.loss, "; stopped before updating the parameters");
+    stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
+                                config_.cosine_decay ? config_.steps : 0);
+    const NamedTensors params = policy_->named_parameters();
+    // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients;
+    // it needs the norm first. A non-finite norm gives a scale of 0 or 1, and the update refuses
+    // the gradients before it changes anything.
+    const double grad_scale =
+        config_.grad_clip > 0 ? clip_scale(global_norm(grads), config_.grad_clip) : 1.0;
+    try {
+      stats.grad_norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
+    } catch (const Error& e) {
+      const std::string what = e.what(), prefix = "AdamW::update: ";
+      fail("training step ", step() + 1, ": ",
+           starts_with(what, prefix) ? what.substr(prefix.size()) : what);
+    }
+    return stats;
+  } catch (...) {
+    rng_.set_state(rng_seed, rng_counter);
+    sampler_->set_position(epoch, offset);
+    throw;
   }
-  const double norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
-  // Without clipping the norm comes out of the update's own pass, so it is known only after it.
-  MMDIT_CHECK(std::isfinite(norm), "training step ", step(), ": the gradients' global norm is ",
-              norm, "; the parameters now hold non-finite values");
-  if (config_.grad_clip <= 0) stats.grad_norm = norm;
-  return stats;
 }
 
 namespace {
