@@ -110,6 +110,35 @@ TEST(AdamW, WeightDecayAppliesWithZeroGradient) {
   EXPECT_FLOAT_EQ(p.to_vector<float>()[1], -3.0f + 3e-3f);
 }
 
+// In float32 the steps are the float64 formula rounded, to a few ulps: the first step is
+// -lr g / (|g| + eps), and later steps follow a float64 recomputation. Large lr and p = 0 make
+// the step itself the result, so a relative error in it shows.
+TEST(AdamW, Float32FollowsTheFloat64Formula) {
+  const std::vector<std::vector<double>> grads = {{1.0, -3.0, 0.5, 1e-3, 0.0},
+                                                  {0.2, 0.7, -0.5, 2e-3, 1.0}};
+  NamedTensors params;
+  params.insert("p", zeros({5}));
+  AdamW opt(params, {/*lr=*/1.0, 0.9, 0.999, 1e-8, /*weight_decay=*/0.0});
+  std::vector<double> ref(5, 0.0), m(5, 0.0), v(5, 0.0);
+  for (int t = 1; t <= 2; ++t) {
+    NamedTensors g;
+    g.insert("p", from_vector(grads[t - 1], {5}, DType::f32));
+    opt.update(params, g);
+    const std::vector<float> got = params.at("p").to_vector<float>();
+    for (int i = 0; i < 5; ++i) {
+      const double gi = static_cast<float>(grads[t - 1][i]);
+      m[i] = 0.1 * gi + 0.9 * m[i];
+      v[i] = 0.001 * gi * gi + 0.999 * v[i];
+      ref[i] -=
+          (m[i] / (1 - std::pow(0.9, t))) / (std::sqrt(v[i] / (1 - std::pow(0.999, t))) + 1e-8);
+      if (t == 1 && gi != 0) {
+        EXPECT_NEAR(ref[i], -gi / (std::abs(gi) + 1e-8), 1e-15);
+      }
+      EXPECT_NEAR(got[i], ref[i], 4 * 6e-8 * std::abs(ref[i])) << "step " << t << ", " << i;
+    }
+  }
+}
+
 TEST(Optim, GlobalNormClippingAndSchedule) {
   NamedTensors g;
   g.insert("a", from_vector({3.0f}, {1}));
@@ -154,6 +183,21 @@ TEST(EMA, ClosedForm) {
   ema.update(params);
   EXPECT_FLOAT_EQ(ema.params().at("p").to_vector<float>()[0], 0.9f * 1 + 0.1f * 3);
   EXPECT_FLOAT_EQ(ema.params().at("p").to_vector<float>()[1], 0.9f * 2);
+}
+
+// The EMA's rate is 1 - decay, rounded once: in float32, with decay 0.99999, from 0 towards 1 the
+// EMA moves by 1e-5 (to an ulp), both alone and inside the fused update.
+TEST(EMA, RateIsOneMinusDecayInFloat32) {
+  NamedTensors params;
+  params.insert("p", zeros({3}));
+  EMA alone(params, 0.99999), fused(params, 0.99999);
+  raw::copy_into(params.at("p"), full({3}, 1.0));
+  alone.update(params);
+  EXPECT_NEAR(alone.params().at("p").to_vector<float>()[0], 1e-5, 1e-5 * 1.2e-7);
+  NamedTensors zero_grad;
+  zero_grad.insert("p", zeros({3}));
+  AdamW(params, {1e-3, 0.9, 0.999, 1e-8, 0.0}).update(params, zero_grad, 0.0, 1.0, &fused);
+  EXPECT_NEAR(fused.params().at("p").to_vector<float>()[0], 1e-5, 1e-5 * 1.2e-7);
 }
 
 // The fused pass (clip scale and EMA inside AdamW::update) against the three separate calls,

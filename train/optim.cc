@@ -44,12 +44,12 @@ void for_each_chunk(int64_t n, Fn fn) {
 // and AVX2 too, picked at load time: the divisions and square root are its cost.
 template <class T>
 inline void adamw_chunk_impl(T* __restrict p, const T* __restrict g, T* __restrict m,
-                             T* __restrict v, int64_t n, T b1, T b2, T eps, T wd, T rate, T bc1,
-                             T bc2, T gs) {
+                             T* __restrict v, int64_t n, T b1, T c1, T b2, T c2, T eps, T wd,
+                             T rate, T bc1, T bc2, T gs) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i] * gs;
-    const T mi = (1 - b1) * gi + b1 * m[i];
-    const T vi = (1 - b2) * (gi * gi) + b2 * v[i];
+    const T mi = c1 * gi + b1 * m[i];
+    const T vi = c2 * (gi * gi) + b2 * v[i];
     m[i] = mi;
     v[i] = vi;
     const T u = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i];
@@ -57,25 +57,25 @@ inline void adamw_chunk_impl(T* __restrict p, const T* __restrict g, T* __restri
   }
 }
 MMDIT_SIMD_CLONES void adamw_chunk(float* p, const float* g, float* m, float* v, int64_t n,
-                                   float b1, float b2, float eps, float wd, float rate, float bc1,
-                                   float bc2, float gs) {
-  adamw_chunk_impl(p, g, m, v, n, b1, b2, eps, wd, rate, bc1, bc2, gs);
+                                   float b1, float c1, float b2, float c2, float eps, float wd,
+                                   float rate, float bc1, float bc2, float gs) {
+  adamw_chunk_impl(p, g, m, v, n, b1, c1, b2, c2, eps, wd, rate, bc1, bc2, gs);
 }
 MMDIT_SIMD_CLONES void adamw_chunk(double* p, const double* g, double* m, double* v, int64_t n,
-                                   double b1, double b2, double eps, double wd, double rate,
-                                   double bc1, double bc2, double gs) {
-  adamw_chunk_impl(p, g, m, v, n, b1, b2, eps, wd, rate, bc1, bc2, gs);
+                                   double b1, double c1, double b2, double c2, double eps,
+                                   double wd, double rate, double bc1, double bc2, double gs) {
+  adamw_chunk_impl(p, g, m, v, n, b1, c1, b2, c2, eps, wd, rate, bc1, bc2, gs);
 }
 
 template <class T>
-inline void ema_chunk_impl(T* __restrict ema, const T* __restrict p, int64_t n, T d) {
-  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + (1 - d) * p[i];
+inline void ema_chunk_impl(T* __restrict ema, const T* __restrict p, int64_t n, T d, T c) {
+  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + c * p[i];
 }
-MMDIT_SIMD_CLONES void ema_chunk(float* ema, const float* p, int64_t n, float d) {
-  ema_chunk_impl(ema, p, n, d);
+MMDIT_SIMD_CLONES void ema_chunk(float* ema, const float* p, int64_t n, float d, float c) {
+  ema_chunk_impl(ema, p, n, d, c);
 }
-MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double d) {
-  ema_chunk_impl(ema, p, n, d);
+MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double d, double c) {
+  ema_chunk_impl(ema, p, n, d, c);
 }
 
 template <class T>
@@ -104,15 +104,20 @@ MMDIT_SIMD_CLONES double sum_of_squares_chunk(const double* x, int64_t n) {
 template <class T>
 void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
                   int64_t step, double grad_scale, T* ema, double ema_decay) {
+  // 1 - b is formed in double and then rounded, as the bias corrections are: 1 - float(0.999)
+  // is 1.3e-5 (relative) away from float(1 - 0.999), and the first step would not be g / |g|.
   const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
+  const T c1 = static_cast<T>(1 - c.b1), c2 = static_cast<T>(1 - c.b2);
   const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
   const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
   const T bc2 = static_cast<T>(1 - std::pow(c.b2, static_cast<double>(step)));
   const T gs = static_cast<T>(grad_scale);
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate, bc1,
-                bc2, gs);
-    if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
+    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, c1, b2, c2, eps, wd,
+                rate, bc1, bc2, gs);
+    if (ema)
+      ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay),
+                static_cast<T>(1 - ema_decay));
   });
 }
 
@@ -143,7 +148,8 @@ void scale_in_place(T* x, int64_t n, double scale) {
 template <class T>
 void ema_kernel(T* ema, const T* p, int64_t n, double decay) {
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(decay));
+    ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(decay),
+              static_cast<T>(1 - decay));
   });
 }
 

@@ -65,7 +65,9 @@ double clip_scale(double norm, double max_norm);
 double warmup_cosine_lr(int64_t step, double peak, int64_t warmup_steps, int64_t total_steps,
                         double end_lr = 0.0);
 
-// ema = decay ema + (1 - decay) p, for every trainable parameter (never the buffers).
+// ema = decay ema + (1 - decay) p, for every trainable parameter (never the buffers); 1 - decay
+// is formed in double, then rounded to the parameters' dtype (in float32, 1 - float(0.9999) is
+// 1.7e-4 (relative) away from 1e-4).
 class EMA {
  public:
   EMA(const NamedTensors& params, double decay);  // starts equal to params (copies)
