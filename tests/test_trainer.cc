@@ -500,6 +500,41 @@ TEST(Checkpoint, RefusesNonFiniteStateOnSaveAndLoad) {
                   missing + ": tensors 'ema/*': load: missing parameter 'action_encoder.bias'")));
 }
 
+// Optimiser moments and EMA that do not fit the parameters are refused naming the tensor: the
+// first missing one, else the first that is no parameter, else the first shape that differs.
+TEST(Checkpoint, ResumeNamesAMissingUnexpectedOrMisshapenTensor) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const SafetensorsFile f = load_safetensors(fresh_checkpoint(data, dir));
+  auto variant = [&](const std::function<void(NamedTensors&)>& change) {
+    NamedTensors tensors = f.tensors;
+    change(tensors);
+    const std::string path = dir.file("v.safetensors");
+    save_safetensors(path, tensors, f.metadata);
+    return test::error_of([&] { Trainer::resume(path, data); });
+  };
+  const std::string path = dir.file("v.safetensors");
+  EXPECT_EQ(variant([](NamedTensors& t) {
+              NamedTensors kept;
+              for (const auto& [name, x] : t)
+                if (name != "adam_m/action_encoder.bias") kept.insert(name, x);
+              t = kept;
+            }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (first moments): no tensor "
+                "for parameter 'action_encoder.bias'");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.insert("adam_v/bogus", zeros({1})); }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (second moments): 'bogus' "
+                "is not a parameter");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.at("adam_m/action_encoder.bias") = zeros({3}); }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (first moments): "
+                "'action_encoder.bias' has shape (3,), the parameter has (16,)");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.insert("ema/bogus", zeros({1})); }),
+            path + ": tensors 'ema/*': EMA::set: 'bogus' is not a parameter");
+}
+
 // The checkpoint records the size of the data it was trained on; resuming on other data is
 // refused instead of continuing on a different permutation.
 TEST(Checkpoint, ResumeRefusesOtherData) {

@@ -11,11 +11,14 @@
 namespace mmdit {
 namespace {
 
+// Names the first parameter without a tensor, then the first tensor that is no parameter, then
+// the first shape that differs.
 void check_same_layout(const NamedTensors& params, const NamedTensors& other, const char* who) {
-  MMDIT_CHECK(params.size() == other.size(), who, ": ", other.size(), " tensors given for ",
-              params.size(), " parameters");
-  for (const auto& [name, p] : params) {
+  for (const auto& [name, p] : params)
     MMDIT_CHECK(other.contains(name), who, ": no tensor for parameter '", name, "'");
+  for (const auto& [name, o] : other)
+    MMDIT_CHECK(params.contains(name), who, ": '", name, "' is not a parameter");
+  for (const auto& [name, p] : params) {
     const Tensor& o = other.at(name);
     MMDIT_CHECK(o.shape() == p.shape(), who, ": '", name, "' has shape ", shape_str(o.shape()),
                 ", the parameter has ", shape_str(p.shape()));

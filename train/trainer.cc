@@ -374,8 +374,11 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   };
   load("param/", [&](const NamedTensors& v) { t->policy_->load(v); });
   load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
-  const NamedTensors m = c.with_prefix("adam_m/");
-  load("adam_v/", [&](const NamedTensors& v) { t->optimizer_->set_state(c.step, m, v); });
+  try {
+    t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
+  } catch (const Error& e) {
+    fail(path, ": tensors 'adam_m/*', 'adam_v/*': ", e.what());
+  }
   Json sampler;
   try {
     const Json rng = Json::parse(c.meta("rng"));
