@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "tensor/file_io.h"
+#include "tensor/parallel.h"
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/demo_task.h"
@@ -269,6 +270,66 @@ TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
   EXPECT_EQ(snapshot(), before);
 }
 
+// Resuming AdamW from its saved moments and step continues bit for bit: the bias correction
+// of step 2 uses t = 2, not 1.
+TEST(AdamW, SetStateContinuesBitForBit) {
+  auto make = [](uint64_t seed) {
+    Rng r(seed);
+    NamedTensors t;
+    t.insert("w", r.normal({40, 3}));
+    t.insert("b", r.normal({3}, DType::f64));
+    return t;
+  };
+  const AdamWConfig config{1e-2, 0.9, 0.999, 1e-8, 0.01};
+  NamedTensors straight = make(1), resumed = make(1);
+  AdamW a(straight, config), first(resumed, config);
+  a.update(straight, make(10));
+  first.update(resumed, make(10));
+  AdamW second(resumed, config);
+  second.set_state(first.step(), first.first_moments(), first.second_moments());
+  for (uint64_t s = 11; s < 13; ++s) {
+    a.update(straight, make(s));
+    second.update(resumed, make(s));
+  }
+  EXPECT_EQ(second.step(), 3);
+  for (const char* name : {"w", "b"}) {
+    const Tensor x = raw::to_dtype(straight.at(name), DType::f64);
+    const Tensor y = raw::to_dtype(resumed.at(name), DType::f64);
+    EXPECT_EQ(x.to_vector<double>(), y.to_vector<double>()) << name;
+  }
+}
+
+// The optimiser's arithmetic does not depend on the thread count: chunks are fixed in size and
+// their partial sums added in order.
+TEST(AdamW, SameResultOnOneAndTwoThreads) {
+  auto run = [](int threads) {
+    const int before = num_threads();
+    set_num_threads(threads);
+    Rng r(4);
+    NamedTensors p;
+    p.insert("w", r.normal({5, 16384 + 3}));
+    p.insert("d", r.normal({70000}, DType::f64));
+    AdamW opt(p, {1e-2, 0.9, 0.999, 1e-8, 0.01});
+    EMA ema(p, 0.99);
+    std::vector<double> norms;
+    for (int step = 0; step < 2; ++step) {
+      NamedTensors g;
+      g.insert("w", r.normal({5, 16384 + 3}));
+      g.insert("d", r.normal({70000}, DType::f64));
+      norms.push_back(clip_by_global_norm(g, 100.0));
+      norms.push_back(opt.update(p, g, 1e-2, 0.5, &ema));
+    }
+    std::vector<double> out = norms;
+    const NamedTensors& params = p;
+    for (const NamedTensors* t : {&params, &ema.params(), &opt.second_moments()})
+      for (const auto& [name, x] : *t)
+        for (double d : raw::to_dtype(x, DType::f64).to_vector<double>()) out.push_back(d);
+    set_num_threads(before);
+    return out;
+  };
+  EXPECT_TRUE(run(1) == run(2));
+}
+
 TEST(Normalizer, MinMaxRoundTripAndJson) {
   const Episodes data = demo_episodes();
   const Normalizer n = make_normalizer(data, "min_max");
@@ -370,6 +431,70 @@ TEST(Trainer, ResumeContinuesExactly) {
   for (size_t i = 0; i < straight.size(); ++i)
     EXPECT_EQ(straight[i], resumed[i]) << "step " << i + 1;
   fs::remove_all(dir);
+}
+
+// N steps, save, resume, M steps give the same parameters, EMA, moments and step statistics,
+// bit for bit, as N + M steps in one run; N = 2 stops inside the warm-up of 3 steps, so the
+// resumed run must take the schedule's step from the checkpoint.
+TEST(Trainer, ResumeGivesBitIdenticalState) {
+  const Episodes data = demo_episodes();
+  const TrainConfig c = tiny_config(data);
+  auto state = [](Trainer& t) {
+    std::vector<std::vector<float>> s;
+    for (const auto& [name, x] : t.policy().named_parameters()) s.push_back(x.to_vector<float>());
+    for (const auto& [name, x] : t.ema().params()) s.push_back(x.to_vector<float>());
+    return s;
+  };
+  auto stats = [](Trainer& t, int n) {
+    std::vector<double> s;
+    for (int i = 0; i < n; ++i) {
+      const StepStats st = t.train_step();
+      s.insert(s.end(), {st.loss, st.grad_norm, st.lr});
+    }
+    return s;
+  };
+  Trainer straight(c, data);
+  std::vector<double> expected = stats(straight, 7);
+  test::TempDir dir;
+  std::vector<double> got;
+  {
+    Trainer t(c, data);
+    got = stats(t, 2);
+    t.save_checkpoint(dir.file("c.safetensors"));
+  }
+  auto resumed = Trainer::resume(dir.file("c.safetensors"), data);
+  const std::vector<double> rest = stats(*resumed, 5);
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, expected);
+  EXPECT_EQ(resumed->step(), 7);
+  EXPECT_TRUE(state(*resumed) == state(straight));
+  straight.save_checkpoint(dir.file("straight.safetensors"));
+  resumed->save_checkpoint(dir.file("resumed.safetensors"));
+  EXPECT_TRUE(read_file(dir.file("straight.safetensors")) ==
+              read_file(dir.file("resumed.safetensors")));
+}
+
+// The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)
+// at optax's count, which starts at 0: the first step has lr 0, step warmup + 1 the peak, and
+// the cosine runs over steps - warmup; EMA starts equal to the parameters; buffers never change.
+TEST(Trainer, ScheduleEmaStartAndBuffers) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);  // lr 1e-3, warm-up 3, 20 steps, cosine
+  Trainer t(c, data);
+  for (const auto& [name, p] : t.policy().named_parameters())
+    EXPECT_EQ(t.ema().params().at(name).to_vector<float>(), p.to_vector<float>()) << name;
+  std::vector<std::vector<float>> buffers;
+  for (const auto& [name, b] : t.policy().named_buffers()) buffers.push_back(b.to_vector<float>());
+  ASSERT_FALSE(buffers.empty());
+  const double pi = std::acos(-1.0);
+  for (int count = 0; count < 20; ++count) {
+    const double expected =
+        count < 3 ? 1e-3 * count / 3 : 1e-3 * 0.5 * (1 + std::cos(pi * (count - 3) / 17.0));
+    EXPECT_NEAR(t.train_step().lr, expected, 1e-18) << "count " << count;
+  }
+  std::vector<std::vector<float>> after;
+  for (const auto& [name, b] : t.policy().named_buffers()) after.push_back(b.to_vector<float>());
+  EXPECT_TRUE(after == buffers);
 }
 
 TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
