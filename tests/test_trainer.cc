@@ -381,6 +381,20 @@ TEST(TrainConfig, JsonRoundTripAndErrors) {
                   HasSubstr("sample_steps must be in [1, 10000], got 1000000000000")));
 }
 
+// Infinities pass "> 0": each number the optimiser uses must also be finite.
+TEST(TrainConfig, RejectsInfiniteNumbers) {
+  const TrainConfig ok = tiny_config(demo_episodes());
+  for (const auto& [field, message] : std::vector<std::pair<double TrainConfig::*, std::string>>{
+           {&TrainConfig::lr, "lr must be positive and finite, got inf"},
+           {&TrainConfig::weight_decay, "weight_decay must be >= 0 and finite, got inf"},
+           {&TrainConfig::eps, "eps must be positive and finite, got inf"},
+           {&TrainConfig::grad_clip, "grad_clip must be >= 0 and finite (0 = off), got inf"}}) {
+    TrainConfig c = ok;
+    c.*field = INFINITY;
+    EXPECT_EQ(test::error_of([&] { c.validate(); }), "train config: " + message);
+  }
+}
+
 TEST(Trainer, RejectsDataOfTheWrongShape) {
   const Episodes data = demo_episodes();
   TrainConfig c = tiny_config(data);

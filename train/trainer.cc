@@ -132,13 +132,19 @@ void TrainConfig::validate() const {
   policy.validate();
   MMDIT_CHECK(steps >= 0, "train config: steps must be >= 0, got ", steps);
   MMDIT_CHECK(batch_size > 0, "train config: batch_size must be positive, got ", batch_size);
-  MMDIT_CHECK(lr > 0, "train config: lr must be positive, got ", lr);
-  MMDIT_CHECK(weight_decay >= 0, "train config: weight_decay must be >= 0, got ", weight_decay);
+  // Infinities pass the comparisons: lr = inf would turn the parameters into inf and NaN in
+  // the first step without any error there.
+  MMDIT_CHECK(lr > 0 && std::isfinite(lr), "train config: lr must be positive and finite, got ",
+              lr);
+  MMDIT_CHECK(weight_decay >= 0 && std::isfinite(weight_decay),
+              "train config: weight_decay must be >= 0 and finite, got ", weight_decay);
   MMDIT_CHECK(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1, "train config: b1 and b2 must be in [0, 1)");
-  MMDIT_CHECK(eps > 0, "train config: eps must be positive, got ", eps);
+  MMDIT_CHECK(eps > 0 && std::isfinite(eps), "train config: eps must be positive and finite, got ",
+              eps);
   MMDIT_CHECK(ema_decay >= 0 && ema_decay <= 1, "train config: ema_decay must be in [0, 1], got ",
               ema_decay);
-  MMDIT_CHECK(grad_clip >= 0, "train config: grad_clip must be >= 0 (0 = off), got ", grad_clip);
+  MMDIT_CHECK(grad_clip >= 0 && std::isfinite(grad_clip),
+              "train config: grad_clip must be >= 0 and finite (0 = off), got ", grad_clip);
   MMDIT_CHECK(warmup_steps >= 0, "train config: warmup_steps must be >= 0");
   MMDIT_CHECK(normalization == "min_max" || normalization == "z_score",
               "train config: normalization must be min_max or z_score, got '", normalization, "'");
