@@ -511,6 +511,43 @@ TEST(Trainer, ScheduleEmaStartAndBuffers) {
   EXPECT_TRUE(after == buffers);
 }
 
+// The first step against closed forms: a parameter the loss never uses has zero gradient and is
+// still decayed, p (1 - lr wd); the EMA is decay p0 + (1 - decay) p1; and the reported norm is the
+// one before clipping.
+TEST(Trainer, FirstStepAgainstClosedForms) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.warmup_steps = 0;
+  c.cosine_decay = false;  // lr 1e-3, weight decay 1e-2
+  c.grad_clip = 0;
+  c.ema_decay = 0.9;
+  Trainer plain(c, data);
+  c.grad_clip = 1e-6;
+  Trainer clipped(c, data);
+  std::map<std::string, std::vector<float>> before;
+  for (const auto& [name, p] : plain.policy().named_parameters())
+    before[name] = p.to_vector<float>();
+  const StepStats a = plain.train_step(), b = clipped.train_step();
+  EXPECT_EQ(a.loss, b.loss);
+  EXPECT_EQ(a.grad_norm, b.grad_norm);
+  EXPECT_GT(b.grad_norm, 1e-3);
+  // The observation stream's feed-forward in the last block feeds only the unused output.
+  const std::string unused = "mmdit.blocks.0.feedforwards.0.linear_in.weight";
+  ASSERT_GT(*std::max_element(before[unused].begin(), before[unused].end()), 0.01f);
+  const std::vector<float> p1 = plain.policy().named_parameters().at(unused).to_vector<float>();
+  for (size_t i = 0; i < p1.size(); ++i)
+    EXPECT_NEAR(p1[i], before[unused][i] * (1 - 1e-3 * 1e-2), 6e-8 * std::abs(before[unused][i]))
+        << i;
+  for (const auto& [name, p] : plain.policy().named_parameters()) {
+    const std::vector<float> now = p.to_vector<float>();
+    const std::vector<float> ema = plain.ema().params().at(name).to_vector<float>();
+    for (size_t i = 0; i < now.size(); ++i) {
+      const double expected = 0.9 * before[name][i] + 0.1 * now[i];
+      EXPECT_NEAR(ema[i], expected, 1.2e-7 * std::abs(expected) + 1e-30) << name << " " << i;
+    }
+  }
+}
+
 TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   const Episodes data = demo_episodes();
   TrainConfig c = tiny_config(data);
