@@ -268,6 +268,16 @@ TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
             "AdamW::update: the EMA of 'b' is float64, the parameter float32");
   EXPECT_EQ(opt.step(), 1);
   EXPECT_EQ(snapshot(), before);
+  // A strided view would be updated in storage order, against the gradient's element order.
+  NamedTensors square;
+  square.insert("w", from_vector({1.0f, 2.0f, 3.0f, 4.0f}, {2, 2}));
+  AdamW sq(square, {});
+  NamedTensors view, grad;
+  view.insert("w", raw::transpose(square.at("w"), 0, 1));
+  grad.insert("w", from_vector({1.0f, 0.0f, 0.0f, 0.0f}, {2, 2}));
+  EXPECT_EQ(test::error_of([&] { sq.update(view, grad); }),
+            "AdamW::update: parameter 'w' must be a contiguous float tensor");
+  EXPECT_EQ(sq.step(), 0);
 }
 
 // Resuming AdamW from its saved moments and step continues bit for bit: the bias correction
