@@ -201,8 +201,8 @@ TEST(EMA, RateIsOneMinusDecayInFloat32) {
   EXPECT_NEAR(fused.params().at("p").to_vector<float>()[0], 1e-5, 1e-5 * 1.2e-7);
 }
 
-// The fused pass (clip scale and EMA inside AdamW::update) against the three separate calls,
-// bit for bit, on tensors large enough to be split into parallel chunks.
+// The fused pass (clip scale and EMA inside AdamW::update, or update_clipped) against the three
+// separate calls, bit for bit, on tensors large enough to be split into parallel chunks.
 TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
   Rng rng(3);
   auto make = [&](uint64_t seed) {
@@ -212,18 +212,24 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
     t.insert("b", r.normal({7}));
     return t;
   };
-  NamedTensors p1 = make(1), p2 = make(1);
-  AdamW opt1(p1, {1e-2, 0.9, 0.999, 1e-8, 0.01}), opt2(p2, {1e-2, 0.9, 0.999, 1e-8, 0.01});
-  EMA ema1(p1, 0.99), ema2(p2, 0.99);
+  NamedTensors p1 = make(1), p2 = make(1), p3 = make(1);
+  const AdamWConfig config{1e-2, 0.9, 0.999, 1e-8, 0.01};
+  AdamW opt1(p1, config), opt2(p2, config), opt3(p3, config);
+  EMA ema1(p1, 0.99), ema2(p2, 0.99), ema3(p3, 0.99);
   for (int step = 0; step < 3; ++step) {
-    NamedTensors g1 = make(10 + step), g2 = make(10 + step);
+    NamedTensors g1 = make(10 + step), g2 = make(10 + step), g3 = make(10 + step);
     const double norm = global_norm(g1);
+    EXPECT_GT(norm, 1.0);
     EXPECT_NEAR(norm, clip_by_global_norm(g2, 1.0), 1e-9 * norm);
     EXPECT_EQ(opt1.update(p1, g1, 1e-2, clip_scale(norm, 1.0), &ema1), norm);
     opt2.update(p2, g2, 1e-2);
     ema2.update(p2);
+    EXPECT_EQ(opt3.update_clipped(p3, g3, 1e-2, 1.0, &ema3), norm);
   }
   for (const char* name : {"w", "b"}) {
+    EXPECT_TRUE(p3.at(name).to_vector<float>() == p1.at(name).to_vector<float>());
+    EXPECT_TRUE(ema3.params().at(name).to_vector<float>() ==
+                ema1.params().at(name).to_vector<float>());
     EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(p1.at(name), p2.at(name)))).item(),
               0);
     EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs,

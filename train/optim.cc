@@ -165,8 +165,8 @@ AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
                 "' must be a contiguous float tensor");
 }
 
-double AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                     double grad_scale, EMA* ema) {
+double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads, double lr,
+                          double grad_scale, double max_norm, EMA* ema) {
   // Everything is checked, and the gradients' norm read, before anything changes: a throw leaves
   // the parameters, moments, step and EMA as they were.
   check_same_layout(params, grads, "AdamW::update");
@@ -199,6 +199,8 @@ double AdamW::update(const NamedTensors& params, const NamedTensors& grads, doub
              shape_str(bad->index), "; nothing was updated");
     fail("AdamW::update: the gradients' global norm overflows; nothing was updated");
   }
+  const double norm = std::sqrt(squares);
+  if (max_norm > 0) grad_scale *= clip_scale(norm, max_norm);
   ++step_;
   size_t i = 0;
   for (const auto& [name, unused] : params) {
@@ -216,7 +218,7 @@ double AdamW::update(const NamedTensors& params, const NamedTensors& grads, doub
                    it.p.numel(), config_, lr, step_, grad_scale,
                    it.e.defined() ? it.e.data<double>() : nullptr, decay);
   }
-  return std::sqrt(squares);
+  return norm;
 }
 
 void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v) {

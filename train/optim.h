@@ -35,9 +35,17 @@ class AdamW {
   // or dtypes do not fit), it throws naming the tensor, and parameters, moments, step and EMA
   // are left as they were.
   double update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                double grad_scale = 1.0, EMA* ema = nullptr);
+                double grad_scale = 1.0, EMA* ema = nullptr) {
+    return update_impl(params, grads, lr, grad_scale, 0.0, ema);
+  }
   double update(const NamedTensors& params, const NamedTensors& grads) {
     return update(params, grads, config_.lr);
+  }
+  // update() after clip_by_global_norm(grads, max_norm) (max_norm 0: no clipping), with the
+  // norm read once, by the pass that checks the gradients; the gradients are not modified.
+  double update_clipped(const NamedTensors& params, const NamedTensors& grads, double lr,
+                        double max_norm, EMA* ema = nullptr) {
+    return update_impl(params, grads, lr, 1.0, max_norm, ema);
   }
 
   int64_t step() const { return step_; }
@@ -48,6 +56,9 @@ class AdamW {
   const AdamWConfig& config() const { return config_; }
 
  private:
+  double update_impl(const NamedTensors& params, const NamedTensors& grads, double lr,
+                     double grad_scale, double max_norm, EMA* ema);
+
   AdamWConfig config_;
   int64_t step_ = 0;
   NamedTensors m_, v_;

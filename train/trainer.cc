@@ -220,13 +220,12 @@ StepStats Trainer::train_step() {
     stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
                                 config_.cosine_decay ? config_.steps : 0);
     const NamedTensors params = policy_->named_parameters();
-    // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients;
-    // it needs the norm first. A non-finite norm gives a scale of 0 or 1, and the update refuses
-    // the gradients before it changes anything.
-    const double grad_scale =
-        config_.grad_clip > 0 ? clip_scale(global_norm(grads), config_.grad_clip) : 1.0;
+    // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients,
+    // with the norm from the pass that checks them: a non-finite gradient is refused there,
+    // before anything changes.
     try {
-      stats.grad_norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
+      stats.grad_norm =
+          optimizer_->update_clipped(params, grads, stats.lr, config_.grad_clip, ema_.get());
     } catch (const Error& e) {
       const std::string what = e.what(), prefix = "AdamW::update: ";
       fail("training step ", step() + 1, ": ",
