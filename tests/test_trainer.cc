@@ -564,6 +564,32 @@ TEST(Trainer, FirstStepAgainstClosedForms) {
   }
 }
 
+// As README says, training gives the same losses and parameters for any thread count: a batch
+// large enough that the kernels and products split across two threads.
+TEST(Trainer, SameStepsOnOneAndTwoThreads) {
+  const Episodes data = demo_episodes(20);
+  TrainConfig c = tiny_config(data);
+  c.batch_size = 1024;
+  c.policy.hidden_size = 64;
+  c.policy.dim_head = 16;
+  c.policy.heads = 4;
+  auto run = [&](int threads) {
+    const int before = num_threads();
+    set_num_threads(threads);
+    Trainer t(c, data);
+    std::vector<double> out;
+    for (int i = 0; i < 2; ++i) {
+      const StepStats s = t.train_step();
+      out.insert(out.end(), {s.loss, s.grad_norm});
+    }
+    for (const auto& [name, p] : t.policy().named_parameters())
+      for (float x : p.to_vector<float>()) out.push_back(x);
+    set_num_threads(before);
+    return out;
+  };
+  EXPECT_TRUE(run(1) == run(2));
+}
+
 TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   const Episodes data = demo_episodes();
   TrainConfig c = tiny_config(data);
