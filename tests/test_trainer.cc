@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "tensor/file_io.h"
+#include "tensor/parallel.h"
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/demo_task.h"
@@ -110,6 +111,35 @@ TEST(AdamW, WeightDecayAppliesWithZeroGradient) {
   EXPECT_FLOAT_EQ(p.to_vector<float>()[1], -3.0f + 3e-3f);
 }
 
+// In float32 the steps are the float64 formula rounded, to a few ulps: the first step is
+// -lr g / (|g| + eps), and later steps follow a float64 recomputation. Large lr and p = 0 make
+// the step itself the result, so a relative error in it shows.
+TEST(AdamW, Float32FollowsTheFloat64Formula) {
+  const std::vector<std::vector<double>> grads = {{1.0, -3.0, 0.5, 1e-3, 0.0},
+                                                  {0.2, 0.7, -0.5, 2e-3, 1.0}};
+  NamedTensors params;
+  params.insert("p", zeros({5}));
+  AdamW opt(params, {/*lr=*/1.0, 0.9, 0.999, 1e-8, /*weight_decay=*/0.0});
+  std::vector<double> ref(5, 0.0), m(5, 0.0), v(5, 0.0);
+  for (int t = 1; t <= 2; ++t) {
+    NamedTensors g;
+    g.insert("p", from_vector(grads[t - 1], {5}, DType::f32));
+    opt.update(params, g);
+    const std::vector<float> got = params.at("p").to_vector<float>();
+    for (int i = 0; i < 5; ++i) {
+      const double gi = static_cast<float>(grads[t - 1][i]);
+      m[i] = 0.1 * gi + 0.9 * m[i];
+      v[i] = 0.001 * gi * gi + 0.999 * v[i];
+      ref[i] -=
+          (m[i] / (1 - std::pow(0.9, t))) / (std::sqrt(v[i] / (1 - std::pow(0.999, t))) + 1e-8);
+      if (t == 1 && gi != 0) {
+        EXPECT_NEAR(ref[i], -gi / (std::abs(gi) + 1e-8), 1e-15);
+      }
+      EXPECT_NEAR(got[i], ref[i], 4 * 6e-8 * std::abs(ref[i])) << "step " << t << ", " << i;
+    }
+  }
+}
+
 TEST(Optim, GlobalNormClippingAndSchedule) {
   NamedTensors g;
   g.insert("a", from_vector({3.0f}, {1}));
@@ -156,8 +186,23 @@ TEST(EMA, ClosedForm) {
   EXPECT_FLOAT_EQ(ema.params().at("p").to_vector<float>()[1], 0.9f * 2);
 }
 
-// The fused pass (clip scale and EMA inside AdamW::update) against the three separate calls,
-// bit for bit, on tensors large enough to be split into parallel chunks.
+// The EMA's rate is 1 - decay, rounded once: in float32, with decay 0.99999, from 0 towards 1 the
+// EMA moves by 1e-5 (to an ulp), both alone and inside the fused update.
+TEST(EMA, RateIsOneMinusDecayInFloat32) {
+  NamedTensors params;
+  params.insert("p", zeros({3}));
+  EMA alone(params, 0.99999), fused(params, 0.99999);
+  raw::copy_into(params.at("p"), full({3}, 1.0));
+  alone.update(params);
+  EXPECT_NEAR(alone.params().at("p").to_vector<float>()[0], 1e-5, 1e-5 * 1.2e-7);
+  NamedTensors zero_grad;
+  zero_grad.insert("p", zeros({3}));
+  AdamW(params, {1e-3, 0.9, 0.999, 1e-8, 0.0}).update(params, zero_grad, 0.0, 1.0, &fused);
+  EXPECT_NEAR(fused.params().at("p").to_vector<float>()[0], 1e-5, 1e-5 * 1.2e-7);
+}
+
+// The fused pass (clip scale and EMA inside AdamW::update, or update_clipped) against the three
+// separate calls, bit for bit, on tensors large enough to be split into parallel chunks.
 TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
   Rng rng(3);
   auto make = [&](uint64_t seed) {
@@ -167,18 +212,24 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
     t.insert("b", r.normal({7}));
     return t;
   };
-  NamedTensors p1 = make(1), p2 = make(1);
-  AdamW opt1(p1, {1e-2, 0.9, 0.999, 1e-8, 0.01}), opt2(p2, {1e-2, 0.9, 0.999, 1e-8, 0.01});
-  EMA ema1(p1, 0.99), ema2(p2, 0.99);
+  NamedTensors p1 = make(1), p2 = make(1), p3 = make(1);
+  const AdamWConfig config{1e-2, 0.9, 0.999, 1e-8, 0.01};
+  AdamW opt1(p1, config), opt2(p2, config), opt3(p3, config);
+  EMA ema1(p1, 0.99), ema2(p2, 0.99), ema3(p3, 0.99);
   for (int step = 0; step < 3; ++step) {
-    NamedTensors g1 = make(10 + step), g2 = make(10 + step);
+    NamedTensors g1 = make(10 + step), g2 = make(10 + step), g3 = make(10 + step);
     const double norm = global_norm(g1);
+    EXPECT_GT(norm, 1.0);
     EXPECT_NEAR(norm, clip_by_global_norm(g2, 1.0), 1e-9 * norm);
     EXPECT_EQ(opt1.update(p1, g1, 1e-2, clip_scale(norm, 1.0), &ema1), norm);
     opt2.update(p2, g2, 1e-2);
     ema2.update(p2);
+    EXPECT_EQ(opt3.update_clipped(p3, g3, 1e-2, 1.0, &ema3), norm);
   }
   for (const char* name : {"w", "b"}) {
+    EXPECT_TRUE(p3.at(name).to_vector<float>() == p1.at(name).to_vector<float>());
+    EXPECT_TRUE(ema3.params().at(name).to_vector<float>() ==
+                ema1.params().at(name).to_vector<float>());
     EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::sub(p1.at(name), p2.at(name)))).item(),
               0);
     EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs,
@@ -186,6 +237,113 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
                   .item(),
               0);
   }
+}
+
+// A gradient that is not finite, or an EMA of another dtype, is refused before anything changes:
+// parameters, moments, step and EMA stay as they were, and the message names the tensor.
+TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
+  NamedTensors params;
+  params.insert("a", from_vector({1.0f, -2.0f, 3.0f}, {3}));
+  params.insert("b", from_vector({0.5f, 0.25f}, {2}));
+  AdamW opt(params, {0.1, 0.9, 0.999, 1e-8, 0.01});
+  EMA ema(params, 0.9);
+  NamedTensors good;
+  good.insert("a", from_vector({0.1f, 0.2f, 0.3f}, {3}));
+  good.insert("b", from_vector({-0.1f, 0.4f}, {2}));
+  opt.update(params, good, 0.1, 1.0, &ema);  // moments and EMA no longer trivial
+  auto snapshot = [&] {
+    std::vector<std::vector<float>> s;
+    const NamedTensors& p = params;
+    for (const NamedTensors* t : {&p, &opt.first_moments(), &opt.second_moments(), &ema.params()})
+      for (const auto& [name, x] : *t) s.push_back(x.to_vector<float>());
+    return s;
+  };
+  const auto before = snapshot();
+  NamedTensors bad;
+  bad.insert("a", from_vector({0.1f, 0.2f, 0.3f}, {3}));
+  bad.insert("b", from_vector({-0.1f, NAN}, {2}));
+  EXPECT_EQ(test::error_of([&] { opt.update(params, bad, 0.1, 1.0, &ema); }),
+            "AdamW::update: the gradient of 'b' holds nan at (1,); nothing was updated");
+  EXPECT_EQ(opt.step(), 1);
+  EXPECT_EQ(snapshot(), before);
+  NamedTensors mixed;
+  mixed.insert("a", params.at("a"));
+  mixed.insert("b", raw::to_dtype(params.at("b"), DType::f64));
+  EMA other(mixed, 0.9);
+  EXPECT_EQ(test::error_of([&] { opt.update(params, good, 0.1, 1.0, &other); }),
+            "AdamW::update: the EMA of 'b' is float64, the parameter float32");
+  EXPECT_EQ(opt.step(), 1);
+  EXPECT_EQ(snapshot(), before);
+  // A strided view would be updated in storage order, against the gradient's element order.
+  NamedTensors square;
+  square.insert("w", from_vector({1.0f, 2.0f, 3.0f, 4.0f}, {2, 2}));
+  AdamW sq(square, {});
+  NamedTensors view, grad;
+  view.insert("w", raw::transpose(square.at("w"), 0, 1));
+  grad.insert("w", from_vector({1.0f, 0.0f, 0.0f, 0.0f}, {2, 2}));
+  EXPECT_EQ(test::error_of([&] { sq.update(view, grad); }),
+            "AdamW::update: parameter 'w' must be a contiguous float tensor");
+  EXPECT_EQ(sq.step(), 0);
+}
+
+// Resuming AdamW from its saved moments and step continues bit for bit: the bias correction
+// of step 2 uses t = 2, not 1.
+TEST(AdamW, SetStateContinuesBitForBit) {
+  auto make = [](uint64_t seed) {
+    Rng r(seed);
+    NamedTensors t;
+    t.insert("w", r.normal({40, 3}));
+    t.insert("b", r.normal({3}, DType::f64));
+    return t;
+  };
+  const AdamWConfig config{1e-2, 0.9, 0.999, 1e-8, 0.01};
+  NamedTensors straight = make(1), resumed = make(1);
+  AdamW a(straight, config), first(resumed, config);
+  a.update(straight, make(10));
+  first.update(resumed, make(10));
+  AdamW second(resumed, config);
+  second.set_state(first.step(), first.first_moments(), first.second_moments());
+  for (uint64_t s = 11; s < 13; ++s) {
+    a.update(straight, make(s));
+    second.update(resumed, make(s));
+  }
+  EXPECT_EQ(second.step(), 3);
+  for (const char* name : {"w", "b"}) {
+    const Tensor x = raw::to_dtype(straight.at(name), DType::f64);
+    const Tensor y = raw::to_dtype(resumed.at(name), DType::f64);
+    EXPECT_EQ(x.to_vector<double>(), y.to_vector<double>()) << name;
+  }
+}
+
+// The optimiser's arithmetic does not depend on the thread count: chunks are fixed in size and
+// their partial sums added in order.
+TEST(AdamW, SameResultOnOneAndTwoThreads) {
+  auto run = [](int threads) {
+    const int before = num_threads();
+    set_num_threads(threads);
+    Rng r(4);
+    NamedTensors p;
+    p.insert("w", r.normal({5, 16384 + 3}));
+    p.insert("d", r.normal({70000}, DType::f64));
+    AdamW opt(p, {1e-2, 0.9, 0.999, 1e-8, 0.01});
+    EMA ema(p, 0.99);
+    std::vector<double> norms;
+    for (int step = 0; step < 2; ++step) {
+      NamedTensors g;
+      g.insert("w", r.normal({5, 16384 + 3}));
+      g.insert("d", r.normal({70000}, DType::f64));
+      norms.push_back(clip_by_global_norm(g, 100.0));
+      norms.push_back(opt.update(p, g, 1e-2, 0.5, &ema));
+    }
+    std::vector<double> out = norms;
+    const NamedTensors& params = p;
+    for (const NamedTensors* t : {&params, &ema.params(), &opt.second_moments()})
+      for (const auto& [name, x] : *t)
+        for (double d : raw::to_dtype(x, DType::f64).to_vector<double>()) out.push_back(d);
+    set_num_threads(before);
+    return out;
+  };
+  EXPECT_TRUE(run(1) == run(2));
 }
 
 TEST(Normalizer, MinMaxRoundTripAndJson) {
@@ -239,6 +397,20 @@ TEST(TrainConfig, JsonRoundTripAndErrors) {
                   HasSubstr("sample_steps must be in [1, 10000], got 1000000000000")));
 }
 
+// Infinities pass "> 0": each number the optimiser uses must also be finite.
+TEST(TrainConfig, RejectsInfiniteNumbers) {
+  const TrainConfig ok = tiny_config(demo_episodes());
+  for (const auto& [field, message] : std::vector<std::pair<double TrainConfig::*, std::string>>{
+           {&TrainConfig::lr, "lr must be positive and finite, got inf"},
+           {&TrainConfig::weight_decay, "weight_decay must be >= 0 and finite, got inf"},
+           {&TrainConfig::eps, "eps must be positive and finite, got inf"},
+           {&TrainConfig::grad_clip, "grad_clip must be >= 0 and finite (0 = off), got inf"}}) {
+    TrainConfig c = ok;
+    c.*field = INFINITY;
+    EXPECT_EQ(test::error_of([&] { c.validate(); }), "train config: " + message);
+  }
+}
+
 TEST(Trainer, RejectsDataOfTheWrongShape) {
   const Episodes data = demo_episodes();
   TrainConfig c = tiny_config(data);
@@ -289,6 +461,133 @@ TEST(Trainer, ResumeContinuesExactly) {
   for (size_t i = 0; i < straight.size(); ++i)
     EXPECT_EQ(straight[i], resumed[i]) << "step " << i + 1;
   fs::remove_all(dir);
+}
+
+// N steps, save, resume, M steps give the same parameters, EMA, moments and step statistics,
+// bit for bit, as N + M steps in one run; N = 2 stops inside the warm-up of 3 steps, so the
+// resumed run must take the schedule's step from the checkpoint.
+TEST(Trainer, ResumeGivesBitIdenticalState) {
+  const Episodes data = demo_episodes();
+  const TrainConfig c = tiny_config(data);
+  auto state = [](Trainer& t) {
+    std::vector<std::vector<float>> s;
+    for (const auto& [name, x] : t.policy().named_parameters()) s.push_back(x.to_vector<float>());
+    for (const auto& [name, x] : t.ema().params()) s.push_back(x.to_vector<float>());
+    return s;
+  };
+  auto stats = [](Trainer& t, int n) {
+    std::vector<double> s;
+    for (int i = 0; i < n; ++i) {
+      const StepStats st = t.train_step();
+      s.insert(s.end(), {st.loss, st.grad_norm, st.lr});
+    }
+    return s;
+  };
+  Trainer straight(c, data);
+  std::vector<double> expected = stats(straight, 7);
+  test::TempDir dir;
+  std::vector<double> got;
+  {
+    Trainer t(c, data);
+    got = stats(t, 2);
+    t.save_checkpoint(dir.file("c.safetensors"));
+  }
+  auto resumed = Trainer::resume(dir.file("c.safetensors"), data);
+  const std::vector<double> rest = stats(*resumed, 5);
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, expected);
+  EXPECT_EQ(resumed->step(), 7);
+  EXPECT_TRUE(state(*resumed) == state(straight));
+  straight.save_checkpoint(dir.file("straight.safetensors"));
+  resumed->save_checkpoint(dir.file("resumed.safetensors"));
+  EXPECT_TRUE(read_file(dir.file("straight.safetensors")) ==
+              read_file(dir.file("resumed.safetensors")));
+}
+
+// The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)
+// at optax's count, which starts at 0: the first step has lr 0, step warmup + 1 the peak, and
+// the cosine runs over steps - warmup; EMA starts equal to the parameters; buffers never change.
+TEST(Trainer, ScheduleEmaStartAndBuffers) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);  // lr 1e-3, warm-up 3, 20 steps, cosine
+  Trainer t(c, data);
+  for (const auto& [name, p] : t.policy().named_parameters())
+    EXPECT_EQ(t.ema().params().at(name).to_vector<float>(), p.to_vector<float>()) << name;
+  std::vector<std::vector<float>> buffers;
+  for (const auto& [name, b] : t.policy().named_buffers()) buffers.push_back(b.to_vector<float>());
+  ASSERT_FALSE(buffers.empty());
+  const double pi = std::acos(-1.0);
+  for (int count = 0; count < 20; ++count) {
+    const double expected =
+        count < 3 ? 1e-3 * count / 3 : 1e-3 * 0.5 * (1 + std::cos(pi * (count - 3) / 17.0));
+    EXPECT_NEAR(t.train_step().lr, expected, 1e-18) << "count " << count;
+  }
+  std::vector<std::vector<float>> after;
+  for (const auto& [name, b] : t.policy().named_buffers()) after.push_back(b.to_vector<float>());
+  EXPECT_TRUE(after == buffers);
+}
+
+// The first step against closed forms: a parameter the loss never uses has zero gradient and is
+// still decayed, p (1 - lr wd); the EMA is decay p0 + (1 - decay) p1; and the reported norm is the
+// one before clipping.
+TEST(Trainer, FirstStepAgainstClosedForms) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.warmup_steps = 0;
+  c.cosine_decay = false;  // lr 1e-3, weight decay 1e-2
+  c.grad_clip = 0;
+  c.ema_decay = 0.9;
+  Trainer plain(c, data);
+  c.grad_clip = 1e-6;
+  Trainer clipped(c, data);
+  std::map<std::string, std::vector<float>> before;
+  for (const auto& [name, p] : plain.policy().named_parameters())
+    before[name] = p.to_vector<float>();
+  const StepStats a = plain.train_step(), b = clipped.train_step();
+  EXPECT_EQ(a.loss, b.loss);
+  EXPECT_EQ(a.grad_norm, b.grad_norm);
+  EXPECT_GT(b.grad_norm, 1e-3);
+  // The observation stream's feed-forward in the last block feeds only the unused output.
+  const std::string unused = "mmdit.blocks.0.feedforwards.0.linear_in.weight";
+  ASSERT_GT(*std::max_element(before[unused].begin(), before[unused].end()), 0.01f);
+  const std::vector<float> p1 = plain.policy().named_parameters().at(unused).to_vector<float>();
+  for (size_t i = 0; i < p1.size(); ++i)
+    EXPECT_NEAR(p1[i], before[unused][i] * (1 - 1e-3 * 1e-2), 6e-8 * std::abs(before[unused][i]))
+        << i;
+  for (const auto& [name, p] : plain.policy().named_parameters()) {
+    const std::vector<float> now = p.to_vector<float>();
+    const std::vector<float> ema = plain.ema().params().at(name).to_vector<float>();
+    for (size_t i = 0; i < now.size(); ++i) {
+      const double expected = 0.9 * before[name][i] + 0.1 * now[i];
+      EXPECT_NEAR(ema[i], expected, 1.2e-7 * std::abs(expected) + 1e-30) << name << " " << i;
+    }
+  }
+}
+
+// As README says, training gives the same losses and parameters for any thread count: a batch
+// large enough that the kernels and products split across two threads.
+TEST(Trainer, SameStepsOnOneAndTwoThreads) {
+  const Episodes data = demo_episodes(20);
+  TrainConfig c = tiny_config(data);
+  c.batch_size = 1024;
+  c.policy.hidden_size = 64;
+  c.policy.dim_head = 16;
+  c.policy.heads = 4;
+  auto run = [&](int threads) {
+    const int before = num_threads();
+    set_num_threads(threads);
+    Trainer t(c, data);
+    std::vector<double> out;
+    for (int i = 0; i < 2; ++i) {
+      const StepStats s = t.train_step();
+      out.insert(out.end(), {s.loss, s.grad_norm});
+    }
+    for (const auto& [name, p] : t.policy().named_parameters())
+      for (float x : p.to_vector<float>()) out.push_back(x);
+    set_num_threads(before);
+    return out;
+  };
+  EXPECT_TRUE(run(1) == run(2));
 }
 
 TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
@@ -419,6 +718,41 @@ TEST(Checkpoint, RefusesNonFiniteStateOnSaveAndLoad) {
                   missing + ": tensors 'ema/*': load: missing parameter 'action_encoder.bias'")));
 }
 
+// Optimiser moments and EMA that do not fit the parameters are refused naming the tensor: the
+// first missing one, else the first that is no parameter, else the first shape that differs.
+TEST(Checkpoint, ResumeNamesAMissingUnexpectedOrMisshapenTensor) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const SafetensorsFile f = load_safetensors(fresh_checkpoint(data, dir));
+  auto variant = [&](const std::function<void(NamedTensors&)>& change) {
+    NamedTensors tensors = f.tensors;
+    change(tensors);
+    const std::string path = dir.file("v.safetensors");
+    save_safetensors(path, tensors, f.metadata);
+    return test::error_of([&] { Trainer::resume(path, data); });
+  };
+  const std::string path = dir.file("v.safetensors");
+  EXPECT_EQ(variant([](NamedTensors& t) {
+              NamedTensors kept;
+              for (const auto& [name, x] : t)
+                if (name != "adam_m/action_encoder.bias") kept.insert(name, x);
+              t = kept;
+            }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (first moments): no tensor "
+                "for parameter 'action_encoder.bias'");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.insert("adam_v/bogus", zeros({1})); }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (second moments): 'bogus' "
+                "is not a parameter");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.at("adam_m/action_encoder.bias") = zeros({3}); }),
+            path +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state (first moments): "
+                "'action_encoder.bias' has shape (3,), the parameter has (16,)");
+  EXPECT_EQ(variant([](NamedTensors& t) { t.insert("ema/bogus", zeros({1})); }),
+            path + ": tensors 'ema/*': EMA::set: 'bogus' is not a parameter");
+}
+
 // The checkpoint records the size of the data it was trained on; resuming on other data is
 // refused instead of continuing on a different permutation.
 TEST(Checkpoint, ResumeRefusesOtherData) {
@@ -464,10 +798,56 @@ TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
   t.train_step();
   const std::vector<float> after_one =
       t.policy().named_parameters().at("state_encoder.weight").to_vector<float>();
+  test::TempDir dir;
+  t.save_checkpoint(dir.file("before.safetensors"));
   EXPECT_THAT([&] { t.train_step(); },
               testing::ThrowsMessage<Error>(HasSubstr("training step 2: the loss is ")));
   EXPECT_EQ(t.step(), 1);
   EXPECT_EQ(t.policy().named_parameters().at("state_encoder.weight").to_vector<float>(), after_one);
+  // The batch and noise drawn for the failed step are given back too: a checkpoint saved now is
+  // the one of step 1, random state and data order included.
+  t.save_checkpoint(dir.file("after.safetensors"));
+  EXPECT_TRUE(read_file(dir.file("after.safetensors")) ==
+              read_file(dir.file("before.safetensors")));
+}
+
+// A finite loss whose gradients overflow: the time embedding's hidden units at 3.4e38 with the
+// next layer's weights scaled down keep the forward finite, while the gradient of that layer's
+// weights (3.4e38 times the conditioning's gradient, made large) is inf. With or without
+// clipping, the step throws naming itself and the tensor, and the trainer is left exactly as it
+// was: a checkpoint saved after the throw is byte for byte the one saved before.
+TEST(Trainer, NonFiniteGradientStopsBeforeTheUpdate) {
+  const Episodes data = demo_episodes();
+  for (const double clip : {0.0, 1.0}) {
+    SCOPED_TRACE(clip);
+    TrainConfig c = tiny_config(data);
+    c.lr = 1e-2;
+    c.warmup_steps = 0;
+    c.grad_clip = clip;
+    Trainer t(c, data);
+    for (int i = 0; i < 5; ++i) t.train_step();
+    const NamedTensors p = t.policy().named_parameters();
+    const Tensor bias = p.at("mmdit.timestep_embeds.0.linear1.bias");
+    raw::copy_into(bias, full(bias.shape(), 3.4e38));
+    auto scale = [&](const char* name, double s) {
+      raw::copy_into(p.at(name), raw::mul_scalar(p.at(name), s));
+    };
+    scale("mmdit.timestep_embeds.0.linear2.weight", 1 / 3.4e38);
+    scale("mmdit.blocks.0.to_cond.weight", 1000);
+    scale("mmdit.final_layers.1.adaLN_modulation.weight", 1000);
+    test::TempDir dir;
+    t.save_checkpoint(dir.file("before.safetensors"));
+    EXPECT_THAT([&] { t.train_step(); },
+                testing::ThrowsMessage<Error>(testing::AllOf(
+                    testing::StartsWith(
+                        "training step 6: the gradient of 'mmdit.timestep_embeds.0.linear2.weight' "
+                        "holds inf at "),
+                    testing::EndsWith("; nothing was updated"))));
+    EXPECT_EQ(t.step(), 5);
+    t.save_checkpoint(dir.file("after.safetensors"));
+    EXPECT_TRUE(read_file(dir.file("after.safetensors")) ==
+                read_file(dir.file("before.safetensors")));
+  }
 }
 
 TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {

@@ -11,11 +11,14 @@
 namespace mmdit {
 namespace {
 
+// Names the first parameter without a tensor, then the first tensor that is no parameter, then
+// the first shape that differs.
 void check_same_layout(const NamedTensors& params, const NamedTensors& other, const char* who) {
-  MMDIT_CHECK(params.size() == other.size(), who, ": ", other.size(), " tensors given for ",
-              params.size(), " parameters");
-  for (const auto& [name, p] : params) {
+  for (const auto& [name, p] : params)
     MMDIT_CHECK(other.contains(name), who, ": no tensor for parameter '", name, "'");
+  for (const auto& [name, o] : other)
+    MMDIT_CHECK(params.contains(name), who, ": '", name, "' is not a parameter");
+  for (const auto& [name, p] : params) {
     const Tensor& o = other.at(name);
     MMDIT_CHECK(o.shape() == p.shape(), who, ": '", name, "' has shape ", shape_str(o.shape()),
                 ", the parameter has ", shape_str(p.shape()));
@@ -44,12 +47,12 @@ void for_each_chunk(int64_t n, Fn fn) {
 // and AVX2 too, picked at load time: the divisions and square root are its cost.
 template <class T>
 inline void adamw_chunk_impl(T* __restrict p, const T* __restrict g, T* __restrict m,
-                             T* __restrict v, int64_t n, T b1, T b2, T eps, T wd, T rate, T bc1,
-                             T bc2, T gs) {
+                             T* __restrict v, int64_t n, T b1, T c1, T b2, T c2, T eps, T wd,
+                             T rate, T bc1, T bc2, T gs) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i] * gs;
-    const T mi = (1 - b1) * gi + b1 * m[i];
-    const T vi = (1 - b2) * (gi * gi) + b2 * v[i];
+    const T mi = c1 * gi + b1 * m[i];
+    const T vi = c2 * (gi * gi) + b2 * v[i];
     m[i] = mi;
     v[i] = vi;
     const T u = (mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i];
@@ -57,25 +60,25 @@ inline void adamw_chunk_impl(T* __restrict p, const T* __restrict g, T* __restri
   }
 }
 MMDIT_SIMD_CLONES void adamw_chunk(float* p, const float* g, float* m, float* v, int64_t n,
-                                   float b1, float b2, float eps, float wd, float rate, float bc1,
-                                   float bc2, float gs) {
-  adamw_chunk_impl(p, g, m, v, n, b1, b2, eps, wd, rate, bc1, bc2, gs);
+                                   float b1, float c1, float b2, float c2, float eps, float wd,
+                                   float rate, float bc1, float bc2, float gs) {
+  adamw_chunk_impl(p, g, m, v, n, b1, c1, b2, c2, eps, wd, rate, bc1, bc2, gs);
 }
 MMDIT_SIMD_CLONES void adamw_chunk(double* p, const double* g, double* m, double* v, int64_t n,
-                                   double b1, double b2, double eps, double wd, double rate,
-                                   double bc1, double bc2, double gs) {
-  adamw_chunk_impl(p, g, m, v, n, b1, b2, eps, wd, rate, bc1, bc2, gs);
+                                   double b1, double c1, double b2, double c2, double eps,
+                                   double wd, double rate, double bc1, double bc2, double gs) {
+  adamw_chunk_impl(p, g, m, v, n, b1, c1, b2, c2, eps, wd, rate, bc1, bc2, gs);
 }
 
 template <class T>
-inline void ema_chunk_impl(T* __restrict ema, const T* __restrict p, int64_t n, T d) {
-  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + (1 - d) * p[i];
+inline void ema_chunk_impl(T* __restrict ema, const T* __restrict p, int64_t n, T d, T c) {
+  for (int64_t i = 0; i < n; ++i) ema[i] = d * ema[i] + c * p[i];
 }
-MMDIT_SIMD_CLONES void ema_chunk(float* ema, const float* p, int64_t n, float d) {
-  ema_chunk_impl(ema, p, n, d);
+MMDIT_SIMD_CLONES void ema_chunk(float* ema, const float* p, int64_t n, float d, float c) {
+  ema_chunk_impl(ema, p, n, d, c);
 }
-MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double d) {
-  ema_chunk_impl(ema, p, n, d);
+MMDIT_SIMD_CLONES void ema_chunk(double* ema, const double* p, int64_t n, double d, double c) {
+  ema_chunk_impl(ema, p, n, d, c);
 }
 
 template <class T>
@@ -101,25 +104,24 @@ MMDIT_SIMD_CLONES double sum_of_squares_chunk(const double* x, int64_t n) {
 // g is scaled by grad_scale first (global-norm clipping folded into the same pass; a scale of 1
 // is exact).
 // With `ema`, each chunk's new parameters also go into the EMA while they are in cache.
-// Returns the sum of squares of g (before scaling), read again while each chunk is in cache.
 template <class T>
-double adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
-                    int64_t step, double grad_scale, T* ema, double ema_decay) {
+void adamw_kernel(T* p, const T* g, T* m, T* v, int64_t n, const AdamWConfig& c, double lr,
+                  int64_t step, double grad_scale, T* ema, double ema_decay) {
+  // 1 - b is formed in double and then rounded, as the bias corrections are: 1 - float(0.999)
+  // is 1.3e-5 (relative) away from float(1 - 0.999), and the first step would not be g / |g|.
   const T b1 = static_cast<T>(c.b1), b2 = static_cast<T>(c.b2), eps = static_cast<T>(c.eps);
+  const T c1 = static_cast<T>(1 - c.b1), c2 = static_cast<T>(1 - c.b2);
   const T wd = static_cast<T>(c.weight_decay), rate = static_cast<T>(lr);
   const T bc1 = static_cast<T>(1 - std::pow(c.b1, static_cast<double>(step)));
   const T bc2 = static_cast<T>(1 - std::pow(c.b2, static_cast<double>(step)));
   const T gs = static_cast<T>(grad_scale);
-  std::vector<double> squares(static_cast<size_t>((n + kChunk - 1) / kChunk));
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    squares[static_cast<size_t>(begin / kChunk)] = sum_of_squares_chunk(g + begin, end - begin);
-    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, b2, eps, wd, rate, bc1,
-                bc2, gs);
-    if (ema) ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay));
+    adamw_chunk(p + begin, g + begin, m + begin, v + begin, end - begin, b1, c1, b2, c2, eps, wd,
+                rate, bc1, bc2, gs);
+    if (ema)
+      ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(ema_decay),
+                static_cast<T>(1 - ema_decay));
   });
-  double sum = 0;
-  for (double sq : squares) sum += sq;
-  return sum;
 }
 
 template <class T>
@@ -149,7 +151,8 @@ void scale_in_place(T* x, int64_t n, double scale) {
 template <class T>
 void ema_kernel(T* ema, const T* p, int64_t n, double decay) {
   for_each_chunk(n, [&](int64_t begin, int64_t end) {
-    ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(decay));
+    ema_chunk(ema + begin, p + begin, end - begin, static_cast<T>(decay),
+              static_cast<T>(1 - decay));
   });
 }
 
@@ -162,33 +165,60 @@ AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
                 "' must be a contiguous float tensor");
 }
 
-double AdamW::update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                     double grad_scale, EMA* ema) {
+double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads, double lr,
+                          double grad_scale, double max_norm, EMA* ema) {
+  // Everything is checked, and the gradients' norm read, before anything changes: a throw leaves
+  // the parameters, moments, step and EMA as they were.
   check_same_layout(params, grads, "AdamW::update");
   check_same_layout(params, m_, "AdamW::update (optimiser state)");
   if (ema) check_same_layout(params, ema->params(), "AdamW::update (EMA)");
-  ++step_;
+  struct Item {
+    Tensor p, g, e;
+  };
+  std::vector<Item> items;
+  items.reserve(params.size());
   double squares = 0;
   for (const auto& [name, p] : params) {
-    const Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
-    Tensor &m = m_.at(name), &v = v_.at(name);
-    if (m.dtype() != p.dtype()) m = raw::to_dtype(m, p.dtype()), v = raw::to_dtype(v, p.dtype());
+    MMDIT_CHECK(p.is_contiguous() && is_floating(p.dtype()), "AdamW::update: parameter '", name,
+                "' must be a contiguous float tensor");
     // The EMA's tensor is updated in place, so it must already have the parameter's dtype.
     Tensor e = ema ? ema->params().at(name) : Tensor();
     MMDIT_CHECK(!e.defined() || (e.dtype() == p.dtype() && e.is_contiguous()),
                 "AdamW::update: ", "the EMA of '", name, "' is ",
                 e.defined() ? dtype_name(e.dtype()) : "", ", the parameter ",
                 dtype_name(p.dtype()));
-    if (p.dtype() == DType::f32)
-      squares += adamw_kernel(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(),
-                              p.numel(), config_, lr, step_, grad_scale,
-                              e.defined() ? e.data<float>() : nullptr, ema ? ema->decay() : 0.0);
-    else
-      squares += adamw_kernel(p.data<double>(), g.data<double>(), m.data<double>(),
-                              v.data<double>(), p.numel(), config_, lr, step_, grad_scale,
-                              e.defined() ? e.data<double>() : nullptr, ema ? ema->decay() : 0.0);
+    Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
+    squares += p.dtype() == DType::f32 ? sum_of_squares(g.data<float>(), g.numel())
+                                       : sum_of_squares(g.data<double>(), g.numel());
+    items.push_back({p, std::move(g), std::move(e)});
   }
-  return std::sqrt(squares);
+  if (!std::isfinite(squares)) {
+    for (const auto& [name, g] : grads)
+      if (const std::optional<NonFinite> bad = first_non_finite(g))
+        fail("AdamW::update: the gradient of '", name, "' holds ", bad->value, " at ",
+             shape_str(bad->index), "; nothing was updated");
+    fail("AdamW::update: the gradients' global norm overflows; nothing was updated");
+  }
+  const double norm = std::sqrt(squares);
+  if (max_norm > 0) grad_scale *= clip_scale(norm, max_norm);
+  ++step_;
+  size_t i = 0;
+  for (const auto& [name, unused] : params) {
+    const Item& it = items[i++];
+    Tensor &m = m_.at(name), &v = v_.at(name);
+    if (m.dtype() != it.p.dtype())
+      m = raw::to_dtype(m, it.p.dtype()), v = raw::to_dtype(v, it.p.dtype());
+    const double decay = ema ? ema->decay() : 0.0;
+    if (it.p.dtype() == DType::f32)
+      adamw_kernel(it.p.data<float>(), it.g.data<float>(), m.data<float>(), v.data<float>(),
+                   it.p.numel(), config_, lr, step_, grad_scale,
+                   it.e.defined() ? it.e.data<float>() : nullptr, decay);
+    else
+      adamw_kernel(it.p.data<double>(), it.g.data<double>(), m.data<double>(), v.data<double>(),
+                   it.p.numel(), config_, lr, step_, grad_scale,
+                   it.e.defined() ? it.e.data<double>() : nullptr, decay);
+  }
+  return norm;
 }
 
 void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v) {

@@ -30,11 +30,22 @@ class AdamW {
   // grad_scale multiplies every gradient first: the factor of global-norm clipping
   // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
   // EMA is advanced in the same pass too, as ema->update(params) after this call would. Returns
-  // global_norm(grads) of the gradients as given (before grad_scale), read in the same pass.
+  // global_norm(grads) of the gradients as given (before grad_scale). Everything is checked, and
+  // that norm read, before anything changes: when a gradient is not finite (or the names, shapes
+  // or dtypes do not fit), it throws naming the tensor, and parameters, moments, step and EMA
+  // are left as they were.
   double update(const NamedTensors& params, const NamedTensors& grads, double lr,
-                double grad_scale = 1.0, EMA* ema = nullptr);
+                double grad_scale = 1.0, EMA* ema = nullptr) {
+    return update_impl(params, grads, lr, grad_scale, 0.0, ema);
+  }
   double update(const NamedTensors& params, const NamedTensors& grads) {
     return update(params, grads, config_.lr);
+  }
+  // update() after clip_by_global_norm(grads, max_norm) (max_norm 0: no clipping), with the
+  // norm read once, by the pass that checks the gradients; the gradients are not modified.
+  double update_clipped(const NamedTensors& params, const NamedTensors& grads, double lr,
+                        double max_norm, EMA* ema = nullptr) {
+    return update_impl(params, grads, lr, 1.0, max_norm, ema);
   }
 
   int64_t step() const { return step_; }
@@ -45,6 +56,9 @@ class AdamW {
   const AdamWConfig& config() const { return config_; }
 
  private:
+  double update_impl(const NamedTensors& params, const NamedTensors& grads, double lr,
+                     double grad_scale, double max_norm, EMA* ema);
+
   AdamWConfig config_;
   int64_t step_ = 0;
   NamedTensors m_, v_;
@@ -62,7 +76,9 @@ double clip_scale(double norm, double max_norm);
 double warmup_cosine_lr(int64_t step, double peak, int64_t warmup_steps, int64_t total_steps,
                         double end_lr = 0.0);
 
-// ema = decay ema + (1 - decay) p, for every trainable parameter (never the buffers).
+// ema = decay ema + (1 - decay) p, for every trainable parameter (never the buffers); 1 - decay
+// is formed in double, then rounded to the parameters' dtype (in float32, 1 - float(0.9999) is
+// 1.7e-4 (relative) away from 1e-4).
 class EMA {
  public:
   EMA(const NamedTensors& params, double decay);  // starts equal to params (copies)

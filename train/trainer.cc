@@ -132,13 +132,19 @@ void TrainConfig::validate() const {
   policy.validate();
   MMDIT_CHECK(steps >= 0, "train config: steps must be >= 0, got ", steps);
   MMDIT_CHECK(batch_size > 0, "train config: batch_size must be positive, got ", batch_size);
-  MMDIT_CHECK(lr > 0, "train config: lr must be positive, got ", lr);
-  MMDIT_CHECK(weight_decay >= 0, "train config: weight_decay must be >= 0, got ", weight_decay);
+  // Infinities pass the comparisons: lr = inf would turn the parameters into inf and NaN in
+  // the first step without any error there.
+  MMDIT_CHECK(lr > 0 && std::isfinite(lr), "train config: lr must be positive and finite, got ",
+              lr);
+  MMDIT_CHECK(weight_decay >= 0 && std::isfinite(weight_decay),
+              "train config: weight_decay must be >= 0 and finite, got ", weight_decay);
   MMDIT_CHECK(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1, "train config: b1 and b2 must be in [0, 1)");
-  MMDIT_CHECK(eps > 0, "train config: eps must be positive, got ", eps);
+  MMDIT_CHECK(eps > 0 && std::isfinite(eps), "train config: eps must be positive and finite, got ",
+              eps);
   MMDIT_CHECK(ema_decay >= 0 && ema_decay <= 1, "train config: ema_decay must be in [0, 1], got ",
               ema_decay);
-  MMDIT_CHECK(grad_clip >= 0, "train config: grad_clip must be >= 0 (0 = off), got ", grad_clip);
+  MMDIT_CHECK(grad_clip >= 0 && std::isfinite(grad_clip),
+              "train config: grad_clip must be >= 0 and finite (0 = off), got ", grad_clip);
   MMDIT_CHECK(warmup_steps >= 0, "train config: warmup_steps must be >= 0");
   MMDIT_CHECK(normalization == "min_max" || normalization == "z_score",
               "train config: normalization must be min_max or z_score, got '", normalization, "'");
@@ -199,32 +205,38 @@ Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
 }
 
 StepStats Trainer::train_step() {
-  const Batch batch = sampler_->next(config_.batch_size);
-  auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
-  auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
-  StepStats stats;
-  stats.loss = loss_value.item();
-  MMDIT_CHECK(std::isfinite(stats.loss), "training step ", step() + 1, ": the loss is ", stats.loss,
-              "; stopped before updating the parameters");
-  stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
-                              config_.cosine_decay ? config_.steps : 0);
-  const NamedTensors params = policy_->named_parameters();
-  // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients;
-  // it needs the norm first. Without clipping, the norm for the log comes from that pass too.
-  double grad_scale = 1.0;
-  if (config_.grad_clip > 0) {
-    stats.grad_norm = global_norm(grads);
-    MMDIT_CHECK(std::isfinite(stats.grad_norm), "training step ", step() + 1,
-                ": the gradients' global norm is ", stats.grad_norm,
-                "; stopped before updating the parameters");
-    grad_scale = clip_scale(stats.grad_norm, config_.grad_clip);
+  // A step that throws leaves the trainer as it was, the random state and data order included:
+  // a checkpoint saved after the throw is the one of the step before.
+  const uint64_t rng_seed = rng_.seed(), rng_counter = rng_.counter();
+  const auto [epoch, offset] = sampler_->position();
+  try {
+    const Batch batch = sampler_->next(config_.batch_size);
+    auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
+    auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
+    StepStats stats;
+    stats.loss = loss_value.item();
+    MMDIT_CHECK(std::isfinite(stats.loss), "training step ", step() + 1, ": the loss is ",
+                stats.loss, "; stopped before updating the parameters");
+    stats.lr = warmup_cosine_lr(step(), config_.lr, config_.warmup_steps,
+                                config_.cosine_decay ? config_.steps : 0);
+    const NamedTensors params = policy_->named_parameters();
+    // Clipping as optax.clip_by_global_norm, folded into the optimiser's pass over the gradients,
+    // with the norm from the pass that checks them: a non-finite gradient is refused there,
+    // before anything changes.
+    try {
+      stats.grad_norm =
+          optimizer_->update_clipped(params, grads, stats.lr, config_.grad_clip, ema_.get());
+    } catch (const Error& e) {
+      const std::string what = e.what(), prefix = "AdamW::update: ";
+      fail("training step ", step() + 1, ": ",
+           starts_with(what, prefix) ? what.substr(prefix.size()) : what);
+    }
+    return stats;
+  } catch (...) {
+    rng_.set_state(rng_seed, rng_counter);
+    sampler_->set_position(epoch, offset);
+    throw;
   }
-  const double norm = optimizer_->update(params, grads, stats.lr, grad_scale, ema_.get());
-  // Without clipping the norm comes out of the update's own pass, so it is known only after it.
-  MMDIT_CHECK(std::isfinite(norm), "training step ", step(), ": the gradients' global norm is ",
-              norm, "; the parameters now hold non-finite values");
-  if (config_.grad_clip <= 0) stats.grad_norm = norm;
-  return stats;
 }
 
 namespace {
@@ -367,8 +379,11 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   };
   load("param/", [&](const NamedTensors& v) { t->policy_->load(v); });
   load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
-  const NamedTensors m = c.with_prefix("adam_m/");
-  load("adam_v/", [&](const NamedTensors& v) { t->optimizer_->set_state(c.step, m, v); });
+  try {
+    t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
+  } catch (const Error& e) {
+    fail(path, ": tensors 'adam_m/*', 'adam_v/*': ", e.what());
+  }
   Json sampler;
   try {
     const Json rng = Json::parse(c.meta("rng"));

@@ -42,7 +42,9 @@ struct TrainConfig {
 };
 
 struct StepStats {
-  double loss = 0, grad_norm = 0, lr = 0;
+  double loss = 0;
+  double grad_norm = 0;  // global norm of the gradients, before clipping
+  double lr = 0;         // the learning rate this step used: the schedule at step() before it
 };
 
 Normalizer make_normalizer(const Episodes& data, const std::string& mode);
@@ -57,9 +59,8 @@ class Trainer {
   static std::unique_ptr<Trainer> resume(const std::string& checkpoint, const Episodes& data,
                                          std::optional<int64_t> steps = std::nullopt);
 
-  // Throws, naming the step, when the loss or the gradients are not finite. A non-finite loss,
-  // or norm when clipping, is caught before the update; without clipping the norm comes out of
-  // the update itself, and after that throw the parameters are not worth saving.
+  // Throws, naming the step, when the loss or the gradients are not finite, before anything
+  // changes: parameters, EMA, moments, step, random state and data order stay as they were.
   StepStats train_step();
   int64_t step() const { return optimizer_->step(); }
   // One safetensors file, written atomically: params, EMA, Adam moments, config, normalisation,
