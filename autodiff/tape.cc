@@ -17,7 +17,6 @@ thread_local bool g_anomaly = false;
 std::atomic<uint64_t> g_next_tape_id{1};
 
 // The first NaN or Inf of t as "NaN at (1,2)", or "" if every element is finite.
-// "NaN at (1,2)", or "" when every element is finite.
 std::string describe_non_finite(const Tensor& t) {
   const std::optional<NonFinite> bad = first_non_finite(t);
   if (!bad) return "";
@@ -145,10 +144,18 @@ size_t Tape::saved_bytes() const {
 
 std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                    const Tensor& cotangent) {
-  MMDIT_CHECK(!consumed_, "gradient: this tape has already been used; record a new one");
+  MMDIT_CHECK(!consumed_,
+              "gradient: this tape's gradient() has already run and released what backward "
+              "needs; record the computation again on a new Tape");
   MMDIT_CHECK(y.defined(), "gradient: the output is an undefined tensor");
   MMDIT_CHECK(is_floating(y.dtype()), "gradient: the output must be float, got ",
               dtype_name(y.dtype()));
+  // A y never recorded (tape_id 0) is a constant and rightly gets zeros; a y recorded on another
+  // tape would get zeros too, silently, though it does depend on what that tape watched.
+  MMDIT_CHECK(y.impl().tape_id == 0 || y.impl().tape_id == id_, "gradient: the output ",
+              shape_str(y.shape()),
+              " was recorded on another tape, not this one; compute it while this tape is "
+              "active");
   if (cotangent.defined()) {
     MMDIT_CHECK(cotangent.shape() == y.shape() && cotangent.dtype() == y.dtype(),
                 "gradient: cotangent ", shape_str(cotangent.shape()), " ",
@@ -158,9 +165,12 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     MMDIT_CHECK(y.numel() == 1, "gradient: the output has shape ", shape_str(y.shape()),
                 "; a non-scalar output needs a cotangent");
   }
-  for (size_t i = 0; i < wrt.size(); ++i)
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    MMDIT_CHECK(wrt[i].defined(), "gradient: input ", i, " is an undefined tensor");
     MMDIT_CHECK(is_on_tape(wrt[i]), "gradient: input ", i, " (shape ", shape_str(wrt[i].shape()),
-                ") was neither watched nor computed on this tape");
+                ") was neither watched nor computed on this tape",
+                wrt[i].impl().tape_id != 0 ? " (it is from another tape)" : "");
+  }
   consumed_ = true;
 
   // Only slots between a wrt tensor and y need gradients.

@@ -82,9 +82,10 @@ class Tape {
   void watch(const Tensor& t);
   bool is_on_tape(const Tensor& t) const;
 
-  // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Tensors on the tape
-  // that y does not depend on get zeros. Consumes the tape: saved tensors are released as
-  // backward goes, so gradient() can run once.
+  // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Every wrt must be on
+  // this tape; those y does not depend on get zeros (all of them if y was never recorded: it is
+  // a constant). A y recorded on another tape is an error. Consumes the tape: saved tensors are
+  // released as backward goes, so gradient() can run once.
   std::vector<Tensor> gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                const Tensor& cotangent = Tensor());
 
@@ -104,7 +105,6 @@ class Tape {
   Tape* previous_;
   int64_t num_values_ = 0;
   std::vector<Node> nodes_;
-  std::vector<Shape> leaf_shapes_;
   bool consumed_ = false;
   bool profiling_ = false;
   std::chrono::steady_clock::time_point last_record_;

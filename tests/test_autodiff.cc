@@ -309,7 +309,8 @@ TEST(AutodiffGradient, GradientTwiceThrows) {
   Tensor y = sum(x * x);
   tape.gradient(y, {x});
   EXPECT_THAT(error_of([&] { tape.gradient(y, {x}); }),
-              HasSubstr("gradient: this tape has already been used"));
+              HasSubstr("gradient: this tape's gradient() has already run and released what "
+                        "backward needs; record the computation again on a new Tape"));
   EXPECT_THAT(error_of([&] { tape.watch(x); }), HasSubstr("gradient() has already run"));
   EXPECT_THAT(error_of([&] { exp(x); }), HasSubstr("exp: recording on a tape whose gradient()"));
 }
@@ -325,6 +326,32 @@ TEST(AutodiffGradient, UnwatchedInputThrows) {
               }),
               HasSubstr("gradient: input 1 (shape (3,)) was neither watched nor computed on "
                         "this tape"));
+  EXPECT_THAT(error_of([&] {
+                tape.gradient(y, {x, Tensor()});
+              }),
+              HasSubstr("gradient: input 1 is an undefined tensor"));
+}
+
+TEST(AutodiffGradient, TensorsFromAnotherTapeAreNamedAsSuch) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tensor a = from_vector(std::vector<double>{3}, {1});
+  Tensor y_old;
+  {
+    Tape old;
+    old.watch(a);
+    old.watch(x);
+    y_old = sum(x * x);
+  }
+  Tape tape;
+  tape.watch(x);
+  // y_old depends on x, but through nodes of the old tape: this one would return zeros.
+  EXPECT_THAT(error_of([&] { tape.gradient(y_old, {x}); }),
+              HasSubstr("gradient: the output () was recorded on another tape, not this one"));
+  EXPECT_THAT(error_of([&] {
+                tape.gradient(sum(x * x), {x, a});
+              }),
+              HasSubstr("gradient: input 1 (shape (1,)) was neither watched nor computed on this "
+                        "tape (it is from another tape)"));
 }
 
 TEST(AutodiffOps, SplitChecksItsSizes) {
@@ -501,6 +528,13 @@ TEST(AutodiffValueAndGrad, SingleTensorAndRepeatedCalls) {
     ASSERT_EQ(g.size(), 3u);
     for (int i = 0; i < 3; ++i) EXPECT_NEAR(g[i], 2.0 * (i + 1) / 3, 1e-15);
   }
+  EXPECT_EQ(Tape::active(), nullptr);
+}
+
+TEST(AutodiffValueAndGrad, ANonScalarLossIsNamed) {
+  Tensor w = from_vector(std::vector<double>{1, 2}, {2});
+  EXPECT_THAT(error_of([&] { value_and_grad([](const Tensor& t) { return t * 2.0; })(w); }),
+              HasSubstr("value_and_grad: the loss function must return a scalar, got shape (2,)"));
   EXPECT_EQ(Tape::active(), nullptr);
 }
 
