@@ -43,7 +43,7 @@ struct ValueAndGrad {
 
 template <class F>
 auto value_and_grad(F loss_fn) {
-  return [loss_fn](auto& model, auto&&... args) -> ValueAndGrad {
+  return [loss_fn](auto&& model, auto&&... args) -> ValueAndGrad {
     const NamedTensors params = trainable_parameters(model);
     Tape tape;
     std::vector<Tensor> leaves;

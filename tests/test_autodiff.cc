@@ -531,6 +531,14 @@ TEST(AutodiffValueAndGrad, SingleTensorAndRepeatedCalls) {
   EXPECT_EQ(Tape::active(), nullptr);
 }
 
+TEST(AutodiffValueAndGrad, TakesATemporaryModel) {
+  // d/dw sum(w^3) = 3 w^2
+  auto [value, grads] = value_and_grad([](const Tensor& w) { return sum(w * w * w); })(
+      from_vector(std::vector<double>{-1, 2}, {2}));
+  EXPECT_EQ(value.item(), 7.0);
+  EXPECT_EQ(values(grads.at("")), (std::vector<double>{3, 12}));
+}
+
 TEST(AutodiffValueAndGrad, ANonScalarLossIsNamed) {
   Tensor w = from_vector(std::vector<double>{1, 2}, {2});
   EXPECT_THAT(error_of([&] { value_and_grad([](const Tensor& t) { return t * 2.0; })(w); }),
