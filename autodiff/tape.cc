@@ -41,6 +41,15 @@ std::string where_recorded(const Node& node, size_t index) {
                  node.scope.empty() ? "<root>" : node.scope, "'");
 }
 
+// Whether broadcasting `to` can give `from`, so that raw::sum_to(g, to) undoes it.
+bool reduces_to(const Shape& from, const Shape& to) {
+  if (from.size() < to.size()) return false;
+  const size_t lead = from.size() - to.size();
+  for (size_t i = 0; i < to.size(); ++i)
+    if (to[i] != 1 && to[i] != from[lead + i]) return false;
+  return true;
+}
+
 // acc += g. In place when nothing else can see acc (no other handle to it or to its memory), as
 // PyTorch's InputBuffer does: an input used k times otherwise costs k - 1 fresh tensors.
 void accumulate(Tensor& acc, const Tensor& g) {
@@ -58,8 +67,21 @@ void accumulate(Tensor& acc, const Tensor& g) {
 
 }  // namespace
 
+// Mistakes in a backward written with record() surface here; the messages name the op, not a
+// kernel that would fail later, far from the cause.
+void Backward::fail_input_index(size_t i) const {
+  fail(node_.op, ": its backward sets the gradient of input ", i, ", but the op was recorded with ",
+       node_.inputs.size(), node_.inputs.size() == 1 ? " input" : " inputs");
+}
+
 void Backward::set_input_grad(size_t i, const Tensor& g) {
   const Shape& shape = node_.input_shapes[i];
+  MMDIT_CHECK(g.defined() && g.dtype() == node_.input_dtypes[i] && reduces_to(g.shape(), shape),
+              node_.op, ": its backward gave input ", i, " (", shape_str(shape), " ",
+              dtype_name(node_.input_dtypes[i]), ") a gradient of ",
+              g.defined() ? str_cat(shape_str(g.shape()), " ", dtype_name(g.dtype()))
+                          : std::string("undefined tensor"),
+              "; it must have the input's dtype, and its shape or a broadcast of it");
   input_grads_[i] = g.shape() == shape ? g : raw::sum_to(g, shape);
 }
 
@@ -287,6 +309,7 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
   for (const Tensor& t : inputs) {
     node.inputs.push_back(tape.slot_of(t));
     node.input_shapes.push_back(t.shape());
+    node.input_dtypes.push_back(t.dtype());
   }
   node.saved.assign(saved.begin(), saved.end());
   for (const Tensor& t : saved)

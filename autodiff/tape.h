@@ -29,6 +29,7 @@ struct Node {
   const char* op;
   std::vector<int64_t> inputs;  // value slot of each input; -1 for a constant
   std::vector<Shape> input_shapes;
+  std::vector<DType> input_dtypes;
   int64_t output;  // value slot of the result
   Shape output_shape;
   DType dtype;
@@ -58,11 +59,13 @@ class Backward {
   // down to the input's shape, which is the adjoint of broadcasting.
   template <class Compute>
   void input(size_t i, Compute&& compute) {
+    if (i >= needs_.size()) fail_input_index(i);
     if (needs_[i]) set_input_grad(i, compute());
   }
   std::vector<Tensor>& input_grads() { return input_grads_; }
 
  private:
+  [[noreturn]] void fail_input_index(size_t i) const;
   void set_input_grad(size_t i, const Tensor& g);
   const Node& node_;
   const std::vector<bool>& needs_;

@@ -467,6 +467,36 @@ TEST(AutodiffGradient, RecordWithACustomBackward) {
   EXPECT_FALSE(constant_needed);
 }
 
+TEST(AutodiffGradient, MistakesInACustomBackwardNameTheOp) {
+  Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  auto gradient_with = [&](auto backward) {
+    return error_of([&] {
+      Tape tape;
+      tape.watch(x);
+      tape.gradient(sum(record("my_op", raw::mul_scalar(x, 2), {x}, {}, backward)), {x});
+    });
+  };
+  EXPECT_THAT(gradient_with([](Backward& ctx) { ctx.input(1, [&] { return ctx.grad; }); }),
+              HasSubstr("my_op: its backward sets the gradient of input 1, but the op was "
+                        "recorded with 1 input"));
+  EXPECT_THAT(
+      gradient_with([](Backward& ctx) { ctx.input(0, [&] { return zeros({2}, DType::f64); }); }),
+      HasSubstr("my_op: its backward gave input 0 ((3,) float64) a gradient of (2,) float64; it "
+                "must have the input's dtype, and its shape or a broadcast of it"));
+  EXPECT_THAT(gradient_with([](Backward& ctx) {
+                ctx.input(0, [&] { return raw::to_dtype(ctx.grad, DType::f32); });
+              }),
+              HasSubstr("my_op: its backward gave input 0 ((3,) float64) a gradient of (3,) "
+                        "float32"));
+  // A broadcast of the input's shape is summed back down to it.
+  Tape tape;
+  tape.watch(x);
+  Tensor y = record("my_op", raw::mul_scalar(x, 2), {x}, {}, [](Backward& ctx) {
+    ctx.input(0, [&] { return raw::broadcast_to(raw::mul_scalar(ctx.grad, 2), {2, 3}); });
+  });
+  EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), (std::vector<double>{4, 4, 4}));
+}
+
 // ---- value_and_grad ----
 
 TEST(AutodiffValueAndGrad, NamedTensorsWithAFloatParamAndABoolMask) {
