@@ -130,7 +130,7 @@ class NameScope {
 // recorded op's output is checked in forward, and every input gradient in Tape::gradient, and
 // the first non-finite value throws an Error naming the op, its shapes, its NameScope and its
 // node index. It costs a full pass over each tensor, so it is for debugging; off, the cost is
-// one thread-local bool read per recorded op.
+// one thread-local bool read per recorded op and per gradient in backward.
 void set_anomaly_mode(bool on);
 bool anomaly_mode();
 // Turns anomaly mode on (or off) for its lifetime and then restores the previous setting.
