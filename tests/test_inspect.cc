@@ -281,6 +281,29 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
 }
 
+// README.md and docs/autodiff.md show these listings, trimmed: their header and totals lines
+// must be the ones the command prints (the shapes and bytes depend on no rounding).
+TEST(InspectCli, TheDocsShowTheTinyModelsTapes) {
+  for (const auto& [model, doc] : {std::pair<std::string, std::string>{"mmdit", "docs/autodiff.md"},
+                                   {"policy", "README.md"}}) {
+    const Command r = run_mmdit("inspect --model " + model);
+    ASSERT_EQ(r.status, 0) << r.output;
+    const std::string text = test::read_source(doc);
+    std::istringstream lines(r.output);
+    bool in_totals = false;
+    int checked = 0;
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("totals: ", 0) == 0) in_totals = true;
+      if (line.rfind("loss ", 0) == 0) in_totals = false;
+      if (line.rfind("tape: ", 0) == 0 || in_totals) {
+        EXPECT_THAT(text, HasSubstr("\n" + line + "\n")) << doc << " lacks a line of " << model;
+        ++checked;
+      }
+    }
+    EXPECT_GE(checked, 4) << r.output;
+  }
+}
+
 // `mmdit bench --json` prints one object per workload with the keys issue #5 names (the
 // numbers themselves are timings: only their presence and sanity are checked).
 TEST(BenchCli, JsonLineHasTheRequiredKeys) {
