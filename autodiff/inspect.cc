@@ -163,11 +163,6 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   // Most frequent first: that is where a model's time and memory usually go.
   std::stable_sort(ops.begin(), ops.end(),
                    [](const auto& a, const auto& b) { return a.second.count > b.second.count; });
-  size_t op_width = 0, count_width = 0;
-  for (const auto& [op, t] : ops) {
-    op_width = std::max(op_width, op.size());
-    count_width = std::max(count_width, std::to_string(t.count).size());
-  }
   out +=
       str_cat("totals: ", nodes.size(), " nodes, ", tape.num_values(), " values (", leaves.size(),
               " leaves), ", format_bytes(tape.saved_bytes()), " saved for backward\n");

@@ -17,8 +17,10 @@ namespace mmdit {
 
 // One line per node (index, op, output value %N with shape and dtype, input values with shapes
 // or `const` for an untracked input, bytes saved for backward, NameScope), then totals: nodes,
-// values, saved bytes, and a count and saved bytes per op type. Leaves found in leaf_names (a
-// model's named_parameters(), say) are listed under their names.
+// values, saved bytes, and a count and saved bytes per op type, most frequent first. Leaves
+// found in leaf_names (a model's named_parameters(), say) appear as inputs under their names,
+// shortened by the node's scope, and are only counted on the `leaves:` line. A watched tensor no
+// node reads is not listed.
 std::string format_tape(const Tape& tape, const NamedTensors& leaf_names = {});
 
 // Graphviz DOT: an ellipse per leaf value (a watched tensor), a box per op labelled with the op

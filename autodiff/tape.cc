@@ -17,7 +17,6 @@ thread_local bool g_anomaly = false;
 std::atomic<uint64_t> g_next_tape_id{1};
 
 // The first NaN or Inf of t as "NaN at (1,2)", or "" if every element is finite.
-// "NaN at (1,2)", or "" when every element is finite.
 std::string describe_non_finite(const Tensor& t) {
   const std::optional<NonFinite> bad = first_non_finite(t);
   if (!bad) return "";
@@ -42,6 +41,15 @@ std::string where_recorded(const Node& node, size_t index) {
                  node.scope.empty() ? "<root>" : node.scope, "'");
 }
 
+// Whether broadcasting `to` can give `from`, so that raw::sum_to(g, to) undoes it.
+bool reduces_to(const Shape& from, const Shape& to) {
+  if (from.size() < to.size()) return false;
+  const size_t lead = from.size() - to.size();
+  for (size_t i = 0; i < to.size(); ++i)
+    if (to[i] != 1 && to[i] != from[lead + i]) return false;
+  return true;
+}
+
 // acc += g. In place when nothing else can see acc (no other handle to it or to its memory), as
 // PyTorch's InputBuffer does: an input used k times otherwise costs k - 1 fresh tensors.
 void accumulate(Tensor& acc, const Tensor& g) {
@@ -59,8 +67,21 @@ void accumulate(Tensor& acc, const Tensor& g) {
 
 }  // namespace
 
+// Mistakes in a backward written with record() surface here; the messages name the op, not a
+// kernel that would fail later, far from the cause.
+void Backward::fail_input_index(size_t i) const {
+  fail(node_.op, ": its backward sets the gradient of input ", i, ", but the op was recorded with ",
+       node_.inputs.size(), node_.inputs.size() == 1 ? " input" : " inputs");
+}
+
 void Backward::set_input_grad(size_t i, const Tensor& g) {
   const Shape& shape = node_.input_shapes[i];
+  MMDIT_CHECK(g.defined() && g.dtype() == node_.input_dtypes[i] && reduces_to(g.shape(), shape),
+              node_.op, ": its backward gave input ", i, " (", shape_str(shape), " ",
+              dtype_name(node_.input_dtypes[i]), ") a gradient of ",
+              g.defined() ? str_cat(shape_str(g.shape()), " ", dtype_name(g.dtype()))
+                          : std::string("undefined tensor"),
+              "; it must have the input's dtype, and its shape or a broadcast of it");
   input_grads_[i] = g.shape() == shape ? g : raw::sum_to(g, shape);
 }
 
@@ -145,10 +166,18 @@ size_t Tape::saved_bytes() const {
 
 std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                    const Tensor& cotangent) {
-  MMDIT_CHECK(!consumed_, "gradient: this tape has already been used; record a new one");
+  MMDIT_CHECK(!consumed_,
+              "gradient: this tape's gradient() has already run and released what backward "
+              "needs; record the computation again on a new Tape");
   MMDIT_CHECK(y.defined(), "gradient: the output is an undefined tensor");
   MMDIT_CHECK(is_floating(y.dtype()), "gradient: the output must be float, got ",
               dtype_name(y.dtype()));
+  // A y never recorded (tape_id 0) is a constant and rightly gets zeros; a y recorded on another
+  // tape would get zeros too, silently, though it does depend on what that tape watched.
+  MMDIT_CHECK(y.impl().tape_id == 0 || y.impl().tape_id == id_, "gradient: the output ",
+              shape_str(y.shape()),
+              " was recorded on another tape, not this one; compute it while this tape is "
+              "active");
   if (cotangent.defined()) {
     MMDIT_CHECK(cotangent.shape() == y.shape() && cotangent.dtype() == y.dtype(),
                 "gradient: cotangent ", shape_str(cotangent.shape()), " ",
@@ -158,9 +187,12 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     MMDIT_CHECK(y.numel() == 1, "gradient: the output has shape ", shape_str(y.shape()),
                 "; a non-scalar output needs a cotangent");
   }
-  for (size_t i = 0; i < wrt.size(); ++i)
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    MMDIT_CHECK(wrt[i].defined(), "gradient: input ", i, " is an undefined tensor");
     MMDIT_CHECK(is_on_tape(wrt[i]), "gradient: input ", i, " (shape ", shape_str(wrt[i].shape()),
-                ") was neither watched nor computed on this tape");
+                ") was neither watched nor computed on this tape",
+                wrt[i].impl().tape_id != 0 ? " (it is from another tape)" : "");
+  }
   consumed_ = true;
 
   // Only slots between a wrt tensor and y need gradients.
@@ -277,6 +309,7 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
   for (const Tensor& t : inputs) {
     node.inputs.push_back(tape.slot_of(t));
     node.input_shapes.push_back(t.shape());
+    node.input_dtypes.push_back(t.dtype());
   }
   node.saved.assign(saved.begin(), saved.end());
   for (const Tensor& t : saved)

@@ -29,6 +29,7 @@ struct Node {
   const char* op;
   std::vector<int64_t> inputs;  // value slot of each input; -1 for a constant
   std::vector<Shape> input_shapes;
+  std::vector<DType> input_dtypes;
   int64_t output;  // value slot of the result
   Shape output_shape;
   DType dtype;
@@ -58,11 +59,13 @@ class Backward {
   // down to the input's shape, which is the adjoint of broadcasting.
   template <class Compute>
   void input(size_t i, Compute&& compute) {
+    if (i >= needs_.size()) fail_input_index(i);
     if (needs_[i]) set_input_grad(i, compute());
   }
   std::vector<Tensor>& input_grads() { return input_grads_; }
 
  private:
+  [[noreturn]] void fail_input_index(size_t i) const;
   void set_input_grad(size_t i, const Tensor& g);
   const Node& node_;
   const std::vector<bool>& needs_;
@@ -82,9 +85,10 @@ class Tape {
   void watch(const Tensor& t);
   bool is_on_tape(const Tensor& t) const;
 
-  // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Tensors on the tape
-  // that y does not depend on get zeros. Consumes the tape: saved tensors are released as
-  // backward goes, so gradient() can run once.
+  // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Every wrt must be on
+  // this tape; those y does not depend on get zeros (all of them if y was never recorded: it is
+  // a constant). A y recorded on another tape is an error. Consumes the tape: saved tensors are
+  // released as backward goes, so gradient() can run once.
   std::vector<Tensor> gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                const Tensor& cotangent = Tensor());
 
@@ -104,7 +108,6 @@ class Tape {
   Tape* previous_;
   int64_t num_values_ = 0;
   std::vector<Node> nodes_;
-  std::vector<Shape> leaf_shapes_;
   bool consumed_ = false;
   bool profiling_ = false;
   std::chrono::steady_clock::time_point last_record_;
@@ -127,7 +130,7 @@ class NameScope {
 // recorded op's output is checked in forward, and every input gradient in Tape::gradient, and
 // the first non-finite value throws an Error naming the op, its shapes, its NameScope and its
 // node index. It costs a full pass over each tensor, so it is for debugging; off, the cost is
-// one thread-local bool read per recorded op.
+// one thread-local bool read per recorded op and per gradient in backward.
 void set_anomaly_mode(bool on);
 bool anomaly_mode();
 // Turns anomaly mode on (or off) for its lifetime and then restores the previous setting.

@@ -43,7 +43,7 @@ struct ValueAndGrad {
 
 template <class F>
 auto value_and_grad(F loss_fn) {
-  return [loss_fn](auto& model, auto&&... args) -> ValueAndGrad {
+  return [loss_fn](auto&& model, auto&&... args) -> ValueAndGrad {
     const NamedTensors params = trainable_parameters(model);
     Tape tape;
     std::vector<Tensor> leaves;
@@ -52,6 +52,10 @@ auto value_and_grad(F loss_fn) {
       leaves.push_back(t);
     }
     Tensor value = loss_fn(model, std::forward<decltype(args)>(args)...);
+    // Tape::gradient would ask for a cotangent, which value_and_grad has no way to take.
+    MMDIT_CHECK(value.defined() && value.numel() == 1,
+                "value_and_grad: the loss function must return a scalar, got ",
+                value.defined() ? "shape " + shape_str(value.shape()) : "an undefined tensor");
     std::vector<Tensor> grads = tape.gradient(value, leaves);
     ValueAndGrad result{stop_gradient(value), {}};
     for (size_t i = 0; i < leaves.size(); ++i) result.grads.insert(params[i].first, grads[i]);

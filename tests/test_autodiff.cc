@@ -309,7 +309,8 @@ TEST(AutodiffGradient, GradientTwiceThrows) {
   Tensor y = sum(x * x);
   tape.gradient(y, {x});
   EXPECT_THAT(error_of([&] { tape.gradient(y, {x}); }),
-              HasSubstr("gradient: this tape has already been used"));
+              HasSubstr("gradient: this tape's gradient() has already run and released what "
+                        "backward needs; record the computation again on a new Tape"));
   EXPECT_THAT(error_of([&] { tape.watch(x); }), HasSubstr("gradient() has already run"));
   EXPECT_THAT(error_of([&] { exp(x); }), HasSubstr("exp: recording on a tape whose gradient()"));
 }
@@ -325,6 +326,32 @@ TEST(AutodiffGradient, UnwatchedInputThrows) {
               }),
               HasSubstr("gradient: input 1 (shape (3,)) was neither watched nor computed on "
                         "this tape"));
+  EXPECT_THAT(error_of([&] {
+                tape.gradient(y, {x, Tensor()});
+              }),
+              HasSubstr("gradient: input 1 is an undefined tensor"));
+}
+
+TEST(AutodiffGradient, TensorsFromAnotherTapeAreNamedAsSuch) {
+  Tensor x = from_vector(std::vector<double>{1, 2}, {2});
+  Tensor a = from_vector(std::vector<double>{3}, {1});
+  Tensor y_old;
+  {
+    Tape old;
+    old.watch(a);
+    old.watch(x);
+    y_old = sum(x * x);
+  }
+  Tape tape;
+  tape.watch(x);
+  // y_old depends on x, but through nodes of the old tape: this one would return zeros.
+  EXPECT_THAT(error_of([&] { tape.gradient(y_old, {x}); }),
+              HasSubstr("gradient: the output () was recorded on another tape, not this one"));
+  EXPECT_THAT(error_of([&] {
+                tape.gradient(sum(x * x), {x, a});
+              }),
+              HasSubstr("gradient: input 1 (shape (1,)) was neither watched nor computed on this "
+                        "tape (it is from another tape)"));
 }
 
 TEST(AutodiffOps, SplitChecksItsSizes) {
@@ -440,6 +467,36 @@ TEST(AutodiffGradient, RecordWithACustomBackward) {
   EXPECT_FALSE(constant_needed);
 }
 
+TEST(AutodiffGradient, MistakesInACustomBackwardNameTheOp) {
+  Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  auto gradient_with = [&](auto backward) {
+    return error_of([&] {
+      Tape tape;
+      tape.watch(x);
+      tape.gradient(sum(record("my_op", raw::mul_scalar(x, 2), {x}, {}, backward)), {x});
+    });
+  };
+  EXPECT_THAT(gradient_with([](Backward& ctx) { ctx.input(1, [&] { return ctx.grad; }); }),
+              HasSubstr("my_op: its backward sets the gradient of input 1, but the op was "
+                        "recorded with 1 input"));
+  EXPECT_THAT(
+      gradient_with([](Backward& ctx) { ctx.input(0, [&] { return zeros({2}, DType::f64); }); }),
+      HasSubstr("my_op: its backward gave input 0 ((3,) float64) a gradient of (2,) float64; it "
+                "must have the input's dtype, and its shape or a broadcast of it"));
+  EXPECT_THAT(gradient_with([](Backward& ctx) {
+                ctx.input(0, [&] { return raw::to_dtype(ctx.grad, DType::f32); });
+              }),
+              HasSubstr("my_op: its backward gave input 0 ((3,) float64) a gradient of (3,) "
+                        "float32"));
+  // A broadcast of the input's shape is summed back down to it.
+  Tape tape;
+  tape.watch(x);
+  Tensor y = record("my_op", raw::mul_scalar(x, 2), {x}, {}, [](Backward& ctx) {
+    ctx.input(0, [&] { return raw::broadcast_to(raw::mul_scalar(ctx.grad, 2), {2, 3}); });
+  });
+  EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), (std::vector<double>{4, 4, 4}));
+}
+
 // ---- value_and_grad ----
 
 TEST(AutodiffValueAndGrad, NamedTensorsWithAFloatParamAndABoolMask) {
@@ -501,6 +558,21 @@ TEST(AutodiffValueAndGrad, SingleTensorAndRepeatedCalls) {
     ASSERT_EQ(g.size(), 3u);
     for (int i = 0; i < 3; ++i) EXPECT_NEAR(g[i], 2.0 * (i + 1) / 3, 1e-15);
   }
+  EXPECT_EQ(Tape::active(), nullptr);
+}
+
+TEST(AutodiffValueAndGrad, TakesATemporaryModel) {
+  // d/dw sum(w^3) = 3 w^2
+  auto [value, grads] = value_and_grad([](const Tensor& w) { return sum(w * w * w); })(
+      from_vector(std::vector<double>{-1, 2}, {2}));
+  EXPECT_EQ(value.item(), 7.0);
+  EXPECT_EQ(values(grads.at("")), (std::vector<double>{3, 12}));
+}
+
+TEST(AutodiffValueAndGrad, ANonScalarLossIsNamed) {
+  Tensor w = from_vector(std::vector<double>{1, 2}, {2});
+  EXPECT_THAT(error_of([&] { value_and_grad([](const Tensor& t) { return t * 2.0; })(w); }),
+              HasSubstr("value_and_grad: the loss function must return a scalar, got shape (2,)"));
   EXPECT_EQ(Tape::active(), nullptr);
 }
 

@@ -65,6 +65,7 @@ TEST(InspectTape, FormatsEveryNodeAndTheTotals) {
       "totals: 4 nodes, 6 values (2 leaves), 208 B saved for backward\n"
       "  matmul 1 x 144 B, mul_scalar 1 x 0 B, sum 1 x 0 B, tanh 1 x 64 B\n";
   EXPECT_EQ(format_tape(g.tape, names), want);
+  EXPECT_THAT(test::read_source("README.md"), HasSubstr("\n```\n" + want + "```\n"));
 
   // After backward the saved tensors are gone, and the listing says so.
   g.tape.gradient(g.y, {g.x, g.w});
@@ -166,8 +167,13 @@ TEST(AnomalyMode, NamesTheForwardOpThatMadeANaN) {
     NameScope scope("layer");
     log(y);
   });
-  EXPECT_THAT(e, HasSubstr("anomaly mode: log (node 1, recorded in scope 'layer') produced NaN "
-                           "at (1,) in its output (2,) float64; inputs: %1 (2,)"));
+  const std::string want =
+      "anomaly mode: log (node 1, recorded in scope 'layer') produced NaN at (1,) in its output "
+      "(2,) float64; inputs: %1 (2,)";
+  EXPECT_THAT(e, HasSubstr(want));
+  // The README and docs/autodiff.md show this message.
+  EXPECT_THAT(test::read_source("README.md"), HasSubstr("\n" + want + "\n"));
+  EXPECT_THAT(test::read_source("docs/autodiff.md"), HasSubstr("\n" + want + "\n"));
   EXPECT_EQ(tape.nodes().size(), 1u);  // the faulty op is not recorded
 }
 
@@ -179,9 +185,12 @@ TEST(AnomalyMode, NamesTheBackwardThatMadeAnInf) {
   Tensor y = sum(sqrt(x) * 3.0);  // sqrt(0) = 0 is fine; its derivative 1/(2 sqrt(0)) is not
   ASSERT_EQ(y.item(), 6.0);
   const std::string e = error_of([&] { tape.gradient(y, {x}); });
-  EXPECT_THAT(e, HasSubstr("anomaly mode: the backward of sqrt (node 0, recorded in scope "
-                           "'<root>') produced +Inf at (0,) in the gradient of its input 0 "
-                           "(%0 (2,)); output %1 (2,)"));
+  // The whole message, as the README shows it.
+  const std::string want =
+      "anomaly mode: the backward of sqrt (node 0, recorded in scope '<root>') produced +Inf at "
+      "(0,) in the gradient of its input 0 (%0 (2,)); output %1 (2,), inputs: %0 (2,)";
+  EXPECT_THAT(e, HasSubstr(want));
+  EXPECT_THAT(test::read_source("README.md"), HasSubstr("\n" + want + "\n"));
 }
 
 TEST(AnomalyMode, OffByDefaultAndRestoredByTheGuard) {
@@ -270,6 +279,29 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   }
   EXPECT_NE(run_mmdit("inspect --model nope").status, 0);
   EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
+}
+
+// README.md and docs/autodiff.md show these listings, trimmed: their header and totals lines
+// must be the ones the command prints (the shapes and bytes depend on no rounding).
+TEST(InspectCli, TheDocsShowTheTinyModelsTapes) {
+  for (const auto& [model, doc] : {std::pair<std::string, std::string>{"mmdit", "docs/autodiff.md"},
+                                   {"policy", "README.md"}}) {
+    const Command r = run_mmdit("inspect --model " + model);
+    ASSERT_EQ(r.status, 0) << r.output;
+    const std::string text = test::read_source(doc);
+    std::istringstream lines(r.output);
+    bool in_totals = false;
+    int checked = 0;
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("totals: ", 0) == 0) in_totals = true;
+      if (line.rfind("loss ", 0) == 0) in_totals = false;
+      if (line.rfind("tape: ", 0) == 0 || in_totals) {
+        EXPECT_THAT(text, HasSubstr("\n" + line + "\n")) << doc << " lacks a line of " << model;
+        ++checked;
+      }
+    }
+    EXPECT_GE(checked, 4) << r.output;
+  }
 }
 
 // `mmdit bench --json` prints one object per workload with the keys issue #5 names (the

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,6 +31,16 @@ std::string error_of(F&& f) {
     return e.what();
   }
   return "(no mmdit::Error thrown)";
+}
+
+// The text of a file of this repository (README.md, docs/...), for tests that hold the docs to
+// what the code prints.
+inline std::string read_source(const std::string& path) {
+  std::ifstream in(std::string(MMDIT_SOURCE_DIR) + "/" + path);
+  EXPECT_TRUE(in.good()) << "cannot read " << path;
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 // max |a - b| over the elements, in float64; a and b must have one shape.
