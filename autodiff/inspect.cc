@@ -51,9 +51,8 @@ std::map<int64_t, Shape> leaves_of(const Tape& tape) {
   for (const Node& n : tape.nodes()) produced.insert(n.output);
   std::map<int64_t, Shape> leaves;
   for (const Node& n : tape.nodes())
-    for (size_t i = 0; i < n.inputs.size(); ++i)
-      if (n.inputs[i] >= 0 && !produced.count(n.inputs[i]))
-        leaves.emplace(n.inputs[i], n.input_shapes[i]);
+    for (const NodeInput& in : n.inputs)
+      if (in.slot >= 0 && !produced.count(in.slot)) leaves.emplace(in.slot, in.shape);
   return leaves;
 }
 
@@ -99,9 +98,9 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
     std::string inputs;
-    for (size_t i = 0; i < n.inputs.size(); ++i)
+    for (const NodeInput& in : n.inputs)
       inputs +=
-          str_cat(i ? ", " : "", value(n.inputs[i], n.scope), " ", shape_str(n.input_shapes[i]));
+          str_cat(inputs.empty() ? "" : ", ", value(in.slot, n.scope), " ", shape_str(in.shape));
     rows.push_back(
         {std::to_string(k), n.op,
          str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
@@ -232,16 +231,16 @@ std::string tape_to_dot(const Tape& tape, bool backward_edges) {
   for (size_t k = 0; k < nodes.size(); ++k) producer[nodes[k].output] = k;
   for (size_t k = 0; k < nodes.size(); ++k) {
     const Node& n = nodes[k];
-    for (size_t i = 0; i < n.inputs.size(); ++i) {
-      if (n.inputs[i] < 0) continue;  // constants carry no gradient and would only add clutter
-      const auto p = producer.find(n.inputs[i]);
+    for (const NodeInput& in : n.inputs) {
+      if (in.slot < 0) continue;  // constants carry no gradient and would only add clutter
+      const auto p = producer.find(in.slot);
       const std::string from =
-          p != producer.end() ? str_cat("n", p->second) : str_cat("v", n.inputs[i]);
-      out += str_cat("  ", from, " -> n", k, " [label=\"%", n.inputs[i], " ",
-                     shape_str(n.input_shapes[i]), "\"];\n");
+          p != producer.end() ? str_cat("n", p->second) : str_cat("v", in.slot);
+      out += str_cat("  ", from, " -> n", k, " [label=\"%", in.slot, " ", shape_str(in.shape),
+                     "\"];\n");
       if (backward_edges)
         out += str_cat("  n", k, " -> ", from,
-                       " [style=dashed, color=red, constraint=false, label=\"d%", n.inputs[i],
+                       " [style=dashed, color=red, constraint=false, label=\"d%", in.slot,
                        "\", fontcolor=red];\n");
     }
   }

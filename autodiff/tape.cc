@@ -28,10 +28,10 @@ std::string describe_non_finite(const Tensor& t) {
 
 std::string describe_inputs(const Node& node) {
   std::string s;
-  for (size_t i = 0; i < node.inputs.size(); ++i) {
-    if (i) s += ", ";
-    s += str_cat(node.inputs[i] >= 0 ? str_cat("%", node.inputs[i]) : std::string("const"), " ",
-                 shape_str(node.input_shapes[i]));
+  for (const NodeInput& in : node.inputs) {
+    if (!s.empty()) s += ", ";
+    s += str_cat(in.slot >= 0 ? str_cat("%", in.slot) : std::string("const"), " ",
+                 shape_str(in.shape));
   }
   return s;
 }
@@ -75,10 +75,11 @@ void Backward::fail_input_index(size_t i) const {
 }
 
 void Backward::set_input_grad(size_t i, const Tensor& g) {
-  const Shape& shape = node_.input_shapes[i];
-  MMDIT_CHECK(g.defined() && g.dtype() == node_.input_dtypes[i] && reduces_to(g.shape(), shape),
-              node_.op, ": its backward gave input ", i, " (", shape_str(shape), " ",
-              dtype_name(node_.input_dtypes[i]), ") a gradient of ",
+  const Shape& shape = node_.inputs[i].shape;
+  const DType dtype = node_.inputs[i].dtype;
+  MMDIT_CHECK(g.defined() && g.dtype() == dtype && reduces_to(g.shape(), shape), node_.op,
+              ": its backward gave input ", i, " (", shape_str(shape), " ", dtype_name(dtype),
+              ") a gradient of ",
               g.defined() ? str_cat(shape_str(g.shape()), " ", dtype_name(g.dtype()))
                           : std::string("undefined tensor"),
               "; it must have the input's dtype, and its shape or a broadcast of it");
@@ -126,8 +127,8 @@ Tensor Tape::append(Node node, Tensor out) {
   MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
   // A view shares its base's TensorImpl only when an op returns its input unchanged (e.g.
   // contiguous() of a contiguous tensor); give the result its own handle so slots stay unique.
-  for (int64_t in : node.inputs)
-    if (in >= 0 && slot_of(out) == in)
+  for (const NodeInput& in : node.inputs)
+    if (in.slot >= 0 && slot_of(out) == in.slot)
       out = make_view(out, out.shape(), out.strides(), out.offset());
   if (g_anomaly) {
     const std::string bad = describe_non_finite(out);
@@ -199,8 +200,8 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
   std::vector<bool> needed(num_values_, false);
   for (const Tensor& w : wrt) needed[slot_of(w)] = true;
   for (const Node& n : nodes_)
-    for (int64_t in : n.inputs)
-      if (in >= 0 && needed[in]) needed[n.output] = true;
+    for (const NodeInput& in : n.inputs)
+      if (in.slot >= 0 && needed[in.slot]) needed[n.output] = true;
 
   std::vector<Tensor> grads(num_values_);
   const int64_t y_slot = slot_of(y);
@@ -216,7 +217,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     std::vector<bool> needs(node.inputs.size());
     bool any = false;
     for (size_t i = 0; i < node.inputs.size(); ++i)
-      any |= needs[i] = node.inputs[i] >= 0 && needed[node.inputs[i]];
+      any |= needs[i] = node.inputs[i].slot >= 0 && needed[node.inputs[i].slot];
     if (g.defined() && any) {
       Backward ctx(node, g, needs);
       const auto started =
@@ -238,11 +239,11 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
           MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",
                       where_recorded(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1),
                       ") produced ", bad, " in the gradient of its input ", i, " (",
-                      node.inputs[i] >= 0 ? str_cat("%", node.inputs[i]) : "const", " ",
-                      shape_str(node.input_shapes[i]), "); output %", node.output, " ",
+                      node.inputs[i].slot >= 0 ? str_cat("%", node.inputs[i].slot) : "const", " ",
+                      shape_str(node.inputs[i].shape), "); output %", node.output, " ",
                       shape_str(node.output_shape), ", inputs: ", describe_inputs(node));
         }
-        accumulate(grads[node.inputs[i]], gi);
+        accumulate(grads[node.inputs[i].slot], gi);
       }
     }
     node.saved.clear();
@@ -306,11 +307,7 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
                std::span<const Tensor> saved, BackwardFn backward) {
   Node node;
   node.op = op;
-  for (const Tensor& t : inputs) {
-    node.inputs.push_back(tape.slot_of(t));
-    node.input_shapes.push_back(t.shape());
-    node.input_dtypes.push_back(t.dtype());
-  }
+  for (const Tensor& t : inputs) node.inputs.push_back({tape.slot_of(t), t.shape(), t.dtype()});
   node.saved.assign(saved.begin(), saved.end());
   for (const Tensor& t : saved)
     if (t.defined()) node.saved_bytes += t.nbytes();

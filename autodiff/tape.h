@@ -25,11 +25,16 @@ namespace mmdit {
 class Backward;
 using BackwardFn = std::function<void(Backward&)>;
 
+// An op's input as recorded: backward checks the gradient it gives against shape and dtype.
+struct NodeInput {
+  int64_t slot;  // value slot; -1 for a constant
+  Shape shape;
+  DType dtype;
+};
+
 struct Node {
   const char* op;
-  std::vector<int64_t> inputs;  // value slot of each input; -1 for a constant
-  std::vector<Shape> input_shapes;
-  std::vector<DType> input_dtypes;
+  std::vector<NodeInput> inputs;
   int64_t output;  // value slot of the result
   Shape output_shape;
   DType dtype;
