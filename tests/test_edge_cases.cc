@@ -1,0 +1,131 @@
+// Edge cases of the public APIs below the models: zero-size dimensions, scalars, element counts
+// that overflow int64, extreme view arguments, views that overlap what they are added into,
+// conversions out of range, and the gradients through them. Each case once crashed, tripped a
+// sanitizer, threw something other than mmdit::Error or returned garbage; the expected values
+// are NumPy's (or follow from the definitions by hand).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "autodiff/fused.h"
+#include "autodiff/ops.h"
+#include "nn/functional.h"
+#include "nn/layers.h"
+#include "nn/module.h"
+#include "tensor/named_tensors.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
+#include "tests/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using test::error_of;
+using testing::HasSubstr;
+
+constexpr int64_t kBig = int64_t{1} << 40;
+constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+
+std::vector<double> values(const Tensor& t) {
+  return t.to_vector<double>();
+}
+
+// ---- element counts ----
+
+TEST(EdgeShapes, ElementCountsBeyondInt64AreErrors) {
+  // 2^80 elements: the product wrapped (undefined behaviour) and sized a garbage allocation.
+  EXPECT_THAT(error_of([] {
+                empty({kBig, kBig});
+              }),
+              HasSubstr("shape (1099511627776,1099511627776) has more elements than int64 can "
+                        "count"));
+  // Empty, but its strides would still overflow (NumPy rejects these shapes too).
+  EXPECT_THAT(error_of([] { zeros({0, kBig, kBig}); }), HasSubstr("more elements than int64"));
+  EXPECT_THAT(error_of([] { zeros({kBig, kBig, 0}); }), HasSubstr("more elements than int64"));
+  // 2^62 float64 are 2^65 bytes: the byte count wrapped to 0 and a 64-byte block was handed out.
+  EXPECT_THAT(error_of([] { empty({int64_t{1} << 62}, DType::f64); }),
+              HasSubstr("empty: shape (4611686018427387904,) of float64 needs more bytes than "
+                        "int64 can count"));
+  EXPECT_THAT(error_of([] { Storage s(std::numeric_limits<size_t>::max()); }),
+              HasSubstr("bytes cannot be allocated"));
+  // Views too: none of them may claim a count that does not exist.
+  EXPECT_THAT(error_of([] {
+                raw::broadcast_to(scalar(1), {kBig, kBig});
+              }),
+              HasSubstr("more elements than int64"));
+  EXPECT_THAT(error_of([] {
+                raw::reshape(zeros({6}), {kBig, kBig, -1});
+              }),
+              HasSubstr("reshape: (1099511627776,1099511627776,-1) has more elements than int64"));
+  // A large but countable empty shape is fine.
+  const Tensor e = zeros({0, int64_t{1} << 31, int64_t{1} << 31});
+  EXPECT_EQ(e.numel(), 0);
+  EXPECT_EQ(e.strides(), (Shape{int64_t{1} << 62, int64_t{1} << 31, 1}));
+}
+
+TEST(EdgeShapes, BroadcastToANegativeSizeIsAnError) {
+  // A size-1 axis "broadcast" to -1 made a view whose numel() was -1: to_vector then threw
+  // std::length_error.
+  EXPECT_FALSE(raw::broadcasts_to({1}, {-1}));
+  EXPECT_FALSE(raw::broadcasts_to({}, {2, -3}));
+  EXPECT_THAT(error_of([] { raw::broadcast_to(scalar(1), {-1}); }),
+              HasSubstr("broadcast_to: cannot broadcast () to (-1,)"));
+  EXPECT_THAT(error_of([] {
+                broadcast_to(ones({1}), {2, -3});
+              }),
+              HasSubstr("broadcast_to: cannot broadcast (1,) to (2,-3)"));
+  // 1 broadcasts to 0, as in NumPy.
+  EXPECT_EQ(raw::broadcast_to(ones({1}), {0}).shape(), (Shape{0}));
+}
+
+// ---- views ----
+
+TEST(EdgeViews, SliceNarrowSplitConcatWithExtremeArguments) {
+  const Tensor x = arange(5);
+  // NumPy: x[0:5:2**63-1] == [0], x[1:5:2**63-2] == [1]. end - start + step overflowed.
+  EXPECT_EQ(values(raw::slice(x, 0, 0, 5, kMax)), (std::vector<double>{0}));
+  EXPECT_EQ(values(raw::slice(x, 0, 1, 5, kMax - 1)), (std::vector<double>{1}));
+  EXPECT_EQ(values(raw::slice(x, 0, 3, 5, kMax)), (std::vector<double>{3}));
+  EXPECT_EQ(values(raw::slice(x, 0, kMin, kMax)), (std::vector<double>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(raw::slice(x, 0, kMax, kMin).shape(), (Shape{0}));
+  // start + length overflowed before the bounds were compared.
+  EXPECT_THAT(error_of([&] { raw::narrow(x, 0, 1, kMax); }),
+              HasSubstr("narrow: start 1 + length 9223372036854775807 overflows int64"));
+  EXPECT_THAT(error_of([&] { narrow(x, 0, 2, kMax); }), HasSubstr("overflows int64"));
+  EXPECT_THAT(error_of([&] { raw::narrow(x, 0, -1, 1); }), HasSubstr("narrow: [-1, 0) is outside"));
+  // The sizes' running total overflowed.
+  EXPECT_THAT(error_of([&] {
+                raw::split(x, {kMax, kMax, 3}, 0);
+              }),
+              HasSubstr("split: sizes add up to more than int64 can count, but axis 0 of shape "
+                        "(5,) has 5"));
+  const Tensor huge = raw::broadcast_to(scalar(1), {int64_t{1} << 62});
+  EXPECT_THAT(error_of([&] {
+                raw::concat({huge, huge, huge}, 0);
+              }),
+              HasSubstr("concat: the parts' sizes along axis 0 add up to more than int64"));
+  // Zero sizes are ordinary parts.
+  const std::vector<Tensor> parts = raw::split(x, {0, 5, 0}, 0);
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[0].shape(), (Shape{0}));
+  EXPECT_EQ(values(parts[1]), (std::vector<double>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(values(raw::concat({zeros({0, 2}), ones({1, 2}), zeros({0, 2})}, 0)),
+            (std::vector<double>{1, 1}));
+}
+
+TEST(EdgeViews, GradientOfASliceWithAStepPastTheEnd) {
+  Tape tape;
+  const Tensor x = arange(5);
+  tape.watch(x);
+  EXPECT_EQ(values(tape.gradient(sum(slice(x, 0, 1, 5, kMax)), {x})[0]),
+            (std::vector<double>{0, 1, 0, 0, 0}));
+}
+
+}  // namespace
+}  // namespace mmdit
