@@ -66,6 +66,9 @@ const char* unary_name(UnaryOp op) {
 // A destination written in place must not be a broadcast view: its rows would race on the same
 // memory and the result would depend on the order.
 void check_distinct_elements(const Tensor& dst, const char* op) {
+  // No elements, none shared; and a fresh empty tensor has zero strides too: those of (3, 0)
+  // are (0, 1).
+  if (dst.numel() == 0) return;
   for (int64_t d = 0; d < dst.dim(); ++d)
     MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, op, ": the destination ",
                 shape_str(dst.shape()), " is a broadcast view (axis ", d,

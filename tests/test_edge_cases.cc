@@ -127,5 +127,25 @@ TEST(EdgeViews, GradientOfASliceWithAStepPastTheEnd) {
             (std::vector<double>{0, 1, 0, 0, 0}));
 }
 
+// ---- in place ----
+
+TEST(EdgeInPlace, WritesIntoEmptyTensorsWithATrailingZeroDimension) {
+  // The contiguous strides of (3, 0) are (0, 1): every copy into such a tensor was refused as a
+  // copy "into a broadcast view", so ones({3, 0}) threw, and with it everything that copies.
+  EXPECT_EQ(ones({3, 0}).shape(), (Shape{3, 0}));
+  EXPECT_EQ(full({2, 0, 4}, 7, DType::f64).shape(), (Shape{2, 0, 4}));
+  EXPECT_EQ(raw::contiguous(raw::permute(zeros({0, 3}), {1, 0})).shape(), (Shape{3, 0}));
+  EXPECT_EQ(raw::concat({zeros({2, 0}), zeros({2, 0})}, 1).shape(), (Shape{2, 0}));
+  EXPECT_EQ(raw::sum(ones({2, 0, 3}), {0, 2}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::softmax(zeros({0, 3}), 0).shape(), (Shape{0, 3}));
+  EXPECT_EQ(values(raw::matmul(ones({2, 0}), ones({0, 3}))), std::vector<double>(6, 0.0));
+  Tensor e = zeros({3, 0});
+  raw::add_into(e, ones({0}));
+  EXPECT_EQ(e.shape(), (Shape{3, 0}));
+  // A broadcast view with elements is still refused.
+  EXPECT_THAT(error_of([] { raw::copy_into(raw::broadcast_to(ones({1}), {3}), ones({3})); }),
+              HasSubstr("copy_into: the destination (3,) is a broadcast view"));
+}
+
 }  // namespace
 }  // namespace mmdit
