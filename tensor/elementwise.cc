@@ -193,11 +193,16 @@ void add_into(const Tensor& dst, const Tensor& x) {
               " into ", shape_str(dst.shape()));
   // binary_typed writes rows of contiguous elements; a strided view takes the copying way.
   if (!dst.is_contiguous()) return copy_into(dst, binary(BinaryOp::add, dst, x));
-  // Each output element is read and written at the same position: dst may be the first operand.
+  // Each output element is read and written at the same position: dst may be the first operand,
+  // and x may be dst itself. Any other x over dst's memory (a shifted view, a row broadcast over
+  // dst) would be read where it was already written: it is copied first, as NumPy buffers.
+  const bool same_elements =
+      x.offset() == dst.offset() && x.shape() == dst.shape() && x.strides() == dst.strides();
+  const Tensor src = x.shares_storage_with(dst) && !same_elements ? clone(x) : x;
   if (dst.dtype() == DType::f32)
-    binary_typed<float>(BinaryOp::add, dst, x, dst);
+    binary_typed<float>(BinaryOp::add, dst, src, dst);
   else
-    binary_typed<double>(BinaryOp::add, dst, x, dst);
+    binary_typed<double>(BinaryOp::add, dst, src, dst);
 }
 
 Tensor unary(UnaryOp op, const Tensor& x) {

@@ -147,5 +147,26 @@ TEST(EdgeInPlace, WritesIntoEmptyTensorsWithATrailingZeroDimension) {
               HasSubstr("copy_into: the destination (3,) is a broadcast view"));
 }
 
+TEST(EdgeInPlace, AddIntoReadsAnOverlappingSourceBeforeWritingIt) {
+  // NumPy (which buffers overlapping operands): a = arange(5); a[1:] += a[:-1] -> 0 1 3 5 7.
+  // The in-place kernel read x[i] = a[i] after writing a[i] as the destination of element i - 1.
+  Tensor a = arange(5);
+  raw::add_into(raw::slice(a, 0, 1, 5), raw::slice(a, 0, 0, 4));
+  EXPECT_EQ(values(a), (std::vector<double>{0, 1, 3, 5, 7}));
+  // Long enough for the vector kernels: a[i] = i + (i - 1).
+  Tensor b = arange(1000);
+  raw::add_into(raw::slice(b, 0, 1, 1000), raw::slice(b, 0, 0, 999));
+  const std::vector<double> got = values(b);
+  for (int i = 1; i < 1000; ++i) ASSERT_EQ(got[i], 2 * i - 1) << "at " << i;
+  // a += a[0], row 0 broadcast over the rows it is added into: [[1,2],[3,4]] -> [[2,4],[4,6]].
+  Tensor c = from_vector({1.f, 2.f, 3.f, 4.f}, {2, 2});
+  raw::add_into(c, raw::slice(c, 0, 0, 1));
+  EXPECT_EQ(values(c), (std::vector<double>{2, 4, 4, 6}));
+  // The destination itself as the source stays in place: every element read before written.
+  Tensor d = arange(4);
+  raw::add_into(d, d);
+  EXPECT_EQ(values(d), (std::vector<double>{0, 2, 4, 6}));
+}
+
 }  // namespace
 }  // namespace mmdit
