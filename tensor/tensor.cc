@@ -222,9 +222,30 @@ double Tensor::item() const {
 template <class T>
 std::vector<T> Tensor::to_vector() const {
   Tensor c = raw::contiguous(*this);
-  std::vector<T> out(c.numel());
+  const int64_t n = c.numel();
+  std::vector<T> out(n);
   auto convert = [&](auto* src) {
-    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<T>(src[i]);
+    using Src = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> &&
+                  std::is_floating_point_v<Src>) {
+      // Converting a float outside T's range (or NaN) to an integer is undefined behaviour.
+      constexpr double low = std::is_signed_v<T>
+                                 ? static_cast<double>(std::numeric_limits<T>::min())
+                                 : -1.0;  // exclusive below, for unsigned
+      constexpr double end = std::is_signed_v<T>
+                                 ? -static_cast<double>(std::numeric_limits<T>::min())
+                                 : static_cast<double>(std::numeric_limits<T>::max()) + 1.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = static_cast<double>(src[i]);
+        const bool above_low = std::is_signed_v<T> ? v >= low : v > low;
+        MMDIT_CHECK(above_low && v < end, "to_vector: element ", i, " (", v, ") of a ",
+                    dtype_name(c.dtype()), " tensor of shape ", shape_str(shape()),
+                    " does not fit the integer type");
+        out[i] = static_cast<T>(src[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+    }
   };
   switch (c.dtype()) {
     case DType::f32:

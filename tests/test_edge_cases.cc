@@ -168,5 +168,30 @@ TEST(EdgeInPlace, AddIntoReadsAnOverlappingSourceBeforeWritingIt) {
   EXPECT_EQ(values(d), (std::vector<double>{0, 2, 4, 6}));
 }
 
+// ---- conversions ----
+
+TEST(EdgeConversions, ToVectorOfIntegersRejectsValuesOutOfRange) {
+  // Converting NaN, an infinity or an out-of-range float to an integer is undefined behaviour
+  // (UBSan's float-cast-overflow); NumPy gives INT64_MIN with a warning.
+  EXPECT_THAT(error_of([] { full({2}, NAN).to_vector<int64_t>(); }),
+              HasSubstr("to_vector: element 0 (nan) of a float32 tensor of shape (2,) does not "
+                        "fit the integer type"));
+  EXPECT_THAT(error_of([] { full({3}, 1e30, DType::f64).to_vector<int64_t>(); }),
+              HasSubstr("to_vector: element 0 (1e+30)"));
+  EXPECT_THAT(error_of([] {
+                from_vector({1.f, 300.f}, {2}).to_vector<uint8_t>();
+              }),
+              HasSubstr("element 1 (300)"));
+  EXPECT_THAT(error_of([] { from_vector({-1.f}, {1}).to_vector<uint8_t>(); }),
+              HasSubstr("element 0 (-1)"));
+  // In range, the conversion truncates toward zero as static_cast (and NumPy's astype) do.
+  EXPECT_EQ(from_vector({-3.75f, 2.5f, -0.5f}, {3}).to_vector<int64_t>(),
+            (std::vector<int64_t>{-3, 2, 0}));
+  EXPECT_EQ(from_vector({0.f, 255.5f, -0.5f}, {3}).to_vector<uint8_t>(),
+            (std::vector<uint8_t>{0, 255, 0}));
+  EXPECT_EQ(from_vector(std::vector<bool>{true, false}, {2}).to_vector<int64_t>(),
+            (std::vector<int64_t>{1, 0}));
+}
+
 }  // namespace
 }  // namespace mmdit
