@@ -193,5 +193,27 @@ TEST(EdgeConversions, ToVectorOfIntegersRejectsValuesOutOfRange) {
             (std::vector<int64_t>{1, 0}));
 }
 
+// ---- Rng ----
+
+TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
+  Rng rng(5);
+  // These returned values: -N(0, 1) for stddev -1, NaN for the infinite bounds, and low for every
+  // draw when low > high.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, -1); }),
+              HasSubstr("Rng::normal: mean must be finite and stddev finite and non-negative, "
+                        "got mean 0 and stddev -1 (shape (4,))"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, NAN); }), HasSubstr("stddev nan"));
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f32, 1, 0); }),
+              HasSubstr("Rng::uniform: bounds must be finite with low <= high, got low 1 and "
+                        "high 0"));
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f64, -INFINITY, INFINITY); }),
+              HasSubstr("got low -inf and high inf"));
+  EXPECT_THAT(error_of([&] { rng.normal({-1}); }), HasSubstr("negative dimension"));
+  // The degenerate but meaningful ones stay.
+  EXPECT_EQ(values(rng.uniform({3}, DType::f32, 2, 2)), (std::vector<double>{2, 2, 2}));
+  EXPECT_EQ(values(rng.normal({2}, DType::f64, 1.5, 0)), (std::vector<double>{1.5, 1.5}));
+  EXPECT_EQ(rng.normal({3, 0}).shape(), (Shape{3, 0}));
+}
+
 }  // namespace
 }  // namespace mmdit
