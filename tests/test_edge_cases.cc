@@ -215,5 +215,27 @@ TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
   EXPECT_EQ(rng.normal({3, 0}).shape(), (Shape{3, 0}));
 }
 
+// ---- named tensors ----
+
+TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
+  NamedTensors n;
+  n.insert("w", ones({1}));
+  EXPECT_EQ(n[0].first, "w");
+  EXPECT_THAT(error_of([&] { (void)n[1]; }),
+              HasSubstr("NamedTensors: index 1 is out of range for 1 tensors"));
+}
+
+// ---- nn ----
+
+TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
+  Rng rng(2);
+  nn::ModuleList<nn::Linear> list;
+  list.emplace_back(1, 1, false, rng);
+  EXPECT_EQ(list[0].weight.shape(), (Shape{1, 1}));
+  // std::vector::at threw std::out_of_range.
+  EXPECT_THAT(error_of([&] { (void)list[3]; }),
+              HasSubstr("ModuleList: index 3 is out of range for 1 modules"));
+}
+
 }  // namespace
 }  // namespace mmdit
