@@ -193,6 +193,28 @@ TEST(EdgeConversions, ToVectorOfIntegersRejectsValuesOutOfRange) {
             (std::vector<int64_t>{1, 0}));
 }
 
+// ---- reductions of nothing ----
+
+TEST(EdgeReductions, EmptyAxesSumToZeroAndMeanMaxVarAreErrors) {
+  // The sum of no elements is 0, as in NumPy.
+  EXPECT_EQ(values(raw::sum(zeros({0}))), (std::vector<double>{0}));
+  EXPECT_EQ(values(raw::sum(zeros({3, 0}), {1})), (std::vector<double>{0, 0, 0}));
+  EXPECT_EQ(values(raw::sum(ones({0, 2}), {0}, true)), (std::vector<double>{0, 0}));
+  EXPECT_EQ(raw::sum(ones({0, 5}), {1}).shape(), (Shape{0}));
+  // Documented in tensor/ops.h: mean, max and var of no elements throw (NumPy: NaN, error, NaN).
+  EXPECT_THAT(error_of([] {
+                raw::mean(zeros({0, 5}), {0});
+              }),
+              HasSubstr("mean: reducing shape (0,5) over no elements"));
+  EXPECT_THAT(error_of([] { raw::max(zeros({3, 0}), {1}); }), HasSubstr("over no elements"));
+  EXPECT_THAT(error_of([] { raw::var(zeros({0})); }), HasSubstr("over no elements"));
+  // Over a nonempty axis of an empty tensor they are empty.
+  EXPECT_EQ(raw::mean(zeros({0, 5}), {1}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::max(zeros({3, 0}), {0}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::softmax(zeros({3, 0}), -1).shape(), (Shape{3, 0}));
+  EXPECT_EQ(raw::log_softmax(zeros({0, 3}), 0).shape(), (Shape{0, 3}));
+}
+
 // ---- Rng ----
 
 TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
