@@ -247,6 +247,84 @@ TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
               HasSubstr("NamedTensors: index 1 is out of range for 1 tensors"));
 }
 
+// ---- gradients through empty dimensions ----
+
+TEST(EdgeGradients, MatmulWithAnEmptyDimensionAgainstASharedWeight) {
+  // The weight's gradient folded the batch with reshape(., {-1, K}), which cannot infer -1 when K
+  // (or N) is 0: the backward threw.
+  {
+    Tape tape;
+    const Tensor a = ones({2, 3, 0}), b = ones({0, 4});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(sum(matmul(a, b)), {a, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 3, 0}));
+    EXPECT_EQ(g[1].shape(), (Shape{0, 4}));
+  }
+  {
+    Tape tape;
+    const Tensor a = from_vector(std::vector<float>(24, 0.5f), {2, 3, 4}), b = ones({4, 0});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(matmul(a, b), {a, b}, zeros({2, 3, 0}));
+    EXPECT_EQ(values(g[0]), std::vector<double>(24, 0.0));
+    EXPECT_EQ(g[1].shape(), (Shape{4, 0}));
+  }
+  {
+    // No rows at all: the weight's gradient is a sum over nothing, zeros of its shape.
+    Tape tape;
+    const Tensor a = ones({2, 0, 4}), b = ones({4, 3});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(sum(matmul(a, b)), {a, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 0, 4}));
+    EXPECT_EQ(values(g[1]), std::vector<double>(12, 0.0));
+  }
+}
+
+TEST(EdgeGradients, LinearWithNoInputOrNoOutputFeatures) {
+  // x W^T + b with in = 0 is the bias on every row; the product's reshape(., {-1, 0}) threw.
+  {
+    Tape tape;
+    const Tensor x = ones({2, 0}), w = ones({2, 0}), b = from_vector({1.f, 2.f}, {2});
+    tape.watch(x);
+    tape.watch(w);
+    tape.watch(b);
+    const Tensor y = linear_fused(x, w, b);
+    EXPECT_EQ(y.shape(), (Shape{2, 2}));
+    EXPECT_EQ(values(y), (std::vector<double>{1, 2, 1, 2}));
+    const std::vector<Tensor> g = tape.gradient(sum(y), {x, w, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 0}));
+    EXPECT_EQ(g[1].shape(), (Shape{2, 0}));
+    EXPECT_EQ(values(g[2]), (std::vector<double>{2, 2}));  // one per row
+  }
+  {
+    Tape tape;
+    const Tensor x = ones({3, 4}), w = ones({0, 4});
+    tape.watch(x);
+    tape.watch(w);
+    const Tensor y = nn::linear(x, w);
+    EXPECT_EQ(y.shape(), (Shape{3, 0}));
+    const std::vector<Tensor> g = tape.gradient(y, {x, w}, zeros({3, 0}));
+    EXPECT_EQ(values(g[0]), std::vector<double>(12, 0.0));
+    EXPECT_EQ(g[1].shape(), (Shape{0, 4}));
+  }
+  EXPECT_EQ(linear_fused_each({ones({3, 0})}, {ones({4, 0})}, {Tensor()})[0].shape(),
+            (Shape{3, 4}));
+}
+
+TEST(EdgeGradients, OpsOnAWatchedEmptyTensor) {
+  Tape tape;
+  const Tensor x = zeros({0, 3});
+  tape.watch(x);
+  const Tensor y = sum(softmax(exp(x) * x + x, -1)) + sum(matmul(x, ones({3, 2}))) +
+                   sum(concat({x, x}, 0)) + sum(transpose(x, 0, 1)) + sum(reshape(x, {3, 0})) +
+                   sum(mul_scalar(sum(x, {0}), 2.0));
+  EXPECT_EQ(values(y), (std::vector<double>{0}));
+  const Tensor g = tape.gradient(y, {x})[0];
+  EXPECT_EQ(g.shape(), (Shape{0, 3}));
+}
+
 // ---- nn ----
 
 TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
