@@ -28,7 +28,8 @@ struct Groups {
 };
 
 Groups groups_of(const Tensor& x, const char* op) {
-  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()));
+  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()),
+              "; expected (..., S, D) with no dimension of size 0");
   Groups g;
   g.dim = x.shape().back();
   g.rows_per_group = x.dim() >= 2 ? x.shape()[x.dim() - 2] : 1;

@@ -325,6 +325,21 @@ TEST(EdgeGradients, OpsOnAWatchedEmptyTensor) {
   EXPECT_EQ(g.shape(), (Shape{0, 3}));
 }
 
+TEST(EdgeFused, EmptyInputsGiveEmptyOutputsOrSayWhy) {
+  EXPECT_EQ(rms_norm_fused(ones({0, 4}), ones({4})).shape(), (Shape{0, 4}));
+  EXPECT_EQ(rms_norm_fused(ones({3, 0}), ones({0})).shape(), (Shape{3, 0}));
+  EXPECT_EQ(swiglu(ones({0, 3}), ones({0, 3})).shape(), (Shape{0, 3}));
+  EXPECT_EQ(rope(ones({1, 0, 2, 4}), ones({0, 4}), ones({0, 4})).shape(), (Shape{1, 0, 2, 4}));
+  // The per-group kernels need a group; the message says so rather than only naming the shape.
+  EXPECT_THAT(error_of([] {
+                layer_norm_modulate(ones({0, 4}), ones({1, 8}));
+              }),
+              HasSubstr("layer_norm_modulate: input has shape (0,4); expected (..., S, D) with no "
+                        "dimension of size 0"));
+  EXPECT_THAT(error_of([] { gated_residual(scalar(1), scalar(1), scalar(1)); }),
+              HasSubstr("gated_residual: input has shape (); expected (..., S, D)"));
+}
+
 // ---- nn ----
 
 TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
