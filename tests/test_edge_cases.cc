@@ -342,6 +342,34 @@ TEST(EdgeFused, EmptyInputsGiveEmptyOutputsOrSayWhy) {
 
 // ---- nn ----
 
+TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
+  // x.shape().back() of a scalar read before the Shape's storage (ASan: stack-buffer-underflow).
+  EXPECT_THAT(error_of([] { nn::apply_rope(scalar(1), scalar(1), scalar(0)); }),
+              HasSubstr("apply_rope: input has shape (); expected (..., seq, dim_head) with "
+                        "dim_head even"));
+  EXPECT_THAT(error_of([] {
+                nn::apply_rope(ones({2, 3}), ones({2, 3}), zeros({2, 3}));
+              }),
+              HasSubstr("apply_rope: input has shape (2,3)"));
+  EXPECT_THAT(error_of([] { nn::attention(scalar(1), scalar(1), scalar(1), Tensor()); }),
+              HasSubstr("attention: q, k, v have shapes (), (), (); expected (B, H, T, d)"));
+  // A negative length sized the tables' std::vectors: std::length_error.
+  EXPECT_THAT(error_of([] { nn::rope_tables(-1, 4, DType::f32); }),
+              HasSubstr("rope: seq and dim_head must be non-negative, got seq -1 and dim_head 4"));
+  EXPECT_THAT(error_of([] { nn::rope_tables(3, -2, DType::f64); }),
+              HasSubstr("got seq 3 and dim_head -2"));
+  EXPECT_EQ(nn::rope_tables(0, 4, DType::f32).cos.shape(), (Shape{0, 4}));
+  EXPECT_THAT(error_of([] { nn::rope_tables(2, 2, DType::boolean); }),
+              HasSubstr("rope: tables must be float32 or float64, got bool"));
+  // log(max_period) made every frequency NaN.
+  EXPECT_THAT(error_of([] { nn::timestep_embedding(scalar(1), 4, 0); }),
+              HasSubstr("timestep_embedding: max_period must be positive and finite, got 0"));
+  EXPECT_THAT(error_of([] { nn::timestep_embedding(scalar(1), 4, -1); }), HasSubstr("got -1"));
+  // dim 1 has no frequency: the one trailing zero. An empty batch gives an empty embedding.
+  EXPECT_EQ(values(nn::timestep_embedding(scalar(1), 1)), (std::vector<double>{0}));
+  EXPECT_EQ(nn::timestep_embedding(ones({0}), 4).shape(), (Shape{0, 4}));
+}
+
 TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
   Rng rng(2);
   nn::ModuleList<nn::Linear> list;
