@@ -370,6 +370,57 @@ TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
   EXPECT_EQ(nn::timestep_embedding(ones({0}), 4).shape(), (Shape{0, 4}));
 }
 
+struct TwoLinears : nn::Module {
+  explicit TwoLinears(Rng& rng) : a(2, 3, true, rng), b(3, 1, false, rng) {
+    register_module("a", a);
+    register_module("b", b);
+  }
+  nn::Linear a, b;
+};
+
+TEST(EdgeModule, ToANonFloatDTypeIsAnError) {
+  Rng rng(2);
+  TwoLinears m(rng);
+  const std::vector<double> before = values(m.a.weight);
+  // The parameters became bools (0 and 1) without a word.
+  EXPECT_THAT(error_of([&] { m.to(DType::boolean); }),
+              HasSubstr("Module::to: dtype must be float32 or float64, got bool"));
+  EXPECT_EQ(m.a.weight.dtype(), DType::f32);
+  EXPECT_EQ(values(m.a.weight), before);
+}
+
+TEST(EdgeModule, AFailedLoadLeavesTheParametersAsTheyWere) {
+  Rng rng(2);
+  TwoLinears m(rng);
+  const std::vector<double> before = values(m.a.weight);
+  ASSERT_NE(before, std::vector<double>(6, 0.0));
+  // a.* come first and were overwritten before b.weight was found missing.
+  NamedTensors partial;
+  partial.insert("a.weight", zeros({3, 2}));
+  partial.insert("a.bias", zeros({3}));
+  EXPECT_THAT(error_of([&] { m.load(partial); }),
+              HasSubstr("load: missing parameter 'b.weight' (shape (1,3))"));
+  EXPECT_EQ(values(m.a.weight), before);
+  // Every parameter given, plus one the model does not have: the known ones were overwritten.
+  NamedTensors extra;
+  for (const auto& [name, t] : m.named_parameters()) extra.insert(name, zeros(t.shape()));
+  extra.insert("c.weight", zeros({1}));
+  EXPECT_THAT(error_of([&] { m.load(extra); }),
+              HasSubstr("load: unknown parameter 'c.weight' (shape (1,)) is not in the model"));
+  EXPECT_EQ(values(m.a.weight), before);
+  // An undefined value is named, not reported as a use of an undefined Tensor.
+  NamedTensors undefined;
+  for (const auto& [name, t] : m.named_parameters()) undefined.insert(name, Tensor());
+  EXPECT_THAT(error_of([&] { m.load(undefined); }),
+              HasSubstr("load: parameter 'a.weight' is an undefined tensor"));
+  // A good load still converts dtypes.
+  NamedTensors good;
+  for (const auto& [name, t] : m.named_parameters()) good.insert(name, ones(t.shape(), DType::f64));
+  m.load(good);
+  EXPECT_EQ(m.a.weight.dtype(), DType::f32);
+  EXPECT_EQ(values(m.a.weight), std::vector<double>(6, 1.0));
+}
+
 TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
   Rng rng(2);
   nn::ModuleList<nn::Linear> list;
