@@ -28,7 +28,8 @@ struct Groups {
 };
 
 Groups groups_of(const Tensor& x, const char* op) {
-  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()));
+  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()),
+              "; expected (..., S, D) with no dimension of size 0");
   Groups g;
   g.dim = x.shape().back();
   g.rows_per_group = x.dim() >= 2 ? x.shape()[x.dim() - 2] : 1;
@@ -485,6 +486,12 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
               dtype_name(x.dtype()));
 }
 
+// (..., n) as a matrix of rows: the rows counted, not inferred with -1, which cannot be done
+// when n is 0.
+Shape rows_shape(const Shape& shape, int64_t n) {
+  return {shape_numel(Shape(shape.begin(), shape.end() - 1)), n};
+}
+
 // The frozen model's packed copy of the weight (UseFrozenWeights, as EulerSampler sets), if any.
 const PackedWeight* packed_for(const Tensor& x, const Tensor& weight) {
   FrozenWeights* frozen = frozen_weights();
@@ -513,7 +520,7 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
   return record("linear", y, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
                 [in, out](Backward& ctx) {
                   const Tensor &x2 = ctx.saved[0], &weight = ctx.saved[1];
-                  const Tensor dy = raw::reshape(ctx.grad, {-1, out});
+                  const Tensor dy = raw::reshape(ctx.grad, rows_shape(ctx.grad.shape(), out));
                   ctx.input(0, [&] {
                     Shape shape = ctx.grad.shape();
                     shape.back() = in;
@@ -531,7 +538,7 @@ namespace {
 Tensor checked_linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
                       const PackedWeight* packed) {
   // (..., in) as rows: a view when x is contiguous.
-  const Tensor x2 = raw::reshape(x, {-1, weight.shape()[1]});
+  const Tensor x2 = raw::reshape(x, rows_shape(x.shape(), weight.shape()[1]));
   Tensor y =
       packed ? raw::matmul_packed(x2, *packed) : raw::matmul(x2, raw::transpose(weight, 0, 1));
   return finish_linear(x, x2, weight, bias, std::move(y));
@@ -575,8 +582,8 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
     }
     const size_t j = waiting;
     waiting = n;
-    const Tensor xj = raw::reshape(xs[j], {-1, weights[j].shape()[1]});
-    const Tensor xi = raw::reshape(xs[i], {-1, weights[i].shape()[1]});
+    const Tensor xj = raw::reshape(xs[j], rows_shape(xs[j].shape(), weights[j].shape()[1]));
+    const Tensor xi = raw::reshape(xs[i], rows_shape(xs[i].shape(), weights[i].shape()[1]));
     // Not a structured binding: Clang before 16 cannot capture one in the lambdas below.
     const std::array<Tensor, 2> y = raw::matmul_packed_pair(xj, *waiting_packed, xi, *packed);
     ys[j] = scoped(j, [&] { return finish_linear(xs[j], xj, weights[j], biases[j], y[0]); });

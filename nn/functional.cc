@@ -25,6 +25,10 @@ Tensor timestep_embedding(const Tensor& t, int64_t dim, double max_period) {
   MMDIT_CHECK(t.dim() <= 1, "timestep_embedding: timestep must be () or (B,), got ",
               shape_str(t.shape()));
   MMDIT_CHECK(dim >= 1, "timestep_embedding: dim must be positive, got ", dim);
+  // log(max_period) of 0, a negative or an infinite period makes every frequency NaN (the
+  // reference's math.log raises for the first two).
+  MMDIT_CHECK(max_period > 0 && std::isfinite(max_period),
+              "timestep_embedding: max_period must be positive and finite, got ", max_period);
   const int64_t half = dim / 2;
   std::vector<double> f(half);
   for (int64_t j = 0; j < half; ++j) f[j] = std::exp(-std::log(max_period) * j / half);
@@ -61,6 +65,12 @@ RopeTables compute_rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
 
 RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
   MMDIT_CHECK(dim_head % 2 == 0, "rope: dim_head must be even, got ", dim_head);
+  MMDIT_CHECK(is_floating(dtype), "rope: tables must be float32 or float64, got ",
+              dtype_name(dtype));
+  // Before the tables' std::vectors are sized from them.
+  MMDIT_CHECK(seq >= 0 && dim_head >= 0, "rope: seq and dim_head must be non-negative, got seq ",
+              seq, " and dim_head ", dim_head);
+  shape_numel({seq, dim_head});  // throws if they cannot be counted
   // Every block of every forward asks for the same few tables: keep them (a sampler's 10 Euler
   // steps would otherwise spend a tenth of their serial time in pow, cos and sin).
   static std::mutex mutex;
@@ -73,12 +83,17 @@ RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
 }
 
 Tensor apply_rope(const Tensor& x, const Tensor& cos_table, const Tensor& sin_table) {
+  MMDIT_CHECK(x.dim() >= 1 && x.shape().back() % 2 == 0, "apply_rope: input has shape ",
+              shape_str(x.shape()), "; expected (..., seq, dim_head) with dim_head even");
   const int64_t half = x.shape().back() / 2;
   const Tensor rotated = concat({-narrow(x, -1, half, half), narrow(x, -1, 0, half)}, -1);
   return x * cos_table + rotated * sin_table;
 }
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  MMDIT_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v have shapes ",
+              shape_str(q.shape()), ", ", shape_str(k.shape()), ", ", shape_str(v.shape()),
+              "; expected (B, H, T, d)");
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.shape().back()));
   Tensor logits = matmul(q, transpose(k, -1, -2)) * scale;
   if (mask.defined()) {

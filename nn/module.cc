@@ -1,7 +1,5 @@
 #include "nn/module.h"
 
-#include <set>
-
 #include "tensor/ops.h"
 
 namespace mmdit::nn {
@@ -40,6 +38,9 @@ int64_t Module::num_parameters() const {
 }
 
 void Module::to(DType dtype) {
+  // Parameters converted to bool would silently become 0 and 1.
+  MMDIT_CHECK(is_floating(dtype), "Module::to: dtype must be float32 or float64, got ",
+              dtype_name(dtype));
   auto convert = [dtype](const std::vector<std::pair<std::string, Tensor>>& tensors) {
     for (const auto& [name, t] : tensors) {
       if (t.dtype() == dtype || !is_floating(t.dtype())) continue;
@@ -65,21 +66,23 @@ void Module::load(const NamedTensors& values, bool buffers) {
   NamedTensors targets = named_parameters();
   if (buffers)
     for (const auto& [name, t] : named_buffers()) targets.insert(name, t);
-  std::set<std::string> used;
+  // Everything is checked before anything is copied: a load that fails leaves the model as it
+  // was, not half overwritten.
   for (const auto& [name, target] : targets) {
     MMDIT_CHECK(values.contains(name), "load: missing parameter '", name, "' (shape ",
                 shape_str(target.shape()), ")");
     const Tensor& v = values.at(name);
+    MMDIT_CHECK(v.defined(), "load: parameter '", name, "' is an undefined tensor");
     MMDIT_CHECK(v.shape() == target.shape(), "load: parameter '", name, "' has shape ",
                 shape_str(v.shape()), " but the model expects ", shape_str(target.shape()));
     MMDIT_CHECK(is_floating(v.dtype()), "load: parameter '", name, "' has dtype ",
                 dtype_name(v.dtype()), ", expected a float tensor");
-    raw::copy_into(target, v);
-    used.insert(name);
   }
   for (const auto& [name, v] : values)
-    MMDIT_CHECK(used.count(name), "load: unknown parameter '", name, "' (shape ",
-                shape_str(v.shape()), ") is not in the model");
+    MMDIT_CHECK(targets.contains(name), "load: unknown parameter '", name, "' (shape ",
+                v.defined() ? shape_str(v.shape()) : std::string("undefined"),
+                ") is not in the model");
+  for (const auto& [name, target] : targets) raw::copy_into(target, values.at(name));
 }
 
 }  // namespace mmdit::nn

@@ -66,11 +66,16 @@ class ModuleList : public Module {
   M& emplace_back(Args&&... args) {
     return push_back(std::make_unique<M>(std::forward<Args>(args)...));
   }
-  M& operator[](size_t i) { return *items_.at(i); }
-  const M& operator[](size_t i) const { return *items_.at(i); }
+  M& operator[](size_t i) { return *items_[checked(i)]; }
+  const M& operator[](size_t i) const { return *items_[checked(i)]; }
   size_t size() const { return items_.size(); }
 
  private:
+  size_t checked(size_t i) const {
+    MMDIT_CHECK(i < items_.size(), "ModuleList: index ", i, " is out of range for ", items_.size(),
+                " modules");
+    return i;
+  }
   std::vector<std::unique_ptr<M>> items_;
 };
 

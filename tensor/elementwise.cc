@@ -66,6 +66,9 @@ const char* unary_name(UnaryOp op) {
 // A destination written in place must not be a broadcast view: its rows would race on the same
 // memory and the result would depend on the order.
 void check_distinct_elements(const Tensor& dst, const char* op) {
+  // No elements, none shared; and a fresh empty tensor has zero strides too: those of (3, 0)
+  // are (0, 1).
+  if (dst.numel() == 0) return;
   for (int64_t d = 0; d < dst.dim(); ++d)
     MMDIT_CHECK(dst.shape()[d] == 1 || dst.strides()[d] != 0, op, ": the destination ",
                 shape_str(dst.shape()), " is a broadcast view (axis ", d,
@@ -190,11 +193,16 @@ void add_into(const Tensor& dst, const Tensor& x) {
               " into ", shape_str(dst.shape()));
   // binary_typed writes rows of contiguous elements; a strided view takes the copying way.
   if (!dst.is_contiguous()) return copy_into(dst, binary(BinaryOp::add, dst, x));
-  // Each output element is read and written at the same position: dst may be the first operand.
+  // Each output element is read and written at the same position: dst may be the first operand,
+  // and x may be dst itself. Any other x over dst's memory (a shifted view, a row broadcast over
+  // dst) would be read where it was already written: it is copied first, as NumPy buffers.
+  const bool same_elements =
+      x.offset() == dst.offset() && x.shape() == dst.shape() && x.strides() == dst.strides();
+  const Tensor src = x.shares_storage_with(dst) && !same_elements ? clone(x) : x;
   if (dst.dtype() == DType::f32)
-    binary_typed<float>(BinaryOp::add, dst, x, dst);
+    binary_typed<float>(BinaryOp::add, dst, src, dst);
   else
-    binary_typed<double>(BinaryOp::add, dst, x, dst);
+    binary_typed<double>(BinaryOp::add, dst, src, dst);
 }
 
 Tensor unary(UnaryOp op, const Tensor& x) {

@@ -35,7 +35,11 @@ class NamedTensors {
   auto end() const { return items_.end(); }
   auto begin() { return items_.begin(); }
   auto end() { return items_.end(); }
-  const Item& operator[](size_t i) const { return items_[i]; }
+  const Item& operator[](size_t i) const {
+    MMDIT_CHECK(i < items_.size(), "NamedTensors: index ", i, " is out of range for ",
+                items_.size(), " tensors");
+    return items_[i];
+  }
 
  private:
   std::vector<Item> items_;

@@ -68,6 +68,9 @@ Tensor logical_not(const Tensor& x);
 Tensor logical_and(const Tensor& a, const Tensor& b);
 
 // ---- reductions over any axes (empty = all) ----
+// The sum of no elements is 0. mean, max and var of no elements (a reduced axis of size 0) throw:
+// NumPy's max does too, where its mean and var warn and give NaN; one rule serves all three, and
+// a NaN from an empty batch would only surface later, far from its cause.
 Tensor sum(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
 Tensor mean(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);
 Tensor max(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = false);

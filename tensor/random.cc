@@ -63,6 +63,10 @@ Tensor generate(const Shape& shape, DType dtype, const char* what, Fill fill) {
 }  // namespace
 
 Tensor Rng::normal(const Shape& shape, DType dtype, double mean, double stddev) {
+  // A negative or NaN stddev would give values, not an error (NumPy's normal rejects them).
+  MMDIT_CHECK(std::isfinite(mean) && std::isfinite(stddev) && stddev >= 0,
+              "Rng::normal: mean must be finite and stddev finite and non-negative, got mean ",
+              mean, " and stddev ", stddev, " (shape ", shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   return generate(shape, dtype, "normal", [=](int64_t pair, double* v) {
     const Block b = philox(key, stream, static_cast<uint64_t>(pair));
@@ -74,6 +78,11 @@ Tensor Rng::normal(const Shape& shape, DType dtype, double mean, double stddev) 
 }
 
 Tensor Rng::uniform(const Shape& shape, DType dtype, double low, double high) {
+  // Infinite bounds make low + (high - low) u NaN; with low > high the cap below would pile the
+  // values onto low.
+  MMDIT_CHECK(std::isfinite(low) && std::isfinite(high) && low <= high,
+              "Rng::uniform: bounds must be finite with low <= high, got low ", low, " and high ",
+              high, " (shape ", shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   // low + (high - low) * u can round up to high (in double rarely; once stored as float32 for
   // every u > 1 - 2^-25), so cap at the largest value of the dtype below high: [low, high).

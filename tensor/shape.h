@@ -3,6 +3,8 @@
 // Every tensor and every view holds two of them, and a step makes and drops tens of thousands of
 // views: as std::vectors they were two heap blocks each, and the allocator a fifth of a small
 // model's gradient check.
+// As with std::vector, operator[], front(), back() and pop_back() are unchecked (they are on every
+// hot path): the caller keeps indices below size() and does not pop an empty Shape.
 #pragma once
 
 #include <algorithm>

@@ -3,7 +3,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 #include "tensor/ops.h"
@@ -12,9 +14,17 @@
 namespace mmdit {
 
 int64_t shape_numel(const Shape& shape) {
+  // The product of the nonzero dims must fit, even when a zero dim makes the tensor empty:
+  // strides are computed from it (the rule safetensors.cc applies to files too).
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
+  bool has_zero = false;
+  for (int64_t d : shape) {
+    if (d == 0)
+      has_zero = true;
+    else if (__builtin_mul_overflow(n, d, &n))
+      fail("shape ", shape_str(shape), " has more elements than int64 can count");
+  }
+  return has_zero ? 0 : n;
 }
 
 Shape contiguous_strides(const Shape& shape) {
@@ -57,6 +67,9 @@ BlockCache& cache() {
 }
 
 size_t round_up(size_t bytes) {
+  // Rounding would wrap to a small block that claims to hold them.
+  MMDIT_CHECK(bytes <= std::numeric_limits<size_t>::max() - 63, "Storage: ", bytes,
+              " bytes cannot be allocated");
   return (bytes + 63) / 64 * 64;
 }
 
@@ -209,9 +222,30 @@ double Tensor::item() const {
 template <class T>
 std::vector<T> Tensor::to_vector() const {
   Tensor c = raw::contiguous(*this);
-  std::vector<T> out(c.numel());
+  const int64_t n = c.numel();
+  std::vector<T> out(n);
   auto convert = [&](auto* src) {
-    for (int64_t i = 0; i < c.numel(); ++i) out[i] = static_cast<T>(src[i]);
+    using Src = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> &&
+                  std::is_floating_point_v<Src>) {
+      // Converting a float outside T's range (or NaN) to an integer is undefined behaviour.
+      constexpr double low = std::is_signed_v<T>
+                                 ? static_cast<double>(std::numeric_limits<T>::min())
+                                 : -1.0;  // exclusive below, for unsigned
+      constexpr double end = std::is_signed_v<T>
+                                 ? -static_cast<double>(std::numeric_limits<T>::min())
+                                 : static_cast<double>(std::numeric_limits<T>::max()) + 1.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = static_cast<double>(src[i]);
+        const bool above_low = std::is_signed_v<T> ? v >= low : v > low;
+        MMDIT_CHECK(above_low && v < end, "to_vector: element ", i, " (", v, ") of a ",
+                    dtype_name(c.dtype()), " tensor of shape ", shape_str(shape()),
+                    " does not fit the integer type");
+        out[i] = static_cast<T>(src[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(src[i]);
+    }
   };
   switch (c.dtype()) {
     case DType::f32:
@@ -236,8 +270,15 @@ template std::vector<uint8_t> Tensor::to_vector<uint8_t>() const;
 Tensor empty(const Shape& shape, DType dtype) {
   for (int64_t d : shape)
     MMDIT_CHECK(d >= 0, "empty: negative dimension in shape ", shape_str(shape));
+  const int64_t numel = shape_numel(shape);
+  // Kernels address elements by byte offsets in int64: a larger size would wrap to a small
+  // allocation that they then write past.
+  const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
+  MMDIT_CHECK(numel <= std::numeric_limits<int64_t>::max() / elem, "empty: shape ",
+              shape_str(shape), " of ", dtype_name(dtype),
+              " needs more bytes than int64 can count");
   auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::make_shared<Storage>(shape_numel(shape) * dtype_size(dtype));
+  impl->storage = std::make_shared<Storage>(static_cast<size_t>(numel * elem));
   impl->dtype = dtype;
   impl->shape = shape;
   impl->strides = contiguous_strides(shape);

@@ -45,7 +45,8 @@ Tensor reshape(const Tensor& t, Shape shape) {
       infer = static_cast<int64_t>(i);
     } else {
       MMDIT_CHECK(shape[i] >= 0, "reshape: negative dimension in ", shape_str(shape));
-      known *= shape[i];
+      MMDIT_CHECK(!__builtin_mul_overflow(known, shape[i], &known), "reshape: ", shape_str(shape),
+                  " has more elements than int64 can count");
     }
   }
   if (infer >= 0) {
@@ -93,15 +94,20 @@ Tensor slice(const Tensor& t, int64_t axis, int64_t start, int64_t end, int64_t 
   start = clamp(start);
   end = std::max(clamp(end), start);
   Shape shape = t.shape(), strides = t.strides();
-  shape[axis] = (end - start + step - 1) / step;
-  strides[axis] *= step;
+  shape[axis] = end == start ? 0 : (end - start - 1) / step + 1;  // end - start + step may overflow
+  // A step past the end takes one element, whose stride is never used (and step * stride may
+  // not fit); otherwise step < n and the product stays within the storage.
+  if (shape[axis] > 1) strides[axis] *= step;
   return make_view(t, shape, strides, t.offset() + start * t.strides()[axis]);
 }
 
 Tensor narrow(const Tensor& t, int64_t axis, int64_t start, int64_t length) {
   axis = normalize_axis(axis, t.shape(), "narrow");
-  MMDIT_CHECK(start >= 0 && length >= 0 && start + length <= t.shape()[axis], "narrow: [", start,
-              ", ", start + length, ") is outside axis ", axis, " of shape ", shape_str(t.shape()));
+  int64_t end = 0;
+  MMDIT_CHECK(!__builtin_add_overflow(start, length, &end), "narrow: start ", start, " + length ",
+              length, " overflows int64 (axis ", axis, " of shape ", shape_str(t.shape()), ")");
+  MMDIT_CHECK(start >= 0 && length >= 0 && end <= t.shape()[axis], "narrow: [", start, ", ", end,
+              ") is outside axis ", axis, " of shape ", shape_str(t.shape()));
   return slice(t, axis, start, start + length);
 }
 
@@ -143,6 +149,8 @@ Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
 
 bool broadcasts_to(const Shape& from, const Shape& to) {
   if (from.size() > to.size()) return false;
+  for (int64_t d : to)
+    if (d < 0) return false;  // a 1 would broadcast to it, making a view of negative size
   const size_t lead = to.size() - from.size();
   for (size_t i = 0; i < from.size(); ++i)
     if (from[i] != to[lead + i] && from[i] != 1) return false;
@@ -153,6 +161,7 @@ Tensor broadcast_to(const Tensor& t, const Shape& shape) {
   MMDIT_CHECK(broadcasts_to(t.shape(), shape), "broadcast_to: cannot broadcast ",
               shape_str(t.shape()), " to ", shape_str(shape));
   if (t.shape() == shape) return t;  // every elementwise op asks this of its same-shape operands
+  shape_numel(shape);                // throws if the view's elements cannot be counted
   const size_t lead = shape.size() - t.shape().size();
   Shape strides(shape.size(), 0);
   for (size_t i = 0; i < t.shape().size(); ++i)
@@ -173,7 +182,8 @@ Tensor concat(const std::vector<Tensor>& parts, int64_t axis) {
     for (int64_t i = 0; ok && i < p.dim(); ++i) ok = i == axis || p.shape()[i] == shape[i];
     MMDIT_CHECK(ok, "concat: shapes ", shape_str(first.shape()), " and ", shape_str(p.shape()),
                 " differ outside axis ", axis);
-    total += p.shape()[axis];
+    MMDIT_CHECK(!__builtin_add_overflow(total, p.shape()[axis], &total), "concat: the parts' ",
+                "sizes along axis ", axis, " add up to more than int64 can count");
   }
   shape[axis] = total;
   Tensor out = empty(shape, first.dtype());
@@ -190,7 +200,9 @@ int64_t split_axis(const Shape& shape, const std::vector<int64_t>& sizes, int64_
   int64_t total = 0;
   for (size_t i = 0; i < sizes.size(); ++i) {
     MMDIT_CHECK(sizes[i] >= 0, "split: size ", sizes[i], " (part ", i, ") is negative");
-    total += sizes[i];
+    MMDIT_CHECK(!__builtin_add_overflow(total, sizes[i], &total), "split: sizes add up to more ",
+                "than int64 can count, but axis ", axis, " of shape ", shape_str(shape), " has ",
+                shape[axis]);
   }
   MMDIT_CHECK(total == shape[axis], "split: sizes add up to ", total, " but axis ", axis,
               " of shape ", shape_str(shape), " has ", shape[axis]);

@@ -1,0 +1,437 @@
+// Edge cases of the public APIs below the models: zero-size dimensions, scalars, element counts
+// that overflow int64, extreme view arguments, views that overlap what they are added into,
+// conversions out of range, and the gradients through them. Each case once crashed, tripped a
+// sanitizer, threw something other than mmdit::Error or returned garbage; the expected values
+// are NumPy's (or follow from the definitions by hand).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "autodiff/fused.h"
+#include "autodiff/ops.h"
+#include "nn/functional.h"
+#include "nn/layers.h"
+#include "nn/module.h"
+#include "tensor/named_tensors.h"
+#include "tensor/ops.h"
+#include "tensor/random.h"
+#include "tests/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using test::error_of;
+using testing::HasSubstr;
+
+constexpr int64_t kBig = int64_t{1} << 40;
+constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+
+std::vector<double> values(const Tensor& t) {
+  return t.to_vector<double>();
+}
+
+// ---- element counts ----
+
+TEST(EdgeShapes, ElementCountsBeyondInt64AreErrors) {
+  // 2^80 elements: the product wrapped (undefined behaviour) and sized a garbage allocation.
+  EXPECT_THAT(error_of([] {
+                empty({kBig, kBig});
+              }),
+              HasSubstr("shape (1099511627776,1099511627776) has more elements than int64 can "
+                        "count"));
+  // Empty, but its strides would still overflow (NumPy rejects these shapes too).
+  EXPECT_THAT(error_of([] { zeros({0, kBig, kBig}); }), HasSubstr("more elements than int64"));
+  EXPECT_THAT(error_of([] { zeros({kBig, kBig, 0}); }), HasSubstr("more elements than int64"));
+  // 2^62 float64 are 2^65 bytes: the byte count wrapped to 0 and a 64-byte block was handed out.
+  EXPECT_THAT(error_of([] { empty({int64_t{1} << 62}, DType::f64); }),
+              HasSubstr("empty: shape (4611686018427387904,) of float64 needs more bytes than "
+                        "int64 can count"));
+  EXPECT_THAT(error_of([] { Storage s(std::numeric_limits<size_t>::max()); }),
+              HasSubstr("bytes cannot be allocated"));
+  // Views too: none of them may claim a count that does not exist.
+  EXPECT_THAT(error_of([] {
+                raw::broadcast_to(scalar(1), {kBig, kBig});
+              }),
+              HasSubstr("more elements than int64"));
+  EXPECT_THAT(error_of([] {
+                raw::reshape(zeros({6}), {kBig, kBig, -1});
+              }),
+              HasSubstr("reshape: (1099511627776,1099511627776,-1) has more elements than int64"));
+  // A large but countable empty shape is fine.
+  const Tensor e = zeros({0, int64_t{1} << 31, int64_t{1} << 31});
+  EXPECT_EQ(e.numel(), 0);
+  EXPECT_EQ(e.strides(), (Shape{int64_t{1} << 62, int64_t{1} << 31, 1}));
+}
+
+TEST(EdgeShapes, BroadcastToANegativeSizeIsAnError) {
+  // A size-1 axis "broadcast" to -1 made a view whose numel() was -1, refused only later by
+  // whatever copied it.
+  EXPECT_FALSE(raw::broadcasts_to({1}, {-1}));
+  EXPECT_FALSE(raw::broadcasts_to({}, {2, -3}));
+  EXPECT_THAT(error_of([] { raw::broadcast_to(scalar(1), {-1}); }),
+              HasSubstr("broadcast_to: cannot broadcast () to (-1,)"));
+  EXPECT_THAT(error_of([] {
+                broadcast_to(ones({1}), {2, -3});
+              }),
+              HasSubstr("broadcast_to: cannot broadcast (1,) to (2,-3)"));
+  // 1 broadcasts to 0, as in NumPy.
+  EXPECT_EQ(raw::broadcast_to(ones({1}), {0}).shape(), (Shape{0}));
+}
+
+// ---- views ----
+
+TEST(EdgeViews, SliceNarrowSplitConcatWithExtremeArguments) {
+  const Tensor x = arange(5);
+  // NumPy: x[0:5:2**63-1] == [0], x[1:5:2**63-2] == [1]. end - start + step overflowed.
+  EXPECT_EQ(values(raw::slice(x, 0, 0, 5, kMax)), (std::vector<double>{0}));
+  EXPECT_EQ(values(raw::slice(x, 0, 1, 5, kMax - 1)), (std::vector<double>{1}));
+  EXPECT_EQ(values(raw::slice(x, 0, 3, 5, kMax)), (std::vector<double>{3}));
+  EXPECT_EQ(values(raw::slice(x, 0, kMin, kMax)), (std::vector<double>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(raw::slice(x, 0, kMax, kMin).shape(), (Shape{0}));
+  // start + length overflowed before the bounds were compared.
+  EXPECT_THAT(error_of([&] { raw::narrow(x, 0, 1, kMax); }),
+              HasSubstr("narrow: start 1 + length 9223372036854775807 overflows int64"));
+  EXPECT_THAT(error_of([&] { narrow(x, 0, 2, kMax); }), HasSubstr("overflows int64"));
+  EXPECT_THAT(error_of([&] { raw::narrow(x, 0, -1, 1); }), HasSubstr("narrow: [-1, 0) is outside"));
+  // The sizes' running total overflowed.
+  EXPECT_THAT(error_of([&] {
+                raw::split(x, {kMax, kMax, 3}, 0);
+              }),
+              HasSubstr("split: sizes add up to more than int64 can count, but axis 0 of shape "
+                        "(5,) has 5"));
+  const Tensor huge = raw::broadcast_to(scalar(1), {int64_t{1} << 62});
+  EXPECT_THAT(error_of([&] {
+                raw::concat({huge, huge, huge}, 0);
+              }),
+              HasSubstr("concat: the parts' sizes along axis 0 add up to more than int64"));
+  // Zero sizes are ordinary parts.
+  const std::vector<Tensor> parts = raw::split(x, {0, 5, 0}, 0);
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[0].shape(), (Shape{0}));
+  EXPECT_EQ(values(parts[1]), (std::vector<double>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(values(raw::concat({zeros({0, 2}), ones({1, 2}), zeros({0, 2})}, 0)),
+            (std::vector<double>{1, 1}));
+}
+
+TEST(EdgeViews, GradientOfASliceWithAStepPastTheEnd) {
+  Tape tape;
+  const Tensor x = arange(5);
+  tape.watch(x);
+  EXPECT_EQ(values(tape.gradient(sum(slice(x, 0, 1, 5, kMax)), {x})[0]),
+            (std::vector<double>{0, 1, 0, 0, 0}));
+}
+
+// ---- in place ----
+
+TEST(EdgeInPlace, WritesIntoEmptyTensorsWithATrailingZeroDimension) {
+  // The contiguous strides of (3, 0) are (0, 1): every copy into such a tensor was refused as a
+  // copy "into a broadcast view", so ones({3, 0}) threw, and with it everything that copies.
+  EXPECT_EQ(ones({3, 0}).shape(), (Shape{3, 0}));
+  EXPECT_EQ(full({2, 0, 4}, 7, DType::f64).shape(), (Shape{2, 0, 4}));
+  EXPECT_EQ(raw::contiguous(raw::permute(zeros({0, 3}), {1, 0})).shape(), (Shape{3, 0}));
+  EXPECT_EQ(raw::concat({zeros({2, 0}), zeros({2, 0})}, 1).shape(), (Shape{2, 0}));
+  EXPECT_EQ(raw::sum(ones({2, 0, 3}), {0, 2}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::softmax(zeros({0, 3}), 0).shape(), (Shape{0, 3}));
+  EXPECT_EQ(values(raw::matmul(ones({2, 0}), ones({0, 3}))), std::vector<double>(6, 0.0));
+  Tensor e = zeros({3, 0});
+  raw::add_into(e, ones({0}));
+  EXPECT_EQ(e.shape(), (Shape{3, 0}));
+  // A broadcast view with elements is still refused.
+  EXPECT_THAT(error_of([] { raw::copy_into(raw::broadcast_to(ones({1}), {3}), ones({3})); }),
+              HasSubstr("copy_into: the destination (3,) is a broadcast view"));
+}
+
+TEST(EdgeInPlace, AddIntoReadsAnOverlappingSourceBeforeWritingIt) {
+  // NumPy (which buffers overlapping operands): a = arange(5); a[1:] += a[:-1] -> 0 1 3 5 7.
+  // The in-place kernel read x's elements after writing them as dst's; within one SIMD vector
+  // that went unseen, from the first block boundary on it did not (arange(100): a[17] was 48).
+  Tensor a = arange(5);
+  raw::add_into(raw::slice(a, 0, 1, 5), raw::slice(a, 0, 0, 4));
+  EXPECT_EQ(values(a), (std::vector<double>{0, 1, 3, 5, 7}));
+  // Long enough for the vector kernels: a[i] = i + (i - 1).
+  Tensor b = arange(1000);
+  raw::add_into(raw::slice(b, 0, 1, 1000), raw::slice(b, 0, 0, 999));
+  const std::vector<double> got = values(b);
+  for (int i = 1; i < 1000; ++i) ASSERT_EQ(got[i], 2 * i - 1) << "at " << i;
+  // a += a[0], row 0 broadcast over the rows it is added into: [[1,2],[3,4]] -> [[2,4],[4,6]].
+  Tensor c = from_vector({1.f, 2.f, 3.f, 4.f}, {2, 2});
+  raw::add_into(c, raw::slice(c, 0, 0, 1));
+  EXPECT_EQ(values(c), (std::vector<double>{2, 4, 4, 6}));
+  // The destination itself as the source stays in place: every element read before written.
+  Tensor d = arange(4);
+  raw::add_into(d, d);
+  EXPECT_EQ(values(d), (std::vector<double>{0, 2, 4, 6}));
+}
+
+// ---- conversions ----
+
+TEST(EdgeConversions, ToVectorOfIntegersRejectsValuesOutOfRange) {
+  // Converting NaN, an infinity or an out-of-range float to an integer is undefined behaviour
+  // (UBSan's float-cast-overflow); NumPy gives INT64_MIN with a warning.
+  EXPECT_THAT(error_of([] { full({2}, NAN).to_vector<int64_t>(); }),
+              HasSubstr("to_vector: element 0 (nan) of a float32 tensor of shape (2,) does not "
+                        "fit the integer type"));
+  EXPECT_THAT(error_of([] { full({3}, 1e30, DType::f64).to_vector<int64_t>(); }),
+              HasSubstr("to_vector: element 0 (1e+30)"));
+  EXPECT_THAT(error_of([] {
+                from_vector({1.f, 300.f}, {2}).to_vector<uint8_t>();
+              }),
+              HasSubstr("element 1 (300)"));
+  EXPECT_THAT(error_of([] { from_vector({-1.f}, {1}).to_vector<uint8_t>(); }),
+              HasSubstr("element 0 (-1)"));
+  // In range, the conversion truncates toward zero as static_cast (and NumPy's astype) do.
+  EXPECT_EQ(from_vector({-3.75f, 2.5f, -0.5f}, {3}).to_vector<int64_t>(),
+            (std::vector<int64_t>{-3, 2, 0}));
+  EXPECT_EQ(from_vector({0.f, 255.5f, -0.5f}, {3}).to_vector<uint8_t>(),
+            (std::vector<uint8_t>{0, 255, 0}));
+  EXPECT_EQ(from_vector(std::vector<bool>{true, false}, {2}).to_vector<int64_t>(),
+            (std::vector<int64_t>{1, 0}));
+}
+
+// ---- reductions of nothing ----
+
+TEST(EdgeReductions, EmptyAxesSumToZeroAndMeanMaxVarAreErrors) {
+  // The sum of no elements is 0, as in NumPy.
+  EXPECT_EQ(values(raw::sum(zeros({0}))), (std::vector<double>{0}));
+  EXPECT_EQ(values(raw::sum(zeros({3, 0}), {1})), (std::vector<double>{0, 0, 0}));
+  EXPECT_EQ(values(raw::sum(ones({0, 2}), {0}, true)), (std::vector<double>{0, 0}));
+  EXPECT_EQ(raw::sum(ones({0, 5}), {1}).shape(), (Shape{0}));
+  // Documented in tensor/ops.h: mean, max and var of no elements throw (NumPy: NaN, error, NaN).
+  EXPECT_THAT(error_of([] {
+                raw::mean(zeros({0, 5}), {0});
+              }),
+              HasSubstr("mean: reducing shape (0,5) over no elements"));
+  EXPECT_THAT(error_of([] { raw::max(zeros({3, 0}), {1}); }), HasSubstr("over no elements"));
+  EXPECT_THAT(error_of([] { raw::var(zeros({0})); }), HasSubstr("over no elements"));
+  // Over a nonempty axis of an empty tensor they are empty.
+  EXPECT_EQ(raw::mean(zeros({0, 5}), {1}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::max(zeros({3, 0}), {0}).shape(), (Shape{0}));
+  EXPECT_EQ(raw::softmax(zeros({3, 0}), -1).shape(), (Shape{3, 0}));
+  EXPECT_EQ(raw::log_softmax(zeros({0, 3}), 0).shape(), (Shape{0, 3}));
+}
+
+// ---- Rng ----
+
+TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
+  Rng rng(5);
+  // These returned values: -N(0, 1) for stddev -1, NaN for the infinite bounds, and draws from
+  // (high, low) when low > high.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, -1); }),
+              HasSubstr("Rng::normal: mean must be finite and stddev finite and non-negative, "
+                        "got mean 0 and stddev -1 (shape (4,))"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, NAN); }), HasSubstr("stddev nan"));
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f32, 1, 0); }),
+              HasSubstr("Rng::uniform: bounds must be finite with low <= high, got low 1 and "
+                        "high 0"));
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f64, -INFINITY, INFINITY); }),
+              HasSubstr("got low -inf and high inf"));
+  EXPECT_THAT(error_of([&] { rng.normal({-1}); }), HasSubstr("negative dimension"));
+  // The degenerate but meaningful ones stay.
+  EXPECT_EQ(values(rng.uniform({3}, DType::f32, 2, 2)), (std::vector<double>{2, 2, 2}));
+  EXPECT_EQ(values(rng.normal({2}, DType::f64, 1.5, 0)), (std::vector<double>{1.5, 1.5}));
+  EXPECT_EQ(rng.normal({3, 0}).shape(), (Shape{3, 0}));
+}
+
+// ---- named tensors ----
+
+TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
+  NamedTensors n;
+  n.insert("w", ones({1}));
+  EXPECT_EQ(n[0].first, "w");
+  EXPECT_THAT(error_of([&] { (void)n[1]; }),
+              HasSubstr("NamedTensors: index 1 is out of range for 1 tensors"));
+}
+
+// ---- gradients through empty dimensions ----
+
+TEST(EdgeGradients, MatmulWithAnEmptyDimensionAgainstASharedWeight) {
+  // The weight's gradient folded the batch with reshape(., {-1, K}), which cannot infer -1 when K
+  // (or N) is 0: the backward threw.
+  {
+    Tape tape;
+    const Tensor a = ones({2, 3, 0}), b = ones({0, 4});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(sum(matmul(a, b)), {a, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 3, 0}));
+    EXPECT_EQ(g[1].shape(), (Shape{0, 4}));
+  }
+  {
+    Tape tape;
+    const Tensor a = from_vector(std::vector<float>(24, 0.5f), {2, 3, 4}), b = ones({4, 0});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(matmul(a, b), {a, b}, zeros({2, 3, 0}));
+    EXPECT_EQ(values(g[0]), std::vector<double>(24, 0.0));
+    EXPECT_EQ(g[1].shape(), (Shape{4, 0}));
+  }
+  {
+    // No rows at all: the weight's gradient is a sum over nothing, zeros of its shape.
+    Tape tape;
+    const Tensor a = ones({2, 0, 4}), b = ones({4, 3});
+    tape.watch(a);
+    tape.watch(b);
+    const std::vector<Tensor> g = tape.gradient(sum(matmul(a, b)), {a, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 0, 4}));
+    EXPECT_EQ(values(g[1]), std::vector<double>(12, 0.0));
+  }
+}
+
+TEST(EdgeGradients, LinearWithNoInputOrNoOutputFeatures) {
+  // x W^T + b with in = 0 is the bias on every row; the product's reshape(., {-1, 0}) threw.
+  {
+    Tape tape;
+    const Tensor x = ones({2, 0}), w = ones({2, 0}), b = from_vector({1.f, 2.f}, {2});
+    tape.watch(x);
+    tape.watch(w);
+    tape.watch(b);
+    const Tensor y = linear_fused(x, w, b);
+    EXPECT_EQ(y.shape(), (Shape{2, 2}));
+    EXPECT_EQ(values(y), (std::vector<double>{1, 2, 1, 2}));
+    const std::vector<Tensor> g = tape.gradient(sum(y), {x, w, b});
+    EXPECT_EQ(g[0].shape(), (Shape{2, 0}));
+    EXPECT_EQ(g[1].shape(), (Shape{2, 0}));
+    EXPECT_EQ(values(g[2]), (std::vector<double>{2, 2}));  // one per row
+  }
+  {
+    Tape tape;
+    const Tensor x = ones({3, 4}), w = ones({0, 4});
+    tape.watch(x);
+    tape.watch(w);
+    const Tensor y = nn::linear(x, w);
+    EXPECT_EQ(y.shape(), (Shape{3, 0}));
+    const std::vector<Tensor> g = tape.gradient(y, {x, w}, zeros({3, 0}));
+    EXPECT_EQ(values(g[0]), std::vector<double>(12, 0.0));
+    EXPECT_EQ(g[1].shape(), (Shape{0, 4}));
+  }
+  EXPECT_EQ(linear_fused_each({ones({3, 0})}, {ones({4, 0})}, {Tensor()})[0].shape(),
+            (Shape{3, 4}));
+}
+
+TEST(EdgeGradients, OpsOnAWatchedEmptyTensor) {
+  Tape tape;
+  const Tensor x = zeros({0, 3});
+  tape.watch(x);
+  const Tensor y = sum(softmax(exp(x) * x + x, -1)) + sum(matmul(x, ones({3, 2}))) +
+                   sum(concat({x, x}, 0)) + sum(transpose(x, 0, 1)) + sum(reshape(x, {3, 0})) +
+                   sum(mul_scalar(sum(x, {0}), 2.0));
+  EXPECT_EQ(values(y), (std::vector<double>{0}));
+  const Tensor g = tape.gradient(y, {x})[0];
+  EXPECT_EQ(g.shape(), (Shape{0, 3}));
+}
+
+TEST(EdgeFused, EmptyInputsGiveEmptyOutputsOrSayWhy) {
+  EXPECT_EQ(rms_norm_fused(ones({0, 4}), ones({4})).shape(), (Shape{0, 4}));
+  EXPECT_EQ(rms_norm_fused(ones({3, 0}), ones({0})).shape(), (Shape{3, 0}));
+  EXPECT_EQ(swiglu(ones({0, 3}), ones({0, 3})).shape(), (Shape{0, 3}));
+  EXPECT_EQ(rope(ones({1, 0, 2, 4}), ones({0, 4}), ones({0, 4})).shape(), (Shape{1, 0, 2, 4}));
+  // The per-group kernels need a group; the message says so rather than only naming the shape.
+  EXPECT_THAT(error_of([] {
+                layer_norm_modulate(ones({0, 4}), ones({1, 8}));
+              }),
+              HasSubstr("layer_norm_modulate: input has shape (0,4); expected (..., S, D) with no "
+                        "dimension of size 0"));
+  EXPECT_THAT(error_of([] { gated_residual(scalar(1), scalar(1), scalar(1)); }),
+              HasSubstr("gated_residual: input has shape (); expected (..., S, D)"));
+}
+
+// ---- nn ----
+
+TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
+  // x.shape().back() of a scalar read before the Shape's storage (undefined behaviour); the error
+  // came later, from narrow.
+  EXPECT_THAT(error_of([] { nn::apply_rope(scalar(1), scalar(1), scalar(0)); }),
+              HasSubstr("apply_rope: input has shape (); expected (..., seq, dim_head) with "
+                        "dim_head even"));
+  EXPECT_THAT(error_of([] {
+                nn::apply_rope(ones({2, 3}), ones({2, 3}), zeros({2, 3}));
+              }),
+              HasSubstr("apply_rope: input has shape (2,3)"));
+  EXPECT_THAT(error_of([] { nn::attention(scalar(1), scalar(1), scalar(1), Tensor()); }),
+              HasSubstr("attention: q, k, v have shapes (), (), (); expected (B, H, T, d)"));
+  // A negative length sized the tables' std::vectors: std::length_error.
+  EXPECT_THAT(error_of([] { nn::rope_tables(-1, 4, DType::f32); }),
+              HasSubstr("rope: seq and dim_head must be non-negative, got seq -1 and dim_head 4"));
+  EXPECT_THAT(error_of([] { nn::rope_tables(3, -2, DType::f64); }),
+              HasSubstr("got seq 3 and dim_head -2"));
+  EXPECT_EQ(nn::rope_tables(0, 4, DType::f32).cos.shape(), (Shape{0, 4}));
+  EXPECT_THAT(error_of([] { nn::rope_tables(2, 2, DType::boolean); }),
+              HasSubstr("rope: tables must be float32 or float64, got bool"));
+  // log(max_period) made the embedding NaN and infinities.
+  EXPECT_THAT(error_of([] { nn::timestep_embedding(scalar(1), 4, 0); }),
+              HasSubstr("timestep_embedding: max_period must be positive and finite, got 0"));
+  EXPECT_THAT(error_of([] { nn::timestep_embedding(scalar(1), 4, -1); }), HasSubstr("got -1"));
+  // dim 1 has no frequency: the one trailing zero. An empty batch gives an empty embedding.
+  EXPECT_EQ(values(nn::timestep_embedding(scalar(1), 1)), (std::vector<double>{0}));
+  EXPECT_EQ(nn::timestep_embedding(ones({0}), 4).shape(), (Shape{0, 4}));
+}
+
+struct TwoLinears : nn::Module {
+  explicit TwoLinears(Rng& rng) : a(2, 3, true, rng), b(3, 1, false, rng) {
+    register_module("a", a);
+    register_module("b", b);
+  }
+  nn::Linear a, b;
+};
+
+TEST(EdgeModule, ToANonFloatDTypeIsAnError) {
+  Rng rng(2);
+  TwoLinears m(rng);
+  const std::vector<double> before = values(m.a.weight);
+  // The parameters became bools (0 and 1) without a word.
+  EXPECT_THAT(error_of([&] { m.to(DType::boolean); }),
+              HasSubstr("Module::to: dtype must be float32 or float64, got bool"));
+  EXPECT_EQ(m.a.weight.dtype(), DType::f32);
+  EXPECT_EQ(values(m.a.weight), before);
+}
+
+TEST(EdgeModule, AFailedLoadLeavesTheParametersAsTheyWere) {
+  Rng rng(2);
+  TwoLinears m(rng);
+  const std::vector<double> before = values(m.a.weight);
+  ASSERT_NE(before, std::vector<double>(6, 0.0));
+  // a.* come first and were overwritten before b.weight was found missing.
+  NamedTensors partial;
+  partial.insert("a.weight", zeros({3, 2}));
+  partial.insert("a.bias", zeros({3}));
+  EXPECT_THAT(error_of([&] { m.load(partial); }),
+              HasSubstr("load: missing parameter 'b.weight' (shape (1,3))"));
+  EXPECT_EQ(values(m.a.weight), before);
+  // Every parameter given, plus one the model does not have: the known ones were overwritten.
+  NamedTensors extra;
+  for (const auto& [name, t] : m.named_parameters()) extra.insert(name, zeros(t.shape()));
+  extra.insert("c.weight", zeros({1}));
+  EXPECT_THAT(error_of([&] { m.load(extra); }),
+              HasSubstr("load: unknown parameter 'c.weight' (shape (1,)) is not in the model"));
+  EXPECT_EQ(values(m.a.weight), before);
+  // An undefined value is named, not reported as a use of an undefined Tensor.
+  NamedTensors undefined;
+  for (const auto& [name, t] : m.named_parameters()) undefined.insert(name, Tensor());
+  EXPECT_THAT(error_of([&] { m.load(undefined); }),
+              HasSubstr("load: parameter 'a.weight' is an undefined tensor"));
+  // A good load still converts dtypes.
+  NamedTensors good;
+  for (const auto& [name, t] : m.named_parameters()) good.insert(name, ones(t.shape(), DType::f64));
+  m.load(good);
+  EXPECT_EQ(m.a.weight.dtype(), DType::f32);
+  EXPECT_EQ(values(m.a.weight), std::vector<double>(6, 1.0));
+}
+
+TEST(EdgeModule, ModuleListIndexOutOfRangeIsAnError) {
+  Rng rng(2);
+  nn::ModuleList<nn::Linear> list;
+  list.emplace_back(1, 1, false, rng);
+  EXPECT_EQ(list[0].weight.shape(), (Shape{1, 1}));
+  // std::vector::at threw std::out_of_range.
+  EXPECT_THAT(error_of([&] { (void)list[3]; }),
+              HasSubstr("ModuleList: index 3 is out of range for 1 modules"));
+}
+
+}  // namespace
+}  // namespace mmdit
