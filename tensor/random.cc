@@ -1,6 +1,7 @@
 #include "tensor/random.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 
 #include "tensor/parallel.h"
@@ -83,6 +84,10 @@ Tensor Rng::uniform(const Shape& shape, DType dtype, double low, double high) {
   MMDIT_CHECK(std::isfinite(low) && std::isfinite(high) && low <= high,
               "Rng::uniform: bounds must be finite with low <= high, got low ", low, " and high ",
               high, " (shape ", shape_str(shape), ")");
+  // Beyond float32's range every draw would be stored as +-FLT_MAX or inf.
+  MMDIT_CHECK(dtype != DType::f32 || (std::abs(low) <= FLT_MAX && std::abs(high) <= FLT_MAX),
+              "Rng::uniform: bounds low ", low, " and high ", high,
+              " are outside float32's range (shape ", shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   // low + (high - low) * u can round up to high (in double rarely; once stored as float32 for
   // every u > 1 - 2^-25), so cap at the largest value of the dtype below high: [low, high).

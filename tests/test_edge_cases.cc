@@ -232,6 +232,11 @@ TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
   EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f64, -INFINITY, INFINITY); }),
               HasSubstr("got low -inf and high inf"));
   EXPECT_THAT(error_of([&] { rng.normal({-1}); }), HasSubstr("negative dimension"));
+  // Every draw was FLT_MAX: the bounds are finite in double but not in float32.
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f32, 1e39, 2e39); }),
+              HasSubstr("Rng::uniform: bounds low 1e+39 and high 2e+39 are outside float32's "
+                        "range (shape (4,))"));
+  EXPECT_EQ(rng.uniform({2}, DType::f64, 1e39, 2e39).shape(), (Shape{2}));
   // The degenerate but meaningful ones stay.
   EXPECT_EQ(values(rng.uniform({3}, DType::f32, 2, 2)), (std::vector<double>{2, 2, 2}));
   EXPECT_EQ(values(rng.normal({2}, DType::f64, 1.5, 0)), (std::vector<double>{1.5, 1.5}));
