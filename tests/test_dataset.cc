@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tensor/ops.h"
@@ -846,6 +848,39 @@ TEST(Robomimic, LoadsDemosInNumericOrderAndConcatenatesObsKeys) {
   const std::string h5 = dir.file("demo.H5");
   fs::copy_file(path, h5);
   expect_error([&] { load_episodes(h5); }, {"demo_0", "no observation key 'state'", "'pos'"});
+}
+
+// Each read installs a fault handler for its file and puts back the one it replaced. Readers on
+// two threads must take turns, or one puts back the other's handler, which then stays, naming a
+// file long closed at any later fault (and, handing the fault back to itself, never ending).
+TEST(Robomimic, ReadersOnTwoThreadsLeaveTheFaultHandlersAsTheyWere) {
+  TempDir dir;
+  const std::string path = dir.file("demo.hdf5");
+  write_robomimic(path, {{0, 20}, {1, 30}, {2, 10}});
+  struct sigaction before {};
+  sigaction(SIGSEGV, nullptr, &before);
+  const Episodes alone = load_robomimic_hdf5(path, {"pos", "vel"});
+  std::vector<std::vector<float>> states(2);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> readers;
+  for (size_t r = 0; r < 2; ++r)
+    readers.emplace_back([&, r] {
+      try {
+        for (int i = 0; i < 50; ++i)
+          states[r] = load_robomimic_hdf5(path, {"pos", "vel"}).states.to_vector<float>();
+      } catch (const Error& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (std::thread& t : readers) t.join();
+  struct sigaction after {};
+  sigaction(SIGSEGV, nullptr, &after);
+  EXPECT_EQ(after.sa_handler, before.sa_handler);
+  EXPECT_EQ(after.sa_sigaction, before.sa_sigaction);
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(errors[r], "") << "reader " << r;
+    EXPECT_EQ(states[r], alone.states.to_vector<float>()) << "reader " << r;
+  }
 }
 
 // What an interrupted writer leaves: a dataset created but never written, and a chunked one

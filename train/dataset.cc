@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
 #include <numeric>
 #include <set>
@@ -111,8 +112,8 @@ std::vector<std::string> link_names(hid_t group) {
 // tools/fuzz/fuzz_hdf5_dataset). Nothing is recoverable in the process after that, but instead
 // of a bare "Segmentation fault" the program says which file did it. While an object of this
 // class lives, a fault writes that message and hands the signal back to the handler it
-// replaced (the default, or a sanitizer's), which then ends the process. HDF5's serial build is
-// not thread-safe, so one file at a time is read anyway; the message is static for the handler.
+// replaced (the default, or a sanitizer's), which then ends the process. Files are read one at a
+// time (hdf5_mutex), so the static state the handler reads belongs to one reader.
 class FileFaultMessage {
  public:
   explicit FileFaultMessage(const std::string& path) {
@@ -400,6 +401,10 @@ Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::str
       MMDIT_CHECK(unique.insert(key).second, path, ": observation key '", key, "' is given twice");
     }
   }
+  // Readers on several threads take turns, so that each FileFaultMessage puts back the handler
+  // that was there before any of them (Debian's libhdf5 takes a global lock of its own anyway).
+  static std::mutex hdf5_mutex;
+  const std::lock_guard<std::mutex> one_reader(hdf5_mutex);
   // HDF5 prints its own error stack to stderr by default; our messages say what went wrong.
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   struct stat st {};
