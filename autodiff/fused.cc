@@ -486,12 +486,6 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
               dtype_name(x.dtype()));
 }
 
-// (..., n) as a matrix of rows: the rows counted, not inferred with -1, which cannot be done
-// when n is 0.
-Shape rows_shape(const Shape& shape, int64_t n) {
-  return {shape_numel(Shape(shape.begin(), shape.end() - 1)), n};
-}
-
 // The frozen model's packed copy of the weight (UseFrozenWeights, as EulerSampler sets), if any.
 const PackedWeight* packed_for(const Tensor& x, const Tensor& weight) {
   FrozenWeights* frozen = frozen_weights();

@@ -283,11 +283,9 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
     ctx.input(0, [&] { return raw::matmul(ctx.grad, raw::transpose(b, -1, -2)); });
     ctx.input(1, [&] {
       if (b.dim() == 2 && a.dim() > 2) {  // one weight shared by a batch: fold the batch into K
-        // The batch's rows counted, not inferred with -1: that cannot be done for K or N of 0.
-        const int64_t rows = shape_numel(Shape(a.shape().begin(), a.shape().end() - 1));
         const int64_t k = a.shape().back(), n = ctx.grad.shape().back();
-        return raw::matmul(raw::transpose(raw::reshape(a, {rows, k}), 0, 1),
-                           raw::reshape(ctx.grad, {rows, n}));
+        return raw::matmul(raw::transpose(raw::reshape(a, rows_shape(a.shape(), k)), 0, 1),
+                           raw::reshape(ctx.grad, rows_shape(ctx.grad.shape(), n)));
       }
       return raw::matmul(raw::transpose(a, -1, -2), ctx.grad);
     });

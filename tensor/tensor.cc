@@ -27,6 +27,11 @@ int64_t shape_numel(const Shape& shape) {
   return has_zero ? 0 : n;
 }
 
+Shape rows_shape(const Shape& shape, int64_t n) {
+  MMDIT_CHECK(!shape.empty(), "rows_shape: a scalar has no rows");
+  return {shape_numel(Shape(shape.begin(), shape.end() - 1)), n};
+}
+
 Shape contiguous_strides(const Shape& shape) {
   Shape strides(shape.size());
   int64_t s = 1;

@@ -20,6 +20,9 @@
 namespace mmdit {
 
 int64_t shape_numel(const Shape& shape);
+// (..., n) as a matrix of rows, (product of the leading dims, n): the rows counted, not inferred
+// with -1, which cannot be done when n is 0.
+Shape rows_shape(const Shape& shape, int64_t n);
 Shape contiguous_strides(const Shape& shape);
 // Resolves a possibly negative axis against `ndim`; `op` names the caller in the error.
 int64_t normalize_axis(int64_t axis, int64_t ndim, const char* op);
