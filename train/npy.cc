@@ -385,6 +385,10 @@ using ZipFilePtr = std::unique_ptr<zip_file_t, ZipFileCloser>;
 }  // namespace
 
 Tensor parse_npy(const void* bytes, size_t size, const std::string& what) {
+  return parse_npy_record(bytes, size, what, /*whole=*/true).value;
+}
+
+NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole) {
   const auto* p = static_cast<const unsigned char*>(bytes);
   if (size < kMagicLen || std::memcmp(p, kMagic, kMagicLen) != 0)
     fail(what, ": not a .npy file (bad magic: expected \"\\x93NUMPY\", got \"",
@@ -465,11 +469,12 @@ Tensor parse_npy(const void* bytes, size_t size, const std::string& what) {
   if (__builtin_mul_overflow(numel, d.size, &nbytes))
     fail(what, ": shape ", shape_str(shape), " is too large");
   const uint64_t available = size - preamble - header_len;
-  if (available != nbytes)
+  if (whole ? available != nbytes : available < nbytes)
     fail(what, ": ", d.text, " shape ", shape_str(shape), " needs ", nbytes,
          " bytes of data but the file holds ", available,
          available < nbytes ? " (file truncated?)" : "");
-  return convert(d, shape, p + preamble + header_len, static_cast<size_t>(numel), what);
+  return {convert(d, shape, p + preamble + header_len, static_cast<size_t>(numel), what), d.text,
+          static_cast<size_t>(preamble + header_len + nbytes)};
 }
 
 std::string serialize_npy(const Tensor& t) {

@@ -258,6 +258,8 @@ Tensor action_positions(const PolicyConfig& c, DType dtype) {
   return position_table(c.hidden_size, 100, c.horizon, dtype);
 }
 
+}  // namespace
+
 MMDiTConfig mmdit_config(const PolicyConfig& c) {
   MMDiTConfig m;
   m.depth = c.depth;
@@ -270,8 +272,6 @@ MMDiTConfig mmdit_config(const PolicyConfig& c) {
   m.ff_mult = c.ff_mult;
   return m;
 }
-
-}  // namespace
 
 BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
     : config(validated(cfg)),

@@ -52,6 +52,10 @@ struct Normalizer {
   static Normalizer from_json(const std::string& json);
 };
 
+// The MMDiT of a policy of these sizes: observation and action tokens of width hidden_size, the
+// action stream's output of width act_dim, one conditioning variable (the flow time).
+MMDiTConfig mmdit_config(const PolicyConfig& c);
+
 class BCPolicy : public nn::Module {
  public:
   BCPolicy(const PolicyConfig& config, Rng& rng);

@@ -1,0 +1,261 @@
+// Models saved by the reference with Equinox (train/equinox.h). The .eqx files are the parity
+// cases' models as eqx.tree_serialise_leaves wrote them in float32; each .eqx.json manifest,
+// written by the same run, lists the records in order with the parameter each one is. The
+// leaf order we derive is checked against the manifests, and the values read against the
+// parity cases' parameters, which the reference wrote from the same models.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <iterator>
+
+#include "tensor/safetensors.h"
+#include "train/equinox.h"
+#include "train/npy.h"
+
+namespace mmdit {
+namespace {
+
+using Json = nlohmann::json;
+
+std::string data_path(const std::string& name) {
+  return std::string(MMDIT_TEST_DATA) + "/" + name;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::string write_temp(const std::string& name, const std::string& bytes) {
+  const std::string path = testing::TempDir() + name;
+  std::ofstream(path, std::ios::binary) << bytes;
+  return path;
+}
+
+Json case_config(const std::string& kind) {
+  const SafetensorsFile f = load_safetensors(data_path(kind + ".safetensors"));
+  return Json::parse(f.metadata.at("config"));
+}
+
+std::vector<int64_t> ints(const Json& j) {
+  if (j.is_number()) return {j.get<int64_t>()};
+  return j.get<std::vector<int64_t>>();
+}
+
+MMDiTConfig mmdit_case_config() {
+  const Json c = case_config("mmdit");
+  MMDiTConfig cfg;
+  cfg.depth = c.at("depth");
+  cfg.dim_modalities = ints(c.at("dim_modalities"));
+  cfg.dim_outs = ints(c.at("dim_outs"));
+  cfg.dim_cond = c.at("dim_cond");
+  cfg.timestep_embed_dims = ints(c.at("timestep_embed_dim"));
+  cfg.dim_head = c.at("dim_head");
+  cfg.heads = c.at("heads");
+  cfg.ff_mult = c.value("ff_mult", 4);
+  return cfg;
+}
+
+InContextMMDiTConfig incontext_case_config() {
+  const Json c = case_config("incontext_mmdit");
+  InContextMMDiTConfig cfg;
+  cfg.depth = c.at("depth");
+  cfg.dim_modalities = ints(c.at("dim_modalities"));
+  cfg.dim_outs = ints(c.at("dim_outs"));
+  cfg.dim_head = c.at("dim_head");
+  cfg.heads = c.at("heads");
+  cfg.ff_mult = c.value("ff_mult", 4);
+  return cfg;
+}
+
+PolicyConfig policy_case_config() {
+  const Json c = case_config("bc_train_step");
+  PolicyConfig p;
+  p.n_obs_steps = c.at("n_obs_steps");
+  p.state_dim = c.at("state_dim");
+  p.horizon = c.at("horizon");
+  p.act_dim = c.at("act_dim");
+  p.hidden_size = c.at("hidden_size");
+  p.depth = c.at("depth");
+  p.dim_cond = c.at("dim_cond");
+  p.timestep_embed_dim = c.at("timestep_embed_dim");
+  p.dim_head = c.at("dim_head");
+  p.heads = c.at("heads");
+  p.ff_mult = c.value("ff_mult", 4);
+  p.sigma = c.value("sigma", 0.0);
+  return p;
+}
+
+// Our leaves against the manifest's recorded ones: path, kind, value, and the tensor each array
+// fills ("param/blocks.joint_attn..." names blocks.<i>. after unstacking).
+void expect_manifest_order(const std::vector<EquinoxLeaf>& ours, const std::string& manifest) {
+  const Json m = Json::parse(read_bytes(data_path(manifest)));
+  std::vector<Json> recorded;
+  for (const Json& leaf : m.at("leaves"))
+    if (leaf.at("record").get<bool>()) recorded.push_back(leaf);
+  ASSERT_EQ(ours.size(), recorded.size()) << manifest;
+  for (size_t i = 0; i < ours.size(); ++i) {
+    const Json& r = recorded[i];
+    const std::string where = str_cat(manifest, " record ", i, " (", r.at("path"), ")");
+    EXPECT_EQ(ours[i].path, r.at("path").get<std::string>()) << where;
+    if (r.contains("parity_name")) {
+      ASSERT_EQ(ours[i].kind, EquinoxLeaf::Kind::array) << where;
+      std::string name = r.at("parity_name").get<std::string>();
+      name = name.substr(name.find('/') + 1);
+      const bool stacked = r.at("stacked_over_blocks").get<bool>();
+      EXPECT_EQ(ours[i].stacked, stacked) << where;
+      if (stacked) name.replace(name.find("blocks.") + 7, 0, "0.");
+      EXPECT_EQ(ours[i].names.at(0), name) << where;
+      EXPECT_EQ(ours[i].names.size(), stacked ? r.at("shape")[0].get<size_t>() : 1) << where;
+    } else {
+      const bool integer = r.at("dtype") == "int64";
+      EXPECT_EQ(ours[i].kind, integer ? EquinoxLeaf::Kind::integer : EquinoxLeaf::Kind::real)
+          << where;
+      EXPECT_EQ(ours[i].value, r.at("python_value").get<double>()) << where;
+    }
+  }
+}
+
+TEST(Equinox, LeafOrderIsTheReferencesManifest) {
+  Rng rng(0);
+  expect_manifest_order(equinox_leaves(policy_case_config()), "bc_train_step.eqx.json");
+  const MMDiT mmdit(mmdit_case_config(), rng);
+  expect_manifest_order(equinox_leaves(mmdit), "mmdit.eqx.json");
+  const InContextMMDiT incontext(incontext_case_config(), rng);
+  expect_manifest_order(equinox_leaves(incontext), "incontext_mmdit.eqx.json");
+}
+
+// Every parameter (and buffer) read from the .eqx equals the parity case's, which the reference
+// wrote in float64 from the same model, rounded to float32.
+void expect_parity_values(const nn::Module& model, const std::string& kind) {
+  const SafetensorsFile f = load_safetensors(data_path(kind + ".safetensors"));
+  NamedTensors ours = model.named_parameters();
+  for (const auto& [name, t] : model.named_buffers()) ours.insert(name, t);
+  int compared = 0;
+  for (const auto& [name, expected] : f.tensors) {
+    const size_t slash = name.find('/');
+    const std::string group = name.substr(0, slash);
+    if (group != "param" && group != "buffer") continue;
+    const std::string ours_name = name.substr(slash + 1);
+    ASSERT_TRUE(ours.contains(ours_name)) << kind << ": " << name;
+    const Tensor expected_f32 = raw::to_dtype(expected, DType::f32);
+    EXPECT_EQ(ours.at(ours_name).to_vector<float>(), expected_f32.to_vector<float>())
+        << kind << ": " << name;
+    ++compared;
+  }
+  EXPECT_EQ(compared, static_cast<int>(ours.size())) << kind;
+}
+
+TEST(Equinox, ReadsTheParityCasesModels) {
+  Rng rng(1);
+  MMDiT mmdit(mmdit_case_config(), rng);
+  load_equinox(mmdit, data_path("mmdit.eqx"));
+  expect_parity_values(mmdit, "mmdit");
+  InContextMMDiT incontext(incontext_case_config(), rng);
+  load_equinox(incontext, data_path("incontext_mmdit.eqx"));
+  expect_parity_values(incontext, "incontext_mmdit");
+  BCPolicy policy(policy_case_config(), rng);
+  load_equinox(policy, data_path("bc_train_step.eqx"));
+  expect_parity_values(policy, "bc_train_step");
+}
+
+TEST(Equinox, PolicyConfigFromTheRecords) {
+  const PolicyConfig read = equinox_policy_config(data_path("bc_train_step.eqx"));
+  EXPECT_EQ(read.to_json(), policy_case_config().to_json());
+}
+
+TEST(Equinox, Float64ModelGetsTheFloat32ValuesWidened) {
+  Rng rng(2);
+  BCPolicy policy(policy_case_config(), rng);
+  policy.to(DType::f64);
+  load_equinox(policy, data_path("bc_train_step.eqx"));
+  EXPECT_EQ(policy.dtype(), DType::f64);
+  BCPolicy f32(policy_case_config(), rng);
+  load_equinox(f32, data_path("bc_train_step.eqx"));
+  const Tensor w = policy.named_parameters().at("mmdit.blocks.1.to_cond.weight");
+  EXPECT_EQ(w.dtype(), DType::f64);
+  EXPECT_EQ(w.to_vector<double>(),
+            f32.named_parameters().at("mmdit.blocks.1.to_cond.weight").to_vector<double>());
+}
+
+// The message of the error load_equinox(policy built from config, path) raises.
+std::string policy_error(const PolicyConfig& config, const std::string& path) {
+  Rng rng(3);
+  BCPolicy policy(config, rng);
+  const NamedTensors before = policy.named_parameters();
+  std::vector<std::vector<float>> values;
+  for (const auto& [name, t] : before) values.push_back(raw::clone(t).to_vector<float>());
+  try {
+    load_equinox(policy, path);
+  } catch (const Error& e) {
+    // Nothing was loaded: the parameters are as they were.
+    size_t i = 0;
+    for (const auto& [name, t] : policy.named_parameters())
+      EXPECT_EQ(t.to_vector<float>(), values[i++]) << name << " changed by a failed load";
+    return e.what();
+  }
+  ADD_FAILURE() << "no error loading " << path;
+  return "";
+}
+
+TEST(Equinox, OtherHyperparametersAreNamed) {
+  const std::string path = data_path("bc_train_step.eqx");
+  PolicyConfig c = policy_case_config();
+  c.horizon = 6;
+  EXPECT_NE(policy_error(c, path).find("record 2 (horizon): is 5, the model's is 6"),
+            std::string::npos)
+      << policy_error(c, path);
+  c = policy_case_config();
+  c.depth = 3;
+  EXPECT_NE(policy_error(c, path).find("has shape (2,32,16), the model's is (3,32,16) (3 blocks "
+                                       "stacked)"),
+            std::string::npos)
+      << policy_error(c, path);
+  c = policy_case_config();
+  c.heads = 4;
+  c.dim_head = 4;
+  EXPECT_NE(policy_error(c, path).find("(mmdit.blocks.joint_attn.q_rmsnorms.0.gamma): has shape "
+                                       "(2,8), the model's is (2,4)"),
+            std::string::npos)
+      << policy_error(c, path);
+}
+
+TEST(Equinox, MalformedFilesAreNamed) {
+  const std::string bytes = read_bytes(data_path("bc_train_step.eqx"));
+  const PolicyConfig c = policy_case_config();
+  // Record boundaries, from the records themselves.
+  std::vector<size_t> ends;
+  for (size_t offset = 0; offset < bytes.size();) {
+    offset += parse_npy_record(bytes.data() + offset, bytes.size() - offset, "test", false).bytes;
+    ends.push_back(offset);
+  }
+  ASSERT_EQ(ends.size(), 84u);  // the manifest's recorded leaves
+  const std::string cut = write_temp("cut.eqx", bytes.substr(0, ends[49]));
+  EXPECT_NE(policy_error(c, cut).find("the file holds 50 records, but the model has 84 leaves; "
+                                      "the next would be mmdit.blocks.feedforwards.0.linear_in."
+                                      "weight"),
+            std::string::npos)
+      << policy_error(c, cut);
+  const std::string torn = write_temp("torn.eqx", bytes.substr(0, ends[49] + 100));
+  EXPECT_NE(policy_error(c, torn).find("record 50"), std::string::npos) << policy_error(c, torn);
+  EXPECT_NE(policy_error(c, torn).find("file truncated?"), std::string::npos);
+  const std::string longer =
+      write_temp("longer.eqx", bytes + bytes.substr(ends[82], ends[83] - ends[82]));
+  EXPECT_NE(policy_error(c, longer).find("the file holds 85 records, but the model has 84 leaves"),
+            std::string::npos)
+      << policy_error(c, longer);
+  // The first record (n_obs_steps, an int) replaced by a float array.
+  const std::string swapped =
+      write_temp("swapped.eqx", serialize_npy(full({2}, 2.0)) + bytes.substr(ends[0]));
+  EXPECT_NE(policy_error(c, swapped)
+                .find("record 0 (n_obs_steps): holds a '<f4' array of shape "
+                      "(2,), expected a Python int"),
+            std::string::npos)
+      << policy_error(c, swapped);
+  EXPECT_THROW(equinox_policy_config(write_temp("empty.eqx", "")), Error);
+  EXPECT_THROW(equinox_policy_config(data_path("mmdit.eqx")), Error);
+}
+
+}  // namespace
+}  // namespace mmdit
