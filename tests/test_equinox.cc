@@ -6,12 +6,17 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <fstream>
 #include <iterator>
 
 #include "tensor/safetensors.h"
+#include "train/dataset.h"
 #include "train/equinox.h"
 #include "train/npy.h"
+#include "train/trainer.h"
 
 namespace mmdit {
 namespace {
@@ -255,6 +260,69 @@ TEST(Equinox, MalformedFilesAreNamed) {
       << policy_error(c, swapped);
   EXPECT_THROW(equinox_policy_config(write_temp("empty.eqx", "")), Error);
   EXPECT_THROW(equinox_policy_config(data_path("mmdit.eqx")), Error);
+}
+
+struct Command {
+  int status;
+  std::string output;
+};
+Command run_mmdit(const std::string& args) {
+  Command r{-1, ""};
+  FILE* p = ::popen((std::string(MMDIT_BINARY) + " " + args + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// mmdit import-eqx: a checkpoint whose parameters and EMA are the .eqx model's, with the data's
+// normalisation, that load_policy (sample, eval) reads and train --resume continues.
+TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
+  const std::string dir = testing::TempDir() + "import_eqx";
+  Rng rng(4);
+  Episodes data;
+  data.states = rng.normal({40, 3});
+  data.actions = rng.normal({40, 2});
+  data.episode_starts = {0, 25, 40};
+  ASSERT_EQ(::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
+  save_lerobot_npz(dir + "/demos.npz", data);
+  const std::string eqx = data_path("bc_train_step.eqx");
+  Command r =
+      run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir, "/run"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("BCPolicy, 18754 parameters"), std::string::npos) << r.output;
+
+  BCPolicy expected(policy_case_config(), rng);
+  load_equinox(expected, eqx);
+  for (const bool use_ema : {true, false}) {
+    const LoadedPolicy loaded = load_policy(dir + "/run/checkpoint.safetensors", use_ema);
+    EXPECT_EQ(loaded.config.policy.to_json(), policy_case_config().to_json());
+    EXPECT_EQ(loaded.step, 0);
+    for (const auto& [name, t] : expected.named_parameters())
+      EXPECT_EQ(loaded.policy->named_parameters().at(name).to_vector<float>(), t.to_vector<float>())
+          << name << (use_ema ? " (EMA)" : "");
+    const Normalizer n = make_normalizer(data, "min_max");
+    EXPECT_EQ(loaded.normalizer.state_max.to_vector<float>(), n.state_max.to_vector<float>());
+    EXPECT_EQ(loaded.normalizer.action_min.to_vector<float>(), n.action_min.to_vector<float>());
+  }
+
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir, "/run"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("already holds a checkpoint; pass --overwrite"), std::string::npos)
+      << r.output;
+  std::ofstream(dir + "/config.json") << R"({"policy": {"hidden_size": 32}, "sample_steps": 4})";
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir,
+                        "/run2 --config ", dir, "/config.json"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("policy.hidden_size is 32, but the Equinox model's is 16"),
+            std::string::npos)
+      << r.output;
+  r = run_mmdit(str_cat("train --resume ", dir, "/run/checkpoint.safetensors --data ", dir,
+                        "/demos.npz --steps 2"));
+  EXPECT_EQ(r.status, 0) << r.output;
 }
 
 }  // namespace

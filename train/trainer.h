@@ -69,6 +69,9 @@ class Trainer {
 
   const TrainConfig& config() const { return config_; }
   BCPolicy& policy() { return *policy_; }
+  // The EMA starts again from the parameters as they are now: after replacing them with weights
+  // trained elsewhere (load_equinox(trainer.policy(), path)), before the first step.
+  void restart_ema() { ema_->set(policy_->named_parameters()); }
   const Normalizer& normalizer() const { return normalizer_; }
   const EMA& ema() const { return *ema_; }
 

@@ -7,6 +7,8 @@
 #include <optional>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "tensor/print.h"
@@ -14,6 +16,7 @@
 #include "tools/cli/training_loop.h"
 #include "train/dataset.h"
 #include "train/demo_task.h"
+#include "train/equinox.h"
 #include "train/npy.h"
 #include "train/plots.h"
 
@@ -264,6 +267,75 @@ void add_train(CLI::App& app) {
   });
 }
 
+// The policy block of a --config file must describe the model the .eqx holds: its sizes are
+// read from the file, and a different one would not load.
+void check_policy_sizes(const PolicyConfig& from_eqx, const PolicyConfig& configured,
+                        const std::string& config_file) {
+  using Json = nlohmann::json;
+  const Json a = Json::parse(from_eqx.to_json()), b = Json::parse(configured.to_json());
+  for (const auto& [key, value] : a.items())
+    MMDIT_CHECK(b.at(key) == value, config_file, ": policy.", key, " is ", b.at(key).dump(),
+                ", but the Equinox model's is ", value.dump(),
+                " (leave the policy's sizes out: they are read from the .eqx file)");
+}
+
+void add_import_eqx(CLI::App& app) {
+  struct Options {
+    TrainFlags flags;
+    std::string eqx, data, out = "runs/imported", obs_keys = "state";
+    bool overwrite = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "import-eqx",
+      "Turn a BCPolicy saved by the reference (eqx.tree_serialise_leaves) into a checkpoint for "
+      "sample, eval, info and train --resume");
+  cmd->add_option("eqx", o->eqx, "the .eqx file")->required();
+  cmd->add_option("--data", o->data,
+                  "the demonstrations the policy was trained on (.npz or .hdf5): their "
+                  "normalisation statistics go into the checkpoint")
+      ->required();
+  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
+      ->capture_default_str();
+  cmd->add_option("--config", o->flags.config_file,
+                  "training config (JSON; keys of TrainConfig): normalization, sample_steps, and "
+                  "the settings a later train --resume uses; the policy's sizes come from the "
+                  ".eqx file");
+  cmd->add_option("--out", o->out, "output directory (checkpoint, config.json)")
+      ->capture_default_str();
+  cmd->add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out");
+  cmd->callback([o] {
+    const std::string ckpt = checkpoint_path(o->out);
+    struct stat st;
+    MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
+                " already holds a checkpoint; pass --overwrite to replace it");
+    const PolicyConfig sizes = equinox_policy_config(o->eqx);
+    o->flags.read_config_file();
+    TrainConfig defaults;
+    defaults.policy = sizes;
+    const TrainConfig config = o->flags.apply(defaults);
+    check_policy_sizes(sizes, config.policy, o->flags.config_file);
+    std::vector<std::string> keys;
+    std::stringstream ss(o->obs_keys);
+    for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
+    const Episodes data = load_episodes(o->data, keys);
+    Trainer trainer(config, data);
+    load_equinox(trainer.policy(), o->eqx);
+    trainer.restart_ema();
+    make_directory(o->out);
+    write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
+    trainer.save_checkpoint(ckpt);
+    std::printf(
+        "%s: BCPolicy, %lld parameters (hidden %lld, depth %lld, horizon %lld, state_dim %lld, "
+        "act_dim %lld)\nnormalisation (%s) from %s: %lld episodes, %lld frames\nwrote %s "
+        "(parameters and EMA both the imported weights, step 0)\n",
+        o->eqx.c_str(), (long long)trainer.policy().num_parameters(), (long long)sizes.hidden_size,
+        (long long)sizes.depth, (long long)sizes.horizon, (long long)sizes.state_dim,
+        (long long)sizes.act_dim, config.normalization.c_str(), o->data.c_str(),
+        (long long)data.num_episodes(), (long long)data.num_frames(), ckpt.c_str());
+  });
+}
+
 void add_weights_option(CLI::App* cmd, std::string& weights) {
   cmd->add_option("--weights", weights,
                   "precision of the sampler's packed weights: f32, or bf16 (half the memory "
@@ -491,6 +563,7 @@ void add_policy_commands(CLI::App& app) {
   add_sample(app);
   add_eval(app);
   add_info(app);
+  add_import_eqx(app);
 }
 
 }  // namespace mmdit::cli
