@@ -258,6 +258,19 @@ TEST(Equinox, MalformedFilesAreNamed) {
                       "(2,), expected a Python int"),
             std::string::npos)
       << policy_error(c, swapped);
+  // A size edited in the file is refused before a model of that size is built.
+  const std::string huge =
+      write_temp("huge.eqx", bytes.substr(0, ends[3]) + serialize_npy_int64({200000}, {}) +
+                                 bytes.substr(ends[4]));
+  try {
+    equinox_policy_config(huge);
+    ADD_FAILURE() << "no error for hidden_size 200000";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("state_encoder.weight has shape (16,3), but the sizes the "
+                                         "file records make it (200000,3)"),
+              std::string::npos)
+        << e.what();
+  }
   EXPECT_THROW(equinox_policy_config(write_temp("empty.eqx", "")), Error);
   EXPECT_THROW(equinox_policy_config(data_path("mmdit.eqx")), Error);
 }

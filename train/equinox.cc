@@ -322,6 +322,25 @@ PolicyConfig equinox_policy_config(const std::string& path) {
               shape_str(to_cond.shape()));
   c.depth = to_cond.shape()[0];
   c.validate();
+  // Every size is confirmed by an array that has it, before anyone builds a model of this size:
+  // an edited "hidden_size" must not allocate gigabytes the file does not hold.
+  const int64_t h = c.hidden_size, inner = c.heads * c.dim_head;
+  const std::vector<std::pair<const char*, Shape>> shapes = {
+      {"state_encoder.weight", {h, c.state_dim}},
+      {"action_encoder.weight", {h, c.act_dim}},
+      {"state_pos_embed", {c.n_obs_steps, h}},
+      {"action_pos_embed", {c.horizon, h}},
+      {"mmdit.timestep_embeds.0.linear1.weight", {c.dim_cond, c.timestep_embed_dim}},
+      {"mmdit.blocks.joint_attn.to_qkv.0.weight", {c.depth, 3 * inner, h}},
+      {"mmdit.blocks.feedforwards.0.linear_in.weight", {c.depth, h * c.ff_mult, h}},
+      {"mmdit.blocks.to_cond.layers.1.weight", {c.depth, 4 * h, c.dim_cond}},
+      {"mmdit.final_layers.1.linear_out.weight", {c.act_dim, h}}};
+  for (const auto& [leaf_path, shape] : shapes) {
+    const Tensor& t = record(leaf_path).value;
+    MMDIT_CHECK(t.shape() == shape, path, ": ", leaf_path, " has shape ", shape_str(t.shape()),
+                ", but the sizes the file records make it ", shape_str(shape),
+                "; not a BCPolicy saved by Equinox?");
+  }
   return c;
 }
 
