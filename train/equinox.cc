@@ -5,6 +5,7 @@
 #include <iterator>
 
 #include "tensor/error.h"
+#include "tensor/file_io.h"
 #include "train/npy.h"
 
 namespace mmdit {
@@ -251,6 +252,35 @@ void load_leaves(Model& model, const std::string& path, const std::vector<Equino
              /*buffers=*/true);
 }
 
+template <class Model>
+void save_leaves(const Model& model, const std::string& path,
+                 const std::vector<EquinoxLeaf>& leaves) {
+  NamedTensors values = model.named_parameters();
+  for (const auto& [name, t] : model.named_buffers()) values.insert(name, t);
+  std::string bytes;
+  for (const EquinoxLeaf& leaf : leaves) {
+    switch (leaf.kind) {
+      case EquinoxLeaf::Kind::integer:
+        bytes += serialize_npy_int64({static_cast<int64_t>(leaf.value)}, {});
+        break;
+      case EquinoxLeaf::Kind::real:
+        bytes += serialize_npy(full({}, leaf.value, DType::f64));
+        break;
+      case EquinoxLeaf::Kind::array: {
+        if (!leaf.stacked) {
+          bytes += serialize_npy(values.at(leaf.names[0]));
+          break;
+        }
+        std::vector<Tensor> blocks;
+        for (const std::string& name : leaf.names) blocks.push_back(values.at(name));
+        bytes += serialize_npy(raw::stack(blocks, 0));
+        break;
+      }
+    }
+  }
+  write_file_atomically(path, bytes);
+}
+
 }  // namespace
 
 std::vector<EquinoxLeaf> equinox_leaves(const PolicyConfig& policy) {
@@ -277,6 +307,16 @@ void load_equinox(MMDiT& model, const std::string& path) {
 }
 void load_equinox(InContextMMDiT& model, const std::string& path) {
   load_leaves(model, path, equinox_leaves(model));
+}
+
+void save_equinox(const BCPolicy& policy, const std::string& path) {
+  save_leaves(policy, path, equinox_leaves(policy.config));
+}
+void save_equinox(const MMDiT& model, const std::string& path) {
+  save_leaves(model, path, equinox_leaves(model));
+}
+void save_equinox(const InContextMMDiT& model, const std::string& path) {
+  save_leaves(model, path, equinox_leaves(model));
 }
 
 PolicyConfig equinox_policy_config(const std::string& path) {

@@ -39,6 +39,13 @@ void load_equinox(BCPolicy& policy, const std::string& path);
 void load_equinox(MMDiT& model, const std::string& path);
 void load_equinox(InContextMMDiT& model, const std::string& path);
 
+// The other way: writes the model as eqx.tree_serialise_leaves would write the reference's model
+// holding these values, for eqx.tree_deserialise_leaves(path, like) in Python (arrays in the
+// model's dtype; Python ints as '<i8', floats as '<f8'). Written atomically.
+void save_equinox(const BCPolicy& policy, const std::string& path);
+void save_equinox(const MMDiT& model, const std::string& path);
+void save_equinox(const InContextMMDiT& model, const std::string& path);
+
 // The hyperparameters of the BCPolicy saved in `path`, read from its records: the sizes it
 // records itself (n_obs_steps ... sigma, dim_embed, dim_head, heads, mult), dim_cond from the
 // timestep embedding's output, and depth from the stacked blocks.

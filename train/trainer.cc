@@ -353,6 +353,14 @@ CheckpointFile read_checkpoint(const std::string& path) {
   return c;
 }
 
+// The policy's tensors as the checkpoint holds them: `weights` and the position tables, which
+// are the file's too: those of a policy imported from the reference (mmdit import-eqx) were
+// computed in float32 and differ from ours by up to 4e-6.
+NamedTensors with_buffers(NamedTensors weights, const CheckpointFile& c) {
+  for (const auto& [name, t] : c.with_prefix("buffer/")) weights.insert(name, t);
+  return weights;
+}
+
 }  // namespace
 
 std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
@@ -377,7 +385,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
       fail(path, ": tensors '", prefix, "*': ", e.what());
     }
   };
-  load("param/", [&](const NamedTensors& v) { t->policy_->load(v); });
+  load("param/", [&](const NamedTensors& v) { t->policy_->load(with_buffers(v, c), true); });
   load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
   try {
     t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
@@ -419,8 +427,9 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
   check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");
+  check_finite(c.with_prefix("buffer/"), path, "buffer");
   try {
-    p.policy->load(weights_in_file);
+    p.policy->load(with_buffers(weights_in_file, c), /*buffers=*/true);
   } catch (const Error& e) {
     fail(path, ": tensors '", prefix, "*': ", e.what());
   }

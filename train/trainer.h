@@ -87,7 +87,8 @@ class Trainer {
   Rng rng_;
 };
 
-// A trained policy loaded for inference, with the EMA weights by default.
+// A trained policy loaded for inference, with the EMA weights by default, and the position tables
+// the checkpoint holds.
 struct LoadedPolicy {
   TrainConfig config;
   Normalizer normalizer;

@@ -336,6 +336,37 @@ void add_import_eqx(CLI::App& app) {
   });
 }
 
+void add_export_eqx(CLI::App& app) {
+  struct Options {
+    std::string checkpoint, out;
+    bool raw_params = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "export-eqx",
+      "Write a checkpoint's policy as eqx.tree_serialise_leaves would, for the reference's "
+      "eqx.tree_deserialise_leaves in Python");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint.safetensors")->required();
+  cmd->add_option("--out", o->out, "the .eqx file to write")->required();
+  cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
+  cmd->callback([o] {
+    check_output_directory(o->out, "--out");
+    const LoadedPolicy loaded = load_policy(o->checkpoint, !o->raw_params);
+    save_equinox(*loaded.policy, o->out);
+    const PolicyConfig& c = loaded.config.policy;
+    std::printf(
+        "wrote %s: the %s of %s (step %lld)\nin Python: eqx.tree_deserialise_leaves(path, "
+        "BC_MMDiT(n_obs_steps=%lld, state_dim=%lld, horizon=%lld, act_dim=%lld, hidden_size=%lld, "
+        "depth=%lld, dim_cond=%lld, timestep_embed_dim=%lld, dim_head=%lld, heads=%lld, "
+        "ff_mult=%lld, ...))\n",
+        o->out.c_str(), o->raw_params ? "parameters" : "EMA parameters", o->checkpoint.c_str(),
+        (long long)loaded.step, (long long)c.n_obs_steps, (long long)c.state_dim,
+        (long long)c.horizon, (long long)c.act_dim, (long long)c.hidden_size, (long long)c.depth,
+        (long long)c.dim_cond, (long long)c.timestep_embed_dim, (long long)c.dim_head,
+        (long long)c.heads, (long long)c.ff_mult);
+  });
+}
+
 void add_weights_option(CLI::App* cmd, std::string& weights) {
   cmd->add_option("--weights", weights,
                   "precision of the sampler's packed weights: f32, or bf16 (half the memory "
@@ -564,6 +595,7 @@ void add_policy_commands(CLI::App& app) {
   add_eval(app);
   add_info(app);
   add_import_eqx(app);
+  add_export_eqx(app);
 }
 
 }  // namespace mmdit::cli
