@@ -6,17 +6,16 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <sys/wait.h>
-
 #include <algorithm>
-#include <cstdio>
 #include <fstream>
 #include <iterator>
 
 #include "tensor/safetensors.h"
+#include "tests/test_util.h"
 #include "train/dataset.h"
 #include "train/equinox.h"
 #include "train/npy.h"
+#include "train/parity.h"
 #include "train/trainer.h"
 
 namespace mmdit {
@@ -39,58 +38,14 @@ std::string write_temp(const std::string& name, const std::string& bytes) {
   return path;
 }
 
-Json case_config(const std::string& kind) {
-  const SafetensorsFile f = load_safetensors(data_path(kind + ".safetensors"));
-  return Json::parse(f.metadata.at("config"));
-}
-
-std::vector<int64_t> ints(const Json& j) {
-  if (j.is_number()) return {j.get<int64_t>()};
-  return j.get<std::vector<int64_t>>();
-}
-
-MMDiTConfig mmdit_case_config() {
-  const Json c = case_config("mmdit");
-  MMDiTConfig cfg;
-  cfg.depth = c.at("depth");
-  cfg.dim_modalities = ints(c.at("dim_modalities"));
-  cfg.dim_outs = ints(c.at("dim_outs"));
-  cfg.dim_cond = c.at("dim_cond");
-  cfg.timestep_embed_dims = ints(c.at("timestep_embed_dim"));
-  cfg.dim_head = c.at("dim_head");
-  cfg.heads = c.at("heads");
-  cfg.ff_mult = c.value("ff_mult", 4);
-  return cfg;
-}
-
-InContextMMDiTConfig incontext_case_config() {
-  const Json c = case_config("incontext_mmdit");
-  InContextMMDiTConfig cfg;
-  cfg.depth = c.at("depth");
-  cfg.dim_modalities = ints(c.at("dim_modalities"));
-  cfg.dim_outs = ints(c.at("dim_outs"));
-  cfg.dim_head = c.at("dim_head");
-  cfg.heads = c.at("heads");
-  cfg.ff_mult = c.value("ff_mult", 4);
-  return cfg;
-}
-
 PolicyConfig policy_case_config() {
-  const Json c = case_config("bc_train_step");
-  PolicyConfig p;
-  p.n_obs_steps = c.at("n_obs_steps");
-  p.state_dim = c.at("state_dim");
-  p.horizon = c.at("horizon");
-  p.act_dim = c.at("act_dim");
-  p.hidden_size = c.at("hidden_size");
-  p.depth = c.at("depth");
-  p.dim_cond = c.at("dim_cond");
-  p.timestep_embed_dim = c.at("timestep_embed_dim");
-  p.dim_head = c.at("dim_head");
-  p.heads = c.at("heads");
-  p.ff_mult = c.value("ff_mult", 4);
-  p.sigma = c.value("sigma", 0.0);
-  return p;
+  return parity_policy_config(data_path("bc_train_step.safetensors"));
+}
+MMDiTConfig mmdit_case_config() {
+  return parity_mmdit_config(data_path("mmdit.safetensors"));
+}
+InContextMMDiTConfig incontext_case_config() {
+  return parity_incontext_config(data_path("incontext_mmdit.safetensors"));
 }
 
 // Our leaves against the manifest's recorded ones: path, kind, value, and the tensor each array
@@ -300,21 +255,8 @@ TEST(Equinox, MalformedFilesAreNamed) {
   EXPECT_THROW(equinox_policy_config(data_path("mmdit.eqx")), Error);
 }
 
-struct Command {
-  int status;
-  std::string output;
-};
-Command run_mmdit(const std::string& args) {
-  Command r{-1, ""};
-  FILE* p = ::popen((std::string(MMDIT_BINARY) + " " + args + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using test::Command;
+using test::run_mmdit;
 
 // mmdit import-eqx: a checkpoint whose parameters and EMA are the .eqx model's, with the data's
 // normalisation, that load_policy (sample, eval) reads and train --resume continues.

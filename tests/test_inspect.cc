@@ -236,22 +236,8 @@ TEST(GradientNorms, MatchTheClosedForm) {
 
 // ---- the commands ----
 
-struct Command {
-  int status;
-  std::string output;
-};
-// env_prefix runs the program under `env`, e.g. "env -u OPENBLAS_CORETYPE ".
-Command run_mmdit(const std::string& args, const std::string& env_prefix = "") {
-  Command r{-1, ""};
-  FILE* p = ::popen((env_prefix + MMDIT_BINARY + " " + args + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using test::Command;
+using test::run_mmdit;
 
 TEST(InspectCli, GradcheckPassesOnTheTinyMMDiT) {
   const Command r = run_mmdit("gradcheck --model mmdit");

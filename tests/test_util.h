@@ -2,10 +2,12 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -41,6 +43,24 @@ inline std::string read_source(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
+}
+
+// What the mmdit program printed (stdout and stderr) and its exit status (-1 if it did not exit).
+struct Command {
+  int status;
+  std::string output;
+};
+// env_prefix runs the program under `env`, e.g. "env -u OPENBLAS_CORETYPE ".
+inline Command run_mmdit(const std::string& args, const std::string& env_prefix = "") {
+  Command r{-1, ""};
+  FILE* p = ::popen((env_prefix + MMDIT_BINARY + " " + args + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
 }
 
 // max |a - b| over the elements, in float64; a and b must have one shape.

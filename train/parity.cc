@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -49,6 +50,30 @@ struct Runnable {
 std::vector<int64_t> int_list(const Json& j) {
   if (j.is_number_integer()) return {j.get<int64_t>()};
   return j.get<std::vector<int64_t>>();
+}
+
+MMDiTConfig mmdit_config_from(const Json& c) {
+  MMDiTConfig cfg;
+  cfg.depth = c.at("depth");
+  cfg.dim_modalities = int_list(c.at("dim_modalities"));
+  cfg.dim_outs = int_list(c.at("dim_outs"));
+  cfg.dim_cond = c.value("dim_cond", 1024);
+  cfg.timestep_embed_dims = int_list(c.value("timestep_embed_dim", Json(256)));
+  cfg.dim_head = c.value("dim_head", 64);
+  cfg.heads = c.value("heads", 8);
+  cfg.ff_mult = c.value("ff_mult", 4);
+  return cfg;
+}
+
+InContextMMDiTConfig incontext_config_from(const Json& c) {
+  InContextMMDiTConfig cfg;
+  cfg.depth = c.at("depth");
+  cfg.dim_modalities = int_list(c.at("dim_modalities"));
+  cfg.dim_outs = int_list(c.at("dim_outs"));
+  cfg.dim_head = c.value("dim_head", 64);
+  cfg.heads = c.value("heads", 8);
+  cfg.ff_mult = c.value("ff_mult", 4);
+  return cfg;
 }
 
 NamedTensors numbered_outputs(const std::vector<Tensor>& outs) {
@@ -124,29 +149,13 @@ Runnable build(const std::string& kind, const Json& c, Rng& rng) {
       return numbered_outputs((*m)(in.numbered("input/"), in.get("mask")));
     };
   } else if (kind == "mmdit") {
-    MMDiTConfig cfg;
-    cfg.depth = c.at("depth");
-    cfg.dim_modalities = int_list(c.at("dim_modalities"));
-    cfg.dim_outs = int_list(c.at("dim_outs"));
-    cfg.dim_cond = c.value("dim_cond", 1024);
-    cfg.timestep_embed_dims = int_list(c.value("timestep_embed_dim", Json(256)));
-    cfg.dim_head = c.value("dim_head", 64);
-    cfg.heads = c.value("heads", 8);
-    cfg.ff_mult = c.value("ff_mult", 4);
-    auto* m = own(std::make_unique<MMDiT>(cfg, rng));
+    auto* m = own(std::make_unique<MMDiT>(mmdit_config_from(c), rng));
     r.forward = [m](const CaseInputs& in) {
       return numbered_outputs(
           (*m)(in.numbered("input/"), in.numbered("timestep/"), in.get("mask")));
     };
   } else if (kind == "incontext_mmdit") {
-    InContextMMDiTConfig cfg;
-    cfg.depth = c.at("depth");
-    cfg.dim_modalities = int_list(c.at("dim_modalities"));
-    cfg.dim_outs = int_list(c.at("dim_outs"));
-    cfg.dim_head = c.value("dim_head", 64);
-    cfg.heads = c.value("heads", 8);
-    cfg.ff_mult = c.value("ff_mult", 4);
-    auto* m = own(std::make_unique<InContextMMDiT>(cfg, rng));
+    auto* m = own(std::make_unique<InContextMMDiT>(incontext_config_from(c), rng));
     r.forward = [m](const CaseInputs& in) {
       return numbered_outputs((*m)(in.numbered("input/"), in.get("mask")));
     };
@@ -314,6 +323,46 @@ std::string ParityReport::table() const {
   std::snprintf(line, sizeof line, "%zu tensors, %d failed: %s\n", rows.size(), failed,
                 ok() ? "PASS" : "FAIL");
   return out + line;
+}
+
+namespace {
+
+// The config metadata of the parity case at `path`, which must be of one of `kinds`.
+Json case_config(const std::string& path, std::initializer_list<const char*> kinds) {
+  const SafetensorsFile file = load_safetensors(path);
+  const auto kind = file.metadata.find("kind");
+  const auto config = file.metadata.find("config");
+  MMDIT_CHECK(kind != file.metadata.end() && config != file.metadata.end(), path,
+              ": not a parity case (no 'kind' and 'config' in the header's __metadata__)");
+  MMDIT_CHECK(std::find(kinds.begin(), kinds.end(), kind->second) != kinds.end(), path,
+              ": a parity case of kind '", kind->second, "', not of ", *kinds.begin());
+  try {
+    return Json::parse(config->second);
+  } catch (const Json::exception& e) {
+    fail(path, ": the config metadata is not valid JSON: ", e.what());
+  }
+}
+
+template <class F>
+auto config_of(const std::string& path, std::initializer_list<const char*> kinds, F from) {
+  const Json c = case_config(path, kinds);
+  try {
+    return from(c);
+  } catch (const Json::exception& e) {
+    fail(path, ": bad config: ", e.what());
+  }
+}
+
+}  // namespace
+
+PolicyConfig parity_policy_config(const std::string& path) {
+  return config_of(path, {"bc_train_step", "bc_sample"}, policy_config_from);
+}
+MMDiTConfig parity_mmdit_config(const std::string& path) {
+  return config_of(path, {"mmdit"}, mmdit_config_from);
+}
+InContextMMDiTConfig parity_incontext_config(const std::string& path) {
+  return config_of(path, {"incontext_mmdit"}, incontext_config_from);
 }
 
 ParityReport run_parity(const std::string& path, DType dtype, std::optional<double> tolerance) {

@@ -6,7 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "mmdit/incontext.h"
+#include "mmdit/mmdit.h"
 #include "tensor/tensor.h"
+#include "train/policy.h"
 
 namespace mmdit {
 
@@ -32,5 +35,11 @@ double default_parity_tolerance(DType dtype);
 
 ParityReport run_parity(const std::string& path, DType dtype,
                         std::optional<double> tolerance = std::nullopt);
+
+// The hyperparameters a parity case's model was recorded with (its config metadata); the case
+// must be of that model's kind.
+PolicyConfig parity_policy_config(const std::string& path);  // bc_train_step, bc_sample
+MMDiTConfig parity_mmdit_config(const std::string& path);
+InContextMMDiTConfig parity_incontext_config(const std::string& path);
 
 }  // namespace mmdit
