@@ -788,6 +788,75 @@ TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
       testing::ThrowsMessage<Error>(HasSubstr("act: the policy's action (0, 0, 0) is ")));
 }
 
+// A regression policy whose last layer has zero weights acts with one constant chunk c (its
+// bias, unnormalised), so its open-loop error is a closed form over the windows' unpadded steps.
+TEST(ActionError, ConstantPolicyAgainstTheClosedForm) {
+  Rng rng(9);
+  Episodes data{rng.normal({24, 3}), rng.normal({24, 2}), {0, 7, 19, 24}};  // short: padding
+  TrainConfig c = tiny_config(data);
+  c.objective = "mse";
+  test::TempDir dir;
+  Trainer(c, data).save_checkpoint(dir.file("c.safetensors"));
+  const LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  const NamedTensors params = p.policy->named_parameters();
+  raw::copy_into(params.at("mmdit.final_layers.1.linear_out.weight"),
+                 zeros(params.at("mmdit.final_layers.1.linear_out.weight").shape()));
+  const Tensor bias = from_vector(std::vector<float>{0.5f, -0.25f}, {2});
+  raw::copy_into(params.at("mmdit.final_layers.1.linear_out.bias"), bias);
+  const std::vector<float> chunk = p.normalizer.unnormalize_action(bias).to_vector<float>();
+
+  const int64_t H = c.policy.horizon, now = c.policy.n_obs_steps - 1;
+  const WindowSampler windows(data, c.policy.n_obs_steps, H, /*seed=*/3);
+  for (const int64_t max_windows : {0, 5}) {
+    std::vector<int64_t> chosen = windows.permutation(0);
+    if (max_windows) chosen.resize(max_windows);
+    const Batch b = windows.get(chosen);
+    const std::vector<float> a = b.action.to_vector<float>();
+    const std::vector<bool> pad = b.action_is_pad.to_vector<bool>();
+    std::vector<double> per_dim(2, 0.0);
+    double at_now = 0;
+    int64_t steps = 0;
+    for (size_t w = 0; w < chosen.size(); ++w)
+      for (int64_t t = 0; t < H; ++t) {
+        if (pad[w * H + t]) continue;
+        ++steps;
+        for (int64_t j = 0; j < 2; ++j) {
+          const double d = chunk[j] - static_cast<double>(a[(w * H + t) * 2 + j]);
+          per_dim[j] += d * d;
+          if (t == now) at_now += d * d / 2;
+        }
+      }
+    ASSERT_GT(static_cast<int64_t>(chosen.size()) * H, steps) << "no padded step to leave out";
+    Rng noise(0);
+    const ActionError e = action_error(p, data, max_windows, /*batch_size=*/4, 3, noise);
+    EXPECT_EQ(e.windows, static_cast<int64_t>(chosen.size()));
+    ASSERT_EQ(e.mse_per_dim.size(), 2u);
+    for (int j = 0; j < 2; ++j)
+      EXPECT_NEAR(e.mse_per_dim[j], per_dim[j] / steps, 1e-5 * per_dim[j] / steps);
+    EXPECT_NEAR(e.mse, (per_dim[0] + per_dim[1]) / (2 * steps), 1e-5 * e.mse);
+    EXPECT_NEAR(e.mse_now, at_now / static_cast<double>(chosen.size()), 1e-5 * e.mse_now);
+  }
+  Rng noise(0);
+  Episodes other{rng.normal({10, 4}), rng.normal({10, 2}), {0, 10}};
+  EXPECT_THAT([&] { action_error(p, other, 0, 4, 3, noise); },
+              testing::ThrowsMessage<Error>(HasSubstr("the data's states and actions have 4 and 2 "
+                                                      "dimensions; the policy's state_dim and "
+                                                      "act_dim are 3 and 2")));
+}
+
+TEST(Cli, EvalOnDemonstrations) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  const test::Command r =
+      test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") + " --windows 20");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("20 windows of 6 episodes, 4-action chunks"));
+  EXPECT_THAT(r.output, HasSubstr("action MSE "));
+  EXPECT_THAT(r.output, HasSubstr("action for now (index 1): MSE "));
+}
+
 // A learning rate of 1e30 blows the parameters up in one step, and the next loss is not
 // finite: that step throws, naming itself, before it touches the parameters.
 TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
