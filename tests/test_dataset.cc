@@ -164,6 +164,28 @@ TEST(Npy, WritesNumpysHeaderLayout) {
   EXPECT_NE(serialize_npy(zeros({1}, DType::boolean)).find("'descr': '|b1'"), std::string::npos);
 }
 
+// Files of consecutive records (Equinox's .eqx): each record's length and header dtype, with
+// the bytes after it left alone; parse_npy still wants exactly one record.
+TEST(Npy, RecordsOneAfterAnother) {
+  const std::string first = serialize_npy(from_vector(std::vector<float>{1, 2, 3}, {3}));
+  const std::string second = serialize_npy_int64({7}, {});
+  const std::string both = first + second;
+  const NpyRecord a = parse_npy_record(both.data(), both.size(), "both", /*whole=*/false);
+  EXPECT_EQ(a.bytes, first.size());
+  EXPECT_EQ(a.descr, "<f4");
+  EXPECT_EQ(a.value.to_vector<float>(), (std::vector<float>{1, 2, 3}));
+  const NpyRecord b =
+      parse_npy_record(both.data() + a.bytes, both.size() - a.bytes, "both", /*whole=*/false);
+  EXPECT_EQ(b.bytes, second.size());
+  EXPECT_EQ(b.descr, "<i8");
+  EXPECT_EQ(b.value.item(), 7.0);
+  EXPECT_EQ(b.value.dim(), 0);
+  expect_error([&] { parse_npy(both.data(), both.size(), "both"); },
+               {str_cat("needs 12 bytes of data but the file holds ", both.size() - 128)});
+  expect_error([&] { parse_npy_record(first.data(), first.size() - 1, "cut", false); },
+               {"(file truncated?)"});
+}
+
 TEST(Npy, SavesNonContiguousViewsInLogicalOrder) {
   const Tensor t = from_vector({1.f, 2.f, 3.f, 4.f, 5.f, 6.f}, {2, 3});
   const Tensor tt = raw::transpose(t, 0, 1);

@@ -1,8 +1,6 @@
 #include "train/equinox.h"
 
 #include <algorithm>
-#include <fstream>
-#include <iterator>
 
 #include "tensor/error.h"
 #include "tensor/file_io.h"
@@ -168,14 +166,6 @@ void policy_leaves(const PolicyConfig& c, LeafList& l) {
   l.array("state_pos_embed", "state_pos_embed");
   l.array("action_pos_embed", "action_pos_embed");
   mmdit_leaves(mmdit_config(c), "mmdit.", l);
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  MMDIT_CHECK(in.good(), path, ": cannot open the file");
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  MMDIT_CHECK(!in.bad(), path, ": read error");
-  return bytes;
 }
 
 // The file's consecutive .npy records.
