@@ -857,6 +857,61 @@ TEST(Cli, EvalOnDemonstrations) {
   EXPECT_THAT(r.output, HasSubstr("action for now (index 1): MSE "));
 }
 
+// train --val-data: rows at every --val-every steps and at the end, each the action error of the
+// policy the checkpoint of that step holds; a resumed run keeps the rows up to its checkpoint.
+TEST(Cli, TrainValidatesOnHeldOutDemonstrations) {
+  const Episodes data = demo_episodes(6), held_out = demo_episodes(3);
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  save_lerobot_npz(dir.file("val.npz"), held_out);
+  TrainConfig c = tiny_config(data);
+  std::ofstream(dir.file("config.json")) << c.to_json();
+  const std::string out = dir.file("run");
+  const auto train = [&](const std::string& args) {
+    return test::run_mmdit("train --data " + dir.file("demos.npz") + " --val-data " +
+                           dir.file("val.npz") + " --val-windows 12 --out " + out + " " + args);
+  };
+  test::Command r = train("--config " + dir.file("config.json") + " --steps 5 --val-every 2");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("step      4  validation: action MSE "));
+  const auto rows = [&] {
+    std::vector<std::vector<double>> values;
+    std::ifstream csv(out + "/val.csv");
+    std::string line;
+    std::getline(csv, line);
+    EXPECT_EQ(line, "step,windows,mse,mse_now");
+    while (std::getline(csv, line)) {
+      std::vector<double> v(4);
+      EXPECT_EQ(std::sscanf(line.c_str(), "%lf,%lf,%lf,%lf", &v[0], &v[1], &v[2], &v[3]), 4)
+          << line;
+      values.push_back(v);
+    }
+    return values;
+  };
+  std::vector<std::vector<double>> v = rows();
+  ASSERT_EQ(v.size(), 3u);
+  EXPECT_EQ(v[0][0], 2);
+  EXPECT_EQ(v[1][0], 4);
+  EXPECT_EQ(v[2][0], 5);
+  EXPECT_EQ(v[2][1], 12);
+  Rng noise(c.seed);
+  const ActionError e =
+      action_error(load_policy(out + "/checkpoint.safetensors"), held_out, 12, 64, c.seed, noise);
+  EXPECT_NEAR(v[2][2], e.mse, 1e-5 * e.mse);
+  EXPECT_NEAR(v[2][3], e.mse_now, 1e-5 * e.mse_now);
+
+  r = train("--resume " + out + "/checkpoint.safetensors --steps 8 --val-every 3");
+  ASSERT_EQ(r.status, 0) << r.output;
+  v = rows();
+  ASSERT_EQ(v.size(), 5u);
+  EXPECT_EQ(v[3][0], 6);
+  EXPECT_EQ(v[4][0], 8);
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --val-every 3 --out " +
+                      dir.file("other"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("--val-every and --val-windows need --val-data"));
+}
+
 // A learning rate of 1e30 blows the parameters up in one step, and the next loss is not
 // finite: that step throws, naming itself, before it touches the parameters.
 TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {

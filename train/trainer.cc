@@ -469,6 +469,21 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   return normalizer.unnormalize_action(actions);
 }
 
+LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
+  LoadedPolicy p;
+  p.config = config_;
+  p.step = step();
+  p.normalizer = normalizer_;
+  Rng init(0);
+  p.policy = std::make_unique<BCPolicy>(config_.policy, init);
+  NamedTensors values = use_ema ? ema_->params() : policy_->named_parameters();
+  for (const auto& [name, t] : policy_->named_buffers()) values.insert(name, t);
+  p.policy->load(values, /*buffers=*/true);
+  if (config_.objective != "mse")
+    p.sampler = std::make_unique<EulerSampler>(*p.policy, config_.sample_steps, config_.max_t);
+  return p;
+}
+
 ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64_t max_windows,
                          int64_t batch_size, uint64_t seed, Rng& rng) {
   const PolicyConfig& pc = policy.config.policy;

@@ -49,6 +49,8 @@ struct StepStats {
 
 Normalizer make_normalizer(const Episodes& data, const std::string& mode);
 
+struct LoadedPolicy;
+
 class Trainer {
  public:
   Trainer(const TrainConfig& config, const Episodes& data);
@@ -73,6 +75,9 @@ class Trainer {
   // trained elsewhere (load_equinox(trainer.policy(), path)), before the first step.
   void restart_ema() { ema_->set(policy_->named_parameters()); }
   const Normalizer& normalizer() const { return normalizer_; }
+  // The policy as load_policy would read it from a checkpoint saved now: a copy of the EMA (or,
+  // with use_ema false, of the parameters) and the buffers, frozen for acting.
+  LoadedPolicy frozen_policy(bool use_ema = true) const;
   const EMA& ema() const { return *ema_; }
 
  private:

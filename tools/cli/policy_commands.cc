@@ -168,8 +168,8 @@ void print_eval(const DemoTask::EvalResult& r) {
 void add_train(CLI::App& app) {
   struct Options {
     TrainFlags flags;
-    std::string data, out = "runs/train", resume, obs_keys = "state";
-    int64_t log_every = 100, checkpoint_every = 1000;
+    std::string data, out = "runs/train", resume, obs_keys = "state", val_data;
+    int64_t log_every = 100, checkpoint_every = 1000, val_every = 1000, val_windows = 256;
     int threads = 0;
     bool overwrite = false;
   };
@@ -196,11 +196,24 @@ void add_train(CLI::App& app) {
                   "checkpoint every N steps (0: end only)")
       ->check(non_negative())
       ->capture_default_str();
+  cmd->add_option("--val-data", o->val_data,
+                  "held-out demonstrations (same format and --obs-keys as --data): the EMA "
+                  "policy's open-loop action error on them every --val-every steps, in val.csv");
+  cmd->add_option("--val-every", o->val_every, "with --val-data: validate every N steps")
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--val-windows", o->val_windows,
+                  "with --val-data: windows to act on, always the same (0: all)")
+      ->check(non_negative())
+      ->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(positive());
   cmd->callback([o, cmd] {
     set_threads(o->threads);
     struct stat st;
+    MMDIT_CHECK(
+        !o->val_data.empty() || (!cmd->count("--val-every") && !cmd->count("--val-windows")),
+        "train: --val-every and --val-windows need --val-data");
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(!o->overwrite,
@@ -235,6 +248,17 @@ void add_train(CLI::App& app) {
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
                 (long long)data.state_dim(), (long long)data.act_dim());
+    std::optional<Episodes> validation;
+    if (!o->val_data.empty()) {
+      validation = load_episodes(o->val_data, keys);
+      MMDIT_CHECK(
+          validation->state_dim() == data.state_dim() && validation->act_dim() == data.act_dim(),
+          "train: --val-data ", o->val_data, " has state_dim ", validation->state_dim(),
+          " and act_dim ", validation->act_dim(), "; --data has ", data.state_dim(), " and ",
+          data.act_dim());
+      std::printf("validation: %s, %lld episodes, %lld frames\n", o->val_data.c_str(),
+                  (long long)validation->num_episodes(), (long long)validation->num_frames());
+    }
     std::unique_ptr<Trainer> trainer;
     if (!o->resume.empty()) {
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
@@ -260,9 +284,12 @@ void add_train(CLI::App& app) {
       for (const char* name : {"checkpoint.safetensors", "loss.svg", "rollouts.svg"})
         std::remove((o->out + "/" + name).c_str());
     }
-    const LoopResult r = run_training(
-        *trainer,
-        {.out_dir = o->out, .log_every = o->log_every, .checkpoint_every = o->checkpoint_every});
+    const LoopResult r = run_training(*trainer, {.out_dir = o->out,
+                                                 .log_every = o->log_every,
+                                                 .checkpoint_every = o->checkpoint_every,
+                                                 .validation = validation ? &*validation : nullptr,
+                                                 .validate_every = o->val_every,
+                                                 .validation_windows = o->val_windows});
     if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
   });
 }

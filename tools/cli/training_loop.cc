@@ -1,6 +1,7 @@
 #include "tools/cli/training_loop.h"
 
 #include <sys/stat.h>
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "tensor/file_io.h"
@@ -33,30 +35,27 @@ extern "C" void on_stop_signal(int signal) {
   g_stop_signal = signal;
 }
 
-// metrics.csv, one row per step. A fresh run starts it anew. A resumed run keeps the rows up to
-// its checkpoint's step, dropping any that a run which stopped after its last checkpoint wrote,
-// and appends; the rows it keeps are also the start of the loss curve.
-class MetricsCsv {
+// A CSV file of one row per step, first field the step. A fresh run starts it anew. A resumed
+// run keeps the rows up to its checkpoint's step, dropping any that a run which stopped after its
+// last checkpoint wrote, and appends.
+class StepCsv {
  public:
-  static constexpr const char* kHeader = "step,loss,grad_norm,lr,steps_per_s";
-
-  MetricsCsv(const std::string& path, int64_t resumed_step,
-             std::vector<std::pair<int64_t, double>>& losses)
-      : path_(path) {
-    std::string kept = std::string(kHeader) + "\n";
+  StepCsv(const std::string& path, const std::string& header, int64_t resumed_step) : path_(path) {
+    std::string kept = header + "\n";
     struct stat st;
     if (resumed_step > 0 && ::stat(path.c_str(), &st) == 0) {
       std::istringstream in(read_file(path));
       std::string line;
       std::getline(in, line);
-      MMDIT_CHECK(line == kHeader, path, ": not a metrics file of this program (first line '", line,
-                  "'); move it away to resume into this directory");
+      MMDIT_CHECK(line == header, path, ": not a file of this program (first line '", line,
+                  "', expected '", header, "'); move it away to resume into this directory");
       while (std::getline(in, line)) {
         int64_t step = 0;
-        double loss = 0;
-        if (std::sscanf(line.c_str(), "%" SCNd64 ",%lf", &step, &loss) != 2 || step > resumed_step)
+        if (std::sscanf(line.c_str(), "%" SCNd64 ",", &step) != 1 || step > resumed_step ||
+            std::count(line.begin(), line.end(), ',') !=
+                std::count(header.begin(), header.end(), ','))
           continue;  // a row cut short by a kill, or past the checkpoint
-        losses.emplace_back(step, loss);
+        kept_rows_.push_back(line);
         kept += line + "\n";
       }
     }
@@ -64,8 +63,12 @@ class MetricsCsv {
     out_.open(path, std::ios::app);
     MMDIT_CHECK(out_.good(), "cannot write ", path, ": ", std::strerror(errno));
   }
-  void row(int64_t step, const StepStats& s, double rate) {
-    out_ << step << ',' << s.loss << ',' << s.grad_norm << ',' << s.lr << ',' << rate << '\n';
+  const std::vector<std::string>& kept_rows() const { return kept_rows_; }
+  template <class... Fields>
+  void row(const Fields&... fields) {
+    const char* sep = "";
+    ((out_ << sep << fields, sep = ","), ...);
+    out_ << '\n';
   }
   // Training goes on when the disk fills, and the checkpoint's own save reports it; a dropped
   // row is said once.
@@ -81,6 +84,7 @@ class MetricsCsv {
  private:
   std::string path_;
   std::ofstream out_;
+  std::vector<std::string> kept_rows_;
   bool warned_ = false;
 };
 
@@ -143,7 +147,29 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
   const int64_t first = trainer.step();
   LoopResult result;
-  MetricsCsv csv(options.out_dir + "/metrics.csv", first, result.losses);
+  StepCsv csv(options.out_dir + "/metrics.csv", "step,loss,grad_norm,lr,steps_per_s", first);
+  // The rows kept from before a resume are also the start of the loss curve.
+  for (const std::string& row : csv.kept_rows()) {
+    int64_t step = 0;
+    double loss = 0;
+    if (std::sscanf(row.c_str(), "%" SCNd64 ",%lf", &step, &loss) == 2)
+      result.losses.emplace_back(step, loss);
+  }
+  std::optional<StepCsv> val_csv;
+  if (options.validation)
+    val_csv.emplace(options.out_dir + "/val.csv", "step,windows,mse,mse_now", first);
+  const auto validate = [&] {
+    // The same windows and noise every time, so that the rows compare.
+    Rng noise(trainer.config().seed);
+    const ActionError e =
+        action_error(trainer.frozen_policy(), *options.validation, options.validation_windows, 64,
+                     trainer.config().seed, noise);
+    val_csv->row(trainer.step(), e.windows, e.mse, e.mse_now);
+    val_csv->flush();
+    if (!options.quiet)
+      std::printf("step %6lld  validation: action MSE %.6g (action for now %.6g) on %lld windows\n",
+                  (long long)trainer.step(), e.mse, e.mse_now, (long long)e.windows);
+  };
   const std::string ckpt = checkpoint_path(options.out_dir);
   int64_t saved_step = -1;  // the step of the checkpoint this run last wrote
   auto save = [&] {
@@ -181,7 +207,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
     result.losses.emplace_back(step, s.loss);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double rate = (step - first) / std::max(elapsed, 1e-9);
-    csv.row(step, s, rate);
+    csv.row(step, s.loss, s.grad_norm, s.lr, rate);
     // The first step's line shows at once that training runs, and at what loss it starts.
     if (step % options.log_every == 0 || step == total || step == first + 1) {
       const double window = std::chrono::duration<double>(Clock::now() - window_start).count();
@@ -197,6 +223,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
       window_loss = 0;
     }
     if (options.checkpoint_every > 0 && step % options.checkpoint_every == 0) save();
+    if (options.validation && (step % options.validate_every == 0 || step == total)) validate();
   }
   result.stop_signal = g_stop_signal;
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();

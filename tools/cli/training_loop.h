@@ -1,5 +1,5 @@
 // The loop around Trainer::train_step shared by `mmdit train` and `mmdit demo`: progress lines,
-// metrics CSV, periodic and Ctrl-C/SIGTERM checkpoints, the loss curve.
+// metrics CSV, periodic and Ctrl-C/SIGTERM checkpoints, validation, the loss curve.
 #pragma once
 
 #include <string>
@@ -15,6 +15,13 @@ struct LoopOptions {
   int64_t log_every = 100;
   int64_t checkpoint_every = 0;  // 0: only at the end (and on Ctrl-C or SIGTERM)
   bool quiet = false;
+  // Held-out demonstrations: every validate_every steps and at the end, the EMA policy's
+  // open-loop action error on validation_windows of their windows (action_error with batches of
+  // 64; the windows' seed and the noise's Rng are the config's seed, so every row uses the same),
+  // printed and written to val.csv.
+  const Episodes* validation = nullptr;
+  int64_t validate_every = 1000;
+  int64_t validation_windows = 256;
 };
 
 struct LoopResult {
