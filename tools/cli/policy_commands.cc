@@ -117,6 +117,14 @@ std::vector<float> parse_numbers(const std::string& text, const char* flag) {
   }
 }
 
+// "state,gripper" -> {"state", "gripper"}: --obs-keys.
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> parts;
+  std::stringstream ss(text);
+  for (std::string part; std::getline(ss, part, ',');) parts.push_back(part);
+  return parts;
+}
+
 void set_threads(int threads) {
   if (threads > 0) set_num_threads(threads);
 }
@@ -241,9 +249,7 @@ void add_train(CLI::App& app) {
     MMDIT_CHECK(!cmd->count("--obs-keys") || lowercase_extension(o->data) != ".npz",
                 "train: --obs-keys selects HDF5 observation groups; ", o->data,
                 " is an .npz, whose observations are 'observation.state'");
-    std::vector<std::string> keys;
-    std::stringstream ss(o->obs_keys);
-    for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
+    const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
@@ -342,9 +348,7 @@ void add_import_eqx(CLI::App& app) {
     defaults.policy = sizes;
     const TrainConfig config = o->flags.apply(defaults);
     check_policy_sizes(sizes, config.policy, o->flags.config_file);
-    std::vector<std::string> keys;
-    std::stringstream ss(o->obs_keys);
-    for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
+    const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
     Trainer trainer(config, data);
     load_equinox(trainer.policy(), o->eqx);
@@ -498,9 +502,7 @@ void add_eval(CLI::App& app) {
       MMDIT_CHECK(o->svg.empty(),
                   "eval: --svg draws the demo task's rollouts; with --data there "
                   "are none");
-      std::vector<std::string> keys;
-      std::stringstream ss(o->obs_keys);
-      for (std::string k; std::getline(ss, k, ',');) keys.push_back(k);
+      const std::vector<std::string> keys = split_commas(o->obs_keys);
       const Episodes data = load_episodes(o->data, keys);
       Rng rng(static_cast<uint64_t>(o->seed) + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size,
