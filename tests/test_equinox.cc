@@ -309,6 +309,12 @@ TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
   r = run_mmdit(str_cat("train --resume ", dir, "/run/checkpoint.safetensors --data ", dir,
                         "/demos.npz --steps 2"));
   EXPECT_EQ(r.status, 0) << r.output;
+  // Imported again over the fine-tuned run: its logs go with it.
+  r = run_mmdit(
+      str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir, "/run --overwrite"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 0);
+  EXPECT_FALSE(std::ifstream(dir + "/run/metrics.csv").good());
 }
 
 }  // namespace

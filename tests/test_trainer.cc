@@ -906,6 +906,11 @@ TEST(Cli, TrainValidatesOnHeldOutDemonstrations) {
   ASSERT_EQ(v.size(), 5u);
   EXPECT_EQ(v[3][0], 6);
   EXPECT_EQ(v[4][0], 8);
+  // A new run over this one without --val-data leaves no val.csv of the old run behind.
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                      dir.file("config.json") + " --steps 2 --overwrite --out " + out);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(out + "/val.csv"));
   r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --val-every 3 --out " +
                       dir.file("other"));
   EXPECT_NE(r.status, 0);

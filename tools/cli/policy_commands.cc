@@ -125,6 +125,14 @@ std::vector<std::string> split_commas(const std::string& text) {
   return parts;
 }
 
+// --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
+// before the new run writes its own next to them.
+void remove_previous_run(const std::string& dir) {
+  for (const char* name :
+       {"checkpoint.safetensors", "metrics.csv", "val.csv", "loss.svg", "rollouts.svg"})
+    std::remove((dir + "/" + name).c_str());
+}
+
 void set_threads(int threads) {
   if (threads > 0) set_num_threads(threads);
 }
@@ -284,12 +292,7 @@ void add_train(CLI::App& app) {
       trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
     }
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
-    if (o->overwrite) {
-      // The directory describes one run: the old run's checkpoint and curve go before the new
-      // run writes its config and metrics next to them.
-      for (const char* name : {"checkpoint.safetensors", "loss.svg", "rollouts.svg"})
-        std::remove((o->out + "/" + name).c_str());
-    }
+    if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
                                                  .log_every = o->log_every,
                                                  .checkpoint_every = o->checkpoint_every,
@@ -354,6 +357,7 @@ void add_import_eqx(CLI::App& app) {
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
     make_directory(o->out);
+    if (o->overwrite) remove_previous_run(o->out);
     write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
     trainer.save_checkpoint(ckpt);
     std::printf(
