@@ -855,6 +855,13 @@ TEST(Cli, EvalOnDemonstrations) {
   EXPECT_THAT(r.output, HasSubstr("20 windows of 6 episodes, 4-action chunks"));
   EXPECT_THAT(r.output, HasSubstr("action MSE "));
   EXPECT_THAT(r.output, HasSubstr("action for now (index 1): MSE "));
+  const test::Command mixed =
+      test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") + " --episodes 5");
+  EXPECT_NE(mixed.status, 0);
+  EXPECT_THAT(mixed.output, HasSubstr("eval: --episodes is for the demo task's closed-loop"));
+  const test::Command alone = test::run_mmdit("eval " + ckpt + " --windows 5");
+  EXPECT_NE(alone.status, 0);
+  EXPECT_THAT(alone.output, HasSubstr("eval: --windows needs --data"));
 }
 
 // train --val-data: rows at every --val-every steps and at the end, each the action error of the

@@ -498,14 +498,18 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_option("--threads", o->threads, "threads")->check(positive());
   add_weights_option(cmd, o->weights);
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
     set_threads(o->threads);
+    // Each flag belongs to one of the two evaluations: given to the other, it is refused rather
+    // than ignored.
+    for (const char* flag : {"--episodes", "--n-action-steps", "--svg"})
+      MMDIT_CHECK(o->data.empty() || !cmd->count(flag), "eval: ", flag,
+                  " is for the demo task's closed-loop episodes; --data evaluates open-loop");
+    for (const char* flag : {"--obs-keys", "--windows", "--batch-size"})
+      MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
     if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     if (!o->data.empty()) {
-      MMDIT_CHECK(o->svg.empty(),
-                  "eval: --svg draws the demo task's rollouts; with --data there "
-                  "are none");
       const std::vector<std::string> keys = split_commas(o->obs_keys);
       const Episodes data = load_episodes(o->data, keys);
       Rng rng(static_cast<uint64_t>(o->seed) + 1);
