@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <iterator>
 
@@ -168,15 +169,19 @@ TEST(Equinox, Float64ModelGetsTheFloat32ValuesWidened) {
 std::string policy_error(const PolicyConfig& config, const std::string& path) {
   Rng rng(3);
   BCPolicy policy(config, rng);
-  const NamedTensors before = policy.named_parameters();
+  const auto everything = [&] {
+    NamedTensors all = policy.named_parameters();
+    for (const auto& [name, t] : policy.named_buffers()) all.insert(name, t);
+    return all;
+  };
   std::vector<std::vector<float>> values;
-  for (const auto& [name, t] : before) values.push_back(raw::clone(t).to_vector<float>());
+  for (const auto& [name, t] : everything()) values.push_back(raw::clone(t).to_vector<float>());
   try {
     load_equinox(policy, path);
   } catch (const Error& e) {
-    // Nothing was loaded: the parameters are as they were.
+    // Nothing was loaded: the parameters and buffers are as they were.
     size_t i = 0;
-    for (const auto& [name, t] : policy.named_parameters())
+    for (const auto& [name, t] : everything())
       EXPECT_EQ(t.to_vector<float>(), values[i++]) << name << " changed by a failed load";
     return e.what();
   }
@@ -251,6 +256,39 @@ TEST(Equinox, MalformedFilesAreNamed) {
               std::string::npos)
         << e.what();
   }
+  const std::vector<EquinoxLeaf> leaves = equinox_leaves(c);
+  const auto at = [&](const std::string& leaf_path) {
+    return static_cast<size_t>(
+        std::find_if(leaves.begin(), leaves.end(),
+                     [&](const EquinoxLeaf& l) { return l.path == leaf_path; }) -
+        leaves.begin());
+  };
+  // Record i of `in` replaced; nested calls replace the later records first, so that the earlier
+  // ones' offsets still hold.
+  const auto replaced = [&](size_t i, const std::string& record, const std::string& in) {
+    return in.substr(0, i ? ends[i - 1] : 0) + record + in.substr(ends[i]);
+  };
+  // Sizes whose product overflows int64 (2^33 heads of 2^31 wrap to 0), with an empty to_qkv to
+  // match the wrapped size, are still refused: the product is formed in double.
+  const std::string overflowing = replaced(
+      at("mmdit.blocks.joint_attn.to_qkv.0.weight"), serialize_npy(zeros({2, 0, 16})),
+      replaced(at("mmdit.blocks.joint_attn.dim_head"), serialize_npy_int64({int64_t{1} << 31}, {}),
+               replaced(at("mmdit.blocks.joint_attn.heads"),
+                        serialize_npy_int64({int64_t{1} << 33}, {}), bytes)));
+  const std::string overflow_error =
+      test::error_of([&] { equinox_policy_config(write_temp("over.eqx", overflowing)); });
+  EXPECT_NE(overflow_error.find("mmdit.blocks.joint_attn.to_qkv.0.weight has shape (2,0,16), but "
+                                "the sizes the file records make it (2,5.5"),
+            std::string::npos)
+      << overflow_error;
+  // sigma = inf could not be written back into a config (JSON has no inf).
+  const std::string infinite =
+      replaced(at("sigma"), serialize_npy(full({}, INFINITY, DType::f64)), bytes);
+  EXPECT_NE(test::error_of([&] {
+              equinox_policy_config(write_temp("inf.eqx", infinite));
+            }).find("sigma must be finite and >= 0, got inf"),
+            std::string::npos)
+      << test::error_of([&] { equinox_policy_config(write_temp("inf.eqx", infinite)); });
   EXPECT_THROW(equinox_policy_config(write_temp("empty.eqx", "")), Error);
   EXPECT_THROW(equinox_policy_config(data_path("mmdit.eqx")), Error);
 }
@@ -295,6 +333,12 @@ TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(read_bytes(dir + "/exported.eqx") == read_bytes(eqx));
 
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --obs-keys state --out ",
+                        dir, "/run3"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("import-eqx: --obs-keys selects HDF5 observation groups"),
+            std::string::npos)
+      << r.output;
   r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir, "/run"));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("already holds a checkpoint; pass --overwrite"), std::string::npos)

@@ -836,6 +836,16 @@ TEST(ActionError, ConstantPolicyAgainstTheClosedForm) {
     EXPECT_NEAR(e.mse, (per_dim[0] + per_dim[1]) / (2 * steps), 1e-5 * e.mse);
     EXPECT_NEAR(e.mse_now, at_now / static_cast<double>(chosen.size()), 1e-5 * e.mse_now);
   }
+  // Chunks that stop before the action for now give no figure for it.
+  TrainConfig short_chunks = tiny_config(data);
+  short_chunks.policy.horizon = 1;
+  short_chunks.policy.n_obs_steps = 3;
+  Trainer(short_chunks, data).save_checkpoint(dir.file("short.safetensors"));
+  Rng short_noise(0);
+  const ActionError no_now =
+      action_error(load_policy(dir.file("short.safetensors")), data, 0, 8, 3, short_noise);
+  EXPECT_TRUE(std::isnan(no_now.mse_now));
+  EXPECT_TRUE(std::isfinite(no_now.mse));
   Rng noise(0);
   Episodes other{rng.normal({10, 4}), rng.normal({10, 2}), {0, 10}};
   EXPECT_THAT([&] { action_error(p, other, 0, 4, 3, noise); },
@@ -859,6 +869,10 @@ TEST(Cli, EvalOnDemonstrations) {
       test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") + " --episodes 5");
   EXPECT_NE(mixed.status, 0);
   EXPECT_THAT(mixed.output, HasSubstr("eval: --episodes is for the demo task's closed-loop"));
+  const test::Command keys =
+      test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") + " --obs-keys state");
+  EXPECT_NE(keys.status, 0);
+  EXPECT_THAT(keys.output, HasSubstr("eval: --obs-keys selects HDF5 observation groups"));
   const test::Command alone = test::run_mmdit("eval " + ckpt + " --windows 5");
   EXPECT_NE(alone.status, 0);
   EXPECT_THAT(alone.output, HasSubstr("eval: --windows needs --data"));
@@ -913,6 +927,15 @@ TEST(Cli, TrainValidatesOnHeldOutDemonstrations) {
   ASSERT_EQ(v.size(), 5u);
   EXPECT_EQ(v[3][0], 6);
   EXPECT_EQ(v[4][0], 8);
+  // A run killed after validating past its last checkpoint left a row that a resumed run, even
+  // one that does not validate, drops.
+  std::ofstream(out + "/val.csv", std::ios::app) << "9,12,0.5,0.5\n";
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --resume " + out +
+                      "/checkpoint.safetensors --steps 9");
+  ASSERT_EQ(r.status, 0) << r.output;
+  v = rows();
+  ASSERT_EQ(v.size(), 5u);
+  EXPECT_EQ(v[4][0], 8);
   // A new run over this one without --val-data leaves no val.csv of the old run behind.
   r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
                       dir.file("config.json") + " --steps 2 --overwrite --out " + out);
@@ -922,6 +945,30 @@ TEST(Cli, TrainValidatesOnHeldOutDemonstrations) {
                       dir.file("other"));
   EXPECT_NE(r.status, 0);
   EXPECT_THAT(r.output, HasSubstr("--val-every and --val-windows need --val-data"));
+}
+
+// A held-out state far outside the training data's range (a dimension constant in training)
+// makes the actions overflow: the step's validation fails, says so, and training goes on to its
+// checkpoint.
+TEST(Cli, TrainGoesOnWhenValidationFails) {
+  Rng rng(10);
+  Tensor states = rng.normal({30, 2});
+  raw::copy_into(raw::narrow(states, 1, 0, 1), zeros({30, 1}));
+  Episodes data{states, rng.normal({30, 2}), {0, 15, 30}};
+  Episodes held_out{full({12, 2}, 1e35), rng.normal({12, 2}), {0, 12}};
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  save_lerobot_npz(dir.file("val.npz"), held_out);
+  std::ofstream(dir.file("config.json")) << tiny_config(data).to_json();
+  const test::Command r = test::run_mmdit(
+      "train --data " + dir.file("demos.npz") + " --val-data " + dir.file("val.npz") +
+      " --config " + dir.file("config.json") + " --steps 2 --val-every 1 --out " + dir.file("run"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output,
+              HasSubstr("warning: validation at step 1 failed: act: the policy's action"));
+  EXPECT_EQ(load_policy(dir.file("run/checkpoint.safetensors")).step, 2);
+  EXPECT_THAT(read_file(dir.file("run/val.csv")), HasSubstr("\n1,"));
+  EXPECT_THAT(read_file(dir.file("run/val.csv")), HasSubstr(",nan,nan\n"));
 }
 
 // A learning rate of 1e30 blows the parameters up in one step, and the next loss is not

@@ -168,15 +168,33 @@ void policy_leaves(const PolicyConfig& c, LeafList& l) {
   mmdit_leaves(mmdit_config(c), "mmdit.", l);
 }
 
-// The file's consecutive .npy records.
-std::vector<NpyRecord> read_records(const std::string& path) {
-  const std::string bytes = read_file(path);
-  MMDIT_CHECK(!bytes.empty(), path, ": empty file, not an Equinox model (tree_serialise_leaves)");
-  std::vector<NpyRecord> records;
-  for (size_t offset = 0; offset < bytes.size(); offset += records.back().bytes)
-    records.push_back(parse_npy_record(bytes.data() + offset, bytes.size() - offset,
-                                       str_cat(path, ": record ", records.size()), false));
-  return records;
+// A file of consecutive .npy records, their headers read and checked: each record's values are
+// converted only once the caller has checked its dtype and shape (a crafted file's int8 array
+// would otherwise become 8 times its size in float64 before anything refused it).
+struct Records {
+  std::string path, bytes;
+  std::vector<NpyRecord> headers;  // value undefined
+  std::vector<size_t> offsets;
+
+  size_t size() const { return headers.size(); }
+  const NpyRecord& operator[](size_t i) const { return headers[i]; }
+  Tensor value(size_t i) const {
+    return parse_npy_record(bytes.data() + offsets[i], headers[i].bytes,
+                            str_cat(path, ": record ", i), /*whole=*/true)
+        .value;
+  }
+};
+
+Records read_records(const std::string& path) {
+  Records r{path, read_file(path), {}, {}};
+  MMDIT_CHECK(!r.bytes.empty(), path, ": empty file, not an Equinox model (tree_serialise_leaves)");
+  for (size_t offset = 0; offset < r.bytes.size(); offset += r.headers.back().bytes) {
+    r.offsets.push_back(offset);
+    r.headers.push_back(parse_npy_record(r.bytes.data() + offset, r.bytes.size() - offset,
+                                         str_cat(path, ": record ", r.size()), /*whole=*/false,
+                                         /*read_data=*/false));
+  }
+  return r;
 }
 
 bool is_float(const NpyRecord& r) {
@@ -188,9 +206,9 @@ bool is_integer(const NpyRecord& r) {
 
 // Each record checked against its leaf; the arrays under our names (stacked ones split by
 // block), in `dtype`. `model` holds every name with our shape.
-NamedTensors match_leaves(const std::string& path, const std::vector<NpyRecord>& records,
-                          const std::vector<EquinoxLeaf>& leaves, const NamedTensors& model,
-                          DType dtype) {
+NamedTensors match_leaves(const Records& records, const std::vector<EquinoxLeaf>& leaves,
+                          const NamedTensors& model, DType dtype) {
+  const std::string& path = records.path;
   MMDIT_CHECK(records.size() >= leaves.size(), path, ": the file holds ", records.size(),
               " records, but the model has ", leaves.size(), " leaves; the next would be ",
               leaves[records.size()].path,
@@ -205,24 +223,23 @@ NamedTensors match_leaves(const std::string& path, const std::vector<NpyRecord>&
     const std::string where = str_cat(path, ": record ", i, " (", leaf.path, ")");
     if (leaf.kind != EquinoxLeaf::Kind::array) {
       const bool integer = leaf.kind == EquinoxLeaf::Kind::integer;
-      MMDIT_CHECK(r.value.dim() == 0 && (integer ? is_integer(r) : is_float(r)), where,
-                  ": holds a '", r.descr, "' array of shape ", shape_str(r.value.shape()),
-                  ", expected a Python ", integer ? "int" : "float",
-                  " (a model with other hyperparameters?)");
-      const double found = r.value.item();
+      MMDIT_CHECK(r.shape.empty() && (integer ? is_integer(r) : is_float(r)), where, ": holds a '",
+                  r.descr, "' array of shape ", shape_str(r.shape), ", expected a Python ",
+                  integer ? "int" : "float", " (a model with other hyperparameters?)");
+      const double found = records.value(i).item();
       MMDIT_CHECK(found == leaf.value, where, ": is ", found, ", the model's is ", leaf.value,
                   ": build the model with the hyperparameters it was saved with");
       continue;
     }
     Shape shape = model.at(leaf.names[0]).shape();
     if (leaf.stacked) shape.insert(shape.begin(), static_cast<int64_t>(leaf.names.size()));
-    MMDIT_CHECK(is_float(r), where, ": holds a '", r.descr, "' array of shape ",
-                shape_str(r.value.shape()), ", expected a float array of shape ", shape_str(shape));
+    MMDIT_CHECK(is_float(r), where, ": holds a '", r.descr, "' array of shape ", shape_str(r.shape),
+                ", expected a float array of shape ", shape_str(shape));
     MMDIT_CHECK(
-        r.value.shape() == shape, where, ": has shape ", shape_str(r.value.shape()),
-        ", the model's is ", shape_str(shape),
+        r.shape == shape, where, ": has shape ", shape_str(r.shape), ", the model's is ",
+        shape_str(shape),
         leaf.stacked ? str_cat(" (", leaf.names.size(), " blocks stacked)") : std::string());
-    const Tensor v = raw::to_dtype(r.value, dtype);
+    const Tensor v = raw::to_dtype(records.value(i), dtype);
     if (!leaf.stacked) {
       values.insert(leaf.names[0], v);
       continue;
@@ -238,8 +255,7 @@ template <class Model>
 void load_leaves(Model& model, const std::string& path, const std::vector<EquinoxLeaf>& leaves) {
   NamedTensors names = model.named_parameters();
   for (const auto& [name, t] : model.named_buffers()) names.insert(name, t);
-  model.load(match_leaves(path, read_records(path), leaves, names, model.dtype()),
-             /*buffers=*/true);
+  model.load(match_leaves(read_records(path), leaves, names, model.dtype()), /*buffers=*/true);
 }
 
 template <class Model>
@@ -310,25 +326,25 @@ void save_equinox(const InContextMMDiT& model, const std::string& path) {
 }
 
 PolicyConfig equinox_policy_config(const std::string& path) {
-  const std::vector<NpyRecord> records = read_records(path);
+  const Records records = read_records(path);
   // The order of the leaves does not depend on the sizes: find each by its path.
   const std::vector<EquinoxLeaf> leaves = equinox_leaves(PolicyConfig{});
-  const auto record = [&](const std::string& leaf_path) -> const NpyRecord& {
+  const auto index = [&](const std::string& leaf_path) {
     const auto at = std::find_if(leaves.begin(), leaves.end(),
                                  [&](const EquinoxLeaf& l) { return l.path == leaf_path; });
     const size_t i = static_cast<size_t>(at - leaves.begin());
     MMDIT_CHECK(i < records.size(), path, ": the file ends after ", records.size(),
                 " records, before ", leaf_path, " (record ", i,
                 "); not a BCPolicy saved by Equinox?");
-    return records[i];
+    return i;
   };
   const auto scalar = [&](const std::string& leaf_path, bool integer) {
-    const NpyRecord& r = record(leaf_path);
-    MMDIT_CHECK(r.value.dim() == 0 && (integer ? is_integer(r) : is_float(r)), path, ": ",
-                leaf_path, " should be a Python ", integer ? "int" : "float",
-                ", the file holds a '", r.descr, "' array of shape ", shape_str(r.value.shape()),
-                "; not a BCPolicy saved by Equinox?");
-    return r.value.item();
+    const size_t i = index(leaf_path);
+    const NpyRecord& r = records[i];
+    MMDIT_CHECK(r.shape.empty() && (integer ? is_integer(r) : is_float(r)), path, ": ", leaf_path,
+                " should be a Python ", integer ? "int" : "float", ", the file holds a '", r.descr,
+                "' array of shape ", shape_str(r.shape), "; not a BCPolicy saved by Equinox?");
+    return records.value(i).item();
   };
   const auto size = [&](const std::string& leaf_path) {
     return static_cast<int64_t>(scalar(leaf_path, true));
@@ -345,31 +361,40 @@ PolicyConfig equinox_policy_config(const std::string& path) {
   c.dim_head = size("mmdit.blocks.joint_attn.dim_head");
   c.heads = size("mmdit.blocks.joint_attn.heads");
   c.ff_mult = size("mmdit.blocks.feedforwards.0.mult");
-  const Tensor& to_cond = record("mmdit.blocks.to_cond.layers.1.weight").value;
-  MMDIT_CHECK(to_cond.dim() == 3, path,
+  const Shape& to_cond = records[index("mmdit.blocks.to_cond.layers.1.weight")].shape;
+  MMDIT_CHECK(to_cond.size() == 3, path,
               ": mmdit.blocks.to_cond.layers.1.weight should be the blocks' weights stacked "
               "(3 dimensions), the file holds shape ",
-              shape_str(to_cond.shape()));
-  c.depth = to_cond.shape()[0];
+              shape_str(to_cond));
+  c.depth = to_cond[0];
   c.validate();
   // Every size is confirmed by an array that has it, before anyone builds a model of this size:
-  // an edited "hidden_size" must not allocate gigabytes the file does not hold.
-  const int64_t h = c.hidden_size, inner = c.heads * c.dim_head;
-  const std::vector<std::pair<const char*, Shape>> shapes = {
-      {"state_encoder.weight", {h, c.state_dim}},
-      {"action_encoder.weight", {h, c.act_dim}},
-      {"state_pos_embed", {c.n_obs_steps, h}},
-      {"action_pos_embed", {c.horizon, h}},
-      {"mmdit.timestep_embeds.0.linear1.weight", {c.dim_cond, c.timestep_embed_dim}},
-      {"mmdit.blocks.joint_attn.to_qkv.0.weight", {c.depth, 3 * inner, h}},
-      {"mmdit.blocks.feedforwards.0.linear_in.weight", {c.depth, h * c.ff_mult, h}},
-      {"mmdit.blocks.to_cond.layers.1.weight", {c.depth, 4 * h, c.dim_cond}},
-      {"mmdit.final_layers.1.linear_out.weight", {c.act_dim, h}}};
-  for (const auto& [leaf_path, shape] : shapes) {
-    const Tensor& t = record(leaf_path).value;
-    MMDIT_CHECK(t.shape() == shape, path, ": ", leaf_path, " has shape ", shape_str(t.shape()),
-                ", but the sizes the file records make it ", shape_str(shape),
-                "; not a BCPolicy saved by Equinox?");
+  // an edited "hidden_size" must not allocate gigabytes the file does not hold. In double, so
+  // that products of edited sizes cannot overflow.
+  const double h = static_cast<double>(c.hidden_size), depth = static_cast<double>(c.depth);
+  const double inner = static_cast<double>(c.heads) * static_cast<double>(c.dim_head);
+  const std::vector<std::pair<const char*, std::vector<double>>> shapes = {
+      {"state_encoder.weight", {h, double(c.state_dim)}},
+      {"action_encoder.weight", {h, double(c.act_dim)}},
+      {"state_pos_embed", {double(c.n_obs_steps), h}},
+      {"action_pos_embed", {double(c.horizon), h}},
+      {"mmdit.timestep_embeds.0.linear1.weight",
+       {double(c.dim_cond), double(c.timestep_embed_dim)}},
+      {"mmdit.blocks.joint_attn.to_qkv.0.weight", {depth, 3 * inner, h}},
+      {"mmdit.blocks.joint_attn.q_rmsnorms.0.gamma", {depth, double(c.dim_head)}},
+      {"mmdit.blocks.feedforwards.0.linear_in.weight", {depth, h * double(c.ff_mult), h}},
+      {"mmdit.blocks.to_cond.layers.1.weight", {depth, 4 * h, double(c.dim_cond)}},
+      {"mmdit.final_layers.1.linear_out.weight", {double(c.act_dim), h}}};
+  for (const auto& [leaf_path, expected] : shapes) {
+    const Shape& found = records[index(leaf_path)].shape;
+    bool same = found.size() == expected.size();
+    for (size_t k = 0; same && k < found.size(); ++k)
+      same = static_cast<double>(found[k]) == expected[k];
+    std::string want = "(";
+    for (size_t k = 0; k < expected.size(); ++k) want += str_cat(k ? "," : "", expected[k]);
+    MMDIT_CHECK(same, path, ": ", leaf_path, " has shape ", shape_str(found),
+                ", but the sizes the file records make it ", want,
+                "); not a BCPolicy saved by Equinox?");
   }
   return c;
 }

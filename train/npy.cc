@@ -388,7 +388,8 @@ Tensor parse_npy(const void* bytes, size_t size, const std::string& what) {
   return parse_npy_record(bytes, size, what, /*whole=*/true).value;
 }
 
-NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole) {
+NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole,
+                           bool read_data) {
   const auto* p = static_cast<const unsigned char*>(bytes);
   if (size < kMagicLen || std::memcmp(p, kMagic, kMagicLen) != 0)
     fail(what, ": not a .npy file (bad magic: expected \"\\x93NUMPY\", got \"",
@@ -473,8 +474,10 @@ NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& wh
     fail(what, ": ", d.text, " shape ", shape_str(shape), " needs ", nbytes,
          " bytes of data but the file holds ", available,
          available < nbytes ? " (file truncated?)" : "");
+  const size_t record_bytes = static_cast<size_t>(preamble + header_len + nbytes);
+  if (!read_data) return {Tensor(), d.text, shape, record_bytes};
   return {convert(d, shape, p + preamble + header_len, static_cast<size_t>(numel), what), d.text,
-          static_cast<size_t>(preamble + header_len + nbytes)};
+          shape, record_bytes};
 }
 
 std::string serialize_npy(const Tensor& t) {

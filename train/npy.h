@@ -47,15 +47,19 @@ void save_npz(const std::string& path, const NamedTensors& arrays);
 // Parses the bytes of a .npy file; `what` (a path, or "path: array 'name'") starts every error.
 Tensor parse_npy(const void* bytes, size_t size, const std::string& what);
 // One .npy record at the start of `bytes`: its array, its dtype as the header gives it ('<i8',
-// '<f4', ...: loading turns integers into floats, the descr still tells them apart), and its
-// length. With `whole`, the record must fill `size` exactly, as parse_npy requires; otherwise
-// bytes may follow it, as in files of consecutive records (Equinox's tree_serialise_leaves).
+// '<f4', ...: loading turns integers into floats, the descr still tells them apart), its shape
+// and its length. With `whole`, the record must fill `size` exactly, as parse_npy requires;
+// otherwise bytes may follow it, as in files of consecutive records (Equinox's
+// tree_serialise_leaves). Without `read_data`, only the header is read and checked (value stays
+// undefined): a reader can refuse what it does not want before converting anything.
 struct NpyRecord {
   Tensor value;
   std::string descr;
+  Shape shape;
   size_t bytes = 0;
 };
-NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole);
+NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole,
+                           bool read_data = true);
 // The bytes of a .npy file holding `t` (made contiguous as needed).
 std::string serialize_npy(const Tensor& t);
 // The bytes of an int64 ('<i8') .npy file: for integer arrays such as episode indices, which

@@ -88,7 +88,9 @@ void PolicyConfig::validate() const {
   check_positive(who, "ff_mult", ff_mult);
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
-  MMDIT_CHECK(sigma >= 0, "policy config: sigma must be >= 0, got ", sigma);
+  // Finite too: JSON has no inf, and a config that cannot be written back cannot be resumed.
+  MMDIT_CHECK(sigma >= 0 && std::isfinite(sigma),
+              "policy config: sigma must be finite and >= 0, got ", sigma);
 }
 
 // ---- normalisation ----

@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cmath>
 #include <functional>
+#include <limits>
 
 #include "autodiff/value_and_grad.h"
 #include "tensor/safetensors.h"
@@ -530,7 +531,8 @@ ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64
     e.mse_per_dim.push_back(s / std::max<int64_t>(steps, 1));
     e.mse += s / std::max<int64_t>(steps * A, 1);
   }
-  e.mse_now = sum_now / std::max<int64_t>(windows_now, 1);
+  // NaN when no window has the action for now (a horizon shorter than n_obs_steps).
+  e.mse_now = windows_now > 0 ? sum_now / windows_now : std::numeric_limits<double>::quiet_NaN();
   return e;
 }
 

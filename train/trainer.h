@@ -116,7 +116,9 @@ struct ActionError {
   int64_t windows = 0;
   double mse = 0;                   // mean over windows, unpadded steps and dimensions
   std::vector<double> mse_per_dim;  // (act_dim): the same, per action dimension
-  double mse_now = 0;  // the action for the newest observation (index n_obs_steps - 1) alone
+  // The action for the newest observation (index n_obs_steps - 1) alone; NaN when the chunks
+  // do not reach it (horizon < n_obs_steps).
+  double mse_now = 0;
 };
 // `max_windows` of the data's windows (one per frame; 0: all), a seeded choice, acted on in
 // batches of `batch_size`, with the flow's noise drawn from `rng`.

@@ -125,6 +125,13 @@ std::vector<std::string> split_commas(const std::string& text) {
   return parts;
 }
 
+// --obs-keys names HDF5 groups: given with an .npz, it is refused rather than ignored.
+void check_obs_keys_fit(CLI::App* cmd, const std::string& data, const char* command) {
+  MMDIT_CHECK(!cmd->count("--obs-keys") || lowercase_extension(data) != ".npz", command,
+              ": --obs-keys selects HDF5 observation groups; ", data,
+              " is an .npz, whose observations are 'observation.state'");
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
@@ -254,9 +261,7 @@ void add_train(CLI::App& app) {
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
-    MMDIT_CHECK(!cmd->count("--obs-keys") || lowercase_extension(o->data) != ".npz",
-                "train: --obs-keys selects HDF5 observation groups; ", o->data,
-                " is an .npz, whose observations are 'observation.state'");
+    check_obs_keys_fit(cmd, o->data, "train");
     const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
@@ -340,11 +345,12 @@ void add_import_eqx(CLI::App& app) {
   cmd->add_option("--out", o->out, "output directory (checkpoint, config.json)")
       ->capture_default_str();
   cmd->add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out");
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
     const std::string ckpt = checkpoint_path(o->out);
     struct stat st;
     MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
                 " already holds a checkpoint; pass --overwrite to replace it");
+    check_obs_keys_fit(cmd, o->data, "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -507,6 +513,7 @@ void add_eval(CLI::App& app) {
                   " is for the demo task's closed-loop episodes; --data evaluates open-loop");
     for (const char* flag : {"--obs-keys", "--windows", "--batch-size"})
       MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
+    if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
     if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     if (!o->data.empty()) {

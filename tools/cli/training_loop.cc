@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <optional>
 #include <sstream>
 
@@ -141,7 +142,8 @@ std::string format_duration(double seconds) {
 
 LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   make_directory(options.out_dir);
-  for (const char* name : {"checkpoint.safetensors", "config.json", "metrics.csv", "loss.svg"})
+  for (const char* name :
+       {"checkpoint.safetensors", "config.json", "metrics.csv", "val.csv", "loss.svg"})
     remove_stale_temp_files(options.out_dir + "/" + name);
   // The run's whole config, to read, edit and pass back with --config.
   write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
@@ -155,15 +157,33 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
     if (std::sscanf(row.c_str(), "%" SCNd64 ",%lf", &step, &loss) == 2)
       result.losses.emplace_back(step, loss);
   }
+  // val.csv follows the run as metrics.csv does, also when this run does not validate: a resumed
+  // run drops the rows past its checkpoint, and a new run leaves no rows of an old one.
+  const std::string val_path = options.out_dir + "/val.csv";
+  const char* val_header = "step,windows,mse,mse_now";
   std::optional<StepCsv> val_csv;
+  struct stat val_stat;
   if (options.validation)
-    val_csv.emplace(options.out_dir + "/val.csv", "step,windows,mse,mse_now", first);
+    val_csv.emplace(val_path, val_header, first);
+  else if (first == 0)
+    std::remove(val_path.c_str());
+  else if (::stat(val_path.c_str(), &val_stat) == 0)
+    StepCsv(val_path, val_header, first);
   const auto validate = [&] {
     // The same windows and noise every time, so that the rows compare.
     Rng noise(trainer.config().seed);
-    const ActionError e =
-        action_error(trainer.frozen_policy(), *options.validation, options.validation_windows, 64,
-                     trainer.config().seed, noise);
+    ActionError e;
+    try {
+      e = action_error(trainer.frozen_policy(), *options.validation, options.validation_windows, 64,
+                       trainer.config().seed, noise);
+    } catch (const Error& error) {
+      // Training goes on (a held-out state far outside the training data's range can make the
+      // actions overflow); the row says the step could not be validated.
+      std::fprintf(stderr, "warning: validation at step %lld failed: %s\n",
+                   (long long)trainer.step(), error.what());
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      e.mse = e.mse_now = nan;
+    }
     val_csv->row(trainer.step(), e.windows, e.mse, e.mse_now);
     val_csv->flush();
     if (!options.quiet)
