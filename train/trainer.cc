@@ -354,6 +354,22 @@ CheckpointFile read_checkpoint(const std::string& path) {
   return c;
 }
 
+// A policy of `config` holding `tensors` (parameters and buffers, copied in), frozen for acting.
+LoadedPolicy frozen(const TrainConfig& config, const Normalizer& normalizer, int64_t step,
+                    const NamedTensors& tensors, WeightPrecision weights) {
+  LoadedPolicy p;
+  p.config = config;
+  p.step = step;
+  p.normalizer = normalizer;
+  Rng init(0);
+  p.policy = std::make_unique<BCPolicy>(config.policy, init);
+  p.policy->load(tensors, /*buffers=*/true);
+  if (config.objective != "mse")
+    p.sampler =
+        std::make_unique<EulerSampler>(*p.policy, config.sample_steps, config.max_t, weights);
+  return p;
+}
+
 // The policy's tensors as the checkpoint holds them: `weights` and the position tables, which
 // are the file's too: those of a policy imported from the reference (mmdit import-eqx) were
 // computed in float32 and differ from ours by up to 4e-6.
@@ -419,25 +435,15 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
 
 LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
   const CheckpointFile c = read_checkpoint(path);
-  LoadedPolicy p;
-  p.config = c.config;
-  p.step = c.step;
-  p.normalizer = c.normalizer;
-  Rng init(0);
-  p.policy = std::make_unique<BCPolicy>(c.config.policy, init);
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
   check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");
   check_finite(c.with_prefix("buffer/"), path, "buffer");
   try {
-    p.policy->load(with_buffers(weights_in_file, c), /*buffers=*/true);
+    return frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
   } catch (const Error& e) {
     fail(path, ": tensors '", prefix, "*': ", e.what());
   }
-  if (c.config.objective != "mse")
-    p.sampler =
-        std::make_unique<EulerSampler>(*p.policy, c.config.sample_steps, c.config.max_t, weights);
-  return p;
 }
 
 Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
@@ -471,18 +477,9 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
 }
 
 LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
-  LoadedPolicy p;
-  p.config = config_;
-  p.step = step();
-  p.normalizer = normalizer_;
-  Rng init(0);
-  p.policy = std::make_unique<BCPolicy>(config_.policy, init);
-  NamedTensors values = use_ema ? ema_->params() : policy_->named_parameters();
-  for (const auto& [name, t] : policy_->named_buffers()) values.insert(name, t);
-  p.policy->load(values, /*buffers=*/true);
-  if (config_.objective != "mse")
-    p.sampler = std::make_unique<EulerSampler>(*p.policy, config_.sample_steps, config_.max_t);
-  return p;
+  NamedTensors tensors = use_ema ? ema_->params() : policy_->named_parameters();
+  for (const auto& [name, t] : policy_->named_buffers()) tensors.insert(name, t);
+  return frozen(config_, normalizer_, step(), tensors, WeightPrecision::f32);
 }
 
 ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64_t max_windows,
