@@ -251,18 +251,23 @@ NamedTensors match_leaves(const Records& records, const std::vector<EquinoxLeaf>
   return values;
 }
 
+// Every tensor a leaf can name: the parameters, then the buffers (the policy's position tables).
+NamedTensors parameters_and_buffers(const nn::Module& model) {
+  NamedTensors all = model.named_parameters();
+  for (const auto& [name, t] : model.named_buffers()) all.insert(name, t);
+  return all;
+}
+
 template <class Model>
 void load_leaves(Model& model, const std::string& path, const std::vector<EquinoxLeaf>& leaves) {
-  NamedTensors names = model.named_parameters();
-  for (const auto& [name, t] : model.named_buffers()) names.insert(name, t);
-  model.load(match_leaves(read_records(path), leaves, names, model.dtype()), /*buffers=*/true);
+  model.load(match_leaves(read_records(path), leaves, parameters_and_buffers(model), model.dtype()),
+             /*buffers=*/true);
 }
 
 template <class Model>
 void save_leaves(const Model& model, const std::string& path,
                  const std::vector<EquinoxLeaf>& leaves) {
-  NamedTensors values = model.named_parameters();
-  for (const auto& [name, t] : model.named_buffers()) values.insert(name, t);
+  const NamedTensors values = parameters_and_buffers(model);
   std::string bytes;
   for (const EquinoxLeaf& leaf : leaves) {
     switch (leaf.kind) {
