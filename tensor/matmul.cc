@@ -1,11 +1,14 @@
-// Matrix products through OpenBLAS. A transposed view is handed to gemm as a transpose flag with
-// its leading dimension; only layouts gemm cannot express are copied.
+// Matrix products through oneDNN (float32) and OpenBLAS. A transposed view is handed to gemm as a
+// transpose flag with its leading dimension; only layouts gemm cannot express are copied.
 #include <cblas.h>
+#include <dnnl.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <optional>
+#include <string_view>
 
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
@@ -36,13 +39,26 @@ std::optional<GemmOperand> gemm_layout(const Tensor& t) {
   return gemm_layout(t.shape()[n - 2], t.shape()[n - 1], t.strides()[n - 2], t.strides()[n - 1]);
 }
 
-void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+std::atomic<SgemmLibrary> chosen_sgemm{SgemmLibrary::onednn};
+
+// oneDNN generates its kernels for the shape at hand, but a call costs a few microseconds more
+// than OpenBLAS's; below this many multiply-adds (64 x 64 x 128) OpenBLAS was faster.
+constexpr int64_t kOnednnMinWork = int64_t{1} << 19;
+
+void gemm_serial(SgemmLibrary library, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                 const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                 bool accumulate) {
+  if (library == SgemmLibrary::onednn) {
+    const dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda,
+                                            b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
+    if (status == dnnl_success) return;  // else an argument oneDNN refuses: OpenBLAS takes it
+  }
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
 }
-void gemm_serial(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
+void gemm_serial(SgemmLibrary, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a,
+                 int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc,
+                 bool accumulate) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
 }
@@ -73,10 +89,13 @@ template <class T>
 void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
                    const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
   if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
-  const int threads = omp_get_level() > 0 ? 1 : num_threads();
   const int64_t work = m * n * k;
+  // Chosen for the whole product, so that its blocks, and so its values, do not depend on the
+  // number of threads.
+  const SgemmLibrary library = work >= kOnednnMinWork ? sgemm_library() : SgemmLibrary::openblas;
+  const int threads = omp_get_level() > 0 ? 1 : num_threads();
   if (threads == 1 || work < 64 * 64 * 64) {
-    gemm_serial(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+    gemm_serial(library, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
     return;
   }
   // Split the longer side, in multiples of 16 so that each block keeps whole SIMD tiles.
@@ -88,11 +107,11 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t start = blk * chunk, len = std::min(chunk, extent - start);
     if (split_rows)
-      gemm_serial(ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b, ldb, c + start * ldc,
-                  ldc, accumulate);
+      gemm_serial(library, ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b, ldb,
+                  c + start * ldc, ldc, accumulate);
     else
-      gemm_serial(ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb, c + start, ldc,
-                  accumulate);
+      gemm_serial(library, ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb,
+                  c + start, ldc, accumulate);
   }
 }
 
@@ -191,6 +210,36 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
   threaded_gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+SgemmLibrary sgemm_library() {
+  static const bool from_environment = [] {
+    const char* name = std::getenv("MMDIT_SGEMM");
+    if (!name || !*name) return true;
+    try {
+      chosen_sgemm.store(parse_sgemm_library(name));
+    } catch (const Error& e) {
+      fail("MMDIT_SGEMM: ", e.what());
+    }
+    return true;
+  }();
+  (void)from_environment;
+  return chosen_sgemm.load(std::memory_order_relaxed);
+}
+
+void set_sgemm_library(SgemmLibrary library) {
+  sgemm_library();  // the environment's choice is read first, so that this one stays
+  chosen_sgemm.store(library);
+}
+
+const char* sgemm_library_name(SgemmLibrary library) {
+  return library == SgemmLibrary::onednn ? "onednn" : "openblas";
+}
+
+SgemmLibrary parse_sgemm_library(std::string_view name) {
+  if (name == "onednn") return SgemmLibrary::onednn;
+  if (name == "openblas") return SgemmLibrary::openblas;
+  fail("unknown sgemm library '", name, "': choose onednn or openblas");
 }
 
 int64_t matmul_flops() {

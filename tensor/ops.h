@@ -94,6 +94,17 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate = false);
 
+// The library that runs float32 products of at least 64 x 64 x 128 multiply-adds. oneDNN's sgemm
+// generates its kernels for the shape at hand and ran the training steps' products 5-30% faster
+// than OpenBLAS's (docs/performance.md); OpenBLAS runs the smaller ones and every float64
+// product. MMDIT_SGEMM=openblas|onednn chooses at the first product; set_sgemm_library()
+// chooses later, between products.
+enum class SgemmLibrary { onednn, openblas };
+SgemmLibrary sgemm_library();
+void set_sgemm_library(SgemmLibrary library);
+const char* sgemm_library_name(SgemmLibrary library);
+SgemmLibrary parse_sgemm_library(std::string_view name);  // "onednn" or "openblas"
+
 // Floating-point operations done by matrix products since the program started (2 per
 // multiply-add; fused kernels that multiply matrices add theirs), for benchmarks' GFLOP/s.
 int64_t matmul_flops();

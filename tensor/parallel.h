@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 
 namespace mmdit {
 
@@ -31,8 +32,19 @@ void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  // An exception may not leave an OpenMP region (the program would terminate): the first one
+  // thrown is kept and rethrown after it.
+  std::exception_ptr error;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  for (int64_t i = 0; i < n; ++i) {
+    try {
+      fn(i);
+    } catch (...) {
+#pragma omp critical(mmdit_parallel_for_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace mmdit

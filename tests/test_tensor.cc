@@ -7,6 +7,7 @@
 #include <hwy/targets.h>
 
 #include <array>
+#include <atomic>
 
 #include <cfloat>
 #include <cmath>
@@ -1576,6 +1577,70 @@ TEST_F(TensorThreadCount, GemmWithPaddedLeadingDimensions) {
         check_gemm_padded<double>(ta, tb, 300, 40, 260, rng);
       }
   }
+}
+
+// Both libraries that run float32 products, on shapes large enough for oneDNN (by rows: 288 x 40
+// x 72; by columns: 40 x 288 x 72), every transpose flag, with and without accumulating into C:
+// against a float64 sum, and bit-identical on 1 and 2 threads (each thread's block of a product
+// must sum in the order the whole product does).
+TEST_F(TensorThreadCount, EverySgemmLibraryMatchesFloat64OnOneAndTwoThreads) {
+  const raw::SgemmLibrary chosen = raw::sgemm_library();
+  Rng rng(53);
+  for (const raw::SgemmLibrary library : {raw::SgemmLibrary::onednn, raw::SgemmLibrary::openblas})
+    for (const auto [m, n, k] : {std::array<int64_t, 3>{288, 40, 72}, {40, 288, 72}})
+      for (bool ta : {false, true})
+        for (bool tb : {false, true})
+          for (bool accumulate : {false, true}) {
+            SCOPED_TRACE(str_cat(raw::sgemm_library_name(library), " ", m, "x", n, "x", k,
+                                 " a^T=", ta, " b^T=", tb, " accumulate=", accumulate));
+            const auto a = rng.normal({m * k}).to_vector<float>();
+            const auto b = rng.normal({k * n}).to_vector<float>();
+            const auto c0 = rng.normal({m * n}).to_vector<float>();
+            raw::set_sgemm_library(library);
+            std::vector<std::vector<float>> results;
+            for (int threads : {1, 2}) {
+              set_num_threads(threads);
+              std::vector<float> c = c0;
+              raw::gemm(ta, tb, m, n, k, a.data(), ta ? m : k, b.data(), tb ? k : n, c.data(), n,
+                        accumulate);
+              results.push_back(c);
+            }
+            raw::set_sgemm_library(chosen);
+            EXPECT_TRUE(results[0] == results[1]) << "1 and 2 threads differ";
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = 0; j < n; ++j) {
+                double want = accumulate ? c0[i * n + j] : 0.0;
+                for (int64_t p = 0; p < k; ++p)
+                  want += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
+                          (tb ? b[j * k + p] : b[p * n + j]);
+                ASSERT_NEAR(results[1][i * n + j], want, 1e-4 * std::sqrt(static_cast<double>(k)))
+                    << "at " << i << "," << j;
+              }
+          }
+}
+
+TEST(TensorMatmul, AnUnknownSgemmLibraryIsNamed) {
+  EXPECT_EQ(raw::parse_sgemm_library("openblas"), raw::SgemmLibrary::openblas);
+  EXPECT_EQ(raw::parse_sgemm_library("onednn"), raw::SgemmLibrary::onednn);
+  EXPECT_THAT([] { raw::parse_sgemm_library("mkl"); },
+              testing::ThrowsMessage<Error>(
+                  testing::HasSubstr("unknown sgemm library 'mkl': choose onednn or openblas")));
+}
+
+// A body that throws on one thread: the exception comes out of parallel_for, after every other
+// item has run, instead of ending the program from inside the OpenMP region.
+TEST_F(TensorThreadCount, ParallelForRethrowsAnExceptionAfterTheRegion) {
+  set_num_threads(2);
+  std::atomic<int> done{0};
+  EXPECT_THAT(
+      [&] {
+        parallel_for(64, kParallelGrain, [&](int64_t i) {
+          if (i == 17) fail("item ", i, " failed");
+          ++done;
+        });
+      },
+      testing::ThrowsMessage<Error>(testing::HasSubstr("item 17 failed")));
+  EXPECT_EQ(done.load(), 63);
 }
 
 TEST_F(TensorThreadCount, RngIsReproducibleAndThreadIndependent) {

@@ -326,20 +326,30 @@ void release_free_memory() {
     release();
 }
 
-// GFLOP/s of one large sgemm on the current threads: the most a matrix-product-bound step can
-// reach on this machine.
-double sgemm_roof_gflops() {
-  const int n = 2048;
-  std::vector<float> a(static_cast<size_t>(n) * n, 0.5f), b(a), c(a.size());
-  std::vector<double> times;
-  for (int rep = 0; rep < 6; ++rep) {
-    const Clock::time_point t0 = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
-                0.0f, c.data(), n);
-    if (rep > 0) times.push_back(seconds_since(t0));  // the first packs buffers, faults pages
-  }
-  std::sort(times.begin(), times.end());
-  return 2.0 * n * n * n / times[times.size() / 2] / 1e9;
+// GFLOP/s of one large float32 product on the current threads, with each library that can run
+// it: the larger is the most a matrix-product-bound step can reach on this machine.
+struct SgemmRoof {
+  double onednn = 0, openblas = 0;
+  double best() const { return std::max(onednn, openblas); }
+};
+
+SgemmRoof sgemm_roof_gflops() {
+  const int64_t n = 2048;
+  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a), c(a.size());
+  auto measure = [&](raw::SgemmLibrary library) {
+    const raw::SgemmLibrary chosen = raw::sgemm_library();
+    raw::set_sgemm_library(library);
+    std::vector<double> times;
+    for (int rep = 0; rep < 6; ++rep) {
+      const Clock::time_point t0 = Clock::now();
+      raw::gemm(false, false, n, n, n, a.data(), n, b.data(), n, c.data(), n);
+      if (rep > 0) times.push_back(seconds_since(t0));  // the first packs buffers, faults pages
+    }
+    raw::set_sgemm_library(chosen);
+    std::sort(times.begin(), times.end());
+    return 2.0 * n * n * n / times[times.size() / 2] / 1e9;
+  };
+  return SgemmRoof{measure(raw::SgemmLibrary::onednn), measure(raw::SgemmLibrary::openblas)};
 }
 
 struct Result {
@@ -395,8 +405,9 @@ double memory_floor_ms(const Result& r, double memory_roof) {
   return r.weight_mb_per_rep / memory_roof;  // MB / (GB/s) = ms
 }
 
-std::string json_line(const Result& r, int threads, double roof, double memory_roof,
+std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof, double memory_roof,
                       const char* core, const std::string& allocator) {
+  const double roof = sgemm_roof.best();
   char buf[1024];
   int len = std::snprintf(
       buf, sizeof buf,
@@ -407,8 +418,12 @@ std::string json_line(const Result& r, int threads, double roof, double memory_r
       r.workload.c_str(), threads, r.reps, r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep,
       r.gflops, roof, r.gflops / roof, r.peak_rss_mb, r.page_faults_per_rep, core);
   std::string s(buf, static_cast<size_t>(len));
-  std::snprintf(buf, sizeof buf, ", \"memory_roof_gbps\": %.1f", memory_roof);
+  std::snprintf(buf, sizeof buf,
+                ", \"roof_onednn_gflops\": %.1f, \"roof_openblas_gflops\": %.1f, "
+                "\"memory_roof_gbps\": %.1f",
+                sgemm_roof.onednn, sgemm_roof.openblas, memory_roof);
   s += buf;
+  s += str_cat(", \"sgemm\": \"", raw::sgemm_library_name(raw::sgemm_library()), "\"");
   s += str_cat(", \"allocator\": \"", allocator, "\", \"openblas_threading\": \"",
                openblas_threading(), "\"");
   if (const char* detected = std::getenv(kDetectedCoreVariable))
@@ -461,6 +476,7 @@ struct Options {
   int warmup = 2;
   bool json = false;
   bool keep_coretype = false;
+  std::string sgemm;  // empty: MMDIT_SGEMM, else onednn
 };
 
 void run_bench(const Options& o) {
@@ -498,14 +514,18 @@ void run_bench(const Options& o) {
     MMDIT_CHECK(found, "bench: unknown workload '", name, "'; choose ", names, "or all");
     chosen.push_back(found);
   }
-  const double roof = sgemm_roof_gflops();
+  if (!o.sgemm.empty()) raw::set_sgemm_library(raw::parse_sgemm_library(o.sgemm));
+  const SgemmRoof sgemm_roof = sgemm_roof_gflops();
+  const double roof = sgemm_roof.best();
   const double memory_roof = memory_roof_gbps();
+  const char* sgemm = raw::sgemm_library_name(raw::sgemm_library());
   if (!o.json) {
     std::printf(
-        "mmdit bench: %d thread(s), OpenBLAS core %s, %s, float32, %d reps after %d "
-        "warm-up\n",
-        threads, core_label.c_str(), allocator.c_str(), o.reps, o.warmup);
-    std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s\n", roof);
+        "mmdit bench: %d thread(s), float32 products on %s, OpenBLAS core %s, %s, %d reps after "
+        "%d warm-up\n",
+        threads, sgemm, core_label.c_str(), allocator.c_str(), o.reps, o.warmup);
+    std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s (onednn %.1f, openblas %.1f)\n",
+                roof, sgemm_roof.onednn, sgemm_roof.openblas);
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
@@ -517,7 +537,8 @@ void run_bench(const Options& o) {
     if (chosen.size() == 1) {
       const Result r = run(*w, o.reps, o.warmup);
       if (o.json)
-        std::printf("%s\n", json_line(r, threads, roof, memory_roof, core, allocator).c_str());
+        std::printf("%s\n",
+                    json_line(r, threads, sgemm_roof, memory_roof, core, allocator).c_str());
       else
         print_table_row(r, roof, memory_roof);
     } else {
@@ -539,7 +560,8 @@ std::string run_in_child(const Workload& w, const Options& o, int threads) {
   exe[len] = 0;
   const std::string command =
       str_cat("'", exe, "' bench --keep-coretype --json --workload ", w.name, " --reps ", o.reps,
-              " --warmup ", o.warmup, " --threads ", threads);
+              " --warmup ", o.warmup, " --threads ", threads, " --sgemm ",
+              raw::sgemm_library_name(raw::sgemm_library()));
   FILE* pipe = popen(command.c_str(), "r");
   MMDIT_CHECK(pipe, "bench: cannot start ", command);
   std::string out;
@@ -595,6 +617,10 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--json", opts->json, "one JSON object per workload per line");
   cmd->add_flag("--keep-coretype", opts->keep_coretype,
                 "keep OPENBLAS_CORETYPE from the environment instead of re-running without it");
+  cmd->add_option("--sgemm", opts->sgemm,
+                  "library for the float32 products: onednn or openblas (default: MMDIT_SGEMM, "
+                  "else onednn)")
+      ->check(CLI::IsMember({"onednn", "openblas"}));
   cmd->callback([opts] { run_bench(*opts); });
 }
 
