@@ -493,6 +493,32 @@ TEST(FrozenWeights, LinearLayersUseThePackedCopyOnlyInsideTheScope) {
   EXPECT_EQ(nn::linear(x, w, b).to_vector<float>(), plain.to_vector<float>());
 }
 
+// Frozen float32 weights are packed for products of up to 511 rows (bound by reading the weight);
+// from 512 rows the product runs on the weight as it is, the same values as outside the scope.
+// bfloat16 weights are packed at any row count: their products must see the rounded weights.
+TEST(FrozenWeights, ManyRowsInFloat32UseTheWeightAsItIs) {
+  Rng rng(11);
+  const Tensor w = rng.normal({24, 32}), b = rng.normal({24});
+  const Tensor many = rng.normal({2, 256, 32}), few = rng.normal({511, 32});
+  FrozenWeights f32(WeightPrecision::f32), bf16(WeightPrecision::bf16);
+  Tensor y_many, y_few, y_many_bf16;
+  {
+    const UseFrozenWeights use(f32);
+    y_many = nn::linear(many, w, b);
+    EXPECT_EQ(f32.bytes(), 0u) << "512 rows were packed";
+    y_few = nn::linear(few, w, b);
+    EXPECT_EQ(f32.bytes(), 32u * 32u * 4u) << "511 rows were not packed";
+  }
+  {
+    const UseFrozenWeights use(bf16);
+    y_many_bf16 = nn::linear(many, w, b);
+  }
+  EXPECT_EQ(y_many.to_vector<float>(), nn::linear(many, w, b).to_vector<float>());
+  EXPECT_LT(test::max_abs_diff(y_few, nn::linear(few, w, b)), 1e-5);
+  EXPECT_EQ(bf16.bytes(), 32u * 32u * 2u);
+  EXPECT_GT(test::max_abs_diff(y_many_bf16, y_many), 0.0);
+}
+
 TEST(FrozenWeights, SamplerInFloat32MatchesTheUnpackedEulerLoop) {
   PolicyConfig c;
   c.n_obs_steps = 2;
