@@ -244,6 +244,27 @@ TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
   EXPECT_EQ(rng.normal({3, 0}).shape(), (Shape{3, 0}));
 }
 
+TEST(EdgeRng, NormalFloat32DrawsOutsideItsRangeAreErrors) {
+  Rng rng(6);
+  // Finite in double, every draw was inf once stored as float32.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 1e39, 1); }),
+              HasSubstr("Rng::normal: mean 1e+39 and stddev 1 give draws outside float32's range "
+                        "(they reach |mean| + 8.65 stddev) (shape (4,))"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, 1e39); }),
+              HasSubstr("mean 0 and stddev 1e+39 give draws outside float32's range"));
+  // Draws reach |mean| + 8.65 stddev (Box-Muller of the smallest uniform, 2^-54): 1e38 as the
+  // stddev gave inf for one draw in 1500.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, 1e38); }),
+              HasSubstr("mean 0 and stddev 1e+38 give draws outside float32's range"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, -3e38, 1e37); }),
+              HasSubstr("mean -3e+38 and stddev 1e+37"));
+  // In float64, and within float32's range with room for the farthest draw, they are values.
+  EXPECT_EQ(rng.normal({2}, DType::f64, 1e39, 1e39).shape(), (Shape{2}));
+  for (double v : values(rng.normal({100000}, DType::f32, 0, 3e37))) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_EQ(values(rng.normal({2}, DType::f32, -3e38, 0)),
+            (std::vector<double>{static_cast<float>(-3e38), static_cast<float>(-3e38)}));
+}
+
 // ---- named tensors ----
 
 TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
