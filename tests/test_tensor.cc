@@ -604,6 +604,20 @@ TEST(TensorCopy, CopyIntoAnOverlappingViewAndIntoABroadcastView) {
       HasSubstr("copy_into: the destination (2,3) is a broadcast view (axis 0 has stride 0)"));
 }
 
+// A source that does not broadcast to the destination is named as copy_into's error, not as
+// the broadcast_to the caller never called; one that does is copied into every row.
+TEST(TensorCopy, ASourceOfTheWrongShapeIsNamedAsCopyIntos) {
+  EXPECT_THAT(error_of([] { raw::copy_into(zeros({3}), ones({4})); }),
+              HasSubstr("copy_into: cannot copy (4,) into (3,)"));
+  EXPECT_THAT(error_of([] {
+                raw::copy_into(zeros({2, 3}), ones({2, 1, 3}));
+              }),
+              HasSubstr("copy_into: cannot copy (2,1,3) into (2,3)"));
+  Tensor rows = zeros({2, 3}, DType::f64);
+  raw::copy_into(rows, from_vector(std::vector<double>{1, 2, 3}, {3}));
+  EXPECT_EQ(rows.to_vector<double>(), (std::vector<double>{1, 2, 3, 1, 2, 3}));
+}
+
 TEST_F(TensorThreadCount, BinaryAddIntoAddsInPlace) {
   for (int threads : {1, 2})
     for (DType t : {DType::f32, DType::f64}) {
