@@ -194,8 +194,12 @@ Tensor cos(const Tensor& x) {
 
 Tensor pow(const Tensor& x, double p) {
   return record("pow", raw::pow_scalar(x, p), {x}, {x}, [p](Backward& ctx) {
-    ctx.input(0,
-              [&] { return raw::mul(ctx.grad, scaled(raw::pow_scalar(ctx.saved[0], p - 1), p)); });
+    ctx.input(0, [&] {
+      // x^0 is 1 everywhere, so its gradient is 0 everywhere; p x^(p-1) would be 0 * inf = NaN
+      // at x = 0.
+      if (p == 0) return zeros_like(ctx.saved[0]);
+      return raw::mul(ctx.grad, scaled(raw::pow_scalar(ctx.saved[0], p - 1), p));
+    });
   });
 }
 

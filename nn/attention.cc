@@ -44,9 +44,15 @@ JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int6
   check_positive("JointAttention", "heads", heads);
   check_positive("JointAttention", "dim_head", dim_head);
   MMDIT_CHECK(dim_head % 2 == 0, "JointAttention: dim_head must be even (RoPE), got ", dim_head);
-  const int64_t inner = heads * dim_head;
+  // Products past int64 would be undefined behaviour and wrap to widths no one asked for.
+  int64_t inner = 0, qkv = 0;
+  MMDIT_CHECK(!__builtin_mul_overflow(heads, dim_head, &inner), "JointAttention: heads ", heads,
+              " * dim_head ", dim_head, " overflows int64");
+  MMDIT_CHECK(!__builtin_mul_overflow(int64_t{3}, inner, &qkv),
+              "JointAttention: 3 * heads * dim_head (3 * ", inner, ", heads ", heads,
+              " * dim_head ", dim_head, ") overflows int64");
   for (int64_t d : dim_inputs) {
-    to_qkv.emplace_back(d, 3 * inner, false, rng);
+    to_qkv.emplace_back(d, qkv, false, rng);
     to_out.emplace_back(inner, d, false, rng);
     q_rmsnorms.emplace_back(dim_head);
     k_rmsnorms.emplace_back(dim_head);

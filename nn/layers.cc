@@ -54,10 +54,21 @@ Tensor AdaptiveLayerNorm::operator()(const Tensor& x, const Tensor& cond) const 
   return modulate(x, modulation_from(to_modulation, silu(cond)));
 }
 
+namespace {
+// mult * dim, the width of the hidden layer; a product past int64 would be undefined behaviour
+// and wrap to a width no one asked for.
+int64_t hidden_width(int64_t dim, int64_t mult) {
+  int64_t width = 0;
+  MMDIT_CHECK(!__builtin_mul_overflow(dim, mult, &width), "FeedForward: dim ", dim, " * mult ",
+              mult, " overflows int64");
+  return width;
+}
+}  // namespace
+
 FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)
-    : linear_in(dim, mult * dim, false, rng),
-      linear_gate(dim, mult * dim, false, rng),
-      linear_out(mult * dim, dim, false, rng) {
+    : linear_in(dim, hidden_width(dim, mult), false, rng),
+      linear_gate(dim, hidden_width(dim, mult), false, rng),
+      linear_out(hidden_width(dim, mult), dim, false, rng) {
   register_module("linear_in", linear_in);
   register_module("linear_gate", linear_gate);
   register_module("linear_out", linear_out);

@@ -300,6 +300,9 @@ Tensor logical_and(const Tensor& a, const Tensor& b) {
 
 void copy_into(const Tensor& dst, const Tensor& src) {
   check_distinct_elements(dst, "copy_into");
+  // Checked here, or broadcast_to below would name itself, which the caller never called.
+  MMDIT_CHECK(broadcasts_to(src.shape(), dst.shape()), "copy_into: cannot copy ",
+              shape_str(src.shape()), " into ", shape_str(dst.shape()));
   // Overlapping rows would be read after they are written (and memcpy'd onto themselves).
   const Tensor s = broadcast_to(src.shares_storage_with(dst) ? clone(src) : src, dst.shape());
   visit_dtype(dst.dtype(), [&](auto dtag) {

@@ -181,23 +181,25 @@ const void* PackedWeight::data() const {
 }
 
 const PackedWeight& FrozenWeights::get(const Tensor& weight) {
+  MMDIT_CHECK(weight.dim() == 2 && weight.dtype() == DType::f32,
+              "FrozenWeights: expected a float32 weight (out, in), got ",
+              dtype_name(weight.dtype()), " ", shape_str(weight.shape()));
+  // The address alone is not the weight: a transposed or narrowed view starts at the same
+  // element, and so would a new weight in a freed one's block, were the entry not holding it.
+  const Key key{reinterpret_cast<uintptr_t>(weight.raw_data()), weight.shape()[0],
+                weight.shape()[1], weight.strides()[0], weight.strides()[1]};
   const std::lock_guard lock(mutex_);
-  const void* key = weight.raw_data();
   auto it = packed_.find(key);
   if (it == packed_.end())
-    it = packed_.emplace(key, std::make_unique<PackedWeight>(weight, precision_)).first;
-  const PackedWeight& p = *it->second;
-  MMDIT_CHECK(p.out_features() == weight.shape()[0] && p.in_features() == weight.shape()[1],
-              "FrozenWeights: a weight of shape ", shape_str(weight.shape()),
-              " reuses the memory of a packed (", p.out_features(), ", ", p.in_features(),
-              ") weight: the model changed while its weights were frozen");
-  return p;
+    it = packed_.emplace(key, Entry{weight, std::make_unique<PackedWeight>(weight, precision_)})
+             .first;
+  return *it->second.packed;
 }
 
 size_t FrozenWeights::bytes() const {
   const std::lock_guard lock(mutex_);
   size_t total = 0;
-  for (const auto& [key, p] : packed_) total += p->bytes();
+  for (const auto& [key, entry] : packed_) total += entry.packed->bytes();
   return total;
 }
 

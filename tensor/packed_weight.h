@@ -11,10 +11,11 @@
 #include <hwy/aligned_allocator.h>
 
 #include <array>
+#include <compare>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 
 #include "tensor/simd.h"
 #include "tensor/tensor.h"
@@ -81,7 +82,9 @@ float from_bf16(uint16_t b);
 
 // Packed copies of the weights a forward pass multiplies by, made the first time each is used
 // and kept while this object lives. It assumes the weights do not change meanwhile: it is for
-// a frozen model (EulerSampler makes one).
+// a frozen model (EulerSampler makes one). Each copy is found by the weight's view (address,
+// shape, strides) and holds the weight's storage, so that no other tensor can be given the
+// same address while the copy is kept.
 class FrozenWeights {
  public:
   explicit FrozenWeights(WeightPrecision precision) : precision_(precision) {}
@@ -91,9 +94,18 @@ class FrozenWeights {
   size_t bytes() const;
 
  private:
+  struct Key {
+    uintptr_t address;  // of the first element
+    int64_t out, in, out_stride, in_stride;
+    auto operator<=>(const Key&) const = default;
+  };
+  struct Entry {
+    Tensor weight;  // keeps its storage, and so its address, taken
+    std::unique_ptr<PackedWeight> packed;
+  };
   WeightPrecision precision_;
   mutable std::mutex mutex_;
-  std::unordered_map<const void*, std::unique_ptr<PackedWeight>> packed_;
+  std::map<Key, Entry> packed_;
 };
 
 // While alive, linear layers on this thread multiply float32 inputs by `weights`' packed copies.

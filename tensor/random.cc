@@ -68,6 +68,13 @@ Tensor Rng::normal(const Shape& shape, DType dtype, double mean, double stddev) 
   MMDIT_CHECK(std::isfinite(mean) && std::isfinite(stddev) && stddev >= 0,
               "Rng::normal: mean must be finite and stddev finite and non-negative, got mean ",
               mean, " and stddev ", stddev, " (shape ", shape_str(shape), ")");
+  // Beyond float32's range a draw is stored as inf. The farthest draw is |mean| + r_max stddev,
+  // r_max = sqrt(-2 log u) of the smallest u that unit() gives, 2^-54: 8.65.
+  static const double max_radius = std::sqrt(-2.0 * std::log(0x1.0p-54));
+  MMDIT_CHECK(dtype != DType::f32 || std::abs(mean) + max_radius * stddev <= FLT_MAX,
+              "Rng::normal: mean ", mean, " and stddev ", stddev,
+              " give draws outside float32's range (they reach |mean| + 8.65 stddev) (shape ",
+              shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   return generate(shape, dtype, "normal", [=](int64_t pair, double* v) {
     const Block b = philox(key, stream, static_cast<uint64_t>(pair));

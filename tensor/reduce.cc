@@ -1,8 +1,11 @@
 // Reductions and softmax. The reduced axes are brought to the end (a view; a copy only when the
 // layout needs one) so that every kernel reduces contiguous rows.
+#include <hwy/aligned_allocator.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
@@ -72,17 +75,36 @@ Tensor reduce_rows(const Tensor& x, const Reduction& r, RowFn row) {
   return out;
 }
 
+// The rows are added a group at a time into a partial sum in T, and the partials into a total in
+// double: one running float32 sum over all the rows stops growing once it outweighs a row by
+// 2^24 (2^25 ones summed to 2^24) and drifts long before (the mean over 2e6 rows near 100 was
+// 98.68). A group of 128 rows keeps the float32 error near that of the SIMD row sums, and the
+// adds into double are 1/128 of the work. The partial is 64-byte aligned: a vector store that
+// straddles two cache lines on every row made the (1024, 512) bias gradient 20% slower.
 template <class T>
 Tensor sum_leading(const Tensor& x, const Reduction& r) {
   Tensor out = zeros(r.out_shape, x.dtype());
-  const int64_t cols = shape_numel(r.kept_shape);
+  const int64_t cols = shape_numel(r.kept_shape), rows = r.inner;
   const T* in = x.data<T>();
   T* o = out.data<T>();
-  constexpr int64_t kBlock = 4096;
+  constexpr int64_t kBlock = 4096, kGroup = 128;
   const int64_t blocks = (cols + kBlock - 1) / kBlock;
-  parallel_for(blocks, r.inner * std::min(cols, kBlock), [&](int64_t b) {
+  parallel_for(blocks, rows * std::min(cols, kBlock), [&](int64_t b) {
     const int64_t c0 = b * kBlock, n = std::min(kBlock, cols - c0);
-    for (int64_t row = 0; row < r.inner; ++row) simd::axpy(T(1), in + row * cols + c0, o + c0, n);
+    if (rows <= kGroup) {  // one group: its partial is the sum
+      for (int64_t row = 0; row < rows; ++row) simd::axpy(T(1), in + row * cols + c0, o + c0, n);
+      return;
+    }
+    const auto partial = hwy::AllocateAligned<T>(static_cast<size_t>(n));
+    std::vector<double> total(static_cast<size_t>(n), 0.0);
+    for (int64_t first = 0; first < rows; first += kGroup) {
+      const int64_t last = std::min(rows, first + kGroup);
+      std::copy_n(in + first * cols + c0, n, partial.get());
+      for (int64_t row = first + 1; row < last; ++row)
+        simd::axpy(T(1), in + row * cols + c0, partial.get(), n);
+      for (int64_t j = 0; j < n; ++j) total[j] += partial[j];
+    }
+    for (int64_t j = 0; j < n; ++j) o[c0 + j] = static_cast<T>(total[j]);
   });
   return out;
 }

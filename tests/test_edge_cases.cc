@@ -14,6 +14,7 @@
 
 #include "autodiff/fused.h"
 #include "autodiff/ops.h"
+#include "nn/attention.h"
 #include "nn/functional.h"
 #include "nn/layers.h"
 #include "nn/module.h"
@@ -243,6 +244,27 @@ TEST(EdgeRng, ParametersThatGiveNoDistributionAreErrors) {
   EXPECT_EQ(rng.normal({3, 0}).shape(), (Shape{3, 0}));
 }
 
+TEST(EdgeRng, NormalFloat32DrawsOutsideItsRangeAreErrors) {
+  Rng rng(6);
+  // Finite in double, every draw was inf once stored as float32.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 1e39, 1); }),
+              HasSubstr("Rng::normal: mean 1e+39 and stddev 1 give draws outside float32's range "
+                        "(they reach |mean| + 8.65 stddev) (shape (4,))"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, 1e39); }),
+              HasSubstr("mean 0 and stddev 1e+39 give draws outside float32's range"));
+  // Draws reach |mean| + 8.65 stddev (Box-Muller of the smallest uniform, 2^-54): 1e38 as the
+  // stddev gave inf for one draw in 1500.
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, 0, 1e38); }),
+              HasSubstr("mean 0 and stddev 1e+38 give draws outside float32's range"));
+  EXPECT_THAT(error_of([&] { rng.normal({4}, DType::f32, -3e38, 1e37); }),
+              HasSubstr("mean -3e+38 and stddev 1e+37"));
+  // In float64, and within float32's range with room for the farthest draw, they are values.
+  EXPECT_EQ(rng.normal({2}, DType::f64, 1e39, 1e39).shape(), (Shape{2}));
+  for (double v : values(rng.normal({100000}, DType::f32, 0, 3e37))) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_EQ(values(rng.normal({2}, DType::f32, -3e38, 0)),
+            (std::vector<double>{static_cast<float>(-3e38), static_cast<float>(-3e38)}));
+}
+
 // ---- named tensors ----
 
 TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
@@ -375,6 +397,29 @@ TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
   // dim 1 has no frequency: the one trailing zero. An empty batch gives an empty embedding.
   EXPECT_EQ(values(nn::timestep_embedding(scalar(1), 1)), (std::vector<double>{0}));
   EXPECT_EQ(nn::timestep_embedding(ones({0}), 4).shape(), (Shape{0, 4}));
+}
+
+// Layer widths are products of their sizes; one beyond int64 was undefined behaviour (UBSan) and
+// wrapped: 2^32 * 2^32 to 0, which Linear refused as "in=4294967296 out=0", and 3 * (2^63 - 1)
+// to 2^63 - 3, refused only by its weight's element count. Neither names the sizes given.
+TEST(EdgeNN, LayerWidthsBeyondInt64AreErrors) {
+  Rng rng(3);
+  constexpr int64_t k2To31 = int64_t{1} << 31, k2To32 = int64_t{1} << 32;
+  EXPECT_THAT(error_of([&] { nn::FeedForward(k2To32, k2To32, rng); }),
+              HasSubstr("FeedForward: dim 4294967296 * mult 4294967296 overflows int64"));
+  EXPECT_THAT(error_of([&] { nn::FeedForward(3, kMax, rng); }),
+              HasSubstr("FeedForward: dim 3 * mult 9223372036854775807 overflows int64"));
+  EXPECT_THAT(error_of([&] { nn::JointAttention({8}, k2To32, k2To32, rng); }),
+              HasSubstr("JointAttention: heads 4294967296 * dim_head 4294967296 overflows int64"));
+  // heads * dim_head = 2^62 fits; the three of q, k and v side by side do not.
+  EXPECT_THAT(error_of([&] { nn::JointAttention({8}, k2To31, k2To31, rng); }),
+              HasSubstr("JointAttention: 3 * heads * dim_head (3 * 4611686018427387904, heads "
+                        "2147483648 * dim_head 2147483648) overflows int64"));
+  // Widths that fit still build the layers.
+  const nn::FeedForward ff(4, 3, rng);
+  EXPECT_EQ(ff.linear_in.weight.shape(), (Shape{12, 4}));
+  const nn::JointAttention attention({8, 6}, 4, 2, rng);
+  EXPECT_EQ(attention.to_qkv[1].weight.shape(), (Shape{24, 6}));
 }
 
 struct TwoLinears : nn::Module {

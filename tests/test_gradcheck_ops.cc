@@ -494,6 +494,25 @@ TEST(GradcheckOps, MaximumAndMinimumTiesGoToTheFirstOperand) {
   }
 }
 
+// x^0 is 1 everywhere, x = 0 included (std::pow(0, 0) = 1), so its gradient is 0 everywhere, as
+// JAX and PyTorch give. The backward p x^(p-1) made it 0 * 0^-1 = NaN at x = 0. Central
+// differences at 0 agree (both sides are 1), so gradcheck checks it too.
+TEST(GradcheckOps, PowOfZeroHasZeroGradientAtZero) {
+  for (DType t : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(t));
+    Tensor x = from_vector(std::vector<double>{0, -0.0, 2, -3}, {4}, t);
+    Tape tape;
+    tape.watch(x);
+    Tensor y = pow(x, 0.0);
+    EXPECT_EQ(y.to_vector<double>(), (std::vector<double>{1, 1, 1, 1}));
+    const std::vector<double> g = tape.gradient(sum(y), {x})[0].to_vector<double>();
+    EXPECT_EQ(g, (std::vector<double>{0, 0, 0, 0}));
+  }
+  const GradcheckResult r = gradcheck([](const std::vector<Tensor>& x) { return pow(x[0], 0.0); },
+                                      {from_vector(std::vector<double>{0, 0.5}, {2})});
+  EXPECT_TRUE(r.ok) << r.report();
+}
+
 // square with a deliberately wrong backward: correct everywhere except element (1,2) of the
 // input, whose gradient is off by 1.
 Tensor bad_square(const Tensor& x) {

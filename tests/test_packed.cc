@@ -519,6 +519,34 @@ TEST(FrozenWeights, ManyRowsInFloat32UseTheWeightAsItIs) {
   EXPECT_GT(test::max_abs_diff(y_many_bf16, y_many), 0.0);
 }
 
+// Packed copies were found by the weight's data address alone. A new weight given a freed
+// weight's block by the caching allocator was multiplied as the freed one (4s for 8s), the
+// transpose view of a square weight as the weight itself, and the first rows of a weight were
+// refused as a changed model. Each product here is x = ones times W^T: the row sums of W.
+TEST(FrozenWeights, WeightsAtTheSameAddressAreEachMultipliedAsThemselves) {
+  for (WeightPrecision p : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    SCOPED_TRACE(precision_name(p));
+    FrozenWeights frozen(p);
+    const UseFrozenWeights use(frozen);
+    {
+      const Tensor freed = full({3, 4}, 1.0);
+      EXPECT_EQ(linear_fused(ones({1, 4}), freed).to_vector<float>(), std::vector<float>(3, 4));
+    }
+    const Tensor twos = full({3, 4}, 2.0);
+    EXPECT_EQ(linear_fused(ones({1, 4}), twos).to_vector<float>(), std::vector<float>(3, 8));
+    const Tensor w = from_vector({1.f, 2.f, 3.f, 4.f}, {2, 2});  // [[1, 2], [3, 4]]
+    EXPECT_EQ(linear_fused(ones({1, 2}), w).to_vector<float>(), (std::vector<float>{3, 7}));
+    EXPECT_EQ(linear_fused(ones({1, 2}), raw::transpose(w, 0, 1)).to_vector<float>(),
+              (std::vector<float>{4, 6}));
+    EXPECT_EQ(linear_fused(ones({1, 2}), raw::narrow(w, 0, 0, 1)).to_vector<float>(),
+              (std::vector<float>{3}));
+    // w's packed copy is used again; five weights packed once each, one panel of 16 outputs
+    // over their 4 + 4 + 2 + 2 + 2 inputs.
+    EXPECT_EQ(linear_fused(ones({1, 2}), w).to_vector<float>(), (std::vector<float>{3, 7}));
+    EXPECT_EQ(frozen.bytes(), 16u * 14u * (p == WeightPrecision::f32 ? 4u : 2u));
+  }
+}
+
 TEST(FrozenWeights, SamplerInFloat32MatchesTheUnpackedEulerLoop) {
   PolicyConfig c;
   c.n_obs_steps = 2;

@@ -605,6 +605,20 @@ TEST(TensorCopy, CopyIntoAnOverlappingViewAndIntoABroadcastView) {
       HasSubstr("copy_into: the destination (2,3) is a broadcast view (axis 0 has stride 0)"));
 }
 
+// A source that does not broadcast to the destination is named as copy_into's error, not as
+// the broadcast_to the caller never called; one that does is copied into every row.
+TEST(TensorCopy, ASourceOfTheWrongShapeIsNamedAsCopyIntos) {
+  EXPECT_THAT(error_of([] { raw::copy_into(zeros({3}), ones({4})); }),
+              HasSubstr("copy_into: cannot copy (4,) into (3,)"));
+  EXPECT_THAT(error_of([] {
+                raw::copy_into(zeros({2, 3}), ones({2, 1, 3}));
+              }),
+              HasSubstr("copy_into: cannot copy (2,1,3) into (2,3)"));
+  Tensor rows = zeros({2, 3}, DType::f64);
+  raw::copy_into(rows, from_vector(std::vector<double>{1, 2, 3}, {3}));
+  EXPECT_EQ(rows.to_vector<double>(), (std::vector<double>{1, 2, 3, 1, 2, 3}));
+}
+
 TEST_F(TensorThreadCount, BinaryAddIntoAddsInPlace) {
   for (int threads : {1, 2})
     for (DType t : {DType::f32, DType::f64}) {
@@ -1057,6 +1071,50 @@ TEST_F(TensorThreadCount, ReduceLargeTensorsParallelPath) {
           }
         }
       }
+    }
+  }
+}
+
+// Sums over the leading axes of a contiguous tensor add whole rows at a time. Kept as one
+// running float32 sum per column they lost the rows' low bits once the sum outgrew them: the
+// mean over 2e6 rows near 100 came out 98.68, and a sum of 2^25 ones stopped at 2^24. The sum,
+// the mean and sum_to (which bias gradients go through) against sums in double.
+TEST(TensorReduce, LeadingAxesOfMillionsOfRowsMatchTheSumInDouble) {
+  const Shape shape = {int64_t{1} << 20, 2, 3};  // 2^21 rows of 3 columns over the axes {0, 1}
+  std::mt19937_64 gen(74);
+  std::uniform_real_distribution<float> dist(99, 101);
+  std::vector<float> v(static_cast<size_t>(shape_numel(shape)));
+  for (float& e : v) e = dist(gen);
+  std::vector<double> want_sum(3, 0.0);
+  for (size_t i = 0; i < v.size(); ++i) want_sum[i % 3] += v[i];
+  const double rows = static_cast<double>(shape[0] * shape[1]);
+  const Tensor x = from_vector(v, shape);
+  const std::vector<double> sum = values(raw::sum(x, {0, 1}));
+  const std::vector<double> mean = values(raw::mean(x, {0, 1}, true));
+  const std::vector<double> sum_to = values(raw::sum_to(x, {3}));
+  ASSERT_EQ(sum.size(), 3u);
+  ASSERT_EQ(mean.size(), 3u);
+  ASSERT_EQ(sum_to.size(), 3u);
+  for (size_t c = 0; c < 3; ++c) {
+    SCOPED_TRACE(str_cat("column ", c));
+    // A few float32 roundings of the result: a relative error of about 1e-7.
+    EXPECT_NEAR(sum[c], want_sum[c], 1e-6 * want_sum[c]);
+    EXPECT_NEAR(mean[c], want_sum[c] / rows, 1e-6 * want_sum[c] / rows);
+    EXPECT_NEAR(sum_to[c], want_sum[c], 1e-6 * want_sum[c]);
+  }
+}
+
+// The same sums over many column blocks and a partial last group of rows, on one thread and
+// on two: every column is summed once, whichever block and thread it falls in.
+TEST_F(TensorThreadCount, LeadingAxesOverWideRowsMatchNaive) {
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (DType t : {DType::f32, DType::f64}) {
+      const Tensor x = uniform_tensor({300, 9000}, t, 75, -1, 3);
+      SCOPED_TRACE(str_cat(threads, " thread(s), ", dtype_name(t)));
+      const double tol = t == DType::f32 ? 1e-4 : 1e-11;
+      EXPECT_TRUE(
+          matches(raw::sum(x, {0}), {9000}, naive_reduce(x, {0}, false, Red::sum), tol, tol));
     }
   }
 }
