@@ -1,7 +1,8 @@
 // Micro-benchmark of the tensor layer in float32 on the current thread count:
 //   - elementwise throughput (GB/s of memory traffic the op must do at least) for add, mul with
 //     a broadcast row, exp, silu, a full sum and row softmax, on 1e4, 1e6 and 1e7 elements;
-//   - matmul GFLOP/s of mmdit::raw::matmul next to a direct cblas_sgemm on the same shapes;
+//   - matmul GFLOP/s of mmdit::raw::matmul (oneDNN unless MMDIT_SGEMM=openblas) next to a
+//     direct cblas_sgemm on the same shapes;
 //   - the packed products of one Euler step of the reference policy at batch 1 (8 blocks; per
 //     block qkv, out and the three feed-forward weights of each modality; 16 action rows, 2
 //     observation rows), run as the sampler runs them (pairs), each modality alone, and one by
@@ -109,7 +110,8 @@ struct MatmulCase {
 };
 
 void run_matmul(Rng& rng) {
-  std::printf("\nmatmul, float32 (GFLOP/s = 2*batch*M*N*K / median time)\n");
+  std::printf("\nmatmul, float32, mmdit's products on %s (GFLOP/s = 2*batch*M*N*K / median time)\n",
+              raw::sgemm_library_name(raw::sgemm_library()));
   std::printf("%-36s %12s %12s %12s %12s %7s\n", "shape", "mmdit", "GFLOP/s", "cblas_sgemm",
               "GFLOP/s", "mmdit/blas");
   const MatmulCase cases[] = {
@@ -119,6 +121,8 @@ void run_matmul(Rng& rng) {
       {"(4096,1024) @ (1024,256) Linear", 1, 4096, 1024, 256, false},
       {"(1024,1024) @ (1024,1024)^T", 1, 1024, 1024, 1024, true},
       {"(64,128,64) @ (64,64,128) batched", 64, 128, 64, 128, false},
+      {"(1024,256) @ (256,1536) policy q,k,v", 1, 1024, 256, 1536, false},
+      {"(64,1024) @ (1024,1536) conditioning", 1, 64, 1024, 1536, false},
   };
   for (const MatmulCase& c : cases) {
     const Shape a_shape = c.batch > 1 ? Shape{c.batch, c.m, c.k} : Shape{c.m, c.k};
