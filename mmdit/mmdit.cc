@@ -1,12 +1,22 @@
 #include "mmdit/mmdit.h"
 
-#include <numeric>
-
 namespace mmdit {
+namespace {
+// to_cond's width: every modality's shift and scale.
+int64_t to_cond_width(const std::vector<int64_t>& dims) {
+  int64_t sum = 0;
+  for (int64_t d : dims)
+    MMDIT_CHECK(!__builtin_add_overflow(sum, d, &sum), "MMDiTBlock: the modalities' dims ",
+                shape_str(Shape(dims.begin(), dims.end())), " overflow int64 when summed");
+  return nn::layer_width(2, sum, str_cat("MMDiTBlock: 2 * the modalities' summed dims ", sum));
+}
+}  // namespace
 
 ModulatedFinalLayer::ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond,
                                          Rng& rng)
-    : adaLN_modulation(dim_cond, 2 * dim_in, true, rng, nn::Init::zeros),
+    : adaLN_modulation(
+          dim_cond, nn::layer_width(2, dim_in, str_cat("ModulatedFinalLayer: 2 * dim_in ", dim_in)),
+          true, rng, nn::Init::zeros),
       linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
   register_module("adaLN_modulation", adaLN_modulation);
   register_module("linear_out", linear_out);
@@ -28,9 +38,7 @@ MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_
                        int64_t ff_mult, Rng& rng)
     : dim_modalities(std::move(dims)),
       joint_attn(dim_modalities, dim_head, heads, rng),
-      to_cond(dim_cond,
-              2 * std::accumulate(dim_modalities.begin(), dim_modalities.end(), int64_t{0}), true,
-              rng, nn::Init::zeros) {
+      to_cond(dim_cond, to_cond_width(dim_modalities), true, rng, nn::Init::zeros) {
   MMDIT_CHECK(dim_modalities.size() >= 2, "MMDiTBlock: needs at least two modalities, got ",
               dim_modalities.size());
   for (int64_t d : dim_modalities) {

@@ -45,8 +45,15 @@ Tensor modulate(const Tensor& x, const Modulation& m) {
   return layer_norm_modulate(x, m.shift_scale);  // layer_norm(x) * (1 + scale) + shift
 }
 
+int64_t layer_width(int64_t a, int64_t b, const std::string& what) {
+  int64_t width = 0;
+  MMDIT_CHECK(!__builtin_mul_overflow(a, b, &width), what, " overflows int64");
+  return width;
+}
+
 AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
-    : to_modulation(dim_cond, 2 * dim, true, rng, Init::zeros) {
+    : to_modulation(dim_cond, layer_width(2, dim, str_cat("AdaptiveLayerNorm: 2 * dim ", dim)),
+                    true, rng, Init::zeros) {
   register_module("to_modulation", to_modulation);
 }
 
@@ -54,21 +61,13 @@ Tensor AdaptiveLayerNorm::operator()(const Tensor& x, const Tensor& cond) const 
   return modulate(x, modulation_from(to_modulation, silu(cond)));
 }
 
-namespace {
-// mult * dim, the width of the hidden layer; a product past int64 would be undefined behaviour
-// and wrap to a width no one asked for.
-int64_t hidden_width(int64_t dim, int64_t mult) {
-  int64_t width = 0;
-  MMDIT_CHECK(!__builtin_mul_overflow(dim, mult, &width), "FeedForward: dim ", dim, " * mult ",
-              mult, " overflows int64");
-  return width;
-}
-}  // namespace
-
 FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)
-    : linear_in(dim, hidden_width(dim, mult), false, rng),
-      linear_gate(dim, hidden_width(dim, mult), false, rng),
-      linear_out(hidden_width(dim, mult), dim, false, rng) {
+    : linear_in(dim, layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)),
+                false, rng),
+      linear_gate(dim, layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)),
+                  false, rng),
+      linear_out(layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)), dim,
+                 false, rng) {
   register_module("linear_in", linear_in);
   register_module("linear_gate", linear_gate);
   register_module("linear_out", linear_out);

@@ -6,6 +6,11 @@
 
 namespace mmdit::nn {
 
+// a * b, the width of a layer, where `what` names both factors ("FeedForward: dim 8 * mult 4");
+// a product past int64 would be undefined behaviour and wrap to a width no one asked for, so it
+// throws, saying "<what> overflows int64".
+int64_t layer_width(int64_t a, int64_t b, const std::string& what);
+
 enum class Init { uniform, zeros };
 
 // y = x W^T + b; W (out, in) and b (out,) uniform in +-1/sqrt(in), or zero when asked.

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #include "tensor/ops.h"
 #include "tensor/parallel.h"
@@ -40,27 +41,30 @@ std::optional<GemmOperand> gemm_layout(const Tensor& t) {
 }
 
 std::atomic<SgemmLibrary> chosen_sgemm{SgemmLibrary::onednn};
+std::atomic<bool> library_set{false};  // by set_sgemm_library, which MMDIT_SGEMM does not undo
 
 // oneDNN generates its kernels for the shape at hand, but a call costs a few microseconds more
 // than OpenBLAS's; below this many multiply-adds (64 x 64 x 128) OpenBLAS was faster.
 constexpr int64_t kOnednnMinWork = int64_t{1} << 19;
 
-void gemm_serial(SgemmLibrary library, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+// Returns false when oneDNN refused the product (it names no reason but a status; OpenBLAS is
+// not tried instead, which would mix two libraries' rounding in one product).
+bool gemm_serial(SgemmLibrary library, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                  bool accumulate) {
-  if (library == SgemmLibrary::onednn) {
-    const dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda,
-                                            b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
-    if (status == dnnl_success) return;  // else an argument oneDNN refuses: OpenBLAS takes it
-  }
+  if (library == SgemmLibrary::onednn)
+    return dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb,
+                      accumulate ? 1.0f : 0.0f, c, ldc) == dnnl_success;
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
+  return true;
 }
-void gemm_serial(SgemmLibrary, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a,
+bool gemm_serial(SgemmLibrary, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a,
                  int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc,
                  bool accumulate) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
               k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+  return true;
 }
 
 // Up to this many rows, x W^T runs on our kernel (simd::gemm_nt) instead of OpenBLAS.
@@ -90,29 +94,41 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                    const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
   if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
   const int64_t work = m * n * k;
-  // Chosen for the whole product, so that its blocks, and so its values, do not depend on the
-  // number of threads.
-  const SgemmLibrary library = work >= kOnednnMinWork ? sgemm_library() : SgemmLibrary::openblas;
+  // Chosen for the whole product: one product's blocks all round as one library does.
+  SgemmLibrary library = SgemmLibrary::openblas;
+  if constexpr (std::is_same_v<T, float>)
+    if (work >= kOnednnMinWork) library = sgemm_library();
   const int threads = omp_get_level() > 0 ? 1 : num_threads();
+  auto refused = [&] {
+    fail("matmul: oneDNN's sgemm refused the product (", ta ? "A^T" : "A", " ", m, " x ", k, ", ",
+         tb ? "B^T" : "B", " ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,
+         "); MMDIT_SGEMM=openblas runs it on OpenBLAS");
+  };
   if (threads == 1 || work < 64 * 64 * 64) {
-    gemm_serial(library, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+    if (!gemm_serial(library, ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate)) refused();
     return;
   }
-  // Split the longer side, in multiples of 16 so that each block keeps whole SIMD tiles.
+  // Split the longer side, in multiples of 16 so that each block keeps whole SIMD tiles. A tail
+  // of fewer than 16 joins the block before it: oneDNN computes so few rows (one, as a
+  // matrix-vector product) otherwise than as the last rows of a larger block, and a product's
+  // values would then change with the number of threads.
   const bool split_rows = m >= n;
   const int64_t extent = split_rows ? m : n;
   const int64_t chunk = std::max<int64_t>(16, (extent / threads + 15) / 16 * 16);
-  const int64_t blocks = (extent + chunk - 1) / chunk;
+  int64_t blocks = (extent + chunk - 1) / chunk;
+  if (blocks > 1 && extent - (blocks - 1) * chunk < 16) --blocks;
+  std::atomic<bool> all_done{true};
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t start = blk * chunk, len = std::min(chunk, extent - start);
-    if (split_rows)
-      gemm_serial(library, ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b, ldb,
-                  c + start * ldc, ldc, accumulate);
-    else
-      gemm_serial(library, ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start), ldb,
-                  c + start, ldc, accumulate);
+    const int64_t start = blk * chunk, len = blk == blocks - 1 ? extent - start : chunk;
+    const bool done =
+        split_rows ? gemm_serial(library, ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b,
+                                 ldb, c + start * ldc, ldc, accumulate)
+                   : gemm_serial(library, ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start),
+                                 ldb, c + start, ldc, accumulate);
+    if (!done) all_done = false;
   }
+  if (!all_done) refused();
 }
 
 // When b is one matrix shared by the whole batch and a is contiguous, the batched product is a
@@ -213,9 +229,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
 }
 
 SgemmLibrary sgemm_library() {
-  static const bool from_environment = [] {
+  static const bool environment_read = [] {
     const char* name = std::getenv("MMDIT_SGEMM");
-    if (!name || !*name) return true;
+    if (library_set || !name || !*name) return true;  // set_sgemm_library's choice stands
     try {
       chosen_sgemm.store(parse_sgemm_library(name));
     } catch (const Error& e) {
@@ -223,12 +239,12 @@ SgemmLibrary sgemm_library() {
     }
     return true;
   }();
-  (void)from_environment;
+  (void)environment_read;
   return chosen_sgemm.load(std::memory_order_relaxed);
 }
 
 void set_sgemm_library(SgemmLibrary library) {
-  sgemm_library();  // the environment's choice is read first, so that this one stays
+  library_set = true;
   chosen_sgemm.store(library);
 }
 

@@ -94,11 +94,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate = false);
 
-// The library that runs float32 products of at least 64 x 64 x 128 multiply-adds. oneDNN's sgemm
-// generates its kernels for the shape at hand and ran the training steps' products 5-30% faster
-// than OpenBLAS's (docs/performance.md); OpenBLAS runs the smaller ones and every float64
-// product. MMDIT_SGEMM=openblas|onednn chooses at the first product; set_sgemm_library()
-// chooses later, between products.
+// The library that runs float32 products of at least 64 x 64 x 128 multiply-adds (but x W^T of
+// up to 16 rows, which runs on simd::gemm_nt). oneDNN's sgemm generates its kernels for the
+// shape at hand and ran the training steps' products 5-30% faster than OpenBLAS's
+// (docs/performance.md); OpenBLAS runs the smaller ones and every float64 product.
+// MMDIT_SGEMM=openblas|onednn chooses at the first such product, set_sgemm_library() at any
+// time between products (and then MMDIT_SGEMM is not read).
 enum class SgemmLibrary { onednn, openblas };
 SgemmLibrary sgemm_library();
 void set_sgemm_library(SgemmLibrary library);

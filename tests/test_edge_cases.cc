@@ -14,6 +14,7 @@
 
 #include "autodiff/fused.h"
 #include "autodiff/ops.h"
+#include "mmdit/mmdit.h"
 #include "nn/attention.h"
 #include "nn/functional.h"
 #include "nn/layers.h"
@@ -415,7 +416,13 @@ TEST(EdgeNN, LayerWidthsBeyondInt64AreErrors) {
   EXPECT_THAT(error_of([&] { nn::JointAttention({8}, k2To31, k2To31, rng); }),
               HasSubstr("JointAttention: 3 * heads * dim_head (3 * 4611686018427387904, heads "
                         "2147483648 * dim_head 2147483648) overflows int64"));
+  constexpr int64_t k2To62 = int64_t{1} << 62;
+  EXPECT_THAT(error_of([&] { nn::AdaptiveLayerNorm(k2To62, 8, rng); }),
+              HasSubstr("AdaptiveLayerNorm: 2 * dim 4611686018427387904 overflows int64"));
+  EXPECT_THAT(error_of([&] { ModulatedFinalLayer(k2To62, 2, 8, rng); }),
+              HasSubstr("ModulatedFinalLayer: 2 * dim_in 4611686018427387904 overflows int64"));
   // Widths that fit still build the layers.
+  EXPECT_EQ(nn::AdaptiveLayerNorm(5, 8, rng).to_modulation.weight.shape(), (Shape{10, 8}));
   const nn::FeedForward ff(4, 3, rng);
   EXPECT_EQ(ff.linear_in.weight.shape(), (Shape{12, 4}));
   const nn::JointAttention attention({8, 6}, 4, 2, rng);

@@ -1637,18 +1637,29 @@ TEST_F(TensorThreadCount, GemmWithPaddedLeadingDimensions) {
   }
 }
 
-// Both libraries that run float32 products, on shapes large enough for oneDNN (by rows: 288 x 40
-// x 72; by columns: 40 x 288 x 72), every transpose flag, with and without accumulating into C:
-// against a float64 sum, and bit-identical on 1 and 2 threads (each thread's block of a product
-// must sum in the order the whole product does).
+// Both libraries that run float32 products, on shapes large enough for oneDNN, every transpose
+// flag, with and without accumulating into C, against a float64 sum; and on 1 and 2 threads
+// bit-identical, where each thread's block sums in the order the whole product does. That holds
+// for splits by rows (288 x 40; 33 and 1025 rows, whose tails of 1 row join the block before),
+// by columns of 288 or 33, and for the policy's conditioning path (64 x 1536 x 1024, B^T: 64 x
+// 384 here). It does not for oneDNN's 40 x 128 x 1024 with B transposed, whose column blocks
+// round otherwise than the whole.
 TEST_F(TensorThreadCount, EverySgemmLibraryMatchesFloat64OnOneAndTwoThreads) {
+  struct Case {
+    int64_t m, n, k;
+    bool same_bits;
+  };
   const raw::SgemmLibrary chosen = raw::sgemm_library();
   Rng rng(53);
   for (const raw::SgemmLibrary library : {raw::SgemmLibrary::onednn, raw::SgemmLibrary::openblas})
-    for (const auto [m, n, k] : {std::array<int64_t, 3>{288, 40, 72}, {40, 288, 72}})
+    for (const Case& s :
+         {Case{288, 40, 72, true}, Case{40, 288, 72, true}, Case{33, 20, 1000, true},
+          Case{1025, 48, 64, true}, Case{20, 33, 1000, true}, Case{64, 384, 1024, true},
+          Case{40, 128, 1024, library == raw::SgemmLibrary::openblas}})
       for (bool ta : {false, true})
         for (bool tb : {false, true})
           for (bool accumulate : {false, true}) {
+            const auto [m, n, k, same_bits] = s;
             SCOPED_TRACE(str_cat(raw::sgemm_library_name(library), " ", m, "x", n, "x", k,
                                  " a^T=", ta, " b^T=", tb, " accumulate=", accumulate));
             const auto a = rng.normal({m * k}).to_vector<float>();
@@ -1664,17 +1675,36 @@ TEST_F(TensorThreadCount, EverySgemmLibraryMatchesFloat64OnOneAndTwoThreads) {
               results.push_back(c);
             }
             raw::set_sgemm_library(chosen);
-            EXPECT_TRUE(results[0] == results[1]) << "1 and 2 threads differ";
-            for (int64_t i = 0; i < m; ++i)
-              for (int64_t j = 0; j < n; ++j) {
-                double want = accumulate ? c0[i * n + j] : 0.0;
-                for (int64_t p = 0; p < k; ++p)
-                  want += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
-                          (tb ? b[j * k + p] : b[p * n + j]);
-                ASSERT_NEAR(results[1][i * n + j], want, 1e-4 * std::sqrt(static_cast<double>(k)))
-                    << "at " << i << "," << j;
-              }
+            if (same_bits) {
+              EXPECT_TRUE(results[0] == results[1]) << "1 and 2 threads differ";
+            }
+            for (int r = 0; r < (same_bits ? 1 : 2); ++r)  // with the same bits, one suffices
+              for (int64_t i = 0; i < m; ++i)
+                for (int64_t j = 0; j < n; ++j) {
+                  double want = accumulate ? c0[i * n + j] : 0.0;
+                  for (int64_t p = 0; p < k; ++p)
+                    want += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
+                            (tb ? b[j * k + p] : b[p * n + j]);
+                  ASSERT_NEAR(results[r][i * n + j], want, 1e-4 * std::sqrt(static_cast<double>(k)))
+                      << "at " << i << "," << j << ", " << r + 1 << " thread(s)";
+                }
           }
+}
+
+// The two libraries round differently: products that are not bit-identical show that oneDNN,
+// when chosen, runs (a refused call is an error, never OpenBLAS in its place).
+TEST(TensorMatmul, TheChosenSgemmLibraryRunsTheProduct) {
+  const raw::SgemmLibrary chosen = raw::sgemm_library();
+  Rng rng(59);
+  const Tensor a = rng.normal({256, 1024}), b = rng.normal({1024, 96});
+  raw::set_sgemm_library(raw::SgemmLibrary::onednn);
+  const std::vector<float> onednn = raw::matmul(a, b).to_vector<float>();
+  raw::set_sgemm_library(raw::SgemmLibrary::openblas);
+  const std::vector<float> openblas = raw::matmul(a, b).to_vector<float>();
+  raw::set_sgemm_library(chosen);
+  EXPECT_NE(onednn, openblas);
+  EXPECT_LT(test::max_abs_diff(from_vector(onednn, {256, 96}), from_vector(openblas, {256, 96})),
+            1e-3);
 }
 
 TEST(TensorMatmul, AnUnknownSgemmLibraryIsNamed) {

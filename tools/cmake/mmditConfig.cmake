@@ -5,6 +5,14 @@
 include(CMakeFindDependencyMacro)
 find_dependency(OpenMP)
 find_dependency(OpenBLAS CONFIG)
+# oneDNN is linked by its path (mmdit_tensor is static); found here so that a machine without it
+# gets this message rather than a link error.
+find_library(MMDIT_DNNL_LIBRARY NAMES dnnl)
+if(NOT MMDIT_DNNL_LIBRARY)
+  set(mmdit_FOUND FALSE)
+  set(mmdit_NOT_FOUND_MESSAGE "mmdit needs oneDNN: apt-get install libdnnl-dev")
+  return()
+endif()
 find_dependency(hwy CONFIG)
 find_dependency(nlohmann_json CONFIG)
 find_dependency(HDF5 COMPONENTS C)
