@@ -40,7 +40,7 @@ std::optional<GemmOperand> gemm_layout(const Tensor& t) {
   return gemm_layout(t.shape()[n - 2], t.shape()[n - 1], t.strides()[n - 2], t.strides()[n - 1]);
 }
 
-std::atomic<SgemmLibrary> chosen_sgemm{SgemmLibrary::onednn};
+std::atomic<SgemmLibrary> chosen_sgemm{SgemmLibrary::openblas};
 std::atomic<bool> library_set{false};  // by set_sgemm_library, which MMDIT_SGEMM does not undo
 
 // oneDNN generates its kernels for the shape at hand, but a call costs a few microseconds more
@@ -230,8 +230,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
 
 SgemmLibrary sgemm_library() {
   static const bool environment_read = [] {
+    if (library_set) return true;  // set_sgemm_library's choice stands
     const char* name = std::getenv("MMDIT_SGEMM");
-    if (library_set || !name || !*name) return true;  // set_sgemm_library's choice stands
+    if (!name || !*name) {
+      chosen_sgemm.store(default_sgemm_library());
+      return true;
+    }
     try {
       chosen_sgemm.store(parse_sgemm_library(name));
     } catch (const Error& e) {
@@ -241,6 +245,12 @@ SgemmLibrary sgemm_library() {
   }();
   (void)environment_read;
   return chosen_sgemm.load(std::memory_order_relaxed);
+}
+
+SgemmLibrary default_sgemm_library() {
+  const unsigned isa = dnnl_get_effective_cpu_isa();
+  return (isa & dnnl_cpu_isa_avx512_core) == dnnl_cpu_isa_avx512_core ? SgemmLibrary::onednn
+                                                                      : SgemmLibrary::openblas;
 }
 
 void set_sgemm_library(SgemmLibrary library) {

@@ -99,12 +99,16 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
 // shape at hand and ran the training steps' products 5-30% faster than OpenBLAS's
 // (docs/performance.md); OpenBLAS runs the smaller ones and every float64 product.
 // MMDIT_SGEMM=openblas|onednn chooses at the first such product, set_sgemm_library() at any
-// time between products (and then MMDIT_SGEMM is not read).
+// time between products (and then MMDIT_SGEMM is not read); else default_sgemm_library().
 enum class SgemmLibrary { onednn, openblas };
 SgemmLibrary sgemm_library();
 void set_sgemm_library(SgemmLibrary library);
 const char* sgemm_library_name(SgemmLibrary library);
 SgemmLibrary parse_sgemm_library(std::string_view name);  // "onednn" or "openblas"
+// oneDNN where it runs its AVX-512 kernels, else OpenBLAS. It was measured faster only there, and
+// only there do its blocks of a product round as the whole product: with its AVX2 kernels
+// (DNNL_MAX_CPU_ISA=AVX2) a product's values changed with the number of threads.
+SgemmLibrary default_sgemm_library();
 
 // Floating-point operations done by matrix products since the program started (2 per
 // multiply-add; fused kernels that multiply matrices add theirs), for benchmarks' GFLOP/s.

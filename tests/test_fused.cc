@@ -840,12 +840,14 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
       {"rope", run_rope},
       {"linear_fused", run_linear}};
   // Our kernels split at fixed boundaries, so one and two threads give the same bits. The
-  // product's blocks are the sgemm library's. oneDNN's round these shapes as the whole product
-  // (TensorThreadCount.EverySgemmLibraryMatchesFloat64OnOneAndTwoThreads); OpenBLAS's
-  // (MMDIT_SGEMM=openblas) give the same bits only where its kernels are split-invariant,
-  // otherwise equal to float32 rounding (4e-5 of values up to 80 with the Haswell kernels).
-  const bool exact_products = raw::sgemm_library() == raw::SgemmLibrary::onednn ||
-                              openblas_splits_exactly(520, 512, 256);
+  // product's blocks are the sgemm library's. oneDNN's AVX-512 kernels (where it is the default)
+  // round these shapes as the whole product
+  // (TensorThreadCount.EverySgemmLibraryMatchesFloat64OnOneAndTwoThreads); OpenBLAS's give the
+  // same bits only where its kernels are split-invariant; otherwise the two are equal to float32
+  // rounding (4e-5 of values up to 80 with OpenBLAS's Haswell kernels).
+  const bool exact_products = raw::sgemm_library() == raw::SgemmLibrary::onednn
+                                  ? raw::default_sgemm_library() == raw::SgemmLibrary::onednn
+                                  : openblas_splits_exactly(520, 512, 256);
   if (!exact_products)
     std::printf(
         "OpenBLAS core %s rounds a product's blocks differently from the whole: "

@@ -476,7 +476,7 @@ struct Options {
   int warmup = 2;
   bool json = false;
   bool keep_coretype = false;
-  std::string sgemm;  // empty: MMDIT_SGEMM, else onednn
+  std::string sgemm;  // empty: MMDIT_SGEMM, else raw::default_sgemm_library()
 };
 
 void run_bench(const Options& o) {
@@ -619,7 +619,7 @@ void add_bench_command(CLI::App& app) {
                 "keep OPENBLAS_CORETYPE from the environment instead of re-running without it");
   cmd->add_option("--sgemm", opts->sgemm,
                   "library for the float32 products: onednn or openblas (default: MMDIT_SGEMM, "
-                  "else onednn)")
+                  "else onednn where it has AVX-512 kernels, openblas elsewhere)")
       ->check(CLI::IsMember({"onednn", "openblas"}));
   cmd->callback([opts] { run_bench(*opts); });
 }
