@@ -8,7 +8,6 @@
 // unless --keep-coretype is given, bench re-executes itself without it, and runs on the core
 // OpenBLAS detects, or the one mmdit chooses when that detection falls short
 // (tensor/blas_core.h).
-#include <cblas.h>
 #include <dlfcn.h>
 #include <malloc.h>
 #include <sys/resource.h>
