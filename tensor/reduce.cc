@@ -1,7 +1,5 @@
 // Reductions and softmax. The reduced axes are brought to the end (a view; a copy only when the
 // layout needs one) so that every kernel reduces contiguous rows.
-#include <hwy/aligned_allocator.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -95,13 +93,15 @@ Tensor sum_leading(const Tensor& x, const Reduction& r) {
       for (int64_t row = 0; row < rows; ++row) simd::axpy(T(1), in + row * cols + c0, o + c0, n);
       return;
     }
-    const auto partial = hwy::AllocateAligned<T>(static_cast<size_t>(n));
-    std::vector<double> total(static_cast<size_t>(n), 0.0);
+    // From the tensor allocator: aligned, and cached across steps.
+    const Tensor partial_buffer = empty({n}, x.dtype()), total_buffer = zeros({n}, DType::f64);
+    T* partial = partial_buffer.data<T>();
+    double* total = total_buffer.data<double>();
     for (int64_t first = 0; first < rows; first += kGroup) {
       const int64_t last = std::min(rows, first + kGroup);
-      std::copy_n(in + first * cols + c0, n, partial.get());
+      std::copy_n(in + first * cols + c0, n, partial);
       for (int64_t row = first + 1; row < last; ++row)
-        simd::axpy(T(1), in + row * cols + c0, partial.get(), n);
+        simd::axpy(T(1), in + row * cols + c0, partial, n);
       for (int64_t j = 0; j < n; ++j) total[j] += partial[j];
     }
     for (int64_t j = 0; j < n; ++j) o[c0 + j] = static_cast<T>(total[j]);

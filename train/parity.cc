@@ -52,28 +52,28 @@ std::vector<int64_t> int_list(const Json& j) {
   return j.get<std::vector<int64_t>>();
 }
 
-MMDiTConfig mmdit_config_from(const Json& c) {
-  MMDiTConfig cfg;
+// The fields both model families have, with the reference's defaults.
+template <class Config>
+Config shared_config_from(const Json& c) {
+  Config cfg;
   cfg.depth = c.at("depth");
   cfg.dim_modalities = int_list(c.at("dim_modalities"));
   cfg.dim_outs = int_list(c.at("dim_outs"));
-  cfg.dim_cond = c.value("dim_cond", 1024);
-  cfg.timestep_embed_dims = int_list(c.value("timestep_embed_dim", Json(256)));
   cfg.dim_head = c.value("dim_head", 64);
   cfg.heads = c.value("heads", 8);
   cfg.ff_mult = c.value("ff_mult", 4);
   return cfg;
 }
 
-InContextMMDiTConfig incontext_config_from(const Json& c) {
-  InContextMMDiTConfig cfg;
-  cfg.depth = c.at("depth");
-  cfg.dim_modalities = int_list(c.at("dim_modalities"));
-  cfg.dim_outs = int_list(c.at("dim_outs"));
-  cfg.dim_head = c.value("dim_head", 64);
-  cfg.heads = c.value("heads", 8);
-  cfg.ff_mult = c.value("ff_mult", 4);
+MMDiTConfig mmdit_config_from(const Json& c) {
+  MMDiTConfig cfg = shared_config_from<MMDiTConfig>(c);
+  cfg.dim_cond = c.value("dim_cond", 1024);
+  cfg.timestep_embed_dims = int_list(c.value("timestep_embed_dim", Json(256)));
   return cfg;
+}
+
+InContextMMDiTConfig incontext_config_from(const Json& c) {
+  return shared_config_from<InContextMMDiTConfig>(c);
 }
 
 NamedTensors numbered_outputs(const std::vector<Tensor>& outs) {
