@@ -486,20 +486,29 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
               dtype_name(x.dtype()));
 }
 
-// From this many rows a float32 product is bound by its multiply-adds rather than by reading the
+// From this many rows a product is bound by its multiply-adds rather than by reading the
 // weight, and the sgemm on the weight as it is ran policy-act-b64 4-5% faster than the packed
 // kernel (the action tokens' 1024-row products; medians 1007-1045 -> 954-970 ms), though alone
-// the two ran level. bfloat16 weights stay packed: their products must see the rounded weights.
+// the two ran level. A bfloat16 weight is rounded into a float32 copy for each such product, as
+// its products must see the rounded weight (policy-act-b64-bf16 on the Intel machine, alternating:
+// 1134-1164 -> 1019-1049 ms), except where the packed kernel multiplies bfloat16 pairs
+// (vdpbf16ps), twice as many per instruction as the sgemm.
 constexpr int64_t kUnpackedFromRows = 512;
 
-// The frozen model's packed copy of the weight (UseFrozenWeights, as EulerSampler sets), if any.
-const PackedWeight* packed_for(const Tensor& x, const Tensor& weight) {
+// How the frozen model (UseFrozenWeights, as EulerSampler sets) multiplies x by `weight`: by
+// the packed copy, by the weight rounded to bfloat16 on the sgemm, or as outside the scope.
+struct FrozenProduct {
+  const PackedWeight* packed = nullptr;
+  bool bf16_rounded = false;
+};
+
+FrozenProduct frozen_product(const Tensor& x, const Tensor& weight) {
   FrozenWeights* frozen = frozen_weights();
+  if (!frozen || x.dtype() != DType::f32 || weight.dtype() != DType::f32) return {};
   const int64_t rows = weight.shape()[1] > 0 ? x.numel() / weight.shape()[1] : 0;
-  if (frozen && frozen->precision() == WeightPrecision::f32 && rows >= kUnpackedFromRows)
-    return nullptr;
-  return frozen && x.dtype() == DType::f32 && weight.dtype() == DType::f32 ? &frozen->get(weight)
-                                                                           : nullptr;
+  if (rows >= kUnpackedFromRows && frozen->precision() == WeightPrecision::f32) return {};
+  if (rows >= kUnpackedFromRows && !simd::use_bf16_dot_kernel()) return {nullptr, true};
+  return {&frozen->get(weight), false};
 }
 
 // linear_fused given the product y = x2 W^T of x's rows x2: the bias, the output's shape and the
@@ -537,20 +546,21 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
 }  // namespace
 
 namespace {
-// linear_fused after its checks, multiplying by `packed` when given.
+// linear_fused after its checks, multiplying as the frozen model says.
 Tensor checked_linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                      const PackedWeight* packed) {
+                      const FrozenProduct& frozen) {
   // (..., in) as rows: a view when x is contiguous.
   const Tensor x2 = raw::reshape(x, rows_shape(x.shape(), weight.shape()[1]));
-  Tensor y =
-      packed ? raw::matmul_packed(x2, *packed) : raw::matmul(x2, raw::transpose(weight, 0, 1));
+  Tensor y = frozen.packed         ? raw::matmul_packed(x2, *frozen.packed)
+             : frozen.bf16_rounded ? raw::matmul_bf16_rounded(x2, weight)
+                                   : raw::matmul(x2, raw::transpose(weight, 0, 1));
   return finish_linear(x, x2, weight, bias, std::move(y));
 }
 }  // namespace
 
 Tensor linear_fused(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   check_linear(x, weight, bias);
-  return checked_linear(x, weight, bias, packed_for(x, weight));
+  return checked_linear(x, weight, bias, frozen_product(x, weight));
 }
 
 std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
@@ -573,9 +583,10 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
   for (size_t i = 0; i < n; ++i) {
     if (!xs[i].defined()) continue;
     check_linear(xs[i], weights[i], biases[i]);
-    const PackedWeight* packed = packed_for(xs[i], weights[i]);
+    const FrozenProduct frozen = frozen_product(xs[i], weights[i]);
+    const PackedWeight* packed = frozen.packed;
     if (!packed) {
-      ys[i] = scoped(i, [&] { return checked_linear(xs[i], weights[i], biases[i], nullptr); });
+      ys[i] = scoped(i, [&] { return checked_linear(xs[i], weights[i], biases[i], frozen); });
       continue;
     }
     if (waiting == n) {
@@ -594,7 +605,7 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
   }
   if (waiting != n)
     ys[waiting] = scoped(waiting, [&] {
-      return checked_linear(xs[waiting], weights[waiting], biases[waiting], waiting_packed);
+      return checked_linear(xs[waiting], weights[waiting], biases[waiting], {waiting_packed});
     });
   return ys;
 }

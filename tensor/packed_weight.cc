@@ -1,5 +1,6 @@
 #include "tensor/packed_weight.h"
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdlib>
@@ -218,6 +219,19 @@ FrozenWeights* frozen_weights() {
   return current_frozen;
 }
 
+namespace {
+// to_bf16 then from_bf16, without branches so that the loop vectorises.
+MMDIT_SIMD_CLONES void round_to_bf16(const float* __restrict src, float* __restrict dst,
+                                     int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(src[i]);
+    const uint32_t nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+    const uint32_t quiet_nan = (bits | 0x400000u) & 0xFFFF0000u;
+    dst[i] = std::bit_cast<float>(src[i] != src[i] ? quiet_nan : nearest_even);
+  }
+}
+}  // namespace
+
 namespace raw {
 namespace {
 // x (..., in) as contiguous rows, and the output (..., out) they will be multiplied into.
@@ -268,6 +282,33 @@ std::array<Tensor, 2> matmul_packed_pair(const Tensor& x0, const PackedWeight& w
     b.multiply();
   }
   return {a.y, b.y};
+}
+
+Tensor matmul_bf16_rounded(const Tensor& x, const Tensor& weight) {
+  MMDIT_CHECK(weight.dim() == 2 && weight.dtype() == DType::f32 && x.dtype() == DType::f32 &&
+                  x.dim() >= 1 && x.shape().back() == weight.shape()[1],
+              "matmul_bf16_rounded: input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
+              " and weight ", dtype_name(weight.dtype()), " ", shape_str(weight.shape()),
+              "; expected float32 (..., in) and (out, in)");
+  const auto rounded = [](const Tensor& t) {
+    const Tensor src = contiguous(t);
+    Tensor dst = empty(src.shape(), DType::f32);
+    constexpr int64_t kBlock = 16384;
+    const int64_t n = src.numel();
+    parallel_for((n + kBlock - 1) / kBlock, 2 * kBlock, [&](int64_t block) {
+      const int64_t begin = block * kBlock;
+      round_to_bf16(src.data<float>() + begin, dst.data<float>() + begin,
+                    std::min(kBlock, n - begin));
+    });
+    return dst;
+  };
+  const int64_t in = weight.shape()[1];
+  const Tensor rows = reshape(x, {-1, in});
+  const Tensor y =
+      matmul(simd::use_bf16_dot_kernel() ? rounded(rows) : rows, transpose(rounded(weight), 0, 1));
+  Shape out_shape = x.shape();
+  out_shape.back() = weight.shape()[0];
+  return reshape(y, out_shape);
 }
 }  // namespace raw
 

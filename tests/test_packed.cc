@@ -493,15 +493,17 @@ TEST(FrozenWeights, LinearLayersUseThePackedCopyOnlyInsideTheScope) {
   EXPECT_EQ(nn::linear(x, w, b).to_vector<float>(), plain.to_vector<float>());
 }
 
-// Frozen float32 weights are packed for products of up to 511 rows (bound by reading the weight);
-// from 512 rows the product runs on the weight as it is, the same values as outside the scope.
-// bfloat16 weights are packed at any row count: their products must see the rounded weights.
-TEST(FrozenWeights, ManyRowsInFloat32UseTheWeightAsItIs) {
+// Frozen weights are packed for products of up to 511 rows (bound by reading the weight); from
+// 512 rows the product runs on the sgemm: in float32 on the weight as it is, the same values as
+// outside the scope, and in bfloat16 on the weight rounded for each product, the packed product's
+// values summed in another order; but where the packed kernel multiplies bfloat16 pairs
+// (vdpbf16ps; MMDIT_BF16_KERNEL=dot runs this test that way) bfloat16 stays packed.
+TEST(FrozenWeights, ManyRowsRunOnTheSgemm) {
   Rng rng(11);
   const Tensor w = rng.normal({24, 32}), b = rng.normal({24});
   const Tensor many = rng.normal({2, 256, 32}), few = rng.normal({511, 32});
   FrozenWeights f32(WeightPrecision::f32), bf16(WeightPrecision::bf16);
-  Tensor y_many, y_few, y_many_bf16;
+  Tensor y_many, y_few, y_many_bf16, y_few_bf16;
   {
     const UseFrozenWeights use(f32);
     y_many = nn::linear(many, w, b);
@@ -512,11 +514,61 @@ TEST(FrozenWeights, ManyRowsInFloat32UseTheWeightAsItIs) {
   {
     const UseFrozenWeights use(bf16);
     y_many_bf16 = nn::linear(many, w, b);
+    const bool packed = simd::use_bf16_dot_kernel();
+    EXPECT_EQ(bf16.bytes(), packed ? 32u * 32u * 2u : 0u) << "512 rows in bfloat16";
+    y_few_bf16 = nn::linear(few, w, b);
+    EXPECT_EQ(bf16.bytes(), 32u * 32u * 2u) << "511 rows were not packed in bfloat16";
   }
   EXPECT_EQ(y_many.to_vector<float>(), nn::linear(many, w, b).to_vector<float>());
   EXPECT_LT(test::max_abs_diff(y_few, nn::linear(few, w, b)), 1e-5);
-  EXPECT_EQ(bf16.bytes(), 32u * 32u * 2u);
-  EXPECT_GT(test::max_abs_diff(y_many_bf16, y_many), 0.0);
+
+  // Without the bias, against float64 sums of the rounded values.
+  const bool rounds_inputs = simd::use_bf16_dot_kernel();
+  const Tensor rows = raw::reshape(many, {512, 32});
+  {
+    const UseFrozenWeights use(bf16);
+    expect_close(nn::linear(rows, w, Tensor()).to_vector<float>(),
+                 reference_product(rows, w, rounds_inputs, true), 32, "512 rows in bfloat16");
+    expect_close(nn::linear(few, w, Tensor()).to_vector<float>(),
+                 reference_product(few, w, rounds_inputs, true), 32, "511 rows in bfloat16");
+  }
+  EXPECT_GT(test::max_abs_diff(y_many_bf16, y_many), 0.0) << "the weights were not rounded";
+  // A first row of the 512 alone (packed) and within them (on the sgemm): the same values up to
+  // the order of the sums.
+  const Tensor first = raw::slice(rows, 0, 0, 1);
+  Tensor first_packed;
+  {
+    const UseFrozenWeights use(bf16);
+    first_packed = nn::linear(first, w, b);
+  }
+  EXPECT_LT(
+      test::max_abs_diff(first_packed, raw::slice(raw::reshape(y_many_bf16, {512, 24}), 0, 0, 1)),
+      1e-5);
+}
+
+// The rounding before the sgemm is to_bf16's, NaN and infinity included.
+TEST(FrozenWeights, RoundedWeightsAreToBf16s) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> values = {
+      1.0f,   1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -2.0f + 0x1p-20f, inf, -inf, FLT_MAX,
+      1e-30f, 3.14159f};
+  const int64_t n = static_cast<int64_t>(values.size());
+  // x = (1): y[0][j] = 1 * round(W[j][0]), exactly.
+  const Tensor w = from_vector(values, {n, 1});
+  const Tensor y = raw::matmul_bf16_rounded(from_vector(std::vector<float>{1.0f}, {1, 1}), w);
+  const std::vector<float> got = y.to_vector<float>();
+  ASSERT_EQ(got.size(), values.size());
+  for (int64_t i = 0; i < n; ++i)
+    EXPECT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(round_bf16(values[i])))
+        << "value " << values[i];
+  const Tensor with_nan = raw::matmul_bf16_rounded(from_vector(std::vector<float>{1.0f}, {1, 1}),
+                                                   from_vector(std::vector<float>{nan}, {1, 1}));
+  EXPECT_TRUE(std::isnan(with_nan.to_vector<float>()[0]));
+  EXPECT_NE(error_of([&] {
+              raw::matmul_bf16_rounded(from_vector(std::vector<float>{1, 2}, {1, 2}), w);
+            }).find("matmul_bf16_rounded: input float32 (1,2) and weight float32 (9,1)"),
+            std::string::npos);
 }
 
 // Packed copies were found by the weight's data address alone. A new weight given a freed
