@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -404,45 +405,50 @@ double memory_floor_ms(const Result& r, double memory_roof) {
   return r.weight_mb_per_rep / memory_roof;  // MB / (GB/s) = ms
 }
 
+// Rounded to `digits` decimals: JSON numbers as short as the table's.
+double rounded(double x, int digits) {
+  const double scale = std::pow(10.0, digits);
+  return std::round(x * scale) / scale;
+}
+
 std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof, double memory_roof,
                       const char* core, const std::string& allocator) {
   const double roof = sgemm_roof.best();
-  char buf[1024];
-  int len = std::snprintf(
-      buf, sizeof buf,
-      "{\"workload\": \"%s\", \"threads\": %d, \"reps\": %d, \"median_ms\": %.3f, "
-      "\"min_ms\": %.3f, \"max_ms\": %.3f, \"gflop_per_rep\": %.3f, \"gflops\": %.1f, "
-      "\"roof_gflops\": %.1f, \"roof_fraction\": %.3f, \"peak_rss_mb\": %.1f, "
-      "\"page_faults_per_rep\": %.1f, \"openblas_core\": \"%s\"",
-      r.workload.c_str(), threads, r.reps, r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep,
-      r.gflops, roof, r.gflops / roof, r.peak_rss_mb, r.page_faults_per_rep, core);
-  std::string s(buf, static_cast<size_t>(len));
-  std::snprintf(buf, sizeof buf,
-                ", \"roof_onednn_gflops\": %.1f, \"roof_openblas_gflops\": %.1f, "
-                "\"memory_roof_gbps\": %.1f",
-                sgemm_roof.onednn, sgemm_roof.openblas, memory_roof);
-  s += buf;
-  s += str_cat(", \"sgemm\": \"", raw::sgemm_library_name(raw::sgemm_library()), "\"");
-  s += str_cat(", \"allocator\": \"", allocator, "\", \"openblas_threading\": \"",
-               openblas_threading(), "\"");
+  nlohmann::ordered_json j = {{"workload", r.workload},
+                              {"threads", threads},
+                              {"reps", r.reps},
+                              {"median_ms", rounded(r.median_ms, 3)},
+                              {"min_ms", rounded(r.min_ms, 3)},
+                              {"max_ms", rounded(r.max_ms, 3)},
+                              {"gflop_per_rep", rounded(r.gflop_per_rep, 3)},
+                              {"gflops", rounded(r.gflops, 1)},
+                              {"roof_gflops", rounded(roof, 1)},
+                              {"roof_fraction", rounded(r.gflops / roof, 3)},
+                              {"peak_rss_mb", rounded(r.peak_rss_mb, 1)},
+                              {"page_faults_per_rep", rounded(r.page_faults_per_rep, 1)},
+                              {"openblas_core", core},
+                              {"roof_onednn_gflops", rounded(sgemm_roof.onednn, 1)},
+                              {"roof_openblas_gflops", rounded(sgemm_roof.openblas, 1)},
+                              {"memory_roof_gbps", rounded(memory_roof, 1)},
+                              {"sgemm", raw::sgemm_library_name(raw::sgemm_library())},
+                              {"allocator", allocator},
+                              {"openblas_threading", openblas_threading()}};
   if (const char* detected = std::getenv(kDetectedCoreVariable))
-    s += str_cat(", \"openblas_core_detected\": \"", detected, "\"");
+    j["openblas_core_detected"] = detected;
   if (r.weight_mb_per_rep > 0) {
-    std::snprintf(buf, sizeof buf, ", \"weight_mb_per_rep\": %.3f, \"memory_floor_ms\": %.2f",
-                  r.weight_mb_per_rep, memory_floor_ms(r, memory_roof));
-    s += buf;
+    j["weight_mb_per_rep"] = rounded(r.weight_mb_per_rep, 3);
+    j["memory_floor_ms"] = rounded(memory_floor_ms(r, memory_roof), 2);
   }
   if (r.tape) {
-    std::snprintf(buf, sizeof buf, ", \"tape_nodes\": %lld, \"saved_mb\": %.1f",
-                  static_cast<long long>(r.tape->nodes), r.tape->saved_bytes / 1048576.0);
-    s += buf;
+    j["tape_nodes"] = r.tape->nodes;
+    j["saved_mb"] = rounded(r.tape->saved_bytes / 1048576.0, 1);
   }
   if (r.accuracy) {
-    std::snprintf(buf, sizeof buf, ", \"max_abs_diff_vs_f32\": %.3g, \"rel_rms_diff_vs_f32\": %.3g",
-                  r.accuracy->max_abs_diff, r.accuracy->rel_rms);
-    s += buf;
+    j["max_abs_diff_vs_f32"] = r.accuracy->max_abs_diff;
+    j["rel_rms_diff_vs_f32"] = r.accuracy->rel_rms;
   }
-  return s + "}";
+  // A number that is not finite (a roof of 0 when no product ran) is written as null.
+  return j.dump();
 }
 
 void print_table_row(const Result& r, double roof, double memory_roof) {
