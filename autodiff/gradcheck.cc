@@ -23,6 +23,15 @@ std::string GradcheckResult::report() const {
 
 GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& wrt,
                           const GradcheckOptions& options) {
+  // Tolerances that no difference can fail, or no element checked, would pass any gradient.
+  MMDIT_CHECK(options.eps > 0 && std::isfinite(options.eps),
+              "gradcheck: the step eps must be a positive number, got ", options.eps);
+  MMDIT_CHECK(options.atol >= 0 && options.rtol >= 0 && options.atol + options.rtol > 0 &&
+                  std::isfinite(options.atol + options.rtol),
+              "gradcheck: atol and rtol must be finite and >= 0, not both 0; got atol ",
+              options.atol, ", rtol ", options.rtol);
+  MMDIT_CHECK(options.sample == -1 || options.sample >= 1,
+              "gradcheck: sample must be -1 (every element) or at least 1, got ", options.sample);
   for (const auto& [name, t] : wrt)
     MMDIT_CHECK(t.dtype() == DType::f64 && t.is_contiguous(), "gradcheck: '", name,
                 "' must be a contiguous float64 tensor, got ", dtype_name(t.dtype()), " ",

@@ -89,6 +89,9 @@ void run_controller(std::string checkpoint, WeightPrecision weights) {
 
   // Training windows start their actions at the oldest observation, so in a chunk of `horizon`
   // actions the one for "now" is index n_obs_steps - 1. Like `mmdit eval`, execute 8 from there.
+  MMDIT_CHECK(pc.horizon >= pc.n_obs_steps, checkpoint, ": its chunks of ", pc.horizon,
+              " actions end before the latest of its ", pc.n_obs_steps,
+              " observations, so none is for now; train it with horizon >= n_obs_steps");
   const int64_t now = pc.n_obs_steps - 1;
   const int64_t n_action_steps = std::min<int64_t>(8, pc.horizon - now);
   std::printf("executing actions [%lld, %lld) of each %lld-action chunk\n", (long long)now,

@@ -2,6 +2,7 @@
 // (mmdit::gradcheck with its default tolerances unless a case says otherwise): with
 // broadcasting, on non-contiguous views, over every reduction axis, and for every transpose
 // combination of matmul. One table, one named test per case.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,10 +17,12 @@
 #include "autodiff/gradcheck.h"
 #include "autodiff/ops.h"
 #include "autodiff/tape.h"
+#include "tests/test_util.h"
 
 namespace mmdit {
 namespace {
 
+using testing::HasSubstr;
 using Inputs = std::vector<Tensor>;
 using Fn = std::function<Tensor(const Inputs&)>;
 
@@ -570,6 +573,29 @@ TEST(GradcheckOps, SampledElementsAndNamedTensors) {
       gradcheck([&] { return tanh(matmul(x, wrt.at("w")) + wrt.at("b")); }, wrt, options);
   EXPECT_TRUE(r.ok) << r.report();
   EXPECT_EQ(r.checked, 10);
+}
+
+// Options under which any gradient would pass (negative tolerances made every ratio negative;
+// no sampled element checked nothing) are refused, naming the option.
+TEST(GradcheckOps, RefusesOptionsThatCannotFail) {
+  NamedTensors wrt;
+  wrt.insert("w", uniform({4}, 7005));
+  const auto f = [&] { return wrt.at("w") * wrt.at("w"); };
+  const auto error_with = [&](auto&& set) {
+    GradcheckOptions options;
+    set(options);
+    return test::error_of([&] { gradcheck(f, wrt, options); });
+  };
+  EXPECT_THAT(error_with([](GradcheckOptions& o) { o.atol = -1, o.rtol = -1; }),
+              HasSubstr("atol and rtol must be finite and >= 0, not both 0; got atol -1, rtol -1"));
+  EXPECT_THAT(error_with([](GradcheckOptions& o) { o.atol = 0, o.rtol = 0; }),
+              HasSubstr("not both 0"));
+  EXPECT_THAT(error_with([](GradcheckOptions& o) { o.eps = 0; }),
+              HasSubstr("the step eps must be a positive number, got 0"));
+  EXPECT_THAT(error_with([](GradcheckOptions& o) { o.sample = 0; }),
+              HasSubstr("sample must be -1 (every element) or at least 1, got 0"));
+  // atol 0 with rtol > 0 is a strict but meaningful check.
+  EXPECT_EQ(error_with([](GradcheckOptions& o) { o.atol = 0; }), "(no mmdit::Error thrown)");
 }
 
 }  // namespace

@@ -1194,6 +1194,98 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   fs::remove_all(dir);
 }
 
+// Options that cannot work are refused before any work, naming the option; and a run resumed into
+// a new directory does not take over the logs of whatever ran there before.
+TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
+  const std::string dir = temp_dir("cli_options");
+  save_lerobot_npz(dir + "/demos.npz", demo_episodes(8));
+  {
+    std::ofstream cfg(dir + "/config.json");
+    cfg << R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
+               "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2},
+              "batch_size": 8})";
+  }
+  const std::string train = "train --data " + dir + "/demos.npz --config " + dir + "/config.json ";
+  // An empty --out (an unset variable in a script) used to mean the root directory. Missing data
+  // keeps a regression from writing there: the option must be refused before the data is read.
+  const test::Command empty_out =
+      test::run_mmdit("train --data " + dir + "/missing.npz --steps 1 --out ''");
+  EXPECT_NE(empty_out.status, 0);
+  EXPECT_THAT(empty_out.output, HasSubstr("--out: must not be empty"));
+  // A negative seed used to wrap to 2^64 - 1.
+  const test::Command negative_seed =
+      test::run_mmdit(train + "--steps 1 --seed -1 --out " + dir + "/s");
+  EXPECT_NE(negative_seed.status, 0);
+  EXPECT_THAT(negative_seed.output,
+              HasSubstr("--seed: must be a whole number from 0 to 18446744073709551615, got -1"));
+  EXPECT_FALSE(fs::exists(dir + "/s"));
+  // demo checked --n-action-steps against the horizon only after training.
+  const test::Command demo =
+      test::run_mmdit("demo --steps 2 --demos 3 --n-action-steps 100 --out " + dir + "/demo");
+  EXPECT_NE(demo.status, 0);
+  EXPECT_THAT(demo.output, HasSubstr("--n-action-steps 100 exceeds"));
+  EXPECT_FALSE(fs::exists(dir + "/demo/demos.npz")) << demo.output;
+
+  // Resumed into a directory that holds another run's logs but no checkpoint: the logs start
+  // afresh at the resumed step (they kept the other run's rows 1-3 before).
+  ASSERT_EQ(test::run_mmdit(train + "--steps 3 --out " + dir + "/a").status, 0);
+  fs::create_directories(dir + "/b");
+  write_file_atomically(dir + "/b/metrics.csv",
+                        "step,loss,grad_norm,lr,steps_per_s\n1,9,9,9,9\n2,9,9,9,9\n3,9,9,9,9\n");
+  write_file_atomically(dir + "/b/val.csv", "step,windows,mse,mse_now\n3,8,9,9\n");
+  const test::Command resumed =
+      test::run_mmdit("train --data " + dir + "/demos.npz --resume " + dir +
+                      "/a/checkpoint.safetensors --steps 5 --out " + dir + "/b");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  std::istringstream csv(read_file(dir + "/b/metrics.csv"));
+  std::string line;
+  std::getline(csv, line);
+  std::vector<int64_t> steps;
+  while (std::getline(csv, line)) steps.push_back(std::stoll(line));
+  EXPECT_EQ(steps, (std::vector<int64_t>{4, 5}));
+  EXPECT_FALSE(fs::exists(dir + "/b/val.csv"));
+  // In its own directory a resumed run keeps its rows.
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --resume " + dir +
+                            "/a/checkpoint.safetensors --steps 4")
+                .status,
+            0);
+  std::istringstream own(read_file(dir + "/a/metrics.csv"));
+  std::getline(own, line);
+  steps.clear();
+  while (std::getline(own, line)) steps.push_back(std::stoll(line));
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4}));
+  fs::remove_all(dir);
+}
+
+// The deploy example refused nothing when a policy's chunks end before "now" (horizon <
+// n_obs_steps), and then called act() forever without executing an action.
+TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
+  const std::string dir = temp_dir("deploy_horizon");
+  save_lerobot_npz(dir + "/demos.npz", demo_episodes(4));
+  {
+    std::ofstream cfg(dir + "/config.json");
+    cfg << R"({"policy": {"n_obs_steps": 2, "horizon": 1, "hidden_size": 16, "depth": 1,
+               "dim_cond": 16, "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2},
+              "batch_size": 4})";
+  }
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
+                            "/config.json --steps 1 --out " + dir + "/run")
+                .status,
+            0);
+  const std::string command = std::string("timeout 60 ") + MMDIT_DEPLOY_BINARY + " " + dir +
+                              "/run/checkpoint.safetensors 2>&1";
+  FILE* p = ::popen(command.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string output;
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) output.append(buf, n);
+  const int status = ::pclose(p);
+  ASSERT_TRUE(WIFEXITED(status)) << output;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << output;  // not 124, timeout's
+  EXPECT_THAT(output, HasSubstr("horizon >= n_obs_steps")) << output;
+  fs::remove_all(dir);
+}
+
 // Ctrl-C or SIGTERM during `mmdit train` stops after the current step, saves a checkpoint and
 // exits with 128 + the signal's number, as a shell reports a process the signal killed.
 class CliStopSignal : public testing::TestWithParam<int> {

@@ -19,6 +19,11 @@ void add_bench_command(CLI::App& app);
 // "--threads: must be a positive number, got 0".
 const CLI::Validator& positive();
 const CLI::Validator& non_negative();
+// For seeds: a whole number that fits in 64 bits unsigned. CLI11 itself takes "-1" as 2^64 - 1
+// and larger numbers as something else.
+const CLI::Validator& seed_number();
+// For paths: an empty --out would otherwise put the run's files in the root directory.
+const CLI::Validator& non_empty();
 
 // The command line as main() received it.
 void set_program_args(int argc, char** argv);

@@ -1,4 +1,6 @@
 // mmdit: the command-line program. Subcommands live one per file in this folder.
+#include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -40,6 +42,25 @@ const CLI::Validator& positive() {
 const CLI::Validator& non_negative() {
   static const CLI::Validator check = number_check(
       "NONNEGATIVE", [](double x) { return x >= 0; }, "a number >= 0");
+  return check;
+}
+const CLI::Validator& seed_number() {
+  static const CLI::Validator check(
+      [](std::string& value) {
+        uint64_t seed = 0;
+        const char* end = value.data() + value.size();
+        const auto [stop, error] = std::from_chars(value.data(), end, seed);
+        if (value.empty() || error != std::errc() || stop != end)
+          return "must be a whole number from 0 to 18446744073709551615, got " + value;
+        return std::string();
+      },
+      "SEED");
+  return check;
+}
+const CLI::Validator& non_empty() {
+  static const CLI::Validator check(
+      [](std::string& value) { return value.empty() ? std::string("must not be empty") : ""; },
+      "NONEMPTY");
   return check;
 }
 

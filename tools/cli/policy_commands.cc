@@ -26,7 +26,8 @@ namespace {
 // The flags every training command shares; they override the config file.
 struct TrainFlags {
   std::string config_file;
-  std::optional<int64_t> steps, batch_size, seed;
+  std::optional<int64_t> steps, batch_size;
+  std::optional<uint64_t> seed;
   std::optional<double> lr;
   std::string objective;
 
@@ -39,7 +40,8 @@ struct TrainFlags {
     cmd->add_option("--batch-size", batch_size, "batch size (default: the config's, else 64)")
         ->check(positive());
     cmd->add_option("--lr", lr, "peak learning rate (default: the config's)")->check(positive());
-    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
+    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)")
+        ->check(seed_number());
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
   }
@@ -64,7 +66,7 @@ struct TrainFlags {
     if (steps) c.steps = *steps;
     if (batch_size) c.batch_size = *batch_size;
     if (lr) c.lr = *lr;
-    if (seed) c.seed = static_cast<uint64_t>(*seed);
+    if (seed) c.seed = *seed;
     if (!objective.empty()) c.objective = objective;
     c.validate();
     return c;
@@ -170,12 +172,17 @@ TrainConfig demo_config(const DemoTask& task) {
   return c;
 }
 
-DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& policy,
-                                     int64_t episodes, int64_t n_action_steps, uint64_t seed) {
-  const PolicyConfig& pc = policy.config.policy;
+// A chunk's actions start at the oldest observation, so horizon - n_obs_steps + 1 of them are
+// for now and later.
+void check_n_action_steps(const PolicyConfig& pc, int64_t n_action_steps) {
   const int64_t most = pc.horizon - pc.n_obs_steps + 1;
   MMDIT_CHECK(n_action_steps <= most, "--n-action-steps ", n_action_steps,
               " exceeds the actions a chunk holds from now on: horizon - n_obs_steps + 1 = ", most);
+}
+
+DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& policy,
+                                     int64_t episodes, int64_t n_action_steps, uint64_t seed) {
+  check_n_action_steps(policy.config.policy, n_action_steps);
   Rng rng(seed + 1);
   auto act = [&](const Tensor& obs) { return policy.act(obs, rng); };
   return task.evaluate(act, episodes, policy.config.policy.n_obs_steps, n_action_steps, seed);
@@ -205,6 +212,7 @@ void add_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--out", o->out,
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
+      ->check(non_empty())
       ->capture_default_str();
   cmd->add_option(
       "--resume", o->resume,
@@ -279,7 +287,12 @@ void add_train(CLI::App& app) {
                   (long long)validation->num_episodes(), (long long)validation->num_frames());
     }
     std::unique_ptr<Trainer> trainer;
+    bool in_own_directory = false;
     if (!o->resume.empty()) {
+      struct stat out_dir, own_dir;
+      in_own_directory = ::stat(o->out.c_str(), &out_dir) == 0 &&
+                         ::stat(parent_directory(o->resume).c_str(), &own_dir) == 0 &&
+                         out_dir.st_dev == own_dir.st_dev && out_dir.st_ino == own_dir.st_ino;
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
       if (trainer->step() >= trainer->config().steps) {
@@ -299,6 +312,7 @@ void add_train(CLI::App& app) {
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
     if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
+                                                 .continues_run_in_out_dir = in_own_directory,
                                                  .log_every = o->log_every,
                                                  .checkpoint_every = o->checkpoint_every,
                                                  .validation = validation ? &*validation : nullptr,
@@ -343,6 +357,7 @@ void add_import_eqx(CLI::App& app) {
                   "the settings a later train --resume uses; the policy's sizes come from the "
                   ".eqx file");
   cmd->add_option("--out", o->out, "output directory (checkpoint, config.json)")
+      ->check(non_empty())
       ->capture_default_str();
   cmd->add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out");
   cmd->callback([o, cmd] {
@@ -388,7 +403,7 @@ void add_export_eqx(CLI::App& app) {
       "Write a checkpoint's policy as eqx.tree_serialise_leaves would, for the reference's "
       "eqx.tree_deserialise_leaves in Python");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint.safetensors")->required();
-  cmd->add_option("--out", o->out, "the .eqx file to write")->required();
+  cmd->add_option("--out", o->out, "the .eqx file to write")->required()->check(non_empty());
   cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
   cmd->callback([o] {
     check_output_directory(o->out, "--out");
@@ -418,7 +433,7 @@ void add_weights_option(CLI::App* cmd, std::string& weights) {
 void add_sample(CLI::App& app) {
   struct Options {
     std::string checkpoint, obs, obs_npy, out_npy;
-    int64_t seed = 0;
+    uint64_t seed = 0;
     bool raw_params = false;
     std::string weights = "f32";
   };
@@ -429,7 +444,7 @@ void add_sample(CLI::App& app) {
                   "one observation history: n_obs*state_dim comma-separated numbers");
   cmd->add_option("--obs-npy", o->obs_npy, "observations (B, n_obs, state_dim) as .npy");
   cmd->add_option("--out-npy", o->out_npy, "write the actions (B, horizon, act_dim) here");
-  cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "noise seed")->check(seed_number())->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
@@ -471,7 +486,8 @@ void add_sample(CLI::App& app) {
 void add_eval(CLI::App& app) {
   struct Options {
     std::string checkpoint, svg, data, obs_keys = "state";
-    int64_t episodes = 100, n_action_steps = 8, seed = 1000, windows = 1000, batch_size = 64;
+    int64_t episodes = 100, n_action_steps = 8, windows = 1000, batch_size = 64;
+    uint64_t seed = 1000;
     int threads = 0;
     std::string weights = "f32";
   };
@@ -500,6 +516,7 @@ void add_eval(CLI::App& app) {
       ->check(positive())
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
+      ->check(seed_number())
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_option("--threads", o->threads, "threads")->check(positive());
@@ -519,9 +536,8 @@ void add_eval(CLI::App& app) {
     if (!o->data.empty()) {
       const std::vector<std::string> keys = split_commas(o->obs_keys);
       const Episodes data = load_episodes(o->data, keys);
-      Rng rng(static_cast<uint64_t>(o->seed) + 1);
-      const ActionError e = action_error(policy, data, o->windows, o->batch_size,
-                                         static_cast<uint64_t>(o->seed), rng);
+      Rng rng(o->seed + 1);
+      const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
       std::printf("%s: %lld windows of %lld episodes, %lld-action chunks\n", o->data.c_str(),
                   (long long)e.windows, (long long)data.num_episodes(),
                   (long long)policy.config.policy.horizon);
@@ -599,7 +615,7 @@ void add_demo(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "demo", "Generate expert demonstrations of the 2-D obstacle task, train, evaluate");
   o->flags.add_to(cmd);
-  cmd->add_option("--out", o->out, "output directory")->capture_default_str();
+  cmd->add_option("--out", o->out, "output directory")->check(non_empty())->capture_default_str();
   cmd->add_option("--demos", o->demos, "expert episodes to generate")
       ->check(positive())
       ->capture_default_str();
@@ -620,6 +636,7 @@ void add_demo(CLI::App& app) {
     o->flags.read_config_file();
     const DemoTask task;
     TrainConfig config = o->flags.apply(demo_config(task));
+    check_n_action_steps(config.policy, o->n_action_steps);  // before training, not after
     MMDIT_CHECK(!o->baseline || config.objective == "flow",
                 "demo: --baseline trains the MSE baseline next to the flow policy; with "
                 "--objective mse there is nothing to compare (drop one of the two)");

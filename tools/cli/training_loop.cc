@@ -36,9 +36,9 @@ extern "C" void on_stop_signal(int signal) {
   g_stop_signal = signal;
 }
 
-// A CSV file of one row per step, first field the step. A fresh run starts it anew. A resumed
-// run keeps the rows up to its checkpoint's step, dropping any that a run which stopped after its
-// last checkpoint wrote, and appends.
+// A CSV file of one row per step, first field the step. A fresh run starts it anew. A run
+// resumed in its own directory keeps the rows up to its checkpoint's step, dropping any that a
+// run which stopped after its last checkpoint wrote, and appends.
 class StepCsv {
  public:
   StepCsv(const std::string& path, const std::string& header, int64_t resumed_step) : path_(path) {
@@ -117,6 +117,7 @@ std::string checkpoint_path(const std::string& out_dir) {
 }
 
 void make_directory(const std::string& dir) {
+  MMDIT_CHECK(!dir.empty(), "cannot create a directory with an empty name");
   std::string partial;
   for (size_t i = 0; i <= dir.size(); ++i) {
     if (i == dir.size() || dir[i] == '/') {
@@ -148,8 +149,10 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   // The run's whole config, to read, edit and pass back with --config.
   write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
   const int64_t first = trainer.step();
+  // The logs' rows up to here belong to this run only in the run's own directory.
+  const int64_t kept_up_to = options.continues_run_in_out_dir ? first : 0;
   LoopResult result;
-  StepCsv csv(options.out_dir + "/metrics.csv", "step,loss,grad_norm,lr,steps_per_s", first);
+  StepCsv csv(options.out_dir + "/metrics.csv", "step,loss,grad_norm,lr,steps_per_s", kept_up_to);
   // The rows kept from before a resume are also the start of the loss curve.
   for (const std::string& row : csv.kept_rows()) {
     int64_t step = 0;
@@ -164,11 +167,11 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   std::optional<StepCsv> val_csv;
   struct stat val_stat;
   if (options.validation)
-    val_csv.emplace(val_path, val_header, first);
-  else if (first == 0)
+    val_csv.emplace(val_path, val_header, kept_up_to);
+  else if (kept_up_to == 0)
     std::remove(val_path.c_str());
   else if (::stat(val_path.c_str(), &val_stat) == 0)
-    StepCsv(val_path, val_header, first);
+    StepCsv(val_path, val_header, kept_up_to);
   const auto validate = [&] {
     // The same windows and noise every time, so that the rows compare.
     Rng noise(trainer.config().seed);

@@ -12,6 +12,9 @@ namespace mmdit::cli {
 
 struct LoopOptions {
   std::string out_dir;  // checkpoint.safetensors, metrics.csv, loss.svg go here
+  // A resumed run whose checkpoint is in out_dir keeps the logs' rows up to its step there;
+  // anywhere else its logs start afresh, so that they never mix two runs.
+  bool continues_run_in_out_dir = false;
   int64_t log_every = 100;
   int64_t checkpoint_every = 0;  // 0: only at the end (and on Ctrl-C or SIGTERM)
   bool quiet = false;
