@@ -49,6 +49,30 @@ TEST(BCPolicy, RejectsABadConfigByTheFieldBeforeBuildingLayers) {
   }
 }
 
+// Without bounds a horizon of 2^21 ended in std::bad_alloc from the (n_obs_steps + horizon)^2
+// mask, and from about 3e9 the square overflowed int64.
+TEST(PolicyConfig, BoundsTheSequenceLengthsNamingTheFieldAndTheLimit) {
+  PolicyConfig c = tiny_policy();
+  c.horizon = 2097152;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: horizon must be in [1, 1048576], got 2097152");
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"horizon": 2097152})"); }),
+            "policy config: horizon must be in [1, 1048576], got 2097152");
+  c = tiny_policy();
+  c.n_obs_steps = 3040000000;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: n_obs_steps must be in [1, 1048576], got 3040000000");
+  // Each within its bound, but together more tokens than the mask and attention scores allow.
+  c = tiny_policy();
+  c.n_obs_steps = 1000;
+  c.horizon = 15385;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: n_obs_steps + horizon must be at most 16384 tokens (attention holds "
+            "their square), got 1000 + 15385 = 16385");
+  c.horizon = 15384;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }), "(no mmdit::Error thrown)");
+}
+
 // ---------------------------------------------------------------- loss inputs
 // A batch of B = 2 for tiny_policy() (horizon 5, act_dim 2, n_obs 2, state_dim 3), and the
 // draws of a step; each test below breaks one of them.

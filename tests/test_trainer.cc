@@ -397,6 +397,17 @@ TEST(TrainConfig, JsonRoundTripAndErrors) {
                   HasSubstr("sample_steps must be in [1, 10000], got 1000000000000")));
 }
 
+// `mmdit train --batch-size 1000000000000` ended in a bare std::bad_alloc from the sampler.
+TEST(TrainConfig, BoundsTheBatchSize) {
+  EXPECT_EQ(test::error_of([] { TrainConfig::from_json(R"({"batch_size": 1000000000000})"); }),
+            "train config: batch_size must be in [1, 1048576], got 1000000000000");
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.batch_size = 1048577;
+  EXPECT_EQ(test::error_of([&] { Trainer(c, data); }),
+            "train config: batch_size must be in [1, 1048576], got 1048577");
+}
+
 // Infinities pass "> 0": each number the optimiser uses must also be finite.
 TEST(TrainConfig, RejectsInfiniteNumbers) {
   const TrainConfig ok = tiny_config(demo_episodes());

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "nn/functional.h"
+#include "train/dataset.h"
 
 namespace mmdit {
 
@@ -86,6 +87,14 @@ void PolicyConfig::validate() const {
   check_positive(who, "dim_head", dim_head);
   check_positive(who, "heads", heads);
   check_positive(who, "ff_mult", ff_mult);
+  MMDIT_CHECK(n_obs_steps <= kMaxWindow, who, ": n_obs_steps must be in [1, ", kMaxWindow,
+              "], got ", n_obs_steps);
+  MMDIT_CHECK(horizon <= kMaxWindow, who, ": horizon must be in [1, ", kMaxWindow, "], got ",
+              horizon);
+  // Each is within kMaxWindow, so the sum cannot overflow.
+  MMDIT_CHECK(n_obs_steps + horizon <= kMaxTokens, who, ": n_obs_steps + horizon must be at most ",
+              kMaxTokens, " tokens (attention holds their square), got ", n_obs_steps, " + ",
+              horizon, " = ", n_obs_steps + horizon);
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
   // Finite too: JSON has no inf, and a config that cannot be written back cannot be resumed.
@@ -285,6 +294,8 @@ BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
   register_module("mmdit", mmdit);
   state_pos_embed = register_buffer("state_pos_embed", state_positions(config, DType::f32));
   action_pos_embed = register_buffer("action_pos_embed", action_positions(config, DType::f32));
+  // validate() bounds total by kMaxTokens, which keeps total * total far from overflow.
+  static_assert(PolicyConfig::kMaxTokens <= (int64_t{1} << 31));
   const int64_t total = cfg.n_obs_steps + cfg.horizon;
   std::vector<bool> m(total * total, true);
   for (int64_t i = cfg.n_obs_steps; i < total; ++i)

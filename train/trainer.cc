@@ -132,7 +132,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
 void TrainConfig::validate() const {
   policy.validate();
   MMDIT_CHECK(steps >= 0, "train config: steps must be >= 0, got ", steps);
-  MMDIT_CHECK(batch_size > 0, "train config: batch_size must be positive, got ", batch_size);
+  MMDIT_CHECK(batch_size >= 1 && batch_size <= kMaxBatchSize,
+              "train config: batch_size must be in [1, ", kMaxBatchSize, "], got ", batch_size);
   // Infinities pass the comparisons: lr = inf would turn the parameters into inf and NaN in
   // the first step without any error there.
   MMDIT_CHECK(lr > 0 && std::isfinite(lr), "train config: lr must be positive and finite, got ",
