@@ -446,6 +446,13 @@ TEST(Errors, WrongNumberOfTimesteps) {
       },
       testing::ThrowsMessage<Error>(
           HasSubstr("timestep 0 has shape (3,); expected () or (2,) for a batch of 2")));
+  // None at all is a wrong count too, not "timesteps must be batched".
+  EXPECT_EQ(test::error_of([&] {
+              model({rng.normal({5, 16}), rng.normal({3, 8})}, {});
+            }),
+            "MMDiT: expected 1 timestep(s), one per conditioning variable, got 0");
+  EXPECT_EQ(test::error_of([&] { model.condition({}); }),
+            "MMDiT: expected 1 timestep(s), one per conditioning variable, got 0");
 }
 
 // A conditioning built for one model, given to another: an error, not a read past a vector.
