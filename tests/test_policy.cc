@@ -73,6 +73,15 @@ TEST(PolicyConfig, BoundsTheSequenceLengthsNamingTheFieldAndTheLimit) {
   EXPECT_EQ(test::error_of([&] { c.validate(); }), "(no mmdit::Error thrown)");
 }
 
+// nlohmann's get<int64_t> wraps 2^64 - 1 to -1, which validate() then reported as "-1".
+TEST(PolicyConfig, FromJsonRefusesIntegersPastInt64AsWritten) {
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"horizon": 18446744073709551615})"); }),
+            "policy config: 'horizon' must be an integer no larger than 9223372036854775807, got "
+            "18446744073709551615");
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"depth": -3})"); }),
+            "policy config: depth must be positive, got -3");
+}
+
 // ---------------------------------------------------------------- loss inputs
 // A batch of B = 2 for tiny_policy() (horizon 5, act_dim 2, n_obs 2, state_dim 3), and the
 // draws of a step; each test below breaks one of them.

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "nn/functional.h"
 #include "train/dataset.h"
@@ -38,6 +39,12 @@ PolicyConfig PolicyConfig::from_json(const std::string& text) {
     const Json& value = item.value();
     auto as_int = [&](int64_t& field) {
       MMDIT_CHECK(value.is_number_integer(), "policy config: '", key, "' must be an integer, got ",
+                  value.dump());
+      // get<int64_t>() would wrap an unsigned integer past int64 to a negative one, which
+      // validate() would then report as a value no one wrote.
+      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+      MMDIT_CHECK(!value.is_number_unsigned() || value.get<uint64_t>() <= uint64_t{kMax},
+                  "policy config: '", key, "' must be an integer no larger than ", kMax, ", got ",
                   value.dump());
       field = value.get<int64_t>();
     };
