@@ -164,6 +164,24 @@ TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
   EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
 }
 
+// regress_actions is public API: it read state.shape()[0] before anything checked the rank, so a
+// 0-d state indexed past an empty shape.
+TEST(RegressActions, RejectsAStateOfTheWrongRankByName) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  EXPECT_EQ(test::error_of([&] { regress_actions(policy, scalar(1.0)); }),
+            "regress_actions: state is float32 (); expected (B, n_obs_steps, state_dim) = "
+            "(B,2,3)");
+  EXPECT_EQ(test::error_of([&] {
+              regress_actions(policy, zeros({2, 3}));
+            }),
+            "regress_actions: state is float32 (2,3); expected (B, n_obs_steps, state_dim) = "
+            "(B,2,3)");
+  EXPECT_EQ(test::error_of([&] { regress_actions(policy, Tensor()); }),
+            "regress_actions: state is undefined; expected (B, n_obs_steps, state_dim) = (B,2,3)");
+  EXPECT_EQ(regress_actions(policy, zeros({4, 2, 3})).shape(), (Shape{4, 5, 2}));
+}
+
 // ---------------------------------------------------------------- normaliser
 TEST(Normalizer, FromJsonRejectsAModeThatIsNotAString) {
   EXPECT_THAT([] { Normalizer::from_json(R"({"mode": 3})"); },

@@ -412,6 +412,12 @@ Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor
 }
 
 Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
+  const PolicyConfig& c = policy.config;
+  // Before the batch size is read: a 0-d state has none, and shape()[0] is unchecked.
+  MMDIT_CHECK(state.defined() && state.dim() == 3 && state.shape()[1] == c.n_obs_steps &&
+                  state.shape()[2] == c.state_dim,
+              "regress_actions: state ", described(state),
+              "; expected (B, n_obs_steps, state_dim) = (B,", c.n_obs_steps, ",", c.state_dim, ")");
   const int64_t batch = state.shape()[0];
   const Tensor zero_actions =
       zeros({batch, policy.config.horizon, policy.config.act_dim}, state.dtype());
