@@ -36,10 +36,20 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
     NameScope scope("joint_attn");
     a = joint_attn(h, mask);
   }
+  // The norm and the feed-forward each in the scope of its own parameters, the residuals in the
+  // block's, as MMDiTBlock scopes them: `mmdit inspect` lists every op under its scope.
   for (size_t m = 0; m < M; ++m) {
     x[m] = x[m] + a[m];
-    NameScope scope(str_cat("feedforwards.", m));
-    x[m] = x[m] + feedforwards[m](ff_norms[m](x[m]));
+    Tensor ff;
+    {
+      NameScope scope(str_cat("ff_norms.", m));
+      ff = ff_norms[m](x[m]);
+    }
+    {
+      NameScope scope(str_cat("feedforwards.", m));
+      ff = feedforwards[m](ff);
+    }
+    x[m] = x[m] + ff;
   }
   return x;
 }

@@ -156,10 +156,17 @@ MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
   register_module("final_layers", final_layers);
 }
 
+namespace {
+// First in each entry point: the shape checks read timesteps[0], and with none at all they
+// reported "must be batched" instead of the wrong count.
+void check_timestep_count(const std::vector<Tensor>& timesteps, size_t expected) {
+  MMDIT_CHECK(timesteps.size() == expected, "MMDiT: expected ", expected,
+              " timestep(s), one per conditioning variable, got ", timesteps.size());
+}
+}  // namespace
+
 Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
-  MMDIT_CHECK(timesteps.size() == timestep_embeds.size(), "MMDiT: expected ",
-              timestep_embeds.size(), " timestep(s), one per conditioning variable, got ",
-              timesteps.size());
+  check_timestep_count(timesteps, timestep_embeds.size());
   Tensor c;
   for (size_t i = 0; i < timesteps.size(); ++i) {
     const Tensor& t = timesteps[i];
@@ -178,6 +185,7 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
                                       const Tensor& mask) const {
   const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
   const int64_t batch = batched ? xs[0].shape()[0] : 1;
+  check_timestep_count(timesteps, timestep_embeds.size());
   std::vector<Tensor> x, t;
   for (const Tensor& xm : xs) x.push_back(batched ? xm : unsqueeze(xm, 0));
   for (size_t i = 0; i < timesteps.size(); ++i) {
@@ -195,9 +203,10 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
 }
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
-  MMDIT_CHECK(!timesteps.empty() && timesteps[0].dim() == 1,
+  check_timestep_count(timesteps, timestep_embeds.size());
+  MMDIT_CHECK(timesteps[0].dim() == 1,
               "MMDiT::condition: timesteps must be batched, (B,) each; got ",
-              timesteps.empty() ? std::string("none") : shape_str(timesteps[0].shape()));
+              shape_str(timesteps[0].shape()));
   const Tensor c = embed_timesteps(timesteps);
   MMDiTConditioning cond;
   for (size_t i = 0; i < blocks.size(); ++i) {

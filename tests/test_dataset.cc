@@ -1215,7 +1215,10 @@ TEST(WindowSampler, RejectsBadArguments) {
   WindowSampler s(ep, 2, 3, 0);
   expect_error([&] { s.get({0, 12}); }, {"sample index 12 out of range [0, 12)"});
   expect_error([&] { s.get({-1}); }, {"sample index -1"});
-  expect_error([&] { s.next(0); }, {"batch_size must be >= 1"});
+  expect_error([&] { s.next(0); }, {"batch_size must be in [1, 1048576], got 0"});
+  // Reserved before anything else: this was a bare std::bad_alloc.
+  expect_error([&] { s.next(int64_t{1} << 40); },
+               {"WindowSampler::next: batch_size must be in [1, 1048576], got 1099511627776"});
   expect_error([&] { s.set_position(0, 13); }, {"offset 13 out of range"});
   expect_error([&] { s.set_position(-1, 0); }, {"negative epoch"});
   Episodes bad = ep;

@@ -267,6 +267,20 @@ TEST(DemoTask, FinishedEpisodesStopMovingAndActionsAreClipped) {
   EXPECT_GE(r.success_rate, 0.95);
 }
 
+// exec_start + n_action_steps overflowed near INT64_MAX: the shape check passed, no action was
+// executed, the step count never grew and evaluate() looped forever.
+TEST(DemoTask, RefusesChunkSizesPastTheHorizonBound) {
+  const DemoTask task;
+  const auto oracle = expert_oracle(task, 16);
+  EXPECT_THAT(
+      [&] { task.evaluate(oracle, 4, INT64_MAX, 8, 1); },
+      testing::ThrowsMessage<Error>(HasSubstr(
+          "DemoTask::evaluate: n_obs_steps must be in [1, 1048576], got 9223372036854775807")));
+  EXPECT_THAT([&] { task.evaluate(oracle, 4, 2, INT64_MAX, 1); },
+              testing::ThrowsMessage<Error>(HasSubstr("DemoTask::evaluate: n_action_steps must be "
+                                                      "in [1, 1048576], got 9223372036854775807")));
+}
+
 TEST(DemoTask, RejectsBadInput) {
   const DemoTask task;
   auto message = [](auto&& f) {

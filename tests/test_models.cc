@@ -277,6 +277,31 @@ TEST(InContextMMDiT, BatchedEqualsPerExample) {
   }
 }
 
+// `mmdit inspect` lists each op under the NameScope it ran in: the norm before a feed-forward is
+// ff_norms.m's (as MMDiTBlock's is ff_layernorms.m's), and the residual add is the block's own.
+TEST(InContextMMDiT, TheFeedForwardNormAndResidualAreNotScopedAsTheFeedForward) {
+  Rng rng(12);
+  InContextMMDiTBlock block({16, 8}, 4, 2, 2, rng);
+  Tape tape;
+  for (const auto& [name, p] : block.named_parameters()) tape.watch(p);
+  block({rng.normal({5, 16}), rng.normal({3, 8})});
+  for (size_t m = 0; m < 2; ++m) {
+    const int64_t gamma = tape.slot_of(block.ff_norms[m].gamma);
+    int readers = 0;
+    for (const Node& node : tape.nodes())
+      for (const NodeInput& in : node.inputs)
+        if (in.slot == gamma) {
+          ++readers;
+          EXPECT_EQ(node.scope, str_cat("ff_norms.", m)) << node.op;
+        }
+    EXPECT_GT(readers, 0) << "ff_norms." << m << ".gamma is read by no op";
+  }
+  // The last op is modality 1's residual add.
+  ASSERT_FALSE(tape.nodes().empty());
+  EXPECT_STREQ(tape.nodes().back().op, "add");
+  EXPECT_EQ(tape.nodes().back().scope, "");
+}
+
 // ---------------------------------------------------------------- masks
 // In one attention layer under the policy's mask, action i reads only the observations and
 // actions 0..i; through a whole model the same holds once observations cannot read actions
@@ -446,6 +471,13 @@ TEST(Errors, WrongNumberOfTimesteps) {
       },
       testing::ThrowsMessage<Error>(
           HasSubstr("timestep 0 has shape (3,); expected () or (2,) for a batch of 2")));
+  // None at all is a wrong count too, not "timesteps must be batched".
+  EXPECT_EQ(test::error_of([&] {
+              model({rng.normal({5, 16}), rng.normal({3, 8})}, {});
+            }),
+            "MMDiT: expected 1 timestep(s), one per conditioning variable, got 0");
+  EXPECT_EQ(test::error_of([&] { model.condition({}); }),
+            "MMDiT: expected 1 timestep(s), one per conditioning variable, got 0");
 }
 
 // A conditioning built for one model, given to another: an error, not a read past a vector.

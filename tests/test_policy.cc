@@ -49,6 +49,39 @@ TEST(BCPolicy, RejectsABadConfigByTheFieldBeforeBuildingLayers) {
   }
 }
 
+// Without bounds a horizon of 2^21 ended in std::bad_alloc from the (n_obs_steps + horizon)^2
+// mask, and from about 3e9 the square overflowed int64.
+TEST(PolicyConfig, BoundsTheSequenceLengthsNamingTheFieldAndTheLimit) {
+  PolicyConfig c = tiny_policy();
+  c.horizon = 2097152;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: horizon must be in [1, 1048576], got 2097152");
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"horizon": 2097152})"); }),
+            "policy config: horizon must be in [1, 1048576], got 2097152");
+  c = tiny_policy();
+  c.n_obs_steps = 3040000000;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: n_obs_steps must be in [1, 1048576], got 3040000000");
+  // Each within its bound, but together more tokens than the mask and attention scores allow.
+  c = tiny_policy();
+  c.n_obs_steps = 1000;
+  c.horizon = 15385;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }),
+            "policy config: n_obs_steps + horizon must be at most 16384 tokens (attention holds "
+            "their square), got 1000 + 15385 = 16385");
+  c.horizon = 15384;
+  EXPECT_EQ(test::error_of([&] { c.validate(); }), "(no mmdit::Error thrown)");
+}
+
+// nlohmann's get<int64_t> wraps 2^64 - 1 to -1, which validate() then reported as "-1".
+TEST(PolicyConfig, FromJsonRefusesIntegersPastInt64AsWritten) {
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"horizon": 18446744073709551615})"); }),
+            "policy config: 'horizon' must be an integer no larger than 9223372036854775807, got "
+            "18446744073709551615");
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"depth": -3})"); }),
+            "policy config: depth must be positive, got -3");
+}
+
 // ---------------------------------------------------------------- loss inputs
 // A batch of B = 2 for tiny_policy() (horizon 5, act_dim 2, n_obs 2, state_dim 3), and the
 // draws of a step; each test below breaks one of them.
@@ -129,6 +162,24 @@ TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
             "shape (2,5,2)");
   in.noise.eps = zeros({2, 5, 2});
   EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
+}
+
+// regress_actions is public API: it read state.shape()[0] before anything checked the rank, so a
+// 0-d state indexed past an empty shape.
+TEST(RegressActions, RejectsAStateOfTheWrongRankByName) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  EXPECT_EQ(test::error_of([&] { regress_actions(policy, scalar(1.0)); }),
+            "regress_actions: state is float32 (); expected (B, n_obs_steps, state_dim) = "
+            "(B,2,3)");
+  EXPECT_EQ(test::error_of([&] {
+              regress_actions(policy, zeros({2, 3}));
+            }),
+            "regress_actions: state is float32 (2,3); expected (B, n_obs_steps, state_dim) = "
+            "(B,2,3)");
+  EXPECT_EQ(test::error_of([&] { regress_actions(policy, Tensor()); }),
+            "regress_actions: state is undefined; expected (B, n_obs_steps, state_dim) = (B,2,3)");
+  EXPECT_EQ(regress_actions(policy, zeros({4, 2, 3})).shape(), (Shape{4, 5, 2}));
 }
 
 // ---------------------------------------------------------------- normaliser

@@ -397,6 +397,40 @@ TEST(TrainConfig, JsonRoundTripAndErrors) {
                   HasSubstr("sample_steps must be in [1, 10000], got 1000000000000")));
 }
 
+// nlohmann's get<> wraps silently: a seed of -1 was stored as 18446744073709551615, and steps of
+// 2^64 - 1 were refused as "steps must be >= 0, got -1".
+TEST(TrainConfig, RefusesIntegersOutOfTheirFieldsRangeAsWritten) {
+  EXPECT_EQ(test::error_of([] { TrainConfig::from_json(R"({"seed": -1})"); }),
+            "train config: 'seed' must be an integer in [0, 18446744073709551615], got -1");
+  EXPECT_EQ(test::error_of([] { TrainConfig::from_json(R"({"steps": 18446744073709551615})"); }),
+            "train config: 'steps' must be an integer no larger than 9223372036854775807, got "
+            "18446744073709551615");
+  EXPECT_EQ(
+      test::error_of([] { TrainConfig::from_json(R"({"batch_size": 9223372036854775808})"); }),
+      "train config: 'batch_size' must be an integer no larger than 9223372036854775807, "
+      "got 9223372036854775808");
+  EXPECT_EQ(test::error_of(
+                [] { TrainConfig::from_json(R"({"policy": {"heads": 18446744073709551615}})"); }),
+            "policy config: 'heads' must be an integer no larger than 9223372036854775807, got "
+            "18446744073709551615");
+  // The whole unsigned range is a seed, and it is written back as it was read.
+  const TrainConfig c = TrainConfig::from_json(R"({"seed": 18446744073709551615})");
+  EXPECT_EQ(c.seed, 18446744073709551615ull);
+  EXPECT_THAT(c.to_json(), HasSubstr("\"seed\": 18446744073709551615"));
+  EXPECT_EQ(TrainConfig::from_json(R"({"steps": 9223372036854775807})").steps, INT64_MAX);
+}
+
+// `mmdit train --batch-size 1000000000000` ended in a bare std::bad_alloc from the sampler.
+TEST(TrainConfig, BoundsTheBatchSize) {
+  EXPECT_EQ(test::error_of([] { TrainConfig::from_json(R"({"batch_size": 1000000000000})"); }),
+            "train config: batch_size must be in [1, 1048576], got 1000000000000");
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.batch_size = 1048577;
+  EXPECT_EQ(test::error_of([&] { Trainer(c, data); }),
+            "train config: batch_size must be in [1, 1048576], got 1048577");
+}
+
 // Infinities pass "> 0": each number the optimiser uses must also be finite.
 TEST(TrainConfig, RejectsInfiniteNumbers) {
   const TrainConfig ok = tiny_config(demo_episodes());

@@ -27,9 +27,6 @@ namespace {
 constexpr const char* kStateKey = "observation.state";
 constexpr const char* kActionKey = "action";
 constexpr const char* kEpisodeKey = "episode_index";
-// Windows longer than this are certainly a configuration mistake, and the bound keeps the
-// index arithmetic far from overflow.
-constexpr int64_t kMaxWindow = int64_t{1} << 20;
 
 std::string quoted_list(const std::vector<std::string>& names) {
   if (names.empty()) return "none";
@@ -606,7 +603,9 @@ const std::vector<int64_t>& WindowSampler::cached_permutation(int64_t epoch) {
 }
 
 std::vector<int64_t> WindowSampler::next_indices(int64_t batch_size) {
-  MMDIT_CHECK(batch_size >= 1, "WindowSampler::next: batch_size must be >= 1, got ", batch_size);
+  MMDIT_CHECK(batch_size >= 1 && batch_size <= kMaxBatchSize,
+              "WindowSampler::next: batch_size must be in [1, ", kMaxBatchSize, "], got ",
+              batch_size);
   std::vector<int64_t> out;
   out.reserve(static_cast<size_t>(batch_size));
   if (batch_size <= num_frames_) {

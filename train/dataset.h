@@ -16,6 +16,14 @@
 
 namespace mmdit {
 
+// Windows longer than this are certainly a configuration mistake, and the bound keeps the index
+// arithmetic far from overflow. PolicyConfig::validate() holds n_obs_steps and horizon to it too:
+// a trainer builds its policy before its sampler, and should name the field before allocating.
+constexpr int64_t kMaxWindow = int64_t{1} << 20;
+// A batch past this is a typo rather than a plan (the model's activations would not fit); without
+// the bound it ended in a bare std::bad_alloc when the sampler reserved it.
+constexpr int64_t kMaxBatchSize = int64_t{1} << 20;
+
 // Demonstrations: the episodes concatenated along time.
 struct Episodes {
   Tensor states;                        // (N, state_dim) float32

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "tensor/random.h"
+#include "train/dataset.h"
 
 namespace mmdit {
 namespace {
@@ -162,9 +163,15 @@ DemoTask::EvalResult DemoTask::evaluate(const Policy& policy, int64_t num_episod
                                         uint64_t seed) const {
   MMDIT_CHECK(policy, "DemoTask::evaluate: the policy is empty");
   MMDIT_CHECK(num_episodes > 0, "DemoTask::evaluate: num_episodes must be > 0, got ", num_episodes);
-  MMDIT_CHECK(n_obs_steps > 0 && n_action_steps > 0,
-              "DemoTask::evaluate: n_obs_steps and n_action_steps must be > 0, got ", n_obs_steps,
-              " and ", n_action_steps);
+  // Bounded as a policy's windows are, which keeps exec_start + n_action_steps from overflowing:
+  // near INT64_MAX the sum was undefined behaviour, and a wrapped, negative one passed the shape
+  // check and left the episode loop with nothing to execute, forever.
+  MMDIT_CHECK(n_obs_steps >= 1 && n_obs_steps <= kMaxWindow,
+              "DemoTask::evaluate: n_obs_steps must be in [1, ", kMaxWindow, "], got ",
+              n_obs_steps);
+  MMDIT_CHECK(n_action_steps >= 1 && n_action_steps <= kMaxWindow,
+              "DemoTask::evaluate: n_action_steps must be in [1, ", kMaxWindow, "], got ",
+              n_action_steps);
   const auto& c = cfg_;
   const int64_t m_count = num_episodes, exec_start = n_obs_steps - 1,
                 min_horizon = exec_start + n_action_steps;

@@ -4,8 +4,10 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "nn/functional.h"
+#include "train/dataset.h"
 
 namespace mmdit {
 
@@ -37,6 +39,12 @@ PolicyConfig PolicyConfig::from_json(const std::string& text) {
     const Json& value = item.value();
     auto as_int = [&](int64_t& field) {
       MMDIT_CHECK(value.is_number_integer(), "policy config: '", key, "' must be an integer, got ",
+                  value.dump());
+      // get<int64_t>() would wrap an unsigned integer past int64 to a negative one, which
+      // validate() would then report as a value no one wrote.
+      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+      MMDIT_CHECK(!value.is_number_unsigned() || value.get<uint64_t>() <= uint64_t{kMax},
+                  "policy config: '", key, "' must be an integer no larger than ", kMax, ", got ",
                   value.dump());
       field = value.get<int64_t>();
     };
@@ -86,6 +94,14 @@ void PolicyConfig::validate() const {
   check_positive(who, "dim_head", dim_head);
   check_positive(who, "heads", heads);
   check_positive(who, "ff_mult", ff_mult);
+  MMDIT_CHECK(n_obs_steps <= kMaxWindow, who, ": n_obs_steps must be in [1, ", kMaxWindow,
+              "], got ", n_obs_steps);
+  MMDIT_CHECK(horizon <= kMaxWindow, who, ": horizon must be in [1, ", kMaxWindow, "], got ",
+              horizon);
+  // Each is within kMaxWindow, so the sum cannot overflow.
+  MMDIT_CHECK(n_obs_steps + horizon <= kMaxTokens, who, ": n_obs_steps + horizon must be at most ",
+              kMaxTokens, " tokens (attention holds their square), got ", n_obs_steps, " + ",
+              horizon, " = ", n_obs_steps + horizon);
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
   // Finite too: JSON has no inf, and a config that cannot be written back cannot be resumed.
@@ -285,6 +301,8 @@ BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
   register_module("mmdit", mmdit);
   state_pos_embed = register_buffer("state_pos_embed", state_positions(config, DType::f32));
   action_pos_embed = register_buffer("action_pos_embed", action_positions(config, DType::f32));
+  // validate() bounds total by kMaxTokens, which keeps total * total far from overflow.
+  static_assert(PolicyConfig::kMaxTokens <= (int64_t{1} << 31));
   const int64_t total = cfg.n_obs_steps + cfg.horizon;
   std::vector<bool> m(total * total, true);
   for (int64_t i = cfg.n_obs_steps; i < total; ++i)
@@ -394,6 +412,12 @@ Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor
 }
 
 Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
+  const PolicyConfig& c = policy.config;
+  // Before the batch size is read: a 0-d state has none, and shape()[0] is unchecked.
+  MMDIT_CHECK(state.defined() && state.dim() == 3 && state.shape()[1] == c.n_obs_steps &&
+                  state.shape()[2] == c.state_dim,
+              "regress_actions: state ", described(state),
+              "; expected (B, n_obs_steps, state_dim) = (B,", c.n_obs_steps, ",", c.state_dim, ")");
   const int64_t batch = state.shape()[0];
   const Tensor zero_actions =
       zeros({batch, policy.config.horizon, policy.config.act_dim}, state.dtype());

@@ -24,6 +24,10 @@ struct PolicyConfig {
   int64_t ff_mult = 4;
   double sigma = 0;  // std of Gaussian noise added to x_t in training (0 = none)
 
+  // n_obs_steps + horizon at most: the mask is this square of bools and attention's scores as
+  // many floats per head and example, so a longer sequence is a mistake, not a plan.
+  static constexpr int64_t kMaxTokens = 16384;
+
   std::string to_json() const;
   static PolicyConfig from_json(const std::string& json);  // unknown keys are an error
   void validate() const;

@@ -68,6 +68,12 @@ TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& d
     auto integer = [&](int64_t& field) {
       MMDIT_CHECK(value.is_number_integer(), "train config: '", key, "' must be an integer, got ",
                   value.dump());
+      // get<int64_t>() would wrap an unsigned integer past int64 to a negative one, which
+      // validate() would then report as a value no one wrote.
+      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+      MMDIT_CHECK(!value.is_number_unsigned() || value.get<uint64_t>() <= uint64_t{kMax},
+                  "train config: '", key, "' must be an integer no larger than ", kMax, ", got ",
+                  value.dump());
       field = value.get<int64_t>();
     };
     auto text_field = [&](std::string& field) {
@@ -114,8 +120,11 @@ TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& d
     else if (key == "sample_steps")
       integer(c.sample_steps);
     else if (key == "seed") {
-      MMDIT_CHECK(value.is_number_unsigned() || value.is_number_integer(),
-                  "train config: 'seed' must be an integer");
+      // get<uint64_t>() would wrap -1 to 2^64 - 1, and config.json would record that as the seed.
+      MMDIT_CHECK(
+          value.is_number_unsigned() || (value.is_number_integer() && value.get<int64_t>() >= 0),
+          "train config: 'seed' must be an integer in [0, ", std::numeric_limits<uint64_t>::max(),
+          "], got ", value.dump());
       c.seed = value.get<uint64_t>();
     } else {
       fail("train config: unknown key '", key, "'");
@@ -132,7 +141,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
 void TrainConfig::validate() const {
   policy.validate();
   MMDIT_CHECK(steps >= 0, "train config: steps must be >= 0, got ", steps);
-  MMDIT_CHECK(batch_size > 0, "train config: batch_size must be positive, got ", batch_size);
+  MMDIT_CHECK(batch_size >= 1 && batch_size <= kMaxBatchSize,
+              "train config: batch_size must be in [1, ", kMaxBatchSize, "], got ", batch_size);
   // Infinities pass the comparisons: lr = inf would turn the parameters into inf and NaN in
   // the first step without any error there.
   MMDIT_CHECK(lr > 0 && std::isfinite(lr), "train config: lr must be positive and finite, got ",
