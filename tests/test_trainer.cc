@@ -1130,6 +1130,26 @@ void write_robomimic(const std::string& path, const Episodes& data) {
   H5Fclose(file);
 }
 
+// The first field of each row of a metrics.csv or val.csv: the steps it holds.
+std::vector<int64_t> csv_steps(const std::string& path) {
+  std::istringstream csv(read_file(path));
+  std::string line;
+  std::getline(csv, line);
+  std::vector<int64_t> steps;
+  while (std::getline(csv, line)) steps.push_back(std::stoll(line));
+  return steps;
+}
+
+// dir/demos.npz with `episodes` demo episodes, and dir/config.json with a tiny policy's sizes.
+void write_tiny_run(const std::string& dir, int episodes, const std::string& policy_sizes,
+                    int batch_size) {
+  save_lerobot_npz(dir + "/demos.npz", demo_episodes(episodes));
+  std::ofstream cfg(dir + "/config.json");
+  cfg << R"({"policy": {"hidden_size": 16, "depth": 1, "dim_cond": 16, "timestep_embed_dim": 8,
+             "dim_head": 8, "heads": 2, "ff_mult": 2, )"
+      << policy_sizes << "}, \"batch_size\": " << batch_size << "}";
+}
+
 int run(const std::string& command) {
   return std::system((command + " > /dev/null 2>&1").c_str());
 }
@@ -1171,14 +1191,7 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 6);
   ASSERT_EQ(train("--resume " + out + "/checkpoint.safetensors --steps 10 --out " + out), 0);
   EXPECT_EQ(load_policy(out + "/checkpoint.safetensors").step, 10);
-  {
-    std::ifstream csv(out + "/metrics.csv");
-    std::string line;
-    std::getline(csv, line);
-    std::vector<int64_t> steps;
-    while (std::getline(csv, line)) steps.push_back(std::stoll(line));
-    EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
-  }
+  EXPECT_EQ(csv_steps(out + "/metrics.csv"), (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   // Without --out a resumed run goes on in its own directory, and never over another run's.
   const std::string other = dir + "/run_demos.hdf5";
   EXPECT_NE(train("--resume " + out + "/checkpoint.safetensors --steps 12 --out " + other), 0);
@@ -1232,13 +1245,7 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
 // a new directory does not take over the logs of whatever ran there before.
 TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
   const std::string dir = temp_dir("cli_options");
-  save_lerobot_npz(dir + "/demos.npz", demo_episodes(8));
-  {
-    std::ofstream cfg(dir + "/config.json");
-    cfg << R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
-               "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2},
-              "batch_size": 8})";
-  }
+  write_tiny_run(dir, 8, R"("horizon": 4)", 8);
   const std::string train = "train --data " + dir + "/demos.npz --config " + dir + "/config.json ";
   // An empty --out (an unset variable in a script) used to mean the root directory. Missing data
   // keeps a regression from writing there: the option must be refused before the data is read.
@@ -1271,23 +1278,14 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
       test::run_mmdit("train --data " + dir + "/demos.npz --resume " + dir +
                       "/a/checkpoint.safetensors --steps 5 --out " + dir + "/b");
   ASSERT_EQ(resumed.status, 0) << resumed.output;
-  std::istringstream csv(read_file(dir + "/b/metrics.csv"));
-  std::string line;
-  std::getline(csv, line);
-  std::vector<int64_t> steps;
-  while (std::getline(csv, line)) steps.push_back(std::stoll(line));
-  EXPECT_EQ(steps, (std::vector<int64_t>{4, 5}));
+  EXPECT_EQ(csv_steps(dir + "/b/metrics.csv"), (std::vector<int64_t>{4, 5}));
   EXPECT_FALSE(fs::exists(dir + "/b/val.csv"));
   // In its own directory a resumed run keeps its rows.
   ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --resume " + dir +
                             "/a/checkpoint.safetensors --steps 4")
                 .status,
             0);
-  std::istringstream own(read_file(dir + "/a/metrics.csv"));
-  std::getline(own, line);
-  steps.clear();
-  while (std::getline(own, line)) steps.push_back(std::stoll(line));
-  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 3, 4}));
+  EXPECT_EQ(csv_steps(dir + "/a/metrics.csv"), (std::vector<int64_t>{1, 2, 3, 4}));
   fs::remove_all(dir);
 }
 
@@ -1295,13 +1293,7 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
 // n_obs_steps), and then called act() forever without executing an action.
 TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
   const std::string dir = temp_dir("deploy_horizon");
-  save_lerobot_npz(dir + "/demos.npz", demo_episodes(4));
-  {
-    std::ofstream cfg(dir + "/config.json");
-    cfg << R"({"policy": {"n_obs_steps": 2, "horizon": 1, "hidden_size": 16, "depth": 1,
-               "dim_cond": 16, "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2},
-              "batch_size": 4})";
-  }
+  write_tiny_run(dir, 4, R"("n_obs_steps": 2, "horizon": 1)", 4);
   ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
                             "/config.json --steps 1 --out " + dir + "/run")
                 .status,
