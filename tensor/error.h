@@ -1,4 +1,5 @@
-// The one exception type of the project, and helpers that build its messages.
+// The project's exception type (and its one refinement, OutOfMemory), and helpers that build
+// their messages.
 #pragma once
 
 #include <charconv>
@@ -17,6 +18,14 @@ namespace mmdit {
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+// A tensor's storage could not be allocated. Its own class so that the code that asked for the
+// memory (building a model of a config's sizes, a training step at a batch size) can say which
+// setting to lower.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
 };
 
 // Formats a shape the way error messages and printing show it: (3,4), (5,) or ().

@@ -104,8 +104,8 @@ Storage::Storage(size_t bytes) : bytes_(round_up(bytes == 0 ? 1 : bytes)) {
     release_cached_memory();
     data_ = std::aligned_alloc(64, bytes_);
     if (!data_)
-      fail("out of memory allocating ", bytes_, " bytes (after returning ", cached,
-           " cached bytes to the system)");
+      throw OutOfMemory(str_cat("out of memory allocating ", bytes_, " bytes (after returning ",
+                                cached, " cached bytes to the system)"));
   }
   std::lock_guard<std::mutex> lock(c.mutex);
   ++c.stats.system_allocs;

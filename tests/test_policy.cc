@@ -73,6 +73,29 @@ TEST(PolicyConfig, BoundsTheSequenceLengthsNamingTheFieldAndTheLimit) {
   EXPECT_EQ(test::error_of([&] { c.validate(); }), "(no mmdit::Error thrown)");
 }
 
+// A config too large for memory said only "out of memory allocating N bytes", not which sizes.
+// A 12 TB projection (heads 1024 x dim_head 1024 x 3 over hidden_size 10^6) fails at once; the
+// encoders before it take 8 MB each.
+TEST(BCPolicy, TooLargeForMemoryNamesTheSizes) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer aborts on a failed allocation instead of returning null";
+#endif
+  PolicyConfig c = tiny_policy();
+  c.hidden_size = 1000000;
+  c.heads = 1024;
+  c.dim_head = 1024;
+  Rng rng(0);
+  try {
+    BCPolicy p(c, rng);
+    ADD_FAILURE() << "a 12 TB policy was built";
+  } catch (const OutOfMemory& e) {
+    EXPECT_THAT(e.what(),
+                testing::StartsWith("BCPolicy with hidden_size 1000000, depth 2, dim_cond "
+                                    "24, heads 1024 x dim_head 1024 and ff_mult 2 does "
+                                    "not fit in memory: out of memory allocating "));
+  }
+}
+
 // nlohmann's get<int64_t> wraps 2^64 - 1 to -1, which validate() then reported as "-1".
 TEST(PolicyConfig, FromJsonRefusesIntegersPastInt64AsWritten) {
   EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"horizon": 18446744073709551615})"); }),

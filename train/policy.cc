@@ -291,7 +291,7 @@ MMDiTConfig mmdit_config(const PolicyConfig& c) {
   return m;
 }
 
-BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
+BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng) try
     : config(validated(cfg)),
       state_encoder(config.state_dim, config.hidden_size, true, rng),
       action_encoder(config.act_dim, config.hidden_size, true, rng),
@@ -308,6 +308,12 @@ BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng)
   for (int64_t i = cfg.n_obs_steps; i < total; ++i)
     for (int64_t j = cfg.n_obs_steps; j < total; ++j) m[i * total + j] = j <= i;
   mask_ = from_vector(m, {total, total});
+} catch (const OutOfMemory& e) {
+  // The sizes are the config's: say which ones made the model too large.
+  throw OutOfMemory(str_cat("BCPolicy with hidden_size ", cfg.hidden_size, ", depth ", cfg.depth,
+                            ", dim_cond ", cfg.dim_cond, ", heads ", cfg.heads, " x dim_head ",
+                            cfg.dim_head, " and ff_mult ", cfg.ff_mult,
+                            " does not fit in memory: ", e.what()));
 }
 
 void BCPolicy::to(DType dtype) {

@@ -243,6 +243,11 @@ StepStats Trainer::train_step() {
            starts_with(what, prefix) ? what.substr(prefix.size()) : what);
     }
     return stats;
+  } catch (const OutOfMemory& e) {
+    rng_.set_state(rng_seed, rng_counter);
+    sampler_->set_position(epoch, offset);
+    throw OutOfMemory(str_cat("training step ", step() + 1, " at batch_size ", config_.batch_size,
+                              ": ", e.what()));
   } catch (...) {
     rng_.set_state(rng_seed, rng_counter);
     sampler_->set_position(epoch, offset);
