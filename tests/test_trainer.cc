@@ -794,6 +794,29 @@ TEST(Checkpoint, ResumeNamesAMissingUnexpectedOrMisshapenTensor) {
             path + ": tensors 'ema/*': EMA::set: 'bogus' is not a parameter");
 }
 
+// The random state and the data position must be whole numbers: read as they were, -1 became
+// 2^64 - 1 and 2.5 became 2, and the run went on from another state than the one saved.
+TEST(Checkpoint, ResumeRefusesARandomStateThatIsNotWholeNumbers) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const SafetensorsFile f = load_safetensors(fresh_checkpoint(data, dir));
+  const std::string path = dir.file("v.safetensors");
+  auto with = [&](const std::string& key, const std::string& json) {
+    auto metadata = f.metadata;
+    metadata[key] = json;
+    save_safetensors(path, f.tensors, metadata);
+    return test::error_of([&] { Trainer::resume(path, data); });
+  };
+  EXPECT_EQ(with("rng", R"({"seed": -1, "counter": 0})"),
+            path + ": checkpoint metadata rng.seed must be a whole number >= 0, got -1");
+  EXPECT_EQ(with("rng", R"({"seed": 0, "counter": 2.5})"),
+            path + ": checkpoint metadata rng.counter must be a whole number >= 0, got 2.5");
+  EXPECT_EQ(with("sampler", R"({"epoch": 9223372036854775808, "offset": 0})"),
+            path + ": checkpoint metadata sampler.epoch is out of range: 9223372036854775808");
+  EXPECT_EQ(with("rng", R"({"seed": 18446744073709551615, "counter": 3})"),
+            "(no mmdit::Error thrown)");
+}
+
 // The checkpoint records the size of the data it was trained on; resuming on other data is
 // refused instead of continuing on a different permutation.
 TEST(Checkpoint, ResumeRefusesOtherData) {

@@ -425,20 +425,34 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     fail(path, ": tensors 'adam_m/*', 'adam_v/*': ", e.what());
   }
   Json sampler;
+  // get<>() would wrap a negative number and truncate a fraction: the random state would then
+  // differ from the one saved, silently.
+  const auto whole = [&](const Json& j, const char* section, const char* key) {
+    const Json& v = j.at(key);
+    MMDIT_CHECK(v.is_number_unsigned(), "checkpoint metadata ", section, ".", key,
+                " must be a whole number >= 0, got ", v.dump());
+    return v.get<uint64_t>();
+  };
+  const auto count = [&](const Json& j, const char* key) {
+    const uint64_t n = whole(j, "sampler", key);
+    MMDIT_CHECK(n <= uint64_t{std::numeric_limits<int64_t>::max()}, "checkpoint metadata sampler.",
+                key, " is out of range: ", n);
+    return static_cast<int64_t>(n);
+  };
   try {
     const Json rng = Json::parse(c.meta("rng"));
     sampler = Json::parse(c.meta("sampler"));
-    t->rng_.set_state(rng.at("seed").get<uint64_t>(), rng.at("counter").get<uint64_t>());
+    t->rng_.set_state(whole(rng, "rng", "seed"), whole(rng, "rng", "counter"));
     // Older checkpoints do not record the data's size.
-    if (sampler.contains("frames"))
-      MMDIT_CHECK(sampler.at("frames").get<int64_t>() == t->sampler_->num_samples() &&
-                      sampler.at("episodes").get<int64_t>() == t->sampler_->num_episodes(),
-                  path, " was trained on ", sampler.at("frames").get<int64_t>(), " frames in ",
-                  sampler.at("episodes").get<int64_t>(), " episodes; this data has ",
-                  t->sampler_->num_samples(), " in ", t->sampler_->num_episodes(),
+    if (sampler.contains("frames")) {
+      const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
+      MMDIT_CHECK(frames == t->sampler_->num_samples() && episodes == t->sampler_->num_episodes(),
+                  path, " was trained on ", frames, " frames in ", episodes,
+                  " episodes; this data has ", t->sampler_->num_samples(), " in ",
+                  t->sampler_->num_episodes(),
                   ": resume with the run's own data, or start a new run");
-    t->sampler_->set_position(sampler.at("epoch").get<int64_t>(),
-                              sampler.at("offset").get<int64_t>());
+    }
+    t->sampler_->set_position(count(sampler, "epoch"), count(sampler, "offset"));
   } catch (const Json::exception& e) {
     fail(path, ": bad random state in the checkpoint metadata: ", e.what());
   } catch (const Error& e) {
