@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <hdf5.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -815,6 +816,38 @@ TEST(Checkpoint, ResumeRefusesARandomStateThatIsNotWholeNumbers) {
             path + ": checkpoint metadata sampler.epoch is out of range: 9223372036854775808");
   EXPECT_EQ(with("rng", R"({"seed": 18446744073709551615, "counter": 3})"),
             "(no mmdit::Error thrown)");
+}
+
+// A step that runs out of memory says at which step and batch size. The child process (a death
+// test, re-run from scratch) limits its address space to what it has mapped plus 256 MB; a step of
+// 2^20 examples needs more.
+TEST(TrainerDeathTest, AStepOutOfMemoryNamesTheBatchSize) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer's shadow memory does not fit an address-space limit";
+#endif
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto step_past_the_limit = [] {
+    const Episodes data = demo_episodes(4);
+    TrainConfig c = tiny_config(data);
+    c.batch_size = 1 << 20;
+    Trainer t(c, data);
+    std::ifstream statm("/proc/self/statm");
+    long pages = 0;
+    statm >> pages;
+    const rlim_t bound =
+        static_cast<rlim_t>(pages) * static_cast<rlim_t>(::getpagesize()) + (rlim_t{256} << 20);
+    const rlimit limit{bound, bound};
+    ::setrlimit(RLIMIT_AS, &limit);
+    try {
+      t.train_step();
+    } catch (const OutOfMemory& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      std::exit(t.step() == 0 ? 3 : 4);  // 3: refused, and nothing changed
+    }
+    std::exit(0);
+  };
+  EXPECT_EXIT(step_past_the_limit(), testing::ExitedWithCode(3),
+              "training step 1 at batch_size 1048576: out of memory allocating");
 }
 
 // The checkpoint records the size of the data it was trained on; resuming on other data is
