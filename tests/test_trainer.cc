@@ -831,13 +831,7 @@ TEST(TrainerDeathTest, AStepOutOfMemoryNamesTheBatchSize) {
     TrainConfig c = tiny_config(data);
     c.batch_size = 1 << 20;
     Trainer t(c, data);
-    std::ifstream statm("/proc/self/statm");
-    long pages = 0;
-    statm >> pages;
-    const rlim_t bound =
-        static_cast<rlim_t>(pages) * static_cast<rlim_t>(::getpagesize()) + (rlim_t{256} << 20);
-    const rlimit limit{bound, bound};
-    ::setrlimit(RLIMIT_AS, &limit);
+    test::limit_address_space(size_t{256} << 20);
     try {
       t.train_step();
     } catch (const OutOfMemory& e) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "tensor/bytes.h"
 #include "tensor/error.h"
 #include "tensor/ops.h"
+#include "tensor/parallel.h"
 #include "tensor/random.h"
 #include "tensor/tensor.h"
 
@@ -43,6 +45,19 @@ inline std::string read_source(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
+}
+
+// For a death test's child: from here on allocations past what the process has mapped plus
+// `headroom` bytes fail, whatever the kernel's overcommit mode. One OpenMP thread, so that worker
+// threads created later need no room of their own.
+inline void limit_address_space(size_t headroom) {
+  set_num_threads(1);
+  std::ifstream statm("/proc/self/statm");
+  long pages = 0;
+  statm >> pages;
+  const rlim_t bound = static_cast<rlim_t>(pages) * static_cast<rlim_t>(::getpagesize()) + headroom;
+  const rlimit limit{bound, bound};
+  ::setrlimit(RLIMIT_AS, &limit);
 }
 
 // What the mmdit program printed (stdout and stderr) and its exit status (-1 if it did not exit).

@@ -201,13 +201,22 @@ double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads,
   }
   const double norm = std::sqrt(squares);
   if (max_norm > 0) grad_scale *= clip_scale(norm, max_norm);
-  ++step_;
+  // The moments follow their parameter's dtype. Converted before the step counts, since the
+  // conversion allocates: running out of memory here must leave the step undone.
   size_t i = 0;
+  for (const auto& [name, unused] : params) {
+    Tensor &m = m_.at(name), &v = v_.at(name);
+    const DType dtype = items[i++].p.dtype();
+    if (m.dtype() != dtype) {
+      Tensor m_converted = raw::to_dtype(m, dtype), v_converted = raw::to_dtype(v, dtype);
+      m = std::move(m_converted), v = std::move(v_converted);
+    }
+  }
+  ++step_;
+  i = 0;
   for (const auto& [name, unused] : params) {
     const Item& it = items[i++];
     Tensor &m = m_.at(name), &v = v_.at(name);
-    if (m.dtype() != it.p.dtype())
-      m = raw::to_dtype(m, it.p.dtype()), v = raw::to_dtype(v, it.p.dtype());
     const double decay = ema ? ema->decay() : 0.0;
     if (it.p.dtype() == DType::f32)
       adamw_kernel(it.p.data<float>(), it.g.data<float>(), m.data<float>(), v.data<float>(),

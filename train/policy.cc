@@ -309,10 +309,8 @@ BCPolicy::BCPolicy(const PolicyConfig& cfg, Rng& rng) try
     for (int64_t j = cfg.n_obs_steps; j < total; ++j) m[i * total + j] = j <= i;
   mask_ = from_vector(m, {total, total});
 } catch (const OutOfMemory& e) {
-  // The sizes are the config's: say which ones made the model too large.
-  throw OutOfMemory(str_cat("BCPolicy with hidden_size ", cfg.hidden_size, ", depth ", cfg.depth,
-                            ", dim_cond ", cfg.dim_cond, ", heads ", cfg.heads, " x dim_head ",
-                            cfg.dim_head, " and ff_mult ", cfg.ff_mult,
+  // The sizes are the config's: say them all, since any of them can make a layer too large.
+  throw OutOfMemory(str_cat("BCPolicy with policy config ", cfg.to_json(),
                             " does not fit in memory: ", e.what()));
 }
 

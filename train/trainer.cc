@@ -220,6 +220,10 @@ StepStats Trainer::train_step() {
   // a checkpoint saved after the throw is the one of the step before.
   const uint64_t rng_seed = rng_.seed(), rng_counter = rng_.counter();
   const auto [epoch, offset] = sampler_->position();
+  const auto restore = [&] {
+    rng_.set_state(rng_seed, rng_counter);
+    sampler_->set_position(epoch, offset);
+  };
   try {
     const Batch batch = sampler_->next(config_.batch_size);
     auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
@@ -237,6 +241,8 @@ StepStats Trainer::train_step() {
     try {
       stats.grad_norm =
           optimizer_->update_clipped(params, grads, stats.lr, config_.grad_clip, ema_.get());
+    } catch (const OutOfMemory&) {
+      throw;  // named with the batch size below
     } catch (const Error& e) {
       const std::string what = e.what(), prefix = "AdamW::update: ";
       fail("training step ", step() + 1, ": ",
@@ -244,13 +250,11 @@ StepStats Trainer::train_step() {
     }
     return stats;
   } catch (const OutOfMemory& e) {
-    rng_.set_state(rng_seed, rng_counter);
-    sampler_->set_position(epoch, offset);
+    restore();
     throw OutOfMemory(str_cat("training step ", step() + 1, " at batch_size ", config_.batch_size,
                               ": ", e.what()));
   } catch (...) {
-    rng_.set_state(rng_seed, rng_counter);
-    sampler_->set_position(epoch, offset);
+    restore();
     throw;
   }
 }
