@@ -1310,6 +1310,9 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
   EXPECT_THAT(negative_seed.output,
               HasSubstr("--seed: must be a whole number from 0 to 18446744073709551615, got -1"));
   EXPECT_FALSE(fs::exists(dir + "/s"));
+  // Decimal as written: CLI11 alone read "010" as octal 8.
+  ASSERT_EQ(test::run_mmdit(train + "--steps 1 --seed 010 --out " + dir + "/decimal").status, 0);
+  EXPECT_THAT(read_file(dir + "/decimal/config.json"), HasSubstr("\"seed\": 10"));
   // demo checked --n-action-steps against the horizon only after training.
   const test::Command demo =
       test::run_mmdit("demo --steps 2 --demos 3 --n-action-steps 100 --out " + dir + "/demo");

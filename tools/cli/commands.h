@@ -19,8 +19,8 @@ void add_bench_command(CLI::App& app);
 // "--threads: must be a positive number, got 0".
 const CLI::Validator& positive();
 const CLI::Validator& non_negative();
-// For seeds: a whole number that fits in 64 bits unsigned. CLI11 itself takes "-1" as 2^64 - 1
-// and larger numbers as something else.
+// For seeds, as a transform: a whole number that fits in 64 bits unsigned, passed on in decimal.
+// CLI11 alone takes "-1" as 2^64 - 1, clamps larger numbers and reads a leading 0 as octal.
 const CLI::Validator& seed_number();
 // For paths: an empty --out would otherwise put the run's files in the root directory.
 const CLI::Validator& non_empty();

@@ -52,6 +52,8 @@ const CLI::Validator& seed_number() {
         const auto [stop, error] = std::from_chars(value.data(), end, seed);
         if (value.empty() || error != std::errc() || stop != end)
           return "must be a whole number from 0 to 18446744073709551615, got " + value;
+        // CLI11 reads a leading 0 as octal: "010" would be 8, and "09" refused.
+        value = std::to_string(seed);
         return std::string();
       },
       "SEED");
