@@ -290,22 +290,16 @@ Tensor matmul_bf16_rounded(const Tensor& x, const Tensor& weight) {
               "matmul_bf16_rounded: input ", dtype_name(x.dtype()), " ", shape_str(x.shape()),
               " and weight ", dtype_name(weight.dtype()), " ", shape_str(weight.shape()),
               "; expected float32 (..., in) and (out, in)");
-  const auto rounded = [](const Tensor& t) {
-    const Tensor src = contiguous(t);
-    Tensor dst = empty(src.shape(), DType::f32);
-    constexpr int64_t kBlock = 16384;
-    const int64_t n = src.numel();
-    parallel_for((n + kBlock - 1) / kBlock, 2 * kBlock, [&](int64_t block) {
-      const int64_t begin = block * kBlock;
-      round_to_bf16(src.data<float>() + begin, dst.data<float>() + begin,
-                    std::min(kBlock, n - begin));
-    });
-    return dst;
-  };
-  const int64_t in = weight.shape()[1];
-  const Tensor rows = reshape(x, {-1, in});
-  const Tensor y =
-      matmul(simd::use_bf16_dot_kernel() ? rounded(rows) : rows, transpose(rounded(weight), 0, 1));
+  const Tensor w = contiguous(weight);
+  Tensor rounded = empty(w.shape(), DType::f32);
+  constexpr int64_t kBlock = 16384;
+  const int64_t n = w.numel();
+  parallel_for((n + kBlock - 1) / kBlock, 2 * kBlock, [&](int64_t block) {
+    const int64_t begin = block * kBlock;
+    round_to_bf16(w.data<float>() + begin, rounded.data<float>() + begin,
+                  std::min(kBlock, n - begin));
+  });
+  const Tensor y = matmul(reshape(x, {-1, weight.shape()[1]}), transpose(rounded, 0, 1));
   Shape out_shape = x.shape();
   out_shape.back() = weight.shape()[0];
   return reshape(y, out_shape);

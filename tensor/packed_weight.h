@@ -131,10 +131,10 @@ Tensor matmul_packed(const Tensor& x, const PackedWeight& weight);
 // (PackedWeight::multiply_pair); otherwise one after the other.
 std::array<Tensor, 2> matmul_packed_pair(const Tensor& x0, const PackedWeight& w0, const Tensor& x1,
                                          const PackedWeight& w1);
-// x (..., in) float32 times W^T, W (out, in) float32 rounded to bfloat16 first, and x too where
-// the packed bfloat16 products round their inputs: the values of matmul_packed with W packed as
-// bfloat16, summed in another order, on the float32 sgemm. For products of many rows, bound by
-// their multiply-adds, which the sgemm runs faster than the packed kernel.
+// x (..., in) float32 times W^T, W (out, in) float32 rounded to bfloat16 first: the values of
+// matmul_packed with W packed as bfloat16 by the widening kernel (not vdpbf16ps, which rounds x
+// too), summed in another order, on the float32 sgemm. For products of many rows, bound by their
+// multiply-adds, which the sgemm runs faster than the packed kernel.
 Tensor matmul_bf16_rounded(const Tensor& x, const Tensor& weight);
 }  // namespace raw
 

@@ -387,6 +387,23 @@ TEST(FrozenWeights, LinearEachEqualsTheLoop) {
       EXPECT_EQ(ys[i].to_vector<float>(), linear_fused(xs[i], ws[i], bs[i]).to_vector<float>())
           << (p ? precision_name(*p) : "plain") << " input " << i;
   }
+  // A product of 512 rows leaves the packed kernel (in bfloat16 for the rounded weight on the
+  // sgemm, where the packed kernel widens) beside one that stays on it.
+  const std::vector<Tensor> many = {rng.normal({2, 256, 8}), xs[0]};
+  const std::vector<Tensor> many_ws = {rng.normal({12, 8}), ws[0]}, many_bs = {Tensor(), bs[0]};
+  const Tensor unrounded = nn::linear(many[0], many_ws[0], Tensor());
+  for (WeightPrecision p : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    FrozenWeights frozen(p);
+    const UseFrozenWeights use(frozen);
+    const std::vector<Tensor> ys = linear_fused_each(many, many_ws, many_bs);
+    for (size_t i : {0, 1})
+      EXPECT_EQ(ys[i].to_vector<float>(),
+                linear_fused(many[i], many_ws[i], many_bs[i]).to_vector<float>())
+          << precision_name(p) << " input " << i;
+    if (p == WeightPrecision::bf16) {
+      EXPECT_GT(test::max_abs_diff(ys[0], unrounded), 0.0) << "the weight was not rounded";
+    }
+  }
   // On a tape, each product is its own node under its own scope, with its gradient.
   Tape tape;
   Tensor x0 = xs[0], w2 = ws[2];
