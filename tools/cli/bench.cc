@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -447,7 +448,8 @@ std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof,
     j["max_abs_diff_vs_f32"] = r.accuracy->max_abs_diff;
     j["rel_rms_diff_vs_f32"] = r.accuracy->rel_rms;
   }
-  // A number that is not finite (a roof of 0 when no product ran) is written as null.
+  // JSON has no NaN or infinity: nlohmann writes them as null, and result_from_json reads null
+  // back as NaN.
   return j.dump();
 }
 
@@ -581,26 +583,28 @@ std::string run_in_child(const Workload& w, const Options& o, int threads) {
 
 Result result_from_json(const std::string& line) {
   const nlohmann::json j = nlohmann::json::parse(line);
+  const auto number = [&](const char* key) {
+    const nlohmann::json& v = j.at(key);
+    return v.is_null() ? std::numeric_limits<double>::quiet_NaN() : v.get<double>();
+  };
   Result r;
   r.workload = j.at("workload").get<std::string>();
   r.reps = j.at("reps").get<int>();
-  r.median_ms = j.at("median_ms").get<double>();
-  r.min_ms = j.at("min_ms").get<double>();
-  r.max_ms = j.at("max_ms").get<double>();
-  r.gflop_per_rep = j.at("gflop_per_rep").get<double>();
-  r.gflops = j.at("gflops").get<double>();
-  r.peak_rss_mb = j.at("peak_rss_mb").get<double>();
-  r.roof_gflops = j.at("roof_gflops").get<double>();
-  r.page_faults_per_rep = j.at("page_faults_per_rep").get<double>();
-  r.memory_roof_gbps = j.at("memory_roof_gbps").get<double>();
-  if (j.contains("weight_mb_per_rep"))
-    r.weight_mb_per_rep = j.at("weight_mb_per_rep").get<double>();
+  r.median_ms = number("median_ms");
+  r.min_ms = number("min_ms");
+  r.max_ms = number("max_ms");
+  r.gflop_per_rep = number("gflop_per_rep");
+  r.gflops = number("gflops");
+  r.peak_rss_mb = number("peak_rss_mb");
+  r.roof_gflops = number("roof_gflops");
+  r.page_faults_per_rep = number("page_faults_per_rep");
+  r.memory_roof_gbps = number("memory_roof_gbps");
+  if (j.contains("weight_mb_per_rep")) r.weight_mb_per_rep = number("weight_mb_per_rep");
   if (j.contains("max_abs_diff_vs_f32"))
-    r.accuracy = Accuracy{j.at("max_abs_diff_vs_f32").get<double>(),
-                          j.at("rel_rms_diff_vs_f32").get<double>()};
+    r.accuracy = Accuracy{number("max_abs_diff_vs_f32"), number("rel_rms_diff_vs_f32")};
   if (j.contains("tape_nodes"))
     r.tape = TapeStats{j.at("tape_nodes").get<int64_t>(),
-                       static_cast<size_t>(j.at("saved_mb").get<double>() * 1048576.0)};
+                       static_cast<size_t>(number("saved_mb") * 1048576.0)};
   return r;
 }
 
