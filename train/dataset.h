@@ -17,8 +17,8 @@
 namespace mmdit {
 
 // Windows longer than this are certainly a configuration mistake, and the bound keeps the index
-// arithmetic far from overflow. PolicyConfig::validate() holds n_obs_steps and horizon to it too:
-// a trainer builds its policy before its sampler, and should name the field before allocating.
+// arithmetic far from overflow. (A policy's windows are bounded more tightly, by
+// PolicyConfig::kMaxTokens.)
 constexpr int64_t kMaxWindow = int64_t{1} << 20;
 // A batch past this is a typo rather than a plan (the model's activations would not fit); without
 // the bound it ended in a bare std::bad_alloc when the sampler reserved it.

@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "nn/functional.h"
-#include "train/dataset.h"
+#include "train/json_fields.h"
 
 namespace mmdit {
 
@@ -37,17 +37,7 @@ PolicyConfig PolicyConfig::from_json(const std::string& text) {
     // Named, not a structured binding: Clang before 16 cannot capture one in the lambdas below.
     const std::string& key = item.key();
     const Json& value = item.value();
-    auto as_int = [&](int64_t& field) {
-      MMDIT_CHECK(value.is_number_integer(), "policy config: '", key, "' must be an integer, got ",
-                  value.dump());
-      // get<int64_t>() would wrap an unsigned integer past int64 to a negative one, which
-      // validate() would then report as a value no one wrote.
-      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-      MMDIT_CHECK(!value.is_number_unsigned() || value.get<uint64_t>() <= uint64_t{kMax},
-                  "policy config: '", key, "' must be an integer no larger than ", kMax, ", got ",
-                  value.dump());
-      field = value.get<int64_t>();
-    };
+    auto as_int = [&](int64_t& field) { field = json_int64(value, "policy config", key); };
     if (key == "n_obs_steps")
       as_int(c.n_obs_steps);
     else if (key == "state_dim")
@@ -94,14 +84,10 @@ void PolicyConfig::validate() const {
   check_positive(who, "dim_head", dim_head);
   check_positive(who, "heads", heads);
   check_positive(who, "ff_mult", ff_mult);
-  MMDIT_CHECK(n_obs_steps <= kMaxWindow, who, ": n_obs_steps must be in [1, ", kMaxWindow,
-              "], got ", n_obs_steps);
-  MMDIT_CHECK(horizon <= kMaxWindow, who, ": horizon must be in [1, ", kMaxWindow, "], got ",
-              horizon);
-  // Each is within kMaxWindow, so the sum cannot overflow.
-  MMDIT_CHECK(n_obs_steps + horizon <= kMaxTokens, who, ": n_obs_steps + horizon must be at most ",
+  // Both are positive here, so the difference cannot overflow, nor can a huge value wrap the sum.
+  MMDIT_CHECK(horizon <= kMaxTokens - n_obs_steps, who, ": n_obs_steps + horizon must be at most ",
               kMaxTokens, " tokens (attention holds their square), got ", n_obs_steps, " + ",
-              horizon, " = ", n_obs_steps + horizon);
+              horizon);
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
   // Finite too: JSON has no inf, and a config that cannot be written back cannot be resumed.

@@ -9,6 +9,7 @@
 
 #include "autodiff/value_and_grad.h"
 #include "tensor/safetensors.h"
+#include "train/json_fields.h"
 
 namespace mmdit {
 
@@ -65,17 +66,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& d
                   value.dump());
       field = value.get<double>();
     };
-    auto integer = [&](int64_t& field) {
-      MMDIT_CHECK(value.is_number_integer(), "train config: '", key, "' must be an integer, got ",
-                  value.dump());
-      // get<int64_t>() would wrap an unsigned integer past int64 to a negative one, which
-      // validate() would then report as a value no one wrote.
-      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-      MMDIT_CHECK(!value.is_number_unsigned() || value.get<uint64_t>() <= uint64_t{kMax},
-                  "train config: '", key, "' must be an integer no larger than ", kMax, ", got ",
-                  value.dump());
-      field = value.get<int64_t>();
-    };
+    auto integer = [&](int64_t& field) { field = json_int64(value, "train config", key); };
     auto text_field = [&](std::string& field) {
       MMDIT_CHECK(value.is_string(), "train config: '", key, "' must be a string, got ",
                   value.dump());
@@ -120,12 +111,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const TrainConfig& d
     else if (key == "sample_steps")
       integer(c.sample_steps);
     else if (key == "seed") {
-      // get<uint64_t>() would wrap -1 to 2^64 - 1, and config.json would record that as the seed.
-      MMDIT_CHECK(
-          value.is_number_unsigned() || (value.is_number_integer() && value.get<int64_t>() >= 0),
-          "train config: 'seed' must be an integer in [0, ", std::numeric_limits<uint64_t>::max(),
-          "], got ", value.dump());
-      c.seed = value.get<uint64_t>();
+      c.seed = json_uint64(value, "train config", key);
     } else {
       fail("train config: unknown key '", key, "'");
     }
