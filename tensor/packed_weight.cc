@@ -23,11 +23,12 @@ WeightPrecision parse_precision(const std::string& name) {
   return WeightPrecision::f32;
 }
 
+// Without branches, so that loops over it vectorise (round_to_bf16).
 uint16_t to_bf16(float x) {
-  uint32_t bits = std::bit_cast<uint32_t>(x);
-  if (std::isnan(x)) return static_cast<uint16_t>((bits >> 16) | 0x40);  // stays a quiet NaN
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t nearest_even = bits + 0x7FFF + ((bits >> 16) & 1);
+  const uint32_t quiet_nan = bits | 0x400000;  // a NaN stays a NaN, and a quiet one
+  return static_cast<uint16_t>((x != x ? quiet_nan : nearest_even) >> 16);
 }
 
 float from_bf16(uint16_t b) {
@@ -220,15 +221,9 @@ FrozenWeights* frozen_weights() {
 }
 
 namespace {
-// to_bf16 then from_bf16, without branches so that the loop vectorises.
 MMDIT_SIMD_CLONES void round_to_bf16(const float* __restrict src, float* __restrict dst,
                                      int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = std::bit_cast<uint32_t>(src[i]);
-    const uint32_t nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-    const uint32_t quiet_nan = (bits | 0x400000u) & 0xFFFF0000u;
-    dst[i] = std::bit_cast<float>(src[i] != src[i] ? quiet_nan : nearest_even);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_bf16(to_bf16(src[i]));
 }
 }  // namespace
 
