@@ -6,6 +6,8 @@ bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>&
                       const char* who) {
   MMDIT_CHECK(!xs.empty() && xs.size() == dims.size(), who, ": expected ", dims.size(),
               " modalities, got ", xs.size());
+  for (size_t m = 0; m < xs.size(); ++m)
+    MMDIT_CHECK(xs[m].defined(), who, ": modality ", m, " is an undefined Tensor");
   MMDIT_CHECK(xs[0].dim() == 2 || xs[0].dim() == 3, who, ": modality 0 has shape ",
               shape_str(xs[0].shape()), "; expected (S, D) or (B, S, D)");
   const bool batched = xs[0].dim() == 3;

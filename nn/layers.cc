@@ -18,16 +18,16 @@ Linear::Linear(int64_t in, int64_t out, bool has_bias, Rng& rng, Init init) {
 }
 
 RMSNorm::RMSNorm(int64_t dim) {
-  gamma = register_parameter("gamma", ones({dim}));
+  gamma = register_parameter("gamma", ones({positive("RMSNorm", "dim", dim)}));
 }
 
 MultiHeadRMSNorm::MultiHeadRMSNorm(int64_t dim_head) {
-  gamma = register_parameter("gamma", ones({dim_head}));
+  gamma = register_parameter("gamma", ones({positive("MultiHeadRMSNorm", "dim_head", dim_head)}));
 }
 
 TimestepEmbedding::TimestepEmbedding(int64_t dim_embed, int64_t dim_out, Rng& rng)
-    : dim_embed(dim_embed),
-      linear1(dim_embed, dim_out, true, rng),
+    : dim_embed(positive("TimestepEmbedding", "dim_embed", dim_embed)),
+      linear1(dim_embed, positive("TimestepEmbedding", "dim_out", dim_out), true, rng),
       linear2(dim_out, dim_out, true, rng) {
   register_module("linear1", linear1);
   register_module("linear2", linear2);
@@ -52,7 +52,9 @@ int64_t layer_width(int64_t a, int64_t b, const std::string& what) {
 }
 
 AdaptiveLayerNorm::AdaptiveLayerNorm(int64_t dim, int64_t dim_cond, Rng& rng)
-    : to_modulation(dim_cond, layer_width(2, dim, str_cat("AdaptiveLayerNorm: 2 * dim ", dim)),
+    : to_modulation(positive("AdaptiveLayerNorm", "dim_cond", dim_cond),
+                    layer_width(2, positive("AdaptiveLayerNorm", "dim", dim),
+                                str_cat("AdaptiveLayerNorm: 2 * dim ", dim)),
                     true, rng, Init::zeros) {
   register_module("to_modulation", to_modulation);
 }
@@ -61,13 +63,20 @@ Tensor AdaptiveLayerNorm::operator()(const Tensor& x, const Tensor& cond) const 
   return modulate(x, modulation_from(to_modulation, silu(cond)));
 }
 
+namespace {
+
+// dim * mult, each checked first: the layers' own messages would name the product.
+int64_t feedforward_width(int64_t dim, int64_t mult) {
+  return layer_width(positive("FeedForward", "dim", dim), positive("FeedForward", "mult", mult),
+                     str_cat("FeedForward: dim ", dim, " * mult ", mult));
+}
+
+}  // namespace
+
 FeedForward::FeedForward(int64_t dim, int64_t mult, Rng& rng)
-    : linear_in(dim, layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)),
-                false, rng),
-      linear_gate(dim, layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)),
-                  false, rng),
-      linear_out(layer_width(dim, mult, str_cat("FeedForward: dim ", dim, " * mult ", mult)), dim,
-                 false, rng) {
+    : linear_in(dim, feedforward_width(dim, mult), false, rng),
+      linear_gate(dim, feedforward_width(dim, mult), false, rng),
+      linear_out(feedforward_width(dim, mult), dim, false, rng) {
   register_module("linear_in", linear_in);
   register_module("linear_gate", linear_gate);
   register_module("linear_out", linear_out);

@@ -78,10 +78,15 @@ void Module::load(const NamedTensors& values, bool buffers) {
     MMDIT_CHECK(is_floating(v.dtype()), "load: parameter '", name, "' has dtype ",
                 dtype_name(v.dtype()), ", expected a float tensor");
   }
-  for (const auto& [name, v] : values)
+  const NamedTensors frozen = buffers ? NamedTensors() : named_buffers();
+  for (const auto& [name, v] : values) {
+    MMDIT_CHECK(!frozen.contains(name), "load: '", name,
+                "' is a buffer of the model, not a parameter; load(values, /*buffers=*/true) "
+                "loads buffers too");
     MMDIT_CHECK(targets.contains(name), "load: unknown parameter '", name, "' (shape ",
                 v.defined() ? shape_str(v.shape()) : std::string("undefined"),
                 ") is not in the model");
+  }
   for (const auto& [name, target] : targets) raw::copy_into(target, values.at(name));
 }
 

@@ -81,6 +81,11 @@ inline void check_positive(const char* who, const char* field, const std::vector
   for (size_t i = 0; i < values.size(); ++i)
     if (values[i] <= 0) fail(who, ": ", field, "[", i, "] must be positive, got ", values[i]);
 }
+// check_positive, then the value: for member initialisers, which run before a constructor's body.
+inline int64_t positive(const char* who, const char* field, int64_t value) {
+  check_positive(who, field, value);
+  return value;
+}
 
 }  // namespace mmdit
 

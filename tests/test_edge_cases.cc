@@ -437,6 +437,31 @@ struct TwoLinears : nn::Module {
   nn::Linear a, b;
 };
 
+struct LinearWithBuffer : nn::Module {
+  explicit LinearWithBuffer(Rng& rng) : a(2, 3, true, rng) {
+    register_module("a", a);
+    table = register_buffer("table", ones({4}));
+  }
+  nn::Linear a;
+  Tensor table;
+};
+
+// A buffer's name given to a load of parameters only: "unknown parameter ... not in the model"
+// was wrong, since the model has it.
+TEST(EdgeModule, LoadingABufferAsAParameterSaysHowToLoadIt) {
+  Rng rng(2);
+  LinearWithBuffer m(rng);
+  NamedTensors given;
+  for (const auto& [name, t] : m.named_parameters()) given.insert(name, zeros(t.shape()));
+  given.insert("table", zeros({4}));
+  EXPECT_THAT(error_of([&] { m.load(given); }),
+              HasSubstr("load: 'table' is a buffer of the model, not a parameter; "
+                        "load(values, /*buffers=*/true) loads buffers too"));
+  EXPECT_EQ(values(m.table), std::vector<double>(4, 1.0));
+  m.load(given, /*buffers=*/true);
+  EXPECT_EQ(values(m.table), std::vector<double>(4, 0.0));
+}
+
 TEST(EdgeModule, ToANonFloatDTypeIsAnError) {
   Rng rng(2);
   TwoLinears m(rng);

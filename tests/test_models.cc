@@ -546,6 +546,32 @@ TEST(Errors, ModelConfigFieldsAreNamed) {
   EXPECT_THAT(
       [&] { nn::check_modalities({rng.normal({8})}, {8}, "MMDiT"); },
       testing::ThrowsMessage<Error>(HasSubstr("modality 0 has shape (8,); expected (S, D) or")));
+  EXPECT_THAT(
+      [&] {
+        nn::JointAttention({4, 6}, 2, 2, rng)({rng.normal({3, 4}), Tensor()});
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("JointAttention: modality 1 is an undefined")));
+}
+
+// Each layer names itself and the argument at fault, not the inner Linear or tensor it builds.
+TEST(Errors, LayerSizesAreNamed) {
+  Rng rng(0);
+  const std::pair<std::function<void()>, std::string> cases[] = {
+      {[&] { nn::RMSNorm(-1); }, "RMSNorm: dim must be positive, got -1"},
+      {[&] { nn::RMSNorm(0); }, "RMSNorm: dim must be positive, got 0"},
+      {[&] { nn::MultiHeadRMSNorm(-3); }, "MultiHeadRMSNorm: dim_head must be positive, got -3"},
+      {[&] { nn::AdaptiveLayerNorm(0, 4, rng); }, "AdaptiveLayerNorm: dim must be positive, got 0"},
+      {[&] { nn::AdaptiveLayerNorm(4, -2, rng); },
+       "AdaptiveLayerNorm: dim_cond must be positive, got -2"},
+      {[&] { nn::FeedForward(4, -1, rng); }, "FeedForward: mult must be positive, got -1"},
+      {[&] { nn::FeedForward(0, 4, rng); }, "FeedForward: dim must be positive, got 0"},
+      {[&] { nn::TimestepEmbedding(0, 4, rng); },
+       "TimestepEmbedding: dim_embed must be positive, got 0"},
+      {[&] { nn::TimestepEmbedding(4, 0, rng); },
+       "TimestepEmbedding: dim_out must be positive, got 0"},
+  };
+  for (const auto& [make, message] : cases)
+    EXPECT_THAT(make, testing::ThrowsMessage<Error>(HasSubstr(message)));
 }
 
 // ---------------------------------------------------------------- RoPE and timestep embedding

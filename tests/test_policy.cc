@@ -470,5 +470,15 @@ TEST(PolicyParity, ABufferThatDiffersFromThePolicysFailsItsRow) {
   EXPECT_TRUE(state->pass);
 }
 
+TEST(Parity, ToleranceMustBeFiniteAndNonNegative) {
+  const std::string path = std::string(MMDIT_TEST_DATA) + "/rms_norm.safetensors";
+  for (const double tolerance : {-1.0, std::nan(""), std::numeric_limits<double>::infinity()})
+    EXPECT_THAT([&] { run_parity(path, DType::f32, tolerance); },
+                testing::ThrowsMessage<Error>(
+                    HasSubstr("parity: the tolerance must be finite and >= 0, got ")))
+        << tolerance;
+  EXPECT_TRUE(run_parity(path, DType::f64, 1e-5).ok());
+}
+
 }  // namespace
 }  // namespace mmdit

@@ -254,19 +254,44 @@ void run_attention(Rng& rng) {
 int main(int argc, char** argv) {
   mmdit::use_the_best_openblas_core(argv);
   std::string only;
+  const auto usage = [&](FILE* to) {
+    std::fprintf(to, "usage: %s [--threads N] [--only elementwise|matmul|sampling|attention]\n",
+                 argv[0]);
+  };
+  const auto refuse = [&](const std::string& why) {
+    std::fprintf(stderr, "microbench: %s\n", why.c_str());
+    usage(stderr);
+    return 2;
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--threads" && i + 1 < argc) {
-      mmdit::set_num_threads(std::atoi(argv[++i]));
-    } else if (arg.rfind("--threads=", 0) == 0) {
-      mmdit::set_num_threads(std::atoi(arg.c_str() + std::strlen("--threads=")));
-    } else if (arg == "--only" && i + 1 < argc) {
-      only = argv[++i];
+    if (arg == "--help" || arg == "-h") {
+      usage(stdout);
+      return 0;
+    }
+    std::string name = arg, value;
+    if (const size_t eq = arg.find('='); arg.starts_with("--") && eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    } else if (i + 1 < argc) {
+      value = argv[++i];
     } else {
-      std::fprintf(stderr,
-                   "usage: %s [--threads N] [--only elementwise|matmul|sampling|attention]\n",
-                   argv[0]);
-      return arg == "--help" || arg == "-h" ? 0 : 2;
+      return refuse(arg == "--threads" || arg == "--only" ? arg + " needs a value"
+                                                          : "unknown argument '" + arg + "'");
+    }
+    if (name == "--threads") {
+      char* end = nullptr;
+      const long threads = std::strtol(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || threads < 1 || threads > 4096)
+        return refuse("--threads must be a whole number from 1 to 4096, got '" + value + "'");
+      mmdit::set_num_threads(static_cast<int>(threads));
+    } else if (name == "--only") {
+      if (value != "elementwise" && value != "matmul" && value != "sampling" &&
+          value != "attention")
+        return refuse("unknown section '" + value + "'");
+      only = value;
+    } else {
+      return refuse("unknown argument '" + arg + "'");
     }
   }
   std::printf("mmdit microbench: %d OpenMP threads, OpenBLAS %d threads, core %s\n",

@@ -367,6 +367,9 @@ InContextMMDiTConfig parity_incontext_config(const std::string& path) {
 
 ParityReport run_parity(const std::string& path, DType dtype, std::optional<double> tolerance) {
   MMDIT_CHECK(is_floating(dtype), "parity: dtype must be f32 or f64");
+  // A negative or NaN tolerance fails every row, an infinite one passes any finite error.
+  MMDIT_CHECK(!tolerance || (*tolerance >= 0 && std::isfinite(*tolerance)),
+              "parity: the tolerance must be finite and >= 0, got ", *tolerance);
   const SafetensorsFile file = load_safetensors(path);
   auto meta = [&](const std::string& key) {
     auto it = file.metadata.find(key);
