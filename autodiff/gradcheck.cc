@@ -71,16 +71,26 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
       elements.resize(options.sample);
     }
     for (int64_t i : elements) {
-      const double saved = p[i];
-      p[i] = saved + options.eps;
+      // The tensors are the caller's (a model's parameters): an f that throws must not leave
+      // one of them perturbed.
+      struct Restore {
+        double* element;
+        double saved;
+        ~Restore() { *element = saved; }
+      } restore{p + i, p[i]};
+      p[i] = restore.saved + options.eps;
       const double plus = scalar_loss(f());
-      p[i] = saved - options.eps;
+      p[i] = restore.saved - options.eps;
       const double minus = scalar_loss(f());
-      p[i] = saved;
+      p[i] = restore.saved;
       const double numeric = (plus - minus) / (2 * options.eps);
       const double tolerance = options.atol + options.rtol * std::abs(numeric);
       const double diff = std::abs(g[i] - numeric);
-      const double ratio = std::isnan(diff) ? INFINITY : diff / tolerance;
+      // An infinite or NaN derivative on either side would make the ratio NaN, which compares
+      // false and passed: it passes only where both sides are the same infinity.
+      const double ratio = std::isfinite(g[i]) && std::isfinite(numeric) ? diff / tolerance
+                           : g[i] == numeric                             ? 0.0
+                                                                         : INFINITY;
       ++result.checked;
       if (ratio > 1) result.ok = false;
       if (ratio >= result.worst_ratio) {

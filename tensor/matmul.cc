@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <type_traits>
@@ -98,6 +99,15 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
   SgemmLibrary library = SgemmLibrary::openblas;
   if constexpr (std::is_same_v<T, float>)
     if (work >= kOnednnMinWork) library = sgemm_library();
+  // OpenBLAS takes sizes as blasint (int in Debian's build): past its range they would wrap and
+  // address other memory. Checked here, before the parallel region, which an exception may not
+  // leave.
+  if (library == SgemmLibrary::openblas)
+    for (const int64_t size : {m, n, k, lda, ldb, ldc})
+      MMDIT_CHECK(size <= std::numeric_limits<blasint>::max(), "matmul: the product (", m, " x ", k,
+                  " by ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,
+                  ") has a size past OpenBLAS's integers (at most ",
+                  std::numeric_limits<blasint>::max(), ")");
   const int threads = omp_get_level() > 0 ? 1 : num_threads();
   auto refused = [&] {
     fail("matmul: oneDNN's sgemm refused the product (", ta ? "A^T" : "A", " ", m, " x ", k, ", ",

@@ -71,10 +71,10 @@ Tensor Rng::normal(const Shape& shape, DType dtype, double mean, double stddev) 
   // Beyond float32's range a draw is stored as inf. The farthest draw is |mean| + r_max stddev,
   // r_max = sqrt(-2 log u) of the smallest u that unit() gives, 2^-54: 8.65.
   static const double max_radius = std::sqrt(-2.0 * std::log(0x1.0p-54));
-  MMDIT_CHECK(dtype != DType::f32 || std::abs(mean) + max_radius * stddev <= FLT_MAX,
-              "Rng::normal: mean ", mean, " and stddev ", stddev,
-              " give draws outside float32's range (they reach |mean| + 8.65 stddev) (shape ",
-              shape_str(shape), ")");
+  const double range = dtype == DType::f32 ? FLT_MAX : DBL_MAX;
+  MMDIT_CHECK(std::abs(mean) + max_radius * stddev <= range, "Rng::normal: mean ", mean,
+              " and stddev ", stddev, " give draws outside ", dtype_name(dtype),
+              "'s range (they reach |mean| + 8.65 stddev) (shape ", shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   return generate(shape, dtype, "normal", [=](int64_t pair, double* v) {
     const Block b = philox(key, stream, static_cast<uint64_t>(pair));
@@ -95,6 +95,9 @@ Tensor Rng::uniform(const Shape& shape, DType dtype, double low, double high) {
   MMDIT_CHECK(dtype != DType::f32 || (std::abs(low) <= FLT_MAX && std::abs(high) <= FLT_MAX),
               "Rng::uniform: bounds low ", low, " and high ", high,
               " are outside float32's range (shape ", shape_str(shape), ")");
+  // Past double's range, high - low is inf and every draw would be capped at the top.
+  MMDIT_CHECK(std::isfinite(high - low), "Rng::uniform: the width high - low of bounds low ", low,
+              " and high ", high, " overflows double (shape ", shape_str(shape), ")");
   const uint64_t key = seed_, stream = counter_++;
   // low + (high - low) * u can round up to high (in double rarely; once stored as float32 for
   // every u > 1 - 2^-25), so cap at the largest value of the dtype below high: [low, high).

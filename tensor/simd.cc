@@ -83,8 +83,13 @@ HWY_INLINE V<D> Binary1(D, V<D> a, V<D> b) {
   if constexpr (OP == BinaryOp::sub) return hn::Sub(a, b);
   if constexpr (OP == BinaryOp::mul) return hn::Mul(a, b);
   if constexpr (OP == BinaryOp::div) return hn::Div(a, b);
-  if constexpr (OP == BinaryOp::maximum) return hn::Max(a, b);
-  if constexpr (OP == BinaryOp::minimum) return hn::Min(a, b);
+  // x86's max and min return the second operand when either is NaN, which would hide a NaN in a
+  // (relu as maximum(x, 0)); NaN propagates from either side, as in NumPy and JAX.
+  if constexpr (OP == BinaryOp::maximum || OP == BinaryOp::minimum) {
+    const auto either_nan = hn::Or(hn::IsNaN(a), hn::IsNaN(b));
+    const auto result = OP == BinaryOp::maximum ? hn::Max(a, b) : hn::Min(a, b);
+    return hn::IfThenElse(either_nan, hn::Add(a, b), result);
+  }
 }
 
 // Applies `body(vector) -> vector` to n contiguous elements; the tail goes through a zero-padded
@@ -103,9 +108,30 @@ HWY_INLINE void MapContiguous(const T* x, T* out, int64_t n, Body body) {
   }
 }
 
+// Highway's Sin and Cos reduce their argument correctly for |x| up to about 39000 only; past that
+// they return values outside [-1, 1], even infinities. Such elements (and NaN, inf) go through
+// the C library's, which reduces exactly. Each block's inputs are copied first, since out may be x.
+template <UnaryOp OP, class T>
+void TrigLoop(const T* x, T* out, int64_t n) {
+  constexpr int64_t kBlock = 256;
+  constexpr T kVectorLimit = 32768;
+  T in[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t count = std::min(kBlock, n - begin);
+    std::copy(x + begin, x + begin + count, in);
+    MapContiguous(in, out + begin, count, [](auto d, auto v) { return Unary1<OP>(d, v); });
+    for (int64_t i = 0; i < count; ++i)
+      if (!(std::abs(in[i]) <= kVectorLimit))
+        out[begin + i] = OP == UnaryOp::sin ? std::sin(in[i]) : std::cos(in[i]);
+  }
+}
+
 template <UnaryOp OP, class T>
 void UnaryLoop(const T* x, T* out, int64_t n) {
-  MapContiguous(x, out, n, [](auto d, auto v) { return Unary1<OP>(d, v); });
+  if constexpr (OP == UnaryOp::sin || OP == UnaryOp::cos)
+    TrigLoop<OP>(x, out, n);
+  else
+    MapContiguous(x, out, n, [](auto d, auto v) { return Unary1<OP>(d, v); });
 }
 
 template <class T>

@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -266,7 +267,33 @@ TEST(EdgeRng, NormalFloat32DrawsOutsideItsRangeAreErrors) {
             (std::vector<double>{static_cast<float>(-3e38), static_cast<float>(-3e38)}));
 }
 
+TEST(EdgeRng, Float64DrawsPastDoublesRangeAreErrors) {
+  Rng rng(7);
+  // high - low was inf, and every draw came out as the cap, DBL_MAX.
+  EXPECT_THAT(error_of([&] { rng.uniform({4}, DType::f64, -DBL_MAX, DBL_MAX); }),
+              HasSubstr("Rng::uniform: the width high - low of bounds low -1.79769e+308 and high "
+                        "1.79769e+308 overflows double (shape (4,))"));
+  EXPECT_THAT(
+      error_of([&] { rng.normal({4}, DType::f64, 0, 1e308); }),
+      HasSubstr("Rng::normal: mean 0 and stddev 1e+308 give draws outside float64's range"));
+  for (double v : values(rng.uniform({1000}, DType::f64, -DBL_MAX / 2, DBL_MAX / 2)))
+    ASSERT_TRUE(std::isfinite(v) && std::abs(v) <= DBL_MAX / 2);
+}
+
 // ---- named tensors ----
+
+// Views into arrays of 8 GB and more have strides past int; OpenBLAS would have read them wrapped.
+// One row is all the kernel could touch here, so the sizes are tried on small buffers.
+TEST(EdgeMatmul, SizesPastOpenBlasIntegersAreErrors) {
+  std::vector<double> a(4, 1.0), b(4, 1.0), c(4, 0.0);
+  const int64_t past = int64_t{std::numeric_limits<int>::max()} + 1;
+  EXPECT_THAT(
+      error_of([&] { raw::gemm(false, false, 1, 1, 1, a.data(), past, b.data(), 1, c.data(), 1); }),
+      HasSubstr("matmul: the product (1 x 1 by 1 x 1, leading dimensions 2147483648, 1, "
+                "1) has a size past OpenBLAS's integers (at most 2147483647)"));
+  raw::gemm(false, false, 2, 2, 2, a.data(), 2, b.data(), 2, c.data(), 2);
+  EXPECT_EQ(c, (std::vector<double>{2, 2, 2, 2}));
+}
 
 TEST(EdgeNamedTensors, IndexOutOfRangeIsAnError) {
   NamedTensors n;

@@ -561,6 +561,31 @@ TEST(GradcheckOps, DetectsAMissingFactorInEveryElement) {
   EXPECT_NEAR(r.analytic, r.numeric / 2, 1e-6) << r.report();
 }
 
+// exp overflows at x + eps: the numeric derivative is inf, its tolerance inf, and the NaN ratio
+// compared false, so this passed with "analytic 0, numeric 0" as the worst element.
+TEST(GradcheckOps, AnInfiniteDerivativeFails) {
+  const Tensor x = from_vector({709.782712893384, 0.5}, {2}, DType::f64);
+  const GradcheckResult r = gradcheck([](const Inputs& in) { return exp(in[0]); }, Inputs{x});
+  EXPECT_FALSE(r.ok) << r.report();
+  EXPECT_EQ(r.index, (Shape{0}));
+  EXPECT_TRUE(std::isinf(r.numeric)) << r.report();
+  EXPECT_GT(std::abs(r.analytic), 1e307) << r.report();
+}
+
+// The checked tensors are the caller's (a model's parameters): an f that throws on a perturbed
+// value must leave them as they were.
+TEST(GradcheckOps, AThrowingFunctionLeavesTheTensorsAsTheyWere) {
+  NamedTensors wrt;
+  wrt.insert("w", from_vector({1.0, 2.0}, {2}, DType::f64));
+  int calls = 0;
+  const auto f = [&] {
+    if (++calls == 3) fail("f failed");  // the first perturbed evaluation, after the tape's
+    return wrt.at("w") * wrt.at("w");
+  };
+  EXPECT_THAT(test::error_of([&] { gradcheck(f, wrt); }), HasSubstr("f failed"));
+  EXPECT_EQ(wrt.at("w").to_vector<double>(), (std::vector<double>{1.0, 2.0}));
+}
+
 TEST(GradcheckOps, SampledElementsAndNamedTensors) {
   // The NamedTensors form, checking a random sample of 5 elements of each tensor.
   NamedTensors wrt;

@@ -864,6 +864,59 @@ TEST(TensorUnary, EdgeValues) {
   EXPECT_THAT(unary_of(raw::UnaryOp::exp, 709.79, DType::f64), Each(Eq(kInf)));
 }
 
+// Highway's Sin and Cos reduce arguments correctly only up to |x| of about 39000: sin(1e9) was
+// -2.855 in float32 and cos(4e9) 4.5e169 in float64. Past that the C library's take over.
+TEST(TensorUnary, SinAndCosOfLargeArgumentsMatchTheCLibrary) {
+  const std::vector<double> xs = {0.5,  3e4,  -3.2e4, 3.3e4, 4e4, -1e5, 3e7,  1e9,
+                                  -4e9, 1e12, 1e17,   -1e20, 3.0, 1e6,  -2.5, 7e8};
+  for (DType t : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(t));
+    const Tensor x = from_vector(xs, {static_cast<int64_t>(xs.size())}, t);
+    const std::vector<double> input = values(x), sin = values(raw::unary(raw::UnaryOp::sin, x)),
+                              cos = values(raw::unary(raw::UnaryOp::cos, x));
+    for (size_t i = 0; i < xs.size(); ++i) {
+      // The input as stored, its sine to the dtype's precision (a few ulp of the vector code).
+      const double tol = t == DType::f32 ? 1e-6 : 1e-14;
+      EXPECT_NEAR(sin[i], std::sin(input[i]), tol) << "sin(" << input[i] << ")";
+      EXPECT_NEAR(cos[i], std::cos(input[i]), tol) << "cos(" << input[i] << ")";
+    }
+    // In place (simd::unary allows out == x): the fallback reads the inputs, not the outputs
+    // already written over them.
+    Tensor y = raw::clone(x);
+    visit_float_dtype(t, [&](auto tag) {
+      using T = decltype(tag);
+      simd::unary(raw::UnaryOp::sin, y.data<T>(), y.data<T>(), y.numel());
+    });
+    EXPECT_EQ(values(y), sin);
+  }
+  EXPECT_THAT(values(raw::unary(raw::UnaryOp::sin, full({5}, kInf))), testing::Each(IsNan()));
+}
+
+// x86's max and min return the second operand when either is NaN: maximum(NaN, 1) was 1, and a
+// NaN vanished or not by argument order. It propagates from either side, as in NumPy and JAX.
+TEST(TensorBinary, MaximumAndMinimumPropagateNaN) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (DType t : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(t));
+    const Tensor a = from_vector({nan, 1, nan, 2, 5, -kInf, 0, 3, nan}, {9}, t);
+    const Tensor b = from_vector({1, nan, 3, nan, 4, 7, -0.0, 3, nan}, {9}, t);
+    for (const auto op : {raw::BinaryOp::maximum, raw::BinaryOp::minimum}) {
+      const bool is_max = op == raw::BinaryOp::maximum;
+      for (const auto& [first, second] : {std::pair{a, b}, std::pair{b, a}}) {
+        const std::vector<double> got = values(raw::binary(op, first, second));
+        const std::vector<double> x = values(first), y = values(second);
+        for (size_t i = 0; i < got.size(); ++i) {
+          if (std::isnan(x[i]) || std::isnan(y[i])) {
+            EXPECT_TRUE(std::isnan(got[i])) << i;
+          } else {
+            EXPECT_EQ(got[i], is_max ? std::max(x[i], y[i]) : std::min(x[i], y[i])) << i;
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---- compare, where, logical ----
 
 TEST(TensorCompare, AllOpsWithBroadcasting) {
