@@ -30,9 +30,12 @@ Tensor timestep_embedding(const Tensor& t, int64_t dim, double max_period) {
   MMDIT_CHECK(max_period > 0 && std::isfinite(max_period),
               "timestep_embedding: max_period must be positive and finite, got ", max_period);
   const int64_t half = dim / 2;
-  std::vector<double> f(half);
-  for (int64_t j = 0; j < half; ++j) f[j] = std::exp(-std::log(max_period) * j / half);
-  const Tensor freqs = from_vector(f, {half}, t.dtype());
+  // Computed in a tensor, not a std::vector: an absurd dim then ends in OutOfMemory, which names
+  // the size, rather than std::bad_alloc.
+  const Tensor f = empty({half}, DType::f64);
+  for (int64_t j = 0; j < half; ++j)
+    f.data<double>()[j] = std::exp(-std::log(max_period) * j / half);
+  const Tensor freqs = raw::to_dtype(f, t.dtype());
   const Tensor args = unsqueeze(t, -1) * freqs;
   std::vector<Tensor> parts = {cos(args), sin(args)};
   if (dim % 2) {
@@ -51,14 +54,17 @@ namespace {
 
 RopeTables compute_rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
   const int64_t half = dim_head / 2;
-  std::vector<double> c(seq * dim_head), s(seq * dim_head);
+  // In tensors rather than std::vectors, as in timestep_embedding.
+  const Tensor cos_table = empty({seq, dim_head}, DType::f64),
+               sin_table = empty({seq, dim_head}, DType::f64);
+  double *c = cos_table.data<double>(), *s = sin_table.data<double>();
   for (int64_t p = 0; p < seq; ++p)
     for (int64_t j = 0; j < half; ++j) {
       const double angle = p / std::pow(10000.0, 2.0 * j / dim_head);
       c[p * dim_head + j] = c[p * dim_head + j + half] = std::cos(angle);
       s[p * dim_head + j] = s[p * dim_head + j + half] = std::sin(angle);
     }
-  return {from_vector(c, {seq, dim_head}, dtype), from_vector(s, {seq, dim_head}, dtype)};
+  return {raw::to_dtype(cos_table, dtype), raw::to_dtype(sin_table, dtype)};
 }
 
 }  // namespace
@@ -85,6 +91,14 @@ RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
 Tensor apply_rope(const Tensor& x, const Tensor& cos_table, const Tensor& sin_table) {
   MMDIT_CHECK(x.dim() >= 1 && x.shape().back() % 2 == 0, "apply_rope: input has shape ",
               shape_str(x.shape()), "; expected (..., seq, dim_head) with dim_head even");
+  MMDIT_CHECK(cos_table.defined() && sin_table.defined() &&
+                  cos_table.shape() == sin_table.shape() &&
+                  raw::broadcasts_to(cos_table.shape(), x.shape()),
+              "apply_rope: tables of shapes ",
+              cos_table.defined() ? shape_str(cos_table.shape()) : "undefined", " and ",
+              sin_table.defined() ? shape_str(sin_table.shape()) : "undefined",
+              " do not broadcast to the input's ", shape_str(x.shape()),
+              "; expected one (seq, dim_head) shape");
   const int64_t half = x.shape().back() / 2;
   const Tensor rotated = concat({-narrow(x, -1, half, half), narrow(x, -1, 0, half)}, -1);
   return x * cos_table + rotated * sin_table;
@@ -97,6 +111,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.shape().back()));
   Tensor logits = matmul(q, transpose(k, -1, -2)) * scale;
   if (mask.defined()) {
+    const int64_t T = q.shape()[2];
+    MMDIT_CHECK(
+        mask.dtype() == DType::boolean && (mask.shape() == Shape({T, k.shape()[2]}) ||
+                                           mask.shape() == Shape({q.shape()[0], T, k.shape()[2]})),
+        "attention: mask has shape ", shape_str(mask.shape()), " and dtype ",
+        dtype_name(mask.dtype()), "; expected bool (", T, ",", k.shape()[2], ") or (", q.shape()[0],
+        ",", T, ",", k.shape()[2], ")");
     const Tensor m = mask.dim() == 3 ? unsqueeze(mask, 1) : mask;
     logits = where(m, logits, scalar(-0.7 * FLT_MAX, logits.dtype()));
   }

@@ -9,6 +9,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -398,6 +400,29 @@ TEST(EdgeFused, EmptyInputsGiveEmptyOutputsOrSayWhy) {
 
 // ---- nn ----
 
+// Their frequency and angle tables were std::vectors: an absurd size ended in std::bad_alloc,
+// which names nothing, instead of the allocator's OutOfMemory.
+TEST(EdgeNNDeathTest, TablesTooLargeForMemoryAreOutOfMemoryErrors) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer's shadow memory does not fit an address-space limit";
+#endif
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto run_past_the_limit = [](auto&& f) {
+    test::limit_address_space(size_t{256} << 20);
+    try {
+      f();
+    } catch (const OutOfMemory& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      std::exit(3);
+    }
+    std::exit(0);
+  };
+  EXPECT_EXIT(run_past_the_limit([] { nn::timestep_embedding(ones({2}), int64_t{1} << 40); }),
+              testing::ExitedWithCode(3), "out of memory allocating 4398046511104 bytes");
+  EXPECT_EXIT(run_past_the_limit([] { nn::rope_tables(1 << 20, 1 << 20, DType::f32); }),
+              testing::ExitedWithCode(3), "out of memory allocating 8796093022208 bytes");
+}
+
 TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
   // x.shape().back() of a scalar read before the Shape's storage (undefined behaviour); the error
   // came later, from narrow.
@@ -410,6 +435,23 @@ TEST(EdgeNN, ShapesTheFunctionsCannotTakeAreErrors) {
               HasSubstr("apply_rope: input has shape (2,3)"));
   EXPECT_THAT(error_of([] { nn::attention(scalar(1), scalar(1), scalar(1), Tensor()); }),
               HasSubstr("attention: q, k, v have shapes (), (), (); expected (B, H, T, d)"));
+  // The errors came from the inner ops: "mul: shapes ... cannot be broadcast" and "where:
+  // condition must be bool".
+  EXPECT_THAT(error_of([] {
+                nn::apply_rope(ones({2, 4}), ones({3, 4}), zeros({3, 4}));
+              }),
+              HasSubstr("apply_rope: tables of shapes (3,4) and (3,4) do not broadcast to the "
+                        "input's (2,4); expected one (seq, dim_head) shape"));
+  EXPECT_THAT(error_of([] {
+                nn::apply_rope(ones({2, 4}), ones({2, 4}), Tensor());
+              }),
+              HasSubstr("apply_rope: tables of shapes (2,4) and undefined"));
+  EXPECT_THAT(
+      error_of([] {
+        nn::attention(ones({1, 2, 3, 4}), ones({1, 2, 3, 4}), ones({1, 2, 3, 4}), ones({3, 3}));
+      }),
+      HasSubstr("attention: mask has shape (3,3) and dtype float32; expected bool (3,3) "
+                "or (1,3,3)"));
   // A negative length sized the tables' std::vectors: std::length_error.
   EXPECT_THAT(error_of([] { nn::rope_tables(-1, 4, DType::f32); }),
               HasSubstr("rope: seq and dim_head must be non-negative, got seq -1 and dim_head 4"));
