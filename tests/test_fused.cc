@@ -224,8 +224,9 @@ TEST(Fused, SwigluGradientsOverSeveralBlocks) {
       rng.normal({50, 50}, DType::f64), 1e-12);
 }
 
-// gated_residual computes only the gradients the tape asks for: with the gate constant, and with
-// only the gate watched, against the closed forms d/dx = dy, d/dy = dy gate, d/dgate = sum_S dy y.
+// gated_residual's backward takes another path when the tape needs only some of its gradients:
+// with the gate constant, and with only the gate watched, each against the closed forms
+// d/dx = dy, d/dy = dy gate, d/dgate = sum_S dy y.
 TEST(Fused, GatedResidualGradientsOfSomeInputs) {
   Rng rng(24);
   const Tensor x = rng.normal({2, 3, 5}, DType::f64), y = rng.normal({2, 3, 5}, DType::f64);
@@ -339,6 +340,21 @@ TEST(Fused, NonDefaultEpsMatchesTheComposition) {
                            attention_packed(concat(parts, 1), causal)),
               1e-13)
         << "joint attention, blocked from " << blocked_from;
+  // Their backward passes recompute the normalisation, so eps must reach them too: a backward
+  // that used the default eps passed everything above.
+  for (size_t m = 0; m < 2; ++m)
+    expect_gradcheck(
+        [&, m](const std::vector<Tensor>& in) {
+          return qk_norm_rope(in[0], in[1], in[2], cos[m], sin[m], eps);
+        },
+        {qkv[m], gq[m], gk[m]});
+  for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom})
+    expect_gradcheck(
+        [&](const std::vector<Tensor>& in) {
+          return joint_attention_fused({in[0], in[1]}, {in[2], in[3]}, {in[4], in[5]}, cos, sin,
+                                       causal, eps, blocked_from);
+        },
+        {qkv[0], qkv[1], gq[0], gq[1], gk[0], gk[1]});
 }
 
 TEST(Fused, RopeMatchesDefinitionAndGradients) {
@@ -719,20 +735,31 @@ TEST(Fused, Float32GradientsAgreeWithFloat64) {
   expect_agreement("gated_residual, D = 37",
                    [](const auto& in) { return gated_residual(in[0], in[1], in[2]); },
                    {x37, rng.normal({3, 1, 37}, DType::f64), rng.normal({3, 5, 37}, DType::f64)});
+  // Random rotary tables (nn::rope_tables repeats its halves, which would hide a kernel reading
+  // the wrong half) and separate gammas for q and k (the same tensor would let a swap pass).
+  const std::vector<Tensor> cos = {rng.normal({2, 16}, DType::f64),
+                                   rng.normal({16, 16}, DType::f64),
+                                   rng.normal({6, 16}, DType::f64)},
+                            sin = {rng.normal({2, 16}, DType::f64),
+                                   rng.normal({16, 16}, DType::f64),
+                                   rng.normal({6, 16}, DType::f64)};
+  const auto in_dtype = [](const Tensor& table, const Tensor& like) {
+    return raw::to_dtype(table, like.dtype());
+  };
   expect_agreement(
       "joint_attention",
-      [](const auto& in) {
-        const nn::RopeTables a = nn::rope_tables(2, 16, in[0].dtype()),
-                             b = nn::rope_tables(16, 16, in[0].dtype());
-        return joint_attention_fused({in[0], in[1]}, {in[2], in[3]}, {in[2], in[3]}, {a.cos, b.cos},
-                                     {a.sin, b.sin}, Tensor());
+      [&](const auto& in) {
+        return joint_attention_fused({in[0], in[1]}, {in[2], in[3]}, {in[4], in[5]},
+                                     {in_dtype(cos[0], in[0]), in_dtype(cos[1], in[0])},
+                                     {in_dtype(sin[0], in[0]), in_dtype(sin[1], in[0])}, Tensor());
       },
       {rng.normal({3, 2, 3, 4, 16}, DType::f64), rng.normal({3, 16, 3, 4, 16}, DType::f64),
-       rng.normal({16}, DType::f64), rng.normal({16}, DType::f64)});
+       rng.normal({16}, DType::f64), rng.normal({16}, DType::f64), rng.normal({16}, DType::f64),
+       rng.normal({16}, DType::f64)});
   expect_agreement("qk_norm_rope",
-                   [](const auto& in) {
-                     const nn::RopeTables t = nn::rope_tables(6, 16, in[0].dtype());
-                     return qk_norm_rope(in[0], in[1], in[2], t.cos, t.sin);
+                   [&](const auto& in) {
+                     return qk_norm_rope(in[0], in[1], in[2], in_dtype(cos[2], in[0]),
+                                         in_dtype(sin[2], in[0]));
                    },
                    {rng.normal({2, 6, 3, 4, 16}, DType::f64), rng.normal({16}, DType::f64),
                     rng.normal({16}, DType::f64)});

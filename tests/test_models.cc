@@ -602,6 +602,39 @@ TEST(Rope, ScoresDependOnlyOnRelativePosition) {
   EXPECT_GT(std::abs(score(3, 1) - score(3, 2)), 1e-6);
 }
 
+// models.md: angle(p, j) = p / 10000^(2j / d) for j < d/2, the same in both halves; the
+// properties above hold for any frequencies, so the tables are checked entry by entry too.
+TEST(Rope, TablesAreTheClosedForm) {
+  const int64_t seq = 5, d = 8;
+  const nn::RopeTables t = nn::rope_tables(seq, d, DType::f64);
+  const std::vector<double> c = t.cos.to_vector<double>(), s = t.sin.to_vector<double>();
+  for (int64_t p = 0; p < seq; ++p)
+    for (int64_t j = 0; j < d; ++j) {
+      const double angle = static_cast<double>(p) / std::pow(10000.0, 2.0 * (j % (d / 2)) / d);
+      EXPECT_NEAR(c[p * d + j], std::cos(angle), 1e-15) << p << "," << j;
+      EXPECT_NEAR(s[p * d + j], std::sin(angle), 1e-15) << p << "," << j;
+    }
+}
+
+// The spec's plain compositions that the fused ops are held to have gradients of their own.
+TEST(Gradcheck, PlainRopeAndAttention) {
+  Rng rng(22);
+  const Tensor cos = rng.normal({3, 4}, DType::f64), sin = rng.normal({3, 4}, DType::f64);
+  const GradcheckResult rope =
+      gradcheck([&](const std::vector<Tensor>& in) { return nn::apply_rope(in[0], cos, sin); },
+                {rng.normal({2, 3, 4}, DType::f64)});
+  EXPECT_TRUE(rope.ok) << rope.report();
+  EXPECT_EQ(rope.checked, 24);
+  Tensor mask = ones({3, 3}, DType::boolean);
+  mask.data<bool>()[1] = mask.data<bool>()[2] = false;  // query 0 attends only to key 0
+  const GradcheckResult attention = gradcheck(
+      [&](const std::vector<Tensor>& in) { return nn::attention(in[0], in[1], in[2], mask); },
+      {rng.normal({1, 2, 3, 4}, DType::f64), rng.normal({1, 2, 3, 4}, DType::f64),
+       rng.normal({1, 2, 3, 4}, DType::f64)});
+  EXPECT_TRUE(attention.ok) << attention.report();
+  EXPECT_EQ(attention.checked, 72);
+}
+
 TEST(TimestepEmbedding, CosThenSinLayoutOddDimsAndBounds) {
   const Tensor t = scalar(0.7, DType::f64);
   const Tensor e = nn::timestep_embedding(t, 9, 10000);

@@ -600,6 +600,31 @@ TEST(Trainer, FirstStepAgainstClosedForms) {
       EXPECT_NEAR(ema[i], expected, 3e-7 * terms + 1e-30) << name << " " << i;
     }
   }
+  // Clipping: Adam's first step is u = g s / (|g s| + eps) for gradients scaled by s: the sign
+  // of g as without clipping (s = 1), and smaller wherever |g s| falls towards eps (1e-8), as
+  // clipping to 1e-6 does here (s < 1e-3). u is read back from p1 = p0 - lr (u + wd p0). At
+  // initialisation (adaLN-Zero) few parameters have a gradient: every one that moved must shrink.
+  int64_t moved = 0, shrunk = 0;
+  for (const auto& [name, p] : plain.policy().named_parameters()) {
+    const std::vector<float> p_plain = p.to_vector<float>();
+    const std::vector<float> p_clipped =
+        clipped.policy().named_parameters().at(name).to_vector<float>();
+    for (size_t i = 0; i < p_plain.size(); ++i) {
+      const double p0 = before[name][i];
+      const double u_plain = (p0 - p_plain[i]) / 1e-3 - 1e-2 * p0;
+      const double u_clipped = (p0 - p_clipped[i]) / 1e-3 - 1e-2 * p0;
+      // float32 parameters of size |p0| read u to about 1e-7 |p0| / lr.
+      const double slack = 2e-4 * (std::abs(p0) + 1e-3);
+      ASSERT_LE(std::abs(u_clipped), std::abs(u_plain) + slack) << name << " " << i;
+      ASSERT_GE(u_clipped * u_plain, -slack) << name << " " << i;
+      if (std::abs(u_plain) > 0.5) {
+        ++moved;
+        if (std::abs(u_clipped) < std::abs(u_plain) - 0.01) ++shrunk;
+      }
+    }
+  }
+  EXPECT_GE(moved, 20);
+  EXPECT_EQ(shrunk, moved);
 }
 
 // As README says, training gives the same losses and parameters for any thread count: a batch
@@ -1281,7 +1306,9 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
         << w;
   const Tensor a32 = load_npy(dir + "/a_f32.npy"), a16 = load_npy(dir + "/a_bf16.npy");
   EXPECT_EQ(a32.shape(), (Shape{1, 4, 2}));
+  // Close, and not equal: --weights bf16 that fell back to float32 would pass the first alone.
   EXPECT_LT(test::max_abs_diff(a32, a16), 0.05);
+  EXPECT_GT(test::max_abs_diff(a32, a16), 0);
   EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95" +
                 " --weights fp8"),
             0);
