@@ -566,6 +566,14 @@ TEST(EdgeModule, AFailedLoadLeavesTheParametersAsTheyWere) {
   for (const auto& [name, t] : m.named_parameters()) undefined.insert(name, Tensor());
   EXPECT_THAT(error_of([&] { m.load(undefined); }),
               HasSubstr("load: parameter 'a.weight' is an undefined tensor"));
+  // A float64 value past float32's range was stored as inf.
+  NamedTensors too_large;
+  for (const auto& [name, t] : m.named_parameters())
+    too_large.insert(name, zeros(t.shape(), DType::f64));
+  too_large.at("b.weight").data<double>()[2] = 1e300;
+  EXPECT_THAT(error_of([&] { m.load(too_large); }),
+              HasSubstr("load: parameter 'b.weight' holds 1e+300 at (0,2), past float32's range"));
+  EXPECT_EQ(values(m.a.weight), before);
   // A good load still converts dtypes.
   NamedTensors good;
   for (const auto& [name, t] : m.named_parameters()) good.insert(name, ones(t.shape(), DType::f64));
