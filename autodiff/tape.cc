@@ -102,7 +102,10 @@ Tape* Tape::active() {
 }
 
 int64_t Tape::slot_of(const Tensor& t) const {
-  return t.defined() && t.impl().tape_id == id_ ? t.impl().tape_slot : -1;
+  if (!t.defined()) return -1;
+  if (t.impl().tape_id == id_) return t.impl().tape_slot;
+  const auto leaf = leaves_.find(t.impl_ptr());
+  return leaf != leaves_.end() ? leaf->second : -1;
 }
 bool Tape::is_on_tape(const Tensor& t) const {
   return slot_of(t) >= 0;
@@ -114,22 +117,15 @@ void Tape::watch(const Tensor& t) {
               dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
   MMDIT_CHECK(!consumed_, "Tape::watch: this tape's gradient() has already run");
   if (is_on_tape(t)) return;
-  for (const Tape* outer = previous_; outer; outer = outer->previous_)
-    MMDIT_CHECK(t.impl().tape_id != outer->id_, "Tape::watch: the tensor of shape ",
-                shape_str(t.shape()),
-                " is already on an enclosing tape; a nested tape cannot take it over (its ops "
-                "would no longer be recorded there)");
-  t.impl().tape_id = id_;
-  t.impl().tape_slot = num_values_++;
+  leaves_.emplace(t.impl_ptr(), num_values_++);
 }
 
 Tensor Tape::append(Node node, Tensor out) {
   MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
-  // A view shares its base's TensorImpl only when an op returns its input unchanged (e.g.
-  // contiguous() of a contiguous tensor); give the result its own handle so slots stay unique.
-  for (const NodeInput& in : node.inputs)
-    if (in.slot >= 0 && slot_of(out) == in.slot)
-      out = make_view(out, out.shape(), out.strides(), out.offset());
+  // An op that returns its input unchanged (contiguous() of a contiguous tensor) hands back a
+  // TensorImpl already on the tape, perhaps a watched one that other threads read. The result
+  // gets a handle of its own, so that slots stay unique and a watched tensor is never written.
+  if (is_on_tape(out)) out = make_view(out, out.shape(), out.strides(), out.offset());
   if (g_anomaly) {
     const std::string bad = describe_non_finite(out);
     MMDIT_CHECK(bad.empty(), "anomaly mode: ", node.op, " (", where_recorded(node, nodes_.size()),
@@ -173,10 +169,9 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
   MMDIT_CHECK(y.defined(), "gradient: the output is an undefined tensor");
   MMDIT_CHECK(is_floating(y.dtype()), "gradient: the output must be float, got ",
               dtype_name(y.dtype()));
-  // A y never recorded (tape_id 0) is a constant and rightly gets zeros; a y recorded on another
-  // tape would get zeros too, silently, though it does depend on what that tape watched.
-  MMDIT_CHECK(y.impl().tape_id == 0 || y.impl().tape_id == id_, "gradient: the output ",
-              shape_str(y.shape()),
+  // A y no tape recorded (tape_id 0) is a constant and rightly gets zeros; a y recorded on
+  // another tape would get zeros too, silently, though it does depend on what that tape watched.
+  MMDIT_CHECK(is_on_tape(y) || y.impl().tape_id == 0, "gradient: the output ", shape_str(y.shape()),
               " was recorded on another tape, not this one; compute it while this tape is "
               "active");
   if (cotangent.defined()) {

@@ -6,6 +6,11 @@
 // that was itself recorded. With no tape, or no watched input, nothing is recorded and
 // inference pays nothing.
 //
+// Tapes on different threads are independent, and may watch the same tensors: several threads
+// can take gradients over one model's parameters at once. A tape therefore keeps the tensors it
+// watches to itself and writes only into the results of the ops it records, which its own
+// thread made.
+//
 // Tape::gradient walks the nodes backwards once, calling each node's backward function, which
 // sits next to its forward (ops.cc; fused.cc and fused_attention.cc for the fused ops).
 #pragma once
@@ -13,8 +18,10 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "tensor/named_tensors.h"
@@ -112,6 +119,10 @@ class Tape {
   uint64_t id_;
   Tape* previous_;
   int64_t num_values_ = 0;
+  // The watched tensors' slots: here, not in the tensors, which other threads' tapes may be
+  // watching too. Holding the TensorImpl keeps its address from going to a new tensor that
+  // would then pass for a leaf.
+  std::unordered_map<std::shared_ptr<TensorImpl>, int64_t> leaves_;
   std::vector<Node> nodes_;
   bool consumed_ = false;
   bool profiling_ = false;

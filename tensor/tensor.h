@@ -62,8 +62,9 @@ struct TensorImpl {
   Shape shape;
   Shape strides;       // in elements
   int64_t offset = 0;  // in elements
-  // Autodiff bookkeeping, written only by autodiff/: the tape this tensor is recorded on and
-  // its value slot there. A tensor from an older tape has a stale tape_id and counts as constant.
+  // Autodiff bookkeeping for the result of a recorded op, written once by the tape that recorded
+  // it: that tape's id and the value slot there. A tensor from an older tape has a stale tape_id
+  // and counts as constant. Watched tensors are not marked (Tape keeps them).
   uint64_t tape_id = 0;
   int64_t tape_slot = -1;
 };
