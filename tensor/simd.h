@@ -10,8 +10,10 @@
 
 // For plain loops outside Highway: GCC compiles the function for AVX-512, AVX2 and baseline
 // x86-64 and picks one when the program loads, so auto-vectorised loops use the wide registers.
+// Not under AddressSanitizer or ThreadSanitizer: the pick runs instrumented code before their
+// runtimes start, and the program crashes while loading.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && \
-    !defined(__SANITIZE_ADDRESS__)
+    !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #define MMDIT_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
