@@ -3,9 +3,11 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -26,10 +28,51 @@ void fsync_directory(const std::string& dir) {
   ::close(fd);
 }
 
-[[noreturn]] void abandon(const std::string& tmp, const std::string& path, const char* step,
+// Removes the temp file (closing `fd` after, when it is open, so that its lock covers the unlink).
+[[noreturn]] void abandon(const std::string& tmp, int fd, const std::string& path, const char* step,
                           int err) {
   ::unlink(tmp.c_str());
+  if (fd >= 0) ::close(fd);
   fail(path, ": ", step, " '", tmp, "' failed: ", std::strerror(err));
+}
+
+int lock_file(int fd, int operation) {
+  int rc;
+  do rc = ::flock(fd, operation);
+  while (rc != 0 && errno == EINTR);
+  return rc;
+}
+
+bool is_unlinked(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 && st.st_nlink == 0;
+}
+
+// The lock tells remove_stale_temp_files that the file is being written: a writer in another pid
+// namespace (a container sharing the volume) has a pid that looks dead from here. The cleanup may
+// lock the file between our open and our flock; it unlinks the file before letting go, so a file
+// found unlinked once locked is given up for a new name. A file system without flock (ENOLCK)
+// gets no lock: the save goes on, and the cleanup, which cannot lock either, leaves the file.
+int create_locked_temp_file(const std::string& path, std::string& tmp) {
+  for (int attempt = 0;; ++attempt) {
+    tmp = atomic_temp_path(path);
+    // O_EXCL: a writer in another pid namespace can have our pid, a dead process our name.
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) {
+      if (errno == EEXIST && attempt < 100) continue;
+      fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
+    }
+    if (lock_file(fd, LOCK_EX) != 0 || !is_unlinked(fd)) return fd;
+    ::close(fd);
+  }
+}
+
+// fsync, rename, then close: the lock is held until the file has left its temp name.
+void commit_locked(int fd, const std::string& tmp, const std::string& path) {
+  if (::fsync(fd) != 0) abandon(tmp, fd, path, "fsync of", errno);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(tmp, fd, path, "renaming", errno);
+  ::close(fd);  // its errors are the write's, which the fsync above has reported
+  fsync_directory(parent_directory(path));
 }
 
 }  // namespace
@@ -66,18 +109,17 @@ std::string read_file(const std::string& path) {
 }
 
 std::string atomic_temp_path(const std::string& path) {
-  return str_cat(path, ".tmp.", ::getpid());
+  // Threads of one process saving the same path each need their own file: with one name, each
+  // truncated the other's and the rename could publish a mix.
+  static std::atomic<uint64_t> next{0};
+  return str_cat(path, ".tmp.", ::getpid(), ".", next.fetch_add(1, std::memory_order_relaxed));
 }
 
 void commit_temp_file(const std::string& tmp, const std::string& path) {
-  const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) abandon(tmp, path, "reopening", errno);
-  const int sync_rc = ::fsync(fd);
-  const int sync_err = errno;
-  ::close(fd);
-  if (sync_rc != 0) abandon(tmp, path, "fsync of", sync_err);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) abandon(tmp, path, "renaming", errno);
-  fsync_directory(parent_directory(path));
+  const int fd = ::open(tmp.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) abandon(tmp, -1, path, "reopening", errno);
+  (void)lock_file(fd, LOCK_EX);  // best effort, as for the files written here
+  commit_locked(fd, tmp, path);
 }
 
 std::string parent_directory(const std::string& path) {
@@ -95,6 +137,24 @@ std::string lowercase_extension(const std::string& path) {
   return ext;
 }
 
+namespace {
+
+// The pid in "<pid>" (an older version's name) or "<pid>.<n>"; 0 for any other name.
+pid_t temp_file_pid(const char* begin, const char* end) {
+  pid_t pid = 0;
+  auto [p, ec] = std::from_chars(begin, end, pid);
+  if (ec != std::errc() || pid <= 0) return 0;
+  if (p != end) {
+    uint64_t n = 0;
+    if (*p != '.') return 0;
+    const auto [q, ec2] = std::from_chars(p + 1, end, n);
+    if (ec2 != std::errc() || q != end) return 0;
+  }
+  return pid;
+}
+
+}  // namespace
+
 void remove_stale_temp_files(const std::string& path) {
   const std::string dir = parent_directory(path);
   const size_t slash = path.find_last_of('/');
@@ -104,32 +164,38 @@ void remove_stale_temp_files(const std::string& path) {
   while (const dirent* entry = ::readdir(listing)) {
     const std::string name = entry->d_name;
     if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
-    pid_t pid = 0;
-    const char* digits = name.data() + prefix.size();
-    const auto [end, ec] = std::from_chars(digits, name.data() + name.size(), pid);
-    if (ec != std::errc() || end != name.data() + name.size() || pid <= 0) continue;
-    if (::kill(pid, 0) != 0 && errno == ESRCH) ::unlink((dir + "/" + name).c_str());
+    const pid_t pid = temp_file_pid(name.data() + prefix.size(), name.data() + name.size());
+    // A live pid keeps its file: a writer of this namespace that holds no lock (an older version,
+    // or a zip library between its own rename and commit_temp_file) is still writing.
+    if (pid == 0 || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    const std::string file = dir + "/" + name;
+    // O_RDWR: NFS emulates flock with fcntl locks, whose exclusive lock needs a writable file.
+    const int fd = ::open(file.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) continue;
+    // A writer in another pid namespace looks dead here; its lock says otherwise. The name must
+    // still be the locked file's: it may have been renamed away and taken by a new writer since.
+    struct stat locked {};
+    struct stat named {};
+    if (lock_file(fd, LOCK_EX | LOCK_NB) == 0 && ::fstat(fd, &locked) == 0 &&
+        ::lstat(file.c_str(), &named) == 0 && locked.st_dev == named.st_dev &&
+        locked.st_ino == named.st_ino)
+      ::unlink(file.c_str());
+    ::close(fd);
   }
   ::closedir(listing);
 }
 
 void write_file_atomically(const std::string& path, const std::string& bytes) {
-  const std::string tmp = atomic_temp_path(path);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-  if (fd < 0) fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
+  std::string tmp;
+  const int fd = create_locked_temp_file(path, tmp);
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : EIO;
-      ::close(fd);
-      abandon(tmp, path, "writing", err);
-    }
+    if (n <= 0) abandon(tmp, fd, path, "writing", n < 0 ? errno : EIO);
     done += static_cast<size_t>(n);
   }
-  if (::close(fd) != 0) abandon(tmp, path, "closing", errno);
-  commit_temp_file(tmp, path);
+  commit_locked(fd, tmp, path);
 }
 
 }  // namespace mmdit

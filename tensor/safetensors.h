@@ -54,7 +54,7 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
 std::string serialize_safetensors(const NamedTensors& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
 
-// Writes atomically: serializes, writes "<path>.tmp.<pid>", fsyncs it, renames it over `path`
+// Writes atomically: serializes, writes "<path>.tmp.<pid>.<n>", fsyncs it, renames it over `path`
 // and fsyncs the directory. On any failure the temp file is removed, `path` is left as it was
 // (absent or with its old contents) and an Error names the path and the system's reason.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,

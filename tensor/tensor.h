@@ -31,7 +31,10 @@ int64_t normalize_axis(int64_t axis, const Shape& shape, const char* op);
 
 // A block of memory, 64-byte aligned. Freed blocks go back to a cache keyed by size so that a
 // training loop, which asks for the same sizes every step, stops calling malloc (and stops
-// page-faulting fresh pages in) after its first step.
+// page-faulting fresh pages in) after its first step. Requests are rounded up to size classes
+// (4 per power of two above 4 KiB) so that nearby sizes share blocks, and the cache gives its least
+// recently freed blocks back to the system beyond a limit, so that a program whose shapes vary does
+// not hold ever more memory (tensor.cc says how the limit is chosen).
 class Storage {
  public:
   explicit Storage(size_t bytes);
@@ -50,7 +53,9 @@ struct AllocatorStats {
   size_t live_bytes = 0;    // held by storages alive now
   size_t cached_bytes = 0;  // freed, kept for reuse
   size_t peak_live_bytes = 0;
-  size_t system_allocs = 0;  // blocks obtained from the system
+  size_t system_allocs = 0;      // blocks obtained from the system
+  size_t evictions = 0;          // cached blocks given back to the system to keep under the limit
+  size_t cache_limit_bytes = 0;  // the most cached_bytes may be now: it grows with the peak
 };
 AllocatorStats allocator_stats();
 // Gives every cached block back to malloc.

@@ -1,10 +1,13 @@
 #include "tensor/safetensors.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -18,6 +21,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tensor/file_io.h"
@@ -657,6 +661,79 @@ TEST(Safetensors, StaleTempFilesOfDeadWritersAreRemoved) {
             (std::vector<std::string>{"model.safetensors.tmp." + std::to_string(getpid()),
                                       "model.safetensors.tmp.notapid",
                                       "other.tmp." + std::to_string(child)}));
+}
+
+// Two threads saving one path. With one temp name per process each truncated the other's file: a
+// reader could find a mix of the two or a truncated file, and a rename could fail because the
+// other thread had renamed the file already.
+TEST(Safetensors, ThreadsSavingOnePathEachWriteTheirOwnTempFile) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  // Of different lengths, so that a truncated file is not either of them.
+  const std::string a(size_t{256} << 10, 'a'), b((size_t{256} << 10) + 12345, 'b');
+  write_file_atomically(path, a);
+  std::atomic<int> running{0}, errors{0};
+  std::string first_error;
+  std::atomic<bool> go{false};
+  const auto save = [&](const std::string& bytes) {
+    while (!go.load()) std::this_thread::yield();
+    for (int i = 0; i < 40; ++i) try {
+        write_file_atomically(path, bytes);
+      } catch (const Error& e) {
+        if (errors++ == 0) first_error = e.what();
+      }
+    --running;
+  };
+  running = 2;
+  std::thread ta(save, std::cref(a)), tb(save, std::cref(b));
+  go = true;
+  int reads = 0, torn = 0;
+  std::string torn_size;
+  while (running.load() > 0) {
+    const std::string got = read_file(path);
+    ++reads;
+    if (got != a && got != b && torn++ == 0) torn_size = std::to_string(got.size());
+  }
+  ta.join();
+  tb.join();
+  EXPECT_EQ(errors.load(), 0) << first_error;
+  EXPECT_EQ(torn, 0) << "of " << reads << " reads, the first of " << torn_size << " bytes";
+  const std::string last = read_file(path);
+  EXPECT_TRUE(last == a || last == b) << last.size() << " bytes";
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"model.safetensors"});
+}
+
+// A writer in another pid namespace (a container sharing the volume) has a pid that names no
+// process here: its lock on the temp file tells the cleanup that it is still writing.
+TEST(Safetensors, StaleTempFileCleanupSparesLockedFiles) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  const pid_t other = fork();
+  if (other == 0) _exit(0);
+  ASSERT_GT(other, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(other, &status, 0), other);  // reaped: its pid names no process here
+  const std::string prefix = "model.safetensors.tmp.";
+  const std::string locked = prefix + std::to_string(other) + ".3",
+                    locked_old_name = prefix + std::to_string(other),
+                    stale = prefix + std::to_string(other) + ".4",
+                    ours = prefix + std::to_string(getpid()) + ".5";
+  for (const std::string& name : {locked, locked_old_name, stale, ours})
+    std::ofstream(dir.file(name)) << "partial";
+  std::vector<int> fds;
+  for (const std::string& name : {locked, locked_old_name}) {
+    fds.push_back(::open(dir.file(name).c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::flock(fds.back(), LOCK_EX), 0);
+  }
+  remove_stale_temp_files(path);
+  std::vector<std::string> kept{locked, locked_old_name, ours};
+  std::sort(kept.begin(), kept.end());
+  EXPECT_EQ(dir.entries(), kept);
+  // The writer is gone (or done): its file goes.
+  for (int fd : fds) ::close(fd);
+  remove_stale_temp_files(path);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{ours});
 }
 
 // ---- the reference implementation's output ----

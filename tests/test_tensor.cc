@@ -8,6 +8,7 @@
 
 #include <array>
 #include <atomic>
+#include <bit>
 
 #include <cfloat>
 #include <cmath>
@@ -2037,11 +2038,11 @@ TEST(TensorErrors, MessagesNameTheOpAndShapes) {
 // ---- allocator ----
 
 TEST(TensorAllocator, CachedBlocksAreReused) {
-  const Shape shape{12347};  // a size no other tensor here uses
-  { Tensor warm = empty(shape); }
+  const Shape shape{12347};
+  const size_t rounded = Storage(12347 * 4).bytes();  // and leaves a block of that size cached
+  EXPECT_EQ(rounded, 57344u);                         // 7 * 8192: 4 classes from 32 to 64 KiB
   const AllocatorStats s0 = allocator_stats();
-  EXPECT_GE(s0.cached_bytes, 12347u * 4);
-  const size_t rounded = (12347 * 4 + 63) / 64 * 64;
+  EXPECT_GE(s0.cached_bytes, rounded);
   {
     Tensor t = empty(shape);
     const AllocatorStats s1 = allocator_stats();
@@ -2062,6 +2063,80 @@ TEST(TensorAllocator, CachedBlocksAreReused) {
   const size_t before = allocator_stats().system_allocs;
   { Tensor t = empty(shape); }
   EXPECT_EQ(allocator_stats().system_allocs, before + 1);
+}
+
+TEST(TensorAllocator, SizeClasses) {
+  EXPECT_EQ(Storage(0).bytes(), 64u);
+  EXPECT_EQ(Storage(65).bytes(), 128u);
+  EXPECT_EQ(Storage(4096).bytes(), 4096u);
+  EXPECT_EQ(Storage(4097).bytes(), 5120u);
+  EXPECT_EQ(Storage(6000).bytes(), 6144u);
+  EXPECT_EQ(Storage(8192).bytes(), 8192u);
+  EXPECT_EQ(Storage((size_t{1} << 20) + 1).bytes(), size_t{5} << 18);
+}
+
+// A shape that grows by a row each step, as a sequence length or batch size varies: every size
+// was a new block, kept forever (200 system allocations, 127.7 MiB cached and nothing live).
+TEST(TensorAllocator, VaryingShapesShareBlocks) {
+  const AllocatorStats s0 = allocator_stats();
+  for (int64_t step = 0; step < 200; ++step) {
+    { Tensor t = empty({1024 * (64 + step)}); }
+    const AllocatorStats s = allocator_stats();
+    ASSERT_LE(s.cached_bytes, s.cache_limit_bytes);
+  }
+  const AllocatorStats s1 = allocator_stats();
+  EXPECT_EQ(s1.live_bytes, s0.live_bytes);
+  // 256 KiB to 1.03 MiB fall in 10 classes: 256, 320, 384, 448, 512, 640, 768, 896, 1024 and
+  // 1280 KiB, 6528 KiB in all.
+  EXPECT_LE(s1.system_allocs - s0.system_allocs, 10u);
+  EXPECT_LE(s1.cached_bytes, s0.cached_bytes + (size_t{6528} << 10));
+}
+
+// A training step of fixed shapes takes all its blocks from the cache after the first step. This
+// one frees 334 MiB between steps, more than the cache's fixed minimum (256 MiB) and more than it
+// ever had live at once (its temporaries are of different classes): a limit of one peak evicted
+// blocks every step.
+TEST(TensorAllocator, FixedShapesReuseTheirBlocksEveryStep) {
+  const auto step = [] {
+    // Activations, kept for backward (never written, so hardly paged in).
+    std::vector<Tensor> saved;
+    for (int i = 0; i < 8; ++i) saved.push_back(empty({10 << 20}));  // 40 MiB each
+    for (int64_t n : {5, 3000, 70000, 70001, 123457}) saved.push_back(empty({n}));
+    for (int64_t n : {999, 250000, 250000, 3 << 20}) Tensor temporary = empty({n});
+  };
+  step();
+  const AllocatorStats s0 = allocator_stats();
+  for (int i = 0; i < 10; ++i) step();
+  const AllocatorStats s1 = allocator_stats();
+  EXPECT_EQ(s1.system_allocs, s0.system_allocs);
+  EXPECT_EQ(s1.evictions, s0.evictions);
+  EXPECT_EQ(s1.cached_bytes, s0.cached_bytes);
+}
+
+// Sizes used one after the other, each freed before the next is asked for: the peak stays at one
+// block while the freed blocks add up past the limit, and the least recently freed ones go.
+TEST(TensorAllocator, TheLeastRecentlyFreedBlocksGoBeyondTheLimit) {
+  release_cached_memory();
+  const AllocatorStats s0 = allocator_stats();
+  std::vector<int64_t> sizes;  // in floats: 4 size classes per power of two from 1.25 MiB up
+  size_t freed = 0;
+  for (int64_t n = int64_t{5} << 16; freed <= s0.cache_limit_bytes;
+       n += static_cast<int64_t>(std::bit_floor(static_cast<uint64_t>(n)) / 4)) {
+    { Tensor t = empty({n}); }
+    sizes.push_back(n);
+    freed += static_cast<size_t>(n) * 4;
+    const AllocatorStats s = allocator_stats();
+    ASSERT_LE(s.cached_bytes, s.cache_limit_bytes);
+  }
+  const AllocatorStats s1 = allocator_stats();
+  EXPECT_EQ(s1.cache_limit_bytes, s0.cache_limit_bytes);  // the peak stayed below it
+  EXPECT_GT(s1.evictions, s0.evictions);
+  EXPECT_EQ(s1.system_allocs, s0.system_allocs + sizes.size());
+  { Tensor newest = empty({sizes.back()}); }
+  EXPECT_EQ(allocator_stats().system_allocs, s1.system_allocs);
+  { Tensor oldest = empty({sizes.front()}); }
+  EXPECT_EQ(allocator_stats().system_allocs, s1.system_allocs + 1);
+  release_cached_memory();
 }
 
 // Debian 12's OpenBLAS runs its SSE3 Prescott kernels on CPUs newer than itself; mmdit starts
