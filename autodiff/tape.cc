@@ -117,15 +117,27 @@ void Tape::watch(const Tensor& t) {
               dtype_name(t.dtype()), " of shape ", shape_str(t.shape()));
   MMDIT_CHECK(!consumed_, "Tape::watch: this tape's gradient() has already run");
   if (is_on_tape(t)) return;
+  // Ops run while this tape is active are recorded here only: an enclosing tape that holds t
+  // would leave them out of its gradients without a word.
+  for (const Tape* outer = previous_; outer; outer = outer->previous_)
+    MMDIT_CHECK(!outer->is_on_tape(t), "Tape::watch: the tensor of shape ", shape_str(t.shape()),
+                " is already on an enclosing tape; a nested tape cannot watch it too (the ops run "
+                "while the nested tape is active would be missing from the enclosing tape's "
+                "gradients)");
   leaves_.emplace(t.impl_ptr(), num_values_++);
 }
 
-Tensor Tape::append(Node node, Tensor out) {
+Tensor Tape::append(Node node, Tensor out, std::span<const Tensor> inputs) {
   MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
-  // An op that returns its input unchanged (contiguous() of a contiguous tensor) hands back a
-  // TensorImpl already on the tape, perhaps a watched one that other threads read. The result
-  // gets a handle of its own, so that slots stay unique and a watched tensor is never written.
-  if (is_on_tape(out)) out = make_view(out, out.shape(), out.strides(), out.offset());
+  // An op that returns an input unchanged (contiguous() of a contiguous tensor) hands back that
+  // input's TensorImpl: a watched parameter other threads read, or a constant, perhaps another
+  // tape's. The result gets a handle of its own, so that slots stay unique and the tape writes
+  // only into tensors its op made.
+  const bool is_an_input = std::any_of(inputs.begin(), inputs.end(), [&](const Tensor& in) {
+    return in.defined() && in.impl_ptr() == out.impl_ptr();
+  });
+  if (is_an_input || is_on_tape(out))
+    out = make_view(out, out.shape(), out.strides(), out.offset());
   if (g_anomaly) {
     const std::string bad = describe_non_finite(out);
     MMDIT_CHECK(bad.empty(), "anomaly mode: ", node.op, " (", where_recorded(node, nodes_.size()),

@@ -111,8 +111,8 @@ class Tape {
   int64_t num_values() const { return num_values_; }
   size_t saved_bytes() const;  // held now, for backward
 
-  // Used by record(): appends a node and gives `out` its slot.
-  Tensor append(Node node, Tensor out);
+  // Used by record(): appends a node for out = op(inputs) and gives `out` its slot.
+  Tensor append(Node node, Tensor out, std::span<const Tensor> inputs);
   int64_t slot_of(const Tensor& t) const;
 
  private:
@@ -179,7 +179,7 @@ Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
   if (!tape || !is_floating(out.dtype()) || !detail::any_on_tape(*tape, inputs)) return out;
   return tape->append(
       detail::make_node(op, *tape, inputs, saved, BackwardFn(std::forward<F>(backward))),
-      std::move(out));
+      std::move(out), inputs);
 }
 template <class F>
 Tensor record(const char* op, Tensor out, std::initializer_list<Tensor> inputs,

@@ -36,6 +36,15 @@ void fsync_directory(const std::string& dir) {
   fail(path, ": ", step, " '", tmp, "' failed: ", std::strerror(err));
 }
 
+// Writable where it may be: NFS emulates flock with fcntl locks, whose exclusive lock needs a
+// writable file. A file its owner may not write (a umask of 0222) is opened read-only, as fsync
+// and a local flock need no more.
+int open_for_lock(const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | flags);
+  if (fd >= 0 || (errno != EACCES && errno != EROFS)) return fd;
+  return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | flags);
+}
+
 int lock_file(int fd, int operation) {
   int rc;
   do rc = ::flock(fd, operation);
@@ -116,7 +125,7 @@ std::string atomic_temp_path(const std::string& path) {
 }
 
 void commit_temp_file(const std::string& tmp, const std::string& path) {
-  const int fd = ::open(tmp.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+  const int fd = open_for_lock(tmp, 0);
   if (fd < 0) abandon(tmp, -1, path, "reopening", errno);
   (void)lock_file(fd, LOCK_EX);  // best effort, as for the files written here
   commit_locked(fd, tmp, path);
@@ -169,8 +178,7 @@ void remove_stale_temp_files(const std::string& path) {
     // or a zip library between its own rename and commit_temp_file) is still writing.
     if (pid == 0 || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
     const std::string file = dir + "/" + name;
-    // O_RDWR: NFS emulates flock with fcntl locks, whose exclusive lock needs a writable file.
-    const int fd = ::open(file.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    const int fd = open_for_lock(file, O_NONBLOCK);
     if (fd < 0) continue;
     // A writer in another pid namespace looks dead here; its lock says otherwise. The name must
     // still be the locked file's: it may have been renamed away and taken by a new writer since.

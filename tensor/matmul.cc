@@ -94,7 +94,10 @@ template <class T>
 void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
                    const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
   if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
-  const int64_t work = m * n * k;
+  // Saturated: at the sizes the check below refuses, m n k would overflow (undefined behaviour).
+  int64_t work = 0;
+  if (__builtin_mul_overflow(m, n, &work) || __builtin_mul_overflow(work, k, &work))
+    work = std::numeric_limits<int64_t>::max();
   // Chosen for the whole product: one product's blocks all round as one library does.
   SgemmLibrary library = SgemmLibrary::openblas;
   if constexpr (std::is_same_v<T, float>)

@@ -579,7 +579,7 @@ TEST(GradcheckOps, AThrowingFunctionLeavesTheTensorsAsTheyWere) {
   wrt.insert("w", from_vector({1.0, 2.0}, {2}, DType::f64));
   int calls = 0;
   const auto f = [&] {
-    if (++calls == 3) fail("f failed");  // the first perturbed evaluation, after the tape's
+    if (++calls == 3) fail("f failed");  // at w - eps, after the tape's and w + eps's
     return wrt.at("w") * wrt.at("w");
   };
   EXPECT_THAT(test::error_of([&] { gradcheck(f, wrt); }), HasSubstr("f failed"));

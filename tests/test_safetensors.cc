@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -734,6 +736,49 @@ TEST(Safetensors, StaleTempFileCleanupSparesLockedFiles) {
   for (int fd : fds) ::close(fd);
   remove_stale_temp_files(path);
   EXPECT_EQ(dir.entries(), std::vector<std::string>{ours});
+}
+
+// Under a umask of 0222 temp files are made read-only to their owner. Reopened for writing (for
+// the lock), libzip's was refused ("reopening ... Permission denied") and a stale one never went.
+// Root may write anything, so the checks run in a child that has become nobody.
+TEST(Safetensors, ReadOnlyTempFilesAreCommittedAndCleanedUp) {
+  TempDir dir;
+  const std::string path = dir.file("archive.npz");
+  const auto check = [&] {
+    const mode_t old_umask = ::umask(0222);
+    const std::string tmp = path + ".tmp." + std::to_string(getpid()) + ".0";
+    std::ofstream(tmp) << "done";
+    ::umask(old_umask);
+    if (::access(tmp.c_str(), W_OK) == 0) return 10;  // still writable: nothing tested
+    try {
+      commit_temp_file(tmp, path);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      return 11;
+    }
+    if (read_file(path) != "done") return 12;
+    const pid_t gone = fork();
+    if (gone == 0) _exit(0);
+    int status = 0;
+    if (gone < 0 || waitpid(gone, &status, 0) != gone) return 13;
+    const std::string stale = path + ".tmp." + std::to_string(gone) + ".1";
+    std::ofstream(stale) << "partial";
+    ::chmod(stale.c_str(), 0444);
+    remove_stale_temp_files(path);
+    return std::filesystem::exists(stale) ? 14 : 0;
+  };
+  if (geteuid() != 0) {
+    EXPECT_EQ(check(), 0);
+    return;
+  }
+  ASSERT_EQ(::chmod(dir.path().c_str(), 0777), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) _exit(setgid(65534) == 0 && setuid(65534) == 0 ? check() : 20);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 // ---- the reference implementation's output ----
