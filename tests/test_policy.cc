@@ -316,63 +316,74 @@ TEST(FlowMatchingLoss, WithSigmaIsTheMeanOverTheNoisedInterpolation) {
             1e-6 * want);
 }
 
+// A random float64 tiny policy and a batch of 2 for it, the chunks' last steps padded (the last
+// step of the first; with both_ends, the last two of the second too).
+struct LossCase {
+  std::unique_ptr<BCPolicy> policy;
+  int64_t b, h, a;
+  Tensor state, action, is_pad;
+  std::vector<bool> pad;
+};
+LossCase loss_case(uint64_t seed, bool both_ends) {
+  const PolicyConfig c = tiny_policy();
+  Rng rng(seed);
+  LossCase l{random_f64_policy(c, rng), 2, c.horizon, c.act_dim};
+  l.state = rng.normal({l.b, c.n_obs_steps, c.state_dim}, DType::f64);
+  l.action = rng.normal({l.b, l.h, l.a}, DType::f64);
+  l.pad.assign(l.b * l.h, false);
+  l.pad[l.h - 1] = true;
+  if (both_ends) l.pad[2 * l.h - 2] = l.pad[2 * l.h - 1] = true;
+  l.is_pad = from_vector(l.pad, {l.b, l.h});
+  return l;
+}
+
 // The MSE baseline: the velocity at t = 0 on zero actions is the prediction, and the loss the
 // mean over (B, horizon, act_dim) of (action - pred)^2 for unpadded actions, padded ones counting
 // in the denominator, written out as a loop.
 TEST(RegressionLoss, IsTheMeanOverUnpaddedActionsOfTheZeroTimePrediction) {
-  const PolicyConfig c = tiny_policy();
-  Rng rng(4);
-  const auto policy = random_f64_policy(c, rng);
-  const int64_t b = 2, h = c.horizon, a = c.act_dim;
-  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
-  const Tensor action = rng.normal({b, h, a}, DType::f64);
-  std::vector<bool> pad(b * h, false);
-  pad[h - 1] = pad[2 * h - 2] = pad[2 * h - 1] = true;
-  const Tensor is_pad = from_vector(pad, {b, h});
+  const LossCase l = loss_case(4, /*both_ends=*/true);
+  const BCPolicy& policy = *l.policy;
   const std::vector<double> pred =
       policy
-          ->velocity(policy->encode_observations(state), zeros({b, h, a}, DType::f64),
-                     zeros({b}, DType::f64))
+          .velocity(policy.encode_observations(l.state), zeros({l.b, l.h, l.a}, DType::f64),
+                    zeros({l.b}, DType::f64))
           .to_vector<double>();
-  const std::vector<double> z = action.to_vector<double>();
+  const std::vector<double> z = l.action.to_vector<double>();
   double want = 0;
-  for (int64_t i = 0; i < b * h; ++i)
-    for (int64_t k = 0; k < a; ++k)
-      if (!pad[i]) want += (z[i * a + k] - pred[i * a + k]) * (z[i * a + k] - pred[i * a + k]);
-  want /= static_cast<double>(b * h * a);
-  EXPECT_EQ(regress_actions(*policy, state).to_vector<double>(), pred);
-  EXPECT_NEAR(regression_loss(*policy, state, action, is_pad).item(), want, 1e-12 * want);
+  for (int64_t i = 0; i < l.b * l.h; ++i)
+    for (int64_t k = 0; k < l.a; ++k) {
+      const double r = z[i * l.a + k] - pred[i * l.a + k];
+      if (!l.pad[i]) want += r * r;
+    }
+  want /= static_cast<double>(l.b * l.h * l.a);
+  EXPECT_EQ(regress_actions(policy, l.state).to_vector<double>(), pred);
+  EXPECT_NEAR(regression_loss(policy, l.state, l.action, l.is_pad).item(), want, 1e-12 * want);
   // The padded steps matter: without the mask the loss is another number.
-  EXPECT_GT(std::abs(regression_loss(*policy, state, action, zeros({b, h}, DType::boolean)).item() -
-                     want),
+  const Tensor no_pad = zeros({l.b, l.h}, DType::boolean);
+  EXPECT_GT(std::abs(regression_loss(policy, l.state, l.action, no_pad).item() - want),
             1e-3 * want);
 }
 
 // Both losses' gradients with respect to every parameter tensor of a float64 policy (three
 // elements of each), against central differences.
 TEST(PolicyLosses, GradientsMatchCentralDifferences) {
-  const PolicyConfig c = tiny_policy();
-  Rng rng(5);
-  const auto policy = random_f64_policy(c, rng);
-  const int64_t b = 2, h = c.horizon, a = c.act_dim;
-  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
-  const Tensor action = rng.normal({b, h, a}, DType::f64);
-  std::vector<bool> pad(b * h, false);
-  pad[h - 1] = true;
-  const Tensor is_pad = from_vector(pad, {b, h});
-  const FlowNoise noise{rng.normal({b, h, a}, DType::f64),
-                        from_vector(std::vector<double>{0.3, 0.8}, {b}, DType::f64), Tensor()};
+  const LossCase l = loss_case(5, /*both_ends=*/false);
+  const BCPolicy& policy = *l.policy;
+  Rng rng(6);
+  const FlowNoise noise{rng.normal({l.b, l.h, l.a}, DType::f64),
+                        from_vector(std::vector<double>{0.3, 0.8}, {l.b}, DType::f64), Tensor()};
   GradcheckOptions options;
   options.sample = 3;
-  const NamedTensors params = policy->named_parameters();
-  const GradcheckResult flow = gradcheck(
-      [&] { return flow_matching_loss(*policy, state, action, is_pad, noise); }, params, options);
+  const NamedTensors params = l.policy->named_parameters();
+  const GradcheckResult flow =
+      gradcheck([&] { return flow_matching_loss(policy, l.state, l.action, l.is_pad, noise); },
+                params, options);
   EXPECT_TRUE(flow.ok) << flow.report();
   int64_t sampled = 0;
   for (const auto& [name, p] : params) sampled += std::min<int64_t>(3, p.numel());
   EXPECT_EQ(flow.checked, sampled);
-  const GradcheckResult mse =
-      gradcheck([&] { return regression_loss(*policy, state, action, is_pad); }, params, options);
+  const GradcheckResult mse = gradcheck(
+      [&] { return regression_loss(policy, l.state, l.action, l.is_pad); }, params, options);
   EXPECT_TRUE(mse.ok) << mse.report();
 }
 
