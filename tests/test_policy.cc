@@ -327,7 +327,9 @@ struct LossCase {
 LossCase loss_case(uint64_t seed, bool both_ends) {
   const PolicyConfig c = tiny_policy();
   Rng rng(seed);
-  LossCase l{random_f64_policy(c, rng), 2, c.horizon, c.act_dim};
+  LossCase l;
+  l.policy = random_f64_policy(c, rng);
+  l.b = 2, l.h = c.horizon, l.a = c.act_dim;
   l.state = rng.normal({l.b, c.n_obs_steps, c.state_dim}, DType::f64);
   l.action = rng.normal({l.b, l.h, l.a}, DType::f64);
   l.pad.assign(l.b * l.h, false);
