@@ -205,10 +205,11 @@ StepStats Trainer::train_step() {
   // A step that throws leaves the trainer as it was, the random state and data order included:
   // a checkpoint saved after the throw is the one of the step before.
   const uint64_t rng_seed = rng_.seed(), rng_counter = rng_.counter();
-  const auto [epoch, offset] = sampler_->position();
+  // Not a structured binding: Clang before 16 cannot capture one in the lambda.
+  const std::pair<int64_t, int64_t> position = sampler_->position();
   const auto restore = [&] {
     rng_.set_state(rng_seed, rng_counter);
-    sampler_->set_position(epoch, offset);
+    sampler_->set_position(position.first, position.second);
   };
   try {
     const Batch batch = sampler_->next(config_.batch_size);
