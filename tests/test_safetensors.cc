@@ -644,15 +644,21 @@ TEST(Safetensors, FailedSaveLeavesOldFileUntouched) {
   EXPECT_EQ(dir.entries(), (std::vector<std::string>{"model.safetensors", "target"}));
 }
 
+// The pid of a child that has exited and been reaped: it names no process now, as a killed
+// writer's does. 0 if the child could not be made.
+pid_t dead_pid() {
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  int status = 0;
+  return child > 0 && waitpid(child, &status, 0) == child ? child : 0;
+}
+
 // A killed writer's temp file goes; a live process's (ours) stays, and so do other names.
 TEST(Safetensors, StaleTempFilesOfDeadWritersAreRemoved) {
   TempDir dir;
   const std::string path = dir.file("model.safetensors");
-  const pid_t child = fork();
-  if (child == 0) _exit(0);
+  const pid_t child = dead_pid();
   ASSERT_GT(child, 0);
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);  // reaped: its pid names no process now
   for (const std::string& name :
        {"model.safetensors.tmp." + std::to_string(child),
         "model.safetensors.tmp." + std::to_string(getpid()),
@@ -710,11 +716,8 @@ TEST(Safetensors, ThreadsSavingOnePathEachWriteTheirOwnTempFile) {
 TEST(Safetensors, StaleTempFileCleanupSparesLockedFiles) {
   TempDir dir;
   const std::string path = dir.file("model.safetensors");
-  const pid_t other = fork();
-  if (other == 0) _exit(0);
+  const pid_t other = dead_pid();
   ASSERT_GT(other, 0);
-  int status = 0;
-  ASSERT_EQ(waitpid(other, &status, 0), other);  // reaped: its pid names no process here
   const std::string prefix = "model.safetensors.tmp.";
   const std::string locked = prefix + std::to_string(other) + ".3",
                     locked_old_name = prefix + std::to_string(other),
@@ -757,10 +760,8 @@ TEST(Safetensors, ReadOnlyTempFilesAreCommittedAndCleanedUp) {
       return 11;
     }
     if (read_file(path) != "done") return 12;
-    const pid_t gone = fork();
-    if (gone == 0) _exit(0);
-    int status = 0;
-    if (gone < 0 || waitpid(gone, &status, 0) != gone) return 13;
+    const pid_t gone = dead_pid();
+    if (gone == 0) return 13;
     const std::string stale = path + ".tmp." + std::to_string(gone) + ".1";
     std::ofstream(stale) << "partial";
     ::chmod(stale.c_str(), 0444);
