@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <set>
 
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
@@ -221,12 +222,20 @@ Normalizer min_max_from(const NamedTensors& f, DType dtype, const PolicyConfig& 
 }
 
 // The policy kinds: one training step (loss, gradients, AdamW, EMA) or one Euler sampling run.
+// Every tensor of the file must be one the kind reads or checks: a misspelt expectation
+// ("expect/action") or a tensor the policy has no use for (a "mask") is an error naming it, not
+// a PASS that checked less than the file asks.
 void run_policy_case(const SafetensorsFile& file, const Json& config, ParityReport& report) {
   const DType dtype = report.dtype;
   const NamedTensors& f = file.tensors;
-  auto get = [&](const std::string& name) {
+  std::set<std::string> used;  // the file's tensors read or compared so far
+  auto file_tensor = [&](const std::string& name) -> const Tensor& {
     MMDIT_CHECK(f.contains(name), report.path, ": a '", report.kind, "' case needs '", name, "'");
-    const Tensor& t = f.at(name);
+    used.insert(name);
+    return f.at(name);
+  };
+  auto get = [&](const std::string& name) {
+    const Tensor& t = file_tensor(name);
     return is_floating(t.dtype()) ? raw::to_dtype(t, dtype) : t;
   };
   Rng rng(0);
@@ -234,19 +243,22 @@ void run_policy_case(const SafetensorsFile& file, const Json& config, ParityRepo
   policy.to(dtype);
   NamedTensors state;
   for (const auto& [name, t] : f) {
-    if (starts_with(name, "param/"))
+    if (starts_with(name, "param/")) {
       state.insert(name.substr(6), t);
-    else if (starts_with(name, "buffer/"))
+      used.insert(name);
+    } else if (starts_with(name, "buffer/")) {
       state.insert(name.substr(7), t);
+      used.insert(name);
+    }
   }
   // The rows below run on the file's buffers (the reference's, computed in float32): without
   // these rows, taken before the file's replace ours, nothing would check the tables we build.
   for (const auto& [name, ours] : policy.named_buffers()) {
     const std::string key = "buffer/" + name;
-    MMDIT_CHECK(f.contains(key), report.path, ": a '", report.kind, "' case needs '", key, "'");
-    report.rows.push_back(compare(key, ours, f.at(key), report.tolerance));
+    report.rows.push_back(compare(key, ours, file_tensor(key), report.tolerance));
   }
   policy.load(state, /*buffers=*/true);
+  used.insert({"norm/state_min_max", "norm/action_min_max"});
   const Normalizer norm = min_max_from(f, dtype, policy.config, report.path);
   const Tensor obs = norm.normalize_state(get("batch/observation.state"));
   auto add_rows = [&](const std::string& prefix, const NamedTensors& actual) {
@@ -256,38 +268,48 @@ void run_policy_case(const SafetensorsFile& file, const Json& config, ParityRepo
       MMDIT_CHECK(actual.contains(key), report.path, ": expected '", name.substr(7),
                   "' but the policy has no parameter '", key, "'");
       report.rows.push_back(compare(name.substr(7), actual.at(key), want, report.tolerance));
+      used.insert(name);
     }
   };
 
+  std::string expectations;  // what the kind checks, for the message below
   if (report.kind == "bc_sample") {
     const Tensor a = sample_actions(policy, obs, get("noise/a0"), config.at("steps"),
                                     config.value("max_t", 1.0));
-    report.rows.push_back(
-        compare("actions", norm.unnormalize_action(a), f.at("expect/actions"), report.tolerance));
-    return;
+    report.rows.push_back(compare("actions", norm.unnormalize_action(a),
+                                  file_tensor("expect/actions"), report.tolerance));
+    expectations = "expect/actions";
+  } else {
+    AdamWConfig adam;
+    adam.lr = config.at("lr");
+    adam.weight_decay = config.at("weight_decay");
+    adam.b1 = config.at("b1");
+    adam.b2 = config.at("b2");
+    adam.eps = config.at("eps");
+    const Tensor action = norm.normalize_action(get("batch/action"));
+    const Tensor is_pad = get("batch/action_is_pad");
+    const FlowNoise noise{get("noise/x0"), get("noise/t"), Tensor()};
+    auto loss_fn = [&](BCPolicy& p) { return flow_matching_loss(p, obs, action, is_pad, noise); };
+    auto [loss, grads] = value_and_grad(loss_fn)(policy);
+    report.rows.push_back(compare("loss", loss, file_tensor("expect/loss"), report.tolerance));
+    add_rows("grad/param/", grads);
+
+    const NamedTensors params = policy.named_parameters();
+    EMA ema(params, config.at("ema_decay"));
+    AdamW opt(params, adam);
+    opt.update(params, grads);
+    ema.update(params);
+    add_rows("param_after/", params);
+    add_rows("ema_after/", ema.params());
+    expectations = "expect/loss, expect/grad/param/*, expect/param_after/*, expect/ema_after/*";
   }
-
-  AdamWConfig adam;
-  adam.lr = config.at("lr");
-  adam.weight_decay = config.at("weight_decay");
-  adam.b1 = config.at("b1");
-  adam.b2 = config.at("b2");
-  adam.eps = config.at("eps");
-  const Tensor action = norm.normalize_action(get("batch/action"));
-  const Tensor is_pad = get("batch/action_is_pad");
-  const FlowNoise noise{get("noise/x0"), get("noise/t"), Tensor()};
-  auto loss_fn = [&](BCPolicy& p) { return flow_matching_loss(p, obs, action, is_pad, noise); };
-  auto [loss, grads] = value_and_grad(loss_fn)(policy);
-  report.rows.push_back(compare("loss", loss, f.at("expect/loss"), report.tolerance));
-  add_rows("grad/param/", grads);
-
-  const NamedTensors params = policy.named_parameters();
-  EMA ema(params, config.at("ema_decay"));
-  AdamW opt(params, adam);
-  opt.update(params, grads);
-  ema.update(params);
-  add_rows("param_after/", params);
-  add_rows("ema_after/", ema.params());
+  for (const auto& [name, t] : f) {
+    if (used.contains(name)) continue;
+    MMDIT_CHECK(!starts_with(name, "expect/"), report.path, ": '", name,
+                "' is not an expectation a '", report.kind, "' case checks (it checks ",
+                expectations, ")");
+    fail(report.path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
+  }
 }
 
 }  // namespace
