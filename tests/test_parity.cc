@@ -64,7 +64,8 @@ class EditedCase {
 
 // The unedited cases pass through EditedCase: the failures below are the edits'.
 TEST(ParityCases, UneditedCasesPass) {
-  for (const char* name : {"bc_sample", "bc_train_step"}) {
+  for (const char* name : {"bc_sample", "bc_train_step", "mmdit", "multihead_rms_norm",
+                           "joint_attention", "rms_norm"}) {
     EditedCase c(name);
     const ParityReport report = c.run();
     EXPECT_TRUE(report.ok()) << report.table();
@@ -96,6 +97,110 @@ TEST(ParityCases, PolicyCaseRejectsATensorItDoesNotRead) {
   with_actions.add("batch/action", with_actions.at("noise/a0"));
   EXPECT_THAT(with_actions.error(),
               HasSubstr("unexpected tensor 'batch/action' in a 'bc_sample' case"));
+}
+
+// ---- module kinds: every input, cotangent and expectation is one the case has
+
+TEST(ParityCases, ModuleCaseRejectsAnInputTheModuleDoesNotRead) {
+  EditedCase c("rms_norm");
+  c.add("mask", full({4, 4}, 1, DType::boolean));
+  EXPECT_THAT(c.error(), HasSubstr("'mask' is not an input of a 'rms_norm' case"));
+  // A third modality for a model of two.
+  EditedCase m("joint_attention");
+  m.add("input/5", m.at("input/0"));
+  EXPECT_THAT(m.error(), HasSubstr("'input/5' is not an input of a 'joint_attention' case"));
+}
+
+TEST(ParityCases, ModuleCaseRejectsACotangentForNoOutput) {
+  EditedCase c("mmdit");
+  c.add("cotangent/7", ones({1}, DType::f64));
+  EXPECT_THAT(c.error(),
+              HasSubstr("'cotangent/7' is for no output of the 'mmdit' case (its outputs: 0, 1)"));
+  // One of another shape than its output was an error of the product: "mul: shapes (2,5,16) and
+  // (2,3,4) cannot be broadcast together".
+  EditedCase swapped("mmdit");
+  swapped.rename([](const std::string& name) {
+    return name == "cotangent/0" ? "cotangent/1" : name == "cotangent/1" ? "cotangent/0" : name;
+  });
+  EXPECT_THAT(swapped.error(),
+              HasSubstr("'cotangent/0' has shape (2,3,4) but output 0 has shape (2,5,16)"));
+}
+
+TEST(ParityCases, ModuleCaseNamesAnExpectedOutputItDoesNotHave) {
+  EditedCase c("mmdit");
+  c.add("expect/output/7", ones({1}, DType::f64));
+  EXPECT_THAT(c.error(), HasSubstr("'expect/output/7' expects output '7', which the 'mmdit' case "
+                                   "does not have (its outputs: 0, 1)"));
+}
+
+// ---- configs: whole numbers, known keys, RoPE
+
+TEST(ParityCases, FractionalSizesAreAnErrorNotTruncated) {
+  EditedCase heads("mmdit");
+  heads.config()["heads"] = 2.9;
+  EXPECT_THAT(heads.error(), HasSubstr("'mmdit' config: 'heads' must be an integer, got 2.9"));
+  EditedCase list("mmdit");
+  list.config()["dim_modalities"] = Json::array({16, 8.5});
+  EXPECT_THAT(list.error(),
+              HasSubstr("'mmdit' config: 'dim_modalities[1]' must be an integer, got 8.5"));
+  EditedCase policy("bc_sample");
+  policy.config()["dim_head"] = 8.5;
+  EXPECT_THAT(policy.error(),
+              HasSubstr("'bc_sample' config: 'dim_head' must be an integer, got 8.5"));
+  EditedCase steps("bc_sample");
+  steps.config()["steps"] = 4.5;
+  EXPECT_THAT(steps.error(), HasSubstr("'bc_sample' config: 'steps' must be an integer, got 4.5"));
+  EditedCase lr("bc_train_step");
+  lr.config()["lr"] = "0.01";
+  EXPECT_THAT(lr.error(), HasSubstr("'bc_train_step' config: 'lr' must be a number, got \"0.01\""));
+}
+
+TEST(ParityCases, UnknownConfigKeysAreAnError) {
+  // Misspelt, heads would fall back to the reference's default of 8.
+  EditedCase mmdit("mmdit");
+  mmdit.config()["head"] = mmdit.config()["heads"];
+  mmdit.config().erase("heads");
+  EXPECT_THAT(mmdit.error(), HasSubstr("'mmdit' config: unknown key 'head' (this kind reads "));
+  EditedCase module("feedforward");
+  module.config()["dim_cond"] = 4;
+  EXPECT_THAT(module.error(), HasSubstr("'feedforward' config: unknown key 'dim_cond'"));
+  EditedCase policy("bc_sample");
+  policy.config()["lr"] = 0.1;  // a training step's, not a sampling run's
+  EXPECT_THAT(policy.error(), HasSubstr("'bc_sample' config: unknown key 'lr'"));
+  // The functions that read a case's model config are as strict.
+  EXPECT_THAT([&] { parity_mmdit_config(mmdit.save()); },
+              testing::ThrowsMessage<Error>(HasSubstr("unknown key 'head'")));
+  EXPECT_THAT([&] { parity_policy_config(policy.save()); },
+              testing::ThrowsMessage<Error>(HasSubstr("unknown key 'lr'")));
+}
+
+TEST(ParityCases, RopeMustBeTrue) {
+  for (const Json& rope : {Json(false), Json(1), Json("true")}) {
+    EditedCase c("joint_attention");
+    c.config()["rope"] = rope;
+    EXPECT_THAT(c.error(),
+                HasSubstr(str_cat("'joint_attention' config: 'rope' must be true (the models "
+                                  "always apply the rotary embedding; there is no variant "
+                                  "without it), got ",
+                                  rope.dump())));
+  }
+  EditedCase policy("bc_sample");
+  policy.config()["rope"] = false;
+  EXPECT_THAT(policy.error(), HasSubstr("'rope' must be true"));
+}
+
+TEST(ParityCases, MultiheadRmsNormChecksTheHeadAxis) {
+  EditedCase c("multihead_rms_norm");  // input/x (3, 5, 8)
+  c.config()["heads"] = 2;
+  EXPECT_THAT(c.error(), HasSubstr("a 'multihead_rms_norm' case: 'input/x' has shape (3,5,8); "
+                                   "expected (heads, S, dim_head) = (2, S, 8)"));
+  EditedCase zero("multihead_rms_norm");
+  zero.config()["heads"] = 0;
+  EXPECT_THAT(zero.error(),
+              HasSubstr("'multihead_rms_norm' config: heads must be positive, got 0"));
+  EditedCase missing("multihead_rms_norm");
+  missing.config().erase("heads");
+  EXPECT_THAT(missing.error(), HasSubstr("'multihead_rms_norm' config: missing 'heads'"));
 }
 
 }  // namespace
