@@ -417,6 +417,58 @@ TEST(InContextMMDiT, GradientsReachEveryParameter) {
   for (const auto& [name, g] : grads) EXPECT_GT(max_abs(g), 0.0) << name;
 }
 
+// A modality of no tokens, or a batch of none, as InContextMMDiT and the reference take them:
+// empty outputs and gradients, not an error from a fused op inside. With modality 1 empty,
+// modality 0 attends to itself alone, as it does with modality 1's tokens masked from its rows:
+// both runs give modality 0 the same output, and the parameters the same gradients from it.
+TEST(MMDiT, AModalityOfNoTokensAndABatchOfNone) {
+  Rng rng(31);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  model.to(DType::f64);
+  const Tensor a = rng.normal({2, 5, 16}, DType::f64), b = rng.normal({2, 3, 8}, DType::f64);
+  const Tensor t = from_vector({0.2, 0.7}, {2}, DType::f64);
+  std::vector<bool> blocked(8 * 8, true);  // modality 0's rows do not see modality 1's columns
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t j = 5; j < 8; ++j) blocked[i * 8 + j] = false;
+  const Tensor mask = from_vector(blocked, {8, 8});
+  const Tensor none = zeros({2, 0, 8}, DType::f64);
+
+  const auto empty = model({a, none}, {t});
+  EXPECT_EQ(empty[1].shape(), (Shape{2, 0, 4}));
+  EXPECT_LT(max_abs_diff(empty[0], model({a, b}, {t}, mask)[0]), 1e-12);
+
+  auto grads_of_output_0 = [&](const Tensor& tokens, const Tensor& m) {
+    return value_and_grad([&](MMDiT& mm) {
+             return sum(square(mm({a, tokens}, {t}, m)[0]));
+           })(model)
+        .grads;
+  };
+  const NamedTensors with_none = grads_of_output_0(none, Tensor());
+  const NamedTensors masked = grads_of_output_0(b, mask);
+  ASSERT_EQ(with_none.size(), model.named_parameters().size());
+  for (const auto& [name, g] : with_none)
+    EXPECT_LT(max_abs_diff(g, masked.at(name)), 1e-10) << name;
+  EXPECT_GT(max_abs(with_none.at("final_layers.0.linear_out.weight")), 0.0);
+
+  // A batch of none: empty outputs, and every gradient zero.
+  const Tensor a0 = zeros({0, 5, 16}, DType::f64), b0 = zeros({0, 3, 8}, DType::f64);
+  const Tensor t0 = zeros({0}, DType::f64);
+  const auto outs = model({a0, b0}, {t0}, mask);
+  EXPECT_EQ(outs[0].shape(), (Shape{0, 5, 16}));
+  EXPECT_EQ(outs[1].shape(), (Shape{0, 3, 4}));
+  const auto [loss, grads] = value_and_grad([&](MMDiT& mm) {
+    const auto o = mm({a0, b0}, {t0}, mask);
+    return sum(square(o[0])) + sum(square(o[1]));
+  })(model);
+  EXPECT_EQ(loss.item(), 0.0);
+  ASSERT_EQ(grads.size(), model.named_parameters().size());
+  for (const auto& [name, g] : grads) {
+    EXPECT_EQ(g.shape(), model.named_parameters().at(name).shape()) << name;
+    EXPECT_EQ(max_abs(g), 0.0) << name;
+  }
+}
+
 // ---------------------------------------------------------------- errors
 TEST(Errors, WrongModalityCount) {
   Rng rng(16);
