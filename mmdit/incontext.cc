@@ -80,7 +80,8 @@ InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : conf
 
 std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,
                                                const Tensor& mask) const {
-  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT");
+  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT",
+                       final_layers[0].linear_out.weight.dtype());
   std::vector<Tensor> x = xs;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));

@@ -55,7 +55,11 @@ MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_
 
 std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& c,
                                            const Tensor& mask) const {
-  const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock");
+  const DType dtype = to_cond.weight.dtype();
+  const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock", dtype);
+  MMDIT_CHECK(c.defined(), "MMDiTBlock: the conditioning is an undefined Tensor");
+  MMDIT_CHECK(c.dtype() == dtype, "MMDiTBlock: the conditioning is ", dtype_name(c.dtype()),
+              ", the model is ", dtype_name(dtype));
   const int64_t dim_cond = to_cond.weight.shape()[1];
   MMDIT_CHECK(
       c.dim() == (batched ? 2 : 1) && c.shape().back() == dim_cond &&
@@ -163,10 +167,26 @@ void check_timestep_count(const std::vector<Tensor>& timesteps, size_t expected)
   MMDIT_CHECK(timesteps.size() == expected, "MMDiT: expected ", expected,
               " timestep(s), one per conditioning variable, got ", timesteps.size());
 }
+
+// Each timestep defined and of the model's dtype: a bool or float64 timestep for a float32 model
+// is reported as such, not by the first op of the timestep embedding that meets it.
+void check_timestep_dtypes(const std::vector<Tensor>& timesteps, DType model_dtype) {
+  for (size_t i = 0; i < timesteps.size(); ++i) {
+    MMDIT_CHECK(timesteps[i].defined(), "MMDiT: timestep ", i, " is an undefined Tensor");
+    MMDIT_CHECK(timesteps[i].dtype() == model_dtype, "MMDiT: timestep ", i, " is ",
+                dtype_name(timesteps[i].dtype()), ", the model is ", dtype_name(model_dtype));
+  }
+}
+
+// The dtype of the model's parameters (all share it: Module::to converts them together).
+DType model_dtype(const MMDiT& model) {
+  return model.final_layers[0].linear_out.weight.dtype();
+}
 }  // namespace
 
 Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
   Tensor c;
   for (size_t i = 0; i < timesteps.size(); ++i) {
     const Tensor& t = timesteps[i];
@@ -183,9 +203,10 @@ Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
 std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
                                       const std::vector<Tensor>& timesteps,
                                       const Tensor& mask) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
   const int64_t batch = batched ? xs[0].shape()[0] : 1;
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
   std::vector<Tensor> x, t;
   for (const Tensor& xm : xs) x.push_back(batched ? xm : unsqueeze(xm, 0));
   for (size_t i = 0; i < timesteps.size(); ++i) {
@@ -204,6 +225,7 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
   MMDIT_CHECK(timesteps[0].dim() == 1,
               "MMDiT::condition: timesteps must be batched, (B,) each; got ",
               shape_str(timesteps[0].shape()));
@@ -223,7 +245,7 @@ MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
 
 std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
                                    const Tensor& mask, const std::vector<bool>& outputs) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
   MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
   MMDIT_CHECK(
       cond.blocks.size() == blocks.size() && cond.final_layers.size() == final_layers.size(),

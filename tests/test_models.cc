@@ -552,6 +552,80 @@ TEST(Errors, ConditioningOfAnotherModel) {
               testing::ThrowsMessage<Error>(HasSubstr("the block has 3")));
 }
 
+// Tokens, timesteps or conditioning of a dtype the model is not: named by the model and the
+// argument, not by the inner op that first meets them ("mul: expected a float32 or float64
+// tensor, got bool of shape (3,1)", a layer_norm_modulate dtype error).
+TEST(Errors, DtypesOtherThanTheModelsAreNamed) {
+  Rng rng(24);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  const Tensor a = rng.normal({3, 5, 16}), b = rng.normal({3, 4, 8});
+  const Tensor t = from_vector({0.1f, 0.5f, 0.8f}, {3});
+  const auto throws = [](const std::string& message) {
+    return testing::ThrowsMessage<Error>(HasSubstr(message));
+  };
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {ones({3}, DType::boolean)});
+      },
+      throws("MMDiT: timestep 0 is bool, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {raw::to_dtype(t, DType::f64)});
+      },
+      throws("MMDiT: timestep 0 is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, {t});
+      },
+      throws("MMDiT: modality 0 is float64, the model is float32"));
+  EXPECT_THAT([&] { model.condition({ones({3}, DType::boolean)}); },
+              throws("MMDiT: timestep 0 is bool, the model is float32"));
+  EXPECT_THAT([&] { model.embed_timesteps({raw::to_dtype(t, DType::f64)}); },
+              throws("MMDiT: timestep 0 is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model.forward({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)},
+                      model.condition({t}));
+      },
+      throws("MMDiT: modality 0 is float64, the model is float32"));
+  // The model in float64 and float32 tokens or timesteps.
+  model.to(DType::f64);
+  EXPECT_THAT(
+      [&] {
+        model({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, {t});
+      },
+      throws("MMDiT: timestep 0 is float32, the model is float64"));
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {raw::to_dtype(t, DType::f64)});
+      },
+      throws("MMDiT: modality 0 is float32, the model is float64"));
+
+  MMDiTBlock block({16, 8}, 16, 4, 2, 2, rng);
+  EXPECT_THAT(
+      [&] {
+        block({a, b}, rng.normal({3, 16}, DType::f64));
+      },
+      throws("MMDiTBlock: the conditioning is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        block({a, b}, ones({3, 16}, DType::boolean));
+      },
+      throws("MMDiTBlock: the conditioning is bool, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        block({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, rng.normal({3, 16}));
+      },
+      throws("MMDiTBlock: modality 0 is float64, the model is float32"));
+
+  InContextMMDiT incontext(small_incontext({16, 8}, {16, 4}), rng);
+  EXPECT_THAT(
+      [&] {
+        incontext({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)});
+      },
+      throws("InContextMMDiT: modality 0 is float64, the model is float32"));
+}
+
 // Each field out of range is named before anything is built.
 TEST(Errors, ModelConfigFieldsAreNamed) {
   Rng rng(23);
