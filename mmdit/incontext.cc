@@ -3,7 +3,9 @@
 namespace mmdit {
 
 SimpleFinalLayer::SimpleFinalLayer(int64_t dim_in, int64_t dim_out, Rng& rng)
-    : rms_norm(dim_in), linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
+    : rms_norm(positive("SimpleFinalLayer", "dim_in", dim_in)),
+      linear_out(dim_in, positive("SimpleFinalLayer", "dim_out", dim_out), true, rng,
+                 nn::Init::zeros) {
   register_module("rms_norm", rms_norm);
   register_module("linear_out", linear_out);
 }

@@ -10,14 +10,28 @@ int64_t to_cond_width(const std::vector<int64_t>& dims) {
                 shape_str(Shape(dims.begin(), dims.end())), " overflow int64 when summed");
   return nn::layer_width(2, sum, str_cat("MMDiTBlock: 2 * the modalities' summed dims ", sum));
 }
+
+// The block's own arguments, checked before any member is built: an error names the block's
+// argument, not the inner layer it sizes ("Linear: sizes must be positive").
+std::vector<int64_t> checked_block_args(std::vector<int64_t> dims, int64_t dim_cond,
+                                        int64_t ff_mult) {
+  const char* who = "MMDiTBlock";
+  MMDIT_CHECK(dims.size() >= 2, who, ": needs at least two modalities, got ", dims.size());
+  check_positive(who, "dim_modalities", dims);
+  check_positive(who, "dim_cond", dim_cond);
+  check_positive(who, "ff_mult", ff_mult);
+  return dims;
+}
 }  // namespace
 
 ModulatedFinalLayer::ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond,
                                          Rng& rng)
-    : adaLN_modulation(
-          dim_cond, nn::layer_width(2, dim_in, str_cat("ModulatedFinalLayer: 2 * dim_in ", dim_in)),
-          true, rng, nn::Init::zeros),
-      linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
+    : adaLN_modulation(positive("ModulatedFinalLayer", "dim_cond", dim_cond),
+                       nn::layer_width(2, positive("ModulatedFinalLayer", "dim_in", dim_in),
+                                       str_cat("ModulatedFinalLayer: 2 * dim_in ", dim_in)),
+                       true, rng, nn::Init::zeros),
+      linear_out(dim_in, positive("ModulatedFinalLayer", "dim_out", dim_out), true, rng,
+                 nn::Init::zeros) {
   register_module("adaLN_modulation", adaLN_modulation);
   register_module("linear_out", linear_out);
 }
@@ -36,11 +50,9 @@ Tensor ModulatedFinalLayer::forward(const Tensor& x, const nn::Modulation& modul
 
 MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head, int64_t heads,
                        int64_t ff_mult, Rng& rng)
-    : dim_modalities(std::move(dims)),
+    : dim_modalities(checked_block_args(std::move(dims), dim_cond, ff_mult)),
       joint_attn(dim_modalities, dim_head, heads, rng),
       to_cond(dim_cond, to_cond_width(dim_modalities), true, rng, nn::Init::zeros) {
-  MMDIT_CHECK(dim_modalities.size() >= 2, "MMDiTBlock: needs at least two modalities, got ",
-              dim_modalities.size());
   for (int64_t d : dim_modalities) {
     attn_layernorms.emplace_back(d, dim_cond, rng);
     ff_layernorms.emplace_back(d, dim_cond, rng);

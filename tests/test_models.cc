@@ -695,6 +695,27 @@ TEST(Errors, LayerSizesAreNamed) {
        "TimestepEmbedding: dim_embed must be positive, got 0"},
       {[&] { nn::TimestepEmbedding(4, 0, rng); },
        "TimestepEmbedding: dim_out must be positive, got 0"},
+      // These reported their inner Linear: "Linear: sizes must be positive, got in=0 out=32".
+      {[&] { ModulatedFinalLayer(16, 6, 0, rng); },
+       "ModulatedFinalLayer: dim_cond must be positive, got 0"},
+      {[&] { ModulatedFinalLayer(-1, 6, 4, rng); },
+       "ModulatedFinalLayer: dim_in must be positive, got -1"},
+      {[&] { ModulatedFinalLayer(16, 0, 4, rng); },
+       "ModulatedFinalLayer: dim_out must be positive, got 0"},
+      {[&] { SimpleFinalLayer(16, 0, rng); }, "SimpleFinalLayer: dim_out must be positive, got 0"},
+      {[&] { SimpleFinalLayer(0, 4, rng); }, "SimpleFinalLayer: dim_in must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 12}, 0, 8, 2, 2, rng);
+       },
+       "MMDiTBlock: dim_cond must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 0}, 16, 8, 2, 2, rng);
+       },
+       "MMDiTBlock: dim_modalities[1] must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 12}, 16, 8, 2, 0, rng);
+       },
+       "MMDiTBlock: ff_mult must be positive, got 0"},
   };
   for (const auto& [make, message] : cases)
     EXPECT_THAT(make, testing::ThrowsMessage<Error>(HasSubstr(message)));
