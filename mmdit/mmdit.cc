@@ -199,6 +199,9 @@ DType model_dtype(const MMDiT& model) {
 Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
   check_timestep_dtypes(timesteps, model_dtype(*this));
+  // Timestep 0 on its own first: the message for the others names its batch size.
+  MMDIT_CHECK(timesteps[0].dim() == 1, "MMDiT: timestep 0 has shape ",
+              shape_str(timesteps[0].shape()), "; expected (B,)");
   Tensor c;
   for (size_t i = 0; i < timesteps.size(); ++i) {
     const Tensor& t = timesteps[i];

@@ -626,6 +626,23 @@ TEST(Errors, DtypesOtherThanTheModelsAreNamed) {
       throws("InContextMMDiT: modality 0 is float64, the model is float32"));
 }
 
+// embed_timesteps with a 0-d timestep 0 built its message from timesteps[0].shape()[0], a read
+// past the end of an empty Shape.
+TEST(Errors, EmbedTimestepsOfAScalar) {
+  Rng rng(25);
+  MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
+  c.timestep_embed_dims = {8, 4};
+  MMDiT model(c, rng);
+  EXPECT_EQ(test::error_of([&] {
+              model.embed_timesteps({scalar(0.5), ones({2})});
+            }),
+            "MMDiT: timestep 0 has shape (); expected (B,)");
+  EXPECT_EQ(test::error_of([&] {
+              model.embed_timesteps({ones({2}), scalar(0.5)});
+            }),
+            "MMDiT: timestep 1 has shape (); expected (2,) like timestep 0");
+}
+
 // Each field out of range is named before anything is built.
 TEST(Errors, ModelConfigFieldsAreNamed) {
   Rng rng(23);
