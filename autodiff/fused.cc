@@ -27,13 +27,17 @@ struct Groups {
   Shape param_shape;  // x's shape with S replaced by 1
 };
 
+// Any dimension may be 0 (a batch of none, a modality of no tokens): the kernels then loop over
+// no rows, and a per-group parameter's gradient is the sum over none, zeros.
 Groups groups_of(const Tensor& x, const char* op) {
-  MMDIT_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": input has shape ", shape_str(x.shape()),
-              "; expected (..., S, D) with no dimension of size 0");
+  MMDIT_CHECK(x.dim() >= 1, op, ": input has shape ", shape_str(x.shape()),
+              "; expected (..., S, D)");
   Groups g;
   g.dim = x.shape().back();
   g.rows_per_group = x.dim() >= 2 ? x.shape()[x.dim() - 2] : 1;
-  g.groups = x.numel() / (g.dim * g.rows_per_group);
+  // The product of the leading dimensions, not numel / (S D), which divides by 0 when S or D is.
+  g.groups = 1;
+  for (int64_t i = 0; i + 2 < x.dim(); ++i) g.groups *= x.shape()[i];
   g.param_shape = x.shape();
   if (x.dim() >= 2) g.param_shape[x.dim() - 2] = 1;
   return g;

@@ -3,7 +3,9 @@
 namespace mmdit {
 
 SimpleFinalLayer::SimpleFinalLayer(int64_t dim_in, int64_t dim_out, Rng& rng)
-    : rms_norm(dim_in), linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
+    : rms_norm(positive("SimpleFinalLayer", "dim_in", dim_in)),
+      linear_out(dim_in, positive("SimpleFinalLayer", "dim_out", dim_out), true, rng,
+                 nn::Init::zeros) {
   register_module("rms_norm", rms_norm);
   register_module("linear_out", linear_out);
 }
@@ -80,7 +82,8 @@ InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : conf
 
 std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,
                                                const Tensor& mask) const {
-  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT");
+  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT",
+                       final_layers[0].linear_out.weight.dtype());
   std::vector<Tensor> x = xs;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));

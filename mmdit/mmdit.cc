@@ -10,14 +10,28 @@ int64_t to_cond_width(const std::vector<int64_t>& dims) {
                 shape_str(Shape(dims.begin(), dims.end())), " overflow int64 when summed");
   return nn::layer_width(2, sum, str_cat("MMDiTBlock: 2 * the modalities' summed dims ", sum));
 }
+
+// The block's own arguments, checked before any member is built: an error names the block's
+// argument, not the inner layer it sizes ("Linear: sizes must be positive").
+std::vector<int64_t> checked_block_args(std::vector<int64_t> dims, int64_t dim_cond,
+                                        int64_t ff_mult) {
+  const char* who = "MMDiTBlock";
+  MMDIT_CHECK(dims.size() >= 2, who, ": needs at least two modalities, got ", dims.size());
+  check_positive(who, "dim_modalities", dims);
+  check_positive(who, "dim_cond", dim_cond);
+  check_positive(who, "ff_mult", ff_mult);
+  return dims;
+}
 }  // namespace
 
 ModulatedFinalLayer::ModulatedFinalLayer(int64_t dim_in, int64_t dim_out, int64_t dim_cond,
                                          Rng& rng)
-    : adaLN_modulation(
-          dim_cond, nn::layer_width(2, dim_in, str_cat("ModulatedFinalLayer: 2 * dim_in ", dim_in)),
-          true, rng, nn::Init::zeros),
-      linear_out(dim_in, dim_out, true, rng, nn::Init::zeros) {
+    : adaLN_modulation(positive("ModulatedFinalLayer", "dim_cond", dim_cond),
+                       nn::layer_width(2, positive("ModulatedFinalLayer", "dim_in", dim_in),
+                                       str_cat("ModulatedFinalLayer: 2 * dim_in ", dim_in)),
+                       true, rng, nn::Init::zeros),
+      linear_out(dim_in, positive("ModulatedFinalLayer", "dim_out", dim_out), true, rng,
+                 nn::Init::zeros) {
   register_module("adaLN_modulation", adaLN_modulation);
   register_module("linear_out", linear_out);
 }
@@ -36,11 +50,9 @@ Tensor ModulatedFinalLayer::forward(const Tensor& x, const nn::Modulation& modul
 
 MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_head, int64_t heads,
                        int64_t ff_mult, Rng& rng)
-    : dim_modalities(std::move(dims)),
+    : dim_modalities(checked_block_args(std::move(dims), dim_cond, ff_mult)),
       joint_attn(dim_modalities, dim_head, heads, rng),
       to_cond(dim_cond, to_cond_width(dim_modalities), true, rng, nn::Init::zeros) {
-  MMDIT_CHECK(dim_modalities.size() >= 2, "MMDiTBlock: needs at least two modalities, got ",
-              dim_modalities.size());
   for (int64_t d : dim_modalities) {
     attn_layernorms.emplace_back(d, dim_cond, rng);
     ff_layernorms.emplace_back(d, dim_cond, rng);
@@ -55,7 +67,11 @@ MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_
 
 std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& c,
                                            const Tensor& mask) const {
-  const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock");
+  const DType dtype = to_cond.weight.dtype();
+  const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock", dtype);
+  MMDIT_CHECK(c.defined(), "MMDiTBlock: the conditioning is an undefined Tensor");
+  MMDIT_CHECK(c.dtype() == dtype, "MMDiTBlock: the conditioning is ", dtype_name(c.dtype()),
+              ", the model is ", dtype_name(dtype));
   const int64_t dim_cond = to_cond.weight.shape()[1];
   MMDIT_CHECK(
       c.dim() == (batched ? 2 : 1) && c.shape().back() == dim_cond &&
@@ -163,10 +179,29 @@ void check_timestep_count(const std::vector<Tensor>& timesteps, size_t expected)
   MMDIT_CHECK(timesteps.size() == expected, "MMDiT: expected ", expected,
               " timestep(s), one per conditioning variable, got ", timesteps.size());
 }
+
+// Each timestep defined and of the model's dtype: a bool or float64 timestep for a float32 model
+// is reported as such, not by the first op of the timestep embedding that meets it.
+void check_timestep_dtypes(const std::vector<Tensor>& timesteps, DType model_dtype) {
+  for (size_t i = 0; i < timesteps.size(); ++i) {
+    MMDIT_CHECK(timesteps[i].defined(), "MMDiT: timestep ", i, " is an undefined Tensor");
+    MMDIT_CHECK(timesteps[i].dtype() == model_dtype, "MMDiT: timestep ", i, " is ",
+                dtype_name(timesteps[i].dtype()), ", the model is ", dtype_name(model_dtype));
+  }
+}
+
+// The dtype of the model's parameters (all share it: Module::to converts them together).
+DType model_dtype(const MMDiT& model) {
+  return model.final_layers[0].linear_out.weight.dtype();
+}
 }  // namespace
 
 Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
+  // Timestep 0 on its own first: the message for the others names its batch size.
+  MMDIT_CHECK(timesteps[0].dim() == 1, "MMDiT: timestep 0 has shape ",
+              shape_str(timesteps[0].shape()), "; expected (B,)");
   Tensor c;
   for (size_t i = 0; i < timesteps.size(); ++i) {
     const Tensor& t = timesteps[i];
@@ -183,9 +218,10 @@ Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
 std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
                                       const std::vector<Tensor>& timesteps,
                                       const Tensor& mask) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
   const int64_t batch = batched ? xs[0].shape()[0] : 1;
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
   std::vector<Tensor> x, t;
   for (const Tensor& xm : xs) x.push_back(batched ? xm : unsqueeze(xm, 0));
   for (size_t i = 0; i < timesteps.size(); ++i) {
@@ -204,6 +240,7 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
+  check_timestep_dtypes(timesteps, model_dtype(*this));
   MMDIT_CHECK(timesteps[0].dim() == 1,
               "MMDiT::condition: timesteps must be batched, (B,) each; got ",
               shape_str(timesteps[0].shape()));
@@ -223,7 +260,7 @@ MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
 
 std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
                                    const Tensor& mask, const std::vector<bool>& outputs) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT");
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
   MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
   MMDIT_CHECK(
       cond.blocks.size() == blocks.size() && cond.final_layers.size() == final_layers.size(),

@@ -26,6 +26,15 @@ bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>&
   return batched;
 }
 
+bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
+                      const char* who, DType model_dtype) {
+  const bool batched = check_modalities(xs, dims, who);
+  // The modalities share modality 0's dtype (checked above).
+  MMDIT_CHECK(xs[0].dtype() == model_dtype, who, ": modality 0 is ", dtype_name(xs[0].dtype()),
+              ", the model is ", dtype_name(model_dtype));
+  return batched;
+}
+
 void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who) {
   if (!mask.defined()) return;
   MMDIT_CHECK(mask.dtype() == DType::boolean, who, ": mask must be bool, got ",

@@ -27,6 +27,10 @@ class JointAttention : public Module {
 // whether they are batched; `who` names the caller in errors.
 bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
                       const char* who);
+// The same, and every modality of the model's dtype: "MMDiT: modality 0 is float64, the model is
+// float32", rather than the error of the first inner op that meets the mismatch.
+bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
+                      const char* who, DType model_dtype);
 // Checks the mask against the total sequence length (and batch size, if batched).
 void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who);
 

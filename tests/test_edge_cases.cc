@@ -388,14 +388,35 @@ TEST(EdgeFused, EmptyInputsGiveEmptyOutputsOrSayWhy) {
   EXPECT_EQ(rms_norm_fused(ones({3, 0}), ones({0})).shape(), (Shape{3, 0}));
   EXPECT_EQ(swiglu(ones({0, 3}), ones({0, 3})).shape(), (Shape{0, 3}));
   EXPECT_EQ(rope(ones({1, 0, 2, 4}), ones({0, 4}), ones({0, 4})).shape(), (Shape{1, 0, 2, 4}));
-  // The per-group kernels need a group; the message says so rather than only naming the shape.
-  EXPECT_THAT(error_of([] {
-                layer_norm_modulate(ones({0, 4}), ones({1, 8}));
-              }),
-              HasSubstr("layer_norm_modulate: input has shape (0,4); expected (..., S, D) with no "
-                        "dimension of size 0"));
   EXPECT_THAT(error_of([] { gated_residual(scalar(1), scalar(1), scalar(1)); }),
               HasSubstr("gated_residual: input has shape (); expected (..., S, D)"));
+}
+
+// The per-group ops with no rows: a group of no tokens (an empty modality) or no groups (a batch
+// of none) give empty outputs, and the per-group parameters' gradients are sums over no rows,
+// zeros of their shape. They were errors ("expected (..., S, D) with no dimension of size 0").
+TEST(EdgeFused, PerGroupOpsWithNoRows) {
+  for (const Shape& shape : {Shape{2, 0, 4}, Shape{0, 3, 4}, Shape{0, 4}}) {
+    Shape param = shape;
+    param[param.size() - 2] = 1;
+    Shape packed = param;
+    packed.back() = 8;
+    const Tensor x = ones(shape, DType::f64), y = ones(shape, DType::f64);
+    const Tensor ss = ones(packed, DType::f64), shift = ones(param, DType::f64),
+                 scale = ones(param, DType::f64), gate = ones(param, DType::f64);
+    Tape tape;
+    for (const Tensor& t : {x, y, ss, shift, scale, gate}) tape.watch(t);
+    const Tensor a = layer_norm_modulate(x, ss), b = layer_norm_modulate(x, shift, scale),
+                 c = gated_residual(x, gate, y);
+    for (const Tensor& out : {a, b, c}) EXPECT_EQ(out.shape(), shape) << shape_str(shape);
+    const std::vector<Tensor> g =
+        tape.gradient(sum(a) + sum(b) + sum(c), {x, y, ss, shift, scale, gate});
+    const Shape want[] = {shape, shape, packed, param, param, param};
+    for (size_t i = 0; i < g.size(); ++i) {
+      EXPECT_EQ(g[i].shape(), want[i]) << shape_str(shape) << " input " << i;
+      for (double v : values(g[i])) EXPECT_EQ(v, 0.0) << shape_str(shape) << " input " << i;
+    }
+  }
 }
 
 // ---- nn ----

@@ -417,6 +417,58 @@ TEST(InContextMMDiT, GradientsReachEveryParameter) {
   for (const auto& [name, g] : grads) EXPECT_GT(max_abs(g), 0.0) << name;
 }
 
+// A modality of no tokens, or a batch of none, as InContextMMDiT and the reference take them:
+// empty outputs and gradients, not an error from a fused op inside. With modality 1 empty,
+// modality 0 attends to itself alone, as it does with modality 1's tokens masked from its rows:
+// both runs give modality 0 the same output, and the parameters the same gradients from it.
+TEST(MMDiT, AModalityOfNoTokensAndABatchOfNone) {
+  Rng rng(31);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  randomize(model, rng);
+  model.to(DType::f64);
+  const Tensor a = rng.normal({2, 5, 16}, DType::f64), b = rng.normal({2, 3, 8}, DType::f64);
+  const Tensor t = from_vector({0.2, 0.7}, {2}, DType::f64);
+  std::vector<bool> blocked(8 * 8, true);  // modality 0's rows do not see modality 1's columns
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t j = 5; j < 8; ++j) blocked[i * 8 + j] = false;
+  const Tensor mask = from_vector(blocked, {8, 8});
+  const Tensor none = zeros({2, 0, 8}, DType::f64);
+
+  const auto empty = model({a, none}, {t});
+  EXPECT_EQ(empty[1].shape(), (Shape{2, 0, 4}));
+  EXPECT_LT(max_abs_diff(empty[0], model({a, b}, {t}, mask)[0]), 1e-12);
+
+  auto grads_of_output_0 = [&](const Tensor& tokens, const Tensor& m) {
+    return value_and_grad([&](MMDiT& mm) {
+             return sum(square(mm({a, tokens}, {t}, m)[0]));
+           })(model)
+        .grads;
+  };
+  const NamedTensors with_none = grads_of_output_0(none, Tensor());
+  const NamedTensors masked = grads_of_output_0(b, mask);
+  ASSERT_EQ(with_none.size(), model.named_parameters().size());
+  for (const auto& [name, g] : with_none)
+    EXPECT_LT(max_abs_diff(g, masked.at(name)), 1e-10) << name;
+  EXPECT_GT(max_abs(with_none.at("final_layers.0.linear_out.weight")), 0.0);
+
+  // A batch of none: empty outputs, and every gradient zero.
+  const Tensor a0 = zeros({0, 5, 16}, DType::f64), b0 = zeros({0, 3, 8}, DType::f64);
+  const Tensor t0 = zeros({0}, DType::f64);
+  const auto outs = model({a0, b0}, {t0}, mask);
+  EXPECT_EQ(outs[0].shape(), (Shape{0, 5, 16}));
+  EXPECT_EQ(outs[1].shape(), (Shape{0, 3, 4}));
+  const auto [loss, grads] = value_and_grad([&](MMDiT& mm) {
+    const auto o = mm({a0, b0}, {t0}, mask);
+    return sum(square(o[0])) + sum(square(o[1]));
+  })(model);
+  EXPECT_EQ(loss.item(), 0.0);
+  ASSERT_EQ(grads.size(), model.named_parameters().size());
+  for (const auto& [name, g] : grads) {
+    EXPECT_EQ(g.shape(), model.named_parameters().at(name).shape()) << name;
+    EXPECT_EQ(max_abs(g), 0.0) << name;
+  }
+}
+
 // ---------------------------------------------------------------- errors
 TEST(Errors, WrongModalityCount) {
   Rng rng(16);
@@ -500,6 +552,97 @@ TEST(Errors, ConditioningOfAnotherModel) {
               testing::ThrowsMessage<Error>(HasSubstr("the block has 3")));
 }
 
+// Tokens, timesteps or conditioning of a dtype the model is not: named by the model and the
+// argument, not by the inner op that first meets them ("mul: expected a float32 or float64
+// tensor, got bool of shape (3,1)", a layer_norm_modulate dtype error).
+TEST(Errors, DtypesOtherThanTheModelsAreNamed) {
+  Rng rng(24);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  const Tensor a = rng.normal({3, 5, 16}), b = rng.normal({3, 4, 8});
+  const Tensor t = from_vector({0.1f, 0.5f, 0.8f}, {3});
+  const auto throws = [](const std::string& message) {
+    return testing::ThrowsMessage<Error>(HasSubstr(message));
+  };
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {ones({3}, DType::boolean)});
+      },
+      throws("MMDiT: timestep 0 is bool, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {raw::to_dtype(t, DType::f64)});
+      },
+      throws("MMDiT: timestep 0 is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, {t});
+      },
+      throws("MMDiT: modality 0 is float64, the model is float32"));
+  EXPECT_THAT([&] { model.condition({ones({3}, DType::boolean)}); },
+              throws("MMDiT: timestep 0 is bool, the model is float32"));
+  EXPECT_THAT([&] { model.embed_timesteps({raw::to_dtype(t, DType::f64)}); },
+              throws("MMDiT: timestep 0 is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        model.forward({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)},
+                      model.condition({t}));
+      },
+      throws("MMDiT: modality 0 is float64, the model is float32"));
+  // The model in float64 and float32 tokens or timesteps.
+  model.to(DType::f64);
+  EXPECT_THAT(
+      [&] {
+        model({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, {t});
+      },
+      throws("MMDiT: timestep 0 is float32, the model is float64"));
+  EXPECT_THAT(
+      [&] {
+        model({a, b}, {raw::to_dtype(t, DType::f64)});
+      },
+      throws("MMDiT: modality 0 is float32, the model is float64"));
+
+  MMDiTBlock block({16, 8}, 16, 4, 2, 2, rng);
+  EXPECT_THAT(
+      [&] {
+        block({a, b}, rng.normal({3, 16}, DType::f64));
+      },
+      throws("MMDiTBlock: the conditioning is float64, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        block({a, b}, ones({3, 16}, DType::boolean));
+      },
+      throws("MMDiTBlock: the conditioning is bool, the model is float32"));
+  EXPECT_THAT(
+      [&] {
+        block({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)}, rng.normal({3, 16}));
+      },
+      throws("MMDiTBlock: modality 0 is float64, the model is float32"));
+
+  InContextMMDiT incontext(small_incontext({16, 8}, {16, 4}), rng);
+  EXPECT_THAT(
+      [&] {
+        incontext({raw::to_dtype(a, DType::f64), raw::to_dtype(b, DType::f64)});
+      },
+      throws("InContextMMDiT: modality 0 is float64, the model is float32"));
+}
+
+// embed_timesteps with a 0-d timestep 0 built its message from timesteps[0].shape()[0], a read
+// past the end of an empty Shape.
+TEST(Errors, EmbedTimestepsOfAScalar) {
+  Rng rng(25);
+  MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
+  c.timestep_embed_dims = {8, 4};
+  MMDiT model(c, rng);
+  EXPECT_EQ(test::error_of([&] {
+              model.embed_timesteps({scalar(0.5), ones({2})});
+            }),
+            "MMDiT: timestep 0 has shape (); expected (B,)");
+  EXPECT_EQ(test::error_of([&] {
+              model.embed_timesteps({ones({2}), scalar(0.5)});
+            }),
+            "MMDiT: timestep 1 has shape (); expected (2,) like timestep 0");
+}
+
 // Each field out of range is named before anything is built.
 TEST(Errors, ModelConfigFieldsAreNamed) {
   Rng rng(23);
@@ -569,6 +712,27 @@ TEST(Errors, LayerSizesAreNamed) {
        "TimestepEmbedding: dim_embed must be positive, got 0"},
       {[&] { nn::TimestepEmbedding(4, 0, rng); },
        "TimestepEmbedding: dim_out must be positive, got 0"},
+      // These reported their inner Linear: "Linear: sizes must be positive, got in=0 out=32".
+      {[&] { ModulatedFinalLayer(16, 6, 0, rng); },
+       "ModulatedFinalLayer: dim_cond must be positive, got 0"},
+      {[&] { ModulatedFinalLayer(-1, 6, 4, rng); },
+       "ModulatedFinalLayer: dim_in must be positive, got -1"},
+      {[&] { ModulatedFinalLayer(16, 0, 4, rng); },
+       "ModulatedFinalLayer: dim_out must be positive, got 0"},
+      {[&] { SimpleFinalLayer(16, 0, rng); }, "SimpleFinalLayer: dim_out must be positive, got 0"},
+      {[&] { SimpleFinalLayer(0, 4, rng); }, "SimpleFinalLayer: dim_in must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 12}, 0, 8, 2, 2, rng);
+       },
+       "MMDiTBlock: dim_cond must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 0}, 16, 8, 2, 2, rng);
+       },
+       "MMDiTBlock: dim_modalities[1] must be positive, got 0"},
+      {[&] {
+         MMDiTBlock({16, 12}, 16, 8, 2, 0, rng);
+       },
+       "MMDiTBlock: ff_mult must be positive, got 0"},
   };
   for (const auto& [make, message] : cases)
     EXPECT_THAT(make, testing::ThrowsMessage<Error>(HasSubstr(message)));
