@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <regex>
+#include <sstream>
 #include <thread>
 
 #include "tensor/file_io.h"
@@ -1391,6 +1393,59 @@ TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
   ASSERT_TRUE(WIFEXITED(status)) << output;
   EXPECT_EQ(WEXITSTATUS(status), 1) << output;  // not 124, timeout's
   EXPECT_THAT(output, HasSubstr("horizon >= n_obs_steps")) << output;
+  fs::remove_all(dir);
+}
+
+// CLI11 alone read a leading 0 as octal and 0x as hexadecimal: --steps 0100 trained 64 steps.
+// Every whole-number option of every command reads decimal digits, or is refused naming it.
+TEST(Cli, WholeNumberOptionsAreDecimal) {
+  const std::string dir = temp_dir("decimal");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  const std::string train = "train --data " + dir + "/demos.npz --config " + dir + "/config.json ";
+  const test::Command r = test::run_mmdit(
+      train + "--steps 0100 --log-every 050 --checkpoint-every 0 --out " + dir + "/run");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 100);
+  EXPECT_THAT(r.output, HasSubstr("step     50/100 "));
+  const test::Command hex = test::run_mmdit(train + "--batch-size 0x10 --out " + dir + "/hex");
+  EXPECT_NE(hex.status, 0);
+  EXPECT_THAT(
+      hex.output,
+      HasSubstr("--batch-size: must be a whole number written in decimal digits, got 0x10"));
+  EXPECT_FALSE(fs::exists(dir + "/hex"));
+  const test::Command huge =
+      test::run_mmdit(train + "--steps 99999999999999999999 --out " + dir + "/huge");
+  EXPECT_THAT(huge.output, HasSubstr("--steps: must be a whole number from -9223372036854775808 to "
+                                     "9223372036854775807, got 99999999999999999999"));
+  // Every INT and UINT option that `--help` lists, in every command.
+  std::istringstream commands(test::run_mmdit("--help").output);
+  int options = 0;
+  bool listing = false;
+  for (std::string line; std::getline(commands, line);) {
+    if (line.rfind("Subcommands:", 0) == 0) {
+      listing = true;
+      continue;
+    }
+    std::istringstream words(line);
+    std::string command;
+    if (!listing || !(words >> command)) continue;
+    const std::string help = test::run_mmdit(command + " --help").output;
+    const std::regex integer_option(R"((--[a-z0-9-]+) U?INT\b)");
+    for (std::sregex_iterator m(help.begin(), help.end(), integer_option), end; m != end; ++m) {
+      const std::string option = (*m)[1];
+      // In the test's directory, and stopped after 5 s: read as 16, the option would let demo
+      // or bench run in earnest.
+      const test::Command refused =
+          test::run_mmdit(command + " " + option + " 0x10", "cd " + dir + " && timeout 5 ");
+      EXPECT_NE(refused.status, 0) << command << " " << option;
+      EXPECT_THAT(
+          refused.output,
+          HasSubstr(option + ": must be a whole number written in decimal digits, got 0x10"))
+          << command;
+      ++options;
+    }
+  }
+  EXPECT_GE(options, 40);  // the help's format changed, or the list is not what it was
   fs::remove_all(dir);
 }
 

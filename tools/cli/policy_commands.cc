@@ -40,8 +40,7 @@ struct TrainFlags {
     cmd->add_option("--batch-size", batch_size, "batch size (default: the config's, else 64)")
         ->check(positive());
     cmd->add_option("--lr", lr, "peak learning rate (default: the config's)")->check(positive());
-    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)")
-        ->transform(seed_number());
+    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
   }
@@ -444,7 +443,7 @@ void add_sample(CLI::App& app) {
                   "one observation history: n_obs*state_dim comma-separated numbers");
   cmd->add_option("--obs-npy", o->obs_npy, "observations (B, n_obs, state_dim) as .npy");
   cmd->add_option("--out-npy", o->out_npy, "write the actions (B, horizon, act_dim) here");
-  cmd->add_option("--seed", o->seed, "noise seed")->transform(seed_number())->capture_default_str();
+  cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
@@ -516,7 +515,6 @@ void add_eval(CLI::App& app) {
       ->check(positive())
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
-      ->transform(seed_number())
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_option("--threads", o->threads, "threads")->check(positive());
