@@ -30,6 +30,7 @@ namespace mmdit {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
@@ -1447,6 +1448,29 @@ TEST(Cli, WholeNumberOptionsAreDecimal) {
   }
   EXPECT_GE(options, 40);  // the help's format changed, or the list is not what it was
   fs::remove_all(dir);
+}
+
+// sample prints the whole chunk, as README says; the library's printer elides the middle of a
+// tensor above 1000 numbers, and sample printed "..." in place of most actions.
+TEST(Cli, SamplePrintsEveryAction) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const std::string ckpt = fresh_checkpoint(data, dir);  // horizon 4, act_dim 2
+  Rng rng(1);
+  save_npy(dir.file("obs.npy"), rng.normal({126, 2, 2}, DType::f32, 0, 0.5));  // 1008 actions
+  const test::Command r = test::run_mmdit("sample " + ckpt + " --obs-npy " + dir.file("obs.npy"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("shape=(126,4,2))"));
+  EXPECT_THAT(r.output, Not(HasSubstr("...")));
+  std::string values = r.output.substr(0, r.output.find(", dtype="));
+  values = values.substr(values.find('(') + 1);
+  for (char& ch : values)
+    if (ch == '[' || ch == ']' || ch == ',') ch = ' ';
+  std::istringstream numbers(values);
+  int count = 0;
+  for (std::string token; numbers >> token; ++count)
+    EXPECT_TRUE(std::isfinite(std::stod(token))) << token;
+  EXPECT_EQ(count, 126 * 4 * 2);
 }
 
 // Ctrl-C or SIGTERM during `mmdit train` stops after the current step, saves a checkpoint and

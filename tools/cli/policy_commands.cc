@@ -478,7 +478,7 @@ void add_sample(CLI::App& app) {
     if (!o->out_npy.empty())
       save_npy(o->out_npy, actions);
     else
-      std::printf("%s\n", to_string(actions).c_str());
+      std::printf("%s\n", to_string(actions, Elision::none).c_str());  // every action
   });
 }
 
