@@ -381,6 +381,30 @@ TEST(Normalizer, ZScoreKeepsAConstantDimensionFinite) {
   EXPECT_LT(test::max_abs_diff(back, data.actions), 1e-5);
 }
 
+// Statistics finite each, whose range or spread overflows float32 in the maps (min -3e38 and max
+// 3e38: every action came out inf), are refused naming the array and the index; and a trainer
+// refuses data with such statistics before training on it.
+TEST(Normalizer, RefusesStatisticsThatOverflowFloat32) {
+  const Episodes data = demo_episodes();
+  Normalizer n = make_normalizer(data, "min_max");
+  n.action_min = from_vector({0.0f, -3e38f}, {2});
+  n.action_max = from_vector({1.0f, 3e38f}, {2});
+  EXPECT_EQ(test::error_of([&] { n.validate(2, 2); }),
+            "normalizer: 'action_max'[1] - 'action_min'[1] = 3e+38 - -3e+38 is not finite in "
+            "float32");
+  Normalizer z = make_normalizer(data, "z_score");
+  z.state_std = from_vector(std::vector<double>{1.0, 1e300}, {2}, DType::f64);
+  EXPECT_EQ(test::error_of([&] { z.validate(2, 2); }),
+            "normalizer: 'state_std'[1] + 1e-8 = 1e+300 + 1e-8 is not finite in float32");
+
+  Episodes wide = demo_episodes();
+  raw::copy_into(raw::narrow(wide.actions, 0, 0, 2),
+                 from_vector({-3e38f, 0.0f, 3e38f, 0.0f}, {2, 2}));
+  EXPECT_EQ(test::error_of([&] { Trainer(tiny_config(wide), wide); }),
+            "train: the data's min_max statistics cannot normalise it: normalizer: "
+            "'action_max'[0] - 'action_min'[0] = 3e+38 - -3e+38 is not finite in float32");
+}
+
 // ---------------------------------------------------------------- configs
 TEST(TrainConfig, JsonRoundTripAndErrors) {
   TrainConfig c = tiny_config(demo_episodes());
@@ -904,6 +928,31 @@ TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
       testing::ThrowsMessage<Error>(HasSubstr("act: the policy's action (0, 0, 0) is ")));
 }
 
+// Statistics that pass validate (std 3e38 is finite, and so is 3e38 + 1e-8) can still overflow
+// once a normalised action is unnormalised: act() returned inf actions. It checks them too.
+TEST(LoadedPolicy, ActRefusesActionsThatOverflowOnceUnnormalised) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.objective = "mse";
+  c.normalization = "z_score";
+  test::TempDir dir;
+  Trainer(c, data).save_checkpoint(dir.file("c.safetensors"));
+  LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  // Zero output weights: every normalised action is the bias, 2.
+  const NamedTensors params = p.policy->named_parameters();
+  const Tensor& w = params.at("mmdit.final_layers.1.linear_out.weight");
+  raw::copy_into(w, zeros(w.shape()));
+  raw::copy_into(params.at("mmdit.final_layers.1.linear_out.bias"), from_vector({2.0f, 2.0f}, {2}));
+  p.normalizer.action_std = from_vector({1.0f, 3e38f}, {2});
+  p.normalizer.validate(2, 2);
+  Rng rng(0);
+  EXPECT_EQ(test::error_of([&] {
+              p.act(zeros({1, 2, 2}), rng);
+            }),
+            "act: the policy's action (0, 0, 1) is inf in the data's units (2 normalised): the "
+            "normalizer's action statistics for dimension 1 overflow float32 there");
+}
+
 // A regression policy whose last layer has zero weights acts with one constant chunk c (its
 // bias, unnormalised), so its open-loop error is a closed form over the windows' unpadded steps.
 TEST(ActionError, ConstantPolicyAgainstTheClosedForm) {
@@ -1394,6 +1443,27 @@ TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
   ASSERT_TRUE(WIFEXITED(status)) << output;
   EXPECT_EQ(WEXITSTATUS(status), 1) << output;  // not 124, timeout's
   EXPECT_THAT(output, HasSubstr("horizon >= n_obs_steps")) << output;
+  fs::remove_all(dir);
+}
+
+// train --overwrite removes the old run when the new one starts (README); data the new run
+// refuses, whose statistics overflow float32, used to start it (and remove the old run) anyway.
+TEST(Cli, OverwriteKeepsTheOldRunWhenTheNewDataIsRefused) {
+  const std::string dir = temp_dir("overwrite_refused");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  const std::string config = " --config " + dir + "/config.json --steps 2 --out " + dir + "/run";
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz" + config).status, 0);
+  Episodes wide = demo_episodes(4);
+  raw::copy_into(raw::narrow(wide.actions, 0, 0, 2),
+                 from_vector({-3e38f, 0.0f, 3e38f, 0.0f}, {2, 2}));
+  save_lerobot_npz(dir + "/wide.npz", wide);
+  const test::Command r =
+      test::run_mmdit("train --data " + dir + "/wide.npz" + config + " --overwrite");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: the data's min_max statistics cannot normalise it: "
+                                  "normalizer: 'action_max'[0] - 'action_min'[0]"));
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 2);
+  EXPECT_EQ(csv_steps(dir + "/run/metrics.csv"), (std::vector<int64_t>{1, 2}));
   fs::remove_all(dir);
 }
 

@@ -175,6 +175,14 @@ Trainer::Trainer(const TrainConfig& config, const Episodes& data)
   MMDIT_CHECK(data.act_dim() == config_.policy.act_dim, "train: the data's actions have ",
               data.act_dim(), " dimensions but the policy's act_dim is ", config_.policy.act_dim);
   normalizer_ = make_normalizer(data, config_.normalization);
+  // Statistics a checkpoint could not be loaded with (a range that overflows float32) are
+  // refused now, before any training or any file written.
+  try {
+    normalizer_.validate(config_.policy.state_dim, config_.policy.act_dim);
+  } catch (const Error& e) {
+    fail("train: the data's ", config_.normalization,
+         " statistics cannot normalise it: ", e.what());
+  }
   Rng init(config_.seed);
   policy_ = std::make_unique<BCPolicy>(config_.policy, init);
   const NamedTensors params = policy_->named_parameters();
@@ -493,7 +501,18 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   if (const std::optional<NonFinite> bad = first_non_finite(actions))
     fail("act: the policy's action (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2],
          ") is ", bad->value, "; the observations may be far outside the training data's range");
-  return normalizer.unnormalize_action(actions);
+  // Finite in the normalised range, the action can still overflow float32 in the data's units
+  // (a far-out action times a wide range).
+  const Tensor raw_actions = normalizer.unnormalize_action(actions);
+  if (const std::optional<NonFinite> bad = first_non_finite(raw_actions)) {
+    const Shape& i = bad->index;
+    const size_t flat = static_cast<size_t>((i[0] * pc.horizon + i[1]) * pc.act_dim + i[2]);
+    fail("act: the policy's action (", i[0], ", ", i[1], ", ", i[2], ") is ", bad->value,
+         " in the data's units (", actions.to_vector<float>()[flat],
+         " normalised): the normalizer's action statistics for dimension ", i[2],
+         " overflow float32 there");
+  }
+  return raw_actions;
 }
 
 LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
