@@ -266,13 +266,22 @@ void check_finite(const NamedTensors& tensors, const std::string& path, const ch
 
 }  // namespace
 
-void Trainer::save_checkpoint(const std::string& path) const {
+NamedTensors Trainer::checkpoint_tensors() const {
   NamedTensors tensors;
   for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
   for (const auto& [name, t] : ema_->params()) tensors.insert("ema/" + name, t);
   for (const auto& [name, t] : optimizer_->first_moments()) tensors.insert("adam_m/" + name, t);
   for (const auto& [name, t] : optimizer_->second_moments()) tensors.insert("adam_v/" + name, t);
   for (const auto& [name, t] : policy_->named_buffers()) tensors.insert("buffer/" + name, t);
+  return tensors;
+}
+
+void Trainer::check_saveable(const std::string& what) const {
+  check_finite(checkpoint_tensors(), what, "tensor");
+}
+
+void Trainer::save_checkpoint(const std::string& path) const {
+  const NamedTensors tensors = checkpoint_tensors();
   const auto [epoch, offset] = sampler_->position();
   std::map<std::string, std::string> meta = {
       {"format", kCheckpointFormat},

@@ -66,8 +66,12 @@ class Trainer {
   StepStats train_step();
   int64_t step() const { return optimizer_->step(); }
   // One safetensors file, written atomically: params, EMA, Adam moments, config, normalisation,
-  // random state.
+  // random state. A state holding a non-finite number is refused, naming the tensor, and `path`
+  // is left as it was.
   void save_checkpoint(const std::string& path) const;
+  // Throws what save_checkpoint would, without writing: `what` (a path, say) starts the message.
+  // For a caller about to replace or remove files, so that it refuses first.
+  void check_saveable(const std::string& what) const;
 
   const TrainConfig& config() const { return config_; }
   BCPolicy& policy() { return *policy_; }
@@ -82,6 +86,7 @@ class Trainer {
 
  private:
   Tensor loss(BCPolicy& policy, const Batch& batch);
+  NamedTensors checkpoint_tensors() const;  // named as the checkpoint file names them
 
   TrainConfig config_;
   Normalizer normalizer_;

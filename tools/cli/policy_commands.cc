@@ -376,6 +376,9 @@ void add_import_eqx(CLI::App& app) {
     Trainer trainer(config, data);
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
+    // Everything save_checkpoint would refuse (a NaN in the weights) is refused before the old
+    // run is removed or config.json written: a refused import leaves --out as it was.
+    trainer.check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
     make_directory(o->out);
     if (o->overwrite) remove_previous_run(o->out);
     write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
