@@ -23,6 +23,7 @@
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/demo_task.h"
+#include "train/equinox.h"
 #include "train/npy.h"
 #include "train/trainer.h"
 
@@ -1230,7 +1231,11 @@ TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {
 }
 
 // ---------------------------------------------------------------- the CLI on files a test writes
-void write_robomimic(const std::string& path, const Episodes& data) {
+// A robomimic file of `data`'s episodes: data.actions, and the observation groups `obs_groups`,
+// each (frames, width) ({"state", data.states} by default).
+void write_robomimic(const std::string& path, const Episodes& data,
+                     std::vector<std::pair<std::string, Tensor>> obs_groups = {}) {
+  if (obs_groups.empty()) obs_groups = {{"state", data.states}};
   const hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   const hid_t root = H5Gcreate2(file, "data", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
   for (int64_t e = 0; e < data.num_episodes(); ++e) {
@@ -1248,7 +1253,7 @@ void write_robomimic(const std::string& path, const Episodes& data) {
       H5Dclose(set);
       H5Sclose(space);
     };
-    write(obs, "state", data.states);
+    for (const auto& group : obs_groups) write(obs, group.first.c_str(), group.second);
     write(g, "actions", data.actions);
     H5Gclose(obs);
     H5Gclose(g);
@@ -1541,6 +1546,110 @@ TEST(Cli, SamplePrintsEveryAction) {
   for (std::string token; numbers >> token; ++count)
     EXPECT_TRUE(std::isfinite(std::stod(token))) << token;
   EXPECT_EQ(count, 126 * 4 * 2);
+}
+
+// The HDF5 observation keys a run was trained with are recorded in its checkpoint: train --resume
+// and eval --data read the data with them (both used "state", silently, however the run was
+// trained), an --obs-keys that differs is refused, import-eqx records them too, and a checkpoint
+// without the record (an older one) still loads and reads "state".
+TEST(Cli, RecordsTheHdf5ObservationKeys) {
+  const Episodes data = demo_episodes(4);
+  const std::string dir = temp_dir("obs_keys");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  // The EMA is the parameters, trained far enough from adaLN-Zero's start for the actions to
+  // depend on the observations.
+  std::ofstream(dir + "/config.json")
+      << R"({"policy": {"hidden_size": 16, "depth": 1, "dim_cond": 16, "timestep_embed_dim": 8,
+                        "dim_head": 8, "heads": 2, "ff_mult": 2, "horizon": 4},
+             "batch_size": 4, "lr": 0.01, "ema_decay": 0})";
+  // Two groups of one width: the policy trains on "other", and "state" would fit it as well.
+  const std::string h5 = dir + "/two.hdf5";
+  write_robomimic(h5, data,
+                  {{"state", data.states},
+                   {"other", raw::add_scalar(raw::mul_scalar(data.states, -3.0), 0.5)}});
+  const std::string train = "train --data " + h5 + " --config " + dir + "/config.json ";
+  test::Command r = test::run_mmdit(train + "--obs-keys other --steps 10 --out " + dir + "/run");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::vector<std::string> other = {"other"};
+  const std::string ckpt = dir + "/run/checkpoint.safetensors";
+  EXPECT_EQ(load_policy(ckpt).obs_keys, other);
+  EXPECT_EQ(read_checkpoint_info(ckpt).obs_keys, other);
+  EXPECT_THAT(test::run_mmdit("info " + ckpt).output, HasSubstr("HDF5 observation keys: other\n"));
+
+  // Copies of the step-10 checkpoint: "a" as written, "b", "c" and "old" without the record.
+  const SafetensorsFile f = load_safetensors(ckpt);
+  std::map<std::string, std::string> unrecorded = f.metadata;
+  ASSERT_EQ(unrecorded.erase("obs_keys"), 1u);
+  for (const char* copy : {"a", "b", "c", "old"}) {
+    fs::create_directories(dir + "/" + copy);
+    save_safetensors(dir + "/" + copy + "/checkpoint.safetensors", f.tensors,
+                     copy == std::string("a") ? f.metadata : unrecorded);
+  }
+  const auto at = [&](const char* copy) { return dir + "/" + copy + "/checkpoint.safetensors"; };
+  EXPECT_TRUE(load_policy(at("old")).obs_keys.empty());
+  EXPECT_TRUE(read_checkpoint_info(at("old")).obs_keys.empty());
+
+  // eval --data: the recorded keys are the default; without a record, "state" (whose action
+  // error differs, so the test tells the keys apart).
+  const std::string eval_args = " --data " + h5 + " --windows 20";
+  const test::Command recorded = test::run_mmdit("eval " + ckpt + eval_args);
+  ASSERT_EQ(recorded.status, 0) << recorded.output;
+  EXPECT_EQ(test::run_mmdit("eval " + at("old") + eval_args + " --obs-keys other").output,
+            recorded.output);
+  EXPECT_NE(test::run_mmdit("eval " + at("old") + eval_args).output, recorded.output);
+  r = test::run_mmdit("eval " + ckpt + eval_args + " --obs-keys state");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output,
+              HasSubstr("eval: --obs-keys state differs from the observation keys " + ckpt +
+                        " was trained with (other); leave --obs-keys out to "
+                        "use those"));
+
+  // train --resume: the same steps from the recorded keys as from --obs-keys other.
+  const std::string resume = "train --data " + h5 + " --resume ";
+  ASSERT_EQ(test::run_mmdit(resume + at("a") + " --steps 12").status, 0);
+  ASSERT_EQ(test::run_mmdit(resume + at("b") + " --steps 12 --obs-keys other").status, 0);
+  ASSERT_EQ(test::run_mmdit(resume + at("c") + " --steps 12").status, 0);
+  const auto params = [&](const char* copy) {
+    std::vector<float> all;
+    for (const auto& [name, t] : load_safetensors(at(copy)).tensors)
+      if (name.rfind("param/", 0) == 0) {
+        const std::vector<float> v = t.to_vector<float>();
+        all.insert(all.end(), v.begin(), v.end());
+      }
+    return all;
+  };
+  EXPECT_EQ(load_policy(at("a")).step, 12);
+  EXPECT_TRUE(params("a") == params("b"));
+  EXPECT_FALSE(params("a") == params("c"));  // trained on "state"
+  EXPECT_EQ(load_policy(at("a")).obs_keys, other);
+  EXPECT_EQ(load_policy(at("b")).obs_keys, other);  // now recorded
+  r = test::run_mmdit(resume + at("a") + " --steps 13 --obs-keys state");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: --obs-keys state differs from the observation keys " +
+                                  at("a") + " was trained with (other)"));
+  EXPECT_EQ(load_policy(at("a")).step, 12);
+
+  // import-eqx records the keys its --data was read with.
+  Rng rng(0);
+  save_equinox(BCPolicy(tiny_config(data).policy, rng), dir + "/p.eqx");
+  r = test::run_mmdit("import-eqx " + dir + "/p.eqx --data " + h5 + " --obs-keys other --out " +
+                      dir + "/imported");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/imported/checkpoint.safetensors").obs_keys, other);
+  // A run on an .npz records none; a malformed record is refused naming the file.
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
+                            "/config.json --steps 1 --out " + dir + "/npz")
+                .status,
+            0);
+  EXPECT_TRUE(load_policy(dir + "/npz/checkpoint.safetensors").obs_keys.empty());
+  std::map<std::string, std::string> malformed = f.metadata;
+  malformed["obs_keys"] = R"(["state", ""])";
+  save_safetensors(dir + "/bad.safetensors", f.tensors, malformed);
+  EXPECT_EQ(test::error_of([&] { load_policy(dir + "/bad.safetensors"); }),
+            dir +
+                "/bad.safetensors: the checkpoint metadata's obs_keys must be a JSON array of "
+                "observation key names, got '[\"state\", \"\"]'");
+  fs::remove_all(dir);
 }
 
 // Ctrl-C or SIGTERM during `mmdit train` stops after the current step, saves a checkpoint and

@@ -133,6 +133,31 @@ void check_obs_keys_fit(CLI::App* cmd, const std::string& data, const char* comm
               " is an .npz, whose observations are 'observation.state'");
 }
 
+// Whether `data` is read as robomimic HDF5, whose observation keys a checkpoint records.
+bool is_hdf5(const std::string& data) {
+  return lowercase_extension(data) != ".npz";
+}
+
+std::string join_commas(const std::vector<std::string>& parts) {
+  std::string text;
+  for (const std::string& part : parts) text += (text.empty() ? "" : ",") + part;
+  return text;
+}
+
+// The HDF5 observation keys to read a checkpoint's data with: the ones it recorded, or "state"
+// (the option's default) when it recorded none. --obs-keys, when given, must be the recorded ones:
+// other keys would build states the policy was not trained on, however many numbers they hold.
+std::vector<std::string> obs_keys_of_policy(CLI::App* cmd, const std::string& given,
+                                            const CheckpointInfo& info,
+                                            const std::string& checkpoint, const char* command) {
+  if (!cmd->count("--obs-keys") && !info.obs_keys.empty()) return info.obs_keys;
+  const std::vector<std::string> keys = split_commas(given);
+  MMDIT_CHECK(info.obs_keys.empty() || keys == info.obs_keys, command, ": --obs-keys ", given,
+              " differs from the observation keys ", checkpoint, " was trained with (",
+              join_commas(info.obs_keys), "); leave --obs-keys out to use those");
+  return keys;
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
@@ -207,8 +232,9 @@ void add_train(CLI::App& app) {
   o->flags.add_to(cmd);
   cmd->add_option("--data", o->data, "demonstrations: LeRobot-style .npz or robomimic .hdf5")
       ->required();
-  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
-      ->capture_default_str();
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "HDF5 observation keys, comma-separated, recorded in the checkpoint (default: "
+                  "state; with --resume, the checkpoint's)");
   cmd->add_option("--out", o->out,
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
       ->check(non_empty())
@@ -244,6 +270,8 @@ void add_train(CLI::App& app) {
     MMDIT_CHECK(
         !o->val_data.empty() || (!cmd->count("--val-every") && !cmd->count("--val-windows")),
         "train: --val-every and --val-windows need --val-data");
+    check_obs_keys_fit(cmd, o->data, "train");
+    std::vector<std::string> keys = split_commas(o->obs_keys);
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(!o->overwrite,
@@ -261,6 +289,8 @@ void add_train(CLI::App& app) {
                   " holds another run's checkpoint; resume into the run's own "
                   "directory (",
                   own_dir, ", the default) or an --out without a checkpoint");
+      keys =
+          obs_keys_of_policy(cmd, o->obs_keys, read_checkpoint_info(o->resume), o->resume, "train");
     } else {
       const std::string ckpt = checkpoint_path(o->out);
       MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
@@ -268,8 +298,6 @@ void add_train(CLI::App& app) {
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
-    check_obs_keys_fit(cmd, o->data, "train");
-    const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
@@ -308,6 +336,7 @@ void add_train(CLI::App& app) {
       defaults.policy.act_dim = data.act_dim();
       trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
     }
+    if (is_hdf5(o->data)) trainer->set_obs_keys(keys);
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
     if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
@@ -349,7 +378,8 @@ void add_import_eqx(CLI::App& app) {
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
                   "normalisation statistics go into the checkpoint")
       ->required();
-  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "HDF5 observation keys, comma-separated, recorded in the checkpoint")
       ->capture_default_str();
   cmd->add_option("--config", o->flags.config_file,
                   "training config (JSON; keys of TrainConfig): normalization, sample_steps, and "
@@ -376,6 +406,7 @@ void add_import_eqx(CLI::App& app) {
     Trainer trainer(config, data);
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
+    if (is_hdf5(o->data)) trainer.set_obs_keys(keys);
     // Everything save_checkpoint would refuse (a NaN in the weights) is refused before the old
     // run is removed or config.json written: a refused import leaves --out as it was.
     trainer.check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
@@ -502,8 +533,9 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--data", o->data,
                   "demonstrations (.npz or .hdf5, held out from training): compare the action "
                   "chunks the policy samples with the demonstrated ones");
-  cmd->add_option("--obs-keys", o->obs_keys, "with --data: HDF5 observation keys, comma-separated")
-      ->capture_default_str();
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "with --data: HDF5 observation keys, comma-separated (default: the ones the "
+                  "checkpoint recorded, else state)");
   cmd->add_option("--windows", o->windows,
                   "with --data: training windows to act on, a seeded choice (0: all)")
       ->check(non_negative())
@@ -533,9 +565,11 @@ void add_eval(CLI::App& app) {
       MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
     if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
+    const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
+    const std::vector<std::string> keys =
+        obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     if (!o->data.empty()) {
-      const std::vector<std::string> keys = split_commas(o->obs_keys);
       const Episodes data = load_episodes(o->data, keys);
       Rng rng(o->seed + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
@@ -588,8 +622,10 @@ void add_info(CLI::App& app) {
   cmd->add_option("checkpoint", *path, "checkpoint (.safetensors)")->required();
   cmd->callback([path] {
     const LoadedPolicy p = load_policy(*path);
-    std::printf("checkpoint: %s\ntraining step: %lld\nconfig:\n%s\n", path->c_str(),
-                (long long)p.step, p.config.to_json().c_str());
+    std::printf("checkpoint: %s\ntraining step: %lld\n", path->c_str(), (long long)p.step);
+    if (!p.obs_keys.empty())
+      std::printf("HDF5 observation keys: %s\n", join_commas(p.obs_keys).c_str());
+    std::printf("config:\n%s\n", p.config.to_json().c_str());
     std::map<std::string, int64_t> groups;
     std::vector<std::string> order;
     for (const auto& [name, t] : p.policy->named_parameters()) {
