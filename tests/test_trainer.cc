@@ -1548,6 +1548,35 @@ TEST(Cli, SamplePrintsEveryAction) {
   EXPECT_EQ(count, 126 * 4 * 2);
 }
 
+// --weights bf16 packs the flow objective's sampler; a regression policy acted with its float32
+// weights whatever it said. It is refused, by the commands and by load_policy.
+TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.objective = "mse";
+  test::TempDir dir;
+  const std::string ckpt = dir.file("mse.safetensors");
+  Trainer(c, data).save_checkpoint(ckpt);
+  for (const std::string command : {"sample", "eval"}) {
+    const std::string args =
+        command == "sample" ? " --obs 0,-1,0,-0.95" : " --episodes 1 --n-action-steps 1";
+    const test::Command r = test::run_mmdit(command + " " + ckpt + args + " --weights bf16");
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output,
+                HasSubstr(command +
+                          ": --weights bf16 packs the weights of the flow objective's "
+                          "sampler; " +
+                          ckpt +
+                          " holds a policy of objective 'mse', which acts with float32 weights "
+                          "(leave --weights out)"));
+    EXPECT_EQ(test::run_mmdit(command + " " + ckpt + args + " --weights f32").status, 0);
+  }
+  EXPECT_EQ(test::error_of([&] { load_policy(ckpt, true, WeightPrecision::bf16); }),
+            ckpt +
+                ": the policy's objective is 'mse', which acts with float32 weights; bf16 "
+                "weights are for the flow objective's sampler only (load it with f32)");
+}
+
 // The HDF5 observation keys a run was trained with are recorded in its checkpoint: train --resume
 // and eval --data read the data with them (both used "state", silently, however the run was
 // trained), an --obs-keys that differs is refused, import-eqx records them too, and a checkpoint

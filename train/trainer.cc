@@ -504,6 +504,12 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
 
 LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
   const CheckpointFile c = read_checkpoint(path);
+  // Only the flow objective's EulerSampler packs its weights; the regression acts unpacked, in
+  // float32, and would ignore the request.
+  MMDIT_CHECK(weights == WeightPrecision::f32 || c.config.objective == "flow", path,
+              ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
+              "weights; ", precision_name(weights),
+              " weights are for the flow objective's sampler only (load it with f32)");
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
   check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");

@@ -130,6 +130,8 @@ struct CheckpointInfo {
 };
 CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
 
+// `weights` other than f32 are for the flow objective's sampler: a policy of objective "mse"
+// (which regresses its actions in float32) with bf16 weights is refused.
 LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
                          WeightPrecision weights = WeightPrecision::f32);
 

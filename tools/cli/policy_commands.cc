@@ -158,6 +158,16 @@ std::vector<std::string> obs_keys_of_policy(CLI::App* cmd, const std::string& gi
   return keys;
 }
 
+// --weights bf16 packs the flow objective's sampler: refused, not ignored, for a regression
+// policy, which acts with its float32 weights.
+void check_weights_fit(const std::string& weights, const CheckpointInfo& info,
+                       const std::string& checkpoint, const char* command) {
+  MMDIT_CHECK(weights == "f32" || info.config.objective == "flow", command, ": --weights ", weights,
+              " packs the weights of the flow objective's sampler; ", checkpoint,
+              " holds a policy of objective '", info.config.objective,
+              "', which acts with float32 weights (leave --weights out)");
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
@@ -482,6 +492,7 @@ void add_sample(CLI::App& app) {
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
     if (!o->out_npy.empty()) check_output_directory(o->out_npy, "--out-npy");
+    check_weights_fit(o->weights, read_checkpoint_info(o->checkpoint), o->checkpoint, "sample");
     const LoadedPolicy policy =
         load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
     const PolicyConfig& pc = policy.config.policy;
@@ -566,6 +577,7 @@ void add_eval(CLI::App& app) {
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
     if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
     const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
+    check_weights_fit(o->weights, info, o->checkpoint, "eval");
     const std::vector<std::string> keys =
         obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
