@@ -1577,6 +1577,48 @@ TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {
                 "weights are for the flow objective's sampler only (load it with f32)");
 }
 
+// An output that is one of the command's inputs destroyed it: export-eqx --out naming its own
+// checkpoint replaced the checkpoint with the .eqx. The same file by any path is refused.
+TEST(Cli, RefusesToWriteOverItsOwnInput) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  const std::string link = dir.file("link.safetensors");
+  fs::create_symlink(ckpt, link);
+  const std::string before = read_file(ckpt);
+  const auto expect_refused = [&](const std::string& args, const std::string& message) {
+    const test::Command r = test::run_mmdit(args);
+    EXPECT_NE(r.status, 0) << args;
+    EXPECT_THAT(r.output, HasSubstr(message + " (the same file); writing it would destroy that"))
+        << args;
+  };
+  for (const std::string& out : {ckpt, link})
+    expect_refused("export-eqx " + ckpt + " --out " + out,
+                   "export-eqx: --out " + out + " is the checkpoint " + ckpt);
+  expect_refused("sample " + ckpt + " --obs 0,-1,0,-0.95 --out-npy " + link,
+                 "sample: --out-npy " + link + " is the checkpoint " + ckpt);
+  save_npy(dir.file("obs.npy"), zeros({1, 2, 2}));
+  expect_refused(
+      "sample " + ckpt + " --obs-npy " + dir.file("obs.npy") + " --out-npy " + dir.file("obs.npy"),
+      "sample: --out-npy " + dir.file("obs.npy") + " is the --obs-npy " + dir.file("obs.npy"));
+  expect_refused("eval " + ckpt + " --episodes 1 --svg " + ckpt,
+                 "eval: --svg " + ckpt + " is the checkpoint " + ckpt);
+  EXPECT_TRUE(read_file(ckpt) == before);
+  // import-eqx writes checkpoint.safetensors and config.json into --out.
+  fs::create_directories(dir.file("imp"));
+  const std::string eqx = dir.file("imp/checkpoint.safetensors");
+  Rng rng(0);
+  save_equinox(BCPolicy(tiny_config(data).policy, rng), eqx);
+  const std::string eqx_bytes = read_file(eqx);
+  expect_refused("import-eqx " + eqx + " --data " + dir.file("demos.npz") + " --overwrite --out " +
+                     dir.file("imp"),
+                 "import-eqx: --out " + eqx + " is the .eqx file " + eqx);
+  EXPECT_TRUE(read_file(eqx) == eqx_bytes);
+  // Files that are not the input are written as before.
+  EXPECT_EQ(test::run_mmdit("export-eqx " + ckpt + " --out " + dir.file("p.eqx")).status, 0);
+}
+
 // The HDF5 observation keys a run was trained with are recorded in its checkpoint: train --resume
 // and eval --data read the data with them (both used "state", silently, however the run was
 // trained), an --obs-keys that differs is refused, import-eqx records them too, and a checkpoint

@@ -168,6 +168,17 @@ void check_weights_fit(const std::string& weights, const CheckpointInfo& info,
               "', which acts with float32 weights (leave --weights out)");
 }
 
+// Refuses an output that is one of the command's inputs (the same file, by any path or link):
+// writing it would destroy the input, as export-eqx --out naming its own checkpoint did.
+void check_not_input(const std::string& output, const char* flag, const std::string& input,
+                     const char* input_name, const char* command) {
+  struct stat out, in;
+  if (::stat(output.c_str(), &out) != 0 || ::stat(input.c_str(), &in) != 0) return;
+  MMDIT_CHECK(out.st_dev != in.st_dev || out.st_ino != in.st_ino, command, ": ", flag, " ", output,
+              " is the ", input_name, " ", input, " (the same file); writing it would destroy ",
+              "that: name another file");
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
@@ -405,6 +416,10 @@ void add_import_eqx(CLI::App& app) {
     MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
                 " already holds a checkpoint; pass --overwrite to replace it");
     check_obs_keys_fit(cmd, o->data, "import-eqx");
+    for (const char* written : {"checkpoint.safetensors", "config.json"})
+      for (const auto& [input, name] :
+           {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"}})
+        check_not_input(o->out + "/" + written, "--out", input, name, "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -450,6 +465,7 @@ void add_export_eqx(CLI::App& app) {
   cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
   cmd->callback([o] {
     check_output_directory(o->out, "--out");
+    check_not_input(o->out, "--out", o->checkpoint, "checkpoint", "export-eqx");
     const LoadedPolicy loaded = load_policy(o->checkpoint, !o->raw_params);
     save_equinox(*loaded.policy, o->out);
     const PolicyConfig& c = loaded.config.policy;
@@ -491,7 +507,12 @@ void add_sample(CLI::App& app) {
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
-    if (!o->out_npy.empty()) check_output_directory(o->out_npy, "--out-npy");
+    if (!o->out_npy.empty()) {
+      check_output_directory(o->out_npy, "--out-npy");
+      check_not_input(o->out_npy, "--out-npy", o->checkpoint, "checkpoint", "sample");
+      if (!o->obs_npy.empty())
+        check_not_input(o->out_npy, "--out-npy", o->obs_npy, "--obs-npy", "sample");
+    }
     check_weights_fit(o->weights, read_checkpoint_info(o->checkpoint), o->checkpoint, "sample");
     const LoadedPolicy policy =
         load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
@@ -575,7 +596,10 @@ void add_eval(CLI::App& app) {
     for (const char* flag : {"--obs-keys", "--windows", "--batch-size"})
       MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
-    if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
+    if (!o->svg.empty()) {
+      check_output_directory(o->svg, "--svg");
+      check_not_input(o->svg, "--svg", o->checkpoint, "checkpoint", "eval");
+    }
     const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
     check_weights_fit(o->weights, info, o->checkpoint, "eval");
     const std::vector<std::string> keys =
