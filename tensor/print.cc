@@ -56,6 +56,10 @@ void print_rec(std::ostringstream& os, const std::vector<double>& values, const 
 }  // namespace
 
 std::string to_string(const Tensor& t) {
+  return to_string(t, Elision::above_1000);
+}
+
+std::string to_string(const Tensor& t, Elision elision) {
   if (!t.defined()) return "tensor(undefined)";
   const std::vector<double> values = t.to_vector<double>();
   Formatter f;
@@ -73,7 +77,8 @@ std::string to_string(const Tensor& t) {
   if (t.dim() == 0)
     os << f.format(values[0]);
   else
-    print_rec(os, values, t.shape(), 0, 0, f, t.numel() > kElideAbove, 7);
+    print_rec(os, values, t.shape(), 0, 0, f,
+              elision == Elision::above_1000 && t.numel() > kElideAbove, 7);
   os << ", dtype=" << dtype_name(t.dtype()) << ", shape=" << shape_str(t.shape()) << ")";
   return os.str();
 }

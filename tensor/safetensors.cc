@@ -323,12 +323,10 @@ Tensor convert(const Entry& e, const unsigned char* src, const std::string& what
   return t;
 }
 
-}  // namespace
-
-SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what) {
-  const auto* p = static_cast<const unsigned char*>(bytes);
+// The header's length, from a file's first 8 bytes and its size.
+uint64_t header_length(const unsigned char* first8, uint64_t size, const std::string& what) {
   if (size < 8) fail(what, ": file is ", size, " bytes, too short for the 8-byte header length");
-  const uint64_t header_len = load_scalar<uint64_t>(p);
+  const uint64_t header_len = load_scalar<uint64_t>(first8);
   // Any other file read as one (an .npz, a JSON config, an SVG) gives a huge length: say what the
   // file is not, not just that the length is out of range.
   if (header_len > kMaxHeaderBytes)
@@ -337,6 +335,14 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
   if (header_len > size - 8)
     fail(what, ": header length ", header_len, " exceeds the ", size - 8,
          " bytes that follow it (file truncated?)");
+  return header_len;
+}
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what) {
+  const auto* p = static_cast<const unsigned char*>(bytes);
+  const uint64_t header_len = header_length(p, size, what);
   const char* header_begin = reinterpret_cast<const char*>(p + 8);
   const json header = parse_header_json(header_begin, header_begin + header_len, what);
   if (!header.is_object()) fail(what, ": header must be a JSON object, got ", describe(header));
@@ -373,6 +379,37 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
 SafetensorsFile load_safetensors(const std::string& path) {
   const std::string bytes = read_file(path);
   return parse_safetensors(bytes.data(), bytes.size(), path);
+}
+
+std::map<std::string, std::string> load_safetensors_metadata(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  const auto read_at = [&](char* into, size_t n, off_t offset) {
+    for (size_t done = 0; done < n;) {
+      const ssize_t got = ::pread(fd, into + done, n - done, offset + static_cast<off_t>(done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) fail(path, ": read failed: ", std::strerror(errno));
+      if (got == 0) fail(path, ": file ended while reading its header (truncated meanwhile?)");
+      done += static_cast<size_t>(got);
+    }
+  };
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  unsigned char first8[8] = {};
+  if (size >= 8) read_at(reinterpret_cast<char*>(first8), 8, 0);
+  const uint64_t header_len = header_length(first8, size, path);
+  std::string header(static_cast<size_t>(header_len), '\0');
+  read_at(header.data(), header.size(), 8);
+  const json parsed = parse_header_json(header.data(), header.data() + header.size(), path);
+  if (!parsed.is_object()) fail(path, ": header must be a JSON object, got ", describe(parsed));
+  const auto it = parsed.find("__metadata__");
+  return it == parsed.end() ? std::map<std::string, std::string>{} : parse_metadata(*it, path);
 }
 
 std::string serialize_safetensors(const NamedTensors& tensors,

@@ -44,6 +44,10 @@ struct SafetensorsFile {
 // the system's reason.
 SafetensorsFile load_safetensors(const std::string& path);
 
+// The "__metadata__" object alone (empty if absent), reading only the file's header: the length
+// and the header JSON are checked as load_safetensors checks them, the tensors are not read.
+std::map<std::string, std::string> load_safetensors_metadata(const std::string& path);
+
 // Parses a file's bytes already in memory; `what` (usually the path) starts every error message.
 // The returned tensors own their storage and do not refer to `bytes`.
 SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what);

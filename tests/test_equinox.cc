@@ -361,5 +361,44 @@ TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
   EXPECT_FALSE(std::ifstream(dir + "/run/metrics.csv").good());
 }
 
+// import-eqx --overwrite removed the old run, and then refused to save weights holding a NaN
+// ("the previous file, if any, is kept", with no file left). Everything the save would refuse is
+// refused first: the run in --out stays as it was, its checkpoint, logs and config.json.
+TEST(EquinoxCli, ARefusedImportLeavesTheRunItWouldReplace) {
+  const std::string dir = testing::TempDir() + "import_eqx_refused";
+  Rng rng(4);
+  Episodes data;
+  data.states = rng.normal({40, 3});
+  data.actions = rng.normal({40, 2});
+  data.episode_starts = {0, 25, 40};
+  ASSERT_EQ(::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
+  save_lerobot_npz(dir + "/demos.npz", data);
+  const std::string eqx = data_path("bc_train_step.eqx"), run = dir + "/run";
+  Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", run));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run_mmdit(str_cat("train --resume ", run, "/checkpoint.safetensors --data ", dir,
+                        "/demos.npz --steps 2"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string config = read_bytes(run + "/config.json"),
+                    metrics = read_bytes(run + "/metrics.csv");
+
+  BCPolicy policy(policy_case_config(), rng);
+  load_equinox(policy, eqx);
+  const Tensor w = policy.named_parameters().at("state_encoder.weight");
+  raw::copy_into(raw::narrow(raw::narrow(w, 0, 0, 1), 1, 1, 1), full({1, 1}, NAN));
+  save_equinox(policy, dir + "/nan.eqx");
+  r = run_mmdit(str_cat("import-eqx ", dir, "/nan.eqx --data ", dir, "/demos.npz --out ", run,
+                        " --overwrite"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find(str_cat(dir, "/nan.eqx: not imported (", run,
+                                  " is left as it was): tensor 'param/state_encoder.weight' "
+                                  "holds nan at (0,1)")),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(load_policy(run + "/checkpoint.safetensors").step, 2);
+  EXPECT_EQ(read_bytes(run + "/config.json"), config);
+  EXPECT_EQ(read_bytes(run + "/metrics.csv"), metrics);
+}
+
 }  // namespace
 }  // namespace mmdit

@@ -591,6 +591,38 @@ TEST(Safetensors, MissingOrUnreadableFile) {
   }
 }
 
+// The metadata alone, for a caller that needs a large file's settings before its tensors: the
+// header is read and checked as load_safetensors checks it, the buffer is not read at all.
+TEST(Safetensors, MetadataAloneReadsOnlyTheHeader) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  const std::map<std::string, std::string> meta = {{"format", "pt"}, {"note", "h\xC3\xA9llo"}};
+  save_safetensors(path, sample_tensors(), meta);
+  EXPECT_EQ(load_safetensors_metadata(path), meta);
+  save_safetensors(dir.file("plain.safetensors"), sample_tensors());
+  EXPECT_TRUE(load_safetensors_metadata(dir.file("plain.safetensors")).empty());
+  // Cut after the header: the tensors are gone, the metadata is not.
+  const std::string bytes = read_file(path);
+  uint64_t header_length = 0;
+  std::memcpy(&header_length, bytes.data(), 8);
+  const std::string cut = dir.file("cut.safetensors");
+  write_file_atomically(cut, bytes.substr(0, 8 + header_length));
+  EXPECT_THROW(load_safetensors(cut), Error);
+  EXPECT_EQ(load_safetensors_metadata(cut), meta);
+  // A header cut short, a file too short for the length, and a missing file: the errors of
+  // load_safetensors, naming the path.
+  for (const std::string& broken : {bytes.substr(0, 8 + header_length / 2), bytes.substr(0, 5)}) {
+    write_file_atomically(cut, broken);
+    const std::string full_error = test::error_of([&] { load_safetensors(cut); });
+    EXPECT_EQ(test::error_of([&] { load_safetensors_metadata(cut); }), full_error);
+    EXPECT_EQ(full_error.rfind(cut + ": ", 0), 0u) << full_error;
+  }
+  EXPECT_EQ(test::error_of([&] { load_safetensors_metadata(dir.file("nope")); }),
+            test::error_of([&] { load_safetensors(dir.file("nope")); }));
+  EXPECT_EQ(test::error_of([&] { load_safetensors_metadata(dir.path().string()); }),
+            test::error_of([&] { load_safetensors(dir.path().string()); }));
+}
+
 TEST(Safetensors, SaveIntoMissingDirectoryThrowsAndLeavesNothing) {
   TempDir dir;
   const std::string path = dir.file("no/such/dir/model.safetensors");

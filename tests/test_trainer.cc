@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <regex>
+#include <sstream>
 #include <thread>
 
 #include "tensor/file_io.h"
@@ -21,6 +23,7 @@
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/demo_task.h"
+#include "train/equinox.h"
 #include "train/npy.h"
 #include "train/trainer.h"
 
@@ -28,6 +31,7 @@ namespace mmdit {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
@@ -376,6 +380,30 @@ TEST(Normalizer, ZScoreKeepsAConstantDimensionFinite) {
   EXPECT_EQ(raw::max(raw::unary(raw::UnaryOp::abs, raw::narrow(a, 1, 0, 1))).item(), 0.0);
   const Tensor back = z.unnormalize_action(a);
   EXPECT_LT(test::max_abs_diff(back, data.actions), 1e-5);
+}
+
+// Statistics finite each, whose range or spread overflows float32 in the maps (min -3e38 and max
+// 3e38: every action came out inf), are refused naming the array and the index; and a trainer
+// refuses data with such statistics before training on it.
+TEST(Normalizer, RefusesStatisticsThatOverflowFloat32) {
+  const Episodes data = demo_episodes();
+  Normalizer n = make_normalizer(data, "min_max");
+  n.action_min = from_vector({0.0f, -3e38f}, {2});
+  n.action_max = from_vector({1.0f, 3e38f}, {2});
+  EXPECT_EQ(test::error_of([&] { n.validate(2, 2); }),
+            "normalizer: 'action_max'[1] - 'action_min'[1] = 3e+38 - -3e+38 is not finite in "
+            "float32");
+  Normalizer z = make_normalizer(data, "z_score");
+  z.state_std = from_vector(std::vector<double>{1.0, 1e300}, {2}, DType::f64);
+  EXPECT_EQ(test::error_of([&] { z.validate(2, 2); }),
+            "normalizer: 'state_std'[1] + 1e-8 = 1e+300 + 1e-8 is not finite in float32");
+
+  Episodes wide = demo_episodes();
+  raw::copy_into(raw::narrow(wide.actions, 0, 0, 2),
+                 from_vector({-3e38f, 0.0f, 3e38f, 0.0f}, {2, 2}));
+  EXPECT_EQ(test::error_of([&] { Trainer(tiny_config(wide), wide); }),
+            "train: the data's min_max statistics cannot normalise it: normalizer: "
+            "'action_max'[0] - 'action_min'[0] = 3e+38 - -3e+38 is not finite in float32");
 }
 
 // ---------------------------------------------------------------- configs
@@ -901,6 +929,31 @@ TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
       testing::ThrowsMessage<Error>(HasSubstr("act: the policy's action (0, 0, 0) is ")));
 }
 
+// Statistics that pass validate (std 3e38 is finite, and so is 3e38 + 1e-8) can still overflow
+// once a normalised action is unnormalised: act() returned inf actions. It checks them too.
+TEST(LoadedPolicy, ActRefusesActionsThatOverflowOnceUnnormalised) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.objective = "mse";
+  c.normalization = "z_score";
+  test::TempDir dir;
+  Trainer(c, data).save_checkpoint(dir.file("c.safetensors"));
+  LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  // Zero output weights: every normalised action is the bias, 2.
+  const NamedTensors params = p.policy->named_parameters();
+  const Tensor& w = params.at("mmdit.final_layers.1.linear_out.weight");
+  raw::copy_into(w, zeros(w.shape()));
+  raw::copy_into(params.at("mmdit.final_layers.1.linear_out.bias"), from_vector({2.0f, 2.0f}, {2}));
+  p.normalizer.action_std = from_vector({1.0f, 3e38f}, {2});
+  p.normalizer.validate(2, 2);
+  Rng rng(0);
+  EXPECT_EQ(test::error_of([&] {
+              p.act(zeros({1, 2, 2}), rng);
+            }),
+            "act: the policy's action (0, 0, 1) is inf in the data's units (2 normalised): the "
+            "normalizer's action statistics for dimension 1 overflow float32 there");
+}
+
 // A regression policy whose last layer has zero weights acts with one constant chunk c (its
 // bias, unnormalised), so its open-loop error is a closed form over the windows' unpadded steps.
 TEST(ActionError, ConstantPolicyAgainstTheClosedForm) {
@@ -1178,7 +1231,11 @@ TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {
 }
 
 // ---------------------------------------------------------------- the CLI on files a test writes
-void write_robomimic(const std::string& path, const Episodes& data) {
+// A robomimic file of `data`'s episodes: data.actions, and the observation groups `obs_groups`,
+// each (frames, width) ({"state", data.states} by default).
+void write_robomimic(const std::string& path, const Episodes& data,
+                     std::vector<std::pair<std::string, Tensor>> obs_groups = {}) {
+  if (obs_groups.empty()) obs_groups = {{"state", data.states}};
   const hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   const hid_t root = H5Gcreate2(file, "data", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
   for (int64_t e = 0; e < data.num_episodes(); ++e) {
@@ -1196,7 +1253,7 @@ void write_robomimic(const std::string& path, const Episodes& data) {
       H5Dclose(set);
       H5Sclose(space);
     };
-    write(obs, "state", data.states);
+    for (const auto& group : obs_groups) write(obs, group.first.c_str(), group.second);
     write(g, "actions", data.actions);
     H5Gclose(obs);
     H5Gclose(g);
@@ -1391,6 +1448,278 @@ TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
   ASSERT_TRUE(WIFEXITED(status)) << output;
   EXPECT_EQ(WEXITSTATUS(status), 1) << output;  // not 124, timeout's
   EXPECT_THAT(output, HasSubstr("horizon >= n_obs_steps")) << output;
+  fs::remove_all(dir);
+}
+
+// train --overwrite removes the old run when the new one starts (README); data the new run
+// refuses, whose statistics overflow float32, used to start it (and remove the old run) anyway.
+TEST(Cli, OverwriteKeepsTheOldRunWhenTheNewDataIsRefused) {
+  const std::string dir = temp_dir("overwrite_refused");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  const std::string config = " --config " + dir + "/config.json --steps 2 --out " + dir + "/run";
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz" + config).status, 0);
+  Episodes wide = demo_episodes(4);
+  raw::copy_into(raw::narrow(wide.actions, 0, 0, 2),
+                 from_vector({-3e38f, 0.0f, 3e38f, 0.0f}, {2, 2}));
+  save_lerobot_npz(dir + "/wide.npz", wide);
+  const test::Command r =
+      test::run_mmdit("train --data " + dir + "/wide.npz" + config + " --overwrite");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: the data's min_max statistics cannot normalise it: "
+                                  "normalizer: 'action_max'[0] - 'action_min'[0]"));
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 2);
+  EXPECT_EQ(csv_steps(dir + "/run/metrics.csv"), (std::vector<int64_t>{1, 2}));
+  fs::remove_all(dir);
+}
+
+// CLI11 alone read a leading 0 as octal and 0x as hexadecimal: --steps 0100 trained 64 steps.
+// Every whole-number option of every command reads decimal digits, or is refused naming it.
+TEST(Cli, WholeNumberOptionsAreDecimal) {
+  const std::string dir = temp_dir("decimal");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  const std::string train = "train --data " + dir + "/demos.npz --config " + dir + "/config.json ";
+  const test::Command r = test::run_mmdit(
+      train + "--steps 0100 --log-every 050 --checkpoint-every 0 --out " + dir + "/run");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 100);
+  EXPECT_THAT(r.output, HasSubstr("step     50/100 "));
+  const test::Command hex = test::run_mmdit(train + "--batch-size 0x10 --out " + dir + "/hex");
+  EXPECT_NE(hex.status, 0);
+  EXPECT_THAT(
+      hex.output,
+      HasSubstr("--batch-size: must be a whole number written in decimal digits, got 0x10"));
+  EXPECT_FALSE(fs::exists(dir + "/hex"));
+  const test::Command huge =
+      test::run_mmdit(train + "--steps 99999999999999999999 --out " + dir + "/huge");
+  EXPECT_THAT(huge.output, HasSubstr("--steps: must be a whole number from -9223372036854775808 to "
+                                     "9223372036854775807, got 99999999999999999999"));
+  // Every INT and UINT option that `--help` lists, in every command.
+  std::istringstream commands(test::run_mmdit("--help").output);
+  int options = 0;
+  bool listing = false;
+  for (std::string line; std::getline(commands, line);) {
+    if (line.rfind("Subcommands:", 0) == 0) {
+      listing = true;
+      continue;
+    }
+    std::istringstream words(line);
+    std::string command;
+    if (!listing || !(words >> command)) continue;
+    const std::string help = test::run_mmdit(command + " --help").output;
+    const std::regex integer_option(R"((--[a-z0-9-]+) U?INT\b)");
+    for (std::sregex_iterator m(help.begin(), help.end(), integer_option), end; m != end; ++m) {
+      const std::string option = (*m)[1];
+      // In the test's directory, and stopped after 5 s: read as 16, the option would let demo
+      // or bench run in earnest.
+      const test::Command refused =
+          test::run_mmdit(command + " " + option + " 0x10", "cd " + dir + " && timeout 5 ");
+      EXPECT_NE(refused.status, 0) << command << " " << option;
+      EXPECT_THAT(
+          refused.output,
+          HasSubstr(option + ": must be a whole number written in decimal digits, got 0x10"))
+          << command;
+      ++options;
+    }
+  }
+  EXPECT_GE(options, 40);  // the help's format changed, or the list is not what it was
+  fs::remove_all(dir);
+}
+
+// sample prints the whole chunk, as README says; the library's printer elides the middle of a
+// tensor above 1000 numbers, and sample printed "..." in place of most actions.
+TEST(Cli, SamplePrintsEveryAction) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const std::string ckpt = fresh_checkpoint(data, dir);  // horizon 4, act_dim 2
+  Rng rng(1);
+  save_npy(dir.file("obs.npy"), rng.normal({126, 2, 2}, DType::f32, 0, 0.5));  // 1008 actions
+  const test::Command r = test::run_mmdit("sample " + ckpt + " --obs-npy " + dir.file("obs.npy"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("shape=(126,4,2))"));
+  EXPECT_THAT(r.output, Not(HasSubstr("...")));
+  std::string values = r.output.substr(0, r.output.find(", dtype="));
+  values = values.substr(values.find('(') + 1);
+  for (char& ch : values)
+    if (ch == '[' || ch == ']' || ch == ',') ch = ' ';
+  std::istringstream numbers(values);
+  int count = 0;
+  for (std::string token; numbers >> token; ++count)
+    EXPECT_TRUE(std::isfinite(std::stod(token))) << token;
+  EXPECT_EQ(count, 126 * 4 * 2);
+}
+
+// --weights bf16 packs the flow objective's sampler; a regression policy acted with its float32
+// weights whatever it said. It is refused, by the commands and by load_policy.
+TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);
+  c.objective = "mse";
+  test::TempDir dir;
+  const std::string ckpt = dir.file("mse.safetensors");
+  Trainer(c, data).save_checkpoint(ckpt);
+  for (const std::string command : {"sample", "eval"}) {
+    const std::string args =
+        command == "sample" ? " --obs 0,-1,0,-0.95" : " --episodes 1 --n-action-steps 1";
+    const test::Command r = test::run_mmdit(command + " " + ckpt + args + " --weights bf16");
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output,
+                HasSubstr(command +
+                          ": --weights bf16 packs the weights of the flow objective's "
+                          "sampler; " +
+                          ckpt +
+                          " holds a policy of objective 'mse', which acts with float32 weights "
+                          "(leave --weights out)"));
+    EXPECT_EQ(test::run_mmdit(command + " " + ckpt + args + " --weights f32").status, 0);
+  }
+  EXPECT_EQ(test::error_of([&] { load_policy(ckpt, true, WeightPrecision::bf16); }),
+            ckpt +
+                ": the policy's objective is 'mse', which acts with float32 weights; bf16 "
+                "weights are for the flow objective's sampler only (load it with f32)");
+}
+
+// An output that is one of the command's inputs destroyed it: export-eqx --out naming its own
+// checkpoint replaced the checkpoint with the .eqx. The same file by any path is refused.
+TEST(Cli, RefusesToWriteOverItsOwnInput) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  const std::string link = dir.file("link.safetensors");
+  fs::create_symlink(ckpt, link);
+  const std::string before = read_file(ckpt);
+  const auto expect_refused = [&](const std::string& args, const std::string& message) {
+    const test::Command r = test::run_mmdit(args);
+    EXPECT_NE(r.status, 0) << args;
+    EXPECT_THAT(r.output, HasSubstr(message + " (the same file); writing it would destroy that"))
+        << args;
+  };
+  for (const std::string& out : {ckpt, link})
+    expect_refused("export-eqx " + ckpt + " --out " + out,
+                   "export-eqx: --out " + out + " is the checkpoint " + ckpt);
+  expect_refused("sample " + ckpt + " --obs 0,-1,0,-0.95 --out-npy " + link,
+                 "sample: --out-npy " + link + " is the checkpoint " + ckpt);
+  save_npy(dir.file("obs.npy"), zeros({1, 2, 2}));
+  expect_refused(
+      "sample " + ckpt + " --obs-npy " + dir.file("obs.npy") + " --out-npy " + dir.file("obs.npy"),
+      "sample: --out-npy " + dir.file("obs.npy") + " is the --obs-npy " + dir.file("obs.npy"));
+  expect_refused("eval " + ckpt + " --episodes 1 --svg " + ckpt,
+                 "eval: --svg " + ckpt + " is the checkpoint " + ckpt);
+  EXPECT_TRUE(read_file(ckpt) == before);
+  // import-eqx writes checkpoint.safetensors and config.json into --out.
+  fs::create_directories(dir.file("imp"));
+  const std::string eqx = dir.file("imp/checkpoint.safetensors");
+  Rng rng(0);
+  save_equinox(BCPolicy(tiny_config(data).policy, rng), eqx);
+  const std::string eqx_bytes = read_file(eqx);
+  expect_refused("import-eqx " + eqx + " --data " + dir.file("demos.npz") + " --overwrite --out " +
+                     dir.file("imp"),
+                 "import-eqx: --out " + eqx + " is the .eqx file " + eqx);
+  EXPECT_TRUE(read_file(eqx) == eqx_bytes);
+  // Files that are not the input are written as before.
+  EXPECT_EQ(test::run_mmdit("export-eqx " + ckpt + " --out " + dir.file("p.eqx")).status, 0);
+}
+
+// The HDF5 observation keys a run was trained with are recorded in its checkpoint: train --resume
+// and eval --data read the data with them (both used "state", silently, however the run was
+// trained), an --obs-keys that differs is refused, import-eqx records them too, and a checkpoint
+// without the record (an older one) still loads and reads "state".
+TEST(Cli, RecordsTheHdf5ObservationKeys) {
+  const Episodes data = demo_episodes(4);
+  const std::string dir = temp_dir("obs_keys");
+  write_tiny_run(dir, 4, R"("horizon": 4)", 4);
+  // The EMA is the parameters, trained far enough from adaLN-Zero's start for the actions to
+  // depend on the observations.
+  std::ofstream(dir + "/config.json")
+      << R"({"policy": {"hidden_size": 16, "depth": 1, "dim_cond": 16, "timestep_embed_dim": 8,
+                        "dim_head": 8, "heads": 2, "ff_mult": 2, "horizon": 4},
+             "batch_size": 4, "lr": 0.01, "ema_decay": 0})";
+  // Two groups of one width: the policy trains on "other", and "state" would fit it as well.
+  const std::string h5 = dir + "/two.hdf5";
+  write_robomimic(h5, data,
+                  {{"state", data.states},
+                   {"other", raw::add_scalar(raw::mul_scalar(data.states, -3.0), 0.5)}});
+  const std::string train = "train --data " + h5 + " --config " + dir + "/config.json ";
+  test::Command r = test::run_mmdit(train + "--obs-keys other --steps 10 --out " + dir + "/run");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::vector<std::string> other = {"other"};
+  const std::string ckpt = dir + "/run/checkpoint.safetensors";
+  EXPECT_EQ(load_policy(ckpt).obs_keys, other);
+  EXPECT_EQ(read_checkpoint_info(ckpt).obs_keys, other);
+  EXPECT_THAT(test::run_mmdit("info " + ckpt).output, HasSubstr("HDF5 observation keys: other\n"));
+
+  // Copies of the step-10 checkpoint: "a" as written, "b", "c" and "old" without the record.
+  const SafetensorsFile f = load_safetensors(ckpt);
+  std::map<std::string, std::string> unrecorded = f.metadata;
+  ASSERT_EQ(unrecorded.erase("obs_keys"), 1u);
+  for (const char* copy : {"a", "b", "c", "old"}) {
+    fs::create_directories(dir + "/" + copy);
+    save_safetensors(dir + "/" + copy + "/checkpoint.safetensors", f.tensors,
+                     copy == std::string("a") ? f.metadata : unrecorded);
+  }
+  const auto at = [&](const char* copy) { return dir + "/" + copy + "/checkpoint.safetensors"; };
+  EXPECT_TRUE(load_policy(at("old")).obs_keys.empty());
+  EXPECT_TRUE(read_checkpoint_info(at("old")).obs_keys.empty());
+
+  // eval --data: the recorded keys are the default; without a record, "state" (whose action
+  // error differs, so the test tells the keys apart).
+  const std::string eval_args = " --data " + h5 + " --windows 20";
+  const test::Command recorded = test::run_mmdit("eval " + ckpt + eval_args);
+  ASSERT_EQ(recorded.status, 0) << recorded.output;
+  EXPECT_EQ(test::run_mmdit("eval " + at("old") + eval_args + " --obs-keys other").output,
+            recorded.output);
+  EXPECT_NE(test::run_mmdit("eval " + at("old") + eval_args).output, recorded.output);
+  r = test::run_mmdit("eval " + ckpt + eval_args + " --obs-keys state");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output,
+              HasSubstr("eval: --obs-keys state differs from the observation keys " + ckpt +
+                        " was trained with (other); leave --obs-keys out to "
+                        "use those"));
+
+  // train --resume: the same steps from the recorded keys as from --obs-keys other.
+  const std::string resume = "train --data " + h5 + " --resume ";
+  ASSERT_EQ(test::run_mmdit(resume + at("a") + " --steps 12").status, 0);
+  ASSERT_EQ(test::run_mmdit(resume + at("b") + " --steps 12 --obs-keys other").status, 0);
+  ASSERT_EQ(test::run_mmdit(resume + at("c") + " --steps 12").status, 0);
+  const auto params = [&](const char* copy) {
+    std::vector<float> all;
+    for (const auto& [name, t] : load_safetensors(at(copy)).tensors)
+      if (name.rfind("param/", 0) == 0) {
+        const std::vector<float> v = t.to_vector<float>();
+        all.insert(all.end(), v.begin(), v.end());
+      }
+    return all;
+  };
+  EXPECT_EQ(load_policy(at("a")).step, 12);
+  EXPECT_TRUE(params("a") == params("b"));
+  EXPECT_FALSE(params("a") == params("c"));  // trained on "state"
+  EXPECT_EQ(load_policy(at("a")).obs_keys, other);
+  EXPECT_EQ(load_policy(at("b")).obs_keys, other);  // now recorded
+  r = test::run_mmdit(resume + at("a") + " --steps 13 --obs-keys state");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: --obs-keys state differs from the observation keys " +
+                                  at("a") + " was trained with (other)"));
+  EXPECT_EQ(load_policy(at("a")).step, 12);
+
+  // import-eqx records the keys its --data was read with.
+  Rng rng(0);
+  save_equinox(BCPolicy(tiny_config(data).policy, rng), dir + "/p.eqx");
+  r = test::run_mmdit("import-eqx " + dir + "/p.eqx --data " + h5 + " --obs-keys other --out " +
+                      dir + "/imported");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/imported/checkpoint.safetensors").obs_keys, other);
+  // A run on an .npz records none; a malformed record is refused naming the file.
+  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
+                            "/config.json --steps 1 --out " + dir + "/npz")
+                .status,
+            0);
+  EXPECT_TRUE(load_policy(dir + "/npz/checkpoint.safetensors").obs_keys.empty());
+  std::map<std::string, std::string> malformed = f.metadata;
+  malformed["obs_keys"] = R"(["state", ""])";
+  save_safetensors(dir + "/bad.safetensors", f.tensors, malformed);
+  EXPECT_EQ(test::error_of([&] { load_policy(dir + "/bad.safetensors"); }),
+            dir +
+                "/bad.safetensors: the checkpoint metadata's obs_keys must be a JSON array of "
+                "observation key names, got '[\"state\", \"\"]'");
   fs::remove_all(dir);
 }
 

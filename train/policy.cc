@@ -208,20 +208,30 @@ void Normalizer::validate(int64_t state_dim, int64_t act_dim) const {
       fail("normalizer: '", name, "'[", bad->index[0], "] is ", bad->value);
     return t.to_vector<double>();
   };
+  // The maps compute std + 1e-8 and max - min (+ 1e-8) in float32, as act() does: finite values
+  // whose difference overflows (min -3e38, max 3e38) would make every action infinite.
   auto check_std = [&](const char* name, const Tensor& t, const char* dim_name, int64_t n) {
     const std::vector<double> sd = check(name, t, dim_name, n);
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
       MMDIT_CHECK(sd[i] >= 0, "normalizer: '", name, "'[", i, "] is ", sd[i],
                   "; a standard deviation is >= 0");
+      MMDIT_CHECK(std::isfinite(static_cast<float>(sd[i]) + 1e-8f), "normalizer: '", name, "'[", i,
+                  "] + 1e-8 = ", sd[i], " + 1e-8 is not finite in float32");
+    }
   };
   // max == min is a constant dimension, which the 1e-8 in the map keeps finite.
   auto check_range = [&](const char* min_name, const Tensor& lo, const char* max_name,
                          const Tensor& hi, const char* dim_name, int64_t n) {
     const std::vector<double> a = check(min_name, lo, dim_name, n);
     const std::vector<double> b = check(max_name, hi, dim_name, n);
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
       MMDIT_CHECK(b[i] >= a[i], "normalizer: '", max_name, "'[", i, "] = ", b[i], " is below '",
                   min_name, "'[", i, "] = ", a[i]);
+      const float range = static_cast<float>(b[i]) - static_cast<float>(a[i]);
+      MMDIT_CHECK(std::isfinite(range) && std::isfinite(range + 1e-8f), "normalizer: '", max_name,
+                  "'[", i, "] - '", min_name, "'[", i, "] = ", b[i], " - ", a[i],
+                  " is not finite in float32");
+    }
   };
   if (z_score) {
     check("state_mean", state_mean, "state_dim", state_dim);

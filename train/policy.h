@@ -48,8 +48,10 @@ struct Normalizer {
   // a * (std + 1e-8) + mean, the exact inverse.
   Tensor unnormalize_action(const Tensor& a) const;
   // Throws, naming the array, unless the arrays the mode uses are present, float, of length
-  // state_dim or act_dim, finite, with max >= min (min-max) or std >= 0 (z-score). A length-1
-  // array would otherwise broadcast over every dimension, and a missing one fail at first use.
+  // state_dim or act_dim, finite, with max >= min and max - min finite in float32 (min-max) or
+  // std >= 0 and std + 1e-8 finite in float32 (z-score). A length-1 array would otherwise
+  // broadcast over every dimension, a missing one fail at first use, and a range that overflows
+  // make every action infinite.
   void validate(int64_t state_dim, int64_t act_dim) const;
   Normalizer to(DType dtype) const;
   std::string to_json() const;  // values printed with round-trip precision

@@ -175,6 +175,14 @@ Trainer::Trainer(const TrainConfig& config, const Episodes& data)
   MMDIT_CHECK(data.act_dim() == config_.policy.act_dim, "train: the data's actions have ",
               data.act_dim(), " dimensions but the policy's act_dim is ", config_.policy.act_dim);
   normalizer_ = make_normalizer(data, config_.normalization);
+  // Statistics a checkpoint could not be loaded with (a range that overflows float32) are
+  // refused now, before any training or any file written.
+  try {
+    normalizer_.validate(config_.policy.state_dim, config_.policy.act_dim);
+  } catch (const Error& e) {
+    fail("train: the data's ", config_.normalization,
+         " statistics cannot normalise it: ", e.what());
+  }
   Rng init(config_.seed);
   policy_ = std::make_unique<BCPolicy>(config_.policy, init);
   const NamedTensors params = policy_->named_parameters();
@@ -258,13 +266,22 @@ void check_finite(const NamedTensors& tensors, const std::string& path, const ch
 
 }  // namespace
 
-void Trainer::save_checkpoint(const std::string& path) const {
+NamedTensors Trainer::checkpoint_tensors() const {
   NamedTensors tensors;
   for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
   for (const auto& [name, t] : ema_->params()) tensors.insert("ema/" + name, t);
   for (const auto& [name, t] : optimizer_->first_moments()) tensors.insert("adam_m/" + name, t);
   for (const auto& [name, t] : optimizer_->second_moments()) tensors.insert("adam_v/" + name, t);
   for (const auto& [name, t] : policy_->named_buffers()) tensors.insert("buffer/" + name, t);
+  return tensors;
+}
+
+void Trainer::check_saveable(const std::string& what) const {
+  check_finite(checkpoint_tensors(), what, "tensor");
+}
+
+void Trainer::save_checkpoint(const std::string& path) const {
+  const NamedTensors tensors = checkpoint_tensors();
   const auto [epoch, offset] = sampler_->position();
   std::map<std::string, std::string> meta = {
       {"format", kCheckpointFormat},
@@ -277,17 +294,58 @@ void Trainer::save_checkpoint(const std::string& path) const {
                        {"frames", sampler_->num_samples()},
                        {"episodes", sampler_->num_episodes()}}
                       .dump()}};
+  if (!obs_keys_.empty()) meta["obs_keys"] = Json(obs_keys_).dump();
   check_finite(tensors, path, "not saved (the previous file, if any, is kept): tensor");
   save_safetensors(path, tensors, meta);
 }
 
 namespace {
 
+const std::string& metadata_field(const std::map<std::string, std::string>& metadata,
+                                  const std::string& key, const std::string& path) {
+  auto it = metadata.find(key);
+  MMDIT_CHECK(it != metadata.end(), path, ": not an mmdit checkpoint (no '", key,
+              "' in its metadata)");
+  return it->second;
+}
+
+// The metadata every reader needs: format, config, step, and the observation keys if recorded.
+CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
+                          const std::string& path) {
+  const auto meta = [&](const std::string& key) -> const std::string& {
+    return metadata_field(metadata, key, path);
+  };
+  CheckpointInfo info;
+  MMDIT_CHECK(meta("format") == kCheckpointFormat, path, ": checkpoint format '", meta("format"),
+              "' is not ", kCheckpointFormat);
+  try {
+    info.config = TrainConfig::from_json(meta("config"));
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
+  const std::string& step = meta("step");
+  const auto [end, error] = std::from_chars(step.data(), step.data() + step.size(), info.step);
+  MMDIT_CHECK(error == std::errc() && end == step.data() + step.size() && info.step >= 0, path,
+              ": bad step '", step, "' in the checkpoint metadata");
+  // Older checkpoints, and those of .npz data, record no observation keys.
+  if (const auto it = metadata.find("obs_keys"); it != metadata.end()) {
+    const Json keys = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+    bool good = keys.is_array() && !keys.empty();
+    for (size_t i = 0; good && i < keys.size(); ++i)
+      good = keys[i].is_string() && !keys[i].get_ref<const std::string&>().empty();
+    MMDIT_CHECK(good, path, ": the checkpoint metadata's obs_keys must be a JSON array of ",
+                "observation key names, got '", it->second, "'");
+    info.obs_keys = keys.get<std::vector<std::string>>();
+  }
+  return info;
+}
+
 struct CheckpointFile {
   SafetensorsFile file;
   TrainConfig config;
   Normalizer normalizer;  // validated against the config's state_dim and act_dim
   int64_t step = 0;
+  std::vector<std::string> obs_keys;
   std::string path;
 
   NamedTensors with_prefix(const std::string& prefix) const {
@@ -297,10 +355,7 @@ struct CheckpointFile {
     return out;
   }
   const std::string& meta(const std::string& key) const {
-    auto it = file.metadata.find(key);
-    MMDIT_CHECK(it != file.metadata.end(), path, ": not an mmdit checkpoint (no '", key,
-                "' in its metadata)");
-    return it->second;
+    return metadata_field(file.metadata, key, path);
   }
 };
 
@@ -308,13 +363,10 @@ CheckpointFile read_checkpoint(const std::string& path) {
   CheckpointFile c;
   c.path = path;
   c.file = load_safetensors(path);
-  MMDIT_CHECK(c.meta("format") == kCheckpointFormat, path, ": checkpoint format '",
-              c.meta("format"), "' is not ", kCheckpointFormat);
-  try {
-    c.config = TrainConfig::from_json(c.meta("config"));
-  } catch (const Error& e) {
-    fail(path, ": ", e.what());
-  }
+  CheckpointInfo info = parse_info(c.file.metadata, path);
+  c.config = info.config;
+  c.step = info.step;
+  c.obs_keys = std::move(info.obs_keys);
   const std::string& normalizer = c.meta("normalizer");
   try {
     c.normalizer = Normalizer::from_json(normalizer);
@@ -322,10 +374,6 @@ CheckpointFile read_checkpoint(const std::string& path) {
   } catch (const Error& e) {
     fail(path, ": ", e.what());
   }
-  const std::string& step = c.meta("step");
-  const auto [end, error] = std::from_chars(step.data(), step.data() + step.size(), c.step);
-  MMDIT_CHECK(error == std::errc() && end == step.data() + step.size() && c.step >= 0, path,
-              ": bad step '", step, "' in the checkpoint metadata");
   // The model is built from the config before the parameters are read into it: a config that
   // does not describe these tensors (a corrupt or hand-edited file) fails here, on the tensors
   // each size setting shapes, not after allocating a model of whatever size it claims. Sizes
@@ -401,6 +449,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
                 ": second moment 'adam_v/", name, "' holds a negative value");
   auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = c.normalizer;
+  t->obs_keys_ = c.obs_keys;
   auto load = [&](const char* prefix, const std::function<void(const NamedTensors&)>& into) {
     try {
       into(c.with_prefix(prefix));
@@ -455,15 +504,28 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
 
 LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
   const CheckpointFile c = read_checkpoint(path);
+  // Only the flow objective's EulerSampler packs its weights; the regression acts unpacked, in
+  // float32, and would ignore the request.
+  MMDIT_CHECK(weights == WeightPrecision::f32 || c.config.objective == "flow", path,
+              ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
+              "weights; ", precision_name(weights),
+              " weights are for the flow objective's sampler only (load it with f32)");
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
   check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");
   check_finite(c.with_prefix("buffer/"), path, "buffer");
   try {
-    return frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
+    LoadedPolicy p =
+        frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
+    p.obs_keys = c.obs_keys;
+    return p;
   } catch (const Error& e) {
     fail(path, ": tensors '", prefix, "*': ", e.what());
   }
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& path) {
+  return parse_info(load_safetensors_metadata(path), path);
 }
 
 Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
@@ -493,13 +555,26 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   if (const std::optional<NonFinite> bad = first_non_finite(actions))
     fail("act: the policy's action (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2],
          ") is ", bad->value, "; the observations may be far outside the training data's range");
-  return normalizer.unnormalize_action(actions);
+  // Finite in the normalised range, the action can still overflow float32 in the data's units
+  // (a far-out action times a wide range).
+  const Tensor raw_actions = normalizer.unnormalize_action(actions);
+  if (const std::optional<NonFinite> bad = first_non_finite(raw_actions)) {
+    const Shape& i = bad->index;
+    const size_t flat = static_cast<size_t>((i[0] * pc.horizon + i[1]) * pc.act_dim + i[2]);
+    fail("act: the policy's action (", i[0], ", ", i[1], ", ", i[2], ") is ", bad->value,
+         " in the data's units (", actions.to_vector<float>()[flat],
+         " normalised): the normalizer's action statistics for dimension ", i[2],
+         " overflow float32 there");
+  }
+  return raw_actions;
 }
 
 LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
   NamedTensors tensors = use_ema ? ema_->params() : policy_->named_parameters();
   for (const auto& [name, t] : policy_->named_buffers()) tensors.insert(name, t);
-  return frozen(config_, normalizer_, step(), tensors, WeightPrecision::f32);
+  LoadedPolicy p = frozen(config_, normalizer_, step(), tensors, WeightPrecision::f32);
+  p.obs_keys = obs_keys_;
+  return p;
 }
 
 ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64_t max_windows,

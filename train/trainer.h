@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "train/dataset.h"
 #include "train/optim.h"
@@ -66,8 +67,17 @@ class Trainer {
   StepStats train_step();
   int64_t step() const { return optimizer_->step(); }
   // One safetensors file, written atomically: params, EMA, Adam moments, config, normalisation,
-  // random state.
+  // random state, and the observation keys if set. A state holding a non-finite number is
+  // refused, naming the tensor, and `path` is left as it was.
   void save_checkpoint(const std::string& path) const;
+  // Throws what save_checkpoint would, without writing: `what` (a path, say) starts the message.
+  // For a caller about to replace or remove files, so that it refuses first.
+  void check_saveable(const std::string& what) const;
+
+  // The HDF5 observation keys the data was read with, recorded in the checkpoint (empty: none
+  // recorded, as for an .npz). A resumed trainer has its checkpoint's.
+  void set_obs_keys(std::vector<std::string> keys) { obs_keys_ = std::move(keys); }
+  const std::vector<std::string>& obs_keys() const { return obs_keys_; }
 
   const TrainConfig& config() const { return config_; }
   BCPolicy& policy() { return *policy_; }
@@ -82,6 +92,7 @@ class Trainer {
 
  private:
   Tensor loss(BCPolicy& policy, const Batch& batch);
+  NamedTensors checkpoint_tensors() const;  // named as the checkpoint file names them
 
   TrainConfig config_;
   Normalizer normalizer_;
@@ -90,6 +101,7 @@ class Trainer {
   std::unique_ptr<EMA> ema_;
   std::unique_ptr<WindowSampler> sampler_;
   Rng rng_;
+  std::vector<std::string> obs_keys_;
 };
 
 // A trained policy loaded for inference, with the EMA weights by default, and the position tables
@@ -99,6 +111,9 @@ struct LoadedPolicy {
   Normalizer normalizer;
   std::unique_ptr<BCPolicy> policy;
   int64_t step = 0;
+  // The HDF5 observation keys of the data it was trained on; empty when not recorded (trained on
+  // an .npz, or a checkpoint from before they were recorded).
+  std::vector<std::string> obs_keys;
   // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
   std::unique_ptr<EulerSampler> sampler;
   // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
@@ -106,6 +121,17 @@ struct LoadedPolicy {
   // n_obs_steps - 1 is the one for the newest observation, the first to execute.
   Tensor act(const Tensor& observations, Rng& rng) const;
 };
+// A checkpoint's metadata, read and checked without its tensors (a large policy's file need not
+// be read to learn how to load its data).
+struct CheckpointInfo {
+  TrainConfig config;
+  int64_t step = 0;
+  std::vector<std::string> obs_keys;  // as LoadedPolicy::obs_keys
+};
+CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
+
+// `weights` other than f32 are for the flow objective's sampler: a policy of objective "mse"
+// (which regresses its actions in float32) with bf16 weights is refused.
 LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
                          WeightPrecision weights = WeightPrecision::f32);
 

@@ -19,11 +19,15 @@ void add_bench_command(CLI::App& app);
 // "--threads: must be a positive number, got 0".
 const CLI::Validator& positive();
 const CLI::Validator& non_negative();
-// For seeds, as a transform: a whole number that fits in 64 bits unsigned, passed on in decimal.
-// CLI11 alone takes "-1" as 2^64 - 1, clamps larger numbers and reads a leading 0 as octal.
-const CLI::Validator& seed_number();
 // For paths: an empty --out would otherwise put the run's files in the root directory.
 const CLI::Validator& non_empty();
+
+// Gives every whole-number option of `app` and its subcommands (CLI11's types INT and UINT) a
+// transform that reads the value as decimal digits only and passes it on in canonical decimal,
+// refusing anything else with a message naming the option: CLI11 alone reads "0100" as octal 64,
+// "0x10" as 16, takes "-1" for an unsigned option as 2^64 - 1 and clamps larger numbers. main()
+// calls it once, after every command has added its options.
+void read_integers_as_decimal(CLI::App& app);
 
 // The command line as main() received it.
 void set_program_args(int argc, char** argv);

@@ -50,8 +50,7 @@ void add_model_options(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--ff-mult", o.ff_mult, "feed-forward expansion")->check(positive());
   cmd->add_option("--batch", o.batch, "batch size")->check(positive());
   cmd->add_option("--tokens", o.tokens, "tokens per modality (policy: horizon)")->check(positive());
-  cmd->add_option("--seed", o.seed, "seed for the parameters and the inputs")
-      ->transform(seed_number());
+  cmd->add_option("--seed", o.seed, "seed for the parameters and the inputs");
 }
 
 // A model with its inputs drawn once, and `run` giving its outputs flattened into one vector.

@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <limits>
+#include <string_view>
+#include <type_traits>
 
 #include "tensor/blas_core.h"
 #include "tensor/error.h"
@@ -44,21 +47,49 @@ const CLI::Validator& non_negative() {
       "NONNEGATIVE", [](double x) { return x >= 0; }, "a number >= 0");
   return check;
 }
-const CLI::Validator& seed_number() {
-  static const CLI::Validator check(
-      [](std::string& value) {
-        uint64_t seed = 0;
-        const char* end = value.data() + value.size();
-        const auto [stop, error] = std::from_chars(value.data(), end, seed);
-        if (value.empty() || error != std::errc() || stop != end)
-          return "must be a whole number from 0 to 18446744073709551615, got " + value;
-        // CLI11 reads a leading 0 as octal: "010" would be 8, and "09" refused.
-        value = std::to_string(seed);
-        return std::string();
-      },
-      "SEED");
-  return check;
+namespace {
+// "0100" -> "100"; "0x10", "1e3" or "ten" -> the message. CLI11 alone reads a leading 0 as octal
+// ("0100" is 64, "09" refused) and 0x, 0o and 0b as hexadecimal, octal and binary.
+template <class T>
+std::string to_decimal(std::string& value) {
+  std::string_view digits(value);
+  if (!digits.empty() && digits.front() == '+') digits.remove_prefix(1);
+  T number{};
+  const char* end = digits.data() + digits.size();
+  std::from_chars_result r = std::from_chars(digits.data(), end, number);
+  if (r.ec == std::errc::invalid_argument && std::is_unsigned_v<T> && !digits.empty() &&
+      digits.front() == '-') {
+    int64_t negative = 0;  // a whole number, just not one of T's
+    r = std::from_chars(digits.data(), end, negative);
+    if (r.ptr == end) r.ec = std::errc::result_out_of_range;
+  }
+  if (digits.empty() || r.ptr != end || r.ec == std::errc::invalid_argument)
+    return "must be a whole number written in decimal digits, got " + value;
+  if (r.ec != std::errc())
+    return str_cat("must be a whole number from ", std::numeric_limits<T>::min(), " to ",
+                   std::numeric_limits<T>::max(), ", got ", value);
+  value = std::to_string(number);
+  return std::string();
 }
+}  // namespace
+
+void read_integers_as_decimal(CLI::App& app) {
+  // No description: the help keeps showing "INT:POSITIVE".
+  static const CLI::Validator signed_check(to_decimal<int64_t>, "", "DECIMAL");
+  static const CLI::Validator unsigned_check(to_decimal<uint64_t>, "", "DECIMAL");
+  for (CLI::Option* option : app.get_options()) {
+    // "INT", or "INT:POSITIVE" with the descriptions of the option's checks.
+    const std::string full = option->get_type_name();
+    const std::string type = full.substr(0, full.find(':'));
+    if (type == "INT")
+      option->transform(signed_check);
+    else if (type == "UINT")
+      option->transform(unsigned_check);
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+    read_integers_as_decimal(*sub);
+}
+
 const CLI::Validator& non_empty() {
   static const CLI::Validator check(
       [](std::string& value) { return value.empty() ? std::string("must not be empty") : ""; },
@@ -84,6 +115,7 @@ int main(int argc, char** argv) {
   mmdit::cli::add_parity_command(app);
   mmdit::cli::add_inspect_commands(app);
   mmdit::cli::add_bench_command(app);
+  mmdit::cli::read_integers_as_decimal(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

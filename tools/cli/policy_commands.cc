@@ -40,8 +40,7 @@ struct TrainFlags {
     cmd->add_option("--batch-size", batch_size, "batch size (default: the config's, else 64)")
         ->check(positive());
     cmd->add_option("--lr", lr, "peak learning rate (default: the config's)")->check(positive());
-    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)")
-        ->transform(seed_number());
+    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
   }
@@ -134,6 +133,52 @@ void check_obs_keys_fit(CLI::App* cmd, const std::string& data, const char* comm
               " is an .npz, whose observations are 'observation.state'");
 }
 
+// Whether `data` is read as robomimic HDF5, whose observation keys a checkpoint records.
+bool is_hdf5(const std::string& data) {
+  return lowercase_extension(data) != ".npz";
+}
+
+std::string join_commas(const std::vector<std::string>& parts) {
+  std::string text;
+  for (const std::string& part : parts) text += (text.empty() ? "" : ",") + part;
+  return text;
+}
+
+// The HDF5 observation keys to read a checkpoint's data with: the ones it recorded, or "state"
+// (the option's default) when it recorded none. --obs-keys, when given, must be the recorded ones:
+// other keys would build states the policy was not trained on, however many numbers they hold.
+std::vector<std::string> obs_keys_of_policy(CLI::App* cmd, const std::string& given,
+                                            const CheckpointInfo& info,
+                                            const std::string& checkpoint, const char* command) {
+  if (!cmd->count("--obs-keys") && !info.obs_keys.empty()) return info.obs_keys;
+  const std::vector<std::string> keys = split_commas(given);
+  MMDIT_CHECK(info.obs_keys.empty() || keys == info.obs_keys, command, ": --obs-keys ", given,
+              " differs from the observation keys ", checkpoint, " was trained with (",
+              join_commas(info.obs_keys), "); leave --obs-keys out to use those");
+  return keys;
+}
+
+// --weights bf16 packs the flow objective's sampler: refused, not ignored, for a regression
+// policy, which acts with its float32 weights.
+void check_weights_fit(const std::string& weights, const CheckpointInfo& info,
+                       const std::string& checkpoint, const char* command) {
+  MMDIT_CHECK(weights == "f32" || info.config.objective == "flow", command, ": --weights ", weights,
+              " packs the weights of the flow objective's sampler; ", checkpoint,
+              " holds a policy of objective '", info.config.objective,
+              "', which acts with float32 weights (leave --weights out)");
+}
+
+// Refuses an output that is one of the command's inputs (the same file, by any path or link):
+// writing it would destroy the input, as export-eqx --out naming its own checkpoint did.
+void check_not_input(const std::string& output, const char* flag, const std::string& input,
+                     const char* input_name, const char* command) {
+  struct stat out, in;
+  if (::stat(output.c_str(), &out) != 0 || ::stat(input.c_str(), &in) != 0) return;
+  MMDIT_CHECK(out.st_dev != in.st_dev || out.st_ino != in.st_ino, command, ": ", flag, " ", output,
+              " is the ", input_name, " ", input, " (the same file); writing it would destroy ",
+              "that: name another file");
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
@@ -208,8 +253,9 @@ void add_train(CLI::App& app) {
   o->flags.add_to(cmd);
   cmd->add_option("--data", o->data, "demonstrations: LeRobot-style .npz or robomimic .hdf5")
       ->required();
-  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
-      ->capture_default_str();
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "HDF5 observation keys, comma-separated, recorded in the checkpoint (default: "
+                  "state; with --resume, the checkpoint's)");
   cmd->add_option("--out", o->out,
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
       ->check(non_empty())
@@ -245,6 +291,8 @@ void add_train(CLI::App& app) {
     MMDIT_CHECK(
         !o->val_data.empty() || (!cmd->count("--val-every") && !cmd->count("--val-windows")),
         "train: --val-every and --val-windows need --val-data");
+    check_obs_keys_fit(cmd, o->data, "train");
+    std::vector<std::string> keys = split_commas(o->obs_keys);
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(!o->overwrite,
@@ -262,6 +310,8 @@ void add_train(CLI::App& app) {
                   " holds another run's checkpoint; resume into the run's own "
                   "directory (",
                   own_dir, ", the default) or an --out without a checkpoint");
+      keys =
+          obs_keys_of_policy(cmd, o->obs_keys, read_checkpoint_info(o->resume), o->resume, "train");
     } else {
       const std::string ckpt = checkpoint_path(o->out);
       MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
@@ -269,8 +319,6 @@ void add_train(CLI::App& app) {
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
-    check_obs_keys_fit(cmd, o->data, "train");
-    const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
@@ -309,6 +357,7 @@ void add_train(CLI::App& app) {
       defaults.policy.act_dim = data.act_dim();
       trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
     }
+    if (is_hdf5(o->data)) trainer->set_obs_keys(keys);
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
     if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
@@ -350,7 +399,8 @@ void add_import_eqx(CLI::App& app) {
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
                   "normalisation statistics go into the checkpoint")
       ->required();
-  cmd->add_option("--obs-keys", o->obs_keys, "HDF5 observation keys, comma-separated")
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "HDF5 observation keys, comma-separated, recorded in the checkpoint")
       ->capture_default_str();
   cmd->add_option("--config", o->flags.config_file,
                   "training config (JSON; keys of TrainConfig): normalization, sample_steps, and "
@@ -366,6 +416,10 @@ void add_import_eqx(CLI::App& app) {
     MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
                 " already holds a checkpoint; pass --overwrite to replace it");
     check_obs_keys_fit(cmd, o->data, "import-eqx");
+    for (const char* written : {"checkpoint.safetensors", "config.json"})
+      for (const auto& [input, name] :
+           {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"}})
+        check_not_input(o->out + "/" + written, "--out", input, name, "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -377,6 +431,10 @@ void add_import_eqx(CLI::App& app) {
     Trainer trainer(config, data);
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
+    if (is_hdf5(o->data)) trainer.set_obs_keys(keys);
+    // Everything save_checkpoint would refuse (a NaN in the weights) is refused before the old
+    // run is removed or config.json written: a refused import leaves --out as it was.
+    trainer.check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
     make_directory(o->out);
     if (o->overwrite) remove_previous_run(o->out);
     write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
@@ -407,6 +465,7 @@ void add_export_eqx(CLI::App& app) {
   cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
   cmd->callback([o] {
     check_output_directory(o->out, "--out");
+    check_not_input(o->out, "--out", o->checkpoint, "checkpoint", "export-eqx");
     const LoadedPolicy loaded = load_policy(o->checkpoint, !o->raw_params);
     save_equinox(*loaded.policy, o->out);
     const PolicyConfig& c = loaded.config.policy;
@@ -444,11 +503,17 @@ void add_sample(CLI::App& app) {
                   "one observation history: n_obs*state_dim comma-separated numbers");
   cmd->add_option("--obs-npy", o->obs_npy, "observations (B, n_obs, state_dim) as .npy");
   cmd->add_option("--out-npy", o->out_npy, "write the actions (B, horizon, act_dim) here");
-  cmd->add_option("--seed", o->seed, "noise seed")->transform(seed_number())->capture_default_str();
+  cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
-    if (!o->out_npy.empty()) check_output_directory(o->out_npy, "--out-npy");
+    if (!o->out_npy.empty()) {
+      check_output_directory(o->out_npy, "--out-npy");
+      check_not_input(o->out_npy, "--out-npy", o->checkpoint, "checkpoint", "sample");
+      if (!o->obs_npy.empty())
+        check_not_input(o->out_npy, "--out-npy", o->obs_npy, "--obs-npy", "sample");
+    }
+    check_weights_fit(o->weights, read_checkpoint_info(o->checkpoint), o->checkpoint, "sample");
     const LoadedPolicy policy =
         load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
     const PolicyConfig& pc = policy.config.policy;
@@ -479,7 +544,7 @@ void add_sample(CLI::App& app) {
     if (!o->out_npy.empty())
       save_npy(o->out_npy, actions);
     else
-      std::printf("%s\n", to_string(actions).c_str());
+      std::printf("%s\n", to_string(actions, Elision::none).c_str());  // every action
   });
 }
 
@@ -500,8 +565,9 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--data", o->data,
                   "demonstrations (.npz or .hdf5, held out from training): compare the action "
                   "chunks the policy samples with the demonstrated ones");
-  cmd->add_option("--obs-keys", o->obs_keys, "with --data: HDF5 observation keys, comma-separated")
-      ->capture_default_str();
+  cmd->add_option("--obs-keys", o->obs_keys,
+                  "with --data: HDF5 observation keys, comma-separated (default: the ones the "
+                  "checkpoint recorded, else state)");
   cmd->add_option("--windows", o->windows,
                   "with --data: training windows to act on, a seeded choice (0: all)")
       ->check(non_negative())
@@ -516,7 +582,6 @@ void add_eval(CLI::App& app) {
       ->check(positive())
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
-      ->transform(seed_number())
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_option("--threads", o->threads, "threads")->check(positive());
@@ -531,10 +596,16 @@ void add_eval(CLI::App& app) {
     for (const char* flag : {"--obs-keys", "--windows", "--batch-size"})
       MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
-    if (!o->svg.empty()) check_output_directory(o->svg, "--svg");
+    if (!o->svg.empty()) {
+      check_output_directory(o->svg, "--svg");
+      check_not_input(o->svg, "--svg", o->checkpoint, "checkpoint", "eval");
+    }
+    const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
+    check_weights_fit(o->weights, info, o->checkpoint, "eval");
+    const std::vector<std::string> keys =
+        obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     if (!o->data.empty()) {
-      const std::vector<std::string> keys = split_commas(o->obs_keys);
       const Episodes data = load_episodes(o->data, keys);
       Rng rng(o->seed + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
@@ -587,8 +658,10 @@ void add_info(CLI::App& app) {
   cmd->add_option("checkpoint", *path, "checkpoint (.safetensors)")->required();
   cmd->callback([path] {
     const LoadedPolicy p = load_policy(*path);
-    std::printf("checkpoint: %s\ntraining step: %lld\nconfig:\n%s\n", path->c_str(),
-                (long long)p.step, p.config.to_json().c_str());
+    std::printf("checkpoint: %s\ntraining step: %lld\n", path->c_str(), (long long)p.step);
+    if (!p.obs_keys.empty())
+      std::printf("HDF5 observation keys: %s\n", join_commas(p.obs_keys).c_str());
+    std::printf("config:\n%s\n", p.config.to_json().c_str());
     std::map<std::string, int64_t> groups;
     std::vector<std::string> order;
     for (const auto& [name, t] : p.policy->named_parameters()) {
