@@ -1483,14 +1483,17 @@ TEST(Cli, WholeNumberOptionsAreDecimal) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 100);
   EXPECT_THAT(r.output, HasSubstr("step     50/100 "));
-  const test::Command hex = test::run_mmdit(train + "--batch-size 0x10 --out " + dir + "/hex");
+  // Stopped after 5 s, as below: read as a number, each would train (the second for ever).
+  const std::string stop = "timeout 5 ";
+  const test::Command hex =
+      test::run_mmdit(train + "--batch-size 0x10 --out " + dir + "/hex", stop);
   EXPECT_NE(hex.status, 0);
   EXPECT_THAT(
       hex.output,
       HasSubstr("--batch-size: must be a whole number written in decimal digits, got 0x10"));
   EXPECT_FALSE(fs::exists(dir + "/hex"));
   const test::Command huge =
-      test::run_mmdit(train + "--steps 99999999999999999999 --out " + dir + "/huge");
+      test::run_mmdit(train + "--steps 99999999999999999999 --out " + dir + "/huge", stop);
   EXPECT_THAT(huge.output, HasSubstr("--steps: must be a whole number from -9223372036854775808 to "
                                      "9223372036854775807, got 99999999999999999999"));
   // Every INT and UINT option that `--help` lists, in every command.
@@ -1512,7 +1515,7 @@ TEST(Cli, WholeNumberOptionsAreDecimal) {
       // In the test's directory, and stopped after 5 s: read as 16, the option would let demo
       // or bench run in earnest.
       const test::Command refused =
-          test::run_mmdit(command + " " + option + " 0x10", "cd " + dir + " && timeout 5 ");
+          test::run_mmdit(command + " " + option + " 0x10", "cd " + dir + " && " + stop);
       EXPECT_NE(refused.status, 0) << command << " " << option;
       EXPECT_THAT(
           refused.output,
