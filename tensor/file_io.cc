@@ -86,21 +86,32 @@ void commit_locked(int fd, const std::string& tmp, const std::string& path) {
 
 }  // namespace
 
-std::string read_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
+RegularFile::RegularFile(const std::string& path)
+    : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+  if (fd_ < 0) fail(path, ": cannot open: ", std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  const bool stat_ok = ::fstat(fd_, &st) == 0;
+  const int error = errno;
+  if (!stat_ok || !S_ISREG(st.st_mode)) {
+    ::close(fd_);  // no destructor runs for a constructor that throws
+    if (!stat_ok) fail(path, ": cannot stat: ", std::strerror(error));
+    fail(path, ": not a regular file");
+  }
+  size_ = st.st_size;
+}
+
+RegularFile::~RegularFile() {
+  ::close(fd_);
+}
+
+std::string read_file(const std::string& path) {
+  const RegularFile file(path);
+  const int fd = file.fd();
   std::string bytes;
   try {
-    bytes.resize(static_cast<size_t>(st.st_size));
+    bytes.resize(static_cast<size_t>(file.size()));
   } catch (const std::exception&) {  // bad_alloc, length_error
-    fail(path, ": file of ", st.st_size, " bytes is too large to read into memory");
+    fail(path, ": file of ", file.size(), " bytes is too large to read into memory");
   }
   size_t done = 0;
   for (;;) {

@@ -8,9 +8,25 @@
 // the system's reason.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace mmdit {
+
+// A regular file open for reading (closed when this goes); its size as fstat gave it.
+class RegularFile {
+ public:
+  explicit RegularFile(const std::string& path);
+  ~RegularFile();
+  RegularFile(const RegularFile&) = delete;
+  RegularFile& operator=(const RegularFile&) = delete;
+  int fd() const { return fd_; }
+  int64_t size() const { return size_; }
+
+ private:
+  int fd_;
+  int64_t size_ = 0;
+};
 
 std::string read_file(const std::string& path);
 void write_file_atomically(const std::string& path, const std::string& bytes);

@@ -382,15 +382,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
 }
 
 std::map<std::string, std::string> load_safetensors_metadata(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, ": cannot open: ", std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) fail(path, ": cannot stat: ", std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  const RegularFile file(path);
+  const int fd = file.fd();
   const auto read_at = [&](char* into, size_t n, off_t offset) {
     for (size_t done = 0; done < n;) {
       const ssize_t got = ::pread(fd, into + done, n - done, offset + static_cast<off_t>(done));
@@ -400,7 +393,7 @@ std::map<std::string, std::string> load_safetensors_metadata(const std::string& 
       done += static_cast<size_t>(got);
     }
   };
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  const uint64_t size = static_cast<uint64_t>(file.size());
   unsigned char first8[8] = {};
   if (size >= 8) read_at(reinterpret_cast<char*>(first8), 8, 0);
   const uint64_t header_len = header_length(first8, size, path);
