@@ -10,9 +10,22 @@ SimpleFinalLayer::SimpleFinalLayer(int64_t dim_in, int64_t dim_out, Rng& rng)
   register_module("linear_out", linear_out);
 }
 
+namespace {
+// Checked before any member is built, so that an error names the block's argument and not the
+// inner FeedForward it sizes ("FeedForward: mult must be positive").
+std::vector<int64_t> checked_block_args(std::vector<int64_t> dims, int64_t ff_mult) {
+  const char* who = "InContextMMDiTBlock";
+  MMDIT_CHECK(!dims.empty(), who, ": dim_modalities is empty");
+  check_positive(who, "dim_modalities", dims);
+  check_positive(who, "ff_mult", ff_mult);
+  return dims;
+}
+}  // namespace
+
 InContextMMDiTBlock::InContextMMDiTBlock(std::vector<int64_t> dims, int64_t dim_head, int64_t heads,
                                          int64_t ff_mult, Rng& rng)
-    : dim_modalities(std::move(dims)), joint_attn(dim_modalities, dim_head, heads, rng) {
+    : dim_modalities(checked_block_args(std::move(dims), ff_mult)),
+      joint_attn(dim_modalities, dim_head, heads, rng) {
   for (int64_t d : dim_modalities) {
     attn_norms.emplace_back(d);
     ff_norms.emplace_back(d);

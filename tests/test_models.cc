@@ -733,6 +733,17 @@ TEST(Errors, LayerSizesAreNamed) {
          MMDiTBlock({16, 12}, 16, 8, 2, 0, rng);
        },
        "MMDiTBlock: ff_mult must be positive, got 0"},
+      // This reported its inner FeedForward: "FeedForward: mult must be positive, got 0".
+      {[&] {
+         InContextMMDiTBlock({16, 12}, 8, 2, 0, rng);
+       },
+       "InContextMMDiTBlock: ff_mult must be positive, got 0"},
+      {[&] {
+         InContextMMDiTBlock({16, -3}, 8, 2, 2, rng);
+       },
+       "InContextMMDiTBlock: dim_modalities[1] must be positive, got -3"},
+      {[&] { InContextMMDiTBlock({}, 8, 2, 2, rng); },
+       "InContextMMDiTBlock: dim_modalities is empty"},
   };
   for (const auto& [make, message] : cases)
     EXPECT_THAT(make, testing::ThrowsMessage<Error>(HasSubstr(message)));
