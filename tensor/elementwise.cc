@@ -224,9 +224,9 @@ Tensor mul_scalar(const Tensor& x, double s) {
 
 Tensor pow_scalar(const Tensor& x, double p) {
   check_float(x, "pow");
+  // x * x is exactly std::pow(x, 2), signed zeros and infinities included. sqrt and 1 / sqrt are
+  // not std::pow(x, +-0.5): they give -0 and -inf at x = -0, and NaN at x = -inf.
   if (p == 2) return unary(UnaryOp::square, x);
-  if (p == 0.5) return unary(UnaryOp::sqrt, x);
-  if (p == -0.5) return unary(UnaryOp::rsqrt, x);
   Tensor c = contiguous(x);
   Tensor out = empty(x.shape(), x.dtype());
   visit_dtype(x.dtype(), [&](auto tag) {

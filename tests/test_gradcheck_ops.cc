@@ -161,7 +161,8 @@ void add_unary_cases(std::vector<Case>& cases) {
       {"add_scalar", [](const Tensor& x) { return add_scalar(x, 1.75); }, any_values},
       {"mul_scalar", [](const Tensor& x) { return mul_scalar(x, -2.5); }, any_values},
   };
-  // pow through each of its paths: generic std::pow, square, sqrt, rsqrt.
+  // pow through both of its paths (std::pow, and x * x for p = 2), and the exponents that once
+  // took sqrt and rsqrt.
   for (const auto& [exponent, name] : std::vector<std::pair<double, std::string>>{
            {3.0, "3"}, {2.5, "2p5"}, {2.0, "2"}, {0.5, "0p5"}, {-0.5, "m0p5"}, {-1.5, "m1p5"}})
     ops.push_back({"pow_" + name, [p = exponent](const Tensor& x) { return pow(x, p); }, positive});

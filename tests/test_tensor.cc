@@ -808,6 +808,30 @@ TEST_F(TensorThreadCount, UnaryPowScalar) {
     }
 }
 
+// pow(x, 0.5) once ran sqrt and pow(x, -0.5) 1 / sqrt, which differ from std::pow at -0 (-0 and
+// -inf for 0 and inf) and at -inf (NaN for inf and 0).
+TEST(Tensor, PowScalarMatchesStdPowAtSignedZerosAndInfinities) {
+  const std::vector<double> specials{-0.0, 0.0, -INFINITY, INFINITY, -1.0, NAN};
+  for (DType t : {DType::f32, DType::f64})
+    for (double p : {0.5, -0.5, 2.0, -1.0, 1.5, 3.0}) {
+      SCOPED_TRACE(str_cat(dtype_name(t), " p=", p));
+      const std::vector<double> y =
+          raw::pow_scalar(raw::to_dtype(from_vector(specials, {6}), t), p).to_vector<double>();
+      for (size_t i = 0; i < specials.size(); ++i) {
+        const double expected =
+            t == DType::f32 ? std::pow(static_cast<float>(specials[i]), static_cast<float>(p))
+                            : std::pow(specials[i], p);
+        SCOPED_TRACE(str_cat("x=", specials[i]));
+        if (std::isnan(expected)) {
+          EXPECT_TRUE(std::isnan(y[i])) << y[i];
+        } else {
+          EXPECT_EQ(y[i], expected);
+          EXPECT_EQ(std::signbit(y[i]), std::signbit(expected));
+        }
+      }
+    }
+}
+
 // Every element of op(full(17, v)): 17 exercises both the SIMD body and the padded tail.
 std::vector<double> unary_of(raw::UnaryOp op, double v, DType t) {
   return values(raw::unary(op, full({17}, v, t)));
