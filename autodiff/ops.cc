@@ -388,17 +388,9 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 }
 
 Tensor stack(const std::vector<Tensor>& parts, int64_t axis) {
-  MMDIT_CHECK(!parts.empty(), "stack: no tensors given");
-  const int64_t dim = parts[0].dim();
-  MMDIT_CHECK(axis >= -(dim + 1) && axis <= dim, "stack: axis ", axis, " is out of range [",
-              -(dim + 1), ", ", dim, "] for stacking tensors of shape ",
-              shape_str(parts[0].shape()));
+  axis = raw::stack_axis(parts, axis);
   std::vector<Tensor> expanded;
-  for (const Tensor& p : parts) {
-    MMDIT_CHECK(p.shape() == parts[0].shape(), "stack: shapes ", shape_str(parts[0].shape()),
-                " and ", shape_str(p.shape()), " differ");
-    expanded.push_back(unsqueeze(p, axis));
-  }
+  for (const Tensor& p : parts) expanded.push_back(unsqueeze(p, axis));
   return concat(expanded, axis);
 }
 

@@ -33,6 +33,8 @@ std::vector<Tensor> split(const Tensor& t, const std::vector<int64_t>& sizes, in
 // The axis split() cuts (normalized), after checking that `sizes` add up to its extent.
 int64_t split_axis(const Shape& shape, const std::vector<int64_t>& sizes, int64_t axis);
 Tensor stack(const std::vector<Tensor>& parts, int64_t axis);
+// The axis stack() inserts (normalized), after checking that `parts` has one shape.
+int64_t stack_axis(const std::vector<Tensor>& parts, int64_t axis);
 
 Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);
 

@@ -296,17 +296,25 @@ TEST(Equinox, MalformedFilesAreNamed) {
 using test::Command;
 using test::run_mmdit;
 
-// mmdit import-eqx: a checkpoint whose parameters and EMA are the .eqx model's, with the data's
-// normalisation, that load_policy (sample, eval) reads and train --resume continues.
-TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
-  const std::string dir = testing::TempDir() + "import_eqx";
+// A fresh `dir` holding demos.npz: two episodes of the bc_train_step case's sizes.
+Episodes write_import_demos(const std::string& dir) {
   Rng rng(4);
   Episodes data;
   data.states = rng.normal({40, 3});
   data.actions = rng.normal({40, 2});
   data.episode_starts = {0, 25, 40};
-  ASSERT_EQ(::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
+  if (::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) != 0)
+    throw std::runtime_error("cannot create " + dir);
   save_lerobot_npz(dir + "/demos.npz", data);
+  return data;
+}
+
+// mmdit import-eqx: a checkpoint whose parameters and EMA are the .eqx model's, with the data's
+// normalisation, that load_policy (sample, eval) reads and train --resume continues.
+TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
+  const std::string dir = testing::TempDir() + "import_eqx";
+  const Episodes data = write_import_demos(dir);
+  Rng rng(5);  // initial weights, which the .eqx replaces
   const std::string eqx = data_path("bc_train_step.eqx");
   Command r =
       run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", dir, "/run"));
@@ -366,13 +374,8 @@ TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
 // refused first: the run in --out stays as it was, its checkpoint, logs and config.json.
 TEST(EquinoxCli, ARefusedImportLeavesTheRunItWouldReplace) {
   const std::string dir = testing::TempDir() + "import_eqx_refused";
-  Rng rng(4);
-  Episodes data;
-  data.states = rng.normal({40, 3});
-  data.actions = rng.normal({40, 2});
-  data.episode_starts = {0, 25, 40};
-  ASSERT_EQ(::system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
-  save_lerobot_npz(dir + "/demos.npz", data);
+  write_import_demos(dir);
+  Rng rng(5);
   const std::string eqx = data_path("bc_train_step.eqx"), run = dir + "/run";
   Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --out ", run));
   ASSERT_EQ(r.status, 0) << r.output;
