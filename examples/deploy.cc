@@ -88,11 +88,8 @@ void run_controller(std::string checkpoint, WeightPrecision weights) {
               ms_since(warm_up));
 
   // Training windows start their actions at the oldest observation, so in a chunk of `horizon`
-  // actions the one for "now" is index n_obs_steps - 1. Like `mmdit eval`, execute 8 from there
-  // (a chunk shorter than the history holds none to execute).
-  MMDIT_CHECK(pc.horizon >= pc.n_obs_steps, checkpoint, ": its chunks of ", pc.horizon,
-              " actions end before the latest of its ", pc.n_obs_steps,
-              " observations, so none is for now; train it with horizon >= n_obs_steps");
+  // actions the one for "now" is index n_obs_steps - 1 (the config guarantees horizon >=
+  // n_obs_steps). Like `mmdit eval`, execute 8 from there.
   const int64_t now = pc.n_obs_steps - 1;
   const int64_t n_action_steps = std::min<int64_t>(8, pc.horizon - now);
   std::printf("executing actions [%lld, %lld) of each %lld-action chunk\n", (long long)now,

@@ -3,6 +3,10 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 namespace mmdit {
 namespace {
 
@@ -15,20 +19,32 @@ bool openblas_shares_openmp() {
 // OpenBLAS's pthreads build (Debian's preferred alternative when both builds are installed, which
 // a program linked outside our build tree may load) keeps a pool of its own, one thread per core
 // by default, that would run beside ours: it stays on one thread.
+// A larger OMP_NUM_THREADS is lowered here, before any region starts.
 const bool single_level = [] {
   omp_set_max_active_levels(1);
   if (!openblas_shares_openmp()) openblas_set_num_threads(1);
+  if (omp_get_max_threads() > max_threads()) omp_set_num_threads(max_threads());
   return true;
 }();
 
 }  // namespace
+
+int max_threads() {
+  static const int limit = [] {
+    const char* config = openblas_get_config();
+    const char* field = config ? std::strstr(config, "MAX_THREADS=") : nullptr;
+    const int built = field ? std::atoi(field + std::strlen("MAX_THREADS=")) : 0;
+    return built > 0 ? built : 64;
+  }();
+  return limit;
+}
 
 int num_threads() {
   return omp_get_max_threads();
 }
 
 void set_num_threads(int n) {
-  if (n < 1) n = 1;
+  n = std::clamp(n, 1, max_threads());
   omp_set_num_threads(n);
   openblas_set_num_threads(openblas_shares_openmp() ? n : 1);
 }

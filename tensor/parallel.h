@@ -9,7 +9,12 @@ namespace mmdit {
 
 // Threads our kernels and OpenBLAS use (OMP_NUM_THREADS by default).
 int num_threads();
+// Clamped to [1, max_threads()].
 void set_num_threads(int n);
+// The most threads a process runs: the MAX_THREADS OpenBLAS was built with (64 in Debian's
+// build), since its OpenMP build runs no more and shares our pool. A larger OMP_NUM_THREADS is
+// lowered to it when the program starts (libgomp crashed when asked for 100000).
+int max_threads();
 
 // How the OpenBLAS loaded in this process runs its threads: "OpenMP" (libopenblas0-openmp, the
 // build this project installs), "pthreads" or "sequential". Only an OpenMP build shares our

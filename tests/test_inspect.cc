@@ -270,6 +270,19 @@ TEST(InspectCli, InspectPrintsThePolicyTape) {
   EXPECT_NE(run_mmdit("inspect --model policy --dim-head 3").status, 0);
 }
 
+// --dot with --profile, and --backward-edges without --dot, were accepted and wrote nothing.
+TEST(InspectCli, RefusesFlagsItWouldIgnore) {
+  const std::string dot = testing::TempDir() + "/ignored.dot";
+  std::filesystem::remove(dot);
+  Command r = run_mmdit("inspect --model mmdit --profile --dot " + dot);
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("--dot excludes --profile"));
+  r = run_mmdit("inspect --model mmdit --backward-edges");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("--backward-edges requires --dot"));
+  EXPECT_FALSE(std::filesystem::exists(dot));
+}
+
 // README.md and docs/autodiff.md show these listings, trimmed: their header and totals lines
 // must be the ones the command prints (the shapes and bytes depend on no rounding).
 TEST(InspectCli, TheDocsShowTheTinyModelsTapes) {

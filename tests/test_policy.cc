@@ -52,6 +52,22 @@ TEST(BCPolicy, RejectsABadConfigByTheFieldBeforeBuildingLayers) {
   }
 }
 
+// A chunk shorter than the observation window trained, and then no controller could act on it
+// (eval: "horizon - n_obs_steps + 1 = 0" actions a chunk holds from now on; eval --data: MSE nan).
+TEST(PolicyConfig, RefusesAChunkWithoutTheActionForNow) {
+  PolicyConfig c = tiny_policy();
+  c.n_obs_steps = 3;
+  c.horizon = 2;
+  const std::string message =
+      "policy config: horizon 2 is shorter than n_obs_steps 3: the chunk must hold the action "
+      "for now, its index n_obs_steps - 1";
+  EXPECT_EQ(test::error_of([&] { c.validate(); }), message);
+  EXPECT_EQ(test::error_of([] { PolicyConfig::from_json(R"({"n_obs_steps": 3, "horizon": 2})"); }),
+            message);
+  c.horizon = 3;
+  EXPECT_NO_THROW(c.validate());
+}
+
 // Without bounds a horizon of 2^21 ended in std::bad_alloc from the (n_obs_steps + horizon)^2
 // mask, and from about 3e9 the square overflowed int64.
 TEST(PolicyConfig, BoundsTheSequenceLengthsNamingTheFieldAndTheLimit) {

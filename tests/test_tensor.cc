@@ -541,6 +541,17 @@ TEST_F(TensorThreadCount, OpenBLASRunsInOurPoolOrOnOneThread) {
   }
 }
 
+// OpenBLAS's OpenMP build lowered a larger count to its MAX_THREADS behind our back, so that
+// num_threads() and the count asked for disagreed; the clamp is ours now, and says where it is.
+TEST_F(TensorThreadCount, CountsAreClampedToOpenBlasMaxThreads) {
+  const std::string config = openblas_get_config();
+  ASSERT_THAT(config, testing::HasSubstr("MAX_THREADS=" + std::to_string(max_threads())));
+  set_num_threads(max_threads() + 1000);
+  EXPECT_EQ(num_threads(), max_threads());
+  set_num_threads(0);
+  EXPECT_EQ(num_threads(), 1);
+}
+
 TEST_F(TensorThreadCount, BinaryBroadcastingShapes) {
   for (int threads : {1, 2})
     for (DType t : {DType::f32, DType::f64}) {

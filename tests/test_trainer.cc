@@ -786,9 +786,18 @@ TEST(Checkpoint, RefusesNonFiniteStateOnSaveAndLoad) {
     e.data<float>()[0] = INFINITY;
     t.at("ema/action_encoder.bias") = e;
   });
-  EXPECT_EQ(test::error_of([&] { load_policy(nan_ema); }),
-            nan_ema + ": EMA parameter 'action_encoder.bias' holds inf at (0,)");
-  EXPECT_NO_THROW(load_policy(nan_ema, /*use_ema=*/false));  // the raw parameters are fine
+  // The whole file is refused, as the README says: a NaN in the parameters an eval did not
+  // load (or in the moments) passed before.
+  for (const bool use_ema : {true, false})
+    EXPECT_EQ(test::error_of([&] { load_policy(nan_ema, use_ema); }),
+              nan_ema + ": tensor 'ema/action_encoder.bias' holds inf at (0,)");
+  const std::string nan_m = variant("nan_m.safetensors", [](NamedTensors& t, auto&) {
+    Tensor m = raw::clone(t.at("adam_m/action_encoder.bias"));
+    m.data<float>()[1] = NAN;
+    t.at("adam_m/action_encoder.bias") = m;
+  });
+  EXPECT_EQ(test::error_of([&] { load_policy(nan_m); }),
+            nan_m + ": tensor 'adam_m/action_encoder.bias' holds nan at (1,)");
   EXPECT_THAT([&] { Trainer::resume(nan_ema, data); },
               testing::ThrowsMessage<Error>(
                   HasSubstr(nan_ema + ": tensor 'ema/action_encoder.bias' holds inf")));
@@ -1002,16 +1011,6 @@ TEST(ActionError, ConstantPolicyAgainstTheClosedForm) {
     EXPECT_NEAR(e.mse, (per_dim[0] + per_dim[1]) / (2 * steps), 1e-5 * e.mse);
     EXPECT_NEAR(e.mse_now, at_now / static_cast<double>(chosen.size()), 1e-5 * e.mse_now);
   }
-  // Chunks that stop before the action for now give no figure for it.
-  TrainConfig short_chunks = tiny_config(data);
-  short_chunks.policy.horizon = 1;
-  short_chunks.policy.n_obs_steps = 3;
-  Trainer(short_chunks, data).save_checkpoint(dir.file("short.safetensors"));
-  Rng short_noise(0);
-  const ActionError no_now =
-      action_error(load_policy(dir.file("short.safetensors")), data, 0, 8, 3, short_noise);
-  EXPECT_TRUE(std::isnan(no_now.mse_now));
-  EXPECT_TRUE(std::isfinite(no_now.mse));
   Rng noise(0);
   Episodes other{rng.normal({10, 4}), rng.normal({10, 2}), {0, 10}};
   EXPECT_THAT([&] { action_error(p, other, 0, 4, 3, noise); },
@@ -1428,27 +1427,98 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
   fs::remove_all(dir);
 }
 
-// The deploy example refused nothing when a policy's chunks end before "now" (horizon <
-// n_obs_steps), and then called act() forever without executing an action.
-TEST(Cli, DeployRefusesAPolicyWithNoActionForNow) {
-  const std::string dir = temp_dir("deploy_horizon");
+// A policy whose chunks end before "now" (horizon < n_obs_steps) trained, and then no controller
+// could act on it: the deploy example called act() forever without executing an action, and
+// eval --data printed an MSE of nan for the action for now. train refuses its config.
+TEST(Cli, TrainRefusesAPolicyWithNoActionForNow) {
+  const std::string dir = temp_dir("no_action_for_now");
   write_tiny_run(dir, 4, R"("n_obs_steps": 2, "horizon": 1)", 4);
-  ASSERT_EQ(test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
-                            "/config.json --steps 1 --out " + dir + "/run")
-                .status,
-            0);
-  const std::string command = std::string("timeout 60 ") + MMDIT_DEPLOY_BINARY + " " + dir +
-                              "/run/checkpoint.safetensors 2>&1";
-  FILE* p = ::popen(command.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string output;
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) output.append(buf, n);
-  const int status = ::pclose(p);
-  ASSERT_TRUE(WIFEXITED(status)) << output;
-  EXPECT_EQ(WEXITSTATUS(status), 1) << output;  // not 124, timeout's
-  EXPECT_THAT(output, HasSubstr("horizon >= n_obs_steps")) << output;
+  const test::Command r = test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
+                                          "/config.json --steps 1 --out " + dir + "/run");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("horizon 1 is shorter than n_obs_steps 2")) << r.output;
+  EXPECT_FALSE(fs::exists(dir + "/run"));
   fs::remove_all(dir);
+}
+
+// Data of other sizes than the policy's were refused as "train: the data's states have 3
+// dimensions but the policy's state_dim is 2" by import-eqx too, and by eval as "action_error:
+// ...", naming neither the data nor the policy's file.
+TEST(Cli, DataOfOtherSizesIsRefusedNamingBothFiles) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  Rng rng(1);
+  const Episodes wider{
+      rng.normal({10, data.state_dim() + 1}), rng.normal({10, data.act_dim()}), {0, 10}};
+  const std::string other = dir.file("wider.npz");
+  save_lerobot_npz(other, wider);
+  const std::string sizes = str_cat(" has state_dim ", data.state_dim() + 1, " and act_dim ",
+                                    data.act_dim(), ", but the policy of ");
+  const std::string policy_sizes =
+      str_cat(" has state_dim ", data.state_dim(), " and act_dim ", data.act_dim());
+  const std::string eqx = dir.file("p.eqx");
+  ASSERT_EQ(test::run_mmdit("export-eqx " + ckpt + " --out " + eqx).status, 0);
+  for (const auto& [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {"eval " + ckpt + " --data " + other,
+            "eval: --data " + other + sizes + ckpt + policy_sizes},
+           {"train --resume " + ckpt + " --steps 10 --data " + other,
+            "train: --data " + other + sizes + ckpt + policy_sizes},
+           {"import-eqx " + eqx + " --data " + other + " --out " + dir.file("imported"),
+            "import-eqx: --data " + other + sizes + "the .eqx file " + eqx + policy_sizes}}) {
+    const test::Command r = test::run_mmdit(args);
+    EXPECT_NE(r.status, 0) << args;
+    EXPECT_THAT(r.output, HasSubstr(message)) << r.output;
+  }
+}
+
+// The README says train --help lists every default; --lr, --seed and the config's other keys
+// showed none.
+TEST(Cli, TrainHelpListsEveryDefault) {
+  const test::Command r = test::run_mmdit("train --help");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(TrainConfig().to_json()));
+  EXPECT_THAT(r.output, HasSubstr(str_cat("peak learning rate (default: the config's, else ",
+                                          TrainConfig().lr, ")")));
+}
+
+// An output path naming a directory failed only at the final rename, after the whole evaluation
+// or sampling had run ("renaming 'plots.tmp.8445.0' failed: Is a directory").
+TEST(Cli, RefusesAnOutputPathThatIsADirectoryBeforeWorking) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  fs::create_directories(dir.file("plots"));
+  for (const auto& [args, flag] : std::vector<std::pair<std::string, std::string>>{
+           {"eval " + ckpt + " --episodes 1 --svg ", "--svg"},
+           {"sample " + ckpt + " --obs 0,-1,0,-0.95 --out-npy ", "--out-npy"},
+           {"export-eqx " + ckpt + " --out ", "--out"}})
+    for (const std::string& out : {dir.file("plots"), dir.file("plots") + "/"}) {
+      const test::Command r = test::run_mmdit(args + out);
+      EXPECT_NE(r.status, 0) << args << out;
+      EXPECT_THAT(r.output, HasSubstr(flag + " " + out + ": is a directory; name a file to write"))
+          << r.output;
+      EXPECT_THAT(r.output, Not(HasSubstr("success rate"))) << r.output;
+    }
+  EXPECT_TRUE(fs::is_empty(dir.file("plots")));
+}
+
+// OMP_NUM_THREADS=100000 crashed in libgomp at the first parallel region (it could not start the
+// threads), and --threads took any count, which OpenBLAS silently lowered to its MAX_THREADS.
+TEST(Cli, ThreadCountsStopAtOpenBlasMaxThreads) {
+  const std::string most = std::to_string(max_threads());
+  test::Command r = test::run_mmdit("inspect --model mmdit --profile", "OMP_NUM_THREADS=100000 ");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("one forward and backward pass, " + most + " thread(s)"));
+  for (const char* command : {"train --data demos.npz", "eval x.safetensors", "demo",
+                              "bench --workload tiny-gradcheck"}) {
+    r = test::run_mmdit(str_cat(command, " --threads ", max_threads() + 1));
+    EXPECT_NE(r.status, 0) << command;
+    EXPECT_THAT(r.output, HasSubstr(str_cat("--threads: must be from 1 to ", most,
+                                            " (OpenBLAS's MAX_THREADS), got ", max_threads() + 1)))
+        << command;
+  }
 }
 
 // train --overwrite removes the old run when the new one starts (README); data the new run

@@ -88,6 +88,10 @@ void PolicyConfig::validate() const {
   MMDIT_CHECK(horizon <= kMaxTokens - n_obs_steps, who, ": n_obs_steps + horizon must be at most ",
               kMaxTokens, " tokens (attention holds their square), got ", n_obs_steps, " + ",
               horizon);
+  // The action for now is the chunk's index n_obs_steps - 1: a shorter chunk trains, but no
+  // controller can act on it.
+  MMDIT_CHECK(horizon >= n_obs_steps, who, ": horizon ", horizon, " is shorter than n_obs_steps ",
+              n_obs_steps, ": the chunk must hold the action for now, its index n_obs_steps - 1");
   MMDIT_CHECK(dim_head % 2 == 0, "policy config: dim_head must be even (rotary embedding), got ",
               dim_head);
   // Finite too: JSON has no inf, and a config that cannot be written back cannot be resumed.

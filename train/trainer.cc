@@ -510,10 +510,11 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
               ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
               "weights; ", precision_name(weights),
               " weights are for the flow objective's sampler only (load it with f32)");
+  // Every tensor, not only those loaded: save_checkpoint writes none that is not finite, so one
+  // anywhere means the file is damaged.
+  check_finite(c.file.tensors, path, "tensor");
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
-  check_finite(weights_in_file, path, use_ema ? "EMA parameter" : "parameter");
-  check_finite(c.with_prefix("buffer/"), path, "buffer");
   try {
     LoadedPolicy p =
         frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
@@ -623,7 +624,7 @@ ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64
     e.mse_per_dim.push_back(s / std::max<int64_t>(steps, 1));
     e.mse += s / std::max<int64_t>(steps * A, 1);
   }
-  // NaN when no window has the action for now (a horizon shorter than n_obs_steps).
+  // NaN when there was no window to act on.
   e.mse_now = windows_now > 0 ? sum_now / windows_now : std::numeric_limits<double>::quiet_NaN();
   return e;
 }

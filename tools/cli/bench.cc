@@ -620,7 +620,7 @@ void add_bench_command(CLI::App& app) {
                   "policy-act-b64-bf16, incontext-train, tiny-gradcheck or all (repeatable)")
       ->default_val(std::vector<std::string>{"all"});
   cmd->add_option("--threads", opts->threads, "threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(positive());
+      ->check(thread_count());
   cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")->check(positive());
   cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")->check(non_negative());
   cmd->add_flag("--json", opts->json, "one JSON object per workload per line");

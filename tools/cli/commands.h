@@ -19,6 +19,8 @@ void add_bench_command(CLI::App& app);
 // "--threads: must be a positive number, got 0".
 const CLI::Validator& positive();
 const CLI::Validator& non_negative();
+// --threads: from 1 to max_threads().
+const CLI::Validator& thread_count();
 // For paths: an empty --out would otherwise put the run's files in the root directory.
 const CLI::Validator& non_empty();
 

@@ -148,12 +148,16 @@ void add_inspect(CLI::App& app) {
       "inspect",
       "Print the tape of one forward pass and loss of a tiny model, like jax.make_jaxpr");
   add_model_options(cmd, opts->model);
-  cmd->add_option("--dot", opts->dot, "also write the graph as Graphviz DOT to this file");
+  CLI::Option* dot =
+      cmd->add_option("--dot", opts->dot, "also write the graph as Graphviz DOT to this file");
   cmd->add_flag("--backward-edges", opts->backward_edges,
-                "in the DOT file, draw the gradient's path as dashed reverse edges");
+                "in the DOT file, draw the gradient's path as dashed reverse edges")
+      ->needs(dot);
+  // The profile replaces the listing, and the graph is the listing's.
   cmd->add_flag("--profile", opts->profile,
                 "instead of the listing: time and FLOPs per op type of one forward and backward "
-                "pass, sorted by cost (use the size flags for a realistic model)");
+                "pass, sorted by cost (use the size flags for a realistic model)")
+      ->excludes(dot);
   cmd->callback([opts] {
     Built b = build(opts->model, DType::f32);
     const NamedTensors params = b.module->named_parameters();

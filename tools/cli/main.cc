@@ -10,6 +10,7 @@
 
 #include "tensor/blas_core.h"
 #include "tensor/error.h"
+#include "tensor/parallel.h"
 #include "tools/cli/commands.h"
 
 namespace mmdit::cli {
@@ -40,6 +41,13 @@ CLI::Validator number_check(const char* name, bool (*accept)(double), const char
 const CLI::Validator& positive() {
   static const CLI::Validator check = number_check(
       "POSITIVE", [](double x) { return x > 0; }, "a positive number");
+  return check;
+}
+const CLI::Validator& thread_count() {
+  static const std::string requirement =
+      "from 1 to " + std::to_string(max_threads()) + " (OpenBLAS's MAX_THREADS)";
+  static const CLI::Validator check = number_check(
+      "THREADS", [](double x) { return x >= 1 && x <= max_threads(); }, requirement.c_str());
   return check;
 }
 const CLI::Validator& non_negative() {

@@ -39,8 +39,14 @@ struct TrainFlags {
         ->check(non_negative());
     cmd->add_option("--batch-size", batch_size, "batch size (default: the config's, else 64)")
         ->check(positive());
-    cmd->add_option("--lr", lr, "peak learning rate (default: the config's)")->check(positive());
-    cmd->add_option("--seed", seed, "random seed (initialisation, noise, data order)");
+    const TrainConfig defaults;
+    cmd->add_option("--lr", lr,
+                    str_cat("peak learning rate (default: the config's, else ", defaults.lr, ")"))
+        ->check(positive());
+    cmd->add_option("--seed", seed,
+                    str_cat("random seed (initialisation, noise, data order; default: the "
+                            "config's, else ",
+                            defaults.seed, ")"));
     cmd->add_option("--objective", objective, "flow (default) or mse, the regression baseline")
         ->check(CLI::IsMember({"flow", "mse"}));
   }
@@ -87,11 +93,14 @@ struct TrainFlags {
   std::string config_json;
 };
 
-// Fails now, instead of after a long evaluation, when the directory `path` goes in is missing.
+// Fails now, instead of after a long evaluation, when the directory `path` goes in is missing or
+// `path` is a directory itself (the rename of the finished file would fail).
 void check_output_directory(const std::string& path, const char* flag) {
+  struct stat st;
+  MMDIT_CHECK(::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode), flag, " ", path,
+              ": is a directory; name a file to write");
   if (path.find('/') == std::string::npos) return;
   const std::string dir = parent_directory(path);
-  struct stat st;
   MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
               " does not exist");
   MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
@@ -166,6 +175,16 @@ void check_weights_fit(const std::string& weights, const CheckpointInfo& info,
               " packs the weights of the flow objective's sampler; ", checkpoint,
               " holds a policy of objective '", info.config.objective,
               "', which acts with float32 weights (leave --weights out)");
+}
+
+// The data's dimensions against the policy's, naming both files: the library's own checks (in
+// Trainer and action_error) know neither path.
+void check_data_fits(const Episodes& data, const std::string& data_path, const PolicyConfig& pc,
+                     const std::string& policy_source, const char* command) {
+  MMDIT_CHECK(data.state_dim() == pc.state_dim && data.act_dim() == pc.act_dim, command,
+              ": --data ", data_path, " has state_dim ", data.state_dim(), " and act_dim ",
+              data.act_dim(), ", but the policy of ", policy_source, " has state_dim ",
+              pc.state_dim, " and act_dim ", pc.act_dim);
 }
 
 // Refuses an output that is one of the command's inputs (the same file, by any path or link):
@@ -251,6 +270,10 @@ void add_train(CLI::App& app) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("train", "Train a flow-matching policy on demonstrations");
   o->flags.add_to(cmd);
+  cmd->footer(
+      "--config: a JSON object of these keys, each optional; the defaults (state_dim and "
+      "act_dim come from --data):\n" +
+      TrainConfig().to_json());
   cmd->add_option("--data", o->data, "demonstrations: LeRobot-style .npz or robomimic .hdf5")
       ->required();
   cmd->add_option("--obs-keys", o->obs_keys,
@@ -284,7 +307,7 @@ void add_train(CLI::App& app) {
       ->check(non_negative())
       ->capture_default_str();
   cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(positive());
+      ->check(thread_count());
   cmd->callback([o, cmd] {
     set_threads(o->threads);
     struct stat st;
@@ -341,6 +364,8 @@ void add_train(CLI::App& app) {
       in_own_directory = ::stat(o->out.c_str(), &out_dir) == 0 &&
                          ::stat(parent_directory(o->resume).c_str(), &own_dir) == 0 &&
                          out_dir.st_dev == own_dir.st_dev && out_dir.st_ino == own_dir.st_ino;
+      check_data_fits(data, o->data, read_checkpoint_info(o->resume).config.policy, o->resume,
+                      "train");
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
       if (trainer->step() >= trainer->config().steps) {
@@ -355,7 +380,10 @@ void add_train(CLI::App& app) {
       TrainConfig defaults;
       defaults.policy.state_dim = data.state_dim();
       defaults.policy.act_dim = data.act_dim();
-      trainer = std::make_unique<Trainer>(o->flags.apply(defaults), data);
+      const TrainConfig config = o->flags.apply(defaults);
+      // The defaults are the data's sizes: a mismatch comes from --config.
+      check_data_fits(data, o->data, config.policy, "--config " + o->flags.config_file, "train");
+      trainer = std::make_unique<Trainer>(config, data);
     }
     if (is_hdf5(o->data)) trainer->set_obs_keys(keys);
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
@@ -428,6 +456,7 @@ void add_import_eqx(CLI::App& app) {
     check_policy_sizes(sizes, config.policy, o->flags.config_file);
     const std::vector<std::string> keys = split_commas(o->obs_keys);
     const Episodes data = load_episodes(o->data, keys);
+    check_data_fits(data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
     Trainer trainer(config, data);
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
@@ -584,7 +613,7 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
-  cmd->add_option("--threads", o->threads, "threads")->check(positive());
+  cmd->add_option("--threads", o->threads, "threads")->check(thread_count());
   add_weights_option(cmd, o->weights);
   cmd->callback([o, cmd] {
     set_threads(o->threads);
@@ -607,6 +636,7 @@ void add_eval(CLI::App& app) {
     const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
     if (!o->data.empty()) {
       const Episodes data = load_episodes(o->data, keys);
+      check_data_fits(data, o->data, policy.config.policy, o->checkpoint, "eval");
       Rng rng(o->seed + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
       std::printf("%s: %lld windows of %lld episodes, %lld-action chunks\n", o->data.c_str(),
@@ -703,7 +733,7 @@ void add_demo(CLI::App& app) {
   cmd->add_option("--threads", o->threads,
                   "threads (default 1: the demo's model is so small that a second thread only "
                   "adds synchronisation)")
-      ->check(positive());
+      ->check(thread_count());
   cmd->callback([o] {
     set_threads(o->threads > 0 ? o->threads : 1);
     o->flags.read_config_file();
