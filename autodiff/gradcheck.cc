@@ -54,6 +54,11 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
       leaves.push_back(t);
     }
     Tensor out = f();
+    MMDIT_CHECK(tape.is_on_tape(out),
+                "gradcheck: f's output was not computed from the checked tensors (",
+                wrt.size() == 1 ? wrt.begin()->first : str_cat(wrt.size(), " tensors"),
+                "), so every derivative would be 0 = 0; with the overload taking inputs, f "
+                "must use its argument, which holds copies of them");
     scalar_loss(out);
     analytic = tape.gradient(out, leaves, cotangent);
   }
@@ -92,6 +97,7 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
                            : g[i] == numeric                             ? 0.0
                                                                          : INFINITY;
       ++result.checked;
+      if (g[i] == 0 && numeric == 0) ++result.zero;
       if (ratio > 1) result.ok = false;
       if (ratio >= result.worst_ratio) {
         result.worst_ratio = ratio;

@@ -20,6 +20,9 @@ struct GradcheckOptions {
 struct GradcheckResult {
   bool ok = true;
   int64_t checked = 0;  // elements compared
+  // Elements whose analytic and numeric derivatives are both exactly 0: they pass whatever the
+  // backward does, so a tensor with only such elements was not really checked.
+  int64_t zero = 0;
   // The worst element: the largest |analytic - numeric| / tolerance.
   std::string name;
   Shape index;
@@ -30,7 +33,8 @@ struct GradcheckResult {
 
 // f's output is reduced to a scalar with a fixed random cotangent, L = sum(f() * c), so every
 // output element is exercised. `wrt` must be contiguous float64 tensors that f reads; they are
-// perturbed in place and restored.
+// perturbed in place and restored. An output computed from none of them is refused: the check
+// would pass whatever the backward does.
 GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& wrt,
                           const GradcheckOptions& options = {});
 

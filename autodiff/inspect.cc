@@ -78,19 +78,16 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
   std::map<int64_t, std::string> names;
   for (const auto& [name, t] : leaf_names)
     if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
-  // Named leaves (parameters) appear by name where they are used, without the dotted prefix
-  // they share with the node's scope: blocks.0.to_cond.weight in scope blocks.0 is to_cond.weight.
+  // Named leaves (parameters) appear by name where they are used, relative to the node's scope
+  // when they are inside it: blocks.0.to_cond.weight in scope blocks.0 is to_cond.weight. One
+  // used elsewhere keeps its whole name (blocks.10.w in scope blocks.1 is not 0.w).
   auto value = [&](int64_t slot, const std::string& scope) {
     const auto found = names.find(slot);
     if (found == names.end()) return value_name(slot);
     const std::string& name = found->second;
-    size_t common = 0;
-    for (size_t i = 0; i < name.size() && i < scope.size() && name[i] == scope[i]; ++i)
-      if (name[i] == '.') common = i + 1;
-    if (name.size() > scope.size() && name.compare(0, scope.size(), scope) == 0 &&
-        name[scope.size()] == '.')
-      common = scope.size() + 1;
-    return name.substr(common);
+    const bool inside = !scope.empty() && name.size() > scope.size() &&
+                        name.compare(0, scope.size(), scope) == 0 && name[scope.size()] == '.';
+    return inside ? name.substr(scope.size() + 1) : name;
   };
 
   std::vector<std::vector<std::string>> rows;

@@ -127,6 +127,17 @@ void Tape::watch(const Tensor& t) {
   leaves_.emplace(t.impl_ptr(), num_values_++);
 }
 
+void Tape::refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs) {
+  for (; outer; outer = outer->previous_)
+    for (size_t i = 0; i < inputs.size(); ++i)
+      MMDIT_CHECK(!outer->is_on_tape(inputs[i]), op, ": input ", i, " ",
+                  shape_str(inputs[i].shape()),
+                  " is on an enclosing tape, but a nested tape is active and only the active "
+                  "tape records: the enclosing tape's gradients would leave this op out. Compute "
+                  "it after the nested tape ends, or on stop_gradient(input) if no gradient "
+                  "should flow through it");
+}
+
 Tensor Tape::append(Node node, Tensor out, std::span<const Tensor> inputs) {
   MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
   // An op that returns an input unchanged (contiguous() of a contiguous tensor) hands back that

@@ -113,9 +113,16 @@ class Tape {
 
   // Used by record(): appends a node for out = op(inputs) and gives `out` its slot.
   Tensor append(Node node, Tensor out, std::span<const Tensor> inputs);
+  // Used by record() for an op none of whose inputs is on this tape: throws if one is on an
+  // enclosing tape, which would get zeros through this op without a word (only the active tape
+  // records).
+  void refuse_enclosing_tapes_inputs(const char* op, std::span<const Tensor> inputs) const {
+    if (previous_) refuse_inputs_on(previous_, op, inputs);
+  }
   int64_t slot_of(const Tensor& t) const;
 
  private:
+  static void refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs);
   uint64_t id_;
   Tape* previous_;
   int64_t num_values_ = 0;
@@ -176,7 +183,11 @@ Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
   Tape* tape = Tape::active();
   // A bool result (to_dtype(x, boolean)) has no gradient: recorded, the way back would turn the
   // incoming gradient into bools and back into ones.
-  if (!tape || !is_floating(out.dtype()) || !detail::any_on_tape(*tape, inputs)) return out;
+  if (!tape || !is_floating(out.dtype())) return out;
+  if (!detail::any_on_tape(*tape, inputs)) {
+    tape->refuse_enclosing_tapes_inputs(op, inputs);
+    return out;
+  }
   return tape->append(
       detail::make_node(op, *tape, inputs, saved, BackwardFn(std::forward<F>(backward))),
       std::move(out), inputs);

@@ -70,21 +70,31 @@ TEST(AutodiffTape, NothingIsRecordedWithoutAWatchedInput) {
   EXPECT_EQ(tape.nodes().size(), 1u);
 }
 
-TEST(AutodiffTape, TapesNestAndOlderTapesSeeConstants) {
+// Only the active tape records. An op on the outer tape's values while an inner tape is active
+// was recorded nowhere, and the outer gradient through it came back as silent zeros: it is
+// refused, naming the op; stop_gradient says that no gradient is wanted.
+TEST(AutodiffTape, TapesNestAndAnInnerTapeRefusesTheOuterTapesValues) {
   Tensor x = from_vector(std::vector<double>{2.0}, {1});
   Tape outer;
   outer.watch(x);
+  const Tensor h = x * 3.0;
   {
     Tape inner;
     EXPECT_EQ(Tape::active(), &inner);
-    Tensor y = x * x;  // x is on the outer tape only: nothing on the inner one
+    for (const Tensor& on_outer : {x, h})
+      EXPECT_THAT([&] { return sum(on_outer * 2.0); },
+                  testing::ThrowsMessage<Error>(HasSubstr(
+                      "mul_scalar: input 0 (1,) is on an enclosing tape, but a nested tape is "
+                      "active and only the active tape records")));
+    const Tensor y = stop_gradient(x) * stop_gradient(x);
     EXPECT_TRUE(inner.nodes().empty());
     EXPECT_FALSE(inner.is_on_tape(y));
+    EXPECT_EQ(values(y), std::vector<double>{4.0});
   }
   EXPECT_EQ(Tape::active(), &outer);
-  EXPECT_TRUE(outer.nodes().empty());  // the op ran while the inner tape was active
-  Tensor z = x * x;
-  EXPECT_EQ(outer.nodes().size(), 1u);
+  EXPECT_EQ(outer.nodes().size(), 1u);  // h; nothing while the inner tape was active
+  const Tensor z = x * x;
+  EXPECT_EQ(outer.nodes().size(), 2u);
   EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{4.0});
 }
 
@@ -104,6 +114,17 @@ TEST(AutodiffTape, ANestedTapeCannotWatchWhatAnOuterTapeHolds) {
   }
   const Tensor z = x * h;  // 3 x^2, still recorded on the outer tape
   EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{12.0});
+}
+
+// docs/autodiff.md section 3: a node keeps the tensor it saved, not a copy, so an in-place change
+// before gradient() changes the gradient (the documented hazard, as it stands).
+TEST(AutodiffTape, SavedTensorsAreHandlesNotCopies) {
+  Tensor x = from_vector(std::vector<double>{1.0, 2.0}, {2});
+  Tape tape;
+  tape.watch(x);
+  const Tensor y = sum(square(x));
+  x.data<double>()[0] = 100.0;
+  EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{200.0, 4.0}));
 }
 
 // ---- gradients ----

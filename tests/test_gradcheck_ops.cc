@@ -549,6 +549,16 @@ TEST(GradcheckOps, DetectsAWrongBackward) {
   EXPECT_NE(good.report().find("ok"), std::string::npos);
 }
 
+// An f that reads the caller's tensor instead of its argument (the copies under check) was
+// checked vacuously: every derivative 0 = 0, "ok" whatever the backward did.
+TEST(GradcheckOps, RefusesAnOutputNotComputedFromTheCheckedTensors) {
+  const Tensor x = uniform({2, 3}, 7001);
+  EXPECT_THAT([&] { gradcheck([&](const Inputs&) { return bad_square(x); }, Inputs{x}); },
+              testing::ThrowsMessage<Error>(
+                  HasSubstr("gradcheck: f's output was not computed from the checked tensors "
+                            "(input0), so every derivative would be 0 = 0")));
+}
+
 TEST(GradcheckOps, DetectsAMissingFactorInEveryElement) {
   // A backward that forgets the factor 2 of d(x^2): every element is wrong by half.
   auto half_square = [](const Inputs& in) {

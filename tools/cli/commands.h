@@ -31,6 +31,9 @@ const CLI::Validator& non_empty();
 // calls it once, after every command has added its options.
 void read_integers_as_decimal(CLI::App& app);
 
+// "a,b,c"
+std::string join_commas(const std::vector<std::string>& parts);
+
 // The command line as main() received it.
 void set_program_args(int argc, char** argv);
 const std::vector<std::string>& program_args();

@@ -225,12 +225,23 @@ void add_gradcheck(CLI::App& app) {
     GradcheckOptions check = opts->check;
     check.sample = opts->sample;
     check.seed = opts->model.seed;
-    // One tensor at a time, so that every tensor reports its own worst element.
+    // One tensor at a time, so that every tensor reports its own worst element. A tensor the
+    // output is not computed from (the policy's last block leaves out the observation tokens'
+    // feed-forward and final layer) has derivatives 0 by construction: it is named, not checked.
     std::vector<std::pair<std::string, GradcheckResult>> rows;
+    std::vector<std::string> unused;
     bool ok = true;
     int64_t checked = 0;
     size_t worst = 0;
     for (const auto& [name, t] : b.module->named_parameters()) {
+      {
+        Tape tape;
+        tape.watch(t);
+        if (!tape.is_on_tape(b.run())) {
+          unused.push_back(name);
+          continue;
+        }
+      }
       NamedTensors one;
       one.insert(name, t);
       rows.emplace_back(name, gradcheck(b.run, one, check));
@@ -250,7 +261,9 @@ void add_gradcheck(CLI::App& app) {
                   static_cast<int>(name_width), name.c_str(), shape_str(shape).c_str(),
                   static_cast<long long>(r.checked), shape_str(r.index).c_str(), r.analytic,
                   r.numeric, std::abs(r.analytic - r.numeric), r.worst_ratio,
-                  r.ok ? "" : "  FAILED");
+                  !r.ok                 ? "  FAILED"
+                  : r.zero == r.checked ? "  (every derivative 0)"
+                                        : "");
     }
     std::printf(
         "gradcheck %s: %lld elements in %zu tensors; worst %s%s (|diff| / tolerance %.3f; "
@@ -259,6 +272,9 @@ void add_gradcheck(CLI::App& app) {
         rows.empty() ? "-" : rows[worst].first.c_str(),
         rows.empty() ? "" : shape_str(rows[worst].second.index).c_str(),
         rows.empty() ? 0.0 : rows[worst].second.worst_ratio);
+    if (!unused.empty())
+      std::printf("not checked, %zu tensors the output is not computed from: %s\n", unused.size(),
+                  join_commas(unused).c_str());
     if (!ok) throw CLI::RuntimeError(1);
   });
 }

@@ -43,6 +43,12 @@ const CLI::Validator& positive() {
       "POSITIVE", [](double x) { return x > 0; }, "a positive number");
   return check;
 }
+std::string join_commas(const std::vector<std::string>& parts) {
+  std::string text;
+  for (const std::string& part : parts) text += (text.empty() ? "" : ",") + part;
+  return text;
+}
+
 const CLI::Validator& thread_count() {
   static const std::string requirement =
       "from 1 to " + std::to_string(max_threads()) + " (OpenBLAS's MAX_THREADS)";

@@ -147,12 +147,6 @@ bool is_hdf5(const std::string& data) {
   return lowercase_extension(data) != ".npz";
 }
 
-std::string join_commas(const std::vector<std::string>& parts) {
-  std::string text;
-  for (const std::string& part : parts) text += (text.empty() ? "" : ",") + part;
-  return text;
-}
-
 // The HDF5 observation keys to read a checkpoint's data with: the ones it recorded, or "state"
 // (the option's default) when it recorded none. --obs-keys, when given, must be the recorded ones:
 // other keys would build states the policy was not trained on, however many numbers they hold.
