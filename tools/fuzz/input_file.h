@@ -9,16 +9,20 @@
 #include <cstdio>
 #include <string>
 
-// The file's path, or "" if it could not be written. The file is removed when the process exits
-// normally (libFuzzer's fork mode starts many; one that crashes leaves its file, the crash's
-// input).
-inline std::string write_input_file(const uint8_t* data, size_t size, const char* suffix) {
+// This process's file for its inputs, removed when the process exits normally (libFuzzer's fork
+// mode starts many; one that crashes leaves its file, the crash's input).
+inline const std::string& input_file_path(const char* suffix) {
   struct RemovedAtExit {
     std::string path;
     ~RemovedAtExit() { std::remove(path.c_str()); }
   };
   static const RemovedAtExit file{"/tmp/mmdit_fuzz_" + std::to_string(::getpid()) + suffix};
-  const std::string& path = file.path;
+  return file.path;
+}
+
+// The input written to input_file_path(suffix); "" if it could not be written.
+inline std::string write_input_file(const uint8_t* data, size_t size, const char* suffix) {
+  const std::string& path = input_file_path(suffix);
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (!f) return "";
   const bool written = std::fwrite(data, 1, size, f) == size;
