@@ -310,6 +310,7 @@ void add_train(CLI::App& app) {
         "train: --val-every and --val-windows need --val-data");
     check_obs_keys_fit(cmd, o->data, "train");
     std::vector<std::string> keys = split_commas(o->obs_keys);
+    std::optional<CheckpointInfo> resumed_info;
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(!o->overwrite,
@@ -327,8 +328,8 @@ void add_train(CLI::App& app) {
                   " holds another run's checkpoint; resume into the run's own "
                   "directory (",
                   own_dir, ", the default) or an --out without a checkpoint");
-      keys =
-          obs_keys_of_policy(cmd, o->obs_keys, read_checkpoint_info(o->resume), o->resume, "train");
+      resumed_info = read_checkpoint_info(o->resume);
+      keys = obs_keys_of_policy(cmd, o->obs_keys, *resumed_info, o->resume, "train");
     } else {
       const std::string ckpt = checkpoint_path(o->out);
       MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "train: ", o->out,
@@ -358,8 +359,7 @@ void add_train(CLI::App& app) {
       in_own_directory = ::stat(o->out.c_str(), &out_dir) == 0 &&
                          ::stat(parent_directory(o->resume).c_str(), &own_dir) == 0 &&
                          out_dir.st_dev == own_dir.st_dev && out_dir.st_ino == own_dir.st_ino;
-      check_data_fits(data, o->data, read_checkpoint_info(o->resume).config.policy, o->resume,
-                      "train");
+      check_data_fits(data, o->data, resumed_info->config.policy, o->resume, "train");
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
       if (trainer->step() >= trainer->config().steps) {
