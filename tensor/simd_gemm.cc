@@ -91,34 +91,39 @@ void GemmNTF32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* 
 }
 
 // c (m x n) = op(a) b with b's rows contiguous, for the small per-head products of attention:
-// a tile of MR rows x 4 vectors of c stays in registers while l runs over the inner dimension;
-// each step broadcasts op(a)[i][l] and multiply-adds row l of b.
+// a tile of MR rows x kVectors vectors of c stays in registers while l runs over the inner
+// dimension; each step broadcasts op(a)[i][l] and multiply-adds row l of b. The tile, b's
+// vectors and the broadcast must fit in the registers: AVX-512 has 32, AVX2 and SSE 16, where
+// a 4 x 4 tile spilled its accumulators to the stack on every step.
+constexpr int kVectors = HWY_MAX_BYTES >= 64 ? 4 : 2;
+constexpr int kTileRows = HWY_MAX_BYTES >= 64 ? 4 : 6;
+
 template <int MR>
 HWY_INLINE void RowsTimesMatrix(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb,
                                 float* c, int64_t ldc, int64_t n, int64_t k) {
   const hn::ScalableTag<float> d;
   const int64_t L = static_cast<int64_t>(hn::Lanes(d));
-  for (int64_t col = 0; col < n; col += 4 * L) {
-    const int64_t width = std::min<int64_t>(4 * L, n - col);
+  for (int64_t col = 0; col < n; col += kVectors * L) {
+    const int64_t width = std::min<int64_t>(kVectors * L, n - col);
     const int64_t full = width / L;  // whole vectors; then at most one partial
     const size_t rest = static_cast<size_t>(width - full * L);
-    hn::Vec<decltype(d)> acc[MR][4];
+    hn::Vec<decltype(d)> acc[MR][kVectors];
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 4; ++v) acc[i][v] = hn::Zero(d);
+      for (int v = 0; v < kVectors; ++v) acc[i][v] = hn::Zero(d);
     for (int64_t l = 0; l < k; ++l) {
       const float* bl = b + l * ldb + col;
-      hn::Vec<decltype(d)> bv[4];
-      for (int v = 0; v < 4; ++v)
+      hn::Vec<decltype(d)> bv[kVectors];
+      for (int v = 0; v < kVectors; ++v)
         bv[v] = v < full            ? hn::LoadU(d, bl + v * L)
                 : v == full && rest ? LoadFirst(d, bl + v * L, static_cast<int64_t>(rest), 0.0f)
                                     : hn::Zero(d);
       for (int i = 0; i < MR; ++i) {
         const auto ai = hn::Set(d, ta ? a[l * lda + i] : a[i * lda + l]);
-        for (int v = 0; v < 4; ++v) acc[i][v] = hn::MulAdd(ai, bv[v], acc[i][v]);
+        for (int v = 0; v < kVectors; ++v) acc[i][v] = hn::MulAdd(ai, bv[v], acc[i][v]);
       }
     }
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < 4; ++v) {
+      for (int v = 0; v < kVectors; ++v) {
         float* ci = c + i * ldc + col + v * L;
         if (v < full)
           hn::StoreU(acc[i][v], d, ci);
@@ -128,13 +133,25 @@ HWY_INLINE void RowsTimesMatrix(bool ta, const float* a, int64_t lda, const floa
   }
 }
 
+// The last m % kTileRows rows in one smaller tile.
+template <int MR>
+HWY_INLINE void LastRowsTimesMatrix(int64_t rows, bool ta, const float* a, int64_t lda,
+                                    const float* b, int64_t ldb, float* c, int64_t ldc, int64_t n,
+                                    int64_t k) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return RowsTimesMatrix<MR>(ta, a, lda, b, ldb, c, ldc, n, k);
+    LastRowsTimesMatrix<MR - 1>(rows, ta, a, lda, b, ldb, c, ldc, n, k);
+  }
+}
+
 void GemmSmallNNF32(bool ta, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                     int64_t ldc, int64_t m, int64_t n, int64_t k) {
   // Row r of op(a) starts at a + r (a transposed: its column r) or at a + r * lda.
   const auto row = [&](int64_t r) { return ta ? a + r : a + r * lda; };
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) RowsTimesMatrix<4>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
-  for (; i < m; ++i) RowsTimesMatrix<1>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
+  for (; i + kTileRows <= m; i += kTileRows)
+    RowsTimesMatrix<kTileRows>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
+  LastRowsTimesMatrix<kTileRows - 1>(m - i, ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
 }
 
 }  // namespace HWY_NAMESPACE

@@ -163,6 +163,17 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
     const Tensor xt = raw::contiguous(raw::transpose(x, 0, 1));  // (K, M): op(a) = a^T
     simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, y.data(), N, M, N, K);
     expect_close(y, exact, K, "gemm_small_nn transposed on " + name);
+    // Every row count up to 13: whole row tiles (4 or 6 rows, by target) and every remainder.
+    for (int64_t m = 1; m <= 13; ++m) {
+      const Tensor xm = raw::contiguous(raw::narrow(x, 0, 0, m));
+      const Reference exact_m = reference_product(xm, w, false, false);
+      std::vector<float> ym(static_cast<size_t>(m * N));
+      simd::gemm_small_nn(false, xm.data<float>(), K, wt.data<float>(), N, ym.data(), N, m, N, K);
+      expect_close(ym, exact_m, K, "gemm_small_nn, " + std::to_string(m) + " rows, on " + name);
+      simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, ym.data(), N, m, N, K);
+      expect_close(ym, exact_m, K,
+                   "gemm_small_nn transposed, " + std::to_string(m) + " rows, on " + name);
+    }
     // Short softmax rows end in a partial vector, loaded and stored lane-masked.
     for (const int64_t n : {5, 18}) {
       const std::vector<float> row = rng.normal({n}).to_vector<float>();
