@@ -173,6 +173,14 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
       simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, ym.data(), N, m, N, K);
       expect_close(ym, exact_m, K,
                    "gemm_small_nn transposed, " + std::to_string(m) + " rows, on " + name);
+      // gemm_nt's edge tiles: every row and column remainder of its 4 x 4 tiles.
+      for (int64_t n = 1; n <= 9; ++n) {
+        const Tensor wn = raw::contiguous(raw::narrow(w, 0, 0, n));
+        std::vector<float> yn(static_cast<size_t>(m * n));
+        simd::gemm_nt(xm.data<float>(), K, wn.data<float>(), K, yn.data(), n, m, 0, n, K);
+        expect_close(yn, reference_product(xm, wn, false, false), K,
+                     "gemm_nt " + std::to_string(m) + " x " + std::to_string(n) + " on " + name);
+      }
     }
     // Short softmax rows end in a partial vector, loaded and stored lane-masked.
     for (const int64_t n : {5, 18}) {
