@@ -173,6 +173,13 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
     line += line.empty() ? "  " + item : ", " + item;
   }
   if (!line.empty()) out += line + "\n";
+  // The saved column adds up what each node keeps. The memory behind it counts a tensor that two
+  // nodes keep once, and sets apart the leaves' (parameters), which exist without the tape.
+  if (tape.saved_bytes() > 0) {
+    const Tape::SavedMemory memory = tape.saved_memory();
+    out += str_cat("saved storages, each once, as allocated: ", format_bytes(memory.leaves),
+                   " of leaves, ", format_bytes(memory.other), " other\n");
+  }
   return out;
 }
 

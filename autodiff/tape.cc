@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <unordered_set>
 
 #include "tensor/ops.h"
 
@@ -182,6 +183,20 @@ size_t Tape::saved_bytes() const {
   size_t total = 0;
   for (const Node& n : nodes_) total += n.saved_bytes;
   return total;
+}
+
+Tape::SavedMemory Tape::saved_memory() const {
+  std::unordered_set<const Storage*> leaf_storages, counted;
+  for (const auto& [impl, slot] : leaves_) leaf_storages.insert(impl->storage.get());
+  SavedMemory memory;
+  for (const Node& n : nodes_)
+    for (const Tensor& t : n.saved) {
+      if (!t.defined()) continue;
+      const Storage* storage = t.impl().storage.get();
+      if (counted.insert(storage).second)
+        (leaf_storages.contains(storage) ? memory.leaves : memory.other) += storage->bytes();
+    }
+  return memory;
 }
 
 std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,

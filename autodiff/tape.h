@@ -109,7 +109,14 @@ class Tape {
   void set_profiling(bool on);
   bool profiling() const { return profiling_; }
   int64_t num_values() const { return num_values_; }
-  size_t saved_bytes() const;  // held now, for backward
+  size_t saved_bytes() const;  // held now, for backward: every tensor of every node
+  // The memory those tensors hold, each storage once (two nodes may keep one tensor, or views of
+  // one storage): the watched leaves' (parameters, which exist without the tape) apart from the
+  // rest (activations and constants, which backward still needs).
+  struct SavedMemory {
+    size_t leaves = 0, other = 0;
+  };
+  SavedMemory saved_memory() const;
 
   // Used by record(): appends a node for out = op(inputs) and gives `out` its slot.
   Tensor append(Node node, Tensor out, std::span<const Tensor> inputs);

@@ -439,6 +439,31 @@ TEST(AutodiffGradient, OutputNotOnTheTapeGivesZeros) {
   EXPECT_EQ(values(tape.gradient(y, {x})[0]), (std::vector<double>{0, 0}));
 }
 
+// saved_bytes() adds up every tensor every node keeps; saved_memory() counts each storage once,
+// the watched leaves' apart. Sizes are multiples of 64 bytes, so that a storage holds exactly its
+// tensor's bytes.
+TEST(AutodiffTape, SavedMemoryCountsEachStorageOnceAndTheLeavesApart) {
+  Rng rng(3);
+  Tensor w = rng.normal({8, 4}, DType::f64);  // 256 bytes, watched
+  Tensor x = rng.normal({4, 8}, DType::f64);  // 256 bytes, a constant
+  Tape tape;
+  tape.watch(w);
+  Tensor y = matmul(x, w);                // keeps x and w; y: 4 x 4, 128 bytes
+  Tensor z = mul(y, y);                   // keeps y, twice
+  Tensor v = mul(narrow(w, 0, 0, 4), z);  // keeps a view of w's storage, and z (128 bytes)
+  size_t every_tensor = 0;
+  for (const Node& n : tape.nodes())
+    for (const Tensor& t : n.saved)
+      if (t.defined()) every_tensor += t.nbytes();
+  EXPECT_EQ(tape.saved_bytes(), every_tensor);
+  EXPECT_GT(every_tensor, size_t{256 + 256 + 128 + 128});  // y and w counted more than once
+  const Tape::SavedMemory memory = tape.saved_memory();
+  EXPECT_EQ(memory.leaves, 256u);             // w's storage, once
+  EXPECT_EQ(memory.other, 256u + 128 + 128);  // x, y, z
+  tape.gradient(sum(v), {w});
+  EXPECT_EQ(tape.saved_memory().leaves + tape.saved_memory().other, 0u);
+}
+
 TEST(AutodiffGradient, SavedTensorsAreReleasedAfterBackward) {
   const int64_t n = 1000;
   Tensor x = raw::mul_scalar(arange(n, DType::f64), 1e-3);

@@ -66,7 +66,8 @@ TEST(InspectTape, FormatsEveryNodeAndTheTotals) {
       "2  mul_scalar  %4 (2,4) f64  <- %3 (2,4)             0 B\n"
       "3  sum         %5 () f64     <- %4 (2,4)             0 B\n"
       "totals: 4 nodes, 6 values (2 leaves), 208 B saved for backward\n"
-      "  matmul 1 x 144 B, mul_scalar 1 x 0 B, sum 1 x 0 B, tanh 1 x 64 B\n";
+      "  matmul 1 x 144 B, mul_scalar 1 x 0 B, sum 1 x 0 B, tanh 1 x 64 B\n"
+      "saved storages, each once, as allocated: 192 B of leaves, 64 B other\n";
   EXPECT_EQ(format_tape(g.tape, names), want);
   EXPECT_THAT(test::read_source("README.md"), HasSubstr("\n```\n" + want + "```\n"));
 

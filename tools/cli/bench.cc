@@ -72,7 +72,9 @@ const Workload kWorkloads[] = {
 // What one repetition leaves behind for the report, besides its time.
 struct TapeStats {
   int64_t nodes = 0;
-  size_t saved_bytes = 0;
+  size_t saved_bytes = 0;  // every tensor every node keeps
+  // The storages behind them, each once: the parameters' and the rest (activations, the batch).
+  size_t parameter_bytes = 0, activation_bytes = 0;
 };
 
 // How far reduced-precision results are from float32 ones on the same inputs.
@@ -116,7 +118,9 @@ TapeStats tape_of(const NamedTensors& params, const std::function<Tensor()>& los
   Tape tape;
   for (const auto& [name, t] : params) tape.watch(t);
   loss();
-  return {static_cast<int64_t>(tape.nodes().size()), tape.saved_bytes()};
+  const Tape::SavedMemory memory = tape.saved_memory();
+  return {static_cast<int64_t>(tape.nodes().size()), tape.saved_bytes(), memory.leaves,
+          memory.other};
 }
 
 Prepared prepare_policy_train() {
@@ -443,6 +447,8 @@ std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof,
   if (r.tape) {
     j["tape_nodes"] = r.tape->nodes;
     j["saved_mb"] = rounded(r.tape->saved_bytes / 1048576.0, 1);
+    j["saved_parameters_mb"] = rounded(r.tape->parameter_bytes / 1048576.0, 1);
+    j["saved_activations_mb"] = rounded(r.tape->activation_bytes / 1048576.0, 1);
   }
   if (r.accuracy) {
     j["max_abs_diff_vs_f32"] = r.accuracy->max_abs_diff;
@@ -460,8 +466,8 @@ void print_table_row(const Result& r, double roof, double memory_roof) {
               r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops, 100 * r.gflops / roof,
               r.peak_rss_mb, r.page_faults_per_rep);
   if (r.tape)
-    std::printf(" %6lld %9.1f", static_cast<long long>(r.tape->nodes),
-                r.tape->saved_bytes / 1048576.0);
+    std::printf(" %6lld %9.1f %7.1f", static_cast<long long>(r.tape->nodes),
+                r.tape->saved_bytes / 1048576.0, r.tape->activation_bytes / 1048576.0);
   if (r.accuracy)
     std::printf("  (%s; actions vs float32: max |diff| %.2g, relative rms %.2g)",
                 packed_kernel_name(WeightPrecision::bf16).c_str(), r.accuracy->max_abs_diff,
@@ -534,9 +540,9 @@ void run_bench(const Options& o) {
     std::printf("sgemm roof (2048^3, same threads): %.1f GFLOP/s (onednn %.1f, openblas %.1f)\n",
                 roof, sgemm_roof.onednn, sgemm_roof.openblas);
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
-    std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s\n", "workload", "median ms",
+    std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s %7s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
-                "saved MB");
+                "saved MB", "act MB");
     std::fflush(stdout);
   }
   for (const Workload* w : chosen) {
@@ -604,7 +610,9 @@ Result result_from_json(const std::string& line) {
     r.accuracy = Accuracy{number("max_abs_diff_vs_f32"), number("rel_rms_diff_vs_f32")};
   if (j.contains("tape_nodes"))
     r.tape = TapeStats{j.at("tape_nodes").get<int64_t>(),
-                       static_cast<size_t>(number("saved_mb") * 1048576.0)};
+                       static_cast<size_t>(number("saved_mb") * 1048576.0),
+                       static_cast<size_t>(number("saved_parameters_mb") * 1048576.0),
+                       static_cast<size_t>(number("saved_activations_mb") * 1048576.0)};
   return r;
 }
 
