@@ -86,8 +86,10 @@ void commit_locked(int fd, const std::string& tmp, const std::string& path) {
 
 }  // namespace
 
+// O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever if none comes, before
+// fstat could refuse it; on a regular file it changes nothing.
 RegularFile::RegularFile(const std::string& path)
-    : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)) {
   if (fd_ < 0) fail(path, ": cannot open: ", std::strerror(errno));
   struct stat st {};
   const bool stat_ok = ::fstat(fd_, &st) == 0;

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -27,6 +28,14 @@ const bool single_level = [] {
   return true;
 }();
 
+// Every region we open names this count. OpenMP's own (omp_set_num_threads) belongs to the thread
+// that set it, and every other thread starts from OMP_NUM_THREADS, however large. Made on first
+// use, so that a static initializer elsewhere that asks for it finds it made.
+std::atomic<int>& process_threads() {
+  static std::atomic<int> count{std::clamp(omp_get_max_threads(), 1, max_threads())};
+  return count;
+}
+
 }  // namespace
 
 int max_threads() {
@@ -40,11 +49,14 @@ int max_threads() {
 }
 
 int num_threads() {
-  return omp_get_max_threads();
+  return process_threads().load(std::memory_order_relaxed);
 }
 
 void set_num_threads(int n) {
   n = std::clamp(n, 1, max_threads());
+  process_threads().store(n, std::memory_order_relaxed);
+  // OpenBLAS's OpenMP build sizes a product it threads itself (one called outside our regions)
+  // from the calling thread's OpenMP setting, unless its own count is 1.
   omp_set_num_threads(n);
   openblas_set_num_threads(openblas_shares_openmp() ? n : 1);
 }

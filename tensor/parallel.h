@@ -7,9 +7,11 @@
 
 namespace mmdit {
 
-// Threads our kernels and OpenBLAS use (OMP_NUM_THREADS by default).
+// Threads our kernels and OpenBLAS use, in every thread of the process: OMP_NUM_THREADS (or the
+// cores) by default. Not OpenMP's own setting, which is per thread: a count set in main would not
+// reach a controller's own std::thread, which would open teams of the default size.
 int num_threads();
-// Clamped to [1, max_threads()].
+// For the whole process, from now on; clamped to [1, max_threads()].
 void set_num_threads(int n);
 // The most threads a process runs: the MAX_THREADS OpenBLAS was built with (64 in Debian's
 // build), since its OpenMP build runs no more and shares our pool. A larger OMP_NUM_THREADS is
@@ -33,14 +35,15 @@ inline constexpr int64_t kParallelGrain = 131072;
 // on every call), and libgomp ends each region with a futex system call (~2 us on these VMs).
 template <class Fn>
 void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
-  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain || num_threads() == 1) {
+  const int threads = num_threads();
+  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain || threads == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
   // An exception may not leave an OpenMP region (the program would terminate): the first one
   // thrown is kept and rethrown after it.
   std::exception_ptr error;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     try {
       fn(i);

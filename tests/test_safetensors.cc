@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -576,6 +578,20 @@ TEST(Safetensors, MissingOrUnreadableFile) {
   }
   try {
     load_safetensors(dir.path().string());
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
+  }
+  // A FIFO is refused at once: opening one to read would wait for a writer that never comes.
+  const std::string fifo = dir.file("fifo.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  auto load = std::async(std::launch::async, [&] { load_safetensors(fifo); });
+  if (load.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "load_safetensors waits on a FIFO";
+    ::close(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK));  // a writer lets the open return
+  }
+  try {
+    load.get();
     ADD_FAILURE();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
+#include <omp.h>
 
 #include <array>
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -539,6 +541,24 @@ TEST_F(TensorThreadCount, OpenBLASRunsInOurPoolOrOnOneThread) {
     EXPECT_EQ(num_threads(), n);
     EXPECT_EQ(openblas_get_num_threads(), mode == 2 ? n : 1) << openblas_threading() << ", " << n;
   }
+}
+
+// The count is the process's: OpenMP's own is per thread, so a count set in main did not reach a
+// controller's std::thread, whose regions took OMP_NUM_THREADS (100000 made libgomp exit).
+TEST_F(TensorThreadCount, TheCountHoldsOnEveryThread) {
+  const auto team_sizes_on_a_new_thread = [](int thread_openmp_setting) {
+    std::vector<int> sizes(64, 0);
+    std::thread([&] {
+      omp_set_num_threads(thread_openmp_setting);  // what this thread's OpenMP would use
+      parallel_for(64, kParallelGrain, [&](int64_t i) { sizes[i] = omp_get_num_threads(); });
+    }).join();
+    return sizes;
+  };
+  set_num_threads(1);
+  EXPECT_EQ(team_sizes_on_a_new_thread(4), std::vector<int>(64, 1));
+  set_num_threads(2);
+  EXPECT_EQ(team_sizes_on_a_new_thread(1), std::vector<int>(64, 2));
+  EXPECT_EQ(team_sizes_on_a_new_thread(max_threads()), std::vector<int>(64, 2));
 }
 
 // OpenBLAS's OpenMP build lowered a larger count to its MAX_THREADS behind our back, so that

@@ -923,6 +923,47 @@ TEST(Checkpoint, ResumeRefusesOtherData) {
   EXPECT_EQ(Trainer::resume(path, data)->step(), 1);
 }
 
+// A controller and a logger may act on one loaded policy at once, the first calls too (which
+// pack the weights), each with its own Rng: the chunks are those of the same calls one by one.
+TEST(LoadedPolicy, SeveralThreadsMayActAtOnce) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const std::string path = fresh_checkpoint(data, dir);
+  Rng inputs(5);
+  std::vector<Tensor> observations;
+  for (int64_t batch : {1, 3, 1, 7}) observations.push_back(inputs.normal({batch, 2, 2}));
+  std::vector<std::vector<float>> one_by_one;
+  {
+    const LoadedPolicy p = load_policy(path);
+    for (size_t i = 0; i < observations.size(); ++i) {
+      Rng rng(i);
+      one_by_one.push_back(p.act(observations[i], rng).to_vector<float>());
+    }
+  }
+  for (const WeightPrecision weights : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    const LoadedPolicy p = load_policy(path, /*use_ema=*/true, weights);
+    std::vector<std::vector<float>> together(observations.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < observations.size(); ++i)
+      threads.emplace_back([&, i] {
+        Rng rng(i);
+        for (int repeat = 0; repeat < 3; ++repeat) {
+          Rng again = rng;
+          together[i] = p.act(observations[i], again).to_vector<float>();
+        }
+      });
+    for (std::thread& t : threads) t.join();
+    if (weights == WeightPrecision::f32) {
+      EXPECT_EQ(together, one_by_one);
+    } else {  // bf16: the same calls one by one again
+      for (size_t i = 0; i < observations.size(); ++i) {
+        Rng rng(i);
+        EXPECT_EQ(together[i], p.act(observations[i], rng).to_vector<float>()) << i;
+      }
+    }
+  }
+}
+
 // A policy whose weights overflow returns an error, never NaN actions to a robot.
 TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
   const Episodes data = demo_episodes();
@@ -1374,6 +1415,20 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.hdf5 --obs-keys nope --out " + dir + "/x"),
             0);
   fs::remove_all(dir);
+}
+
+// The loss plot comes after the final checkpoint: a plot that cannot be written (a full disk;
+// here a directory in its place) warns, and the run still succeeds, or stops by its signal.
+TEST(Cli, ALossPlotThatCannotBeWrittenDoesNotFailTheRun) {
+  const std::string dir = temp_dir("cli_plot");
+  write_tiny_run(dir, 8, R"("horizon": 4)", 8);
+  fs::create_directories(dir + "/run/loss.svg");
+  const test::Command r = test::run_mmdit("train --data " + dir + "/demos.npz --config " + dir +
+                                          "/config.json --steps 3 --out " + dir + "/run");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("warning: the loss plot was not written: "));
+  EXPECT_THAT(r.output, HasSubstr("into " + dir + "/run/checkpoint.safetensors; Ctrl-C saves it"));
+  EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 3);
 }
 
 // Options that cannot work are refused before any work, naming the option; and a run resumed into

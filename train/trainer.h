@@ -118,7 +118,8 @@ struct LoadedPolicy {
   std::unique_ptr<EulerSampler> sampler;
   // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
   // The chunk starts at the oldest observation, as the training windows do: action
-  // n_obs_steps - 1 is the one for the newest observation, the first to execute.
+  // n_obs_steps - 1 is the one for the newest observation, the first to execute. Several threads
+  // may call it at once, each with an Rng of its own.
   Tensor act(const Tensor& observations, Rng& rng) const;
 };
 // A checkpoint's metadata, read and checked without its tensors (a large policy's file need not

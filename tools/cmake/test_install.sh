@@ -1,7 +1,8 @@
 #!/bin/bash
 # ctest install.find_package: installs this build into a temporary prefix, then configures,
 # builds and runs a project outside the tree that finds it with find_package(mmdit) and links
-# mmdit::train, as README "Deploying a checkpoint in C++" tells a user to.
+# mmdit::train, as README "Deploying a checkpoint in C++" tells a user to: from a shared library,
+# as a controller plugin (ros2_control, pluginlib) is, which the executable loads.
 # Usage: test_install.sh BUILD_DIR C_COMPILER CXX_COMPILER
 set -euo pipefail
 build_dir=$1 c_compiler=$2 cxx_compiler=$3
@@ -14,15 +15,21 @@ cmake_minimum_required(VERSION 3.22)
 project(my_robot C CXX)
 set(CMAKE_CXX_STANDARD 20)
 find_package(mmdit REQUIRED)
+add_library(my_controller SHARED controller.cc)
+target_link_libraries(my_controller PRIVATE mmdit::train)
 add_executable(my_robot main.cc)
-target_link_libraries(my_robot PRIVATE mmdit::train)
+target_link_libraries(my_robot PRIVATE my_controller)
 CMAKE
 cat > "$work/app/main.cc" <<'CPP'
+void run_controller();
+int main() { run_controller(); }
+CPP
+cat > "$work/app/controller.cc" <<'CPP'
 #include <cstdio>
 
 #include "train/policy.h"
 
-int main() {
+void run_controller() {
   mmdit::PolicyConfig c;
   c.hidden_size = 16, c.depth = 1, c.dim_cond = 16, c.timestep_embed_dim = 8;
   c.dim_head = 8, c.heads = 2, c.ff_mult = 2, c.horizon = 4;
