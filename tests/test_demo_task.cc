@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -369,6 +370,28 @@ TEST_F(Plots, LossCurve) {
   EXPECT_THAT(svg, HasSubstr(">0.01<"));  // a decade tick label
   EXPECT_THAT(svg, HasSubstr(">4000<"));  // a step tick label
 
+  // A long run's curve: at most two points per pixel column (608 of them), its lowest and
+  // highest, so that the band stays (it held every point: 24 bytes a step).
+  std::vector<std::pair<int64_t, double>> long_run;
+  const auto long_noise = rng.uniform({200000}, DType::f64, 0.5, 1.5).to_vector<double>();
+  for (int64_t i = 0; i < 200000; ++i) long_run.emplace_back(i + 1, long_noise[i]);
+  long_run[123456].second = 1e-3;  // a dip to a decade's edge in one step
+  write_loss_curve_svg(dir_ / "long.svg", long_run, "long run");
+  const std::string long_svg = read(dir_ / "long.svg");
+  EXPECT_LT(long_svg.size(), 40000u);
+  const size_t raw = long_svg.find("class=\"loss\"");
+  ASSERT_NE(raw, std::string::npos);
+  const std::string raw_points = long_svg.substr(raw, long_svg.find('/', raw) - raw);
+  EXPECT_EQ(std::count(raw_points.begin(), raw_points.end(), ','), 2 * 608);
+  // The dip is drawn: the lowest loss sits near the plot's bottom edge (y 384), where the
+  // others (0.5 and up, three decades above) do not reach.
+  double lowest_drawn = 0;  // the largest y
+  std::istringstream coordinates(raw_points.substr(raw_points.find("points=\"") + 8));
+  for (double x, y; coordinates >> x && coordinates.get() == ',' && coordinates >> y;)
+    lowest_drawn = std::max(lowest_drawn, y);
+  EXPECT_GT(lowest_drawn, 350);
+  EXPECT_THAT(long_svg, HasSubstr("min 0.001 at step "));
+
   // Degenerate inputs still give a plot.
   write_loss_curve_svg(dir_ / "one.svg", {{100, 0.5}}, "one point");
   EXPECT_THAT(read(dir_ / "one.svg"), HasSubstr("<circle"));
@@ -380,7 +403,7 @@ TEST_F(Plots, LossCurve) {
   EXPECT_EQ(bad.find("inf"), std::string::npos);
   write_loss_curve_svg(dir_ / "empty.svg", {}, "empty");
   EXPECT_THAT(read(dir_ / "empty.svg"), HasSubstr("no positive loss values"));
-  expect_only({"bad.svg", "empty.svg", "loss.svg", "one.svg"});
+  expect_only({"bad.svg", "empty.svg", "long.svg", "loss.svg", "one.svg"});
 }
 
 TEST_F(Plots, Rollouts) {

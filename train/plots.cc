@@ -179,9 +179,27 @@ void write_loss_curve_svg(const std::string& path,
                         " non-positive or non-finite values omitted)");
   text(o, W / 2, 46, subtitle, 12, "middle", "fill=\"#555\"");
 
+  // Every step of a long run would make a file of megabytes (about 24 bytes a point) that no
+  // screen resolves: past two points per pixel column, each column's points are drawn as their
+  // lowest and highest, in step order, which keeps the band the curve covers.
   auto polyline = [&](const std::vector<std::pair<double, double>>& p, const char* style) {
     o << "<polyline " << style << " fill=\"none\" stroke-linejoin=\"round\" points=\"";
-    for (const auto& [x, ly] : p) o << px(sx(x)) << "," << px(sy(ly)) << " ";
+    const auto point = [&](const std::pair<double, double>& q) {
+      o << px(sx(q.first)) << "," << px(sy(q.second)) << " ";
+    };
+    const size_t columns = static_cast<size_t>(pw);
+    if (p.size() <= 2 * columns) {
+      for (const auto& q : p) point(q);
+    } else {
+      const auto by_loss = [](const auto& a, const auto& b) { return a.second < b.second; };
+      for (size_t c = 0, begin = 0; c < columns; ++c) {
+        const size_t end = (c + 1) * p.size() / columns;
+        const auto [low, high] = std::minmax_element(p.begin() + begin, p.begin() + end, by_loss);
+        point(low < high ? *low : *high);
+        point(low < high ? *high : *low);
+        begin = end;
+      }
+    }
     o << "\"/>\n";
   };
   // Noisy per-step losses are hard to read raw; a centred moving average (in log space, where

@@ -209,8 +209,8 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   int64_t window_steps = 0;
   double window_loss = 0;
   if (!options.quiet)
-    std::printf("training %lld steps (from step %lld) on %d thread(s); Ctrl-C saves a checkpoint\n",
-                (long long)total, (long long)first, num_threads());
+    std::printf("training %lld steps (from step %lld) on %d thread(s) into %s; Ctrl-C saves it\n",
+                (long long)total, (long long)first, num_threads(), ckpt.c_str());
   while (trainer.step() < total && g_stop_signal == 0) {
     StepStats s;
     try {
@@ -258,8 +258,16 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   else if (!options.quiet)
     std::printf("trained to step %lld in %s; checkpoint: %s\n", (long long)trainer.step(),
                 format_duration(result.seconds).c_str(), ckpt.c_str());
-  if (!result.losses.empty())
-    write_loss_curve_svg(options.out_dir + "/loss.svg", result.losses, "training loss");
+  // The checkpoint is saved: a plot that cannot be written (a full disk) must not turn the run,
+  // or a stop by signal, into a failure.
+  if (!result.losses.empty()) {
+    std::fflush(stdout);
+    try {
+      write_loss_curve_svg(options.out_dir + "/loss.svg", result.losses, "training loss");
+    } catch (const Error& e) {
+      std::fprintf(stderr, "warning: the loss plot was not written: %s\n", e.what());
+    }
+  }
   return result;
 }
 
