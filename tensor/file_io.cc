@@ -86,10 +86,21 @@ void commit_locked(int fd, const std::string& tmp, const std::string& path) {
 
 }  // namespace
 
-// O_NONBLOCK: opening a FIFO for reading would wait for a writer, forever if none comes, before
-// fstat could refuse it; on a regular file it changes nothing.
-RegularFile::RegularFile(const std::string& path)
-    : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)) {
+namespace {
+
+// Opening a FIFO to read waits for a writer, forever if none comes, before fstat could refuse
+// it: O_NONBLOCK returns at once. On a regular file it only makes the open fail with EWOULDBLOCK
+// where it would wait for another process's write lease to be broken, and that open is
+// repeated without it.
+int open_to_read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd >= 0 || errno != EWOULDBLOCK) return fd;
+  return ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+}
+
+}  // namespace
+
+RegularFile::RegularFile(const std::string& path) : fd_(open_to_read(path)) {
   if (fd_ < 0) fail(path, ": cannot open: ", std::strerror(errno));
   struct stat st {};
   const bool stat_ok = ::fstat(fd_, &st) == 0;

@@ -55,8 +55,7 @@ int num_threads() {
 void set_num_threads(int n) {
   n = std::clamp(n, 1, max_threads());
   process_threads().store(n, std::memory_order_relaxed);
-  // OpenBLAS's OpenMP build sizes a product it threads itself (one called outside our regions)
-  // from the calling thread's OpenMP setting, unless its own count is 1.
+  // This thread's OpenMP setting too; other threads' follow in raw::gemm (tensor/matmul.cc).
   omp_set_num_threads(n);
   openblas_set_num_threads(openblas_shares_openmp() ? n : 1);
 }

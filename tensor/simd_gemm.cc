@@ -151,7 +151,8 @@ void GemmSmallNNF32(bool ta, const float* a, int64_t lda, const float* b, int64_
   int64_t i = 0;
   for (; i + kTileRows <= m; i += kTileRows)
     RowsTimesMatrix<kTileRows>(ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
-  LastRowsTimesMatrix<kTileRows - 1>(m - i, ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
+  if (i < m)
+    LastRowsTimesMatrix<kTileRows - 1>(m - i, ta, row(i), lda, b, ldb, c + i * ldc, ldc, n, k);
 }
 
 }  // namespace HWY_NAMESPACE

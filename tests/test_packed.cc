@@ -167,16 +167,17 @@ TEST(PackedWeight, EveryCompiledTargetGivesTheExactProduct) {
     for (int64_t m = 1; m <= 13; ++m) {
       const Tensor xm = raw::contiguous(raw::narrow(x, 0, 0, m));
       const Reference exact_m = reference_product(xm, w, false, false);
-      std::vector<float> ym(static_cast<size_t>(m * N));
+      std::vector<float> ym(static_cast<size_t>(m * N), NAN);
       simd::gemm_small_nn(false, xm.data<float>(), K, wt.data<float>(), N, ym.data(), N, m, N, K);
       expect_close(ym, exact_m, K, "gemm_small_nn, " + std::to_string(m) + " rows, on " + name);
+      std::fill(ym.begin(), ym.end(), NAN);
       simd::gemm_small_nn(true, xt.data<float>(), M, wt.data<float>(), N, ym.data(), N, m, N, K);
       expect_close(ym, exact_m, K,
                    "gemm_small_nn transposed, " + std::to_string(m) + " rows, on " + name);
       // gemm_nt's edge tiles: every row and column remainder of its 4 x 4 tiles.
       for (int64_t n = 1; n <= 9; ++n) {
         const Tensor wn = raw::contiguous(raw::narrow(w, 0, 0, n));
-        std::vector<float> yn(static_cast<size_t>(m * n));
+        std::vector<float> yn(static_cast<size_t>(m * n), NAN);
         simd::gemm_nt(xm.data<float>(), K, wn.data<float>(), K, yn.data(), n, m, 0, n, K);
         expect_close(yn, reference_product(xm, wn, false, false), K,
                      "gemm_nt " + std::to_string(m) + " x " + std::to_string(n) + " on " + name);

@@ -14,6 +14,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <random>
@@ -559,6 +560,31 @@ TEST_F(TensorThreadCount, TheCountHoldsOnEveryThread) {
   set_num_threads(2);
   EXPECT_EQ(team_sizes_on_a_new_thread(1), std::vector<int>(64, 2));
   EXPECT_EQ(team_sizes_on_a_new_thread(max_threads()), std::vector<int>(64, 2));
+  // A product on one thread runs outside our regions, in OpenBLAS or oneDNN, which size a team
+  // from the calling thread's OpenMP setting: they must not start threads of their own.
+  set_num_threads(1);
+  const auto os_threads = [] {
+    int n = 0;
+    for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
+      ++n;
+    return n;
+  };
+  const raw::SgemmLibrary chosen = raw::sgemm_library();
+  const Tensor a = full({256, 256}, 1.0, DType::f32), b = full({256, 256}, 0.5, DType::f32);
+  const int before = os_threads();
+  int during = 0;
+  std::thread([&] {
+    omp_set_num_threads(8);
+    for (const raw::SgemmLibrary library :
+         {raw::SgemmLibrary::openblas, raw::SgemmLibrary::onednn}) {
+      raw::set_sgemm_library(library);
+      EXPECT_EQ(raw::matmul(a, b).to_vector<float>()[0], 128.0f);
+    }
+    during = os_threads();
+  }).join();
+  raw::set_sgemm_library(chosen);
+  EXPECT_EQ(during, before + 1);  // this std::thread alone
+  EXPECT_EQ(openblas_get_num_threads(), 1);
 }
 
 // OpenBLAS's OpenMP build lowered a larger count to its MAX_THREADS behind our back, so that

@@ -179,9 +179,9 @@ void write_loss_curve_svg(const std::string& path,
                         " non-positive or non-finite values omitted)");
   text(o, W / 2, 46, subtitle, 12, "middle", "fill=\"#555\"");
 
-  // Every step of a long run would make a file of megabytes (about 24 bytes a point) that no
-  // screen resolves: past two points per pixel column, each column's points are drawn as their
-  // lowest and highest, in step order, which keeps the band the curve covers.
+  // Every step of a long run would make a file of megabytes (12 bytes a point, 24 a step with the
+  // moving average) that no screen resolves: past two points per pixel column, each column's points
+  // are drawn as their lowest and highest, in step order, which keeps the band the curve covers.
   auto polyline = [&](const std::vector<std::pair<double, double>>& p, const char* style) {
     o << "<polyline " << style << " fill=\"none\" stroke-linejoin=\"round\" points=\"";
     const auto point = [&](const std::pair<double, double>& q) {

@@ -73,8 +73,9 @@ const Workload kWorkloads[] = {
 struct TapeStats {
   int64_t nodes = 0;
   size_t saved_bytes = 0;  // every tensor every node keeps
-  // The storages behind them, each once: the parameters' and the rest (activations, the batch).
-  size_t parameter_bytes = 0, activation_bytes = 0;
+  // The storages behind them, each once: the parameters' and the others' (the activations, and
+  // constants such as the batch, the rotary tables and the attention mask).
+  size_t parameter_bytes = 0, other_bytes = 0;
 };
 
 // How far reduced-precision results are from float32 ones on the same inputs.
@@ -448,7 +449,7 @@ std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof,
     j["tape_nodes"] = r.tape->nodes;
     j["saved_mb"] = rounded(r.tape->saved_bytes / 1048576.0, 1);
     j["saved_parameters_mb"] = rounded(r.tape->parameter_bytes / 1048576.0, 1);
-    j["saved_activations_mb"] = rounded(r.tape->activation_bytes / 1048576.0, 1);
+    j["saved_other_mb"] = rounded(r.tape->other_bytes / 1048576.0, 1);
   }
   if (r.accuracy) {
     j["max_abs_diff_vs_f32"] = r.accuracy->max_abs_diff;
@@ -467,7 +468,7 @@ void print_table_row(const Result& r, double roof, double memory_roof) {
               r.peak_rss_mb, r.page_faults_per_rep);
   if (r.tape)
     std::printf(" %6lld %9.1f %7.1f", static_cast<long long>(r.tape->nodes),
-                r.tape->saved_bytes / 1048576.0, r.tape->activation_bytes / 1048576.0);
+                r.tape->saved_bytes / 1048576.0, r.tape->other_bytes / 1048576.0);
   if (r.accuracy)
     std::printf("  (%s; actions vs float32: max |diff| %.2g, relative rms %.2g)",
                 packed_kernel_name(WeightPrecision::bf16).c_str(), r.accuracy->max_abs_diff,
@@ -542,7 +543,7 @@ void run_bench(const Options& o) {
     std::printf("memory roof (reading 256 MB, same threads): %.1f GB/s\n\n", memory_roof);
     std::printf("%-19s %9s %9s %9s %8s %8s %7s %8s %8s %6s %9s %7s\n", "workload", "median ms",
                 "min ms", "max ms", "GFLOP", "GFLOP/s", "roof", "RSS MB", "faults", "nodes",
-                "saved MB", "act MB");
+                "saved MB", "other MB");
     std::fflush(stdout);
   }
   for (const Workload* w : chosen) {
@@ -612,7 +613,7 @@ Result result_from_json(const std::string& line) {
     r.tape = TapeStats{j.at("tape_nodes").get<int64_t>(),
                        static_cast<size_t>(number("saved_mb") * 1048576.0),
                        static_cast<size_t>(number("saved_parameters_mb") * 1048576.0),
-                       static_cast<size_t>(number("saved_activations_mb") * 1048576.0)};
+                       static_cast<size_t>(number("saved_other_mb") * 1048576.0)};
   return r;
 }
 
