@@ -111,13 +111,13 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                   " by ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,
                   ") has a size past OpenBLAS's integers (at most ",
                   std::numeric_limits<blasint>::max(), ")");
-  const int threads = omp_get_level() > 0 ? 1 : num_threads();
+  const bool in_region = omp_get_level() > 0;
+  const int threads = in_region ? 1 : num_threads();
   // A block that runs outside our regions (the product on one thread, or a small one) still
   // goes to OpenBLAS or oneDNN, which size a team of their own from this thread's OpenMP
   // setting: on a thread the process's count never reached (a controller's std::thread) it is
   // OMP_NUM_THREADS, and OpenBLAS would take it for its own count too.
-  if (omp_get_level() == 0 && omp_get_max_threads() != num_threads())
-    omp_set_num_threads(num_threads());
+  if (!in_region && omp_get_max_threads() != threads) omp_set_num_threads(threads);
   auto refused = [&] {
     fail("matmul: oneDNN's sgemm refused the product (", ta ? "A^T" : "A", " ", m, " x ", k, ", ",
          tb ? "B^T" : "B", " ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,

@@ -162,13 +162,13 @@ void write_loss_curve_svg(const std::string& path,
   text(o, 18, T + ph / 2, "loss (log scale)", 13, "middle",
        str_cat("transform=\"rotate(-90 18 ", px(T + ph / 2), ")\"").c_str());
 
+  const auto by_loss = [](const auto& a, const auto& b) { return a.second < b.second; };
   std::string subtitle;
   if (pts.empty()) {
     text(o, L + pw / 2, T + ph / 2, "no positive loss values to plot", 14, "middle",
          "fill=\"#888\"");
   } else {
-    const auto best = std::min_element(
-        pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+    const auto best = std::min_element(pts.begin(), pts.end(), by_loss);
     subtitle =
         str_cat("last ", fmt("%.4g", std::pow(10.0, pts.back().second)), " at step ",
                 step_label(pts.back().first), "  \u00b7  min ",
@@ -191,7 +191,6 @@ void write_loss_curve_svg(const std::string& path,
     if (p.size() <= 2 * columns) {
       for (const auto& q : p) point(q);
     } else {
-      const auto by_loss = [](const auto& a, const auto& b) { return a.second < b.second; };
       for (size_t c = 0, begin = 0; c < columns; ++c) {
         const size_t end = (c + 1) * p.size() / columns;
         const auto [low, high] = std::minmax_element(p.begin() + begin, p.begin() + end, by_loss);
