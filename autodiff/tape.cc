@@ -66,6 +66,23 @@ void accumulate(Tensor& acc, const Tensor& g) {
     acc = raw::add(acc, g);
 }
 
+// PyTorch's version-counter check: backward would silently compute from the new values.
+void check_saved_unchanged(const Node& node, size_t index) {
+  for (size_t i = 0; i < node.saved.size(); ++i) {
+    const Tensor& t = node.saved[i];
+    if (!t.defined()) continue;
+    const uint64_t now = t.impl().storage->version();
+    MMDIT_CHECK(now == node.saved_versions[i], "gradient: ", node.op, " (",
+                where_recorded(node, index), ") saved a ", shape_str(t.shape()), " ",
+                dtype_name(t.dtype()), " tensor for its backward (saved tensor ", i,
+                "), and it was changed in place after the op ran (its storage's version went from ",
+                node.saved_versions[i], " to ", now,
+                ": by copy_into, add_into, an optimiser or EMA step, or mark_changed()); its "
+                "gradient would be computed from the new values. Change tensors only after "
+                "gradient(), or record the computation again on a new Tape");
+  }
+}
+
 }  // namespace
 
 // Mistakes in a backward written with record() surface here; the messages name the op, not a
@@ -252,6 +269,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     for (size_t i = 0; i < node.inputs.size(); ++i)
       any |= needs[i] = node.inputs[i].slot >= 0 && needed[node.inputs[i].slot];
     if (g.defined() && any) {
+      check_saved_unchanged(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1);
       Backward ctx(node, g, needs);
       const auto started =
           profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
@@ -281,6 +299,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     }
     node.saved.clear();
     node.saved.shrink_to_fit();
+    node.saved_versions = {};
     node.saved_bytes = 0;
     node.backward = nullptr;
   }
@@ -342,8 +361,10 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
   node.op = op;
   for (const Tensor& t : inputs) node.inputs.push_back({tape.slot_of(t), t.shape(), t.dtype()});
   node.saved.assign(saved.begin(), saved.end());
-  for (const Tensor& t : saved)
+  for (const Tensor& t : saved) {
+    node.saved_versions.push_back(t.defined() ? t.impl().storage->version() : 0);
     if (t.defined()) node.saved_bytes += t.nbytes();
+  }
   node.backward = std::move(backward);
   node.scope = NameScope::current();
   return node;

@@ -46,6 +46,9 @@ struct Node {
   Shape output_shape;
   DType dtype;
   std::vector<Tensor> saved;  // what backward reads; released as soon as it has run
+  // Each saved tensor's Storage::version() when the op ran: backward refuses to read one that
+  // was changed in place since.
+  std::vector<uint64_t> saved_versions;
   size_t saved_bytes = 0;
   BackwardFn backward;
   std::string scope;  // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"

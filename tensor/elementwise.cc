@@ -191,6 +191,7 @@ void add_into(const Tensor& dst, const Tensor& x) {
   check_distinct_elements(dst, "add_into");
   MMDIT_CHECK(broadcasts_to(x.shape(), dst.shape()), "add_into: cannot add ", shape_str(x.shape()),
               " into ", shape_str(dst.shape()));
+  dst.mark_changed();
   // binary_typed writes rows of contiguous elements; a strided view takes the copying way.
   if (!dst.is_contiguous()) return copy_into(dst, binary(BinaryOp::add, dst, x));
   // Each output element is read and written at the same position: dst may be the first operand,
@@ -305,6 +306,7 @@ void copy_into(const Tensor& dst, const Tensor& src) {
               shape_str(src.shape()), " into ", shape_str(dst.shape()));
   // Overlapping rows would be read after they are written (and memcpy'd onto themselves).
   const Tensor s = broadcast_to(src.shares_storage_with(dst) ? clone(src) : src, dst.shape());
+  dst.mark_changed();
   visit_dtype(dst.dtype(), [&](auto dtag) {
     visit_dtype(s.dtype(), [&](auto stag) { copy_rows<decltype(dtag), decltype(stag)>(dst, s); });
   });

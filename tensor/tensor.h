@@ -6,6 +6,7 @@
 // autodiff/ and call the raw ones declared in ops.h.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -43,10 +44,15 @@ class Storage {
   Storage& operator=(const Storage&) = delete;
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
+  // Counts the in-place writes made through the library (copy_into, add_into, an optimiser or
+  // EMA step, Tensor::mark_changed), so that backward can tell a saved tensor changed under it.
+  uint64_t version() const { return version_.load(std::memory_order_relaxed); }
+  void bump_version() { version_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
   void* data_ = nullptr;
   size_t bytes_ = 0;
+  std::atomic<uint64_t> version_{0};
 };
 
 struct AllocatorStats {
@@ -100,6 +106,10 @@ class Tensor {
   void* raw_data() const {
     return static_cast<char*>(impl().storage->data()) + impl().offset * dtype_size(dtype());
   }
+  // Says that the memory was written in place through data<T>(): a tape that saved this tensor
+  // (or another view of its storage) for backward then refuses to compute from the new values.
+  // The library's own in-place writes (copy_into, add_into, the optimisers) do this themselves.
+  void mark_changed() const { impl().storage->bump_version(); }
 
   // The single value of a one-element tensor, converted to double.
   double item() const;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -116,9 +117,58 @@ TEST(AutodiffTape, ANestedTapeCannotWatchWhatAnOuterTapeHolds) {
   EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{12.0});
 }
 
-// docs/autodiff.md section 3: a node keeps the tensor it saved, not a copy, so an in-place change
-// before gradient() changes the gradient (the documented hazard, as it stands).
-TEST(AutodiffTape, SavedTensorsAreHandlesNotCopies) {
+// docs/autodiff.md section 3: a node keeps the tensor it saved, not a copy. An in-place change
+// the library makes (or is told of) before gradient() is refused, naming the op that saved it.
+TEST(AutodiffTape, AnInPlaceChangeToASavedTensorIsRefused) {
+  const std::vector<std::function<void(const Tensor&)>> changes = {
+      [](const Tensor& x) { raw::copy_into(x, scalar(3.0, DType::f64)); },
+      [](const Tensor& x) { raw::add_into(x, scalar(1.0, DType::f64)); },
+      // another view of the same storage
+      [](const Tensor& x) {
+        raw::fill(raw::slice(raw::reshape(x, {2, 1}), 0, 1, 2), 0.5);
+      },
+      [](const Tensor& x) {
+        x.data<double>()[0] = 100.0;
+        x.mark_changed();
+      },
+  };
+  for (size_t c = 0; c < changes.size(); ++c) {
+    SCOPED_TRACE(c);
+    Tensor x = from_vector(std::vector<double>{1.0, 2.0}, {2});
+    Tape tape;
+    tape.watch(x);
+    Tensor y;
+    {
+      NameScope scope("loss");
+      y = sum(square(x));
+    }
+    changes[c](x);
+    const std::string message = error_of([&] { tape.gradient(y, {x}); });
+    EXPECT_THAT(message,
+                HasSubstr("square (node 0, recorded in scope 'loss') saved a (2,) float64 tensor"));
+    EXPECT_THAT(message, HasSubstr("changed in place after the op ran"));
+  }
+}
+
+// What gradient() never reads may change: add saves nothing, and a node whose backward does not
+// run (its output does not lead to y) is not checked.
+TEST(AutodiffTape, ChangingWhatBackwardDoesNotReadIsAllowed) {
+  Tensor x = from_vector(std::vector<double>{1.0, 2.0}, {2});
+  Tensor c = from_vector(std::vector<double>{5.0, 7.0}, {2});
+  Tape tape;
+  tape.watch(x);
+  tape.watch(c);
+  const Tensor y = sum(x + c);
+  const Tensor unused = square(c);
+  raw::copy_into(c, scalar(-1.0, DType::f64));
+  const std::vector<Tensor> g = tape.gradient(y, {x, c});
+  EXPECT_EQ(values(g[0]), (std::vector<double>{1.0, 1.0}));
+  EXPECT_EQ(values(g[1]), (std::vector<double>{1.0, 1.0}));
+}
+
+// A write through data<T>() is invisible to the library until mark_changed(): backward then
+// reads the new value (d/dx0 of x0^2 at the new x0 = 100).
+TEST(AutodiffTape, AnUnmarkedWriteThroughDataIsNotSeen) {
   Tensor x = from_vector(std::vector<double>{1.0, 2.0}, {2});
   Tape tape;
   tape.watch(x);

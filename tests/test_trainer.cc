@@ -18,6 +18,8 @@
 #include <sstream>
 #include <thread>
 
+#include "autodiff/ops.h"
+#include "autodiff/tape.h"
 #include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "tensor/safetensors.h"
@@ -246,6 +248,22 @@ TEST(AdamW, FusedClipAndEmaEqualSeparateCalls) {
 
 // A gradient that is not finite, or an EMA of another dtype, is refused before anything changes:
 // parameters, moments, step and EMA stay as they were, and the message names the tensor.
+// The optimiser's in-place step counts as a change: a tape recorded before it refuses to
+// compute gradients from the stepped parameters.
+TEST(AdamW, AStepBeforeGradientIsRefusedByTheTape) {
+  const Tensor w = from_vector(std::vector<double>{1.0, -2.0}, {2});
+  NamedTensors params, grads;
+  params.insert("w", w);
+  grads.insert("w", from_vector(std::vector<double>{1.0, 1.0}, {2}));
+  AdamW opt(params, {1e-2, 0.9, 0.999, 1e-8, 0.0});
+  Tape tape;
+  tape.watch(w);
+  const Tensor loss = sum(square(w));
+  opt.update(params, grads);
+  EXPECT_THAT(test::error_of([&] { tape.gradient(loss, {w}); }),
+              HasSubstr("square (node 0, recorded in scope '<root>') saved a (2,) float64 tensor"));
+}
+
 TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
   NamedTensors params;
   params.insert("a", from_vector({1.0f, -2.0f, 3.0f}, {3}));

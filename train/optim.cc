@@ -218,6 +218,8 @@ double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads,
     const Item& it = items[i++];
     Tensor &m = m_.at(name), &v = v_.at(name);
     const double decay = ema ? ema->decay() : 0.0;
+    for (const Tensor& changed : {it.p, m, v, it.e})
+      if (changed.defined()) changed.mark_changed();
     if (it.p.dtype() == DType::f32)
       adamw_kernel(it.p.data<float>(), it.g.data<float>(), m.data<float>(), v.data<float>(),
                    it.p.numel(), config_, lr, step_, grad_scale,
@@ -260,6 +262,7 @@ double clip_by_global_norm(const NamedTensors& grads, double max_norm) {
   const double scale = clip_scale(norm, max_norm);
   if (scale == 1.0) return norm;
   for (const auto& [name, g] : grads) {
+    g.mark_changed();
     if (g.is_contiguous() && g.dtype() == DType::f32)
       scale_in_place(g.data<float>(), g.numel(), scale);
     else if (g.is_contiguous() && g.dtype() == DType::f64)
@@ -289,6 +292,7 @@ void EMA::update(const NamedTensors& params) {
   for (const auto& [name, p] : params) {
     Tensor& e = ema_.at(name);
     const Tensor pc = raw::contiguous(raw::to_dtype(p, e.dtype()));
+    e.mark_changed();
     if (e.dtype() == DType::f32)
       ema_kernel(e.data<float>(), pc.data<float>(), e.numel(), decay_);
     else
