@@ -432,6 +432,8 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
                     {"gamma_k", gamma_k},
                     {"cos", cos_in},
                     {"sin", sin_in}});
+  refuse_constant_on_tape(op, "cos", cos_in);
+  refuse_constant_on_tape(op, "sin", sin_in);
   MMDIT_CHECK(qkv_in.dim() == 5 && qkv_in.shape()[2] == 3 && qkv_in.shape()[4] > 0 &&
                   qkv_in.shape()[4] % 2 == 0,
               op, ": packed qkv has shape ", shape_str(qkv_in.shape()),
@@ -737,6 +739,8 @@ Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y
 Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
   const char* op = "rope";
   check_floats(op, {{"x", x_in}, {"cos", cos_in}, {"sin", sin_in}});
+  refuse_constant_on_tape(op, "cos", cos_in);
+  refuse_constant_on_tape(op, "sin", sin_in);
   MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] > 0 && x_in.shape()[3] % 2 == 0, op,
               ": input has shape ", shape_str(x_in.shape()),
               "; expected (B, S, H, d) with d even and positive");

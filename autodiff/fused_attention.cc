@@ -382,6 +382,8 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
                       {"gamma_k" + i, gamma_k[m]},
                       {"cos" + i, cos[m]},
                       {"sin" + i, sin[m]}});
+    refuse_constant_on_tape(op, ("cos" + i).c_str(), cos[m]);
+    refuse_constant_on_tape(op, ("sin" + i).c_str(), sin[m]);
     const Shape& shape = qkv[m].shape();
     MMDIT_CHECK(shape.size() == 5 && shape[0] == in.B && shape[2] == 3 && shape[3] == in.H &&
                     shape[4] == in.d,

@@ -13,11 +13,16 @@ namespace mmdit {
 std::string GradcheckResult::report() const {
   char buf[512];
   std::snprintf(buf, sizeof buf,
-                "%s: %lld elements checked; worst %s%s: analytic %.10g, numeric %.10g, "
+                "%s: %lld elements checked%s; worst %s%s: analytic %.10g, numeric %.10g, "
                 "|diff| %.3g vs tolerance %.3g",
-                ok ? "ok" : "FAILED", static_cast<long long>(checked), name.c_str(),
-                shape_str(index).c_str(), analytic, numeric, std::abs(analytic - numeric),
-                tolerance);
+                ok ? "ok" : "FAILED", static_cast<long long>(checked),
+                zero > 0 ? str_cat(" (", zero,
+                                   " of them 0 on both sides, which any backward "
+                                   "passes)")
+                               .c_str()
+                         : "",
+                name.c_str(), shape_str(index).c_str(), analytic, numeric,
+                std::abs(analytic - numeric), tolerance);
   return buf;
 }
 
@@ -32,10 +37,17 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
               options.atol, ", rtol ", options.rtol);
   MMDIT_CHECK(options.sample == -1 || options.sample >= 1,
               "gradcheck: sample must be -1 (every element) or at least 1, got ", options.sample);
-  for (const auto& [name, t] : wrt)
-    MMDIT_CHECK(t.dtype() == DType::f64 && t.is_contiguous(), "gradcheck: '", name,
-                "' must be a contiguous float64 tensor, got ", dtype_name(t.dtype()), " ",
-                shape_str(t.shape()));
+  for (size_t k = 0; k < wrt.size(); ++k) {
+    const auto& [name, t] = wrt[k];
+    MMDIT_CHECK(t.dtype() == DType::f64, "gradcheck: '", name, "' must be a float64 tensor, got ",
+                dtype_name(t.dtype()), " ", shape_str(t.shape()));
+    MMDIT_CHECK(t.is_contiguous(), "gradcheck: '", name, "' ", shape_str(t.shape()),
+                " is not contiguous; gradcheck perturbs its elements in memory order");
+    // Perturbing one would move the other too, and the numeric derivative with it.
+    for (size_t j = 0; j < k; ++j)
+      MMDIT_CHECK(!t.shares_storage_with(wrt[j].second), "gradcheck: '", name, "' and '",
+                  wrt[j].first, "' share memory; check tensors that do not overlap");
+  }
   Rng rng(options.seed);
   Tensor cotangent;
   auto scalar_loss = [&](const Tensor& out) {
@@ -54,13 +66,19 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
       leaves.push_back(t);
     }
     Tensor out = f();
+    MMDIT_CHECK(out.defined(), "gradcheck: f returned an undefined tensor");
+    MMDIT_CHECK(out.dtype() == DType::f64, "gradcheck: f must return float64, got ",
+                dtype_name(out.dtype()), " ", shape_str(out.shape()));
+    MMDIT_CHECK(!wrt.empty(), "gradcheck: no tensors to check");
     MMDIT_CHECK(tape.is_on_tape(out),
                 "gradcheck: f's output was not computed from the checked tensors (",
                 wrt.size() == 1 ? wrt.begin()->first : str_cat(wrt.size(), " tensors"),
                 "), so every derivative would be 0 = 0; with the overload taking inputs, f "
                 "must use its argument, which holds copies of them");
     scalar_loss(out);
-    analytic = tape.gradient(out, leaves, cotangent);
+    // A copy: a backward that wrongly wrote into its incoming gradient would otherwise change
+    // the cotangent the central differences use too, and pass.
+    analytic = tape.gradient(out, leaves, raw::clone(cotangent));
   }
 
   GradcheckResult result;
@@ -120,6 +138,8 @@ GradcheckResult gradcheck(const std::function<Tensor(const std::vector<Tensor>&)
     copies.push_back(raw::clone(inputs[i]));
     if (is_floating(inputs[i].dtype())) wrt.insert("input" + std::to_string(i), copies.back());
   }
+  MMDIT_CHECK(!wrt.empty(), "gradcheck: none of the ", inputs.size(),
+              " inputs is a float tensor; there is nothing to check");
   return gradcheck([&] { return f(copies); }, wrt, options);
 }
 

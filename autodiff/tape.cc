@@ -274,7 +274,15 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
       const auto started =
           profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
+      const uint64_t grad_version = g.impl().storage->version();
       node.backward(ctx);
+      // The incoming gradient may be the caller's cotangent or another node's gradient too.
+      MMDIT_CHECK(g.impl().storage->version() == grad_version, "gradient: the backward of ",
+                  node.op, " (",
+                  where_recorded(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1),
+                  ") changed its incoming gradient (ctx.grad) in place; other nodes or the "
+                  "caller's cotangent may share it, so a backward must write its results into "
+                  "new tensors");
       if (profiling_) {
         node.backward_seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -345,6 +353,16 @@ NameScope::~NameScope() {
 }
 const std::string& NameScope::current() {
   return g_scope;
+}
+
+void refuse_constant_on_tape(const char* op, const char* what, const Tensor& t) {
+  if (!t.defined()) return;
+  for (const Tape* tape = Tape::active(); tape; tape = tape->enclosing())
+    MMDIT_CHECK(!tape->is_on_tape(t), op, ": ", what, " ", shape_str(t.shape()),
+                " is on a tape, but ", op,
+                " takes it as a constant and gives it no gradient (it would silently be 0). "
+                "Compute it off the tape or pass stop_gradient(",
+                what, "); to differentiate it, use the plain ops this op fuses (autodiff/fused.h)");
 }
 
 namespace detail {

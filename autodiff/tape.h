@@ -130,6 +130,8 @@ class Tape {
     if (previous_) refuse_inputs_on(previous_, op, inputs);
   }
   int64_t slot_of(const Tensor& t) const;
+  // The tape that was active when this one was made, or null.
+  const Tape* enclosing() const { return previous_; }
 
  private:
   static void refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs);
@@ -177,6 +179,10 @@ class AnomalyMode {
  private:
   bool previous_;
 };
+
+// For an op that takes `t` as a constant (a fused op's rotary tables): throws, naming op and
+// `what`, if t is on the active tape or an enclosing one, where its gradient would silently be 0.
+void refuse_constant_on_tape(const char* op, const char* what, const Tensor& t);
 
 namespace detail {
 bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs);

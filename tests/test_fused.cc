@@ -285,6 +285,83 @@ TEST(Fused, LinearGradientsThroughNonContiguousInputs) {
        rng.normal({5}, DType::f64)});
 }
 
+// Each fused op makes a non-contiguous input contiguous before its kernel: the gradient must go
+// back through that copy onto the right elements of the view (the models pass narrowed
+// modulation chunks and permuted activations).
+TEST(Fused, GradientsThroughNonContiguousInputs) {
+  Rng rng(28);
+  const auto t = [](const Tensor& x) { return transpose(x, 0, 1); };
+  expect_gradcheck([&](const auto& in) { return rms_norm_fused(t(in[0]), in[1]); },
+                   {rng.normal({3, 5}, DType::f64), rng.normal({3}, DType::f64)});
+  expect_gradcheck([&](const auto& in) { return swiglu(t(in[0]), narrow(in[1], 1, 1, 3)); },
+                   {rng.normal({3, 4}, DType::f64), rng.normal({4, 5}, DType::f64)});
+  expect_gradcheck(
+      [&](const auto& in) { return gated_residual(t(in[0]), narrow(in[1], 0, 2, 3), t(in[2])); },
+      {rng.normal({3, 2}, DType::f64), rng.normal({6}, DType::f64),
+       rng.normal({3, 2}, DType::f64)});
+  // shift and scale as halves of one modulation output, x permuted.
+  expect_gradcheck(
+      [&](const auto& in) {
+        return layer_norm_modulate(permute(in[0], {1, 0, 2}), narrow(in[1], 2, 0, 4),
+                                   narrow(in[1], 2, 4, 4));
+      },
+      {rng.normal({3, 2, 4}, DType::f64), rng.normal({2, 1, 8}, DType::f64)});
+  expect_gradcheck([&](const auto& in) { return layer_norm_modulate(t(in[0]), in[1]); },
+                   {rng.normal({4, 3}, DType::f64), rng.normal({1, 8}, DType::f64)});
+  const nn::RopeTables tables = nn::rope_tables(3, 4, DType::f64);
+  expect_gradcheck(
+      [&](const auto& in) {
+        return rope(permute(in[0], {0, 2, 1, 3}), tables.cos, tables.sin);
+      },
+      {rng.normal({2, 2, 3, 4}, DType::f64)});
+  // Every other token of a longer sequence: a stepped view.
+  expect_gradcheck(
+      [&](const auto& in) {
+        return qk_norm_rope(slice(in[0], 1, 0, 6, 2), in[1], in[2], tables.cos, tables.sin);
+      },
+      {rng.normal({2, 6, 3, 2, 4}, DType::f64), rng.normal({4}, DType::f64),
+       rng.normal({4}, DType::f64)});
+  for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom})
+    expect_gradcheck(
+        [&](const auto& in) {
+          return attention_packed(slice(in[0], 1, 1, 5, 1), Tensor(), blocked_from);
+        },
+        {rng.normal({2, 5, 3, 2, 4}, DType::f64)});
+  expect_gradcheck(
+      [&](const auto& in) {
+        return joint_attention_fused({slice(in[0], 1, 0, 6, 2), narrow(in[1], 1, 1, 2)},
+                                     {in[2], in[2]}, {in[3], in[3]},
+                                     {tables.cos, narrow(tables.cos, 0, 0, 2)},
+                                     {tables.sin, narrow(tables.sin, 0, 0, 2)}, Tensor());
+      },
+      {rng.normal({2, 6, 3, 2, 4}, DType::f64), rng.normal({2, 3, 3, 2, 4}, DType::f64),
+       rng.normal({4}, DType::f64), rng.normal({4}, DType::f64)});
+}
+
+// The rotary tables are constants of the fused ops. Watched (or computed from watched values),
+// their gradient was silently 0 where the plain ops' composition gives one: refused instead.
+TEST(Fused, RotaryTablesOnATapeAreRefused) {
+  Rng rng(29);
+  const Tensor x = rng.normal({1, 3, 2, 4}, DType::f64),
+               qkv = rng.normal({1, 3, 3, 2, 4}, DType::f64);
+  const Tensor gamma = rng.normal({4}, DType::f64);
+  const nn::RopeTables tables = nn::rope_tables(3, 4, DType::f64);
+  const Tensor cos = raw::clone(tables.cos), sin = raw::clone(tables.sin);
+  Tape tape;
+  tape.watch(cos);
+  EXPECT_THAT(error_of([&] { rope(x, cos, tables.sin); }),
+              HasSubstr("rope: cos (3,4) is on a tape, but rope takes it as a constant"));
+  EXPECT_THAT(error_of([&] { qk_norm_rope(qkv, gamma, gamma, cos, sin); }),
+              HasSubstr("qk_norm_rope: cos (3,4) is on a tape"));
+  const Tensor derived = cos * 0.5;  // computed from a watched tensor
+  EXPECT_THAT(error_of([&] {
+                joint_attention_fused({qkv}, {gamma}, {gamma}, {tables.cos}, {derived}, Tensor());
+              }),
+              HasSubstr("joint_attention: sin[0] (3,4) is on a tape"));
+  // Off the tape (stop_gradient), the same tables are constants as documented.
+  EXPECT_EQ(error_of([&] { rope(x, stop_gradient(cos), sin); }), "(no mmdit::Error thrown)");
+}
+
 // Every test above passes the default eps, which the references also default to: an op that
 // ignored its eps argument would pass them. At eps 0.5 on inputs of scale 0.05 the outputs differ
 // from the default-eps ones by O(1).
@@ -609,9 +686,10 @@ TEST(Fused, JointAttentionMatchesTheCompositionAndGradients) {
             << "input " << i << ", blocked from " << blocked_from;
     }
   }
-  const Tensor causal = causal_mask(T);
-  expect_gradcheck([&](const std::vector<Tensor>& in) { return fused(in, causal, 512); }, inputs);
-  expect_gradcheck([&](const std::vector<Tensor>& in) { return fused(in, causal, 1); }, inputs);
+  for (const Tensor& mask : {Tensor(), causal_mask(T), per_example})
+    for (const int64_t blocked_from : {int64_t{1}, kBlockedAttentionFrom})
+      expect_gradcheck([&](const std::vector<Tensor>& in) { return fused(in, mask, blocked_from); },
+                       inputs);
 }
 
 TEST(Fused, JointAttentionBadInputsAreErrors) {

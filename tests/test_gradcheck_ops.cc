@@ -611,6 +611,76 @@ TEST(GradcheckOps, SampledElementsAndNamedTensors) {
   EXPECT_EQ(r.checked, 10);
 }
 
+// An identity whose backward doubles its incoming gradient in place. At f's output that gradient
+// was the cotangent itself, which the central differences then used too: derivative 2 "ok".
+TEST(GradcheckOps, ABackwardThatWritesIntoItsIncomingGradientIsCaught) {
+  const auto doubling_identity = [](const Inputs& in) {
+    const Tensor& x = in[0];
+    return record("doubling_identity", raw::clone(x), {x}, {}, [](Backward& ctx) {
+      raw::add_into(ctx.grad, ctx.grad);
+      ctx.input(0, [&] { return ctx.grad; });
+    });
+  };
+  EXPECT_THAT(test::error_of([&] { gradcheck(doubling_identity, Inputs{uniform({3}, 7006)}); }),
+              HasSubstr("gradient: the backward of doubling_identity (node 0, recorded in scope "
+                        "'<root>') changed its incoming gradient (ctx.grad) in place"));
+  // Written through data<T>(), which the tape cannot see: gradcheck's own cotangent is a copy, so
+  // the doubled derivative is compared with the true one and fails.
+  const auto doubling_unseen = [](const Inputs& in) {
+    const Tensor& x = in[0];
+    return record("doubling_unseen", raw::clone(x), {x}, {}, [](Backward& ctx) {
+      double* g = ctx.grad.data<double>();
+      for (int64_t i = 0; i < ctx.grad.numel(); ++i) g[i] *= 2;
+      ctx.input(0, [&] { return ctx.grad; });
+    });
+  };
+  const GradcheckResult r = gradcheck(doubling_unseen, Inputs{uniform({3}, 7006)});
+  EXPECT_FALSE(r.ok) << r.report();
+  EXPECT_NEAR(r.analytic, 2 * r.numeric, 1e-6) << r.report();
+}
+
+TEST(GradcheckOps, MessagesNameWhatIsWrong) {
+  const Tensor x = uniform({4, 3}, 7007);
+  EXPECT_THAT(test::error_of([&] { gradcheck([](const Inputs&) { return Tensor(); }, Inputs{x}); }),
+              HasSubstr("gradcheck: f returned an undefined tensor"));
+  EXPECT_THAT(test::error_of([&] {
+                gradcheck([](const Inputs& in) { return to_dtype(in[0], DType::boolean); },
+                          Inputs{x});
+              }),
+              HasSubstr("gradcheck: f must return float64, got bool (4,3)"));
+  const Tensor flags = to_dtype(x, DType::boolean);
+  EXPECT_THAT(test::error_of([&] {
+                gradcheck([](const Inputs& in) { return to_dtype(in[0], DType::f64); },
+                          Inputs{flags});
+              }),
+              HasSubstr("gradcheck: none of the 1 inputs is a float tensor"));
+  NamedTensors transposed;
+  transposed.insert("w", raw::transpose(x, 0, 1));
+  EXPECT_THAT(
+      test::error_of([&] { gradcheck([&] { return square(transposed.at("w")); }, transposed); }),
+      HasSubstr("gradcheck: 'w' (3,4) is not contiguous"));
+  NamedTensors overlapping;
+  overlapping.insert("w", x);
+  overlapping.insert("row", raw::slice(x, 0, 1, 2));
+  EXPECT_THAT(test::error_of([&] {
+                gradcheck([&] { return square(overlapping.at("row")) * overlapping.at("w"); },
+                          overlapping);
+              }),
+              HasSubstr("gradcheck: 'row' and 'w' share memory"));
+}
+
+// Elements whose derivatives are 0 on both sides pass whatever the backward does: the report
+// says how many of the checked ones they are.
+TEST(GradcheckOps, TheReportCountsElementsThatAreZeroOnBothSides) {
+  NamedTensors wrt;
+  wrt.insert("used", uniform({3}, 7008));
+  wrt.insert("unused", uniform({2}, 7009));
+  const GradcheckResult r = gradcheck([&] { return square(wrt.at("used")); }, wrt);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_EQ(r.zero, 2);
+  EXPECT_THAT(r.report(), HasSubstr("ok: 5 elements checked (2 of them 0 on both sides"));
+}
+
 // Options under which any gradient would pass (negative tolerances made every ratio negative;
 // no sampled element checked nothing) are refused, naming the option.
 TEST(GradcheckOps, RefusesOptionsThatCannotFail) {
