@@ -445,7 +445,7 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
   return record(
       op, out, std::span<const Tensor>(inputs), std::span<const Tensor>(saved),
       [=, blocked = stats.blocked](Backward& ctx) {
-        const JointInputs in = shapes.with_tensors(std::span(ctx.saved).subspan(4));
+        const JointInputs in = shapes.with_tensors(ctx.saved.all().subspan(4));
         const AttentionStats stats{blocked, ctx.saved[1], ctx.saved[2], ctx.saved[3]};
         const Tensor dout = raw::contiguous(ctx.grad);
         std::vector<Tensor> dqkv;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <unordered_set>
 
 #include "tensor/ops.h"
@@ -13,6 +14,20 @@ namespace mmdit {
 namespace {
 
 thread_local Tape* g_active = nullptr;
+// The ids of the tapes alive whose gradient() has not run: those that may still record.
+struct RecordingTapes {
+  std::mutex mutex;
+  std::unordered_set<uint64_t> ids;
+};
+RecordingTapes& recording_tapes() {
+  static RecordingTapes tapes;
+  return tapes;
+}
+void stop_recording(uint64_t id) {
+  RecordingTapes& r = recording_tapes();
+  const std::lock_guard lock(r.mutex);
+  r.ids.erase(id);
+}
 thread_local std::string g_scope;
 thread_local bool g_anomaly = false;
 std::atomic<uint64_t> g_next_tape_id{1};
@@ -92,7 +107,23 @@ void Backward::fail_input_index(size_t i) const {
        node_.inputs.size(), node_.inputs.size() == 1 ? " input" : " inputs");
 }
 
+const Tensor& SavedTensors::operator[](size_t i) const {
+  MMDIT_CHECK(i < node_.saved.size(), node_.op, ": its backward reads saved tensor ", i,
+              ", but the op saved ", node_.saved.size(),
+              node_.saved.size() == 1 ? " tensor" : " tensors",
+              "; pass what the backward reads in record()'s `saved`");
+  return node_.saved[i];
+}
+size_t SavedTensors::size() const {
+  return node_.saved.size();
+}
+std::span<const Tensor> SavedTensors::all() const {
+  return node_.saved;
+}
+
 void Backward::set_input_grad(size_t i, const Tensor& g) {
+  MMDIT_CHECK(!input_grads_[i].defined(), node_.op, ": its backward sets the gradient of input ", i,
+              " twice; give each input one gradient, the sum of its terms");
   const Shape& shape = node_.inputs[i].shape;
   const DType dtype = node_.inputs[i].dtype;
   MMDIT_CHECK(g.defined() && g.dtype() == dtype && reduces_to(g.shape(), shape), node_.op,
@@ -105,6 +136,11 @@ void Backward::set_input_grad(size_t i, const Tensor& g) {
 }
 
 Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) {
+  {
+    RecordingTapes& r = recording_tapes();
+    const std::lock_guard lock(r.mutex);
+    r.ids.insert(id_);
+  }
   g_active = this;
 }
 Tape::~Tape() {
@@ -114,6 +150,7 @@ Tape::~Tape() {
     std::abort();
   }
   g_active = previous_;
+  if (!consumed_) stop_recording(id_);
 }
 Tape* Tape::active() {
   return g_active;
@@ -157,6 +194,10 @@ void Tape::refuse_inputs_on(const Tape* outer, const char* op, std::span<const T
 }
 
 Tensor Tape::append(Node node, Tensor out, std::span<const Tensor> inputs) {
+  MMDIT_CHECK(!running_backward_, node.op, ": an autodiff op ran inside the backward of ",
+              running_backward_ ? running_backward_->op : "",
+              "; a backward computes with the raw:: kernels (tensor/ops.h), which are not "
+              "recorded");
   MMDIT_CHECK(!consumed_, node.op, ": recording on a tape whose gradient() has already run");
   // An op that returns an input unchanged (contiguous() of a contiguous tensor) hands back that
   // input's TensorImpl: a watched parameter other threads read, or a constant, perhaps another
@@ -245,6 +286,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
                 wrt[i].impl().tape_id != 0 ? " (it is from another tape)" : "");
   }
   consumed_ = true;
+  stop_recording(id_);
 
   // Only slots between a wrt tensor and y need gradients.
   std::vector<bool> needed(num_values_, false);
@@ -275,7 +317,14 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
           profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
       const uint64_t grad_version = g.impl().storage->version();
-      node.backward(ctx);
+      running_backward_ = &node;
+      try {
+        node.backward(ctx);
+      } catch (...) {
+        running_backward_ = nullptr;
+        throw;
+      }
+      running_backward_ = nullptr;
       // The incoming gradient may be the caller's cotangent or another node's gradient too.
       MMDIT_CHECK(g.impl().storage->version() == grad_version, "gradient: the backward of ",
                   node.op, " (",
@@ -366,6 +415,27 @@ void refuse_constant_on_tape(const char* op, const char* what, const Tensor& t) 
 }
 
 namespace detail {
+
+void refuse_other_threads_values(const char* op, const Tape* active,
+                                 std::span<const Tensor> inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].defined()) continue;
+    const uint64_t id = inputs[i].impl().tape_id;
+    if (id == 0) continue;
+    bool ours = false;
+    for (const Tape* t = active; t && !ours; t = t->enclosing()) ours = t->is_on_tape(inputs[i]);
+    if (ours) continue;
+    RecordingTapes& r = recording_tapes();
+    std::unique_lock lock(r.mutex);
+    if (!r.ids.contains(id)) continue;
+    lock.unlock();
+    fail(op, ": input ", i, " ", shape_str(inputs[i].shape()),
+         " was recorded by a tape that is still recording on another thread; only the active "
+         "tape of the thread running an op records it, so that tape's gradients would leave "
+         "this op out. Run it on that tape's thread, or on stop_gradient(input) if no gradient "
+         "should flow through it");
+  }
+}
 
 bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs) {
   for (const Tensor& t : inputs)

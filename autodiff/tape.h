@@ -61,13 +61,26 @@ struct Node {
 
 // What a node's backward function sees: the gradient of its output, the tensors it saved, and
 // where to put the gradient of each input.
+// The tensors an op saved, as its backward reads them: an index past them is an error naming the
+// op, not a read past the end.
+class SavedTensors {
+ public:
+  explicit SavedTensors(const Node& node) : node_(node) {}
+  const Tensor& operator[](size_t i) const;
+  size_t size() const;
+  std::span<const Tensor> all() const;
+
+ private:
+  const Node& node_;
+};
+
 class Backward {
  public:
   Backward(const Node& node, const Tensor& grad, const std::vector<bool>& needs)
-      : grad(grad), saved(node.saved), node_(node), needs_(needs), input_grads_(needs.size()) {}
+      : grad(grad), saved(node), node_(node), needs_(needs), input_grads_(needs.size()) {}
 
   const Tensor& grad;
-  const std::vector<Tensor>& saved;
+  const SavedTensors saved;
 
   bool needs(size_t input) const { return needs_[input]; }
   // Sets the gradient of input i to compute() — called only if that input needs one — summed
@@ -123,9 +136,8 @@ class Tape {
 
   // Used by record(): appends a node for out = op(inputs) and gives `out` its slot.
   Tensor append(Node node, Tensor out, std::span<const Tensor> inputs);
-  // Used by record() for an op none of whose inputs is on this tape: throws if one is on an
-  // enclosing tape, which would get zeros through this op without a word (only the active tape
-  // records).
+  // Used by record(): throws if an input is on an enclosing tape, which would get zeros through
+  // this op without a word (only the active tape records).
   void refuse_enclosing_tapes_inputs(const char* op, std::span<const Tensor> inputs) const {
     if (previous_) refuse_inputs_on(previous_, op, inputs);
   }
@@ -144,6 +156,7 @@ class Tape {
   std::unordered_map<std::shared_ptr<TensorImpl>, int64_t> leaves_;
   std::vector<Node> nodes_;
   bool consumed_ = false;
+  const Node* running_backward_ = nullptr;  // the node whose backward gradient() is calling
   bool profiling_ = false;
   std::chrono::steady_clock::time_point last_record_;
   int64_t last_flops_ = 0;
@@ -186,6 +199,10 @@ void refuse_constant_on_tape(const char* op, const char* what, const Tensor& t);
 
 namespace detail {
 bool any_on_tape(const Tape& tape, std::span<const Tensor> inputs);
+// Throws if an input was recorded by a tape that is still recording and is neither `active` nor
+// one it encloses: another thread's, which will never see this op.
+void refuse_other_threads_values(const char* op, const Tape* active,
+                                 std::span<const Tensor> inputs);
 Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
                std::span<const Tensor> saved, BackwardFn backward);
 }  // namespace detail
@@ -199,11 +216,11 @@ Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
   Tape* tape = Tape::active();
   // A bool result (to_dtype(x, boolean)) has no gradient: recorded, the way back would turn the
   // incoming gradient into bools and back into ones.
-  if (!tape || !is_floating(out.dtype())) return out;
-  if (!detail::any_on_tape(*tape, inputs)) {
-    tape->refuse_enclosing_tapes_inputs(op, inputs);
-    return out;
-  }
+  if (!is_floating(out.dtype())) return out;
+  detail::refuse_other_threads_values(op, tape, inputs);
+  if (!tape) return out;
+  tape->refuse_enclosing_tapes_inputs(op, inputs);
+  if (!detail::any_on_tape(*tape, inputs)) return out;
   return tape->append(
       detail::make_node(op, *tape, inputs, saved, BackwardFn(std::forward<F>(backward))),
       std::move(out), inputs);

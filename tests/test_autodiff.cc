@@ -99,6 +99,21 @@ TEST(AutodiffTape, TapesNestAndAnInnerTapeRefusesTheOuterTapesValues) {
   EXPECT_EQ(values(outer.gradient(sum(z), {x})[0]), std::vector<double>{4.0});
 }
 
+// With one input on the inner tape the op was recorded there, and the outer tape's gradient
+// through the other input was silently 0.
+TEST(AutodiffTape, AnOpMixingOuterAndInnerValuesIsRefused) {
+  Tensor x = from_vector(std::vector<double>{0.5, 1.0}, {2});
+  Tensor z = from_vector(std::vector<double>{1.0, 1.0}, {2});
+  Tape outer;
+  outer.watch(x);
+  const Tensor y = sin(x);
+  Tape inner;
+  inner.watch(z);
+  EXPECT_THAT(error_of([&] { return y * z; }),
+              HasSubstr("mul: input 0 (2,) is on an enclosing tape, but a nested tape is active"));
+  EXPECT_EQ(error_of([&] { return stop_gradient(y) * z; }), "(no mmdit::Error thrown)");
+}
+
 // Ops run while the inner tape is active are recorded there only: had it watched x, the outer
 // tape's gradient of sum(x * x) computed inside would silently leave that product out.
 TEST(AutodiffTape, ANestedTapeCannotWatchWhatAnOuterTapeHolds) {
@@ -599,6 +614,22 @@ TEST(AutodiffGradient, MistakesInACustomBackwardNameTheOp) {
               }),
               HasSubstr("my_op: its backward gave input 0 ((3,) float64) a gradient of (3,) "
                         "float32"));
+  // Reading a saved tensor the op did not save read past the vector (a segfault).
+  EXPECT_THAT(gradient_with([](Backward& ctx) {
+                ctx.input(0, [&] { return raw::mul(ctx.grad, ctx.saved[0]); });
+              }),
+              HasSubstr("my_op: its backward reads saved tensor 0, but the op saved 0 tensors"));
+  // Two terms of a product rule given as two calls: the second replaced the first.
+  EXPECT_THAT(gradient_with([](Backward& ctx) {
+                ctx.input(0, [&] { return ctx.grad; });
+                ctx.input(0, [&] { return ctx.grad; });
+              }),
+              HasSubstr("my_op: its backward sets the gradient of input 0 twice"));
+  // An autodiff op instead of a raw kernel: the message was "recording on a tape whose
+  // gradient() has already run", while gradient() was running.
+  EXPECT_THAT(gradient_with([&](Backward& ctx) { ctx.input(0, [&] { return ctx.grad * x; }); }),
+              HasSubstr("mul: an autodiff op ran inside the backward of my_op; a backward "
+                        "computes with the raw:: kernels"));
   // A broadcast of the input's shape is summed back down to it.
   Tape tape;
   tape.watch(x);
@@ -700,6 +731,45 @@ TEST(AutodiffValueAndGrad, TrainableParametersSkipNonFloat) {
 }
 
 // ---- several threads ----
+
+// An op on another thread is recorded by that thread's tape (here none), never by the tape that
+// recorded its input: sin(x^2) got a gradient of 0. Refused while that tape can still record.
+TEST(AutodiffThreads, AValueOfAnotherThreadsTapeIsRefused) {
+  Tensor x = from_vector(std::vector<double>{0.5, 1.0}, {2});
+  const auto on_another_thread = [](const auto& f) {
+    std::string error = "(no mmdit::Error thrown)";
+    std::thread([&] {
+      try {
+        f();
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }).join();
+    return error;
+  };
+  Tensor h;
+  {
+    Tape tape;
+    tape.watch(x);
+    h = x * x;
+    EXPECT_THAT(on_another_thread([&] { sin(h); }),
+                HasSubstr("sin: input 0 (2,) was recorded by a tape that is still recording on "
+                          "another thread"));
+    EXPECT_THAT(on_another_thread([&] {
+                  Tape own;
+                  sin(h);
+                }),
+                HasSubstr("still recording on another thread"));
+    // The watched parameters themselves are shared on purpose (several threads may read one
+    // model), and a stop_gradient view says no gradient is wanted.
+    EXPECT_EQ(on_another_thread([&] { sin(x); }), "(no mmdit::Error thrown)");
+    EXPECT_EQ(on_another_thread([&] { sin(stop_gradient(h)); }), "(no mmdit::Error thrown)");
+    tape.gradient(sum(h), {x});
+    // Once gradient() has run the tape records nothing more: h is a constant.
+    EXPECT_EQ(on_another_thread([&] { sin(h); }), "(no mmdit::Error thrown)");
+  }
+  EXPECT_EQ(on_another_thread([&] { sin(h); }), "(no mmdit::Error thrown)");
+}
 
 // Data parallelism: threads each record a tape of their own over one model's parameters, the
 // same tensors. Watching a parameter must not write into it: when its slot was stored there,

@@ -114,8 +114,8 @@ TEST(Docs, EveryCodeBlockOfTheTutorialIsAQuote) {
 TEST(Docs, TheCheckerFindsAChangedLine) {
   Quote q{"autodiff/tape.cc",
           0,
-          {"Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) {", "  g_active = this;", "}",
-           "...", "  g_active = nullptr;"}};
+          {"Tape::Tape() : id_(g_next_tape_id++), previous_(g_active) {", "...",
+           "  g_active = this;", "}", "...", "  g_active = nullptr;"}};
   EXPECT_THAT(missing_parts(q), testing::ElementsAre("g_active = nullptr;"));
 }
 
