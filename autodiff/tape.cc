@@ -304,6 +304,7 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
 
   for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) {
     Node& node = *it;
+    const size_t index = static_cast<size_t>(it.base() - nodes_.begin()) - 1;
     Tensor g = std::move(grads[node.output]);
     if (keep[node.output]) grads[node.output] = g;
     std::vector<bool> needs(node.inputs.size());
@@ -311,24 +312,22 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     for (size_t i = 0; i < node.inputs.size(); ++i)
       any |= needs[i] = node.inputs[i].slot >= 0 && needed[node.inputs[i].slot];
     if (g.defined() && any) {
-      check_saved_unchanged(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1);
+      check_saved_unchanged(node, index);
       Backward ctx(node, g, needs);
       const auto started =
           profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
       const uint64_t grad_version = g.impl().storage->version();
-      running_backward_ = &node;
-      try {
+      {
+        struct Running {
+          const Node*& slot;
+          ~Running() { slot = nullptr; }
+        } running{running_backward_ = &node};
         node.backward(ctx);
-      } catch (...) {
-        running_backward_ = nullptr;
-        throw;
       }
-      running_backward_ = nullptr;
       // The incoming gradient may be the caller's cotangent or another node's gradient too.
       MMDIT_CHECK(g.impl().storage->version() == grad_version, "gradient: the backward of ",
-                  node.op, " (",
-                  where_recorded(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1),
+                  node.op, " (", where_recorded(node, index),
                   ") changed its incoming gradient (ctx.grad) in place; other nodes or the "
                   "caller's cotangent may share it, so a backward must write its results into "
                   "new tensors");
@@ -345,8 +344,8 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
           // Every gradient reaching this node was checked when it was made, so the first
           // non-finite one is pinned on the backward that made it, not on a later consumer.
           MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",
-                      where_recorded(node, static_cast<size_t>(it.base() - nodes_.begin()) - 1),
-                      ") produced ", bad, " in the gradient of its input ", i, " (",
+                      where_recorded(node, index), ") produced ", bad,
+                      " in the gradient of its input ", i, " (",
                       node.inputs[i].slot >= 0 ? str_cat("%", node.inputs[i].slot) : "const", " ",
                       shape_str(node.inputs[i].shape), "); output %", node.output, " ",
                       shape_str(node.output_shape), ", inputs: ", describe_inputs(node));

@@ -59,8 +59,6 @@ struct Node {
   int64_t forward_flops = 0, backward_flops = 0;
 };
 
-// What a node's backward function sees: the gradient of its output, the tensors it saved, and
-// where to put the gradient of each input.
 // The tensors an op saved, as its backward reads them: an index past them is an error naming the
 // op, not a read past the end.
 class SavedTensors {
@@ -74,6 +72,8 @@ class SavedTensors {
   const Node& node_;
 };
 
+// What a node's backward function sees: the gradient of its output, the tensors it saved, and
+// where to put the gradient of each input.
 class Backward {
  public:
   Backward(const Node& node, const Tensor& grad, const std::vector<bool>& needs)
