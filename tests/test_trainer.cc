@@ -400,6 +400,28 @@ TEST(Normalizer, ZScoreKeepsAConstantDimensionFinite) {
   EXPECT_LT(test::max_abs_diff(back, data.actions), 1e-5);
 }
 
+// models.md: min-max is 2 (x - min) / (max - min + 1e-8) - 1 and back (a + 1) / 2 (max - min) +
+// min, without the 1e-8. A constant dimension (min == max) is where the 1e-8 shows: at the constant
+// itself -1, a step of 1e-3 off it 2e5 - 1, and back exactly the constant. No reference case has
+// such a dimension.
+TEST(Normalizer, MinMaxOfAConstantDimensionFollowsTheFormula) {
+  Episodes data = demo_episodes();
+  const int64_t frames = data.actions.shape()[0];
+  raw::copy_into(raw::narrow(data.actions, 1, 0, 1), full({frames, 1}, 0.5));
+  const Normalizer n = make_normalizer(data, "min_max");
+  ASSERT_EQ(n.action_min.to_vector<float>()[0], 0.5f);
+  ASSERT_EQ(n.action_max.to_vector<float>()[0], 0.5f);
+  const Tensor off = from_vector({0.5f, 0.0f, 0.501f, 0.0f}, {2, 2});
+  const std::vector<float> z = n.normalize_action(off).to_vector<float>();
+  EXPECT_EQ(z[0], -1.0f);
+  const double expected = 2.0 * (static_cast<double>(0.501f) - 0.5) / 1e-8 - 1.0;
+  EXPECT_NEAR(z[2], expected, 1e-5 * expected);
+  const std::vector<float> back =
+      n.unnormalize_action(from_vector({-1.0f, 0.0f, 0.75f, 0.0f}, {2, 2})).to_vector<float>();
+  EXPECT_EQ(back[0], 0.5f);
+  EXPECT_EQ(back[2], 0.5f);
+}
+
 // Statistics finite each, whose range or spread overflows float32 in the maps (min -3e38 and max
 // 3e38: every action came out inf), are refused naming the array and the index; and a trainer
 // refuses data with such statistics before training on it.
