@@ -264,6 +264,53 @@ TEST(AdamW, AStepBeforeGradientIsRefusedByTheTape) {
               HasSubstr("square (node 0, recorded in scope '<root>') saved a (2,) float64 tensor"));
 }
 
+// Settings and states that would turn every parameter into NaN (b1 = 1, a NaN lr, a negative
+// second moment), or reverse the gradients (a negative clipping norm), are refused: each did it
+// without a word.
+TEST(AdamW, RefusesSettingsAndStatesThatWouldCorruptTheParameters) {
+  const auto one = [](std::vector<float> v) {
+    NamedTensors t;
+    t.insert("w", from_vector(v, {2}));
+    return t;
+  };
+  const NamedTensors params = one({1, 2}), grads = one({1, 1});
+  EXPECT_THAT(test::error_of([&] {
+                AdamW(params, {1e-3, 1.0, 0.999, 1e-8, 0.0});
+              }),
+              HasSubstr("AdamW: b1 and b2 must be in [0, 1)"));
+  EXPECT_THAT(test::error_of([&] {
+                AdamW(params, {NAN, 0.9, 0.999, 1e-8, 0.0});
+              }),
+              HasSubstr("AdamW: lr must be finite and >= 0, got nan"));
+  AdamW opt(params, {1e-3, 0.9, 0.999, 1e-8, 0.0});
+  EXPECT_THAT(test::error_of([&] { opt.update(params, grads, NAN); }),
+              HasSubstr("AdamW::update: lr must be finite and >= 0, got nan"));
+  EXPECT_THAT(test::error_of([&] { opt.update_clipped(params, grads, 1e-3, -1.0); }),
+              HasSubstr("max_norm must be finite and >= 0 (0: no clipping), got -1"));
+  NamedTensors undefined, flags;
+  undefined.insert("w", Tensor());
+  flags.insert("w", ones({2}, DType::boolean));
+  EXPECT_THAT(test::error_of([&] { opt.update(params, undefined); }),
+              HasSubstr("AdamW::update: the tensor for 'w' is undefined"));
+  EXPECT_THAT(test::error_of([&] { opt.update(params, flags); }),
+              HasSubstr("AdamW::update: 'w' is bool; expected a float tensor"));
+  EXPECT_THAT(test::error_of([&] {
+                opt.set_state(1, one({0, 0}), one({-1, 0}));
+              }),
+              HasSubstr("AdamW::set_state: second moment 'w' holds a negative value"));
+  EXPECT_THAT(test::error_of([&] {
+                opt.set_state(1, one({NAN, 0}), one({0, 0}));
+              }),
+              HasSubstr("AdamW::set_state: first moment 'w' holds nan at (0,)"));
+  EXPECT_EQ(opt.step(), 0);
+  EXPECT_EQ(params.at("w").to_vector<float>(), (std::vector<float>{1, 2}));
+  NamedTensors g = one({3, 4});
+  EXPECT_THAT(test::error_of([&] { clip_by_global_norm(g, -1.0); }),
+              HasSubstr("clip_by_global_norm: max_norm must be positive, got -1"));
+  EXPECT_THAT(test::error_of([&] { clip_by_global_norm(g, 0.0); }), HasSubstr("got 0"));
+  EXPECT_EQ(g.at("w").to_vector<float>(), (std::vector<float>{3, 4}));
+}
+
 TEST(AdamW, RefusesBadInputBeforeChangingAnything) {
   NamedTensors params;
   params.insert("a", from_vector({1.0f, -2.0f, 3.0f}, {3}));
@@ -845,7 +892,9 @@ TEST(Checkpoint, RefusesNonFiniteStateOnSaveAndLoad) {
     t.at("adam_v/state_encoder.bias") = full(t.at("adam_v/state_encoder.bias").shape(), -1.0);
   });
   EXPECT_EQ(test::error_of([&] { Trainer::resume(negative_v, data); }),
-            negative_v + ": second moment 'adam_v/state_encoder.bias' holds a negative value");
+            negative_v +
+                ": tensors 'adam_m/*', 'adam_v/*': AdamW::set_state: second moment "
+                "'state_encoder.bias' holds a negative value");
   const std::string bad_step =
       variant("step.safetensors",
               [](NamedTensors&, std::map<std::string, std::string>& m) { m["step"] = "5abc"; });

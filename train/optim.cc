@@ -20,9 +20,24 @@ void check_same_layout(const NamedTensors& params, const NamedTensors& other, co
     MMDIT_CHECK(params.contains(name), who, ": '", name, "' is not a parameter");
   for (const auto& [name, p] : params) {
     const Tensor& o = other.at(name);
+    MMDIT_CHECK(o.defined(), who, ": the tensor for '", name, "' is undefined");
+    MMDIT_CHECK(is_floating(o.dtype()), who, ": '", name, "' is ", dtype_name(o.dtype()),
+                "; expected a float tensor");
     MMDIT_CHECK(o.shape() == p.shape(), who, ": '", name, "' has shape ", shape_str(o.shape()),
                 ", the parameter has ", shape_str(p.shape()));
   }
+}
+
+// A value that would turn every parameter into NaN or move it the wrong way on the next step.
+void check_config(const AdamWConfig& c) {
+  MMDIT_CHECK(std::isfinite(c.lr) && c.lr >= 0, "AdamW: lr must be finite and >= 0, got ", c.lr);
+  MMDIT_CHECK(c.b1 >= 0 && c.b1 < 1 && c.b2 >= 0 && c.b2 < 1,
+              "AdamW: b1 and b2 must be in [0, 1) (bias correction divides by 1 - b^t); got b1 ",
+              c.b1, ", b2 ", c.b2);
+  MMDIT_CHECK(std::isfinite(c.eps) && c.eps >= 0, "AdamW: eps must be finite and >= 0, got ",
+              c.eps);
+  MMDIT_CHECK(std::isfinite(c.weight_decay) && c.weight_decay >= 0,
+              "AdamW: weight_decay must be finite and >= 0, got ", c.weight_decay);
 }
 
 NamedTensors zeros_like_all(const NamedTensors& params) {
@@ -160,6 +175,7 @@ void ema_kernel(T* ema, const T* p, int64_t n, double decay) {
 
 AdamW::AdamW(const NamedTensors& params, AdamWConfig config)
     : config_(config), m_(zeros_like_all(params)), v_(zeros_like_all(params)) {
+  check_config(config);
   for (const auto& [name, p] : params)
     MMDIT_CHECK(p.is_contiguous() && is_floating(p.dtype()), "AdamW: parameter '", name,
                 "' must be a contiguous float tensor");
@@ -169,6 +185,12 @@ double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads,
                           double grad_scale, double max_norm, EMA* ema) {
   // Everything is checked, and the gradients' norm read, before anything changes: a throw leaves
   // the parameters, moments, step and EMA as they were.
+  MMDIT_CHECK(std::isfinite(lr) && lr >= 0, "AdamW::update: lr must be finite and >= 0, got ", lr);
+  MMDIT_CHECK(std::isfinite(grad_scale) && grad_scale >= 0,
+              "AdamW::update: grad_scale must be finite and >= 0, got ", grad_scale);
+  MMDIT_CHECK(std::isfinite(max_norm) && max_norm >= 0,
+              "AdamW::update_clipped: max_norm must be finite and >= 0 (0: no clipping), got ",
+              max_norm);
   check_same_layout(params, grads, "AdamW::update");
   check_same_layout(params, m_, "AdamW::update (optimiser state)");
   if (ema) check_same_layout(params, ema->params(), "AdamW::update (EMA)");
@@ -236,6 +258,19 @@ void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v
   check_same_layout(m_, m, "AdamW::set_state (first moments)");
   check_same_layout(v_, v, "AdamW::set_state (second moments)");
   MMDIT_CHECK(step >= 0, "AdamW::set_state: negative step ", step);
+  // The next update would turn every parameter into NaN: refused before anything changes.
+  for (const auto& [which, moments] :
+       {std::pair{"first moment", &m}, std::pair{"second moment", &v}})
+    for (const auto& [name, t] : *moments) {
+      if (const std::optional<NonFinite> bad = first_non_finite(t))
+        fail("AdamW::set_state: ", which, " '", name, "' holds ", bad->value, " at ",
+             shape_str(bad->index));
+      if (moments == &v && t.numel() > 0) {
+        const Tensor negated = raw::mul_scalar(raw::to_dtype(t, DType::f64), -1.0);
+        MMDIT_CHECK(raw::max(negated).item() <= 0, "AdamW::set_state: second moment '", name,
+                    "' holds a negative value");
+      }
+    }
   step_ = step;
   for (const auto& [name, t] : m) m_.at(name) = raw::clone(t);
   for (const auto& [name, t] : v) v_.at(name) = raw::clone(t);
@@ -258,6 +293,10 @@ double clip_scale(double norm, double max_norm) {
 }
 
 double clip_by_global_norm(const NamedTensors& grads, double max_norm) {
+  // 0 would zero every gradient and a negative norm reverse them (update_clipped takes 0 for
+  // no clipping).
+  MMDIT_CHECK(std::isfinite(max_norm) && max_norm > 0,
+              "clip_by_global_norm: max_norm must be positive, got ", max_norm);
   const double norm = global_norm(grads);
   const double scale = clip_scale(norm, max_norm);
   if (scale == 1.0) return norm;

@@ -24,6 +24,7 @@ class EMA;
 
 class AdamW {
  public:
+  // Throws unless lr, eps and weight_decay are finite and >= 0 and b1, b2 in [0, 1).
   AdamW(const NamedTensors& params, AdamWConfig config);
   // Every parameter is updated, including those whose gradient is zero (weight decay still
   // applies). `lr` overrides config.lr for this step (a schedule).
@@ -31,9 +32,10 @@ class AdamW {
   // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
   // EMA is advanced in the same pass too, as ema->update(params) after this call would. Returns
   // global_norm(grads) of the gradients as given (before grad_scale). Everything is checked, and
-  // that norm read, before anything changes: when a gradient is not finite (or the names, shapes
-  // or dtypes do not fit), it throws naming the tensor, and parameters, moments, step and EMA
-  // are left as they were.
+  // that norm read, before anything changes: when a gradient is not finite (or undefined, not
+  // float, or the names or shapes do not fit; gradients of another float dtype are converted),
+  // or lr or grad_scale is negative or not finite, it throws naming what is wrong, and
+  // parameters, moments, step and EMA are left as they were.
   double update(const NamedTensors& params, const NamedTensors& grads, double lr,
                 double grad_scale = 1.0, EMA* ema = nullptr) {
     return update_impl(params, grads, lr, grad_scale, 0.0, ema);
@@ -51,7 +53,8 @@ class AdamW {
   int64_t step() const { return step_; }
   const NamedTensors& first_moments() const { return m_; }
   const NamedTensors& second_moments() const { return v_; }
-  // Restores a saved state; names and shapes must match the parameters.
+  // Restores a saved state; names and shapes must match the parameters, the moments be finite
+  // and the second moments >= 0 (else it throws naming the tensor, and nothing changes).
   void set_state(int64_t step, const NamedTensors& m, const NamedTensors& v);
   const AdamWConfig& config() const { return config_; }
 
@@ -64,8 +67,8 @@ class AdamW {
   NamedTensors m_, v_;
 };
 
-// Scales all gradients by min(1, max_norm / global_norm), as optax.clip_by_global_norm; returns
-// the global norm before clipping.
+// Scales all gradients by min(1, max_norm / global_norm), as optax.clip_by_global_norm (max_norm
+// must be positive); returns the global norm before clipping.
 double clip_by_global_norm(const NamedTensors& grads, double max_norm);
 double global_norm(const NamedTensors& grads);  // accumulated in float64
 // The factor clip_by_global_norm scales by: min(1, max_norm / norm).

@@ -444,9 +444,6 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     config.steps = *steps;
   }
   check_finite(c.file.tensors, path, "tensor");
-  for (const auto& [name, v] : c.with_prefix("adam_v/"))
-    MMDIT_CHECK(v.numel() == 0 || raw::max(raw::mul_scalar(v, -1.0)).item() <= 0, path,
-                ": second moment 'adam_v/", name, "' holds a negative value");
   auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = c.normalizer;
   t->obs_keys_ = c.obs_keys;
