@@ -14,14 +14,21 @@ struct NamedInput {
   const Tensor& tensor;
 };
 
-// Every input a float tensor, all of one dtype; an error names the two inputs that differ.
+// Every input a float tensor, all of one dtype; an error names the input that is not a float,
+// or the two inputs that differ.
 inline void check_floats(const char* op, std::initializer_list<NamedInput> inputs) {
+  for (const NamedInput& in : inputs) {
+    MMDIT_CHECK(in.tensor.defined(), op, ": ", in.name, " is an undefined tensor");
+    MMDIT_CHECK(is_floating(in.tensor.dtype()), op, ": ", in.name, " is ",
+                dtype_name(in.tensor.dtype()), " ", shape_str(in.tensor.shape()),
+                "; expected float32 or float64");
+  }
   const NamedInput& first = *inputs.begin();
   const DType dtype = first.tensor.dtype();
   for (const NamedInput& in : inputs)
-    MMDIT_CHECK(is_floating(in.tensor.dtype()) && in.tensor.dtype() == dtype, op,
-                ": inputs must share one float dtype, got ", dtype_name(dtype), " (", first.name,
-                ") and ", dtype_name(in.tensor.dtype()), " (", in.name, ")");
+    MMDIT_CHECK(in.tensor.dtype() == dtype, op, ": inputs must share one float dtype, got ",
+                dtype_name(dtype), " (", first.name, ") and ", dtype_name(in.tensor.dtype()), " (",
+                in.name, ")");
 }
 
 // out[j] = the sum over blocks b < blocks of partial[b * size + j], in block order and in double:

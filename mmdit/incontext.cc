@@ -83,7 +83,13 @@ void InContextMMDiTConfig::validate() const {
   check_positive(who, "ff_mult", ff_mult);
 }
 
-InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : config(cfg) {
+std::string InContextMMDiTConfig::describe() const {
+  return str_cat("depth ", depth, ", dim_modalities ", shape_str(dim_modalities), ", dim_outs ",
+                 shape_str(dim_outs), ", dim_head ", dim_head, ", heads ", heads, ", ff_mult ",
+                 ff_mult);
+}
+
+InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) try : config(cfg) {
   config.validate();
   for (int64_t i = 0; i < config.depth; ++i)
     blocks.emplace_back(config.dim_modalities, config.dim_head, config.heads, config.ff_mult, rng);
@@ -91,6 +97,9 @@ InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) : conf
     final_layers.emplace_back(config.dim_modalities[m], config.dim_outs[m], rng);
   register_module("blocks", blocks);
   register_module("final_layers", final_layers);
+} catch (const OutOfMemory& e) {
+  throw OutOfMemory(str_cat("InContextMMDiT with config ", cfg.describe(),
+                            " does not fit in memory: ", e.what()));
 }
 
 std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,

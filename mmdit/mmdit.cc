@@ -150,15 +150,22 @@ void MMDiTConfig::validate() const {
               " dim_modalities but ", dim_outs.size(), " dim_outs");
   check_positive(who, "dim_outs", dim_outs);
   check_positive(who, "dim_cond", dim_cond);
-  MMDIT_CHECK(!timestep_embed_dims.empty(), who, ": timestep_embed_dim is empty");
-  check_positive(who, "timestep_embed_dim", timestep_embed_dims);
+  MMDIT_CHECK(!timestep_embed_dims.empty(), who, ": timestep_embed_dims is empty");
+  check_positive(who, "timestep_embed_dims", timestep_embed_dims);
   check_positive(who, "dim_head", dim_head);
   MMDIT_CHECK(dim_head % 2 == 0, who, ": dim_head must be even (RoPE), got ", dim_head);
   check_positive(who, "heads", heads);
   check_positive(who, "ff_mult", ff_mult);
 }
 
-MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
+std::string MMDiTConfig::describe() const {
+  return str_cat("depth ", depth, ", dim_modalities ", shape_str(dim_modalities), ", dim_outs ",
+                 shape_str(dim_outs), ", dim_cond ", dim_cond, ", timestep_embed_dims ",
+                 shape_str(timestep_embed_dims), ", dim_head ", dim_head, ", heads ", heads,
+                 ", ff_mult ", ff_mult);
+}
+
+MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) try : config(cfg) {
   config.validate();
   for (int64_t ted : config.timestep_embed_dims)
     timestep_embeds.emplace_back(ted, config.dim_cond, rng);
@@ -170,6 +177,10 @@ MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) : config(cfg) {
   register_module("timestep_embeds", timestep_embeds);
   register_module("blocks", blocks);
   register_module("final_layers", final_layers);
+} catch (const OutOfMemory& e) {
+  // Any of the sizes can make a layer too large: say them all.
+  throw OutOfMemory(
+      str_cat("MMDiT with config ", cfg.describe(), " does not fit in memory: ", e.what()));
 }
 
 namespace {
@@ -269,6 +280,20 @@ std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTCon
       final_layers.size());
   MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "MMDiT::forward: outputs names ",
               outputs.size(), " modalities, the model has ", xs.size());
+  // Conditioning of another batch or model fails later, in an op that cannot say why.
+  const int64_t batch = xs[0].shape()[0];
+  for (size_t m = 0; m < xs.size(); ++m) {
+    const Tensor& ss = cond.final_layers[m].shift_scale;
+    const int64_t dim = config.dim_modalities[m];
+    MMDIT_CHECK(ss.defined() && ss.dim() == 3 && (ss.shape()[0] == 1 || ss.shape()[0] == batch) &&
+                    ss.shape()[2] == 2 * dim,
+                "MMDiT::forward: the conditioning of modality ", m, "'s final layer ",
+                ss.defined() ? str_cat("has shape ", shape_str(ss.shape())) : "is undefined",
+                "; expected (1 or ", batch, ", 1, ", 2 * dim,
+                "): conditioning from this model's condition(), for one timestep or one per "
+                "example of the batch of ",
+                batch);
+  }
   std::vector<Tensor> x = xs;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));

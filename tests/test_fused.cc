@@ -1001,6 +1001,15 @@ TEST(Fused, BadShapesAreErrors) {
         swiglu(x, rng.normal({2, 3, 4}, DType::f64));
       }),
       HasSubstr("swiglu: inputs must share one float dtype, got float32 (a) and float64 (g)"));
+  // A bool first input was named against itself ("bool (x) and bool (x)").
+  EXPECT_THAT(error_of([&] {
+                linear_fused(ones({1, 3}, DType::boolean), rng.normal({2, 3}));
+              }),
+              HasSubstr("linear: x is bool (1,3); expected float32 or float64"));
+  EXPECT_THAT(error_of([&] {
+                swiglu(Tensor(), rng.normal({2, 3}));
+              }),
+              HasSubstr("swiglu: a is an undefined tensor"));
   EXPECT_THAT(error_of([&] {
                 gated_residual(x, rng.normal({2, 1, 4}), rng.normal({2, 4, 4}));
               }),

@@ -196,6 +196,67 @@ TEST(MMDiT, ConditioningChangesTheOutput) {
   EXPECT_GT(max_abs_diff(o1[1], o2[1]), 1e-3);
 }
 
+// Conditioning for another batch, or from a model of other widths, failed in layer_norm_modulate
+// with a broadcast error that did not say it was the conditioning.
+TEST(MMDiT, ConditioningOfAnotherBatchOrModelIsNamed) {
+  Rng rng(7);
+  MMDiT model(small_mmdit({16, 8}, {16, 4}), rng);
+  MMDiT wider(small_mmdit({16, 12}, {16, 4}), rng);
+  const Tensor a = rng.normal({2, 5, 16}), b = rng.normal({2, 3, 8});
+  EXPECT_THAT(test::error_of([&] {
+                model.forward({a, b}, model.condition({rng.uniform({3})}));
+              }),
+              HasSubstr("MMDiT::forward: the conditioning of modality 0's final layer has shape "
+                        "(3,1,32); expected (1 or 2, 1, 32)"));
+  EXPECT_THAT(test::error_of([&] {
+                model.forward({a, b}, wider.condition({rng.uniform({2})}));
+              }),
+              HasSubstr("the conditioning of modality 1's final layer has shape (2,1,24); "
+                        "expected (1 or 2, 1, 16)"));
+  // One timestep for the whole batch, or one per example, are both right.
+  EXPECT_EQ(test::error_of([&] {
+              model.forward({a, b}, model.condition({rng.uniform({1})}));
+            }),
+            "(no mmdit::Error thrown)");
+  EXPECT_EQ(test::error_of([&] {
+              model.forward({a, b}, model.condition({rng.uniform({2})}));
+            }),
+            "(no mmdit::Error thrown)");
+}
+
+// Too large for memory said only "out of memory allocating N bytes", naming no size (as BCPolicy's
+// TooLargeForMemoryNamesTheSizes, in a child process under an address-space limit).
+TEST(MMDiTDeathTest, TooLargeForMemoryNamesTheConfig) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer's shadow memory does not fit an address-space limit";
+#endif
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto build = [](bool incontext) {
+    Rng rng(0);
+    test::limit_address_space(size_t{256} << 20);
+    try {
+      if (incontext) {
+        InContextMMDiTConfig c = small_incontext({16, 8}, {16, 4});
+        c.heads = int64_t{1} << 20;
+        InContextMMDiT m(c, rng);
+      } else {
+        MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
+        c.heads = int64_t{1} << 20;
+        MMDiT m(c, rng);
+      }
+    } catch (const OutOfMemory& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      std::exit(3);
+    }
+    std::exit(0);
+  };
+  EXPECT_EXIT(build(false), testing::ExitedWithCode(3),
+              "MMDiT with config depth 2, dim_modalities \\(16,8\\), .*heads 1048576.* does not "
+              "fit in memory: out of memory allocating ");
+  EXPECT_EXIT(build(true), testing::ExitedWithCode(3),
+              "InContextMMDiT with config depth .*heads 1048576.* does not fit in memory");
+}
+
 TEST(MMDiT, MultipleConditioningVariables) {
   Rng rng(8);
   MMDiTConfig cfg = small_mmdit({16, 8}, {16, 4});
@@ -653,7 +714,7 @@ TEST(Errors, ModelConfigFieldsAreNamed) {
       {[](MMDiTConfig& c) {
          c.timestep_embed_dims = {8, 0};
        },
-       "MMDiT config: timestep_embed_dim[1] must be positive, got 0"},
+       "MMDiT config: timestep_embed_dims[1] must be positive, got 0"},
       {[](MMDiTConfig& c) { c.dim_modalities = {16}, c.dim_outs = {16}; },
        "MMDiT config: dim_modalities needs at least two modalities, got 1"},
       {[](MMDiTConfig& c) {

@@ -184,16 +184,51 @@ TEST(FlowMatchingLoss, RejectsInputsThatWouldBroadcastByName) {
   in = good;
   in.noise.x0 = zeros({1, 5, 2});
   EXPECT_EQ(flow_error(policy, in),
-            "flow_matching_loss: noise.x0 is float32 (1,5,2); expected the action's shape (2,5,2)");
+            "flow_matching_loss: noise.x0 is float32 (1,5,2); expected the action's float32 "
+            "(2,5,2)");
+  in.noise.x0 = zeros({2, 5, 2}, DType::f64);
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.x0 is float64 (2,5,2); expected the action's float32 "
+            "(2,5,2)");
 
   in = good;
   in.noise.t = full({1}, 0.5);
-  EXPECT_EQ(
-      flow_error(policy, in),
-      "flow_matching_loss: noise.t is float32 (1,); expected (B,) = (2,), one time per example");
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.t is float32 (1,); expected float32 (B,) = (2,), one time "
+            "per example");
   in.noise.t = Tensor();
   EXPECT_EQ(flow_error(policy, in),
-            "flow_matching_loss: noise.t is undefined; expected (B,) = (2,), one time per example");
+            "flow_matching_loss: noise.t is undefined; expected float32 (B,) = (2,), one time per "
+            "example");
+  // A float64 time for a float32 policy said "mul: dtypes float64 and float32 differ".
+  in.noise.t = full({2}, 0.5, DType::f64);
+  EXPECT_EQ(flow_error(policy, in),
+            "flow_matching_loss: noise.t is float64 (2,); expected float32 (B,) = (2,), one time "
+            "per example");
+
+  // A batch of the other float dtype than the policy's.
+  in = good;
+  in.state = zeros({2, 2, 3}, DType::f64);
+  EXPECT_EQ(regression_error(policy, in),
+            "regression_loss: action is float32 (2,5,2) and state is float64 (2,2,3); the policy "
+            "is float32");
+}
+
+// Observation tokens of another length blamed the attention mask, of another width a product.
+TEST(BCPolicy, VelocityNamesObservationTokensOfTheWrongShape) {
+  Rng rng(0);
+  const BCPolicy policy(tiny_policy(), rng);
+  const Tensor x_t = zeros({2, 5, 2}), t = full({2}, 0.5);
+  const Tensor good = policy.encode_observations(zeros({2, 2, 3}));
+  EXPECT_EQ(test::error_of([&] { policy.velocity(good, x_t, t); }), "(no mmdit::Error thrown)");
+  const std::string expected = str_cat("; expected (B, n_obs_steps, hidden_size) = (2,2,",
+                                       policy.config.hidden_size, "), from encode_observations");
+  EXPECT_EQ(test::error_of([&] {
+              policy.velocity(zeros({2, 3, 8}), x_t, t);
+            }),
+            "policy: observation tokens have shape (2,3,8)" + expected);
+  EXPECT_EQ(test::error_of([&] { policy.velocity(Tensor(), x_t, t); }),
+            "policy: observation tokens are undefined" + expected);
 }
 
 TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
@@ -203,12 +238,12 @@ TEST(FlowMatchingLoss, WithSigmaNeedsEpsOfTheActionsShape) {
   const BCPolicy policy(c, rng);
   LossInputs in;
   EXPECT_EQ(flow_error(policy, in),
-            "flow_matching_loss: noise.eps (sigma > 0) is undefined; expected the action's shape "
-            "(2,5,2)");
+            "flow_matching_loss: noise.eps (sigma > 0) is undefined; expected the action's "
+            "float32 (2,5,2)");
   in.noise.eps = zeros({1, 5, 2});
   EXPECT_EQ(flow_error(policy, in),
             "flow_matching_loss: noise.eps (sigma > 0) is float32 (1,5,2); expected the action's "
-            "shape (2,5,2)");
+            "float32 (2,5,2)");
   in.noise.eps = zeros({2, 5, 2});
   EXPECT_EQ(flow_error(policy, in), "(no mmdit::Error thrown)");
 }
@@ -427,6 +462,25 @@ TEST(EulerSampler, WithMaxTIsTheEulerLoopOverKMaxTOverSteps) {
   // max_t matters: the loop moved away from a0, and the full-length schedule ends elsewhere.
   EXPECT_GT(test::max_abs_diff(a, a0), 0.1);
   EXPECT_GT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0), a), 0.1);
+}
+
+// bfloat16 weights asked for on a float64 policy were silently not used; a sampler whose policy
+// changed dtype failed in layer_norm_modulate's dtype check.
+TEST(EulerSampler, RefusesWhatItCannotDoForTheDtypeAndSaysSo) {
+  Rng rng(0);
+  BCPolicy policy(tiny_policy(), rng);
+  const EulerSampler f32_sampler(policy, 2);
+  policy.to(DType::f64);
+  EXPECT_EQ(test::error_of([&] { EulerSampler(policy, 2, 1.0, WeightPrecision::bf16); }),
+            "EulerSampler: bfloat16 packed weights need a float32 policy; this one is float64");
+  const Tensor state = zeros({1, 2, 3}, DType::f64), a0 = zeros({1, 5, 2}, DType::f64);
+  EXPECT_EQ(test::error_of([&] { f32_sampler(state, a0); }),
+            "EulerSampler: the policy is now float64, its schedule was computed in float32; make "
+            "a new sampler after policy.to(...) or load(...)");
+  // float32 packing on a float64 policy runs the exact plain products.
+  EXPECT_LT(
+      test::max_abs_diff(EulerSampler(policy, 2)(state, a0), sample_actions(policy, state, a0, 2)),
+      1e-15);
 }
 
 TEST(EulerSampler, RejectsAMaxTThatIsNotFiniteAndPositive) {

@@ -338,8 +338,23 @@ Tensor BCPolicy::action_tokens(const Tensor& x_t) const {
   return action_encoder(x_t) + action_pos_embed;
 }
 
+namespace {
+// Without it, tokens of another length blame the attention mask, of another width a product.
+void check_obs_tokens(const PolicyConfig& c, const Tensor& obs_tokens, const Tensor& x_t) {
+  MMDIT_CHECK(obs_tokens.defined() && obs_tokens.dim() == 3 &&
+                  obs_tokens.shape()[0] == x_t.shape()[0] &&
+                  obs_tokens.shape()[1] == c.n_obs_steps && obs_tokens.shape()[2] == c.hidden_size,
+              "policy: observation tokens ",
+              obs_tokens.defined() ? str_cat("have shape ", shape_str(obs_tokens.shape()))
+                                   : std::string("are undefined"),
+              "; expected (B, n_obs_steps, hidden_size) = (", x_t.shape()[0], ",", c.n_obs_steps,
+              ",", c.hidden_size, "), from encode_observations");
+}
+}  // namespace
+
 Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Tensor& t) const {
   const Tensor act = action_tokens(x_t);
+  check_obs_tokens(config, obs_tokens, x_t);
   NameScope scope("mmdit");
   return mmdit({obs_tokens, act}, {t}, mask_)[1];
 }
@@ -347,6 +362,7 @@ Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t, const Ten
 Tensor BCPolicy::velocity(const Tensor& obs_tokens, const Tensor& x_t,
                           const MMDiTConditioning& time) const {
   const Tensor act = action_tokens(x_t);
+  check_obs_tokens(config, obs_tokens, x_t);
   NameScope scope("mmdit");
   // Only the action tokens' output is read: the last block skips the observation tokens' rest.
   return mmdit.forward({obs_tokens, act}, time, mask_, {false, true})[1];
@@ -377,11 +393,16 @@ void check_batch(const char* loss, const BCPolicy& policy, const Tensor& state,
                   action_is_pad.shape() == Shape({b, c.horizon}),
               loss, ": action_is_pad ", described(action_is_pad),
               "; expected bool (B, horizon) = (", b, ",", c.horizon, ")");
+  const DType dtype = policy.action_encoder.weight.dtype();
+  MMDIT_CHECK(action.dtype() == dtype && state.dtype() == dtype, loss, ": action ",
+              described(action), " and state ", described(state), "; the policy is ",
+              dtype_name(dtype));
 }
 
 void check_like_action(const char* name, const Tensor& t, const Tensor& action) {
-  MMDIT_CHECK(t.defined() && t.shape() == action.shape(), "flow_matching_loss: ", name, " ",
-              described(t), "; expected the action's shape ", shape_str(action.shape()));
+  MMDIT_CHECK(t.defined() && t.shape() == action.shape() && t.dtype() == action.dtype(),
+              "flow_matching_loss: ", name, " ", described(t), "; expected the action's ",
+              dtype_name(action.dtype()), " ", shape_str(action.shape()));
 }
 
 }  // namespace
@@ -391,8 +412,10 @@ Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Ten
   check_batch("flow_matching_loss", policy, state, action, action_is_pad);
   const int64_t b = action.shape()[0];
   check_like_action("noise.x0", noise.x0, action);
-  MMDIT_CHECK(noise.t.defined() && noise.t.shape() == Shape({b}), "flow_matching_loss: noise.t ",
-              described(noise.t), "; expected (B,) = (", b, ",), one time per example");
+  MMDIT_CHECK(
+      noise.t.defined() && noise.t.shape() == Shape({b}) && noise.t.dtype() == action.dtype(),
+      "flow_matching_loss: noise.t ", described(noise.t), "; expected ", dtype_name(action.dtype()),
+      " (B,) = (", b, ",), one time per example");
   const double sigma = policy.config.sigma;
   // eps is read only when the config adds noise: a caller with sigma = 0 need not draw it.
   if (sigma > 0) check_like_action("noise.eps (sigma > 0)", noise.eps, action);
@@ -429,35 +452,67 @@ Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
                          zeros({batch}, state.dtype()));
 }
 
+namespace {
+
+// t_k = k max_t / steps (linspace(0, max_t, steps + 1)): the one grid both each step's time and
+// its width t_{k+1} - t_k are read from.
+std::vector<double> euler_times(int64_t steps, double max_t) {
+  MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
+  MMDIT_CHECK(std::isfinite(max_t) && max_t > 0, "sample: max_t must be finite and > 0, got ",
+              max_t);
+  std::vector<double> times;
+  for (int64_t k = 0; k <= steps; ++k) times.push_back(k * max_t / steps);
+  return times;
+}
+
+// One timestep for the whole batch: every example is at the same t_k.
+MMDiTConditioning condition_at(const BCPolicy& policy, double t) {
+  return policy.mmdit.condition({full({1}, t, policy.action_encoder.weight.dtype())});
+}
+
+// The Euler loop; condition(k) gives step k's conditioning.
+template <class Condition>
+Tensor integrate(const BCPolicy& policy, const Tensor& state, const Tensor& a0,
+                 const std::vector<double>& times, Condition&& condition) {
+  const Tensor obs = policy.encode_observations(state);
+  Tensor a = a0;
+  for (size_t k = 0; k + 1 < times.size(); ++k)
+    a = raw::add(a,
+                 raw::mul_scalar(policy.velocity(obs, a, condition(k)), times[k + 1] - times[k]));
+  return a;
+}
+
+}  // namespace
+
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
                       double max_t) {
-  return EulerSampler(policy, steps, max_t, std::nullopt)(state, a0);
+  // Each step's conditioning made when it is needed: an EulerSampler keeps them all for reuse.
+  const std::vector<double> times = euler_times(steps, max_t);
+  return integrate(policy, state, a0, times,
+                   [&](size_t k) { return condition_at(policy, times[k]); });
 }
 
 EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
                            std::optional<WeightPrecision> packed)
-    : policy_(policy), frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
-  MMDIT_CHECK(steps >= 1, "sample: steps must be >= 1, got ", steps);
-  MMDIT_CHECK(std::isfinite(max_t) && max_t > 0, "sample: max_t must be finite and > 0, got ",
-              max_t);
-  // t_k = k max_t / steps (linspace(0, max_t, steps + 1)): the one grid both each step's time
-  // and its width t_{k+1} - t_k are read from.
-  for (int64_t k = 0; k <= steps; ++k) times_.push_back(k * max_t / steps);
-  const DType dtype = policy.action_encoder.weight.dtype();
-  // One timestep for the whole batch: every example is at the same t_k.
-  for (int64_t k = 0; k < steps; ++k)
-    schedule_.push_back(policy.mmdit.condition({full({1}, times_[k], dtype)}));
+    : policy_(policy),
+      dtype_(policy.action_encoder.weight.dtype()),
+      times_(euler_times(steps, max_t)),
+      frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
+  // Packing is for float32 weights: a float64 policy runs its plain products, which is exact,
+  // but bfloat16 asked for would silently not be.
+  MMDIT_CHECK(!(packed == WeightPrecision::bf16 && dtype_ != DType::f32),
+              "EulerSampler: bfloat16 packed weights need a float32 policy; this one is ",
+              dtype_name(dtype_));
+  for (int64_t k = 0; k < steps; ++k) schedule_.push_back(condition_at(policy, times_[k]));
 }
 
 Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
+  MMDIT_CHECK(policy_.action_encoder.weight.dtype() == dtype_, "EulerSampler: the policy is now ",
+              dtype_name(policy_.action_encoder.weight.dtype()), ", its schedule was computed in ",
+              dtype_name(dtype_), "; make a new sampler after policy.to(...) or load(...)");
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
-  const Tensor obs = policy_.encode_observations(state);
-  Tensor a = a0;
-  for (int64_t k = 0; k < steps(); ++k)
-    a = raw::add(
-        a, raw::mul_scalar(policy_.velocity(obs, a, schedule_[k]), times_[k + 1] - times_[k]));
-  return a;
+  return integrate(policy_, state, a0, times_, [&](size_t k) { return schedule_[k]; });
 }
 
 }  // namespace mmdit

@@ -120,12 +120,15 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 // conditioning of every step of the schedule (timestep embedding, every adaLN modulation and
 // gate) is the same for all calls and all examples, so it is computed once, here. Each call then
 // runs only the token path. Keeps a reference to the policy. It keeps the conditioning and the
-// packed copies of the weights it first saw: after policy.load(...), make a new sampler.
+// packed copies of the weights it first saw: after policy.load(...) it still samples with the
+// old weights, so make a new sampler (after policy.to(...) a call throws).
 class EulerSampler {
  public:
   // packed: the token path's weights are packed (tensor/packed_weight.h) at this precision on
   // the first call, which pays from the second call on; bf16 halves the bytes each step
-  // streams, at some accuracy (README). nullopt: the plain products, for a single call.
+  // streams, at some accuracy (README). nullopt: the plain products, for a single call. Only
+  // float32 policies are packed: a float64 one runs its plain products with f32, and refuses
+  // bf16.
   EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0,
                std::optional<WeightPrecision> packed = WeightPrecision::f32);
   Tensor operator()(const Tensor& state, const Tensor& a0) const;
@@ -136,6 +139,7 @@ class EulerSampler {
 
  private:
   const BCPolicy& policy_;
+  DType dtype_;                              // the policy's when the schedule was computed
   std::vector<double> times_;                // t_0 = 0, ..., t_steps = max_t
   std::vector<MMDiTConditioning> schedule_;  // the conditioning at t_0 .. t_{steps-1}
   std::unique_ptr<FrozenWeights> frozen_;    // null when not packed
