@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <set>
 #include <stdexcept>
 #include <type_traits>
@@ -372,7 +373,13 @@ SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::str
     previous = &e;
   }
 
-  for (const Entry& e : entries) file.tensors.insert(e.name, convert(e, buffer + e.begin, what));
+  try {
+    for (const Entry& e : entries) file.tensors.insert(e.name, convert(e, buffer + e.begin, what));
+  } catch (const OutOfMemory& e) {
+    throw OutOfMemory(str_cat(what, ": its tensors do not fit in memory: ", e.what()));
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory(str_cat(what, ": its tensors do not fit in memory"));
+  }
   return file;
 }
 

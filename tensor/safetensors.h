@@ -13,9 +13,10 @@
 //
 // Files are untrusted input: every malformed header or buffer raises mmdit::Error whose message
 // starts with the file name (`what`), names the tensor when one is involved and says what is
-// wrong. Nothing is read out of bounds and allocations are bounded by the file size (headers
-// above 100 MB are rejected, as the reference implementation does). Overlapping data ranges are
-// rejected; gaps between ranges are tolerated.
+// wrong. Nothing is read out of bounds and allocations are bounded by a multiple of the file size
+// (the file itself, and its tensors as converted: 8 bytes per element of a 1-byte integer type;
+// headers above 100 MB are rejected, as the reference implementation does). Overlapping data ranges
+// are rejected; gaps between ranges are tolerated.
 //
 // Saving writes F32, F64 and BOOL. The layout matches the reference writer, so the reference
 // loader (which requires the data ranges to tile the buffer with no gaps) reads our files:

@@ -124,6 +124,19 @@ void write_zip(const std::string& path, const std::vector<std::pair<std::string,
   ASSERT_EQ(zip_close(z), 0);
 }
 
+// A 1 MB deflated member can inflate to gigabytes: reading stops as soon as it holds more than
+// its .npy header's shape needs (it used to inflate the whole member, 2 GB, before refusing it).
+TEST(Npz, StopsReadingAMemberPastItsHeadersLength) {
+  TempDir dir;
+  std::string bomb = serialize_npy(zeros({120, 4}));
+  bomb.append(std::string(size_t{4} << 20, '\0'));
+  const std::string path = dir.file("bomb.npz");
+  write_zip(path, {{"observation.state.npy", bomb}}, ZIP_CM_DEFLATE);
+  expect_error([&] { load_npz(path); },
+               {path, "array 'observation.state'", "holds more than the 2048 bytes its .npy header",
+                "(65536 read so far"});
+}
+
 // ---- .npy ----
 
 TEST(Npy, RoundTripsEveryDtypeAndShape) {
@@ -948,7 +961,48 @@ TEST(Robomimic, RejectsDatasetsThatWereNeverWritten) {
     H5Fclose(file);
   }
   expect_error([&] { load_robomimic_hdf5(partial, {"pos"}); },
-               {partial, "'data/demo_0/actions' is only partly stored"});
+               {partial, "'data/demo_0/actions' is only partly stored (1 of its 2 chunks"});
+}
+
+// What h5py writes with compression="gzip" (robomimic's --compress), or for a resizable dataset
+// a logger appends to: chunks, deflated, the last one sticking out past the extent. libhdf5
+// reports such a complete dataset as "part allocated", and every one was refused as only partly
+// stored.
+TEST(Robomimic, ReadsCompressedDatasetsWithAPartialLastChunk) {
+  TempDir dir;
+  const std::string path = dir.file("gzip.hdf5");
+  std::vector<float> actions(5 * 3);
+  for (size_t i = 0; i < actions.size(); ++i) actions[i] = 0.25f * static_cast<float>(i) - 1.0f;
+  {
+    H5Writer w(path);
+    w.group("data");
+    w.group("data/demo_0");
+    w.group("data/demo_0/obs");
+    w.dataset("data/demo_0/obs/pos", 5, 2, std::vector<double>(10, 0.5));
+  }
+  for (const bool deflate : {true, false}) {
+    const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    const char* name = "data/demo_0/actions";
+    if (!deflate) H5Ldelete(file, name, H5P_DEFAULT);
+    const hsize_t dims[2] = {5, 3}, chunk[2] = {2, 3};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    const hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(plist, 2, chunk);
+    if (deflate) {
+      H5Pset_shuffle(plist);
+      H5Pset_deflate(plist, 4);
+    }
+    const hid_t set =
+        H5Dcreate2(file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, plist, H5P_DEFAULT);
+    H5Dwrite(set, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, actions.data());
+    H5Dclose(set);
+    H5Pclose(plist);
+    H5Sclose(space);
+    H5Fclose(file);
+    SCOPED_TRACE(deflate ? "deflated" : "chunked");
+    const Episodes e = load_robomimic_hdf5(path, {"pos"});
+    EXPECT_EQ(e.actions.to_vector<float>(), actions);
+  }
 }
 
 // tests/data/robomimic_wild_address.hdf5 is a 10 KB robomimic file (two demos of obs/pos,

@@ -820,6 +820,18 @@ TEST(Checkpoint, HoldsEverythingAndLoadsForInference) {
   save_safetensors(dir + "/other.safetensors", f.tensors, {{"format", "something-else"}});
   EXPECT_THAT([&] { load_policy(dir + "/other.safetensors"); },
               testing::ThrowsMessage<Error>(HasSubstr("is not mmdit-checkpoint/1")));
+  // A file of another kind is refused on its metadata, before its tensors are read: a large
+  // model from another tool was read and converted whole first (1.6 GB for a 512 MB file). Here
+  // a BOOL byte of 2, which reading would refuse, is never reached.
+  {
+    const std::string header =
+        R"({"__metadata__":{"format":"pt"},"flag":{"dtype":"BOOL","shape":[1],"data_offsets":[0,1]}})";
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+    write_file_atomically(dir + "/pt.safetensors", bytes + header + "\x02");
+    EXPECT_THAT([&] { load_policy(dir + "/pt.safetensors"); },
+                testing::ThrowsMessage<Error>(HasSubstr("checkpoint format 'pt' is not")));
+  }
   fs::remove_all(dir);
 }
 

@@ -388,8 +388,12 @@ Tensor parse_npy(const void* bytes, size_t size, const std::string& what) {
   return parse_npy_record(bytes, size, what, /*whole=*/true).value;
 }
 
-NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole,
-                           bool read_data) {
+namespace {
+
+// parse_npy_record; with check_data false, the data after the header is not looked for (the
+// header alone is checked, and the record's length returned).
+NpyRecord parse_record(const void* bytes, size_t size, const std::string& what, bool whole,
+                       bool read_data, bool check_data) {
   const auto* p = static_cast<const unsigned char*>(bytes);
   if (size < kMagicLen || std::memcmp(p, kMagic, kMagicLen) != 0)
     fail(what, ": not a .npy file (bad magic: expected \"\\x93NUMPY\", got \"",
@@ -470,7 +474,7 @@ NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& wh
   if (__builtin_mul_overflow(numel, d.size, &nbytes))
     fail(what, ": shape ", shape_str(shape), " is too large");
   const uint64_t available = size - preamble - header_len;
-  if (whole ? available != nbytes : available < nbytes)
+  if (check_data && (whole ? available != nbytes : available < nbytes))
     fail(what, ": ", d.text, " shape ", shape_str(shape), " needs ", nbytes,
          " bytes of data but the file holds ", available,
          available < nbytes ? " (file truncated?)" : "");
@@ -478,6 +482,26 @@ NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& wh
   if (!read_data) return {Tensor(), d.text, shape, record_bytes};
   return {convert(d, shape, p + preamble + header_len, static_cast<size_t>(numel), what), d.text,
           shape, record_bytes};
+}
+
+// The whole length of the record whose first `size` bytes are at p, once they hold its header
+// (checked as parse_npy_record checks it); 0 before.
+size_t npy_record_length(const unsigned char* p, size_t size, const std::string& what) {
+  if (size < kMagicLen + 2) return 0;
+  const size_t len_bytes = p[6] == 1 ? 2 : 4;
+  if (size < kMagicLen + 2 + len_bytes) return 0;
+  uint64_t header_len = 0;
+  for (size_t i = 0; i < len_bytes; ++i) header_len |= uint64_t{p[8 + i]} << (8 * i);
+  if (header_len <= kMaxHeaderBytes && size < kMagicLen + 2 + len_bytes + header_len) return 0;
+  return parse_record(p, size, what, /*whole=*/false, /*read_data=*/false, /*check_data=*/false)
+      .bytes;
+}
+
+}  // namespace
+
+NpyRecord parse_npy_record(const void* bytes, size_t size, const std::string& what, bool whole,
+                           bool read_data) {
+  return parse_record(bytes, size, what, whole, read_data, /*check_data=*/true);
 }
 
 std::string serialize_npy(const Tensor& t) {
@@ -565,6 +589,7 @@ NamedTensors load_npz(const std::string& path) {
     std::string bytes;
     bytes.reserve(static_cast<size_t>(std::min<zip_uint64_t>(st.size, 1 << 24)));
     std::array<char, 1 << 16> chunk;
+    size_t record_length = 0;  // once the header is in
     try {
       for (;;) {
         const zip_int64_t n = zip_fread(file.get(), chunk.data(), chunk.size());
@@ -573,6 +598,15 @@ NamedTensors load_npz(const std::string& path) {
         bytes.append(chunk.data(), static_cast<size_t>(n));
         if (bytes.size() > st.size)
           fail(what, ": archive member holds more than its declared ", st.size, " bytes");
+        // A small deflated member can declare and inflate to gigabytes past what its header's
+        // shape needs: stop at the header's length.
+        if (record_length == 0)
+          record_length = npy_record_length(reinterpret_cast<const unsigned char*>(bytes.data()),
+                                            bytes.size(), what);
+        if (record_length != 0 && bytes.size() > record_length)
+          fail(what, ": archive member holds more than the ", record_length,
+               " bytes its .npy header declares (", bytes.size(), " read so far, ", st.size,
+               " declared by the archive)");
       }
     } catch (const std::bad_alloc&) {
       fail(what, ": archive member of ", st.size, " bytes does not fit in memory");

@@ -362,6 +362,9 @@ struct CheckpointFile {
 CheckpointFile read_checkpoint(const std::string& path) {
   CheckpointFile c;
   c.path = path;
+  // The metadata first: a file of another kind (a large model from another tool) is refused
+  // before its tensors are read and converted.
+  parse_info(load_safetensors_metadata(path), path);
   c.file = load_safetensors(path);
   CheckpointInfo info = parse_info(c.file.metadata, path);
   c.config = info.config;
