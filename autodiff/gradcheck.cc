@@ -43,10 +43,15 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
                 dtype_name(t.dtype()), " ", shape_str(t.shape()));
     MMDIT_CHECK(t.is_contiguous(), "gradcheck: '", name, "' ", shape_str(t.shape()),
                 " is not contiguous; gradcheck perturbs its elements in memory order");
-    // Perturbing one would move the other too, and the numeric derivative with it.
-    for (size_t j = 0; j < k; ++j)
-      MMDIT_CHECK(!t.shares_storage_with(wrt[j].second), "gradcheck: '", name, "' and '",
-                  wrt[j].first, "' share memory; check tensors that do not overlap");
+    // Perturbing one would move the other too, and the numeric derivative with it. Both are
+    // contiguous: their elements are the ranges [offset, offset + numel) of their storages.
+    for (size_t j = 0; j < k; ++j) {
+      const Tensor& u = wrt[j].second;
+      MMDIT_CHECK(!t.shares_storage_with(u) || t.offset() + t.numel() <= u.offset() ||
+                      u.offset() + u.numel() <= t.offset(),
+                  "gradcheck: '", name, "' and '", wrt[j].first,
+                  "' overlap in memory; check tensors that do not");
+    }
   }
   Rng rng(options.seed);
   Tensor cotangent;

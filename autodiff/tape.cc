@@ -185,7 +185,8 @@ void Tape::watch(const Tensor& t) {
 void Tape::refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs) {
   for (; outer; outer = outer->previous_)
     for (size_t i = 0; i < inputs.size(); ++i)
-      MMDIT_CHECK(!outer->is_on_tape(inputs[i]), op, ": input ", i, " ",
+      // After its gradient() a tape records nothing more: its values are constants.
+      MMDIT_CHECK(outer->consumed_ || !outer->is_on_tape(inputs[i]), op, ": input ", i, " ",
                   shape_str(inputs[i].shape()),
                   " is on an enclosing tape, but a nested tape is active and only the active "
                   "tape records: the enclosing tape's gradients would leave this op out. Compute "
@@ -405,8 +406,10 @@ const std::string& NameScope::current() {
 
 void refuse_constant_on_tape(const char* op, const char* what, const Tensor& t) {
   if (!t.defined()) return;
+  const Tensor one[] = {t};
+  detail::refuse_other_threads_values(op, Tape::active(), one);
   for (const Tape* tape = Tape::active(); tape; tape = tape->enclosing())
-    MMDIT_CHECK(!tape->is_on_tape(t), op, ": ", what, " ", shape_str(t.shape()),
+    MMDIT_CHECK(tape->consumed() || !tape->is_on_tape(t), op, ": ", what, " ", shape_str(t.shape()),
                 " is on a tape, but ", op,
                 " takes it as a constant and gives it no gradient (it would silently be 0). "
                 "Compute it off the tape or pass stop_gradient(",

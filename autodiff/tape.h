@@ -144,6 +144,8 @@ class Tape {
   int64_t slot_of(const Tensor& t) const;
   // The tape that was active when this one was made, or null.
   const Tape* enclosing() const { return previous_; }
+  // Whether gradient() has run: the tape records nothing more.
+  bool consumed() const { return consumed_; }
 
  private:
   static void refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs);

@@ -114,6 +114,20 @@ TEST(AutodiffTape, AnOpMixingOuterAndInnerValuesIsRefused) {
   EXPECT_EQ(error_of([&] { return stop_gradient(y) * z; }), "(no mmdit::Error thrown)");
 }
 
+// After its gradient() an enclosing tape records nothing more: its values are constants to a
+// nested tape, as to another thread.
+TEST(AutodiffTape, AConsumedEnclosingTapesValuesAreConstants) {
+  Tensor x = from_vector(std::vector<double>{0.5, 1.0}, {2});
+  Tensor z = from_vector(std::vector<double>{2.0, 3.0}, {2});
+  Tape outer;
+  outer.watch(x);
+  const Tensor y = sin(x);
+  outer.gradient(sum(y), {x});
+  Tape inner;
+  inner.watch(z);
+  EXPECT_EQ(values(inner.gradient(sum(y * z), {z})[0]), values(raw::unary(raw::UnaryOp::sin, x)));
+}
+
 // Ops run while the inner tape is active are recorded there only: had it watched x, the outer
 // tape's gradient of sum(x * x) computed inside would silently leave that product out.
 TEST(AutodiffTape, ANestedTapeCannotWatchWhatAnOuterTapeHolds) {

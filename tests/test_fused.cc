@@ -8,6 +8,7 @@
 
 #include <cfloat>
 #include <functional>
+#include <thread>
 
 #include "autodiff/fused.h"
 #include "autodiff/gradcheck.h"
@@ -358,6 +359,17 @@ TEST(Fused, RotaryTablesOnATapeAreRefused) {
                 joint_attention_fused({qkv}, {gamma}, {gamma}, {tables.cos}, {derived}, Tensor());
               }),
               HasSubstr("joint_attention: sin[0] (3,4) is on a tape"));
+  // A table another thread's tape recorded, while that tape can still record, is refused too.
+  std::string other_thread = "(no mmdit::Error thrown)";
+  std::thread([&] {
+    try {
+      rope(x, derived, tables.sin);
+    } catch (const Error& e) {
+      other_thread = e.what();
+    }
+  }).join();
+  EXPECT_THAT(other_thread, HasSubstr("rope: input 0 (3,4) was recorded by a tape that is still "
+                                      "recording on another thread"));
   // Off the tape (stop_gradient), the same tables are constants as documented.
   EXPECT_EQ(error_of([&] { rope(x, stop_gradient(cos), sin); }), "(no mmdit::Error thrown)");
 }

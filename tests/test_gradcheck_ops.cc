@@ -702,7 +702,15 @@ TEST(GradcheckOps, MessagesNameWhatIsWrong) {
                 gradcheck([&] { return square(overlapping.at("row")) * overlapping.at("w"); },
                           overlapping);
               }),
-              HasSubstr("gradcheck: 'row' and 'w' share memory"));
+              HasSubstr("gradcheck: 'row' and 'w' overlap in memory"));
+  // Two halves of one buffer (parameters sliced from one fused weight) do not overlap.
+  const Tensor buffer = uniform({6}, 7010);
+  NamedTensors halves;
+  halves.insert("a", raw::narrow(buffer, 0, 0, 3));
+  halves.insert("b", raw::narrow(buffer, 0, 3, 3));
+  const GradcheckResult r = gradcheck([&] { return halves.at("a") * sin(halves.at("b")); }, halves);
+  EXPECT_TRUE(r.ok) << r.report();
+  EXPECT_EQ(r.checked, 6);
 }
 
 // Elements whose derivatives are 0 on both sides pass whatever the backward does: the report
