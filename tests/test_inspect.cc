@@ -404,6 +404,30 @@ TEST(BenchCli, JsonLineHasTheRequiredKeys) {
   EXPECT_THAT(bad.output, HasSubstr("unknown workload 'nope'"));
 }
 
+// Several workloads run one process each. Each child measured roofs of its own while the header
+// printed the parent's, so a row's "% of roof" was a share of a roof not shown: every row now
+// uses the run's roofs. A float64 workload has no share of the float32 sgemm roof (null).
+TEST(BenchCli, EveryWorkloadOfARunIsAShareOfTheSameRoofs) {
+  const Command r = run_mmdit(
+      "bench --workload tiny-gradcheck --workload policy-act --reps 1 --warmup 0 --threads 1 "
+      "--json",
+      "env -u MMDIT_OPENBLAS_DETECTED_CORE OPENBLAS_CORETYPE=Haswell ");
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::vector<nlohmann::json> rows;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty() && line[0] == '{') rows.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(rows.size(), 2u) << r.output;
+  for (const char* key :
+       {"roof_gflops", "roof_onednn_gflops", "roof_openblas_gflops", "memory_roof_gbps"})
+    EXPECT_EQ(rows[0].at(key), rows[1].at(key)) << key << "\n" << r.output;
+  EXPECT_TRUE(rows[0].at("roof_fraction").is_null()) << rows[0].dump();
+  EXPECT_NEAR(rows[1].at("roof_fraction").get<double>(),
+              rows[1].at("gflops").get<double>() / rows[1].at("roof_gflops").get<double>(), 2e-3);
+  // The core the user set is dropped with a word on stderr, in JSON mode too.
+  EXPECT_THAT(r.output, HasSubstr("bench: re-running without OPENBLAS_CORETYPE=Haswell"));
+}
+
 // With OPENBLAS_CORETYPE unset, mmdit runs on the widest kernels this CPU can use, whether
 // OpenBLAS detected them itself or mmdit started again with them (and says which it detected).
 TEST(BenchCli, RunsOnTheWidestOpenBlasKernelsTheCpuHas) {

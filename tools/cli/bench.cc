@@ -54,6 +54,7 @@ struct Workload {
   const char* name;
   const char* what;
   bool training;
+  bool float64 = false;  // its products are not float32: the sgemm roof does not apply
 };
 
 const Workload kWorkloads[] = {
@@ -66,7 +67,8 @@ const Workload kWorkloads[] = {
      "InContextMMDiT depth 12, dims (512, 256), batch 8, 100 + 18 tokens: forward, MSE, "
      "backward, AdamW",
      true},
-    {"tiny-gradcheck", "MMDiT depth 2, dims (16, 8), float64: gradcheck of every parameter", false},
+    {"tiny-gradcheck", "MMDiT depth 2, dims (16, 8), float64: gradcheck of every parameter", false,
+     true},
 };
 
 // What one repetition leaves behind for the report, besides its time.
@@ -364,8 +366,6 @@ struct Result {
   double gflop_per_rep = 0, gflops = 0;
   double peak_rss_mb = 0;
   double page_faults_per_rep = 0;
-  double roof_gflops = 0;        // set when the workload ran in a child process with its own roof
-  double memory_roof_gbps = 0;   // likewise
   double weight_mb_per_rep = 0;  // sampling workloads: packed weights read per repetition
   int reps = 0;
   std::optional<TapeStats> tape;
@@ -407,6 +407,13 @@ Result run(const Workload& w, int reps, int warmup) {
 
 // The time a sampling workload would take if it did nothing but read its weights once per
 // Euler step at the memory roof.
+// The share of the float32 sgemm roof, or NaN (JSON null, a blank cell) for a float64 workload.
+double roof_fraction(const Result& r, double roof) {
+  for (const Workload& w : kWorkloads)
+    if (r.workload == w.name && w.float64) return std::numeric_limits<double>::quiet_NaN();
+  return r.gflops / roof;
+}
+
 double memory_floor_ms(const Result& r, double memory_roof) {
   return r.weight_mb_per_rep / memory_roof;  // MB / (GB/s) = ms
 }
@@ -429,7 +436,7 @@ std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof,
                               {"gflop_per_rep", rounded(r.gflop_per_rep, 3)},
                               {"gflops", rounded(r.gflops, 1)},
                               {"roof_gflops", rounded(roof, 1)},
-                              {"roof_fraction", rounded(r.gflops / roof, 3)},
+                              {"roof_fraction", rounded(roof_fraction(r, roof), 3)},
                               {"peak_rss_mb", rounded(r.peak_rss_mb, 1)},
                               {"page_faults_per_rep", rounded(r.page_faults_per_rep, 1)},
                               {"openblas_core", core},
@@ -461,10 +468,10 @@ std::string json_line(const Result& r, int threads, const SgemmRoof& sgemm_roof,
 }
 
 void print_table_row(const Result& r, double roof, double memory_roof) {
-  if (r.roof_gflops > 0) roof = r.roof_gflops;
-  if (r.memory_roof_gbps > 0) memory_roof = r.memory_roof_gbps;
-  std::printf("%-19s %9.2f %9.2f %9.2f %8.1f %8.1f %6.0f%% %8.0f %8.0f", r.workload.c_str(),
-              r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops, 100 * r.gflops / roof,
+  const double fraction = roof_fraction(r, roof);
+  std::printf("%-19s %9.2f %9.2f %9.2f %8.1f %8.1f %7s %8.0f %8.0f", r.workload.c_str(),
+              r.median_ms, r.min_ms, r.max_ms, r.gflop_per_rep, r.gflops,
+              std::isnan(fraction) ? "" : str_cat(std::lround(100 * fraction), "%").c_str(),
               r.peak_rss_mb, r.page_faults_per_rep);
   if (r.tape)
     std::printf(" %6lld %9.1f %7.1f", static_cast<long long>(r.tape->nodes),
@@ -480,7 +487,8 @@ void print_table_row(const Result& r, double roof, double memory_roof) {
 }
 
 struct Options;
-std::string run_in_child(const Workload& w, const Options& o, int threads);
+std::string run_in_child(const Workload& w, const Options& o, int threads, const SgemmRoof& roof,
+                         double memory_roof);
 Result result_from_json(const std::string& line);
 
 struct Options {
@@ -491,6 +499,9 @@ struct Options {
   bool json = false;
   bool keep_coretype = false;
   std::string sgemm;  // empty: MMDIT_SGEMM, else raw::default_sgemm_library()
+  // Set by a parent bench for the workload it runs in a child: the roofs it measured and
+  // printed (oneDNN and OpenBLAS GFLOP/s, GB/s), so that every row is a share of the same ones.
+  std::vector<double> roofs;
 };
 
 void run_bench(const Options& o) {
@@ -498,10 +509,9 @@ void run_bench(const Options& o) {
   const char* detected_core = std::getenv(kDetectedCoreVariable);
   if (!o.keep_coretype && user_core && !detected_core) {
     // Too late for this process: OpenBLAS chose its kernels when it was loaded.
-    if (!o.json)
-      std::fprintf(stderr,
-                   "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype keeps it)\n",
-                   user_core);
+    std::fprintf(stderr,
+                 "bench: re-running without OPENBLAS_CORETYPE=%s (--keep-coretype keeps it)\n",
+                 user_core);
     unsetenv("OPENBLAS_CORETYPE");
     reexecute_self();
     std::fprintf(stderr, "bench: could not re-execute; keeping OPENBLAS_CORETYPE\n");
@@ -529,9 +539,10 @@ void run_bench(const Options& o) {
     chosen.push_back(found);
   }
   if (!o.sgemm.empty()) raw::set_sgemm_library(raw::parse_sgemm_library(o.sgemm));
-  const SgemmRoof sgemm_roof = sgemm_roof_gflops();
+  const bool given = o.roofs.size() == 3;
+  const SgemmRoof sgemm_roof = given ? SgemmRoof{o.roofs[0], o.roofs[1]} : sgemm_roof_gflops();
   const double roof = sgemm_roof.best();
-  const double memory_roof = memory_roof_gbps();
+  const double memory_roof = given ? o.roofs[2] : memory_roof_gbps();
   const char* sgemm = raw::sgemm_library_name(raw::sgemm_library());
   if (!o.json) {
     std::printf(
@@ -557,7 +568,7 @@ void run_bench(const Options& o) {
         print_table_row(r, roof, memory_roof);
     } else {
       // One process per workload: no workload inherits another's heap, caches or peak RSS.
-      const std::string line = run_in_child(*w, o, threads);
+      const std::string line = run_in_child(*w, o, threads, sgemm_roof, memory_roof);
       if (o.json)
         std::printf("%s\n", line.c_str());
       else
@@ -567,7 +578,8 @@ void run_bench(const Options& o) {
   }
 }
 
-std::string run_in_child(const Workload& w, const Options& o, int threads) {
+std::string run_in_child(const Workload& w, const Options& o, int threads, const SgemmRoof& roof,
+                         double memory_roof) {
   char exe[4096];
   const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
   MMDIT_CHECK(len > 0, "bench: cannot find this program's path (/proc/self/exe)");
@@ -575,7 +587,8 @@ std::string run_in_child(const Workload& w, const Options& o, int threads) {
   const std::string command =
       str_cat("'", exe, "' bench --keep-coretype --json --workload ", w.name, " --reps ", o.reps,
               " --warmup ", o.warmup, " --threads ", threads, " --sgemm ",
-              raw::sgemm_library_name(raw::sgemm_library()));
+              raw::sgemm_library_name(raw::sgemm_library()), " --roofs ", roof.onednn, " ",
+              roof.openblas, " ", memory_roof);
   FILE* pipe = popen(command.c_str(), "r");
   MMDIT_CHECK(pipe, "bench: cannot start ", command);
   std::string out;
@@ -603,9 +616,7 @@ Result result_from_json(const std::string& line) {
   r.gflop_per_rep = number("gflop_per_rep");
   r.gflops = number("gflops");
   r.peak_rss_mb = number("peak_rss_mb");
-  r.roof_gflops = number("roof_gflops");
   r.page_faults_per_rep = number("page_faults_per_rep");
-  r.memory_roof_gbps = number("memory_roof_gbps");
   if (j.contains("weight_mb_per_rep")) r.weight_mb_per_rep = number("weight_mb_per_rep");
   if (j.contains("max_abs_diff_vs_f32"))
     r.accuracy = Accuracy{number("max_abs_diff_vs_f32"), number("rel_rms_diff_vs_f32")};
@@ -639,6 +650,8 @@ void add_bench_command(CLI::App& app) {
                   "library for the float32 products: onednn or openblas (default: MMDIT_SGEMM, "
                   "else onednn where it has AVX-512 kernels, openblas elsewhere)")
       ->check(CLI::IsMember({"onednn", "openblas"}));
+  // Hidden (no group): how a bench passes its roofs to the child process of each workload.
+  cmd->add_option("--roofs", opts->roofs)->expected(3)->check(CLI::PositiveNumber)->group("");
   cmd->callback([opts] { run_bench(*opts); });
 }
 

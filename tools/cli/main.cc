@@ -123,6 +123,11 @@ void reexecute_self() {
 int main(int argc, char** argv) {
   mmdit::cli::set_program_args(argc, argv);
   mmdit::use_the_best_openblas_core(argv);
+  // The library lowers it without a word (tensor/parallel.cc); --threads above it is an error.
+  if (const char* omp = std::getenv("OMP_NUM_THREADS");
+      omp && std::atoi(omp) > mmdit::max_threads())
+    std::fprintf(stderr, "mmdit: OMP_NUM_THREADS=%s lowered to %d (OpenBLAS's MAX_THREADS)\n", omp,
+                 mmdit::max_threads());
   CLI::App app{"mmdit: MMDiT models and flow-matching policies in C++"};
   app.require_subcommand(1);
   mmdit::cli::add_policy_commands(app);
