@@ -38,7 +38,7 @@ struct InContextMMDiTConfig {
   int64_t ff_mult = 4;
   // Throws an error naming the first field out of range; the constructor calls it.
   void validate() const;
-  // "depth 2, dim_modalities [8,4], ...", for messages.
+  // "depth 2, dim_modalities (8,4), ...", for messages.
   std::string describe() const;
 };
 
