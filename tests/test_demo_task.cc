@@ -19,6 +19,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
 using Vec2 = std::array<double, 2>;
 
 double dist(Vec2 a, Vec2 b) {
@@ -401,9 +402,85 @@ TEST_F(Plots, LossCurve) {
   EXPECT_THAT(bad, HasSubstr("3 non-positive or non-finite values omitted"));
   EXPECT_EQ(bad.find("nan"), std::string::npos);
   EXPECT_EQ(bad.find("inf"), std::string::npos);
-  write_loss_curve_svg(dir_ / "empty.svg", {}, "empty");
+  write_loss_curve_svg(dir_ / "empty.svg", LossHistory(), "empty");
   EXPECT_THAT(read(dir_ / "empty.svg"), HasSubstr("no positive loss values"));
   expect_only({"bad.svg", "empty.svg", "long.svg", "loss.svg", "one.svg"});
+}
+
+// A history of many steps in bounded memory keeps, per bucket, exactly what the plot draws.
+TEST(LossHistory, MergesStepsIntoBucketsThatKeepTheBandAndTheMean) {
+  LossHistory history(64);
+  Rng rng(3);
+  const auto noise = rng.uniform({100000}, DType::f64, 0.5, 2.0).to_vector<double>();
+  double log_sum = 0;
+  for (int64_t i = 0; i < 100000; ++i) {
+    history.add(i + 1, i == 70000 ? 1e-4 : noise[i]);
+    log_sum += std::log10(i == 70000 ? 1e-4 : noise[i]);
+  }
+  history.add(100001, NAN);
+  history.add(100002, 0.0);
+  EXPECT_EQ(history.points(), 100000);
+  EXPECT_EQ(history.omitted(), 2);
+  EXPECT_EQ(history.last_step(), 100002);
+  const auto& buckets = history.buckets();
+  ASSERT_LE(buckets.size(), 64u);
+  ASSERT_GE(buckets.size(), 32u);
+  // The buckets tile the steps in order, and together hold every point and its log.
+  double bucket_log_sum = 0;
+  int64_t next_step = 1;
+  for (const auto& b : buckets) {
+    EXPECT_EQ(b.first_step, next_step);
+    next_step = b.last_step + 1;
+    bucket_log_sum += b.log_sum;
+    // The band is the bucket's own lowest and highest loss.
+    double low = INFINITY, high = -INFINITY;
+    for (int64_t step = b.first_step; step <= b.last_step; ++step) {
+      const double y = std::log10(step == 70001 ? 1e-4 : noise[step - 1]);
+      low = std::min(low, y), high = std::max(high, y);
+    }
+    EXPECT_EQ(b.low, low);
+    EXPECT_EQ(b.high, high);
+    EXPECT_EQ(b.count, b.last_step - b.first_step + 1);
+  }
+  EXPECT_EQ(next_step, 100001);
+  EXPECT_NEAR(bucket_log_sum, log_sum, 1e-9 * 100000);
+  EXPECT_EQ(history.lowest(), std::make_pair(int64_t{70001}, -4.0));
+  EXPECT_EQ(history.last(), std::make_pair(int64_t{100000}, std::log10(noise[99999])));
+
+  EXPECT_THAT([&] { history.add(100002, 1.0); },
+              ThrowsMessage<Error>(HasSubstr("step 100002 comes after step 100002")));
+  EXPECT_THAT([] { LossHistory(1); }, ThrowsMessage<Error>(HasSubstr("capacity 1 is below 2")));
+}
+
+// The plot of a merged history draws the same band, extremes and subtitle as that of every step.
+TEST_F(Plots, LossCurveOfAMergedHistoryMatchesTheFullOne) {
+  Rng rng(4);
+  const auto noise = rng.uniform({20000}, DType::f64, 0.5, 1.5).to_vector<double>();
+  std::vector<std::pair<int64_t, double>> every_step;
+  LossHistory merged(256);
+  for (int64_t i = 0; i < 20000; ++i) {
+    const double loss = std::exp(-i / 4000.0) * noise[i] + (i == 12345 ? -1.0 : 0.0);
+    every_step.emplace_back(i + 1, loss);
+    merged.add(i + 1, loss);
+  }
+  write_loss_curve_svg(dir_ / "full.svg", every_step, "run");
+  write_loss_curve_svg(dir_ / "merged.svg", merged, "run");
+  const std::string full = read(dir_ / "full.svg"), thin = read(dir_ / "merged.svg");
+  const auto subtitle = [](const std::string& svg) {
+    const size_t at = svg.find("last ");
+    return svg.substr(at, svg.find('<', at) - at);
+  };
+  EXPECT_EQ(subtitle(thin), subtitle(full));
+  EXPECT_THAT(subtitle(full), HasSubstr("(1 non-positive or non-finite values omitted)"));
+  // Tick labels (both axes) come from the extremes, which merging keeps.
+  const auto labels = [](const std::string& svg) {
+    std::vector<std::string> found;
+    for (size_t at = svg.find("<text"); at != std::string::npos; at = svg.find("<text", at + 1))
+      found.push_back(
+          svg.substr(svg.find('>', at) + 1, svg.find("</text>", at) - svg.find('>', at) - 1));
+    return found;
+  };
+  EXPECT_EQ(labels(thin), labels(full));
 }
 
 TEST_F(Plots, Rollouts) {

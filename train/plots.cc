@@ -92,21 +92,98 @@ std::string step_label(double v) {
 
 }  // namespace
 
+LossHistory::LossHistory(size_t capacity) : capacity_(capacity) {
+  if (capacity < 2) throw Error(str_cat("LossHistory: capacity ", capacity, " is below 2"));
+  buckets_.reserve(capacity);
+}
+
+void LossHistory::add(int64_t step, double loss) {
+  if (last_step_ && step <= *last_step_)
+    throw Error(str_cat("LossHistory: step ", step, " comes after step ", *last_step_,
+                        "; steps must increase"));
+  last_step_ = step;
+  if (!(std::isfinite(loss) && loss > 0)) {
+    ++omitted_;
+    return;
+  }
+  const double y = std::log10(loss);
+  if (buckets_.empty() || y < lowest_.second) lowest_ = {step, y};
+  last_ = {step, y};
+  if (!buckets_.empty() && buckets_.back().count < steps_per_bucket_) {
+    Bucket& b = buckets_.back();
+    b.last_step = step;
+    if (y < b.low) b.low = y, b.low_step = step;
+    if (y > b.high) b.high = y, b.high_step = step;
+    b.log_sum += y;
+    ++b.count;
+    return;
+  }
+  if (buckets_.size() == capacity_) halve();
+  buckets_.push_back({step, step, step, step, y, y, y, 1});
+}
+
+void LossHistory::halve() {
+  size_t kept = 0;
+  for (size_t i = 0; i < buckets_.size(); i += 2, ++kept) {
+    Bucket merged = buckets_[i];
+    if (i + 1 < buckets_.size()) {
+      const Bucket& next = buckets_[i + 1];
+      merged.last_step = next.last_step;
+      if (next.low < merged.low) merged.low = next.low, merged.low_step = next.low_step;
+      if (next.high > merged.high) merged.high = next.high, merged.high_step = next.high_step;
+      merged.log_sum += next.log_sum;
+      merged.count += next.count;
+    }
+    buckets_[kept] = merged;
+  }
+  buckets_.resize(kept);
+  steps_per_bucket_ *= 2;
+}
+
+int64_t LossHistory::points() const {
+  int64_t n = 0;
+  for (const Bucket& b : buckets_) n += b.count;
+  return n;
+}
+
 void write_loss_curve_svg(const std::string& path,
                           const std::vector<std::pair<int64_t, double>>& step_loss,
+                          const std::string& title) {
+  std::vector<std::pair<int64_t, double>> sorted = step_loss;
+  std::stable_sort(sorted.begin(), sorted.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  LossHistory history(std::max<size_t>(2, sorted.size()));
+  for (const auto& [step, loss] : sorted) {
+    if (history.has_step() && step == history.last_step())
+      throw Error(str_cat("write_loss_curve_svg: step ", step, " has two losses"));
+    history.add(step, loss);
+  }
+  write_loss_curve_svg(path, history, title);
+}
+
+void write_loss_curve_svg(const std::string& path, const LossHistory& history,
                           const std::string& title) {
   const double W = 720, H = 440, L = 84, R = 28, T = 62, B = 56;
   const double pw = W - L - R, ph = H - T - B;
 
+  // The raw curve: each bucket's lowest and highest loss in step order (one point for one step).
   std::vector<std::pair<double, double>> pts;  // (step, log10 loss)
-  for (const auto& [s, v] : step_loss)
-    if (std::isfinite(v) && v > 0) pts.emplace_back(static_cast<double>(s), std::log10(v));
-  std::sort(pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  const size_t omitted = step_loss.size() - pts.size();
-
+  for (const LossHistory::Bucket& b : history.buckets()) {
+    const std::pair<double, double> low{static_cast<double>(b.low_step), b.low},
+        high{static_cast<double>(b.high_step), b.high};
+    if (b.count == 1 || b.low_step == b.high_step) {
+      pts.push_back(low);
+    } else {
+      pts.push_back(b.low_step < b.high_step ? low : high);
+      pts.push_back(b.low_step < b.high_step ? high : low);
+    }
+  }
+  const int64_t points = history.points();
+  const int64_t omitted = history.omitted();
   double x0 = 0, x1 = 1, y0 = -1, y1 = 0;
   if (!pts.empty()) {
-    x0 = pts.front().first, x1 = pts.back().first;
+    x0 = static_cast<double>(history.buckets().front().first_step);
+    x1 = static_cast<double>(history.buckets().back().last_step);
     y0 = y1 = pts.front().second;
     for (const auto& p : pts) y0 = std::min(y0, p.second), y1 = std::max(y1, p.second);
   }
@@ -168,11 +245,12 @@ void write_loss_curve_svg(const std::string& path,
     text(o, L + pw / 2, T + ph / 2, "no positive loss values to plot", 14, "middle",
          "fill=\"#888\"");
   } else {
-    const auto best = std::min_element(pts.begin(), pts.end(), by_loss);
-    subtitle =
-        str_cat("last ", fmt("%.4g", std::pow(10.0, pts.back().second)), " at step ",
-                step_label(pts.back().first), "  \u00b7  min ",
-                fmt("%.4g", std::pow(10.0, best->second)), " at step ", step_label(best->first));
+    const auto [last_step, last] = history.last();
+    const auto [lowest_step, lowest] = history.lowest();
+    subtitle = str_cat("last ", fmt("%.4g", std::pow(10.0, last)), " at step ",
+                       step_label(static_cast<double>(last_step)), "  \u00b7  min ",
+                       fmt("%.4g", std::pow(10.0, lowest)), " at step ",
+                       step_label(static_cast<double>(lowest_step)));
   }
   if (omitted > 0)
     subtitle += str_cat(subtitle.empty() ? "" : "  \u00b7  ", "(", omitted,
@@ -204,19 +282,25 @@ void write_loss_curve_svg(const std::string& path,
   // Noisy per-step losses are hard to read raw; a centred moving average (in log space, where
   // the noise is roughly symmetric) shows the trend over the faint raw curve without the lag
   // an exponential average would add.
-  const bool smooth = pts.size() >= 20;
+  const bool smooth = points >= 20;
   if (pts.size() > 1)
     polyline(pts, smooth ? "class=\"loss\" stroke=\"#9ecae1\" stroke-width=\"1\""
                          : "class=\"loss\" stroke=\"#1f77b4\" stroke-width=\"2\"");
   if (smooth) {
-    const int64_t n = static_cast<int64_t>(pts.size());
+    // Over about a fiftieth of the run either side; a bucket weighs as the steps it holds.
+    const std::vector<LossHistory::Bucket>& buckets = history.buckets();
+    const int64_t n = static_cast<int64_t>(buckets.size());
     const int64_t half = std::max<int64_t>(1, n / 50);
-    std::vector<double> prefix(n + 1, 0.0);
-    for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + pts[i].second;
-    std::vector<std::pair<double, double>> avg = pts;
+    std::vector<double> log_sums(n + 1, 0.0), counts(n + 1, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      log_sums[i + 1] = log_sums[i] + buckets[i].log_sum;
+      counts[i + 1] = counts[i] + static_cast<double>(buckets[i].count);
+    }
+    std::vector<std::pair<double, double>> avg(n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t lo = std::max<int64_t>(0, i - half), hi = std::min(n, i + half + 1);
-      avg[i].second = (prefix[hi] - prefix[lo]) / static_cast<double>(hi - lo);
+      avg[i] = {(buckets[i].first_step + buckets[i].last_step) / 2.0,
+                (log_sums[hi] - log_sums[lo]) / (counts[hi] - counts[lo])};
     }
     polyline(avg, "class=\"loss-smoothed\" stroke=\"#08519c\" stroke-width=\"2\"");
     const double lx = L + pw - 214, ly = T + 16;
@@ -227,7 +311,7 @@ void write_loss_curve_svg(const std::string& path,
     line(o, lx + 70, ly, lx + 92, ly, "stroke=\"#08519c\" stroke-width=\"2\"");
     text(o, lx + 98, ly + 4, "moving average", 12);
   }
-  if (pts.size() <= 30)
+  if (points <= 30)
     for (const auto& [x, ly] : pts)
       o << "<circle cx=\"" << px(sx(x)) << "\" cy=\"" << px(sy(ly))
         << "\" r=\"3\" fill=\"#1f77b4\"/>\n";

@@ -758,7 +758,7 @@ void add_demo(CLI::App& app) {
       const auto result = evaluate_policy(task, policy, o->eval_episodes, o->n_action_steps, 1000);
       write_rollouts_svg(dir + "/rollouts.svg", task.config(), demos, result.trajectories,
                          result.succeeded, std::string(label) + ": closed-loop rollouts");
-      if (r.losses.empty())
+      if (!r.losses.has_step())
         std::printf("plot: %s/rollouts.svg\n", dir.c_str());
       else
         std::printf("plots: %s/loss.svg, %s/rollouts.svg\n", dir.c_str(), dir.c_str());

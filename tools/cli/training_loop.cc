@@ -157,8 +157,10 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   for (const std::string& row : csv.kept_rows()) {
     int64_t step = 0;
     double loss = 0;
-    if (std::sscanf(row.c_str(), "%" SCNd64 ",%lf", &step, &loss) == 2)
-      result.losses.emplace_back(step, loss);
+    // A row edited out of order is left off the plot rather than stopping the run.
+    if (std::sscanf(row.c_str(), "%" SCNd64 ",%lf", &step, &loss) == 2 &&
+        (!result.losses.has_step() || step > result.losses.last_step()))
+      result.losses.add(step, loss);
   }
   // val.csv follows the run as metrics.csv does, also when this run does not validate: a resumed
   // run drops the rows past its checkpoint, and a new run leaves no rows of an old one.
@@ -227,7 +229,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
     const int64_t step = trainer.step();
     ++window_steps;
     window_loss += s.loss;
-    result.losses.emplace_back(step, s.loss);
+    result.losses.add(step, s.loss);
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double rate = (step - first) / std::max(elapsed, 1e-9);
     csv.row(step, s.loss, s.grad_norm, s.lr, rate);
@@ -260,7 +262,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
                 format_duration(result.seconds).c_str(), ckpt.c_str());
   // The checkpoint is saved: a plot that cannot be written (a full disk) must not turn the run,
   // or a stop by signal, into a failure.
-  if (!result.losses.empty()) {
+  if (result.losses.has_step()) {
     std::fflush(stdout);
     try {
       write_loss_curve_svg(options.out_dir + "/loss.svg", result.losses, "training loss");

@@ -3,9 +3,8 @@
 #pragma once
 
 #include <string>
-#include <utility>
-#include <vector>
 
+#include "train/plots.h"
 #include "train/trainer.h"
 
 namespace mmdit::cli {
@@ -29,8 +28,8 @@ struct LoopOptions {
 
 struct LoopResult {
   int stop_signal = 0;  // SIGINT or SIGTERM if one stopped the run early, else 0
-  // (step, loss) from the first step on: a resumed run's earlier steps come from metrics.csv.
-  std::vector<std::pair<int64_t, double>> losses;
+  // From the first step on: a resumed run's earlier steps come from metrics.csv.
+  LossHistory losses;
   double seconds = 0;  // this run's
 };
 
