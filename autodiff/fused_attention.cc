@@ -364,6 +364,7 @@ Tensor joint_attention_fused(const std::vector<Tensor>& qkv, const std::vector<T
       M >= 1 && gamma_q.size() == M && gamma_k.size() == M && cos.size() == M && sin.size() == M,
       op, ": ", M, " qkv tensors, ", gamma_q.size(), " and ", gamma_k.size(), " gammas, ",
       cos.size(), " and ", sin.size(), " rotary tables; expected one of each per modality");
+  check_floats(op, {{"qkv[0]", qkv[0]}});
   MMDIT_CHECK(qkv[0].dim() == 5 && qkv[0].shape()[2] == 3 && qkv[0].shape()[4] > 0 &&
                   qkv[0].shape()[4] % 2 == 0,
               op, ": packed qkv of modality 0 has shape ", shape_str(qkv[0].shape()),

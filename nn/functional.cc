@@ -73,7 +73,7 @@ RopeTables rope_tables(int64_t seq, int64_t dim_head, DType dtype) {
   MMDIT_CHECK(dim_head % 2 == 0, "rope: dim_head must be even, got ", dim_head);
   MMDIT_CHECK(is_floating(dtype), "rope: tables must be float32 or float64, got ",
               dtype_name(dtype));
-  // Before the tables' std::vectors are sized from them.
+  // Before the tables are allocated, whose own error would name neither rope nor these sizes.
   MMDIT_CHECK(seq >= 0 && dim_head >= 0, "rope: seq and dim_head must be non-negative, got seq ",
               seq, " and dim_head ", dim_head);
   shape_numel({seq, dim_head});  // throws if they cannot be counted

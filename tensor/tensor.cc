@@ -208,6 +208,9 @@ void check_float(const Tensor& t, const char* op) {
 }
 
 Shape unravel_index(int64_t flat, const Shape& shape) {
+  const int64_t n = shape_numel(shape);
+  MMDIT_CHECK(flat >= 0 && flat < n, "unravel_index: index ", flat, " is outside the ", n,
+              " elements of shape ", shape_str(shape));
   Shape index(shape.size());
   for (size_t d = shape.size(); d-- > 0;) {
     index[d] = shape[d] ? flat % shape[d] : 0;

@@ -751,6 +751,11 @@ TEST(Fused, JointAttentionBadInputsAreErrors) {
               }),
               HasSubstr("joint_attention: gammas of modality 0 have shapes (3,) and (4,); "
                         "expected (4,)"));
+  EXPECT_THAT(message([&] {
+                joint_attention_fused({Tensor(), q5}, {g, g}, {g, g}, {t3.cos, t5.cos},
+                                      {t3.sin, t5.sin}, Tensor());
+              }),
+              HasSubstr("joint_attention: qkv[0] is an undefined tensor"));
 }
 
 TEST(Fused, Float32AgreesWithTheComposition) {

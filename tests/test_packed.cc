@@ -26,6 +26,8 @@ namespace mmdit {
 namespace {
 
 using test::error_of;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
 
 float round_bf16(float x) {
   return from_bf16(to_bf16(x));
@@ -581,6 +583,39 @@ TEST(FrozenWeights, ManyRowsRunOnTheSgemm) {
   EXPECT_LT(
       test::max_abs_diff(first_packed, raw::slice(raw::reshape(y_many_bf16, {512, 24}), 0, 0, 1)),
       1e-5);
+}
+
+// Packed weights have no backward: on a tape, a product with the input or the weight watched is
+// refused (the tape's backward would multiply by the unrounded weight, the gradient of another
+// function), and one with neither watched still runs packed.
+TEST(FrozenWeights, RefuseProductsOnTheActiveTape) {
+  Rng rng(12);
+  const Tensor w = rng.normal({8, 16}), b = rng.normal({8}), x = rng.normal({3, 16});
+  for (WeightPrecision p : {WeightPrecision::f32, WeightPrecision::bf16}) {
+    FrozenWeights frozen(p);
+    const UseFrozenWeights use(frozen);
+    {
+      Tape tape;
+      Tensor watched = x;
+      tape.watch(watched);
+      const NameScope scope("head");
+      EXPECT_THAT(error_of([&] { nn::linear(watched, w, b); }),
+                  AllOf(HasSubstr("linear in scope 'head': the input is on the active tape"),
+                        HasSubstr("UseFrozenWeights")));
+    }
+    {
+      Tape tape;
+      Tensor watched = w;
+      tape.watch(watched);
+      EXPECT_THAT(error_of([&] { nn::linear(x, watched, b); }),
+                  HasSubstr("the weight is on the active tape"));
+    }
+    const Tensor without_tape = nn::linear(x, w, b);
+    EXPECT_GT(frozen.bytes(), 0u) << precision_name(p) << ": not packed";
+    Tape tape;
+    EXPECT_EQ(nn::linear(x, w, b).to_vector<float>(), without_tape.to_vector<float>());
+    EXPECT_TRUE(tape.nodes().empty());
+  }
 }
 
 // The rounding before the sgemm is to_bf16's, NaN and infinity included.

@@ -273,6 +273,30 @@ TEST(Normalizer, FromJsonRejectsAModeThatIsNotAString) {
                   HasSubstr(R"(normalizer: 'mode' must be "min_max" or "z_score", got 3)")));
 }
 
+// A last axis of 1 would broadcast over every dimension, and the policy accept the result.
+TEST(Normalizer, RefusesInputsWhoseLastAxisIsNotTheDimensions) {
+  const Normalizer n = Normalizer::from_json(
+      R"({"mode": "min_max", "state_min": [0, -1, 0, 0], "state_max": [1, 1, 2, 2],
+          "action_min": [0, 0], "action_max": [2, 3]})");
+  EXPECT_EQ(n.normalize_state(ones({1, 2, 4})).shape(), (Shape{1, 2, 4}));
+  EXPECT_THAT(test::error_of([&] {
+                n.normalize_state(ones({1, 2, 1}));
+              }),
+              HasSubstr("Normalizer::normalize_state: input has shape (1,2,1); its last axis must "
+                        "be the 4 state dimensions"));
+  EXPECT_THAT(test::error_of([&] { n.normalize_action(ones({3})); }),
+              HasSubstr("Normalizer::normalize_action: input has shape (3,); its last axis must be "
+                        "the 2 action dimensions"));
+  EXPECT_THAT(test::error_of([&] {
+                n.unnormalize_action(ones({1, 16, 1}));
+              }),
+              HasSubstr("Normalizer::unnormalize_action: input has shape (1,16,1)"));
+  EXPECT_THAT(test::error_of([&] { n.normalize_action(ones({2}, DType::boolean)); }),
+              HasSubstr("Normalizer::normalize_action"));
+  EXPECT_THAT(test::error_of([&] { Normalizer().normalize_state(ones({4})); }),
+              HasSubstr("Normalizer::normalize_state: the normalizer has no state statistics"));
+}
+
 // state_dim 2, act_dim 2. Each case breaks one array of a good normaliser.
 TEST(Normalizer, ValidateNamesTheArrayThatIsWrong) {
   const std::string min_max =

@@ -330,6 +330,19 @@ TEST(TensorCreation, FirstNonFiniteFindsTheFirstOne) {
   EXPECT_FALSE(first_non_finite(ones({3}, DType::boolean)).has_value());
 }
 
+TEST(TensorCreation, UnravelIndexInvertsCOrderAndRefusesIndicesOutside) {
+  const Shape shape = {2, 3, 4};
+  for (int64_t flat = 0; flat < 24; ++flat)
+    EXPECT_EQ(unravel_index(flat, shape), (Shape{flat / 12, flat / 4 % 3, flat % 4}));
+  EXPECT_EQ(unravel_index(0, {}), Shape{});
+  for (int64_t flat : {-1, 24})
+    EXPECT_THAT(
+        [&] { unravel_index(flat, shape); },
+        testing::ThrowsMessage<Error>(testing::HasSubstr(str_cat(
+            "unravel_index: index ", flat, " is outside the 24 elements of shape (2,3,4)"))));
+  EXPECT_THROW(unravel_index(0, {2, 0}), Error);
+}
+
 TEST(TensorViews, ReshapeIsAViewAndInfersMinusOne) {
   Tensor x = arange(24);
   Tensor r = raw::reshape(x, {2, 3, 4});

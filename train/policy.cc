@@ -133,17 +133,34 @@ Tensor tensor_from_json(const Json& j, const char* name) {
 
 }  // namespace
 
+namespace {
+// A last axis of 1 would broadcast over every dimension, and the policy accept the result.
+void check_dims(const char* op, const Tensor& x, const Tensor& stats, const char* what) {
+  MMDIT_CHECK(stats.defined(), op, ": the normalizer has no ", what, " statistics");
+  check_float(x, op);
+  MMDIT_CHECK(x.dim() >= 1 && x.shape().back() == stats.numel(), op, ": input has shape ",
+              shape_str(x.shape()), "; its last axis must be the ", stats.numel(), " ", what,
+              " dimensions");
+}
+}  // namespace
+
 Tensor Normalizer::normalize_state(const Tensor& s) const {
+  check_dims("Normalizer::normalize_state", s, mode == Mode::z_score ? state_mean : state_min,
+             "state");
   if (mode == Mode::z_score) return standardize(s, state_mean, state_std);
   return minmax_to_unit(s, state_min, state_max);
 }
 
 Tensor Normalizer::normalize_action(const Tensor& a) const {
+  check_dims("Normalizer::normalize_action", a, mode == Mode::z_score ? action_mean : action_min,
+             "action");
   if (mode == Mode::z_score) return standardize(a, action_mean, action_std);
   return minmax_to_unit(a, action_min, action_max);
 }
 
 Tensor Normalizer::unnormalize_action(const Tensor& a) const {
+  check_dims("Normalizer::unnormalize_action", a, mode == Mode::z_score ? action_mean : action_min,
+             "action");
   if (mode == Mode::z_score)
     return raw::add(raw::mul(a, raw::add_scalar(action_std, 1e-8)), action_mean);
   return raw::add(

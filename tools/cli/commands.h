@@ -36,7 +36,6 @@ std::string join_commas(const std::vector<std::string>& parts);
 
 // The command line as main() received it.
 void set_program_args(int argc, char** argv);
-const std::vector<std::string>& program_args();
 
 // Starts this program again with the same command line and the environment as it is now, so
 // that OpenBLAS is loaded afresh and reads OPENBLAS_CORETYPE. Returns only if that failed.

@@ -20,9 +20,6 @@ std::vector<std::string> args;
 void set_program_args(int argc, char** argv) {
   args.assign(argv, argv + argc);
 }
-const std::vector<std::string>& program_args() {
-  return args;
-}
 
 namespace {
 CLI::Validator number_check(const char* name, bool (*accept)(double), const char* requirement) {
