@@ -19,8 +19,6 @@
 namespace mmdit::raw {
 namespace {
 
-std::atomic<int64_t> flops_done{0};
-
 struct GemmOperand {
   bool transposed;
   int64_t ld;
@@ -288,10 +286,10 @@ SgemmLibrary parse_sgemm_library(std::string_view name) {
 }
 
 int64_t matmul_flops() {
-  return flops_done.load(std::memory_order_relaxed);
+  return detail::thread_matmul_flops().load(std::memory_order_relaxed);
 }
 void add_matmul_flops(int64_t flops) {
-  flops_done.fetch_add(flops, std::memory_order_relaxed);
+  detail::thread_matmul_flops().fetch_add(flops, std::memory_order_relaxed);
 }
 
 }  // namespace mmdit::raw

@@ -112,8 +112,9 @@ SgemmLibrary parse_sgemm_library(std::string_view name);  // "onednn" or "openbl
 // (DNNL_MAX_CPU_ISA=AVX2) a product's values changed with the number of threads.
 SgemmLibrary default_sgemm_library();
 
-// Floating-point operations done by matrix products since the program started (2 per
-// multiply-add; fused kernels that multiply matrices add theirs), for benchmarks' GFLOP/s.
+// Floating-point operations done by the matrix products the calling thread ran since it started
+// (2 per multiply-add; fused kernels that multiply matrices add theirs, also what the workers of
+// its parallel_for did), for profiles and benchmarks' GFLOP/s.
 int64_t matmul_flops();
 void add_matmul_flops(int64_t flops);
 

@@ -48,6 +48,11 @@ int max_threads() {
   return limit;
 }
 
+std::atomic<int64_t>& detail::thread_matmul_flops() {
+  thread_local std::atomic<int64_t> flops{0};
+  return flops;
+}
+
 int num_threads() {
   return process_threads().load(std::memory_order_relaxed);
 }

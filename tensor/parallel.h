@@ -2,6 +2,7 @@
 // uses, so our kernels and gemm share one pool of threads and never oversubscribe the cores.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <exception>
 
@@ -29,6 +30,13 @@ const char* openblas_threading();
 // 113 regions per Euler step, many for a few microseconds of work, and was ~0.5 ms slower.
 inline constexpr int64_t kParallelGrain = 131072;
 
+namespace detail {
+// The calling thread's count behind raw::matmul_flops(). Per thread, so that a profiling tape
+// counts no other thread's products; atomic, as the workers of a parallel_for add theirs to the
+// count of the thread that started it.
+std::atomic<int64_t>& thread_matmul_flops();
+}  // namespace detail
+
 // Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
 // Small loops, and every loop on one thread, never enter an OpenMP construct: even a one-thread
 // team makes a nested level (a gemm called inside it would start a nested team of fresh threads
@@ -43,14 +51,23 @@ void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
   // An exception may not leave an OpenMP region (the program would terminate): the first one
   // thrown is kept and rethrown after it.
   std::exception_ptr error;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) {
-    try {
-      fn(i);
-    } catch (...) {
+  std::atomic<int64_t>& caller_flops = detail::thread_matmul_flops();
+#pragma omp parallel num_threads(threads)
+  {
+    std::atomic<int64_t>& own_flops = detail::thread_matmul_flops();
+    const int64_t flops_before = own_flops.load(std::memory_order_relaxed);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      try {
+        fn(i);
+      } catch (...) {
 #pragma omp critical(mmdit_parallel_for_error)
-      if (!error) error = std::current_exception();
+        if (!error) error = std::current_exception();
+      }
     }
+    if (&own_flops != &caller_flops)
+      caller_flops.fetch_add(own_flops.load(std::memory_order_relaxed) - flops_before,
+                             std::memory_order_relaxed);
   }
   if (error) std::rethrow_exception(error);
 }

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -492,6 +493,32 @@ TEST(InspectProfile, CountsOpsAndMatmulFlops) {
   EXPECT_TRUE(found) << profile;
   EXPECT_THAT(profile, HasSubstr("tanh"));
   EXPECT_THAT(profile, HasSubstr("total"));
+}
+
+// A profile counts its own thread's products only: a controller multiplying on another thread
+// while training was profiled added its GFLOP to the profiled nodes. Here the other thread's
+// product falls inside the span of the second op's forward, and inside the backward of a third.
+TEST(InspectProfile, ProductsOfOtherThreadsAreNotCounted) {
+  Rng rng(6);
+  const Tensor a = rng.normal({64, 64});
+  const auto product_on_another_thread = [&] { std::thread([&] { raw::matmul(a, a); }).join(); };
+  Tensor x = rng.normal({16});
+  Tape tape;
+  tape.watch(x);
+  tape.set_profiling(true);
+  const Tensor y = sin(x);
+  product_on_another_thread();
+  const Tensor z = y * 0.5;
+  const Tensor out =
+      record("multiplies_elsewhere", raw::mul_scalar(z, 1.0), {z}, {}, [&](Backward& ctx) {
+        product_on_another_thread();
+        ctx.input(0, [&] { return raw::contiguous(ctx.grad); });
+      });
+  tape.gradient(sum(out), {x});
+  for (const Node& n : tape.nodes()) {
+    EXPECT_EQ(n.forward_flops, 0) << n.op;
+    EXPECT_EQ(n.backward_flops, 0) << n.op;
+  }
 }
 
 }  // namespace

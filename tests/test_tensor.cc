@@ -600,6 +600,28 @@ TEST_F(TensorThreadCount, TheCountHoldsOnEveryThread) {
   EXPECT_EQ(openblas_get_num_threads(), 1);
 }
 
+// matmul_flops() is the calling thread's count: products another thread runs are not in it (a
+// profiling tape credited them to its own nodes), and those a parallel_for's workers run are.
+TEST_F(TensorThreadCount, MatmulFlopsAreTheCallingThreadsAndItsWorkers) {
+  const Tensor a = full({64, 64}, 1.0, DType::f32);
+  const int64_t before = raw::matmul_flops();
+  std::thread([&] {
+    const int64_t other_before = raw::matmul_flops();
+    raw::matmul(a, a);
+    EXPECT_EQ(raw::matmul_flops() - other_before, 2 * 64 * 64 * 64);
+  }).join();
+  EXPECT_EQ(raw::matmul_flops(), before);
+
+  set_num_threads(2);
+  std::vector<int> worker(8, -1);
+  parallel_for(8, kParallelGrain, [&](int64_t i) {
+    worker[i] = omp_get_thread_num();
+    raw::add_matmul_flops(1000 + i);
+  });
+  ASSERT_EQ(worker, (std::vector<int>{0, 0, 0, 0, 1, 1, 1, 1}));
+  EXPECT_EQ(raw::matmul_flops() - before, 8 * 1000 + 28);
+}
+
 // OpenBLAS's OpenMP build lowered a larger count to its MAX_THREADS behind our back, so that
 // num_threads() and the count asked for disagreed; the clamp is ours now, and says where it is.
 TEST_F(TensorThreadCount, CountsAreClampedToOpenBlasMaxThreads) {
