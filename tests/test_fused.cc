@@ -250,6 +250,11 @@ TEST(Fused, GatedResidualGradientsOfSomeInputs) {
                                                      : raw::sum(raw::mul(dy, y), {0, 1}, false);
       EXPECT_LT(max_abs_diff(g, expected), 1e-14) << "d/dgate with x and y constant";
     }
+    // The same two paths by central differences.
+    expect_gradcheck(
+        [&](const std::vector<Tensor>& in) { return gated_residual(in[0], gate, in[1]); }, {x, y});
+    expect_gradcheck([&](const std::vector<Tensor>& in) { return gated_residual(x, in[0], y); },
+                     {gate});
   }
 }
 
@@ -404,6 +409,14 @@ TEST(Fused, NonDefaultEpsMatchesTheComposition) {
       "rms_norm", [eps](const auto& in) { return rms_norm_fused(in[0], in[1], eps); },
       [&](const auto& in) { return rms_definition(in[0], in[1]); }, {x, gamma},
       rng.normal({3, 4, 6}, DType::f64), 1e-12);
+  expect_gradcheck(
+      [eps](const std::vector<Tensor>& in) {
+        return layer_norm_modulate(in[0], in[1], in[2], eps);
+      },
+      {x, shift, scale});
+  expect_gradcheck(
+      [eps](const std::vector<Tensor>& in) { return rms_norm_fused(in[0], in[1], eps); },
+      {x, gamma});
 
   // qk_norm_rope and joint attention on (B, S, 3, H, d) = (2, 4, 3, 2, 6) and (2, 3, 3, 2, 6).
   const std::vector<Tensor> qkv = {rng.normal({2, 4, 3, 2, 6}, DType::f64, 0, 0.05),
@@ -592,12 +605,15 @@ TEST(Fused, BlockedAttentionMatchesDefinitionAndGradients) {
     };
     EXPECT_LT(max_abs_diff(gradient(1), gradient(kBlockedAttentionFrom)), 1e-12);
   }
-  // Central differences on a smaller case: one block and a ragged second one.
+  // Central differences on a smaller case: one block and a ragged second one, with and without
+  // a fully masked first row.
   const Tensor small = rng.normal({1, 66, 3, 1, 4}, DType::f64);
-  const Tensor causal66 = causal_mask(66);
-  expect_gradcheck(
-      [causal66](const std::vector<Tensor>& in) { return attention_packed(in[0], causal66, 1); },
-      {small});
+  for (const bool first_row_masked : {false, true}) {
+    const Tensor causal66 = causal_mask(66, first_row_masked);
+    expect_gradcheck(
+        [causal66](const std::vector<Tensor>& in) { return attention_packed(in[0], causal66, 1); },
+        {small});
+  }
 }
 
 // At the default threshold a long sequence saves its input and two numbers per row and head, not
