@@ -17,12 +17,14 @@
 
 namespace mmdit {
 
+// The defaults are the reference agent's (AgentConfig: lr 1e-4, weight decay 0.01, EMA 0.999,
+// constant lr, no clipping, 10 sampling steps), as PolicyConfig's sizes are.
 struct TrainConfig {
   PolicyConfig policy;
   int64_t steps = 2000;
   int64_t batch_size = 64;
   double lr = 1e-4;
-  double weight_decay = 1e-6;
+  double weight_decay = 0.01;
   double b1 = 0.9, b2 = 0.999, eps = 1e-8;
   double ema_decay = 0.999;
   double grad_clip = 0;  // global-norm clipping; 0 = off
