@@ -488,6 +488,41 @@ TEST(EulerSampler, WithMaxTIsTheEulerLoopOverKMaxTOverSteps) {
   EXPECT_GT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0), a), 0.1);
 }
 
+// With sigma > 0 the reference's sampler takes each velocity at a + sigma N(0, 1), fresh noise
+// every step (conditional_prob_path(t, a, a)): a += v(a + sigma eps_k, t_k) (t_{k+1} - t_k),
+// written out here with the draws of an Rng of the same seed.
+TEST(EulerSampler, WithSigmaTakesEachVelocityAtTheNoisedAction) {
+  Rng rng(6);
+  PolicyConfig c = tiny_policy();
+  c.sigma = 0.3;
+  const auto policy = random_f64_policy(c, rng);
+  const int64_t b = 2, steps = 3;
+  const Tensor state = rng.normal({b, c.n_obs_steps, c.state_dim}, DType::f64);
+  const Tensor a0 = rng.normal({b, c.horizon, c.act_dim}, DType::f64);
+  const Tensor obs = policy->encode_observations(state);
+  Rng draws(42);
+  Tensor a = a0;
+  for (int64_t k = 0; k < steps; ++k) {
+    const double t_k = static_cast<double>(k) / steps, t_next = (k + 1.0) / steps;
+    const Tensor x_t = a + draws.normal(a.shape(), DType::f64) * c.sigma;
+    a = a + policy->velocity(obs, x_t, full({b}, t_k, DType::f64)) * (t_next - t_k);
+  }
+  Rng noise(42);
+  EXPECT_LT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0, &noise), a), 1e-12);
+  Rng sampler_noise(42);
+  EXPECT_LT(test::max_abs_diff(
+                EulerSampler(*policy, steps, 1.0, std::nullopt)(state, a0, &sampler_noise), a),
+            1e-12);
+  // The noise matters, and without an Rng the policy is refused rather than sampled at sigma 0.
+  Rng other(43);
+  EXPECT_GT(test::max_abs_diff(sample_actions(*policy, state, a0, steps, 1.0, &other), a), 1e-3);
+  EXPECT_THAT(test::error_of([&] { sample_actions(*policy, state, a0, steps); }),
+              HasSubstr("sample: the policy's sigma is 0.3, so each step's velocity is taken at "
+                        "a + sigma * N(0, 1), as the reference does; pass an Rng"));
+  EXPECT_THAT(test::error_of([&] { EulerSampler(*policy, steps)(state, a0); }),
+              HasSubstr("pass an Rng"));
+}
+
 // bfloat16 weights asked for on a float64 policy were silently not used; a sampler whose policy
 // changed dtype failed in layer_norm_modulate's dtype check.
 TEST(EulerSampler, RefusesWhatItCannotDoForTheDtypeAndSaysSo) {

@@ -1065,6 +1065,26 @@ TEST(LoadedPolicy, SeveralThreadsMayActAtOnce) {
   }
 }
 
+// act hands its Rng on to the sampler of a sigma > 0 policy: its actions are the sampler's with
+// the noise drawn after a0 from the same generator.
+TEST(LoadedPolicy, ActOfASigmaPolicyNoisesEachStepFromItsRng) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  TrainConfig c = tiny_config(data);
+  c.policy.sigma = 0.2;
+  const std::string path = dir.file("c.safetensors");
+  Trainer(c, data).save_checkpoint(path);
+  const LoadedPolicy p = load_policy(path);
+  const Tensor observations = Rng(5).normal({3, 2, 2});
+  Rng rng(9);
+  const Tensor acted = p.act(observations, rng);
+  Rng same(9);
+  const Tensor a0 = same.normal({3, c.policy.horizon, c.policy.act_dim});
+  const Tensor want = p.normalizer.unnormalize_action(sample_actions(
+      *p.policy, p.normalizer.normalize_state(observations), a0, c.sample_steps, c.max_t, &same));
+  EXPECT_LT(test::max_abs_diff(acted, want), 1e-5);
+}
+
 // A policy whose weights overflow returns an error, never NaN actions to a robot.
 TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
   const Episodes data = demo_episodes();

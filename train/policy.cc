@@ -490,22 +490,30 @@ MMDiTConditioning condition_at(const BCPolicy& policy, double t) {
 // The Euler loop; condition(k) gives step k's conditioning.
 template <class Condition>
 Tensor integrate(const BCPolicy& policy, const Tensor& state, const Tensor& a0,
-                 const std::vector<double>& times, Condition&& condition) {
+                 const std::vector<double>& times, Rng* noise, Condition&& condition) {
+  const double sigma = policy.config.sigma;
+  MMDIT_CHECK(sigma == 0 || noise, "sample: the policy's sigma is ", sigma,
+              ", so each step's velocity is taken at a + sigma * N(0, 1), as the reference does; "
+              "pass an Rng for that noise");
   const Tensor obs = policy.encode_observations(state);
   Tensor a = a0;
-  for (size_t k = 0; k + 1 < times.size(); ++k)
+  for (size_t k = 0; k + 1 < times.size(); ++k) {
+    // The reference's conditional_prob_path(t, z = a, x0 = a): x_t = a, plus its noise.
+    const Tensor x_t =
+        sigma > 0 ? raw::add(a, raw::mul_scalar(noise->normal(a.shape(), a.dtype()), sigma)) : a;
     a = raw::add(a,
-                 raw::mul_scalar(policy.velocity(obs, a, condition(k)), times[k + 1] - times[k]));
+                 raw::mul_scalar(policy.velocity(obs, x_t, condition(k)), times[k + 1] - times[k]));
+  }
   return a;
 }
 
 }  // namespace
 
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
-                      double max_t) {
+                      double max_t, Rng* noise) {
   // Each step's conditioning made when it is needed: an EulerSampler keeps them all for reuse.
   const std::vector<double> times = euler_times(steps, max_t);
-  return integrate(policy, state, a0, times,
+  return integrate(policy, state, a0, times, noise,
                    [&](size_t k) { return condition_at(policy, times[k]); });
 }
 
@@ -523,13 +531,13 @@ EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
   for (int64_t k = 0; k < steps; ++k) schedule_.push_back(condition_at(policy, times_[k]));
 }
 
-Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0) const {
+Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0, Rng* noise) const {
   MMDIT_CHECK(policy_.action_encoder.weight.dtype() == dtype_, "EulerSampler: the policy is now ",
               dtype_name(policy_.action_encoder.weight.dtype()), ", its schedule was computed in ",
               dtype_name(dtype_), "; make a new sampler after policy.to(...) or load(...)");
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
-  return integrate(policy_, state, a0, times_, [&](size_t k) { return schedule_[k]; });
+  return integrate(policy_, state, a0, times_, noise, [&](size_t k) { return schedule_[k]; });
 }
 
 }  // namespace mmdit

@@ -113,8 +113,10 @@ Tensor regress_actions(const BCPolicy& policy, const Tensor& state);
 
 // Euler integration from noise a0 (normalised space) over t_k = k max_t / steps, max_t finite
 // and > 0; observation tokens are computed once. Returns normalised actions (B, horizon, act_dim).
+// With config.sigma > 0 each step's velocity is taken, as the reference's sampler takes it, at
+// x_t = a + sigma * N(0, 1), fresh noise for every step drawn from `noise` (required then).
 Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor& a0, int64_t steps,
-                      double max_t = 1.0);
+                      double max_t = 1.0, Rng* noise = nullptr);
 
 // sample_actions for a policy whose weights no longer change (deployment): the time
 // conditioning of every step of the schedule (timestep embedding, every adaLN modulation and
@@ -131,7 +133,8 @@ class EulerSampler {
   // bf16.
   EulerSampler(const BCPolicy& policy, int64_t steps, double max_t = 1.0,
                std::optional<WeightPrecision> packed = WeightPrecision::f32);
-  Tensor operator()(const Tensor& state, const Tensor& a0) const;
+  // noise: as for sample_actions, needed when the policy's sigma > 0.
+  Tensor operator()(const Tensor& state, const Tensor& a0, Rng* noise = nullptr) const;
   int64_t steps() const { return static_cast<int64_t>(schedule_.size()); }
   // Bytes of the packed weights one Euler step reads, once the first call has packed them (0
   // before, and when not packed): at batch 1 the memory traffic that bounds a call.

@@ -550,7 +550,7 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
     actions = regress_actions(*policy, state);
   } else {
     const Tensor a0 = rng.normal({b, config.policy.horizon, config.policy.act_dim});
-    actions = (*sampler)(state, a0);
+    actions = (*sampler)(state, a0, &rng);
   }
   // A robot must not receive NaN commands: a policy whose weights or inputs overflow says so.
   if (const std::optional<NonFinite> bad = first_non_finite(actions))
