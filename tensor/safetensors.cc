@@ -14,6 +14,7 @@
 #include <new>
 #include <set>
 #include <stdexcept>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -324,6 +325,20 @@ Tensor convert(const Entry& e, const unsigned char* src, const std::string& what
   return t;
 }
 
+// What a file given in place of a safetensors file seems to be, from its first bytes: the
+// files a user has beside a checkpoint (a dataset, a config, a plot, an .eqx or .npy model).
+std::string looks_like(const unsigned char* first8) {
+  const std::string_view start(reinterpret_cast<const char*>(first8), 8);
+  if (start.starts_with("PK\x03\x04")) return " (it is a zip archive, e.g. an .npz dataset)";
+  if (start.starts_with("\x89HDF\r\n")) return " (it is an HDF5 file, e.g. a dataset)";
+  if (start.starts_with("\x93NUMPY")) return " (it is a .npy array, or an Equinox .eqx model)";
+  if (start.starts_with("<")) return " (it starts like XML or SVG)";
+  const size_t first = start.find_first_not_of(" \t\r\n");
+  if (first != std::string_view::npos && (start[first] == '{' || start[first] == '['))
+    return " (it starts like a JSON file, e.g. a config.json)";
+  return "";
+}
+
 // The header's length, from a file's first 8 bytes and its size.
 uint64_t header_length(const unsigned char* first8, uint64_t size, const std::string& what) {
   if (size < 8) fail(what, ": file is ", size, " bytes, too short for the 8-byte header length");
@@ -331,7 +346,8 @@ uint64_t header_length(const unsigned char* first8, uint64_t size, const std::st
   // Any other file read as one (an .npz, a JSON config, an SVG) gives a huge length: say what the
   // file is not, not just that the length is out of range.
   if (header_len > kMaxHeaderBytes)
-    fail(what, ": not a safetensors file: its first 8 bytes give a header length of ", header_len,
+    fail(what, ": not a safetensors file", looks_like(first8),
+         ": its first 8 bytes give a header length of ", header_len,
          ", which exceeds the limit of ", kMaxHeaderBytes, " bytes");
   if (header_len > size - 8)
     fail(what, ": header length ", header_len, " exceeds the ", size - 8,

@@ -371,9 +371,15 @@ TEST(Safetensors, RejectsBadFraming) {
   expect_parse_error(huge + "{}",
                      "not a safetensors file: its first 8 bytes give a header length "
                      "of 100000001, which exceeds the limit of 100000000 bytes");
-  // What a zip (.npz) or a JSON file gives when read as safetensors.
-  expect_parse_error(std::string("PK\x03\x04\x14\x00\x00\x00\x00\x00", 10) + std::string(64, 'x'),
-                     "not a safetensors file: its first 8 bytes give a header length");
+  // The files a user keeps beside a checkpoint, given in its place, say what they seem to be.
+  const std::string filler(64, 'x');
+  for (const auto& [start, kind] : std::vector<std::pair<std::string, std::string>>{
+           {std::string("PK\x03\x04\x14\x00\x00\x00", 8), "is a zip archive, e.g. an .npz dataset"},
+           {"\x89HDF\r\n\x1a\n", "is an HDF5 file"},
+           {std::string("\x93NUMPY\x01\x00", 8), "is a .npy array, or an Equinox .eqx model"},
+           {"{\n  \"policy", "starts like a JSON file"},
+           {"<svg xml", "starts like XML or SVG"}})
+    expect_parse_error(start + filler, "not a safetensors file (it " + kind);
   std::string max;
   append_u64(max, UINT64_MAX);
   expect_parse_error(max + "{}", "exceeds the limit");
