@@ -3,6 +3,7 @@
 // written by the same run, lists the records in order with the parameter each one is. The
 // leaf order we derive is checked against the manifests, and the values read against the
 // parity cases' parameters, which the reference wrote from the same models.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -23,6 +24,7 @@ namespace mmdit {
 namespace {
 
 using Json = nlohmann::json;
+using ::testing::HasSubstr;
 
 std::string data_path(const std::string& name) {
   return std::string(MMDIT_TEST_DATA) + "/" + name;
@@ -367,6 +369,40 @@ TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(load_policy(dir + "/run/checkpoint.safetensors").step, 0);
   EXPECT_FALSE(std::ifstream(dir + "/run/metrics.csv").good());
+}
+
+// The reference agent normalises with the ranges of its config, which need not be the data's:
+// --stats gives them, and the checkpoint acts with them.
+TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
+  const std::string dir = testing::TempDir() + "import_eqx_stats";
+  write_import_demos(dir);
+  const std::string eqx = data_path("bc_train_step.eqx");
+  std::ofstream(dir + "/stats.json") << R"({"mode": "min_max", "state_min": [-5, -4, -3],
+      "state_max": [5, 4, 3], "action_min": [-2, -1], "action_max": [2, 1.5]})";
+  Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
+                                "/stats.json --out ", dir, "/run"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(str_cat("normalisation (min_max) from ", dir, "/stats.json")));
+  const LoadedPolicy loaded = load_policy(dir + "/run/checkpoint.safetensors");
+  EXPECT_EQ(loaded.normalizer.state_min.to_vector<float>(), (std::vector<float>{-5, -4, -3}));
+  EXPECT_EQ(loaded.normalizer.action_max.to_vector<float>(), (std::vector<float>{2, 1.5}));
+
+  for (const auto& [stats, message] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"mode": "z_score", "state_mean": [0, 0, 0], "state_std": [1, 1, 1],
+                "action_mean": [0, 0], "action_std": [1, 1]})",
+            "the statistics are for z_score normalization, the config's is min_max"},
+           {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
+                "action_min": [0, 0], "action_max": [1, 1]})",
+            "normalizer: 'state_min' is float32 (2,); expected (state_dim,) = (3,)"},
+           {R"({"state_min": [0, 0, 0]})", "normalizer: expected an object with a 'mode'"}}) {
+    std::ofstream(dir + "/bad.json") << stats;
+    r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
+                          "/bad.json --out ", dir, "/bad"));
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output, HasSubstr(str_cat("import-eqx: --stats ", dir, "/bad.json: ")));
+    EXPECT_THAT(r.output, HasSubstr(message));
+    EXPECT_FALSE(std::ifstream(dir + "/bad/checkpoint.safetensors").good());
+  }
 }
 
 // import-eqx --overwrite removed the old run, and then refused to save weights holding a NaN

@@ -1085,6 +1085,23 @@ TEST(LoadedPolicy, ActOfASigmaPolicyNoisesEachStepFromItsRng) {
   EXPECT_LT(test::max_abs_diff(acted, want), 1e-5);
 }
 
+// Statistics change a run only before its first step: after it, the parameters were fitted to
+// the old ones.
+TEST(Trainer, SetNormalizerOnlyBeforeTheFirstStep) {
+  const Episodes data = demo_episodes();
+  Trainer trainer(tiny_config(data), data);
+  Normalizer n = make_normalizer(data, "min_max").to(DType::f64);
+  n.state_max = raw::mul_scalar(n.state_max, 2.0);
+  trainer.set_normalizer(n);
+  EXPECT_EQ(trainer.normalizer().state_max.dtype(), DType::f32);
+  EXPECT_EQ(trainer.normalizer().state_max.to_vector<float>(),
+            raw::to_dtype(n.state_max, DType::f32).to_vector<float>());
+  trainer.train_step();
+  EXPECT_THAT(test::error_of([&] { trainer.set_normalizer(n); }),
+              HasSubstr("Trainer::set_normalizer: the run is at step 1; its statistics may change "
+                        "only before the first step"));
+}
+
 // A policy whose weights overflow returns an error, never NaN actions to a robot.
 TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
   const Episodes data = demo_episodes();

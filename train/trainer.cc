@@ -570,6 +570,18 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   return raw_actions;
 }
 
+void Trainer::set_normalizer(const Normalizer& normalizer) {
+  MMDIT_CHECK(step() == 0, "Trainer::set_normalizer: the run is at step ", step(),
+              "; its statistics may change only before the first step");
+  const char* mode = normalizer.mode == Normalizer::Mode::z_score ? "z_score" : "min_max";
+  MMDIT_CHECK(config_.normalization == mode, "Trainer::set_normalizer: the statistics are for ",
+              mode, " normalization, the config's is ", config_.normalization);
+  // In float32, as the data's own statistics are kept and checkpoints hold them.
+  const Normalizer f32 = normalizer.to(DType::f32);
+  f32.validate(config_.policy.state_dim, config_.policy.act_dim);
+  normalizer_ = f32;
+}
+
 LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
   NamedTensors tensors = use_ema ? ema_->params() : policy_->named_parameters();
   for (const auto& [name, t] : policy_->named_buffers()) tensors.insert(name, t);

@@ -87,6 +87,11 @@ class Trainer {
   // trained elsewhere (load_equinox(trainer.policy(), path)), before the first step.
   void restart_ema() { ema_->set(policy_->named_parameters()); }
   const Normalizer& normalizer() const { return normalizer_; }
+  // Statistics other than the data's, before the first step: those a policy trained elsewhere
+  // was normalised with (the reference agent takes them from its config). Throws, changing
+  // nothing, after the first step, for a mode other than the config's normalization, or for
+  // statistics Normalizer::validate refuses.
+  void set_normalizer(const Normalizer& normalizer);
   // The policy as load_policy would read it from a checkpoint saved now: a copy of the EMA (or,
   // with use_ema false, of the parameters) and the buffers, frozen for acting.
   LoadedPolicy frozen_policy(bool use_ema = true) const;

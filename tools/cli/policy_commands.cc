@@ -408,7 +408,7 @@ void check_policy_sizes(const PolicyConfig& from_eqx, const PolicyConfig& config
 void add_import_eqx(CLI::App& app) {
   struct Options {
     TrainFlags flags;
-    std::string eqx, data, out = "runs/imported", obs_keys = "state";
+    std::string eqx, data, stats, out = "runs/imported", obs_keys = "state";
     bool overwrite = false;
   };
   auto o = std::make_shared<Options>();
@@ -421,6 +421,12 @@ void add_import_eqx(CLI::App& app) {
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
                   "normalisation statistics go into the checkpoint")
       ->required();
+  cmd->add_option("--stats", o->stats,
+                  "normalisation statistics to use instead of --data's (JSON: \"mode\" and "
+                  "\"state_min\", \"state_max\", \"action_min\", \"action_max\", or the "
+                  "_mean and _std arrays for z_score), e.g. the state_min_max and "
+                  "action_min_max of the reference agent's config")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--obs-keys", o->obs_keys,
                   "HDF5 observation keys, comma-separated, recorded in the checkpoint")
       ->capture_default_str();
@@ -440,8 +446,10 @@ void add_import_eqx(CLI::App& app) {
     check_obs_keys_fit(cmd, o->data, "import-eqx");
     for (const char* written : {"checkpoint.safetensors", "config.json"})
       for (const auto& [input, name] :
-           {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"}})
-        check_not_input(o->out + "/" + written, "--out", input, name, "import-eqx");
+           {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"},
+            std::pair{o->stats, "--stats"}})
+        if (!input.empty())
+          check_not_input(o->out + "/" + written, "--out", input, name, "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -452,6 +460,13 @@ void add_import_eqx(CLI::App& app) {
     const Episodes data = load_episodes(o->data, keys);
     check_data_fits(data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
     Trainer trainer(config, data);
+    if (!o->stats.empty()) {
+      try {
+        trainer.set_normalizer(Normalizer::from_json(read_file(o->stats)));
+      } catch (const Error& e) {
+        fail("import-eqx: --stats ", o->stats, ": ", e.what());
+      }
+    }
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
     if (is_hdf5(o->data)) trainer.set_obs_keys(keys);
@@ -464,11 +479,12 @@ void add_import_eqx(CLI::App& app) {
     trainer.save_checkpoint(ckpt);
     std::printf(
         "%s: BCPolicy, %lld parameters (hidden %lld, depth %lld, horizon %lld, state_dim %lld, "
-        "act_dim %lld)\nnormalisation (%s) from %s: %lld episodes, %lld frames\nwrote %s "
-        "(parameters and EMA both the imported weights, step 0)\n",
+        "act_dim %lld)\nnormalisation (%s) from %s; data %s: %lld episodes, %lld frames\nwrote "
+        "%s (parameters and EMA both the imported weights, step 0)\n",
         o->eqx.c_str(), (long long)trainer.policy().num_parameters(), (long long)sizes.hidden_size,
         (long long)sizes.depth, (long long)sizes.horizon, (long long)sizes.state_dim,
-        (long long)sizes.act_dim, config.normalization.c_str(), o->data.c_str(),
+        (long long)sizes.act_dim, config.normalization.c_str(),
+        (o->stats.empty() ? o->data : o->stats).c_str(), o->data.c_str(),
         (long long)data.num_episodes(), (long long)data.num_frames(), ckpt.c_str());
   });
 }
