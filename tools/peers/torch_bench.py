@@ -456,7 +456,7 @@ REFERENCE_AGENT = dict(n_obs_steps=2, state_dim=4, horizon=16, act_dim=2, hidden
 def prepare_policy_train():
     c, batch = REFERENCE_AGENT, 64
     policy = BCPolicy(**c)
-    trainer = Trainer(policy, lr=1e-4, weight_decay=1e-6, ema_decay=0.999)
+    trainer = Trainer(policy, lr=1e-4, weight_decay=0.01, ema_decay=0.999)  # TrainConfig's defaults
     # Random demonstrations (8 episodes of 100 steps): the timing does not depend on the values.
     states, actions = torch.randn(800, c["state_dim"]), torch.randn(800, c["act_dim"])
     state_mm = torch.stack([states.min(0).values, states.max(0).values])
