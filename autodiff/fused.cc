@@ -511,14 +511,11 @@ struct FrozenProduct {
 FrozenProduct frozen_product(const Tensor& x, const Tensor& weight) {
   FrozenWeights* frozen = frozen_weights();
   if (!frozen || x.dtype() != DType::f32 || weight.dtype() != DType::f32) return {};
-  // The backward multiplies by the weight itself, which is not what a bfloat16 forward used.
+  // A product the tape records multiplies by the weight itself: its backward does, and a packed
+  // copy may be rounded to bfloat16 or older than the weight.
   const Tape* tape = Tape::active();
   const Tensor operands[] = {x, weight};
-  MMDIT_CHECK(!tape || !detail::any_on_tape(*tape, operands), "linear in scope '",
-              NameScope::current(), "': ", tape && tape->is_on_tape(x) ? "the input" : "the weight",
-              " is on the active tape, but the weights in use are packed for inference "
-              "(UseFrozenWeights, as EulerSampler sets) and have no backward; differentiate "
-              "outside that scope");
+  if (tape && detail::any_on_tape(*tape, operands)) return {};
   const int64_t rows = weight.shape()[1] > 0 ? x.numel() / weight.shape()[1] : 0;
   if (rows >= kUnpackedFromRows && frozen->precision() == WeightPrecision::f32) return {};
   if (rows >= kUnpackedFromRows && !simd::use_bf16_dot_kernel()) return {nullptr, true};

@@ -108,7 +108,9 @@ class FrozenWeights {
   std::map<Key, Entry> packed_;
 };
 
-// While alive, linear layers on this thread multiply float32 inputs by `weights`' packed copies.
+// While alive, linear layers on this thread multiply float32 inputs by `weights`' packed copies;
+// but a product the active tape records (its input or weight watched, or made by recorded ops)
+// multiplies by the weight itself, as its backward does.
 class UseFrozenWeights {
  public:
   explicit UseFrozenWeights(FrozenWeights& weights);

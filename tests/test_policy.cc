@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "autodiff/gradcheck.h"
+#include "autodiff/value_and_grad.h"
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
 #include "train/parity.h"
@@ -521,6 +522,26 @@ TEST(EulerSampler, WithSigmaTakesEachVelocityAtTheNoisedAction) {
                         "a + sigma * N(0, 1), as the reference does; pass an Rng"));
   EXPECT_THAT(test::error_of([&] { EulerSampler(*policy, steps)(state, a0); }),
               HasSubstr("pass an Rng"));
+}
+
+// A packed sampler's actions as a constant target inside value_and_grad (the tape watches the
+// policy's weights): its products run on the weights themselves there, and it was refused.
+TEST(EulerSampler, RunsInsideValueAndGradAsAConstantTarget) {
+  Rng rng(8);
+  const PolicyConfig c = tiny_policy();
+  BCPolicy policy(c, rng);
+  test::randomize(policy, rng, 0.3);
+  const Tensor state = rng.normal({2, c.n_obs_steps, c.state_dim});
+  const Tensor a0 = rng.normal({2, c.horizon, c.act_dim});
+  const Tensor outside = EulerSampler(policy, 2)(state, a0);
+  Tensor target;
+  const auto [loss, grads] = value_and_grad([&](const BCPolicy& p) {
+    target = EulerSampler(p, 2)(state, a0);
+    return mean(square(regress_actions(p, state) - target));
+  })(policy);
+  EXPECT_LT(test::max_abs_diff(target, outside), 1e-5);
+  EXPECT_TRUE(std::isfinite(loss.item()));
+  EXPECT_EQ(grads.size(), policy.named_parameters().size());
 }
 
 // bfloat16 weights asked for on a float64 policy were silently not used; a sampler whose policy

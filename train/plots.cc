@@ -152,7 +152,7 @@ void write_loss_curve_svg(const std::string& path,
   std::vector<std::pair<int64_t, double>> sorted = step_loss;
   std::stable_sort(sorted.begin(), sorted.end(),
                    [](const auto& a, const auto& b) { return a.first < b.first; });
-  LossHistory history(std::max<size_t>(2, sorted.size()));
+  LossHistory history;
   for (const auto& [step, loss] : sorted) {
     if (history.has_step() && step == history.last_step())
       throw Error(str_cat("write_loss_curve_svg: step ", step, " has two losses"));

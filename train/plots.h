@@ -16,11 +16,11 @@ namespace mmdit {
 
 // A run's losses for the loss plot, in memory that does not grow with the run: a day of
 // training at 50 steps/s is 4 million steps. Up to `capacity` buckets of one step each are kept
-// as they come; when they are full, neighbouring pairs merge, so each bucket then covers twice
-// as many steps. A bucket keeps what the plot draws of its steps: the lowest and the highest
-// loss (with their steps) and the mean of log10 loss. The last and the lowest loss of the whole
-// run are kept exactly. Losses that are not finite and positive cannot be placed on a log axis:
-// they are counted, not kept.
+// as they come; when they are full, neighbouring pairs merge into one, and new buckets hold
+// twice as many steps as before. A bucket keeps what the plot draws of its steps: the lowest and
+// the highest loss (with their steps) and the mean of log10 loss. The last and the lowest loss of
+// the whole run are kept exactly. Losses that are not finite and positive cannot be placed on a log
+// axis: they are counted, not kept.
 class LossHistory {
  public:
   struct Bucket {
@@ -60,7 +60,7 @@ class LossHistory {
 // still gives a valid plot. Throws mmdit::Error if the file cannot be written.
 void write_loss_curve_svg(const std::string& path, const LossHistory& history,
                           const std::string& title);
-// The same for (step, loss) pairs in any order.
+// The same for (step, loss) pairs in any order, each step once.
 void write_loss_curve_svg(const std::string& path,
                           const std::vector<std::pair<int64_t, double>>& step_loss,
                           const std::string& title);

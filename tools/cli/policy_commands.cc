@@ -419,7 +419,7 @@ void add_import_eqx(CLI::App& app) {
   cmd->add_option("eqx", o->eqx, "the .eqx file")->required();
   cmd->add_option("--data", o->data,
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
-                  "normalisation statistics go into the checkpoint")
+                  "normalisation statistics go into the checkpoint unless --stats gives others")
       ->required();
   cmd->add_option("--stats", o->stats,
                   "normalisation statistics to use instead of --data's (JSON: \"mode\" and "
