@@ -1222,6 +1222,42 @@ TEST(Cli, EvalOnDemonstrations) {
   EXPECT_THAT(alone.output, HasSubstr("eval: --windows needs --data"));
 }
 
+// train --stats: a new run normalises with the statistics given (the reference agent's config
+// gives its ranges), which its checkpoint keeps; a resumed run keeps its own.
+TEST(Cli, TrainTakesTheStatisticsGiven) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  TrainConfig config = tiny_config(data);
+  config.steps = 2;
+  std::ofstream(dir.file("config.json")) << config.to_json();
+  std::ofstream(dir.file("stats.json")) << R"({"mode": "min_max", "state_min": [-2, -3],
+      "state_max": [2, 3], "action_min": [-0.5, -0.5], "action_max": [0.5, 0.25]})";
+  const std::string run = dir.file("run");
+  test::Command r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                                    dir.file("config.json") + " --stats " + dir.file("stats.json") +
+                                    " --out " + run + " --threads 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("normalisation (min_max) from " + dir.file("stats.json")));
+  const LoadedPolicy p = load_policy(run + "/checkpoint.safetensors");
+  EXPECT_EQ(p.normalizer.state_max.to_vector<float>(), (std::vector<float>{2, 3}));
+  EXPECT_EQ(p.normalizer.action_max.to_vector<float>(), (std::vector<float>{0.5, 0.25}));
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --resume " + run +
+                      "/checkpoint.safetensors --steps 3 --stats " + dir.file("stats.json"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: --stats sets a new run's statistics; a resumed run "
+                                  "keeps its checkpoint's"));
+  std::ofstream(dir.file("short.json")) << R"({"mode": "min_max", "state_min": [0],
+      "state_max": [1], "action_min": [0, 0], "action_max": [1, 1]})";
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                      dir.file("config.json") + " --stats " + dir.file("short.json") + " --out " +
+                      dir.file("short"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("train: --stats " + dir.file("short.json") +
+                                  ": normalizer: 'state_min' is float32 (1,); expected "
+                                  "(state_dim,) = (2,)"));
+}
+
 // train --val-data: rows at every --val-every steps and at the end, each the action error of the
 // policy the checkpoint of that step holds; a resumed run keeps the rows up to its checkpoint.
 TEST(Cli, TrainValidatesOnHeldOutDemonstrations) {

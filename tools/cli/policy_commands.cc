@@ -253,10 +253,25 @@ void print_eval(const DemoTask::EvalResult& r) {
   std::printf("success rate: %.0f%%\n", 100 * r.success_rate);
 }
 
+constexpr const char* kStatsHelp =
+    "normalisation statistics to use instead of --data's (JSON: \"mode\" and \"state_min\", "
+    "\"state_max\", \"action_min\", \"action_max\", or the _mean and _std arrays for "
+    "z_score), e.g. the state_min_max and action_min_max of the reference agent's config";
+
+// --stats: statistics of the user's own (the reference agent's config gives its ranges), in place
+// of the data's, before the first step.
+void use_stats_file(Trainer& trainer, const std::string& path, const char* command) {
+  try {
+    trainer.set_normalizer(Normalizer::from_json(read_file(path)));
+  } catch (const Error& e) {
+    fail(command, ": --stats ", path, ": ", e.what());
+  }
+}
+
 void add_train(CLI::App& app) {
   struct Options {
     TrainFlags flags;
-    std::string data, out = "runs/train", resume, obs_keys = "state", val_data;
+    std::string data, out = "runs/train", resume, obs_keys = "state", val_data, stats;
     int64_t log_every = 100, checkpoint_every = 1000, val_every = 1000, val_windows = 256;
     int threads = 0;
     bool overwrite = false;
@@ -270,6 +285,7 @@ void add_train(CLI::App& app) {
       TrainConfig().to_json());
   cmd->add_option("--data", o->data, "demonstrations: LeRobot-style .npz or robomimic .hdf5")
       ->required();
+  cmd->add_option("--stats", o->stats, kStatsHelp)->check(CLI::ExistingFile);
   cmd->add_option("--obs-keys", o->obs_keys,
                   "HDF5 observation keys, comma-separated, recorded in the checkpoint (default: "
                   "state; with --resume, the checkpoint's)");
@@ -313,6 +329,9 @@ void add_train(CLI::App& app) {
     std::optional<CheckpointInfo> resumed_info;
     if (!o->resume.empty()) {
       o->flags.check_resumable();
+      MMDIT_CHECK(o->stats.empty(),
+                  "train: --stats sets a new run's statistics; a resumed run keeps its "
+                  "checkpoint's");
       MMDIT_CHECK(!o->overwrite,
                   "train: --overwrite starts a new run; it cannot be combined with "
                   "--resume, which continues one");
@@ -378,6 +397,11 @@ void add_train(CLI::App& app) {
       // The defaults are the data's sizes: a mismatch comes from --config.
       check_data_fits(data, o->data, config.policy, "--config " + o->flags.config_file, "train");
       trainer = std::make_unique<Trainer>(config, data);
+      if (!o->stats.empty()) {
+        use_stats_file(*trainer, o->stats, "train");
+        std::printf("normalisation (%s) from %s\n", trainer->config().normalization.c_str(),
+                    o->stats.c_str());
+      }
     }
     if (is_hdf5(o->data)) trainer->set_obs_keys(keys);
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
@@ -421,12 +445,7 @@ void add_import_eqx(CLI::App& app) {
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
                   "normalisation statistics go into the checkpoint unless --stats gives others")
       ->required();
-  cmd->add_option("--stats", o->stats,
-                  "normalisation statistics to use instead of --data's (JSON: \"mode\" and "
-                  "\"state_min\", \"state_max\", \"action_min\", \"action_max\", or the "
-                  "_mean and _std arrays for z_score), e.g. the state_min_max and "
-                  "action_min_max of the reference agent's config")
-      ->check(CLI::ExistingFile);
+  cmd->add_option("--stats", o->stats, kStatsHelp)->check(CLI::ExistingFile);
   cmd->add_option("--obs-keys", o->obs_keys,
                   "HDF5 observation keys, comma-separated, recorded in the checkpoint")
       ->capture_default_str();
@@ -460,13 +479,7 @@ void add_import_eqx(CLI::App& app) {
     const Episodes data = load_episodes(o->data, keys);
     check_data_fits(data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
     Trainer trainer(config, data);
-    if (!o->stats.empty()) {
-      try {
-        trainer.set_normalizer(Normalizer::from_json(read_file(o->stats)));
-      } catch (const Error& e) {
-        fail("import-eqx: --stats ", o->stats, ": ", e.what());
-      }
-    }
+    if (!o->stats.empty()) use_stats_file(trainer, o->stats, "import-eqx");
     load_equinox(trainer.policy(), o->eqx);
     trainer.restart_ema();
     if (is_hdf5(o->data)) trainer.set_obs_keys(keys);
