@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 
 #include "tensor/safetensors.h"
 #include "tests/test_util.h"
@@ -403,6 +405,75 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
     EXPECT_THAT(r.output, HasSubstr(message));
     EXPECT_FALSE(std::ifstream(dir + "/bad/checkpoint.safetensors").good());
   }
+}
+
+// The losses of metrics.csv, one per step.
+std::vector<double> logged_losses(const std::string& metrics) {
+  std::vector<double> losses;
+  std::istringstream rows(read_bytes(metrics));
+  std::string row;
+  std::getline(rows, row);  // the header
+  while (std::getline(rows, row)) {
+    long long step = 0;
+    double loss = 0;
+    if (std::sscanf(row.c_str(), "%lld,%lf", &step, &loss) == 2) losses.push_back(loss);
+  }
+  return losses;
+}
+
+// With --stats, the data is not needed: the checkpoint acts as one imported with data, and
+// train --resume, given data, continues it exactly as it continues that one.
+TEST(EquinoxCli, ImportWithoutDataNeedsOnlyTheStatistics) {
+  const std::string dir = testing::TempDir() + "import_eqx_no_data";
+  write_import_demos(dir);
+  const std::string eqx = data_path("bc_train_step.eqx");
+  std::ofstream(dir + "/stats.json") << R"({"mode": "min_max", "state_min": [-5, -4, -3],
+      "state_max": [5, 4, 3], "action_min": [-2, -1], "action_max": [2, 1.5]})";
+  Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
+                                "/stats.json --out ", dir, "/with_data"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run_mmdit(
+      str_cat("import-eqx ", eqx, " --stats ", dir, "/stats.json --out ", dir, "/without_data"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("no data recorded: train --resume continues on any data"));
+
+  const LoadedPolicy a = load_policy(dir + "/with_data/checkpoint.safetensors"),
+                     b = load_policy(dir + "/without_data/checkpoint.safetensors");
+  EXPECT_EQ(b.normalizer.to_json(), a.normalizer.to_json());
+  for (const auto& [name, t] : a.policy->named_parameters())
+    EXPECT_EQ(b.policy->named_parameters().at(name).to_vector<float>(), t.to_vector<float>())
+        << name;
+
+  for (const char* run : {"with_data", "without_data"}) {
+    r = run_mmdit(str_cat("train --resume ", dir, "/", run, "/checkpoint.safetensors --data ", dir,
+                          "/demos.npz --steps 3 --threads 1"));
+    ASSERT_EQ(r.status, 0) << r.output;
+  }
+  const std::vector<double> losses = logged_losses(dir + "/with_data/metrics.csv");
+  EXPECT_EQ(losses.size(), 3u);
+  EXPECT_EQ(logged_losses(dir + "/without_data/metrics.csv"), losses);
+
+  // Observation keys given without data are recorded, for HDF5 data a later run reads.
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/stats.json --obs-keys a,b --out ",
+                        dir, "/keys"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_checkpoint_info(dir + "/keys/checkpoint.safetensors").obs_keys,
+            (std::vector<std::string>{"a", "b"}));
+
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --out ", dir, "/neither"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr("import-eqx: give --stats, the statistics the agent normalised "
+                                  "with (its config's state_min_max and action_min_max), or "
+                                  "--data"));
+  EXPECT_FALSE(std::ifstream(dir + "/neither/config.json").good());
+  std::ofstream(dir + "/z.json") << R"({"mode": "z_score", "state_mean": [0, 0, 0],
+      "state_std": [1, 1, 1], "action_mean": [0, 0], "action_std": [1, 1]})";
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/z.json --out ", dir, "/z"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr(str_cat("import-eqx: --stats ", dir, "/z.json: ")));
+  EXPECT_THAT(r.output, HasSubstr("the statistics are for z_score normalization, the config's is "
+                                  "min_max"));
+  EXPECT_FALSE(std::ifstream(dir + "/z/config.json").good());
 }
 
 // import-eqx --overwrite removed the old run, and then refused to save weights holding a NaN

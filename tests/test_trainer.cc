@@ -1102,6 +1102,34 @@ TEST(Trainer, SetNormalizerOnlyBeforeTheFirstStep) {
                         "only before the first step"));
 }
 
+// A trainer made from a config and statistics, without data, saves the checkpoint of a run that
+// has not started: resumed on data, it trains exactly as a run started on that data with those
+// statistics.
+TEST(Trainer, WithoutDataSavesARunThatResumesOnAnyData) {
+  const Episodes data = demo_episodes();
+  const TrainConfig config = tiny_config(data);
+  Normalizer n = make_normalizer(data, "min_max");
+  n.action_max = raw::mul_scalar(n.action_max, 3.0);
+  Trainer without_data(config, n);
+  EXPECT_THAT(test::error_of([&] { without_data.train_step(); }),
+              HasSubstr("Trainer::train_step: this trainer was made without data"));
+  test::TempDir dir;
+  without_data.save_checkpoint(dir.file("c.safetensors"));
+
+  Trainer started(config, data);
+  started.set_normalizer(n);
+  const std::unique_ptr<Trainer> resumed = Trainer::resume(dir.file("c.safetensors"), data);
+  EXPECT_EQ(resumed->step(), 0);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(resumed->train_step().loss, started.train_step().loss);
+  EXPECT_EQ(resumed->normalizer().action_max.to_vector<float>(),
+            started.normalizer().action_max.to_vector<float>());
+
+  Normalizer z = n;
+  z.mode = Normalizer::Mode::z_score;
+  EXPECT_THAT(test::error_of([&] { Trainer(config, z); }),
+              HasSubstr("the statistics are for z_score normalization, the config's is min_max"));
+}
+
 // A policy whose weights overflow returns an error, never NaN actions to a robot.
 TEST(LoadedPolicy, ActRefusesNonFiniteActions) {
   const Episodes data = demo_episodes();

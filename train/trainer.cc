@@ -183,14 +183,25 @@ Trainer::Trainer(const TrainConfig& config, const Episodes& data)
     fail("train: the data's ", config_.normalization,
          " statistics cannot normalise it: ", e.what());
   }
+  build_policy();
+  sampler_ = std::make_unique<WindowSampler>(data, config_.policy.n_obs_steps,
+                                             config_.policy.horizon, config_.seed);
+}
+
+Trainer::Trainer(const TrainConfig& config, const Normalizer& normalizer)
+    : config_(config), rng_(config.seed ^ 0x9E3779B97F4A7C15ull) {
+  config_.validate();
+  build_policy();
+  set_normalizer(normalizer);
+}
+
+void Trainer::build_policy() {
   Rng init(config_.seed);
   policy_ = std::make_unique<BCPolicy>(config_.policy, init);
   const NamedTensors params = policy_->named_parameters();
   optimizer_ = std::make_unique<AdamW>(
       params, AdamWConfig{config_.lr, config_.b1, config_.b2, config_.eps, config_.weight_decay});
   ema_ = std::make_unique<EMA>(params, config_.ema_decay);
-  sampler_ = std::make_unique<WindowSampler>(data, config_.policy.n_obs_steps,
-                                             config_.policy.horizon, config_.seed);
 }
 
 Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
@@ -212,6 +223,9 @@ Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
 StepStats Trainer::train_step() {
   // A step that throws leaves the trainer as it was, the random state and data order included:
   // a checkpoint saved after the throw is the one of the step before.
+  MMDIT_CHECK(sampler_,
+              "Trainer::train_step: this trainer was made without data; save its "
+              "checkpoint and continue it with Trainer::resume(checkpoint, data)");
   const uint64_t rng_seed = rng_.seed(), rng_counter = rng_.counter();
   // Not a structured binding: Clang before 16 cannot capture one in the lambda.
   const std::pair<int64_t, int64_t> position = sampler_->position();
@@ -282,18 +296,23 @@ void Trainer::check_saveable(const std::string& what) const {
 
 void Trainer::save_checkpoint(const std::string& path) const {
   const NamedTensors tensors = checkpoint_tensors();
-  const auto [epoch, offset] = sampler_->position();
+  // Without data, the data order is at its start and no data size is recorded: Trainer::resume
+  // then takes any data of the policy's sizes.
+  Json sampler = {{"epoch", 0}, {"offset", 0}};
+  if (sampler_) {
+    const auto [epoch, offset] = sampler_->position();
+    sampler = {{"epoch", epoch},
+               {"offset", offset},
+               {"frames", sampler_->num_samples()},
+               {"episodes", sampler_->num_episodes()}};
+  }
   std::map<std::string, std::string> meta = {
       {"format", kCheckpointFormat},
       {"config", config_.to_json()},
       {"normalizer", normalizer_.to_json()},
       {"step", std::to_string(step())},
       {"rng", Json{{"seed", rng_.seed()}, {"counter", rng_.counter()}}.dump()},
-      {"sampler", Json{{"epoch", epoch},
-                       {"offset", offset},
-                       {"frames", sampler_->num_samples()},
-                       {"episodes", sampler_->num_episodes()}}
-                      .dump()}};
+      {"sampler", sampler.dump()}};
   if (!obs_keys_.empty()) meta["obs_keys"] = Json(obs_keys_).dump();
   check_finite(tensors, path, "not saved (the previous file, if any, is kept): tensor");
   save_safetensors(path, tensors, meta);
@@ -483,7 +502,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     const Json rng = Json::parse(c.meta("rng"));
     sampler = Json::parse(c.meta("sampler"));
     t->rng_.set_state(whole(rng, "rng", "seed"), whole(rng, "rng", "counter"));
-    // Older checkpoints do not record the data's size.
+    // Older checkpoints, and those of a trainer made without data, do not record its size.
     if (sampler.contains("frames")) {
       const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
       MMDIT_CHECK(frames == t->sampler_->num_samples() && episodes == t->sampler_->num_episodes(),

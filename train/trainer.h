@@ -57,6 +57,10 @@ struct LoadedPolicy;
 class Trainer {
  public:
   Trainer(const TrainConfig& config, const Episodes& data);
+  // A trainer without data, normalising with `normalizer` (see set_normalizer): for weights
+  // trained elsewhere, loaded into policy() and saved as a checkpoint that Trainer::resume
+  // continues on any data of the policy's sizes. train_step throws.
+  Trainer(const TrainConfig& config, const Normalizer& normalizer);
   // Continues a run from its checkpoint: parameters, EMA, optimiser moments and step, random
   // state and data order are restored, so the losses continue exactly as without the stop.
   // `steps` raises the run's total to train further (with cosine decay, the schedule then
@@ -98,6 +102,7 @@ class Trainer {
   const EMA& ema() const { return *ema_; }
 
  private:
+  void build_policy();  // the policy of config_ at its initialisation, its optimiser and EMA
   Tensor loss(BCPolicy& policy, const Batch& batch);
   NamedTensors checkpoint_tensors() const;  // named as the checkpoint file names them
 
@@ -106,7 +111,7 @@ class Trainer {
   std::unique_ptr<BCPolicy> policy_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<EMA> ema_;
-  std::unique_ptr<WindowSampler> sampler_;
+  std::unique_ptr<WindowSampler> sampler_;  // null for a trainer made without data
   Rng rng_;
   std::vector<std::string> obs_keys_;
 };

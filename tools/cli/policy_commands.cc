@@ -443,11 +443,13 @@ void add_import_eqx(CLI::App& app) {
   cmd->add_option("eqx", o->eqx, "the .eqx file")->required();
   cmd->add_option("--data", o->data,
                   "the demonstrations the policy was trained on (.npz or .hdf5): their "
-                  "normalisation statistics go into the checkpoint unless --stats gives others")
-      ->required();
+                  "normalisation statistics go into the checkpoint unless --stats gives others, "
+                  "and train --resume must continue on them. Without --data, --stats is needed "
+                  "and train --resume takes any data");
   cmd->add_option("--stats", o->stats, kStatsHelp)->check(CLI::ExistingFile);
   cmd->add_option("--obs-keys", o->obs_keys,
-                  "HDF5 observation keys, comma-separated, recorded in the checkpoint")
+                  "HDF5 observation keys, comma-separated, recorded in the checkpoint (with HDF5 "
+                  "--data, or given without --data)")
       ->capture_default_str();
   cmd->add_option("--config", o->flags.config_file,
                   "training config (JSON; keys of TrainConfig): normalization, sample_steps, and "
@@ -462,7 +464,11 @@ void add_import_eqx(CLI::App& app) {
     struct stat st;
     MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
                 " already holds a checkpoint; pass --overwrite to replace it");
-    check_obs_keys_fit(cmd, o->data, "import-eqx");
+    MMDIT_CHECK(!o->data.empty() || !o->stats.empty(),
+                "import-eqx: give --stats, the statistics the agent normalised with (its "
+                "config's state_min_max and action_min_max), or --data, the demonstrations it "
+                "was trained on, whose own statistics are then used");
+    if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "import-eqx");
     for (const char* written : {"checkpoint.safetensors", "config.json"})
       for (const auto& [input, name] :
            {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"},
@@ -476,29 +482,46 @@ void add_import_eqx(CLI::App& app) {
     const TrainConfig config = o->flags.apply(defaults);
     check_policy_sizes(sizes, config.policy, o->flags.config_file);
     const std::vector<std::string> keys = split_commas(o->obs_keys);
-    const Episodes data = load_episodes(o->data, keys);
-    check_data_fits(data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
-    Trainer trainer(config, data);
-    if (!o->stats.empty()) use_stats_file(trainer, o->stats, "import-eqx");
-    load_equinox(trainer.policy(), o->eqx);
-    trainer.restart_ema();
-    if (is_hdf5(o->data)) trainer.set_obs_keys(keys);
+    std::optional<Episodes> data;
+    std::unique_ptr<Trainer> trainer;
+    if (o->data.empty()) {
+      Normalizer stats;
+      try {
+        stats = Normalizer::from_json(read_file(o->stats));
+        trainer = std::make_unique<Trainer>(config, stats);
+      } catch (const Error& e) {
+        fail("import-eqx: --stats ", o->stats, ": ", e.what());
+      }
+    } else {
+      data = load_episodes(o->data, keys);
+      check_data_fits(*data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
+      trainer = std::make_unique<Trainer>(config, *data);
+      if (!o->stats.empty()) use_stats_file(*trainer, o->stats, "import-eqx");
+    }
+    load_equinox(trainer->policy(), o->eqx);
+    trainer->restart_ema();
+    if (o->data.empty() ? cmd->count("--obs-keys") > 0 : is_hdf5(o->data))
+      trainer->set_obs_keys(keys);
     // Everything save_checkpoint would refuse (a NaN in the weights) is refused before the old
     // run is removed or config.json written: a refused import leaves --out as it was.
-    trainer.check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
+    trainer->check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
     make_directory(o->out);
     if (o->overwrite) remove_previous_run(o->out);
     write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
-    trainer.save_checkpoint(ckpt);
+    trainer->save_checkpoint(ckpt);
     std::printf(
         "%s: BCPolicy, %lld parameters (hidden %lld, depth %lld, horizon %lld, state_dim %lld, "
-        "act_dim %lld)\nnormalisation (%s) from %s; data %s: %lld episodes, %lld frames\nwrote "
-        "%s (parameters and EMA both the imported weights, step 0)\n",
-        o->eqx.c_str(), (long long)trainer.policy().num_parameters(), (long long)sizes.hidden_size,
+        "act_dim %lld)\nnormalisation (%s) from %s\n",
+        o->eqx.c_str(), (long long)trainer->policy().num_parameters(), (long long)sizes.hidden_size,
         (long long)sizes.depth, (long long)sizes.horizon, (long long)sizes.state_dim,
         (long long)sizes.act_dim, config.normalization.c_str(),
-        (o->stats.empty() ? o->data : o->stats).c_str(), o->data.c_str(),
-        (long long)data.num_episodes(), (long long)data.num_frames(), ckpt.c_str());
+        (o->stats.empty() ? o->data : o->stats).c_str());
+    if (data)
+      std::printf("data %s: %lld episodes, %lld frames\n", o->data.c_str(),
+                  (long long)data->num_episodes(), (long long)data->num_frames());
+    else
+      std::printf("no data recorded: train --resume continues on any data of these sizes\n");
+    std::printf("wrote %s (parameters and EMA both the imported weights, step 0)\n", ckpt.c_str());
   });
 }
 
