@@ -201,6 +201,48 @@ void layer_norm_modulate_backward(const T* dy, const T* xhat, const T* rstd, con
   });
 }
 
+}  // namespace
+
+Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {
+  const char* op = "layer_norm_modulate";
+  check_floats(op, {{"x", x_in}, {"shift_scale", shift_scale_in}});
+  Groups g = groups_of(x_in, op);
+  g.param_shape.back() = 2 * g.dim;
+  const Tensor x = raw::contiguous(x_in);
+  const Tensor ss = per_group(shift_scale_in, g, op, "shift_scale");
+  Tensor y = empty(x.shape(), x.dtype()), xhat = empty(x.shape(), x.dtype());
+  Tensor rstd = empty({g.groups * g.rows_per_group}, x.dtype());
+  visit_float_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    layer_norm_modulate_forward(x.data<T>(), ss.data<T>(), y.data<T>(), xhat.data<T>(),
+                                rstd.data<T>(), g, eps);
+  });
+  return record(op, y, {x_in, shift_scale_in}, {xhat, rstd, ss}, [g](Backward& ctx) {
+    const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &ss = ctx.saved[2];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dx = empty(xhat.shape(), xhat.dtype()), dss = empty(g.param_shape, xhat.dtype());
+    visit_float_dtype(xhat.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), ss.data<T>(),
+                                   dx.data<T>(), dss.data<T>(), g);
+    });
+    ctx.input(0, [&] { return dx; });
+    ctx.input(1, [&] { return dss; });
+  });
+}
+
+Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps) {
+  const char* op = "layer_norm_modulate";
+  check_floats(op, {{"x", x}, {"shift", shift}, {"scale", scale}});
+  const Groups g = groups_of(x, op);
+  check_per_group(shift, g, op, "shift");
+  check_per_group(scale, g, op, "scale");
+  return layer_norm_modulate(
+      x, concat({broadcast_to(shift, g.param_shape), broadcast_to(scale, g.param_shape)}, -1), eps);
+}
+
+namespace {
+
 // ---- rms_norm ----
 
 template <class T>
@@ -241,6 +283,37 @@ void rms_norm_backward(const T* dy, const T* x, const T* rstd, const T* gamma, T
   });
   detail::sum_in_order(partial.data(), blocks, D, dgamma);
 }
+
+}  // namespace
+
+Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
+  const char* op = "rms_norm";
+  check_floats(op, {{"x", x_in}, {"gamma", gamma}});
+  MMDIT_CHECK(x_in.dim() >= 1 && gamma.dim() == 1 && gamma.shape()[0] == x_in.shape().back(), op,
+              ": gamma has shape ", shape_str(gamma.shape()), " for input ",
+              shape_str(x_in.shape()), "; expected (", x_in.dim() ? x_in.shape().back() : 0, ",)");
+  const Tensor x = raw::contiguous(x_in), gm = raw::contiguous(gamma);
+  const int64_t D = x.shape().back(), rows = x.numel() / std::max<int64_t>(D, 1);
+  Tensor y = empty(x.shape(), x.dtype()), rstd = empty({rows}, x.dtype());
+  visit_float_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_forward(x.data<T>(), gm.data<T>(), y.data<T>(), rstd.data<T>(), rows, D, eps);
+  });
+  return record(op, y, {x_in, gamma}, {x, rstd, gm}, [rows, D](Backward& ctx) {
+    const Tensor &x = ctx.saved[0], &rstd = ctx.saved[1], &gamma = ctx.saved[2];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dx = empty(x.shape(), x.dtype()), dgamma = empty({D}, x.dtype());
+    visit_float_dtype(x.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      rms_norm_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gamma.data<T>(), dx.data<T>(),
+                        dgamma.data<T>(), rows, D);
+    });
+    ctx.input(0, [&] { return dx; });
+    ctx.input(1, [&] { return dgamma; });
+  });
+}
+
+namespace {
 
 // ---- swiglu ----
 
@@ -305,6 +378,35 @@ void swiglu_backward(const T* dy, const T* a, const T* g, T* da, T* dg, int64_t 
   });
 }
 
+}  // namespace
+
+Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
+  const char* op = "swiglu";
+  check_floats(op, {{"a", a_in}, {"g", g_in}});
+  MMDIT_CHECK(a_in.shape() == g_in.shape(), op, ": shapes ", shape_str(a_in.shape()), " and ",
+              shape_str(g_in.shape()), " differ");
+  const Tensor a = raw::contiguous(a_in), g = raw::contiguous(g_in);
+  Tensor y = empty(a.shape(), a.dtype());
+  visit_float_dtype(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_forward(a.data<T>(), g.data<T>(), y.data<T>(), a.numel());
+  });
+  return record(op, y, {a_in, g_in}, {a, g}, [](Backward& ctx) {
+    const Tensor &a = ctx.saved[0], &g = ctx.saved[1];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor da = empty(a.shape(), a.dtype()), dg = empty(a.shape(), a.dtype());
+    visit_float_dtype(a.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(), da.data<T>(), dg.data<T>(),
+                      a.numel());
+    });
+    ctx.input(0, [&] { return da; });
+    ctx.input(1, [&] { return dg; });
+  });
+}
+
+namespace {
+
 // ---- gated_residual ----
 
 template <class T>
@@ -332,6 +434,40 @@ void gated_residual_backward(const T* dy, const T* gate, const T* y, T* dy_in, T
   });
 }
 
+}  // namespace
+
+Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y_in) {
+  const char* op = "gated_residual";
+  check_floats(op, {{"x", x_in}, {"gate", gate_in}, {"y", y_in}});
+  MMDIT_CHECK(x_in.shape() == y_in.shape(), op, ": residual ", shape_str(x_in.shape()),
+              " and branch ", shape_str(y_in.shape()), " differ");
+  const Groups g = groups_of(x_in, op);
+  const Tensor x = raw::contiguous(x_in), y = raw::contiguous(y_in);
+  const Tensor gate = per_group(gate_in, g, op, "gate");
+  Tensor out = empty(x.shape(), x.dtype());
+  visit_float_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    gated_residual_forward(x.data<T>(), gate.data<T>(), y.data<T>(), out.data<T>(), g);
+  });
+  return record(op, out, {x_in, gate_in, y_in}, {gate, y}, [g](Backward& ctx) {
+    const Tensor &gate = ctx.saved[0], &y = ctx.saved[1];
+    const Tensor dy = raw::contiguous(ctx.grad);
+    Tensor dy_in = ctx.needs(2) ? empty(y.shape(), y.dtype()) : Tensor();
+    Tensor dgate = ctx.needs(1) ? empty(g.param_shape, y.dtype()) : Tensor();
+    visit_float_dtype(y.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      gated_residual_backward(dy.data<T>(), gate.data<T>(), y.data<T>(),
+                              dy_in.defined() ? dy_in.data<T>() : nullptr,
+                              dgate.defined() ? dgate.data<T>() : nullptr, g);
+    });
+    ctx.input(0, [&] { return ctx.grad; });
+    ctx.input(1, [&] { return dgate; });
+    ctx.input(2, [&] { return dy_in; });
+  });
+}
+
+namespace {
+
 // ---- rope ----
 
 // out = x cos + rotate_half(x) sin per row of d; with `transposed`, the adjoint:
@@ -356,14 +492,45 @@ void rope_rows(const T* x, const T* cos, const T* sin, T* out, int64_t rows, int
   });
 }
 
-// ---- linear ----
+}  // namespace
 
-template <class T>
-void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
-  parallel_for(rows, out, [&](int64_t r) {
-    for (int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
+Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
+  const char* op = "rope";
+  check_floats(op, {{"x", x_in}, {"cos", cos_in}, {"sin", sin_in}});
+  refuse_constant_on_tape(op, "cos", cos_in);
+  refuse_constant_on_tape(op, "sin", sin_in);
+  MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] > 0 && x_in.shape()[3] % 2 == 0, op,
+              ": input has shape ", shape_str(x_in.shape()),
+              "; expected (B, S, H, d) with d even and positive");
+  const int64_t S = x_in.shape()[1], H = x_in.shape()[2], d = x_in.shape()[3];
+  MMDIT_CHECK(cos_in.shape() == Shape({S, d}) && sin_in.shape() == Shape({S, d}), op,
+              ": tables have shapes ", shape_str(cos_in.shape()), " and ",
+              shape_str(sin_in.shape()), "; expected (", S, ",", d, ") for input ",
+              shape_str(x_in.shape()));
+  const Tensor x = raw::contiguous(x_in);
+  const Tensor c = raw::contiguous(cos_in), s = raw::contiguous(sin_in);
+  const int64_t rows = x.numel() / d;
+  Tensor y = empty(x.shape(), x.dtype());
+  visit_float_dtype(x.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    rope_rows(x.data<T>(), c.data<T>(), s.data<T>(), y.data<T>(), rows, S, H, d, false);
+  });
+  // The tables are constants: only x gets a gradient.
+  return record(op, y, {x_in}, {c, s}, [rows, S, H, d](Backward& ctx) {
+    const Tensor &c = ctx.saved[0], &s = ctx.saved[1];
+    ctx.input(0, [&] {
+      const Tensor dy = raw::contiguous(ctx.grad);
+      Tensor dx = empty(dy.shape(), dy.dtype());
+      visit_float_dtype(dy.dtype(), [&](auto tag) {
+        using T = decltype(tag);
+        rope_rows(dy.data<T>(), c.data<T>(), s.data<T>(), dx.data<T>(), rows, S, H, d, true);
+      });
+      return dx;
+    });
   });
 }
+
+namespace {
 
 // ---- qk_norm_rope ----
 
@@ -478,6 +645,15 @@ Tensor qk_norm_rope(const Tensor& qkv_in, const Tensor& gamma_q, const Tensor& g
 
 namespace {
 
+// ---- linear ----
+
+template <class T>
+void add_bias_rows(T* y, const T* bias, int64_t rows, int64_t out) {
+  parallel_for(rows, out, [&](int64_t r) {
+    for (int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
+  });
+}
+
 void check_linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   const char* op = "linear";
   check_floats(op, {{"x", x}, {"weight", weight}});
@@ -554,9 +730,6 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
                 });
 }
 
-}  // namespace
-
-namespace {
 // linear_fused after its checks, multiplying as the frozen model says.
 Tensor checked_linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
                       const FrozenProduct& frozen) {
@@ -580,7 +753,7 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
                                       const std::vector<std::string>& scopes) {
   const size_t n = xs.size();
   MMDIT_CHECK(weights.size() == n && biases.size() == n && (scopes.empty() || scopes.size() == n),
-              "linear_each: ", n, " inputs, ", weights.size(), " weights, ", biases.size(),
+              "linear_fused_each: ", n, " inputs, ", weights.size(), " weights, ", biases.size(),
               " biases and ", scopes.size(), " scopes");
   std::vector<Tensor> ys(n);
   const auto scoped = [&](size_t i, auto&& f) {
@@ -619,162 +792,6 @@ std::vector<Tensor> linear_fused_each(const std::vector<Tensor>& xs,
       return checked_linear(xs[waiting], weights[waiting], biases[waiting], {waiting_packed});
     });
   return ys;
-}
-
-Tensor layer_norm_modulate(const Tensor& x_in, const Tensor& shift_scale_in, double eps) {
-  const char* op = "layer_norm_modulate";
-  check_floats(op, {{"x", x_in}, {"shift_scale", shift_scale_in}});
-  Groups g = groups_of(x_in, op);
-  g.param_shape.back() = 2 * g.dim;
-  const Tensor x = raw::contiguous(x_in);
-  const Tensor ss = per_group(shift_scale_in, g, op, "shift_scale");
-  Tensor y = empty(x.shape(), x.dtype()), xhat = empty(x.shape(), x.dtype());
-  Tensor rstd = empty({g.groups * g.rows_per_group}, x.dtype());
-  visit_float_dtype(x.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    layer_norm_modulate_forward(x.data<T>(), ss.data<T>(), y.data<T>(), xhat.data<T>(),
-                                rstd.data<T>(), g, eps);
-  });
-  return record(op, y, {x_in, shift_scale_in}, {xhat, rstd, ss}, [g](Backward& ctx) {
-    const Tensor &xhat = ctx.saved[0], &rstd = ctx.saved[1], &ss = ctx.saved[2];
-    const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor dx = empty(xhat.shape(), xhat.dtype()), dss = empty(g.param_shape, xhat.dtype());
-    visit_float_dtype(xhat.dtype(), [&](auto tag) {
-      using T = decltype(tag);
-      layer_norm_modulate_backward(dy.data<T>(), xhat.data<T>(), rstd.data<T>(), ss.data<T>(),
-                                   dx.data<T>(), dss.data<T>(), g);
-    });
-    ctx.input(0, [&] { return dx; });
-    ctx.input(1, [&] { return dss; });
-  });
-}
-
-Tensor layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, double eps) {
-  const char* op = "layer_norm_modulate";
-  check_floats(op, {{"x", x}, {"shift", shift}, {"scale", scale}});
-  const Groups g = groups_of(x, op);
-  check_per_group(shift, g, op, "shift");
-  check_per_group(scale, g, op, "scale");
-  return layer_norm_modulate(
-      x, concat({broadcast_to(shift, g.param_shape), broadcast_to(scale, g.param_shape)}, -1), eps);
-}
-
-Tensor rms_norm_fused(const Tensor& x_in, const Tensor& gamma, double eps) {
-  const char* op = "rms_norm";
-  check_floats(op, {{"x", x_in}, {"gamma", gamma}});
-  MMDIT_CHECK(x_in.dim() >= 1 && gamma.dim() == 1 && gamma.shape()[0] == x_in.shape().back(), op,
-              ": gamma has shape ", shape_str(gamma.shape()), " for input ",
-              shape_str(x_in.shape()), "; expected (", x_in.dim() ? x_in.shape().back() : 0, ",)");
-  const Tensor x = raw::contiguous(x_in), gm = raw::contiguous(gamma);
-  const int64_t D = x.shape().back(), rows = x.numel() / std::max<int64_t>(D, 1);
-  Tensor y = empty(x.shape(), x.dtype()), rstd = empty({rows}, x.dtype());
-  visit_float_dtype(x.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    rms_norm_forward(x.data<T>(), gm.data<T>(), y.data<T>(), rstd.data<T>(), rows, D, eps);
-  });
-  return record(op, y, {x_in, gamma}, {x, rstd, gm}, [rows, D](Backward& ctx) {
-    const Tensor &x = ctx.saved[0], &rstd = ctx.saved[1], &gamma = ctx.saved[2];
-    const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor dx = empty(x.shape(), x.dtype()), dgamma = empty({D}, x.dtype());
-    visit_float_dtype(x.dtype(), [&](auto tag) {
-      using T = decltype(tag);
-      rms_norm_backward(dy.data<T>(), x.data<T>(), rstd.data<T>(), gamma.data<T>(), dx.data<T>(),
-                        dgamma.data<T>(), rows, D);
-    });
-    ctx.input(0, [&] { return dx; });
-    ctx.input(1, [&] { return dgamma; });
-  });
-}
-
-Tensor swiglu(const Tensor& a_in, const Tensor& g_in) {
-  const char* op = "swiglu";
-  check_floats(op, {{"a", a_in}, {"g", g_in}});
-  MMDIT_CHECK(a_in.shape() == g_in.shape(), op, ": shapes ", shape_str(a_in.shape()), " and ",
-              shape_str(g_in.shape()), " differ");
-  const Tensor a = raw::contiguous(a_in), g = raw::contiguous(g_in);
-  Tensor y = empty(a.shape(), a.dtype());
-  visit_float_dtype(a.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    swiglu_forward(a.data<T>(), g.data<T>(), y.data<T>(), a.numel());
-  });
-  return record(op, y, {a_in, g_in}, {a, g}, [](Backward& ctx) {
-    const Tensor &a = ctx.saved[0], &g = ctx.saved[1];
-    const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor da = empty(a.shape(), a.dtype()), dg = empty(a.shape(), a.dtype());
-    visit_float_dtype(a.dtype(), [&](auto tag) {
-      using T = decltype(tag);
-      swiglu_backward(dy.data<T>(), a.data<T>(), g.data<T>(), da.data<T>(), dg.data<T>(),
-                      a.numel());
-    });
-    ctx.input(0, [&] { return da; });
-    ctx.input(1, [&] { return dg; });
-  });
-}
-
-Tensor gated_residual(const Tensor& x_in, const Tensor& gate_in, const Tensor& y_in) {
-  const char* op = "gated_residual";
-  check_floats(op, {{"x", x_in}, {"gate", gate_in}, {"y", y_in}});
-  MMDIT_CHECK(x_in.shape() == y_in.shape(), op, ": residual ", shape_str(x_in.shape()),
-              " and branch ", shape_str(y_in.shape()), " differ");
-  const Groups g = groups_of(x_in, op);
-  const Tensor x = raw::contiguous(x_in), y = raw::contiguous(y_in);
-  const Tensor gate = per_group(gate_in, g, op, "gate");
-  Tensor out = empty(x.shape(), x.dtype());
-  visit_float_dtype(x.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    gated_residual_forward(x.data<T>(), gate.data<T>(), y.data<T>(), out.data<T>(), g);
-  });
-  return record(op, out, {x_in, gate_in, y_in}, {gate, y}, [g](Backward& ctx) {
-    const Tensor &gate = ctx.saved[0], &y = ctx.saved[1];
-    const Tensor dy = raw::contiguous(ctx.grad);
-    Tensor dy_in = ctx.needs(2) ? empty(y.shape(), y.dtype()) : Tensor();
-    Tensor dgate = ctx.needs(1) ? empty(g.param_shape, y.dtype()) : Tensor();
-    visit_float_dtype(y.dtype(), [&](auto tag) {
-      using T = decltype(tag);
-      gated_residual_backward(dy.data<T>(), gate.data<T>(), y.data<T>(),
-                              dy_in.defined() ? dy_in.data<T>() : nullptr,
-                              dgate.defined() ? dgate.data<T>() : nullptr, g);
-    });
-    ctx.input(0, [&] { return ctx.grad; });
-    ctx.input(1, [&] { return dgate; });
-    ctx.input(2, [&] { return dy_in; });
-  });
-}
-
-Tensor rope(const Tensor& x_in, const Tensor& cos_in, const Tensor& sin_in) {
-  const char* op = "rope";
-  check_floats(op, {{"x", x_in}, {"cos", cos_in}, {"sin", sin_in}});
-  refuse_constant_on_tape(op, "cos", cos_in);
-  refuse_constant_on_tape(op, "sin", sin_in);
-  MMDIT_CHECK(x_in.dim() == 4 && x_in.shape()[3] > 0 && x_in.shape()[3] % 2 == 0, op,
-              ": input has shape ", shape_str(x_in.shape()),
-              "; expected (B, S, H, d) with d even and positive");
-  const int64_t S = x_in.shape()[1], H = x_in.shape()[2], d = x_in.shape()[3];
-  MMDIT_CHECK(cos_in.shape() == Shape({S, d}) && sin_in.shape() == Shape({S, d}), op,
-              ": tables have shapes ", shape_str(cos_in.shape()), " and ",
-              shape_str(sin_in.shape()), "; expected (", S, ",", d, ") for input ",
-              shape_str(x_in.shape()));
-  const Tensor x = raw::contiguous(x_in);
-  const Tensor c = raw::contiguous(cos_in), s = raw::contiguous(sin_in);
-  const int64_t rows = x.numel() / d;
-  Tensor y = empty(x.shape(), x.dtype());
-  visit_float_dtype(x.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    rope_rows(x.data<T>(), c.data<T>(), s.data<T>(), y.data<T>(), rows, S, H, d, false);
-  });
-  // The tables are constants: only x gets a gradient.
-  return record(op, y, {x_in}, {c, s}, [rows, S, H, d](Backward& ctx) {
-    const Tensor &c = ctx.saved[0], &s = ctx.saved[1];
-    ctx.input(0, [&] {
-      const Tensor dy = raw::contiguous(ctx.grad);
-      Tensor dx = empty(dy.shape(), dy.dtype());
-      visit_float_dtype(dy.dtype(), [&](auto tag) {
-        using T = decltype(tag);
-        rope_rows(dy.data<T>(), c.data<T>(), s.data<T>(), dx.data<T>(), rows, S, H, d, true);
-      });
-      return dx;
-    });
-  });
 }
 
 }  // namespace mmdit

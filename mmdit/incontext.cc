@@ -104,8 +104,7 @@ InContextMMDiT::InContextMMDiT(const InContextMMDiTConfig& cfg, Rng& rng) try : 
 
 std::vector<Tensor> InContextMMDiT::operator()(const std::vector<Tensor>& xs,
                                                const Tensor& mask) const {
-  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT",
-                       final_layers[0].linear_out.weight.dtype());
+  nn::check_modalities(xs, config.dim_modalities, "InContextMMDiT", dtype());
   std::vector<Tensor> x = xs;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));

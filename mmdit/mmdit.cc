@@ -2,7 +2,7 @@
 
 namespace mmdit {
 namespace {
-// to_cond's width: every modality's shift and scale.
+// to_cond's width: an attention gate and a feed-forward gate per modality, 2 * sum D_m.
 int64_t to_cond_width(const std::vector<int64_t>& dims) {
   int64_t sum = 0;
   for (int64_t d : dims)
@@ -21,6 +21,16 @@ std::vector<int64_t> checked_block_args(std::vector<int64_t> dims, int64_t dim_c
   check_positive(who, "dim_cond", dim_cond);
   check_positive(who, "ff_mult", ff_mult);
   return dims;
+}
+
+void check_block_conditioning(const BlockConditioning& cond, size_t modalities) {
+  const size_t M = modalities;
+  MMDIT_CHECK(
+      cond.attn_layernorms.size() == M && cond.ff_layernorms.size() == M &&
+          cond.attn_gates.size() == M && cond.ff_gates.size() == M,
+      "MMDiTBlock: conditioning for ", cond.attn_layernorms.size(), ", ", cond.ff_layernorms.size(),
+      ", ", cond.attn_gates.size(), " and ", cond.ff_gates.size(),
+      " modalities (attn_layernorms, ff_layernorms, attn_gates, ff_gates), the block has ", M);
 }
 }  // namespace
 
@@ -67,6 +77,11 @@ MMDiTBlock::MMDiTBlock(std::vector<int64_t> dims, int64_t dim_cond, int64_t dim_
 
 std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& c,
                                            const Tensor& mask) const {
+  check_inputs(x, c);
+  return forward(std::move(x), condition(c), mask);
+}
+
+void MMDiTBlock::check_inputs(const std::vector<Tensor>& x, const Tensor& c) const {
   const DType dtype = to_cond.weight.dtype();
   const bool batched = nn::check_modalities(x, dim_modalities, "MMDiTBlock", dtype);
   MMDIT_CHECK(c.defined(), "MMDiTBlock: the conditioning is an undefined Tensor");
@@ -78,7 +93,6 @@ std::vector<Tensor> MMDiTBlock::operator()(std::vector<Tensor> x, const Tensor& 
           (!batched || c.shape()[0] == x[0].shape()[0]),
       "MMDiTBlock: conditioning has shape ", shape_str(c.shape()), "; expected ",
       batched ? str_cat("(", x[0].shape()[0], ",", dim_cond, ")") : str_cat("(", dim_cond, ",)"));
-  return forward(std::move(x), condition(c), mask);
 }
 
 BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
@@ -94,10 +108,10 @@ BlockConditioning MMDiTBlock::condition(const Tensor& c) const {
   for (size_t m = 0; m < M; ++m) {
     {
       NameScope scope(str_cat("attn_layernorms.", m));
-      cond.attn.push_back(attn_layernorms[m].modulation(silu_c));
+      cond.attn_layernorms.push_back(attn_layernorms[m].modulation(silu_c));
     }
     NameScope scope(str_cat("ff_layernorms.", m));
-    cond.ff.push_back(ff_layernorms[m].modulation(silu_c));
+    cond.ff_layernorms.push_back(ff_layernorms[m].modulation(silu_c));
   }
   return cond;
 }
@@ -107,36 +121,32 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
                                         const std::vector<bool>& outputs) const {
   nn::check_modalities(x, dim_modalities, "MMDiTBlock");
   const size_t M = x.size();
-  MMDIT_CHECK(cond.attn.size() == M && cond.ff.size() == M && cond.attn_gates.size() == M &&
-                  cond.ff_gates.size() == M,
-              "MMDiTBlock: conditioning for ", cond.attn.size(), ", ", cond.ff.size(), ", ",
-              cond.attn_gates.size(), " and ", cond.ff_gates.size(),
-              " modalities (attn, ff, attn_gates, ff_gates), the block has ", M);
-  MMDIT_CHECK(outputs.empty() || outputs.size() == M, "MMDiTBlock: outputs names ", outputs.size(),
-              " modalities, the block has ", M);
+  check_block_conditioning(cond, M);
+  nn::check_outputs(outputs, M, "MMDiTBlock");
   std::vector<Tensor> h(M);
   for (size_t m = 0; m < M; ++m) {
     NameScope scope(str_cat("attn_layernorms.", m));
-    h[m] = nn::modulate(x[m], cond.attn[m]);
+    h[m] = nn::modulate(x[m], cond.attn_layernorms[m]);  // h_m = attn_layernorms.m(x_m, c)
   }
   std::vector<Tensor> a;
   {
     NameScope scope("joint_attn");
     a = joint_attn(h, mask, outputs);
   }
-  std::vector<Tensor> h_ff(M);
   for (size_t m = 0; m < M; ++m) {
-    if (!outputs.empty() && !outputs[m]) {
+    if (!nn::wanted(outputs, m)) {
       x[m] = Tensor();
+      h[m] = Tensor();
       continue;
     }
-    x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x + attn_gate * a
+    x[m] = gated_residual(x[m], cond.attn_gates[m], a[m]);  // x_m = x_m + attn_gates_m * a_m
     NameScope scope(str_cat("ff_layernorms.", m));
-    h_ff[m] = nn::modulate(x[m], cond.ff[m]);
+    h[m] = nn::modulate(x[m], cond.ff_layernorms[m]);  // h_m = ff_layernorms.m(x_m, c)
   }
-  const std::vector<Tensor> ff = nn::feedforward_each(feedforwards, h_ff, "feedforwards.");
+  const std::vector<Tensor> ff = nn::feedforward_each(feedforwards, h, "feedforwards.");
   for (size_t m = 0; m < M; ++m)
-    if (x[m].defined()) x[m] = gated_residual(x[m], cond.ff_gates[m], ff[m]);  // x + ff_gate * ff
+    if (x[m].defined())
+      x[m] = gated_residual(x[m], cond.ff_gates[m], ff[m]);  // x_m = x_m + ff_gates_m * ff_m
   return x;
 }
 
@@ -184,8 +194,7 @@ MMDiT::MMDiT(const MMDiTConfig& cfg, Rng& rng) try : config(cfg) {
 }
 
 namespace {
-// First in each entry point: the shape checks read timesteps[0], and with none at all they
-// reported "must be batched" instead of the wrong count.
+// First in each entry point, before any check that reads timesteps[0].
 void check_timestep_count(const std::vector<Tensor>& timesteps, size_t expected) {
   MMDIT_CHECK(timesteps.size() == expected, "MMDiT: expected ", expected,
               " timestep(s), one per conditioning variable, got ", timesteps.size());
@@ -200,16 +209,11 @@ void check_timestep_dtypes(const std::vector<Tensor>& timesteps, DType model_dty
                 dtype_name(timesteps[i].dtype()), ", the model is ", dtype_name(model_dtype));
   }
 }
-
-// The dtype of the model's parameters (all share it: Module::to converts them together).
-DType model_dtype(const MMDiT& model) {
-  return model.final_layers[0].linear_out.weight.dtype();
-}
 }  // namespace
 
 Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
   check_timestep_count(timesteps, timestep_embeds.size());
-  check_timestep_dtypes(timesteps, model_dtype(*this));
+  check_timestep_dtypes(timesteps, dtype());
   // Timestep 0 on its own first: the message for the others names its batch size.
   MMDIT_CHECK(timesteps[0].dim() == 1, "MMDiT: timestep 0 has shape ",
               shape_str(timesteps[0].shape()), "; expected (B,)");
@@ -229,10 +233,10 @@ Tensor MMDiT::embed_timesteps(const std::vector<Tensor>& timesteps) const {
 std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
                                       const std::vector<Tensor>& timesteps,
                                       const Tensor& mask) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", dtype());
   const int64_t batch = batched ? xs[0].shape()[0] : 1;
   check_timestep_count(timesteps, timestep_embeds.size());
-  check_timestep_dtypes(timesteps, model_dtype(*this));
+  check_timestep_dtypes(timesteps, dtype());
   std::vector<Tensor> x, t;
   for (const Tensor& xm : xs) x.push_back(batched ? xm : unsqueeze(xm, 0));
   for (size_t i = 0; i < timesteps.size(); ++i) {
@@ -250,12 +254,7 @@ std::vector<Tensor> MMDiT::operator()(const std::vector<Tensor>& xs,
 }
 
 MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
-  check_timestep_count(timesteps, timestep_embeds.size());
-  check_timestep_dtypes(timesteps, model_dtype(*this));
-  MMDIT_CHECK(timesteps[0].dim() == 1,
-              "MMDiT::condition: timesteps must be batched, (B,) each; got ",
-              shape_str(timesteps[0].shape()));
-  const Tensor c = embed_timesteps(timesteps);
+  const Tensor c = embed_timesteps(timesteps);  // which checks the timesteps
   MMDiTConditioning cond;
   for (size_t i = 0; i < blocks.size(); ++i) {
     NameScope scope(str_cat("blocks.", i));
@@ -271,15 +270,35 @@ MMDiTConditioning MMDiT::condition(const std::vector<Tensor>& timesteps) const {
 
 std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
                                    const Tensor& mask, const std::vector<bool>& outputs) const {
-  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", model_dtype(*this));
+  check_forward_inputs(xs, cond, outputs);
+  std::vector<Tensor> x = xs;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    NameScope scope(str_cat("blocks.", i));
+    const bool last = i + 1 == blocks.size();
+    x = blocks[i].forward(std::move(x), cond.blocks[i], mask, last ? outputs : std::vector<bool>{});
+  }
+  std::vector<Tensor> outs;
+  for (size_t m = 0; m < x.size(); ++m) {
+    if (!nn::wanted(outputs, m)) {
+      outs.emplace_back();
+      continue;
+    }
+    NameScope scope(str_cat("final_layers.", m));
+    outs.push_back(final_layers[m].forward(x[m], cond.final_layers[m]));
+  }
+  return outs;
+}
+
+void MMDiT::check_forward_inputs(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
+                                 const std::vector<bool>& outputs) const {
+  const bool batched = nn::check_modalities(xs, config.dim_modalities, "MMDiT", dtype());
   MMDIT_CHECK(batched, "MMDiT::forward: tokens must be batched (B, S, D)");
   MMDIT_CHECK(
       cond.blocks.size() == blocks.size() && cond.final_layers.size() == final_layers.size(),
       "MMDiT::forward: conditioning for ", cond.blocks.size(), " blocks and ",
       cond.final_layers.size(), " final layers, the model has ", blocks.size(), " and ",
       final_layers.size());
-  MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "MMDiT::forward: outputs names ",
-              outputs.size(), " modalities, the model has ", xs.size());
+  nn::check_outputs(outputs, xs.size(), "MMDiT::forward");
   // Conditioning of another batch or model fails later, in an op that cannot say why.
   const int64_t batch = xs[0].shape()[0];
   for (size_t m = 0; m < xs.size(); ++m) {
@@ -294,22 +313,6 @@ std::vector<Tensor> MMDiT::forward(const std::vector<Tensor>& xs, const MMDiTCon
                 "example of the batch of ",
                 batch);
   }
-  std::vector<Tensor> x = xs;
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    NameScope scope(str_cat("blocks.", i));
-    const bool last = i + 1 == blocks.size();
-    x = blocks[i].forward(std::move(x), cond.blocks[i], mask, last ? outputs : std::vector<bool>{});
-  }
-  std::vector<Tensor> outs;
-  for (size_t m = 0; m < x.size(); ++m) {
-    if (!outputs.empty() && !outputs[m]) {
-      outs.emplace_back();
-      continue;
-    }
-    NameScope scope(str_cat("final_layers.", m));
-    outs.push_back(final_layers[m].forward(x[m], cond.final_layers[m]));
-  }
-  return outs;
 }
 
 }  // namespace mmdit

@@ -24,7 +24,7 @@ class ModulatedFinalLayer : public nn::Module {
 // What a block takes from the conditioning vector c: per modality, the shift and scale of both
 // adaptive LayerNorms and the two residual gates, each (..., 1, D_m).
 struct BlockConditioning {
-  std::vector<nn::Modulation> attn, ff;
+  std::vector<nn::Modulation> attn_layernorms, ff_layernorms;
   std::vector<Tensor> attn_gates, ff_gates;
 };
 
@@ -49,6 +49,9 @@ class MMDiTBlock : public nn::Module {
   nn::JointAttention joint_attn;
   nn::ModuleList<nn::FeedForward> feedforwards;
   nn::Linear to_cond;  // zero-init: every gate starts at 0, so a fresh block is the identity
+
+ private:
+  void check_inputs(const std::vector<Tensor>& xs, const Tensor& c) const;
 };
 
 struct MMDiTConfig {
@@ -57,7 +60,7 @@ struct MMDiTConfig {
   std::vector<int64_t> dim_outs;
   int64_t dim_cond = 1024;
   std::vector<int64_t> timestep_embed_dims = {256};  // one per conditioning variable
-  int64_t dim_head = 64;                             // even: RoPE rotates pairs of features
+  int64_t dim_head = 64;  // even: RoPE pairs feature j with feature j + dim_head / 2
   int64_t heads = 8;
   int64_t ff_mult = 4;
   // Throws an error naming the first field out of range; the MMDiT constructor calls it.
@@ -98,6 +101,10 @@ class MMDiT : public nn::Module {
   nn::ModuleList<nn::TimestepEmbedding> timestep_embeds;
   nn::ModuleList<MMDiTBlock> blocks;
   nn::ModuleList<ModulatedFinalLayer> final_layers;
+
+ private:
+  void check_forward_inputs(const std::vector<Tensor>& xs, const MMDiTConditioning& cond,
+                            const std::vector<bool>& outputs) const;
 };
 
 }  // namespace mmdit

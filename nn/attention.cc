@@ -35,6 +35,14 @@ bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>&
   return batched;
 }
 
+void check_outputs(const std::vector<bool>& outputs, size_t modalities, const char* who) {
+  MMDIT_CHECK(outputs.empty() || outputs.size() == modalities, who, ": outputs names ",
+              outputs.size(), " modalities, there are ", modalities);
+}
+
+namespace {
+
+// Against the total sequence length (and batch size, if batched).
 void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who) {
   if (!mask.defined()) return;
   MMDIT_CHECK(mask.dtype() == DType::boolean, who, ": mask must be bool, got ",
@@ -48,6 +56,8 @@ void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, 
               " for a total sequence length of ", total);
 }
 
+}  // namespace
+
 JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int64_t heads, Rng& rng)
     : dim_inputs(std::move(dims)), dim_head(dim_head), heads(heads) {
   MMDIT_CHECK(!dim_inputs.empty(), "JointAttention: no modalities");
@@ -55,13 +65,11 @@ JointAttention::JointAttention(std::vector<int64_t> dims, int64_t dim_head, int6
   check_positive("JointAttention", "heads", heads);
   check_positive("JointAttention", "dim_head", dim_head);
   MMDIT_CHECK(dim_head % 2 == 0, "JointAttention: dim_head must be even (RoPE), got ", dim_head);
-  // Products past int64 would be undefined behaviour and wrap to widths no one asked for.
-  int64_t inner = 0, qkv = 0;
-  MMDIT_CHECK(!__builtin_mul_overflow(heads, dim_head, &inner), "JointAttention: heads ", heads,
-              " * dim_head ", dim_head, " overflows int64");
-  MMDIT_CHECK(!__builtin_mul_overflow(int64_t{3}, inner, &qkv),
-              "JointAttention: 3 * heads * dim_head (3 * ", inner, ", heads ", heads,
-              " * dim_head ", dim_head, ") overflows int64");
+  const int64_t inner = layer_width(
+      heads, dim_head, str_cat("JointAttention: heads ", heads, " * dim_head ", dim_head));
+  const int64_t qkv = layer_width(3, inner,
+                                  str_cat("JointAttention: 3 * heads * dim_head (3 * ", inner,
+                                          ", heads ", heads, " * dim_head ", dim_head, ")"));
   for (int64_t d : dim_inputs) {
     to_qkv.emplace_back(d, qkv, false, rng);
     to_out.emplace_back(inner, d, false, rng);
@@ -84,30 +92,32 @@ std::vector<Tensor> JointAttention::operator()(const std::vector<Tensor>& xs_in,
   int64_t total = 0;
   for (const Tensor& x : xs) total += lengths.emplace_back(x.shape()[1]);
   check_mask(mask, total, batch, batched, "JointAttention");
-  MMDIT_CHECK(outputs.empty() || outputs.size() == xs.size(), "JointAttention: outputs names ",
-              outputs.size(), " modalities; there are ", xs.size());
+  check_outputs(outputs, xs.size(), "JointAttention");
 
-  // Per modality one projection to q, k and v, packed (B, S, 3, H, d) with heads-major features;
-  // then QK-RMSNorm and the rotary embedding on q and k, and one attention over the modalities'
-  // tokens in order, token-major throughout, in one op (autodiff/fused.h).
-  const std::vector<Tensor> qkvs = linear_each(to_qkv, xs, "to_qkv.");
-  std::vector<Tensor> packed, gammas_q, gammas_k, cos, sin;
+  // qkv_m = to_qkv.m(x_m)                                      (B, S_m, 3, heads, dim_head)
+  // q_m = rope(q_rmsnorms.m(q_m)), k_m = rope(k_rmsnorms.m(k_m)), positions counted per modality
+  // o = softmax(q k^T / sqrt(dim_head), mask) v over the modalities' tokens in order
+  // out_m = to_out.m(merge_heads(o)[tokens of m])
+  // Everything after to_qkv up to the merged heads is one op (autodiff/fused.h), token-major
+  // throughout: the per-head tensors are never written out.
+  const std::vector<Tensor> qkv_flat = linear_each(to_qkv, xs, "to_qkv.");
+  std::vector<Tensor> qkv, gammas_q, gammas_k, cos, sin;
   for (size_t m = 0; m < xs.size(); ++m) {
     NameScope scope(str_cat("to_qkv.", m));
     const int64_t seq = lengths[m];
-    packed.push_back(reshape(qkvs[m], {batch, seq, 3, heads, dim_head}));
+    qkv.push_back(reshape(qkv_flat[m], {batch, seq, 3, heads, dim_head}));
     gammas_q.push_back(q_rmsnorms[m].gamma);
     gammas_k.push_back(k_rmsnorms[m].gamma);
     const RopeTables tables = rope_tables(seq, dim_head, xs[m].dtype());
     cos.push_back(tables.cos);
     sin.push_back(tables.sin);
   }
-  const Tensor out = joint_attention_fused(packed, gammas_q, gammas_k, cos, sin, mask);
-  const Tensor merged = reshape(out, {batch, total, inner});
+  const Tensor o = joint_attention_fused(qkv, gammas_q, gammas_k, cos, sin, mask);
+  const Tensor merged = reshape(o, {batch, total, inner});
 
   std::vector<Tensor> per_modality = split(merged, lengths, 1);
   for (size_t m = 0; m < xs.size(); ++m)
-    if (!outputs.empty() && !outputs[m]) per_modality[m] = Tensor();
+    if (!wanted(outputs, m)) per_modality[m] = Tensor();
   std::vector<Tensor> outs = linear_each(to_out, per_modality, "to_out.");
   if (!batched)
     for (Tensor& y : outs)

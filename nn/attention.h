@@ -31,7 +31,11 @@ bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>&
 // float32", rather than the error of the first inner op that meets the mismatch.
 bool check_modalities(const std::vector<Tensor>& xs, const std::vector<int64_t>& dims,
                       const char* who, DType model_dtype);
-// Checks the mask against the total sequence length (and batch size, if batched).
-void check_mask(const Tensor& mask, int64_t total, int64_t batch, bool batched, const char* who);
+// `outputs` of a forward that computes only the modalities its caller reads: empty (all), or one
+// flag per modality.
+void check_outputs(const std::vector<bool>& outputs, size_t modalities, const char* who);
+inline bool wanted(const std::vector<bool>& outputs, size_t m) {
+  return outputs.empty() || outputs[m];
+}
 
 }  // namespace mmdit::nn

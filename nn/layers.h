@@ -75,10 +75,9 @@ class FeedForward : public Module {
   Linear linear_in, linear_gate, linear_out;
 };
 
-// The layers of the modalities, each applied to its own modality: layers[m](xs[m]), undefined
-// where xs[m] is (an output nobody reads), each under NameScope(scope + m) when a scope is given.
-// The same values as the loop; a frozen model multiplies two modalities' inputs together
-// (autodiff/fused.h: linear_fused_each).
+// ys[m] = layers[m](xs[m]), each under NameScope(scope + m) when a scope is given; ys[m] is
+// undefined where xs[m] is (an output nobody reads). The same values as that loop; it exists so
+// that a frozen model can run two modalities' products together (linear_fused_each).
 std::vector<Tensor> linear_each(const std::vector<const Linear*>& layers,
                                 const std::vector<Tensor>& xs, const std::string& scope = "");
 std::vector<Tensor> linear_each(const ModuleList<Linear>& layers, const std::vector<Tensor>& xs,

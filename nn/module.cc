@@ -60,8 +60,15 @@ void Module::to(DType dtype) {
 }
 
 DType Module::dtype() const {
-  NamedTensors params = named_parameters();
-  return params.empty() ? DType::f32 : params[0].second.dtype();
+  const Tensor* first = first_parameter();
+  return first ? first->dtype() : DType::f32;
+}
+
+const Tensor* Module::first_parameter() const {
+  if (!parameters_.empty()) return &parameters_[0].second;
+  for (const auto& [name, child] : children_)
+    if (const Tensor* t = child->first_parameter()) return t;
+  return nullptr;
 }
 
 void Module::load(const NamedTensors& values, bool buffers) {

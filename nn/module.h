@@ -32,6 +32,7 @@ class Module {
   // Converts every parameter and buffer to `dtype`, in place, through each child's to(): a
   // module whose buffers are computed (BCPolicy's position tables) recomputes them.
   virtual void to(DType dtype);
+  // The parameters' dtype (to() keeps them all one), float32 for a module without parameters.
   DType dtype() const;
   // Copies values into the parameters (and buffers, if `buffers` is true). Strict: a missing,
   // unknown or mis-shaped name is an error naming it.
@@ -48,6 +49,7 @@ class Module {
 
  private:
   void collect(const std::string& prefix, bool buffers, NamedTensors& out) const;
+  const Tensor* first_parameter() const;  // in named_parameters() order
   std::vector<std::pair<std::string, Tensor>> parameters_;
   std::vector<std::pair<std::string, Tensor>> buffers_;
   std::vector<std::pair<std::string, Module*>> children_;

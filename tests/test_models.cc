@@ -584,7 +584,7 @@ TEST(Errors, WrongNumberOfTimesteps) {
       },
       testing::ThrowsMessage<Error>(
           HasSubstr("timestep 0 has shape (3,); expected () or (2,) for a batch of 2")));
-  // None at all is a wrong count too, not "timesteps must be batched".
+  // None at all is a wrong count too, not an error about timestep 0's shape.
   EXPECT_EQ(test::error_of([&] {
               model({rng.normal({5, 16}), rng.normal({3, 8})}, {});
             }),
@@ -607,8 +607,8 @@ TEST(Errors, ConditioningOfAnotherModel) {
   mixed.blocks = two.condition({t}).blocks;
   EXPECT_THAT([&] { three.forward(xs, mixed); },
               testing::ThrowsMessage<Error>(HasSubstr(
-                  "MMDiTBlock: conditioning for 2, 2, 2 and 2 modalities (attn, ff, attn_gates, "
-                  "ff_gates), the block has 3")));
+                  "MMDiTBlock: conditioning for 2, 2, 2 and 2 modalities (attn_layernorms, "
+                  "ff_layernorms, attn_gates, ff_gates), the block has 3")));
   EXPECT_THAT([&] { three.blocks[0].forward(xs, mixed.blocks[0]); },
               testing::ThrowsMessage<Error>(HasSubstr("the block has 3")));
 }

@@ -442,8 +442,9 @@ TEST(FrozenWeights, LinearEachEqualsTheLoop) {
       << "d/dx0";
   EXPECT_LT(test::max_abs_diff(g[1], raw::broadcast_to(raw::sum(xs[2], {0, 1}), {40, 24})), 1e-4)
       << "d/dw2";
-  EXPECT_THAT(error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
-              ::testing::HasSubstr("linear_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
+  EXPECT_THAT(
+      error_of([&] { linear_fused_each(xs, ws, {bs[0]}); }),
+      ::testing::HasSubstr("linear_fused_each: 4 inputs, 4 weights, 1 biases and 0 scopes"));
   const nn::Linear layer(8, 16, true, rng);
   EXPECT_THAT(error_of([&] {
                 nn::linear_each({&layer}, {xs[3], xs[3]});

@@ -410,7 +410,7 @@ void check_batch(const char* loss, const BCPolicy& policy, const Tensor& state,
                   action_is_pad.shape() == Shape({b, c.horizon}),
               loss, ": action_is_pad ", described(action_is_pad),
               "; expected bool (B, horizon) = (", b, ",", c.horizon, ")");
-  const DType dtype = policy.action_encoder.weight.dtype();
+  const DType dtype = policy.dtype();
   MMDIT_CHECK(action.dtype() == dtype && state.dtype() == dtype, loss, ": action ",
               described(action), " and state ", described(state), "; the policy is ",
               dtype_name(dtype));
@@ -422,6 +422,14 @@ void check_like_action(const char* name, const Tensor& t, const Tensor& action) 
               dtype_name(action.dtype()), " ", shape_str(action.shape()));
 }
 
+}  // namespace
+
+namespace {
+// (B, horizon, 1): 1 for a real action, 0 for padding; the mean over all of (B, horizon, act_dim)
+// then divides by every element, padded ones included, as the reference's loss does.
+Tensor valid_actions(const Tensor& action_is_pad, DType dtype) {
+  return raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), dtype), -1);
+}
 }  // namespace
 
 Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
@@ -441,18 +449,14 @@ Tensor flow_matching_loss(const BCPolicy& policy, const Tensor& state, const Ten
   if (sigma > 0) x_t = x_t + noise.eps * sigma;
   const Tensor u = action - noise.x0;
   const Tensor v = policy.velocity(policy.encode_observations(state), x_t, noise.t);
-  const Tensor valid =
-      raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
-  return mean(square(u - v) * valid);
+  return mean(square(u - v) * valid_actions(action_is_pad, action.dtype()));
 }
 
 Tensor regression_loss(const BCPolicy& policy, const Tensor& state, const Tensor& action,
                        const Tensor& action_is_pad) {
   check_batch("regression_loss", policy, state, action, action_is_pad);
   const Tensor pred = regress_actions(policy, state);
-  const Tensor valid =
-      raw::unsqueeze(raw::to_dtype(raw::logical_not(action_is_pad), action.dtype()), -1);
-  return mean(square(action - pred) * valid);
+  return mean(square(action - pred) * valid_actions(action_is_pad, action.dtype()));
 }
 
 Tensor regress_actions(const BCPolicy& policy, const Tensor& state) {
@@ -484,7 +488,7 @@ std::vector<double> euler_times(int64_t steps, double max_t) {
 
 // One timestep for the whole batch: every example is at the same t_k.
 MMDiTConditioning condition_at(const BCPolicy& policy, double t) {
-  return policy.mmdit.condition({full({1}, t, policy.action_encoder.weight.dtype())});
+  return policy.mmdit.condition({full({1}, t, policy.dtype())});
 }
 
 // The Euler loop; condition(k) gives step k's conditioning.
@@ -520,7 +524,7 @@ Tensor sample_actions(const BCPolicy& policy, const Tensor& state, const Tensor&
 EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
                            std::optional<WeightPrecision> packed)
     : policy_(policy),
-      dtype_(policy.action_encoder.weight.dtype()),
+      dtype_(policy.dtype()),
       times_(euler_times(steps, max_t)),
       frozen_(packed ? std::make_unique<FrozenWeights>(*packed) : nullptr) {
   // Packing is for float32 weights: a float64 policy runs its plain products, which is exact,
@@ -532,9 +536,9 @@ EulerSampler::EulerSampler(const BCPolicy& policy, int64_t steps, double max_t,
 }
 
 Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0, Rng* noise) const {
-  MMDIT_CHECK(policy_.action_encoder.weight.dtype() == dtype_, "EulerSampler: the policy is now ",
-              dtype_name(policy_.action_encoder.weight.dtype()), ", its schedule was computed in ",
-              dtype_name(dtype_), "; make a new sampler after policy.to(...) or load(...)");
+  MMDIT_CHECK(policy_.dtype() == dtype_, "EulerSampler: the policy is now ",
+              dtype_name(policy_.dtype()), ", its schedule was computed in ", dtype_name(dtype_),
+              "; make a new sampler after policy.to(...) or load(...)");
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
   return integrate(policy_, state, a0, times_, noise, [&](size_t k) { return schedule_[k]; });
