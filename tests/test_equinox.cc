@@ -313,6 +313,12 @@ Episodes write_import_demos(const std::string& dir) {
   return data;
 }
 
+// dir/stats.json: min-max ranges of the bc_train_step case's sizes, other than the data's.
+void write_import_stats(const std::string& dir) {
+  std::ofstream(dir + "/stats.json") << R"({"mode": "min_max", "state_min": [-5, -4, -3],
+      "state_max": [5, 4, 3], "action_min": [-2, -1], "action_max": [2, 1.5]})";
+}
+
 // mmdit import-eqx: a checkpoint whose parameters and EMA are the .eqx model's, with the data's
 // normalisation, that load_policy (sample, eval) reads and train --resume continues.
 TEST(EquinoxCli, ImportWritesACheckpointOfTheModel) {
@@ -379,8 +385,7 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
   const std::string dir = testing::TempDir() + "import_eqx_stats";
   write_import_demos(dir);
   const std::string eqx = data_path("bc_train_step.eqx");
-  std::ofstream(dir + "/stats.json") << R"({"mode": "min_max", "state_min": [-5, -4, -3],
-      "state_max": [5, 4, 3], "action_min": [-2, -1], "action_max": [2, 1.5]})";
+  write_import_stats(dir);
   Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
                                 "/stats.json --out ", dir, "/run"));
   ASSERT_EQ(r.status, 0) << r.output;
@@ -427,8 +432,7 @@ TEST(EquinoxCli, ImportWithoutDataNeedsOnlyTheStatistics) {
   const std::string dir = testing::TempDir() + "import_eqx_no_data";
   write_import_demos(dir);
   const std::string eqx = data_path("bc_train_step.eqx");
-  std::ofstream(dir + "/stats.json") << R"({"mode": "min_max", "state_min": [-5, -4, -3],
-      "state_max": [5, 4, 3], "action_min": [-2, -1], "action_max": [2, 1.5]})";
+  write_import_stats(dir);
   Command r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
                                 "/stats.json --out ", dir, "/with_data"));
   ASSERT_EQ(r.status, 0) << r.output;
