@@ -57,18 +57,47 @@ bool is_unlinked(int fd) {
   return ::fstat(fd, &st) == 0 && st.st_nlink == 0;
 }
 
+const char* file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISLNK(mode)) return "a symbolic link";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+}  // namespace
+
+// The rename would put a regular file in the place of whatever is at `path`: a device such as
+// /dev/null (the save run as root replaced it), a FIFO, or a symbolic link, which would lose its
+// target.
+void check_replaceable(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode)) return;
+  fail(path, ": is ", file_kind(st.st_mode),
+       ", which a save would replace with a regular file; give the path of a regular file");
+}
+
+namespace {
+
 // The lock tells remove_stale_temp_files that the file is being written: a writer in another pid
 // namespace (a container sharing the volume) has a pid that looks dead from here. The cleanup may
 // lock the file between our open and our flock; it unlinks the file before letting go, so a file
 // found unlinked once locked is given up for a new name. A file system without flock (ENOLCK)
 // gets no lock: the save goes on, and the cleanup, which cannot lock either, leaves the file.
 int create_locked_temp_file(const std::string& path, std::string& tmp) {
+  check_replaceable(path);
   for (int attempt = 0;; ++attempt) {
     tmp = atomic_temp_path(path);
     // O_EXCL: a writer in another pid namespace can have our pid, a dead process our name.
     const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd < 0) {
       if (errno == EEXIST && attempt < 100) continue;
+      if (errno == ENAMETOOLONG)
+        fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno),
+             " (the file name with the temporary suffix passes the file system's limit; choose a "
+             "name some 20 characters shorter)");
       fail(path, ": cannot create temporary file '", tmp, "': ", std::strerror(errno));
     }
     if (lock_file(fd, LOCK_EX) != 0 || !is_unlinked(fd)) return fd;
@@ -149,10 +178,30 @@ std::string atomic_temp_path(const std::string& path) {
 }
 
 void commit_temp_file(const std::string& tmp, const std::string& path) {
+  try {
+    check_replaceable(path);
+  } catch (const Error&) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
   const int fd = open_for_lock(tmp, 0);
   if (fd < 0) abandon(tmp, -1, path, "reopening", errno);
   (void)lock_file(fd, LOCK_EX);  // best effort, as for the files written here
   commit_locked(fd, tmp, path);
+}
+
+DirectoryLock::DirectoryLock(const std::string& dir)
+    : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
+  if (fd_ < 0) fail(dir, ": cannot open the directory to lock it: ", std::strerror(errno));
+  if (lock_file(fd_, LOCK_EX | LOCK_NB) == 0 || errno == ENOLCK) return;
+  const int error = errno;
+  ::close(fd_);
+  if (error == EWOULDBLOCK) fail(dir, ": another process holds its lock");
+  fail(dir, ": cannot lock the directory: ", std::strerror(error));
+}
+
+DirectoryLock::~DirectoryLock() {
+  ::close(fd_);
 }
 
 std::string parent_directory(const std::string& path) {

@@ -5,7 +5,8 @@
 // counts the process's temp files, so that threads saving one path do not share one), locked with
 // flock while it is written, fsync it, rename it over `path`, fsync the directory. On failure the
 // temp file is removed, `path` is left as it was, and an mmdit::Error names the path, the step and
-// the system's reason.
+// the system's reason. Only a regular file is replaced: a device, FIFO, symbolic link or
+// directory at `path` is refused, naming what it is, before anything is written.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +31,9 @@ class RegularFile {
 
 std::string read_file(const std::string& path);
 void write_file_atomically(const std::string& path, const std::string& bytes);
+// Throws what write_file_atomically would for what is at `path` (only a regular file, or nothing,
+// may be replaced): for a command to refuse before its work rather than after.
+void check_replaceable(const std::string& path);
 
 // For writers that produce the temp file themselves (e.g. a zip library): a fresh temp name, and
 // the second half of the protocol (lock, fsync, rename, fsync the directory). Such a file is not
@@ -42,6 +46,20 @@ void commit_temp_file(const std::string& tmp, const std::string& path);
 // whose pid names no process here and which no one holds locked, as a writer in another pid
 // namespace (a container sharing the volume) does. Best effort.
 void remove_stale_temp_files(const std::string& path);
+
+// An exclusive flock on a directory, held while this lives: one writer at a time for a run's
+// directory. Throws, naming the directory, when another process (or another DirectoryLock here)
+// holds it. On a file system without flock (ENOLCK) nothing is locked.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const std::string& dir);
+  ~DirectoryLock();
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_;
+};
 
 // "runs/a/x.npy" -> "runs/a", "x.npy" -> ".", "/x" -> "/".
 std::string parent_directory(const std::string& path);

@@ -401,7 +401,10 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
            {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
                 "action_min": [0, 0], "action_max": [1, 1]})",
             "normalizer: 'state_min' is float32 (2,); expected (state_dim,) = (3,)"},
-           {R"({"state_min": [0, 0, 0]})", "normalizer: expected an object with a 'mode'"}}) {
+           {R"({"state_min": [0, 0, 0]})", "normalizer: expected an object with a 'mode'"},
+           {R"({"mode": "min_max", "state_min": [-5, -4, -3], "state_max": [5, 4, 3],
+                "action_min": [-2, -1], "action_max": [2, 1.5], "state_mena": [0, 0, 0]})",
+            "normalizer: unknown key 'state_mena' (the keys are mode, state_min,"}}) {
     std::ofstream(dir + "/bad.json") << stats;
     r = run_mmdit(str_cat("import-eqx ", eqx, " --data ", dir, "/demos.npz --stats ", dir,
                           "/bad.json --out ", dir, "/bad"));

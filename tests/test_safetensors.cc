@@ -1,6 +1,7 @@
 #include "tensor/safetensors.h"
 
 #include <fcntl.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -655,6 +656,50 @@ TEST(Safetensors, SaveIntoMissingDirectoryThrowsAndLeavesNothing) {
     EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
   }
   EXPECT_FALSE(fs::exists(dir.path() / "no"));
+  EXPECT_TRUE(dir.entries().empty());
+}
+
+// The rename puts a regular file in the place of whatever was at the path: run as root, saving to
+// /dev/null replaced the device. Only a regular file (or nothing) is replaced.
+TEST(Safetensors, SaveReplacesOnlyARegularFile) {
+  TempDir dir;
+  const std::string fifo = dir.file("fifo"), link = dir.file("link"), target = dir.file("target"),
+                    directory = dir.file("directory");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  write_file_atomically(target, "kept");
+  ASSERT_EQ(::symlink("target", link.c_str()), 0);
+  ASSERT_EQ(::mkdir(directory.c_str(), 0755), 0);
+  for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
+           {fifo, "a FIFO"}, {link, "a symbolic link"}, {directory, "a directory"}}) {
+    EXPECT_EQ(test::error_of([&] { save_safetensors(path, sample_tensors()); }),
+              path + ": is " + kind +
+                  ", which a save would replace with a regular file; give the path of a regular "
+                  "file");
+    EXPECT_THAT(test::error_of([&] { write_file_atomically(path, "x"); }),
+                ::testing::HasSubstr(path + ": is " + kind));
+    // A writer that made its temp file itself: refused at the commit, the temp file removed.
+    const std::string tmp = atomic_temp_path(path);
+    write_file_atomically(tmp, "x");
+    EXPECT_THAT(test::error_of([&] { commit_temp_file(tmp, path); }),
+                ::testing::HasSubstr(path + ": is " + kind));
+    EXPECT_FALSE(fs::exists(tmp));
+  }
+  struct stat st {};
+  ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  ASSERT_EQ(::lstat(link.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+  EXPECT_EQ(read_file(target), "kept");
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"directory", "fifo", "link", "target"}));
+}
+
+// A name that fits, but not with the temporary suffix, is named as such.
+TEST(Safetensors, SaveUnderANameTooLongForItsTempFileSaysSo) {
+  TempDir dir;
+  const std::string path = dir.file(std::string(246, 'b') + ".npy");
+  EXPECT_THAT(test::error_of([&] { write_file_atomically(path, "x"); }),
+              ::testing::HasSubstr("(the file name with the temporary suffix passes the file "
+                                   "system's limit; choose a name some 20 characters shorter)"));
   EXPECT_TRUE(dir.entries().empty());
 }
 

@@ -5,6 +5,7 @@
 #include <hdf5.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1469,6 +1470,12 @@ TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {
   EXPECT_THAT([&] { p.act(obs, rng); },
               testing::ThrowsMessage<Error>(HasSubstr("act: observation (1, 1, 0) is inf")));
   EXPECT_EQ(p.act(zeros({2, 2, 2}, DType::f64), rng).shape(), (Shape{2, 4, 2}));
+  // A finite float64 past float32's range is named as the number it is, not as the inf it becomes.
+  Tensor huge = zeros({2, 2, 2}, DType::f64);
+  huge.data<double>()[5] = -1e300;
+  EXPECT_EQ(test::error_of([&] { p.act(huge, rng); }),
+            "act: observation (1, 0, 1) is -1e+300, past float32's range (the policy acts in "
+            "float32)");
   fs::remove_all(dir);
 }
 
@@ -1649,8 +1656,7 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
   const test::Command negative_seed =
       test::run_mmdit(train + "--steps 1 --seed -1 --out " + dir + "/s");
   EXPECT_NE(negative_seed.status, 0);
-  EXPECT_THAT(negative_seed.output,
-              HasSubstr("--seed: must be a whole number from 0 to 18446744073709551615, got -1"));
+  EXPECT_THAT(negative_seed.output, HasSubstr("--seed: must be at least 0, got -1"));
   EXPECT_FALSE(fs::exists(dir + "/s"));
   // Decimal as written: CLI11 alone read "010" as octal 8.
   ASSERT_EQ(test::run_mmdit(train + "--steps 1 --seed 010 --out " + dir + "/decimal").status, 0);
@@ -1821,8 +1827,8 @@ TEST(Cli, WholeNumberOptionsAreDecimal) {
   EXPECT_FALSE(fs::exists(dir + "/hex"));
   const test::Command huge =
       test::run_mmdit(train + "--steps 99999999999999999999 --out " + dir + "/huge", stop);
-  EXPECT_THAT(huge.output, HasSubstr("--steps: must be a whole number from -9223372036854775808 to "
-                                     "9223372036854775807, got 99999999999999999999"));
+  EXPECT_THAT(huge.output,
+              HasSubstr("--steps: must be at most 9223372036854775807, got 99999999999999999999"));
   // Every INT and UINT option that `--help` lists, in every command.
   std::istringstream commands(test::run_mmdit("--help").output);
   int options = 0;
@@ -1907,6 +1913,37 @@ TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {
                 "weights are for the flow objective's sampler only (load it with f32)");
 }
 
+// Two runs started into one new --out both passed the "already holds a checkpoint" check, both
+// reported success, and the directory was left with the later run's files over the other's. A
+// command writing a run directory holds its lock; another is refused before writing anything.
+TEST(Cli, ARunDirectoryIsWrittenByOneCommandAtATime) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string run = dir.file("run");
+  fs::create_directories(run);
+  const std::string train = "train --data " + dir.file("demos.npz") + " --out " + run +
+                            " --steps 2 --threads 1 --config ";
+  write_file_atomically(dir.file("tiny.json"), tiny_config(data).to_json());
+  {
+    const DirectoryLock other(run);
+    const test::Command r = test::run_mmdit(train + dir.file("tiny.json"));
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output, HasSubstr("train: --out " + run +
+                                    ": another process holds its lock (another mmdit command is "
+                                    "writing a run there): wait for it, or give another --out"));
+    EXPECT_TRUE(dir.entries() == std::vector<std::string>({"demos.npz", "run", "tiny.json"}));
+    EXPECT_TRUE(fs::is_empty(run));
+    EXPECT_THAT(test::run_mmdit("demo --demos 2 --steps 1 --out " + run).output,
+                HasSubstr("demo: --out " + run + ": another process holds its lock"));
+    EXPECT_THAT(test::error_of([&] { DirectoryLock again(run); }),
+                HasSubstr(run + ": another process holds its lock"));
+  }
+  const test::Command r = test::run_mmdit(train + dir.file("tiny.json"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(fs::exists(run + "/checkpoint.safetensors"));
+}
+
 // An output that is one of the command's inputs destroyed it: export-eqx --out naming its own
 // checkpoint replaced the checkpoint with the .eqx. The same file by any path is refused.
 TEST(Cli, RefusesToWriteOverItsOwnInput) {
@@ -1934,6 +1971,17 @@ TEST(Cli, RefusesToWriteOverItsOwnInput) {
       "sample: --out-npy " + dir.file("obs.npy") + " is the --obs-npy " + dir.file("obs.npy"));
   expect_refused("eval " + ckpt + " --episodes 1 --svg " + ckpt,
                  "eval: --svg " + ckpt + " is the checkpoint " + ckpt);
+  // Nor is anything but a regular file replaced (run as root, --out-npy /dev/null replaced the
+  // device), refused before sampling.
+  const std::string fifo = dir.file("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  for (const std::string& args : {"sample " + ckpt + " --obs 0,-1,0,-0.95 --out-npy " + fifo,
+                                  "export-eqx " + ckpt + " --out " + fifo}) {
+    const test::Command r = test::run_mmdit(args);
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output, HasSubstr(fifo + ": is a FIFO, which a save would replace with a "
+                                           "regular file; give the path of a regular file"));
+  }
   EXPECT_TRUE(read_file(ckpt) == before);
   // import-eqx writes checkpoint.safetensors and config.json into --out.
   fs::create_directories(dir.file("imp"));
@@ -1945,6 +1993,14 @@ TEST(Cli, RefusesToWriteOverItsOwnInput) {
                      dir.file("imp"),
                  "import-eqx: --out " + eqx + " is the .eqx file " + eqx);
   EXPECT_TRUE(read_file(eqx) == eqx_bytes);
+  // train writes config.json into --out: a --config there is an input it would rewrite.
+  const std::string config = dir.file("run/config.json");
+  fs::create_directories(dir.file("run"));
+  write_file_atomically(config, R"({"steps": 20})");
+  expect_refused("train --data " + dir.file("demos.npz") + " --config " + config + " --out " +
+                     dir.file("run") + " --steps 5",
+                 "train: --out " + config + " is the --config " + config);
+  EXPECT_EQ(read_file(config), R"({"steps": 20})");
   // Files that are not the input are written as before.
   EXPECT_EQ(test::run_mmdit("export-eqx " + ckpt + " --out " + dir.file("p.eqx")).status, 0);
 }

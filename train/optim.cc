@@ -151,6 +151,14 @@ double sum_of_squares(const T* x, int64_t n) {
   return s;
 }
 
+// Of a contiguous float tensor.
+double sum_of_squares(const Tensor& x) {
+  return visit_float_dtype(x.dtype(), [&](auto type) {
+    using T = decltype(type);
+    return sum_of_squares(x.data<T>(), x.numel());
+  });
+}
+
 template <class T>
 void scale_chunk(T* __restrict x, int64_t n, T s) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * s;
@@ -210,8 +218,7 @@ double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads,
                 e.defined() ? dtype_name(e.dtype()) : "", ", the parameter ",
                 dtype_name(p.dtype()));
     Tensor g = raw::contiguous(raw::to_dtype(grads.at(name), p.dtype()));
-    squares += p.dtype() == DType::f32 ? sum_of_squares(g.data<float>(), g.numel())
-                                       : sum_of_squares(g.data<double>(), g.numel());
+    squares += sum_of_squares(g);
     items.push_back({p, std::move(g), std::move(e)});
   }
   if (!std::isfinite(squares)) {
@@ -235,21 +242,18 @@ double AdamW::update_impl(const NamedTensors& params, const NamedTensors& grads,
     }
   }
   ++step_;
+  const double ema_decay = ema ? ema->decay() : 0.0;
   i = 0;
   for (const auto& [name, unused] : params) {
     const Item& it = items[i++];
     Tensor &m = m_.at(name), &v = v_.at(name);
-    const double decay = ema ? ema->decay() : 0.0;
     for (const Tensor& changed : {it.p, m, v, it.e})
       if (changed.defined()) changed.mark_changed();
-    if (it.p.dtype() == DType::f32)
-      adamw_kernel(it.p.data<float>(), it.g.data<float>(), m.data<float>(), v.data<float>(),
-                   it.p.numel(), config_, lr, step_, grad_scale,
-                   it.e.defined() ? it.e.data<float>() : nullptr, decay);
-    else
-      adamw_kernel(it.p.data<double>(), it.g.data<double>(), m.data<double>(), v.data<double>(),
-                   it.p.numel(), config_, lr, step_, grad_scale,
-                   it.e.defined() ? it.e.data<double>() : nullptr, decay);
+    visit_float_dtype(it.p.dtype(), [&](auto type) {
+      using T = decltype(type);
+      adamw_kernel(it.p.data<T>(), it.g.data<T>(), m.data<T>(), v.data<T>(), it.p.numel(), config_,
+                   lr, step_, grad_scale, it.e.defined() ? it.e.data<T>() : nullptr, ema_decay);
+    });
   }
   return norm;
 }
@@ -279,11 +283,8 @@ void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v
 double global_norm(const NamedTensors& grads) {
   double sq = 0;
   for (const auto& [name, g] : grads) {
-    const Tensor c = raw::contiguous(g);
-    if (c.dtype() == DType::f32)
-      sq += sum_of_squares(c.data<float>(), c.numel());
-    else
-      sq += sum_of_squares(raw::to_dtype(c, DType::f64).data<double>(), c.numel());
+    sq +=
+        sum_of_squares(raw::contiguous(g.dtype() == DType::f32 ? g : raw::to_dtype(g, DType::f64)));
   }
   return std::sqrt(sq);
 }
@@ -302,10 +303,11 @@ double clip_by_global_norm(const NamedTensors& grads, double max_norm) {
   if (scale == 1.0) return norm;
   for (const auto& [name, g] : grads) {
     g.mark_changed();
-    if (g.is_contiguous() && g.dtype() == DType::f32)
-      scale_in_place(g.data<float>(), g.numel(), scale);
-    else if (g.is_contiguous() && g.dtype() == DType::f64)
-      scale_in_place(g.data<double>(), g.numel(), scale);
+    if (g.is_contiguous())
+      visit_float_dtype(g.dtype(), [&](auto type) {
+        using T = decltype(type);
+        scale_in_place(g.data<T>(), g.numel(), scale);
+      });
     else
       raw::copy_into(g, raw::mul_scalar(g, scale));
   }
@@ -332,10 +334,10 @@ void EMA::update(const NamedTensors& params) {
     Tensor& e = ema_.at(name);
     const Tensor pc = raw::contiguous(raw::to_dtype(p, e.dtype()));
     e.mark_changed();
-    if (e.dtype() == DType::f32)
-      ema_kernel(e.data<float>(), pc.data<float>(), e.numel(), decay_);
-    else
-      ema_kernel(e.data<double>(), pc.data<double>(), e.numel(), decay_);
+    visit_float_dtype(e.dtype(), [&](auto type) {
+      using T = decltype(type);
+      ema_kernel(e.data<T>(), pc.data<T>(), e.numel(), decay_);
+    });
   }
 }
 

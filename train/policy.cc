@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -197,6 +198,15 @@ Normalizer Normalizer::from_json(const std::string& text) {
     fail("normalizer: not valid JSON: ", e.what());
   }
   MMDIT_CHECK(j.is_object() && j.contains("mode"), "normalizer: expected an object with a 'mode'");
+  // A misspelt key ("state_mena") would otherwise leave its statistics silently unset or unused.
+  const std::vector<std::string> keys = {"mode",       "state_min",   "state_max",
+                                         "state_mean", "state_std",   "action_min",
+                                         "action_max", "action_mean", "action_std"};
+  for (const auto& [key, unused] : j.items())
+    MMDIT_CHECK(std::find(keys.begin(), keys.end(), key) != keys.end(), "normalizer: unknown key '",
+                key,
+                "' (the keys are mode, state_min, state_max, state_mean, state_std, "
+                "action_min, action_max, action_mean, action_std)");
   Normalizer n;
   MMDIT_CHECK(j.at("mode").is_string(),
               "normalizer: 'mode' must be \"min_max\" or \"z_score\", got ", j.at("mode").dump());

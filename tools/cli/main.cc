@@ -76,9 +76,12 @@ std::string to_decimal(std::string& value) {
   }
   if (digits.empty() || r.ptr != end || r.ec == std::errc::invalid_argument)
     return "must be a whole number written in decimal digits, got " + value;
+  // Out of range on one side only: naming both limits offered negative values to an option
+  // that refuses them (--steps -9223372036854775808 ...).
   if (r.ec != std::errc())
-    return str_cat("must be a whole number from ", std::numeric_limits<T>::min(), " to ",
-                   std::numeric_limits<T>::max(), ", got ", value);
+    return digits.front() == '-'
+               ? str_cat("must be at least ", std::numeric_limits<T>::min(), ", got ", value)
+               : str_cat("must be at most ", std::numeric_limits<T>::max(), ", got ", value);
   value = std::to_string(number);
   return std::string();
 }

@@ -1,8 +1,10 @@
 // mmdit train | sample | eval | info | demo: the policy's life cycle from the command line.
 #include <sys/stat.h>
+#include <unistd.h>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -99,11 +101,20 @@ void check_output_directory(const std::string& path, const char* flag) {
   struct stat st;
   MMDIT_CHECK(::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode), flag, " ", path,
               ": is a directory; name a file to write");
-  if (path.find('/') == std::string::npos) return;
+  try {
+    check_replaceable(path);
+  } catch (const Error& e) {
+    fail(flag, " ", e.what());
+  }
   const std::string dir = parent_directory(path);
-  MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
-              " does not exist");
-  MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
+  if (path.find('/') != std::string::npos) {
+    MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
+                " does not exist");
+    MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
+  }
+  // Before the work whose result it is for, not after.
+  MMDIT_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", path, ": cannot write in ", dir,
+              ": ", std::strerror(errno));
 }
 
 // "0.5,-1,2e-3": every token a whole finite number.
@@ -192,12 +203,36 @@ void check_not_input(const std::string& output, const char* flag, const std::str
               "that: name another file");
 }
 
+// The files a run writes into its directory.
+constexpr const char* kRunFiles[] = {
+    "checkpoint.safetensors", "config.json", "metrics.csv", "val.csv", "loss.svg", "rollouts.svg"};
+
+// No file the run writes into `out` may be one of the inputs (name, flag); empty ones are absent.
+void check_run_keeps_inputs(const std::string& out,
+                            const std::vector<std::pair<std::string, const char*>>& inputs,
+                            const char* command) {
+  for (const char* written : kRunFiles)
+    for (const auto& [input, name] : inputs)
+      if (!input.empty()) check_not_input(out + "/" + written, "--out", input, name, command);
+}
+
+// The run directory `out`, made if missing, locked for this command: two commands writing one run
+// directory would each report success and leave a mix, the later one's files over the other's.
+std::unique_ptr<DirectoryLock> lock_run_directory(const std::string& out, const char* command) {
+  make_directory(out);
+  try {
+    return std::make_unique<DirectoryLock>(out);
+  } catch (const Error& e) {
+    fail(command, ": --out ", e.what(),
+         " (another mmdit command is writing a run there): wait for it, or give another --out");
+  }
+}
+
 // --overwrite: the directory describes one run, so the old run's checkpoint, logs and plots go
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
-  for (const char* name :
-       {"checkpoint.safetensors", "metrics.csv", "val.csv", "loss.svg", "rollouts.svg"})
-    std::remove((dir + "/" + name).c_str());
+  for (const char* name : kRunFiles)
+    if (std::string(name) != "config.json") std::remove((dir + "/" + name).c_str());
 }
 
 void set_threads(int threads) {
@@ -356,6 +391,12 @@ void add_train(CLI::App& app) {
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
+    check_run_keeps_inputs(o->out,
+                           {{o->data, "--data"},
+                            {o->val_data, "--val-data"},
+                            {o->stats, "--stats"},
+                            {o->flags.config_file, "--config"}},
+                           "train");
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
@@ -405,6 +446,16 @@ void add_train(CLI::App& app) {
     }
     if (is_hdf5(o->data)) trainer->set_obs_keys(keys);
     std::printf("policy: %lld parameters\n", (long long)trainer->policy().num_parameters());
+    const std::unique_ptr<DirectoryLock> lock = lock_run_directory(o->out, "train");
+    // Checked again under the lock: another run may have written here since the checks above.
+    if (o->resume.empty())
+      MMDIT_CHECK(o->overwrite || ::stat(checkpoint_path(o->out).c_str(), &st) != 0,
+                  "train: ", o->out,
+                  " received another run's checkpoint while this run was starting; "
+                  "pass --overwrite to replace it");
+    else
+      MMDIT_CHECK(read_checkpoint_info(o->resume).step == trainer->step(), "train: ", o->resume,
+                  " changed while this run was starting (another run saved it); resume again");
     if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
                                                  .continues_run_in_out_dir = in_own_directory,
@@ -469,12 +520,12 @@ void add_import_eqx(CLI::App& app) {
                 "config's state_min_max and action_min_max), or --data, the demonstrations it "
                 "was trained on, whose own statistics are then used");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "import-eqx");
-    for (const char* written : {"checkpoint.safetensors", "config.json"})
-      for (const auto& [input, name] :
-           {std::pair{o->eqx, ".eqx file"}, std::pair{o->data, "--data"},
-            std::pair{o->stats, "--stats"}})
-        if (!input.empty())
-          check_not_input(o->out + "/" + written, "--out", input, name, "import-eqx");
+    check_run_keeps_inputs(o->out,
+                           {{o->eqx, ".eqx file"},
+                            {o->data, "--data"},
+                            {o->stats, "--stats"},
+                            {o->flags.config_file, "--config"}},
+                           "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -505,7 +556,10 @@ void add_import_eqx(CLI::App& app) {
     // Everything save_checkpoint would refuse (a NaN in the weights) is refused before the old
     // run is removed or config.json written: a refused import leaves --out as it was.
     trainer->check_saveable(o->eqx + ": not imported (" + o->out + " is left as it was)");
-    make_directory(o->out);
+    const std::unique_ptr<DirectoryLock> lock = lock_run_directory(o->out, "import-eqx");
+    MMDIT_CHECK(o->overwrite || ::stat(ckpt.c_str(), &st) != 0, "import-eqx: ", o->out,
+                " received a checkpoint while this import was starting; pass --overwrite to "
+                "replace it");
     if (o->overwrite) remove_previous_run(o->out);
     write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
     trainer->save_checkpoint(ckpt);
@@ -539,8 +593,8 @@ void add_export_eqx(CLI::App& app) {
   cmd->add_option("--out", o->out, "the .eqx file to write")->required()->check(non_empty());
   cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
   cmd->callback([o] {
-    check_output_directory(o->out, "--out");
     check_not_input(o->out, "--out", o->checkpoint, "checkpoint", "export-eqx");
+    check_output_directory(o->out, "--out");
     const LoadedPolicy loaded = load_policy(o->checkpoint, !o->raw_params);
     save_equinox(*loaded.policy, o->out);
     const PolicyConfig& c = loaded.config.policy;
@@ -583,10 +637,10 @@ void add_sample(CLI::App& app) {
   add_weights_option(cmd, o->weights);
   cmd->callback([o] {
     if (!o->out_npy.empty()) {
-      check_output_directory(o->out_npy, "--out-npy");
       check_not_input(o->out_npy, "--out-npy", o->checkpoint, "checkpoint", "sample");
       if (!o->obs_npy.empty())
         check_not_input(o->out_npy, "--out-npy", o->obs_npy, "--obs-npy", "sample");
+      check_output_directory(o->out_npy, "--out-npy");
     }
     check_weights_fit(o->weights, read_checkpoint_info(o->checkpoint), o->checkpoint, "sample");
     const LoadedPolicy policy =
@@ -672,8 +726,8 @@ void add_eval(CLI::App& app) {
       MMDIT_CHECK(!o->data.empty() || !cmd->count(flag), "eval: ", flag, " needs --data");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "eval");
     if (!o->svg.empty()) {
-      check_output_directory(o->svg, "--svg");
       check_not_input(o->svg, "--svg", o->checkpoint, "checkpoint", "eval");
+      check_output_directory(o->svg, "--svg");
     }
     const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
     check_weights_fit(o->weights, info, o->checkpoint, "eval");
@@ -791,7 +845,7 @@ void add_demo(CLI::App& app) {
                 "--objective mse there is nothing to compare (drop one of the two)");
     const DemoTask::Demos demos = task.generate_demos(o->demos, config.seed);
     const Episodes data{demos.states, demos.actions, demos.episode_starts};
-    make_directory(o->out);
+    const std::unique_ptr<DirectoryLock> lock = lock_run_directory(o->out, "demo");
     save_lerobot_npz(o->out + "/demos.npz", data);
     int left = 0;
     for (int s : demos.sides) left += s < 0;
