@@ -726,7 +726,7 @@ Tensor finish_linear(const Tensor& x, const Tensor& x2, const Tensor& weight, co
                     return raw::reshape(raw::matmul(dy, weight), shape);
                   });
                   ctx.input(1, [&] { return raw::matmul(raw::transpose(dy, 0, 1), x2); });
-                  if (ctx.input_grads().size() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
+                  if (ctx.num_inputs() > 2) ctx.input(2, [&] { return raw::sum(dy, {0}); });
                 });
 }
 

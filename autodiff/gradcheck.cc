@@ -37,6 +37,7 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
               options.atol, ", rtol ", options.rtol);
   MMDIT_CHECK(options.sample == -1 || options.sample >= 1,
               "gradcheck: sample must be -1 (every element) or at least 1, got ", options.sample);
+  MMDIT_CHECK(!wrt.empty(), "gradcheck: no tensors to check");
   for (size_t k = 0; k < wrt.size(); ++k) {
     const auto& [name, t] = wrt[k];
     MMDIT_CHECK(t.dtype() == DType::f64, "gradcheck: '", name, "' must be a float64 tensor, got ",
@@ -74,7 +75,6 @@ GradcheckResult gradcheck(const std::function<Tensor()>& f, const NamedTensors& 
     MMDIT_CHECK(out.defined(), "gradcheck: f returned an undefined tensor");
     MMDIT_CHECK(out.dtype() == DType::f64, "gradcheck: f must return float64, got ",
                 dtype_name(out.dtype()), " ", shape_str(out.shape()));
-    MMDIT_CHECK(!wrt.empty(), "gradcheck: no tensors to check");
     MMDIT_CHECK(tape.is_on_tape(out),
                 "gradcheck: f's output was not computed from the checked tensors (",
                 wrt.size() == 1 ? wrt.begin()->first : str_cat(wrt.size(), " tensors"),

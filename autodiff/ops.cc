@@ -3,7 +3,6 @@
 #include "autodiff/ops.h"
 
 #include <algorithm>
-#include <numeric>
 
 namespace mmdit {
 namespace {

@@ -24,7 +24,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include "tensor/named_tensors.h"
 #include "tensor/tensor.h"
 
 namespace mmdit {
@@ -90,9 +89,11 @@ class Backward {
     if (i >= needs_.size()) fail_input_index(i);
     if (needs_[i]) set_input_grad(i, compute());
   }
-  std::vector<Tensor>& input_grads() { return input_grads_; }
+  size_t num_inputs() const { return needs_.size(); }
 
  private:
+  friend class Tape;  // takes the input gradients once the backward has set them
+  std::vector<Tensor>& input_grads() { return input_grads_; }
   [[noreturn]] void fail_input_index(size_t i) const;
   void set_input_grad(size_t i, const Tensor& g);
   const Node& node_;

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "autodiff/tape.h"
+#include "tensor/named_tensors.h"
 
 namespace mmdit {
 

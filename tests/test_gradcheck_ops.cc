@@ -746,6 +746,12 @@ TEST(GradcheckOps, RefusesOptionsThatCannotFail) {
               HasSubstr("sample must be -1 (every element) or at least 1, got 0"));
   // atol 0 with rtol > 0 is a strict but meaningful check.
   EXPECT_EQ(error_with([](GradcheckOptions& o) { o.atol = 0; }), "(no mmdit::Error thrown)");
+  // Nothing to check is refused before f runs.
+  bool ran = false;
+  EXPECT_EQ(test::error_of(
+                [&] { gradcheck([&] { return ran = true, wrt.at("w") * 2.0; }, NamedTensors()); }),
+            "gradcheck: no tensors to check");
+  EXPECT_FALSE(ran);
 }
 
 }  // namespace

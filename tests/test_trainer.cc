@@ -973,11 +973,19 @@ TEST(Checkpoint, ResumeRefusesARandomStateThatIsNotWholeNumbers) {
     return test::error_of([&] { Trainer::resume(path, data); });
   };
   EXPECT_EQ(with("rng", R"({"seed": -1, "counter": 0})"),
-            path + ": checkpoint metadata rng.seed must be a whole number >= 0, got -1");
+            path +
+                ": checkpoint metadata rng: 'seed' must be an integer in [0, "
+                "18446744073709551615], got -1");
   EXPECT_EQ(with("rng", R"({"seed": 0, "counter": 2.5})"),
-            path + ": checkpoint metadata rng.counter must be a whole number >= 0, got 2.5");
+            path +
+                ": checkpoint metadata rng: 'counter' must be an integer in [0, "
+                "18446744073709551615], got 2.5");
   EXPECT_EQ(with("sampler", R"({"epoch": 9223372036854775808, "offset": 0})"),
-            path + ": checkpoint metadata sampler.epoch is out of range: 9223372036854775808");
+            path +
+                ": checkpoint metadata sampler: 'epoch' must be an integer no larger than "
+                "9223372036854775807, got 9223372036854775808");
+  EXPECT_EQ(with("sampler", R"({"epoch": 0, "offset": -2})"),
+            path + ": checkpoint metadata sampler: 'offset' must be >= 0, got -2");
   EXPECT_EQ(with("rng", R"({"seed": 18446744073709551615, "counter": 3})"),
             "(no mmdit::Error thrown)");
 }

@@ -14,28 +14,30 @@ struct AdamWConfig {
   double weight_decay = 0.0;
 };
 
+class EMA;
+
 // optax.adamw = chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate):
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   u = m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd p
 //   p = p - lr u
 // The decay stays inside u, not as p (1 - lr wd): in float32, 1 - 1e-4 * 1e-2 rounds to 1 and
 // the decay would vanish.
-class EMA;
-
 class AdamW {
  public:
   // Throws unless lr, eps and weight_decay are finite and >= 0 and b1, b2 in [0, 1).
   AdamW(const NamedTensors& params, AdamWConfig config);
-  // Every parameter is updated, including those whose gradient is zero (weight decay still
-  // applies). `lr` overrides config.lr for this step (a schedule).
-  // grad_scale multiplies every gradient first: the factor of global-norm clipping
-  // (clip_scale), applied in the same pass instead of rewriting the gradients. With `ema`, the
-  // EMA is advanced in the same pass too, as ema->update(params) after this call would. Returns
-  // global_norm(grads) of the gradients as given (before grad_scale). Everything is checked, and
-  // that norm read, before anything changes: when a gradient is not finite (or undefined, not
-  // float, or the names or shapes do not fit; gradients of another float dtype are converted),
-  // or lr or grad_scale is negative or not finite, it throws naming what is wrong, and
-  // parameters, moments, step and EMA are left as they were.
+  // One step over every parameter, including those whose gradient is zero (weight decay still
+  // applies).
+  // - lr: this step's learning rate (a schedule's), instead of config.lr.
+  // - grad_scale: multiplies every gradient first, in the same pass (the factor of global-norm
+  //   clipping, clip_scale), so the gradients themselves are not rewritten.
+  // - ema: advanced in the same pass too, as ema->update(params) after this call would.
+  // Returns global_norm(grads) of the gradients as given, before grad_scale. Gradients of the
+  // other float dtype are converted.
+  // Everything is checked, and that norm read, before anything changes: a gradient not finite,
+  // undefined, not float, or of names or shapes that do not fit, or an lr or grad_scale negative
+  // or not finite, throws naming what is wrong, leaving parameters, moments, step and EMA as they
+  // were.
   double update(const NamedTensors& params, const NamedTensors& grads, double lr,
                 double grad_scale = 1.0, EMA* ema = nullptr) {
     return update_impl(params, grads, lr, grad_scale, 0.0, ema);

@@ -23,10 +23,6 @@ namespace {
 
 using Json = nlohmann::json;
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
-
 // Everything a case gives its forward function, already in the run's dtype. It notes the names
 // the forward asks for, so that a tensor it never read is reported rather than ignored.
 struct CaseInputs {
@@ -380,10 +376,10 @@ void run_policy_case(const SafetensorsFile& file, const PolicyCase& pc, ParityRe
   policy.to(dtype);
   NamedTensors state;
   for (const auto& [name, t] : f) {
-    if (starts_with(name, "param/")) {
+    if (name.starts_with("param/")) {
       state.insert(name.substr(6), t);
       used.insert(name);
-    } else if (starts_with(name, "buffer/")) {
+    } else if (name.starts_with("buffer/")) {
       state.insert(name.substr(7), t);
       used.insert(name);
     }
@@ -400,7 +396,7 @@ void run_policy_case(const SafetensorsFile& file, const PolicyCase& pc, ParityRe
   const Tensor obs = norm.normalize_state(get("batch/observation.state"));
   auto add_rows = [&](const std::string& prefix, const NamedTensors& actual) {
     for (const auto& [name, want] : f) {
-      if (!starts_with(name, "expect/" + prefix)) continue;
+      if (!name.starts_with("expect/" + prefix)) continue;
       const std::string key = name.substr(7 + prefix.size());
       MMDIT_CHECK(actual.contains(key), report.path, ": expected '", name.substr(7),
                   "' but the policy has no parameter '", key, "'");
@@ -435,7 +431,7 @@ void run_policy_case(const SafetensorsFile& file, const PolicyCase& pc, ParityRe
   }
   for (const auto& [name, t] : f) {
     if (used.contains(name)) continue;
-    MMDIT_CHECK(!starts_with(name, "expect/"), report.path, ": '", name,
+    MMDIT_CHECK(!name.starts_with("expect/"), report.path, ": '", name,
                 "' is not an expectation a '", report.kind, "' case checks (it checks ",
                 expectations, ")");
     fail(report.path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
@@ -555,7 +551,7 @@ ParityReport run_parity(const std::string& path, DType dtype, std::optional<doub
   }
   CaseConfig config(json, config_who(path, report.kind));
 
-  if (starts_with(report.kind, "bc_")) {
+  if (report.kind.starts_with("bc_")) {
     run_policy_case(file, policy_case_from(report.kind, config), report);
     return report;
   }
@@ -564,13 +560,13 @@ ParityReport run_parity(const std::string& path, DType dtype, std::optional<doub
   CaseInputs inputs;
   inputs.who = str_cat(path, ": a '", report.kind, "' case");
   for (const auto& [name, t] : file.tensors) {
-    if (starts_with(name, "param/"))
+    if (name.starts_with("param/"))
       params.insert(name.substr(6), t);
-    else if (starts_with(name, "expect/"))
+    else if (name.starts_with("expect/"))
       expected.insert(name.substr(7), t);
-    else if (starts_with(name, "cotangent/"))
+    else if (name.starts_with("cotangent/"))
       cotangents.insert(name.substr(10), raw::to_dtype(t, dtype));
-    else if (starts_with(name, "input/") || starts_with(name, "timestep/") || name == "mask")
+    else if (name.starts_with("input/") || name.starts_with("timestep/") || name == "mask")
       inputs.tensors.insert(name, is_floating(t.dtype()) ? raw::to_dtype(t, dtype) : t);
     else
       fail(path, ": unexpected tensor '", name, "' in a '", report.kind, "' case");
@@ -615,13 +611,13 @@ ParityReport run_parity(const std::string& path, DType dtype, std::optional<doub
 
   for (const auto& [name, want] : expected) {
     Tensor actual;
-    if (starts_with(name, "output/")) {
+    if (name.starts_with("output/")) {
       const std::string output = name.substr(7);
       MMDIT_CHECK(outputs.contains(output), path, ": 'expect/", name, "' expects output '", output,
                   "', which the '", report.kind,
                   "' case does not have (its outputs: ", output_names(outputs), ")");
       actual = outputs.at(output);
-    } else if (starts_with(name, "grad/")) {
+    } else if (name.starts_with("grad/")) {
       const std::string target = name.substr(5);
       for (size_t i = 0; i < watched.size(); ++i)
         if (watched[i].first == target) actual = grads[i];

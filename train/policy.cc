@@ -132,9 +132,6 @@ Tensor tensor_from_json(const Json& j, const char* name) {
   return from_vector(v, {static_cast<int64_t>(v.size())}, DType::f32);
 }
 
-}  // namespace
-
-namespace {
 // A last axis of 1 would broadcast over every dimension, and the policy accept the result.
 void check_dims(const char* op, const Tensor& x, const Tensor& stats, const char* what) {
   MMDIT_CHECK(stats.defined(), op, ": the normalizer has no ", what, " statistics");
@@ -432,9 +429,6 @@ void check_like_action(const char* name, const Tensor& t, const Tensor& action) 
               dtype_name(action.dtype()), " ", shape_str(action.shape()));
 }
 
-}  // namespace
-
-namespace {
 // (B, horizon, 1): 1 for a real action, 0 for padding; the mean over all of (B, horizon, act_dim)
 // then divides by every element, padded ones included, as the reference's loss does.
 Tensor valid_actions(const Tensor& action_is_pad, DType dtype) {

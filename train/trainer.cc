@@ -19,10 +19,6 @@ namespace {
 
 constexpr const char* kCheckpointFormat = "mmdit-checkpoint/1";
 
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
-
 }  // namespace
 
 // ---- config ----
@@ -204,19 +200,23 @@ void Trainer::build_policy() {
   ema_ = std::make_unique<EMA>(params, config_.ema_decay);
 }
 
-Tensor Trainer::loss(BCPolicy& policy, const Batch& batch) {
-  const Tensor state = normalizer_.normalize_state(batch.state);
-  const Tensor action = normalizer_.normalize_action(batch.action);
-  if (config_.objective == "mse")
-    return regression_loss(policy, state, action, batch.action_is_pad);
-  const int64_t b = action.shape()[0];
+FlowNoise Trainer::draw_noise(const Shape& action_shape) {
+  const int64_t b = action_shape[0];
   FlowNoise noise;
-  noise.x0 = rng_.normal(action.shape());
+  noise.x0 = rng_.normal(action_shape);
   if (config_.timestep_sampling == "logit_normal")
     noise.t = raw::mul_scalar(raw::unary(raw::UnaryOp::sigmoid, rng_.normal({b})), config_.max_t);
   else
     noise.t = rng_.uniform({b}, DType::f32, 0, config_.max_t);
-  if (config_.policy.sigma > 0) noise.eps = rng_.normal(action.shape());
+  if (config_.policy.sigma > 0) noise.eps = rng_.normal(action_shape);
+  return noise;
+}
+
+Tensor Trainer::loss(const BCPolicy& policy, const Batch& batch, const FlowNoise& noise) const {
+  const Tensor state = normalizer_.normalize_state(batch.state);
+  const Tensor action = normalizer_.normalize_action(batch.action);
+  if (config_.objective == "mse")
+    return regression_loss(policy, state, action, batch.action_is_pad);
   return flow_matching_loss(policy, state, action, batch.action_is_pad, noise);
 }
 
@@ -235,7 +235,9 @@ StepStats Trainer::train_step() {
   };
   try {
     const Batch batch = sampler_->next(config_.batch_size);
-    auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch); };
+    const FlowNoise noise =
+        config_.objective == "flow" ? draw_noise(batch.action.shape()) : FlowNoise();
+    auto loss_fn = [&](BCPolicy& policy) { return loss(policy, batch, noise); };
     auto [loss_value, grads] = value_and_grad(loss_fn)(*policy_);
     StepStats stats;
     stats.loss = loss_value.item();
@@ -255,7 +257,7 @@ StepStats Trainer::train_step() {
     } catch (const Error& e) {
       const std::string what = e.what(), prefix = "AdamW::update: ";
       fail("training step ", step() + 1, ": ",
-           starts_with(what, prefix) ? what.substr(prefix.size()) : what);
+           what.starts_with(prefix) ? what.substr(prefix.size()) : what);
     }
     return stats;
   } catch (const OutOfMemory& e) {
@@ -370,7 +372,7 @@ struct CheckpointFile {
   NamedTensors with_prefix(const std::string& prefix) const {
     NamedTensors out;
     for (const auto& [name, t] : file.tensors)
-      if (starts_with(name, prefix)) out.insert(name.substr(prefix.size()), t);
+      if (name.starts_with(prefix)) out.insert(name.substr(prefix.size()), t);
     return out;
   }
   const std::string& meta(const std::string& key) const {
@@ -487,16 +489,12 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   // get<>() would wrap a negative number and truncate a fraction: the random state would then
   // differ from the one saved, silently.
   const auto whole = [&](const Json& j, const char* section, const char* key) {
-    const Json& v = j.at(key);
-    MMDIT_CHECK(v.is_number_unsigned(), "checkpoint metadata ", section, ".", key,
-                " must be a whole number >= 0, got ", v.dump());
-    return v.get<uint64_t>();
+    return json_uint64(j.at(key), str_cat("checkpoint metadata ", section).c_str(), key);
   };
   const auto count = [&](const Json& j, const char* key) {
-    const uint64_t n = whole(j, "sampler", key);
-    MMDIT_CHECK(n <= uint64_t{std::numeric_limits<int64_t>::max()}, "checkpoint metadata sampler.",
-                key, " is out of range: ", n);
-    return static_cast<int64_t>(n);
+    const int64_t n = json_int64(j.at(key), "checkpoint metadata sampler", key);
+    MMDIT_CHECK(n >= 0, "checkpoint metadata sampler: '", key, "' must be >= 0, got ", n);
+    return n;
   };
   try {
     const Json rng = Json::parse(c.meta("rng"));
@@ -515,7 +513,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   } catch (const Json::exception& e) {
     fail(path, ": bad random state in the checkpoint metadata: ", e.what());
   } catch (const Error& e) {
-    if (starts_with(e.what(), path)) throw;
+    if (std::string_view(e.what()).starts_with(path)) throw;
     fail(path, ": ", e.what());
   }
   return t;

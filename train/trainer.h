@@ -103,7 +103,10 @@ class Trainer {
 
  private:
   void build_policy();  // the policy of config_ at its initialisation, its optimiser and EMA
-  Tensor loss(BCPolicy& policy, const Batch& batch);
+  // x0, t (and eps with sigma > 0) for a flow-matching batch, from the trainer's random state.
+  FlowNoise draw_noise(const Shape& action_shape);
+  // The step's loss, a function of the policy alone for value_and_grad.
+  Tensor loss(const BCPolicy& policy, const Batch& batch, const FlowNoise& noise) const;
   NamedTensors checkpoint_tensors() const;  // named as the checkpoint file names them
 
   TrainConfig config_;

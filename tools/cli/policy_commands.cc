@@ -192,15 +192,19 @@ void check_data_fits(const Episodes& data, const std::string& data_path, const P
               pc.state_dim, " and act_dim ", pc.act_dim);
 }
 
+// Both paths exist and name one file (by any path or link).
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat sa, sb;
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
+         sa.st_ino == sb.st_ino;
+}
+
 // Refuses an output that is one of the command's inputs (the same file, by any path or link):
 // writing it would destroy the input, as export-eqx --out naming its own checkpoint did.
 void check_not_input(const std::string& output, const char* flag, const std::string& input,
                      const char* input_name, const char* command) {
-  struct stat out, in;
-  if (::stat(output.c_str(), &out) != 0 || ::stat(input.c_str(), &in) != 0) return;
-  MMDIT_CHECK(out.st_dev != in.st_dev || out.st_ino != in.st_ino, command, ": ", flag, " ", output,
-              " is the ", input_name, " ", input, " (the same file); writing it would destroy ",
-              "that: name another file");
+  MMDIT_CHECK(!same_file(output, input), command, ": ", flag, " ", output, " is the ", input_name,
+              " ", input, " (the same file); writing it would destroy ", "that: name another file");
 }
 
 // The files a run writes into its directory.
@@ -374,11 +378,7 @@ void add_train(CLI::App& app) {
       const std::string own_dir = parent_directory(o->resume);
       if (!cmd->count("--out")) o->out = own_dir;
       const std::string ckpt = checkpoint_path(o->out);
-      struct stat resumed;
-      MMDIT_CHECK(::stat(ckpt.c_str(), &st) != 0 ||
-                      (::stat(o->resume.c_str(), &resumed) == 0 && st.st_dev == resumed.st_dev &&
-                       st.st_ino == resumed.st_ino),
-                  "train: ", o->out,
+      MMDIT_CHECK(::stat(ckpt.c_str(), &st) != 0 || same_file(ckpt, o->resume), "train: ", o->out,
                   " holds another run's checkpoint; resume into the run's own "
                   "directory (",
                   own_dir, ", the default) or an --out without a checkpoint");
@@ -415,10 +415,7 @@ void add_train(CLI::App& app) {
     std::unique_ptr<Trainer> trainer;
     bool in_own_directory = false;
     if (!o->resume.empty()) {
-      struct stat out_dir, own_dir;
-      in_own_directory = ::stat(o->out.c_str(), &out_dir) == 0 &&
-                         ::stat(parent_directory(o->resume).c_str(), &own_dir) == 0 &&
-                         out_dir.st_dev == own_dir.st_dev && out_dir.st_ino == own_dir.st_ino;
+      in_own_directory = same_file(o->out, parent_directory(o->resume));
       check_data_fits(data, o->data, resumed_info->config.policy, o->resume, "train");
       trainer = Trainer::resume(o->resume, data, o->flags.steps);
       std::printf("resumed %s at step %lld\n", o->resume.c_str(), (long long)trainer->step());
