@@ -258,8 +258,8 @@ Tape::SavedMemory Tape::saved_memory() const {
   return memory;
 }
 
-std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,
-                                   const Tensor& cotangent) {
+void Tape::check_gradient_args(const Tensor& y, const std::vector<Tensor>& wrt,
+                               const Tensor& cotangent) const {
   MMDIT_CHECK(!consumed_,
               "gradient: this tape's gradient() has already run and released what backward "
               "needs; record the computation again on a new Tape");
@@ -286,89 +286,88 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
                 ") was neither watched nor computed on this tape",
                 wrt[i].impl().tape_id != 0 ? " (it is from another tape)" : "");
   }
-  consumed_ = true;
-  stop_recording(id_);
+}
 
-  // Only slots between a wrt tensor and y need gradients.
-  std::vector<bool> needed(num_values_, false);
-  for (const Tensor& w : wrt) needed[slot_of(w)] = true;
+std::vector<bool> Tape::slots_needing_gradients(const std::vector<bool>& is_wrt) const {
+  // A value needs a gradient when a path leads to it from a wrt tensor: its gradient is part of
+  // theirs. The nodes are in recording order, so one forward pass finds every such path.
+  std::vector<bool> needed = is_wrt;
   for (const Node& n : nodes_)
     for (const NodeInput& in : n.inputs)
       if (in.slot >= 0 && needed[in.slot]) needed[n.output] = true;
+  return needed;
+}
 
-  std::vector<Tensor> grads(num_values_);
-  const int64_t y_slot = slot_of(y);
-  if (y_slot >= 0)
-    grads[y_slot] = cotangent.defined() ? cotangent : full(y.shape(), 1.0, y.dtype());
-  std::vector<bool> keep(num_values_, false);
-  for (const Tensor& w : wrt) keep[slot_of(w)] = true;
-
-  for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) {
-    Node& node = *it;
-    const size_t index = static_cast<size_t>(it.base() - nodes_.begin()) - 1;
-    Tensor g = std::move(grads[node.output]);
-    if (keep[node.output]) grads[node.output] = g;
-    std::vector<bool> needs(node.inputs.size());
-    bool any = false;
-    for (size_t i = 0; i < node.inputs.size(); ++i)
-      any |= needs[i] = node.inputs[i].slot >= 0 && needed[node.inputs[i].slot];
-    if (g.defined() && any) {
-      check_saved_unchanged(node, index);
-      Backward ctx(node, g, needs);
-      const auto started =
-          profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
-      const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
-      const uint64_t grad_version = g.impl().storage->version();
-      {
-        struct Running {
-          const Node*& slot;
-          ~Running() { slot = nullptr; }
-        } running{running_backward_ = &node};
-        node.backward(ctx);
-      }
-      // The incoming gradient may be the caller's cotangent or another node's gradient too.
-      MMDIT_CHECK(g.impl().storage->version() == grad_version, "gradient: the backward of ",
-                  node.op, " (", where_recorded(node, index),
-                  ") changed its incoming gradient (ctx.grad) in place; other nodes or the "
-                  "caller's cotangent may share it, so a backward must write its results into "
-                  "new tensors");
-      if (profiling_) {
-        node.backward_seconds =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-        node.backward_flops = raw::matmul_flops() - flops_before;
-      }
-      for (size_t i = 0; i < node.inputs.size(); ++i) {
-        Tensor& gi = ctx.input_grads()[i];
-        if (!gi.defined()) continue;
-        if (g_anomaly) {
-          const std::string bad = describe_non_finite(gi);
-          // Every gradient reaching this node was checked when it was made, so the first
-          // non-finite one is pinned on the backward that made it, not on a later consumer.
-          MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",
-                      where_recorded(node, index), ") produced ", bad,
-                      " in the gradient of its input ", i, " (",
-                      node.inputs[i].slot >= 0 ? str_cat("%", node.inputs[i].slot) : "const", " ",
-                      shape_str(node.inputs[i].shape), "); output %", node.output, " ",
-                      shape_str(node.output_shape), ", inputs: ", describe_inputs(node));
-        }
-        accumulate(grads[node.inputs[i].slot], gi);
-      }
-    }
-    node.saved.clear();
-    node.saved.shrink_to_fit();
-    node.saved_versions = {};
-    node.saved_bytes = 0;
-    node.backward = nullptr;
+void Tape::run_backward(Node& node, size_t index, const Tensor& g, const std::vector<bool>& needed,
+                        std::vector<Tensor>& grads) {
+  std::vector<bool> needs(node.inputs.size());
+  bool any = false;
+  for (size_t i = 0; i < node.inputs.size(); ++i)
+    any |= needs[i] = node.inputs[i].slot >= 0 && needed[node.inputs[i].slot];
+  if (!any) return;
+  check_saved_unchanged(node, index);
+  Backward ctx(node, g, needs);
+  const auto started =
+      profiling_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
+  const int64_t flops_before = profiling_ ? raw::matmul_flops() : 0;
+  const uint64_t grad_version = g.impl().storage->version();
+  {
+    struct Running {
+      const Node*& slot;
+      ~Running() { slot = nullptr; }
+    } running{running_backward_ = &node};
+    node.backward(ctx);
   }
+  // The incoming gradient may be the caller's cotangent or another node's gradient too.
+  MMDIT_CHECK(g.impl().storage->version() == grad_version, "gradient: the backward of ", node.op,
+              " (", where_recorded(node, index),
+              ") changed its incoming gradient (ctx.grad) in place; other nodes or the "
+              "caller's cotangent may share it, so a backward must write its results into "
+              "new tensors");
+  if (profiling_) {
+    node.backward_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    node.backward_flops = raw::matmul_flops() - flops_before;
+  }
+  for (size_t i = 0; i < node.inputs.size(); ++i) {
+    const Tensor& gi = ctx.input_grads()[i];
+    if (!gi.defined()) continue;
+    if (g_anomaly) {
+      const std::string bad = describe_non_finite(gi);
+      // Every gradient reaching this node was checked when it was made, so the first
+      // non-finite one is pinned on the backward that made it, not on a later consumer.
+      MMDIT_CHECK(bad.empty(), "anomaly mode: the backward of ", node.op, " (",
+                  where_recorded(node, index), ") produced ", bad, " in the gradient of its input ",
+                  i, " (", node.inputs[i].slot >= 0 ? str_cat("%", node.inputs[i].slot) : "const",
+                  " ", shape_str(node.inputs[i].shape), "); output %", node.output, " ",
+                  shape_str(node.output_shape), ", inputs: ", describe_inputs(node));
+    }
+    accumulate(grads[node.inputs[i].slot], gi);
+  }
+}
 
-  // Backwards that pass their gradient through (add, contiguous, the gated residual's x) can hand
-  // one tensor to several inputs, or hand on the caller's cotangent: every returned gradient
-  // gets memory of its own, so scaling one in place (clip_by_global_norm) changes no other.
+namespace {
+
+// Backward's saved tensors go as soon as it has run: the peak memory of a step is the forward's.
+void release_saved(Node& node) {
+  node.saved.clear();
+  node.saved.shrink_to_fit();
+  node.saved_versions = {};
+  node.saved_bytes = 0;
+  node.backward = nullptr;
+}
+
+// Backwards that pass their gradient through (add, contiguous, the gated residual's x) can hand
+// one tensor to several inputs, or hand on the caller's cotangent: every returned gradient
+// gets memory of its own, so scaling one in place (clip_by_global_norm) changes no other.
+std::vector<Tensor> own_gradients(const std::vector<Tensor>& wrt,
+                                  const std::vector<Tensor>& grads_of_wrt,
+                                  const Tensor& cotangent) {
   std::vector<Tensor> out;
-  for (const Tensor& w : wrt) {
-    const Tensor& g = grads[slot_of(w)];
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    const Tensor& g = grads_of_wrt[i];
     if (!g.defined()) {
-      out.push_back(zeros(w.shape(), w.dtype()));
+      out.push_back(zeros(wrt[i].shape(), wrt[i].dtype()));
       continue;
     }
     Tensor own = raw::contiguous(g);
@@ -378,6 +377,37 @@ std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& w
     out.push_back(shared ? raw::clone(own) : std::move(own));
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<Tensor> Tape::gradient(const Tensor& y, const std::vector<Tensor>& wrt,
+                                   const Tensor& cotangent) {
+  check_gradient_args(y, wrt, cotangent);
+  consumed_ = true;
+  stop_recording(id_);
+
+  std::vector<bool> is_wrt(num_values_, false);
+  for (const Tensor& w : wrt) is_wrt[slot_of(w)] = true;
+  const std::vector<bool> needed = slots_needing_gradients(is_wrt);
+  // grads[slot]: the gradient of sum(y * cotangent) with respect to that value, summed over its
+  // uses. In reverse recording order every use of a value comes before the node that made it, so
+  // its gradient is complete by the time that node's backward reads it.
+  std::vector<Tensor> grads(num_values_);
+  if (const int64_t y_slot = slot_of(y); y_slot >= 0)
+    grads[y_slot] = cotangent.defined() ? cotangent : full(y.shape(), 1.0, y.dtype());
+  for (size_t index = nodes_.size(); index-- > 0;) {
+    Node& node = nodes_[index];
+    // Moved out, so it is freed once this node is done, unless it is one of the results.
+    const Tensor g = std::move(grads[node.output]);
+    if (is_wrt[node.output]) grads[node.output] = g;
+    if (g.defined()) run_backward(node, index, g, needed, grads);
+    release_saved(node);
+  }
+
+  std::vector<Tensor> grads_of_wrt;
+  for (const Tensor& w : wrt) grads_of_wrt.push_back(grads[slot_of(w)]);
+  return own_gradients(wrt, grads_of_wrt, cotangent);
 }
 
 void set_anomaly_mode(bool on) {

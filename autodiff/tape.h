@@ -150,6 +150,14 @@ class Tape {
 
  private:
   static void refuse_inputs_on(const Tape* outer, const char* op, std::span<const Tensor> inputs);
+  // The three steps of gradient(), after these checks: which values need a gradient, then each
+  // node's backward in reverse order, then the results.
+  void check_gradient_args(const Tensor& y, const std::vector<Tensor>& wrt,
+                           const Tensor& cotangent) const;
+  std::vector<bool> slots_needing_gradients(const std::vector<bool>& is_wrt) const;
+  // Node `index`'s backward for its output's gradient g, adding its inputs' gradients into grads.
+  void run_backward(Node& node, size_t index, const Tensor& g, const std::vector<bool>& needed,
+                    std::vector<Tensor>& grads);
   uint64_t id_;
   Tape* previous_;
   int64_t num_values_ = 0;
