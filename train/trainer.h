@@ -11,38 +11,14 @@
 #include <string>
 #include <vector>
 
+#include "train/checkpoint.h"
+#include "train/config.h"
 #include "train/dataset.h"
+#include "train/evaluate.h"
 #include "train/optim.h"
 #include "train/policy.h"
 
 namespace mmdit {
-
-// The defaults are the reference agent's (AgentConfig: lr 1e-4, weight decay 0.01, EMA 0.999,
-// constant lr, no clipping, 10 sampling steps), as PolicyConfig's sizes are.
-struct TrainConfig {
-  PolicyConfig policy;
-  int64_t steps = 2000;
-  int64_t batch_size = 64;
-  double lr = 1e-4;
-  double weight_decay = 0.01;
-  double b1 = 0.9, b2 = 0.999, eps = 1e-8;
-  double ema_decay = 0.999;
-  double grad_clip = 0;  // global-norm clipping; 0 = off
-  int64_t warmup_steps = 0;
-  bool cosine_decay = false;                  // cosine from lr to 0 over `steps` after warm-up
-  std::string normalization = "min_max";      // or "z_score"
-  std::string timestep_sampling = "uniform";  // t ~ U[0, max_t); or "logit_normal"
-  double max_t = 1.0;
-  std::string objective = "flow";  // or "mse": plain regression, the baseline that averages modes
-  int64_t sample_steps = 10;       // Euler steps when acting
-  uint64_t seed = 0;
-
-  std::string to_json() const;
-  // Keys not given keep their defaults; an unknown key is an error naming it.
-  static TrainConfig from_json(const std::string& json, const TrainConfig& defaults);
-  static TrainConfig from_json(const std::string& json);
-  void validate() const;
-};
 
 struct StepStats {
   double loss = 0;
@@ -51,8 +27,6 @@ struct StepStats {
 };
 
 Normalizer make_normalizer(const Episodes& data, const std::string& mode);
-
-struct LoadedPolicy;
 
 class Trainer {
  public:
@@ -118,53 +92,5 @@ class Trainer {
   Rng rng_;
   std::vector<std::string> obs_keys_;
 };
-
-// A trained policy loaded for inference, with the EMA weights by default, and the position tables
-// the checkpoint holds.
-struct LoadedPolicy {
-  TrainConfig config;
-  Normalizer normalizer;
-  std::unique_ptr<BCPolicy> policy;
-  int64_t step = 0;
-  // The HDF5 observation keys of the data it was trained on; empty when not recorded (trained on
-  // an .npz, or a checkpoint from before they were recorded).
-  std::vector<std::string> obs_keys;
-  // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
-  std::unique_ptr<EulerSampler> sampler;
-  // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
-  // The chunk starts at the oldest observation, as the training windows do: action
-  // n_obs_steps - 1 is the one for the newest observation, the first to execute. Several threads
-  // may call it at once, each with an Rng of its own.
-  Tensor act(const Tensor& observations, Rng& rng) const;
-};
-// A checkpoint's metadata, read and checked without its tensors (a large policy's file need not
-// be read to learn how to load its data).
-struct CheckpointInfo {
-  TrainConfig config;
-  int64_t step = 0;
-  std::vector<std::string> obs_keys;  // as LoadedPolicy::obs_keys
-};
-CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
-
-// `weights` other than f32 are for the flow objective's sampler: a policy of objective "mse"
-// (which regresses its actions in float32) with bf16 weights is refused.
-LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
-                         WeightPrecision weights = WeightPrecision::f32);
-
-// Open-loop evaluation on demonstrations, for tasks without a simulator: the policy acts on the
-// observations of training windows (LeRobot's, as the trainer samples them) and its action chunk
-// is compared with the demonstrated one, in the data's units, over the steps not padded.
-struct ActionError {
-  int64_t windows = 0;
-  double mse = 0;                   // mean over windows, unpadded steps and dimensions
-  std::vector<double> mse_per_dim;  // (act_dim): the same, per action dimension
-  // The action for the newest observation (index n_obs_steps - 1) alone; NaN when the chunks
-  // do not reach it (horizon < n_obs_steps).
-  double mse_now = 0;
-};
-// `max_windows` of the data's windows (one per frame; 0: all), a seeded choice, acted on in
-// batches of `batch_size`, with the flow's noise drawn from `rng`.
-ActionError action_error(const LoadedPolicy& policy, const Episodes& data, int64_t max_windows,
-                         int64_t batch_size, uint64_t seed, Rng& rng);
 
 }  // namespace mmdit

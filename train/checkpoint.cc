@@ -1,0 +1,363 @@
+// The checkpoint format, "mmdit-checkpoint/1": one safetensors file of the parameters
+// ("param/"), their EMA ("ema/"), AdamW's moments ("adam_m/", "adam_v/") and the buffers
+// ("buffer/"), with metadata for the config, the normalisation, the step, the random state, the
+// data's position and size, and the observation keys.
+#include "train/checkpoint.h"
+
+#include <nlohmann/json.hpp>
+
+#include <charconv>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+#include "tensor/safetensors.h"
+#include "train/json_fields.h"
+#include "train/trainer.h"
+
+namespace mmdit {
+
+using Json = nlohmann::json;
+
+namespace {
+
+constexpr const char* kCheckpointFormat = "mmdit-checkpoint/1";
+
+}  // namespace
+
+namespace {
+
+// A checkpoint is a run's fallback, so a diverged state must never replace the last good one;
+// and a file whose numbers are not finite is refused when it is read.
+void check_finite(const NamedTensors& tensors, const std::string& path, const char* when) {
+  for (const auto& [name, t] : tensors)
+    if (const std::optional<NonFinite> bad = first_non_finite(t))
+      fail(path, ": ", when, " '", name, "' holds ", bad->value, " at ", shape_str(bad->index));
+}
+
+}  // namespace
+
+NamedTensors Trainer::checkpoint_tensors() const {
+  NamedTensors tensors;
+  for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
+  for (const auto& [name, t] : ema_->params()) tensors.insert("ema/" + name, t);
+  for (const auto& [name, t] : optimizer_->first_moments()) tensors.insert("adam_m/" + name, t);
+  for (const auto& [name, t] : optimizer_->second_moments()) tensors.insert("adam_v/" + name, t);
+  for (const auto& [name, t] : policy_->named_buffers()) tensors.insert("buffer/" + name, t);
+  return tensors;
+}
+
+void Trainer::check_saveable(const std::string& what) const {
+  check_finite(checkpoint_tensors(), what, "tensor");
+}
+
+void Trainer::save_checkpoint(const std::string& path) const {
+  const NamedTensors tensors = checkpoint_tensors();
+  // Without data, the data order is at its start and no data size is recorded: Trainer::resume
+  // then takes any data of the policy's sizes.
+  Json sampler = {{"epoch", 0}, {"offset", 0}};
+  if (sampler_) {
+    const auto [epoch, offset] = sampler_->position();
+    sampler = {{"epoch", epoch},
+               {"offset", offset},
+               {"frames", sampler_->num_samples()},
+               {"episodes", sampler_->num_episodes()}};
+  }
+  std::map<std::string, std::string> meta = {
+      {"format", kCheckpointFormat},
+      {"config", config_.to_json()},
+      {"normalizer", normalizer_.to_json()},
+      {"step", std::to_string(step())},
+      {"rng", Json{{"seed", rng_.seed()}, {"counter", rng_.counter()}}.dump()},
+      {"sampler", sampler.dump()}};
+  if (!obs_keys_.empty()) meta["obs_keys"] = Json(obs_keys_).dump();
+  check_finite(tensors, path, "not saved (the previous file, if any, is kept): tensor");
+  save_safetensors(path, tensors, meta);
+}
+
+namespace {
+
+const std::string& metadata_field(const std::map<std::string, std::string>& metadata,
+                                  const std::string& key, const std::string& path) {
+  auto it = metadata.find(key);
+  MMDIT_CHECK(it != metadata.end(), path, ": not an mmdit checkpoint (no '", key,
+              "' in its metadata)");
+  return it->second;
+}
+
+// The metadata every reader needs: format, config, step, and the observation keys if recorded.
+CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
+                          const std::string& path) {
+  const auto meta = [&](const std::string& key) -> const std::string& {
+    return metadata_field(metadata, key, path);
+  };
+  CheckpointInfo info;
+  MMDIT_CHECK(meta("format") == kCheckpointFormat, path, ": checkpoint format '", meta("format"),
+              "' is not ", kCheckpointFormat);
+  try {
+    info.config = TrainConfig::from_json(meta("config"));
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
+  const std::string& step = meta("step");
+  const auto [end, error] = std::from_chars(step.data(), step.data() + step.size(), info.step);
+  MMDIT_CHECK(error == std::errc() && end == step.data() + step.size() && info.step >= 0, path,
+              ": bad step '", step, "' in the checkpoint metadata");
+  // Older checkpoints, and those of .npz data, record no observation keys.
+  if (const auto it = metadata.find("obs_keys"); it != metadata.end()) {
+    const Json keys = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+    bool good = keys.is_array() && !keys.empty();
+    for (size_t i = 0; good && i < keys.size(); ++i)
+      good = keys[i].is_string() && !keys[i].get_ref<const std::string&>().empty();
+    MMDIT_CHECK(good, path, ": the checkpoint metadata's obs_keys must be a JSON array of ",
+                "observation key names, got '", it->second, "'");
+    info.obs_keys = keys.get<std::vector<std::string>>();
+  }
+  return info;
+}
+
+struct CheckpointFile {
+  SafetensorsFile file;
+  TrainConfig config;
+  Normalizer normalizer;  // validated against the config's state_dim and act_dim
+  int64_t step = 0;
+  std::vector<std::string> obs_keys;
+  std::string path;
+
+  NamedTensors with_prefix(const std::string& prefix) const {
+    NamedTensors out;
+    for (const auto& [name, t] : file.tensors)
+      if (name.starts_with(prefix)) out.insert(name.substr(prefix.size()), t);
+    return out;
+  }
+  const std::string& meta(const std::string& key) const {
+    return metadata_field(file.metadata, key, path);
+  }
+};
+
+CheckpointFile read_checkpoint(const std::string& path) {
+  CheckpointFile c;
+  c.path = path;
+  // The metadata first: a file of another kind (a large model from another tool) is refused
+  // before its tensors are read and converted.
+  parse_info(load_safetensors_metadata(path), path);
+  c.file = load_safetensors(path);
+  CheckpointInfo info = parse_info(c.file.metadata, path);
+  c.config = info.config;
+  c.step = info.step;
+  c.obs_keys = std::move(info.obs_keys);
+  const std::string& normalizer = c.meta("normalizer");
+  try {
+    c.normalizer = Normalizer::from_json(normalizer);
+    c.normalizer.validate(c.config.policy.state_dim, c.config.policy.act_dim);
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
+  // The model is built from the config before the parameters are read into it: a config that
+  // does not describe these tensors (a corrupt or hand-edited file) fails here, on the tensors
+  // each size setting shapes, not after allocating a model of whatever size it claims. Sizes
+  // are compared as doubles, so an absurd product cannot overflow.
+  const PolicyConfig& pc = c.config.policy;
+  const auto expect = [&](const std::string& name, std::initializer_list<double> shape,
+                          const char* settings) {
+    MMDIT_CHECK(c.file.tensors.contains(name), path, ": the config describes a policy with '", name,
+                "', which the checkpoint does not hold");
+    const Shape& got = c.file.tensors.at(name).shape();
+    bool same = got.size() == shape.size();
+    for (size_t i = 0; same && i < got.size(); ++i)
+      same = static_cast<double>(got[i]) == shape.begin()[i];
+    MMDIT_CHECK(same, path, ": '", name, "' has shape ", shape_str(got),
+                ", which does not match the config's ", settings);
+  };
+  const double hidden = static_cast<double>(pc.hidden_size);
+  expect("param/state_encoder.weight", {hidden, double(pc.state_dim)}, "hidden_size and state_dim");
+  expect("param/action_encoder.weight", {hidden, double(pc.act_dim)}, "hidden_size and act_dim");
+  expect("buffer/state_pos_embed", {double(pc.n_obs_steps), hidden}, "n_obs_steps");
+  expect("buffer/action_pos_embed", {double(pc.horizon), hidden}, "horizon");
+  expect("param/mmdit.timestep_embeds.0.linear1.weight",
+         {double(pc.dim_cond), double(pc.timestep_embed_dim)}, "dim_cond and timestep_embed_dim");
+  expect("param/mmdit.blocks.0.joint_attn.to_qkv.0.weight",
+         {3.0 * double(pc.heads) * double(pc.dim_head), hidden}, "heads and dim_head");
+  expect("param/mmdit.blocks.0.feedforwards.0.linear_in.weight",
+         {double(pc.ff_mult) * hidden, hidden}, "ff_mult");
+  MMDIT_CHECK(
+      c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth - 1, ".to_cond.weight")) &&
+          !c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth, ".to_cond.weight")),
+      path, ": the config's depth ", pc.depth, " does not match the checkpoint's blocks");
+  return c;
+}
+
+// A policy of `config` holding `tensors` (parameters and buffers, copied in), frozen for acting.
+LoadedPolicy frozen(const TrainConfig& config, const Normalizer& normalizer, int64_t step,
+                    const NamedTensors& tensors, WeightPrecision weights) {
+  LoadedPolicy p;
+  p.config = config;
+  p.step = step;
+  p.normalizer = normalizer;
+  Rng init(0);
+  p.policy = std::make_unique<BCPolicy>(config.policy, init);
+  p.policy->load(tensors, /*buffers=*/true);
+  if (config.objective != "mse")
+    p.sampler =
+        std::make_unique<EulerSampler>(*p.policy, config.sample_steps, config.max_t, weights);
+  return p;
+}
+
+// The policy's tensors as the checkpoint holds them: `weights` and the position tables, which
+// are the file's too: those of a policy imported from the reference (mmdit import-eqx) were
+// computed in float32 and differ from ours by up to 4e-6.
+NamedTensors with_buffers(NamedTensors weights, const CheckpointFile& c) {
+  for (const auto& [name, t] : c.with_prefix("buffer/")) weights.insert(name, t);
+  return weights;
+}
+
+}  // namespace
+
+std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
+                                         std::optional<int64_t> steps) {
+  const CheckpointFile c = read_checkpoint(path);
+  TrainConfig config = c.config;
+  if (steps) {
+    MMDIT_CHECK(*steps >= c.step, "resume: ", path, " is at step ", c.step,
+                "; cannot train to step ", *steps);
+    config.steps = *steps;
+  }
+  check_finite(c.file.tensors, path, "tensor");
+  auto t = std::make_unique<Trainer>(config, data);
+  t->normalizer_ = c.normalizer;
+  t->obs_keys_ = c.obs_keys;
+  auto load = [&](const char* prefix, const std::function<void(const NamedTensors&)>& into) {
+    try {
+      into(c.with_prefix(prefix));
+    } catch (const Error& e) {
+      fail(path, ": tensors '", prefix, "*': ", e.what());
+    }
+  };
+  load("param/", [&](const NamedTensors& v) { t->policy_->load(with_buffers(v, c), true); });
+  load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
+  try {
+    t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
+  } catch (const Error& e) {
+    fail(path, ": tensors 'adam_m/*', 'adam_v/*': ", e.what());
+  }
+  Json sampler;
+  // get<>() would wrap a negative number and truncate a fraction: the random state would then
+  // differ from the one saved, silently.
+  const auto whole = [&](const Json& j, const char* section, const char* key) {
+    return json_uint64(j.at(key), str_cat("checkpoint metadata ", section).c_str(), key);
+  };
+  const auto count = [&](const Json& j, const char* key) {
+    const int64_t n = json_int64(j.at(key), "checkpoint metadata sampler", key);
+    MMDIT_CHECK(n >= 0, "checkpoint metadata sampler: '", key, "' must be >= 0, got ", n);
+    return n;
+  };
+  try {
+    const Json rng = Json::parse(c.meta("rng"));
+    sampler = Json::parse(c.meta("sampler"));
+    t->rng_.set_state(whole(rng, "rng", "seed"), whole(rng, "rng", "counter"));
+    // Older checkpoints, and those of a trainer made without data, do not record its size.
+    if (sampler.contains("frames")) {
+      const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
+      MMDIT_CHECK(frames == t->sampler_->num_samples() && episodes == t->sampler_->num_episodes(),
+                  path, " was trained on ", frames, " frames in ", episodes,
+                  " episodes; this data has ", t->sampler_->num_samples(), " in ",
+                  t->sampler_->num_episodes(),
+                  ": resume with the run's own data, or start a new run");
+    }
+    t->sampler_->set_position(count(sampler, "epoch"), count(sampler, "offset"));
+  } catch (const Json::exception& e) {
+    fail(path, ": bad random state in the checkpoint metadata: ", e.what());
+  } catch (const Error& e) {
+    if (std::string_view(e.what()).starts_with(path)) throw;
+    fail(path, ": ", e.what());
+  }
+  return t;
+}
+
+LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
+  const CheckpointFile c = read_checkpoint(path);
+  // Only the flow objective's EulerSampler packs its weights; the regression acts unpacked, in
+  // float32, and would ignore the request.
+  MMDIT_CHECK(weights == WeightPrecision::f32 || c.config.objective == "flow", path,
+              ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
+              "weights; ", precision_name(weights),
+              " weights are for the flow objective's sampler only (load it with f32)");
+  // Every tensor, not only those loaded: save_checkpoint writes none that is not finite, so one
+  // anywhere means the file is damaged.
+  check_finite(c.file.tensors, path, "tensor");
+  const char* prefix = use_ema ? "ema/" : "param/";
+  const NamedTensors weights_in_file = c.with_prefix(prefix);
+  try {
+    LoadedPolicy p =
+        frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
+    p.obs_keys = c.obs_keys;
+    return p;
+  } catch (const Error& e) {
+    fail(path, ": tensors '", prefix, "*': ", e.what());
+  }
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& path) {
+  return parse_info(load_safetensors_metadata(path), path);
+}
+
+LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
+  NamedTensors tensors = use_ema ? ema_->params() : policy_->named_parameters();
+  for (const auto& [name, t] : policy_->named_buffers()) tensors.insert(name, t);
+  LoadedPolicy p = frozen(config_, normalizer_, step(), tensors, WeightPrecision::f32);
+  p.obs_keys = obs_keys_;
+  return p;
+}
+
+Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
+  const PolicyConfig& pc = config.policy;
+  const Shape& shape = observations_in.shape();
+  MMDIT_CHECK(observations_in.dim() == 3 && shape[0] >= 1 && shape[1] == pc.n_obs_steps &&
+                  shape[2] == pc.state_dim,
+              "act: observations have shape ", shape_str(shape), "; the policy takes (B, ",
+              pc.n_obs_steps, ", ", pc.state_dim, "), B >= 1: the last ", pc.n_obs_steps,
+              " states of each example, oldest first");
+  MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
+              dtype_name(observations_in.dtype()), "; expected float32 or float64");
+  // Checked as given: a float64 1e300 becomes inf in float32, and is named as the number it is.
+  if (const std::optional<NonFinite> bad = first_non_finite(observations_in))
+    fail("act: observation (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2], ") is ",
+         bad->value);
+  if (observations_in.dtype() == DType::f64) {
+    const std::vector<double> given = observations_in.to_vector<double>();
+    for (size_t i = 0; i < given.size(); ++i)
+      if (std::fabs(given[i]) > std::numeric_limits<float>::max()) {
+        const Shape at = unravel_index(static_cast<int64_t>(i), shape);
+        fail("act: observation (", at[0], ", ", at[1], ", ", at[2], ") is ", given[i],
+             ", past float32's range (the policy acts in float32)");
+      }
+  }
+  const Tensor observations = raw::to_dtype(observations_in, DType::f32);
+  const Tensor state = normalizer.normalize_state(observations);
+  const int64_t b = shape[0];
+  Tensor actions;
+  if (config.objective == "mse") {
+    actions = regress_actions(*policy, state);
+  } else {
+    const Tensor a0 = rng.normal({b, config.policy.horizon, config.policy.act_dim});
+    actions = (*sampler)(state, a0, &rng);
+  }
+  // A robot must not receive NaN commands: a policy whose weights or inputs overflow says so.
+  if (const std::optional<NonFinite> bad = first_non_finite(actions))
+    fail("act: the policy's action (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2],
+         ") is ", bad->value, "; the observations may be far outside the training data's range");
+  // Finite in the normalised range, the action can still overflow float32 in the data's units
+  // (a far-out action times a wide range).
+  const Tensor raw_actions = normalizer.unnormalize_action(actions);
+  if (const std::optional<NonFinite> bad = first_non_finite(raw_actions)) {
+    const Shape& i = bad->index;
+    const size_t flat = static_cast<size_t>((i[0] * pc.horizon + i[1]) * pc.act_dim + i[2]);
+    fail("act: the policy's action (", i[0], ", ", i[1], ", ", i[2], ") is ", bad->value,
+         " in the data's units (", actions.to_vector<float>()[flat],
+         " normalised): the normalizer's action statistics for dimension ", i[2],
+         " overflow float32 there");
+  }
+  return raw_actions;
+}
+
+}  // namespace mmdit

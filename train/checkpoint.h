@@ -1,0 +1,47 @@
+// A run's checkpoint read back: its metadata alone (read_checkpoint_info), or the policy for
+// acting (load_policy). Trainer::save_checkpoint and Trainer::resume write and continue one; all
+// three are in checkpoint.cc, with the file's format.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "train/config.h"
+#include "train/policy.h"
+
+namespace mmdit {
+
+// A trained policy loaded for inference, with the EMA weights by default, and the position tables
+// the checkpoint holds.
+struct LoadedPolicy {
+  TrainConfig config;
+  Normalizer normalizer;
+  std::unique_ptr<BCPolicy> policy;
+  int64_t step = 0;
+  // The HDF5 observation keys of the data it was trained on; empty when not recorded (trained on
+  // an .npz, or a checkpoint from before they were recorded).
+  std::vector<std::string> obs_keys;
+  // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
+  std::unique_ptr<EulerSampler> sampler;
+  // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
+  // The chunk starts at the oldest observation, as the training windows do: action
+  // n_obs_steps - 1 is the one for the newest observation, the first to execute. Several threads
+  // may call it at once, each with an Rng of its own.
+  Tensor act(const Tensor& observations, Rng& rng) const;
+};
+// A checkpoint's metadata, read and checked without its tensors (a large policy's file need not
+// be read to learn how to load its data).
+struct CheckpointInfo {
+  TrainConfig config;
+  int64_t step = 0;
+  std::vector<std::string> obs_keys;  // as LoadedPolicy::obs_keys
+};
+CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
+
+// `weights` other than f32 are for the flow objective's sampler: a policy of objective "mse"
+// (which regresses its actions in float32) with bf16 weights is refused.
+LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
+                         WeightPrecision weights = WeightPrecision::f32);
+
+}  // namespace mmdit
