@@ -71,47 +71,13 @@ std::string dot_escape(const std::string& s) {
 
 }  // namespace
 
-std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
-  const std::vector<Node>& nodes = tape.nodes();
-  const std::map<int64_t, Shape> leaves = leaves_of(tape);
+namespace {
 
-  std::map<int64_t, std::string> names;
-  for (const auto& [name, t] : leaf_names)
-    if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
-  // Named leaves (parameters) appear by name where they are used, relative to the node's scope
-  // when they are inside it: blocks.0.to_cond.weight in scope blocks.0 is to_cond.weight. One
-  // used elsewhere keeps its whole name (blocks.10.w in scope blocks.1 is not 0.w).
-  auto value = [&](int64_t slot, const std::string& scope) {
-    const auto found = names.find(slot);
-    if (found == names.end()) return value_name(slot);
-    const std::string& name = found->second;
-    const bool inside = !scope.empty() && name.size() > scope.size() &&
-                        name.compare(0, scope.size(), scope) == 0 && name[scope.size()] == '.';
-    return inside ? name.substr(scope.size() + 1) : name;
-  };
-
-  std::vector<std::vector<std::string>> rows;
-  rows.push_back({"#", "op", "output", "inputs", "saved", "scope"});
-  for (size_t k = 0; k < nodes.size(); ++k) {
-    const Node& n = nodes[k];
-    std::string inputs;
-    for (const NodeInput& in : n.inputs)
-      inputs +=
-          str_cat(inputs.empty() ? "" : ", ", value(in.slot, n.scope), " ", shape_str(in.shape));
-    rows.push_back(
-        {std::to_string(k), n.op,
-         str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
-         format_bytes(n.saved_bytes), n.scope});
-  }
-  std::vector<size_t> width(rows[0].size(), 0);
-  for (const auto& row : rows)
-    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
-
-  std::string out = str_cat("tape: ", nodes.size(), " nodes, ", tape.num_values(), " values, ",
-                            format_bytes(tape.saved_bytes()), " saved for backward");
-  if (backward_has_run(tape)) out += " (gradient() has run and released them)";
-  out += "\nleaves:";
-  // Unnamed leaves are listed, wrapped; named ones are only counted.
+// "leaves: %0 (2,3) %1 (3,); 4 parameters, shown by name ...": unnamed leaves listed, wrapped at
+// 100 columns; named ones only counted.
+std::string leaves_line(const std::map<int64_t, Shape>& leaves,
+                        const std::map<int64_t, std::string>& names) {
+  std::string out = "leaves:";
   size_t line_length = 7, named = 0;
   for (const auto& [slot, shape] : leaves) {
     if (names.count(slot)) {
@@ -131,7 +97,40 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
         str_cat(line_length > 7 ? ";" : "", " ", named, named == 1 ? " parameter" : " parameters",
                 ", shown by name (relative to the node's scope)");
   if (leaves.empty()) out += " none";
-  out += "\n";
+  return out + "\n";
+}
+
+// One row per node: # op output <- inputs saved scope, in aligned columns.
+std::string node_table(const Tape& tape, const std::map<int64_t, std::string>& names) {
+  // Named leaves (parameters) appear by name where they are used, relative to the node's scope
+  // when they are inside it: blocks.0.to_cond.weight in scope blocks.0 is to_cond.weight. One
+  // used elsewhere keeps its whole name (blocks.10.w in scope blocks.1 is not 0.w).
+  auto value = [&](int64_t slot, const std::string& scope) {
+    const auto found = names.find(slot);
+    if (found == names.end()) return value_name(slot);
+    const std::string& name = found->second;
+    const bool inside = !scope.empty() && name.size() > scope.size() &&
+                        name.compare(0, scope.size(), scope) == 0 && name[scope.size()] == '.';
+    return inside ? name.substr(scope.size() + 1) : name;
+  };
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"#", "op", "output", "inputs", "saved", "scope"});
+  const std::vector<Node>& nodes = tape.nodes();
+  for (size_t k = 0; k < nodes.size(); ++k) {
+    const Node& n = nodes[k];
+    std::string inputs;
+    for (const NodeInput& in : n.inputs)
+      inputs +=
+          str_cat(inputs.empty() ? "" : ", ", value(in.slot, n.scope), " ", shape_str(in.shape));
+    rows.push_back(
+        {std::to_string(k), n.op,
+         str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,
+         format_bytes(n.saved_bytes), n.scope});
+  }
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows)
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  std::string out;
   for (const auto& row : rows) {
     std::string line;
     for (size_t c = 0; c < row.size(); ++c) {
@@ -145,23 +144,27 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
     while (!line.empty() && line.back() == ' ') line.pop_back();
     out += line + "\n";
   }
+  return out;
+}
 
+// "totals: ..." and each op's count and saved bytes, most frequent first: that is where a model's
+// time and memory usually go.
+std::string op_totals(const Tape& tape, size_t num_leaves) {
   struct OpTotal {
     int64_t count = 0;
     size_t saved = 0;
   };
   std::map<std::string, OpTotal> by_op;
-  for (const Node& n : nodes) {
+  for (const Node& n : tape.nodes()) {
     by_op[n.op].count++;
     by_op[n.op].saved += n.saved_bytes;
   }
   std::vector<std::pair<std::string, OpTotal>> ops(by_op.begin(), by_op.end());
-  // Most frequent first: that is where a model's time and memory usually go.
   std::stable_sort(ops.begin(), ops.end(),
                    [](const auto& a, const auto& b) { return a.second.count > b.second.count; });
-  out +=
-      str_cat("totals: ", nodes.size(), " nodes, ", tape.num_values(), " values (", leaves.size(),
-              " leaves), ", format_bytes(tape.saved_bytes()), " saved for backward\n");
+  std::string out =
+      str_cat("totals: ", tape.nodes().size(), " nodes, ", tape.num_values(), " values (",
+              num_leaves, " leaves), ", format_bytes(tape.saved_bytes()), " saved for backward\n");
   // Several per line: a model has a few dozen op types.
   std::string line;
   for (const auto& [op, t] : ops) {
@@ -181,6 +184,20 @@ std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
                    " of leaves, ", format_bytes(memory.other), " other\n");
   }
   return out;
+}
+
+}  // namespace
+
+std::string format_tape(const Tape& tape, const NamedTensors& leaf_names) {
+  const std::map<int64_t, Shape> leaves = leaves_of(tape);
+  std::map<int64_t, std::string> names;
+  for (const auto& [name, t] : leaf_names)
+    if (tape.is_on_tape(t)) names[tape.slot_of(t)] = name;
+  std::string out = str_cat("tape: ", tape.nodes().size(), " nodes, ", tape.num_values(),
+                            " values, ", format_bytes(tape.saved_bytes()), " saved for backward");
+  if (backward_has_run(tape)) out += " (gradient() has run and released them)";
+  return out + "\n" + leaves_line(leaves, names) + node_table(tape, names) +
+         op_totals(tape, leaves.size());
 }
 
 std::string tape_to_dot(const Tape& tape, bool backward_edges) {

@@ -646,7 +646,7 @@ TEST(LeRobot, WindowsMatchNaiveIndexingForEverySample) {
   const Episodes ep = load_lerobot_npz(path);
   const int64_t n_obs = 2, horizon = 5;
   const WindowSampler sampler(ep, n_obs, horizon, 123);
-  ASSERT_EQ(sampler.num_samples(), 12);
+  ASSERT_EQ(sampler.num_frames(), 12);
 
   std::vector<int64_t> all(12);
   for (int64_t i = 0; i < 12; ++i) all[i] = i;

@@ -60,7 +60,7 @@ void Trainer::save_checkpoint(const std::string& path) const {
     const auto [epoch, offset] = sampler_->position();
     sampler = {{"epoch", epoch},
                {"offset", offset},
-               {"frames", sampler_->num_samples()},
+               {"frames", sampler_->num_frames()},
                {"episodes", sampler_->num_episodes()}};
   }
   std::map<std::string, std::string> meta = {
@@ -258,9 +258,9 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     // Older checkpoints, and those of a trainer made without data, do not record its size.
     if (sampler.contains("frames")) {
       const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
-      MMDIT_CHECK(frames == t->sampler_->num_samples() && episodes == t->sampler_->num_episodes(),
+      MMDIT_CHECK(frames == t->sampler_->num_frames() && episodes == t->sampler_->num_episodes(),
                   path, " was trained on ", frames, " frames in ", episodes,
-                  " episodes; this data has ", t->sampler_->num_samples(), " in ",
+                  " episodes; this data has ", t->sampler_->num_frames(), " in ",
                   t->sampler_->num_episodes(),
                   ": resume with the run's own data, or start a new run");
     }

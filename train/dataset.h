@@ -86,7 +86,7 @@ class WindowSampler {
   // Copies what it needs from `episodes` (validated); the sampler does not refer to it later.
   WindowSampler(const Episodes& episodes, int64_t n_obs_steps, int64_t horizon, uint64_t seed);
 
-  int64_t num_samples() const { return num_frames_; }  // = total frames N
+  int64_t num_frames() const { return num_frames_; }
   int64_t num_episodes() const { return num_episodes_; }
   int64_t n_obs_steps() const { return n_obs_; }
   int64_t horizon() const { return horizon_; }
