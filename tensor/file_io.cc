@@ -193,15 +193,17 @@ void commit_temp_file(const std::string& tmp, const std::string& path) {
 DirectoryLock::DirectoryLock(const std::string& dir)
     : fd_(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)) {
   if (fd_ < 0) fail(dir, ": cannot open the directory to lock it: ", std::strerror(errno));
-  if (lock_file(fd_, LOCK_EX | LOCK_NB) == 0 || errno == ENOLCK) return;
+  if (lock_file(fd_, LOCK_EX | LOCK_NB) == 0) return;
   const int error = errno;
   ::close(fd_);
+  fd_ = -1;
+  // Best effort, as for the temp files: a file system that cannot lock (ENOLCK, or a network
+  // file system refusing flock on a directory) goes on unlocked rather than refusing the run.
   if (error == EWOULDBLOCK) fail(dir, ": another process holds its lock");
-  fail(dir, ": cannot lock the directory: ", std::strerror(error));
 }
 
 DirectoryLock::~DirectoryLock() {
-  ::close(fd_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 std::string parent_directory(const std::string& path) {

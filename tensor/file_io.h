@@ -49,7 +49,7 @@ void remove_stale_temp_files(const std::string& path);
 
 // An exclusive flock on a directory, held while this lives: one writer at a time for a run's
 // directory. Throws, naming the directory, when another process (or another DirectoryLock here)
-// holds it. On a file system without flock (ENOLCK) nothing is locked.
+// holds it. Where the file system cannot lock it, nothing is locked.
 class DirectoryLock {
  public:
   explicit DirectoryLock(const std::string& dir);

@@ -450,7 +450,7 @@ void add_train(CLI::App& app) {
                   "train: ", o->out,
                   " received another run's checkpoint while this run was starting; "
                   "pass --overwrite to replace it");
-    else
+    else if (in_own_directory)
       MMDIT_CHECK(read_checkpoint_info(o->resume).step == trainer->step(), "train: ", o->resume,
                   " changed while this run was starting (another run saved it); resume again");
     if (o->overwrite) remove_previous_run(o->out);
