@@ -1665,6 +1665,8 @@ TEST(Cli, RefusesBadOptionsEarlyAndKeepsLogsApart) {
       test::run_mmdit(train + "--steps 1 --seed -1 --out " + dir + "/s");
   EXPECT_NE(negative_seed.status, 0);
   EXPECT_THAT(negative_seed.output, HasSubstr("--seed: must be at least 0, got -1"));
+  // -0 is 0.
+  EXPECT_EQ(test::run_mmdit(train + "--steps 1 --seed -0 --out " + dir + "/zero").status, 0);
   EXPECT_FALSE(fs::exists(dir + "/s"));
   // Decimal as written: CLI11 alone read "010" as octal 8.
   ASSERT_EQ(test::run_mmdit(train + "--steps 1 --seed 010 --out " + dir + "/decimal").status, 0);
@@ -1946,7 +1948,39 @@ TEST(Cli, ARunDirectoryIsWrittenByOneCommandAtATime) {
                 HasSubstr("demo: --out " + run + ": another process holds its lock"));
     EXPECT_THAT(test::error_of([&] { DirectoryLock again(run); }),
                 HasSubstr(run + ": another process holds its lock"));
+    write_file_atomically(dir.file("stats.json"),
+                          R"({"mode": "min_max", "state_min": [0, 0, 0], "state_max": [1, 1, 1],
+                              "action_min": [0, 0], "action_max": [1, 1]})");
+    const test::Command import =
+        test::run_mmdit("import-eqx " + std::string(MMDIT_TEST_DATA) + "/bc_train_step.eqx" +
+                        " --stats " + dir.file("stats.json") + " --out " + run);
+    EXPECT_THAT(import.output,
+                HasSubstr("import-eqx: --out " + run + ": another process holds its lock"));
+    EXPECT_TRUE(fs::is_empty(run));
   }
+  {
+    // demo writes its runs into subdirectories of --out, each locked too.
+    fs::create_directories(dir.file("d/flow"));
+    const DirectoryLock other(dir.file("d/flow"));
+    const test::Command r = test::run_mmdit("demo --demos 2 --steps 1 --out " + dir.file("d"));
+    EXPECT_NE(r.status, 0);
+    EXPECT_THAT(r.output, HasSubstr("demo: --out " + dir.file("d/flow") +
+                                    ": another process holds its lock"));
+    EXPECT_TRUE(fs::is_empty(dir.file("d/flow")));
+  }
+  // A run file that is a symbolic link is refused before the steps, not when the run saves.
+  fs::create_directories(dir.file("linked"));
+  write_file_atomically(dir.file("kept.csv"), "kept");
+  fs::create_symlink(dir.file("kept.csv"), dir.file("linked/metrics.csv"));
+  const test::Command linked =
+      test::run_mmdit("train --data " + dir.file("demos.npz") + " --out " + dir.file("linked") +
+                      " --steps 2 --threads 1 --config " + dir.file("tiny.json"));
+  EXPECT_NE(linked.status, 0);
+  EXPECT_THAT(linked.output, HasSubstr("train: --out " + dir.file("linked/metrics.csv") +
+                                       ": is a symbolic link, which a save would replace"));
+  EXPECT_THAT(linked.output, Not(HasSubstr("step ")));
+  EXPECT_EQ(fs::directory_iterator(dir.file("linked"))->path().filename(), "metrics.csv");
+  EXPECT_EQ(read_file(dir.file("kept.csv")), "kept");
   const test::Command r = test::run_mmdit(train + dir.file("tiny.json"));
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(fs::exists(run + "/checkpoint.safetensors"));

@@ -70,9 +70,10 @@ std::string to_decimal(std::string& value) {
   std::from_chars_result r = std::from_chars(digits.data(), end, number);
   if (r.ec == std::errc::invalid_argument && std::is_unsigned_v<T> && !digits.empty() &&
       digits.front() == '-') {
-    int64_t negative = 0;  // a whole number, just not one of T's
+    int64_t negative = 0;  // a whole number, just not one of T's (unless it is -0)
     r = std::from_chars(digits.data(), end, negative);
-    if (r.ptr == end) r.ec = std::errc::result_out_of_range;
+    if (r.ptr == end && r.ec == std::errc())
+      r.ec = negative == 0 ? std::errc() : std::errc::result_out_of_range;
   }
   if (digits.empty() || r.ptr != end || r.ec == std::errc::invalid_argument)
     return "must be a whole number written in decimal digits, got " + value;

@@ -211,13 +211,24 @@ void check_not_input(const std::string& output, const char* flag, const std::str
 constexpr const char* kRunFiles[] = {
     "checkpoint.safetensors", "config.json", "metrics.csv", "val.csv", "loss.svg", "rollouts.svg"};
 
-// No file the run writes into `out` may be one of the inputs (name, flag); empty ones are absent.
-void check_run_keeps_inputs(const std::string& out,
-                            const std::vector<std::pair<std::string, const char*>>& inputs,
-                            const char* command) {
-  for (const char* written : kRunFiles)
+// Before the run's work: no file the run writes into `out` may be one of the inputs (name, flag;
+// empty ones are absent), or anything but a regular file where the run's state goes (a symbolic
+// link there was refused only when the first checkpoint was saved, after the steps had run).
+void check_run_outputs(const std::string& out,
+                       const std::vector<std::pair<std::string, const char*>>& inputs,
+                       const char* command) {
+  for (const char* written : kRunFiles) {
+    const std::string path = out + "/" + written;
     for (const auto& [input, name] : inputs)
-      if (!input.empty()) check_not_input(out + "/" + written, "--out", input, name, command);
+      if (!input.empty()) check_not_input(path, "--out", input, name, command);
+    // The plots are not: one that cannot be written is a warning, the run goes on.
+    if (lowercase_extension(written) == ".svg") continue;
+    try {
+      check_replaceable(path);
+    } catch (const Error& e) {
+      fail(command, ": --out ", e.what());
+    }
+  }
 }
 
 // The run directory `out`, made if missing, locked for this command: two commands writing one run
@@ -391,12 +402,12 @@ void add_train(CLI::App& app) {
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
     }
-    check_run_keeps_inputs(o->out,
-                           {{o->data, "--data"},
-                            {o->val_data, "--val-data"},
-                            {o->stats, "--stats"},
-                            {o->flags.config_file, "--config"}},
-                           "train");
+    check_run_outputs(o->out,
+                      {{o->data, "--data"},
+                       {o->val_data, "--val-data"},
+                       {o->stats, "--stats"},
+                       {o->flags.config_file, "--config"}},
+                      "train");
     const Episodes data = load_episodes(o->data, keys);
     std::printf("data: %s, %lld episodes, %lld frames, state_dim %lld, act_dim %lld\n",
                 o->data.c_str(), (long long)data.num_episodes(), (long long)data.states.shape()[0],
@@ -453,6 +464,12 @@ void add_train(CLI::App& app) {
     else if (in_own_directory)
       MMDIT_CHECK(read_checkpoint_info(o->resume).step == trainer->step(), "train: ", o->resume,
                   " changed while this run was starting (another run saved it); resume again");
+    else
+      MMDIT_CHECK(::stat(checkpoint_path(o->out).c_str(), &st) != 0 ||
+                      same_file(checkpoint_path(o->out), o->resume),
+                  "train: ", o->out,
+                  " received another run's checkpoint while this run was starting; resume "
+                  "into an --out without a checkpoint");
     if (o->overwrite) remove_previous_run(o->out);
     const LoopResult r = run_training(*trainer, {.out_dir = o->out,
                                                  .continues_run_in_out_dir = in_own_directory,
@@ -517,12 +534,12 @@ void add_import_eqx(CLI::App& app) {
                 "config's state_min_max and action_min_max), or --data, the demonstrations it "
                 "was trained on, whose own statistics are then used");
     if (!o->data.empty()) check_obs_keys_fit(cmd, o->data, "import-eqx");
-    check_run_keeps_inputs(o->out,
-                           {{o->eqx, ".eqx file"},
-                            {o->data, "--data"},
-                            {o->stats, "--stats"},
-                            {o->flags.config_file, "--config"}},
-                           "import-eqx");
+    check_run_outputs(o->out,
+                      {{o->eqx, ".eqx file"},
+                       {o->data, "--data"},
+                       {o->stats, "--stats"},
+                       {o->flags.config_file, "--config"}},
+                      "import-eqx");
     const PolicyConfig sizes = equinox_policy_config(o->eqx);
     o->flags.read_config_file();
     TrainConfig defaults;
@@ -852,6 +869,8 @@ void add_demo(CLI::App& app) {
         (o->out + "/demos.npz").c_str());
 
     auto train_and_eval = [&](TrainConfig cfg, const std::string& dir, const char* label) {
+      check_run_outputs(dir, {}, "demo");
+      const std::unique_ptr<DirectoryLock> run_lock = lock_run_directory(dir, "demo");
       std::printf("\n== %s ==\n", label);
       Trainer trainer(cfg, data);
       std::printf("policy: %lld parameters\n", (long long)trainer.policy().num_parameters());
