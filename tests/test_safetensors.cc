@@ -669,8 +669,10 @@ TEST(Safetensors, SaveReplacesOnlyARegularFile) {
   write_file_atomically(target, "kept");
   ASSERT_EQ(::symlink("target", link.c_str()), 0);
   ASSERT_EQ(::mkdir(directory.c_str(), 0755), 0);
-  for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& path_and_kind : std::vector<std::pair<std::string, std::string>>{
            {fifo, "a FIFO"}, {link, "a symbolic link"}, {directory, "a directory"}}) {
+    // Not a structured binding: Clang 14 cannot capture one in the lambdas below.
+    const std::string &path = path_and_kind.first, &kind = path_and_kind.second;
     EXPECT_EQ(test::error_of([&] { save_safetensors(path, sample_tensors()); }),
               path + ": is " + kind +
                   ", which a save would replace with a regular file; give the path of a regular "

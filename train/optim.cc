@@ -301,7 +301,8 @@ double clip_by_global_norm(const NamedTensors& grads, double max_norm) {
   const double norm = global_norm(grads);
   const double scale = clip_scale(norm, max_norm);
   if (scale == 1.0) return norm;
-  for (const auto& [name, g] : grads) {
+  for (const auto& entry : grads) {
+    const Tensor& g = entry.second;  // not a structured binding: Clang 14 cannot capture one
     g.mark_changed();
     if (g.is_contiguous())
       visit_float_dtype(g.dtype(), [&](auto type) {
