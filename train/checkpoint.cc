@@ -319,20 +319,19 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
               " states of each example, oldest first");
   MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
               dtype_name(observations_in.dtype()), "; expected float32 or float64");
-  // Checked as given: a float64 1e300 becomes inf in float32, and is named as the number it is.
   if (const std::optional<NonFinite> bad = first_non_finite(observations_in))
     fail("act: observation (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2], ") is ",
          bad->value);
-  if (observations_in.dtype() == DType::f64) {
-    const std::vector<double> given = observations_in.to_vector<double>();
-    for (size_t i = 0; i < given.size(); ++i)
-      if (std::fabs(given[i]) > std::numeric_limits<float>::max()) {
-        const Shape at = unravel_index(static_cast<int64_t>(i), shape);
-        fail("act: observation (", at[0], ", ", at[1], ", ", at[2], ") is ", given[i],
-             ", past float32's range (the policy acts in float32)");
-      }
-  }
   const Tensor observations = raw::to_dtype(observations_in, DType::f32);
+  // Finite as given but not in float32: a float64 1e300, named as the number it is.
+  if (const std::optional<NonFinite> bad = first_non_finite(observations)) {
+    const Shape& i = bad->index;
+    const double given =
+        observations_in
+            .to_vector<double>()[static_cast<size_t>((i[0] * shape[1] + i[1]) * shape[2] + i[2])];
+    fail("act: observation (", i[0], ", ", i[1], ", ", i[2], ") is ", given,
+         ", past float32's range (the policy acts in float32)");
+  }
   const Tensor state = normalizer.normalize_state(observations);
   const int64_t b = shape[0];
   Tensor actions;

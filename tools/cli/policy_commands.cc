@@ -309,10 +309,11 @@ constexpr const char* kStatsHelp =
     "z_score), e.g. the state_min_max and action_min_max of the reference agent's config";
 
 // --stats: statistics of the user's own (the reference agent's config gives its ranges), in place
-// of the data's, before the first step.
-void use_stats_file(Trainer& trainer, const std::string& path, const char* command) {
+// of the data's. Returns use(the statistics), an error in reading or using them naming the file.
+template <class Use>
+auto with_stats_file(const std::string& path, const char* command, Use&& use) {
   try {
-    trainer.set_normalizer(Normalizer::from_json(read_file(path)));
+    return use(Normalizer::from_json(read_file(path)));
   } catch (const Error& e) {
     fail(command, ": --stats ", path, ": ", e.what());
   }
@@ -377,6 +378,11 @@ void add_train(CLI::App& app) {
     check_obs_keys_fit(cmd, o->data, "train");
     std::vector<std::string> keys = split_commas(o->obs_keys);
     std::optional<CheckpointInfo> resumed_info;
+    // --out holds a checkpoint that is not the one resumed.
+    const auto holds_other_checkpoint = [&] {
+      const std::string ckpt = checkpoint_path(o->out);
+      return ::stat(ckpt.c_str(), &st) == 0 && !same_file(ckpt, o->resume);
+    };
     if (!o->resume.empty()) {
       o->flags.check_resumable();
       MMDIT_CHECK(o->stats.empty(),
@@ -388,8 +394,7 @@ void add_train(CLI::App& app) {
       // A resumed run goes on next to its checkpoint, never over another run's.
       const std::string own_dir = parent_directory(o->resume);
       if (!cmd->count("--out")) o->out = own_dir;
-      const std::string ckpt = checkpoint_path(o->out);
-      MMDIT_CHECK(::stat(ckpt.c_str(), &st) != 0 || same_file(ckpt, o->resume), "train: ", o->out,
+      MMDIT_CHECK(!holds_other_checkpoint(), "train: ", o->out,
                   " holds another run's checkpoint; resume into the run's own "
                   "directory (",
                   own_dir, ", the default) or an --out without a checkpoint");
@@ -447,7 +452,8 @@ void add_train(CLI::App& app) {
       check_data_fits(data, o->data, config.policy, "--config " + o->flags.config_file, "train");
       trainer = std::make_unique<Trainer>(config, data);
       if (!o->stats.empty()) {
-        use_stats_file(*trainer, o->stats, "train");
+        with_stats_file(o->stats, "train",
+                        [&](const Normalizer& n) { trainer->set_normalizer(n); });
         std::printf("normalisation (%s) from %s\n", trainer->config().normalization.c_str(),
                     o->stats.c_str());
       }
@@ -465,9 +471,7 @@ void add_train(CLI::App& app) {
       MMDIT_CHECK(read_checkpoint_info(o->resume).step == trainer->step(), "train: ", o->resume,
                   " changed while this run was starting (another run saved it); resume again");
     else
-      MMDIT_CHECK(::stat(checkpoint_path(o->out).c_str(), &st) != 0 ||
-                      same_file(checkpoint_path(o->out), o->resume),
-                  "train: ", o->out,
+      MMDIT_CHECK(!holds_other_checkpoint(), "train: ", o->out,
                   " received another run's checkpoint while this run was starting; resume "
                   "into an --out without a checkpoint");
     if (o->overwrite) remove_previous_run(o->out);
@@ -550,18 +554,16 @@ void add_import_eqx(CLI::App& app) {
     std::optional<Episodes> data;
     std::unique_ptr<Trainer> trainer;
     if (o->data.empty()) {
-      Normalizer stats;
-      try {
-        stats = Normalizer::from_json(read_file(o->stats));
-        trainer = std::make_unique<Trainer>(config, stats);
-      } catch (const Error& e) {
-        fail("import-eqx: --stats ", o->stats, ": ", e.what());
-      }
+      trainer = with_stats_file(o->stats, "import-eqx", [&](const Normalizer& n) {
+        return std::make_unique<Trainer>(config, n);
+      });
     } else {
       data = load_episodes(o->data, keys);
       check_data_fits(*data, o->data, config.policy, "the .eqx file " + o->eqx, "import-eqx");
       trainer = std::make_unique<Trainer>(config, *data);
-      if (!o->stats.empty()) use_stats_file(*trainer, o->stats, "import-eqx");
+      if (!o->stats.empty())
+        with_stats_file(o->stats, "import-eqx",
+                        [&](const Normalizer& n) { trainer->set_normalizer(n); });
     }
     load_equinox(trainer->policy(), o->eqx);
     trainer->restart_ema();
