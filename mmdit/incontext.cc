@@ -51,21 +51,15 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
     NameScope scope("joint_attn");
     a = joint_attn(h, mask);
   }
-  // The norm and the feed-forward each in the scope of its own parameters, the residuals in the
-  // block's, as MMDiTBlock scopes them: `mmdit inspect` lists every op under its scope.
+  // Each norm in the scope of its parameters, the residuals in the block's, as MMDiTBlock scopes
+  // them: `mmdit inspect` lists every op under its scope.
   for (size_t m = 0; m < M; ++m) {
     x[m] = x[m] + a[m];
-    Tensor ff;
-    {
-      NameScope scope(str_cat("ff_norms.", m));
-      ff = ff_norms[m](x[m]);
-    }
-    {
-      NameScope scope(str_cat("feedforwards.", m));
-      ff = feedforwards[m](ff);
-    }
-    x[m] = x[m] + ff;
+    NameScope scope(str_cat("ff_norms.", m));
+    h[m] = ff_norms[m](x[m]);
   }
+  const std::vector<Tensor> ff = nn::feedforward_each(feedforwards, h, "feedforwards.");
+  for (size_t m = 0; m < M; ++m) x[m] = x[m] + ff[m];
   return x;
 }
 

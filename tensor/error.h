@@ -72,6 +72,17 @@ template <class... Args>
   throw Error(str_cat(args...));
 }
 
+// Names in messages: "'a', 'b'", or "none".
+inline std::string quoted_list(const std::vector<std::string>& names) {
+  if (names.empty()) return "none";
+  std::string s;
+  for (const std::string& n : names) {
+    if (!s.empty()) s += ", ";
+    s += "'" + n + "'";
+  }
+  return s;
+}
+
 // For configurations: "<who>: <field> must be positive, got <value>", and for a list the
 // entry's index too.
 inline void check_positive(const char* who, const char* field, int64_t value) {

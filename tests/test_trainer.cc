@@ -1442,9 +1442,9 @@ TEST(Trainer, NonFiniteGradientStopsBeforeTheUpdate) {
     t.save_checkpoint(dir.file("before.safetensors"));
     EXPECT_THAT([&] { t.train_step(); },
                 testing::ThrowsMessage<Error>(testing::AllOf(
-                    testing::StartsWith(
-                        "training step 6: the gradient of 'mmdit.timestep_embeds.0.linear2.weight' "
-                        "holds inf at "),
+                    testing::StartsWith("training step 6: AdamW::update: the gradient of "
+                                        "'mmdit.timestep_embeds.0.linear2.weight' "
+                                        "holds inf at "),
                     testing::EndsWith("; nothing was updated"))));
     EXPECT_EQ(t.step(), 5);
     t.save_checkpoint(dir.file("after.safetensors"));

@@ -108,9 +108,7 @@ StepStats Trainer::train_step() {
     } catch (const OutOfMemory&) {
       throw;  // named with the batch size below
     } catch (const Error& e) {
-      const std::string what = e.what(), prefix = "AdamW::update: ";
-      fail("training step ", step() + 1, ": ",
-           what.starts_with(prefix) ? what.substr(prefix.size()) : what);
+      fail("training step ", step() + 1, ": ", e.what());
     }
     return stats;
   } catch (const OutOfMemory& e) {
