@@ -621,6 +621,38 @@ TEST(LeRobot, LoadsEpisodes) {
   EXPECT_EQ(load_episodes(path).episode_starts, ep.episode_starts);
 }
 
+// A LeRobot export holds more than the three arrays a policy needs: task strings, images, a
+// README. Those are skipped unread (they used to be parsed, so a string array refused the file
+// and an image array was converted to float64 in memory).
+TEST(LeRobot, SkipsTheArraysItDoesNotUseUnread) {
+  TempDir dir;
+  std::vector<std::pair<std::string, std::string>> members;
+  for (auto& [name, bytes] : lerobot_members()) members.emplace_back(name + ".npy", bytes);
+  members.emplace_back("task.npy", npy_bytes("{'descr': '<U9', 'fortran_order': False, "
+                                             "'shape': (12,), }",
+                                             std::string(12 * 36, '\0')));
+  members.emplace_back("README.txt", "not an array");
+  const std::string path = dir.file("with_extras.npz");
+  write_zip(path, members, ZIP_CM_DEFLATE);
+  const std::string plain = dir.file("plain.npz");
+  save_npz_members(plain, lerobot_members());
+  const Episodes ep = load_lerobot_npz(path), expected = load_lerobot_npz(plain);
+  EXPECT_EQ(ep.episode_starts, expected.episode_starts);
+  expect_same(ep.states, expected.states);
+  expect_same(ep.actions, expected.actions);
+  // All arrays, as load_npz reads them by default, includes the ones it cannot read.
+  expect_error([&] { load_npz(path); }, {path, "array 'task'", "unsupported dtype"});
+  const NamedTensors picked = load_npz(path, {"action", "timestamp"});
+  EXPECT_EQ(picked.size(), 2u);
+  EXPECT_EQ(picked.at("timestamp").shape(), (Shape{12}));
+  // A missing one is named with every member of the archive.
+  members.erase(members.begin() + 1);  // action.npy
+  write_zip(path, members, ZIP_CM_STORE);
+  expect_error([&] { load_lerobot_npz(path); },
+               {path, "missing key 'action'",
+                "'observation.state', 'episode_index', 'timestamp', 'task', 'README.txt'"});
+}
+
 TEST(LeRobot, SaveRoundTrips) {
   TempDir dir;
   const std::string src = dir.file("demo.npz");
@@ -1089,10 +1121,14 @@ TEST(Robomimic, RejectsBadFiles) {
     w.group("data/demo_0");
     w.group("data/demo_0/obs");
     w.dataset("data/demo_0/obs/pos", 2, 1, {1, 2}, H5T_STD_I32LE);
+    w.dataset("data/demo_0/obs/name", 2, 1, {}, H5T_C_S1);
     w.dataset("data/demo_0/actions", 2, 1, {1, 2});
   }
-  expect_error([&] { load_robomimic_hdf5(bad_types, {"pos"}); },
-               {"'data/demo_0/obs/pos' is not floating point"});
+  // Integers are numbers too (as in the LeRobot loader); strings are not.
+  EXPECT_EQ(load_robomimic_hdf5(bad_types, {"pos"}).states.to_vector<float>(),
+            (std::vector<float>{1, 2}));
+  expect_error([&] { load_robomimic_hdf5(bad_types, {"name"}); },
+               {"'data/demo_0/obs/name' is not numeric"});
 
   const std::string dims = dir.file("dims.hdf5");
   {
@@ -1124,6 +1160,115 @@ TEST(Robomimic, RejectsBadFiles) {
     write_bytes(cut, good.substr(0, n));
     EXPECT_THROW(load_robomimic_hdf5(cut, {"pos"}), Error) << n;
   }
+}
+
+// Files that libhdf5 opens but cannot read as they stand: the message says why, in the file's
+// own terms, not only that it failed.
+TEST(Robomimic, SaysWhyAMemberCannotBeRead) {
+  TempDir dir;
+  const std::string links = dir.file("links.hdf5");
+  write_robomimic(links, {{0, 2}});
+  {
+    const hid_t file = H5Fopen(links.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(file, 0);
+    ASSERT_GE(H5Lcreate_soft("/data/nowhere", file, "data/demo_1", H5P_DEFAULT, H5P_DEFAULT), 0);
+    ASSERT_GE(H5Lcreate_external("absent.hdf5", "/data/demo_0", file, "data/demo_2", H5P_DEFAULT,
+                                 H5P_DEFAULT),
+              0);
+    H5Fclose(file);
+  }
+  expect_error([&] { load_robomimic_hdf5(links, {"pos"}); },
+               {links, "cannot open 'data/demo_1', a soft link to '/data/nowhere'"});
+  {
+    const hid_t file = H5Fopen(links.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(H5Ldelete(file, "data/demo_1", H5P_DEFAULT), 0);
+    H5Fclose(file);
+  }
+  expect_error([&] { load_robomimic_hdf5(links, {"pos"}); },
+               {links,
+                "cannot open 'data/demo_2', an external link to '/data/demo_0' in "
+                "'absent.hdf5'",
+                "(HDF5: unable to open"});
+
+  // A filter this libhdf5 does not have (h5py's lzf, say): registered only while writing.
+  const std::string filtered = dir.file("filtered.hdf5");
+  constexpr H5Z_filter_t kFilter = 32000;
+  const H5Z_class2_t pass_through = {
+      H5Z_CLASS_T_VERS,
+      kFilter,
+      1,
+      1,
+      "stand-in",
+      nullptr,
+      nullptr,
+      [](unsigned, size_t, const unsigned[], size_t bytes, size_t*, void**) { return bytes; }};
+  ASSERT_GE(H5Zregister(&pass_through), 0);
+  {
+    const hid_t file = H5Fcreate(filtered.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    for (const char* g : {"data", "data/demo_0", "data/demo_0/obs"})
+      H5Gclose(H5Gcreate2(file, g, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    const hsize_t dims[2] = {2, 1};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    const hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(plist, 2, dims);
+    H5Pset_filter(plist, kFilter, H5Z_FLAG_MANDATORY, 0, nullptr);
+    const float values[2] = {1, 2};
+    for (const char* name : {"data/demo_0/obs/pos", "data/demo_0/actions"}) {
+      const hid_t set =
+          H5Dcreate2(file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, plist, H5P_DEFAULT);
+      ASSERT_GE(H5Dwrite(set, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, values), 0);
+      H5Dclose(set);
+    }
+    H5Pclose(plist);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  ASSERT_GE(H5Zunregister(kFilter), 0);
+  expect_error([&] { load_robomimic_hdf5(filtered, {"pos"}); },
+               {filtered, "cannot read 'data/demo_0/actions'",
+                "(HDF5: required filter 'stand-in' is not registered)"});
+
+  // A virtual dataset reads what its sources lack as zeros: refused, naming what it is.
+  const std::string source = dir.file("source.hdf5"), virtual_file = dir.file("virtual.hdf5");
+  write_robomimic(source, {{0, 2}});
+  write_robomimic(virtual_file, {{0, 2}, {1, 2}});
+  {
+    const hid_t file = H5Fopen(virtual_file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(H5Ldelete(file, "data/demo_1/actions", H5P_DEFAULT), 0);
+    const hsize_t dims[2] = {2, 3};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    const hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    ASSERT_GE(H5Pset_virtual(plist, space, source.c_str(), "data/demo_0/actions", space), 0);
+    const hid_t set = H5Dcreate2(file, "data/demo_1/actions", H5T_IEEE_F64LE, space, H5P_DEFAULT,
+                                 plist, H5P_DEFAULT);
+    ASSERT_GE(set, 0);
+    H5Dclose(set);
+    H5Pclose(plist);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  expect_error([&] { load_robomimic_hdf5(virtual_file, {"pos"}); },
+               {virtual_file, "'data/demo_1/actions' is a virtual dataset", "not supported"});
+}
+
+// Demos are ordered by number: a name whose number cannot be ordered is refused, not dropped.
+TEST(Robomimic, RefusesDemoNumbersThatGiveNoOrder) {
+  TempDir dir;
+  const std::string path = dir.file("numbers.hdf5");
+  write_robomimic(path, {{0, 2}, {7, 2}});
+  const auto rename = [&](const char* from, const char* to) {
+    const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(H5Lmove(file, from, file, to, H5P_DEFAULT, H5P_DEFAULT), 0);
+    H5Fclose(file);
+  };
+  rename("data/demo_0", "data/demo_007");
+  expect_error([&] { load_robomimic_hdf5(path, {"pos"}); },
+               {path, "demos 'demo_007' and 'demo_7' have the same number"});
+  rename("data/demo_007", "data/demo_99999999999999999999");
+  expect_error([&] { load_robomimic_hdf5(path, {"pos"}); },
+               {path, "demo 'demo_99999999999999999999' has a number too large"});
+  rename("data/demo_99999999999999999999", "data/demo_9223372036854775807");
+  EXPECT_EQ(load_robomimic_hdf5(path, {"pos"}).episode_starts, (std::vector<int64_t>{0, 2, 4}));
 }
 
 // ---- statistics ----

@@ -138,7 +138,7 @@ Episodes load_lerobot_arrays(const NamedTensors& arrays, const std::string& what
 }
 
 Episodes load_lerobot_npz(const std::string& path) {
-  return load_lerobot_arrays(load_npz(path), path);
+  return load_lerobot_arrays(load_npz(path, {kStateKey, kActionKey, kEpisodeKey}), path);
 }
 
 void save_lerobot_npz(const std::string& path, const Episodes& episodes) {

@@ -45,7 +45,7 @@ void validate_episodes(const Episodes& episodes, const std::string& what);
 // `episode_index` (N,), integer-valued (any numeric dtype). Each episode must be one contiguous
 // run of frames; the index values need not start at 0 or be increasing, but a value may not
 // reappear after another episode. States and actions are converted to float32 and must be
-// finite. Other keys are ignored.
+// finite. Other keys are ignored (load_lerobot_npz does not read them).
 Episodes load_lerobot_npz(const std::string& path);
 Episodes load_lerobot_arrays(const NamedTensors& arrays, const std::string& what);
 // Writes observation.state and action (float32) and episode_index (int64, episodes numbered
@@ -53,10 +53,11 @@ Episodes load_lerobot_arrays(const NamedTensors& arrays, const std::string& what
 void save_lerobot_npz(const std::string& path, const Episodes& episodes);
 
 // robomimic-style HDF5: groups data/demo_<i>, taken in numeric order of i (demo_2 before
-// demo_10; links in `data` not named demo_<digits> are ignored), each with obs/<key> datasets of
+// demo_10; two of one number, demo_7 and demo_007, are refused; links in `data` not named
+// demo_<digits> are ignored, as is robomimic's `mask` group), each with obs/<key> datasets of
 // shape (T, d) (or (T,), taken as d = 1) and an `actions` dataset (T, act_dim); any
-// floating-point type, read as float32. With several obs_keys the observations are
-// concatenated along the feature axis in the given order.
+// floating-point or integer type, read as float32. Virtual datasets are refused. With several
+// obs_keys the observations are concatenated along the feature axis in the given order.
 Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::string>& obs_keys);
 
 // By extension (case-insensitive): .npz -> LeRobot (obs_keys unused), .hdf5 / .h5 -> robomimic.
@@ -70,7 +71,8 @@ struct NormStats {
 };
 NormStats compute_stats(const Tensor& data);
 
-// One training sample per time step t of every episode, as LeRobot's delta timestamps give it:
+// One training sample per time step t of every episode (LeRobot's diffusion policy leaves out the
+// last drop_n_last_frames = 7 of each), as LeRobot's delta timestamps give it:
 // observation indices t-n_obs+1 .. t, action indices t-n_obs+1 .. t-n_obs+horizon (LeRobot
 // diffusion policy: observation_delta_indices = range(1-n_obs, 1), action_delta_indices =
 // range(1-n_obs, 1-n_obs+horizon)). Indices outside the episode are clamped to its first/last

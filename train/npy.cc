@@ -547,6 +547,10 @@ void save_npy(const std::string& path, const Tensor& t) {
 }
 
 NamedTensors load_npz(const std::string& path) {
+  return load_npz(path, {});
+}
+
+NamedTensors load_npz(const std::string& path, const std::vector<std::string>& keys) {
   {
     // libzip opens a zero-byte file as an empty archive; for a dataset that is a mistake.
     struct stat st {};
@@ -565,6 +569,8 @@ NamedTensors load_npz(const std::string& path) {
   if (count < 0) fail(path, ": cannot list the archive's members");
   NamedTensors arrays;
   std::set<std::string> names;
+  std::vector<std::string> members;  // every array's name, for a missing key's message
+  const std::set<std::string> wanted(keys.begin(), keys.end());
   for (zip_int64_t i = 0; i < count; ++i) {
     const auto index = static_cast<zip_uint64_t>(i);
     zip_stat_t st;
@@ -575,10 +581,14 @@ NamedTensors load_npz(const std::string& path) {
     const std::string member = st.name;
     if (!member.empty() && member.back() == '/') continue;  // a directory entry
     constexpr std::string_view kSuffix = ".npy";
-    if (member.size() < kSuffix.size() ||
-        std::string_view(member).substr(member.size() - kSuffix.size()) != kSuffix)
-      fail(path, ": archive member '", printable(member), "' is not a .npy file");
-    const std::string name = member.substr(0, member.size() - kSuffix.size());
+    const bool is_npy =
+        member.size() >= kSuffix.size() && std::string_view(member).ends_with(kSuffix);
+    const std::string name = is_npy ? member.substr(0, member.size() - kSuffix.size()) : member;
+    if (!wanted.empty()) {
+      members.push_back(printable(name));
+      if (!wanted.contains(name)) continue;  // not read at all
+    }
+    if (!is_npy) fail(path, ": archive member '", printable(member), "' is not a .npy file");
     const std::string what = str_cat(path, ": array '", printable(name), "'");
     if (!names.insert(name).second) fail(what, ": appears twice in the archive");
 
@@ -616,6 +626,9 @@ NamedTensors load_npz(const std::string& path) {
            " (archive truncated?)");
     arrays.insert(name, parse_npy(bytes.data(), bytes.size(), what));
   }
+  for (const std::string& key : keys)
+    if (!arrays.contains(key))
+      fail(path, ": missing key '", printable(key), "' (keys present: ", quoted_list(members), ")");
   return arrays;
 }
 

@@ -38,6 +38,10 @@ Tensor load_npy(const std::string& path);
 // "observation.state"). Members that are not .npy files are rejected; directory entries are
 // skipped.
 NamedTensors load_npz(const std::string& path);
+// Only the arrays named in `keys`, each required (a missing one is named with the archive's
+// arrays). Other members are skipped unread, whatever they hold: a dataset's images or strings
+// cost nothing when only its state is wanted.
+NamedTensors load_npz(const std::string& path, const std::vector<std::string>& keys);
 
 void save_npy(const std::string& path, const Tensor& t);
 void save_npz(const std::string& path, const NamedTensors& arrays);

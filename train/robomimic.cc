@@ -1,6 +1,6 @@
-// robomimic-style HDF5 demonstrations (load_robomimic_hdf5 in train/dataset.h): the reader
-// keeps to what a malformed or truncated file can do to libhdf5, and says which file, demo and
-// key a problem is in.
+// robomimic-style HDF5 demonstrations: load_robomimic_hdf5, declared in train/dataset.h. Files are
+// untrusted: the reader checks what libhdf5 would trust (declared extents, storage never written)
+// and names the file, demo and key of every problem.
 #include <hdf5.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -107,25 +107,51 @@ class FileFaultMessage {
   static inline struct sigaction replaced_[kSignals.size()] = {};
 };
 
-// What HDF5's error stack says about the last failed call, innermost cause last ("unable to
-// lock file, errno = 11, ..."): its automatic printing is off, so messages carry it instead.
+// What HDF5's error stack says about the last failed call: its innermost cause ("unable to lock
+// file, errno = 11, ..."), its automatic printing being off. The plugin loader's entries are left
+// out: after "required filter 'lzf' is not registered" it adds where it looked for one.
 std::string hdf5_cause() {
   std::string cause;
   H5Ewalk2(
       H5E_DEFAULT, H5E_WALK_DOWNWARD,
       [](unsigned, const H5E_error2_t* e, void* out) -> herr_t {
-        if (e->desc && *e->desc) *static_cast<std::string*>(out) = e->desc;
+        const bool plugin_search =
+            e->func_name && std::string_view(e->func_name).starts_with("H5PL");
+        if (e->desc && *e->desc && !plugin_search) *static_cast<std::string*>(out) = e->desc;
         return 0;
       },
       &cause);
   return cause.empty() ? std::string() : " (HDF5: " + cause + ")";
 }
 
+// The message for a member that H5Oopen could not open: a link to elsewhere says where it leads.
+[[noreturn]] void fail_to_open(hid_t loc, const std::string& name, const std::string& what,
+                               const std::string& label) {
+  const std::string cause = hdf5_cause();
+  H5L_info_t info;
+  std::string target;
+  if (H5Lget_info(loc, name.c_str(), &info, H5P_DEFAULT) >= 0 && info.type != H5L_TYPE_HARD &&
+      info.u.val_size > 0 && info.u.val_size < (1 << 20)) {
+    std::vector<char> value(info.u.val_size);
+    if (H5Lget_val(loc, name.c_str(), value.data(), value.size(), H5P_DEFAULT) >= 0) {
+      const char *file = nullptr, *object = nullptr;
+      if (info.type == H5L_TYPE_SOFT)
+        target = str_cat(", a soft link to '",
+                         std::string(value.data(), strnlen(value.data(), value.size())), "'");
+      else if (info.type == H5L_TYPE_EXTERNAL &&
+               H5Lunpack_elink_val(value.data(), value.size(), nullptr, &file, &object) >= 0 &&
+               file && object)
+        target = str_cat(", an external link to '", object, "' in '", file, "'");
+    }
+  }
+  fail(what, ": cannot open '", label, "'", target, cause);
+}
+
 // Opens `name` in `loc` as a group; `label` is its path for messages.
 H5Handle open_group(hid_t loc, const std::string& name, const std::string& what,
                     const std::string& label) {
   const hid_t obj = H5Oopen(loc, name.c_str(), H5P_DEFAULT);
-  if (obj < 0) fail(what, ": cannot open '", label, "'");
+  if (obj < 0) fail_to_open(loc, name, what, label);
   H5Handle handle(obj, H5Oclose);
   if (H5Iget_type(obj) != H5I_GROUP) fail(what, ": '", label, "' is not a group");
   return handle;
@@ -140,11 +166,11 @@ struct Matrix {
 Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
                    const std::string& label) {
   const hid_t obj = H5Oopen(loc, name.c_str(), H5P_DEFAULT);
-  if (obj < 0) fail(what, ": cannot open '", label, "'");
+  if (obj < 0) fail_to_open(loc, name, what, label);
   H5Handle object(obj, H5Oclose);
   if (H5Iget_type(obj) != H5I_DATASET) fail(what, ": '", label, "' is not a dataset");
   H5Handle dataset(H5Dopen2(loc, name.c_str(), H5P_DEFAULT), H5Dclose);
-  if (!dataset.valid()) fail(what, ": cannot open dataset '", label, "'");
+  if (!dataset.valid()) fail(what, ": cannot open dataset '", label, "'", hdf5_cause());
   H5Handle space(H5Dget_space(dataset.get()), H5Sclose);
   if (!space.valid()) fail(what, ": cannot read the shape of '", label, "'");
   const int rank = H5Sget_simple_extent_ndims(space.get());
@@ -157,21 +183,29 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
     fail(what, ": cannot read the shape of '", label, "'");
   H5Handle type(H5Dget_type(dataset.get()), H5Tclose);
   if (!type.valid()) fail(what, ": cannot read the type of '", label, "'");
-  if (H5Tget_class(type.get()) != H5T_FLOAT)
-    fail(what, ": '", label, "' is not floating point; expected float32 or float64");
+  // Integers are read as float32 too, as the LeRobot loader reads them (a gripper's open/closed).
+  const H5T_class_t type_class = H5Tget_class(type.get());
+  if (type_class != H5T_FLOAT && type_class != H5T_INTEGER)
+    fail(what, ": '", label, "' is not numeric; expected floating-point or integer numbers");
 
   // HDF5 reads storage that was never written as the fill value (zeros), so a file an
   // interrupted writer left would load as demonstrations of zeros; and a corrupt header can
   // declare any extent, which would be allocated before the read fails. What is stored must
   // cover what is declared.
   if (dims[0] > 0 && dims[1] > 0) {
+    H5Handle plist(H5Dget_create_plist(dataset.get()), H5Pclose);
+    if (!plist.valid()) fail(what, ": cannot read the storage of '", label, "'");
+    // A virtual dataset stores nothing itself, and reads what its source files do not hold as
+    // the fill value: with a source missing, zeros.
+    if (H5Pget_layout(plist.get()) == H5D_VIRTUAL)
+      fail(what, ": '", label,
+           "' is a virtual dataset (its data is in other files), which is not supported; store "
+           "the data in the file itself");
     H5D_space_status_t status;
     if (H5Dget_space_status(dataset.get(), &status) < 0)
       fail(what, ": cannot read the storage of '", label, "'");
     if (status == H5D_SPACE_STATUS_NOT_ALLOCATED)
       fail(what, ": '", label, "' holds no stored data (never written; is the file complete?)");
-    H5Handle plist(H5Dget_create_plist(dataset.get()), H5Pclose);
-    if (!plist.valid()) fail(what, ": cannot read the storage of '", label, "'");
     // For a chunked dataset libhdf5 1.10 reports "part allocated" whenever the bytes stored are
     // not rows x cols x element: always when compressed, and when the last chunk sticks out past
     // the extent. The chunks written are counted instead.
@@ -227,15 +261,16 @@ Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
   return m;
 }
 
-// The numeric suffix of "demo_<digits>", or -1.
-int64_t demo_number(const std::string& name) {
+// The number of a group named "demo_<digits>", or -1 for any other name.
+int64_t demo_number(const std::string& name, const std::string& what) {
   constexpr std::string_view kPrefix = "demo_";
-  if (name.size() <= kPrefix.size() || name.compare(0, kPrefix.size(), kPrefix) != 0) return -1;
+  if (name.size() <= kPrefix.size() || !name.starts_with(kPrefix)) return -1;
   int64_t n = 0;
   for (size_t i = kPrefix.size(); i < name.size(); ++i) {
     const char c = name[i];
     if (c < '0' || c > '9') return -1;
-    if (n > (std::numeric_limits<int64_t>::max() - (c - '0')) / 10) return -1;
+    if (n > (std::numeric_limits<int64_t>::max() - (c - '0')) / 10)
+      fail(what, ": demo '", name, "' has a number too large to order the demos by");
     n = n * 10 + (c - '0');
   }
   return n;
@@ -272,11 +307,15 @@ Episodes load_robomimic_hdf5(const std::string& path, const std::vector<std::str
   const H5Handle data = open_group(file.get(), "data", path, "data");
   std::vector<std::pair<int64_t, std::string>> demos;
   for (const std::string& name : link_names(data.get()))
-    if (const int64_t i = demo_number(name); i >= 0) demos.emplace_back(i, name);
+    if (const int64_t i = demo_number(name, path); i >= 0) demos.emplace_back(i, name);
   if (demos.empty())
     fail(path, ": no demo_<i> groups in 'data' (members: ", quoted_list(link_names(data.get())),
          ")");
   std::sort(demos.begin(), demos.end());
+  for (size_t i = 1; i < demos.size(); ++i)
+    if (demos[i].first == demos[i - 1].first)
+      fail(path, ": demos '", demos[i - 1].second, "' and '", demos[i].second,
+           "' have the same number, so their order is not known");
 
   std::vector<float> states, actions;
   std::vector<int64_t> starts = {0};
