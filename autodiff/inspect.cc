@@ -120,8 +120,9 @@ std::string node_table(const Tape& tape, const std::map<int64_t, std::string>& n
     const Node& n = nodes[k];
     std::string inputs;
     for (const NodeInput& in : n.inputs)
-      inputs +=
-          str_cat(inputs.empty() ? "" : ", ", value(in.slot, n.scope), " ", shape_str(in.shape));
+      inputs += str_cat(inputs.empty() ? "" : ", ",
+                        in.absent ? std::string("none")
+                                  : str_cat(value(in.slot, n.scope), " ", shape_str(in.shape)));
     rows.push_back(
         {std::to_string(k), n.op,
          str_cat("%", n.output, " ", shape_str(n.output_shape), " ", short_dtype(n.dtype)), inputs,

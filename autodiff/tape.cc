@@ -46,8 +46,9 @@ std::string describe_inputs(const Node& node) {
   std::string s;
   for (const NodeInput& in : node.inputs) {
     if (!s.empty()) s += ", ";
-    s += str_cat(in.slot >= 0 ? str_cat("%", in.slot) : std::string("const"), " ",
-                 shape_str(in.shape));
+    s += in.absent ? std::string("none")
+                   : str_cat(in.slot >= 0 ? str_cat("%", in.slot) : std::string("const"), " ",
+                             shape_str(in.shape));
   }
   return s;
 }
@@ -86,6 +87,12 @@ void check_saved_unchanged(const Node& node, size_t index) {
   for (size_t i = 0; i < node.saved.size(); ++i) {
     const Tensor& t = node.saved[i];
     if (!t.defined()) continue;
+    MMDIT_CHECK(node.saved_storages[i].lock() == t.impl().storage, "gradient: ", node.op, " (",
+                where_recorded(node, index), ") saved a ", shape_str(t.shape()), " ",
+                dtype_name(t.dtype()), " tensor for its backward (saved tensor ", i,
+                "), and its storage was replaced after the op ran (by Module::to, or a load that "
+                "changed its dtype); its gradient would be computed from the new values. Convert "
+                "a model before recording, or record the computation again on a new Tape");
     const uint64_t now = t.impl().storage->version();
     MMDIT_CHECK(now == node.saved_versions[i], "gradient: ", node.op, " (",
                 where_recorded(node, index), ") saved a ", shape_str(t.shape()), " ",
@@ -331,7 +338,13 @@ void Tape::run_backward(Node& node, size_t index, const Tensor& g, const std::ve
   }
   for (size_t i = 0; i < node.inputs.size(); ++i) {
     const Tensor& gi = ctx.input_grads()[i];
-    if (!gi.defined()) continue;
+    if (!needs[i]) continue;
+    // Left unset, the input's gradient would be a silent zero: a backward that forgot it.
+    MMDIT_CHECK(gi.defined(), "gradient: the backward of ", node.op, " (",
+                where_recorded(node, index), ") gave no gradient to its input ", i, " (%",
+                node.inputs[i].slot, " ", shape_str(node.inputs[i].shape),
+                "), which needs one; set it with ctx.input(", i,
+                ", ...), with zeros where that is its gradient");
     if (g_anomaly) {
       const std::string bad = describe_non_finite(gi);
       // Every gradient reaching this node was checked when it was made, so the first
@@ -353,6 +366,7 @@ void release_saved(Node& node) {
   node.saved.clear();
   node.saved.shrink_to_fit();
   node.saved_versions = {};
+  node.saved_storages = {};
   node.saved_bytes = 0;
   node.backward = nullptr;
 }
@@ -479,10 +493,13 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
                std::span<const Tensor> saved, BackwardFn backward) {
   Node node;
   node.op = op;
-  for (const Tensor& t : inputs) node.inputs.push_back({tape.slot_of(t), t.shape(), t.dtype()});
+  for (const Tensor& t : inputs)
+    node.inputs.push_back(t.defined() ? NodeInput{tape.slot_of(t), t.shape(), t.dtype()}
+                                      : NodeInput{-1, {}, DType::f32, /*absent=*/true});
   node.saved.assign(saved.begin(), saved.end());
   for (const Tensor& t : saved) {
     node.saved_versions.push_back(t.defined() ? t.impl().storage->version() : 0);
+    node.saved_storages.push_back(t.defined() ? t.impl().storage : nullptr);
     if (t.defined()) node.saved_bytes += t.nbytes();
   }
   node.backward = std::move(backward);

@@ -36,18 +36,20 @@ struct NodeInput {
   int64_t slot;  // value slot; -1 for a constant
   Shape shape;
   DType dtype;
+  bool absent = false;  // an undefined Tensor given for an optional input (a bias left out)
 };
 
 struct Node {
-  const char* op;
+  std::string op;  // a copy: record() may be given a name built at run time
   std::vector<NodeInput> inputs;
   int64_t output;  // value slot of the result
   Shape output_shape;
   DType dtype;
   std::vector<Tensor> saved;  // what backward reads; released as soon as it has run
-  // Each saved tensor's Storage::version() when the op ran: backward refuses to read one that
-  // was changed in place since.
+  // Each saved tensor's storage and its Storage::version() when the op ran: backward refuses to
+  // read one that was changed in place since, or whose storage was replaced (Module::to).
   std::vector<uint64_t> saved_versions;
+  std::vector<std::weak_ptr<Storage>> saved_storages;
   size_t saved_bytes = 0;
   BackwardFn backward;
   std::string scope;  // the NameScope active when the op ran, e.g. "blocks.0.joint_attn"
@@ -72,7 +74,10 @@ class SavedTensors {
 };
 
 // What a node's backward function sees: the gradient of its output, the tensors it saved, and
-// where to put the gradient of each input.
+// where to put the gradient of each input. The gradient and the saved tensors may be views
+// (transposed, sliced, or broadcast with stride 0): the raw:: kernels read any layout, and a
+// loop over data<T>() needs raw::contiguous() first. Every input that needs a gradient must be
+// given one (zeros where that is the gradient), or Tape::gradient throws naming the op.
 class Backward {
  public:
   Backward(const Node& node, const Tensor& grad, const std::vector<bool>& needs)
@@ -116,8 +121,10 @@ class Tape {
 
   // d(sum(y * cotangent)) / d(each of wrt). A scalar y needs no cotangent. Every wrt must be on
   // this tape; those y does not depend on get zeros (all of them if y was never recorded: it is
-  // a constant). A y recorded on another tape is an error. Consumes the tape: saved tensors are
-  // released as backward goes, so gradient() can run once.
+  // a constant). A parameter the forward never read (a tensor a module holds but did not
+  // register, or reassigned after registering it) gets zeros the same way. A y recorded on another
+  // tape is an error. Consumes the tape: saved tensors are released as backward goes, so gradient()
+  // can run once.
   std::vector<Tensor> gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                const Tensor& cotangent = Tensor());
 
@@ -219,8 +226,9 @@ Node make_node(const char* op, const Tape& tape, std::span<const Tensor> inputs,
 }  // namespace detail
 
 // Appends the node for `out = op(inputs)` to the active tape if any input is on it, and returns
-// `out` (now with a slot). `saved` are the tensors `backward` will read. Without a tape nothing
-// is allocated: the backward closure is only wrapped when it is kept.
+// `out` (now with a slot). `saved` are the tensors `backward` will read. An input may be an
+// undefined Tensor (an optional one left out); it gets no gradient. Without a tape nothing is
+// allocated: the backward closure is only wrapped when it is kept.
 template <class F>
 Tensor record(const char* op, Tensor out, std::span<const Tensor> inputs,
               std::span<const Tensor> saved, F&& backward) {

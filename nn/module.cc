@@ -1,17 +1,37 @@
 #include "nn/module.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "tensor/ops.h"
 
 namespace mmdit::nn {
 
+void Module::check_new_name(const std::string& name, const char* kind) const {
+  MMDIT_CHECK(!name.empty() && name.find('.') == std::string::npos, "Module: cannot register a ",
+              kind, " named '", name, "': a name is one non-empty component, without '.'");
+  const auto taken = [&](const auto& list) {
+    return std::any_of(list.begin(), list.end(),
+                       [&](const auto& entry) { return entry.first == name; });
+  };
+  const char* holder = taken(parameters_) ? "parameter"
+                       : taken(buffers_)  ? "buffer"
+                       : taken(children_) ? "module"
+                                          : nullptr;
+  MMDIT_CHECK(!holder, "Module: cannot register a ", kind, " named '", name,
+              "': this module already has a ", holder, " of that name");
+}
+
 Tensor Module::register_parameter(const std::string& name, Tensor t) {
+  check_new_name(name, "parameter");
+  MMDIT_CHECK(t.defined(), "Module: parameter '", name, "' is an undefined tensor");
   parameters_.emplace_back(name, t);
   return t;
 }
 
 Tensor Module::register_buffer(const std::string& name, Tensor t) {
+  check_new_name(name, "buffer");
+  MMDIT_CHECK(t.defined(), "Module: buffer '", name, "' is an undefined tensor");
   buffers_.emplace_back(name, t);
   return t;
 }

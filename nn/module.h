@@ -3,8 +3,10 @@
 // the names the reference's parity files use.
 //
 // A module holds Tensor handles that share their TensorImpl with its registry, so conversions
-// and loads happen in place and every handle sees them. Modules are neither copyable nor
-// movable: children register by address.
+// and loads happen in place and every handle sees them. A handle assigned a new tensor after
+// registering leaves the registry behind (the forward would read a tensor no optimiser, load or
+// checkpoint sees), as would a tensor or child never registered: register every one, once.
+// Modules are neither copyable nor movable: children register by address.
 #pragma once
 
 #include <memory>
@@ -43,11 +45,16 @@ class Module {
   Tensor register_buffer(const std::string& name, Tensor t);
   template <class M>
   M& register_module(const std::string& name, M& child) {
+    check_new_name(name, "module");
     children_.emplace_back(name, &child);
     return child;
   }
 
  private:
+  // A name is one non-empty path component, not yet taken by a parameter, buffer or child: a
+  // clash ("w" twice, or "lin.weight" beside a child "lin") would otherwise surface only when
+  // the names are collected, without saying which module made it.
+  void check_new_name(const std::string& name, const char* kind) const;
   void collect(const std::string& prefix, bool buffers, NamedTensors& out) const;
   const Tensor* first_parameter() const;  // in named_parameters() order
   std::vector<std::pair<std::string, Tensor>> parameters_;

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "autodiff/inspect.h"
 #include "autodiff/ops.h"
 #include "autodiff/tape.h"
 #include "autodiff/value_and_grad.h"
@@ -59,7 +60,7 @@ TEST(AutodiffTape, NothingIsRecordedWithoutAWatchedInput) {
   Tensor d = c * w;
   EXPECT_TRUE(tape.is_on_tape(d));
   ASSERT_EQ(tape.nodes().size(), 1u);
-  EXPECT_STREQ(tape.nodes()[0].op, "mul");
+  EXPECT_EQ(tape.nodes()[0].op, "mul");
   ASSERT_EQ(tape.nodes()[0].inputs.size(), 2u);
   EXPECT_EQ(tape.nodes()[0].inputs[0].slot, -1);
   EXPECT_EQ(tape.nodes()[0].inputs[1].slot, tape.slot_of(w));
@@ -571,7 +572,7 @@ TEST(AutodiffGradient, NameScopesNameNodes) {
   EXPECT_EQ(NameScope::current(), "");
   ASSERT_EQ(tape.nodes().size(), 4u);
   EXPECT_EQ(tape.nodes()[0].scope, "a");
-  EXPECT_STREQ(tape.nodes()[1].op, "mul");
+  EXPECT_EQ(tape.nodes()[1].op, "mul");
   EXPECT_EQ(tape.nodes()[1].scope, "a.b");
   EXPECT_EQ(tape.nodes()[2].scope, "a");
   EXPECT_EQ(tape.nodes()[3].scope, "");
@@ -591,7 +592,7 @@ TEST(AutodiffGradient, RecordWithACustomBackward) {
         ctx.input(1, [&] { return ctx.grad; });
       });
   ASSERT_EQ(tape.nodes().size(), 1u);
-  EXPECT_STREQ(tape.nodes()[0].op, "triple_plus");
+  EXPECT_EQ(tape.nodes()[0].op, "triple_plus");
   EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), (std::vector<double>{3, 3}));
   EXPECT_FALSE(constant_needed);
 }
@@ -640,6 +641,62 @@ TEST(AutodiffGradient, MistakesInACustomBackwardNameTheOp) {
     ctx.input(0, [&] { return raw::broadcast_to(raw::mul_scalar(ctx.grad, 2), {2, 3}); });
   });
   EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), (std::vector<double>{4, 4, 4}));
+}
+
+// A contributor's backward that forgot an input returned zeros for it without a word; an
+// optional input left undefined could not be recorded; a name built at run time dangled.
+TEST(AutodiffGradient, CustomOpsAreCheckedWhereTheyWereSilent) {
+  const Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
+  const Tensor b = from_vector(std::vector<double>{0.5, -1, 2}, {3});
+  {
+    Tape tape;
+    tape.watch(x);
+    tape.watch(b);
+    Tensor y = record("mul_forgets_b", raw::mul(x, b), {x, b}, {x, b}, [](Backward& ctx) {
+      ctx.input(0, [&] { return raw::mul(ctx.grad, ctx.saved[1]); });
+    });
+    EXPECT_THAT(error_of([&] {
+                  tape.gradient(sum(y), {x, b});
+                }),
+                HasSubstr("gradient: the backward of mul_forgets_b (node 0, recorded in scope "
+                          "'<root>') gave no gradient to its input 1 (%1 (3,)), which needs one"));
+  }
+  // An input that needs no gradient (b is not watched) may be left alone.
+  {
+    Tape tape;
+    tape.watch(x);
+    Tensor y = record("mul_forgets_b", raw::mul(x, b), {x, b}, {x, b}, [](Backward& ctx) {
+      ctx.input(0, [&] { return raw::mul(ctx.grad, ctx.saved[1]); });
+    });
+    EXPECT_EQ(values(tape.gradient(sum(y), {x})[0]), values(b));
+  }
+  // scale_shift(x, s, shift) with the shift optional, recorded with the shift left undefined.
+  const auto scale_shift = [](const Tensor& x, const Tensor& s, const Tensor& shift) {
+    Tensor out = raw::mul(x, s);
+    if (shift.defined()) out = raw::add(out, shift);
+    return record("scale_shift", out, {x, s, shift}, {x, s}, [](Backward& ctx) {
+      ctx.input(0, [&] { return raw::mul(ctx.grad, ctx.saved[1]); });
+      ctx.input(1, [&] { return raw::mul(ctx.grad, ctx.saved[0]); });
+      ctx.input(2, [&] { return ctx.grad; });
+    });
+  };
+  {
+    Tape tape;
+    tape.watch(b);
+    Tensor y = scale_shift(x, b, Tensor());
+    EXPECT_THAT(format_tape(tape), HasSubstr("%0 (3,), none"));
+    EXPECT_EQ(values(tape.gradient(sum(y), {b})[0]), values(x));
+  }
+  // The op's name is copied when the node is recorded.
+  {
+    Tape tape;
+    tape.watch(x);
+    std::string name(40, 'n');
+    record(name.c_str(), raw::mul_scalar(x, 2), {x}, {},
+           [](Backward& ctx) { ctx.input(0, [&] { return raw::mul_scalar(ctx.grad, 2); }); });
+    name.assign(40, 'x');
+    EXPECT_EQ(tape.nodes()[0].op, std::string(40, 'n'));
+  }
 }
 
 // ---- value_and_grad ----

@@ -150,7 +150,7 @@ TEST(ReadmeAutodiffInOneScreen, ValueAndGradAndTheTape) {
     Tape tape;
     tape.watch(x);
     Tensor y = sin(x) * x;
-    std::vector<Tensor> g = tape.gradient(y, {x}, /*cotangent=*/ones(y.shape()));
+    std::vector<Tensor> g = tape.gradient(y, {x}, /*cotangent=*/ones(y.shape(), y.dtype()));
 
     // d(x sin x)/dx = sin x + x cos x
     const std::vector<float> got = g[0].to_vector<float>();

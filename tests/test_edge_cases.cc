@@ -552,6 +552,60 @@ TEST(EdgeModule, LoadingABufferAsAParameterSaysHowToLoadIt) {
   EXPECT_EQ(values(m.table), std::vector<double>(4, 0.0));
 }
 
+// Two parameters of one name, or a parameter named like a child's, were accepted and refused
+// only when the names were collected, with a message naming neither the module nor the name's
+// maker.
+TEST(EdgeModule, RegisteringANameTwiceIsRefusedAtOnce) {
+  using Names = std::vector<std::pair<std::string, std::string>>;  // (kind, name)
+  struct Registers : nn::Module {
+    explicit Registers(const Names& names) {
+      for (const auto& [kind, name] : names) {
+        if (kind == "parameter") register_parameter(name, ones({2}));
+        if (kind == "buffer") register_buffer(name, ones({2}));
+        if (kind == "module") register_module(name, child);
+      }
+    }
+    nn::Module child;
+  };
+  EXPECT_THAT(error_of([] {
+                Registers({{"parameter", "w"}, {"parameter", "w"}});
+              }),
+              HasSubstr("Module: cannot register a parameter named 'w': this module already has "
+                        "a parameter of that name"));
+  EXPECT_THAT(error_of([] {
+                Registers({{"module", "lin"}, {"buffer", "lin"}});
+              }),
+              HasSubstr("cannot register a buffer named 'lin': this module already has a module"));
+  EXPECT_THAT(error_of([] {
+                Registers({{"module", "lin"}, {"parameter", "lin.weight"}});
+              }),
+              HasSubstr("cannot register a parameter named 'lin.weight': a name is one non-empty "
+                        "component, without '.'"));
+  EXPECT_THAT(error_of([] {
+                Registers(Names{{"parameter", ""}});
+              }),
+              HasSubstr("cannot register a parameter named ''"));
+  EXPECT_EQ(
+      Registers({{"parameter", "w"}, {"buffer", "b"}, {"module", "c"}}).named_parameters().size(),
+      1u);
+}
+
+// Module::to puts new storage under the parameters' handles. A tape that saved a parameter
+// before it compared version numbers across the two storages: the check passed by coincidence
+// or reported a version going backwards.
+TEST(EdgeModule, ConvertingAModuleBetweenRecordAndGradientIsNamed) {
+  Rng rng(2);
+  TwoLinears m(rng);
+  m.to(DType::f64);
+  Tape tape;
+  for (const auto& [name, t] : m.named_parameters()) tape.watch(t);
+  const Tensor x = ones({4, 2}, DType::f64);
+  Tensor y = sum(m.b(m.a(x)));
+  m.to(DType::f32);
+  EXPECT_THAT(error_of([&] { tape.gradient(y, {m.a.weight}); }),
+              HasSubstr("and its storage was replaced after the op ran (by Module::to"));
+}
+
 TEST(EdgeModule, ToANonFloatDTypeIsAnError) {
   Rng rng(2);
   TwoLinears m(rng);

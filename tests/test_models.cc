@@ -359,7 +359,7 @@ TEST(InContextMMDiT, TheFeedForwardNormAndResidualAreNotScopedAsTheFeedForward) 
   }
   // The last op is modality 1's residual add.
   ASSERT_FALSE(tape.nodes().empty());
-  EXPECT_STREQ(tape.nodes().back().op, "add");
+  EXPECT_EQ(tape.nodes().back().op, "add");
   EXPECT_EQ(tape.nodes().back().scope, "");
 }
 
