@@ -199,7 +199,7 @@ DirectoryLock::DirectoryLock(const std::string& dir)
   fd_ = -1;
   // Best effort, as for the temp files: a file system that cannot lock (ENOLCK, or a network
   // file system refusing flock on a directory) goes on unlocked rather than refusing the run.
-  if (error == EWOULDBLOCK) fail(dir, ": another process holds its lock");
+  if (error == EWOULDBLOCK) throw Busy(str_cat(dir, ": another process holds its lock"));
 }
 
 DirectoryLock::~DirectoryLock() {

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <string>
 
+#include "tensor/error.h"
+
 namespace mmdit {
 
 // A regular file open for reading (closed when this goes); its size as fstat gave it.
@@ -52,6 +54,11 @@ void remove_stale_temp_files(const std::string& path);
 // holds it. Where the file system cannot lock it, nothing is locked.
 class DirectoryLock {
  public:
+  // The lock is held by another: the one failure a caller may want to explain.
+  class Busy : public Error {
+   public:
+    using Error::Error;
+  };
   explicit DirectoryLock(const std::string& dir);
   ~DirectoryLock();
   DirectoryLock(const DirectoryLock&) = delete;

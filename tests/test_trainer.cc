@@ -2047,6 +2047,52 @@ TEST(Cli, RefusesToWriteOverItsOwnInput) {
   EXPECT_EQ(test::run_mmdit("export-eqx " + ckpt + " --out " + dir.file("p.eqx")).status, 0);
 }
 
+// What a script relies on: a failure shows in the exit status, and the message names it.
+TEST(Cli, ScriptsSeeEveryFailure) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  // Output lost on a full disk exited 0.
+  const std::string err = dir.file("err.txt");
+  const int full =
+      std::system((std::string(MMDIT_BINARY) + " info " + ckpt + " > /dev/full 2> " + err).c_str());
+  EXPECT_TRUE(WIFEXITED(full) && WEXITSTATUS(full) == 1);
+  EXPECT_THAT(read_file(err), HasSubstr("error: writing the output failed: No space left"));
+  // A misspelt command was "A subcommand is required".
+  const test::Command typo = test::run_mmdit("trian --data x");
+  EXPECT_EQ(typo.status, 1);
+  EXPECT_THAT(typo.output, HasSubstr("error: unknown command 'trian' (commands: demo, train, "));
+  // An --out that is a file blamed another mmdit command holding its lock, after loading data.
+  write_file_atomically(dir.file("a_file"), "x");
+  const test::Command file_out = test::run_mmdit("train --data " + dir.file("demos.npz") +
+                                                 " --steps 1 --out " + dir.file("a_file"));
+  EXPECT_NE(file_out.status, 0);
+  EXPECT_THAT(file_out.output,
+              HasSubstr("train: --out " + dir.file("a_file") + " is not a directory"));
+  EXPECT_THAT(file_out.output, Not(HasSubstr("episodes")));
+  // demo --config into its own run directory rewrote the user's config.
+  fs::create_directories(dir.file("d/flow"));
+  const std::string config = dir.file("d/flow/config.json");
+  write_file_atomically(config, R"({"steps": 7})");
+  const test::Command demo = test::run_mmdit("demo --demos 2 --eval-episodes 1 --config " + config +
+                                             " --out " + dir.file("d"));
+  EXPECT_NE(demo.status, 0);
+  EXPECT_THAT(demo.output, HasSubstr("demo: --out " + config + " is the --config " + config));
+  EXPECT_THAT(demo.output, Not(HasSubstr("generated")));
+  EXPECT_EQ(read_file(config), R"({"steps": 7})");
+  // A directory given with a trailing slash names its files without a double one.
+  write_file_atomically(dir.file("tiny.json"),
+                        R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
+                            "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2}})");
+  const test::Command slash =
+      test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                      dir.file("tiny.json") + " --steps 1 --out " + dir.file("run") + "/");
+  EXPECT_EQ(slash.status, 0) << slash.output;
+  EXPECT_THAT(slash.output, HasSubstr(dir.file("run") + "/checkpoint.safetensors"));
+  EXPECT_THAT(slash.output, Not(HasSubstr("//")));
+}
+
 // The HDF5 observation keys a run was trained with are recorded in its checkpoint: train --resume
 // and eval --data read the data with them (both used "state", silently, however the run was
 // trained), an --obs-keys that differs is refused, import-eqx records them too, and a checkpoint
@@ -2237,9 +2283,25 @@ TEST_P(CliStopSignal, ASecondSignalStopsAtOnce) {
   EXPECT_EQ(WTERMSIG(status), signal);
 }
 
-INSTANTIATE_TEST_SUITE_P(IntAndTerm, CliStopSignal, testing::Values(SIGINT, SIGTERM),
+// SIGHUP (an ssh session that closed) and SIGPIPE (the reader of stdout that left) killed the
+// run, losing every step since its last checkpoint.
+class CliClosedPipe : public CliStopSignal {};
+
+TEST_P(CliClosedPipe, StopsAndSaves) {
+  const pid_t pid = start_training();
+  ::close(output_);  // as `mmdit train ... | head -1` does once it has its line
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << seen_;
+  EXPECT_EQ(WEXITSTATUS(status), 128 + SIGPIPE);
+  EXPECT_GE(load_policy(dir_ + "/run/checkpoint.safetensors").step, 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Pipe, CliClosedPipe, testing::Values(SIGPIPE));
+
+INSTANTIATE_TEST_SUITE_P(Stop, CliStopSignal, testing::Values(SIGINT, SIGTERM, SIGHUP, SIGPIPE),
                          [](const testing::TestParamInfo<int>& info) {
-                           return std::string(info.param == SIGINT ? "SIGINT" : "SIGTERM");
+                           return std::string(sigabbrev_np(info.param));
                          });
 
 }  // namespace

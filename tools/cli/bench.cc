@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <malloc.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -596,8 +597,11 @@ std::string run_in_child(const Workload& w, const Options& o, int threads, const
   char buf[4096];
   while (std::fgets(buf, sizeof buf, pipe)) out += buf;
   const int status = pclose(pipe);
-  MMDIT_CHECK(status == 0 && !out.empty(), "bench: workload ", w.name, " failed (exit status ",
-              status, ")");
+  MMDIT_CHECK(status == 0 && !out.empty(), "bench: workload ", w.name, " failed (",
+              status == -1          ? std::string("its status is unknown")
+              : WIFSIGNALED(status) ? str_cat("killed by signal ", WTERMSIG(status))
+                                    : str_cat("exit status ", WEXITSTATUS(status)),
+              ")");
   while (!out.empty() && out.back() == '\n') out.pop_back();
   return out;
 }
@@ -640,10 +644,13 @@ void add_bench_command(CLI::App& app) {
                   "policy-train, policy-act, policy-act-b64, policy-act-bf16, "
                   "policy-act-b64-bf16, incontext-train, tiny-gradcheck or all (repeatable)")
       ->default_val(std::vector<std::string>{"all"});
-  cmd->add_option("--threads", opts->threads, "threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(thread_count());
-  cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")->check(positive());
-  cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")->check(non_negative());
+  add_threads_option(cmd, opts->threads);
+  cmd->add_option("--reps", opts->reps, "timed repetitions (median reported)")
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--warmup", opts->warmup, "untimed repetitions first")
+      ->check(non_negative())
+      ->capture_default_str();
   cmd->add_flag("--json", opts->json, "one JSON object per workload per line");
   cmd->add_flag("--keep-coretype", opts->keep_coretype,
                 "keep OPENBLAS_CORETYPE from the environment instead of re-running without it");

@@ -21,6 +21,11 @@ const CLI::Validator& positive();
 const CLI::Validator& non_negative();
 // --threads: from 1 to max_threads().
 const CLI::Validator& thread_count();
+// --threads, with its default stated.
+void add_threads_option(CLI::App* cmd, int& threads);
+// For a directory option: "runs/x/" is read as "runs/x", so that the paths made from it read
+// runs/x/checkpoint.safetensors.
+const CLI::Validator& directory_name();
 // For paths: an empty --out would otherwise put the run's files in the root directory.
 const CLI::Validator& non_empty();
 
@@ -30,6 +35,10 @@ const CLI::Validator& non_empty();
 // "0x10" as 16, takes "-1" for an unsigned option as 2^64 - 1 and clamps larger numbers. main()
 // calls it once, after every command has added its options.
 void read_integers_as_decimal(CLI::App& app);
+
+// Fails now, instead of after the work, when a file output `path` given by `flag` cannot be
+// written: its directory is missing or unwritable, or it is a directory, device, FIFO or link.
+void check_output_directory(const std::string& path, const char* flag);
 
 // "a,b,c"
 std::string join_commas(const std::vector<std::string>& parts);

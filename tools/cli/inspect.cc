@@ -159,6 +159,7 @@ void add_inspect(CLI::App& app) {
                 "pass, sorted by cost (use the size flags for a realistic model)")
       ->excludes(dot);
   cmd->callback([opts] {
+    if (!opts->dot.empty()) check_output_directory(opts->dot, "--dot");
     Built b = build(opts->model, DType::f32);
     const NamedTensors params = b.module->named_parameters();
     std::vector<Tensor> leaves;

@@ -1,15 +1,22 @@
 // mmdit: the command-line program. Subcommands live one per file in this folder.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <limits>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
 #include "tensor/blas_core.h"
 #include "tensor/error.h"
+#include "tensor/file_io.h"
 #include "tensor/parallel.h"
 #include "tools/cli/commands.h"
 
@@ -53,6 +60,43 @@ const CLI::Validator& thread_count() {
       "THREADS", [](double x) { return x >= 1 && x <= max_threads(); }, requirement.c_str());
   return check;
 }
+// Fails now, instead of after a long evaluation, when the directory `path` goes in is missing or
+// `path` is a directory itself (the rename of the finished file would fail).
+void check_output_directory(const std::string& path, const char* flag) {
+  struct stat st;
+  MMDIT_CHECK(::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode), flag, " ", path,
+              ": is a directory; name a file to write");
+  try {
+    check_replaceable(path);
+  } catch (const Error& e) {
+    fail(flag, " ", e.what());
+  }
+  const std::string dir = parent_directory(path);
+  if (path.find('/') != std::string::npos) {
+    MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
+                " does not exist");
+    MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
+  }
+  // Before the work whose result it is for, not after.
+  MMDIT_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", path, ": cannot write in ", dir,
+              ": ", std::strerror(errno));
+}
+
+const CLI::Validator& directory_name() {
+  static const CLI::Validator check(
+      [](std::string& value) {
+        while (value.size() > 1 && value.back() == '/') value.pop_back();
+        return std::string();
+      },
+      "DIR");
+  return check;
+}
+
+void add_threads_option(CLI::App* cmd, int& threads) {
+  cmd->add_option("--threads", threads, "threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(thread_count());
+}
+
 const CLI::Validator& non_negative() {
   static const CLI::Validator check = number_check(
       "NONNEGATIVE", [](double x) { return x >= 0; }, "a number >= 0");
@@ -136,6 +180,20 @@ int main(int argc, char** argv) {
   mmdit::cli::add_inspect_commands(app);
   mmdit::cli::add_bench_command(app);
   mmdit::cli::read_integers_as_decimal(app);
+  // CLI11 says only "A subcommand is required" for `mmdit trian`.
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known |= sub->get_name() == argv[1];
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::fprintf(stderr, "error: unknown command '%s' (commands: %s; see mmdit --help)\n",
+                   argv[1], names.c_str());
+      return 1;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -145,6 +203,11 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  // Results that did not reach stdout (a full disk, a closed descriptor) are a failure.
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    std::fprintf(stderr, "error: writing the output failed: %s\n", std::strerror(errno));
     return 1;
   }
   return 0;

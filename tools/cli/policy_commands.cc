@@ -95,28 +95,6 @@ struct TrainFlags {
   std::string config_json;
 };
 
-// Fails now, instead of after a long evaluation, when the directory `path` goes in is missing or
-// `path` is a directory itself (the rename of the finished file would fail).
-void check_output_directory(const std::string& path, const char* flag) {
-  struct stat st;
-  MMDIT_CHECK(::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode), flag, " ", path,
-              ": is a directory; name a file to write");
-  try {
-    check_replaceable(path);
-  } catch (const Error& e) {
-    fail(flag, " ", e.what());
-  }
-  const std::string dir = parent_directory(path);
-  if (path.find('/') != std::string::npos) {
-    MMDIT_CHECK(::stat(dir.c_str(), &st) == 0, flag, " ", path, ": the directory ", dir,
-                " does not exist");
-    MMDIT_CHECK(S_ISDIR(st.st_mode), flag, " ", path, ": ", dir, " is not a directory");
-  }
-  // Before the work whose result it is for, not after.
-  MMDIT_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", path, ": cannot write in ", dir,
-              ": ", std::strerror(errno));
-}
-
 // "0.5,-1,2e-3": every token a whole finite number.
 std::vector<float> parse_numbers(const std::string& text, const char* flag) {
   std::vector<float> values;
@@ -217,6 +195,9 @@ constexpr const char* kRunFiles[] = {
 void check_run_outputs(const std::string& out,
                        const std::vector<std::pair<std::string, const char*>>& inputs,
                        const char* command) {
+  struct stat st {};
+  MMDIT_CHECK(::stat(out.c_str(), &st) != 0 || S_ISDIR(st.st_mode), command, ": --out ", out,
+              " is not a directory");
   for (const char* written : kRunFiles) {
     const std::string path = out + "/" + written;
     for (const auto& [input, name] : inputs)
@@ -237,9 +218,11 @@ std::unique_ptr<DirectoryLock> lock_run_directory(const std::string& out, const 
   make_directory(out);
   try {
     return std::make_unique<DirectoryLock>(out);
-  } catch (const Error& e) {
+  } catch (const DirectoryLock::Busy& e) {
     fail(command, ": --out ", e.what(),
          " (another mmdit command is writing a run there): wait for it, or give another --out");
+  } catch (const Error& e) {
+    fail(command, ": --out ", e.what());
   }
 }
 
@@ -296,11 +279,19 @@ DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& p
   return task.evaluate(act, episodes, policy.config.policy.n_obs_steps, n_action_steps, seed);
 }
 
+// Whole percent where that is exact: 995 of 1000 is not 100%.
+std::string format_percent(double fraction) {
+  const double percent = 100 * fraction;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, percent == std::round(percent) ? "%.0f%%" : "%.1f%%", percent);
+  return buf;
+}
+
 void print_eval(const DemoTask::EvalResult& r) {
   std::printf("%lld episodes: %lld succeeded, %lld collided, %lld timed out\n",
               (long long)r.episodes, (long long)r.successes, (long long)r.collisions,
               (long long)r.timeouts);
-  std::printf("success rate: %.0f%%\n", 100 * r.success_rate);
+  std::printf("success rate: %s\n", format_percent(r.success_rate).c_str());
 }
 
 constexpr const char* kStatsHelp =
@@ -343,6 +334,7 @@ void add_train(CLI::App& app) {
   cmd->add_option("--out", o->out,
                   "output directory (checkpoint, config.json, metrics.csv, loss.svg)")
       ->check(non_empty())
+      ->transform(directory_name())
       ->capture_default_str();
   cmd->add_option(
       "--resume", o->resume,
@@ -367,8 +359,7 @@ void add_train(CLI::App& app) {
                   "with --val-data: windows to act on, always the same (0: all)")
       ->check(non_negative())
       ->capture_default_str();
-  cmd->add_option("--threads", o->threads, "threads (default: OMP_NUM_THREADS or all cores)")
-      ->check(thread_count());
+  add_threads_option(cmd, o->threads);
   cmd->callback([o, cmd] {
     set_threads(o->threads);
     struct stat st;
@@ -526,6 +517,7 @@ void add_import_eqx(CLI::App& app) {
                   ".eqx file");
   cmd->add_option("--out", o->out, "output directory (checkpoint, config.json)")
       ->check(non_empty())
+      ->transform(directory_name())
       ->capture_default_str();
   cmd->add_flag("--overwrite", o->overwrite, "replace a checkpoint already in --out");
   cmd->callback([o, cmd] {
@@ -640,6 +632,7 @@ void add_sample(CLI::App& app) {
     uint64_t seed = 0;
     bool raw_params = false;
     std::string weights = "f32";
+    int threads = 0;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("sample", "Sample an action chunk for observations");
@@ -651,7 +644,9 @@ void add_sample(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
+  add_threads_option(cmd, o->threads);
   cmd->callback([o] {
+    set_threads(o->threads);
     if (!o->out_npy.empty()) {
       check_not_input(o->out_npy, "--out-npy", o->checkpoint, "checkpoint", "sample");
       if (!o->obs_npy.empty())
@@ -699,6 +694,7 @@ void add_eval(CLI::App& app) {
     int64_t episodes = 100, n_action_steps = 8, windows = 1000, batch_size = 64;
     uint64_t seed = 1000;
     int threads = 0;
+    bool raw_params = false;
     std::string weights = "f32";
   };
   auto o = std::make_shared<Options>();
@@ -729,7 +725,8 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
-  cmd->add_option("--threads", o->threads, "threads")->check(thread_count());
+  cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
+  add_threads_option(cmd, o->threads);
   add_weights_option(cmd, o->weights);
   cmd->callback([o, cmd] {
     set_threads(o->threads);
@@ -749,7 +746,8 @@ void add_eval(CLI::App& app) {
     check_weights_fit(o->weights, info, o->checkpoint, "eval");
     const std::vector<std::string> keys =
         obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
-    const LoadedPolicy policy = load_policy(o->checkpoint, true, parse_precision(o->weights));
+    const LoadedPolicy policy =
+        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
     if (!o->data.empty()) {
       const Episodes data = load_episodes(o->data, keys);
       check_data_fits(data, o->data, policy.config.policy, o->checkpoint, "eval");
@@ -834,7 +832,10 @@ void add_demo(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "demo", "Generate expert demonstrations of the 2-D obstacle task, train, evaluate");
   o->flags.add_to(cmd);
-  cmd->add_option("--out", o->out, "output directory")->check(non_empty())->capture_default_str();
+  cmd->add_option("--out", o->out, "output directory")
+      ->check(non_empty())
+      ->transform(directory_name())
+      ->capture_default_str();
   cmd->add_option("--demos", o->demos, "expert episodes to generate")
       ->check(positive())
       ->capture_default_str();
@@ -859,6 +860,13 @@ void add_demo(CLI::App& app) {
     MMDIT_CHECK(!o->baseline || config.objective == "flow",
                 "demo: --baseline trains the MSE baseline next to the flow policy; with "
                 "--objective mse there is nothing to compare (drop one of the two)");
+    // Every run's outputs are checked before any work: the baseline's run, when it is refused,
+    // came after the demonstrations were generated, and the flow run's after the baseline trained.
+    const std::vector<std::string> run_dirs =
+        o->baseline ? std::vector<std::string>{o->out + "/mse", o->out + "/flow"}
+                    : std::vector<std::string>{o->out + "/" + config.objective};
+    for (const std::string& dir : run_dirs)
+      check_run_outputs(dir, {{o->flags.config_file, "--config"}}, "demo");
     const DemoTask::Demos demos = task.generate_demos(o->demos, config.seed);
     const Episodes data{demos.states, demos.actions, demos.episode_starts};
     const std::unique_ptr<DirectoryLock> lock = lock_run_directory(o->out, "demo");
@@ -871,12 +879,14 @@ void add_demo(CLI::App& app) {
         (o->out + "/demos.npz").c_str());
 
     auto train_and_eval = [&](TrainConfig cfg, const std::string& dir, const char* label) {
-      check_run_outputs(dir, {}, "demo");
       const std::unique_ptr<DirectoryLock> run_lock = lock_run_directory(dir, "demo");
       std::printf("\n== %s ==\n", label);
       Trainer trainer(cfg, data);
       std::printf("policy: %lld parameters\n", (long long)trainer.policy().num_parameters());
-      const LoopResult r = run_training(trainer, {.out_dir = dir, .log_every = 500});
+      const LoopResult r = run_training(
+          trainer, {.out_dir = dir,
+                    .log_every = 500,
+                    .continue_command = "mmdit train --data " + o->out + "/demos.npz"});
       if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
       const LoadedPolicy policy = load_policy(checkpoint_path(dir));
       const auto result = evaluate_policy(task, policy, o->eval_episodes, o->n_action_steps, 1000);
@@ -899,8 +909,8 @@ void add_demo(CLI::App& app) {
     const auto result = train_and_eval(config, o->out + "/" + config.objective,
                                        flow ? "flow matching" : "plain MSE regression");
     if (o->baseline)
-      std::printf("\nMSE regression baseline (same network): success rate %.0f%%\n",
-                  100 * baseline.success_rate);
+      std::printf("\nMSE regression baseline (same network): success rate %s\n",
+                  format_percent(baseline.success_rate).c_str());
     print_eval(result);
   });
 }

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -21,8 +22,10 @@
 namespace mmdit::cli {
 namespace {
 
-// SIGINT (Ctrl-C) and SIGTERM (what schedulers and `docker stop` send) both stop the loop after
-// the current step, which then saves a checkpoint.
+// SIGINT (Ctrl-C), SIGTERM (what schedulers and `docker stop` send), SIGHUP (the terminal or ssh
+// session closed) and SIGPIPE (stdout was a pipe whose reader left) each stop the loop after the
+// current step, which then saves a checkpoint: killed by one, the run lost every step since its
+// last checkpoint.
 std::atomic<int> g_stop_signal{0};
 
 // A second signal, when a step or a save takes long, stops the program at once (the default
@@ -95,20 +98,34 @@ class StopSignals {
  public:
   StopSignals() {
     g_stop_signal = 0;
-    previous_int_ = std::signal(SIGINT, on_stop_signal);
-    previous_term_ = std::signal(SIGTERM, on_stop_signal);
+    for (size_t i = 0; i < kSignals.size(); ++i)
+      previous_[i] = std::signal(kSignals[i], on_stop_signal);
   }
   ~StopSignals() {
-    std::signal(SIGINT, previous_int_);
-    std::signal(SIGTERM, previous_term_);
+    for (size_t i = 0; i < kSignals.size(); ++i) std::signal(kSignals[i], previous_[i]);
   }
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;
 
  private:
-  void (*previous_int_)(int);
-  void (*previous_term_)(int);
+  static constexpr std::array<int, 4> kSignals = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+  std::array<void (*)(int), kSignals.size()> previous_{};
 };
+
+const char* stop_signal_name(int signal) {
+  switch (signal) {
+    case SIGINT:
+      return "Ctrl-C";
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGHUP:
+      return "SIGHUP (the terminal closed)";
+    case SIGPIPE:
+      return "SIGPIPE (standard output closed)";
+    default:
+      return "a signal";
+  }
+}
 
 }  // namespace
 
@@ -121,8 +138,12 @@ void make_directory(const std::string& dir) {
   std::string partial;
   for (size_t i = 0; i <= dir.size(); ++i) {
     if (i == dir.size() || dir[i] == '/') {
-      if (!partial.empty() && ::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
-        fail("cannot create directory ", partial, ": ", std::strerror(errno));
+      if (!partial.empty() && ::mkdir(partial.c_str(), 0755) != 0) {
+        if (errno != EEXIST) fail("cannot create directory ", partial, ": ", std::strerror(errno));
+        struct stat st {};
+        if (::stat(partial.c_str(), &st) == 0 && !S_ISDIR(st.st_mode))
+          fail(partial, " is not a directory");
+      }
     }
     if (i < dir.size()) partial += dir[i];
   }
@@ -253,11 +274,16 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   result.stop_signal = g_stop_signal;
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   if (saved_step != trainer.step()) save();
-  if (result.stop_signal != 0)
-    std::printf("stopped by %s at step %lld: checkpoint saved to %s (continue with --resume %s)\n",
-                result.stop_signal == SIGTERM ? "SIGTERM" : "Ctrl-C", (long long)trainer.step(),
-                ckpt.c_str(), ckpt.c_str());
-  else if (!options.quiet)
+  if (result.stop_signal != 0) {
+    const std::string how = options.continue_command.empty()
+                                ? "--resume " + ckpt
+                                : options.continue_command + " --resume " + ckpt;
+    // On stderr too when stdout is what went away.
+    std::FILE* stream = result.stop_signal == SIGPIPE ? stderr : stdout;
+    std::fprintf(stream, "stopped by %s at step %lld: checkpoint saved to %s (continue with %s)\n",
+                 stop_signal_name(result.stop_signal), (long long)trainer.step(), ckpt.c_str(),
+                 how.c_str());
+  } else if (!options.quiet)
     std::printf("trained to step %lld in %s; checkpoint: %s\n", (long long)trainer.step(),
                 format_duration(result.seconds).c_str(), ckpt.c_str());
   // The checkpoint is saved: a plot that cannot be written (a full disk) must not turn the run,
