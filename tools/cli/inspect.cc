@@ -38,19 +38,28 @@ struct ModelOptions {
 
 void add_model_options(CLI::App* cmd, ModelOptions& o) {
   cmd->add_option("--model", o.model, "mmdit, incontext or policy")
-      ->check(CLI::IsMember({"mmdit", "incontext", "policy"}));
-  cmd->add_option("--depth", o.depth, "number of blocks")->check(positive());
+      ->check(CLI::IsMember({"mmdit", "incontext", "policy"}))
+      ->capture_default_str();
+  cmd->add_option("--depth", o.depth, "number of blocks")->check(positive())->capture_default_str();
   cmd->add_option("--dim", o.dim, "width of the first modality (policy: hidden size)")
-      ->check(positive());
+      ->check(positive())
+      ->capture_default_str();
   cmd->add_option("--dim2", o.dim2, "width of the second modality (mmdit, incontext)")
-      ->check(positive());
-  cmd->add_option("--heads", o.heads, "attention heads")->check(positive());
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--heads", o.heads, "attention heads")->check(positive())->capture_default_str();
   cmd->add_option("--dim-head", o.dim_head, "width of one head (even: rotary embedding)")
-      ->check(positive());
-  cmd->add_option("--ff-mult", o.ff_mult, "feed-forward expansion")->check(positive());
-  cmd->add_option("--batch", o.batch, "batch size")->check(positive());
-  cmd->add_option("--tokens", o.tokens, "tokens per modality (policy: horizon)")->check(positive());
-  cmd->add_option("--seed", o.seed, "seed for the parameters and the inputs");
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--ff-mult", o.ff_mult, "feed-forward expansion")
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--batch", o.batch, "batch size")->check(positive())->capture_default_str();
+  cmd->add_option("--tokens", o.tokens, "tokens per modality (policy: horizon)")
+      ->check(positive())
+      ->capture_default_str();
+  cmd->add_option("--seed", o.seed, "seed for the parameters and the inputs")
+      ->capture_default_str();
 }
 
 // A model with its inputs drawn once, and `run` giving its outputs flattened into one vector.
@@ -209,10 +218,10 @@ void add_gradcheck(CLI::App& app) {
       "Check every parameter gradient of a tiny float64 model against central differences");
   add_model_options(cmd, opts->model);
   cmd->add_option("--sample", opts->sample,
-                  "check this many random elements per tensor (default: every element)");
-  cmd->add_option("--eps", opts->check.eps, "central-difference step");
-  cmd->add_option("--atol", opts->check.atol, "absolute tolerance");
-  cmd->add_option("--rtol", opts->check.rtol, "relative tolerance");
+                  "check this many random elements per tensor (default, or -1: every element)");
+  cmd->add_option("--eps", opts->check.eps, "central-difference step")->capture_default_str();
+  cmd->add_option("--atol", opts->check.atol, "absolute tolerance")->capture_default_str();
+  cmd->add_option("--rtol", opts->check.rtol, "relative tolerance")->capture_default_str();
   cmd->callback([opts] {
     Built b = build(opts->model, DType::f64);
     // Zero-initialised layers (adaLN-Zero gates, final projections) would make most gradients

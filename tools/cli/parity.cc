@@ -18,7 +18,9 @@ void add_parity_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "parity", "Check a parity case recorded from the reference: one row per expected tensor");
   cmd->add_option("cases", opts->cases, "parity case files (.safetensors)")->required();
-  cmd->add_option("--dtype", opts->dtype, "f32 or f64")->check(CLI::IsMember({"f32", "f64"}));
+  cmd->add_option("--dtype", opts->dtype, "f32 or f64")
+      ->check(CLI::IsMember({"f32", "f64"}))
+      ->capture_default_str();
   cmd->add_option("--tol", opts->tol,
                   "tolerance on the relative error (default 1e-4 f32, 1e-5 f64)");
   cmd->callback([opts] {
