@@ -28,7 +28,7 @@ constexpr int64_t kSmallHeadWork = 32 * 32 * 64;
 void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                const float* b, int64_t ldb, float* c, int64_t ldc) {
   if (m * n * k > kSmallHeadWork || (ta && tb)) {
-    raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    raw::gemm_on_this_thread(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
     return;
   }
   raw::add_matmul_flops(2 * m * n * k);
@@ -39,7 +39,7 @@ void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a
 }
 void head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
                const double* b, int64_t ldb, double* c, int64_t ldc) {
-  raw::gemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+  raw::gemm_on_this_thread(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 // One head: its n query, key and value rows of d values, `ld` apart (q, k, v and their

@@ -71,16 +71,21 @@ bool gemm_serial(SgemmLibrary, bool ta, bool tb, int64_t m, int64_t n, int64_t k
 constexpr int64_t kSkinnyRows = 16;
 
 bool gemm_skinny(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool one_thread) {
   if (ta || !tb || m > kSkinnyRows) return false;
   const int64_t block = 64;
-  parallel_for((n + block - 1) / block, 2 * m * block * k, [&](int64_t i) {
+  const auto columns = [&](int64_t i) {
     simd::gemm_nt(a, lda, b, ldb, c, ldc, m, i * block, std::min(n, (i + 1) * block), k);
-  });
+  };
+  const int64_t blocks = (n + block - 1) / block;
+  if (one_thread)
+    for (int64_t i = 0; i < blocks; ++i) columns(i);
+  else
+    parallel_for(blocks, 2 * m * block * k, columns);
   return true;
 }
 bool gemm_skinny(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*,
-                 int64_t, double*, int64_t) {
+                 int64_t, double*, int64_t, bool) {
   return false;
 }
 
@@ -90,8 +95,9 @@ bool gemm_skinny(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, 
 // 152 ms), and inside one of our parallel regions it stays on the calling thread.
 template <class T>
 void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-                   const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false) {
-  if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
+                   const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = false,
+                   bool one_thread = false) {
+  if (!accumulate && gemm_skinny(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, one_thread)) return;
   // Saturated: at the sizes the check below refuses, m n k would overflow (undefined behaviour).
   int64_t work = 0;
   if (__builtin_mul_overflow(m, n, &work) || __builtin_mul_overflow(work, k, &work))
@@ -110,7 +116,7 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                   ") has a size past OpenBLAS's integers (at most ",
                   std::numeric_limits<blasint>::max(), ")");
   const bool in_region = omp_get_level() > 0;
-  const int threads = in_region ? 1 : num_threads();
+  const int threads = in_region || one_thread ? 1 : num_threads();
   // A block that runs outside our regions (the product on one thread, or a small one) still
   // goes to OpenBLAS or oneDNN, which size a team of their own from this thread's OpenMP
   // setting: on a thread the process's count never reached (a controller's std::thread) it is
@@ -243,6 +249,17 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   add_matmul_flops(2 * m * n * k);
   threaded_gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+void gemm_on_this_thread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a,
+                         int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  add_matmul_flops(2 * m * n * k);
+  threaded_gemm<float>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, false, /*one_thread=*/true);
+}
+void gemm_on_this_thread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a,
+                         int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc) {
+  add_matmul_flops(2 * m * n * k);
+  threaded_gemm<double>(ta, tb, m, n, k, a, lda, b, ldb, c, ldc, false, /*one_thread=*/true);
 }
 
 SgemmLibrary sgemm_library() {

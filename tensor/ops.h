@@ -95,6 +95,14 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate = false);
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
           const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate = false);
+// C = op(A) op(B) on the calling thread whatever num_threads(), as one product: for one of many
+// products that run side by side (attention's heads), whose values must not change with the
+// thread count when there is only one of them (a library's blocks may round otherwise than the
+// whole).
+void gemm_on_this_thread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a,
+                         int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc);
+void gemm_on_this_thread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a,
+                         int64_t lda, const double* b, int64_t ldb, double* c, int64_t ldc);
 
 // The library that runs float32 products of at least 64 x 64 x 128 multiply-adds (but x W^T of
 // up to 16 rows, which runs on simd::gemm_nt). oneDNN's sgemm generates its kernels for the

@@ -946,6 +946,14 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
         [&](const auto& in) { return attention_packed(in[0], causal70, blocked_from); }, {qkv70},
         dy70);
   };
+  // One head of one example: the heads' loop has one task, and its products (64 x 64 x 64, past
+  // the register-tile kernels) ran split across the threads (OpenBLAS's Haswell kernels round
+  // the blocks otherwise than the whole).
+  const Tensor qkv_one = rng.normal({1, 64, 3, 1, 64}), dy_one = rng.normal({1, 64, 1, 64});
+  const auto run_one_head = [&] {
+    return value_and_gradients([&](const auto& in) { return attention_packed(in[0], Tensor()); },
+                               {qkv_one}, dy_one);
+  };
   // qk_norm_rope: heads in parallel, the gammas' gradients summed over heads after; random
   // tables. 24 tokens: fewer would leave each of the 24 head tasks too small to split.
   const Tensor qkv6 = rng.normal({2, 24, 3, 4, 32}), dy6 = rng.normal({2, 24, 3, 4, 32});
@@ -974,6 +982,7 @@ TEST(Fused, ThreadCountDoesNotChangeResults) {
       {"joint attention", run_attention},
       {"attention_packed blocked from 1", [&] { return run_packed(1); }},
       {"attention_packed blocked from 512", [&] { return run_packed(512); }},
+      {"attention_packed, one head", run_one_head},
       {"qk_norm_rope", run_qk},
       {"rope", run_rope},
       {"linear_fused", run_linear}};
