@@ -85,7 +85,10 @@ Tensor log_softmax(const Tensor& x, int64_t axis);
 
 // ---- matrix products through OpenBLAS ----
 // (..., M, K) @ (..., K, N) -> (..., M, N); leading dims broadcast. Transposed views are passed
-// to gemm as transpose flags, not copied.
+// to gemm as transpose flags, not copied. A large product is split into blocks of rows or
+// columns across the threads: float64, and float32 on kernels that round a block as the whole
+// (oneDNN's and OpenBLAS's AVX-512 ones), give the same bits on any number of threads; OpenBLAS's
+// Haswell kernels (AVX2 CPUs) do not, and differ from one thread by float32 rounding.
 Tensor matmul(const Tensor& a, const Tensor& b);
 
 // C = op(A) op(B), or C += op(A) op(B) with `accumulate`, on row-major memory with leading
