@@ -80,6 +80,8 @@ Tensor var(const Tensor& x, std::vector<int64_t> axes = {}, bool keepdims = fals
 // Sums `g` down to `shape`: the adjoint of broadcast_to(., g.shape()).
 Tensor sum_to(const Tensor& g, const Shape& shape);
 
+// A row holding +inf, or only -inf, gives NaN throughout, as in PyTorch (a fully masked row of
+// attention scores is not: masked logits are -0.7 FLT_MAX there, so such a row is uniform).
 Tensor softmax(const Tensor& x, int64_t axis);
 Tensor log_softmax(const Tensor& x, int64_t axis);
 
