@@ -116,7 +116,10 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                   ") has a size past OpenBLAS's integers (at most ",
                   std::numeric_limits<blasint>::max(), ")");
   const bool in_region = omp_get_level() > 0;
-  const int threads = in_region || one_thread ? 1 : num_threads();
+  // num_threads() first: read on a thread's first product, it is the OpenMP setting, which the
+  // next line may lower.
+  const int process_threads = num_threads();
+  const int threads = in_region || one_thread ? 1 : process_threads;
   // A block that runs outside our regions (the product on one thread, or a small one) still
   // goes to OpenBLAS or oneDNN, which size a team of their own from this thread's OpenMP
   // setting: on a thread the process's count never reached (a controller's std::thread) it is

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -2053,12 +2054,25 @@ TEST(Cli, ScriptsSeeEveryFailure) {
   test::TempDir dir;
   save_lerobot_npz(dir.file("demos.npz"), data);
   const std::string ckpt = fresh_checkpoint(data, dir);
+  write_file_atomically(dir.file("tiny.json"),
+                        R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
+                            "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2}})");
   // Output lost on a full disk exited 0.
   const std::string err = dir.file("err.txt");
   const int full =
       std::system((std::string(MMDIT_BINARY) + " info " + ckpt + " > /dev/full 2> " + err).c_str());
   EXPECT_TRUE(WIFEXITED(full) && WEXITSTATUS(full) == 1);
   EXPECT_THAT(read_file(err), HasSubstr("error: writing the output failed: No space left"));
+  // A command whose own flush failed first: the cause is gone from errno by the end (it named
+  // a stale one, "No such file or directory").
+  const int full_train =
+      std::system((std::string(MMDIT_BINARY) + " train --data " + dir.file("demos.npz") +
+                   " --config " + dir.file("tiny.json") + " --steps 2 --log-every 1 --out " +
+                   dir.file("full_run") + " > /dev/full 2> " + err)
+                      .c_str());
+  EXPECT_TRUE(WIFEXITED(full_train) && WEXITSTATUS(full_train) == 1);
+  EXPECT_THAT(read_file(err), HasSubstr("error: writing the output failed"));
+  EXPECT_THAT(read_file(err), Not(HasSubstr("No such file")));
   // A misspelt command was "A subcommand is required".
   const test::Command typo = test::run_mmdit("trian --data x");
   EXPECT_EQ(typo.status, 1);
@@ -2082,9 +2096,6 @@ TEST(Cli, ScriptsSeeEveryFailure) {
   EXPECT_THAT(demo.output, Not(HasSubstr("generated")));
   EXPECT_EQ(read_file(config), R"({"steps": 7})");
   // A directory given with a trailing slash names its files without a double one.
-  write_file_atomically(dir.file("tiny.json"),
-                        R"({"policy": {"horizon": 4, "hidden_size": 16, "depth": 1, "dim_cond": 16,
-                            "timestep_embed_dim": 8, "dim_head": 8, "heads": 2, "ff_mult": 2}})");
   const test::Command slash =
       test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
                       dir.file("tiny.json") + " --steps 1 --out " + dir.file("run") + "/");
@@ -2203,7 +2214,9 @@ class CliStopSignal : public testing::TestWithParam<int> {
  protected:
   // Starts `mmdit train` for 100000 steps and returns once it has printed its first progress
   // line, so that its stop handlers are in place.
-  pid_t start_training(const std::string& policy_json = kTinyPolicy, const char* batch = "4") {
+  // stderr_too: stderr goes to the same pipe; ignore_hangup: started as nohup starts a program.
+  pid_t start_training(const std::string& policy_json = kTinyPolicy, const char* batch = "4",
+                       bool stderr_too = false, bool ignore_hangup = false) {
     const Episodes data = demo_episodes(4);
     dir_ = temp_dir("signal" + std::to_string(GetParam()) + "_" +
                     testing::UnitTest::GetInstance()->current_test_info()->name());
@@ -2218,6 +2231,8 @@ class CliStopSignal : public testing::TestWithParam<int> {
     EXPECT_GE(pid, 0);
     if (pid == 0) {
       ::dup2(out[1], 1);
+      if (stderr_too) ::dup2(out[1], 2);
+      if (ignore_hangup) std::signal(SIGHUP, SIG_IGN);
       ::close(out[0]);
       ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir_ + "/demos.npz").c_str(), "--steps",
               "100000", "--log-every", "1", "--batch-size", batch, "--config",
@@ -2279,6 +2294,13 @@ TEST_P(CliStopSignal, ASecondSignalStopsAtOnce) {
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   ::kill(pid, signal);
   const int status = wait_for(pid);
+  if (signal == SIGPIPE) {
+    // Not a user's: a later SIGPIPE comes from the program's own writes to the closed pipe, and
+    // the run finishes its save.
+    ASSERT_TRUE(WIFEXITED(status)) << seen_;
+    EXPECT_EQ(WEXITSTATUS(status), 128 + SIGPIPE);
+    return;
+  }
   ASSERT_TRUE(WIFSIGNALED(status)) << "exit status " << WEXITSTATUS(status) << "\n" << seen_;
   EXPECT_EQ(WTERMSIG(status), signal);
 }
@@ -2287,17 +2309,41 @@ TEST_P(CliStopSignal, ASecondSignalStopsAtOnce) {
 // run, losing every step since its last checkpoint.
 class CliClosedPipe : public CliStopSignal {};
 
+// With stderr on the same pipe (`2>&1 | head -1`), the stop message raised a second SIGPIPE,
+// taken for a user's second signal: the run died before writing its loss plot.
 TEST_P(CliClosedPipe, StopsAndSaves) {
-  const pid_t pid = start_training();
-  ::close(output_);  // as `mmdit train ... | head -1` does once it has its line
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFEXITED(status)) << seen_;
-  EXPECT_EQ(WEXITSTATUS(status), 128 + SIGPIPE);
-  EXPECT_GE(load_policy(dir_ + "/run/checkpoint.safetensors").step, 1);
+  for (const bool stderr_too : {false, true}) {
+    seen_.clear();
+    const pid_t pid = start_training(kTinyPolicy, "4", stderr_too);
+    ::close(output_);  // as `mmdit train ... | head -1` does once it has its line
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << seen_;
+    EXPECT_EQ(WEXITSTATUS(status), 128 + SIGPIPE);
+    EXPECT_GE(load_policy(dir_ + "/run/checkpoint.safetensors").step, 1);
+    EXPECT_TRUE(fs::exists(dir_ + "/run/loss.svg")) << "stderr_too " << stderr_too;
+    fs::remove_all(dir_ + "/run");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Pipe, CliClosedPipe, testing::Values(SIGPIPE));
+
+// Under nohup, SIGHUP is ignored when the program starts, and a closed terminal must not stop the
+// run (the handler replaced the ignore).
+class CliNohup : public CliStopSignal {};
+
+TEST_P(CliNohup, AnIgnoredHangupStaysIgnored) {
+  const pid_t pid = start_training(kTinyPolicy, "4", false, /*ignore_hangup=*/true);
+  ::kill(pid, SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ::kill(pid, SIGINT);
+  const int status = wait_for(pid);
+  ASSERT_TRUE(WIFEXITED(status)) << seen_;
+  EXPECT_EQ(WEXITSTATUS(status), 128 + SIGINT) << seen_;
+  EXPECT_THAT(seen_, Not(HasSubstr("SIGHUP")));
+}
+
+INSTANTIATE_TEST_SUITE_P(Hangup, CliNohup, testing::Values(SIGHUP));
 
 INSTANTIATE_TEST_SUITE_P(Stop, CliStopSignal, testing::Values(SIGINT, SIGTERM, SIGHUP, SIGPIPE),
                          [](const testing::TestParamInfo<int>& info) {

@@ -205,9 +205,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }
-  // Results that did not reach stdout (a full disk, a closed descriptor) are a failure.
-  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+  // Results that did not reach stdout (a full disk, a closed descriptor) are a failure. Only a
+  // failure of this flush leaves its cause in errno; an earlier one's is long gone.
+  if (std::fflush(stdout) != 0) {
     std::fprintf(stderr, "error: writing the output failed: %s\n", std::strerror(errno));
+    return 1;
+  }
+  if (std::ferror(stdout)) {
+    std::fprintf(stderr, "error: writing the output failed (stdout refused a write)\n");
     return 1;
   }
   return 0;

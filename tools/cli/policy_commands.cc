@@ -279,12 +279,21 @@ DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& p
   return task.evaluate(act, episodes, policy.config.policy.n_obs_steps, n_action_steps, seed);
 }
 
-// Whole percent where that is exact: 995 of 1000 is not 100%.
+// Whole percent where that is exact, else as many decimals as it takes not to round to 0% or
+// 100%: 995 of 1000 is 99.5%, 1999 of 2000 99.95%.
 std::string format_percent(double fraction) {
   const double percent = 100 * fraction;
   char buf[32];
-  std::snprintf(buf, sizeof buf, percent == std::round(percent) ? "%.0f%%" : "%.1f%%", percent);
-  return buf;
+  if (percent == std::round(percent)) {
+    std::snprintf(buf, sizeof buf, "%.0f%%", percent);
+    return buf;
+  }
+  for (int decimals = 1; decimals < 9; ++decimals) {
+    std::snprintf(buf, sizeof buf, "%.*f", decimals, percent);
+    const double shown = std::strtod(buf, nullptr);
+    if (shown != 0 && shown != 100) break;
+  }
+  return std::string(buf) + "%";
 }
 
 void print_eval(const DemoTask::EvalResult& r) {

@@ -29,8 +29,11 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 
 // A second signal, when a step or a save takes long, stops the program at once (the default
-// action): the last checkpoint on disk is kept.
+// action): the last checkpoint on disk is kept. A SIGPIPE after the first stop is not a second
+// one: it comes from the program's own writes to the closed pipe (its stop message on a stderr
+// that shares the pipe), and the run is still finishing its save.
 extern "C" void on_stop_signal(int signal) {
+  if (g_stop_signal != 0 && signal == SIGPIPE) return;
   if (g_stop_signal != 0) {
     std::signal(signal, SIG_DFL);
     std::raise(signal);
@@ -96,10 +99,13 @@ class StepCsv {
 // throws.
 class StopSignals {
  public:
+  // A signal ignored on entry stays ignored: under nohup, a closed terminal must not stop it.
   StopSignals() {
     g_stop_signal = 0;
-    for (size_t i = 0; i < kSignals.size(); ++i)
+    for (size_t i = 0; i < kSignals.size(); ++i) {
       previous_[i] = std::signal(kSignals[i], on_stop_signal);
+      if (previous_[i] == SIG_IGN) std::signal(kSignals[i], SIG_IGN);
+    }
   }
   ~StopSignals() {
     for (size_t i = 0; i < kSignals.size(); ++i) std::signal(kSignals[i], previous_[i]);
