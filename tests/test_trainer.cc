@@ -2236,7 +2236,7 @@ class CliStopSignal : public testing::TestWithParam<int> {
       ::close(out[0]);
       ::execl(MMDIT_BINARY, "mmdit", "train", "--data", (dir_ + "/demos.npz").c_str(), "--steps",
               "100000", "--log-every", "1", "--batch-size", batch, "--config",
-              (dir_ + "/config.json").c_str(), "--out", (dir_ + "/run").c_str(),
+              (dir_ + "/config.json").c_str(), "--out", (dir_ + "/my run").c_str(),
               static_cast<char*>(nullptr));
       ::_exit(127);
     }
@@ -2252,8 +2252,7 @@ class CliStopSignal : public testing::TestWithParam<int> {
   }
   int wait_for(pid_t pid) {
     char buf[256];
-    while (::read(output_, buf, sizeof buf) > 0) {
-    }
+    for (ssize_t n; (n = ::read(output_, buf, sizeof buf)) > 0;) seen_.append(buf, n);
     int status = 0;
     ::waitpid(pid, &status, 0);
     ::close(output_);
@@ -2276,9 +2275,14 @@ TEST_P(CliStopSignal, SavesACheckpoint) {
   const int status = wait_for(pid);
   ASSERT_TRUE(WIFEXITED(status)) << seen_;
   EXPECT_EQ(WEXITSTATUS(status), 128 + signal);
-  const LoadedPolicy p = load_policy(dir_ + "/run/checkpoint.safetensors");
+  const LoadedPolicy p = load_policy(dir_ + "/my run/checkpoint.safetensors");
   EXPECT_GE(p.step, 1);
   EXPECT_LT(p.step, 100000);
+  // The command it suggests works when pasted: the run's directory has a space.
+  if (signal != SIGPIPE) {
+    EXPECT_THAT(seen_,
+                HasSubstr("(continue with --resume '" + dir_ + "/my run/checkpoint.safetensors')"));
+  }
 }
 
 // A second signal, while the first still waits for the step to end, stops the program at once
@@ -2320,9 +2324,9 @@ TEST_P(CliClosedPipe, StopsAndSaves) {
     ::waitpid(pid, &status, 0);
     ASSERT_TRUE(WIFEXITED(status)) << seen_;
     EXPECT_EQ(WEXITSTATUS(status), 128 + SIGPIPE);
-    EXPECT_GE(load_policy(dir_ + "/run/checkpoint.safetensors").step, 1);
-    EXPECT_TRUE(fs::exists(dir_ + "/run/loss.svg")) << "stderr_too " << stderr_too;
-    fs::remove_all(dir_ + "/run");
+    EXPECT_GE(load_policy(dir_ + "/my run/checkpoint.safetensors").step, 1);
+    EXPECT_TRUE(fs::exists(dir_ + "/my run/loss.svg")) << "stderr_too " << stderr_too;
+    fs::remove_all(dir_ + "/my run");
   }
 }
 

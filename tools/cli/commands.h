@@ -40,6 +40,10 @@ void read_integers_as_decimal(CLI::App& app);
 // written: its directory is missing or unwritable, or it is a directory, device, FIFO or link.
 void check_output_directory(const std::string& path, const char* flag);
 
+// `path` as a shell reads it back: as it is when it holds only safe characters, else in single
+// quotes ("runs/my run" -> 'runs/my run'), for commands a message suggests.
+std::string shell_quoted(const std::string& path);
+
 // "a,b,c"
 std::string join_commas(const std::vector<std::string>& parts);
 

@@ -893,9 +893,10 @@ void add_demo(CLI::App& app) {
       Trainer trainer(cfg, data);
       std::printf("policy: %lld parameters\n", (long long)trainer.policy().num_parameters());
       const LoopResult r = run_training(
-          trainer, {.out_dir = dir,
-                    .log_every = 500,
-                    .continue_command = "mmdit train --data " + o->out + "/demos.npz"});
+          trainer,
+          {.out_dir = dir,
+           .log_every = 500,
+           .continue_command = "mmdit train --data " + shell_quoted(o->out + "/demos.npz")});
       if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
       const LoadedPolicy policy = load_policy(checkpoint_path(dir));
       const auto result = evaluate_policy(task, policy, o->eval_episodes, o->n_action_steps, 1000);

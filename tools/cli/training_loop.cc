@@ -17,6 +17,7 @@
 
 #include "tensor/file_io.h"
 #include "tensor/parallel.h"
+#include "tools/cli/commands.h"
 #include "train/plots.h"
 
 namespace mmdit::cli {
@@ -281,9 +282,9 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   if (saved_step != trainer.step()) save();
   if (result.stop_signal != 0) {
-    const std::string how = options.continue_command.empty()
-                                ? "--resume " + ckpt
-                                : options.continue_command + " --resume " + ckpt;
+    const std::string resume = "--resume " + shell_quoted(ckpt);
+    const std::string how =
+        options.continue_command.empty() ? resume : options.continue_command + " " + resume;
     // On stderr too when stdout is what went away.
     std::FILE* stream = result.stop_signal == SIGPIPE ? stderr : stdout;
     std::fprintf(stream, "stopped by %s at step %lld: checkpoint saved to %s (continue with %s)\n",
