@@ -147,14 +147,19 @@ std::string hdf5_cause() {
   fail(what, ": cannot open '", label, "'", target, cause);
 }
 
-// Opens `name` in `loc` as a group; `label` is its path for messages.
-H5Handle open_group(hid_t loc, const std::string& name, const std::string& what,
-                    const std::string& label) {
+// Opens `name` in `loc`, which must be a `kind` (`type`); `label` is its path for messages.
+H5Handle open_object(hid_t loc, const std::string& name, const std::string& what,
+                     const std::string& label, H5I_type_t type, const char* kind) {
   const hid_t obj = H5Oopen(loc, name.c_str(), H5P_DEFAULT);
   if (obj < 0) fail_to_open(loc, name, what, label);
   H5Handle handle(obj, H5Oclose);
-  if (H5Iget_type(obj) != H5I_GROUP) fail(what, ": '", label, "' is not a group");
+  if (H5Iget_type(obj) != type) fail(what, ": '", label, "' is not a ", kind);
   return handle;
+}
+
+H5Handle open_group(hid_t loc, const std::string& name, const std::string& what,
+                    const std::string& label) {
+  return open_object(loc, name, what, label, H5I_GROUP, "group");
 }
 
 struct Matrix {
@@ -165,10 +170,7 @@ struct Matrix {
 // Reads the floating-point dataset `name` in `loc`, of shape (T, d) or (T,), as float32.
 Matrix read_matrix(hid_t loc, const std::string& name, const std::string& what,
                    const std::string& label) {
-  const hid_t obj = H5Oopen(loc, name.c_str(), H5P_DEFAULT);
-  if (obj < 0) fail_to_open(loc, name, what, label);
-  H5Handle object(obj, H5Oclose);
-  if (H5Iget_type(obj) != H5I_DATASET) fail(what, ": '", label, "' is not a dataset");
+  const H5Handle object = open_object(loc, name, what, label, H5I_DATASET, "dataset");
   H5Handle dataset(H5Dopen2(loc, name.c_str(), H5P_DEFAULT), H5Dclose);
   if (!dataset.valid()) fail(what, ": cannot open dataset '", label, "'", hdf5_cause());
   H5Handle space(H5Dget_space(dataset.get()), H5Sclose);
