@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
 
 #include "tensor/random.h"
 #include "train/demo_task.h"
@@ -199,6 +200,37 @@ TEST(DemoTask, EvaluateHandlesOneAndFiftyEpisodes) {
   const auto c = task.evaluate(expert_oracle(task, 16), 5, 2, 8, 10);
   EXPECT_EQ(a.trajectories, b.trajectories);
   EXPECT_NE(a.trajectories[0][0], c.trajectories[0][0]);
+}
+
+// The printed rate never says 0% or 100% when some episodes went the other way, and is the
+// rate rounded to the decimals it shows.
+TEST(DemoTask, SuccessPercentNeverRoundsToAllOrNothing) {
+  auto percent = [](int64_t successes, int64_t episodes) {
+    DemoTask::EvalResult r;
+    r.success_rate = static_cast<double>(successes) / static_cast<double>(episodes);
+    return r.success_percent();
+  };
+  EXPECT_EQ(percent(0, 5), "0%");
+  EXPECT_EQ(percent(5, 5), "100%");
+  EXPECT_EQ(percent(1, 8), "12.5%");
+  EXPECT_EQ(percent(2, 3), "66.7%");
+  EXPECT_EQ(percent(995, 1000), "99.5%");
+  EXPECT_EQ(percent(1999, 2000), "99.95%");
+  EXPECT_EQ(percent(1, 300000), "0.0003%");
+  for (int64_t n = 2; n <= 20000; n += (n < 200 ? 1 : 97)) {
+    for (int64_t k : {int64_t{1}, n - 1}) {
+      const std::string text = percent(k, n);
+      ASSERT_EQ(text.back(), '%') << text;
+      const std::string digits = text.substr(0, text.size() - 1);
+      const double shown = std::stod(digits);
+      const size_t point = digits.find('.');
+      const int decimals = point == std::string::npos ? 0 : int(digits.size() - point - 1);
+      EXPECT_NE(shown, 0) << k << " of " << n;
+      EXPECT_NE(shown, 100) << k << " of " << n;
+      EXPECT_LE(std::abs(shown - 100.0 * k / n), 0.5 * std::pow(10.0, -decimals) + 1e-12)
+          << k << " of " << n << ": " << text;
+    }
+  }
 }
 
 TEST(DemoTask, ExecutesTheChunkFromTheNewestObservationOn) {

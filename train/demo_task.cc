@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "tensor/random.h"
 #include "train/dataset.h"
@@ -235,6 +237,21 @@ DemoTask::EvalResult DemoTask::evaluate(const Policy& policy, int64_t num_episod
   }
   r.success_rate = static_cast<double>(r.successes) / static_cast<double>(r.episodes);
   return r;
+}
+
+std::string DemoTask::EvalResult::success_percent() const {
+  const double percent = 100 * success_rate;
+  char buf[32];
+  if (percent == std::round(percent)) {
+    std::snprintf(buf, sizeof buf, "%.0f%%", percent);
+    return buf;
+  }
+  for (int decimals = 1; decimals < 9; ++decimals) {
+    std::snprintf(buf, sizeof buf, "%.*f", decimals, percent);
+    const double shown = std::strtod(buf, nullptr);
+    if (shown != 0 && shown != 100) break;
+  }
+  return std::string(buf) + "%";
 }
 
 }  // namespace mmdit

@@ -279,28 +279,11 @@ DemoTask::EvalResult evaluate_policy(const DemoTask& task, const LoadedPolicy& p
   return task.evaluate(act, episodes, policy.config.policy.n_obs_steps, n_action_steps, seed);
 }
 
-// Whole percent where that is exact, else as many decimals as it takes not to round to 0% or
-// 100%: 995 of 1000 is 99.5%, 1999 of 2000 99.95%.
-std::string format_percent(double fraction) {
-  const double percent = 100 * fraction;
-  char buf[32];
-  if (percent == std::round(percent)) {
-    std::snprintf(buf, sizeof buf, "%.0f%%", percent);
-    return buf;
-  }
-  for (int decimals = 1; decimals < 9; ++decimals) {
-    std::snprintf(buf, sizeof buf, "%.*f", decimals, percent);
-    const double shown = std::strtod(buf, nullptr);
-    if (shown != 0 && shown != 100) break;
-  }
-  return std::string(buf) + "%";
-}
-
 void print_eval(const DemoTask::EvalResult& r) {
   std::printf("%lld episodes: %lld succeeded, %lld collided, %lld timed out\n",
               (long long)r.episodes, (long long)r.successes, (long long)r.collisions,
               (long long)r.timeouts);
-  std::printf("success rate: %s\n", format_percent(r.success_rate).c_str());
+  std::printf("success rate: %s\n", r.success_percent().c_str());
 }
 
 constexpr const char* kStatsHelp =
@@ -920,7 +903,7 @@ void add_demo(CLI::App& app) {
                                        flow ? "flow matching" : "plain MSE regression");
     if (o->baseline)
       std::printf("\nMSE regression baseline (same network): success rate %s\n",
-                  format_percent(baseline.success_rate).c_str());
+                  baseline.success_percent().c_str());
     print_eval(result);
   });
 }
