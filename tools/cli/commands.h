@@ -26,6 +26,8 @@ void add_threads_option(CLI::App* cmd, int& threads);
 // For a directory option: "runs/x/" is read as "runs/x", so that the paths made from it read
 // runs/x/checkpoint.safetensors.
 const CLI::Validator& directory_name();
+// `name` in directory `dir` ("runs/x", "/" or "" for the working directory).
+std::string path_in(const std::string& dir, const std::string& name);
 // For paths: an empty --out would otherwise put the run's files in the root directory.
 const CLI::Validator& non_empty();
 

@@ -104,6 +104,11 @@ const CLI::Validator& directory_name() {
   return check;
 }
 
+std::string path_in(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
 void add_threads_option(CLI::App* cmd, int& threads) {
   cmd->add_option("--threads", threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(thread_count());

@@ -199,7 +199,7 @@ void check_run_outputs(const std::string& out,
   MMDIT_CHECK(::stat(out.c_str(), &st) != 0 || S_ISDIR(st.st_mode), command, ": --out ", out,
               " is not a directory");
   for (const char* written : kRunFiles) {
-    const std::string path = out + "/" + written;
+    const std::string path = path_in(out, written);
     for (const auto& [input, name] : inputs)
       if (!input.empty()) check_not_input(path, "--out", input, name, command);
     // The plots are not: one that cannot be written is a warning, the run goes on.
@@ -230,7 +230,7 @@ std::unique_ptr<DirectoryLock> lock_run_directory(const std::string& out, const 
 // before the new run writes its own next to them.
 void remove_previous_run(const std::string& dir) {
   for (const char* name : kRunFiles)
-    if (std::string(name) != "config.json") std::remove((dir + "/" + name).c_str());
+    if (std::string(name) != "config.json") std::remove(path_in(dir, name).c_str());
 }
 
 void set_threads(int threads) {
@@ -561,7 +561,7 @@ void add_import_eqx(CLI::App& app) {
                 " received a checkpoint while this import was starting; pass --overwrite to "
                 "replace it");
     if (o->overwrite) remove_previous_run(o->out);
-    write_file_atomically(o->out + "/config.json", config.to_json() + "\n");
+    write_file_atomically(path_in(o->out, "config.json"), config.to_json() + "\n");
     trainer->save_checkpoint(ckpt);
     std::printf(
         "%s: BCPolicy, %lld parameters (hidden %lld, depth %lld, horizon %lld, state_dim %lld, "
@@ -855,20 +855,20 @@ void add_demo(CLI::App& app) {
     // Every run's outputs are checked before any work: the baseline's run, when it is refused,
     // came after the demonstrations were generated, and the flow run's after the baseline trained.
     const std::vector<std::string> run_dirs =
-        o->baseline ? std::vector<std::string>{o->out + "/mse", o->out + "/flow"}
-                    : std::vector<std::string>{o->out + "/" + config.objective};
+        o->baseline ? std::vector<std::string>{path_in(o->out, "mse"), path_in(o->out, "flow")}
+                    : std::vector<std::string>{path_in(o->out, config.objective)};
     for (const std::string& dir : run_dirs)
       check_run_outputs(dir, {{o->flags.config_file, "--config"}}, "demo");
     const DemoTask::Demos demos = task.generate_demos(o->demos, config.seed);
     const Episodes data{demos.states, demos.actions, demos.episode_starts};
     const std::unique_ptr<DirectoryLock> lock = lock_run_directory(o->out, "demo");
-    save_lerobot_npz(o->out + "/demos.npz", data);
+    save_lerobot_npz(path_in(o->out, "demos.npz"), data);
     int left = 0;
     for (int s : demos.sides) left += s < 0;
     std::printf(
         "generated %lld expert demonstrations (%d pass left, %lld right, %lld frames): %s\n",
         (long long)o->demos, left, (long long)o->demos - left, (long long)demos.states.shape()[0],
-        (o->out + "/demos.npz").c_str());
+        path_in(o->out, "demos.npz").c_str());
 
     auto train_and_eval = [&](TrainConfig cfg, const std::string& dir, const char* label) {
       const std::unique_ptr<DirectoryLock> run_lock = lock_run_directory(dir, "demo");
@@ -879,11 +879,11 @@ void add_demo(CLI::App& app) {
           trainer,
           {.out_dir = dir,
            .log_every = 500,
-           .continue_command = "mmdit train --data " + shell_quoted(o->out + "/demos.npz")});
+           .continue_command = "mmdit train --data " + shell_quoted(path_in(o->out, "demos.npz"))});
       if (r.stop_signal != 0) throw CLI::RuntimeError(128 + r.stop_signal);
       const LoadedPolicy policy = load_policy(checkpoint_path(dir));
       const auto result = evaluate_policy(task, policy, o->eval_episodes, o->n_action_steps, 1000);
-      write_rollouts_svg(dir + "/rollouts.svg", task.config(), demos, result.trajectories,
+      write_rollouts_svg(path_in(dir, "rollouts.svg"), task.config(), demos, result.trajectories,
                          result.succeeded, std::string(label) + ": closed-loop rollouts");
       if (!r.losses.has_step())
         std::printf("plot: %s/rollouts.svg\n", dir.c_str());
@@ -895,11 +895,11 @@ void add_demo(CLI::App& app) {
     if (o->baseline) {
       TrainConfig mse = config;
       mse.objective = "mse";
-      baseline = train_and_eval(mse, o->out + "/mse", "baseline: plain MSE regression");
+      baseline = train_and_eval(mse, path_in(o->out, "mse"), "baseline: plain MSE regression");
       print_eval(baseline);
     }
     const bool flow = config.objective == "flow";
-    const auto result = train_and_eval(config, o->out + "/" + config.objective,
+    const auto result = train_and_eval(config, path_in(o->out, config.objective),
                                        flow ? "flow matching" : "plain MSE regression");
     if (o->baseline)
       std::printf("\nMSE regression baseline (same network): success rate %s\n",

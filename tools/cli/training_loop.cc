@@ -137,7 +137,7 @@ const char* stop_signal_name(int signal) {
 }  // namespace
 
 std::string checkpoint_path(const std::string& out_dir) {
-  return out_dir + "/checkpoint.safetensors";
+  return path_in(out_dir, "checkpoint.safetensors");
 }
 
 void make_directory(const std::string& dir) {
@@ -173,14 +173,15 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   make_directory(options.out_dir);
   for (const char* name :
        {"checkpoint.safetensors", "config.json", "metrics.csv", "val.csv", "loss.svg"})
-    remove_stale_temp_files(options.out_dir + "/" + name);
+    remove_stale_temp_files(path_in(options.out_dir, name));
   // The run's whole config, to read, edit and pass back with --config.
-  write_file_atomically(options.out_dir + "/config.json", trainer.config().to_json() + "\n");
+  write_file_atomically(path_in(options.out_dir, "config.json"), trainer.config().to_json() + "\n");
   const int64_t first = trainer.step();
   // The logs' rows up to here belong to this run only in the run's own directory.
   const int64_t kept_up_to = options.continues_run_in_out_dir ? first : 0;
   LoopResult result;
-  StepCsv csv(options.out_dir + "/metrics.csv", "step,loss,grad_norm,lr,steps_per_s", kept_up_to);
+  StepCsv csv(path_in(options.out_dir, "metrics.csv"), "step,loss,grad_norm,lr,steps_per_s",
+              kept_up_to);
   // The rows kept from before a resume are also the start of the loss curve.
   for (const std::string& row : csv.kept_rows()) {
     int64_t step = 0;
@@ -192,7 +193,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   }
   // val.csv follows the run as metrics.csv does, also when this run does not validate: a resumed
   // run drops the rows past its checkpoint, and a new run leaves no rows of an old one.
-  const std::string val_path = options.out_dir + "/val.csv";
+  const std::string val_path = path_in(options.out_dir, "val.csv");
   const char* val_header = "step,windows,mse,mse_now";
   std::optional<StepCsv> val_csv;
   struct stat val_stat;
@@ -298,7 +299,7 @@ LoopResult run_training(Trainer& trainer, const LoopOptions& options) {
   if (result.losses.has_step()) {
     std::fflush(stdout);
     try {
-      write_loss_curve_svg(options.out_dir + "/loss.svg", result.losses, "training loss");
+      write_loss_curve_svg(path_in(options.out_dir, "loss.svg"), result.losses, "training loss");
     } catch (const Error& e) {
       std::fprintf(stderr, "warning: the loss plot was not written: %s\n", e.what());
     }
