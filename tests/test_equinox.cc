@@ -395,9 +395,6 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
   EXPECT_EQ(loaded.normalizer.action_max.to_vector<float>(), (std::vector<float>{2, 1.5}));
 
   for (const auto& [stats, message] : std::vector<std::pair<std::string, std::string>>{
-           {R"({"mode": "z_score", "state_mean": [0, 0, 0], "state_std": [1, 1, 1],
-                "action_mean": [0, 0], "action_std": [1, 1]})",
-            "the statistics are for z_score normalization, the config's is min_max"},
            {R"({"mode": "min_max", "state_min": [0, 0], "state_max": [1, 1],
                 "action_min": [0, 0], "action_max": [1, 1]})",
             "normalizer: 'state_min' is float32 (2,); expected (state_dim,) = (3,)"},
@@ -413,6 +410,31 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
     EXPECT_THAT(r.output, HasSubstr(message));
     EXPECT_FALSE(std::ifstream(dir + "/bad/checkpoint.safetensors").good());
   }
+
+  // The reference agent's own layout of the ranges, [minima, maxima], gives the same statistics.
+  std::ofstream(dir + "/pairs.json") << R"({"mode": "min_max",
+      "state_min_max": [[-5, -4, -3], [5, 4, 3]], "action_min_max": [[-2, -1], [2, 1.5]]})";
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/pairs.json --out ", dir, "/pairs"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(load_policy(dir + "/pairs/checkpoint.safetensors").normalizer.to_json(),
+            loaded.normalizer.to_json());
+
+  // The statistics' mode is the run's, unless --config sets another.
+  std::ofstream(dir + "/z.json") << R"({"mode": "z_score", "state_mean": [0, 0, 0],
+      "state_std": [1, 1, 1], "action_mean": [0, 0], "action_std": [1, 1]})";
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/z.json --out ", dir, "/z"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(str_cat("normalisation (z_score) from ", dir, "/z.json")));
+  EXPECT_EQ(load_policy(dir + "/z/checkpoint.safetensors").normalizer.mode,
+            Normalizer::Mode::z_score);
+  std::ofstream(dir + "/min_max.json") << R"({"normalization": "min_max"})";
+  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/z.json --config ", dir,
+                        "/min_max.json --out ", dir, "/conflict"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr(str_cat("import-eqx: --stats ", dir, "/z.json: ")));
+  EXPECT_THAT(r.output, HasSubstr("the statistics are for z_score normalization, the config's is "
+                                  "min_max"));
+  EXPECT_FALSE(std::ifstream(dir + "/conflict/config.json").good());
 }
 
 // The losses of metrics.csv, one per step.
@@ -473,14 +495,6 @@ TEST(EquinoxCli, ImportWithoutDataNeedsOnlyTheStatistics) {
                                   "with (its config's state_min_max and action_min_max), or "
                                   "--data"));
   EXPECT_FALSE(std::ifstream(dir + "/neither/config.json").good());
-  std::ofstream(dir + "/z.json") << R"({"mode": "z_score", "state_mean": [0, 0, 0],
-      "state_std": [1, 1, 1], "action_mean": [0, 0], "action_std": [1, 1]})";
-  r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/z.json --out ", dir, "/z"));
-  EXPECT_NE(r.status, 0);
-  EXPECT_THAT(r.output, HasSubstr(str_cat("import-eqx: --stats ", dir, "/z.json: ")));
-  EXPECT_THAT(r.output, HasSubstr("the statistics are for z_score normalization, the config's is "
-                                  "min_max"));
-  EXPECT_FALSE(std::ifstream(dir + "/z/config.json").good());
 }
 
 // import-eqx --overwrite removed the old run, and then refused to save weights holding a NaN

@@ -274,6 +274,34 @@ TEST(Normalizer, FromJsonRejectsAModeThatIsNotAString) {
                   HasSubstr(R"(normalizer: 'mode' must be "min_max" or "z_score", got 3)")));
 }
 
+// The reference agent's config gives each range as one (2, dim) array, [minima, maxima]; the
+// statistics read from it equal the same numbers given key by key.
+TEST(Normalizer, ReadsTheReferenceAgentsMinMaxPairs) {
+  const Normalizer pairs = Normalizer::from_json(
+      R"({"mode": "min_max", "state_min_max": [[0, -1, 0.5], [1, 1, 2]],
+          "action_min_max": [[-2, 0], [2, 3]]})");
+  const Normalizer keys = Normalizer::from_json(
+      R"({"mode": "min_max", "state_min": [0, -1, 0.5], "state_max": [1, 1, 2],
+          "action_min": [-2, 0], "action_max": [2, 3]})");
+  pairs.validate(3, 2);
+  EXPECT_EQ(pairs.to_json(), keys.to_json());
+  EXPECT_EQ(pairs.state_max.to_vector<float>(), (std::vector<float>{1, 1, 2}));
+  EXPECT_EQ(pairs.action_min.to_vector<float>(), (std::vector<float>{-2, 0}));
+  EXPECT_EQ(test::error_of([] {
+              Normalizer::from_json(
+                  R"({"mode": "min_max", "state_min_max": [[0], [1]], "state_max": [1]})");
+            }),
+            "normalizer: 'state_min_max' and 'state_max' both give the range; keep one of them");
+  EXPECT_EQ(test::error_of(
+                [] { Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [0, 1]})"); }),
+            "normalizer: 'action_min_max' must be an array of numbers");
+  EXPECT_EQ(test::error_of([] {
+              Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [[0, 1]]})");
+            }),
+            "normalizer: 'action_min_max' must be [[minima...], [maxima...]], two arrays of "
+            "numbers");
+}
+
 // A last axis of 1 would broadcast over every dimension, and the policy accept the result.
 TEST(Normalizer, RefusesInputsWhoseLastAxisIsNotTheDimensions) {
   const Normalizer n = Normalizer::from_json(

@@ -196,14 +196,15 @@ Normalizer Normalizer::from_json(const std::string& text) {
   }
   MMDIT_CHECK(j.is_object() && j.contains("mode"), "normalizer: expected an object with a 'mode'");
   // A misspelt key ("state_mena") would otherwise leave its statistics silently unset or unused.
-  const std::vector<std::string> keys = {"mode",       "state_min",   "state_max",
-                                         "state_mean", "state_std",   "action_min",
-                                         "action_max", "action_mean", "action_std"};
+  const std::vector<std::string> keys = {
+      "mode",       "state_min",   "state_max",  "state_mean",    "state_std",     "action_min",
+      "action_max", "action_mean", "action_std", "state_min_max", "action_min_max"};
   for (const auto& [key, unused] : j.items())
     MMDIT_CHECK(std::find(keys.begin(), keys.end(), key) != keys.end(), "normalizer: unknown key '",
                 key,
                 "' (the keys are mode, state_min, state_max, state_mean, state_std, "
-                "action_min, action_max, action_mean, action_std)");
+                "action_min, action_max, action_mean, action_std, or the reference agent's "
+                "state_min_max and action_min_max)");
   Normalizer n;
   MMDIT_CHECK(j.at("mode").is_string(),
               "normalizer: 'mode' must be \"min_max\" or \"z_score\", got ", j.at("mode").dump());
@@ -221,6 +222,22 @@ Normalizer Normalizer::from_json(const std::string& text) {
   n.action_max = get("action_max");
   n.action_mean = get("action_mean");
   n.action_std = get("action_std");
+  // The reference agent's config holds each range as one (2, dim) array: [mins, maxs].
+  auto split_min_max = [&](const char* key, const char* min_key, const char* max_key, Tensor& min,
+                           Tensor& max) {
+    if (!j.contains(key)) return;
+    MMDIT_CHECK(!j.contains(min_key) && !j.contains(max_key), "normalizer: '", key, "' and '",
+                j.contains(min_key) ? min_key : max_key, "' both give the range; keep one of them");
+    const Json& rows = j[key];
+    MMDIT_CHECK(rows.is_array() && rows.size() == 2, "normalizer: '", key,
+                "' must be [[minima...], [maxima...]], two arrays of numbers");
+    min = tensor_from_json(rows[0], key);
+    max = tensor_from_json(rows[1], key);
+    MMDIT_CHECK(min.defined() && max.defined(), "normalizer: '", key,
+                "' must be [[minima...], [maxima...]], two arrays of numbers");
+  };
+  split_min_max("state_min_max", "state_min", "state_max", n.state_min, n.state_max);
+  split_min_max("action_min_max", "action_min", "action_max", n.action_min, n.action_max);
   return n;
 }
 

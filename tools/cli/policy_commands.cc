@@ -25,6 +25,17 @@
 namespace mmdit::cli {
 namespace {
 
+// --stats: statistics of the user's own (the reference agent's config gives its ranges), in place
+// of the data's. Returns use(the statistics), an error in reading or using them naming the file.
+template <class Use>
+auto with_stats_file(const std::string& path, const char* command, Use&& use) {
+  try {
+    return use(Normalizer::from_json(read_file(path)));
+  } catch (const Error& e) {
+    fail(command, ": --stats ", path, ": ", e.what());
+  }
+}
+
 // The flags every training command shares; they override the config file.
 struct TrainFlags {
   std::string config_file;
@@ -77,6 +88,15 @@ struct TrainFlags {
     if (!objective.empty()) c.objective = objective;
     c.validate();
     return c;
+  }
+  // --stats states its mode; a --config that does not set "normalization" takes it from there.
+  TrainConfig apply(TrainConfig c, const std::string& stats_file, const char* command) const {
+    if (!stats_file.empty() &&
+        (config_json.empty() || !nlohmann::json::parse(config_json).contains("normalization")))
+      c.normalization = with_stats_file(stats_file, command, [](const Normalizer& n) {
+        return n.mode == Normalizer::Mode::z_score ? "z_score" : "min_max";
+      });
+    return apply(c);
   }
   // A resumed run keeps its checkpoint's config; only the number of steps may grow.
   void check_resumable() const {
@@ -288,19 +308,9 @@ void print_eval(const DemoTask::EvalResult& r) {
 
 constexpr const char* kStatsHelp =
     "normalisation statistics to use instead of --data's (JSON: \"mode\" and \"state_min\", "
-    "\"state_max\", \"action_min\", \"action_max\", or the _mean and _std arrays for "
-    "z_score), e.g. the state_min_max and action_min_max of the reference agent's config";
-
-// --stats: statistics of the user's own (the reference agent's config gives its ranges), in place
-// of the data's. Returns use(the statistics), an error in reading or using them naming the file.
-template <class Use>
-auto with_stats_file(const std::string& path, const char* command, Use&& use) {
-  try {
-    return use(Normalizer::from_json(read_file(path)));
-  } catch (const Error& e) {
-    fail(command, ": --stats ", path, ": ", e.what());
-  }
-}
+    "\"state_max\", \"action_min\", \"action_max\", or the reference agent's "
+    "\"state_min_max\" and \"action_min_max\" as [[minima], [maxima]], or the _mean and _std "
+    "arrays for z_score); its mode is the run's unless --config sets \"normalization\"";
 
 void add_train(CLI::App& app) {
   struct Options {
@@ -430,7 +440,7 @@ void add_train(CLI::App& app) {
       TrainConfig defaults;
       defaults.policy.state_dim = data.state_dim();
       defaults.policy.act_dim = data.act_dim();
-      const TrainConfig config = o->flags.apply(defaults);
+      const TrainConfig config = o->flags.apply(defaults, o->stats, "train");
       // The defaults are the data's sizes: a mismatch comes from --config.
       check_data_fits(data, o->data, config.policy, "--config " + o->flags.config_file, "train");
       trainer = std::make_unique<Trainer>(config, data);
@@ -532,7 +542,7 @@ void add_import_eqx(CLI::App& app) {
     o->flags.read_config_file();
     TrainConfig defaults;
     defaults.policy = sizes;
-    const TrainConfig config = o->flags.apply(defaults);
+    const TrainConfig config = o->flags.apply(defaults, o->stats, "import-eqx");
     check_policy_sizes(sizes, config.policy, o->flags.config_file);
     const std::vector<std::string> keys = split_commas(o->obs_keys);
     std::optional<Episodes> data;
