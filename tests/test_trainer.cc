@@ -120,6 +120,24 @@ TEST(AdamW, WeightDecayAppliesWithZeroGradient) {
   EXPECT_FLOAT_EQ(p.to_vector<float>()[1], -3.0f + 3e-3f);
 }
 
+// optax.adamw(1e-2) decays by its default weight_decay 1e-4: with a zero gradient, one step
+// takes p to p (1 - 1e-2 * 1e-4). AdamWConfig{.lr = 1e-2} is the same optimiser.
+TEST(AdamW, DefaultsAreOptaxAdamws) {
+  Tensor p = from_vector(std::vector<double>{1.0, -3.0}, {2});
+  NamedTensors params;
+  params.insert("p", p);
+  AdamW opt(params, {.lr = 1e-2});
+  NamedTensors g;
+  g.insert("p", zeros({2}, DType::f64));
+  opt.update(params, g);
+  EXPECT_DOUBLE_EQ(p.to_vector<double>()[0], 1.0 - 1e-6);
+  EXPECT_DOUBLE_EQ(p.to_vector<double>()[1], -3.0 + 3e-6);
+  const AdamWConfig defaults;
+  EXPECT_EQ(defaults.b1, 0.9);
+  EXPECT_EQ(defaults.b2, 0.999);
+  EXPECT_EQ(defaults.eps, 1e-8);
+}
+
 // In float32 the steps are the float64 formula rounded, to a few ulps: the first step is
 // -lr g / (|g| + eps), and later steps follow a float64 recomputation. Large lr and p = 0 make
 // the step itself the result, so a relative error in it shows.

@@ -8,10 +8,11 @@
 
 namespace mmdit {
 
+// optax.adamw's defaults (its weight_decay is 1e-4, not 0); optax has no default lr.
 struct AdamWConfig {
   double lr = 1e-4;
   double b1 = 0.9, b2 = 0.999, eps = 1e-8;
-  double weight_decay = 0.0;
+  double weight_decay = 1e-4;
 };
 
 class EMA;
