@@ -65,6 +65,7 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
 
 void InContextMMDiTConfig::validate() const {
   const char* who = "InContextMMDiT config";
+  MMDIT_CHECK(depth != 0, who, ": depth (the number of blocks) is required");
   check_positive(who, "depth", depth);
   MMDIT_CHECK(!dim_modalities.empty(), who, ": dim_modalities is empty");
   check_positive(who, "dim_modalities", dim_modalities);

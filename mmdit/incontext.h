@@ -30,7 +30,7 @@ class InContextMMDiTBlock : public nn::Module {
 };
 
 struct InContextMMDiTConfig {
-  int64_t depth = 1;
+  int64_t depth = 0;  // the number of blocks; required, as in the reference
   std::vector<int64_t> dim_modalities;
   std::vector<int64_t> dim_outs;
   int64_t dim_head = 64;

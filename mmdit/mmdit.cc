@@ -152,6 +152,7 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
 
 void MMDiTConfig::validate() const {
   const char* who = "MMDiT config";
+  MMDIT_CHECK(depth != 0, who, ": depth (the number of blocks) is required");
   check_positive(who, "depth", depth);
   MMDIT_CHECK(dim_modalities.size() >= 2, who,
               ": dim_modalities needs at least two modalities, got ", dim_modalities.size());

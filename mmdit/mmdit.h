@@ -55,7 +55,7 @@ class MMDiTBlock : public nn::Module {
 };
 
 struct MMDiTConfig {
-  int64_t depth = 1;
+  int64_t depth = 0;                    // the number of blocks; required, as in the reference
   std::vector<int64_t> dim_modalities;  // at least two
   std::vector<int64_t> dim_outs;
   int64_t dim_cond = 1024;

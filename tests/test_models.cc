@@ -723,6 +723,19 @@ TEST(Errors, ModelConfigFieldsAreNamed) {
        "MMDiT config: dim_outs[1] must be positive, got -4"},
       {[](MMDiTConfig& c) { c.dim_cond = 0; }, "MMDiT config: dim_cond must be positive, got 0"},
       {[](MMDiTConfig& c) { c.ff_mult = 0; }, "MMDiT config: ff_mult must be positive, got 0"}};
+  // The reference has no default depth; a forgotten one must not build a one-block model.
+  EXPECT_THAT(
+      [&] {
+        MMDiT({.dim_modalities = {16, 8}, .dim_outs = {16, 4}}, rng);
+      },
+      testing::ThrowsMessage<Error>(
+          HasSubstr("MMDiT config: depth (the number of blocks) is required")));
+  EXPECT_THAT(
+      [&] {
+        InContextMMDiT({.dim_modalities = {16, 8}, .dim_outs = {16, 4}}, rng);
+      },
+      testing::ThrowsMessage<Error>(
+          HasSubstr("InContextMMDiT config: depth (the number of blocks) is required")));
   for (const auto& [change, message] : mmdit_cases) {
     MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
     change(c);
@@ -730,7 +743,9 @@ TEST(Errors, ModelConfigFieldsAreNamed) {
   }
   const std::vector<std::pair<std::function<void(InContextMMDiTConfig&)>, std::string>>
       incontext_cases = {{[](InContextMMDiTConfig& c) { c.depth = 0; },
-                          "InContextMMDiT config: depth must be positive, got 0"},
+                          "InContextMMDiT config: depth (the number of blocks) is required"},
+                         {[](InContextMMDiTConfig& c) { c.depth = -1; },
+                          "InContextMMDiT config: depth must be positive, got -1"},
                          {[](InContextMMDiTConfig& c) { c.dim_head = 3; },
                           "InContextMMDiT config: dim_head must be even (RoPE), got 3"},
                          {[](InContextMMDiTConfig& c) {
