@@ -1052,6 +1052,21 @@ TEST(Checkpoint, ResumeRefusesOtherData) {
   EXPECT_EQ(Trainer::resume(path, data)->step(), 1);
 }
 
+// One example's observations (n_obs, state_dim), as the reference's policy takes them, give the
+// chunk of the same observations as a batch of one, without the batch axis.
+TEST(LoadedPolicy, ActsOnOneExampleWithoutABatchAxis) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const LoadedPolicy p = load_policy(fresh_checkpoint(data, dir));
+  const Tensor observations = Rng(3).normal({2, 2});
+  Rng a(7), b(7);
+  const Tensor one = p.act(observations, a);
+  const Tensor batch = p.act(raw::unsqueeze(observations, 0), b);
+  EXPECT_EQ(one.shape(), (Shape{4, 2}));
+  EXPECT_EQ(batch.shape(), (Shape{1, 4, 2}));
+  EXPECT_EQ(one.to_vector<float>(), batch.to_vector<float>());
+}
+
 // A controller and a logger may act on one loaded policy at once, the first calls too (which
 // pack the weights), each with its own Rng: the chunks are those of the same calls one by one.
 TEST(LoadedPolicy, SeveralThreadsMayActAtOnce) {
@@ -1481,7 +1496,13 @@ TEST(LoadedPolicy, ActRejectsObservationsOfTheWrongShapeOrNotFinite) {
   Rng rng(0);
   EXPECT_THAT([&] { p.act(zeros({4}), rng); },
               testing::ThrowsMessage<Error>(
-                  HasSubstr("act: observations have shape (4,); the policy takes (B, 2, 2)")));
+                  HasSubstr("act: observations have shape (4,); the policy takes (B, 2, 2), B >= "
+                            "1, or (2, 2) for one example")));
+  EXPECT_THAT(
+      [&] {
+        p.act(zeros({3, 2}), rng);
+      },
+      testing::ThrowsMessage<Error>(HasSubstr("act: observations have shape (3,2)")));
   EXPECT_THAT(
       [&] {
         p.act(zeros({0, 2, 2}), rng);

@@ -312,10 +312,13 @@ LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
 Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   const PolicyConfig& pc = config.policy;
   const Shape& shape = observations_in.shape();
+  if (shape == Shape{pc.n_obs_steps, pc.state_dim})
+    return raw::squeeze(act(raw::unsqueeze(observations_in, 0), rng), 0);
   MMDIT_CHECK(observations_in.dim() == 3 && shape[0] >= 1 && shape[1] == pc.n_obs_steps &&
                   shape[2] == pc.state_dim,
               "act: observations have shape ", shape_str(shape), "; the policy takes (B, ",
-              pc.n_obs_steps, ", ", pc.state_dim, "), B >= 1: the last ", pc.n_obs_steps,
+              pc.n_obs_steps, ", ", pc.state_dim, "), B >= 1, or (", pc.n_obs_steps, ", ",
+              pc.state_dim, ") for one example: the last ", pc.n_obs_steps,
               " states of each example, oldest first");
   MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
               dtype_name(observations_in.dtype()), "; expected float32 or float64");

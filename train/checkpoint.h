@@ -24,7 +24,8 @@ struct LoadedPolicy {
   std::vector<std::string> obs_keys;
   // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
   std::unique_ptr<EulerSampler> sampler;
-  // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim).
+  // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim);
+  // one example's (n_obs, state_dim), as the reference's policy takes it, -> (horizon, act_dim).
   // The chunk starts at the oldest observation, as the training windows do: action
   // n_obs_steps - 1 is the one for the newest observation, the first to execute. Several threads
   // may call it at once, each with an Rng of its own.
