@@ -1128,6 +1128,46 @@ TEST(LoadedPolicy, ActOfASigmaPolicyNoisesEachStepFromItsRng) {
   EXPECT_LT(test::max_abs_diff(acted, want), 1e-5);
 }
 
+// load_policy's sample_steps replaces the config's Euler steps: act is then the sampler of that
+// many steps, and the config says so.
+TEST(LoadedPolicy, SampleStepsReplaceTheConfigs) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const TrainConfig c = tiny_config(data);
+  Trainer trainer(c, data);
+  // Enough steps that the velocity depends on the action and time (a fresh policy's is constant,
+  // and every number of steps integrates it alike).
+  for (int i = 0; i < 30; ++i) trainer.train_step();
+  const std::string path = dir.file("c.safetensors");
+  trainer.save_checkpoint(path);
+  const Tensor observations = Rng(5).normal({3, 2, 2});
+  for (const int64_t steps : {int64_t{1}, int64_t{3}}) {
+    const LoadedPolicy p = load_policy(path, false, WeightPrecision::f32, steps);
+    EXPECT_EQ(p.config.sample_steps, steps);
+    Rng rng(9), same(9);
+    const Tensor acted = p.act(observations, rng);
+    const Tensor a0 = same.normal({3, c.policy.horizon, c.policy.act_dim});
+    const Tensor want = p.normalizer.unnormalize_action(
+        sample_actions(*p.policy, p.normalizer.normalize_state(observations), a0, steps, c.max_t));
+    EXPECT_LT(test::max_abs_diff(acted, want), 1e-5) << steps;
+  }
+  ASSERT_NE(c.sample_steps, 1);
+  Rng a(9), b(9);
+  // The raw parameters (the EMA of 30 steps is still close to the fresh policy), whose velocity
+  // is not yet far from linear in time: the steps change the chunk a little.
+  EXPECT_GT(
+      test::max_abs_diff(load_policy(path, false).act(observations, a),
+                         load_policy(path, false, WeightPrecision::f32, 1).act(observations, b)),
+      1e-6);  // rounding alone differs by 3e-8
+  EXPECT_THAT([&] { load_policy(path, true, WeightPrecision::f32, -1); },
+              testing::ThrowsMessage<Error>(HasSubstr("sample_steps must be in [1, 10000], or 0")));
+  TrainConfig mse = c;
+  mse.objective = "mse";
+  Trainer(mse, data).save_checkpoint(dir.file("mse.safetensors"));
+  EXPECT_THAT([&] { load_policy(dir.file("mse.safetensors"), true, WeightPrecision::f32, 3); },
+              testing::ThrowsMessage<Error>(HasSubstr("sample_steps are for the flow")));
+}
+
 // Statistics change a run only before its first step: after it, the parameters were fitted to
 // the old ones.
 TEST(Trainer, SetNormalizerOnlyBeforeTheFirstStep) {
@@ -1668,6 +1708,21 @@ TEST(Cli, TrainsOnNpzAndHdf5AndResumes) {
   EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95" +
                 " --weights fp8"),
             0);
+  // --sample-steps: the library's sampler of that many steps, on the same noise.
+  ASSERT_EQ(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95 --seed 3" +
+                " --no-ema --sample-steps 2 --out-npy " + dir + "/two_steps.npy"),
+            0);
+  {
+    const LoadedPolicy two = load_policy(out + "/checkpoint.safetensors", false,
+                                         WeightPrecision::f32, /*sample_steps=*/2);
+    Rng rng(3);
+    EXPECT_EQ(load_npy(dir + "/two_steps.npy").to_vector<float>(),
+              two.act(from_vector(std::vector<float>{0, -1, 0, -0.95f}, {1, 2, 2}), rng)
+                  .to_vector<float>());
+  }
+  EXPECT_NE(run(mmdit + " sample " + out + "/checkpoint.safetensors --obs 0,-1,0,-0.95" +
+                " --sample-steps 0"),
+            0);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/missing.npz --out " + dir + "/x"), 0);
   EXPECT_NE(run(mmdit + " train --data " + dir + "/demos.hdf5 --obs-keys nope --out " + dir + "/x"),
             0);
@@ -1956,6 +2011,12 @@ TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {
                           " holds a policy of objective 'mse', which acts with float32 weights "
                           "(leave --weights out)"));
     EXPECT_EQ(test::run_mmdit(command + " " + ckpt + args + " --weights f32").status, 0);
+    const test::Command steps = test::run_mmdit(command + " " + ckpt + args + " --sample-steps 3");
+    EXPECT_NE(steps.status, 0);
+    EXPECT_THAT(steps.output, HasSubstr(command +
+                                        ": --sample-steps sets the flow objective's Euler "
+                                        "steps; " +
+                                        ckpt + " holds a policy of objective 'mse'"));
   }
   EXPECT_EQ(test::error_of([&] { load_policy(ckpt, true, WeightPrecision::bf16); }),
             ckpt +

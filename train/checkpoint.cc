@@ -274,14 +274,22 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   return t;
 }
 
-LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights) {
-  const CheckpointFile c = read_checkpoint(path);
-  // Only the flow objective's EulerSampler packs its weights; the regression acts unpacked, in
-  // float32, and would ignore the request.
+LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision weights,
+                         int64_t sample_steps) {
+  MMDIT_CHECK(sample_steps >= 0 && sample_steps <= 10000, path,
+              ": sample_steps must be in [1, 10000], or 0 for the config's; got ", sample_steps);
+  CheckpointFile c = read_checkpoint(path);
+  // Only the flow objective has a sampler; the regression acts in one pass, unpacked, in
+  // float32, and would ignore either request.
   MMDIT_CHECK(weights == WeightPrecision::f32 || c.config.objective == "flow", path,
               ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
               "weights; ", precision_name(weights),
               " weights are for the flow objective's sampler only (load it with f32)");
+  MMDIT_CHECK(sample_steps == 0 || c.config.objective == "flow", path,
+              ": the policy's objective is '", c.config.objective,
+              "', which regresses its actions in one pass; sample_steps are for the flow "
+              "objective's sampler only");
+  if (sample_steps > 0) c.config.sample_steps = sample_steps;
   // Every tensor, not only those loaded: save_checkpoint writes none that is not finite, so one
   // anywhere means the file is damaged.
   check_finite(c.file.tensors, path, "tensor");

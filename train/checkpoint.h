@@ -40,9 +40,10 @@ struct CheckpointInfo {
 };
 CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
 
-// `weights` other than f32 are for the flow objective's sampler: a policy of objective "mse"
-// (which regresses its actions in float32) with bf16 weights is refused.
+// `weights` other than f32 and `sample_steps` (the Euler steps of the flow's sampler; 0: the
+// config's, which training's evaluations used) are for the flow objective's sampler: a policy of
+// objective "mse" (which regresses its actions in one pass, in float32) refuses both.
 LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
-                         WeightPrecision weights = WeightPrecision::f32);
+                         WeightPrecision weights = WeightPrecision::f32, int64_t sample_steps = 0);
 
 }  // namespace mmdit

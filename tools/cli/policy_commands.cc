@@ -172,12 +172,17 @@ std::vector<std::string> obs_keys_of_policy(CLI::App* cmd, const std::string& gi
 
 // --weights bf16 packs the flow objective's sampler: refused, not ignored, for a regression
 // policy, which acts with its float32 weights.
-void check_weights_fit(const std::string& weights, const CheckpointInfo& info,
-                       const std::string& checkpoint, const char* command) {
+void check_sampler_options_fit(const std::string& weights, int64_t sample_steps,
+                               const CheckpointInfo& info, const std::string& checkpoint,
+                               const char* command) {
   MMDIT_CHECK(weights == "f32" || info.config.objective == "flow", command, ": --weights ", weights,
               " packs the weights of the flow objective's sampler; ", checkpoint,
               " holds a policy of objective '", info.config.objective,
               "', which acts with float32 weights (leave --weights out)");
+  MMDIT_CHECK(sample_steps == 0 || info.config.objective == "flow", command,
+              ": --sample-steps sets the flow objective's Euler steps; ", checkpoint,
+              " holds a policy of objective '", info.config.objective,
+              "', which regresses its actions in one pass (leave --sample-steps out)");
 }
 
 // The data's dimensions against the policy's, naming both files: the library's own checks (in
@@ -628,12 +633,20 @@ void add_weights_option(CLI::App* cmd, std::string& weights) {
       ->check(CLI::IsMember({"f32", "bf16"}));
 }
 
+void add_sample_steps_option(CLI::App* cmd, int64_t& sample_steps) {
+  cmd->add_option("--sample-steps", sample_steps,
+                  "Euler steps of the flow's sampler, 1 to 10000 (default: the checkpoint "
+                  "config's sample_steps): fewer act faster, less exactly")
+      ->check(CLI::Range(int64_t{1}, int64_t{10000}));
+}
+
 void add_sample(CLI::App& app) {
   struct Options {
     std::string checkpoint, obs, obs_npy, out_npy;
     uint64_t seed = 0;
     bool raw_params = false;
     std::string weights = "f32";
+    int64_t sample_steps = 0;
     int threads = 0;
   };
   auto o = std::make_shared<Options>();
@@ -646,6 +659,7 @@ void add_sample(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
+  add_sample_steps_option(cmd, o->sample_steps);
   add_threads_option(cmd, o->threads);
   cmd->callback([o] {
     set_threads(o->threads);
@@ -655,9 +669,10 @@ void add_sample(CLI::App& app) {
         check_not_input(o->out_npy, "--out-npy", o->obs_npy, "--obs-npy", "sample");
       check_output_directory(o->out_npy, "--out-npy");
     }
-    check_weights_fit(o->weights, read_checkpoint_info(o->checkpoint), o->checkpoint, "sample");
+    check_sampler_options_fit(o->weights, o->sample_steps, read_checkpoint_info(o->checkpoint),
+                              o->checkpoint, "sample");
     const LoadedPolicy policy =
-        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
+        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights), o->sample_steps);
     const PolicyConfig& pc = policy.config.policy;
     Tensor obs;
     MMDIT_CHECK(o->obs.empty() || o->obs_npy.empty(), "sample: give --obs or --obs-npy, not both");
@@ -698,6 +713,7 @@ void add_eval(CLI::App& app) {
     int threads = 0;
     bool raw_params = false;
     std::string weights = "f32";
+    int64_t sample_steps = 0;
   };
   auto o = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -730,6 +746,7 @@ void add_eval(CLI::App& app) {
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_threads_option(cmd, o->threads);
   add_weights_option(cmd, o->weights);
+  add_sample_steps_option(cmd, o->sample_steps);
   cmd->callback([o, cmd] {
     set_threads(o->threads);
     // Each flag belongs to one of the two evaluations: given to the other, it is refused rather
@@ -745,11 +762,11 @@ void add_eval(CLI::App& app) {
       check_output_directory(o->svg, "--svg");
     }
     const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
-    check_weights_fit(o->weights, info, o->checkpoint, "eval");
+    check_sampler_options_fit(o->weights, o->sample_steps, info, o->checkpoint, "eval");
     const std::vector<std::string> keys =
         obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
     const LoadedPolicy policy =
-        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights));
+        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights), o->sample_steps);
     if (!o->data.empty()) {
       const Episodes data = load_episodes(o->data, keys);
       check_data_fits(data, o->data, policy.config.policy, o->checkpoint, "eval");
