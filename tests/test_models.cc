@@ -303,6 +303,36 @@ TEST(MMDiT, BatchedEqualsPerExample) {
   EXPECT_LT(max_abs_diff(per_example[1], batched[1]), 1e-6);
 }
 
+// The README's "MMDiT in user code": the reference guide's MMDiT example, smaller. Quoted there
+// from here, where it compiles and runs.
+TEST(MMDiT, TheReadmesExampleRuns) {
+  Rng rng(0);
+  const MMDiT model({.depth = 2,                  // required, as in the reference
+                     .dim_modalities = {64, 32},  // e.g. image and text tokens
+                     .dim_outs = {64, 32},
+                     .dim_cond = 128,
+                     .timestep_embed_dims = {64},  // one per conditioning variable
+                     .dim_head = 16,
+                     .heads = 4},
+                    rng);
+  // One example, as the reference takes it: (S, D) per modality and a () timestep.
+  const Tensor image = rng.normal({10, 64}), text = rng.normal({6, 32});
+  const std::vector<Tensor> out = model({image, text}, {scalar(0.5)});  // (10, 64), (6, 32)
+  // A batch: (B, S, D) tokens and a (B,) timestep. The mask is over all tokens, in modality
+  // order, true where a row may attend: here text attends to text only.
+  const Tensor images = rng.normal({4, 10, 64}), texts = rng.normal({4, 6, 32});
+  const Tensor t = from_vector(std::vector<float>{0.1f, 0.4f, 0.7f, 1.0f}, {4});
+  std::vector<bool> allowed(16 * 16, true);
+  for (int i = 10; i < 16; ++i)
+    for (int j = 0; j < 10; ++j) allowed[i * 16 + j] = false;
+  const std::vector<Tensor> outs = model({images, texts}, {t}, from_vector(allowed, {16, 16}));
+
+  EXPECT_EQ(out[0].shape(), (Shape{10, 64}));
+  EXPECT_EQ(out[1].shape(), (Shape{6, 32}));
+  EXPECT_EQ(outs[0].shape(), (Shape{4, 10, 64}));
+  EXPECT_EQ(outs[1].shape(), (Shape{4, 6, 32}));
+}
+
 // Reading only some outputs skips the rest of the last block and the final layers for the
 // others; what is read is the same, bit for bit.
 TEST(MMDiT, ForwardComputesOnlyTheOutputsAskedFor) {
