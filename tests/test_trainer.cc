@@ -1989,6 +1989,26 @@ TEST(Cli, SamplePrintsEveryAction) {
   EXPECT_EQ(count, 126 * 4 * 2);
 }
 
+// info prints the checkpoint's statistics as --stats reads them, so that a policy exported to
+// the reference can be normalised as it was trained.
+TEST(Cli, InfoPrintsTheStatisticsAsStatsTakesThem) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  const std::string ckpt = fresh_checkpoint(data, dir);
+  const test::Command r = test::run_mmdit("info " + ckpt);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const std::string header = "normalisation statistics (the JSON --stats takes):\n";
+  const size_t at = r.output.find(header);
+  ASSERT_NE(at, std::string::npos) << r.output;
+  const size_t begin = at + header.size();
+  const std::string json = r.output.substr(begin, r.output.find('\n', begin) - begin);
+  const Normalizer printed = Normalizer::from_json(json);
+  const Normalizer stored = load_policy(ckpt).normalizer;
+  EXPECT_EQ(printed.to_json(), stored.to_json());
+  EXPECT_EQ(printed.state_min.to_vector<float>(), stored.state_min.to_vector<float>());
+  EXPECT_EQ(printed.action_std.to_vector<float>(), stored.action_std.to_vector<float>());
+}
+
 // --weights bf16 packs the flow objective's sampler; a regression policy acted with its float32
 // weights whatever it said. It is refused, by the commands and by load_policy.
 TEST(Cli, RefusesBf16WeightsForARegressionPolicy) {

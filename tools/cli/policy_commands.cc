@@ -825,6 +825,9 @@ void add_info(CLI::App& app) {
     if (!p.obs_keys.empty())
       std::printf("HDF5 observation keys: %s\n", join_commas(p.obs_keys).c_str());
     std::printf("config:\n%s\n", p.config.to_json().c_str());
+    // To act elsewhere (the reference agent in Python) with the statistics the policy learnt on.
+    std::printf("normalisation statistics (the JSON --stats takes):\n%s\n",
+                p.normalizer.to_json().c_str());
     std::map<std::string, int64_t> groups;
     std::vector<std::string> order;
     for (const auto& [name, t] : p.policy->named_parameters()) {
