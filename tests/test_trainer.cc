@@ -17,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -181,6 +182,10 @@ TEST(Optim, GlobalNormClippingAndSchedule) {
   EXPECT_DOUBLE_EQ(warmup_cosine_lr(10, 1.0, 10, 110), 1.0);
   EXPECT_NEAR(warmup_cosine_lr(60, 1.0, 10, 110), 0.5, 1e-12);
   EXPECT_NEAR(warmup_cosine_lr(110, 1.0, 10, 110, 0.1), 0.1, 1e-12);
+  // optax's cosine schedule stays at its end value past the last step (a library user may step
+  // a Trainer past config.steps).
+  for (int64_t step : {111, 160, 210, 10000})
+    EXPECT_NEAR(warmup_cosine_lr(step, 1.0, 10, 110, 0.1), 0.1, 1e-12) << step;
   EXPECT_DOUBLE_EQ(warmup_cosine_lr(500, 2.0, 0, 0), 2.0);
 }
 
@@ -697,6 +702,77 @@ TEST(Trainer, ScheduleEmaStartAndBuffers) {
   EXPECT_TRUE(after == buffers);
 }
 
+// Without cosine decay the learning rate stays at its peak after the warm-up, every step.
+TEST(Trainer, WithoutCosineDecayTheRateStaysAtItsPeak) {
+  const Episodes data = demo_episodes();
+  TrainConfig c = tiny_config(data);  // lr 1e-3, warm-up 3, 20 steps
+  c.cosine_decay = false;
+  Trainer t(c, data);
+  for (int count = 0; count < 20; ++count)
+    EXPECT_EQ(t.train_step().lr, count < 3 ? 1e-3 * count / 3 : 1e-3) << "count " << count;
+}
+
+// A step's loss is the objective's loss on the batch the trainer's sampler gives (a sampler of
+// the config's seed) and noise drawn as the README says: from Rng(seed ^ 0x9E3779B97F4A7C15),
+// x0 ~ N(0, 1), then t (uniform in [0, max_t), or max_t sigmoid(N(0, 1)) for logit_normal),
+// then with sigma > 0 eps ~ N(0, 1). The weights are random: a fresh policy's output is zero
+// whatever t, x_t and max_t are, so its loss could not tell them apart.
+TEST(Trainer, AStepsLossIsTheObjectiveOnTheDocumentedNoise) {
+  const Episodes data = demo_episodes();
+  struct Case {
+    const char* name;
+    std::function<void(TrainConfig&)> edit;
+  };
+  const std::vector<Case> cases = {
+      {"uniform, max_t 1", [](TrainConfig&) {}},
+      {"uniform, max_t 0.5", [](TrainConfig& c) { c.max_t = 0.5; }},
+      {"logit_normal, max_t 1", [](TrainConfig& c) { c.timestep_sampling = "logit_normal"; }},
+      {"logit_normal, max_t 0.5",
+       [](TrainConfig& c) {
+         c.timestep_sampling = "logit_normal";
+         c.max_t = 0.5;
+       }},
+      {"sigma 0.5", [](TrainConfig& c) { c.policy.sigma = 0.5; }},
+      {"mse", [](TrainConfig& c) { c.objective = "mse"; }},
+  };
+  std::vector<double> losses;
+  for (const Case& k : cases) {
+    TrainConfig c = tiny_config(data);
+    k.edit(c);
+    Trainer trainer(c, data);
+    Rng weights(11);
+    test::randomize(trainer.policy(), weights);
+    const Batch batch =
+        WindowSampler(data, c.policy.n_obs_steps, c.policy.horizon, c.seed).next(c.batch_size);
+    const Tensor state = trainer.normalizer().normalize_state(batch.state);
+    const Tensor action = trainer.normalizer().normalize_action(batch.action);
+    Tensor expected;
+    if (c.objective == "mse") {
+      expected = regression_loss(trainer.policy(), state, action, batch.action_is_pad);
+    } else {
+      Rng rng(c.seed ^ 0x9E3779B97F4A7C15ull);
+      FlowNoise noise;
+      noise.x0 = rng.normal(action.shape());
+      std::vector<float> t(static_cast<size_t>(c.batch_size));
+      if (c.timestep_sampling == "logit_normal") {
+        const std::vector<float> z = rng.normal({c.batch_size}).to_vector<float>();
+        for (size_t i = 0; i < t.size(); ++i)
+          t[i] = static_cast<float>(c.max_t / (1 + std::exp(-static_cast<double>(z[i]))));
+      } else {
+        t = rng.uniform({c.batch_size}, DType::f32, 0, c.max_t).to_vector<float>();
+      }
+      noise.t = from_vector(t, {c.batch_size});
+      if (c.policy.sigma > 0) noise.eps = rng.normal(action.shape());
+      expected = flow_matching_loss(trainer.policy(), state, action, batch.action_is_pad, noise);
+    }
+    const double want = expected.item();
+    EXPECT_NEAR(trainer.train_step().loss, want, 1e-5 * want) << k.name;
+    losses.push_back(want);
+  }
+  // The settings change the loss: a trainer that ignored one would match its neighbour's.
+  EXPECT_EQ(std::set<double>(losses.begin(), losses.end()).size(), losses.size());
+}
+
 // The first step against closed forms: a parameter the loss never uses has zero gradient and is
 // still decayed, p (1 - lr wd); the EMA is decay p0 + (1 - decay) p1; and the reported norm is the
 // one before clipping.
@@ -1166,6 +1242,35 @@ TEST(LoadedPolicy, SampleStepsReplaceTheConfigs) {
   Trainer(mse, data).save_checkpoint(dir.file("mse.safetensors"));
   EXPECT_THAT([&] { load_policy(dir.file("mse.safetensors"), true, WeightPrecision::f32, 3); },
               testing::ThrowsMessage<Error>(HasSubstr("sample_steps are for the flow")));
+}
+
+// A loaded policy integrates to its config's max_t: act() is the sampler's Euler integration
+// over t_k = k max_t / steps, and another max_t gives other actions. Random weights, as a fresh
+// policy's velocity is zero at every t.
+TEST(LoadedPolicy, ActIntegratesToTheConfigsMaxT) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  TrainConfig c = tiny_config(data);
+  c.max_t = 0.5;
+  Trainer trainer(c, data);
+  Rng weights(11);
+  test::randomize(trainer.policy(), weights);
+  trainer.restart_ema();
+  const std::string path = dir.file("c.safetensors");
+  trainer.save_checkpoint(path);
+  const LoadedPolicy p = load_policy(path);
+  const Tensor observations = Rng(5).normal({3, 2, 2});
+  Rng rng(9);
+  const Tensor acted = p.act(observations, rng);
+  Rng same(9);
+  const Tensor a0 = same.normal({3, c.policy.horizon, c.policy.act_dim});
+  const Tensor state = p.normalizer.normalize_state(observations);
+  const Tensor to_half =
+      p.normalizer.unnormalize_action(sample_actions(*p.policy, state, a0, c.sample_steps, 0.5));
+  const Tensor to_one =
+      p.normalizer.unnormalize_action(sample_actions(*p.policy, state, a0, c.sample_steps, 1.0));
+  EXPECT_LT(test::max_abs_diff(acted, to_half), 1e-5);
+  EXPECT_GT(test::max_abs_diff(acted, to_one), 1e-3);
 }
 
 // Statistics change a run only before its first step: after it, the parameters were fitted to
