@@ -65,8 +65,9 @@ std::vector<Tensor> InContextMMDiTBlock::operator()(std::vector<Tensor> x,
 
 void InContextMMDiTConfig::validate() const {
   const char* who = "InContextMMDiT config";
-  MMDIT_CHECK(depth != 0, who, ": depth (the number of blocks) is required");
-  check_positive(who, "depth", depth);
+  // No default, as in the reference: a forgotten depth must not build a one-block model.
+  MMDIT_CHECK(depth > 0, who, ": depth (the number of blocks) must be set, and positive; got ",
+              depth);
   MMDIT_CHECK(!dim_modalities.empty(), who, ": dim_modalities is empty");
   check_positive(who, "dim_modalities", dim_modalities);
   MMDIT_CHECK(dim_outs.size() == dim_modalities.size(), who, ": ", dim_modalities.size(),

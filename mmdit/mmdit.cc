@@ -152,8 +152,9 @@ std::vector<Tensor> MMDiTBlock::forward(std::vector<Tensor> x, const BlockCondit
 
 void MMDiTConfig::validate() const {
   const char* who = "MMDiT config";
-  MMDIT_CHECK(depth != 0, who, ": depth (the number of blocks) is required");
-  check_positive(who, "depth", depth);
+  // No default, as in the reference: a forgotten depth must not build a one-block model.
+  MMDIT_CHECK(depth > 0, who, ": depth (the number of blocks) must be set, and positive; got ",
+              depth);
   MMDIT_CHECK(dim_modalities.size() >= 2, who,
               ": dim_modalities needs at least two modalities, got ", dim_modalities.size());
   check_positive(who, "dim_modalities", dim_modalities);

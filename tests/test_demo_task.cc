@@ -207,9 +207,17 @@ TEST(DemoTask, EvaluateHandlesOneAndFiftyEpisodes) {
 TEST(DemoTask, SuccessPercentNeverRoundsToAllOrNothing) {
   auto percent = [](int64_t successes, int64_t episodes) {
     DemoTask::EvalResult r;
-    r.success_rate = static_cast<double>(successes) / static_cast<double>(episodes);
+    r.successes = successes;
+    r.episodes = episodes;
     return r.success_percent();
   };
+  // Whole rates are whole: 100 * (7 / 100.0) is not 7 in floating point.
+  for (int64_t n : {20, 50, 100, 1000})
+    for (int64_t k = 0; k <= n; ++k)
+      if (100 * k % n == 0) {
+        EXPECT_EQ(percent(k, n), std::to_string(100 * k / n) + "%") << k;
+      }
+  EXPECT_EQ(percent(7, 100), "7%");
   EXPECT_EQ(percent(0, 5), "0%");
   EXPECT_EQ(percent(5, 5), "100%");
   EXPECT_EQ(percent(1, 8), "12.5%");

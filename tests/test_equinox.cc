@@ -431,9 +431,11 @@ TEST(EquinoxCli, ImportTakesTheStatisticsGiven) {
   r = run_mmdit(str_cat("import-eqx ", eqx, " --stats ", dir, "/z.json --config ", dir,
                         "/min_max.json --out ", dir, "/conflict"));
   EXPECT_NE(r.status, 0);
-  EXPECT_THAT(r.output, HasSubstr(str_cat("import-eqx: --stats ", dir, "/z.json: ")));
-  EXPECT_THAT(r.output, HasSubstr("the statistics are for z_score normalization, the config's is "
-                                  "min_max"));
+  EXPECT_THAT(r.output,
+              HasSubstr(str_cat("import-eqx: --stats ", dir,
+                                "/z.json holds z_score statistics, "
+                                "and --config ",
+                                dir, "/min_max.json sets \"normalization\": \"min_max\"")));
   EXPECT_FALSE(std::ifstream(dir + "/conflict/config.json").good());
 }
 

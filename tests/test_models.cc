@@ -738,7 +738,8 @@ TEST(Errors, EmbedTimestepsOfAScalar) {
 TEST(Errors, ModelConfigFieldsAreNamed) {
   Rng rng(23);
   const std::vector<std::pair<std::function<void(MMDiTConfig&)>, std::string>> mmdit_cases = {
-      {[](MMDiTConfig& c) { c.depth = -3; }, "MMDiT config: depth must be positive, got -3"},
+      {[](MMDiTConfig& c) { c.depth = -3; },
+       "MMDiT config: depth (the number of blocks) must be set, and positive; got -3"},
       {[](MMDiTConfig& c) { c.dim_head = 5; }, "MMDiT config: dim_head must be even (RoPE), got 5"},
       {[](MMDiTConfig& c) { c.heads = 0; }, "MMDiT config: heads must be positive, got 0"},
       {[](MMDiTConfig& c) {
@@ -758,24 +759,23 @@ TEST(Errors, ModelConfigFieldsAreNamed) {
       [&] {
         MMDiT({.dim_modalities = {16, 8}, .dim_outs = {16, 4}}, rng);
       },
-      testing::ThrowsMessage<Error>(
-          HasSubstr("MMDiT config: depth (the number of blocks) is required")));
+      testing::ThrowsMessage<Error>(HasSubstr(
+          "MMDiT config: depth (the number of blocks) must be set, and positive; got 0")));
   EXPECT_THAT(
       [&] {
         InContextMMDiT({.dim_modalities = {16, 8}, .dim_outs = {16, 4}}, rng);
       },
-      testing::ThrowsMessage<Error>(
-          HasSubstr("InContextMMDiT config: depth (the number of blocks) is required")));
+      testing::ThrowsMessage<Error>(HasSubstr(
+          "InContextMMDiT config: depth (the number of blocks) must be set, and positive; got 0")));
   for (const auto& [change, message] : mmdit_cases) {
     MMDiTConfig c = small_mmdit({16, 8}, {16, 4});
     change(c);
     EXPECT_THAT([&] { MMDiT(c, rng); }, testing::ThrowsMessage<Error>(HasSubstr(message)));
   }
   const std::vector<std::pair<std::function<void(InContextMMDiTConfig&)>, std::string>>
-      incontext_cases = {{[](InContextMMDiTConfig& c) { c.depth = 0; },
-                          "InContextMMDiT config: depth (the number of blocks) is required"},
-                         {[](InContextMMDiTConfig& c) { c.depth = -1; },
-                          "InContextMMDiT config: depth must be positive, got -1"},
+      incontext_cases = {{[](InContextMMDiTConfig& c) { c.depth = -1; },
+                          "InContextMMDiT config: depth (the number of blocks) must be set, and "
+                          "positive; got -1"},
                          {[](InContextMMDiTConfig& c) { c.dim_head = 3; },
                           "InContextMMDiT config: dim_head must be even (RoPE), got 3"},
                          {[](InContextMMDiTConfig& c) {

@@ -294,7 +294,25 @@ TEST(Normalizer, ReadsTheReferenceAgentsMinMaxPairs) {
             "normalizer: 'state_min_max' and 'state_max' both give the range; keep one of them");
   EXPECT_EQ(test::error_of(
                 [] { Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [0, 1]})"); }),
+            "normalizer: 'action_min_max' must be [[minima...], [maxima...]], two arrays of "
+            "numbers");
+  EXPECT_EQ(test::error_of([] {
+              Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [[0, 1], [2]]})");
+            }),
+            "normalizer: 'action_min_max' has 2 minima and 1 maxima");
+  EXPECT_EQ(test::error_of([] {
+              Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [[0, 1], ["a", 2]]})");
+            }),
             "normalizer: 'action_min_max' must be an array of numbers");
+  // null is absent, as everywhere in these files (to_json writes the unused statistics so).
+  EXPECT_EQ(Normalizer::from_json(
+                R"({"mode": "min_max", "state_min_max": [[0], [1]], "state_min": null,
+                    "state_max": null, "action_min_max": null, "action_min": [0],
+                    "action_max": [1]})")
+                .to_json(),
+            Normalizer::from_json(R"({"mode": "min_max", "state_min": [0], "state_max": [1],
+                                      "action_min": [0], "action_max": [1]})")
+                .to_json());
   EXPECT_EQ(test::error_of([] {
               Normalizer::from_json(R"({"mode": "min_max", "action_min_max": [[0, 1]]})");
             }),

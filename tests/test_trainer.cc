@@ -709,7 +709,7 @@ TEST(Trainer, WithoutCosineDecayTheRateStaysAtItsPeak) {
   c.cosine_decay = false;
   Trainer t(c, data);
   for (int count = 0; count < 20; ++count)
-    EXPECT_EQ(t.train_step().lr, count < 3 ? 1e-3 * count / 3 : 1e-3) << "count " << count;
+    EXPECT_DOUBLE_EQ(t.train_step().lr, count < 3 ? 1e-3 * count / 3 : 1e-3) << "count " << count;
 }
 
 // A step's loss is the objective's loss on the batch the trainer's sampler gives (a sampler of
@@ -1129,18 +1129,42 @@ TEST(Checkpoint, ResumeRefusesOtherData) {
 }
 
 // One example's observations (n_obs, state_dim), as the reference's policy takes them, give the
-// chunk of the same observations as a batch of one, without the batch axis.
+// chunk of the same observations as a batch of one, without the batch axis. Random weights (a
+// fresh policy's chunk does not depend on the observations) and n_obs 3 x state_dim 2, so that
+// observations used transposed or not at all would show.
 TEST(LoadedPolicy, ActsOnOneExampleWithoutABatchAxis) {
   const Episodes data = demo_episodes();
   test::TempDir dir;
-  const LoadedPolicy p = load_policy(fresh_checkpoint(data, dir));
-  const Tensor observations = Rng(3).normal({2, 2});
-  Rng a(7), b(7);
+  TrainConfig c = tiny_config(data);
+  c.policy.n_obs_steps = 3;
+  Trainer trainer(c, data);
+  Rng weights(11);
+  test::randomize(trainer.policy(), weights);
+  trainer.restart_ema();
+  trainer.save_checkpoint(dir.file("c.safetensors"));
+  const LoadedPolicy p = load_policy(dir.file("c.safetensors"));
+  const Tensor observations = Rng(3).normal({3, 2}), other = Rng(4).normal({3, 2});
+  Rng a(7), b(7), c2(7);
   const Tensor one = p.act(observations, a);
   const Tensor batch = p.act(raw::unsqueeze(observations, 0), b);
   EXPECT_EQ(one.shape(), (Shape{4, 2}));
   EXPECT_EQ(batch.shape(), (Shape{1, 4, 2}));
   EXPECT_EQ(one.to_vector<float>(), batch.to_vector<float>());
+  EXPECT_GT(test::max_abs_diff(one, p.act(other, c2)), 1e-3);
+  // Messages index the example's own axes.
+  std::vector<float> with_nan = observations.to_vector<float>();
+  with_nan[3] = NAN;
+  EXPECT_EQ(test::error_of([&] {
+              p.act(from_vector(with_nan, {3, 2}), a);
+            }),
+            "act: observation (1, 1) is nan");
+  with_nan = observations.to_vector<float>();
+  EXPECT_EQ(test::error_of([&] {
+              std::vector<double> huge(with_nan.begin(), with_nan.end());
+              huge[4] = 1e300;
+              p.act(from_vector(huge, {3, 2}), a);
+            }),
+            "act: observation (2, 0) is 1e+300, past float32's range (the policy acts in float32)");
 }
 
 // A controller and a logger may act on one loaded policy at once, the first calls too (which
@@ -1472,6 +1496,33 @@ TEST(Cli, TrainTakesTheStatisticsGiven) {
   EXPECT_THAT(r.output, HasSubstr("train: --stats " + dir.file("short.json") +
                                   ": normalizer: 'state_min' is float32 (1,); expected "
                                   "(state_dim,) = (2,)"));
+
+  // The statistics' mode is the run's when --config does not set one; a --config that sets
+  // another is refused before the data loads.
+  std::ofstream(dir.file("z.json")) << R"({"mode": "z_score", "state_mean": [0, 1],
+      "state_std": [1, 2], "action_mean": [0, 0], "action_std": [0.5, 0.5]})";
+  std::string unset = config.to_json();
+  const std::string key = "\"normalization\": \"min_max\",";
+  ASSERT_NE(unset.find(key), std::string::npos) << unset;
+  unset.erase(unset.find(key), key.size());
+  std::ofstream(dir.file("unset.json")) << unset;
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                      dir.file("unset.json") + " --stats " + dir.file("z.json") + " --out " +
+                      dir.file("z") + " --threads 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("normalisation (z_score) from " + dir.file("z.json")));
+  EXPECT_EQ(load_policy(dir.file("z") + "/checkpoint.safetensors")
+                .normalizer.state_std.to_vector<float>(),
+            (std::vector<float>{1, 2}));
+  r = test::run_mmdit("train --data " + dir.file("demos.npz") + " --config " +
+                      dir.file("config.json") + " --stats " + dir.file("z.json") + " --out " +
+                      dir.file("conflict"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output,
+              HasSubstr("train: --stats " + dir.file("z.json") +
+                        " holds z_score statistics, and --config " + dir.file("config.json") +
+                        " sets \"normalization\": \"min_max\""));
+  EXPECT_THAT(r.output, Not(HasSubstr("data: ")));
 }
 
 // train --val-data: rows at every --val-every steps and at the end, each the action error of the

@@ -320,31 +320,35 @@ LoadedPolicy Trainer::frozen_policy(bool use_ema) const {
 Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   const PolicyConfig& pc = config.policy;
   const Shape& shape = observations_in.shape();
-  if (shape == Shape{pc.n_obs_steps, pc.state_dim})
-    return raw::squeeze(act(raw::unsqueeze(observations_in, 0), rng), 0);
-  MMDIT_CHECK(observations_in.dim() == 3 && shape[0] >= 1 && shape[1] == pc.n_obs_steps &&
-                  shape[2] == pc.state_dim,
+  // One example, as the reference's per-example policy takes it: a batch of one, with the
+  // batch index left out of messages and of the result.
+  const bool one_example = shape == Shape{pc.n_obs_steps, pc.state_dim};
+  MMDIT_CHECK(one_example || (observations_in.dim() == 3 && shape[0] >= 1 &&
+                              shape[1] == pc.n_obs_steps && shape[2] == pc.state_dim),
               "act: observations have shape ", shape_str(shape), "; the policy takes (B, ",
               pc.n_obs_steps, ", ", pc.state_dim, "), B >= 1, or (", pc.n_obs_steps, ", ",
               pc.state_dim, ") for one example: the last ", pc.n_obs_steps,
               " states of each example, oldest first");
   MMDIT_CHECK(is_floating(observations_in.dtype()), "act: observations are ",
               dtype_name(observations_in.dtype()), "; expected float32 or float64");
-  if (const std::optional<NonFinite> bad = first_non_finite(observations_in))
-    fail("act: observation (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2], ") is ",
-         bad->value);
-  const Tensor observations = raw::to_dtype(observations_in, DType::f32);
+  const Tensor given = one_example ? raw::unsqueeze(observations_in, 0) : observations_in;
+  auto at = [&](const Shape& i) {
+    return one_example ? str_cat("(", i[1], ", ", i[2], ")")
+                       : str_cat("(", i[0], ", ", i[1], ", ", i[2], ")");
+  };
+  if (const std::optional<NonFinite> bad = first_non_finite(given))
+    fail("act: observation ", at(bad->index), " is ", bad->value);
+  const Tensor observations = raw::to_dtype(given, DType::f32);
   // Finite as given but not in float32: a float64 1e300, named as the number it is.
   if (const std::optional<NonFinite> bad = first_non_finite(observations)) {
     const Shape& i = bad->index;
-    const double given =
-        observations_in
-            .to_vector<double>()[static_cast<size_t>((i[0] * shape[1] + i[1]) * shape[2] + i[2])];
-    fail("act: observation (", i[0], ", ", i[1], ", ", i[2], ") is ", given,
+    const double value = given.to_vector<double>()[static_cast<size_t>(
+        (i[0] * pc.n_obs_steps + i[1]) * pc.state_dim + i[2])];
+    fail("act: observation ", at(i), " is ", value,
          ", past float32's range (the policy acts in float32)");
   }
   const Tensor state = normalizer.normalize_state(observations);
-  const int64_t b = shape[0];
+  const int64_t b = observations.size(0);
   Tensor actions;
   if (config.objective == "mse") {
     actions = regress_actions(*policy, state);
@@ -354,20 +358,20 @@ Tensor LoadedPolicy::act(const Tensor& observations_in, Rng& rng) const {
   }
   // A robot must not receive NaN commands: a policy whose weights or inputs overflow says so.
   if (const std::optional<NonFinite> bad = first_non_finite(actions))
-    fail("act: the policy's action (", bad->index[0], ", ", bad->index[1], ", ", bad->index[2],
-         ") is ", bad->value, "; the observations may be far outside the training data's range");
+    fail("act: the policy's action ", at(bad->index), " is ", bad->value,
+         "; the observations may be far outside the training data's range");
   // Finite in the normalised range, the action can still overflow float32 in the data's units
   // (a far-out action times a wide range).
   const Tensor raw_actions = normalizer.unnormalize_action(actions);
   if (const std::optional<NonFinite> bad = first_non_finite(raw_actions)) {
     const Shape& i = bad->index;
     const size_t flat = static_cast<size_t>((i[0] * pc.horizon + i[1]) * pc.act_dim + i[2]);
-    fail("act: the policy's action (", i[0], ", ", i[1], ", ", i[2], ") is ", bad->value,
-         " in the data's units (", actions.to_vector<float>()[flat],
+    fail("act: the policy's action ", at(i), " is ", bad->value, " in the data's units (",
+         actions.to_vector<float>()[flat],
          " normalised): the normalizer's action statistics for dimension ", i[2],
          " overflow float32 there");
   }
-  return raw_actions;
+  return one_example ? raw::squeeze(raw_actions, 0) : raw_actions;
 }
 
 }  // namespace mmdit

@@ -22,7 +22,8 @@ struct LoadedPolicy {
   // The HDF5 observation keys of the data it was trained on; empty when not recorded (trained on
   // an .npz, or a checkpoint from before they were recorded).
   std::vector<std::string> obs_keys;
-  // The flow objective's sampler: the checkpoint's steps, weights frozen at `weights` precision.
+  // The flow objective's sampler: config.sample_steps (the checkpoint's, or load_policy's
+  // sample_steps), weights frozen at `weights` precision.
   std::unique_ptr<EulerSampler> sampler;
   // Raw observations (B, n_obs, state_dim), oldest first -> raw actions (B, horizon, act_dim);
   // one example's (n_obs, state_dim), as the reference's policy takes it, -> (horizon, act_dim).

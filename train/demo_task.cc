@@ -240,12 +240,12 @@ DemoTask::EvalResult DemoTask::evaluate(const Policy& policy, int64_t num_episod
 }
 
 std::string DemoTask::EvalResult::success_percent() const {
-  const double percent = 100 * success_rate;
+  MMDIT_CHECK(episodes > 0 && successes >= 0 && successes <= episodes,
+              "EvalResult::success_percent: ", successes, " successes of ", episodes, " episodes");
+  // Decided in integers: 100 * (7 / 100.0) is 7.000000000000001.
+  if (100 * successes % episodes == 0) return str_cat(100 * successes / episodes, "%");
+  const double percent = 100.0 * static_cast<double>(successes) / static_cast<double>(episodes);
   char buf[32];
-  if (percent == std::round(percent)) {
-    std::snprintf(buf, sizeof buf, "%.0f%%", percent);
-    return buf;
-  }
   for (int decimals = 1; decimals < 9; ++decimals) {
     std::snprintf(buf, sizeof buf, "%.*f", decimals, percent);
     const double shown = std::strtod(buf, nullptr);

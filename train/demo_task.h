@@ -71,8 +71,8 @@ class DemoTask {
   struct EvalResult {
     int64_t episodes = 0, successes = 0, collisions = 0, timeouts = 0;
     double success_rate = 0;  // successes / episodes
-    // success_rate in percent, whole where that is exact, else with as many decimals as it
-    // takes not to show 0% or 100%: 995 of 1000 is "99.5%", 1999 of 2000 "99.95%".
+    // successes / episodes in percent, whole where that is exact, else with as many decimals as
+    // it takes not to show 0% or 100%: 995 of 1000 is "99.5%", 1999 of 2000 "99.95%".
     std::string success_percent() const;
     // Per episode: every position visited, the start included, and how it ended.
     std::vector<std::vector<std::array<float, 2>>> trajectories;

@@ -223,18 +223,20 @@ Normalizer Normalizer::from_json(const std::string& text) {
   n.action_mean = get("action_mean");
   n.action_std = get("action_std");
   // The reference agent's config holds each range as one (2, dim) array: [mins, maxs].
+  auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
   auto split_min_max = [&](const char* key, const char* min_key, const char* max_key, Tensor& min,
                            Tensor& max) {
-    if (!j.contains(key)) return;
-    MMDIT_CHECK(!j.contains(min_key) && !j.contains(max_key), "normalizer: '", key, "' and '",
-                j.contains(min_key) ? min_key : max_key, "' both give the range; keep one of them");
+    if (!given(key)) return;
+    MMDIT_CHECK(!given(min_key) && !given(max_key), "normalizer: '", key, "' and '",
+                given(min_key) ? min_key : max_key, "' both give the range; keep one of them");
     const Json& rows = j[key];
-    MMDIT_CHECK(rows.is_array() && rows.size() == 2, "normalizer: '", key,
+    MMDIT_CHECK(rows.is_array() && rows.size() == 2 && rows[0].is_array() && rows[1].is_array(),
+                "normalizer: '", key,
                 "' must be [[minima...], [maxima...]], two arrays of numbers");
     min = tensor_from_json(rows[0], key);
     max = tensor_from_json(rows[1], key);
-    MMDIT_CHECK(min.defined() && max.defined(), "normalizer: '", key,
-                "' must be [[minima...], [maxima...]], two arrays of numbers");
+    MMDIT_CHECK(min.numel() == max.numel(), "normalizer: '", key, "' has ", min.numel(),
+                " minima and ", max.numel(), " maxima");
   };
   split_min_max("state_min_max", "state_min", "state_max", n.state_min, n.state_max);
   split_min_max("action_min_max", "action_min", "action_max", n.action_min, n.action_max);

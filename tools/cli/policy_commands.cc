@@ -89,14 +89,27 @@ struct TrainFlags {
     c.validate();
     return c;
   }
-  // --stats states its mode; a --config that does not set "normalization" takes it from there.
+  // The normalization --stats implies: its mode, unless --config sets another, which is refused;
+  // "" without --stats. Called before the data loads too, so that a conflict shows at once.
+  std::string normalization_of_stats(const std::string& stats_file, const char* command) const {
+    if (stats_file.empty()) return "";
+    const std::string mode = with_stats_file(stats_file, command, [](const Normalizer& n) {
+      return n.mode == Normalizer::Mode::z_score ? "z_score" : "min_max";
+    });
+    if (!config_json.empty()) {
+      const nlohmann::json j = nlohmann::json::parse(config_json);
+      if (j.contains("normalization"))
+        MMDIT_CHECK(j["normalization"] == mode, command, ": --stats ", stats_file, " holds ", mode,
+                    " statistics, and --config ", config_file,
+                    " sets \"normalization\": ", j["normalization"].dump());
+    }
+    return mode;
+  }
   TrainConfig apply(TrainConfig c, const std::string& stats_file, const char* command) const {
-    if (!stats_file.empty() &&
-        (config_json.empty() || !nlohmann::json::parse(config_json).contains("normalization")))
-      c.normalization = with_stats_file(stats_file, command, [](const Normalizer& n) {
-        return n.mode == Normalizer::Mode::z_score ? "z_score" : "min_max";
-      });
-    return apply(c);
+    const std::string mode = normalization_of_stats(stats_file, command);
+    c = apply(c);
+    if (!mode.empty()) c.normalization = mode;
+    return c;
   }
   // A resumed run keeps its checkpoint's config; only the number of steps may grow.
   void check_resumable() const {
@@ -170,8 +183,9 @@ std::vector<std::string> obs_keys_of_policy(CLI::App* cmd, const std::string& gi
   return keys;
 }
 
-// --weights bf16 packs the flow objective's sampler: refused, not ignored, for a regression
-// policy, which acts with its float32 weights.
+// --weights bf16 and --sample-steps are the flow objective's sampler's: refused, not ignored,
+// for a regression policy, which acts in one pass with its float32 weights. Checked on the
+// metadata, before the weights are read.
 void check_sampler_options_fit(const std::string& weights, int64_t sample_steps,
                                const CheckpointInfo& info, const std::string& checkpoint,
                                const char* command) {
@@ -404,6 +418,7 @@ void add_train(CLI::App& app) {
                   " already holds a run's checkpoint: continue it with --resume ", ckpt,
                   ", or pass --overwrite to start a new run there");
       o->flags.read_config_file();
+      o->flags.normalization_of_stats(o->stats, "train");
     }
     check_run_outputs(o->out,
                       {{o->data, "--data"},
@@ -654,8 +669,11 @@ void add_sample(CLI::App& app) {
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint (.safetensors)")->required();
   cmd->add_option("--obs", o->obs,
                   "one observation history: n_obs*state_dim comma-separated numbers");
-  cmd->add_option("--obs-npy", o->obs_npy, "observations (B, n_obs, state_dim) as .npy");
-  cmd->add_option("--out-npy", o->out_npy, "write the actions (B, horizon, act_dim) here");
+  cmd->add_option(
+      "--obs-npy", o->obs_npy,
+      "observations (B, n_obs, state_dim), or one example's (n_obs, state_dim), as .npy");
+  cmd->add_option("--out-npy", o->out_npy,
+                  "write the actions (B, horizon, act_dim), or (horizon, act_dim), here");
   cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
   add_weights_option(cmd, o->weights);
