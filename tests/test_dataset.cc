@@ -207,6 +207,20 @@ TEST(Npy, SavesNonContiguousViewsInLogicalOrder) {
   EXPECT_EQ(back.to_vector<float>(), (std::vector<float>{1, 4, 2, 5, 3, 6}));
 }
 
+// '=' is the writing machine's own byte order, little-endian on the machines we run on; '>' is
+// big-endian, swapped on reading.
+TEST(Npy, ReadsNativeAndBigEndianByteOrders) {
+  const Tensor native = parse(npy_bytes("{'descr': '=f4', 'fortran_order': False, 'shape': (2,), }",
+                                        le_bytes<float>({1.5f, -2.0f})));
+  EXPECT_EQ(native.to_vector<float>(), (std::vector<float>{1.5f, -2.0f}));
+  std::string big = le_bytes<float>({1.5f, -2.0f});
+  std::reverse(big.begin(), big.begin() + 4);
+  std::reverse(big.begin() + 4, big.end());
+  const Tensor swapped =
+      parse(npy_bytes("{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }", big));
+  EXPECT_EQ(swapped.to_vector<float>(), (std::vector<float>{1.5f, -2.0f}));
+}
+
 TEST(Npy, ReadsHandWrittenIntegerFiles) {
   const Tensor i8 =
       parse(npy_bytes("{'descr': '<i8', 'fortran_order': False, 'shape': (2, 2), }",

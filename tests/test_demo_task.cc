@@ -323,6 +323,19 @@ TEST(DemoTask, RefusesChunkSizesPastTheHorizonBound) {
                                                       "in [1, 1048576], got 9223372036854775807")));
 }
 
+// A step whose ends are both outside the obstacle but whose path cuts its rim collides: from
+// (-0.03, -0.7495) by (0.06, 0), the ends are 0.4505 from the centre (0, -0.3), the path's
+// middle 0.4495, inside the radius 0.45.
+TEST(DemoTask, AStepThroughTheRimCollides) {
+  const DemoTask task;
+  ASSERT_EQ(task.config().obstacle_radius, 0.45);
+  ASSERT_GE(task.config().max_speed, 0.06);
+  std::array<double, 2> pos = {-0.03, -0.7495};
+  EXPECT_EQ(task.step(pos, {0.06, 0.0}), DemoTask::Outcome::collision);
+  pos = {-0.03, -0.7515};  // the whole path 0.4515 or more from the centre: no collision
+  EXPECT_EQ(task.step(pos, {0.06, 0.0}), DemoTask::Outcome::running);
+}
+
 TEST(DemoTask, RejectsBadInput) {
   const DemoTask task;
   auto message = [](auto&& f) {

@@ -197,10 +197,17 @@ TEST(Safetensors, SerializedLayoutMatchesReferenceWriter) {
       R"({"__metadata__":{"k":"v"},"b":{"dtype":"F64","shape":[1,1],"data_offsets":[0,8]},)"
       R"("a":{"dtype":"F32","shape":[3],"data_offsets":[8,20]},)"
       R"("c":{"dtype":"BOOL","shape":[2],"data_offsets":[20,22]}})";
-  header.append((8 - header.size() % 8) % 8, ' ');
+  ASSERT_EQ(header.size(), 191u);
+  header += " ";  // to 192, a multiple of 8, as the reference pads
   const std::string data = le_bytes(std::vector<double>{4.0}) +
                            le_bytes(std::vector<float>{1, 2, 3}) + std::string("\x01\x00", 2);
   EXPECT_EQ(bytes, make_file(header, data));
+  // A header already 8-aligned (192 bytes) gets no padding.
+  std::string aligned = header;
+  aligned.pop_back();
+  aligned.replace(aligned.find(R"("v")"), 3, R"("vv")");
+  ASSERT_EQ(aligned.size(), 192u);
+  EXPECT_EQ(serialize_safetensors(t, {{"k", "vv"}}), make_file(aligned, data));
 }
 
 TEST(Safetensors, SaveRejectsBadInput) {

@@ -519,6 +519,29 @@ TEST(Normalizer, RefusesStatisticsThatOverflowFloat32) {
 }
 
 // ---------------------------------------------------------------- configs
+// Every field survives the JSON a checkpoint and config.json keep, sigma and max_t among them
+// (a reader that dropped sigma would load every sigma policy as a sigma-0 one).
+TEST(TrainConfig, NonDefaultFieldsSurviveJson) {
+  TrainConfig c;
+  c.policy.sigma = 0.25;
+  c.max_t = 0.75;
+  c.ema_decay = 0.5;
+  c.timestep_sampling = "logit_normal";
+  c.sample_steps = 7;
+  const TrainConfig back = TrainConfig::from_json(c.to_json());
+  EXPECT_EQ(back.policy.sigma, 0.25);
+  EXPECT_EQ(back.max_t, 0.75);
+  EXPECT_EQ(back.ema_decay, 0.5);
+  EXPECT_EQ(back.timestep_sampling, "logit_normal");
+  EXPECT_EQ(back.sample_steps, 7);
+  EXPECT_EQ(back.to_json(), c.to_json());
+  EXPECT_EQ(PolicyConfig::from_json(R"({"sigma": 0.5})").sigma, 0.5);
+  // t beyond 1 would extrapolate x_t = t z + (1 - t) x0 past the data.
+  EXPECT_NO_THROW(TrainConfig::from_json(R"({"max_t": 1})"));
+  EXPECT_THAT(test::error_of([] { TrainConfig::from_json(R"({"max_t": 1.5})"); }),
+              HasSubstr("max_t must be in (0, 1]"));
+}
+
 TEST(TrainConfig, JsonRoundTripAndErrors) {
   TrainConfig c = tiny_config(demo_episodes());
   const TrainConfig back = TrainConfig::from_json(c.to_json());
@@ -700,6 +723,17 @@ TEST(Trainer, ScheduleEmaStartAndBuffers) {
   std::vector<std::vector<float>> after;
   for (const auto& [name, b] : t.policy().named_buffers()) after.push_back(b.to_vector<float>());
   EXPECT_TRUE(after == buffers);
+}
+
+// A dimension that never changes (an unused gripper) has max == min; min-max statistics
+// accept it, and training on it gives finite losses (the 1e-8 in max - min + 1e-8 keeps it at -1).
+TEST(Trainer, TrainsWithAConstantMinMaxDimension) {
+  Episodes data = demo_episodes();
+  raw::copy_into(raw::narrow(data.states, 1, 1, 1), full({data.states.size(0), 1}, 0.25));
+  Trainer trainer(tiny_config(data), data);
+  EXPECT_EQ(trainer.normalizer().state_min.to_vector<float>()[1], 0.25f);
+  EXPECT_EQ(trainer.normalizer().state_max.to_vector<float>()[1], 0.25f);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(std::isfinite(trainer.train_step().loss)) << i;
 }
 
 // Without cosine decay the learning rate stays at its peak after the warm-up, every step.
@@ -1216,8 +1250,16 @@ TEST(LoadedPolicy, ActOfASigmaPolicyNoisesEachStepFromItsRng) {
   TrainConfig c = tiny_config(data);
   c.policy.sigma = 0.2;
   const std::string path = dir.file("c.safetensors");
-  Trainer(c, data).save_checkpoint(path);
+  {
+    // Random weights: a fresh policy's velocity is zero, whatever noise it is taken at.
+    Trainer trainer(c, data);
+    Rng weights(11);
+    test::randomize(trainer.policy(), weights);
+    trainer.restart_ema();
+    trainer.save_checkpoint(path);
+  }
   const LoadedPolicy p = load_policy(path);
+  ASSERT_EQ(p.config.policy.sigma, 0.2);
   const Tensor observations = Rng(5).normal({3, 2, 2});
   Rng rng(9);
   const Tensor acted = p.act(observations, rng);
