@@ -31,6 +31,7 @@
 #include "train/equinox.h"
 #include "train/npy.h"
 #include "train/trainer.h"
+#include "train/training_state.h"
 
 namespace mmdit {
 namespace {
@@ -700,6 +701,43 @@ TEST(Trainer, ResumeGivesBitIdenticalState) {
   resumed->save_checkpoint(dir.file("resumed.safetensors"));
   EXPECT_TRUE(read_file(dir.file("straight.safetensors")) ==
               read_file(dir.file("resumed.safetensors")));
+}
+
+// A checkpoint of `mmdit train` is a TrainingState: user code reads the policy, its AdamW, EMA and
+// random state from it, to go on in a loop of its own; or the EMA's weights alone, for acting.
+TEST(Trainer, ItsCheckpointIsATrainingStateForUserCode) {
+  const Episodes data = demo_episodes();
+  const TrainConfig c = tiny_config(data);
+  Trainer trainer(c, data);
+  for (int i = 0; i < 3; ++i) trainer.train_step();
+  test::TempDir dir;
+  const std::string path = dir.file("c.safetensors");
+  trainer.save_checkpoint(path);
+
+  Rng init(99);
+  BCPolicy policy(c.policy, init);
+  AdamW optimizer(policy.named_parameters(), {});
+  EMA ema(policy.named_parameters(), c.ema_decay);
+  Rng rng(0);
+  const std::map<std::string, std::string> metadata =
+      TrainingState{.model = policy, .optimizer = &optimizer, .ema = &ema, .rng = &rng}.load(path);
+  EXPECT_EQ(TrainConfig::from_json(metadata.at("config")).to_json(), c.to_json());
+  EXPECT_FALSE(metadata.contains("step"));
+  const auto identical = [](const NamedTensors& a, const NamedTensors& b) {
+    bool same = a.size() == b.size();
+    for (const auto& [name, t] : a) same = same && test::max_abs_diff(t, b.at(name)) == 0;
+    return same;
+  };
+  EXPECT_TRUE(identical(policy.named_parameters(), trainer.policy().named_parameters()));
+  EXPECT_TRUE(identical(ema.params(), trainer.ema().params()));
+  EXPECT_EQ(optimizer.step(), 3);
+  EXPECT_EQ(rng_state_json(rng), load_safetensors_metadata(path).at("rng"));
+  EXPECT_GT(rng.counter(), 0u);
+
+  BCPolicy acting(c.policy, init);
+  load_weights(path, acting);
+  EXPECT_TRUE(identical(acting.named_parameters(), trainer.ema().params()));
+  EXPECT_FALSE(identical(acting.named_parameters(), trainer.policy().named_parameters()));
 }
 
 // The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)

@@ -1,50 +1,24 @@
-// The checkpoint format, "mmdit-checkpoint/1": one safetensors file of the parameters
-// ("param/"), their EMA ("ema/"), AdamW's moments ("adam_m/", "adam_v/") and the buffers
-// ("buffer/"), with metadata for the config, the normalisation, the step, the random state, the
-// data's position and size, and the observation keys.
+// The checkpoint format, "mmdit-checkpoint/1": a TrainingState of the policy, its AdamW, EMA and
+// random generator (train/training_state.h: the parameters "param/", their EMA "ema/", AdamW's
+// moments "adam_m/", "adam_v/", the buffers "buffer/", the step and the random state), with
+// metadata for the config, the normalisation, the data's position and size, and the observation
+// keys.
 #include "train/checkpoint.h"
 
 #include <nlohmann/json.hpp>
 
-#include <charconv>
-#include <cmath>
-#include <functional>
-#include <limits>
-
 #include "tensor/safetensors.h"
 #include "train/json_fields.h"
 #include "train/trainer.h"
+#include "train/training_state.h"
 
 namespace mmdit {
 
 using Json = nlohmann::json;
 
-namespace {
-
-constexpr const char* kCheckpointFormat = "mmdit-checkpoint/1";
-
-}  // namespace
-
-namespace {
-
-// A checkpoint is a run's fallback, so a diverged state must never replace the last good one;
-// and a file whose numbers are not finite is refused when it is read.
-void check_finite(const NamedTensors& tensors, const std::string& path, const char* when) {
-  for (const auto& [name, t] : tensors)
-    if (const std::optional<NonFinite> bad = first_non_finite(t))
-      fail(path, ": ", when, " '", name, "' holds ", bad->value, " at ", shape_str(bad->index));
-}
-
-}  // namespace
-
 NamedTensors Trainer::checkpoint_tensors() const {
-  NamedTensors tensors;
-  for (const auto& [name, t] : policy_->named_parameters()) tensors.insert("param/" + name, t);
-  for (const auto& [name, t] : ema_->params()) tensors.insert("ema/" + name, t);
-  for (const auto& [name, t] : optimizer_->first_moments()) tensors.insert("adam_m/" + name, t);
-  for (const auto& [name, t] : optimizer_->second_moments()) tensors.insert("adam_v/" + name, t);
-  for (const auto& [name, t] : policy_->named_buffers()) tensors.insert("buffer/" + name, t);
-  return tensors;
+  return TrainingState{.model = *policy_, .optimizer = optimizer_.get(), .ema = ema_.get()}
+      .tensors();
 }
 
 void Trainer::check_saveable(const std::string& what) const {
@@ -64,12 +38,9 @@ void Trainer::save_checkpoint(const std::string& path) const {
                {"episodes", sampler_->num_episodes()}};
   }
   std::map<std::string, std::string> meta = {
-      {"format", kCheckpointFormat},
-      {"config", config_.to_json()},
-      {"normalizer", normalizer_.to_json()},
-      {"step", std::to_string(step())},
-      {"rng", Json{{"seed", rng_.seed()}, {"counter", rng_.counter()}}.dump()},
-      {"sampler", sampler.dump()}};
+      {"format", kCheckpointFormat},         {"config", config_.to_json()},
+      {"normalizer", normalizer_.to_json()}, {"step", std::to_string(step())},
+      {"rng", rng_state_json(rng_)},         {"sampler", sampler.dump()}};
   if (!obs_keys_.empty()) meta["obs_keys"] = Json(obs_keys_).dump();
   check_finite(tensors, path, "not saved (the previous file, if any, is kept): tensor");
   save_safetensors(path, tensors, meta);
@@ -99,10 +70,7 @@ CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
   } catch (const Error& e) {
     fail(path, ": ", e.what());
   }
-  const std::string& step = meta("step");
-  const auto [end, error] = std::from_chars(step.data(), step.data() + step.size(), info.step);
-  MMDIT_CHECK(error == std::errc() && end == step.data() + step.size() && info.step >= 0, path,
-              ": bad step '", step, "' in the checkpoint metadata");
+  info.step = read_step(metadata, path);
   // Older checkpoints, and those of .npz data, record no observation keys.
   if (const auto it = metadata.find("obs_keys"); it != metadata.end()) {
     const Json keys = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
@@ -222,39 +190,19 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
                 "; cannot train to step ", *steps);
     config.steps = *steps;
   }
-  check_finite(c.file.tensors, path, "tensor");
   auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = c.normalizer;
   t->obs_keys_ = c.obs_keys;
-  auto load = [&](const char* prefix, const std::function<void(const NamedTensors&)>& into) {
-    try {
-      into(c.with_prefix(prefix));
-    } catch (const Error& e) {
-      fail(path, ": tensors '", prefix, "*': ", e.what());
-    }
-  };
-  load("param/", [&](const NamedTensors& v) { t->policy_->load(with_buffers(v, c), true); });
-  load("ema/", [&](const NamedTensors& v) { t->ema_->set(v); });
-  try {
-    t->optimizer_->set_state(c.step, c.with_prefix("adam_m/"), c.with_prefix("adam_v/"));
-  } catch (const Error& e) {
-    fail(path, ": tensors 'adam_m/*', 'adam_v/*': ", e.what());
-  }
-  Json sampler;
-  // get<>() would wrap a negative number and truncate a fraction: the random state would then
-  // differ from the one saved, silently.
-  const auto whole = [&](const Json& j, const char* section, const char* key) {
-    return json_uint64(j.at(key), str_cat("checkpoint metadata ", section).c_str(), key);
-  };
+  TrainingState{
+      .model = *t->policy_, .optimizer = t->optimizer_.get(), .ema = t->ema_.get(), .rng = &t->rng_}
+      .restore(c.file, path);
   const auto count = [&](const Json& j, const char* key) {
     const int64_t n = json_int64(j.at(key), "checkpoint metadata sampler", key);
     MMDIT_CHECK(n >= 0, "checkpoint metadata sampler: '", key, "' must be >= 0, got ", n);
     return n;
   };
   try {
-    const Json rng = Json::parse(c.meta("rng"));
-    sampler = Json::parse(c.meta("sampler"));
-    t->rng_.set_state(whole(rng, "rng", "seed"), whole(rng, "rng", "counter"));
+    const Json sampler = Json::parse(c.meta("sampler"));
     // Older checkpoints, and those of a trainer made without data, do not record its size.
     if (sampler.contains("frames")) {
       const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
@@ -266,7 +214,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     }
     t->sampler_->set_position(count(sampler, "epoch"), count(sampler, "offset"));
   } catch (const Json::exception& e) {
-    fail(path, ": bad random state in the checkpoint metadata: ", e.what());
+    fail(path, ": bad data position in the checkpoint metadata: ", e.what());
   } catch (const Error& e) {
     if (std::string_view(e.what()).starts_with(path)) throw;
     fail(path, ": ", e.what());
