@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -23,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 #include "tensor/random.h"
 #include "tests/test_util.h"
@@ -416,6 +418,33 @@ TEST(Npz, RoundTripKeepsNamesAndOrder) {
   save_npz(path, NamedTensors{});
   EXPECT_TRUE(load_npz(path).empty());
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"a.npz"});
+}
+
+// The same arrays give the same bytes whenever they are written: the members are dated at the zip
+// epoch, 1980-01-01 00:00, not at the time of writing (np.savez dates them now).
+TEST(Npz, TheSameArraysGiveTheSameBytes) {
+  TempDir dir;
+  NamedTensors arrays;
+  arrays.insert("a", from_vector({1.f, 2.f}, {2}));
+  arrays.insert("b", from_vector({3.f}, {1}));
+  save_npz(dir.file("x.npz"), arrays);
+  const std::string bytes = read_file(dir.file("x.npz"));
+  int code = 0;
+  zip_t* z = zip_open(dir.file("x.npz").c_str(), ZIP_RDONLY, &code);
+  ASSERT_NE(z, nullptr);
+  for (zip_uint64_t i = 0; i < 2; ++i) {
+    zip_stat_t st;
+    ASSERT_EQ(zip_stat_index(z, i, 0, &st), 0);
+    std::tm epoch{};
+    epoch.tm_year = 80, epoch.tm_mon = 0, epoch.tm_mday = 1, epoch.tm_isdst = -1;
+    EXPECT_EQ(st.mtime, std::mktime(&epoch)) << st.name;  // libzip reads DOS times as local time
+  }
+  zip_discard(z);
+  // The local header's DOS time and date (offsets 10 and 12 of the first member's header).
+  ASSERT_GT(bytes.size(), 14u);
+  EXPECT_EQ(bytes.substr(10, 4), std::string("\x00\x00\x21\x00", 4));
+  save_npz(dir.file("y.npz"), arrays);
+  EXPECT_TRUE(read_file(dir.file("y.npz")) == bytes);
 }
 
 TEST(Npz, LoadsDeflatedMembers) {

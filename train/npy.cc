@@ -632,6 +632,12 @@ NamedTensors load_npz(const std::string& path, const std::vector<std::string>& k
   return arrays;
 }
 
+namespace {
+constexpr zip_uint16_t kDosMidnight = 0;
+constexpr zip_uint16_t kDosJanuary1st1980 =
+    (0 << 9) | (1 << 5) | 1;  // years since 1980, month, day
+}  // namespace
+
 void save_npz_members(const std::string& path,
                       const std::vector<std::pair<std::string, std::string>>& members) {
   std::set<std::string> names;
@@ -668,6 +674,11 @@ void save_npz_members(const std::string& path,
     }
     if (zip_set_file_compression(archive, static_cast<zip_uint64_t>(index), ZIP_CM_STORE, 0) != 0)
       abandon(str_cat("cannot store '", name, ".npy': ", zip_strerror(archive)));
+    // The zip epoch (1980-01-01 00:00), not the clock: the same arrays give the same bytes, so
+    // that a dataset's hash says whether its data changed.
+    if (zip_file_set_dostime(archive, static_cast<zip_uint64_t>(index), kDosMidnight,
+                             kDosJanuary1st1980, 0) != 0)
+      abandon(str_cat("cannot date '", name, ".npy': ", zip_strerror(archive)));
   }
   if (zip_close(archive) != 0)
     abandon(str_cat("writing '", tmp, "' failed: ", zip_strerror(archive)));

@@ -18,7 +18,8 @@
 //
 // Saving writes format 1.0 (2.0 when the header needs it) with dtypes '<f4', '<f8' and '|b1',
 // and the header padded so the data starts 64-byte aligned, as NumPy does. .npz archives are
-// written with stored (uncompressed) members named "<name>.npy", as np.savez does. Both savers
+// written with stored (uncompressed) members named "<name>.npy", as np.savez does, dated
+// 1980-01-01 (np.savez dates them now) so that the same arrays give the same bytes. Both savers
 // are atomic: they write "<path>.tmp.<pid>.<n>", fsync it and rename it over `path`; on failure the
 // temp file is removed and `path` is left as it was.
 #pragma once
