@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -1197,7 +1198,25 @@ TEST(Checkpoint, ResumeRefusesOtherData) {
       testing::ThrowsMessage<Error>(HasSubstr(str_cat(
           path, " was trained on ", data.num_frames(), " frames in 6 episodes; this data has ",
           other.num_frames(), " in 5: resume with the run's own data"))));
-  EXPECT_EQ(Trainer::resume(path, data)->step(), 1);
+  // Data of the same size with one action changed in its last bit.
+  Episodes changed{raw::clone(data.states), raw::clone(data.actions), data.episode_starts};
+  float& action = changed.actions.data<float>()[changed.actions.numel() - 1];
+  action = std::nextafter(action, INFINITY);
+  const std::string fingerprint = data_fingerprint(data);
+  EXPECT_EQ(fingerprint.size(), 16u);
+  EXPECT_NE(data_fingerprint(changed), fingerprint);
+  EXPECT_EQ(test::error_of([&] { Trainer::resume(path, changed); }),
+            str_cat(path, " was trained on other data of this size (data fingerprint ", fingerprint,
+                    "; this data's is ", data_fingerprint(changed),
+                    "): resume with the run's own data, or start a new run"));
+  // The same data, read again (a copy), is the run's own.
+  const Episodes copy{raw::clone(data.states), raw::clone(data.actions), data.episode_starts};
+  EXPECT_EQ(data_fingerprint(copy), fingerprint);
+  EXPECT_EQ(Trainer::resume(path, copy)->step(), 1);
+  // Episode boundaries count too.
+  Episodes regrouped = copy;
+  regrouped.episode_starts[1] += 1;
+  EXPECT_NE(data_fingerprint(regrouped), fingerprint);
 }
 
 // One example's observations (n_obs, state_dim), as the reference's policy takes them, give the
@@ -2488,14 +2507,22 @@ TEST(Cli, RecordsTheHdf5ObservationKeys) {
   EXPECT_EQ(read_checkpoint_info(ckpt).obs_keys, other);
   EXPECT_THAT(test::run_mmdit("info " + ckpt).output, HasSubstr("HDF5 observation keys: other\n"));
 
-  // Copies of the step-10 checkpoint: "a" as written, "b", "c" and "old" without the record.
+  // Copies of the step-10 checkpoint: "a" as written, "b", "d" and "old" without the record,
+  // "c" without it and without the data's fingerprint (as checkpoints before either was kept).
   const SafetensorsFile f = load_safetensors(ckpt);
   std::map<std::string, std::string> unrecorded = f.metadata;
   ASSERT_EQ(unrecorded.erase("obs_keys"), 1u);
-  for (const char* copy : {"a", "b", "c", "old"}) {
+  std::map<std::string, std::string> older = unrecorded;
+  nlohmann::json sampler = nlohmann::json::parse(older.at("sampler"));
+  ASSERT_EQ(sampler.erase("fingerprint"), 1u);
+  older["sampler"] = sampler.dump();
+  for (const char* copy : {"a", "b", "c", "d", "old"}) {
     fs::create_directories(dir + "/" + copy);
+    const std::string name = copy;
     save_safetensors(dir + "/" + copy + "/checkpoint.safetensors", f.tensors,
-                     copy == std::string("a") ? f.metadata : unrecorded);
+                     name == "a"   ? f.metadata
+                     : name == "c" ? older
+                                   : unrecorded);
   }
   const auto at = [&](const char* copy) { return dir + "/" + copy + "/checkpoint.safetensors"; };
   EXPECT_TRUE(load_policy(at("old")).obs_keys.empty());
@@ -2521,6 +2548,12 @@ TEST(Cli, RecordsTheHdf5ObservationKeys) {
   ASSERT_EQ(test::run_mmdit(resume + at("a") + " --steps 12").status, 0);
   ASSERT_EQ(test::run_mmdit(resume + at("b") + " --steps 12 --obs-keys other").status, 0);
   ASSERT_EQ(test::run_mmdit(resume + at("c") + " --steps 12").status, 0);
+  // Without the record, "state" is read: other data of the same size, which the fingerprint
+  // tells apart.
+  r = test::run_mmdit(resume + at("d") + " --steps 12");
+  EXPECT_NE(r.status, 0);
+  EXPECT_THAT(r.output, HasSubstr(at("d") + " was trained on other data of this size"));
+  EXPECT_EQ(load_policy(at("d")).step, 10);
   const auto params = [&](const char* copy) {
     std::vector<float> all;
     for (const auto& [name, t] : load_safetensors(at(copy)).tensors)

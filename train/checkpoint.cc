@@ -35,7 +35,8 @@ void Trainer::save_checkpoint(const std::string& path) const {
     sampler = {{"epoch", epoch},
                {"offset", offset},
                {"frames", sampler_->num_frames()},
-               {"episodes", sampler_->num_episodes()}};
+               {"episodes", sampler_->num_episodes()},
+               {"fingerprint", data_fingerprint_}};
   }
   std::map<std::string, std::string> meta = {
       {"format", kCheckpointFormat},         {"config", config_.to_json()},
@@ -211,6 +212,18 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
                   " episodes; this data has ", t->sampler_->num_frames(), " in ",
                   t->sampler_->num_episodes(),
                   ": resume with the run's own data, or start a new run");
+    }
+    // Checkpoints from before it was recorded have none.
+    if (sampler.contains("fingerprint")) {
+      const Json& recorded = sampler.at("fingerprint");
+      MMDIT_CHECK(recorded.is_string(),
+                  "checkpoint metadata sampler: 'fingerprint' must be a "
+                  "string, got ",
+                  recorded.dump());
+      MMDIT_CHECK(recorded.get_ref<const std::string&>() == t->data_fingerprint_, path,
+                  " was trained on other data of this size (data fingerprint ",
+                  recorded.get_ref<const std::string&>(), "; this data's is ", t->data_fingerprint_,
+                  "): resume with the run's own data, or start a new run");
     }
     t->sampler_->set_position(count(sampler, "epoch"), count(sampler, "offset"));
   } catch (const Json::exception& e) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <set>
@@ -60,6 +61,24 @@ int64_t Episodes::episode_length(int64_t e) const {
   MMDIT_CHECK(e >= 0 && e < num_episodes(), "Episodes::episode_length: episode ", e,
               " out of range [0, ", num_episodes(), ")");
   return episode_starts[e + 1] - episode_starts[e];
+}
+
+std::string data_fingerprint(const Episodes& episodes) {
+  uint64_t hash = 0xcbf29ce484222325ull;
+  const auto mix = [&](const void* data, size_t bytes) {
+    const auto* b = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < bytes; ++i) hash = (hash ^ b[i]) * 0x100000001b3ull;
+  };
+  for (const Tensor& t : {episodes.states, episodes.actions}) {
+    const Tensor values = raw::contiguous(raw::to_dtype(t, DType::f32));
+    const int64_t dims[2] = {values.size(0), values.size(1)};
+    mix(dims, sizeof dims);
+    mix(values.data<float>(), static_cast<size_t>(values.numel()) * sizeof(float));
+  }
+  mix(episodes.episode_starts.data(), episodes.episode_starts.size() * sizeof(int64_t));
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(hash));
+  return hex;
 }
 
 void validate_episodes(const Episodes& ep, const std::string& what) {

@@ -37,6 +37,11 @@ struct Episodes {
   int64_t episode_length(int64_t e) const;
 };
 
+// 16 hex digits of a 64-bit FNV-1a hash of the states, actions (as float32) and episode
+// boundaries: a checkpoint records it, so that a run is not resumed on other data of the same
+// size.
+std::string data_fingerprint(const Episodes& episodes);
+
 // Checks the invariants above (ranks, dtypes, matching N, N >= 1, dims >= 1, starts from 0 to N
 // and strictly increasing, values finite); `what` starts the error message.
 void validate_episodes(const Episodes& episodes, const std::string& what);

@@ -35,6 +35,7 @@ Trainer::Trainer(const TrainConfig& config, const Episodes& data)
   build_policy();
   sampler_ = std::make_unique<WindowSampler>(data, config_.policy.n_obs_steps,
                                              config_.policy.horizon, config_.seed);
+  data_fingerprint_ = data_fingerprint(data);
 }
 
 Trainer::Trainer(const TrainConfig& config, const Normalizer& normalizer)

@@ -89,6 +89,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<EMA> ema_;
   std::unique_ptr<WindowSampler> sampler_;  // null for a trainer made without data
+  std::string data_fingerprint_;            // of the data; empty without
   Rng rng_;
   std::vector<std::string> obs_keys_;
 };
