@@ -749,7 +749,9 @@ void add_eval(CLI::App& app) {
                   "with --data: training windows to act on, a seeded choice (0: all)")
       ->check(non_negative())
       ->capture_default_str();
-  cmd->add_option("--batch-size", o->batch_size, "with --data: windows per act() call")
+  cmd->add_option("--batch-size", o->batch_size,
+                  "with --data: windows per act() call (the noise is drawn per call, so the "
+                  "MSE, an estimate over it, changes with this by its sampling error)")
       ->check(positive())
       ->capture_default_str();
   cmd->add_option("--episodes", o->episodes, "episodes to run")
