@@ -1561,6 +1561,48 @@ TEST(Cli, EvalOnDemonstrations) {
   EXPECT_THAT(alone.output, HasSubstr("eval: --windows needs --data"));
 }
 
+// eval --json prints one JSON object: open-loop, the numbers action_error gives here on the same
+// windows and noise; closed-loop, the counts the text output prints.
+TEST(Cli, EvalPrintsOneJsonObjectForScripts) {
+  const Episodes data = demo_episodes();
+  test::TempDir dir;
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  Trainer trainer(tiny_config(data), data);
+  Rng weights(5);  // a fresh policy's chunks do not depend on the observations
+  test::randomize(trainer.policy(), weights);
+  trainer.restart_ema();
+  const std::string ckpt = dir.file("c.safetensors");
+  trainer.save_checkpoint(ckpt);
+
+  const test::Command open = test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") +
+                                             " --windows 20 --batch-size 8 --seed 4 --json");
+  ASSERT_EQ(open.status, 0) << open.output;
+  const nlohmann::json j = nlohmann::json::parse(open.output);
+  Rng rng(5);  // eval's noise: Rng(seed + 1)
+  const ActionError e = action_error(load_policy(ckpt), data, 20, 8, 4, rng);
+  EXPECT_EQ(j.at("mse").get<double>(), e.mse);
+  EXPECT_EQ(j.at("rmse").get<double>(), std::sqrt(e.mse));
+  EXPECT_EQ(j.at("mse_now").get<double>(), e.mse_now);
+  EXPECT_EQ(j.at("mse_per_dim").get<std::vector<double>>(), e.mse_per_dim);
+  EXPECT_EQ(j.at("windows").get<int64_t>(), 20);
+  EXPECT_EQ(j.at("data_episodes").get<int64_t>(), 6);
+  EXPECT_EQ(j.at("now_index").get<int64_t>(), 1);
+  EXPECT_EQ(j.at("batch_size").get<int64_t>(), 8);
+  EXPECT_EQ(j.at("checkpoint").get<std::string>(), ckpt);
+
+  const std::string closed_args = "eval " + ckpt + " --episodes 6 --n-action-steps 2 --seed 2";
+  const test::Command text = test::run_mmdit(closed_args);
+  const test::Command closed = test::run_mmdit(closed_args + " --json");
+  ASSERT_EQ(closed.status, 0) << closed.output;
+  const nlohmann::json c = nlohmann::json::parse(closed.output);
+  const int64_t successes = c.at("successes").get<int64_t>();
+  EXPECT_THAT(text.output, HasSubstr(str_cat("6 episodes: ", successes, " succeeded, ",
+                                             c.at("collisions").get<int64_t>(), " collided, ",
+                                             c.at("timeouts").get<int64_t>(), " timed out")));
+  EXPECT_EQ(c.at("success_rate").get<double>(), successes / 6.0);
+  EXPECT_EQ(c.at("step").get<int64_t>(), 0);
+}
+
 // train --stats: a new run normalises with the statistics given (the reference agent's config
 // gives its ranges), which its checkpoint keeps; a resumed run keeps its own.
 TEST(Cli, TrainTakesTheStatisticsGiven) {

@@ -729,7 +729,7 @@ void add_eval(CLI::App& app) {
     int64_t episodes = 100, n_action_steps = 8, windows = 1000, batch_size = 64;
     uint64_t seed = 1000;
     int threads = 0;
-    bool raw_params = false;
+    bool raw_params = false, json = false;
     std::string weights = "f32";
     int64_t sample_steps = 0;
   };
@@ -764,6 +764,8 @@ void add_eval(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
   cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
+  cmd->add_flag("--json", o->json,
+                "print the result as one JSON object (NaN as null) instead of text, for scripts");
   add_threads_option(cmd, o->threads);
   add_weights_option(cmd, o->weights);
   add_sample_steps_option(cmd, o->sample_steps);
@@ -792,6 +794,23 @@ void add_eval(CLI::App& app) {
       check_data_fits(data, o->data, policy.config.policy, o->checkpoint, "eval");
       Rng rng(o->seed + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
+      if (o->json) {
+        const nlohmann::ordered_json j = {{"checkpoint", o->checkpoint},
+                                          {"step", policy.step},
+                                          {"data", o->data},
+                                          {"data_episodes", data.num_episodes()},
+                                          {"windows", e.windows},
+                                          {"horizon", policy.config.policy.horizon},
+                                          {"mse", e.mse},
+                                          {"rmse", std::sqrt(e.mse)},
+                                          {"mse_per_dim", e.mse_per_dim},
+                                          {"now_index", policy.config.policy.n_obs_steps - 1},
+                                          {"mse_now", e.mse_now},
+                                          {"seed", o->seed},
+                                          {"batch_size", o->batch_size}};
+        std::printf("%s\n", j.dump().c_str());
+        return;
+      }
       std::printf("%s: %lld windows of %lld episodes, %lld-action chunks\n", o->data.c_str(),
                   (long long)e.windows, (long long)data.num_episodes(),
                   (long long)policy.config.policy.horizon);
@@ -810,7 +829,20 @@ void add_eval(CLI::App& app) {
                 policy.config.policy.act_dim, ") was not trained on the demo task (state_dim ",
                 task.state_dim(), ", act_dim ", task.act_dim(), ")");
     const auto r = evaluate_policy(task, policy, o->episodes, o->n_action_steps, o->seed);
-    print_eval(r);
+    if (o->json) {
+      const nlohmann::ordered_json j = {{"checkpoint", o->checkpoint},
+                                        {"step", policy.step},
+                                        {"episodes", r.episodes},
+                                        {"successes", r.successes},
+                                        {"collisions", r.collisions},
+                                        {"timeouts", r.timeouts},
+                                        {"success_rate", r.success_rate},
+                                        {"n_action_steps", o->n_action_steps},
+                                        {"seed", o->seed}};
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      print_eval(r);
+    }
     if (!o->svg.empty())
       write_rollouts_svg(o->svg, task.config(), {}, r.trajectories, r.succeeded, "policy rollouts");
   });
