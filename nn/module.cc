@@ -107,14 +107,9 @@ void Module::load(const NamedTensors& values, bool buffers) {
     MMDIT_CHECK(is_floating(v.dtype()), "load: parameter '", name, "' has dtype ",
                 dtype_name(v.dtype()), ", expected a float tensor");
     // Past float32's range a float64 value would be stored as inf without a word.
-    if (v.dtype() == DType::f64 && target.dtype() == DType::f32) {
-      const Tensor c = raw::contiguous(v);
-      const double* x = c.data<double>();
-      for (int64_t i = 0; i < c.numel(); ++i)
-        MMDIT_CHECK(!std::isfinite(x[i]) || std::isfinite(static_cast<float>(x[i])),
-                    "load: parameter '", name, "' holds ", x[i], " at ",
-                    shape_str(unravel_index(i, v.shape())), ", past float32's range");
-    }
+    if (const std::optional<NonFinite> big = first_overflow(v, target.dtype()))
+      fail("load: parameter '", name, "' holds ", big->value, " at ", shape_str(big->index),
+           ", past float32's range");
   }
   const NamedTensors frozen = buffers ? NamedTensors() : named_buffers();
   for (const auto& [name, v] : values) {

@@ -470,6 +470,28 @@ std::string serialize_safetensors(const NamedTensors& tensors,
   try {
     header_text = header.dump();
   } catch (const nlohmann::ordered_json::exception& e) {
+    // Name the string at fault: the header's own message gives only a byte index into it.
+    const auto invalid = [](const std::string& text) {
+      try {
+        (void)nlohmann::json(text).dump();
+        return false;
+      } catch (const nlohmann::json::exception&) {
+        return true;
+      }
+    };
+    // Invalid bytes escaped, so that the message itself is valid text.
+    const auto shown = [](const std::string& text) {
+      return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    };
+    for (const auto& [name, t] : tensors)
+      MMDIT_CHECK(!invalid(name), "serialize_safetensors: tensor name ", shown(name),
+                  " is not valid UTF-8");
+    for (const auto& [key, value] : metadata) {
+      MMDIT_CHECK(!invalid(key), "serialize_safetensors: metadata key ", shown(key),
+                  " is not valid UTF-8");
+      MMDIT_CHECK(!invalid(value), "serialize_safetensors: the value of metadata key ", shown(key),
+                  " is not valid UTF-8: ", shown(value));
+    }
     fail("serialize_safetensors: tensor names and metadata must be valid UTF-8: ", e.what());
   }
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
@@ -502,7 +524,13 @@ std::string serialize_safetensors(const NamedTensors& tensors,
 
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  write_file_atomically(path, serialize_safetensors(tensors, metadata));
+  std::string bytes;
+  try {
+    bytes = serialize_safetensors(tensors, metadata);
+  } catch (const Error& e) {
+    fail(path, ": not saved: ", e.what());
+  }
+  write_file_atomically(path, bytes);
 }
 
 }  // namespace mmdit

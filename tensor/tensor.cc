@@ -267,6 +267,16 @@ std::optional<NonFinite> first_non_finite(const Tensor& t) {
   return NonFinite{unravel_index(*i, t.shape()), value};
 }
 
+std::optional<NonFinite> first_overflow(const Tensor& t, DType dtype) {
+  if (t.dtype() != DType::f64 || dtype != DType::f32) return std::nullopt;
+  const Tensor c = raw::contiguous(t);
+  const double* x = c.data<double>();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    if (std::isfinite(x[i]) && !std::isfinite(static_cast<float>(x[i])))
+      return NonFinite{unravel_index(i, t.shape()), x[i]};
+  return std::nullopt;
+}
+
 // ---- Tensor ----
 int64_t Tensor::size(int64_t axis) const {
   return shape()[normalize_axis(axis, shape(), "size")];

@@ -149,6 +149,9 @@ struct NonFinite {
   double value;
 };
 std::optional<NonFinite> first_non_finite(const Tensor& t);
+// The first element that is finite in t but would not be in `dtype` (a float64 past float32's
+// range, which a conversion would store as infinity), with its value as t holds it.
+std::optional<NonFinite> first_overflow(const Tensor& t, DType dtype);
 
 // Copies `values` (row-major) into a new tensor of `shape`.
 template <class T>  // float, double or bool

@@ -219,7 +219,26 @@ TEST(Safetensors, SaveRejectsBadInput) {
   EXPECT_THROW(serialize_safetensors(undefined), Error);
   NamedTensors bad_utf8;
   bad_utf8.insert("bad\xFF", ones({1}));
-  EXPECT_THROW(serialize_safetensors(bad_utf8), Error);
+  EXPECT_EQ(test::error_of([&] { serialize_safetensors(bad_utf8); }),
+            "serialize_safetensors: tensor name \"bad\xEF\xBF\xBD\" is not valid UTF-8");
+  // The string at fault is named, and save_safetensors names the file, which it does not write.
+  test::TempDir dir;
+  const std::string path = dir.file("t.safetensors");
+  EXPECT_EQ(test::error_of([&] { save_safetensors(path, undefined); }),
+            path + ": not saved: serialize_safetensors: tensor 't' is undefined");
+  EXPECT_EQ(test::error_of([&] {
+              save_safetensors(path, NamedTensors{}, {{"note", "caf\xE9"}});
+            }),
+            path +
+                ": not saved: serialize_safetensors: the value of metadata key \"note\" is "
+                "not valid UTF-8: \"caf\xEF\xBF\xBD\"");
+  EXPECT_EQ(test::error_of([&] {
+              save_safetensors(path, NamedTensors{}, {{"k\xFF", "v"}});
+            }),
+            path +
+                ": not saved: serialize_safetensors: metadata key \"k\xEF\xBF\xBD\" is not valid "
+                "UTF-8");
+  EXPECT_TRUE(dir.entries().empty());
 }
 
 // ---- other dtypes, from hand-built files ----

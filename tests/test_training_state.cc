@@ -2,6 +2,11 @@
 // and restored, so that a run continues as if it had never stopped.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <tuple>
 
 #include "autodiff/ops.h"
 #include "autodiff/value_and_grad.h"
@@ -268,6 +273,93 @@ TEST(TrainingState, ADivergedStateDoesNotReplaceTheLastGoodFile) {
   LoopState target(2);
   EXPECT_EQ(test::error_of([&] { TrainingState{.model = target.model}.load(path); }),
             path + ": tensor 'adam_m/hidden.weight' holds inf at (1,1)");
+}
+
+// A model of buffers alone still has a step and a random state to restore, and its AdamW and
+// EMA, of no parameters, save no tensors.
+TEST(TrainingState, AModelWithoutParametersKeepsItsStepAndRandomState) {
+  class Constants : public nn::Module {
+   public:
+    Constants() { table = register_buffer("table", from_vector({1.f, 2.f}, {2})); }
+    Tensor table;
+  };
+  test::TempDir dir;
+  Constants saved;
+  AdamW optimizer(saved.named_parameters(), {});
+  optimizer.update(saved.named_parameters(), NamedTensors());
+  EMA ema(saved.named_parameters(), 0.9);
+  Rng rng(4);
+  rng.normal({3});
+  const std::string path = dir.file("constants.safetensors");
+  TrainingState{.model = saved, .optimizer = &optimizer, .ema = &ema, .rng = &rng}.save(path);
+
+  Constants loaded;
+  raw::copy_into(loaded.table, zeros({2}));
+  AdamW loaded_optimizer(loaded.named_parameters(), {});
+  EMA loaded_ema(loaded.named_parameters(), 0.9);
+  Rng loaded_rng(0);
+  TrainingState{
+      .model = loaded, .optimizer = &loaded_optimizer, .ema = &loaded_ema, .rng = &loaded_rng}
+      .load(path);
+  EXPECT_EQ(loaded_optimizer.step(), 1);
+  EXPECT_EQ(loaded_rng.seed(), 4u);
+  EXPECT_EQ(loaded_rng.counter(), 1u);
+  EXPECT_EQ(loaded.table.to_vector<float>(), (std::vector<float>{1.f, 2.f}));
+}
+
+// A float64 file read into a float32 loop: values past float32's range are refused, naming the
+// tensor, not stored as infinity (which the next save would refuse, stranding the run); moments
+// of two dtypes take their parameter's, so the next update runs.
+TEST(TrainingState, ValuesAreConvertedToTheLoopsDtypeOrRefused) {
+  test::TempDir dir;
+  LoopState saved(1);
+  saved.train(2);
+  const std::string good = dir.file("good.safetensors");
+  saved.state().save(good);
+  const SafetensorsFile file = load_safetensors(good);
+  const auto variant = [&](const std::string& name, const std::string& changed, double value) {
+    NamedTensors tensors;
+    for (const auto& [n, t] : file.tensors)
+      tensors.insert(n, n == changed ? raw::add_scalar(raw::to_dtype(t, DType::f64), value) : t);
+    const std::string path = dir.file(name);
+    save_safetensors(path, tensors, file.metadata);
+    return path;
+  };
+  for (const auto& [tensor, prefix, who] :
+       {std::tuple{"ema/out.bias", "ema/*", "EMA::set: 'out.bias'"},
+        std::tuple{"adam_m/out.bias", "adam_m/*', 'adam_v/*",
+                   "AdamW::set_state: first moment 'out.bias'"},
+        std::tuple{"adam_v/out.bias", "adam_m/*', 'adam_v/*",
+                   "AdamW::set_state: second moment 'out.bias'"}}) {
+    const std::string huge = variant("huge.safetensors", tensor, 1e300);
+    LoopState target(2);
+    const std::vector<float> before = target.model.named_parameters()[0].second.to_vector<float>();
+    const std::string message = test::error_of([&] { target.state().load(huge); });
+    EXPECT_THAT(message, HasSubstr(str_cat(huge, ": tensors '", prefix, "': ", who, " holds ")));
+    EXPECT_THAT(message, HasSubstr(" at (0,), past float32's range"));
+    EXPECT_EQ(target.model.named_parameters()[0].second.to_vector<float>(), before) << tensor;
+  }
+  const std::string mixed = variant("mixed.safetensors", "adam_v/out.bias", 0.0);
+  LoopState target(2);
+  target.state().load(mixed);
+  EXPECT_EQ(target.optimizer.second_moments().at("out.bias").dtype(), DType::f32);
+  target.train(1);
+  EXPECT_EQ(target.optimizer.step(), 3);
+}
+
+// A save removes the temporary files that saves to the same path killed midway left behind.
+TEST(TrainingState, SavingRemovesWhatKilledSavesLeft) {
+  test::TempDir dir;
+  const std::string path = dir.file("run.safetensors");
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  const std::string stale = "run.safetensors.tmp." + std::to_string(child) + ".0";
+  std::ofstream(dir.file(stale)) << "partial";
+  LoopState run(1);
+  run.state().save(path);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"run.safetensors"});
 }
 
 }  // namespace

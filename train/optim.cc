@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "tensor/ops.h"
@@ -275,9 +276,17 @@ void AdamW::set_state(int64_t step, const NamedTensors& m, const NamedTensors& v
                     "' holds a negative value");
       }
     }
+  // The moments keep their dtype (their parameter's): update() converts only a pair whose first
+  // moment differs, and a float64 value past float32's range would become infinity.
+  for (const auto& [which, given, held] :
+       {std::tuple{"first moment", &m, &m_}, std::tuple{"second moment", &v, &v_}})
+    for (const auto& [name, t] : *given)
+      if (const std::optional<NonFinite> big = first_overflow(t, held->at(name).dtype()))
+        fail("AdamW::set_state: ", which, " '", name, "' holds ", big->value, " at ",
+             shape_str(big->index), ", past ", dtype_name(held->at(name).dtype()), "'s range");
   step_ = step;
-  for (const auto& [name, t] : m) m_.at(name) = raw::clone(t);
-  for (const auto& [name, t] : v) v_.at(name) = raw::clone(t);
+  for (const auto& [name, t] : m) m_.at(name) = raw::clone(raw::to_dtype(t, m_.at(name).dtype()));
+  for (const auto& [name, t] : v) v_.at(name) = raw::clone(raw::to_dtype(t, v_.at(name).dtype()));
 }
 
 double global_norm(const NamedTensors& grads) {
@@ -344,6 +353,10 @@ void EMA::update(const NamedTensors& params) {
 
 void EMA::set(const NamedTensors& values) {
   check_same_layout(ema_, values, "EMA::set");
+  for (const auto& [name, t] : values)
+    if (const std::optional<NonFinite> big = first_overflow(t, ema_.at(name).dtype()))
+      fail("EMA::set: '", name, "' holds ", big->value, " at ", shape_str(big->index), ", past ",
+           dtype_name(ema_.at(name).dtype()), "'s range");
   for (const auto& [name, t] : values)
     ema_.at(name) = raw::clone(raw::to_dtype(t, ema_.at(name).dtype()));
 }

@@ -4,6 +4,7 @@
 
 #include <charconv>
 
+#include "tensor/file_io.h"
 #include "tensor/ops.h"
 #include "train/json_fields.h"
 
@@ -101,6 +102,9 @@ void TrainingState::save(const std::string& path,
   const NamedTensors all = tensors();
   check_finite(all, path, "not saved (the previous file, if any, is kept): tensor");
   save_safetensors(path, all, meta);
+  // A run killed while saving leaves its temporary file, as large as the state: a loop that is
+  // stopped and restarted again and again would fill the disk with them.
+  remove_stale_temp_files(path);
 }
 
 std::map<std::string, std::string> TrainingState::load(const std::string& path) {
@@ -125,8 +129,10 @@ void TrainingState::restore(const SafetensorsFile& file, const std::string& path
     MMDIT_CHECK(!given || holds(prefix), path, ": holds no ", part, " ('", prefix,
                 "*' tensors): it was saved without one");
   };
-  require(ema != nullptr, "ema/", "EMA");
-  require(optimizer != nullptr, "adam_m/", "optimiser state");
+  // An EMA or optimiser of no parameters (a model of buffers alone) saves no tensors.
+  require(ema != nullptr && !ema->params().empty(), "ema/", "EMA");
+  require(optimizer != nullptr && !optimizer->first_moments().empty(), "adam_m/",
+          "optimiser state");
   const int64_t step = optimizer ? read_step(file.metadata, path) : 0;
   Rng restored_rng;
   if (rng) {

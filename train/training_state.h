@@ -33,13 +33,16 @@ struct TrainingState {
 
   // The tensors as the file names them.
   NamedTensors tensors() const;
-  // Writes atomically (a temporary file, then a rename). Refuses, naming the tensor and leaving
+  // Writes atomically (a temporary file, then a rename), then removes the temporary files that
+  // saves to `path` killed midway left behind. Refuses, naming the tensor and leaving
   // the previous file as it was, a state holding a number that is not finite (a diverged run
   // must not replace its last good state); and metadata keys the format uses itself.
   void save(const std::string& path, const std::map<std::string, std::string>& metadata = {}) const;
   // Restores every part given and returns the file's other metadata (the caller's own keys).
-  // A part given that the file does not hold, a tensor missing, unknown or of another shape, a
-  // number that is not finite: an error naming the file and the tensor, with nothing changed.
+  // Values take the dtype of what they are read into. A part given that the file does not hold,
+  // a tensor missing, unknown or of another shape, a number that is not finite or that would not
+  // be in that dtype (a float64 past float32's range): an error naming the file and the tensor,
+  // with nothing changed.
   // Parts the file holds and the state does not name (an EMA, say) are left unread.
   std::map<std::string, std::string> load(const std::string& path);
   // load() of a file already read; `path` starts the messages. For formats built on this one
