@@ -23,6 +23,7 @@
 #include "tensor/bytes.h"
 #include "tensor/file_io.h"
 #include "tensor/ops.h"
+#include "tensor/packed_weight.h"
 
 namespace mmdit {
 namespace {
@@ -429,10 +430,13 @@ std::map<std::string, std::string> load_safetensors_metadata(const std::string& 
 }
 
 std::string serialize_safetensors(const NamedTensors& tensors,
-                                  const std::map<std::string, std::string>& metadata) {
+                                  const std::map<std::string, std::string>& metadata,
+                                  StoredFloats floats) {
   struct Item {
     const std::string* name;
-    Tensor data;  // contiguous
+    Tensor data;  // contiguous; float32 when stored as bfloat16
+    bool as_bf16;
+    size_t element_size() const { return as_bf16 ? 2 : dtype_size(data.dtype()); }
   };
   std::vector<Item> items;
   items.reserve(tensors.size());
@@ -440,12 +444,27 @@ std::string serialize_safetensors(const NamedTensors& tensors,
     MMDIT_CHECK(t.defined(), "serialize_safetensors: tensor '", name, "' is undefined");
     MMDIT_CHECK(name != "__metadata__",
                 "serialize_safetensors: a tensor may not be named '__metadata__'");
-    items.push_back({&name, raw::contiguous(t)});
+    if (floats == StoredFloats::bf16 && is_floating(t.dtype())) {
+      const Tensor f32 = raw::contiguous(raw::to_dtype(t, DType::f32));
+      // bfloat16 has float32's exponent range, so only the last half ulp below FLT_MAX (and
+      // float64 values past float32's range) would round to infinity.
+      const float* x = f32.data<float>();
+      for (int64_t i = 0; i < f32.numel(); ++i)
+        MMDIT_CHECK(!std::isfinite(x[i]) || std::isfinite(from_bf16(to_bf16(x[i]))),
+                    "serialize_safetensors: tensor '", name, "' holds ", x[i], " at ",
+                    shape_str(unravel_index(i, t.shape())), ", past bfloat16's range");
+      if (const std::optional<NonFinite> big = first_overflow(t, DType::f32))
+        fail("serialize_safetensors: tensor '", name, "' holds ", big->value, " at ",
+             shape_str(big->index), ", past bfloat16's range");
+      items.push_back({&name, f32, true});
+    } else {
+      items.push_back({&name, raw::contiguous(t), false});
+    }
   }
   // Decreasing element size keeps every tensor aligned to its element size with no gaps, as the
   // reference writer does (its loader rejects gaps).
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    return dtype_size(a.data.dtype()) > dtype_size(b.data.dtype());
+    return a.element_size() > b.element_size();
   });
 
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
@@ -456,11 +475,11 @@ std::string serialize_safetensors(const NamedTensors& tensors,
   }
   uint64_t offset = 0;
   for (const Item& item : items) {
-    const uint64_t nbytes = item.data.nbytes();
+    const uint64_t nbytes = static_cast<uint64_t>(item.data.numel()) * item.element_size();
     nlohmann::ordered_json shape = nlohmann::ordered_json::array();
     for (int64_t d : item.data.shape()) shape.push_back(d);
     nlohmann::ordered_json entry = nlohmann::ordered_json::object();
-    entry["dtype"] = file_dtype_name(item.data.dtype());
+    entry["dtype"] = item.as_bf16 ? "BF16" : file_dtype_name(item.data.dtype());
     entry["shape"] = std::move(shape);
     entry["data_offsets"] = nlohmann::ordered_json::array({offset, offset + nbytes});
     header[*item.name] = std::move(entry);
@@ -504,6 +523,13 @@ std::string serialize_safetensors(const NamedTensors& tensors,
   out += header_text;
   for (const Item& item : items) {
     const size_t n = static_cast<size_t>(item.data.numel());
+    if (item.as_bf16) {
+      std::vector<uint16_t> halves(n);
+      const float* x = item.data.data<float>();
+      for (size_t i = 0; i < n; ++i) halves[i] = to_bf16(x[i]);
+      append_le(out, halves.data(), n);
+      continue;
+    }
     switch (item.data.dtype()) {
       case DType::f32:
         append_le(out, item.data.data<float>(), n);
@@ -523,10 +549,10 @@ std::string serialize_safetensors(const NamedTensors& tensors,
 }
 
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+                      const std::map<std::string, std::string>& metadata, StoredFloats floats) {
   std::string bytes;
   try {
-    bytes = serialize_safetensors(tensors, metadata);
+    bytes = serialize_safetensors(tensors, metadata, floats);
   } catch (const Error& e) {
     fail(path, ": not saved: ", e.what());
   }

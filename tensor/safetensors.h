@@ -18,12 +18,12 @@
 // headers above 100 MB are rejected, as the reference implementation does). Overlapping data ranges
 // are rejected; gaps between ranges are tolerated.
 //
-// Saving writes F32, F64 and BOOL. The layout matches the reference writer, so the reference
-// loader (which requires the data ranges to tile the buffer with no gaps) reads our files:
-// the JSON header is padded with spaces to a multiple of 8 bytes, and the tensors are laid out
-// back to back in order of decreasing element size (f64, then f32, then bool; insertion order
-// within a dtype), so every tensor starts at an offset that is a multiple of its element size and
-// the buffer itself starts 8-byte aligned in the file.
+// Saving writes F32, F64 and BOOL, and BF16 when asked (StoredFloats below). The layout matches the
+// reference writer, so the reference loader (which requires the data ranges to tile the buffer with
+// no gaps) reads our files: the JSON header is padded with spaces to a multiple of 8 bytes, and the
+// tensors are laid out back to back in order of decreasing element size (f64, then f32, then bool;
+// insertion order within a dtype), so every tensor starts at an offset that is a multiple of its
+// element size and the buffer itself starts 8-byte aligned in the file.
 #pragma once
 
 #include <cstddef>
@@ -53,16 +53,24 @@ std::map<std::string, std::string> load_safetensors_metadata(const std::string& 
 // The returned tensors own their storage and do not refer to `bytes`.
 SafetensorsFile parse_safetensors(const void* bytes, size_t size, const std::string& what);
 
+// How float tensors are stored: as they are (F32, F64), or as BF16, rounded to the nearest
+// bfloat16, ties to even (half the bytes of float32, for weights shipped to a robot; loading
+// widens them back to float32 exactly). A finite value that would round past bfloat16's range
+// is an error naming the tensor.
+enum class StoredFloats { as_is, bf16 };
+
 // The bytes of a safetensors file holding `tensors` (made contiguous as needed) and `metadata`
 // ("__metadata__" is omitted when `metadata` is empty). A tensor may not be named
 // "__metadata__"; names and metadata must be valid UTF-8.
 std::string serialize_safetensors(const NamedTensors& tensors,
-                                  const std::map<std::string, std::string>& metadata = {});
+                                  const std::map<std::string, std::string>& metadata = {},
+                                  StoredFloats floats = StoredFloats::as_is);
 
 // Writes atomically: serializes, writes "<path>.tmp.<pid>.<n>", fsyncs it, renames it over `path`
 // and fsyncs the directory. On any failure the temp file is removed, `path` is left as it was
 // (absent or with its old contents) and an Error names the path and the system's reason.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+                      const std::map<std::string, std::string>& metadata = {},
+                      StoredFloats floats = StoredFloats::as_is);
 
 }  // namespace mmdit

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <cfloat>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -208,6 +209,39 @@ TEST(Safetensors, SerializedLayoutMatchesReferenceWriter) {
   aligned.replace(aligned.find(R"("v")"), 3, R"("vv")");
   ASSERT_EQ(aligned.size(), 192u);
   EXPECT_EQ(serialize_safetensors(t, {{"k", "vv"}}), make_file(aligned, data));
+}
+
+// Stored as bfloat16: every float tensor, rounded to the nearest, ties to even (the bits below
+// worked out by hand from the float32 bits), after the float32 and float64 tensors' 4 and 8 bytes
+// would have gone, before the bools.
+TEST(Safetensors, StoresFloatsAsBfloat16WhenAsked) {
+  NamedTensors t;
+  t.insert("flags", from_vector(std::vector<bool>{true}, {1}));
+  // 1 (0x3F800000), 1 + 2^-8 (0x3F808000: a tie, to the even 0x3F80), 1 + 3 * 2^-8 (0x3F818000:
+  // a tie, to the even 0x3F82), -2.5 (0xC0200000), infinity, a quiet NaN.
+  t.insert("f", from_vector({1.f, 1.f + 0x1p-8f, 1.f + 3 * 0x1p-8f, -2.5f, INFINITY, NAN}, {2, 3}));
+  // 0.1 in float64 is 0x3DCCCCCD in float32: past the tie, up to 0x3DCD.
+  t.insert("d", from_vector(std::vector<double>{0.1}, {1}));
+  const std::string bytes = serialize_safetensors(t, {}, StoredFloats::bf16);
+  std::string header = R"({"f":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},)"
+                       R"("d":{"dtype":"BF16","shape":[1],"data_offsets":[12,14]},)"
+                       R"("flags":{"dtype":"BOOL","shape":[1],"data_offsets":[14,15]}})";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const std::string data =
+      le_bytes(std::vector<uint16_t>{0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F80, 0x7FC0, 0x3DCD}) +
+      std::string("\x01", 1);
+  EXPECT_EQ(bytes, make_file(header, data));
+  const SafetensorsFile back = parse_safetensors(bytes.data(), bytes.size(), "bf16");
+  EXPECT_EQ(back.tensors.at("d").to_vector<float>(), std::vector<float>{0x1.9Ap-4f});
+
+  NamedTensors huge;
+  huge.insert("w", from_vector({1.f, FLT_MAX}, {2}));
+  EXPECT_EQ(test::error_of([&] { serialize_safetensors(huge, {}, StoredFloats::bf16); }),
+            "serialize_safetensors: tensor 'w' holds 3.40282e+38 at (1,), past bfloat16's range");
+  NamedTensors wide;
+  wide.insert("w", from_vector(std::vector<double>{1e300}, {1}));
+  EXPECT_EQ(test::error_of([&] { serialize_safetensors(wide, {}, StoredFloats::bf16); }),
+            "serialize_safetensors: tensor 'w' holds 1e+300 at (0,), past bfloat16's range");
 }
 
 TEST(Safetensors, SaveRejectsBadInput) {

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -739,6 +740,87 @@ TEST(Trainer, ItsCheckpointIsATrainingStateForUserCode) {
   load_weights(path, acting);
   EXPECT_TRUE(identical(acting.named_parameters(), trainer.ema().params()));
   EXPECT_FALSE(identical(acting.named_parameters(), trainer.policy().named_parameters()));
+}
+
+// An exported policy holds one set of weights and the tables: exported as float32 it acts as its
+// checkpoint does, bit for bit; as bfloat16, on its weights rounded to 8 significant bits. It
+// cannot be resumed, and holds only what it was exported with.
+TEST(Checkpoint, AnExportedPolicyActsAsItsCheckpoint) {
+  const Episodes data = demo_episodes();
+  Trainer trainer(tiny_config(data), data);
+  trainer.train_step();
+  Rng weights(8);  // a fresh policy's chunks do not depend on the observations
+  test::randomize(trainer.policy(), weights);
+  trainer.train_step();  // the EMA and the parameters now differ
+  test::TempDir dir;
+  const std::string ckpt = dir.file("c.safetensors"), f32 = dir.file("f32.safetensors"),
+                    bf16 = dir.file("bf16.safetensors"), raw = dir.file("raw.safetensors");
+  trainer.save_checkpoint(ckpt);
+  export_policy(ckpt, f32);
+  export_policy(ckpt, bf16, /*use_ema=*/true, StoredFloats::bf16);
+  export_policy(ckpt, raw, /*use_ema=*/false);
+
+  const Tensor observations = Rng(2).normal({3, 2, 2});
+  const auto act = [&](const std::string& path, bool use_ema) {
+    Rng noise(5);
+    return load_policy(path, use_ema).act(observations, noise);
+  };
+  EXPECT_EQ(act(f32, true).to_vector<float>(), act(ckpt, true).to_vector<float>());
+  EXPECT_EQ(act(raw, false).to_vector<float>(), act(ckpt, false).to_vector<float>());
+  EXPECT_GT(test::max_abs_diff(act(bf16, true), act(ckpt, true)), 0.0);
+  EXPECT_LT(test::max_abs_diff(act(bf16, true), act(ckpt, true)), 0.05);
+
+  const LoadedPolicy rounded = load_policy(bf16);
+  for (const auto& [name, w] : trainer.ema().params()) {
+    const std::vector<float> exact = w.to_vector<float>();
+    const std::vector<float> got = rounded.policy->named_parameters().at(name).to_vector<float>();
+    for (size_t i = 0; i < exact.size(); ++i) {
+      ASSERT_EQ(std::bit_cast<uint32_t>(got[i]) & 0xFFFF, 0u) << name;  // 8 significant bits
+      ASSERT_LE(std::abs(got[i] - exact[i]), std::ldexp(std::abs(exact[i]), -8)) << name;
+    }
+  }
+  EXPECT_EQ(rounded.step, 2);
+  EXPECT_EQ(load_safetensors_metadata(bf16).at("exported"), "EMA in bfloat16");
+  // One set of weights of the checkpoint's four, in half the bytes.
+  EXPECT_LT(fs::file_size(bf16) * 6, fs::file_size(ckpt));  // 7 but for the headers
+  EXPECT_LT(fs::file_size(f32) * 3, fs::file_size(ckpt));
+
+  EXPECT_EQ(test::error_of([&] { Trainer::resume(bf16, data); }),
+            bf16 +
+                ": an exported policy (EMA in bfloat16, for acting) has no optimiser state to "
+                "resume from: resume the checkpoint it was exported from");
+  EXPECT_EQ(test::error_of([&] { load_policy(f32, /*use_ema=*/false); }),
+            f32 +
+                ": holds no 'param/*' weights (it was exported with the EMA's alone; load "
+                "those, without --no-ema)");
+  EXPECT_EQ(test::error_of([&] { load_policy(raw); }),
+            raw +
+                ": holds no 'ema/*' weights (it was exported without the EMA; load its "
+                "parameters, --no-ema)");
+}
+
+// mmdit export writes what sample reads, refusing to write over its input.
+TEST(Cli, ExportsAPolicyThatSamples) {
+  const Episodes data = demo_episodes();
+  Trainer trainer(tiny_config(data), data);
+  Rng weights(8);
+  test::randomize(trainer.policy(), weights);
+  trainer.restart_ema();
+  test::TempDir dir;
+  const std::string ckpt = dir.file("c.safetensors"), out = dir.file("policy.safetensors");
+  trainer.save_checkpoint(ckpt);
+  const test::Command r = test::run_mmdit("export " + ckpt + " --out " + out + " --dtype bf16");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("wrote " + out + ": the EMA weights of " + ckpt +
+                                  " (step 0) in bfloat16, "));
+  EXPECT_EQ(load_safetensors_metadata(out).at("exported"), "EMA in bfloat16");
+  const std::string sample = " --obs 0,-1,0,-0.98 --seed 3";
+  const test::Command exported = test::run_mmdit("sample " + out + sample);
+  ASSERT_EQ(exported.status, 0) << exported.output;
+  EXPECT_NE(exported.output, test::run_mmdit("sample " + ckpt + sample).output);  // rounded
+  const test::Command over = test::run_mmdit("export " + ckpt + " --out " + ckpt);
+  EXPECT_NE(over.status, 0);
+  EXPECT_THAT(over.output, HasSubstr("export: --out"));
 }
 
 // The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)

@@ -138,20 +138,25 @@ CheckpointFile read_checkpoint(const std::string& path) {
     MMDIT_CHECK(same, path, ": '", name, "' has shape ", shape_str(got),
                 ", which does not match the config's ", settings);
   };
+  // An exported policy holds one set of weights, the EMA's or the parameters.
+  const std::string weights =
+      c.file.tensors.contains("param/state_encoder.weight") ? "param/" : "ema/";
   const double hidden = static_cast<double>(pc.hidden_size);
-  expect("param/state_encoder.weight", {hidden, double(pc.state_dim)}, "hidden_size and state_dim");
-  expect("param/action_encoder.weight", {hidden, double(pc.act_dim)}, "hidden_size and act_dim");
+  expect(weights + "state_encoder.weight", {hidden, double(pc.state_dim)},
+         "hidden_size and state_dim");
+  expect(weights + "action_encoder.weight", {hidden, double(pc.act_dim)},
+         "hidden_size and act_dim");
   expect("buffer/state_pos_embed", {double(pc.n_obs_steps), hidden}, "n_obs_steps");
   expect("buffer/action_pos_embed", {double(pc.horizon), hidden}, "horizon");
-  expect("param/mmdit.timestep_embeds.0.linear1.weight",
+  expect(weights + "mmdit.timestep_embeds.0.linear1.weight",
          {double(pc.dim_cond), double(pc.timestep_embed_dim)}, "dim_cond and timestep_embed_dim");
-  expect("param/mmdit.blocks.0.joint_attn.to_qkv.0.weight",
+  expect(weights + "mmdit.blocks.0.joint_attn.to_qkv.0.weight",
          {3.0 * double(pc.heads) * double(pc.dim_head), hidden}, "heads and dim_head");
-  expect("param/mmdit.blocks.0.feedforwards.0.linear_in.weight",
+  expect(weights + "mmdit.blocks.0.feedforwards.0.linear_in.weight",
          {double(pc.ff_mult) * hidden, hidden}, "ff_mult");
   MMDIT_CHECK(
-      c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth - 1, ".to_cond.weight")) &&
-          !c.file.tensors.contains(str_cat("param/mmdit.blocks.", pc.depth, ".to_cond.weight")),
+      c.file.tensors.contains(str_cat(weights, "mmdit.blocks.", pc.depth - 1, ".to_cond.weight")) &&
+          !c.file.tensors.contains(str_cat(weights, "mmdit.blocks.", pc.depth, ".to_cond.weight")),
       path, ": the config's depth ", pc.depth, " does not match the checkpoint's blocks");
   return c;
 }
@@ -185,6 +190,10 @@ NamedTensors with_buffers(NamedTensors weights, const CheckpointFile& c) {
 std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
                                          std::optional<int64_t> steps) {
   const CheckpointFile c = read_checkpoint(path);
+  if (const auto it = c.file.metadata.find("exported"); it != c.file.metadata.end())
+    fail(path, ": an exported policy (", it->second,
+         ", for acting) has no optimiser state to resume from: resume the checkpoint it was "
+         "exported from");
   TrainConfig config = c.config;
   if (steps) {
     MMDIT_CHECK(*steps >= c.step, "resume: ", path, " is at step ", c.step,
@@ -256,6 +265,11 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   check_finite(c.file.tensors, path, "tensor");
   const char* prefix = use_ema ? "ema/" : "param/";
   const NamedTensors weights_in_file = c.with_prefix(prefix);
+  MMDIT_CHECK(!weights_in_file.empty(), path, ": holds no '", prefix,
+              "*' weights (it was exported ",
+              use_ema ? "without the EMA; load its parameters, --no-ema"
+                      : "with the EMA's alone; load those, without --no-ema",
+              ")");
   try {
     LoadedPolicy p =
         frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
@@ -264,6 +278,25 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   } catch (const Error& e) {
     fail(path, ": tensors '", prefix, "*': ", e.what());
   }
+}
+
+void export_policy(const std::string& path, const std::string& out, bool use_ema,
+                   StoredFloats floats) {
+  const CheckpointFile c = read_checkpoint(path);
+  check_finite(c.file.tensors, path, "tensor");
+  const std::string prefix = use_ema ? "ema/" : "param/";
+  NamedTensors tensors;
+  for (const auto& [name, t] : c.file.tensors)
+    if (name.starts_with(prefix) || name.starts_with("buffer/")) tensors.insert(name, t);
+  MMDIT_CHECK(tensors.contains(prefix + "state_encoder.weight"), path, ": holds no '", prefix,
+              "*' weights to export");
+  std::map<std::string, std::string> metadata = c.file.metadata;
+  // What a resumed run needs, and an exported policy cannot give.
+  metadata.erase("rng");
+  metadata.erase("sampler");
+  metadata["exported"] = str_cat(use_ema ? "EMA" : "parameters", " in ",
+                                 floats == StoredFloats::bf16 ? "bfloat16" : "float32");
+  save_safetensors(out, tensors, metadata, floats);
 }
 
 CheckpointInfo read_checkpoint_info(const std::string& path) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor/safetensors.h"
 #include "train/config.h"
 #include "train/policy.h"
 
@@ -46,5 +47,14 @@ CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
 // objective "mse" (which regresses its actions in one pass, in float32) refuses both.
 LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
                          WeightPrecision weights = WeightPrecision::f32, int64_t sample_steps = 0);
+
+// A checkpoint's policy alone, for a robot: the EMA's weights (use_ema false: the parameters)
+// and the position tables, with the config, normalisation, step and observation keys, written
+// atomically to `out`. Its floats are stored as they are or, with StoredFloats::bf16, as
+// bfloat16: an eighth of a float32 checkpoint's bytes (one set of weights of its four, in half
+// the bytes). load_policy, sample, eval and info read it; Trainer::resume refuses it (it has no
+// optimiser state).
+void export_policy(const std::string& checkpoint, const std::string& out, bool use_ema = true,
+                   StoredFloats floats = StoredFloats::as_is);
 
 }  // namespace mmdit

@@ -641,6 +641,42 @@ void add_export_eqx(CLI::App& app) {
   });
 }
 
+void add_export(CLI::App& app) {
+  struct Options {
+    std::string checkpoint, out, dtype = "f32";
+    bool raw_params = false;
+  };
+  auto o = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand(
+      "export",
+      "Write a checkpoint's policy alone (EMA weights, position tables, config, normalisation) "
+      "for deployment: what sample, eval, info and load_policy need, without the optimiser state");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint.safetensors")->required();
+  cmd->add_option("--out", o->out, "the .safetensors file to write")
+      ->required()
+      ->check(non_empty());
+  cmd->add_option("--dtype", o->dtype,
+                  "how the weights are stored: f32, or bf16 (half the bytes; loaded back as "
+                  "float32 holding the rounded values)")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_flag("--no-ema", o->raw_params, "the raw parameters instead of the EMA");
+  cmd->callback([o] {
+    check_not_input(o->out, "--out", o->checkpoint, "checkpoint", "export");
+    check_output_directory(o->out, "--out");
+    export_policy(o->checkpoint, o->out, !o->raw_params,
+                  o->dtype == "bf16" ? StoredFloats::bf16 : StoredFloats::as_is);
+    const auto size = [](const std::string& path) {
+      struct stat st {};
+      return ::stat(path.c_str(), &st) == 0 ? static_cast<double>(st.st_size) / 1e6 : 0.0;
+    };
+    std::printf("wrote %s: the %s of %s (step %lld) in %s, %.1f MB (the checkpoint: %.1f MB)\n",
+                o->out.c_str(), o->raw_params ? "parameters" : "EMA weights", o->checkpoint.c_str(),
+                (long long)read_checkpoint_info(o->out).step,
+                o->dtype == "bf16" ? "bfloat16" : "float32", size(o->out), size(o->checkpoint));
+  });
+}
+
 void add_weights_option(CLI::App* cmd, std::string& weights) {
   cmd->add_option("--weights", weights,
                   "precision of the sampler's packed weights: f32, or bf16 (half the memory "
@@ -1000,6 +1036,7 @@ void add_policy_commands(CLI::App& app) {
   add_info(app);
   add_import_eqx(app);
   add_export_eqx(app);
+  add_export(app);
 }
 
 }  // namespace mmdit::cli
