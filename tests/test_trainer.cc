@@ -1683,6 +1683,15 @@ TEST(Cli, EvalPrintsOneJsonObjectForScripts) {
                                              c.at("timeouts").get<int64_t>(), " timed out")));
   EXPECT_EQ(c.at("success_rate").get<double>(), successes / 6.0);
   EXPECT_EQ(c.at("step").get<int64_t>(), 0);
+
+  // A path that is not UTF-8 is printed with U+FFFD, not refused after the evaluation.
+  const std::string latin1 = dir.file("caf\xE9.safetensors");
+  fs::copy_file(ckpt, latin1);
+  const test::Command odd =
+      test::run_mmdit("eval '" + latin1 + "' --episodes 2 --n-action-steps 2 --json");
+  ASSERT_EQ(odd.status, 0) << odd.output;
+  EXPECT_EQ(nlohmann::json::parse(odd.output).at("checkpoint").get<std::string>(),
+            dir.file("caf\xEF\xBF\xBD.safetensors"));
 }
 
 // train --stats: a new run normalises with the statistics given (the reference agent's config

@@ -305,6 +305,36 @@ TEST(TrainingState, AModelWithoutParametersKeepsItsStepAndRandomState) {
   EXPECT_EQ(loaded_rng.seed(), 4u);
   EXPECT_EQ(loaded_rng.counter(), 1u);
   EXPECT_EQ(loaded.table.to_vector<float>(), (std::vector<float>{1.f, 2.f}));
+
+  const std::string no_optimiser = dir.file("no_optimiser.safetensors");
+  TrainingState{.model = saved}.save(no_optimiser);
+  EXPECT_EQ(test::error_of([&] {
+              TrainingState{.model = loaded, .optimizer = &loaded_optimizer}.load(no_optimiser);
+            }),
+            no_optimiser +
+                ": holds no optimiser state (no 'step' in its metadata): it was saved without "
+                "one");
+}
+
+// A loop whose moments went NaN reloads its last good file; when that file is damaged, the
+// message names the file's fault, not the NaN that undoing the load would have found.
+TEST(TrainingState, ALoadIntoADivergedLoopNamesTheFilesFault) {
+  test::TempDir dir;
+  LoopState saved(1);
+  saved.train(2);
+  const std::string path = dir.file("run.safetensors");
+  saved.state().save(path);
+  SafetensorsFile file = load_safetensors(path);
+  file.tensors.at("ema/out.bias") = zeros({5});
+  save_safetensors(path, file.tensors, file.metadata);
+
+  LoopState diverged(2);
+  diverged.train(1);
+  Tensor m = diverged.optimizer.first_moments().at("out.weight");  // the optimiser's own storage
+  m.data<float>()[0] = NAN;
+  EXPECT_EQ(
+      test::error_of([&] { diverged.state().load(path); }),
+      path + ": tensors 'ema/*': EMA::set: 'out.bias' has shape (5,), the parameter has (2,)");
 }
 
 // A float64 file read into a float32 loop: values past float32's range are refused, naming the

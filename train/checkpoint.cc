@@ -16,17 +16,16 @@ namespace mmdit {
 
 using Json = nlohmann::json;
 
-NamedTensors Trainer::checkpoint_tensors() const {
-  return TrainingState{.model = *policy_, .optimizer = optimizer_.get(), .ema = ema_.get()}
-      .tensors();
+TrainingState Trainer::training_state() const {
+  return {.model = *policy_, .optimizer = optimizer_.get(), .ema = ema_.get()};
 }
 
 void Trainer::check_saveable(const std::string& what) const {
-  check_finite(checkpoint_tensors(), what, "tensor");
+  training_state().check_saveable(what);
 }
 
 void Trainer::save_checkpoint(const std::string& path) const {
-  const NamedTensors tensors = checkpoint_tensors();
+  const NamedTensors tensors = training_state().tensors();
   // Without data, the data order is at its start and no data size is recorded: Trainer::resume
   // then takes any data of the policy's sizes.
   Json sampler = {{"epoch", 0}, {"offset", 0}};
@@ -94,10 +93,7 @@ struct CheckpointFile {
   std::string path;
 
   NamedTensors with_prefix(const std::string& prefix) const {
-    NamedTensors out;
-    for (const auto& [name, t] : file.tensors)
-      if (name.starts_with(prefix)) out.insert(name.substr(prefix.size()), t);
-    return out;
+    return mmdit::with_prefix(file.tensors, prefix);
   }
   const std::string& meta(const std::string& key) const {
     return metadata_field(file.metadata, key, path);
@@ -226,8 +222,7 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
     if (sampler.contains("fingerprint")) {
       const Json& recorded = sampler.at("fingerprint");
       MMDIT_CHECK(recorded.is_string(),
-                  "checkpoint metadata sampler: 'fingerprint' must be a "
-                  "string, got ",
+                  "checkpoint metadata sampler: 'fingerprint' must be a string, got ",
                   recorded.dump());
       MMDIT_CHECK(recorded.get_ref<const std::string&>() == t->data_fingerprint_, path,
                   " was trained on other data of this size (data fingerprint ",

@@ -17,6 +17,7 @@
 #include "train/evaluate.h"
 #include "train/optim.h"
 #include "train/policy.h"
+#include "train/training_state.h"
 
 namespace mmdit {
 
@@ -81,7 +82,9 @@ class Trainer {
   FlowNoise draw_noise(const Shape& action_shape);
   // The step's loss, a function of the policy alone for value_and_grad.
   Tensor loss(const BCPolicy& policy, const Batch& batch, const FlowNoise& noise) const;
-  NamedTensors checkpoint_tensors() const;  // named as the checkpoint file names them
+  // The policy, optimiser and EMA, whose tensors the checkpoint holds (its random state and the
+  // data's position are in its metadata).
+  TrainingState training_state() const;
 
   TrainConfig config_;
   Normalizer normalizer_;

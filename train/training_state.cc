@@ -12,16 +12,16 @@ namespace mmdit {
 
 using Json = nlohmann::json;
 
-namespace {
-
-constexpr const char* kOwnKeys[] = {"format", "step", "rng"};
-
 NamedTensors with_prefix(const NamedTensors& tensors, const std::string& prefix) {
   NamedTensors out;
   for (const auto& [name, t] : tensors)
     if (name.starts_with(prefix)) out.insert(name.substr(prefix.size()), t);
   return out;
 }
+
+namespace {
+
+constexpr const char* kOwnKeys[] = {"format", "step", "rng"};
 
 void check_format(const std::map<std::string, std::string>& metadata, const std::string& path) {
   const auto it = metadata.find("format");
@@ -133,6 +133,8 @@ void TrainingState::restore(const SafetensorsFile& file, const std::string& path
   require(ema != nullptr && !ema->params().empty(), "ema/", "EMA");
   require(optimizer != nullptr && !optimizer->first_moments().empty(), "adam_m/",
           "optimiser state");
+  MMDIT_CHECK(!optimizer || file.metadata.contains("step"), path,
+              ": holds no optimiser state (no 'step' in its metadata): it was saved without one");
   const int64_t step = optimizer ? read_step(file.metadata, path) : 0;
   Rng restored_rng;
   if (rng) {
@@ -148,21 +150,21 @@ void TrainingState::restore(const SafetensorsFile& file, const std::string& path
   NamedTensors weights = with_prefix(file.tensors, "param/");
   for (const auto& [name, t] : with_prefix(file.tensors, "buffer/")) weights.insert(name, t);
   // Each part checks everything before it changes anything; what a later part refuses undoes
-  // the earlier ones. AdamW::set_state and EMA::set replace their tensors rather than writing
-  // into them, so holding the old handles keeps the old values.
+  // the earlier ones. EMA::set replaces its tensors rather than writing into them, so holding
+  // the old handles keeps the old values.
   NamedTensors model_before;
   for (const auto& [name, t] : model.named_parameters()) model_before.insert(name, raw::clone(t));
   for (const auto& [name, t] : model.named_buffers()) model_before.insert(name, raw::clone(t));
   const NamedTensors ema_before = ema ? ema->params() : NamedTensors();
-  const int64_t step_before = optimizer ? optimizer->step() : 0;
-  const NamedTensors m_before = optimizer ? optimizer->first_moments() : NamedTensors();
-  const NamedTensors v_before = optimizer ? optimizer->second_moments() : NamedTensors();
   const char* part = "param/*', 'buffer/*";
+  bool model_loaded = false, ema_set = false;
   try {
     model.load(weights, /*buffers=*/true);
+    model_loaded = true;
     if (ema) {
       part = "ema/*";
       ema->set(with_prefix(file.tensors, "ema/"));
+      ema_set = true;
     }
     if (optimizer) {
       part = "adam_m/*', 'adam_v/*";
@@ -170,9 +172,10 @@ void TrainingState::restore(const SafetensorsFile& file, const std::string& path
                            with_prefix(file.tensors, "adam_v/"));
     }
   } catch (const Error& e) {
-    model.load(model_before, /*buffers=*/true);
-    if (ema) ema->set(ema_before);
-    if (optimizer) optimizer->set_state(step_before, m_before, v_before);
+    // Only what was read is undone: the part that threw changed nothing, and the values put
+    // back passed these checks before (a live state may hold a NaN, which set_state refuses).
+    if (model_loaded) model.load(model_before, /*buffers=*/true);
+    if (ema_set) ema->set(ema_before);
     fail(path, ": tensors '", part, "': ", e.what());
   }
   if (rng) *rng = restored_rng;

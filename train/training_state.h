@@ -64,6 +64,8 @@ inline constexpr const char* kCheckpointFormat = "mmdit-checkpoint/1";  // mmdit
 // The metadata's "rng", from a generator and back into one.
 std::string rng_state_json(const Rng& rng);
 void set_rng_state(Rng& rng, const std::string& json, const std::string& path);
+// The tensors whose names start with `prefix` ("ema/"), named without it.
+NamedTensors with_prefix(const NamedTensors& tensors, const std::string& prefix);
 // The metadata's "step": a whole number >= 0.
 int64_t read_step(const std::map<std::string, std::string>& metadata, const std::string& path);
 // Throws "<path>: <when> '<name>' holds nan at (i,j)" for the first number that is not finite.

@@ -759,6 +759,13 @@ void add_sample(CLI::App& app) {
   });
 }
 
+// One line of JSON. Paths come from the command line and need not be UTF-8: invalid bytes are
+// printed as U+FFFD rather than failing after the evaluation has run.
+void print_json(const nlohmann::ordered_json& j) {
+  std::printf("%s\n",
+              j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
+}
+
 void add_eval(CLI::App& app) {
   struct Options {
     std::string checkpoint, svg, data, obs_keys = "state";
@@ -844,7 +851,7 @@ void add_eval(CLI::App& app) {
                                           {"mse_now", e.mse_now},
                                           {"seed", o->seed},
                                           {"batch_size", o->batch_size}};
-        std::printf("%s\n", j.dump().c_str());
+        print_json(j);
         return;
       }
       std::printf("%s: %lld windows of %lld episodes, %lld-action chunks\n", o->data.c_str(),
@@ -875,7 +882,7 @@ void add_eval(CLI::App& app) {
                                         {"success_rate", r.success_rate},
                                         {"n_action_steps", o->n_action_steps},
                                         {"seed", o->seed}};
-      std::printf("%s\n", j.dump().c_str());
+      print_json(j);
     } else {
       print_eval(r);
     }
