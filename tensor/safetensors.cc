@@ -429,14 +429,50 @@ std::map<std::string, std::string> load_safetensors_metadata(const std::string& 
   return it == parsed.end() ? std::map<std::string, std::string>{} : parse_metadata(*it, path);
 }
 
+namespace {
+
+// The nearest bfloat16 to a double, ties to even: through float32 rounded to odd (toward zero,
+// with the last bit set when inexact), whose 16 spare bits keep the second rounding from meeting
+// a tie the first one made.
+uint16_t bf16_of_double(double x) {
+  float f = static_cast<float>(x);
+  if (std::isfinite(x) && static_cast<double>(f) != x) {
+    if (std::abs(static_cast<double>(f)) > std::abs(x)) f = std::nextafter(f, 0.0f);
+    f = std::bit_cast<float>(std::bit_cast<uint32_t>(f) | 1u);
+  }
+  return to_bf16(f);
+}
+
+// `t`'s values as bfloat16; a finite one that rounds past bfloat16's range (the last half ulp
+// below FLT_MAX, or a float64 past float32's range) is an error naming `name`.
+std::vector<uint16_t> bfloat16_values(const Tensor& t, const std::string& name) {
+  const Tensor c = raw::contiguous(t);
+  std::vector<uint16_t> out(static_cast<size_t>(c.numel()));
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    const double x = c.dtype() == DType::f32 ? c.data<float>()[i] : c.data<double>()[i];
+    out[static_cast<size_t>(i)] =
+        c.dtype() == DType::f32 ? to_bf16(static_cast<float>(x)) : bf16_of_double(x);
+    MMDIT_CHECK(!std::isfinite(x) || std::isfinite(from_bf16(out[static_cast<size_t>(i)])),
+                "serialize_safetensors: tensor '", name, "' holds ", x, " at ",
+                shape_str(unravel_index(i, t.shape())), ", past bfloat16's range");
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string serialize_safetensors(const NamedTensors& tensors,
                                   const std::map<std::string, std::string>& metadata,
                                   StoredFloats floats) {
   struct Item {
     const std::string* name;
-    Tensor data;  // contiguous; float32 when stored as bfloat16
-    bool as_bf16;
-    size_t element_size() const { return as_bf16 ? 2 : dtype_size(data.dtype()); }
+    Tensor data;                 // contiguous; undefined when stored as bfloat16
+    std::vector<uint16_t> bf16;  // the values, when stored as bfloat16
+    Shape shape;
+    size_t element_size() const { return data.defined() ? dtype_size(data.dtype()) : 2; }
+    int64_t numel() const {
+      return data.defined() ? data.numel() : static_cast<int64_t>(bf16.size());
+    }
   };
   std::vector<Item> items;
   items.reserve(tensors.size());
@@ -444,22 +480,10 @@ std::string serialize_safetensors(const NamedTensors& tensors,
     MMDIT_CHECK(t.defined(), "serialize_safetensors: tensor '", name, "' is undefined");
     MMDIT_CHECK(name != "__metadata__",
                 "serialize_safetensors: a tensor may not be named '__metadata__'");
-    if (floats == StoredFloats::bf16 && is_floating(t.dtype())) {
-      const Tensor f32 = raw::contiguous(raw::to_dtype(t, DType::f32));
-      // bfloat16 has float32's exponent range, so only the last half ulp below FLT_MAX (and
-      // float64 values past float32's range) would round to infinity.
-      const float* x = f32.data<float>();
-      for (int64_t i = 0; i < f32.numel(); ++i)
-        MMDIT_CHECK(!std::isfinite(x[i]) || std::isfinite(from_bf16(to_bf16(x[i]))),
-                    "serialize_safetensors: tensor '", name, "' holds ", x[i], " at ",
-                    shape_str(unravel_index(i, t.shape())), ", past bfloat16's range");
-      if (const std::optional<NonFinite> big = first_overflow(t, DType::f32))
-        fail("serialize_safetensors: tensor '", name, "' holds ", big->value, " at ",
-             shape_str(big->index), ", past bfloat16's range");
-      items.push_back({&name, f32, true});
-    } else {
-      items.push_back({&name, raw::contiguous(t), false});
-    }
+    if (floats == StoredFloats::bf16 && is_floating(t.dtype()))
+      items.push_back({&name, Tensor(), bfloat16_values(t, name), t.shape()});
+    else
+      items.push_back({&name, raw::contiguous(t), {}, t.shape()});
   }
   // Decreasing element size keeps every tensor aligned to its element size with no gaps, as the
   // reference writer does (its loader rejects gaps).
@@ -475,11 +499,11 @@ std::string serialize_safetensors(const NamedTensors& tensors,
   }
   uint64_t offset = 0;
   for (const Item& item : items) {
-    const uint64_t nbytes = static_cast<uint64_t>(item.data.numel()) * item.element_size();
+    const uint64_t nbytes = static_cast<uint64_t>(item.numel()) * item.element_size();
     nlohmann::ordered_json shape = nlohmann::ordered_json::array();
-    for (int64_t d : item.data.shape()) shape.push_back(d);
+    for (int64_t d : item.shape) shape.push_back(d);
     nlohmann::ordered_json entry = nlohmann::ordered_json::object();
-    entry["dtype"] = item.as_bf16 ? "BF16" : file_dtype_name(item.data.dtype());
+    entry["dtype"] = item.data.defined() ? file_dtype_name(item.data.dtype()) : "BF16";
     entry["shape"] = std::move(shape);
     entry["data_offsets"] = nlohmann::ordered_json::array({offset, offset + nbytes});
     header[*item.name] = std::move(entry);
@@ -522,12 +546,9 @@ std::string serialize_safetensors(const NamedTensors& tensors,
   append_u64_le(out, header_text.size());
   out += header_text;
   for (const Item& item : items) {
-    const size_t n = static_cast<size_t>(item.data.numel());
-    if (item.as_bf16) {
-      std::vector<uint16_t> halves(n);
-      const float* x = item.data.data<float>();
-      for (size_t i = 0; i < n; ++i) halves[i] = to_bf16(x[i]);
-      append_le(out, halves.data(), n);
+    const size_t n = static_cast<size_t>(item.numel());
+    if (!item.data.defined()) {
+      append_le(out, item.bf16.data(), n);
       continue;
     }
     switch (item.data.dtype()) {

@@ -220,19 +220,22 @@ TEST(Safetensors, StoresFloatsAsBfloat16WhenAsked) {
   // 1 (0x3F800000), 1 + 2^-8 (0x3F808000: a tie, to the even 0x3F80), 1 + 3 * 2^-8 (0x3F818000:
   // a tie, to the even 0x3F82), -2.5 (0xC0200000), infinity, a quiet NaN.
   t.insert("f", from_vector({1.f, 1.f + 0x1p-8f, 1.f + 3 * 0x1p-8f, -2.5f, INFINITY, NAN}, {2, 3}));
-  // 0.1 in float64 is 0x3DCCCCCD in float32: past the tie, up to 0x3DCD.
-  t.insert("d", from_vector(std::vector<double>{0.1}, {1}));
+  // Float64, rounded once: 0.1 (0x3DCCCCCD in float32) up to 0x3DCD; 1 + 2^-8 + 2^-30 just
+  // past the tie, up to 0x3F81 (through float32 it would round to the tie 0x3F808000, then to
+  // the even 0x3F80); 1 + 2^-8, a tie, to the even 0x3F80.
+  t.insert("d", from_vector(std::vector<double>{0.1, 1 + 0x1p-8 + 0x1p-30, 1 + 0x1p-8}, {3}));
   const std::string bytes = serialize_safetensors(t, {}, StoredFloats::bf16);
   std::string header = R"({"f":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},)"
-                       R"("d":{"dtype":"BF16","shape":[1],"data_offsets":[12,14]},)"
-                       R"("flags":{"dtype":"BOOL","shape":[1],"data_offsets":[14,15]}})";
+                       R"("d":{"dtype":"BF16","shape":[3],"data_offsets":[12,18]},)"
+                       R"("flags":{"dtype":"BOOL","shape":[1],"data_offsets":[18,19]}})";
   header.append((8 - header.size() % 8) % 8, ' ');
-  const std::string data =
-      le_bytes(std::vector<uint16_t>{0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F80, 0x7FC0, 0x3DCD}) +
-      std::string("\x01", 1);
+  const std::string data = le_bytes(std::vector<uint16_t>{0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F80,
+                                                          0x7FC0, 0x3DCD, 0x3F81, 0x3F80}) +
+                           std::string("\x01", 1);
   EXPECT_EQ(bytes, make_file(header, data));
   const SafetensorsFile back = parse_safetensors(bytes.data(), bytes.size(), "bf16");
-  EXPECT_EQ(back.tensors.at("d").to_vector<float>(), std::vector<float>{0x1.9Ap-4f});
+  EXPECT_EQ(back.tensors.at("d").to_vector<float>(),
+            (std::vector<float>{0x1.9Ap-4f, 1 + 0x1p-7f, 1}));
 
   NamedTensors huge;
   huge.insert("w", from_vector({1.f, FLT_MAX}, {2}));

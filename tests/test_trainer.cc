@@ -821,6 +821,27 @@ TEST(Cli, ExportsAPolicyThatSamples) {
   const test::Command over = test::run_mmdit("export " + ckpt + " --out " + ckpt);
   EXPECT_NE(over.status, 0);
   EXPECT_THAT(over.output, HasSubstr("export: --out"));
+
+  // Exported again, a bfloat16 export would claim float32.
+  const test::Command again = test::run_mmdit("export " + out + " --out " + dir.file("x.st"));
+  EXPECT_NE(again.status, 0);
+  EXPECT_THAT(again.output, HasSubstr(out + " is an exported policy (EMA in bfloat16): export from "
+                                            "the checkpoint it was exported from"));
+  // info describes whichever weights an export holds.
+  const std::string raw = dir.file("raw.safetensors");
+  ASSERT_EQ(test::run_mmdit("export " + ckpt + " --out " + raw + " --no-ema").status, 0);
+  const test::Command info = test::run_mmdit("info " + raw);
+  ASSERT_EQ(info.status, 0) << info.output;
+  EXPECT_THAT(info.output, HasSubstr("exported policy: parameters (for acting; train --resume "
+                                     "needs its checkpoint)"));
+  // train --resume refuses an export before it reads the data.
+  save_lerobot_npz(dir.file("demos.npz"), data);
+  const test::Command resume =
+      test::run_mmdit("train --data " + dir.file("demos.npz") + " --resume " + raw + " --steps 5");
+  EXPECT_NE(resume.status, 0);
+  EXPECT_THAT(resume.output, HasSubstr(raw + ": an exported policy (parameters, for acting) has no "
+                                             "optimiser state to resume from"));
+  EXPECT_THAT(resume.output, Not(HasSubstr("episodes")));
 }
 
 // The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)

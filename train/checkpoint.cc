@@ -81,6 +81,7 @@ CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
                 "observation key names, got '", it->second, "'");
     info.obs_keys = keys.get<std::vector<std::string>>();
   }
+  if (const auto it = metadata.find("exported"); it != metadata.end()) info.exported = it->second;
   return info;
 }
 
@@ -185,11 +186,8 @@ NamedTensors with_buffers(NamedTensors weights, const CheckpointFile& c) {
 
 std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
                                          std::optional<int64_t> steps) {
+  check_resumable(read_checkpoint_info(path), path);
   const CheckpointFile c = read_checkpoint(path);
-  if (const auto it = c.file.metadata.find("exported"); it != c.file.metadata.end())
-    fail(path, ": an exported policy (", it->second,
-         ", for acting) has no optimiser state to resume from: resume the checkpoint it was "
-         "exported from");
   TrainConfig config = c.config;
   if (steps) {
     MMDIT_CHECK(*steps >= c.step, "resume: ", path, " is at step ", c.step,
@@ -275,8 +273,18 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   }
 }
 
+void check_resumable(const CheckpointInfo& info, const std::string& path) {
+  MMDIT_CHECK(info.exported.empty(), path, ": an exported policy (", info.exported,
+              ", for acting) has no optimiser state to resume from: resume the checkpoint it was "
+              "exported from");
+}
+
 void export_policy(const std::string& path, const std::string& out, bool use_ema,
                    StoredFloats floats) {
+  // Exported again, a bfloat16 export would be labelled float32, holding bfloat16's values.
+  const CheckpointInfo info = read_checkpoint_info(path);
+  MMDIT_CHECK(info.exported.empty(), path, " is an exported policy (", info.exported,
+              "): export from the checkpoint it was exported from");
   const CheckpointFile c = read_checkpoint(path);
   check_finite(c.file.tensors, path, "tensor");
   const std::string prefix = use_ema ? "ema/" : "param/";
@@ -289,8 +297,8 @@ void export_policy(const std::string& path, const std::string& out, bool use_ema
   // What a resumed run needs, and an exported policy cannot give.
   metadata.erase("rng");
   metadata.erase("sampler");
-  metadata["exported"] = str_cat(use_ema ? "EMA" : "parameters", " in ",
-                                 floats == StoredFloats::bf16 ? "bfloat16" : "float32");
+  metadata["exported"] =
+      str_cat(use_ema ? "EMA" : "parameters", floats == StoredFloats::bf16 ? " in bfloat16" : "");
   save_safetensors(out, tensors, metadata, floats);
 }
 

@@ -39,8 +39,14 @@ struct CheckpointInfo {
   TrainConfig config;
   int64_t step = 0;
   std::vector<std::string> obs_keys;  // as LoadedPolicy::obs_keys
+  // For a file of export_policy, what it holds ("EMA", "parameters in bfloat16"); empty for a
+  // run's checkpoint.
+  std::string exported;
+  bool holds_ema() const { return !exported.starts_with("parameters"); }
 };
 CheckpointInfo read_checkpoint_info(const std::string& checkpoint);
+// Throws unless `info` is of a checkpoint a run can continue from (not an exported policy).
+void check_resumable(const CheckpointInfo& info, const std::string& checkpoint);
 
 // `weights` other than f32 and `sample_steps` (the Euler steps of the flow's sampler; 0: the
 // config's, which training's evaluations used) are for the flow objective's sampler: a policy of
@@ -53,7 +59,7 @@ LoadedPolicy load_policy(const std::string& checkpoint, bool use_ema = true,
 // atomically to `out`. Its floats are stored as they are or, with StoredFloats::bf16, as
 // bfloat16: an eighth of a float32 checkpoint's bytes (one set of weights of its four, in half
 // the bytes). load_policy, sample, eval and info read it; Trainer::resume refuses it (it has no
-// optimiser state).
+// optimiser state), and so does exporting it again: export from its checkpoint.
 void export_policy(const std::string& checkpoint, const std::string& out, bool use_ema = true,
                    StoredFloats floats = StoredFloats::as_is);
 

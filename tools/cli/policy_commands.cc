@@ -397,6 +397,7 @@ void add_train(CLI::App& app) {
     };
     if (!o->resume.empty()) {
       o->flags.check_resumable();
+      check_resumable(read_checkpoint_info(o->resume), o->resume);
       MMDIT_CHECK(o->stats.empty(),
                   "train: --stats sets a new run's statistics; a resumed run keeps its "
                   "checkpoint's");
@@ -915,8 +916,12 @@ void add_info(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("info", "Describe a checkpoint: config, parameters, step");
   cmd->add_option("checkpoint", *path, "checkpoint (.safetensors)")->required();
   cmd->callback([path] {
-    const LoadedPolicy p = load_policy(*path);
+    const CheckpointInfo info = read_checkpoint_info(*path);
+    const LoadedPolicy p = load_policy(*path, info.holds_ema());
     std::printf("checkpoint: %s\ntraining step: %lld\n", path->c_str(), (long long)p.step);
+    if (!info.exported.empty())
+      std::printf("exported policy: %s (for acting; train --resume needs its checkpoint)\n",
+                  info.exported.c_str());
     if (!p.obs_keys.empty())
       std::printf("HDF5 observation keys: %s\n", join_commas(p.obs_keys).c_str());
     std::printf("config:\n%s\n", p.config.to_json().c_str());
