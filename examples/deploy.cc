@@ -74,9 +74,11 @@ void run_controller(std::string checkpoint, WeightPrecision weights) {
   if (checkpoint.empty()) checkpoint = train_small_policy(task);
 
   // ---- what a deployed controller does ----
-  // Once, at start-up: load the EMA weights. The sampler packs them for batch-1 products on its
-  // first call, so make that call here rather than on the first control tick.
-  const LoadedPolicy policy = load_policy(checkpoint, /*use_ema=*/true, weights);
+  // Once, at start-up: load the EMA weights (or the parameters, from a file `mmdit export
+  // --no-ema` wrote). The sampler packs them for batch-1 products on its first call, so make that
+  // call here rather than on the first control tick.
+  const bool use_ema = read_checkpoint_info(checkpoint).holds_ema();
+  const LoadedPolicy policy = load_policy(checkpoint, use_ema, weights);
   const PolicyConfig& pc = policy.config.policy;
   MMDIT_CHECK(pc.state_dim == task.state_dim() && pc.act_dim == task.act_dim(), checkpoint,
               " was not trained on the demo task (state_dim 2, act_dim 2)");
