@@ -834,6 +834,11 @@ TEST(Cli, ExportsAPolicyThatSamples) {
   ASSERT_EQ(info.status, 0) << info.output;
   EXPECT_THAT(info.output, HasSubstr("exported policy: parameters (for acting; train --resume "
                                      "needs its checkpoint)"));
+  const std::string trained_on =
+      str_cat("trained on: ", data.num_frames(), " frames in ", data.num_episodes(),
+              " episodes (data fingerprint ", data_fingerprint(data), ")\n");
+  EXPECT_THAT(info.output, HasSubstr(trained_on));
+  EXPECT_THAT(test::run_mmdit("info " + ckpt).output, HasSubstr(trained_on));
   // train --resume refuses an export before it reads the data.
   save_lerobot_npz(dir.file("demos.npz"), data);
   const test::Command resume =

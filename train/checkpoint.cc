@@ -56,7 +56,14 @@ const std::string& metadata_field(const std::map<std::string, std::string>& meta
   return it->second;
 }
 
-// The metadata every reader needs: format, config, step, and the observation keys if recorded.
+int64_t sampler_count(const Json& sampler, const char* key) {
+  const int64_t n = json_int64(sampler.at(key), "checkpoint metadata sampler", key);
+  MMDIT_CHECK(n >= 0, "checkpoint metadata sampler: '", key, "' must be >= 0, got ", n);
+  return n;
+}
+
+// The metadata every reader needs: format, config, step, and what is recorded of the
+// observation keys and the data.
 CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
                           const std::string& path) {
   const auto meta = [&](const std::string& key) -> const std::string& {
@@ -82,6 +89,31 @@ CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
     info.obs_keys = keys.get<std::vector<std::string>>();
   }
   if (const auto it = metadata.find("exported"); it != metadata.end()) info.exported = it->second;
+  // Older checkpoints, and those of a trainer made without data, do not record its size; those
+  // from before the fingerprint was kept, not that.
+  if (const auto it = metadata.find("sampler"); it != metadata.end()) {
+    const Json sampler = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+    MMDIT_CHECK(sampler.is_object(), path,
+                ": the checkpoint metadata's sampler must be a JSON object, got '", it->second,
+                "'");
+    try {
+      if (sampler.contains("frames")) {
+        info.data_frames = sampler_count(sampler, "frames");
+        info.data_episodes = sampler_count(sampler, "episodes");
+      }
+      if (sampler.contains("fingerprint")) {
+        const Json& recorded = sampler.at("fingerprint");
+        MMDIT_CHECK(recorded.is_string(),
+                    "checkpoint metadata sampler: 'fingerprint' must be a string, got ",
+                    recorded.dump());
+        info.data_fingerprint = recorded.get<std::string>();
+      }
+    } catch (const Json::exception& e) {
+      fail(path, ": bad data record in the checkpoint metadata: ", e.what());
+    } catch (const Error& e) {
+      fail(path, ": ", e.what());
+    }
+  }
   return info;
 }
 
@@ -91,6 +123,7 @@ struct CheckpointFile {
   Normalizer normalizer;  // validated against the config's state_dim and act_dim
   int64_t step = 0;
   std::vector<std::string> obs_keys;
+  CheckpointInfo info;
   std::string path;
 
   NamedTensors with_prefix(const std::string& prefix) const {
@@ -109,6 +142,7 @@ CheckpointFile read_checkpoint(const std::string& path) {
   parse_info(load_safetensors_metadata(path), path);
   c.file = load_safetensors(path);
   CheckpointInfo info = parse_info(c.file.metadata, path);
+  c.info = info;
   c.config = info.config;
   c.step = info.step;
   c.obs_keys = std::move(info.obs_keys);
@@ -200,38 +234,22 @@ std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes
   TrainingState{
       .model = *t->policy_, .optimizer = t->optimizer_.get(), .ema = t->ema_.get(), .rng = &t->rng_}
       .restore(c.file, path);
-  const auto count = [&](const Json& j, const char* key) {
-    const int64_t n = json_int64(j.at(key), "checkpoint metadata sampler", key);
-    MMDIT_CHECK(n >= 0, "checkpoint metadata sampler: '", key, "' must be >= 0, got ", n);
-    return n;
-  };
+  const CheckpointInfo& info = c.info;
+  MMDIT_CHECK(info.data_frames == 0 || (info.data_frames == t->sampler_->num_frames() &&
+                                        info.data_episodes == t->sampler_->num_episodes()),
+              path, " was trained on ", info.data_frames, " frames in ", info.data_episodes,
+              " episodes; this data has ", t->sampler_->num_frames(), " in ",
+              t->sampler_->num_episodes(), ": resume with the run's own data, or start a new run");
+  MMDIT_CHECK(info.data_fingerprint.empty() || info.data_fingerprint == t->data_fingerprint_, path,
+              " was trained on other data of this size (data fingerprint ", info.data_fingerprint,
+              "; this data's is ", t->data_fingerprint_,
+              "): resume with the run's own data, or start a new run");
   try {
     const Json sampler = Json::parse(c.meta("sampler"));
-    // Older checkpoints, and those of a trainer made without data, do not record its size.
-    if (sampler.contains("frames")) {
-      const int64_t frames = count(sampler, "frames"), episodes = count(sampler, "episodes");
-      MMDIT_CHECK(frames == t->sampler_->num_frames() && episodes == t->sampler_->num_episodes(),
-                  path, " was trained on ", frames, " frames in ", episodes,
-                  " episodes; this data has ", t->sampler_->num_frames(), " in ",
-                  t->sampler_->num_episodes(),
-                  ": resume with the run's own data, or start a new run");
-    }
-    // Checkpoints from before it was recorded have none.
-    if (sampler.contains("fingerprint")) {
-      const Json& recorded = sampler.at("fingerprint");
-      MMDIT_CHECK(recorded.is_string(),
-                  "checkpoint metadata sampler: 'fingerprint' must be a string, got ",
-                  recorded.dump());
-      MMDIT_CHECK(recorded.get_ref<const std::string&>() == t->data_fingerprint_, path,
-                  " was trained on other data of this size (data fingerprint ",
-                  recorded.get_ref<const std::string&>(), "; this data's is ", t->data_fingerprint_,
-                  "): resume with the run's own data, or start a new run");
-    }
-    t->sampler_->set_position(count(sampler, "epoch"), count(sampler, "offset"));
+    t->sampler_->set_position(sampler_count(sampler, "epoch"), sampler_count(sampler, "offset"));
   } catch (const Json::exception& e) {
     fail(path, ": bad data position in the checkpoint metadata: ", e.what());
   } catch (const Error& e) {
-    if (std::string_view(e.what()).starts_with(path)) throw;
     fail(path, ": ", e.what());
   }
   return t;
@@ -294,9 +312,9 @@ void export_policy(const std::string& path, const std::string& out, bool use_ema
   MMDIT_CHECK(tensors.contains(prefix + "state_encoder.weight"), path, ": holds no '", prefix,
               "*' weights to export");
   std::map<std::string, std::string> metadata = c.file.metadata;
-  // What a resumed run needs, and an exported policy cannot give.
+  // What only a resumed run needs. The sampler's record stays: it says what data the policy
+  // was trained on.
   metadata.erase("rng");
-  metadata.erase("sampler");
   metadata["exported"] =
       str_cat(use_ema ? "EMA" : "parameters", floats == StoredFloats::bf16 ? " in bfloat16" : "");
   save_safetensors(out, tensors, metadata, floats);

@@ -39,6 +39,11 @@ struct CheckpointInfo {
   TrainConfig config;
   int64_t step = 0;
   std::vector<std::string> obs_keys;  // as LoadedPolicy::obs_keys
+  // The data it was trained on, as recorded: its frames and episodes (0 when not recorded: a run
+  // without data, or a checkpoint from before they were kept) and data_fingerprint (empty when
+  // not recorded).
+  int64_t data_frames = 0, data_episodes = 0;
+  std::string data_fingerprint;
   // For a file of export_policy, what it holds ("EMA", "parameters in bfloat16"); empty for a
   // run's checkpoint.
   std::string exported;

@@ -922,6 +922,12 @@ void add_info(CLI::App& app) {
     if (!info.exported.empty())
       std::printf("exported policy: %s (for acting; train --resume needs its checkpoint)\n",
                   info.exported.c_str());
+    if (info.data_frames > 0)
+      std::printf("trained on: %lld frames in %lld episodes%s\n", (long long)info.data_frames,
+                  (long long)info.data_episodes,
+                  info.data_fingerprint.empty()
+                      ? ""
+                      : str_cat(" (data fingerprint ", info.data_fingerprint, ")").c_str());
     if (!p.obs_keys.empty())
       std::printf("HDF5 observation keys: %s\n", join_commas(p.obs_keys).c_str());
     std::printf("config:\n%s\n", p.config.to_json().c_str());
