@@ -305,6 +305,22 @@ std::vector<bool> Tape::slots_needing_gradients(const std::vector<bool>& is_wrt)
   return needed;
 }
 
+std::vector<bool> Tape::depends_on(const Tensor& y, const std::vector<Tensor>& wrt) const {
+  for (const Tensor& w : wrt)
+    MMDIT_CHECK(slot_of(w) >= 0, "Tape::depends_on: a tensor of shape ", shape_str(w.shape()),
+                " is not on this tape");
+  // Backwards from y: a value reaches y when it is an input of a node whose output does.
+  std::vector<bool> reaches(num_values_, false);
+  if (const int64_t y_slot = slot_of(y); y_slot >= 0) reaches[y_slot] = true;
+  for (size_t index = nodes_.size(); index-- > 0;)
+    if (reaches[nodes_[index].output])
+      for (const NodeInput& in : nodes_[index].inputs)
+        if (in.slot >= 0) reaches[in.slot] = true;
+  std::vector<bool> result;
+  for (const Tensor& w : wrt) result.push_back(reaches[slot_of(w)]);
+  return result;
+}
+
 void Tape::run_backward(Node& node, size_t index, const Tensor& g, const std::vector<bool>& needed,
                         std::vector<Tensor>& grads) {
   std::vector<bool> needs(node.inputs.size());

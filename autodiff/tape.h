@@ -127,6 +127,10 @@ class Tape {
   // can run once.
   std::vector<Tensor> gradient(const Tensor& y, const std::vector<Tensor>& wrt,
                                const Tensor& cotangent = Tensor());
+  // For each of wrt (on this tape), whether y was computed from it through recorded ops: those
+  // it was not get zeros from gradient() by construction, not by arithmetic. Call it before
+  // gradient(), which consumes the tape.
+  std::vector<bool> depends_on(const Tensor& y, const std::vector<Tensor>& wrt) const;
 
   const std::vector<Node>& nodes() const { return nodes_; }
   // Times every node's forward and backward (Node::forward_seconds, backward_seconds).

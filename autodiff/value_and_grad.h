@@ -8,8 +8,10 @@
 // named_parameters()), bool tensors and non-tensor fields get no gradient.
 #pragma once
 
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "autodiff/tape.h"
 #include "tensor/named_tensors.h"
@@ -61,6 +63,31 @@ auto value_and_grad(F loss_fn) {
     ValueAndGrad result{stop_gradient(value), {}};
     for (size_t i = 0; i < leaves.size(); ++i) result.grads.insert(params[i].first, grads[i]);
     return result;
+  };
+}
+
+// The trainable parameters that loss_fn(model, batch...) is not computed from, by name: their
+// gradients are zero by construction (a layer the forward leaves out, a tensor reassigned after
+// registering it), and a training loop would only decay them. Runs the forward once, on a tape,
+// without a backward pass; a check for a new model's first batch:
+//
+//   EXPECT_TRUE(unused_parameters(loss_fn)(model, batch).empty());
+template <class F>
+auto unused_parameters(F loss_fn) {
+  return [loss_fn](auto&& model, auto&&... args) -> std::vector<std::string> {
+    const NamedTensors params = trainable_parameters(model);
+    Tape tape;
+    std::vector<Tensor> leaves;
+    for (const auto& [name, t] : params) {
+      tape.watch(t);
+      leaves.push_back(t);
+    }
+    const Tensor value = loss_fn(model, std::forward<decltype(args)>(args)...);
+    const std::vector<bool> used = tape.depends_on(value, leaves);
+    std::vector<std::string> unused;
+    for (size_t i = 0; i < leaves.size(); ++i)
+      if (!used[i]) unused.push_back(params[i].first);
+    return unused;
   };
 }
 

@@ -748,6 +748,33 @@ TEST(AutodiffValueAndGrad, NamedTensorsWithAFloatParamAndABoolMask) {
   EXPECT_EQ(params.at("w").to_vector<float>(), w);
 }
 
+// Parameters the loss is not computed from are named; one whose gradient is zero by arithmetic
+// (multiplied by zeros) is not, nor is a bool tensor, which is not trainable.
+TEST(AutodiffValueAndGrad, UnusedParametersAreNamed) {
+  NamedTensors params;
+  params.insert("w", from_vector({1.f, 2.f}, {2}));
+  params.insert("forgotten", from_vector({3.f}, {1}));
+  params.insert("off", from_vector({-1.f, -2.f}, {2}));  // times zeros
+  params.insert("mask", from_vector(std::vector<bool>{true, false}, {2}));
+  auto loss_fn = [](const NamedTensors& p) {
+    return sum(square(p.at("w")) + p.at("off") * zeros({2}));
+  };
+  EXPECT_EQ(unused_parameters(loss_fn)(params), std::vector<std::string>{"forgotten"});
+  auto [value, grads] = value_and_grad(loss_fn)(params);
+  EXPECT_EQ(values(grads.at("forgotten")), std::vector<double>{0});
+  EXPECT_EQ(values(grads.at("off")), (std::vector<double>{0, 0}));
+
+  // A loss computed from none of them (a constant) names all of them.
+  auto constant = [](const NamedTensors&) { return scalar(1.f); };
+  EXPECT_EQ(unused_parameters(constant)(params),
+            (std::vector<std::string>{"w", "forgotten", "off"}));
+  // depends_on answers for tensors on its tape only.
+  Tape tape;
+  const Tensor x = from_vector({1.f}, {1});
+  EXPECT_EQ(test::error_of([&] { tape.depends_on(x, {x}); }),
+            "Tape::depends_on: a tensor of shape (1,) is not on this tape");
+}
+
 TEST(AutodiffValueAndGrad, SingleTensorAndRepeatedCalls) {
   Tensor x = from_vector(std::vector<double>{1, 2, 3}, {3});
   auto f = [](const Tensor& t) { return mean(t * t); };
