@@ -827,9 +827,12 @@ TEST(Cli, ExportsAPolicyThatSamples) {
   EXPECT_NE(again.status, 0);
   EXPECT_THAT(again.output, HasSubstr(out + " is an exported policy (EMA in bfloat16): export from "
                                             "the checkpoint it was exported from"));
-  // info describes whichever weights an export holds.
+  // info, sample and eval read whichever weights an export holds.
   const std::string raw = dir.file("raw.safetensors");
   ASSERT_EQ(test::run_mmdit("export " + ckpt + " --out " + raw + " --no-ema").status, 0);
+  const test::Command raw_sample = test::run_mmdit("sample " + raw + sample);
+  ASSERT_EQ(raw_sample.status, 0) << raw_sample.output;
+  EXPECT_EQ(raw_sample.output, test::run_mmdit("sample " + ckpt + sample + " --no-ema").output);
   const test::Command info = test::run_mmdit("info " + raw);
   ASSERT_EQ(info.status, 0) << info.output;
   EXPECT_THAT(info.output, HasSubstr("exported policy: parameters (for acting; train --resume "
@@ -1697,6 +1700,17 @@ TEST(Cli, EvalPrintsOneJsonObjectForScripts) {
   EXPECT_EQ(j.at("now_index").get<int64_t>(), 1);
   EXPECT_EQ(j.at("batch_size").get<int64_t>(), 8);
   EXPECT_EQ(j.at("checkpoint").get<std::string>(), ckpt);
+  EXPECT_EQ(j.at("weights").get<std::string>(), "EMA");
+  EXPECT_EQ(j.at("precision").get<std::string>(), "f32");
+  EXPECT_EQ(j.at("sample_steps").get<int64_t>(), tiny_config(data).sample_steps);
+  EXPECT_EQ(j.at("seed").get<int64_t>(), 4);
+  const nlohmann::json other = nlohmann::json::parse(
+      test::run_mmdit("eval " + ckpt + " --data " + dir.file("demos.npz") +
+                      " --windows 5 --no-ema --weights bf16 --sample-steps 3 --json")
+          .output);
+  EXPECT_EQ(other.at("weights").get<std::string>(), "parameters");
+  EXPECT_EQ(other.at("precision").get<std::string>(), "bf16");
+  EXPECT_EQ(other.at("sample_steps").get<int64_t>(), 3);
 
   const std::string closed_args = "eval " + ckpt + " --episodes 6 --n-action-steps 2 --seed 2";
   const test::Command text = test::run_mmdit(closed_args);

@@ -626,7 +626,8 @@ void add_export_eqx(CLI::App& app) {
   cmd->callback([o] {
     check_not_input(o->out, "--out", o->checkpoint, "checkpoint", "export-eqx");
     check_output_directory(o->out, "--out");
-    const LoadedPolicy loaded = load_policy(o->checkpoint, !o->raw_params);
+    const bool use_ema = !o->raw_params && read_checkpoint_info(o->checkpoint).holds_ema();
+    const LoadedPolicy loaded = load_policy(o->checkpoint, use_ema);
     save_equinox(*loaded.policy, o->out);
     const PolicyConfig& c = loaded.config.policy;
     std::printf(
@@ -634,7 +635,7 @@ void add_export_eqx(CLI::App& app) {
         "BC_MMDiT(n_obs_steps=%lld, state_dim=%lld, horizon=%lld, act_dim=%lld, hidden_size=%lld, "
         "depth=%lld, dim_cond=%lld, timestep_embed_dim=%lld, dim_head=%lld, heads=%lld, "
         "ff_mult=%lld, ...))\n",
-        o->out.c_str(), o->raw_params ? "parameters" : "EMA parameters", o->checkpoint.c_str(),
+        o->out.c_str(), use_ema ? "EMA parameters" : "parameters", o->checkpoint.c_str(),
         (long long)loaded.step, (long long)c.n_obs_steps, (long long)c.state_dim,
         (long long)c.horizon, (long long)c.act_dim, (long long)c.hidden_size, (long long)c.depth,
         (long long)c.dim_cond, (long long)c.timestep_embed_dim, (long long)c.dim_head,
@@ -712,7 +713,9 @@ void add_sample(CLI::App& app) {
   cmd->add_option("--out-npy", o->out_npy,
                   "write the actions (B, horizon, act_dim), or (horizon, act_dim), here");
   cmd->add_option("--seed", o->seed, "noise seed")->capture_default_str();
-  cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
+  cmd->add_flag("--no-ema", o->raw_params,
+                "use the raw parameters instead of the EMA (a policy exported with --no-ema holds "
+                "only those, and is read so without it)");
   add_weights_option(cmd, o->weights);
   add_sample_steps_option(cmd, o->sample_steps);
   add_threads_option(cmd, o->threads);
@@ -724,10 +727,10 @@ void add_sample(CLI::App& app) {
         check_not_input(o->out_npy, "--out-npy", o->obs_npy, "--obs-npy", "sample");
       check_output_directory(o->out_npy, "--out-npy");
     }
-    check_sampler_options_fit(o->weights, o->sample_steps, read_checkpoint_info(o->checkpoint),
-                              o->checkpoint, "sample");
-    const LoadedPolicy policy =
-        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights), o->sample_steps);
+    const CheckpointInfo info = read_checkpoint_info(o->checkpoint);
+    check_sampler_options_fit(o->weights, o->sample_steps, info, o->checkpoint, "sample");
+    const LoadedPolicy policy = load_policy(o->checkpoint, !o->raw_params && info.holds_ema(),
+                                            parse_precision(o->weights), o->sample_steps);
     const PolicyConfig& pc = policy.config.policy;
     Tensor obs;
     MMDIT_CHECK(o->obs.empty() || o->obs_npy.empty(), "sample: give --obs or --obs-npy, not both");
@@ -807,7 +810,9 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--seed", o->seed, "seed of the start positions and noise")
       ->capture_default_str();
   cmd->add_option("--svg", o->svg, "write the rollouts as SVG");
-  cmd->add_flag("--no-ema", o->raw_params, "use the raw parameters instead of the EMA");
+  cmd->add_flag("--no-ema", o->raw_params,
+                "use the raw parameters instead of the EMA (a policy exported with --no-ema holds "
+                "only those, and is read so without it)");
   cmd->add_flag("--json", o->json,
                 "print the result as one JSON object (NaN as null) instead of text, for scripts");
   add_threads_option(cmd, o->threads);
@@ -831,27 +836,36 @@ void add_eval(CLI::App& app) {
     check_sampler_options_fit(o->weights, o->sample_steps, info, o->checkpoint, "eval");
     const std::vector<std::string> keys =
         obs_keys_of_policy(cmd, o->obs_keys, info, o->checkpoint, "eval");
+    const bool use_ema = !o->raw_params && info.holds_ema();
     const LoadedPolicy policy =
-        load_policy(o->checkpoint, !o->raw_params, parse_precision(o->weights), o->sample_steps);
+        load_policy(o->checkpoint, use_ema, parse_precision(o->weights), o->sample_steps);
+    // What the numbers were computed with, for scripts comparing settings.
+    const nlohmann::ordered_json settings = {
+        {"weights", use_ema ? "EMA" : "parameters"},
+        {"precision", o->weights},
+        {"sample_steps", policy.config.objective == "flow"
+                             ? nlohmann::ordered_json(policy.config.sample_steps)
+                             : nlohmann::ordered_json()},
+        {"seed", o->seed}};
     if (!o->data.empty()) {
       const Episodes data = load_episodes(o->data, keys);
       check_data_fits(data, o->data, policy.config.policy, o->checkpoint, "eval");
       Rng rng(o->seed + 1);
       const ActionError e = action_error(policy, data, o->windows, o->batch_size, o->seed, rng);
       if (o->json) {
-        const nlohmann::ordered_json j = {{"checkpoint", o->checkpoint},
-                                          {"step", policy.step},
-                                          {"data", o->data},
-                                          {"data_episodes", data.num_episodes()},
-                                          {"windows", e.windows},
-                                          {"horizon", policy.config.policy.horizon},
-                                          {"mse", e.mse},
-                                          {"rmse", std::sqrt(e.mse)},
-                                          {"mse_per_dim", e.mse_per_dim},
-                                          {"now_index", policy.config.policy.n_obs_steps - 1},
-                                          {"mse_now", e.mse_now},
-                                          {"seed", o->seed},
-                                          {"batch_size", o->batch_size}};
+        nlohmann::ordered_json j = {{"checkpoint", o->checkpoint},
+                                    {"step", policy.step},
+                                    {"data", o->data},
+                                    {"data_episodes", data.num_episodes()},
+                                    {"windows", e.windows},
+                                    {"horizon", policy.config.policy.horizon},
+                                    {"mse", e.mse},
+                                    {"rmse", std::sqrt(e.mse)},
+                                    {"mse_per_dim", e.mse_per_dim},
+                                    {"now_index", policy.config.policy.n_obs_steps - 1},
+                                    {"mse_now", e.mse_now},
+                                    {"batch_size", o->batch_size}};
+        j.update(settings);
         print_json(j);
         return;
       }
@@ -874,15 +888,12 @@ void add_eval(CLI::App& app) {
                 task.state_dim(), ", act_dim ", task.act_dim(), ")");
     const auto r = evaluate_policy(task, policy, o->episodes, o->n_action_steps, o->seed);
     if (o->json) {
-      const nlohmann::ordered_json j = {{"checkpoint", o->checkpoint},
-                                        {"step", policy.step},
-                                        {"episodes", r.episodes},
-                                        {"successes", r.successes},
-                                        {"collisions", r.collisions},
-                                        {"timeouts", r.timeouts},
-                                        {"success_rate", r.success_rate},
-                                        {"n_action_steps", o->n_action_steps},
-                                        {"seed", o->seed}};
+      nlohmann::ordered_json j = {
+          {"checkpoint", o->checkpoint},    {"step", policy.step},
+          {"episodes", r.episodes},         {"successes", r.successes},
+          {"collisions", r.collisions},     {"timeouts", r.timeouts},
+          {"success_rate", r.success_rate}, {"n_action_steps", o->n_action_steps}};
+      j.update(settings);
       print_json(j);
     } else {
       print_eval(r);
@@ -913,7 +924,10 @@ std::string module_group(const std::string& name) {
 
 void add_info(CLI::App& app) {
   auto path = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("info", "Describe a checkpoint: config, parameters, step");
+  CLI::App* cmd = app.add_subcommand(
+      "info",
+      "Describe a checkpoint or exported policy: step, config, statistics, the data it was "
+      "trained on, parameters");
   cmd->add_option("checkpoint", *path, "checkpoint (.safetensors)")->required();
   cmd->callback([path] {
     const CheckpointInfo info = read_checkpoint_info(*path);
