@@ -716,10 +716,12 @@ TEST(Trainer, ItsCheckpointIsATrainingStateForUserCode) {
   const std::string path = dir.file("c.safetensors");
   trainer.save_checkpoint(path);
 
+  // As the README says: the policy is built from the checkpoint's config, then loaded.
+  const TrainConfig config = read_checkpoint_info(path).config;
   Rng init(99);
-  BCPolicy policy(c.policy, init);
+  BCPolicy policy(config.policy, init);
   AdamW optimizer(policy.named_parameters(), {});
-  EMA ema(policy.named_parameters(), c.ema_decay);
+  EMA ema(policy.named_parameters(), config.ema_decay);
   Rng rng(0);
   const std::map<std::string, std::string> metadata =
       TrainingState{.model = policy, .optimizer = &optimizer, .ema = &ema, .rng = &rng}.load(path);
@@ -736,7 +738,7 @@ TEST(Trainer, ItsCheckpointIsATrainingStateForUserCode) {
   EXPECT_EQ(rng_state_json(rng), load_safetensors_metadata(path).at("rng"));
   EXPECT_GT(rng.counter(), 0u);
 
-  BCPolicy acting(c.policy, init);
+  BCPolicy acting(config.policy, init);
   load_weights(path, acting);
   EXPECT_TRUE(identical(acting.named_parameters(), trainer.ema().params()));
   EXPECT_FALSE(identical(acting.named_parameters(), trainer.policy().named_parameters()));
@@ -850,6 +852,35 @@ TEST(Cli, ExportsAPolicyThatSamples) {
   EXPECT_THAT(resume.output, HasSubstr(raw + ": an exported policy (parameters, for acting) has no "
                                              "optimiser state to resume from"));
   EXPECT_THAT(resume.output, Not(HasSubstr("episodes")));
+}
+
+// info describes a training state of a loop of one's own: step, random state, the caller's
+// metadata, the tensors by part, and each parameter's shape.
+TEST(Cli, InfoDescribesATrainingState) {
+  const Episodes data = demo_episodes();
+  const TrainConfig c = tiny_config(data);
+  Rng init(1);
+  BCPolicy policy(c.policy, init);
+  AdamW optimizer(policy.named_parameters(), {});
+  EMA ema(policy.named_parameters(), 0.9);
+  Rng rng(6);
+  rng.normal({2});
+  test::TempDir dir;
+  const std::string path = dir.file("state.safetensors");
+  TrainingState{.model = policy, .optimizer = &optimizer, .ema = &ema, .rng = &rng}.save(
+      path, {{"epoch", "3"}});
+  const test::Command r = test::run_mmdit("info " + path);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const int64_t tensors = static_cast<int64_t>(policy.named_parameters().size());
+  EXPECT_THAT(r.output, HasSubstr("training state: " + path + " (mmdit-training-state/1"));
+  EXPECT_THAT(r.output, HasSubstr("AdamW step: 0\n"));
+  EXPECT_THAT(r.output, HasSubstr(R"(random state: {"counter":1,"seed":6})"));
+  EXPECT_THAT(r.output, HasSubstr("metadata epoch: 3\n"));
+  EXPECT_THAT(r.output, testing::ContainsRegex(str_cat("param/ +", tensors, " tensors +",
+                                                       policy.num_parameters(), " numbers")));
+  EXPECT_THAT(r.output, testing::ContainsRegex(str_cat("adam_v/ +", tensors, " tensors")));
+  EXPECT_THAT(r.output, testing::ContainsRegex(
+                            str_cat("state_encoder.weight +\\(", c.policy.hidden_size, ",2\\)")));
 }
 
 // The learning rate of each step is optax's warmup_cosine_decay_schedule(0, lr, warmup, steps)

@@ -21,6 +21,7 @@
 #include "train/equinox.h"
 #include "train/npy.h"
 #include "train/plots.h"
+#include "train/training_state.h"
 
 namespace mmdit::cli {
 namespace {
@@ -922,6 +923,35 @@ std::string module_group(const std::string& name) {
   return group;
 }
 
+// A TrainingState file of a user's own loop: its step and random state, the caller's metadata,
+// and its tensors by part, each parameter with its shape.
+void describe_training_state(const std::string& path) {
+  const SafetensorsFile file = load_safetensors(path);
+  std::printf("training state: %s (%s, written by TrainingState::save)\n", path.c_str(),
+              kTrainingStateFormat);
+  const auto& metadata = file.metadata;
+  if (metadata.contains("step"))
+    std::printf("AdamW step: %lld\n", (long long)read_step(metadata, path));
+  if (const auto it = metadata.find("rng"); it != metadata.end())
+    std::printf("random state: %s\n", it->second.c_str());
+  for (const auto& [key, value] : metadata)
+    if (key != "format" && key != "step" && key != "rng")
+      std::printf("metadata %s: %s\n", key.c_str(), value.c_str());
+  std::map<std::string, std::pair<int64_t, int64_t>> parts;  // prefix -> tensors, numbers
+  for (const auto& [name, t] : file.tensors) {
+    auto& [tensors, numbers] = parts[name.substr(0, name.find('/') + 1)];
+    ++tensors;
+    numbers += t.numel();
+  }
+  for (const char* part : {"param/", "buffer/", "ema/", "adam_m/", "adam_v/"})
+    if (parts.contains(part))
+      std::printf("%-8s %4lld tensors %12lld numbers\n", part, (long long)parts[part].first,
+                  (long long)parts[part].second);
+  std::printf("parameters:\n");
+  for (const auto& [name, t] : with_prefix(file.tensors, "param/"))
+    std::printf("  %-40s %s\n", name.c_str(), shape_str(t.shape()).c_str());
+}
+
 void add_info(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   CLI::App* cmd = app.add_subcommand(
@@ -930,6 +960,10 @@ void add_info(CLI::App& app) {
       "trained on, parameters");
   cmd->add_option("checkpoint", *path, "checkpoint (.safetensors)")->required();
   cmd->callback([path] {
+    const std::map<std::string, std::string> metadata = load_safetensors_metadata(*path);
+    if (const auto it = metadata.find("format");
+        it != metadata.end() && it->second == kTrainingStateFormat)
+      return describe_training_state(*path);
     const CheckpointInfo info = read_checkpoint_info(*path);
     const LoadedPolicy p = load_policy(*path, info.holds_ema());
     std::printf("checkpoint: %s\ntraining step: %lld\n", path->c_str(), (long long)p.step);
