@@ -39,6 +39,16 @@ NamedTensors trainable_parameters(Model& model) {
   return params;
 }
 
+// Watches each of `params` on `tape`, in order; returns them, the wrt of tape.gradient().
+inline std::vector<Tensor> watch_all(Tape& tape, const NamedTensors& params) {
+  std::vector<Tensor> leaves;
+  for (const auto& [name, t] : params) {
+    tape.watch(t);
+    leaves.push_back(t);
+  }
+  return leaves;
+}
+
 struct ValueAndGrad {
   Tensor value;
   NamedTensors grads;
@@ -49,11 +59,7 @@ auto value_and_grad(F loss_fn) {
   return [loss_fn](auto&& model, auto&&... args) -> ValueAndGrad {
     const NamedTensors params = trainable_parameters(model);
     Tape tape;
-    std::vector<Tensor> leaves;
-    for (const auto& [name, t] : params) {
-      tape.watch(t);
-      leaves.push_back(t);
-    }
+    const std::vector<Tensor> leaves = watch_all(tape, params);
     Tensor value = loss_fn(model, std::forward<decltype(args)>(args)...);
     // Tape::gradient would ask for a cotangent, which value_and_grad has no way to take.
     MMDIT_CHECK(value.defined() && value.numel() == 1,
@@ -77,11 +83,7 @@ auto unused_parameters(F loss_fn) {
   return [loss_fn](auto&& model, auto&&... args) -> std::vector<std::string> {
     const NamedTensors params = trainable_parameters(model);
     Tape tape;
-    std::vector<Tensor> leaves;
-    for (const auto& [name, t] : params) {
-      tape.watch(t);
-      leaves.push_back(t);
-    }
+    const std::vector<Tensor> leaves = watch_all(tape, params);
     const Tensor value = loss_fn(model, std::forward<decltype(args)>(args)...);
     const std::vector<bool> used = tape.depends_on(value, leaves);
     std::vector<std::string> unused;
