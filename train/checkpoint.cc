@@ -120,10 +120,8 @@ CheckpointInfo parse_info(const std::map<std::string, std::string>& metadata,
 struct CheckpointFile {
   SafetensorsFile file;
   TrainConfig config;
+  CheckpointInfo info;    // config, step, observation keys, data record, export label
   Normalizer normalizer;  // validated against the config's state_dim and act_dim
-  int64_t step = 0;
-  std::vector<std::string> obs_keys;
-  CheckpointInfo info;
   std::string path;
 
   NamedTensors with_prefix(const std::string& prefix) const {
@@ -141,15 +139,11 @@ CheckpointFile read_checkpoint(const std::string& path) {
   // before its tensors are read and converted.
   parse_info(load_safetensors_metadata(path), path);
   c.file = load_safetensors(path);
-  CheckpointInfo info = parse_info(c.file.metadata, path);
-  c.info = info;
-  c.config = info.config;
-  c.step = info.step;
-  c.obs_keys = std::move(info.obs_keys);
+  c.info = parse_info(c.file.metadata, path);
   const std::string& normalizer = c.meta("normalizer");
   try {
     c.normalizer = Normalizer::from_json(normalizer);
-    c.normalizer.validate(c.config.policy.state_dim, c.config.policy.act_dim);
+    c.normalizer.validate(c.info.config.policy.state_dim, c.info.config.policy.act_dim);
   } catch (const Error& e) {
     fail(path, ": ", e.what());
   }
@@ -157,7 +151,7 @@ CheckpointFile read_checkpoint(const std::string& path) {
   // does not describe these tensors (a corrupt or hand-edited file) fails here, on the tensors
   // each size setting shapes, not after allocating a model of whatever size it claims. Sizes
   // are compared as doubles, so an absurd product cannot overflow.
-  const PolicyConfig& pc = c.config.policy;
+  const PolicyConfig& pc = c.info.config.policy;
   const auto expect = [&](const std::string& name, std::initializer_list<double> shape,
                           const char* settings) {
     MMDIT_CHECK(c.file.tensors.contains(name), path, ": the config describes a policy with '", name,
@@ -220,21 +214,21 @@ NamedTensors with_buffers(NamedTensors weights, const CheckpointFile& c) {
 
 std::unique_ptr<Trainer> Trainer::resume(const std::string& path, const Episodes& data,
                                          std::optional<int64_t> steps) {
-  check_resumable(read_checkpoint_info(path), path);
   const CheckpointFile c = read_checkpoint(path);
-  TrainConfig config = c.config;
+  check_resumable(c.info, path);
+  TrainConfig config = c.info.config;
   if (steps) {
-    MMDIT_CHECK(*steps >= c.step, "resume: ", path, " is at step ", c.step,
+    MMDIT_CHECK(*steps >= c.info.step, "resume: ", path, " is at step ", c.info.step,
                 "; cannot train to step ", *steps);
     config.steps = *steps;
   }
   auto t = std::make_unique<Trainer>(config, data);
   t->normalizer_ = c.normalizer;
-  t->obs_keys_ = c.obs_keys;
+  t->obs_keys_ = c.info.obs_keys;
   TrainingState{
       .model = *t->policy_, .optimizer = t->optimizer_.get(), .ema = t->ema_.get(), .rng = &t->rng_}
       .restore(c.file, path);
-  const CheckpointInfo& info = c.info;
+  const CheckpointInfo& info = c.info;  // its data record
   MMDIT_CHECK(info.data_frames == 0 || (info.data_frames == t->sampler_->num_frames() &&
                                         info.data_episodes == t->sampler_->num_episodes()),
               path, " was trained on ", info.data_frames, " frames in ", info.data_episodes,
@@ -262,15 +256,16 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
   CheckpointFile c = read_checkpoint(path);
   // Only the flow objective has a sampler; the regression acts in one pass, unpacked, in
   // float32, and would ignore either request.
-  MMDIT_CHECK(weights == WeightPrecision::f32 || c.config.objective == "flow", path,
-              ": the policy's objective is '", c.config.objective, "', which acts with float32 ",
+  TrainConfig& config = c.info.config;
+  MMDIT_CHECK(weights == WeightPrecision::f32 || config.objective == "flow", path,
+              ": the policy's objective is '", config.objective, "', which acts with float32 ",
               "weights; ", precision_name(weights),
               " weights are for the flow objective's sampler only (load it with f32)");
-  MMDIT_CHECK(sample_steps == 0 || c.config.objective == "flow", path,
-              ": the policy's objective is '", c.config.objective,
+  MMDIT_CHECK(sample_steps == 0 || config.objective == "flow", path,
+              ": the policy's objective is '", config.objective,
               "', which regresses its actions in one pass; sample_steps are for the flow "
               "objective's sampler only");
-  if (sample_steps > 0) c.config.sample_steps = sample_steps;
+  if (sample_steps > 0) config.sample_steps = sample_steps;
   // Every tensor, not only those loaded: save_checkpoint writes none that is not finite, so one
   // anywhere means the file is damaged.
   check_finite(c.file.tensors, path, "tensor");
@@ -283,8 +278,8 @@ LoadedPolicy load_policy(const std::string& path, bool use_ema, WeightPrecision 
               ")");
   try {
     LoadedPolicy p =
-        frozen(c.config, c.normalizer, c.step, with_buffers(weights_in_file, c), weights);
-    p.obs_keys = c.obs_keys;
+        frozen(config, c.normalizer, c.info.step, with_buffers(weights_in_file, c), weights);
+    p.obs_keys = c.info.obs_keys;
     return p;
   } catch (const Error& e) {
     fail(path, ": tensors '", prefix, "*': ", e.what());
@@ -299,11 +294,10 @@ void check_resumable(const CheckpointInfo& info, const std::string& path) {
 
 void export_policy(const std::string& path, const std::string& out, bool use_ema,
                    StoredFloats floats) {
-  // Exported again, a bfloat16 export would be labelled float32, holding bfloat16's values.
-  const CheckpointInfo info = read_checkpoint_info(path);
-  MMDIT_CHECK(info.exported.empty(), path, " is an exported policy (", info.exported,
-              "): export from the checkpoint it was exported from");
   const CheckpointFile c = read_checkpoint(path);
+  // Exported again, a bfloat16 export would be labelled float32, holding bfloat16's values.
+  MMDIT_CHECK(c.info.exported.empty(), path, " is an exported policy (", c.info.exported,
+              "): export from the checkpoint it was exported from");
   check_finite(c.file.tensors, path, "tensor");
   const std::string prefix = use_ema ? "ema/" : "param/";
   NamedTensors tensors;

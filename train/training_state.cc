@@ -120,14 +120,9 @@ std::map<std::string, std::string> TrainingState::load(const std::string& path) 
 
 void TrainingState::restore(const SafetensorsFile& file, const std::string& path) {
   check_format(file.metadata, path);
-  const auto holds = [&](const std::string& prefix) {
-    for (const auto& [name, t] : file.tensors)
-      if (name.starts_with(prefix)) return true;
-    return false;
-  };
   const auto require = [&](bool given, const char* prefix, const char* part) {
-    MMDIT_CHECK(!given || holds(prefix), path, ": holds no ", part, " ('", prefix,
-                "*' tensors): it was saved without one");
+    MMDIT_CHECK(!given || !with_prefix(file.tensors, prefix).empty(), path, ": holds no ", part,
+                " ('", prefix, "*' tensors): it was saved without one");
   };
   // An EMA or optimiser of no parameters (a model of buffers alone) saves no tensors.
   require(ema != nullptr && !ema->params().empty(), "ema/", "EMA");
@@ -186,7 +181,7 @@ void load_weights(const std::string& path, nn::Module& model, bool use_ema) {
   const SafetensorsFile file = load_safetensors(path);
   const char* prefix = use_ema ? "ema/" : "param/";
   MMDIT_CHECK(
-      !use_ema || with_prefix(file.tensors, "ema/").size() > 0 || model.named_parameters().empty(),
+      !use_ema || !with_prefix(file.tensors, "ema/").empty() || model.named_parameters().empty(),
       path, ": holds no EMA ('ema/*' tensors); load its parameters (use_ema false)");
   check_finite(file.tensors, path, "tensor");
   NamedTensors weights = with_prefix(file.tensors, prefix);
