@@ -115,7 +115,9 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                   " by ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,
                   ") has a size past OpenBLAS's integers (at most ",
                   std::numeric_limits<blasint>::max(), ")");
-  const bool in_region = omp_get_level() > 0;
+  // A team (run_as_team) splits the product in its own region; any other region runs it here.
+  detail::Team* team = detail::led_team();
+  const bool in_region = team == nullptr && omp_get_level() > 0;
   // num_threads() first: read on a thread's first product, it is the OpenMP setting, which the
   // next line may lower.
   const int process_threads = num_threads();
@@ -144,8 +146,7 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
   int64_t blocks = (extent + chunk - 1) / chunk;
   if (blocks > 1 && extent - (blocks - 1) * chunk < 16) --blocks;
   std::atomic<bool> all_done{true};
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
+  const auto product_block = [&](int64_t blk) {
     const int64_t start = blk * chunk, len = blk == blocks - 1 ? extent - start : chunk;
     const bool done =
         split_rows ? gemm_serial(library, ta, tb, len, n, k, a + (ta ? start : start * lda), lda, b,
@@ -153,7 +154,12 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                    : gemm_serial(library, ta, tb, m, len, k, a, lda, b + (tb ? start * ldb : start),
                                  ldb, c + start, ldc, accumulate);
     if (!done) all_done = false;
-  }
+  };
+  if (team != nullptr)
+    parallel_for(blocks, work, product_block);
+  else
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; ++blk) product_block(blk);
   if (!all_done) refused();
 }
 

@@ -7,6 +7,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <thread>
+#include <utility>
 
 namespace mmdit {
 namespace {
@@ -63,6 +66,200 @@ void set_num_threads(int n) {
   // This thread's OpenMP setting too; other threads' follow in raw::gemm (tensor/matmul.cc).
   omp_set_num_threads(n);
   openblas_set_num_threads(openblas_shares_openmp() ? n : 1);
+}
+
+namespace detail {
+
+// One run_as_team region. The leader writes a job while every worker is idle and publishes it by
+// counting `posted_` up; each worker runs its share and counts `busy_` down.
+class Team {
+ public:
+  void start(int threads) {
+    threads_ = threads;
+    leader_flops_ = &thread_matmul_flops();
+  }
+  int threads() const { return threads_; }
+
+  void loop(int64_t n, void (*run_items)(void*, int64_t, int64_t, int64_t*), void* fn) {
+    wait_until_idle();
+    kind_ = Kind::loop;
+    n_ = n;
+    run_items_ = run_items;
+    fn_ = fn;
+    post();
+    run_share(0);
+    wait_until_idle();
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+  void background(void (*job)(const void*, int, int), const void* context) {
+    wait_until_idle();
+    kind_ = Kind::background;
+    job_ = job;
+    context_ = context;
+    post();
+  }
+
+  // Returns the first exception a worker's job threw that no loop has reported yet.
+  std::exception_ptr stop() {
+    wait_until_idle();
+    kind_ = Kind::stop;
+    post();
+    wait_until_idle();
+    return std::exchange(error_, nullptr);
+  }
+
+  bool cancelled() const { return cancel_.load(std::memory_order_relaxed); }
+
+  void serve(int worker) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t now;
+      for (int64_t spins = 0; (now = posted_.load(std::memory_order_acquire)) == seen; ++spins)
+        pause(spins);
+      seen = now;
+      if (kind_ == Kind::stop) {
+        busy_.fetch_sub(1, std::memory_order_release);
+        return;
+      }
+      if (kind_ == Kind::loop) {
+        std::atomic<int64_t>& own = thread_matmul_flops();
+        const int64_t before = own.load(std::memory_order_relaxed);
+        run_share(worker);
+        leader_flops_->fetch_add(own.load(std::memory_order_relaxed) - before,
+                                 std::memory_order_relaxed);
+      } else {
+        try {
+          job_(context_, worker, threads_);
+        } catch (...) {
+          keep_error();
+        }
+      }
+      busy_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+ private:
+  enum class Kind { loop, background, stop };
+
+  // Spinning with the pause instruction, as OpenMP's waiting threads do; after a while a thread
+  // also yields, so that a process sharing the cores (two test programs on two cores) runs.
+  static void pause(int64_t spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (spins > (1 << 14)) std::this_thread::yield();
+  }
+
+  void post() {
+    busy_.store(threads_ - 1, std::memory_order_relaxed);
+    posted_.fetch_add(1, std::memory_order_release);
+  }
+
+  void wait_until_idle() {
+    cancel_.store(true, std::memory_order_relaxed);
+    for (int64_t spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) pause(spins);
+    cancel_.store(false, std::memory_order_relaxed);
+  }
+
+  // Contiguous shares, as OpenMP's static schedule makes them. An item that throws does not
+  // stop the share: as in parallel_for's own region, every other item runs.
+  void run_share(int thread) {
+    const int64_t end = n_ * (thread + 1) / threads_;
+    for (int64_t begin = n_ * thread / threads_; begin < end;) {
+      int64_t next = begin;
+      try {
+        run_items_(fn_, begin, end, &next);
+        return;
+      } catch (...) {
+        keep_error();
+      }
+      begin = next + 1;
+    }
+  }
+
+  void keep_error() {
+    const std::lock_guard lock(error_mutex_);
+    if (!error_) error_ = std::current_exception();
+  }
+
+  int threads_ = 1;
+  std::atomic<int64_t>* leader_flops_ = nullptr;
+  Kind kind_ = Kind::loop;
+  int64_t n_ = 0;
+  void (*run_items_)(void*, int64_t, int64_t, int64_t*) = nullptr;
+  void* fn_ = nullptr;
+  void (*job_)(const void*, int, int) = nullptr;
+  const void* context_ = nullptr;
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+  // Each on its own cache line: the workers poll the first while the leader waits on the second.
+  alignas(64) std::atomic<uint64_t> posted_{0};
+  alignas(64) std::atomic<int> busy_{0};
+  alignas(64) std::atomic<bool> cancel_{false};
+};
+
+namespace {
+thread_local Team* leading = nullptr;
+thread_local Team* serving = nullptr;
+}  // namespace
+
+Team* led_team() {
+  return leading;
+}
+
+bool in_parallel_region() {
+  return omp_in_parallel() != 0;
+}
+
+void team_for(Team& team, int64_t n, void (*run_items)(void*, int64_t, int64_t, int64_t*),
+              void* fn) {
+  team.loop(n, run_items, fn);
+}
+
+}  // namespace detail
+
+void run_as_team(void (*fn)(void* context), void* context) {
+  const int threads = num_threads();
+  if (threads == 1 || detail::leading != nullptr || detail::in_parallel_region()) {
+    fn(context);
+    return;
+  }
+  detail::Team team;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    if (omp_get_thread_num() == 0) {
+      // The workers read the team's size only after the first job is posted.
+      team.start(omp_get_num_threads());
+      detail::leading = &team;
+      try {
+        fn(context);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      detail::leading = nullptr;
+      std::exception_ptr worker_error = team.stop();
+      if (!error) error = worker_error;
+    } else {
+      detail::serving = &team;
+      team.serve(omp_get_thread_num());
+      detail::serving = nullptr;
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+bool run_in_background(void (*job)(const void* context, int worker, int workers),
+                       const void* context) {
+  detail::Team* team = detail::leading;
+  if (team == nullptr || team->threads() < 2) return false;
+  team->background(job, context);
+  return true;
+}
+
+bool background_job_cancelled() {
+  return detail::serving == nullptr || detail::serving->cancelled();
 }
 
 const char* openblas_threading() {

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <type_traits>
 
 namespace mmdit {
 
@@ -35,7 +36,41 @@ namespace detail {
 // counts no other thread's products; atomic, as the workers of a parallel_for add theirs to the
 // count of the thread that started it.
 std::atomic<int64_t>& thread_matmul_flops();
+
+class Team;
+// The team the calling thread leads (run_as_team), or null.
+Team* led_team();
+// Whether the calling thread runs inside an OpenMP region (our own or anyone's).
+bool in_parallel_region();
+// Runs run_items(fn, begin, end, &current) over [0, n), split across the team, the caller taking
+// part; run_items keeps `current` at the item it runs, so that a share goes on after one throws.
+void team_for(Team& team, int64_t n,
+              void (*run_items)(void* fn, int64_t begin, int64_t end, int64_t* current), void* fn);
 }  // namespace detail
+
+// Runs fn on the calling thread while the other threads of the process wait in one OpenMP region
+// for the parallel_for loops (and matmul splits) fn makes, instead of each loop opening a region
+// of its own: a region's fork and join costs 3-5 us on these VMs, and a sampler call at batch 1
+// runs 560 loops, most of a few tens of microseconds. Between loops the waiting threads spin, as
+// OpenMP's own do, and can be handed work that needs no answer (run_in_background). On one
+// thread, inside a region or inside another team, it is fn() alone. Exceptions from fn, or from
+// a loop on any thread, come out of it.
+void run_as_team(void (*fn)(void* context), void* context);
+template <class Fn>
+void run_as_team(Fn&& fn) {
+  run_as_team([](void* context) { (*static_cast<std::remove_reference_t<Fn>*>(context))(); },
+              static_cast<void*>(&fn));
+}
+
+// Hands job(context, worker, workers), for each worker in [1, workers), to the waiting threads of
+// the team the calling thread leads, and returns at once; false, running nothing, outside a team.
+// The job must poll background_job_cancelled() often (every few microseconds) and return once it
+// says so: the team's next loop, or its end, waits for it. context must outlive the job: it is
+// kept as a pointer. One job at a time: a second replaces the first, cancelling it.
+bool run_in_background(void (*job)(const void* context, int worker, int workers),
+                       const void* context);
+// For a background job: whether the thread that handed it out needs its thread back.
+bool background_job_cancelled();
 
 // Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
 // Small loops, and every loop on one thread, never enter an OpenMP construct: even a one-thread
@@ -45,6 +80,22 @@ template <class Fn>
 void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
   const int threads = num_threads();
   if (n <= 1 || n * cost_per_item < 2 * kParallelGrain || threads == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  if (detail::Team* team = detail::led_team()) {
+    detail::team_for(
+        *team, n,
+        [](void* f, int64_t begin, int64_t end, int64_t* current) {
+          for (*current = begin; *current < end; ++*current)
+            (*static_cast<std::remove_reference_t<Fn>*>(f))(*current);
+        },
+        const_cast<void*>(static_cast<const void*>(&fn)));
+    return;
+  }
+  // A team's worker, or a thread inside someone else's region: a nested region would run on
+  // this thread alone anyway (one active level), after costing a fork and join.
+  if (detail::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }

@@ -1904,6 +1904,112 @@ TEST_F(TensorThreadCount, ParallelForRethrowsAnExceptionAfterTheRegion) {
   EXPECT_EQ(done.load(), 63);
 }
 
+// run_as_team: one region for many loops. Each loop's items run once each, split across the
+// team's threads as OpenMP's static schedule splits them, and a worker's products are counted
+// for the thread that leads.
+TEST_F(TensorThreadCount, ATeamRunsEachLoopOnAllItsThreads) {
+  set_num_threads(2);
+  std::vector<int> runs(64, 0), thread(64, -1);
+  int regions_seen = -1;
+  const int64_t flops_before = raw::matmul_flops();
+  run_as_team([&] {
+    for (int loop = 0; loop < 3; ++loop)
+      parallel_for(64, kParallelGrain, [&](int64_t i) {
+        ++runs[i];
+        thread[i] = omp_get_thread_num();
+        raw::add_matmul_flops(1);
+      });
+    regions_seen = omp_get_level();
+  });
+  EXPECT_EQ(runs, std::vector<int>(64, 3));
+  EXPECT_EQ(std::count(thread.begin(), thread.begin() + 32, 0), 32);
+  EXPECT_EQ(std::count(thread.begin() + 32, thread.end(), 1), 32);
+  EXPECT_EQ(regions_seen, 1);  // one region, entered once, for all three loops
+  EXPECT_EQ(raw::matmul_flops() - flops_before, 3 * 64);
+}
+
+TEST_F(TensorThreadCount, ATeamOnOneThreadOrInsideAnotherIsTheCallAlone) {
+  set_num_threads(1);
+  int level = -1;
+  run_as_team([&] { level = omp_get_level(); });
+  EXPECT_EQ(level, 0);
+  set_num_threads(2);
+  std::vector<int> inner_levels;
+  run_as_team([&] {
+    run_as_team([&] { inner_levels.push_back(omp_get_level()); });
+    EXPECT_TRUE(run_in_background([](const void*, int, int) {}, nullptr));
+  });
+  EXPECT_EQ(inner_levels, std::vector<int>{1});
+  EXPECT_FALSE(run_in_background([](const void*, int, int) {}, nullptr));
+}
+
+// An exception from either thread's share comes out of the loop, after the other items ran, and
+// the team goes on; one from the call itself comes out of run_as_team.
+TEST_F(TensorThreadCount, ATeamRethrowsFromEitherThreadAndGoesOn) {
+  set_num_threads(2);
+  for (const int64_t failing : {5, 50}) {
+    SCOPED_TRACE(failing);
+    std::atomic<int> done{0};
+    int after = 0;
+    run_as_team([&] {
+      EXPECT_THAT(
+          [&] {
+            parallel_for(64, kParallelGrain, [&](int64_t i) {
+              if (i == failing) fail("item ", i, " failed");
+              ++done;
+            });
+          },
+          testing::ThrowsMessage<Error>(testing::HasSubstr(str_cat("item ", failing, " failed"))));
+      parallel_for(64, kParallelGrain, [&](int64_t) { ++done; });
+      after = done.load();
+    });
+    EXPECT_EQ(after, 63 + 64);
+  }
+  EXPECT_THAT([] { run_as_team([] { fail("the call failed"); }); },
+              testing::ThrowsMessage<Error>(testing::HasSubstr("the call failed")));
+}
+
+// A background job runs on the waiting thread while the caller goes on, and the next loop waits
+// for it to see that it is cancelled.
+TEST_F(TensorThreadCount, ABackgroundJobRunsUntilTheNextLoop) {
+  set_num_threads(2);
+  struct Job {
+    std::atomic<int> started{0}, polls{0};
+    std::atomic<int> worker{-1};
+  } job;
+  std::vector<int> runs(64, 0);
+  run_as_team([&] {
+    ASSERT_TRUE(run_in_background(
+        [](const void* context, int worker, int workers) {
+          auto& j = *static_cast<Job*>(const_cast<void*>(context));
+          j.worker = worker * 10 + workers;
+          j.started = 1;
+          while (!background_job_cancelled()) ++j.polls;
+        },
+        &job));
+    while (job.started.load() == 0) std::this_thread::yield();
+    parallel_for(64, kParallelGrain, [&](int64_t i) { ++runs[i]; });
+  });
+  EXPECT_EQ(job.worker.load(), 12);
+  EXPECT_GT(job.polls.load(), 0);
+  EXPECT_EQ(runs, std::vector<int>(64, 1));
+  EXPECT_TRUE(background_job_cancelled());  // on a thread that serves no team
+}
+
+// A product inside a team is split by the team, with the values it has outside one.
+TEST_F(TensorThreadCount, AProductInsideATeamIsTheProductOutside) {
+  set_num_threads(2);
+  for (const auto& [m, k, n] : {std::array<int64_t, 3>{256, 192, 320}, {40, 1024, 128}}) {
+    const Tensor a = uniform_tensor({m, k}, DType::f32, 1),
+                 b = uniform_tensor({k, n}, DType::f32, 2);
+    const Tensor outside = raw::matmul(a, b);
+    Tensor inside;
+    run_as_team([&] { inside = raw::matmul(a, b); });
+    EXPECT_EQ(inside.to_vector<float>(), outside.to_vector<float>())
+        << m << " x " << k << " x " << n;
+  }
+}
+
 TEST_F(TensorThreadCount, RngIsReproducibleAndThreadIndependent) {
   Rng a(42), b(42), c(43);
   const std::vector<double> va = values(a.normal({1000})), vb = values(b.normal({1000}));
