@@ -78,10 +78,8 @@ class Team {
     threads_ = threads;
     leader_flops_ = &thread_matmul_flops();
   }
-  int threads() const { return threads_; }
-
+  // Every loop ends with the workers idle, so the next job can be written.
   void loop(int64_t n, void (*run_items)(void*, int64_t, int64_t, int64_t*), void* fn) {
-    wait_until_idle();
     kind_ = Kind::loop;
     n_ = n;
     run_items_ = run_items;
@@ -92,24 +90,11 @@ class Team {
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
 
-  void background(void (*job)(const void*, int, int), const void* context) {
-    wait_until_idle();
-    kind_ = Kind::background;
-    job_ = job;
-    context_ = context;
-    post();
-  }
-
-  // Returns the first exception a worker's job threw that no loop has reported yet.
-  std::exception_ptr stop() {
-    wait_until_idle();
+  void stop() {
     kind_ = Kind::stop;
     post();
     wait_until_idle();
-    return std::exchange(error_, nullptr);
   }
-
-  bool cancelled() const { return cancel_.load(std::memory_order_relaxed); }
 
   void serve(int worker) {
     uint64_t seen = 0;
@@ -122,25 +107,17 @@ class Team {
         busy_.fetch_sub(1, std::memory_order_release);
         return;
       }
-      if (kind_ == Kind::loop) {
-        std::atomic<int64_t>& own = thread_matmul_flops();
-        const int64_t before = own.load(std::memory_order_relaxed);
-        run_share(worker);
-        leader_flops_->fetch_add(own.load(std::memory_order_relaxed) - before,
-                                 std::memory_order_relaxed);
-      } else {
-        try {
-          job_(context_, worker, threads_);
-        } catch (...) {
-          keep_error();
-        }
-      }
+      std::atomic<int64_t>& own = thread_matmul_flops();
+      const int64_t before = own.load(std::memory_order_relaxed);
+      run_share(worker);
+      leader_flops_->fetch_add(own.load(std::memory_order_relaxed) - before,
+                               std::memory_order_relaxed);
       busy_.fetch_sub(1, std::memory_order_release);
     }
   }
 
  private:
-  enum class Kind { loop, background, stop };
+  enum class Kind { loop, stop };
 
   // Spinning with the pause instruction, as OpenMP's waiting threads do; after a while a thread
   // also yields, so that a process sharing the cores (two test programs on two cores) runs.
@@ -157,9 +134,7 @@ class Team {
   }
 
   void wait_until_idle() {
-    cancel_.store(true, std::memory_order_relaxed);
     for (int64_t spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) pause(spins);
-    cancel_.store(false, std::memory_order_relaxed);
   }
 
   // Contiguous shares, as OpenMP's static schedule makes them. An item that throws does not
@@ -189,19 +164,15 @@ class Team {
   int64_t n_ = 0;
   void (*run_items_)(void*, int64_t, int64_t, int64_t*) = nullptr;
   void* fn_ = nullptr;
-  void (*job_)(const void*, int, int) = nullptr;
-  const void* context_ = nullptr;
   std::mutex error_mutex_;
   std::exception_ptr error_;
   // Each on its own cache line: the workers poll the first while the leader waits on the second.
   alignas(64) std::atomic<uint64_t> posted_{0};
   alignas(64) std::atomic<int> busy_{0};
-  alignas(64) std::atomic<bool> cancel_{false};
 };
 
 namespace {
 thread_local Team* leading = nullptr;
-thread_local Team* serving = nullptr;
 }  // namespace
 
 Team* led_team() {
@@ -239,27 +210,12 @@ void run_as_team(void (*fn)(void* context), void* context) {
         error = std::current_exception();
       }
       detail::leading = nullptr;
-      std::exception_ptr worker_error = team.stop();
-      if (!error) error = worker_error;
+      team.stop();
     } else {
-      detail::serving = &team;
       team.serve(omp_get_thread_num());
-      detail::serving = nullptr;
     }
   }
   if (error) std::rethrow_exception(error);
-}
-
-bool run_in_background(void (*job)(const void* context, int worker, int workers),
-                       const void* context) {
-  detail::Team* team = detail::leading;
-  if (team == nullptr || team->threads() < 2) return false;
-  team->background(job, context);
-  return true;
-}
-
-bool background_job_cancelled() {
-  return detail::serving == nullptr || detail::serving->cancelled();
 }
 
 const char* openblas_threading() {

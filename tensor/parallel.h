@@ -52,25 +52,14 @@ void team_for(Team& team, int64_t n,
 // for the parallel_for loops (and matmul splits) fn makes, instead of each loop opening a region
 // of its own: a region's fork and join costs 3-5 us on these VMs, and a sampler call at batch 1
 // runs 560 loops, most of a few tens of microseconds. Between loops the waiting threads spin, as
-// OpenMP's own do, and can be handed work that needs no answer (run_in_background). On one
-// thread, inside a region or inside another team, it is fn() alone. Exceptions from fn, or from
-// a loop on any thread, come out of it.
+// OpenMP's own do. On one thread, inside a region or inside another team, it is fn() alone.
+// Exceptions from fn, or from a loop on any thread, come out of it.
 void run_as_team(void (*fn)(void* context), void* context);
 template <class Fn>
 void run_as_team(Fn&& fn) {
   run_as_team([](void* context) { (*static_cast<std::remove_reference_t<Fn>*>(context))(); },
               static_cast<void*>(&fn));
 }
-
-// Hands job(context, worker, workers), for each worker in [1, workers), to the waiting threads of
-// the team the calling thread leads, and returns at once; false, running nothing, outside a team.
-// The job must poll background_job_cancelled() often (every few microseconds) and return once it
-// says so: the team's next loop, or its end, waits for it. context must outlive the job: it is
-// kept as a pointer. One job at a time: a second replaces the first, cancelling it.
-bool run_in_background(void (*job)(const void* context, int worker, int workers),
-                       const void* context);
-// For a background job: whether the thread that handed it out needs its thread back.
-bool background_job_cancelled();
 
 // Calls fn(i) for i in [0, n), split across threads when n * cost_per_item is large enough.
 // Small loops, and every loop on one thread, never enter an OpenMP construct: even a one-thread

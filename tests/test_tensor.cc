@@ -1935,12 +1935,8 @@ TEST_F(TensorThreadCount, ATeamOnOneThreadOrInsideAnotherIsTheCallAlone) {
   EXPECT_EQ(level, 0);
   set_num_threads(2);
   std::vector<int> inner_levels;
-  run_as_team([&] {
-    run_as_team([&] { inner_levels.push_back(omp_get_level()); });
-    EXPECT_TRUE(run_in_background([](const void*, int, int) {}, nullptr));
-  });
+  run_as_team([&] { run_as_team([&] { inner_levels.push_back(omp_get_level()); }); });
   EXPECT_EQ(inner_levels, std::vector<int>{1});
-  EXPECT_FALSE(run_in_background([](const void*, int, int) {}, nullptr));
 }
 
 // An exception from either thread's share comes out of the loop, after the other items ran, and
@@ -1967,33 +1963,6 @@ TEST_F(TensorThreadCount, ATeamRethrowsFromEitherThreadAndGoesOn) {
   }
   EXPECT_THAT([] { run_as_team([] { fail("the call failed"); }); },
               testing::ThrowsMessage<Error>(testing::HasSubstr("the call failed")));
-}
-
-// A background job runs on the waiting thread while the caller goes on, and the next loop waits
-// for it to see that it is cancelled.
-TEST_F(TensorThreadCount, ABackgroundJobRunsUntilTheNextLoop) {
-  set_num_threads(2);
-  struct Job {
-    std::atomic<int> started{0}, polls{0};
-    std::atomic<int> worker{-1};
-  } job;
-  std::vector<int> runs(64, 0);
-  run_as_team([&] {
-    ASSERT_TRUE(run_in_background(
-        [](const void* context, int worker, int workers) {
-          auto& j = *static_cast<Job*>(const_cast<void*>(context));
-          j.worker = worker * 10 + workers;
-          j.started = 1;
-          while (!background_job_cancelled()) ++j.polls;
-        },
-        &job));
-    while (job.started.load() == 0) std::this_thread::yield();
-    parallel_for(64, kParallelGrain, [&](int64_t i) { ++runs[i]; });
-  });
-  EXPECT_EQ(job.worker.load(), 12);
-  EXPECT_GT(job.polls.load(), 0);
-  EXPECT_EQ(runs, std::vector<int>(64, 1));
-  EXPECT_TRUE(background_job_cancelled());  // on a thread that serves no team
 }
 
 // A product inside a team is split by the team, with the values it has outside one.
