@@ -523,15 +523,19 @@ Tensor integrate(const BCPolicy& policy, const Tensor& state, const Tensor& a0,
   MMDIT_CHECK(sigma == 0 || noise, "sample: the policy's sigma is ", sigma,
               ", so each step's velocity is taken at a + sigma * N(0, 1), as the reference does; "
               "pass an Rng for that noise");
-  const Tensor obs = policy.encode_observations(state);
   Tensor a = a0;
-  for (size_t k = 0; k + 1 < times.size(); ++k) {
-    // The reference's conditional_prob_path(t, z = a, x0 = a): x_t = a, plus its noise.
-    const Tensor x_t =
-        sigma > 0 ? raw::add(a, raw::mul_scalar(noise->normal(a.shape(), a.dtype()), sigma)) : a;
-    a = raw::add(a,
-                 raw::mul_scalar(policy.velocity(obs, x_t, condition(k)), times[k + 1] - times[k]));
-  }
+  // One parallel region for the whole call: at batch 1 its ~560 loops are each a few tens of
+  // microseconds, and a region apiece cost 3-5 us of fork and join.
+  run_as_team([&] {
+    const Tensor obs = policy.encode_observations(state);
+    for (size_t k = 0; k + 1 < times.size(); ++k) {
+      // The reference's conditional_prob_path(t, z = a, x0 = a): x_t = a, plus its noise.
+      const Tensor x_t =
+          sigma > 0 ? raw::add(a, raw::mul_scalar(noise->normal(a.shape(), a.dtype()), sigma)) : a;
+      a = raw::add(
+          a, raw::mul_scalar(policy.velocity(obs, x_t, condition(k)), times[k + 1] - times[k]));
+    }
+  });
   return a;
 }
 
@@ -565,13 +569,7 @@ Tensor EulerSampler::operator()(const Tensor& state, const Tensor& a0, Rng* nois
               "; make a new sampler after policy.to(...) or load(...)");
   std::optional<UseFrozenWeights> frozen;
   if (frozen_) frozen.emplace(*frozen_);
-  // One parallel region for the whole call: at batch 1 its ~560 loops are each a few tens of
-  // microseconds, and a region apiece cost 3-5 us of fork and join.
-  Tensor actions;
-  run_as_team([&] {
-    actions = integrate(policy_, state, a0, times_, noise, [&](size_t k) { return schedule_[k]; });
-  });
-  return actions;
+  return integrate(policy_, state, a0, times_, noise, [&](size_t k) { return schedule_[k]; });
 }
 
 }  // namespace mmdit
