@@ -155,11 +155,7 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                                  ldb, c + start, ldc, accumulate);
     if (!done) all_done = false;
   };
-  if (team != nullptr)
-    parallel_for(blocks, work, product_block);
-  else
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t blk = 0; blk < blocks; ++blk) product_block(blk);
+  parallel_for(blocks, work, product_block);
   if (!all_done) refused();
 }
 
