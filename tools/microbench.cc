@@ -5,9 +5,10 @@
 //     direct cblas_sgemm on the same shapes;
 //   - the packed products of one Euler step of the reference policy at batch 1 (8 blocks; per
 //     block qkv, out and the three feed-forward weights of each modality; 16 action rows, 2
-//     observation rows), run as the sampler runs them (pairs), each modality alone, and one by
-//     one, in float32 and bfloat16, with their weights streamed (8 blocks) and cache-resident
-//     (one block's weights 8 times): whether a step is bound by memory or by arithmetic.
+//     observation rows), run as the sampler runs them (pairs, in one team region: run_as_team),
+//     each modality alone, and one by one, in float32 and bfloat16, with their weights streamed
+//     (8 blocks) and cache-resident (one block's weights 8 times): whether a step is bound by
+//     memory or by arithmetic.
 // Every figure is the median of >= 10 timed samples after a warm-up; "mmdit/blas" is our
 // speed relative to the direct gemm call (1.00 = the same).
 //
@@ -197,7 +198,9 @@ void run_sampling_products(Rng& rng) {
                           {"action alone", true, false, false, 0.5},
                           {"obs alone", false, true, false, 0.5}};
       for (const Run& r : runs) {
-        const double t = median_seconds([&] { step(r.action, r.obs, r.paired); });
+        // In one team region, as the sampler runs a step.
+        const double t =
+            median_seconds([&] { run_as_team([&] { step(r.action, r.obs, r.paired); }); });
         std::printf("%-10s %-10s %-16s %12s %9.1f\n", precision_name(precision),
                     distinct == blocks ? "8 (stream)" : "1 (cache)", r.name, human_time(t).c_str(),
                     r.share * bytes / t / 1e9);
