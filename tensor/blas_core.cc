@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "tensor/parallel.h"
+
 namespace mmdit {
 
 CpuFeatures cpu_features() {
@@ -49,7 +51,7 @@ std::string better_openblas_core(const std::string& chosen, const CpuFeatures& c
 
 void restart_program(char** argv) {
   std::fflush(nullptr);
-  execv("/proc/self/exe", argv);
+  start_program_unbound([&] { execv("/proc/self/exe", argv); });
 }
 
 void use_the_best_openblas_core(char** argv) {

@@ -2,6 +2,9 @@
 
 #include <cblas.h>
 #include <omp.h>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -10,6 +13,7 @@
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 namespace mmdit {
 namespace {
@@ -216,6 +220,26 @@ void run_as_team(void (*fn)(void* context), void* context) {
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+void start_program_unbound(void (*start)(void* context), void* context) {
+#ifdef __linux__
+  cpu_set_t places, saved;
+  CPU_ZERO(&places);
+  for (int p = 0; p < omp_get_num_places(); ++p) {
+    std::vector<int> ids(static_cast<size_t>(omp_get_place_num_procs(p)));
+    omp_get_place_proc_ids(p, ids.data());
+    for (const int id : ids)
+      if (id >= 0 && id < CPU_SETSIZE) CPU_SET(id, &places);
+  }
+  // No places (neither OMP_PROC_BIND nor OMP_PLACES): the runtime bound nothing.
+  const bool widen = CPU_COUNT(&places) > 0 && sched_getaffinity(0, sizeof saved, &saved) == 0 &&
+                     sched_setaffinity(0, sizeof places, &places) == 0;
+  start(context);
+  if (widen) sched_setaffinity(0, sizeof saved, &saved);
+#else
+  start(context);
+#endif
 }
 
 const char* openblas_threading() {

@@ -25,6 +25,19 @@ int max_threads();
 // pool; any other runs on one thread, and products are split across threads by matmul alone.
 const char* openblas_threading();
 
+// Calls start (an exec or popen) with the calling thread allowed on every CPU of the OpenMP
+// places, then restores its affinity. Under OMP_PROC_BIND (or OMP_PLACES) the runtime binds the
+// initial thread to the first place before main, and a program started from it inherits that
+// binding: it would see one CPU and run all its threads there (mmdit bench re-executing itself
+// measured policy-act 17x slower). The places are the CPUs the process was started on.
+void start_program_unbound(void (*start)(void* context), void* context);
+template <class Fn>
+void start_program_unbound(Fn&& start) {
+  start_program_unbound(
+      [](void* context) { (*static_cast<std::remove_reference_t<Fn>*>(context))(); },
+      static_cast<void*>(&start));
+}
+
 // A loop is split only when each of two threads gets at least this many element-operations;
 // less runs on the calling thread. A fork and join costs
 // 3-5 us on these VMs (measured with an empty region); at 32768 the sampler at batch 1 opened

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 #include <omp.h>
+#include <sched.h>
 
 #include <array>
 #include <atomic>
@@ -14,6 +15,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -1977,6 +1979,36 @@ TEST_F(TensorThreadCount, AProductInsideATeamIsTheProductOutside) {
     EXPECT_EQ(inside.to_vector<float>(), outside.to_vector<float>())
         << m << " x " << k << " x " << n;
   }
+}
+
+// Under OMP_PROC_BIND the runtime binds this thread to the first place before main; a program
+// started unbound runs on every place, and the thread's binding is back afterwards. Without the
+// variable the test runs itself again with it.
+TEST(ThreadAffinity, AProgramStartedUnboundSeesEveryPlace) {
+  if (omp_get_num_places() == 0) {
+    const std::string command =
+        str_cat("OMP_PROC_BIND=true '", std::filesystem::read_symlink("/proc/self/exe").string(),
+                "' --gtest_filter=ThreadAffinity.AProgramStartedUnboundSeesEveryPlace");
+    ASSERT_EQ(std::system(command.c_str()), 0) << command;
+    return;
+  }
+  ASSERT_GT(omp_get_num_places(), 0) << "OMP_PROC_BIND=true made no places";
+  cpu_set_t places, bound, started, after;
+  CPU_ZERO(&places);
+  for (int p = 0; p < omp_get_num_places(); ++p) {
+    std::vector<int> ids(static_cast<size_t>(omp_get_place_num_procs(p)));
+    omp_get_place_proc_ids(p, ids.data());
+    for (const int id : ids) CPU_SET(id, &places);
+  }
+  ASSERT_EQ(sched_getaffinity(0, sizeof bound, &bound), 0);
+  if (CPU_COUNT(&places) > 1) {
+    EXPECT_EQ(CPU_COUNT(&bound), 1) << "the runtime bound nothing";
+  }
+  start_program_unbound([&] { ASSERT_EQ(sched_getaffinity(0, sizeof started, &started), 0); });
+  ASSERT_EQ(sched_getaffinity(0, sizeof after, &after), 0);
+  EXPECT_TRUE(CPU_EQUAL(&started, &places))
+      << CPU_COUNT(&started) << " CPUs for the program, " << CPU_COUNT(&places) << " places";
+  EXPECT_TRUE(CPU_EQUAL(&after, &bound)) << "the binding was not restored";
 }
 
 TEST_F(TensorThreadCount, RngIsReproducibleAndThreadIndependent) {

@@ -591,7 +591,8 @@ std::string run_in_child(const Workload& w, const Options& o, int threads, const
               " --warmup ", o.warmup, " --threads ", threads, " --sgemm ",
               raw::sgemm_library_name(raw::sgemm_library()), " --roofs ", roof.onednn, " ",
               roof.openblas, " ", memory_roof);
-  FILE* pipe = popen(command.c_str(), "r");
+  FILE* pipe = nullptr;
+  start_program_unbound([&] { pipe = popen(command.c_str(), "r"); });
   MMDIT_CHECK(pipe, "bench: cannot start ", command);
   std::string out;
   char buf[4096];
