@@ -115,7 +115,8 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                   " by ", k, " x ", n, ", leading dimensions ", lda, ", ", ldb, ", ", ldc,
                   ") has a size past OpenBLAS's integers (at most ",
                   std::numeric_limits<blasint>::max(), ")");
-  // A team (run_as_team) splits the product in its own region; any other region runs it here.
+  // A team (run_as_team) splits the product in its own region; any other region, and an item
+  // of a team's loop, runs it here.
   detail::Team* team = detail::led_team();
   const bool in_region = team == nullptr && omp_get_level() > 0;
   // num_threads() first: read on a thread's first product, it is the OpenMP setting, which the
@@ -155,7 +156,7 @@ void threaded_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a
                                  ldb, c + start, ldc, accumulate);
     if (!done) all_done = false;
   };
-  parallel_for(blocks, work, product_block);
+  parallel_for(blocks, work / blocks, product_block);
   if (!all_done) refused();
 }
 

@@ -94,8 +94,8 @@ Tensor log_softmax(const Tensor& x, int64_t axis);
 Tensor matmul(const Tensor& a, const Tensor& b);
 
 // C = op(A) op(B), or C += op(A) op(B) with `accumulate`, on row-major memory with leading
-// dimensions, for fused kernels; counted in matmul_flops(). Inside a parallel region it runs on
-// the calling thread.
+// dimensions, for fused kernels; counted in matmul_flops(). Inside a parallel region, or an
+// item of a parallel_for, it runs on the calling thread; a team (run_as_team) splits it.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate = false);
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,

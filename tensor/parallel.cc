@@ -74,6 +74,11 @@ void set_num_threads(int n) {
 
 namespace detail {
 
+class Team;
+namespace {
+thread_local Team* leading = nullptr;
+}  // namespace
+
 // One run_as_team region. The leader writes a job while every worker is idle and publishes it by
 // counting `posted_` up; each worker runs its share and counts `busy_` down.
 class Team {
@@ -89,7 +94,12 @@ class Team {
     run_items_ = run_items;
     fn_ = fn;
     post();
-    run_share(0);
+    {
+      // A loop or product inside one of the leader's items runs on its thread alone, as on a
+      // worker: posted, it would overwrite the job the workers are still reading.
+      const LeaderInItem in_item;
+      run_share(0);
+    }
     wait_until_idle();
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
@@ -122,6 +132,11 @@ class Team {
 
  private:
   enum class Kind { loop, stop };
+
+  struct LeaderInItem {
+    Team* const team = std::exchange(leading, nullptr);
+    ~LeaderInItem() { leading = team; }
+  };
 
   // Spinning with the pause instruction, as OpenMP's waiting threads do; after a while a thread
   // also yields, so that a process sharing the cores (two test programs on two cores) runs.
@@ -175,10 +190,6 @@ class Team {
   alignas(64) std::atomic<int> busy_{0};
 };
 
-namespace {
-thread_local Team* leading = nullptr;
-}  // namespace
-
 Team* led_team() {
   return leading;
 }
@@ -224,19 +235,26 @@ void run_as_team(void (*fn)(void* context), void* context) {
 
 void start_program_unbound(void (*start)(void* context), void* context) {
 #ifdef __linux__
-  cpu_set_t places, saved;
-  CPU_ZERO(&places);
+  cpu_set_t widened, saved;
+  if (omp_get_num_places() == 0 || sched_getaffinity(0, sizeof saved, &saved) != 0) {
+    start(context);  // no places (neither OMP_PROC_BIND nor OMP_PLACES): nothing was bound
+    return;
+  }
+  widened = saved;
   for (int p = 0; p < omp_get_num_places(); ++p) {
     std::vector<int> ids(static_cast<size_t>(omp_get_place_num_procs(p)));
     omp_get_place_proc_ids(p, ids.data());
     for (const int id : ids)
-      if (id >= 0 && id < CPU_SETSIZE) CPU_SET(id, &places);
+      if (id >= 0 && id < CPU_SETSIZE) CPU_SET(id, &widened);
   }
-  // No places (neither OMP_PROC_BIND nor OMP_PLACES): the runtime bound nothing.
-  const bool widen = CPU_COUNT(&places) > 0 && sched_getaffinity(0, sizeof saved, &saved) == 0 &&
-                     sched_setaffinity(0, sizeof places, &places) == 0;
+  struct Restore {
+    const cpu_set_t& saved;
+    const bool widened;
+    ~Restore() {
+      if (widened) sched_setaffinity(0, sizeof saved, &saved);
+    }
+  } restore{saved, sched_setaffinity(0, sizeof widened, &widened) == 0};
   start(context);
-  if (widen) sched_setaffinity(0, sizeof saved, &saved);
 #else
   start(context);
 #endif

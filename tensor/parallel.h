@@ -26,10 +26,11 @@ int max_threads();
 const char* openblas_threading();
 
 // Calls start (an exec or popen) with the calling thread allowed on every CPU of the OpenMP
-// places, then restores its affinity. Under OMP_PROC_BIND (or OMP_PLACES) the runtime binds the
-// initial thread to the first place before main, and a program started from it inherits that
+// places too, then restores its affinity. Under OMP_PROC_BIND (or OMP_PLACES) the runtime binds
+// the initial thread to the first place before main, and a program started from it inherits that
 // binding: it would see one CPU and run all its threads there (mmdit bench re-executing itself
-// measured policy-act 17x slower). The places are the CPUs the process was started on.
+// measured policy-act 17x slower). Unless OMP_PLACES names them, the places are the CPUs the
+// process was started on.
 void start_program_unbound(void (*start)(void* context), void* context);
 template <class Fn>
 void start_program_unbound(Fn&& start) {
@@ -51,7 +52,8 @@ namespace detail {
 std::atomic<int64_t>& thread_matmul_flops();
 
 class Team;
-// The team the calling thread leads (run_as_team), or null.
+// The team the calling thread leads (run_as_team), or null; null too while the leader runs
+// items of one of the team's loops.
 Team* led_team();
 // Whether the calling thread runs inside an OpenMP region (our own or anyone's).
 bool in_parallel_region();
@@ -81,7 +83,9 @@ void run_as_team(Fn&& fn) {
 template <class Fn>
 void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
   const int threads = num_threads();
-  if (n <= 1 || n * cost_per_item < 2 * kParallelGrain || threads == 1) {
+  int64_t cost = 0;
+  const bool large = __builtin_mul_overflow(n, cost_per_item, &cost) || cost >= 2 * kParallelGrain;
+  if (n <= 1 || !large || threads == 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
@@ -95,8 +99,9 @@ void parallel_for(int64_t n, int64_t cost_per_item, Fn&& fn) {
         const_cast<void*>(static_cast<const void*>(&fn)));
     return;
   }
-  // A team's worker, or a thread inside someone else's region: a nested region would run on
-  // this thread alone anyway (one active level), after costing a fork and join.
+  // A team's worker, its leader inside a loop's item, or a thread inside someone else's region:
+  // a nested region would run on this thread alone anyway (one active level), after costing a
+  // fork and join.
   if (detail::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;

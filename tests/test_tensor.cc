@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 #include <omp.h>
+#ifdef __linux__
 #include <sched.h>
+#endif
 
 #include <array>
 #include <atomic>
@@ -1981,18 +1983,53 @@ TEST_F(TensorThreadCount, AProductInsideATeamIsTheProductOutside) {
   }
 }
 
+// A loop or a split product inside an item of a team's loop runs on the thread of the item. The
+// leader once posted such an inner loop to the team while the workers still ran the outer one:
+// items were lost or run twice, and the team could wait forever.
+TEST_F(TensorThreadCount, ALoopInsideATeamLoopRunsOnItsThread) {
+  set_num_threads(2);
+  constexpr int64_t kOuter = 2, kInner = 64, kReps = 200;
+  std::vector<std::atomic<int>> runs(kOuter * kInner);
+  run_as_team([&] {
+    for (int64_t rep = 0; rep < kReps; ++rep)
+      parallel_for(kOuter, kParallelGrain, [&](int64_t i) {
+        parallel_for(kInner, kParallelGrain, [&](int64_t j) { ++runs[i * kInner + j]; });
+      });
+  });
+  for (size_t i = 0; i < runs.size(); ++i) EXPECT_EQ(runs[i].load(), kReps) << "item " << i;
+  // A batched product: a parallel_for over the batch whose items each split a gemm.
+  const Tensor a = uniform_tensor({4, 96, 96}, DType::f32, 3),
+               b = uniform_tensor({4, 96, 96}, DType::f32, 4);
+  const Tensor outside = raw::matmul(a, b);
+  for (int rep = 0; rep < 20; ++rep) {
+    Tensor inside;
+    run_as_team([&] { inside = raw::matmul(a, b); });
+    ASSERT_EQ(inside.to_vector<float>(), outside.to_vector<float>()) << "rep " << rep;
+  }
+}
+
+#ifdef __linux__
 // Under OMP_PROC_BIND the runtime binds this thread to the first place before main; a program
 // started unbound runs on every place, and the thread's binding is back afterwards. Without the
 // variable the test runs itself again with it.
 TEST(ThreadAffinity, AProgramStartedUnboundSeesEveryPlace) {
   if (omp_get_num_places() == 0) {
+    ASSERT_EQ(std::getenv("MMDIT_AFFINITY_CHILD"), nullptr)
+        << "OMP_PROC_BIND=true made no places in the child";
+    const testing::TestInfo* test = testing::UnitTest::GetInstance()->current_test_info();
     const std::string command =
-        str_cat("OMP_PROC_BIND=true '", std::filesystem::read_symlink("/proc/self/exe").string(),
-                "' --gtest_filter=ThreadAffinity.AProgramStartedUnboundSeesEveryPlace");
-    ASSERT_EQ(std::system(command.c_str()), 0) << command;
+        str_cat("MMDIT_AFFINITY_CHILD=1 OMP_PROC_BIND=true '",
+                std::filesystem::read_symlink("/proc/self/exe").string(),
+                "' --gtest_filter=", test->test_suite_name(), ".", test->name(), " 2>&1");
+    FILE* child = popen(command.c_str(), "r");
+    ASSERT_NE(child, nullptr) << command;
+    std::string out;
+    char line[512];
+    while (std::fgets(line, sizeof line, child)) out += line;
+    ASSERT_EQ(pclose(child), 0) << command << "\n" << out;
+    EXPECT_THAT(out, testing::HasSubstr("[  PASSED  ] 1 test.")) << out;
     return;
   }
-  ASSERT_GT(omp_get_num_places(), 0) << "OMP_PROC_BIND=true made no places";
   cpu_set_t places, bound, started, after;
   CPU_ZERO(&places);
   for (int p = 0; p < omp_get_num_places(); ++p) {
@@ -2010,6 +2047,7 @@ TEST(ThreadAffinity, AProgramStartedUnboundSeesEveryPlace) {
       << CPU_COUNT(&started) << " CPUs for the program, " << CPU_COUNT(&places) << " places";
   EXPECT_TRUE(CPU_EQUAL(&after, &bound)) << "the binding was not restored";
 }
+#endif
 
 TEST_F(TensorThreadCount, RngIsReproducibleAndThreadIndependent) {
   Rng a(42), b(42), c(43);
